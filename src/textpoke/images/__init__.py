@@ -1,0 +1,14 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Guest images: sources, the committed builds, and the loader."""
+
+from importlib import resources
+from pathlib import Path
+
+from ._elf import ElfImage, ElfSection, ImageError, load_elf
+
+__all__ = ["ElfImage", "ElfSection", "ImageError", "load_elf", "image_path"]
+
+
+def image_path(name: str) -> Path:
+    """Path of a bundled, prebuilt image (e.g. ``"workload.elf"``)."""
+    return Path(str(resources.files(__name__).joinpath(name)))

@@ -1,0 +1,123 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The bundled guest workload on a sim machine: its patch sites and the
+per-CPU records in which every vCPU counts the variant it ran."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .._insn import (CALL_INSN_OPCODE, INT3_INSN_OPCODE, JMP8_INSN_OPCODE, JMP32_INSN_OPCODE,
+                     text_gen_insn)
+from ..images import ElfImage, ImageError, image_path, load_elf
+from ._machine import COARSE, SchedPolicy, SimMachine
+
+__all__ = ["Site", "Workload", "boot_workload", "PERCPU_BASE", "PERCPU_STRIDE", "VARIANTS",
+           "MODULE_BASE", "MODULE_SIZE"]
+
+PERCPU_BASE = 0x0400_0000
+PERCPU_STRIDE = 0x1000
+MODULE_BASE = 0x0200_0000
+MODULE_SIZE = 0x10_0000
+
+KIND_NAMES = {1: "nop2-jmp8", 2: "nop5-jmp32", 3: "call", 4: "ret-jmp32", 5: "jcc32", 6: "nop5-int3"}
+#: what the variant slots mean (see workload.S)
+VARIANTS = {0: "none", 1: "old", 2: "new", 3: "not-taken", 4: "wrong-direction",
+            5: "garbage", 6: "garbage", 7: "garbage"}
+_ENTRY = struct.Struct("<QQBB6x")
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    index: int
+    name: str
+    addr: int
+    length: int
+    kind: str
+    old: bytes
+    new: bytes
+
+    @property
+    def allowed(self) -> frozenset[int]:
+        """Variant slots that are correct behaviour at this site."""
+        return frozenset({1, 2, 3}) if self.kind == "jcc32" else frozenset({1, 2})
+
+
+def _new_bytes(kind: int, addr: int, length: int, target: int, old: bytes) -> bytes:
+    if kind == 1:
+        return text_gen_insn(JMP8_INSN_OPCODE, addr, target)
+    if kind in (2, 4):
+        return text_gen_insn(JMP32_INSN_OPCODE, addr, target)
+    if kind == 3:
+        return text_gen_insn(CALL_INSN_OPCODE, addr, target)
+    if kind == 5:
+        return old[:2] + (target - (addr + 6)).to_bytes(4, "little", signed=True)
+    if kind == 6:
+        return bytes([INT3_INSN_OPCODE])
+    raise ImageError(f"unknown site kind {kind}")
+
+
+class Workload:
+    """A sim machine booted with the workload image."""
+
+    def __init__(self, sim: SimMachine, image: ElfImage, sites: list[Site]) -> None:
+        self.sim = sim
+        self.image = image
+        self.sites = sites
+        self.by_name = {s.name: s for s in sites}
+        self.loop_top = image.sym("workload_main")
+
+    def percpu(self, cpu: int) -> int:
+        return PERCPU_BASE + cpu * PERCPU_STRIDE
+
+    def iterations(self, cpu: int) -> int:
+        return self.sim.read_u64(self.percpu(cpu))
+
+    def counts(self, cpu: int, site: Site) -> list[int]:
+        raw = self.sim.mem_read(self.percpu(cpu) + 64 + site.index * 64, 64)
+        return list(struct.unpack("<8Q", raw))
+
+    def start(self, cpus: list[int] | None = None) -> None:
+        for cpu in (cpus if cpus is not None else self.sim.cpus):
+            self.sim.start_cpu(cpu, self.loop_top,
+                               {"rbx": self.percpu(cpu), "r12": 0, "r15": 16})
+
+    def current(self, site: Site) -> bytes:
+        return self.sim.text_read(site.addr, site.length)
+
+
+def read_sites(image: ElfImage) -> list[Site]:
+    sec = image.section(".textpoke_sites")
+    text = image.section(".text")
+    if len(sec.data) % _ENTRY.size:
+        raise ImageError(f"{image.path}: .textpoke_sites size {len(sec.data)} is not a multiple "
+                         f"of {_ENTRY.size}")
+    sites = []
+    for i in range(len(sec.data) // _ENTRY.size):
+        addr, target, kind, length = _ENTRY.unpack_from(sec.data, i * _ENTRY.size)
+        if not (text.addr <= addr and addr + length <= text.end):
+            raise ImageError(f"{image.path}: site {i} at {addr:#x} is outside .text")
+        if kind not in KIND_NAMES:
+            raise ImageError(f"{image.path}: site {i} has unknown kind {kind}")
+        old = text.data[addr - text.addr: addr - text.addr + length]
+        new = _new_bytes(kind, addr, length, target, old)
+        name = (image.name_at(addr) or f"site{i}").removeprefix("site_")
+        sites.append(Site(i, name, addr, length, KIND_NAMES[kind], old, new))
+    return sites
+
+
+def boot_workload(*, ncpus: int = 4, seed: int = 0, line_size: int = 64,
+                  policy: SchedPolicy = COARSE, image: ElfImage | None = None,
+                  module_size: int = MODULE_SIZE) -> Workload:
+    """Create a sim machine holding the workload image (CPUs not started)."""
+    image = image or load_elf(image_path("workload.elf"))
+    regions = []
+    for sec in image.sections.values():
+        kind = {"text": "text", "rodata": "rodata", "data": "data", "bss": "data"}[sec.kind]
+        regions.append((sec.addr, sec.data, kind, sec.name))
+    regions.sort(key=lambda r: (r[2] != "text", r[0]))
+    regions.append((MODULE_BASE, module_size, "module", "execmem"))
+    regions.append((PERCPU_BASE, PERCPU_STRIDE * ncpus, "data", "percpu"))
+    sim = SimMachine(regions, ncpus=ncpus, seed=seed, line_size=line_size, policy=policy)
+    sim.preempt_addr = image.sym("preempt_point")
+    return Workload(sim, image, read_sites(image))
