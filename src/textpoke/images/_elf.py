@@ -37,7 +37,7 @@ class ElfSection:
         return self.addr + len(self.data)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ElfImage:
     path: str
     entry: int

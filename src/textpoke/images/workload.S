@@ -98,11 +98,12 @@ join_jcc:
 	RECORD 4
 	SITE_ENTRY site_jcc32, jcc_new, KIND_JCC32, 6
 
-	/* site 5: NOP5 <-> JMP32 crossing a 64-byte line (bytes 61..65) */
+	/* site 5: NOP5 <-> JMP32 crossing a 64-byte line after its second
+	 * byte, so either half alone makes a different instruction */
 	xor eax, eax
 	jmp site_xline_nop5
 	.balign 64, 0xcc
-	.skip 61, 0xcc
+	.skip 62, 0xcc
 	.globl site_xline_nop5
 site_xline_nop5:
 	NOP5
@@ -111,12 +112,13 @@ join_xnop5:
 	RECORD 5
 	SITE_ENTRY site_xline_nop5, xline_nop5_new, KIND_NOP_JMP32, 5
 
-	/* site 6: Jcc.d32 crossing a line (bytes 60..65) */
+	/* site 6: Jcc.d32 crossing a line inside its displacement (3|3), with
+	 * old and new targets differing in both low displacement bytes */
 	xor eax, eax
 	test r12b, 1
 	jmp site_xline_jcc32
 	.balign 64, 0xcc
-	.skip 60, 0xcc
+	.skip 61, 0xcc
 	.globl site_xline_jcc32
 site_xline_jcc32:
 	.byte 0x0f, 0x84
@@ -192,10 +194,14 @@ jcc_check:
 	mov eax, 4
 1:	jmp join_jcc
 
-	.balign 16, 0xcc
+	/* INT3 filler around the cross-line Jcc targets: a displacement made
+	 * of old and new bytes (old-new = 0x1a0) lands in it and traps */
+	.balign 256, 0xcc
+	.skip 256, 0xcc
 xjcc_old:
 	mov eax, 1
 	jmp xjcc_check
+	.org xjcc_old + 0x1a0, 0xcc
 xjcc_new:
 	mov eax, 2
 xjcc_check:
@@ -203,6 +209,7 @@ xjcc_check:
 	jz 1f
 	mov eax, 4
 1:	jmp join_xjcc
+	.skip 256, 0xcc
 
 	.balign 16, 0xcc
 xline_nop5_new:

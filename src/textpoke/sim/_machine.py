@@ -46,6 +46,9 @@ class SchedPolicy:
     with ``until_preempt``, run until the guest's preemption point.
     ``refresh_prob``: chance per decision that one stale line of one vCPU's
     view is refilled.  ``task_burst``: steps a task may take per turn.
+    ``ipi_latency``: an IPI is delivered up to this many scheduler decisions
+    after it is sent (drawn per IPI); the CPU takes it at its first
+    instruction boundary after delivery.
     """
 
     slice_min: int = 1
@@ -53,11 +56,12 @@ class SchedPolicy:
     refresh_prob: float = 0.25
     task_burst: int = 1
     until_preempt: bool = False
+    ipi_latency: int = 0
     cpu_weight: float = 1.0
 
 
-FINE = SchedPolicy()
-COARSE = SchedPolicy(slice_min=20, slice_max=400, refresh_prob=0.2, task_burst=16)
+FINE = SchedPolicy(ipi_latency=48)
+COARSE = SchedPolicy(slice_min=20, slice_max=400, refresh_prob=0.2, task_burst=16, ipi_latency=4)
 FREE = SchedPolicy(slice_min=1, slice_max=1, refresh_prob=0.0, task_burst=1 << 30, until_preempt=True)
 
 
@@ -127,7 +131,7 @@ class VCpu:
         self.state = IDLE
         self.views: list[Any] = []
         self.stale: set[tuple[int, int]] = set()
-        self.ipis: list[Callable[[], None]] = []
+        self.ipis: list[tuple[int, Callable[[], None]]] = []
         self.trap_task: Task | None = None
         self.trap_regs: PtRegs | None = None
         self.pending_intr: int | None = None
@@ -290,7 +294,9 @@ class SimMachine(Machine):
             if c.state == DEAD:
                 continue   # an oopsed CPU is stopped; it fetches nothing more
             pending.add(c.id)
-            c.ipis.append(lambda cid=c.id: pending.discard(cid))
+            lat = self.policy.ipi_latency
+            due = self.steps + (self.rng.randint(0, lat) if lat else 0)
+            c.ipis.append((due, lambda cid=c.id: pending.discard(cid)))
         yield WaitUntil(lambda: not pending, "every CPU to take the sync IPI")
 
     def run_task(self, task: Task) -> Any:
@@ -381,13 +387,18 @@ class SimMachine(Machine):
         if c.state == TRAP:
             self._trap_step(c)
             return
-        if c.ipis:
-            # IPIs arrive at an instruction boundary, never inside a trap handler.
+        if c.ipis and (c.state != RUN or any(due <= self.steps for due, _ in c.ipis)):
+            # Delivered IPIs are taken at an instruction boundary, never
+            # inside a trap handler; taking one serialises (sync_core).
             self._serialise(c)
-            for ack in c.ipis:
-                ack()
-            c.ipis_taken += len(c.ipis)
-            c.ipis.clear()
+            keep = []
+            for due, ack in c.ipis:
+                if due <= self.steps or c.state != RUN:
+                    ack()
+                    c.ipis_taken += 1
+                else:
+                    keep.append((due, ack))
+            c.ipis = keep
             if self.trace is not None:
                 self.trace.append(("ipi", self.steps, c.id))
             return

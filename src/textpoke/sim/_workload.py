@@ -4,6 +4,7 @@ per-CPU records in which every vCPU counts the variant it ran."""
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -106,11 +107,21 @@ def read_sites(image: ElfImage) -> list[Site]:
     return sites
 
 
+@functools.cache
+def _bundled_image() -> ElfImage:
+    return load_elf(image_path("workload.elf"))
+
+
+@functools.cache
+def _sites_of(image: ElfImage) -> tuple[Site, ...]:
+    return tuple(read_sites(image))
+
+
 def boot_workload(*, ncpus: int = 4, seed: int = 0, line_size: int = 64,
                   policy: SchedPolicy = COARSE, image: ElfImage | None = None,
                   module_size: int = MODULE_SIZE) -> Workload:
     """Create a sim machine holding the workload image (CPUs not started)."""
-    image = image or load_elf(image_path("workload.elf"))
+    image = image or _bundled_image()
     regions = []
     for sec in image.sections.values():
         kind = {"text": "text", "rodata": "rodata", "data": "data", "bss": "data"}[sec.kind]
@@ -120,4 +131,4 @@ def boot_workload(*, ncpus: int = 4, seed: int = 0, line_size: int = 64,
     regions.append((PERCPU_BASE, PERCPU_STRIDE * ncpus, "data", "percpu"))
     sim = SimMachine(regions, ncpus=ncpus, seed=seed, line_size=line_size, policy=policy)
     sim.preempt_addr = image.sym("preempt_point")
-    return Workload(sim, image, read_sites(image))
+    return Workload(sim, image, list(_sites_of(image)))
