@@ -206,7 +206,7 @@ class TextPoke:
 
     def text_poke_copy(self, addr: int, opcode: bytes, length: int | None = None) -> int:
         with self.text_mutex:
-            return self.text_poke_copy_locked(addr, opcode, len, core_ok=False)
+            return self.text_poke_copy_locked(addr, opcode, length, core_ok=False)
 
     def text_poke_set(self, addr: int, c: int, length: int) -> int:
         """Fill a range with byte *c* (e.g. INT3 over freed JIT text)."""
@@ -340,7 +340,7 @@ class TextPoke:
     def smp_text_poke_single(self, addr: int, opcode: bytes, length: int | None = None,
                              emulate: bytes | None = None) -> None:
         """Patch one site now; any pending batch is applied with it."""
-        self.machine.run_task(self.smp_text_poke_single_task(addr, opcode, len, emulate))
+        self.machine.run_task(self.smp_text_poke_single_task(addr, opcode, length, emulate))
 
     def smp_text_poke_sync_each_cpu(self) -> None:
         self.machine.run_task(self._sync())

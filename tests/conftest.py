@@ -1,0 +1,22 @@
+# SPDX-License-Identifier: GPL-2.0-only
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", deadline=None, max_examples=50,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def workload():
+    from textpoke.sim import boot_workload
+    return boot_workload(ncpus=4, seed=1)
+
+
+@pytest.fixture
+def core(workload):
+    from textpoke import TextPoke
+    return TextPoke(workload.sim)
