@@ -302,7 +302,8 @@ class SimMachine(Machine):
     def run_task(self, task: Task) -> Any:
         t = self.spawn(task, "run_task")
         while not t.done:
-            self.step()
+            if not self.step():
+                raise MachineError("run_task: the task vanished without finishing")
         if t.exc is not None:
             raise t.exc
         return t.result
@@ -490,8 +491,9 @@ class SimMachine(Machine):
                 t.wait = None
 
     # ------------------------------------------------------------ scheduler
-    def step(self) -> None:
-        """One scheduling decision."""
+    def step(self) -> bool:
+        """One scheduling decision; False when nothing at all can run (every
+        CPU stopped or dead and no task left)."""
         self.steps += 1
         rng = self.rng
         p = self.policy
@@ -503,30 +505,34 @@ class SimMachine(Machine):
                 line = lines[rng.randrange(len(lines))]
                 c.stale.discard(line)
                 self._refill(c, line)
-                return
+                return True
         cands: list[Any] = [c for c in self.vcpus if c.state in (RUN, TRAP) or c.ipis]
         tasks = [t for t in self._tasks if t.wait is None or t.wait.predicate()]
         if not cands and not tasks:
             if self._tasks:
                 raise MachineError("deadlock: every task waits and no CPU can run "
                                    f"({', '.join(t.wait.reason for t in self._tasks if t.wait)})")
-            raise MachineError("nothing to run")
+            return False
         n = len(cands) + len(tasks)
         k = rng.randrange(n)
         if k < len(cands):
             self._cpu_turn(cands[k])
         else:
             self._task_turn(tasks[k - len(cands)])
+        return True
 
     def run(self, steps: int) -> None:
+        """Up to *steps* scheduling decisions (fewer if nothing can run)."""
         for _ in range(steps):
-            self.step()
+            if not self.step():
+                return
 
     def run_until(self, pred: Callable[[], bool], max_steps: int = 10_000_000) -> bool:
         for _ in range(max_steps):
             if pred():
                 return True
-            self.step()
+            if not self.step():
+                break
         return pred()
 
     def call(self, addr: int, *args: int, cpu: int = 0, max_insns: int = 1_000_000) -> int:

@@ -1,0 +1,63 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The command line, as a program would use it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args):
+    p = subprocess.run([sys.executable, "-m", "textpoke.cli", *args], capture_output=True, text=True,
+                       timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_demo_json():
+    rc, out, err = run("demo", "--cpus", "4", "--toggles", "60", "--seed", "5", "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    for key in ("cpus", "toggles", "int3_emulated", "syncs", "pokes", "oopses"):
+        assert key in d
+    assert d["cpus"] == 4 and d["toggles"] == 60 and d["oopses"] == 0
+    assert d["syncs"] == 180 and d["pokes"] == 60 * 7
+    assert d["misbehaviours"] == 0 and d["final_ok"]
+
+
+def test_demo_human_output():
+    rc, out, _ = run("demo", "--toggles", "10")
+    assert rc == 0
+    assert "oopses 0" in out and "nop2_jmp8" in out
+
+
+def test_verify_list():
+    rc, out, _ = run("verify", "--list", "--json")
+    d = json.loads(out)
+    assert set(d["mutations"]) == {"no-sync-1", "no-sync-2", "no-sync-3", "no-refs-wait", "unordered"}
+    assert "xline" in d["scenarios"] and "int3-entry" in d["scenarios"]
+
+
+def test_verify_json_clean_and_violating():
+    rc, out, _ = run("verify", "--scenario", "call", "--schedules", "5", "--json", "--jobs", "1")
+    d = json.loads(out)
+    assert rc == 0 and d["schedules"] == 5 and d["violations"] == 0 and d["seed"] is None
+    rc, out, _ = run("verify", "--scenario", "multi", "--schedules", "5", "--mutation", "unordered",
+                     "--json", "--jobs", "1")
+    d = json.loads(out)
+    assert rc == 1 and d["violations"] > 0 and d["kind"] == "oops" and isinstance(d["seed"], int)
+    rc, out, _ = run("verify", "--scenario", "multi", "--mutation", "unordered", "--replay",
+                     str(d["seed"]), "--json")
+    assert rc == 1 and json.loads(out)["violations"]
+
+
+@pytest.mark.parametrize("args", [
+    ("verify", "--scenario", "bogus"),
+    ("verify", "--mutation", "no-sync-7"),
+    ("verify", "--strategy", "naive", "--mutation", "no-sync-1"),
+    ("demo", "--cpus", "0"),
+])
+def test_bad_arguments_fail_cleanly(args):
+    rc, out, err = run(*args)
+    assert rc != 0
+    assert "Traceback" not in err
