@@ -12,6 +12,7 @@ The core (``TextPoke``) patches any :class:`Machine`; the sim backend
     ...     core.smp_text_poke_batch_add(site.addr, site.new)
 """
 
+from ._alternative_reloc import add_nop, optimize_nops, text_poke_apply_relocation
 from ._core import (MUTATIONS, TEXT_POKE_ARRAY_MAX, SmpTextPokeLoc, TextMutex, TextPoke,
                     TextPokeArray, TextPokeStats)
 from ._emulate import (PtRegs, int3_emulate_call, int3_emulate_jcc, int3_emulate_jmp,
@@ -41,6 +42,8 @@ __all__ = [
     "JMP32_INSN_OPCODE", "JMP32_INSN_SIZE", "JMP8_INSN_OPCODE", "JMP8_INSN_SIZE",
     "RET_INSN_OPCODE", "RET_INSN_SIZE", "TEXT_POKE_MAX_OPCODE_SIZE", "MAX_PATCH_LEN",
     "ASM_NOP_MAX",
+    # boot-time patching helpers
+    "text_poke_apply_relocation", "optimize_nops", "add_nop",
     # events, machines, errors
     "TextPokeEvent", "TextPokeEventLog", "Machine", "TextRange", "WaitUntil",
     "TextPokeError", "BadInstructionError", "BadAddressError", "OverlapError",

@@ -13,7 +13,8 @@
  * host how to build each site's "new" instruction.
  *
  * Registers: rbx per-CPU record, r12 iteration count, r15 iterations left
- * before the preemption point (free-running scheduler).
+ * before the preemption point (free-running scheduler; reloaded from
+ * preempt_iters there).
  */
 	.intel_syntax noprefix
 
@@ -151,7 +152,7 @@ site_probe:
 	jnz loop_top
 	.globl preempt_point
 preempt_point:
-	mov r15, 16
+	mov r15, qword ptr [rip + preempt_iters]
 	jmp loop_top
 	.size workload_main, . - workload_main
 
@@ -223,3 +224,7 @@ xline_nop5_new:
 	.balign 8
 sled_fn:
 	.quad 0
+	/* iterations between preemption points (free-running scheduler) */
+	.globl preempt_iters
+preempt_iters:
+	.quad 16
