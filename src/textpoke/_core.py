@@ -140,11 +140,12 @@ class TextPoke:
         self.text_poke_array_refs: dict[int, int] = {cpu: 0 for cpu in machine.cpus}
         self.events = TextPokeEventLog()
         self.stats = TextPokeStats()
+        self._stext = machine.stext
         machine.register_trap_handler(self.smp_text_poke_int3_handler, first=True)
 
     # ------------------------------------------------------------------ helpers
     def text_poke_addr(self, tpl: SmpTextPokeLoc) -> int:
-        return self.machine.stext + tpl.rel_addr
+        return self._stext + tpl.rel_addr
 
     def _check_poke_range(self, addr: int, size: int) -> None:
         self.machine.text_range_of(addr, size)
@@ -239,7 +240,7 @@ class TextPoke:
         elif not 1 <= length <= TEXT_POKE_MAX_OPCODE_SIZE:
             raise BadInstructionError(f"site length {length} not in 1..5 (or 6 for Jcc.d32)")
         self.machine.text_range_of(addr, length)
-        rel = addr - self.machine.stext
+        rel = addr - self._stext
         if not _S32_MIN <= rel <= _S32_MAX:
             raise BadAddressError(f"{addr:#x} is beyond ±2 GiB of _stext")
         text = bytes(opcode[1:6]) if length == 6 else bytes(opcode[:length]).ljust(5, b"\0")
@@ -277,11 +278,28 @@ class TextPoke:
                 "RET, INT3 and the kernel's NOP2/NOP5 can stand in while a site is patched")
         return SmpTextPokeLoc(rel_addr=rel, disp=disp, len=length, opcode=op, text=text)
 
-    def _overlapping(self, addr: int, length: int) -> SmpTextPokeLoc | None:
-        for tpl in self.text_poke_array.vec:
-            a = self.text_poke_addr(tpl)
-            if a < addr + length and addr < a + tpl.len:
-                return tpl
+    def _insert_index(self, rel: int) -> int:
+        """Where an entry at *rel* goes in the (sorted) array."""
+        vec = self.text_poke_array.vec
+        lo, hi = 0, len(vec)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if vec[mid].rel_addr < rel:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def _overlapping(self, tpl: SmpTextPokeLoc) -> SmpTextPokeLoc | None:
+        vec = self.text_poke_array.vec
+        if self.keep_sorted and "unordered" not in self.mutations:
+            i = self._insert_index(tpl.rel_addr)
+            near = vec[max(0, i - 1):i + 1]      # sorted, non-overlapping: neighbours suffice
+        else:
+            near = vec
+        for other in near:
+            if other.rel_addr < tpl.rel_addr + tpl.len and tpl.rel_addr < other.rel_addr + other.len:
+                return other
         return None
 
     def smp_text_poke_batch_add_task(self, addr: int, opcode: bytes, length: int | None = None,
@@ -301,20 +319,13 @@ class TextPoke:
                 else:
                     self.stats.flushes_unordered += 1
                 yield from self._batch_process()
-        other = self._overlapping(addr, tpl.len)
+        other = self._overlapping(tpl)
         if other is not None:
             raise OverlapError(
                 f"site [{addr:#x}, +{tpl.len}) overlaps queued site at "
                 f"{self.text_poke_addr(other):#x} (+{other.len})")
         if self.keep_sorted and "unordered" not in self.mutations:
-            lo, hi = 0, len(arr)
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if arr[mid].rel_addr < tpl.rel_addr:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            arr.insert(lo, tpl)
+            arr.insert(self._insert_index(tpl.rel_addr), tpl)
         else:
             arr.append(tpl)
 
@@ -416,7 +427,7 @@ class TextPoke:
     # ------------------------------------------------------------ INT3 handler
     def _lookup(self, ip: int) -> SmpTextPokeLoc | None:
         vec = self.text_poke_array.vec
-        rel = ip - self.machine.stext
+        rel = ip - self._stext
         if len(vec) > 1:
             lo, hi = 0, len(vec) - 1
             while lo <= hi:

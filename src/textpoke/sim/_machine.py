@@ -300,7 +300,16 @@ class SimMachine(Machine):
         yield WaitUntil(lambda: not pending, "every CPU to take the sync IPI")
 
     def run_task(self, task: Task) -> Any:
+        # The caller's CPU runs the task until its first observable step;
+        # only then do the others get turns (a call that never yields, like
+        # queueing a batch entry, costs no scheduling at all).
+        try:
+            item = next(task)
+        except StopIteration as stop:
+            return stop.value
         t = self.spawn(task, "run_task")
+        if isinstance(item, WaitUntil) and not item.predicate():
+            t.wait = item
         while not t.done:
             if not self.step():
                 raise MachineError("run_task: the task vanished without finishing")
