@@ -45,8 +45,11 @@ def test_different_seeds_differ():
     assert _trace(7)[0] != _trace(8)[0]
 
 
-def test_cpu_fetches_stale_bytes_until_it_serialises(workload, core):
-    w, sim = workload, workload.sim
+def test_cpu_fetches_stale_bytes_until_it_serialises():
+    import dataclasses
+    # no random refills: a view changes only when its CPU serialises
+    w = boot_workload(ncpus=4, policy=dataclasses.replace(COARSE, refresh_prob=0.0))
+    sim, core = w.sim, TextPoke(w.sim)
     s = w.by_name["nop2_jmp8"]
     with core.text_mutex:
         core.text_poke(s.addr, s.new)     # plain write: no sync

@@ -372,6 +372,8 @@ class SimMachine(Machine):
         o = Oops(c.id, kind, rip, raw, c.regs_dict(), self.steps, detail)
         self.oopses.append(o)
         c.state = DEAD
+        for _due, ack in c.ipis:   # a stopped CPU fetches nothing more: count it as synced
+            ack()
         c.ipis.clear()
         c.trap_task = None
         if self.trace is not None:
