@@ -1,0 +1,58 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * Static-call keys, trampolines and call sites.  Until a patcher rewrites
+ * them, sites reach the function through the trampoline; after
+ * static_call_update() they call it directly.  The results below depend
+ * only on which function the key selects, so they are the same whether a
+ * site goes through the trampoline or not.
+ */
+#include "types.h"
+#include "static_call.h"
+
+noinline __used long __static_call_return0(void)
+{
+	return 0;
+}
+
+noinline __used int sc_double(int x) { return 2 * x; }
+noinline __used int sc_square(int x) { return x * x; }
+noinline __used void sc_hook_fn(int *p) { *p += 100; }
+
+DEFINE_STATIC_CALL(sc_op, sc_double);
+DEFINE_STATIC_CALL_NULL(sc_hook, sc_hook_fn);
+DEFINE_STATIC_CALL_RET0(sc_ret0, sc_square);
+
+/* A plain call site: the result is op(x) + 1. */
+noinline __used int sc_call_op(int x)
+{
+	return static_call(sc_op)(x) + 1;
+}
+
+/* A tail call: GCC emits "jmp __SCT__sc_op". */
+noinline __used int sc_tail_op(int x)
+{
+	return static_call(sc_op)(x);
+}
+
+/* Two sites of one key in one function: op(x) + op(x + 1). */
+noinline __used int sc_call_op_twice(int x)
+{
+	int a = static_call(sc_op)(x);
+
+	return a + static_call(sc_op)(x + 1);
+}
+
+/* A NULL call: nothing happens until a function is installed. */
+noinline __used int sc_run_hook(int x)
+{
+	int v = x;
+
+	static_call(sc_hook)(&v);
+	return v;
+}
+
+/* Returns 0 through __static_call_return0 until updated. */
+noinline __used int sc_call_ret0(int x)
+{
+	return (int)static_call(sc_ret0)(x) + 5;
+}
