@@ -145,8 +145,7 @@ def _scan(raw: bytes, path: str) -> ObjtoolSites:
                 continue
             where = _branch_at(text, base, r["r_offset"])
             if where is None:
-                raise ImageError(f"{path}: reference to {name} at {r['r_offset']:#x} in {target.name} "
-                                 "is not a CALL/JMP/Jcc; objtool would refuse this image")
+                continue        # the address is taken (LEA ...), nothing to patch
             addr, flow = where
             if is_thunk:
                 retpolines.append(addr)
