@@ -206,11 +206,15 @@ def test_alternative_coverage(image, tables):
             assert insn.flow == "call" and insn.branch_target == image.sym("BUG_func")
 
 
-def test_alt_records(tables):
+def test_alt_records(image, tables):
+    sec = image.sections[".altinstructions"]
+    for a in tables.alt_instructions:
+        assert isinstance(a, AltInstr)
+        assert a.entry == sec.addr + 14 * a.index
+        instr_off, repl_off, ft_flags = struct.unpack_from("<iiI", sec.data, 14 * a.index)
+        assert (a.instr, a.repl, a.ft_flags) == (a.entry + instr_off, a.entry + 4 + repl_off, ft_flags)
+        assert a.ft_flags == (a.flags << 16) | a.cpuid
     a = tables.alt_instructions[0]
-    assert isinstance(a, AltInstr)
-    assert a.entry == a.instr - 0 or a.entry > 0
-    assert a.ft_flags == (a.flags << 16) | a.cpuid
     with pytest.raises(AttributeError):
         a.instr = 0                       # frozen
     text = "\n".join(x.describe() for x in tables.alt_instructions)
