@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 __all__ = ["main"]
 
@@ -21,18 +22,18 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False)
 
 
-def _progress(enabled: bool, label: str):
-    """A rich progress bar on stderr (only on a terminal, never with --json)."""
+@contextlib.contextmanager
+def _progress(enabled: bool, label: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr (only on a terminal, never with --json);
+    yields the update(done, total) callback for the long-running job."""
     if not enabled:
-        return None, (lambda done, total: None)
+        yield lambda done, total: None
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-    prog = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), console=_console(stderr=True), transient=True)
-    task = prog.add_task(label, total=None)
-
-    def update(done: int, total: int) -> None:
-        prog.update(task, completed=done, total=total)
-    return prog, update
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=_console(stderr=True), transient=True) as prog:
+        task = prog.add_task(label, total=None)
+        yield lambda done, total: prog.update(task, completed=done, total=total)
 
 
 def _emit_json(obj: Any) -> None:
@@ -53,15 +54,9 @@ def _demo(args: argparse.Namespace) -> int:
     from .sim._demo import run_demo
     if args.cpus < 1 or args.toggles < 0:
         raise SystemExit("textpoke demo: --cpus must be >= 1 and --toggles >= 0")
-    prog, update = _progress(not args.json and sys.stderr.isatty(), "toggling sites")
-    if prog:
-        prog.start()
-    try:
+    with _progress(not args.json and sys.stderr.isatty(), "toggling sites") as update:
         r = run_demo(cpus=args.cpus, toggles=args.toggles, seed=args.seed,
                      line_size=args.line_size, progress=update)
-    finally:
-        if prog:
-            prog.stop()
     if args.json:
         _emit_json(r.as_dict())
     else:
@@ -164,16 +159,10 @@ def _verify(args: argparse.Namespace) -> int:
             for v in r.violations:
                 con.print(f"  [red]{v.kind}[/] {v.detail}")
         return 1 if r.violations else 0
-    prog, update = _progress(not args.json and sys.stderr.isatty(), "schedules")
-    if prog:
-        prog.start()
-    try:
+    with _progress(not args.json and sys.stderr.isatty(), "schedules") as update:
         rep = verify(names, args.schedules, seed=args.seed, strategy=args.strategy,
                      mutation=args.mutation, ncpus=args.cpus, line_size=args.line_size,
                      jobs=args.jobs, progress=update)
-    finally:
-        if prog:
-            prog.stop()
     if args.json:
         _emit_json(rep.as_dict())
     else:
