@@ -1,0 +1,260 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""``textpoke boot``: boot the bundled kernel-like image and show what the
+boot-time patcher did -- the kernel's ``debug-alternative`` output as
+readable tables, the self-tests, and per-table counts.
+
+    textpoke boot [--cpus N] [--cpu-features LIST] [--debug-alternative[=MASK]]
+                  [--disasm SYMBOL] [--json]
+
+Imported by :mod:`textpoke.cli`, which picks up ``SUBCOMMANDS["boot"]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from typing import Any
+
+from . import cli as _cli
+
+__all__ = ["DEFAULT_FEATURES", "disassemble", "run_boot"]
+
+#: A present-day x86-64 host without speculation mitigations.
+DEFAULT_FEATURES = ("xmm2", "rdtscp", "lfence_rdtsc", "popcnt", "avx2", "bmi2", "erms",
+                    "fsrm", "smap", "clflushopt")
+
+_BYTES_SHOWN = 12
+#: Width used when the output is not a terminal (a file, a pager): the
+#: byte columns need room, and nothing forces 80 columns there.
+_PIPE_WIDTH = 160
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpus", type=int, default=1,
+                   help="virtual CPUs present at boot (default 1: LOCK prefixes become DS)")
+    p.add_argument("--cpu-features", default=",".join(DEFAULT_FEATURES), metavar="LIST",
+                   help="comma-separated CPU features (X86_FEATURE_* names without the prefix, "
+                        "or word*32+bit); 'none' for a CPU with none; 'list' to list them "
+                        f"(default: {','.join(DEFAULT_FEATURES)})")
+    p.add_argument("--debug-alternative", nargs="?", const="all", default=None, metavar="MASK",
+                   help="also print the patcher's debug records; MASK as on the kernel "
+                        "command line (0x1 alt, 0x2 ret, 0x4 retpoline, 0x8 endbr, 0x10 smp) "
+                        "or names (alt,ret,...); no MASK means all")
+    p.add_argument("--disasm", metavar="SYMBOL", action="append", default=None,
+                   help="show SYMBOL's disassembly before and after patching (repeatable)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _fail(msg: str) -> int:
+    print(f"textpoke boot: {msg}", file=sys.stderr)
+    return 2
+
+
+def _parse_features(text: str) -> list[str] | None:
+    from .images._tables import feature_number
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if parts in ([], ["none"]):
+        return []
+    for p in parts:
+        feature_number(p)            # ValueError names the culprit
+    return parts
+
+
+def disassemble(data: bytes, addr: int) -> list[dict[str, Any]]:
+    """Decode *data* (at *addr*) instruction by instruction; a byte that
+    starts no valid instruction is shown as ``(bad)`` and skipped."""
+    from . import BadInstructionError, insn_decode_kernel
+    out = []
+    off = 0
+    while off < len(data):
+        try:
+            insn = insn_decode_kernel(data[off:], addr + off)
+            if insn.length > len(data) - off:
+                raise BadInstructionError("runs past the end")
+            raw, text = insn.raw, insn.text
+        except BadInstructionError:
+            raw, text = data[off:off + 1], "(bad)"
+        out.append({"addr": addr + off, "bytes": raw.hex(" "), "text": text})
+        off += len(raw)
+    return out
+
+
+def _function_range(image: Any, name: str) -> tuple[int, int]:
+    addr = image.symbols[name]
+    size = image.sizes.get(name, 0)
+    if not size:
+        # A label: run to the next symbol.
+        later = sorted(a for a in image.symbols.values() if a > addr)
+        size = (later[0] - addr) if later else 16
+    return addr, min(size, 4096)
+
+
+def _show_bytes(b: bytes) -> str:
+    if not b:
+        return "[dim]—[/]"
+    if len(b) <= _BYTES_SHOWN:
+        return b.hex(" ")
+    return b[:_BYTES_SHOWN].hex(" ") + f" …(+{len(b) - _BYTES_SHOWN})"
+
+
+def run_boot(args: argparse.Namespace) -> int:
+    from .images._tables import X86_FEATURES
+    if args.cpu_features.strip().lower() == "list":
+        if args.json:
+            _cli._emit_json({"features": {k: f"{v // 32}*32+{v % 32}" for k, v in X86_FEATURES.items()}})
+        else:
+            con = _cli._console()
+            for k, v in sorted(X86_FEATURES.items(), key=lambda kv: kv[1]):
+                con.print(f"  {k:18} {v // 32:2}*32+{v % 32}")
+        return 0
+    try:
+        features = _parse_features(args.cpu_features)
+    except ValueError as e:
+        return _fail(str(e))
+    if args.cpus < 1:
+        return _fail("--cpus must be at least 1")
+    from ._alternative import DA_ALL, alternative_instructions, parse_debug_alternative
+    from ._core import TextPoke
+    from .images import image_path
+    from .images._elf import load_elf
+    from .images._kernel import KERNEL_IMAGE, boot_kernel_image
+
+    image = load_elf(image_path(KERNEL_IMAGE))
+    for name in args.disasm or ():
+        if name not in image.symbols:
+            close = difflib.get_close_matches(name, list(image.symbols), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            return _fail(f"unknown symbol {name!r} in {KERNEL_IMAGE}{hint}")
+    mask = parse_debug_alternative(args.debug_alternative) if args.debug_alternative else 0
+
+    sim, image, tables = boot_kernel_image(args.cpus, image)
+    core = TextPoke(sim)
+    ranges = {n: _function_range(image, n) for n in args.disasm or ()}
+    before = {n: sim.text_read(a, s) for n, (a, s) in ranges.items()}
+    result = alternative_instructions(core, image, tables, features,
+                                      debug_alternative=mask or 0, strict=False)
+    after = {n: sim.text_read(a, s) for n, (a, s) in ranges.items()}
+    disasm = {n: {"addr": ranges[n][0], "size": ranges[n][1],
+                  "before": disassemble(before[n], ranges[n][0]),
+                  "after": disassemble(after[n], ranges[n][0])} for n in ranges}
+    if args.json:
+        out = result.as_dict(debug_mask=mask)
+        if not mask:
+            out.pop("debug_alternative")
+        out["image"] = KERNEL_IMAGE
+        if disasm:
+            out["disasm"] = disasm
+        _cli._emit_json(out)
+    else:
+        _print_boot(result, disasm, mask, DA_ALL)
+    return 0 if result.ok else 1
+
+
+def _print_boot(r: Any, disasm: dict, mask: int, da_all: int) -> None:
+    from rich import box
+    from rich.table import Table
+    con = _cli._console()
+    if not con.is_terminal:
+        con.width = max(con.width, _PIPE_WIDTH)
+    feats = ", ".join(f for f in r.features if f != "always") or "none"
+    mode = "UP (LOCK → DS)" if r.uniproc_patched else "SMP"
+    con.print(f"[bold]textpoke boot[/] — kernel.elf on {r.ncpus} vCPU(s), {mode}; "
+              f"CPU features: {feats}")
+
+    t = Table(title="alternatives (.altinstructions, in table order; bold: bytes written)",
+              title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("#", "site", "if", "taken", "len", "old", "replacement", "final"):
+        t.add_column(col, justify="right" if col in ("#", "len") else "left",
+                     no_wrap=col in ("#", "site", "if", "taken", "len"))
+    for a in r.alternatives:
+        cond = a.condition + (" call" if a.flags & 2 else "")
+        nest = f" [dim]({a.nested})[/]" if a.nested > 1 else ""
+        taken = "[green]yes[/]" if a.taken else "[dim]no[/]"
+        final = _show_bytes(a.final)
+        if a.written:
+            final = f"[bold]{final}[/]"
+        t.add_row(str(a.index), a.symbol + nest, cond, taken, str(a.instrlen),
+                  _show_bytes(a.old), _show_bytes(a.replacement), final)
+    con.print(t)
+
+    if r.retpolines:
+        t = Table(title="retpoline sites (.retpoline_sites)", title_justify="left",
+                  box=box.SIMPLE_HEAD)
+        for col in ("site", "old", "new", "action", "why"):
+            t.add_column(col)
+        for s in r.retpolines:
+            t.add_row(s.symbol, _show_bytes(s.old), _show_bytes(s.new), s.action, s.reason)
+        con.print(t)
+    if r.returns:
+        by: dict[tuple[str, str], int] = {}
+        for s in r.returns:
+            key = (s.action, s.new.hex(" ") if s.action != "skipped" else s.reason)
+            by[key] = by.get(key, 0) + 1
+        parts = ", ".join(f"{n} {act} ({what})" for (act, what), n in by.items())
+        con.print(f"return sites (.return_sites): {len(r.returns)}: {parts}")
+    if r.smp_locks:
+        t = Table(title="SMP lock prefixes (.smp_locks)", title_justify="left",
+                  box=box.SIMPLE_HEAD)
+        for col in ("site", "old", "new", "action"):
+            t.add_column(col)
+        for s in r.smp_locks:
+            t.add_row(s.symbol, _show_bytes(s.old), _show_bytes(s.new), s.action)
+        con.print(t)
+    elif not r.uniproc_patched:
+        con.print("SMP lock prefixes: left as LOCK (more than one CPU present)")
+    con.print(f"apply_seal_endbr: {r.seal_endbr}", style="dim")
+
+    c = Table(title="tables", title_justify="left", box=box.SIMPLE_HEAD)
+    c.add_column("table", no_wrap=True)
+    for col in ("entries", "taken", "written", "patched", "unchanged", "kept", "skipped"):
+        c.add_column(col, justify="right")
+    for name, row in r.counts().items():
+        c.add_row(name, *(str(row[k]) if k in row else "" for k in
+                          ("entries", "taken", "written", "patched", "unchanged", "kept", "skipped")))
+    con.print(c)
+
+    for name, d in disasm.items():
+        for when in ("before", "after"):
+            other = {(i["addr"], i["bytes"]) for i in d["after" if when == "before" else "before"]}
+            t = Table(title=f"{name} {when} patching ({d['size']} bytes at {d['addr']:#x})",
+                      title_justify="left", show_edge=False)
+            t.add_column("addr", justify="right")
+            t.add_column("bytes")
+            t.add_column("instruction")
+            for i in d[when]:
+                changed = (i["addr"], i["bytes"]) not in other
+                style = ("red" if when == "before" else "green") if changed else ""
+                t.add_row(f"{i['addr']:#x}", i["bytes"], i["text"], style=style)
+            con.print(t)
+
+    if mask:
+        con.print(f"[bold]debug-alternative={mask:#x}[/]")
+        for d in r.debug:
+            if d.mask & mask:
+                con.print(f"SMP alternatives: {d.message}", style="dim", markup=False)
+
+    for s in r.selftests:
+        if s.passed is None:
+            con.print(f"[yellow]{s.name}: not run[/] — {s.detail}")
+        elif s.passed:
+            con.print(f"[green]{s.name}: passed[/] — {s.detail}")
+        else:
+            con.print(f"[red]{s.name}: FAILED[/] — {s.detail}")
+
+
+_ENTRY = (_add_arguments, run_boot,
+          "boot the bundled kernel image: alternatives, retpolines, returns, SMP locks, "
+          "self-tests")
+
+
+def _register() -> None:
+    # "python -m textpoke.cli" runs the CLI as __main__, a second copy of
+    # the module next to textpoke.cli: register with whichever is asking.
+    for mod in (sys.modules.get("textpoke.cli"), sys.modules.get("__main__")):
+        spec = getattr(mod, "__spec__", None)
+        if mod is not None and getattr(spec, "name", None) == "textpoke.cli":
+            mod.SUBCOMMANDS["boot"] = _ENTRY
+
+
+_register()
