@@ -72,6 +72,10 @@ def run_demo(*, cpus: int = 4, toggles: int = 1000, seed: int = 0, line_size: in
     # Every CPU must now run the final variant at every site.
     final_ok = True
     if not sim.oopses:
+        # finish the iteration in flight (it may record what it ran before)
+        it_done = [w.iterations(c) for c in sim.cpus]
+        sim.run_until(lambda: bool(sim.oopses) or all(
+            w.iterations(c) >= it_done[c] + 1 for c in sim.cpus), 1_000_000)
         mid = {(c, s.name): w.counts(c, s) for c in sim.cpus for s in sites}
         it0 = [w.iterations(c) for c in sim.cpus]
         sim.run_until(lambda: bool(sim.oopses) or all(

@@ -153,7 +153,13 @@ def run_schedule(scenario: str, seed: int, *, strategy: str = "int3", mutation: 
         core.text_mutex.release()
     done_step = sim.steps
     if not v and not sim.oopses:
-        # After the batch: two more complete iterations on every live CPU.
+        # Let every CPU finish the iteration it was in when the patcher
+        # returned (it may still record a variant it ran before), then
+        # require two more complete iterations of new code.
+        it_done = {c: w.iterations(c) for c in sim.cpus}
+        sim.run_until(lambda: bool(sim.oopses) or all(
+            w.iterations(c) >= it_done[c] + 1 for c in sim.cpus if sim.vcpus[c].state != "dead"),
+            max_steps)
         mid = {(c, s.name): w.counts(c, s) for c in sim.cpus for s in w.sites}
         it0 = {c: w.iterations(c) for c in sim.cpus}
         hits0 = dict(hits)
