@@ -21,7 +21,7 @@ from textpoke._alternative import (DA_ALL, DA_ALT, DA_RETPOLINE, DA_SMP, Alterna
                                    apply_retpolines, apply_seal_endbr, int3_selftest,
                                    parse_debug_alternative)
 from textpoke.images._kernel import alt_probes, boot_kernel_image
-from textpoke.images._tables import AltInstr, RetpolineSite, X86_FEATURES, feature_set
+from textpoke.images._tables import RetpolineSite, X86_FEATURES, feature_set
 
 MODERN = ["xmm2", "rdtscp", "lfence_rdtsc", "popcnt", "avx2", "bmi2", "erms", "fsrm", "smap",
           "clflushopt", "hypervisor"]

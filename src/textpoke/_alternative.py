@@ -62,7 +62,7 @@ from ._core import TextPoke
 from ._emulate import PtRegs, int3_emulate_call
 from ._errors import BadAddressError, BadInstructionError, MachineError, TextPokeError
 from ._insn import (CALL_INSN_OPCODE, INT3_INSN_OPCODE, INT3_INSN_SIZE, JMP32_INSN_OPCODE,
-                    JMP32_INSN_SIZE, MAX_PATCH_LEN, RET_INSN_OPCODE, Insn,
+                    MAX_PATCH_LEN, RET_INSN_OPCODE, Insn,
                     insn_decode_kernel, is_jcc32, text_gen_insn)
 
 __all__ = [
@@ -545,15 +545,16 @@ def _apply_alternatives(shadow: _Shadow, entries: Sequence[Any], feats: frozense
     for k, a in enumerate(entries):
         nested = nested + 1 if k and entries[k - 1].instr == a.instr else 1
         instrlen = lens[k]
-        where = f".altinstructions entry {a.index} at {a.instr:#x} ({sym(a.instr)})"
+        def where(a: Any = a) -> str:       # only built when something is refused
+            return f".altinstructions entry {a.index} at {a.instr:#x} ({sym(a.instr)})"
         if instrlen > MAX_PATCH_LEN:
-            raise AlternativeError(f"{where}: instrlen {instrlen} exceeds MAX_PATCH_LEN",
+            raise AlternativeError(f"{where()}: instrlen {instrlen} exceeds MAX_PATCH_LEN",
                                    addr=a.instr, table=".altinstructions", index=a.index)
         try:
             old = shadow.read(a.instr, instrlen)
             replacement = machine.text_read(a.repl, a.replacementlen) if a.replacementlen else b""
         except BadAddressError as e:
-            raise AlternativeError(f"{where}: {e}", addr=a.instr, table=".altinstructions",
+            raise AlternativeError(f"{where()}: {e}", addr=a.instr, table=".altinstructions",
                                    index=a.index) from None
         taken = a.wanted(feats)
         target = None
@@ -575,7 +576,7 @@ def _apply_alternatives(shadow: _Shadow, entries: Sequence[Any], feats: frozense
             try:
                 text_poke_apply_relocation(buf, a.instr, instrlen, a.repl, a.replacementlen)
             except BadInstructionError as e:
-                raise AlternativeError(f"{where}: {e}", addr=a.instr, table=".altinstructions",
+                raise AlternativeError(f"{where()}: {e}", addr=a.instr, table=".altinstructions",
                                        index=a.index) from None
             dbg.dump(DA_ALT, a.instr, "  old_insn", old)
             dbg.dump(DA_ALT, a.repl, "  rpl_insn", replacement)
