@@ -23,6 +23,10 @@ def test_demo_json():
     assert d["cpus"] == 4 and d["toggles"] == 60 and d["oopses"] == 0
     assert d["syncs"] == 180 and d["pokes"] == 60 * 7
     assert d["misbehaviours"] == 0 and d["final_ok"]
+    # the demo's machine is the booted kernel image, not a bare loop
+    assert d["boot"]["image"] == "kernel.elf"
+    assert all(d["boot"]["selftests"].values())
+    assert d["boot"]["patched"][".altinstructions"]["taken"] > 0
 
 
 def test_demo_human_output():

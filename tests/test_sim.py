@@ -168,3 +168,16 @@ def test_free_running_mode_uses_preemption_points():
     w.sim.run(10)
     assert all(w.iterations(c) >= 16 for c in w.sim.cpus)
     assert not w.sim.oopses
+
+
+def test_the_kernel_image_carries_the_workload_and_runs_it_after_boot():
+    from textpoke.sim._demo import boot_kernel_with_workload
+    w, core, res = boot_kernel_with_workload(cpus=2, seed=4)
+    assert res.ok and w.image.sym("workload_main") in w.sim.text_ranges[0]
+    assert {s.name for s in w.sites} >= {"nop2_jmp8", "call", "xline_jcc32"}
+    w.start()
+    with core.batch():
+        for s in w.sites[:3]:
+            core.smp_text_poke_batch_add(s.addr, s.new)
+    w.sim.run(2000)
+    assert not w.sim.oopses and all(w.iterations(c) > 5 for c in w.sim.cpus)

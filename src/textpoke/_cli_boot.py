@@ -249,12 +249,8 @@ _ENTRY = (_add_arguments, run_boot,
 
 
 def _register() -> None:
-    # "python -m textpoke.cli" runs the CLI as __main__, a second copy of
-    # the module next to textpoke.cli: register with whichever is asking.
-    for mod in (sys.modules.get("textpoke.cli"), sys.modules.get("__main__")):
-        spec = getattr(mod, "__spec__", None)
-        if mod is not None and getattr(spec, "name", None) == "textpoke.cli":
-            mod.SUBCOMMANDS["boot"] = _ENTRY
+    from . import cli
+    cli.SUBCOMMANDS["boot"] = _ENTRY
 
 
 _register()

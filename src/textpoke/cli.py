@@ -47,6 +47,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--toggles", type=int, default=1000, help="batches: each flips every site (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="scheduler seed (default 0)")
     p.add_argument("--line-size", type=int, default=64, help="fetch-view line size in bytes (default 64)")
+    p.add_argument("--no-boot", action="store_true",
+                   help="run the bare workload image instead of booting the kernel image first")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -56,7 +58,7 @@ def _demo(args: argparse.Namespace) -> int:
         raise SystemExit("textpoke demo: --cpus must be >= 1 and --toggles >= 0")
     with _progress(not args.json and sys.stderr.isatty(), "toggling sites") as update:
         r = run_demo(cpus=args.cpus, toggles=args.toggles, seed=args.seed,
-                     line_size=args.line_size, progress=update)
+                     line_size=args.line_size, boot=not args.no_boot, progress=update)
     if args.json:
         _emit_json(r.as_dict())
     else:
@@ -67,6 +69,14 @@ def _demo(args: argparse.Namespace) -> int:
 def _print_demo(r) -> None:
     from rich.table import Table
     con = _console()
+    if r.boot:
+        b = r.boot
+        p = b["patched"]
+        tests = ", ".join(f"{k} {'passed' if v else 'FAILED'}" for k, v in b["selftests"].items())
+        con.print(f"[bold]boot[/] {b['image']} on {r.cpus} vCPUs, features {','.join(b['features'])}: "
+                  f"alternatives {p['.altinstructions']['taken']}/{p['.altinstructions']['entries']} taken, "
+                  f"retpoline sites {p['.retpoline_sites']['patched']}, return sites "
+                  f"{p['.return_sites']['patched']} patched; {tests}")
     con.print(f"[bold]textpoke demo[/] — {r.cpus} vCPUs ran the workload while every site was "
               f"toggled {r.toggles} times through smp_text_poke_batch_*() (seed {r.seed})")
     t = Table(title="sites (bytes now; times each variant ran, all CPUs)", title_justify="left")
@@ -238,4 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run the importable module, not this __main__ copy, so that sub-commands
+    # registering themselves in textpoke.cli.SUBCOMMANDS are seen.
+    from textpoke.cli import main as _main
+    raise SystemExit(_main())

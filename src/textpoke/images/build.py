@@ -103,6 +103,9 @@ def build_kernel(out: Path) -> Path:
             # objects depends on where the tree or the build directory is.
             _run(["gcc", *KERNEL_CFLAGS, "-I.", "-c", src, "-o", str(obj)], cwd=KERNEL_DIR)
             objs.append(str(obj))
+        # The demo's guest workload runs on the booted kernel: link it in.
+        _run(["as", "--64", "-o", str(work / "workload.o"), "workload.S"], cwd=HERE)
+        objs.append(str(work / "workload.o"))
         link = ["ld", "-T", str(KERNEL_DIR / "kernel.ld"), *KERNEL_LDFLAGS]
         first = work / "kernel.pass1.elf"
         _run([*link, "-o", str(first), *objs])

@@ -4,6 +4,7 @@ times over, through the batch API, and account for what each CPU saw."""
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -36,6 +37,7 @@ class DemoResult:
     steps: int
     ipis: int
     line_refills: int
+    boot: dict | None = None
     events: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -45,16 +47,56 @@ class DemoResult:
         return d
 
 
+def boot_kernel_with_workload(*, cpus: int = 4, seed: int = 0, line_size: int = 64,
+                              policy: SchedPolicy = COARSE,
+                              features: tuple[str, ...] | None = None) -> tuple[Workload, TextPoke, object]:
+    """The bundled kernel image on *cpus* vCPUs, booted: self-tests,
+    retpolines, returns, alternatives and SMP locks applied for *features*
+    (default: those of ``textpoke boot``) before any CPU runs."""
+    from .._alternative import alternative_instructions
+    from .._cli_boot import DEFAULT_FEATURES
+    from ..images import image_path
+    from ..images._kernel import KERNEL_IMAGE
+    from ..images._tables import read_tables
+    image = _kernel_image(str(image_path(KERNEL_IMAGE)))
+    w = boot_workload(ncpus=cpus, seed=seed, line_size=line_size, policy=policy, image=image)
+    core = TextPoke(w.sim)
+    result = alternative_instructions(core, image, read_tables(image),
+                                      DEFAULT_FEATURES if features is None else features)
+    return w, core, result
+
+
+@functools.cache
+def _kernel_image(path: str):
+    from ..images import load_elf
+    return load_elf(path)
+
+
 def run_demo(*, cpus: int = 4, toggles: int = 1000, seed: int = 0, line_size: int = 64,
-             policy: SchedPolicy = COARSE, gap_steps: int = 24,
+             policy: SchedPolicy = COARSE, gap_steps: int = 24, boot: bool = True,
              progress: Callable[[int, int], None] | None = None,
              workload: Workload | None = None) -> DemoResult:
-    """Boot the workload on *cpus* vCPUs and toggle every site *toggles*
-    times (one batch per toggle) while all CPUs run it."""
+    """Boot the kernel image (or, with ``boot=False``, the bare workload) on
+    *cpus* vCPUs, start the workload on all of them, and toggle every site
+    *toggles* times (one batch per toggle) while they run it."""
     t0 = time.perf_counter()
-    w = workload or boot_workload(ncpus=cpus, seed=seed, line_size=line_size, policy=policy)
+    boot_info = None
+    if workload is not None:
+        w, core = workload, TextPoke(workload.sim)
+    elif boot:
+        w, core, res = boot_kernel_with_workload(cpus=cpus, seed=seed, line_size=line_size,
+                                                 policy=policy)
+        counts = res.counts()
+        boot_info = {
+            "image": "kernel.elf", "features": list(res.features),
+            "selftests": {t.name: t.passed for t in res.selftests},
+            "alternatives": counts.get(".altinstructions", {}),
+            "patched": {k: v for k, v in counts.items()},
+        }
+    else:
+        w = boot_workload(ncpus=cpus, seed=seed, line_size=line_size, policy=policy)
+        core = TextPoke(w.sim)
     sim = w.sim
-    core = TextPoke(sim)
     sites = [s for s in w.sites if s.kind != "nop5-int3"]
     w.start()
     sim.run(gap_steps * 4)
@@ -113,5 +155,5 @@ def run_demo(*, cpus: int = 4, toggles: int = 1000, seed: int = 0, line_size: in
         oopses=[o.as_dict() for o in sim.oopses], misbehaviours=misbehaviours,
         final_ok=final_ok and not sim.oopses, elapsed=time.perf_counter() - t0,
         steps=sim.steps, ipis=sum(c.ipis_taken for c in sim.vcpus),
-        line_refills=sum(c.refreshes for c in sim.vcpus),
+        line_refills=sum(c.refreshes for c in sim.vcpus), boot=boot_info,
     )

@@ -120,13 +120,12 @@ def _sites_of(image: ElfImage) -> tuple[Site, ...]:
 def boot_workload(*, ncpus: int = 4, seed: int = 0, line_size: int = 64,
                   policy: SchedPolicy = COARSE, image: ElfImage | None = None,
                   module_size: int = MODULE_SIZE) -> Workload:
-    """Create a sim machine holding the workload image (CPUs not started)."""
+    """Create a sim machine holding an image with the workload linked in
+    (default: the bare ``workload.elf``; the kernel image carries it too).
+    CPUs are not started."""
+    from ..images._kernel import kernel_regions
     image = image or _bundled_image()
-    regions = []
-    for sec in image.sections.values():
-        kind = {"text": "text", "rodata": "rodata", "data": "data", "bss": "data"}[sec.kind]
-        regions.append((sec.addr, sec.data, kind, sec.name))
-    regions.sort(key=lambda r: (r[2] != "text", r[0]))
+    regions = kernel_regions(image)
     regions.append((MODULE_BASE, module_size, "module", "execmem"))
     regions.append((PERCPU_BASE, PERCPU_STRIDE * ncpus, "data", "percpu"))
     sim = SimMachine(regions, ncpus=ncpus, seed=seed, line_size=line_size, policy=policy)
