@@ -12,6 +12,10 @@ The core (``TextPoke``) patches any :class:`Machine`; the sim backend
     ...     core.smp_text_poke_batch_add(site.addr, site.new)
 """
 
+from ._alternative import (AlternativeError, BootResult, SelfTestError, alternative_instructions,
+                           alternatives_enable_smp, alternatives_smp_lock,
+                           alternatives_smp_unlock, apply_alternatives, apply_retpolines,
+                           apply_returns, apply_seal_endbr)
 from ._alternative_reloc import add_nop, optimize_nops, text_poke_apply_relocation
 from ._core import (MUTATIONS, TEXT_POKE_ARRAY_MAX, SmpTextPokeLoc, TextMutex, TextPoke,
                     TextPokeArray, TextPokeStats)
@@ -42,7 +46,10 @@ __all__ = [
     "JMP32_INSN_OPCODE", "JMP32_INSN_SIZE", "JMP8_INSN_OPCODE", "JMP8_INSN_SIZE",
     "RET_INSN_OPCODE", "RET_INSN_SIZE", "TEXT_POKE_MAX_OPCODE_SIZE", "MAX_PATCH_LEN",
     "ASM_NOP_MAX",
-    # boot-time patching helpers
+    # boot-time patching
+    "alternative_instructions", "apply_alternatives", "apply_retpolines", "apply_returns",
+    "apply_seal_endbr", "alternatives_smp_lock", "alternatives_smp_unlock",
+    "alternatives_enable_smp", "BootResult", "AlternativeError", "SelfTestError",
     "text_poke_apply_relocation", "optimize_nops", "add_nop",
     # events, machines, errors
     "TextPokeEvent", "TextPokeEventLog", "Machine", "TextRange", "WaitUntil",
