@@ -20,6 +20,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+	$(PY) bench/bench_boot.py
 
 # Rebuild the bundled guest images (needs GNU as/ld).
 images: $(STAMP)
