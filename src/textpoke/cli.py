@@ -17,6 +17,12 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
                              Callable[[argparse.Namespace], int], str]] = {}
 
 
+def escape(text: str) -> str:
+    """Keep rich from reading '[cc cc ...]' in a message as markup."""
+    from rich.markup import escape as _escape
+    return _escape(text)
+
+
 def _console(stderr: bool = False):
     from rich.console import Console
     return Console(stderr=stderr, highlight=False)
@@ -105,7 +111,8 @@ def _print_demo(r) -> None:
     con.print(f"[{colour}]oopses {oops}  wrong behaviours {r.misbehaviours}  "
               f"every CPU runs the final code: {'yes' if r.final_ok else 'NO'}[/]")
     for o in r.oopses[:5]:
-        con.print(f"  [red]oops[/] cpu{o['cpu']} {o['kind']} at {o['rip']:#x} [{o['bytes']}] {o['detail']}")
+        con.print(f"  [red]oops[/] cpu{o['cpu']} {o['kind']} at {o['rip']:#x} "
+                  + escape(f"[{o['bytes']}] {o['detail']}"))
     con.print("(instructions count slices that ran to their budget; a slice cut short by "
               "a trap is not counted)", style="dim")
 
@@ -167,7 +174,7 @@ def _verify(args: argparse.Namespace) -> int:
             con = _console()
             con.print(f"schedule {args.replay} of {names[0]}: {len(r.violations)} violation(s)")
             for v in r.violations:
-                con.print(f"  [red]{v.kind}[/] {v.detail}")
+                con.print(f"  [red]{v.kind}[/] " + escape(v.detail))
         return 1 if r.violations else 0
     with _progress(not args.json and sys.stderr.isatty(), "schedules") as update:
         rep = verify(names, args.schedules, seed=args.seed, strategy=args.strategy,
@@ -194,7 +201,7 @@ def _verify(args: argparse.Namespace) -> int:
                   f"INT3s emulated {rep.int3_emulated:,}  syncs {rep.syncs:,}")
         if rep.first:
             f = rep.first
-            con.print(f"[red]first violation[/]: {f.kind} in {f.scenario}, seed {f.seed}: {f.detail}")
+            con.print(f"[red]first violation[/]: {f.kind} in {f.scenario}, seed {f.seed}: " + escape(f.detail))
             mut = f" --mutation {args.mutation}" if args.mutation else ""
             con.print(f"replay: textpoke verify --scenario {f.scenario} --strategy {args.strategy}"
                       f"{mut} --cpus {args.cpus} --replay {f.seed}", style="dim")
