@@ -165,8 +165,10 @@ def test_free_running_mode_uses_preemption_points():
     from textpoke.sim import FREE
     w = boot_workload(ncpus=2, policy=FREE)
     w.start()
-    w.sim.run(10)
-    assert all(w.iterations(c) >= 16 for c in w.sim.cpus)
+    w.sim.run(40)                 # ~20 turns per CPU: each runs to the next preemption point
+    its = [w.iterations(c) for c in w.sim.cpus]
+    assert all(it >= 16 * 8 for it in its), its      # progress on every turn, not just the first
+    assert all(it % 16 == 0 for it in its)           # and every turn ends at the preemption point
     assert not w.sim.oopses
 
 

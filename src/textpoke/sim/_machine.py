@@ -420,7 +420,9 @@ class SimMachine(Machine):
         rip = c.reg("rip")
         c.pending_intr = None
         if p.until_preempt and self.preempt_addr is not None:
-            until, count = self.preempt_addr, 0
+            # Run to the guest's preemption point; when sitting on it, take
+            # one instruction first (emu_start would stop at once).
+            until, count = (self.preempt_addr, 0) if rip != self.preempt_addr else (0, 1)
         else:
             until = 0
             count = p.slice_min if p.slice_min == p.slice_max else self.rng.randint(p.slice_min, p.slice_max)
@@ -431,10 +433,7 @@ class SimMachine(Machine):
             self._oops(c, _fault_kind(e), str(e))
             return
         if c.pending_intr is None:
-            c.instructions += count
-            if until and c.reg("rip") == until:
-                # Preemption point: step past it next time (it is a plain jmp).
-                pass
+            c.instructions += count     # 0 for a run-to-preemption slice: not counted
             return
         intno = c.pending_intr
         c.pending_intr = None
