@@ -67,7 +67,6 @@ class Insn:
     raw: bytes
     opcode: bytes            # opcode bytes, legacy/REX prefixes stripped
     mnemonic: str
-    text: str                # iced-x86's formatting, for humans
     immediate_offset: int
     immediate_size: int
     immediate_value: int     # sign-extended for relative branches
@@ -81,6 +80,13 @@ class Insn:
     @property
     def end(self) -> int:
         return self.addr + self.length
+
+    @property
+    def text(self) -> str:
+        """iced-x86's GAS formatting, for humans (made on demand: it costs
+        more than the decode)."""
+        ins = iced_x86.Decoder(64, self.raw, ip=self.addr).decode()
+        return _FORMATTER.format(ins)
 
 
 def _sext(value: int, size: int) -> int:
@@ -154,7 +160,6 @@ def insn_decode_kernel(buf: bytes | bytearray | memoryview, addr: int = 0) -> In
     return Insn(
         addr=addr, length=ins.len, raw=raw, opcode=bytes(opcode),
         mnemonic=_mnemonic(ins),
-        text=_FORMATTER.format(ins),
         immediate_offset=co.immediate_offset if co.has_immediate else 0,
         immediate_size=co.immediate_size if co.has_immediate else 0,
         immediate_value=imm_val,

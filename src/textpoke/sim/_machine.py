@@ -223,6 +223,7 @@ class SimMachine(Machine):
         self.stack_base, self.stack_size = stack_base, stack_size
         self._data.append(_Region(stack_base, _round_up(stack_size * ncpus), "stacks", True, False, False))
         self._ranges = [TextRange(r.start, r.start + r.size, r.name, r.core) for r in self._text]
+        self._last_text = (0, self._text[0])
         self._mem = _SharedMemory(self)
         self.vcpus = [VCpu(self, i) for i in range(ncpus)]
         self._tasks: list[_SimTask] = []
@@ -250,8 +251,12 @@ class SimMachine(Machine):
         return float(self.steps)
 
     def _text_loc(self, addr: int, size: int) -> tuple[int, _Region]:
+        i, r = self._last_text
+        if r.start <= addr and addr + size <= r.start + r.size:
+            return i, r
         for i, r in enumerate(self._text):
             if r.start <= addr and addr + size <= r.start + r.size:
+                self._last_text = (i, r)
                 return i, r
         raise BadAddressError(f"[{addr:#x}, +{size}) is not mapped text")
 
@@ -267,11 +272,12 @@ class SimMachine(Machine):
         idx, r = self._text_loc(addr, len(data))
         off = addr - r.start
         ls = self.line_size
+        stale_sets = [c.stale for c in self.vcpus]
         for i, b in enumerate(data):
             r.buf[off + i] = b
             line = (idx, (off + i) // ls)
-            for c in self.vcpus:
-                c.stale.add(line)
+            for st in stale_sets:
+                st.add(line)
             if self.trace is not None:
                 self.trace.append(("w", self.steps, addr + i, b))
             yield
