@@ -105,7 +105,7 @@ def test_selftests_pass(booted):
 
 # ----------------------------------------------------------------- bytes
 def test_pre_and_post_bytes(booted):
-    sim, image = booted.sim, booted.image
+    sim = booted.sim
     groups: dict[int, list] = {}
     for a in booted.r.alternatives:
         groups.setdefault(a.instr, []).append(a)

@@ -5,7 +5,7 @@ IPIs versus trap handlers."""
 import iced_x86 as I
 import pytest
 
-from textpoke import TextPoke, WaitUntil, x86_nops
+from textpoke import TextPoke, WaitUntil
 from textpoke.sim import COARSE, FINE, boot_workload
 from textpoke.sim._demo import run_demo
 from textpoke.sim._workload import MODULE_BASE
@@ -146,7 +146,7 @@ def test_task_waits_are_honoured(workload):
         flag["v"] = True
 
     sim.spawn(waiter())
-    t = sim.spawn(setter())
+    sim.spawn(setter())
     sim.run_until(lambda: len(order) == 2, 1000)
     assert order == ["setter", "waiter"]
 

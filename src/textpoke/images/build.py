@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 bad += not same
             return 1 if bad else 0
     out = args.out or HERE
-    for name, fn in builders.items():
+    for fn in builders.values():
         path = fn(out)
         print(f"built {path}")
     return 0

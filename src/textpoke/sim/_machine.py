@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from unicorn import (UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, UC_PROT_EXEC, UC_PROT_READ,

@@ -151,7 +151,7 @@ def run_schedule(scenario: str, seed: int, *, strategy: str = "int3", mutation: 
             violate("error", f"{type(e).__name__}: {e}")
     finally:
         core.text_mutex.release()
-    done_step = sim.steps
+
     if not v and not sim.oopses:
         # Let every CPU finish the iteration it was in when the patcher
         # returned (it may still record a variant it ran before), then
@@ -272,7 +272,7 @@ def verify(scenarios: list[str], schedules: int, *, seed: int = 0, strategy: str
     chunks = [(items[i:i + chunk], kw) for i in range(0, len(items), chunk)]
 
     def absorb(results: list) -> bool:
-        for name, sd, violations, emulated, syncs in results:
+        for name, _sd, violations, emulated, syncs in results:
             stats = rep.by_scenario.setdefault(name, {"schedules": 0, "violations": 0})
             rep.schedules += 1
             stats["schedules"] += 1
