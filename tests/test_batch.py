@@ -274,3 +274,48 @@ def test_batch_add_accepts_exactly_what_the_rules_allow(spec):
         assert ok is not False
         core.smp_text_poke_batch_finish()
     assert w.sim.text_read(addr, len(opcode)) == opcode
+
+
+# --------------------------------------------------------- failure mid-batch
+def test_machine_failure_mid_batch_rolls_every_site_back():
+    """A write that fails part-way through the protocol: the sites already
+    touched go back to their old bytes (no INT3 of ours left), the error
+    propagates, and the CPUs -- which ran throughout -- never misbehaved."""
+    from textpoke import MachineError
+    w = boot_workload(ncpus=3, seed=12)
+    sim = w.sim
+    real_write = sim.text_poke_write
+    calls = {"n": 0}
+
+    def flaky_write(addr, data):
+        calls["n"] += 1
+        if calls["n"] == 7:            # after all INT3s and part of the tails
+            raise MachineError("injected: the alias mapping went away")
+        yield from real_write(addr, data)
+
+    sim.text_poke_write = flaky_write
+    core = TextPoke(sim)
+    sites = [w.by_name[n] for n in ("nop2_jmp8", "nop5_jmp32", "call", "jcc32", "xline_nop5")]
+    before = _snapshot(w)
+    w.start()
+    sim.run(300)
+    with pytest.raises(MachineError, match="injected"):
+        with core.batch():
+            for s in sites:
+                core.smp_text_poke_batch_add(s.addr, s.new)
+    sim.text_poke_write = real_write
+    assert _snapshot(w) == before                     # every site is back to old bytes
+    assert core.stats.rollbacks == 1
+    assert core.text_poke_array.nr_entries == 0
+    assert all(v == 0 for v in core.text_poke_array_refs.values())
+    it = [w.iterations(c) for c in sim.cpus]
+    sim.run(3000)
+    assert not sim.oopses
+    assert all(w.iterations(c) > i for c, i in zip(sim.cpus, it))
+    for s in w.sites:
+        for c in sim.cpus:
+            assert all(n == 0 for v, n in enumerate(w.counts(c, s)) if v not in s.allowed)
+    # and the core is usable again
+    with core.batch():
+        core.smp_text_poke_batch_add(sites[0].addr, sites[0].new)
+    assert sim.text_read(sites[0].addr, 2) == sites[0].new

@@ -114,6 +114,7 @@ class TextPokeStats:
     int3_passed_on: int = 0
     flushes_full: int = 0
     flushes_unordered: int = 0
+    rollbacks: int = 0
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -374,30 +375,56 @@ class TextPoke:
             self.smp_text_poke_batch_finish()
 
     def _batch_process(self) -> Task:
-        """INT3 -> sync -> tails -> sync -> first bytes -> sync -> drop refs."""
+        """INT3 -> sync -> tails -> sync -> first bytes -> sync -> drop refs.
+
+        Should the machine fail part-way (a write that does not verify, a
+        machine error), every site already touched is put back to its old
+        bytes through the same INT3 discipline before the error propagates,
+        so that no INT3 of ours and no half-written instruction is left."""
         self.text_mutex.assert_held("smp_text_poke_batch_process")
         m = self.machine
-        mut = self.mutations
         vec = self.text_poke_array.vec
         refs = self.text_poke_array_refs
         self.stats.batches += 1
         self.stats.sites += len(vec)
+        olds: list[bytes] = []      # whole old instruction of each site touched so far
         for cpu in refs:
             refs[cpu] = 1
-        yield  # the refs are published before any INT3 can be seen
+        clean = False
+        try:
+            yield  # the refs are published before any INT3 can be seen
+            try:
+                yield from self._batch_steps(vec, olds)
+            except Exception as err:
+                try:
+                    yield from self._batch_rollback(vec, olds)
+                except Exception as again:
+                    raise err from again
+                raise
+            yield from self._batch_drop_refs(wait="no-refs-wait" not in self.mutations)
+            clean = True
+        finally:
+            vec.clear()
+            if not clean:        # after a failure no reference may outlive the batch
+                for cpu in refs:
+                    refs[cpu] = 0
 
+    def _batch_steps(self, vec: list[SmpTextPokeLoc], olds: list[bytes]) -> Task:
+        m = self.machine
+        mut = self.mutations
         for tpl in vec:
             addr = self.text_poke_addr(tpl)
-            tpl.old = m.text_read(addr, 1)[0]
+            old = m.text_read(addr, tpl.len)
+            tpl.old = old[0]
+            olds.append(old)
             yield from self._poke(addr, bytes([INT3_INSN_OPCODE]), "int3")
         if "no-sync-1" not in mut:
             yield from self._sync()
 
         do_sync = 0
-        for tpl in vec:
+        for tpl, old in zip(vec, olds):
             addr = self.text_poke_addr(tpl)
             new = tpl.new_bytes()
-            old = bytes([tpl.old]) + m.text_read(addr + 1, tpl.len - 1)
             if tpl.len > INT3_INSN_SIZE:
                 yield from self._poke(addr + 1, new[1:], "tail")
                 do_sync += 1
@@ -417,12 +444,47 @@ class TextPoke:
         if do_sync and "no-sync-3" not in mut:
             yield from self._sync()
 
+    def _batch_drop_refs(self, wait: bool) -> Task:
+        refs = self.text_poke_array_refs
         for cpu in refs:
             refs[cpu] -= 1
             yield
-            if refs[cpu] and "no-refs-wait" not in mut:
+            if refs[cpu] and wait:
                 yield WaitUntil(lambda c=cpu: refs[c] == 0, f"INT3 handlers on cpu{cpu} to finish")
-        vec.clear()
+
+    def _batch_rollback(self, vec: list[SmpTextPokeLoc], olds: list[bytes]) -> Task:
+        """Put the first len(olds) sites back as they were.  The entries stay
+        in the array meanwhile, so a CPU reaching an INT3 still emulates
+        (the new instruction: old or new is fine while a site is in flux)."""
+        m = self.machine
+        self.stats.rollbacks += 1
+        touched = list(zip(vec, olds))
+        wrote = False
+        for tpl, old in touched:          # 1. every site starts with INT3
+            addr = self.text_poke_addr(tpl)
+            cur = m.text_read(addr, tpl.len)
+            if cur != old and cur[0] != INT3_INSN_OPCODE:
+                yield from self._poke(addr, bytes([INT3_INSN_OPCODE]), "int3")
+                wrote = True
+        if wrote:
+            yield from self._sync()
+        wrote = False
+        for tpl, old in touched:          # 2. old tails back
+            addr = self.text_poke_addr(tpl)
+            if tpl.len > 1 and m.text_read(addr + 1, tpl.len - 1) != old[1:]:
+                yield from self._poke(addr + 1, old[1:], "tail")
+                wrote = True
+        if wrote:
+            yield from self._sync()
+        wrote = False
+        for tpl, old in touched:          # 3. old first bytes back
+            addr = self.text_poke_addr(tpl)
+            if m.text_read(addr, 1) != old[:1]:
+                yield from self._poke(addr, old[:1], "first")
+                wrote = True
+        if wrote:
+            yield from self._sync()
+        yield from self._batch_drop_refs(wait=True)
 
     # ------------------------------------------------------------ INT3 handler
     def _lookup(self, ip: int) -> SmpTextPokeLoc | None:
