@@ -67,7 +67,7 @@ from ._insn import (CALL_INSN_OPCODE, INT3_INSN_OPCODE, INT3_INSN_SIZE, JMP32_IN
 
 __all__ = [
     # kernel entry points
-    "alternative_instructions", "apply_alternatives", "apply_retpolines", "apply_returns",
+    "DEFAULT_FEATURES", "alternative_instructions", "apply_alternatives", "apply_retpolines", "apply_returns",
     "apply_seal_endbr", "alternatives_smp_lock", "alternatives_smp_unlock",
     "alternatives_smp_module_add", "alternatives_smp_module_del", "alternatives_enable_smp",
     "alternatives_text_reserved", "int3_selftest", "alt_reloc_selftest",
@@ -86,6 +86,11 @@ DA_RET = 0x02
 DA_RETPOLINE = 0x04
 DA_ENDBR = 0x08
 DA_SMP = 0x10
+#: A present-day x86-64 host without speculation mitigations (the default of
+#: ``textpoke boot`` and of the demo's boot).
+DEFAULT_FEATURES = ("xmm2", "rdtscp", "lfence_rdtsc", "popcnt", "avx2", "bmi2", "erms",
+                    "fsrm", "smap", "clflushopt")
+
 DA_ALL = 0x1F
 DA_NAMES = {DA_ALT: "alt", DA_RET: "ret", DA_RETPOLINE: "retpoline", DA_ENDBR: "endbr",
             DA_SMP: "smp"}

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from ._errors import BadInstructionError
 from ._insn import (ASM_NOP_MAX, INT3_INSN_OPCODE, JMP8_INSN_OPCODE,
-                    JMP8_INSN_SIZE, JMP32_INSN_OPCODE, JMP32_INSN_SIZE, Insn,
+                    JMP8_INSN_SIZE, JMP32_INSN_OPCODE, JMP32_INSN_SIZE, Insn, _sext,
                     insn_decode_kernel, is_nop, x86_nops)
 
 __all__ = ["text_poke_apply_relocation", "optimize_nops", "add_nop"]
@@ -35,12 +35,6 @@ _JMP8_FILL_MAX = 127
 def _fits(value: int, nbytes: int) -> bool:
     bits = nbytes * 8
     return -(1 << (bits - 1)) <= value < (1 << (bits - 1))
-
-
-def _sext(value: int, nbytes: int) -> int:
-    bits = nbytes * 8
-    value &= (1 << bits) - 1
-    return value - (1 << bits) if value >> (bits - 1) else value
 
 
 def _put(buf: bytearray, at: int, nbytes: int, value: int) -> None:

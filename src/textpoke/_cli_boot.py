@@ -17,12 +17,10 @@ import sys
 from typing import Any
 
 from . import cli as _cli
+from ._alternative import DEFAULT_FEATURES
 
-__all__ = ["DEFAULT_FEATURES", "disassemble", "run_boot"]
+__all__ = ["disassemble", "run_boot"]
 
-#: A present-day x86-64 host without speculation mitigations.
-DEFAULT_FEATURES = ("xmm2", "rdtscp", "lfence_rdtsc", "popcnt", "avx2", "bmi2", "erms",
-                    "fsrm", "smap", "clflushopt")
 
 _BYTES_SHOWN = 12
 #: Width used when the output is not a terminal (a file, a pager): the
@@ -116,11 +114,10 @@ def run_boot(args: argparse.Namespace) -> int:
         return _fail("--cpus must be at least 1")
     from ._alternative import DA_ALL, alternative_instructions, parse_debug_alternative
     from ._core import TextPoke
-    from .images import image_path
-    from .images._elf import load_elf
+    from .images import load_bundled
     from .images._kernel import KERNEL_IMAGE, boot_kernel_image
 
-    image = load_elf(image_path(KERNEL_IMAGE))
+    image = load_bundled(KERNEL_IMAGE)
     for name in args.disasm or ():
         if name not in image.symbols:
             close = difflib.get_close_matches(name, list(image.symbols), n=3)

@@ -382,7 +382,6 @@ class TextPoke:
         bytes through the same INT3 discipline before the error propagates,
         so that no INT3 of ours and no half-written instruction is left."""
         self.text_mutex.assert_held("smp_text_poke_batch_process")
-        m = self.machine
         vec = self.text_poke_array.vec
         refs = self.text_poke_array_refs
         self.stats.batches += 1
@@ -488,23 +487,12 @@ class TextPoke:
 
     # ------------------------------------------------------------ INT3 handler
     def _lookup(self, ip: int) -> SmpTextPokeLoc | None:
+        # Bisect: the array is sorted (an unsorted one -- the "unordered"
+        # mutation -- makes this miss, exactly as the kernel's bsearch would).
         vec = self.text_poke_array.vec
         rel = ip - self._stext
-        if len(vec) > 1:
-            lo, hi = 0, len(vec) - 1
-            while lo <= hi:
-                mid = (lo + hi) // 2
-                r = vec[mid].rel_addr
-                if rel < r:
-                    hi = mid - 1
-                elif rel > r:
-                    lo = mid + 1
-                else:
-                    return vec[mid]
-            return None
-        if vec and vec[0].rel_addr == rel:
-            return vec[0]
-        return None
+        i = self._insert_index(rel)
+        return vec[i] if i < len(vec) and vec[i].rel_addr == rel else None
 
     def smp_text_poke_int3_handler(self, regs: PtRegs) -> Task:
         """First handler on the INT3 chain: emulate the site being patched.

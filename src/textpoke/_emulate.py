@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ._insn import CALL_INSN_SIZE, INT3_INSN_SIZE
+
 __all__ = [
     "DataMemory", "PtRegs", "X86_EFLAGS_CF", "X86_EFLAGS_PF", "X86_EFLAGS_ZF",
     "X86_EFLAGS_SF", "X86_EFLAGS_OF", "int3_emulate_push", "int3_emulate_pop",
@@ -66,10 +68,6 @@ def int3_emulate_pop(regs: PtRegs) -> int:
 
 def int3_emulate_jmp(regs: PtRegs, ip: int) -> None:
     regs.ip = ip & _MASK64
-
-
-INT3_INSN_SIZE = 1
-CALL_INSN_SIZE = 5
 
 
 def int3_emulate_call(regs: PtRegs, func: int) -> None:

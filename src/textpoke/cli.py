@@ -136,7 +136,7 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 
 def _verify(args: argparse.Namespace) -> int:
     from ._core import MUTATIONS
-    from .sim._verify import SCENARIOS, run_schedule, verify
+    from .sim._verify import SCENARIOS, check_arguments, run_schedule, verify
     if args.list:
         if args.json:
             _emit_json({"scenarios": {k: v.description for k, v in SCENARIOS.items()},
@@ -151,14 +151,10 @@ def _verify(args: argparse.Namespace) -> int:
                 con.print(f"  {m}")
         return 0
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
-    for n in names:
-        if n not in SCENARIOS:
-            raise SystemExit(f"textpoke verify: unknown scenario {n!r}; try --list")
-    if args.mutation is not None and args.mutation not in MUTATIONS:
-        raise SystemExit(f"textpoke verify: unknown mutation {args.mutation!r}; "
-                         f"choose from {', '.join(MUTATIONS)}")
-    if args.mutation and args.strategy == "naive":
-        raise SystemExit("textpoke verify: --mutation applies to --strategy int3 only")
+    try:
+        check_arguments(names, args.strategy, args.mutation)
+    except ValueError as e:
+        raise SystemExit(f"textpoke verify: {e}") from None
     if args.schedules < 1:
         raise SystemExit("textpoke verify: --schedules must be >= 1")
     if args.replay is not None:

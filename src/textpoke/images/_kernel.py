@@ -19,9 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+from .._machine import PAGE_SIZE
 from ..sim._machine import SimMachine
-from . import image_path
-from ._elf import ElfImage, ImageError, load_elf
+from . import load_bundled
+from ._elf import ElfImage, ImageError
 from ._tables import AltInstr, KernelTables, read_tables
 
 __all__ = ["boot_kernel_image", "kernel_regions", "AltProbe", "alt_probes",
@@ -31,7 +32,6 @@ KERNEL_IMAGE = "kernel.elf"
 #: an executable, non-core region (execmem: detours, JIT buffers)
 KERNEL_MODULE_BASE = 0x0200_0000
 KERNEL_MODULE_SIZE = 0x10_0000
-_PAGE = 4096
 _SIM_KIND = {"text": "text", "rodata": "rodata", "data": "data", "bss": "data"}
 
 
@@ -43,7 +43,7 @@ def kernel_regions(image: ElfImage) -> list[tuple[int, bytes, str, str]]:
     groups: list[list] = []
     for s in secs:
         kind = _SIM_KIND[s.kind]
-        if groups and groups[-1][2] == kind and s.addr <= (groups[-1][1] + _PAGE - 1) // _PAGE * _PAGE:
+        if groups and groups[-1][2] == kind and s.addr <= (groups[-1][1] + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE:
             g = groups[-1]
             if s.addr < g[1]:
                 raise ImageError(f"{image.path}: section {s.name} overlaps {g[3][-1]}")
@@ -51,7 +51,7 @@ def kernel_regions(image: ElfImage) -> list[tuple[int, bytes, str, str]]:
             g[1] = s.end
             g[3].append(s.name)
         else:
-            if groups and s.addr < (groups[-1][1] + _PAGE - 1) // _PAGE * _PAGE:
+            if groups and s.addr < (groups[-1][1] + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE:
                 raise ImageError(f"{image.path}: section {s.name} ({s.kind}) shares a page with "
                                  f"{groups[-1][3][-1]} ({groups[-1][2]})")
             groups.append([s.addr, s.end, kind, [s.name], bytearray(s.data)])
@@ -60,7 +60,7 @@ def kernel_regions(image: ElfImage) -> list[tuple[int, bytes, str, str]]:
         if ".text" in names:
             # sim.call() returns through the last byte of the first text
             # region; make sure that byte is INT3 padding, not code.
-            if len(data) % _PAGE == 0:
+            if len(data) % PAGE_SIZE == 0:
                 data += b"\xcc"
         regions.append((start, bytes(data), kind, "+".join(names)))
     regions.sort(key=lambda r: (".text" not in r[3].split("+"), r[0]))
@@ -76,7 +76,7 @@ def boot_kernel_image(ncpus: int = 1, image: ElfImage | None = None, *, seed: in
 
     *image* defaults to the bundled ``kernel.elf``.  Extra keyword
     arguments go to :class:`SimMachine` (``policy``, ...)."""
-    image = image or load_elf(image_path(KERNEL_IMAGE))
+    image = image or load_bundled(KERNEL_IMAGE)
     tables = read_tables(image)
     regions = kernel_regions(image)
     if module_size:

@@ -4,7 +4,6 @@ times over, through the batch API, and account for what each CPU saw."""
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -53,23 +52,16 @@ def boot_kernel_with_workload(*, cpus: int = 4, seed: int = 0, line_size: int = 
     """The bundled kernel image on *cpus* vCPUs, booted: self-tests,
     retpolines, returns, alternatives and SMP locks applied for *features*
     (default: those of ``textpoke boot``) before any CPU runs."""
-    from .._alternative import alternative_instructions
-    from .._cli_boot import DEFAULT_FEATURES
-    from ..images import image_path
+    from .._alternative import DEFAULT_FEATURES, alternative_instructions
+    from ..images import load_bundled
     from ..images._kernel import KERNEL_IMAGE
     from ..images._tables import read_tables
-    image = _kernel_image(str(image_path(KERNEL_IMAGE)))
+    image = load_bundled(KERNEL_IMAGE)
     w = boot_workload(ncpus=cpus, seed=seed, line_size=line_size, policy=policy, image=image)
     core = TextPoke(w.sim)
     result = alternative_instructions(core, image, read_tables(image),
                                       DEFAULT_FEATURES if features is None else features)
     return w, core, result
-
-
-@functools.cache
-def _kernel_image(path: str):
-    from ..images import load_elf
-    return load_elf(path)
 
 
 def run_demo(*, cpus: int = 4, toggles: int = 1000, seed: int = 0, line_size: int = 64,

@@ -27,14 +27,11 @@ from unicorn import x86_const as X
 from .._emulate import PtRegs
 from .._errors import BadAddressError, MachineError
 from .._insn import insn_decode_kernel
-from .._machine import Machine, Task, TextRange, WaitUntil, drive
+from .._machine import PAGE_SIZE, Machine, Task, TextRange, WaitUntil, drive
 
 __all__ = ["SimMachine", "SchedPolicy", "Oops", "VCpu", "FINE", "COARSE", "FREE"]
 
-_PAGE = 4096
-
-
-def _round_up(n: int, a: int = _PAGE) -> int:
+def _round_up(n: int, a: int = PAGE_SIZE) -> int:
     return (n + a - 1) // a * a
 
 

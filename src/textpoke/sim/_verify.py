@@ -30,7 +30,7 @@ from ._machine import FINE, SchedPolicy
 from ._workload import Site, Workload, boot_workload
 
 __all__ = ["Scenario", "SCENARIOS", "STRATEGIES", "Violation", "ScheduleResult",
-           "VerifyReport", "run_schedule", "verify"]
+           "VerifyReport", "check_arguments", "run_schedule", "verify"]
 
 STRATEGIES = ("int3", "naive")
 
@@ -112,15 +112,25 @@ def _patcher(core: TextPoke, w: Workload, scn: Scenario, strategy: str,
             yield from core._sync()
 
 
-def run_schedule(scenario: str, seed: int, *, strategy: str = "int3", mutation: str | None = None,
-                 ncpus: int = 3, line_size: int = 64, policy: SchedPolicy = FINE,
-                 max_steps: int = 200_000) -> ScheduleResult:
-    """Run one seeded schedule of *scenario* and return what the oracle found."""
-    scn = SCENARIOS[scenario]
+def check_arguments(scenarios: list[str], strategy: str, mutation: str | None) -> None:
+    """ValueError, with a message for people, for any name verify does not know."""
+    for s in scenarios:
+        if s not in SCENARIOS:
+            raise ValueError(f"unknown scenario {s!r}; known: {', '.join(SCENARIOS)}")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r} (use {', '.join(STRATEGIES)})")
     if mutation is not None and mutation not in MUTATIONS:
         raise ValueError(f"unknown mutation {mutation!r} (use {', '.join(MUTATIONS)})")
+    if strategy == "naive" and mutation:
+        raise ValueError("mutations remove steps of the int3 protocol; they do not apply to naive")
+
+
+def run_schedule(scenario: str, seed: int, *, strategy: str = "int3", mutation: str | None = None,
+                 ncpus: int = 3, line_size: int = 64, policy: SchedPolicy = FINE,
+                 max_steps: int = 200_000) -> ScheduleResult:
+    """Run one seeded schedule of *scenario* and return what the oracle found."""
+    check_arguments([scenario], strategy, mutation)
+    scn = SCENARIOS[scenario]
     w = boot_workload(ncpus=ncpus, seed=seed, line_size=line_size, policy=policy)
     sim = w.sim
     core = TextPoke(sim, mutations=(mutation,) if mutation else ())
@@ -256,15 +266,7 @@ def verify(scenarios: list[str], schedules: int, *, seed: int = 0, strategy: str
            progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """Run *schedules* seeded schedules of each scenario (in *jobs*
     processes).  The report is the same whatever *jobs* is."""
-    for s in scenarios:
-        if s not in SCENARIOS:
-            raise ValueError(f"unknown scenario {s!r}; known: {', '.join(SCENARIOS)}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r} (use {', '.join(STRATEGIES)})")
-    if mutation is not None and mutation not in MUTATIONS:
-        raise ValueError(f"unknown mutation {mutation!r} (use {', '.join(MUTATIONS)})")
-    if strategy == "naive" and mutation:
-        raise ValueError("mutations remove steps of the int3 protocol; they do not apply to naive")
+    check_arguments(scenarios, strategy, mutation)
     rep = VerifyReport(list(scenarios), strategy, mutation)
     items = [(name, sd) for name in scenarios for sd in schedule_seeds(seed, schedules)]
     kw = dict(strategy=strategy, mutation=mutation, ncpus=ncpus, line_size=line_size)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .._insn import (CALL_INSN_OPCODE, INT3_INSN_OPCODE, JMP8_INSN_OPCODE, JMP32_INSN_OPCODE,
                      text_gen_insn)
-from ..images import ElfImage, ImageError, image_path, load_elf
+from ..images import ElfImage, ImageError, load_bundled
 from ._machine import COARSE, SchedPolicy, SimMachine
 
 __all__ = ["Site", "Workload", "boot_workload", "PERCPU_BASE", "PERCPU_STRIDE", "VARIANTS",
@@ -108,11 +108,6 @@ def read_sites(image: ElfImage) -> list[Site]:
 
 
 @functools.cache
-def _bundled_image() -> ElfImage:
-    return load_elf(image_path("workload.elf"))
-
-
-@functools.cache
 def _sites_of(image: ElfImage) -> tuple[Site, ...]:
     return tuple(read_sites(image))
 
@@ -124,7 +119,7 @@ def boot_workload(*, ncpus: int = 4, seed: int = 0, line_size: int = 64,
     (default: the bare ``workload.elf``; the kernel image carries it too).
     CPUs are not started."""
     from ..images._kernel import kernel_regions
-    image = image or _bundled_image()
+    image = image or load_bundled("workload.elf")
     regions = kernel_regions(image)
     regions.append((MODULE_BASE, module_size, "module", "execmem"))
     regions.append((PERCPU_BASE, PERCPU_STRIDE * ncpus, "data", "percpu"))
