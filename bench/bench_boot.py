@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from textpoke import TextPoke                                          # noqa: E402
 from textpoke._alternative import alternative_instructions, apply_alternatives  # noqa: E402
 from textpoke.images._elf import load_elf                              # noqa: E402
-from textpoke.images._kernel import alt_probes, boot_kernel_image      # noqa: E402
+from textpoke.images._kernel import alt_probes                         # noqa: E402
+from textpoke.sim._boot import boot_kernel_image                      # noqa: E402
 from textpoke.images._tables import feature_set                        # noqa: E402
 from textpoke.images.build import HERE as IMAGES_DIR                   # noqa: E402
 

@@ -20,7 +20,8 @@ from textpoke._alternative import (DA_ALL, DA_ALT, DA_RETPOLINE, DA_SMP, Alterna
                                    alternatives_text_reserved, apply_alternatives,
                                    apply_retpolines, apply_seal_endbr, int3_selftest,
                                    parse_debug_alternative)
-from textpoke.images._kernel import alt_probes, boot_kernel_image
+from textpoke.images._kernel import alt_probes
+from textpoke.sim._boot import boot_kernel_image
 from textpoke.images._tables import RetpolineSite, X86_FEATURES, feature_set
 
 MODERN = ["xmm2", "rdtscp", "lfence_rdtsc", "popcnt", "avx2", "bmi2", "erms", "fsrm", "smap",

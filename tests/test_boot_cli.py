@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "textpoke.cli", "boot", *args],
+    return subprocess.run([sys.executable, "-m", "textpoke", "boot", *args],
                           capture_output=True, text=True, env=env, timeout=120)
 
 

@@ -9,7 +9,7 @@ import pytest
 
 
 def run(*args):
-    p = subprocess.run([sys.executable, "-m", "textpoke.cli", *args], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "textpoke", *args], capture_output=True, text=True,
                        timeout=600)
     return p.returncode, p.stdout, p.stderr
 

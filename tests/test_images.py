@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from textpoke._insn import MAX_PATCH_LEN, insn_decode_kernel, is_nop
+from textpoke._core._insn import MAX_PATCH_LEN, insn_decode_kernel, is_nop
 from textpoke.images import ImageError, image_path, load_elf
-from textpoke.images._kernel import alt_probes, boot_kernel_image, kernel_regions
+from textpoke.images._kernel import alt_probes, kernel_regions
+from textpoke.sim._boot import boot_kernel_image
 from textpoke.images._objtool import objtool_scan, sites_asm
 from textpoke.images._tables import (ALT_FLAG_DIRECT_CALL, ALT_FLAG_NOT, X86_FEATURES, AltInstr,
                                      KernelTables, feature_name, feature_number, feature_set,

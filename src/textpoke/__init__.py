@@ -16,20 +16,20 @@ from ._alternative import (AlternativeError, BootResult, SelfTestError, alternat
                            alternatives_enable_smp, alternatives_smp_lock,
                            alternatives_smp_unlock, apply_alternatives, apply_retpolines,
                            apply_returns, apply_seal_endbr)
-from ._alternative_reloc import add_nop, optimize_nops, text_poke_apply_relocation
+from ._alternative._reloc import add_nop, optimize_nops, text_poke_apply_relocation
 from ._core import (MUTATIONS, TEXT_POKE_ARRAY_MAX, SmpTextPokeLoc, TextMutex, TextPoke,
                     TextPokeArray, TextPokeStats)
-from ._emulate import (PtRegs, int3_emulate_call, int3_emulate_jcc, int3_emulate_jmp,
+from ._core._emulate import (PtRegs, int3_emulate_call, int3_emulate_jcc, int3_emulate_jmp,
                        int3_emulate_pop, int3_emulate_push, int3_emulate_ret, jcc_taken)
 from ._errors import (BadAddressError, BadInstructionError, MachineError, OverlapError,
                       TextMutexError, TextPokeError, VerifyMismatchError)
-from ._events import TextPokeEvent, TextPokeEventLog
-from ._insn import (ASM_NOP_MAX, CALL_INSN_OPCODE, CALL_INSN_SIZE, INT3_INSN_OPCODE,
+from ._core._events import TextPokeEvent, TextPokeEventLog
+from ._core._insn import (ASM_NOP_MAX, CALL_INSN_OPCODE, CALL_INSN_SIZE, INT3_INSN_OPCODE,
                     INT3_INSN_SIZE, JMP8_INSN_OPCODE, JMP8_INSN_SIZE, JMP32_INSN_OPCODE,
                     JMP32_INSN_SIZE, MAX_PATCH_LEN, RET_INSN_OPCODE, RET_INSN_SIZE,
                     TEXT_POKE_MAX_OPCODE_SIZE, Insn, insn_decode_kernel, is_jcc32, is_nop,
                     text_gen_insn, x86_nops)
-from ._machine import Machine, TextRange, WaitUntil
+from ._core._machine import Machine, TextRange, WaitUntil
 
 __version__ = "0.1.0"
 

@@ -1,9 +1,9 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """The bundled kernel-like image (kernel.elf) on a sim machine.
 
-:func:`boot_kernel_image` maps the image as the kernel would be laid out
--- core text, the executable replacement block, read-only tables, data --
-and parses its patching tables; nothing is patched yet.
+:func:`kernel_regions` lays the image out as the kernel would be -- core
+text, the executable replacement block, read-only tables, data -- for a
+machine to map (``textpoke.sim._boot.boot_kernel_image`` does so).
 
 The image's *probe* functions (``alt_probe_*``) each hold one alternative
 site, possibly nested, and return 1 when the original instructions ran or
@@ -19,13 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from .._machine import PAGE_SIZE
-from ..sim._machine import SimMachine
-from . import load_bundled
+from .._core._machine import PAGE_SIZE
 from ._elf import ElfImage, ImageError
-from ._tables import AltInstr, KernelTables, read_tables
+from ._tables import AltInstr, KernelTables
 
-__all__ = ["boot_kernel_image", "kernel_regions", "AltProbe", "alt_probes",
+__all__ = ["kernel_regions", "AltProbe", "alt_probes",
            "KERNEL_IMAGE", "KERNEL_MODULE_BASE", "KERNEL_MODULE_SIZE"]
 
 KERNEL_IMAGE = "kernel.elf"
@@ -67,22 +65,6 @@ def kernel_regions(image: ElfImage) -> list[tuple[int, bytes, str, str]]:
     if not regions or ".text" not in regions[0][3].split("+"):
         raise ImageError(f"{image.path}: no .text section")
     return regions
-
-
-def boot_kernel_image(ncpus: int = 1, image: ElfImage | None = None, *, seed: int = 0,
-                      line_size: int = 64, module_size: int = KERNEL_MODULE_SIZE,
-                      **machine_kw) -> tuple[SimMachine, ElfImage, KernelTables]:
-    """A sim machine holding the kernel image, unpatched, with its tables.
-
-    *image* defaults to the bundled ``kernel.elf``.  Extra keyword
-    arguments go to :class:`SimMachine` (``policy``, ...)."""
-    image = image or load_bundled(KERNEL_IMAGE)
-    tables = read_tables(image)
-    regions = kernel_regions(image)
-    if module_size:
-        regions.append((KERNEL_MODULE_BASE, module_size, "module", "execmem"))
-    sim = SimMachine(regions, ncpus=ncpus, seed=seed, line_size=line_size, **machine_kw)
-    return sim, image, tables
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,7 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
 
 from .._errors import BadInstructionError
-from .._insn import insn_decode_kernel
+from .._core._insn import insn_decode_kernel
 from ._elf import ImageError
 
 __all__ = ["ObjtoolSites", "StaticCallSiteRef", "objtool_scan", "sites_asm",

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .._insn import MAX_PATCH_LEN
+from .._core._insn import MAX_PATCH_LEN
 from ._elf import ElfImage, ElfSection, ImageError, load_elf
 
 __all__ = [

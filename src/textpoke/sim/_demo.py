@@ -8,7 +8,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .._alternative import DEFAULT_FEATURES, alternative_instructions
 from .._core import TextPoke
+from ..images import load_bundled
+from ..images._kernel import KERNEL_IMAGE
+from ..images._tables import read_tables
 from ._machine import COARSE, SchedPolicy
 from ._workload import VARIANTS, Workload, boot_workload
 
@@ -52,10 +56,6 @@ def boot_kernel_with_workload(*, cpus: int = 4, seed: int = 0, line_size: int = 
     """The bundled kernel image on *cpus* vCPUs, booted: self-tests,
     retpolines, returns, alternatives and SMP locks applied for *features*
     (default: those of ``textpoke boot``) before any CPU runs."""
-    from .._alternative import DEFAULT_FEATURES, alternative_instructions
-    from ..images import load_bundled
-    from ..images._kernel import KERNEL_IMAGE
-    from ..images._tables import read_tables
     image = load_bundled(KERNEL_IMAGE)
     w = boot_workload(ncpus=cpus, seed=seed, line_size=line_size, policy=policy, image=image)
     core = TextPoke(w.sim)

@@ -24,10 +24,10 @@ from unicorn import (UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, UC_PROT_EXEC, UC_PRO
                      UC_PROT_WRITE, Uc, UcError)
 from unicorn import x86_const as X
 
-from .._emulate import PtRegs
+from .._core._emulate import PtRegs
 from .._errors import BadAddressError, MachineError
-from .._insn import insn_decode_kernel
-from .._machine import PAGE_SIZE, Machine, Task, TextRange, WaitUntil, drive
+from .._core._insn import insn_decode_kernel
+from .._core._machine import PAGE_SIZE, Machine, Task, TextRange, WaitUntil, drive
 
 __all__ = ["SimMachine", "SchedPolicy", "Oops", "VCpu", "FINE", "COARSE", "FREE"]
 

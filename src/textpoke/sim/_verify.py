@@ -25,9 +25,9 @@ from typing import Callable, Iterator
 
 from .._core import MUTATIONS, TextPoke
 from .._errors import TextPokeError
-from .._machine import Task
+from .._core._machine import Task
 from ._machine import FINE, SchedPolicy
-from ._workload import Site, Workload, boot_workload
+from ._workload import VARIANTS, Site, Workload, boot_workload
 
 __all__ = ["Scenario", "SCENARIOS", "STRATEGIES", "Violation", "ScheduleResult",
            "VerifyReport", "check_arguments", "run_schedule", "verify"]
@@ -215,7 +215,6 @@ def run_schedule(scenario: str, seed: int, *, strategy: str = "int3", mutation: 
 
 
 def _fmt(counts: list[int]) -> str:
-    from ._workload import VARIANTS
     return ", ".join(f"{VARIANTS[i]}={n}" for i, n in enumerate(counts) if n) or "nothing"
 
 

@@ -8,9 +8,10 @@ import functools
 import struct
 from dataclasses import dataclass
 
-from .._insn import (CALL_INSN_OPCODE, INT3_INSN_OPCODE, JMP8_INSN_OPCODE, JMP32_INSN_OPCODE,
+from .._core._insn import (CALL_INSN_OPCODE, INT3_INSN_OPCODE, JMP8_INSN_OPCODE, JMP32_INSN_OPCODE,
                      text_gen_insn)
 from ..images import ElfImage, ImageError, load_bundled
+from ..images._kernel import kernel_regions
 from ._machine import COARSE, SchedPolicy, SimMachine
 
 __all__ = ["Site", "Workload", "boot_workload", "PERCPU_BASE", "PERCPU_STRIDE", "VARIANTS",
@@ -118,7 +119,6 @@ def boot_workload(*, ncpus: int = 4, seed: int = 0, line_size: int = 64,
     """Create a sim machine holding an image with the workload linked in
     (default: the bare ``workload.elf``; the kernel image carries it too).
     CPUs are not started."""
-    from ..images._kernel import kernel_regions
     image = image or load_bundled("workload.elf")
     regions = kernel_regions(image)
     regions.append((MODULE_BASE, module_size, "module", "execmem"))

@@ -59,7 +59,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .sim._demo import run_demo
+    from ..sim._demo import run_demo
     if args.cpus < 1 or args.toggles < 0:
         raise SystemExit("textpoke demo: --cpus must be >= 1 and --toggles >= 0")
     with _progress(not args.json and sys.stderr.isatty(), "toggling sites") as update:
@@ -135,8 +135,8 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from ._core import MUTATIONS
-    from .sim._verify import SCENARIOS, check_arguments, run_schedule, verify
+    from .._core import MUTATIONS
+    from ..sim._verify import SCENARIOS, check_arguments, run_schedule, verify
     if args.list:
         if args.json:
             _emit_json({"scenarios": {k: v.description for k, v in SCENARIOS.items()},
@@ -225,7 +225,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _load_plugins() -> None:
     import importlib
-    for mod in ("textpoke._cli_boot",):
+    for mod in ("textpoke.cli.boot",):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -236,7 +236,7 @@ def _load_plugins() -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = _build_parser()
     args = ap.parse_args(argv)
-    from ._errors import TextPokeError
+    from .._errors import TextPokeError
     try:
         return args.run(args)
     except TextPokeError as e:

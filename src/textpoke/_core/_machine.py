@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Generator, Iterable
 
 from ._emulate import DataMemory, PtRegs
-from ._errors import BadAddressError, MachineError
+from .._errors import BadAddressError, MachineError
 
 __all__ = ["WaitUntil", "Task", "TrapHandler", "TextRange", "Machine", "PAGE_SIZE"]
 

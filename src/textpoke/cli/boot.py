@@ -16,8 +16,8 @@ import difflib
 import sys
 from typing import Any
 
-from . import cli as _cli
-from ._alternative import DEFAULT_FEATURES
+from .. import cli as _cli
+from .._alternative import DEFAULT_FEATURES
 
 __all__ = ["disassemble", "run_boot"]
 
@@ -50,7 +50,7 @@ def _fail(msg: str) -> int:
 
 
 def _parse_features(text: str) -> list[str] | None:
-    from .images._tables import feature_number
+    from ..images._tables import feature_number
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if parts in ([], ["none"]):
         return []
@@ -62,7 +62,7 @@ def _parse_features(text: str) -> list[str] | None:
 def disassemble(data: bytes, addr: int) -> list[dict[str, Any]]:
     """Decode *data* (at *addr*) instruction by instruction; a byte that
     starts no valid instruction is shown as ``(bad)`` and skipped."""
-    from . import BadInstructionError, insn_decode_kernel
+    from .. import BadInstructionError, insn_decode_kernel
     out = []
     off = 0
     while off < len(data):
@@ -97,7 +97,7 @@ def _show_bytes(b: bytes) -> str:
 
 
 def run_boot(args: argparse.Namespace) -> int:
-    from .images._tables import X86_FEATURES
+    from ..images._tables import X86_FEATURES
     if args.cpu_features.strip().lower() == "list":
         if args.json:
             _cli._emit_json({"features": {k: f"{v // 32}*32+{v % 32}" for k, v in X86_FEATURES.items()}})
@@ -112,10 +112,11 @@ def run_boot(args: argparse.Namespace) -> int:
         return _fail(str(e))
     if args.cpus < 1:
         return _fail("--cpus must be at least 1")
-    from ._alternative import DA_ALL, alternative_instructions, parse_debug_alternative
-    from ._core import TextPoke
-    from .images import load_bundled
-    from .images._kernel import KERNEL_IMAGE, boot_kernel_image
+    from .._alternative import DA_ALL, alternative_instructions, parse_debug_alternative
+    from .._core import TextPoke
+    from ..images import load_bundled
+    from ..images._kernel import KERNEL_IMAGE
+    from ..sim._boot import boot_kernel_image
 
     image = load_bundled(KERNEL_IMAGE)
     for name in args.disasm or ():
@@ -246,7 +247,7 @@ _ENTRY = (_add_arguments, run_boot,
 
 
 def _register() -> None:
-    from . import cli
+    from .. import cli
     cli.SUBCOMMANDS["boot"] = _ENTRY
 
 

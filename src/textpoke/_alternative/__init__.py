@@ -57,11 +57,12 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from ._alternative_reloc import optimize_nops, text_poke_apply_relocation
-from ._core import TextPoke
-from ._emulate import PtRegs, int3_emulate_call
-from ._errors import BadAddressError, BadInstructionError, MachineError, TextPokeError
-from ._insn import (CALL_INSN_OPCODE, INT3_INSN_OPCODE, INT3_INSN_SIZE, JMP32_INSN_OPCODE,
+from ._reloc import optimize_nops, text_poke_apply_relocation
+from .._core import TextPoke
+from .._core._emulate import PtRegs, int3_emulate_call
+from ..images._tables import X86_FEATURES, feature_name, feature_set   # tables own the numbering
+from .._errors import BadAddressError, BadInstructionError, MachineError, TextPokeError
+from .._core._insn import (CALL_INSN_OPCODE, INT3_INSN_OPCODE, INT3_INSN_SIZE, JMP32_INSN_OPCODE,
                     MAX_PATCH_LEN, RET_INSN_OPCODE, Insn,
                     insn_decode_kernel, is_jcc32, text_gen_insn)
 
@@ -379,13 +380,11 @@ def _symbols_of(image: Any) -> _Symbols:
 
 
 def _features(features: Iterable[str | int]) -> tuple[frozenset[int], tuple[str, ...]]:
-    from .images._tables import feature_name, feature_set   # tables own the numbering
     nums = feature_set(features)
     return nums, tuple(sorted(feature_name(n) for n in nums))
 
 
 def _has(nums: frozenset[int], name: str) -> bool:
-    from .images._tables import X86_FEATURES
     return X86_FEATURES[name] in nums
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import iced_x86
 
-from ._errors import BadInstructionError
+from .._errors import BadInstructionError
 
 __all__ = [
     "INT3_INSN_OPCODE", "INT3_INSN_SIZE", "CALL_INSN_OPCODE", "CALL_INSN_SIZE",

@@ -16,7 +16,7 @@ from typing import Iterator
 
 from ._emulate import (PtRegs, int3_emulate_call, int3_emulate_jcc, int3_emulate_jmp,
                        int3_emulate_ret)
-from ._errors import (BadAddressError, BadInstructionError, MachineError, OverlapError,
+from .._errors import (BadAddressError, BadInstructionError, MachineError, OverlapError,
                       TextMutexError, VerifyMismatchError)
 from ._events import TextPokeEventLog
 from ._insn import (CALL_INSN_OPCODE, INT3_INSN_OPCODE, INT3_INSN_SIZE, JMP8_INSN_OPCODE,

@@ -20,8 +20,8 @@ is where they were assembled, ``buf`` is the scratch copy being fixed.
 
 from __future__ import annotations
 
-from ._errors import BadInstructionError
-from ._insn import (ASM_NOP_MAX, INT3_INSN_OPCODE, JMP8_INSN_OPCODE,
+from .._errors import BadInstructionError
+from .._core._insn import (ASM_NOP_MAX, INT3_INSN_OPCODE, JMP8_INSN_OPCODE,
                     JMP8_INSN_SIZE, JMP32_INSN_OPCODE, JMP32_INSN_SIZE, Insn, _sext,
                     insn_decode_kernel, is_nop, x86_nops)
 
