@@ -10,6 +10,8 @@ __all__ = [
     "TextMutexError",
     "VerifyMismatchError",
     "MachineError",
+    "MachineClosedError",
+    "NotSupportedError",
 ]
 
 
@@ -41,3 +43,12 @@ class VerifyMismatchError(TextPokeError, RuntimeError):
 class MachineError(TextPokeError, RuntimeError):
     """The machine could not do what the core asked (a CPU is gone, a
     task never finished, ...)."""
+
+
+class MachineClosedError(MachineError):
+    """The machine (or the TextPoke on it) was closed."""
+
+
+class NotSupportedError(MachineError):
+    """The machine does not offer an optional capability (see
+    :class:`textpoke.Capability`)."""

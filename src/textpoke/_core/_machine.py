@@ -9,18 +9,29 @@ code, while a synchronous machine simply runs them to the end.
 
 A task yields either ``None`` (a step happened; others may run now) or a
 :class:`WaitUntil` (do not resume me before the predicate holds).
+
+
+A machine has a lifetime (``with SimMachine(...) as m:``; :meth:`Machine.close`
+releases what it holds and is idempotent), an INT3 trap chain ordered by
+explicit priorities, a set of CPUs that may change while it runs (threads
+of a live process come and go; CPUs are hot-plugged on sim), and optional
+*capabilities* declared once in :attr:`Machine.capabilities`.
 """
 
 from __future__ import annotations
 
 import abc
+import enum
+import itertools
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Iterable
 
 from ._emulate import DataMemory, PtRegs
-from .._errors import BadAddressError, MachineError
+from .._errors import BadAddressError, MachineClosedError, MachineError, NotSupportedError
 
-__all__ = ["WaitUntil", "Task", "TrapHandler", "TextRange", "Machine", "PAGE_SIZE"]
+__all__ = ["WaitUntil", "Task", "TrapHandler", "TrapPriority", "TrapHandle", "TextRange",
+           "Capability", "Machine", "PAGE_SIZE", "drive"]
 
 PAGE_SIZE = 4096
 
@@ -50,19 +61,84 @@ class TextRange:
         return self.start <= addr < self.end
 
 
+class TrapPriority(enum.IntEnum):
+    """Order of the INT3 chain, as in the kernel's ``do_int3``: the
+    text-poke handler first, then kprobes, then the die notifiers."""
+
+    TEXT_POKE = 0
+    KPROBES = 100
+    NOTIFIER = 200
+
+
+@dataclass(eq=False, slots=True)
+class TrapHandle:
+    """A registration on a machine's trap chain; ``unregister()`` (or
+    leaving its ``with`` block) takes the handler off again.  Idempotent."""
+
+    machine: "Machine"
+    handler: TrapHandler
+    priority: int
+    name: str
+    seq: int
+    active: bool = True
+
+    def unregister(self) -> None:
+        if self.active:
+            self.active = False
+            self.machine._remove_trap_handle(self)
+
+    def __enter__(self) -> "TrapHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unregister()
+
+
+class Capability(enum.Enum):
+    """What a backend may offer beyond the protocol, declared once in
+    :attr:`Machine.capabilities` instead of being probed for."""
+
+    #: ``machine.call(addr, *args, cpu=0) -> int``: run a guest function to
+    #: completion (boot-time self-tests).
+    CALL = "call"
+    #: ``machine.scratch(size) -> int``: the address of *size* bytes of data
+    #: the caller may scribble on (self-tests).
+    SCRATCH = "scratch"
+    #: non-core executable ranges in :attr:`Machine.text_ranges` that the
+    #: caller may fill with code (execmem: trampolines, JIT, detours).
+    EXECMEM = "execmem"
+    #: ``machine.add_cpu()`` / ``machine.remove_cpu(cpu)`` (hotplug).
+    HOTPLUG = "hotplug"
+
+
+#: A CPU-set listener gets ``("add" | "remove", cpu)``.
+CpuListener = Callable[[str, int], None]
+
+
 class Machine(abc.ABC):
-    """Base class of the machines textpoke can patch."""
+    """Base class of the machines textpoke can patch.
+
+    Backends implement the abstract members; the trap chain, the CPU-set
+    listeners, the lifetime and the capability checks live here."""
 
     name: str = "machine"
+    #: The optional capabilities this backend offers (see :class:`Capability`).
+    capabilities: frozenset[Capability] = frozenset()
 
     def __init__(self) -> None:
-        self._trap_handlers: list[TrapHandler] = []
+        self._trap_handles: list[TrapHandle] = []
+        self._trap_chain: tuple[TrapHandler, ...] = ()
+        self._trap_seq = itertools.count()
+        self._cpu_listeners: list[CpuListener] = []
+        self._closed = False
+        self.owner: Any = None        # the TextPoke attached to this machine, if any
 
     # --- what the core asks -------------------------------------------------
     @property
     @abc.abstractmethod
     def cpus(self) -> list[int]:
-        """Ids of the CPUs whose references and syncs the core manages."""
+        """Ids of the CPUs present now, whose references and syncs the core
+        manages.  The set may change: see :meth:`subscribe_cpus`."""
 
     @property
     @abc.abstractmethod
@@ -90,17 +166,75 @@ class Machine(abc.ABC):
 
     @abc.abstractmethod
     def sync_each_cpu(self) -> Task:
-        """Serialise every CPU (IPI + sync_core); returns when all have."""
+        """Serialise every CPU (IPI + sync_core); returns when all have.  A
+        CPU that vanishes meanwhile counts as synced; one that appears is
+        serialised by coming up."""
 
     @abc.abstractmethod
     def run_task(self, task: Task) -> Any:
         """Drive *task* to completion (servicing CPUs meanwhile) and return
-        its value."""
+        its value.  Whatever escapes (an error of the task, or a
+        KeyboardInterrupt while CPUs were serviced), the machine lets go of
+        *task* before it propagates: the task is never resumed by the
+        machine again, and the caller may close it or drive another."""
 
     def now(self) -> float:
         """Timestamp for events (machine-defined units)."""
-        import time
         return time.monotonic()
+
+    # --- optional capabilities ----------------------------------------------
+    def has(self, cap: Capability) -> bool:
+        return cap in self.capabilities
+
+    def require(self, cap: Capability, what: str = "") -> None:
+        """NotSupportedError unless this backend offers *cap*."""
+        if cap not in self.capabilities:
+            raise NotSupportedError(
+                f"the {self.name} machine cannot {_CAP_VERB[cap]}" + (f" ({what})" if what else ""))
+
+    def call(self, addr: int, *args: int, cpu: int = 0) -> int:
+        """Run the guest function at *addr*; return %rax (``Capability.CALL``)."""
+        self.require(Capability.CALL)
+        raise NotImplementedError
+
+    def scratch(self, size: int = 8) -> int:
+        """Address of *size* bytes of data to scribble on (``Capability.SCRATCH``)."""
+        self.require(Capability.SCRATCH)
+        raise NotImplementedError
+
+    # --- lifetime -----------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Release what the machine holds.  The attached TextPoke is closed
+        first, so that nothing pending outlives the machine.  Idempotent."""
+        if self._closed:
+            return
+        owner = self.owner
+        try:
+            if owner is not None:
+                owner.close()
+        finally:
+            self._closed = True
+            self._trap_handles.clear()
+            self._trap_chain = ()
+            self._cpu_listeners.clear()
+            self._release()
+
+    def _release(self) -> None:
+        """Backend hook: free engines, files, mappings."""
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MachineClosedError(f"the {self.name} machine is closed")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # --- helpers shared by every machine -------------------------------------
     @property
@@ -125,19 +259,64 @@ class Machine(abc.ABC):
             return False
         return True
 
-    def register_trap_handler(self, handler: TrapHandler, *, first: bool = False) -> None:
-        """Add a handler to the INT3 chain (the die-notifier chain)."""
-        if first:
-            self._trap_handlers.insert(0, handler)
-        else:
-            self._trap_handlers.append(handler)
+    # --- the INT3 trap chain ------------------------------------------------
+    def register_trap_handler(self, handler: TrapHandler, *,
+                              priority: int = TrapPriority.NOTIFIER,
+                              name: str | None = None) -> TrapHandle:
+        """Add *handler* to the INT3 chain.  Lower priorities run first;
+        equal priorities in registration order.  Returns a handle whose
+        ``unregister()`` takes it off again."""
+        self._check_open()
+        h = TrapHandle(self, handler, int(priority),
+                       name or getattr(handler, "__qualname__", repr(handler)), next(self._trap_seq))
+        self._trap_handles.append(h)
+        self._rebuild_chain()
+        return h
 
-    def unregister_trap_handler(self, handler: TrapHandler) -> None:
-        self._trap_handlers.remove(handler)
+    def unregister_trap_handler(self, handler: "TrapHandler | TrapHandle") -> None:
+        """Take a handler (or a handle) off the chain; ValueError if absent."""
+        for h in self._trap_handles:
+            if h is handler or h.handler is handler:
+                h.unregister()
+                return
+        raise ValueError(f"{handler!r} is not on the {self.name} machine's trap chain")
+
+    def _remove_trap_handle(self, h: TrapHandle) -> None:
+        if h in self._trap_handles:
+            self._trap_handles.remove(h)
+            self._rebuild_chain()
+
+    def _rebuild_chain(self) -> None:
+        self._trap_chain = tuple(h.handler for h in
+                                 sorted(self._trap_handles, key=lambda h: (h.priority, h.seq)))
 
     @property
-    def trap_handlers(self) -> Iterable[TrapHandler]:
-        return tuple(self._trap_handlers)
+    def trap_handlers(self) -> tuple[TrapHandler, ...]:
+        """The chain, in the order the handlers are tried."""
+        return self._trap_chain
+
+    # --- the set of CPUs ----------------------------------------------------
+    def subscribe_cpus(self, fn: CpuListener) -> None:
+        """Call ``fn("add", cpu)`` / ``fn("remove", cpu)`` as CPUs come and go."""
+        self._cpu_listeners.append(fn)
+
+    def unsubscribe_cpus(self, fn: CpuListener) -> None:
+        if fn in self._cpu_listeners:
+            self._cpu_listeners.remove(fn)
+
+    def _cpus_changed(self, event: str, cpu: int) -> None:
+        """Backends call this when a CPU appears (before it runs anything)
+        or has vanished (after it stopped running anything)."""
+        for fn in tuple(self._cpu_listeners):
+            fn(event, cpu)
+
+
+_CAP_VERB = {
+    Capability.CALL: "run guest functions",
+    Capability.SCRATCH: "lend scratch data memory",
+    Capability.EXECMEM: "provide executable memory",
+    Capability.HOTPLUG: "add or remove CPUs",
+}
 
 
 def drive(task: Task, service: Callable[[], None] | None = None, *, max_spins: int = 10_000_000) -> Any:

@@ -22,7 +22,7 @@ from ._events import TextPokeEventLog
 from ._insn import (CALL_INSN_OPCODE, INT3_INSN_OPCODE, INT3_INSN_SIZE, JMP8_INSN_OPCODE,
                     JMP32_INSN_OPCODE, RET_INSN_OPCODE, TEXT_POKE_MAX_OPCODE_SIZE,
                     insn_decode_kernel, is_jcc32, x86_nops)
-from ._machine import PAGE_SIZE, Machine, Task, WaitUntil
+from ._machine import PAGE_SIZE, Machine, Task, TrapPriority, WaitUntil
 
 __all__ = [
     "TEXT_POKE_ARRAY_MAX", "MUTATIONS", "TextMutex", "SmpTextPokeLoc", "TextPokeArray",
@@ -142,7 +142,34 @@ class TextPoke:
         self.events = TextPokeEventLog()
         self.stats = TextPokeStats()
         self._stext = machine.stext
-        machine.register_trap_handler(self.smp_text_poke_int3_handler, first=True)
+        if machine.owner is not None:
+            raise MachineError(f"the {machine.name} machine already has a TextPoke; "
+                               "close it first (one text-patching state per machine)")
+        machine._check_open()
+        machine.owner = self
+        self._trap = machine.register_trap_handler(self.smp_text_poke_int3_handler,
+                                                   priority=TrapPriority.TEXT_POKE,
+                                                   name="smp_text_poke_int3_handler")
+
+    # ---------------------------------------------------------------- lifetime
+    def close(self) -> None:
+        """Finish or roll back whatever is pending, unregister the INT3
+        handler and let go of the machine.  Idempotent."""
+        if getattr(self, "_closed", False):
+            return
+        try:
+            self.text_poke_array.vec.clear()
+        finally:
+            self._closed = True
+            self._trap.unregister()
+            if self.machine.owner is self:
+                self.machine.owner = None
+
+    def __enter__(self) -> "TextPoke":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ helpers
     def text_poke_addr(self, tpl: SmpTextPokeLoc) -> int:

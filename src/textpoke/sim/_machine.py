@@ -27,7 +27,7 @@ from unicorn import x86_const as X
 from .._core._emulate import PtRegs
 from .._errors import BadAddressError, MachineError
 from .._core._insn import insn_decode_kernel
-from .._core._machine import PAGE_SIZE, Machine, Task, TextRange, WaitUntil, drive
+from .._core._machine import PAGE_SIZE, Capability, Machine, Task, TextRange, WaitUntil, drive
 
 __all__ = ["SimMachine", "SchedPolicy", "Oops", "VCpu", "FINE", "COARSE", "FREE"]
 
@@ -181,6 +181,7 @@ class SimMachine(Machine):
     """
 
     name = "sim"
+    capabilities = frozenset({Capability.CALL, Capability.SCRATCH, Capability.EXECMEM})
 
     def __init__(self, regions: list[tuple[int, bytes | int, str, str]], *, ncpus: int = 4,
                  seed: int = 0, line_size: int = 64, policy: SchedPolicy = COARSE,
@@ -594,6 +595,13 @@ class SimMachine(Machine):
             for name, val in saved.items():
                 c.set_reg(name, val)
             c.set_reg("rax", rax)
+
+    def scratch(self, size: int = 8) -> int:
+        """Bytes at the bottom of cpu0's stack, far below anything a short
+        call() uses: the boot self-tests scribble there."""
+        if not 1 <= size <= self.stack_size // 2:
+            raise ValueError(f"scratch size {size} not in 1..{self.stack_size // 2}")
+        return self.stack_base + 64
 
     def disasm_at(self, addr: int) -> str:
         return insn_decode_kernel(self.text_read(addr, 15), addr).text
