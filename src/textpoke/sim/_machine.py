@@ -314,9 +314,16 @@ class SimMachine(Machine):
         t = self.spawn(task, "run_task")
         if isinstance(item, WaitUntil) and not item.predicate():
             t.wait = item
-        while not t.done:
-            if not self.step():
-                raise MachineError("run_task: the task vanished without finishing")
+        try:
+            while not t.done:
+                if not self.step():
+                    raise MachineError("run_task: the task vanished without finishing")
+        except BaseException:
+            # Let go of the task (protocol: never resumed by us again); the
+            # caller decides whether to recover or close it.
+            if t in self._tasks:
+                self._tasks.remove(t)
+            raise
         if t.exc is not None:
             raise t.exc
         return t.result
