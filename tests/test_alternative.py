@@ -334,13 +334,13 @@ def test_smp_unlock_lock_round_trip():
     assert all(b.sim.text_read(a, 1) == b"\x3e" for a in locks)
     assert b.call("smp_locks_exercise") == 0x1234
     with b.core.text_mutex:
-        assert alternatives_text_reserved(b.core, locks[0], locks[0] + 1)
-        assert not alternatives_text_reserved(b.core, b.text.addr, b.text.addr + 1)
-    back = alternatives_enable_smp(b.core, image=b.image)
+        assert alternatives_text_reserved(b.r.smp, locks[0], locks[0] + 1)
+        assert not alternatives_text_reserved(b.r.smp, b.text.addr, b.text.addr + 1)
+    back = alternatives_enable_smp(b.r.smp, image=b.image)
     assert [s.action for s in back] == ["patched"] * len(locks)
     assert all(b.sim.text_read(a, 1) == b"\xf0" for a in locks)
     assert b.call("smp_locks_exercise") == 0x1234
-    assert alternatives_enable_smp(b.core) == ()                 # already SMP
+    assert alternatives_enable_smp(b.r.smp) == ()                # already SMP
     pokes = [e for e in b.core.events if e.phase == "poke"]
     assert [(e.old, e.new) for e in pokes] == [(b"\xf0", b"\x3e")] * len(locks) + \
         [(b"\x3e", b"\xf0")] * len(locks)
@@ -355,7 +355,7 @@ def test_smp_locks_on_smp_and_up_machines():
     b = _boot(MODERN, ncpus=1)                     # one possible CPU: never relocked
     assert all(b.sim.text_read(lk.addr, 1) == b"\x3e" for lk in b.tables.smp_locks)
     with pytest.raises(MachineError, match="single possible CPU"):
-        alternatives_enable_smp(b.core)
+        alternatives_enable_smp(b.r.smp)
     with pytest.raises(TextMutexError):
         alternatives_smp_unlock(b.core, b.tables.smp_locks, b.r.alternatives and (0, 1 << 40))
     with pytest.raises(ValueError):

@@ -1,0 +1,189 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""What every boot pass works with: a shadow copy of text on which sites
+are rewritten before anything reaches the machine, symbol names for
+records, the CPU feature set, and the ``debug-alternative`` log."""
+
+from __future__ import annotations
+
+import bisect
+from typing import Callable, Iterable, Mapping, Protocol, Sequence, TypeVar
+
+from .._core import TextPoke
+from .._core._insn import Insn, insn_decode_kernel
+from .._errors import BadAddressError, BadInstructionError
+from ..images._tables import X86_FEATURES, feature_name, feature_set   # tables own the numbering
+from ._records import DebugRecord, hexbytes
+
+__all__ = ["SymbolSource", "Symbols", "symbols_of", "features_of", "has_feature", "Shadow",
+           "DebugLog", "decode_at", "run_pass"]
+
+
+class SymbolSource(Protocol):
+    """What names addresses: an :class:`~textpoke.images.ElfImage`, or
+    anything with the same two tables."""
+
+    symbols: Mapping[str, int]
+    sizes: Mapping[str, int]
+
+
+class Symbols:
+    """Address -> "function+0xoff" for records and debug lines."""
+
+    def __init__(self, symbols: Mapping[str, int], sizes: Mapping[str, int]) -> None:
+        self.by_name = dict(symbols)
+        best: dict[int, tuple[str, int]] = {}
+        for name, addr in self.by_name.items():
+            size = sizes.get(name, 0)
+            if name.startswith((".", "__start", "__stop")):
+                continue
+            cur = best.get(addr)
+            # prefer sized (function) symbols, then the shorter name
+            if cur is None or (size, -len(name)) > (cur[1], -len(cur[0])):
+                best[addr] = (name, size)
+        self._starts = sorted(best)
+        self._info = [best[a] for a in self._starts]
+
+    def get(self, name: str) -> int | None:
+        return self.by_name.get(name)
+
+    def __call__(self, addr: int) -> str:
+        i = bisect.bisect_right(self._starts, addr) - 1
+        label = None
+        # A sized (function) symbol that contains addr wins over a bare
+        # label that merely precedes it.
+        for j in range(i, max(-1, i - 64), -1):
+            name, size = self._info[j]
+            start = self._starts[j]
+            if size and addr < start + size:
+                label = (name, start)
+                break
+            if not size and label is None and addr - start < 4096:
+                label = (name, start)
+        if label is None:
+            return f"{addr:#x}"
+        name, start = label
+        off = addr - start
+        return f"{name}+{off:#x}" if off else name
+
+
+def symbols_of(image: SymbolSource | Mapping[str, int] | None) -> Symbols:
+    """Symbols from an image, from a bare ``{name: addr}`` mapping, or none."""
+    if image is None:
+        return Symbols({}, {})
+    if isinstance(image, Mapping):
+        return Symbols(image, {})
+    return Symbols(image.symbols, image.sizes)
+
+
+def features_of(features: Iterable[str | int]) -> tuple[frozenset[int], tuple[str, ...]]:
+    """Feature numbers (``always`` included) and their sorted names."""
+    nums = feature_set(features)
+    return nums, tuple(sorted(feature_name(n) for n in nums))
+
+
+def has_feature(nums: frozenset[int], name: str) -> bool:
+    return X86_FEATURES[name] in nums
+
+
+class Shadow:
+    """A copy-on-first-touch image of text on which a boot pass works.
+
+    Reads see earlier writes of the same pass (a nested alternative reads
+    what the previous entry left); nothing reaches the machine until
+    :meth:`commit`, so a refused site leaves the text exactly as it was.
+    """
+
+    def __init__(self, core: TextPoke) -> None:
+        self.core = core
+        self.machine = core.machine
+        self._ranges: list[tuple[int, int, bytearray | None]] = [
+            (r.start, r.end, None) for r in self.machine.text_ranges]
+        self.writes: list[tuple[int, bytes, bytes]] = []
+
+    def _buf(self, addr: int, size: int) -> tuple[bytearray, int]:
+        for i, (start, end, buf) in enumerate(self._ranges):
+            if start <= addr and addr + size <= end:
+                if buf is None:
+                    buf = bytearray(self.machine.text_read(start, end - start))
+                    self._ranges[i] = (start, end, buf)
+                return buf, addr - start
+        raise BadAddressError(f"[{addr:#x}, +{size}) is not inside mapped text")
+
+    def read(self, addr: int, size: int) -> bytes:
+        buf, off = self._buf(addr, size)
+        return bytes(buf[off:off + size])
+
+    def write(self, addr: int, data: bytes) -> bool:
+        """Stage a write; False (and nothing staged) when it changes nothing."""
+        buf, off = self._buf(addr, len(data))
+        old = bytes(buf[off:off + len(data)])
+        if old == data:
+            return False
+        buf[off:off + len(data)] = data
+        self.writes.append((addr, old, bytes(data)))
+        return True
+
+    def commit(self) -> int:
+        """Write every staged change with text_poke_early, in order; undo the
+        ones already written if any write fails."""
+        done: list[tuple[int, bytes, bytes]] = []
+        try:
+            for addr, old, new in self.writes:
+                self.core.text_poke_early(addr, new)
+                done.append((addr, old, new))
+        except BaseException:
+            for addr, old, _new in reversed(done):
+                self.machine.text_write_early(addr, old)
+            raise
+        n = len(self.writes)
+        self.writes = []
+        return n
+
+
+class DebugLog:
+    """The ``debug-alternative`` lines whose DA_* bit is in *mask*."""
+
+    def __init__(self, mask: int = 0) -> None:
+        self.mask = mask
+        self.records: list[DebugRecord] = []
+
+    def __call__(self, kind: int, message: str, addr: int | None = None) -> None:
+        if self.mask & kind:
+            self.records.append(DebugRecord(kind, message, addr))
+
+    def dump(self, kind: int, addr: int, label: str, data: bytes) -> None:
+        if self.mask & kind and data:
+            self.records.append(DebugRecord(kind, f"{addr:#x}: {label}: {hexbytes(data)}", addr))
+
+
+def decode_at(shadow: Shadow, addr: int) -> Insn | None:
+    """The instruction at *addr* as the shadow holds it, None when it does
+    not decode."""
+    for n in (15, 8, 6, 5, 2, 1):      # near the end of text fewer bytes remain
+        try:
+            data = shadow.read(addr, n)
+        except BadAddressError:
+            continue
+        try:
+            return insn_decode_kernel(data, addr)
+        except BadInstructionError:
+            return None
+    return None
+
+
+_Item = TypeVar("_Item")
+_Record = TypeVar("_Record")
+#: A boot pass: rewrite the sites of one table on a shadow of text.
+BootPass = Callable[[Shadow, Sequence[_Item], frozenset[int], Symbols, DebugLog], list[_Record]]
+
+
+def run_pass(core: TextPoke, boot_pass: BootPass, items: Iterable[_Item],
+             features: Iterable[str | int], image: SymbolSource | Mapping[str, int] | None,
+             debug_mask: int = 0) -> tuple[_Record, ...]:
+    """Run one boot pass on its own shadow and commit it: what the public
+    ``apply_*`` functions do outside ``alternative_instructions``."""
+    feats, _names = features_of(features)
+    shadow = Shadow(core)
+    out = boot_pass(shadow, list(items), feats, symbols_of(image), DebugLog(debug_mask))
+    shadow.commit()
+    return tuple(out)
