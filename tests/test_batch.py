@@ -70,9 +70,16 @@ def test_overlapping_sites_in_one_batch_are_refused(workload, core):
 
 def test_same_address_twice_is_an_overlap(workload, core):
     s = workload.by_name["nop2_jmp8"]
-    with core.text_mutex, pytest.raises(OverlapError):
-        core.smp_text_poke_batch_add(s.addr, s.new)
-        core.smp_text_poke_batch_add(s.addr, s.old)
+    before = _snapshot(workload)
+    # The first entry stays queued after the overlap is refused; releasing
+    # text_mutex with it pending drops it (and says so): never applied later.
+    with pytest.raises(TextMutexError, match="1 batch entry"):
+        with core.text_mutex:
+            core.smp_text_poke_batch_add(s.addr, s.new)
+            with pytest.raises(OverlapError):
+                core.smp_text_poke_batch_add(s.addr, s.old)
+    assert _snapshot(workload) == before
+    assert not core.text_poke_array.vec and core.stats.dropped == 1
 
 
 def test_text_poke_refuses_unmapped_and_three_page_writes(workload, core):

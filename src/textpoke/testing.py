@@ -77,6 +77,7 @@ class MemoryMachine(Machine):
         self.syncs = 0
         self.fail_on_write = fail_on_write
         self.corrupt_on_write = corrupt_on_write
+        self._faults = fail_on_write is not None or corrupt_on_write is not None
         #: called with (addr, data) after every write through the alias
         self.on_write: Callable[[int, bytes], None] | None = None
 
@@ -93,6 +94,10 @@ class MemoryMachine(Machine):
         return self._mem
 
     def _buf(self, addr: int, size: int) -> tuple[bytearray, int]:
+        start, buf = self._bufs[0]
+        off = addr - start
+        if 0 <= off and off + size <= len(buf):
+            return buf, off
         for start, buf in self._bufs:
             off = addr - start
             if 0 <= off and off + size <= len(buf):
@@ -100,18 +105,21 @@ class MemoryMachine(Machine):
         raise BadAddressError(f"[{addr:#x}, +{size}) is not mapped text")
 
     def text_read(self, addr: int, size: int) -> bytes:
-        buf, off = self._buf(addr, size)
+        start, buf = self._bufs[0]
+        off = addr - start
+        if not (0 <= off and off + size <= len(buf)):
+            buf, off = self._buf(addr, size)
         return bytes(buf[off:off + size])
 
     def text_poke_write(self, addr: int, data: bytes) -> Task:
-        self._check_open()
         n = self.writes
-        self.writes += 1
-        if n == self.fail_on_write:
-            raise MachineError(f"injected failure on write {n} at {addr:#x}")
-        buf, off = self._buf(addr, len(data))
-        if n == self.corrupt_on_write:
+        self.writes = n + 1
+        if self._faults and n in (self.fail_on_write, self.corrupt_on_write):
+            self._check_open()
+            if n == self.fail_on_write:
+                raise MachineError(f"injected failure on write {n} at {addr:#x}")
             data = bytes(b ^ 0xFF for b in data)
+        buf, off = self._buf(addr, len(data))
         buf[off:off + len(data)] = data
         if self.on_write is not None:
             self.on_write(addr, bytes(data))
@@ -129,7 +137,11 @@ class MemoryMachine(Machine):
 
     def run_task(self, task: Task) -> Any:
         self._check_open()
-        return drive(task)
+        try:
+            return drive(task)
+        except BaseException:
+            task.close()       # let go of it: nothing will resume it here
+            raise
 
     # hotplug, for tests of code that must follow the set of CPUs
     def add_cpu(self) -> int:

@@ -2,27 +2,38 @@
 """The poke event log: the role ``perf_event_text_poke`` plays in the kernel.
 
 Every write to text is recorded (address, old bytes, new bytes, phase,
-time), and the batch also records one ``"batch"`` event per site at the
-moment the kernel emits its perf event: after the tail is written, while
-only INT3 is visible, so that a trace decoder can switch from old to new
-code at that timestamp.
+time).  The batch also records one ``"batch"`` event per site at the moment
+the kernel emits its perf event -- after the tail is written, while only
+INT3 is visible -- so that a trace decoder can switch from old to new code
+at that timestamp; and when a batch is rolled back, one ``"rollback"`` event
+per site takes the site back from new to old.  Replaying the log's
+``batch``/``rollback``/single-poke events in order therefore gives the text
+as it is.
+
+The log is a ring of :data:`DEFAULT_CAPACITY` events (a parameter).  When
+it is full the oldest event is overwritten and :attr:`TextPokeEventLog.lost`
+counts it, as perf reports lost records -- nothing disappears silently.
+Listeners see every event, lost or not.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from collections import deque
+from typing import Callable, Iterator, NamedTuple
 
-__all__ = ["TextPokeEvent", "TextPokeEventLog", "PHASES"]
+__all__ = ["TextPokeEvent", "TextPokeEventLog", "PHASES", "DEFAULT_CAPACITY"]
 
 #: int3/tail/first: the three writes of the batch protocol;
 #: batch: the per-site record (old and new whole instruction);
+#: rollback: a site of a failed or cancelled batch put back (new -> old);
 #: poke/kgdb/copy/set/early: the single-threaded APIs.
-PHASES = ("int3", "tail", "first", "batch", "poke", "kgdb", "copy", "set", "early")
+PHASES = ("int3", "tail", "first", "batch", "rollback", "poke", "kgdb", "copy", "set", "early")
+
+#: Events kept by default (the newest); older ones are counted in ``lost``.
+DEFAULT_CAPACITY = 65_536
 
 
-@dataclass(frozen=True, slots=True)
-class TextPokeEvent:
+class TextPokeEvent(NamedTuple):
     addr: int
     old: bytes
     new: bytes
@@ -36,24 +47,35 @@ class TextPokeEvent:
 
 
 class TextPokeEventLog:
-    """An append-only, bounded log with listeners."""
+    """A bounded ring of events with a lost-event counter and listeners."""
 
-    def __init__(self, maxlen: int | None = 100_000) -> None:
-        self._events: list[TextPokeEvent] = []
-        self._maxlen = maxlen
+    def __init__(self, capacity: int | None = DEFAULT_CAPACITY) -> None:
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"event log capacity must be >= 1 or None, not {capacity}")
+        self.capacity = capacity
+        self._events: deque[TextPokeEvent] = deque(maxlen=capacity)
         self._seq = 0
         self._listeners: list[Callable[[TextPokeEvent], None]] = []
-        self.counts: dict[str, int] = {p: 0 for p in PHASES}
+        self.counts: dict[str, int] = dict.fromkeys(PHASES, 0)
+
+    @property
+    def lost(self) -> int:
+        """Events overwritten because the ring was full (or cleared)."""
+        return self._seq - len(self._events)
+
+    @property
+    def total(self) -> int:
+        """Events ever recorded."""
+        return self._seq
 
     def record(self, addr: int, old: bytes, new: bytes, phase: str, time: float) -> None:
-        ev = TextPokeEvent(addr, bytes(old), bytes(new), phase, time, self._seq)
+        ev = TextPokeEvent(addr, old, new, phase, time, self._seq)
         self._seq += 1
-        self.counts[phase] = self.counts.get(phase, 0) + 1
-        if self._maxlen is not None and len(self._events) >= self._maxlen:
-            del self._events[: self._maxlen // 2]
+        self.counts[phase] += 1
         self._events.append(ev)
-        for fn in self._listeners:
-            fn(ev)
+        if self._listeners:
+            for fn in self._listeners:
+                fn(ev)
 
     def subscribe(self, fn: Callable[[TextPokeEvent], None]) -> None:
         self._listeners.append(fn)
@@ -62,10 +84,11 @@ class TextPokeEventLog:
         self._listeners.remove(fn)
 
     def __iter__(self) -> Iterator[TextPokeEvent]:
-        return iter(list(self._events))
+        return iter(tuple(self._events))
 
     def __len__(self) -> int:
         return len(self._events)
 
     def clear(self) -> None:
+        """Forget the kept events (they count as lost; counts stay)."""
         self._events.clear()

@@ -178,6 +178,12 @@ class Machine(abc.ABC):
         *task* before it propagates: the task is never resumed by the
         machine again, and the caller may close it or drive another."""
 
+    def abandon_tasks(self) -> None:
+        """Stop driving every task the machine holds (a scheduler's spawned
+        tasks).  ``TextPoke.close()`` calls it before recovering a batch
+        whose task was interrupted, so that nothing else writes meanwhile.
+        Machines that only run tasks inside :meth:`run_task` hold none."""
+
     def now(self) -> float:
         """Timestamp for events (machine-defined units)."""
         return time.monotonic()

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
 
 from ._emulate import (PtRegs, int3_emulate_call, int3_emulate_jcc, int3_emulate_jmp,
                        int3_emulate_ret)
-from .._errors import (BadAddressError, BadInstructionError, MachineError, OverlapError,
-                      TextMutexError, VerifyMismatchError)
+from .._errors import (BadAddressError, BadInstructionError, MachineClosedError, MachineError,
+                       OverlapError, TextMutexError, VerifyMismatchError)
 from ._events import TextPokeEventLog
 from ._insn import (CALL_INSN_OPCODE, INT3_INSN_OPCODE, INT3_INSN_SIZE, JMP8_INSN_OPCODE,
                     JMP32_INSN_OPCODE, RET_INSN_OPCODE, TEXT_POKE_MAX_OPCODE_SIZE,
@@ -25,55 +25,128 @@ from ._insn import (CALL_INSN_OPCODE, INT3_INSN_OPCODE, INT3_INSN_SIZE, JMP8_INS
 from ._machine import PAGE_SIZE, Machine, Task, TrapPriority, WaitUntil
 
 __all__ = [
-    "TEXT_POKE_ARRAY_MAX", "MUTATIONS", "TextMutex", "SmpTextPokeLoc", "TextPokeArray",
-    "TextPokeStats", "TextPoke",
+    "TEXT_POKE_ARRAY_MAX", "MUTATIONS", "Protocol", "TextMutex", "SmpTextPokeLoc",
+    "TextPokeArray", "TextPokeStats", "TextPoke",
 ]
 
 #: One page of 16-byte entries, as in the kernel.
 SMP_TEXT_POKE_LOC_SIZE = 16
 TEXT_POKE_ARRAY_MAX = PAGE_SIZE // SMP_TEXT_POKE_LOC_SIZE
 
-#: Protocol steps that ``verify`` can remove, to show that each one matters.
-MUTATIONS = ("no-sync-1", "no-sync-2", "no-sync-3", "no-refs-wait", "unordered")
+#: The protocol steps ``verify`` can remove, to show that each one matters:
+#: mutation name -> what it removes.
+MUTATIONS: dict[str, str] = {
+    "no-sync-1": "the sync after writing INT3",
+    "no-sync-2": "the sync after writing the tails",
+    "no-sync-3": "the sync after writing the first bytes",
+    "no-refs-wait": "waiting for text_poke_array_refs to drop",
+    "unordered": "keeping the array sorted (entries are appended as they come)",
+}
 
 _S32_MIN, _S32_MAX = -(1 << 31), (1 << 31) - 1
 
 
+@dataclass(frozen=True, slots=True)
+class Protocol:
+    """The steps of the batch protocol, decided once when a TextPoke is
+    made: every flag is True for the real protocol.  ``order`` is how the
+    array stays sorted for the handler's bisection: ``"insert"`` (default:
+    each entry inserted in place), ``"flush"`` (the kernel: flush the batch
+    when an address arrives out of order) or ``"append"`` (the
+    ``unordered`` mutation: nothing keeps it sorted)."""
+
+    sync_after_int3: bool = True
+    sync_after_tails: bool = True
+    sync_after_first: bool = True
+    wait_refs: bool = True
+    order: str = "insert"
+
+    @classmethod
+    def build(cls, *, keep_sorted: bool = True, mutations: Iterable[str] = ()) -> "Protocol":
+        muts = frozenset(mutations)
+        bad = muts - MUTATIONS.keys()
+        if bad:
+            raise ValueError(f"unknown mutation(s) {sorted(bad)}; known: {', '.join(MUTATIONS)}")
+        order = "append" if "unordered" in muts else ("insert" if keep_sorted else "flush")
+        return cls("no-sync-1" not in muts, "no-sync-2" not in muts, "no-sync-3" not in muts,
+                   "no-refs-wait" not in muts, order)
+
+    @property
+    def mutations(self) -> frozenset[str]:
+        """The mutation names this protocol corresponds to."""
+        out = set()
+        for flag, name in ((self.sync_after_int3, "no-sync-1"), (self.sync_after_tails, "no-sync-2"),
+                           (self.sync_after_first, "no-sync-3"), (self.wait_refs, "no-refs-wait")):
+            if not flag:
+                out.add(name)
+        if self.order == "append":
+            out.add("unordered")
+        return frozenset(out)
+
+
 class TextMutex:
     """``text_mutex``: a re-entrant lock that knows its owner, so that the
-    places the kernel asserts it with lockdep can refuse to run without it."""
+    places the kernel asserts it with lockdep can refuse to run without it.
 
-    def __init__(self) -> None:
+    Entries queued for the batch belong to the critical section that queued
+    them.  Releasing the mutex for the last time with entries still queued
+    drops them (they were never written: the text is untouched) and is an
+    error: ``release()`` raises :class:`TextMutexError` after releasing;
+    leaving a ``with`` block that is already propagating an exception adds
+    a note to that exception instead.  So a failed add can never be applied
+    later by an unrelated batch."""
+
+    def __init__(self, on_last_release: "Callable[[], int] | None" = None) -> None:
         self._lock = threading.RLock()
         self._owner: int | None = None
         self._depth = 0
+        self._on_last_release = on_last_release
 
     def acquire(self) -> None:
         self._lock.acquire()
         self._owner = threading.get_ident()
         self._depth += 1
 
-    def release(self) -> None:
+    def _release(self) -> int:
         if self._owner != threading.get_ident():
             raise TextMutexError("text_mutex released by a thread that does not hold it")
+        dropped = 0
+        if self._depth == 1 and self._on_last_release is not None:
+            dropped = self._on_last_release()
         self._depth -= 1
         if self._depth == 0:
             self._owner = None
         self._lock.release()
+        return dropped
+
+    def release(self) -> None:
+        dropped = self._release()
+        if dropped:
+            raise TextMutexError(_dropped_message(dropped))
 
     def __enter__(self) -> "TextMutex":
         self.acquire()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        dropped = self._release()
+        if dropped:
+            if exc is None:
+                raise TextMutexError(_dropped_message(dropped))
+            exc.add_note(_dropped_message(dropped))
 
     def held(self) -> bool:
         return self._owner == threading.get_ident()
 
     def assert_held(self, what: str) -> None:
-        if not self.held():
+        if self._owner != threading.get_ident():
             raise TextMutexError(f"{what}() must be called with text_mutex held")
+
+
+def _dropped_message(n: int) -> str:
+    return (f"text_mutex released with {n} batch entr{'y' if n == 1 else 'ies'} queued and not "
+            "finished; dropped (the text is untouched). Finish the batch "
+            "(smp_text_poke_batch_finish) before releasing, or use core.batch()")
 
 
 @dataclass(slots=True)
@@ -115,53 +188,103 @@ class TextPokeStats:
     flushes_full: int = 0
     flushes_unordered: int = 0
     rollbacks: int = 0
+    recoveries: int = 0
+    finished_forward: int = 0
+    dropped: int = 0
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}
 
 
+@dataclass(slots=True)
+class _Inflight:
+    """What a running batch has done so far: enough for anyone (the batch
+    itself, a wrapper that caught an interrupt, ``close()``) to finish or
+    roll it back by reading the text."""
+
+    vec: list[SmpTextPokeLoc]
+    olds: list[bytes] = field(default_factory=list)   # whole old insn per site touched
+    phase: str = "refs"          # refs -> int3 -> tail -> first -> drop
+    dropped: set[int] = field(default_factory=set)     # CPUs whose batch ref is put
+    done: bool = False
+
+
+#: Opcode forms decoded without iced: first byte -> (length, opcode, immediate size).
+_FAST_FORMS = {
+    CALL_INSN_OPCODE: (5, CALL_INSN_OPCODE, 4),
+    JMP32_INSN_OPCODE: (5, JMP32_INSN_OPCODE, 4),
+    JMP8_INSN_OPCODE: (2, JMP8_INSN_OPCODE, 1),
+    RET_INSN_OPCODE: (1, RET_INSN_OPCODE, 0),
+    INT3_INSN_OPCODE: (1, INT3_INSN_OPCODE, 0),
+    **{op: (2, op, 1) for op in range(0x70, 0x80)},
+}
+_NOP2, _NOP5 = x86_nops[2], x86_nops[5]
+_BYTE = tuple(bytes((i,)) for i in range(256))
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
 class TextPoke:
-    """The text-patching state of one machine.
+    """The text-patching state of one machine (one per machine).
 
     ``keep_sorted`` (default) inserts batch entries in address order instead
     of flushing when an address arrives out of order, as the kernel does;
-    pass ``keep_sorted=False`` for the kernel's behaviour.
+    pass ``keep_sorted=False`` for the kernel's behaviour.  ``mutations``
+    remove protocol steps (see :data:`MUTATIONS`), for verification only.
+
+    A TextPoke is a context manager; :meth:`close` finishes or rolls back
+    whatever is pending and unregisters its INT3 handler.
     """
 
     def __init__(self, machine: Machine, *, keep_sorted: bool = True,
-                 mutations: tuple[str, ...] | frozenset[str] = ()) -> None:
-        bad = set(mutations) - set(MUTATIONS)
-        if bad:
-            raise ValueError(f"unknown mutation(s) {sorted(bad)}; known: {', '.join(MUTATIONS)}")
-        self.machine = machine
-        self.keep_sorted = keep_sorted
-        self.mutations = frozenset(mutations)
-        self.text_mutex = TextMutex()
-        self.text_poke_array = TextPokeArray()
-        self.text_poke_array_refs: dict[int, int] = {cpu: 0 for cpu in machine.cpus}
-        self.events = TextPokeEventLog()
-        self.stats = TextPokeStats()
-        self._stext = machine.stext
+                 mutations: Iterable[str] = (), events_capacity: int | None = None) -> None:
+        self.protocol = Protocol.build(keep_sorted=keep_sorted, mutations=mutations)
         if machine.owner is not None:
             raise MachineError(f"the {machine.name} machine already has a TextPoke; "
                                "close it first (one text-patching state per machine)")
         machine._check_open()
+        self.machine = machine
+        self.keep_sorted = keep_sorted
+        self.mutations = self.protocol.mutations
+        self.text_mutex = TextMutex(self._drop_queued)
+        self.text_poke_array = TextPokeArray()
+        self.text_poke_array_refs: dict[int, int] = dict.fromkeys(machine.cpus, 0)
+        self.events = (TextPokeEventLog() if events_capacity is None
+                       else TextPokeEventLog(events_capacity))
+        self.stats = TextPokeStats()
+        self._stext = machine.stext
+        self._inflight: _Inflight | None = None
+        self._closed = False
         machine.owner = self
+        machine.subscribe_cpus(self._on_cpu_change)
         self._trap = machine.register_trap_handler(self.smp_text_poke_int3_handler,
                                                    priority=TrapPriority.TEXT_POKE,
                                                    name="smp_text_poke_int3_handler")
 
     # ---------------------------------------------------------------- lifetime
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
-        """Finish or roll back whatever is pending, unregister the INT3
-        handler and let go of the machine.  Idempotent."""
-        if getattr(self, "_closed", False):
+        """Finish or roll back a batch in flight, drop entries that were
+        queued but never flushed (the text is untouched by them),
+        unregister the INT3 handler and let go of the machine.  Idempotent.
+
+        A batch in flight is one whose task was interrupted while a
+        scheduler held it: the machine is first asked to abandon its tasks,
+        so that nothing else writes while the batch is recovered."""
+        if self._closed:
             return
         try:
-            self.text_poke_array.vec.clear()
+            st = self._inflight
+            if st is not None and not st.done:
+                self.machine.abandon_tasks()
+                self._recover_now(st, None)
         finally:
             self._closed = True
+            self.text_poke_array.vec.clear()
             self._trap.unregister()
+            self.machine.unsubscribe_cpus(self._on_cpu_change)
             if self.machine.owner is self:
                 self.machine.owner = None
 
@@ -170,6 +293,31 @@ class TextPoke:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MachineClosedError("this TextPoke is closed")
+
+    def _on_cpu_change(self, event: str, cpu: int) -> None:
+        refs = self.text_poke_array_refs
+        if event == "add":
+            st = self._inflight
+            # A CPU that comes up mid-batch may meet our INT3s: it holds a
+            # batch reference like the others, until the batch drops them.
+            refs[cpu] = 1 if st is not None and not st.done and st.phase != "drop" else 0
+        elif event == "remove":
+            refs.pop(cpu, None)    # a vanished CPU never blocks a wait
+
+    def _drop_queued(self) -> int:
+        """text_mutex's last release: queued entries that no batch took."""
+        vec = self.text_poke_array.vec
+        st = self._inflight
+        if not vec or (st is not None and st.vec is vec and not st.done):
+            return 0
+        n = len(vec)
+        vec.clear()
+        self.stats.dropped += n
+        return n
 
     # ------------------------------------------------------------------ helpers
     def text_poke_addr(self, tpl: SmpTextPokeLoc) -> int:
@@ -184,30 +332,49 @@ class TextPoke:
                 f"a poke of {size} bytes at {addr:#x} spans {last_page - first_page + 1} pages; "
                 "text_poke maps at most two (use text_poke_copy for large ranges)")
 
-    def _poke(self, addr: int, data: bytes, phase: str) -> Task:
-        """``__text_poke``: write through the alias, verify, record."""
-        self._check_poke_range(addr, len(data))
-        old = self.machine.text_read(addr, len(data))
-        yield from self.machine.text_poke_write(addr, data)
-        back = self.machine.text_read(addr, len(data))
+    def _poke(self, addr: int, data: bytes, phase: str, old: bytes | None = None) -> Task:
+        """``__text_poke``: write through the alias, verify, record.  The
+        range must already be checked (once per call or per batch)."""
+        m = self.machine
+        if old is None:
+            old = m.text_read(addr, len(data))
+        yield from m.text_poke_write(addr, data)
+        back = m.text_read(addr, len(data))
         if back != data:
             raise VerifyMismatchError(f"text at {addr:#x} reads {back.hex()} after writing {data.hex()}")
-        self.events.record(addr, old, data, phase, self.machine.now())
+        self.events.record(addr, old, data, phase, m.now())
         return addr
+
+    def _run(self, task: Task) -> Any:
+        """Drive a task on the machine.  Whatever escapes -- an error, or a
+        KeyboardInterrupt / SystemExit / signal raised while the machine
+        serviced its CPUs -- a batch left in flight is finished or rolled
+        back before it propagates."""
+        self._check_open()
+        try:
+            return self.machine.run_task(task)
+        except BaseException as err:
+            st = self._inflight
+            if st is not None and not st.done:
+                self._recover_now(st, err)
+            task.close()
+            raise
 
     # ------------------------------------------------------- single-threaded API
     def text_poke(self, addr: int, opcode: bytes, length: int | None = None) -> int:
         """Write a few bytes of text through the alias mapping.  Not safe
         against CPUs executing them: use the SMP batch for live code."""
         self.text_mutex.assert_held("text_poke")
-        data = _take(opcode, length)
-        return self.machine.run_task(self._poke(addr, data, "poke"))
+        data = _take(opcode, length, "opcode")
+        self._check_poke_range(addr, len(data))
+        return self._run(self._poke(addr, data, "poke"))
 
     def text_poke_kgdb(self, addr: int, opcode: bytes, length: int | None = None) -> int:
         """As text_poke, for a debugger that has stopped the world and cannot
         take text_mutex."""
-        data = _take(opcode, length)
-        return self.machine.run_task(self._poke(addr, data, "kgdb"))
+        data = _take(opcode, length, "opcode")
+        self._check_poke_range(addr, len(data))
+        return self._run(self._poke(addr, data, "kgdb"))
 
     def _chunks(self, addr: int, size: int) -> Iterator[tuple[int, int]]:
         done = 0
@@ -217,42 +384,51 @@ class TextPoke:
             yield done, n
             done += n
 
+    def _check_not_core(self, addr: int, size: int, what: str, core_ok: bool) -> None:
+        rng = self.machine.text_range_of(addr, max(1, size))
+        if rng.core and not core_ok:
+            raise BadAddressError(f"{what} refuses core kernel text at {addr:#x} ({rng.name}); "
+                                  "it is for module, JIT and execmem text")
+
     def text_poke_copy_locked(self, addr: int, opcode: bytes, length: int | None = None,
                               core_ok: bool = False) -> int:
         """Copy a large range, two pages at a time.  Core kernel text is
         refused unless *core_ok* (this is for module/JIT memory)."""
         self.text_mutex.assert_held("text_poke_copy_locked")
-        data = _take(opcode, length)
-        rng = self.machine.text_range_of(addr, max(1, len(data)))
-        if rng.core and not core_ok:
-            raise BadAddressError(f"text_poke_copy refuses core kernel text at {addr:#x} ({rng.name})")
+        data = _take(opcode, length, "opcode")
+        self._check_not_core(addr, len(data), "text_poke_copy", core_ok)
 
         def task() -> Task:
             for off, n in self._chunks(addr, len(data)):
                 yield from self._poke(addr + off, data[off:off + n], "copy")
             return addr
-        return self.machine.run_task(task())
+        return self._run(task())
 
     def text_poke_copy(self, addr: int, opcode: bytes, length: int | None = None) -> int:
         with self.text_mutex:
             return self.text_poke_copy_locked(addr, opcode, length, core_ok=False)
 
     def text_poke_set(self, addr: int, c: int, length: int) -> int:
-        """Fill a range with byte *c* (e.g. INT3 over freed JIT text)."""
+        """Fill a range of module/JIT text with byte *c* (e.g. INT3 over
+        freed JIT code).  Core kernel text is refused, as in the kernel."""
+        if isinstance(c, bool) or not isinstance(c, int):
+            raise TypeError(f"text_poke_set: the fill byte c must be an int, not {type(c).__name__}")
+        if isinstance(length, bool) or not isinstance(length, int):
+            raise TypeError(f"text_poke_set: length must be an int, not {type(length).__name__}")
         if not 0 <= c <= 0xFF:
             raise ValueError(f"fill byte {c} out of range")
         with self.text_mutex:
-            self.machine.text_range_of(addr, length)
+            self._check_not_core(addr, length, "text_poke_set", False)
 
             def task() -> Task:
                 for off, n in self._chunks(addr, length):
                     yield from self._poke(addr + off, bytes([c]) * n, "set")
                 return addr
-            return self.machine.run_task(task())
+            return self._run(task())
 
     def text_poke_early(self, addr: int, opcode: bytes, length: int | None = None) -> None:
         """Direct write while no other CPU runs (boot, alternatives)."""
-        data = _take(opcode, length)
+        data = _take(opcode, length, "opcode")
         self.machine.text_range_of(addr, len(data))
         old = self.machine.text_read(addr, len(data))
         self.machine.text_write_early(addr, data)
@@ -262,7 +438,7 @@ class TextPoke:
     def _make_tpl(self, addr: int, opcode: bytes, length: int, emulate: bytes | None) -> SmpTextPokeLoc:
         """The rules of ``__smp_text_poke_batch_add``, as refusals."""
         if length == 6:
-            if not (opcode[:1] == b"\x0f" and 0x80 <= opcode[1] <= 0x8F):
+            if not (opcode[0] == 0x0F and 0x80 <= opcode[1] <= 0x8F):
                 raise BadInstructionError(
                     f"length 6 is reserved for Jcc.d32 (0f 8x), got {opcode.hex(' ')}")
         elif not 1 <= length <= TEXT_POKE_MAX_OPCODE_SIZE:
@@ -271,40 +447,37 @@ class TextPoke:
         rel = addr - self._stext
         if not _S32_MIN <= rel <= _S32_MAX:
             raise BadAddressError(f"{addr:#x} is beyond ±2 GiB of _stext")
-        text = bytes(opcode[1:6]) if length == 6 else bytes(opcode[:length]).ljust(5, b"\0")
-        emu = bytes(emulate) if emulate is not None else bytes(opcode)
+        text = opcode[1:6] if length == 6 else opcode[:length].ljust(5, b"\0")
+        emu = opcode if emulate is None else emulate
+        op, disp, ilen = _decode_fast(emu)
+        if op < 0:
+            op, disp, ilen = self._decode_slow(emu, addr)
+        if op in (RET_INSN_OPCODE, JMP32_INSN_OPCODE, JMP8_INSN_OPCODE) and emu[:2] != _NOP2:
+            if ilen > length:
+                raise BadInstructionError(
+                    f"{_describe(emu, addr)} is {ilen} bytes, longer than the site ({length})")
+            pad = opcode[ilen:length]
+            if pad.count(INT3_INSN_OPCODE) != len(pad):
+                raise BadInstructionError(
+                    f"bytes after {_describe(emu, addr)} must be INT3 padding, got {pad.hex(' ')}")
+        elif ilen != length:
+            raise BadInstructionError(
+                f"site length {length} disagrees with {_describe(emu, addr)} ({ilen} bytes)")
+        return SmpTextPokeLoc(rel, disp, length, op, text)
+
+    @staticmethod
+    def _decode_slow(emu: bytes, addr: int) -> tuple[int, int, int]:
+        """iced-x86 for everything the table does not know; refuses what
+        cannot stand in while a site is patched."""
         try:
             insn = insn_decode_kernel(emu, addr)
         except BadInstructionError as e:
             raise BadInstructionError(f"cannot decode the instruction to emulate: {e}") from None
-        op = insn.opcode[0]
         if is_jcc32(insn):
-            op = insn.opcode[1] - 0x10
-        if op in (RET_INSN_OPCODE, JMP32_INSN_OPCODE, JMP8_INSN_OPCODE):
-            if insn.length > length:
-                raise BadInstructionError(
-                    f"{insn.text!r} is {insn.length} bytes, longer than the site ({length})")
-            pad = bytes(opcode[insn.length:length])
-            if any(b != INT3_INSN_OPCODE for b in pad):
-                raise BadInstructionError(
-                    f"bytes after {insn.text!r} must be INT3 padding, got {pad.hex(' ')}")
-        elif insn.length != length:
-            raise BadInstructionError(
-                f"site length {length} disagrees with {insn.text!r} ({insn.length} bytes)")
-        disp = 0
-        if op in (INT3_INSN_OPCODE, RET_INSN_OPCODE):
-            pass
-        elif op in (CALL_INSN_OPCODE, JMP32_INSN_OPCODE, JMP8_INSN_OPCODE) or 0x70 <= op <= 0x7F:
-            disp = insn.immediate_value
-        elif length == 2 and emu[:2] == x86_nops[2]:
-            op = JMP8_INSN_OPCODE        # NOP2 behaves as JMP8 +0
-        elif length == 5 and emu[:5] == x86_nops[5]:
-            op = JMP32_INSN_OPCODE       # NOP5 behaves as JMP32 +0
-        else:
-            raise BadInstructionError(
-                f"cannot emulate {insn.text!r} ({emu[:insn.length].hex(' ')}): only CALL, JMP, Jcc, "
-                "RET, INT3 and the kernel's NOP2/NOP5 can stand in while a site is patched")
-        return SmpTextPokeLoc(rel_addr=rel, disp=disp, len=length, opcode=op, text=text)
+            return insn.opcode[1] - 0x10, insn.immediate_value, insn.length
+        raise BadInstructionError(
+            f"cannot emulate {insn.text!r} ({emu[:insn.length].hex(' ')}): only CALL, JMP, Jcc, "
+            "RET, INT3 and the kernel's NOP2/NOP5 can stand in while a site is patched")
 
     def _insert_index(self, rel: int) -> int:
         """Where an entry at *rel* goes in the (sorted) array."""
@@ -318,44 +491,50 @@ class TextPoke:
                 hi = mid
         return lo
 
-    def _overlapping(self, tpl: SmpTextPokeLoc) -> SmpTextPokeLoc | None:
-        vec = self.text_poke_array.vec
-        if self.keep_sorted and "unordered" not in self.mutations:
-            i = self._insert_index(tpl.rel_addr)
-            near = vec[max(0, i - 1):i + 1]      # sorted, non-overlapping: neighbours suffice
-        else:
-            near = vec
-        for other in near:
-            if other.rel_addr < tpl.rel_addr + tpl.len and tpl.rel_addr < other.rel_addr + other.len:
-                return other
-        return None
+    def _prepare_add(self, addr: int, opcode: bytes, length: int | None,
+                     emulate: bytes | None) -> tuple[SmpTextPokeLoc, bool]:
+        """Check one site; say whether the batch must be flushed first."""
+        self.text_mutex.assert_held("smp_text_poke_batch_add")
+        data = _take(opcode, length, "opcode")
+        if emulate is not None:
+            emulate = _take(emulate, None, "emulate")
+        tpl = self._make_tpl(addr, data, len(data), emulate)
+        arr = self.text_poke_array.vec
+        flush = False
+        if arr:
+            if len(arr) >= TEXT_POKE_ARRAY_MAX:
+                self.stats.flushes_full += 1
+                flush = True
+            elif self.protocol.order == "flush" and arr[-1].rel_addr > tpl.rel_addr:
+                self.stats.flushes_unordered += 1
+                flush = True
+        return tpl, flush
 
     def smp_text_poke_batch_add_task(self, addr: int, opcode: bytes, length: int | None = None,
                                      emulate: bytes | None = None) -> Task:
         """Queue one site; may first flush the batch (when full, or in
         kernel-order mode when *addr* is out of order)."""
-        self.text_mutex.assert_held("smp_text_poke_batch_add")
-        data = _take(opcode, length)
-        tpl = self._make_tpl(addr, data, len(data), emulate)
+        tpl, flush = self._prepare_add(addr, opcode, length, emulate)
+        if flush:
+            yield from self._batch_process()
+        self._queue(tpl)
+
+    def _queue(self, tpl: SmpTextPokeLoc) -> None:
         arr = self.text_poke_array.vec
-        if arr:
-            full = len(arr) >= TEXT_POKE_ARRAY_MAX
-            unordered = self.text_poke_addr(arr[-1]) > addr
-            if full or (unordered and not self.keep_sorted and "unordered" not in self.mutations):
-                if full:
-                    self.stats.flushes_full += 1
-                else:
-                    self.stats.flushes_unordered += 1
-                yield from self._batch_process()
-        other = self._overlapping(tpl)
-        if other is not None:
-            raise OverlapError(
-                f"site [{addr:#x}, +{tpl.len}) overlaps queued site at "
-                f"{self.text_poke_addr(other):#x} (+{other.len})")
-        if self.keep_sorted and "unordered" not in self.mutations:
-            arr.insert(self._insert_index(tpl.rel_addr), tpl)
+        order = self.protocol.order
+        rel, end = tpl.rel_addr, tpl.rel_addr + tpl.len
+        if order == "append":
+            i = len(arr)
+            near = arr                  # unsorted: every entry may overlap
         else:
-            arr.append(tpl)
+            i = self._insert_index(rel)
+            near = arr[max(0, i - 1):i + 1]   # sorted, disjoint: neighbours suffice
+        for other in near:
+            if other.rel_addr < end and rel < other.rel_addr + other.len:
+                raise OverlapError(
+                    f"site [{self.text_poke_addr(tpl):#x}, +{tpl.len}) overlaps queued site at "
+                    f"{self.text_poke_addr(other):#x} (+{other.len})")
+        arr.insert(i, tpl)
 
     def smp_text_poke_batch_finish_task(self) -> Task:
         if self.text_poke_array.vec:
@@ -370,19 +549,23 @@ class TextPoke:
                                 emulate: bytes | None = None) -> None:
         """Queue *opcode* for *addr*.  While the site is in flux a CPU that
         reaches it emulates *emulate* (default: the new instruction)."""
-        self.machine.run_task(self.smp_text_poke_batch_add_task(addr, opcode, length, emulate))
+        self._check_open()
+        tpl, flush = self._prepare_add(addr, opcode, length, emulate)
+        if flush:
+            self._run(self._batch_process())
+        self._queue(tpl)
 
     def smp_text_poke_batch_finish(self) -> None:
         """Apply every queued site with the INT3 protocol."""
-        self.machine.run_task(self.smp_text_poke_batch_finish_task())
+        self._run(self.smp_text_poke_batch_finish_task())
 
     def smp_text_poke_single(self, addr: int, opcode: bytes, length: int | None = None,
                              emulate: bytes | None = None) -> None:
         """Patch one site now; any pending batch is applied with it."""
-        self.machine.run_task(self.smp_text_poke_single_task(addr, opcode, length, emulate))
+        self._run(self.smp_text_poke_single_task(addr, opcode, length, emulate))
 
     def smp_text_poke_sync_each_cpu(self) -> None:
-        self.machine.run_task(self._sync())
+        self._run(self._sync())
 
     def _sync(self) -> Task:
         self.stats.syncs += 1
@@ -391,106 +574,223 @@ class TextPoke:
     @contextlib.contextmanager
     def batch(self) -> Iterator["TextPoke"]:
         """``with core.batch(): core.smp_text_poke_batch_add(...)`` -- takes
-        text_mutex, finishes on exit; on an exception the queued (unwritten)
-        entries are dropped and the text is left as it was."""
+        text_mutex and finishes the batch on exit.
+
+        If the block raises, the entries still queued are dropped (never
+        written).  Entries that were already applied because the array
+        filled up (every ``TEXT_POKE_ARRAY_MAX`` entries) or, with
+        ``keep_sorted=False``, because an address came out of order, stay
+        applied: each flush is a complete batch of its own."""
         with self.text_mutex:
             try:
                 yield self
             except BaseException:
+                n = len(self.text_poke_array.vec)
                 self.text_poke_array.vec.clear()
+                self.stats.dropped += n
                 raise
             self.smp_text_poke_batch_finish()
 
+    # ------------------------------------------------------ the batch protocol
     def _batch_process(self) -> Task:
         """INT3 -> sync -> tails -> sync -> first bytes -> sync -> drop refs.
 
-        Should the machine fail part-way (a write that does not verify, a
-        machine error), every site already touched is put back to its old
-        bytes through the same INT3 discipline before the error propagates,
-        so that no INT3 of ours and no half-written instruction is left."""
+        Whatever stops it part-way -- a machine failure, an interrupt thrown
+        into the task, the task being closed -- the batch is finished or
+        rolled back (whichever leaves no INT3 sooner) before the exception
+        propagates, so no INT3 of ours and no half-written instruction is
+        left, and no reference is forced below what running handlers hold."""
         self.text_mutex.assert_held("smp_text_poke_batch_process")
         vec = self.text_poke_array.vec
+        st = _Inflight(vec)
+        self._inflight = st
         refs = self.text_poke_array_refs
-        self.stats.batches += 1
-        self.stats.sites += len(vec)
-        olds: list[bytes] = []      # whole old instruction of each site touched so far
-        for cpu in refs:
-            refs[cpu] = 1
-        clean = False
+        stats = self.stats
+        stats.batches += 1
+        stats.sites += len(vec)
+        if self.protocol.wait_refs:
+            for cpu in self.machine.cpus:
+                refs[cpu] = refs.get(cpu, 0) + 1
+        else:                       # the kernel's atomic_set: only safe because it waits
+            for cpu in self.machine.cpus:
+                refs[cpu] = 1
         try:
             yield  # the refs are published before any INT3 can be seen
-            try:
-                yield from self._batch_steps(vec, olds)
-            except Exception as err:
-                try:
-                    yield from self._batch_rollback(vec, olds)
-                except Exception as again:
-                    raise err from again
-                raise
-            yield from self._batch_drop_refs(wait="no-refs-wait" not in self.mutations)
-            clean = True
+            yield from self._batch_steps(st)
+            yield from self._batch_drop_refs(st, wait=self.protocol.wait_refs)
+        except GeneratorExit:
+            if not st.done:        # closed mid-batch: it cannot yield any more
+                self._recover_now(st, None)
+            raise
+        except BaseException as err:
+            if not st.done:
+                yield from self._recover(st, err)
+            raise
         finally:
+            st.done = True
+            if self._inflight is st:
+                self._inflight = None
             vec.clear()
-            if not clean:        # after a failure no reference may outlive the batch
-                for cpu in refs:
-                    refs[cpu] = 0
 
-    def _batch_steps(self, vec: list[SmpTextPokeLoc], olds: list[bytes]) -> Task:
+    def _batch_steps(self, st: _Inflight) -> Task:
+        # Each write is __text_poke inlined (write, read back, record): this
+        # loop is the per-site cost of the whole batch.
         m = self.machine
-        mut = self.mutations
+        write, read, now = m.text_poke_write, m.text_read, m.now
+        record = self.events.record
+        proto = self.protocol
+        vec, olds = st.vec, st.olds
+        stext = self._stext
+        int3 = b"\xcc"
+        st.phase = "int3"
         for tpl in vec:
-            addr = self.text_poke_addr(tpl)
-            old = m.text_read(addr, tpl.len)
+            addr = stext + tpl.rel_addr
+            old = read(addr, tpl.len)
             tpl.old = old[0]
             olds.append(old)
-            yield from self._poke(addr, bytes([INT3_INSN_OPCODE]), "int3")
-        if "no-sync-1" not in mut:
+            yield from write(addr, int3)
+            if read(addr, 1) != int3:
+                raise VerifyMismatchError(f"text at {addr:#x} is not INT3 after writing it")
+            record(addr, old[:1], int3, "int3", now())
+        if proto.sync_after_int3:
             yield from self._sync()
 
-        do_sync = 0
+        st.phase = "tail"
+        do_sync = False
         for tpl, old in zip(vec, olds):
-            addr = self.text_poke_addr(tpl)
+            addr = stext + tpl.rel_addr
             new = tpl.new_bytes()
-            if tpl.len > INT3_INSN_SIZE:
-                yield from self._poke(addr + 1, new[1:], "tail")
-                do_sync += 1
+            if tpl.len > 1:
+                tail = new[1:]
+                yield from write(addr + 1, tail)
+                if read(addr + 1, len(tail)) != tail:
+                    raise VerifyMismatchError(f"text at {addr + 1:#x} does not read {tail.hex()} "
+                                              "after writing it")
+                record(addr + 1, old[1:], tail, "tail", now())
+                do_sync = True
             # From here until the first byte lands only INT3 is visible, so
             # this is the instant at which a trace switches old -> new.
-            self.events.record(addr, old, new, "batch", m.now())
-        if do_sync and "no-sync-2" not in mut:
+            record(addr, old, new, "batch", now())
+        if do_sync and proto.sync_after_tails:
             yield from self._sync()
 
-        do_sync = 0
+        st.phase = "first"
+        do_sync = False
         for tpl in vec:
-            byte = tpl.new_bytes()[0]
+            byte = tpl.text[0] if tpl.len != 6 else 0x0F
             if byte == INT3_INSN_OPCODE:
                 continue
-            yield from self._poke(self.text_poke_addr(tpl), bytes([byte]), "first")
-            do_sync += 1
-        if do_sync and "no-sync-3" not in mut:
+            addr = stext + tpl.rel_addr
+            first = _BYTE[byte]
+            yield from write(addr, first)
+            if read(addr, 1) != first:
+                raise VerifyMismatchError(f"text at {addr:#x} does not read {byte:02x} after writing it")
+            record(addr, int3, first, "first", now())
+            do_sync = True
+        if do_sync and proto.sync_after_first:
             yield from self._sync()
 
-    def _batch_drop_refs(self, wait: bool) -> Task:
+    def _batch_drop_refs(self, st: _Inflight, wait: bool = True) -> Task:
+        """Put this batch's reference on every CPU, then wait for handlers
+        still running on any of them.  Idempotent per CPU."""
+        st.phase = "drop"
         refs = self.text_poke_array_refs
-        for cpu in refs:
-            refs[cpu] -= 1
+        for cpu in list(refs):
+            if cpu in st.dropped:
+                continue
+            st.dropped.add(cpu)
+            if cpu not in refs:        # vanished meanwhile
+                continue
+            if refs[cpu] > 0:
+                refs[cpu] -= 1
             yield
-            if refs[cpu] and wait:
-                yield WaitUntil(lambda c=cpu: refs[c] == 0, f"INT3 handlers on cpu{cpu} to finish")
+            if wait and refs.get(cpu, 0):
+                yield WaitUntil(lambda c=cpu: refs.get(c, 0) == 0,
+                                f"INT3 handlers on cpu{cpu} to finish")
+        st.done = True
 
-    def _batch_rollback(self, vec: list[SmpTextPokeLoc], olds: list[bytes]) -> Task:
-        """Put the first len(olds) sites back as they were.  The entries stay
-        in the array meanwhile, so a CPU reaching an INT3 still emulates
-        (the new instruction: old or new is fine while a site is in flux)."""
+    # ------------------------------------------------------------- recovery
+    def _recover(self, st: _Inflight, err: BaseException | None) -> Task:
+        """Finish (when every tail is in place: only first bytes are left)
+        or roll back (earlier) the batch *st*; then drop its references.
+        A failure here is added to *err* as a note and never hides it."""
+        try:
+            if st.phase in ("first", "drop"):
+                try:
+                    yield from self._batch_finish_forward(st)
+                except GeneratorExit:
+                    raise
+                except Exception as again:
+                    _note(err, f"finishing the interrupted batch failed ({again!r}); rolling back")
+                    yield from self._batch_rollback(st)
+            elif st.phase in ("int3", "tail"):
+                yield from self._batch_rollback(st)
+            yield from self._batch_drop_refs(st, wait=True)
+        except GeneratorExit:
+            raise
+        except BaseException as again:
+            if err is None:
+                raise
+            _note(err, f"recovering the batch failed too: {again!r}; text at the batch's sites "
+                       "may still hold INT3 (check with a read-back)")
+        finally:
+            st.done = True
+
+    def _recover_now(self, st: _Inflight, err: BaseException | None) -> None:
+        """Recover *st* outside the task that ran it (the machine let go of
+        that task, or it is being closed).  Shielded: an interrupt arriving
+        while the machine services its CPUs is noted on *err* and recovery
+        goes on from where it was."""
+        self.stats.recoveries += 1
+        rec = _Resumable(self._recover(st, err))
+        for _attempt in range(64):
+            try:
+                self.machine.run_task(rec.task())
+                return
+            except BaseException as again:
+                if rec.finished:
+                    if err is None:
+                        raise        # nothing else to report it on
+                    return           # its failure is already a note on err
+                if isinstance(again, Exception):
+                    # the machine itself failed while recovering
+                    if err is None:
+                        raise
+                    _note(err, f"recovering the batch stopped: {again!r}; text at the batch's "
+                               "sites may still hold INT3 (check with a read-back)")
+                    return
+                _note(err, f"interrupted again while recovering ({again!r}); recovery went on")
+        _note(err, "gave up recovering the batch after 64 interruptions")
+
+    def _batch_finish_forward(self, st: _Inflight) -> Task:
+        """Every tail is written and synced: write the first bytes still
+        missing, sync."""
+        m = self.machine
+        wrote = False
+        for tpl in st.vec:
+            addr = self.text_poke_addr(tpl)
+            byte = tpl.new_bytes()[:1]
+            if byte[0] != INT3_INSN_OPCODE and m.text_read(addr, 1) != byte:
+                yield from self._poke(addr, byte, "first")
+                wrote = True
+        if wrote or not self.protocol.sync_after_first:
+            yield from self._sync()
+        self.stats.finished_forward += 1
+
+    def _batch_rollback(self, st: _Inflight) -> Task:
+        """Put every site touched so far back as it was, with the same
+        discipline.  The entries stay in the array meanwhile, so a CPU
+        reaching an INT3 still emulates (the new instruction: old or new is
+        fine while a site is in flux)."""
         m = self.machine
         self.stats.rollbacks += 1
-        touched = list(zip(vec, olds))
+        touched = list(zip(st.vec, st.olds))
         wrote = False
         for tpl, old in touched:          # 1. every site starts with INT3
             addr = self.text_poke_addr(tpl)
             cur = m.text_read(addr, tpl.len)
             if cur != old and cur[0] != INT3_INSN_OPCODE:
-                yield from self._poke(addr, bytes([INT3_INSN_OPCODE]), "int3")
+                yield from self._poke(addr, b"\xcc", "int3")
                 wrote = True
         if wrote:
             yield from self._sync()
@@ -510,7 +810,9 @@ class TextPoke:
                 wrote = True
         if wrote:
             yield from self._sync()
-        yield from self._batch_drop_refs(wait=True)
+        now = m.now()
+        for tpl, old in touched:          # the log says the site is old again
+            self.events.record(self.text_poke_addr(tpl), tpl.new_bytes(), old, "rollback", now)
 
     # ------------------------------------------------------------ INT3 handler
     def _lookup(self, ip: int) -> SmpTextPokeLoc | None:
@@ -558,13 +860,87 @@ class TextPoke:
             yield
             return True
         finally:
-            refs[cpu] -= 1             # put_text_poke_array()
+            if cpu in refs:            # put_text_poke_array(); the CPU may have gone
+                refs[cpu] -= 1
 
 
-def _take(opcode: bytes, length: int | None) -> bytes:
+def _decode_fast(emu: bytes) -> tuple[int, int, int]:
+    """(opcode, displacement, length) for the few forms a batch sees all
+    the time, by table; opcode -1 when iced-x86 has to decide."""
+    if not emu:
+        raise BadInstructionError("cannot decode an empty instruction")
+    form = _FAST_FORMS.get(emu[0])
+    if form is not None:
+        length, op, isz = form
+        if len(emu) < length:
+            raise BadInstructionError(f"truncated instruction {emu.hex(' ')}")
+        if isz == 4:
+            return op, int.from_bytes(emu[1:5], "little", signed=True), length
+        if isz == 1:
+            return op, int.from_bytes(emu[1:2], "little", signed=True), length
+        return op, 0, length
+    if emu[:5] == _NOP5 and len(emu) >= 5:
+        return JMP32_INSN_OPCODE, 0, 5      # NOP5 behaves as JMP32 +0
+    if emu[:2] == _NOP2:
+        return JMP8_INSN_OPCODE, 0, 2       # NOP2 behaves as JMP8 +0
+    return -1, 0, 0
+
+
+def _describe(emu: bytes, addr: int) -> str:
+    try:
+        return repr(insn_decode_kernel(emu, addr).text)
+    except BadInstructionError:
+        return emu.hex(" ")
+
+
+def _take(opcode: object, length: int | None, name: str) -> bytes:
+    if not isinstance(opcode, _BYTES_LIKE):
+        raise TypeError(f"{name} must be a bytes-like object (bytes, bytearray, memoryview), "
+                        f"not {type(opcode).__name__}")
     data = bytes(opcode)
     if length is None:
         return data
+    if isinstance(length, bool) or not isinstance(length, int):
+        raise TypeError(f"length must be an int or None, not {type(length).__name__}")
     if length < 0 or length > len(data):
-        raise BadInstructionError(f"length {length} but only {len(data)} opcode bytes given")
+        raise BadInstructionError(f"length {length} but only {len(data)} {name} bytes given")
     return data[:length]
+
+
+def _note(err: BaseException | None, text: str) -> None:
+    if err is not None:
+        err.add_note(text)
+
+
+def _is_signal(exc: BaseException) -> bool:
+    """An exception a signal handler raised (not an error of the machine)."""
+    return not isinstance(exc, Exception)
+
+
+class _Resumable:
+    """A task that can be driven again after its driver was interrupted:
+    the step it was waiting on (a WaitUntil) is yielded again first, so
+    that no wait is skipped."""
+
+    _START = object()
+
+    def __init__(self, gen: Task) -> None:
+        self.gen = gen
+        self.pending: Any = self._START
+        self.finished = False
+
+    def task(self) -> Task:
+        gen = self.gen
+        try:
+            item = next(gen) if self.pending is self._START else self.pending
+            while True:
+                self.pending = item
+                yield item
+                item = gen.send(None)
+        except StopIteration as stop:
+            self.finished = True
+            return stop.value
+        except BaseException:
+            if gen.gi_frame is None:     # the recovery itself raised
+                self.finished = True
+            raise
