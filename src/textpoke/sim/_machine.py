@@ -11,6 +11,14 @@
   an old line and a new one -- the hazards of cross-modifying code.
 * Data is coherent: one buffer mapped into every vCPU.
 * The scheduler is seeded: the same seed gives the same run, event for event.
+* CPUs can be hot-plugged (``add_cpu``/``remove_cpu``); ids are never reused,
+  so ``cpus`` may be non-contiguous.  ``vcpus[id]`` keeps every vCPU ever
+  created (an unplugged one is ``"offline"`` and holds no engine).
+* ``close()`` releases the Unicorn engines at once (their hooks make
+  reference cycles that would otherwise wait for the cycle collector).
+* With ``trace=True`` the machine records a timeline in :attr:`trace`:
+  tuples ``(what, step, cpu, *detail)`` -- see :data:`TRACE_EVENTS` and
+  :mod:`textpoke.sim._report`.
 """
 
 from __future__ import annotations
@@ -20,19 +28,29 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from unicorn import (UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, UC_PROT_EXEC, UC_PROT_READ,
-                     UC_PROT_WRITE, Uc, UcError)
+from unicorn import (UC_ARCH_X86, UC_HOOK_INTR, UC_HOOK_MEM_INVALID, UC_MEM_FETCH_PROT,
+                     UC_MEM_FETCH_UNMAPPED, UC_MEM_READ_PROT, UC_MEM_READ_UNMAPPED,
+                     UC_MEM_WRITE_PROT, UC_MEM_WRITE_UNMAPPED, UC_MODE_64, UC_PROT_EXEC,
+                     UC_PROT_READ, UC_PROT_WRITE, Uc, UcError)
 from unicorn import x86_const as X
 
 from .._core._emulate import PtRegs
-from .._errors import BadAddressError, MachineError
+from .._errors import BadAddressError, MachineClosedError, MachineError
 from .._core._insn import insn_decode_kernel
 from .._core._machine import PAGE_SIZE, Capability, Machine, Task, TextRange, WaitUntil, drive
 
-__all__ = ["SimMachine", "SchedPolicy", "Oops", "VCpu", "FINE", "COARSE", "FREE"]
+__all__ = ["SimMachine", "SchedPolicy", "Oops", "VCpu", "FINE", "COARSE", "FREE",
+           "TRACE_EVENTS"]
 
 def _round_up(n: int, a: int = PAGE_SIZE) -> int:
     return (n + a - 1) // a * a
+
+
+#: How ``text_poke_write`` lets others observe a write: ``"byte"`` stores
+#: one byte and yields (every byte-granular interleaving is reachable: the
+#: verification default); ``"poke"`` stores the whole write with one memmove,
+#: marks the lines it touched stale, and yields once (throughput).
+WRITE_GRANULARITIES = ("byte", "poke")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +63,8 @@ class SchedPolicy:
     view is refilled.  ``task_burst``: steps a task may take per turn.
     ``ipi_latency``: an IPI is delivered up to this many scheduler decisions
     after it is sent (drawn per IPI); the CPU takes it at its first
-    instruction boundary after delivery.
+    instruction boundary after delivery.  ``write_granularity``: see
+    :data:`WRITE_GRANULARITIES`.
     """
 
     slice_min: int = 1
@@ -55,16 +74,34 @@ class SchedPolicy:
     until_preempt: bool = False
     ipi_latency: int = 0
     cpu_weight: float = 1.0
+    write_granularity: str = "byte"
+
+    def __post_init__(self) -> None:
+        if self.write_granularity not in WRITE_GRANULARITIES:
+            raise ValueError(f"write_granularity must be one of {WRITE_GRANULARITIES}, "
+                             f"not {self.write_granularity!r}")
 
 
 FINE = SchedPolicy(ipi_latency=48)
-COARSE = SchedPolicy(slice_min=20, slice_max=400, refresh_prob=0.2, task_burst=16, ipi_latency=4)
-FREE = SchedPolicy(slice_min=1, slice_max=1, refresh_prob=0.0, task_burst=1 << 30, until_preempt=True)
+COARSE = SchedPolicy(slice_min=20, slice_max=400, refresh_prob=0.2, task_burst=16, ipi_latency=4,
+                     write_granularity="poke")
+FREE = SchedPolicy(slice_min=1, slice_max=1, refresh_prob=0.0, task_burst=1 << 30, until_preempt=True,
+                   write_granularity="poke")
+
+#: Bytes of this CPU's view kept around RIP in an oops, as the kernel's
+#: ``show_opcodes`` prints them: 42 before RIP, the byte at RIP, 21 after.
+CODE_PROLOGUE, CODE_EPILOGUE = 42, 21
 
 
 @dataclass(frozen=True, slots=True)
 class Oops:
-    """An unhandled trap or fault: the CPU stopped, as a kernel oops."""
+    """An unhandled trap or fault: the CPU stopped, as a kernel oops.
+
+    ``addr`` is the faulting data address of a page fault (None otherwise)
+    and ``access`` what was tried there (``"write"``, ``"read"``,
+    ``"fetch"``, with ``"-unmapped"`` or ``"-prot"``).  ``code`` holds the
+    bytes this CPU's view had around RIP -- what it executed -- starting at
+    ``code_start``."""
 
     cpu: int
     kind: str
@@ -73,18 +110,40 @@ class Oops:
     regs: dict[str, int]
     step: int
     detail: str = ""
+    addr: int | None = None
+    access: str = ""
+    code: bytes = b""
+    code_start: int = 0
 
     def as_dict(self) -> dict:
         return {"cpu": self.cpu, "kind": self.kind, "rip": self.rip,
                 "bytes": self.bytes_at_rip.hex(), "regs": self.regs, "step": self.step,
-                "detail": self.detail}
+                "detail": self.detail, "addr": self.addr, "access": self.access,
+                "code": self.code.hex(), "code_start": self.code_start}
 
     def __str__(self) -> str:
-        return (f"oops on cpu{self.cpu}: {self.kind} at {self.rip:#x} "
+        at = f" (address {self.addr:#x})" if self.addr is not None else ""
+        return (f"oops on cpu{self.cpu}: {self.kind} at {self.rip:#x}{at} "
                 f"[{self.bytes_at_rip.hex(' ')}] {self.detail}".rstrip())
 
 
-RUN, TRAP, IDLE, DEAD = "run", "trap", "idle", "dead"
+RUN, TRAP, IDLE, DEAD, OFFLINE = "run", "trap", "idle", "dead", "offline"
+
+#: What :attr:`SimMachine.trace` records, as ``(what, step, cpu, *detail)``;
+#: ``cpu`` is None for the patcher's writes (the patcher is no vCPU).
+TRACE_EVENTS = {
+    "write": "(addr, data): bytes stored through the alias mapping",
+    "ipi-send": "(due,): a sync IPI sent to cpu, delivered at step >= due",
+    "ipi": "(acked,): cpu took its delivered IPIs (sync_core)",
+    "refill": "(line_addr, size, why): a stale line of cpu's view refilled; "
+              "why is 'evict' (the scheduler) or 'sync' (serialisation)",
+    "int3": "(addr,): cpu trapped on the INT3 at addr",
+    "iret": "(handler, new_rip): the named handler handled it; cpu resumes at new_rip",
+    "unhandled": "(addr,): no handler claimed the INT3 at addr",
+    "oops": "(kind, rip): cpu stopped",
+    "cpu-up": "(): cpu was hot-plugged in",
+    "cpu-down": "(): cpu was unplugged",
+}
 
 _REG_NAMES = {
     "rax": X.UC_X86_REG_RAX, "rbx": X.UC_X86_REG_RBX, "rcx": X.UC_X86_REG_RCX,
@@ -95,27 +154,43 @@ _REG_NAMES = {
     "r15": X.UC_X86_REG_R15, "rip": X.UC_X86_REG_RIP, "rflags": X.UC_X86_REG_EFLAGS,
 }
 
+_ACCESS = {
+    UC_MEM_READ_UNMAPPED: "read-unmapped", UC_MEM_WRITE_UNMAPPED: "write-unmapped",
+    UC_MEM_FETCH_UNMAPPED: "fetch-unmapped", UC_MEM_READ_PROT: "read-prot",
+    UC_MEM_WRITE_PROT: "write-prot", UC_MEM_FETCH_PROT: "fetch-prot",
+}
+
 
 class _SharedMemory:
     """The machine's coherent data view (``PtRegs.mem``)."""
 
     def __init__(self, sim: "SimMachine") -> None:
-        self._sim = sim
+        self._sim: "SimMachine | None" = sim
+
+    def _machine(self) -> "SimMachine":
+        if self._sim is None:
+            raise MachineClosedError("the sim machine is closed")
+        return self._sim
 
     def read(self, addr: int, size: int) -> bytes:
-        return self._sim.mem_read(addr, size)
+        return self._machine().mem_read(addr, size)
 
     def write(self, addr: int, data: bytes) -> None:
-        self._sim.mem_write(addr, data)
+        self._machine().mem_write(addr, data)
 
 
 class _Region:
-    __slots__ = ("start", "size", "buf", "name", "writable", "exec", "core")
+    __slots__ = ("start", "size", "buf", "mv", "name", "writable", "exec", "core")
 
     def __init__(self, start: int, size: int, name: str, writable: bool, exec_: bool, core: bool) -> None:
         self.start, self.size, self.name = start, size, name
         self.writable, self.exec, self.core = writable, exec_, core
         self.buf = (ctypes.c_ubyte * size)()
+        self.mv = memoryview(self.buf).cast("B")   # cheap slices and stores
+
+    def release(self) -> None:
+        self.mv.release()
+        self.buf = self.mv = None
 
 
 class VCpu:
@@ -123,8 +198,7 @@ class VCpu:
 
     def __init__(self, sim: "SimMachine", cpu_id: int) -> None:
         self.id = cpu_id
-        self.sim = sim
-        self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self.uc: Uc | None = Uc(UC_ARCH_X86, UC_MODE_64)
         self.state = IDLE
         self.views: list[Any] = []
         self.stale: set[tuple[int, int]] = set()
@@ -132,6 +206,7 @@ class VCpu:
         self.trap_task: Task | None = None
         self.trap_regs: PtRegs | None = None
         self.pending_intr: int | None = None
+        self.fault: tuple[int, int] | None = None   # (access, address) of the last bad access
         self.instructions = 0
         self.slices = 0
         self.traps = 0
@@ -139,26 +214,90 @@ class VCpu:
         self.refreshes = 0
         for r in sim._text:
             view = (ctypes.c_ubyte * r.size)()
-            ctypes.memmove(view, r.buf, r.size)
+            ctypes.memmove(view, r.buf, r.size)     # a new CPU comes up fully refilled
             self.views.append(view)
             self.uc.mem_map_ptr(r.start, r.size, UC_PROT_READ | UC_PROT_EXEC, view)
         for r in sim._data:
-            prot = UC_PROT_READ | (UC_PROT_WRITE if r.writable else 0)
-            self.uc.mem_map_ptr(r.start, r.size, prot, r.buf)
-        self.uc.hook_add(UC_HOOK_INTR, self._on_intr)
+            self.map_data(r)
+        # The binding's hook wrappers reference the Uc (and these bound
+        # methods the VCpu): a cycle that release() breaks with hook_del.
+        self._hooks = [self.uc.hook_add(UC_HOOK_INTR, self._on_intr),
+                       self.uc.hook_add(UC_HOOK_MEM_INVALID, self._on_bad_access)]
+
+    def map_data(self, r: _Region) -> None:
+        prot = UC_PROT_READ | (UC_PROT_WRITE if r.writable else 0)
+        self.uc.mem_map_ptr(r.start, r.size, prot, r.buf)
 
     def _on_intr(self, uc: Uc, intno: int, _user: object) -> None:
         self.pending_intr = intno
         uc.emu_stop()
 
+    def _on_bad_access(self, uc: Uc, access: int, address: int, size: int, value: int,
+                       _user: object) -> bool:
+        self.fault = (access, address)
+        return False       # not fixed up: Unicorn reports the fault
+
+    def release(self) -> None:
+        """Stop for good: drop the engine (at once, not at the next cycle
+        collection), the view and anything in flight."""
+        uc, self.uc = self.uc, None
+        if uc is not None:
+            _free_engine(uc, self._hooks)
+            self._hooks = []
+        del uc
+        self.views = []
+        self.stale = set()
+        self.ipis = []
+        task, self.trap_task, self.trap_regs = self.trap_task, None, None
+        if task is not None:
+            _close_quietly(task)
+        self.state = OFFLINE
+
+    def _engine(self) -> Uc:
+        if self.uc is None:
+            raise MachineError(f"cpu{self.id} is offline")
+        return self.uc
+
     def reg(self, name: str) -> int:
-        return self.uc.reg_read(_REG_NAMES[name])
+        return self._engine().reg_read(_REG_NAMES[name])
 
     def set_reg(self, name: str, value: int) -> None:
-        self.uc.reg_write(_REG_NAMES[name], value)
+        self._engine().reg_write(_REG_NAMES[name], value)
 
     def regs_dict(self) -> dict[str, int]:
-        return {n: self.uc.reg_read(r) for n, r in _REG_NAMES.items()}
+        uc = self._engine()
+        return {n: uc.reg_read(r) for n, r in _REG_NAMES.items()}
+
+
+def _free_engine(uc: Uc, hooks: list[int]) -> None:
+    """Free a Unicorn instance now rather than at the next cycle collection.
+
+    Two cycles keep it alive: each hook's wrapper closes over the Uc, and
+    the ctypes function pointer the binding keeps for it (made with
+    ``ctypes.cast``) holds itself in its ``_objects``.  ``hook_del`` drops
+    the binding's reference; clearing ``_objects`` breaks the second
+    cycle; and the engine (the bulk of the memory: QEMU's translation
+    buffers) is closed at once through the finalizer the binding registers
+    for it, whatever still refers to the Python object."""
+    callbacks = getattr(uc, "_callbacks", {})
+    for h in hooks:
+        fptr = callbacks.get(h)
+        uc.hook_del(h)
+        objs = getattr(fptr, "_objects", None)
+        if isinstance(objs, dict):
+            objs.clear()
+    finalizer = getattr(uc, "_Uc__finalizer", None)   # unicorn >= 2.1's weakref.finalize
+    if finalizer is not None:
+        finalizer()
+
+
+def _close_quietly(gen: Task) -> None:
+    """Close a generator the machine holds as it goes away; its clean-up may
+    well fail on a machine that is closing, and nobody is left to tell."""
+    try:
+        gen.close()
+    except Exception:
+        pass
 
 
 class _SimTask:
@@ -181,17 +320,20 @@ class SimMachine(Machine):
     """
 
     name = "sim"
-    capabilities = frozenset({Capability.CALL, Capability.SCRATCH, Capability.EXECMEM})
+    capabilities = frozenset({Capability.CALL, Capability.SCRATCH, Capability.EXECMEM,
+                              Capability.HOTPLUG})
 
     def __init__(self, regions: list[tuple[int, bytes | int, str, str]], *, ncpus: int = 4,
                  seed: int = 0, line_size: int = 64, policy: SchedPolicy = COARSE,
-                 stack_base: int = 0x0700_0000, stack_size: int = 0x4000) -> None:
+                 stack_base: int = 0x0700_0000, stack_size: int = 0x4000,
+                 trace: bool = False) -> None:
         super().__init__()
         if ncpus < 1:
             raise ValueError("need at least one CPU")
         if line_size < 1 or (line_size & (line_size - 1)):
             raise ValueError("line_size must be a power of two")
-        self.ncpus = ncpus
+        if stack_size < PAGE_SIZE or stack_size % PAGE_SIZE:
+            raise ValueError("stack_size must be a multiple of the page size")
         self.seed = seed
         self.line_size = line_size
         self.policy = policy
@@ -223,19 +365,32 @@ class SimMachine(Machine):
         self._ranges = [TextRange(r.start, r.start + r.size, r.name, r.core) for r in self._text]
         self._last_text = (0, self._text[0])
         self._mem = _SharedMemory(self)
-        self.vcpus = [VCpu(self, i) for i in range(ncpus)]
+        #: every vCPU ever created, indexed by id (unplugged ones are offline)
+        self.vcpus: list[VCpu] = []
+        self._online: list[VCpu] = []     # present CPUs, in id order
+        self.trace: list[tuple] | None = [] if trace else None
+        for _ in range(ncpus):
+            self._plug(VCpu(self, len(self.vcpus)))
         self._tasks: list[_SimTask] = []
         self.steps = 0
         self.oopses: list[Oops] = []
         self.smp_started = False
         self.preempt_addr: int | None = None
         self.ipi_broadcasts = 0
-        self.trace: list[tuple] | None = None
+
+    def _plug(self, c: VCpu) -> None:
+        self.vcpus.append(c)
+        self._online.append(c)
 
     # ---------------------------------------------------------------- Machine
     @property
     def cpus(self) -> list[int]:
-        return list(range(self.ncpus))
+        return [c.id for c in self._online]
+
+    @property
+    def ncpus(self) -> int:
+        """How many CPUs are present now."""
+        return len(self._online)
 
     @property
     def text_ranges(self) -> list[TextRange]:
@@ -249,6 +404,8 @@ class SimMachine(Machine):
         return float(self.steps)
 
     def _text_loc(self, addr: int, size: int) -> tuple[int, _Region]:
+        if self._closed:
+            self._check_open()
         i, r = self._last_text
         if r.start <= addr and addr + size <= r.start + r.size:
             return i, r
@@ -261,52 +418,84 @@ class SimMachine(Machine):
     def text_read(self, addr: int, size: int) -> bytes:
         _, r = self._text_loc(addr, size)
         off = addr - r.start
-        return bytes(r.buf[off:off + size])
+        return r.mv[off:off + size].tobytes()
 
     def text_poke_write(self, addr: int, data: bytes) -> Task:
         # The alias mapping (text_poke_mm) reaches the same physical bytes
-        # the CPUs fetch from; memcpy stores one byte after another, and any
-        # of them may be seen before the next.
+        # the CPUs fetch from.  Range errors and a closed machine are
+        # reported here, before the caller holds a task.
+        self._check_open()
+        data = bytes(data)
         idx, r = self._text_loc(addr, len(data))
+        if self.policy.write_granularity == "byte":
+            return self._write_bytes(idx, r, addr, data)
+        return self._write_poke(idx, r, addr, data)
+
+    def _write_bytes(self, idx: int, r: _Region, addr: int, data: bytes) -> Task:
+        # memcpy stores one byte after another, and any of them may be seen
+        # before the next.
         off = addr - r.start
         ls = self.line_size
-        stale_sets = [c.stale for c in self.vcpus]
+        mv = r.mv
         for i, b in enumerate(data):
-            r.buf[off + i] = b
+            self._check_open()
+            mv[off + i] = b
             line = (idx, (off + i) // ls)
-            for st in stale_sets:
-                st.add(line)
+            for c in self._online:
+                c.stale.add(line)
             if self.trace is not None:
-                self.trace.append(("w", self.steps, addr + i, b))
+                self.trace.append(("write", self.steps, None, addr + i, bytes((b,))))
             yield
+
+    def _write_poke(self, idx: int, r: _Region, addr: int, data: bytes) -> Task:
+        # One store of the whole poke; every line it touched goes stale in
+        # every view (exactly those lines), then others may look.
+        off = addr - r.start
+        n = len(data)
+        if n:
+            r.mv[off:off + n] = data
+            ls = self.line_size
+            lines = [(idx, ln) for ln in range(off // ls, (off + n - 1) // ls + 1)]
+            for c in self._online:
+                c.stale.update(lines)
+            if self.trace is not None:
+                self.trace.append(("write", self.steps, None, addr, data))
+        yield
 
     def text_write_early(self, addr: int, data: bytes) -> None:
         if self.smp_started:
             raise MachineError("text_poke_early() after secondary CPUs started running; "
                                "use the SMP batch")
+        data = bytes(data)
         idx, r = self._text_loc(addr, len(data))
         off = addr - r.start
-        ctypes.memmove(ctypes.addressof(r.buf) + off, bytes(data), len(data))
-        for c in self.vcpus:   # nothing runs yet: views follow at once
-            ctypes.memmove(ctypes.addressof(c.views[idx]) + off, bytes(data), len(data))
+        r.mv[off:off + len(data)] = data
+        for c in self._online:   # nothing runs yet: views follow at once
+            ctypes.memmove(ctypes.addressof(c.views[idx]) + off, data, len(data))
             c.uc.ctl_remove_cache(addr, addr + len(data))
 
     def sync_each_cpu(self) -> Task:
+        self._check_open()
         self.ipi_broadcasts += 1
         pending = set()
-        for c in self.vcpus:
+        lat = self.policy.ipi_latency
+        for c in self._online:
             if c.state == DEAD:
                 continue   # an oopsed CPU is stopped; it fetches nothing more
             pending.add(c.id)
-            lat = self.policy.ipi_latency
             due = self.steps + (self.rng.randint(0, lat) if lat else 0)
+            # An unplugged CPU acks on its way out: it never blocks the wait.
+            # One plugged in meanwhile is not waited for: it came up refilled.
             c.ipis.append((due, lambda cid=c.id: pending.discard(cid)))
+            if self.trace is not None:
+                self.trace.append(("ipi-send", self.steps, c.id, due))
         yield WaitUntil(lambda: not pending, "every CPU to take the sync IPI")
 
     def run_task(self, task: Task) -> Any:
         # The caller's CPU runs the task until its first observable step;
         # only then do the others get turns (a call that never yields, like
         # queueing a batch entry, costs no scheduling at all).
+        self._check_open()
         try:
             item = next(task)
         except StopIteration as stop:
@@ -328,8 +517,25 @@ class SimMachine(Machine):
             raise t.exc
         return t.result
 
+    # ------------------------------------------------------------ lifetime
+    def _release(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            _close_quietly(t.gen)
+        for c in self.vcpus:
+            c.release()
+        self._online = []
+        for r in self._text + self._data:
+            r.release()
+        self._text, self._data = [], []
+        self._mem._sim = None      # no sim <-> memory cycle left behind
+        self._last_text = (0, _Region(0, 0, "closed", False, False, False))
+        # trace and oopses stay readable: reports are written after the run.
+
     # ------------------------------------------------------------ memory
     def _data_loc(self, addr: int, size: int) -> _Region:
+        if self._closed:
+            self._check_open()
         for r in self._data:
             if r.start <= addr and addr + size <= r.start + r.size:
                 return r
@@ -338,26 +544,55 @@ class SimMachine(Machine):
     def mem_read(self, addr: int, size: int) -> bytes:
         r = self._data_loc(addr, size)
         off = addr - r.start
-        return bytes(r.buf[off:off + size])
+        return r.mv[off:off + size].tobytes()
 
     def mem_write(self, addr: int, data: bytes) -> None:
         r = self._data_loc(addr, len(data))
-        ctypes.memmove(ctypes.addressof(r.buf) + addr - r.start, bytes(data), len(data))
+        off = addr - r.start
+        r.mv[off:off + len(data)] = bytes(data)
 
     def read_u64(self, addr: int) -> int:
         return int.from_bytes(self.mem_read(addr, 8), "little")
+
+    def add_data_region(self, start: int, size: int, name: str, *, writable: bool = True) -> None:
+        """Map *size* bytes of zeroed, coherent data at *start* into every
+        vCPU, present and future (per-CPU data of a hot-plugged CPU)."""
+        self._check_open()
+        size = _round_up(size)
+        for r in self._text + self._data:
+            if start < r.start + r.size and r.start < start + size:
+                raise MachineError(f"data region {name} [{start:#x}, {start + size:#x}) overlaps "
+                                   f"{r.name} [{r.start:#x}, {r.start + r.size:#x})")
+        r = _Region(start, size, name, writable, False, False)
+        self._data.append(r)
+        for c in self._online:
+            c.map_data(r)
 
     def view_read(self, cpu: int, addr: int, size: int) -> bytes:
         """What *cpu* would fetch at addr now (its possibly stale view)."""
         idx, r = self._text_loc(addr, size)
         off = addr - r.start
-        return bytes(self.vcpus[cpu].views[idx][off:off + size])
+        view = self._vcpu(cpu).views[idx]
+        return ctypes.string_at(ctypes.addressof(view) + off, size)
 
     # ------------------------------------------------------------ CPUs
+    def _vcpu(self, cpu: int) -> VCpu:
+        """The present vCPU *cpu*, or MachineError."""
+        self._check_open()
+        if not 0 <= cpu < len(self.vcpus):
+            raise MachineError(f"no cpu{cpu} on this machine (present: {self.cpus})")
+        c = self.vcpus[cpu]
+        if c.state == OFFLINE:
+            raise MachineError(f"cpu{cpu} is offline (present: {self.cpus})")
+        return c
+
+    def _stack_top(self, cpu: int) -> int:
+        return self.stack_base + (cpu + 1) * self.stack_size
+
     def start_cpu(self, cpu: int, rip: int, regs: dict[str, int] | None = None) -> None:
         """Point a CPU at guest code; it runs when the scheduler gives it turns."""
-        c = self.vcpus[cpu]
-        c.set_reg("rsp", self.stack_base + (cpu + 1) * self.stack_size - 64)
+        c = self._vcpu(cpu)
+        c.set_reg("rsp", self._stack_top(cpu) - 64)
         for k, v in (regs or {}).items():
             c.set_reg(k, v)
         c.set_reg("rip", rip)
@@ -365,22 +600,85 @@ class SimMachine(Machine):
         self.smp_started = True
 
     def stop_cpu(self, cpu: int) -> None:
-        c = self.vcpus[cpu]
+        c = self._vcpu(cpu)
         if c.state == RUN:
             c.state = IDLE
 
+    def add_cpu(self) -> int:
+        """Hot-plug a CPU (``Capability.HOTPLUG``) and return its id, never
+        one used before.  It comes up idle, with every line of its view
+        filled from memory (so it is serialised: a sync in flight need not
+        wait for it), and listeners hear of it before it can run anything;
+        ``start_cpu`` sets it going."""
+        self._check_open()
+        cpu = len(self.vcpus)
+        lo, hi = self._stack_top(cpu) - self.stack_size, self._stack_top(cpu)
+        if not any(r.start <= lo and hi <= r.start + r.size for r in self._data):
+            self.add_data_region(lo, self.stack_size, f"stack{cpu}")
+        self._plug(VCpu(self, cpu))
+        if self.trace is not None:
+            self.trace.append(("cpu-up", self.steps, cpu))
+        self._cpus_changed("add", cpu)
+        return cpu
+
+    def remove_cpu(self, cpu: int, *, max_handler_steps: int = 1_000_000) -> None:
+        """Unplug *cpu* (``Capability.HOTPLUG``).
+
+        A CPU inside a trap handler is not cut off mid-handler: the handler
+        runs to its end first, right here (it may not sleep, so it finishes;
+        an unhandled trap is an oops as usual), and its IRET is taken.  Then
+        the CPU stops at that instruction boundary, acknowledges every IPI
+        sent to it (a vanished CPU never blocks a sync), gives up its engine,
+        and the listeners hear of it.  The last present CPU cannot go."""
+        c = self._vcpu(cpu)
+        if len(self._online) == 1:
+            raise MachineError(f"cpu{cpu} is the last CPU present; it cannot be unplugged")
+        spins = 0
+        while c.state == TRAP:
+            self._trap_step(c)
+            spins += 1
+            if spins > max_handler_steps:
+                raise MachineError(f"cpu{cpu}'s trap handler did not finish in "
+                                   f"{max_handler_steps} steps; not unplugged")
+        for _due, ack in c.ipis:
+            ack()
+        c.ipis.clear()
+        self._online.remove(c)
+        c.release()
+        if self.trace is not None:
+            self.trace.append(("cpu-down", self.steps, cpu))
+        self._cpus_changed("remove", cpu)
+
+    def abandon_tasks(self) -> None:
+        """Stop scheduling every spawned task (they are not closed: their
+        owners decide); see ``Machine.abandon_tasks``."""
+        self._tasks.clear()
+
     def spawn(self, task: Task, name: str = "task") -> _SimTask:
+        self._check_open()
         t = _SimTask(task, name)
         self._tasks.append(t)
         return t
 
-    def _oops(self, c: VCpu, kind: str, detail: str = "") -> None:
-        rip = c.reg("rip")
-        try:
-            raw = self.view_read(c.id, rip, 8)
-        except BadAddressError:
-            raw = b""
-        o = Oops(c.id, kind, rip, raw, c.regs_dict(), self.steps, detail)
+    def _oops(self, c: VCpu, kind: str, detail: str = "", rip: int | None = None) -> None:
+        if rip is None:
+            rip = c.reg("rip")
+        addr = access = None
+        if c.fault is not None:
+            acc, addr = c.fault
+            access = _ACCESS.get(acc, str(acc))
+            c.fault = None
+        raw, code, code_start = b"", b"", rip
+        for i, r in enumerate(self._text):
+            if r.start <= rip < r.start + r.size:
+                view = c.views[i]
+                raw = bytes(view[rip - r.start: min(r.size, rip - r.start + 8)])
+                code_start = max(r.start, rip - CODE_PROLOGUE)
+                code_end = min(r.start + r.size, rip + CODE_EPILOGUE + 1)
+                code = bytes(view[code_start - r.start: code_end - r.start])
+                break
+        o = Oops(c.id, kind, rip, raw, c.regs_dict(), self.steps, detail,
+                 addr, access or "", code, code_start)
         self.oopses.append(o)
         c.state = DEAD
         for _due, ack in c.ipis:   # a stopped CPU fetches nothing more: count it as synced
@@ -394,10 +692,10 @@ class SimMachine(Machine):
         """sync_core / IRET: every stale line of this CPU's view is refilled."""
         if c.stale:
             for line in sorted(c.stale):
-                self._refill(c, line)
+                self._refill(c, line, "sync")
             c.stale.clear()
 
-    def _refill(self, c: VCpu, line: tuple[int, int]) -> None:
+    def _refill(self, c: VCpu, line: tuple[int, int], why: str) -> None:
         idx, ln = line
         r = self._text[idx]
         off = ln * self.line_size
@@ -405,6 +703,8 @@ class SimMachine(Machine):
         ctypes.memmove(ctypes.addressof(c.views[idx]) + off, ctypes.addressof(r.buf) + off, n)
         c.uc.ctl_remove_cache(r.start + off, r.start + off + n)
         c.refreshes += 1
+        if self.trace is not None:
+            self.trace.append(("refill", self.steps, c.id, r.start + off, n, why))
 
     def _cpu_turn(self, c: VCpu) -> None:
         if c.state == TRAP:
@@ -415,20 +715,23 @@ class SimMachine(Machine):
             # inside a trap handler; taking one serialises (sync_core).
             self._serialise(c)
             keep = []
+            acked = 0
             for due, ack in c.ipis:
                 if due <= self.steps or c.state != RUN:
                     ack()
+                    acked += 1
                     c.ipis_taken += 1
                 else:
                     keep.append((due, ack))
             c.ipis = keep
             if self.trace is not None:
-                self.trace.append(("ipi", self.steps, c.id))
+                self.trace.append(("ipi", self.steps, c.id, acked))
             return
         if c.state != RUN:
             return
         p = self.policy
-        rip = c.reg("rip")
+        uc = c.uc
+        rip = uc.reg_read(X.UC_X86_REG_RIP)
         c.pending_intr = None
         if p.until_preempt and self.preempt_addr is not None:
             # Run to the guest's preemption point; when sitting on it, take
@@ -439,7 +742,7 @@ class SimMachine(Machine):
             count = p.slice_min if p.slice_min == p.slice_max else self.rng.randint(p.slice_min, p.slice_max)
         c.slices += 1
         try:
-            c.uc.emu_start(rip, until, count=count)
+            uc.emu_start(rip, until, count=count)
         except UcError as e:
             self._oops(c, _fault_kind(e), str(e))
             return
@@ -464,8 +767,14 @@ class SimMachine(Machine):
         for handler in self.trap_handlers:
             handled = yield from handler(regs)
             if handled:
-                return True
-        return False
+                return handler
+        return None
+
+    def _handler_name(self, handler: Any) -> str:
+        for h in self._trap_handles:
+            if h.handler is handler:
+                return h.name
+        return getattr(handler, "__qualname__", repr(handler))
 
     def _trap_step(self, c: VCpu) -> None:
         try:
@@ -474,18 +783,22 @@ class SimMachine(Machine):
                 raise MachineError("a trap handler may not sleep")
             return
         except StopIteration as stop:
-            handled = stop.value
+            handler = stop.value
         c.trap_task = None
-        if not handled:
-            c.state = RUN
-            c.set_reg("rip", c.trap_regs.ip - 1)
-            self._oops(c, "int3", "unhandled INT3")
-            return
         r = c.trap_regs
+        if handler is None:
+            if self.trace is not None:
+                self.trace.append(("unhandled", self.steps, c.id, r.ip - 1))
+            c.state = RUN
+            c.set_reg("rip", r.ip - 1)
+            self._oops(c, "int3", "unhandled INT3", rip=r.ip - 1)
+            return
         c.set_reg("rip", r.ip)
         c.set_reg("rsp", r.sp)
         c.set_reg("rflags", r.flags)
         c.state = RUN
+        if self.trace is not None:
+            self.trace.append(("iret", self.steps, c.id, self._handler_name(handler), r.ip))
         self._serialise(c)     # IRET serialises
 
     def _task_turn(self, t: _SimTask) -> None:
@@ -503,7 +816,8 @@ class SimMachine(Machine):
                 return
             except BaseException as e:  # surfaced by run_task / the caller
                 t.done, t.exc = True, e
-                self._tasks.remove(t)
+                if t in self._tasks:
+                    self._tasks.remove(t)
                 return
             if isinstance(item, WaitUntil):
                 t.wait = item
@@ -515,19 +829,22 @@ class SimMachine(Machine):
     def step(self) -> bool:
         """One scheduling decision; False when nothing at all can run (every
         CPU stopped or dead and no task left)."""
+        if self._closed:
+            self._check_open()
         self.steps += 1
         rng = self.rng
         p = self.policy
+        online = self._online
         if p.refresh_prob and rng.random() < p.refresh_prob:
-            stale_cpus = [c for c in self.vcpus if c.stale and c.state != DEAD]
+            stale_cpus = [c for c in online if c.stale and c.state != DEAD]
             if stale_cpus:
                 c = stale_cpus[rng.randrange(len(stale_cpus))]
                 lines = sorted(c.stale)
                 line = lines[rng.randrange(len(lines))]
                 c.stale.discard(line)
-                self._refill(c, line)
+                self._refill(c, line, "evict")
                 return True
-        cands: list[Any] = [c for c in self.vcpus if c.state in (RUN, TRAP) or c.ipis]
+        cands: list[Any] = [c for c in online if c.state in (RUN, TRAP) or c.ipis]
         tasks = [t for t in self._tasks if t.wait is None or t.wait.predicate()]
         if not cands and not tasks:
             if self._tasks:
@@ -544,11 +861,13 @@ class SimMachine(Machine):
 
     def run(self, steps: int) -> None:
         """Up to *steps* scheduling decisions (fewer if nothing can run)."""
+        self._check_open()
         for _ in range(steps):
             if not self.step():
                 return
 
     def run_until(self, pred: Callable[[], bool], max_steps: int = 10_000_000) -> bool:
+        self._check_open()
         for _ in range(max_steps):
             if pred():
                 return True
@@ -561,12 +880,12 @@ class SimMachine(Machine):
         %rax -- for boot-time use, outside the scheduler (nothing else runs).
         Arguments go in rdi, rsi, rdx, rcx, r8, r9.  INT3 traps go through
         the trap chain as usual; an unhandled trap raises MachineError."""
-        c = self.vcpus[cpu]
+        c = self._vcpu(cpu)
         if c.state == DEAD:
             raise MachineError(f"cpu{cpu} is dead")
         saved = c.regs_dict()
         sentinel = self._ranges[0].end - 1   # INT3 padding: stopping there is enough
-        sp = self.stack_base + (cpu + 1) * self.stack_size - 256
+        sp = self._stack_top(cpu) - 256
         sp -= 8
         self.mem_write(sp, sentinel.to_bytes(8, "little"))
         for name, val in zip(("rdi", "rsi", "rdx", "rcx", "r8", "r9"), args):
@@ -580,7 +899,11 @@ class SimMachine(Machine):
                 try:
                     c.uc.emu_start(rip, sentinel, count=budget)
                 except UcError as e:
-                    raise MachineError(f"{_fault_kind(e)} at {c.reg('rip'):#x} while calling "
+                    where = ""
+                    if c.fault is not None:
+                        where = f" ({_ACCESS.get(c.fault[0], '?')} at {c.fault[1]:#x})"
+                        c.fault = None
+                    raise MachineError(f"{_fault_kind(e)}{where} at {c.reg('rip'):#x} while calling "
                                        f"{addr:#x}: {e}") from None
                 rip = c.reg("rip")
                 if rip == sentinel:
@@ -591,7 +914,7 @@ class SimMachine(Machine):
                     raise MachineError(f"trap {c.pending_intr} at {rip:#x} while calling {addr:#x}")
                 regs = PtRegs(ip=rip, sp=c.reg("rsp"), flags=c.reg("rflags"), mem=self._mem, cpu=cpu)
                 handled = drive(self._run_trap_chain(regs))
-                if not handled:
+                if handled is None:
                     raise MachineError(f"unhandled INT3 at {rip - 1:#x} while calling {addr:#x}")
                 c.set_reg("rsp", regs.sp)
                 c.set_reg("rflags", regs.flags)

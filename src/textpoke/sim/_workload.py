@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from .._core._insn import (CALL_INSN_OPCODE, INT3_INSN_OPCODE, JMP8_INSN_OPCODE, JMP32_INSN_OPCODE,
                      text_gen_insn)
+from .._errors import BadAddressError
 from ..images import ElfImage, ImageError, load_bundled
 from ..images._kernel import kernel_regions
 from ._machine import COARSE, SchedPolicy, SimMachine
@@ -69,6 +70,35 @@ class Workload:
         self.by_name = {s.name: s for s in sites}
         self.loop_top = image.sym("workload_main")
 
+    # --- lifetime: the workload owns its machine ----------------------------
+    def close(self) -> None:
+        """Close the sim machine (and the TextPoke on it).  Idempotent."""
+        self.sim.close()
+
+    def __enter__(self) -> "Workload":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- CPU hotplug ----------------------------------------------------------
+    def add_cpu(self, *, start: bool = True) -> int:
+        """Hot-plug a CPU with its own per-CPU record (zeroed) and, unless
+        *start* is false, set it running the workload loop."""
+        cpu = self.sim.add_cpu()
+        base = self.percpu(cpu)
+        try:
+            self.sim.mem_read(base, PERCPU_STRIDE)
+        except BadAddressError:
+            self.sim.add_data_region(base, PERCPU_STRIDE, f"percpu{cpu}")
+        if start:
+            self.start([cpu])
+        return cpu
+
+    def remove_cpu(self, cpu: int) -> None:
+        """Unplug *cpu* (see :meth:`SimMachine.remove_cpu`); its record stays readable."""
+        self.sim.remove_cpu(cpu)
+
     def percpu(self, cpu: int) -> int:
         return PERCPU_BASE + cpu * PERCPU_STRIDE
 
@@ -115,14 +145,17 @@ def _sites_of(image: ElfImage) -> tuple[Site, ...]:
 
 def boot_workload(*, ncpus: int = 4, seed: int = 0, line_size: int = 64,
                   policy: SchedPolicy = COARSE, image: ElfImage | None = None,
-                  module_size: int = MODULE_SIZE) -> Workload:
+                  module_size: int = MODULE_SIZE, trace: bool = False) -> Workload:
     """Create a sim machine holding an image with the workload linked in
     (default: the bare ``workload.elf``; the kernel image carries it too).
-    CPUs are not started."""
+    CPUs are not started.  ``trace=True`` records the machine's timeline
+    (see :mod:`textpoke.sim._report`).  Use it as a context manager, or
+    ``close()`` it, to free the machine at once."""
     image = image or load_bundled("workload.elf")
     regions = kernel_regions(image)
     regions.append((MODULE_BASE, module_size, "module", "execmem"))
     regions.append((PERCPU_BASE, PERCPU_STRIDE * ncpus, "data", "percpu"))
-    sim = SimMachine(regions, ncpus=ncpus, seed=seed, line_size=line_size, policy=policy)
+    sim = SimMachine(regions, ncpus=ncpus, seed=seed, line_size=line_size, policy=policy,
+                     trace=trace)
     sim.preempt_addr = image.sym("preempt_point")
     return Workload(sim, image, list(_sites_of(image)))
