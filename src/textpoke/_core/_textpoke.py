@@ -206,6 +206,7 @@ class _Inflight:
     olds: list[bytes] = field(default_factory=list)   # whole old insn per site touched
     phase: str = "refs"          # refs -> int3 -> tail -> first -> drop
     dropped: set[int] = field(default_factory=set)     # CPUs whose batch ref is put
+    announced: int = 0           # sites whose "batch" event (old -> new) is in the log
     done: bool = False
 
 
@@ -671,6 +672,7 @@ class TextPoke:
             # From here until the first byte lands only INT3 is visible, so
             # this is the instant at which a trace switches old -> new.
             record(addr, old, new, "batch", now())
+            st.announced += 1
         if do_sync and proto.sync_after_tails:
             yield from self._sync()
 
@@ -764,7 +766,8 @@ class TextPoke:
 
     def _batch_finish_forward(self, st: _Inflight) -> Task:
         """Every tail is written and synced: write the first bytes still
-        missing, sync."""
+        missing, then sync -- always: the interrupted write may have stored
+        its byte without the sync that should follow it."""
         m = self.machine
         wrote = False
         for tpl in st.vec:
@@ -773,45 +776,48 @@ class TextPoke:
             if byte[0] != INT3_INSN_OPCODE and m.text_read(addr, 1) != byte:
                 yield from self._poke(addr, byte, "first")
                 wrote = True
-        if wrote or not self.protocol.sync_after_first:
-            yield from self._sync()
+        yield from self._sync()
         self.stats.finished_forward += 1
 
     def _batch_rollback(self, st: _Inflight) -> Task:
         """Put every site touched so far back as it was, with the same
         discipline.  The entries stay in the array meanwhile, so a CPU
         reaching an INT3 still emulates (the new instruction: old or new is
-        fine while a site is in flux)."""
+        fine while a site is in flux).
+
+        The interrupted write may have landed without the sync that should
+        have followed it, so the syncs here depend on what the text may
+        hold, not only on what this rollback writes."""
         m = self.machine
         self.stats.rollbacks += 1
         touched = list(zip(st.vec, st.olds))
+        if not touched:
+            return
         wrote = False
+        tails_differ = False
         for tpl, old in touched:          # 1. every site starts with INT3
             addr = self.text_poke_addr(tpl)
             cur = m.text_read(addr, tpl.len)
+            if cur[1:] != old[1:]:
+                tails_differ = True
             if cur != old and cur[0] != INT3_INSN_OPCODE:
                 yield from self._poke(addr, b"\xcc", "int3")
                 wrote = True
-        if wrote:
+        if wrote or tails_differ:
             yield from self._sync()
-        wrote = False
         for tpl, old in touched:          # 2. old tails back
             addr = self.text_poke_addr(tpl)
             if tpl.len > 1 and m.text_read(addr + 1, tpl.len - 1) != old[1:]:
                 yield from self._poke(addr + 1, old[1:], "tail")
-                wrote = True
-        if wrote:
+        if tails_differ or st.phase == "tail":
             yield from self._sync()
-        wrote = False
         for tpl, old in touched:          # 3. old first bytes back
             addr = self.text_poke_addr(tpl)
             if m.text_read(addr, 1) != old[:1]:
                 yield from self._poke(addr, old[:1], "first")
-                wrote = True
-        if wrote:
-            yield from self._sync()
+        yield from self._sync()           # no CPU may keep a stale INT3
         now = m.now()
-        for tpl, old in touched:          # the log says the site is old again
+        for tpl, old in touched[:st.announced]:   # the log says the site is old again
             self.events.record(self.text_poke_addr(tpl), tpl.new_bytes(), old, "rollback", now)
 
     # ------------------------------------------------------------ INT3 handler
