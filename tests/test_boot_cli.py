@@ -74,13 +74,15 @@ def test_boot_human_output(capsys):
 @pytest.mark.parametrize("args, message", [
     (("--cpu-features", "erms,warp_drive"), "unknown CPU feature 'warp_drive'"),
     (("--disasm", "no_such_function"), "unknown symbol 'no_such_function'"),
-    (("--cpus", "0"), "--cpus must be at least 1"),
+    (("--cpus", "0"), "argument --cpus: must be from 1..64, got 0"),
+    (("--cpus", "65"), "argument --cpus: must be from 1..64, got 65"),
 ])
 def test_boot_refuses_cleanly(args, message):
     p = _run(*args)
     assert p.returncode == 2
     assert message in p.stderr
     assert "Traceback" not in p.stderr and not p.stdout
+    assert len(p.stderr.splitlines()) == 1
 
 
 def test_boot_lists_features():

@@ -6,20 +6,28 @@ readable tables, the self-tests, and per-table counts.
     textpoke boot [--cpus N] [--cpu-features LIST] [--debug-alternative[=MASK]]
                   [--disasm SYMBOL] [--json]
 
-Imported by :mod:`textpoke.cli`, which picks up ``SUBCOMMANDS["boot"]``.
+Exit status as for every command (see :mod:`textpoke.cli`): 1 when a
+self-test fails, 2 for a bad option, feature or symbol.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
-import sys
 from typing import Any
 
-from .. import cli as _cli
 from .._alternative import DEFAULT_FEATURES
+from . import _output as out
+from ._args import CPUS, UsageError, int_in
 
-__all__ = ["disassemble", "run_boot"]
+__all__ = ["add_arguments", "disassemble", "run", "run_boot"]
+
+NAME = "boot"
+HELP = ("boot the bundled kernel image: alternatives, retpolines, returns, SMP locks, "
+        "self-tests")
+DESCRIPTION = ("Boot the bundled kernel-like image and show what the boot-time patcher did:\n"
+               "the kernel's debug-alternative output as tables, the self-tests, and\n"
+               "per-table counts.")
 
 
 _BYTES_SHOWN = 12
@@ -28,25 +36,32 @@ _BYTES_SHOWN = 12
 _PIPE_WIDTH = 160
 
 
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cpus", type=int, default=1,
-                   help="virtual CPUs present at boot (default 1: LOCK prefixes become DS)")
-    p.add_argument("--cpu-features", default=",".join(DEFAULT_FEATURES), metavar="LIST",
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpus", type=int_in(CPUS), default=1, metavar="N",
+                   help=f"virtual CPUs present at boot, {CPUS} (default 1: LOCK prefixes "
+                        "become DS)")
+    p.add_argument("--cpu-features", type=_features, default=",".join(DEFAULT_FEATURES),
+                   metavar="LIST",
                    help="comma-separated CPU features (X86_FEATURE_* names without the prefix, "
                         "or word*32+bit); 'none' for a CPU with none; 'list' to list them "
-                        f"(default: {','.join(DEFAULT_FEATURES)})")
+                        f"(default: {', '.join(DEFAULT_FEATURES)})")
     p.add_argument("--debug-alternative", nargs="?", const="all", default=None, metavar="MASK",
                    help="also print the patcher's debug records; MASK as on the kernel "
                         "command line (0x1 alt, 0x2 ret, 0x4 retpoline, 0x8 endbr, 0x10 smp) "
                         "or names (alt,ret,...); no MASK means all")
     p.add_argument("--disasm", metavar="SYMBOL", action="append", default=None,
                    help="show SYMBOL's disassembly before and after patching (repeatable)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
 
-def _fail(msg: str) -> int:
-    print(f"textpoke boot: {msg}", file=sys.stderr)
-    return 2
+def _features(text: str) -> str | list[str]:
+    """argparse type of --cpu-features: 'list', or the checked feature names."""
+    if text.strip().lower() == "list":
+        return "list"
+    try:
+        return _parse_features(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _parse_features(text: str) -> list[str] | None:
@@ -96,22 +111,17 @@ def _show_bytes(b: bytes) -> str:
     return b[:_BYTES_SHOWN].hex(" ") + f" …(+{len(b) - _BYTES_SHOWN})"
 
 
-def run_boot(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from ..images._tables import X86_FEATURES
-    if args.cpu_features.strip().lower() == "list":
+    if args.cpu_features == "list":
         if args.json:
-            _cli._emit_json({"features": {k: f"{v // 32}*32+{v % 32}" for k, v in X86_FEATURES.items()}})
+            out.emit_json({"features": {k: f"{v // 32}*32+{v % 32}" for k, v in X86_FEATURES.items()}})
         else:
-            con = _cli._console()
+            con = out.console()
             for k, v in sorted(X86_FEATURES.items(), key=lambda kv: kv[1]):
                 con.print(f"  {k:18} {v // 32:2}*32+{v % 32}")
         return 0
-    try:
-        features = _parse_features(args.cpu_features)
-    except ValueError as e:
-        return _fail(str(e))
-    if args.cpus < 1:
-        return _fail("--cpus must be at least 1")
+    features = args.cpu_features
     from .._alternative import DA_ALL, alternative_instructions, parse_debug_alternative
     from .._core import TextPoke
     from ..images import load_bundled
@@ -123,27 +133,27 @@ def run_boot(args: argparse.Namespace) -> int:
         if name not in image.symbols:
             close = difflib.get_close_matches(name, list(image.symbols), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            return _fail(f"unknown symbol {name!r} in {KERNEL_IMAGE}{hint}")
+            raise UsageError(f"unknown symbol {name!r} in {KERNEL_IMAGE}{hint}")
     mask = parse_debug_alternative(args.debug_alternative) if args.debug_alternative else 0
 
     sim, image, tables = boot_kernel_image(args.cpus, image)
-    core = TextPoke(sim)
-    ranges = {n: _function_range(image, n) for n in args.disasm or ()}
-    before = {n: sim.text_read(a, s) for n, (a, s) in ranges.items()}
-    result = alternative_instructions(core, image, tables, features,
-                                      debug_alternative=mask or 0, strict=False)
-    after = {n: sim.text_read(a, s) for n, (a, s) in ranges.items()}
+    with sim, TextPoke(sim) as core:
+        ranges = {n: _function_range(image, n) for n in args.disasm or ()}
+        before = {n: sim.text_read(a, s) for n, (a, s) in ranges.items()}
+        result = alternative_instructions(core, image, tables, features,
+                                          debug_alternative=mask or 0, strict=False)
+        after = {n: sim.text_read(a, s) for n, (a, s) in ranges.items()}
     disasm = {n: {"addr": ranges[n][0], "size": ranges[n][1],
                   "before": disassemble(before[n], ranges[n][0]),
                   "after": disassemble(after[n], ranges[n][0])} for n in ranges}
     if args.json:
-        out = result.as_dict(debug_mask=mask)
+        doc = result.as_dict(debug_mask=mask)
         if not mask:
-            out.pop("debug_alternative")
-        out["image"] = KERNEL_IMAGE
+            doc.pop("debug_alternative")
+        doc["image"] = KERNEL_IMAGE
         if disasm:
-            out["disasm"] = disasm
-        _cli._emit_json(out)
+            doc["disasm"] = disasm
+        out.emit_json(doc)
     else:
         _print_boot(result, disasm, mask, DA_ALL)
     return 0 if result.ok else 1
@@ -152,7 +162,7 @@ def run_boot(args: argparse.Namespace) -> int:
 def _print_boot(r: Any, disasm: dict, mask: int, da_all: int) -> None:
     from rich import box
     from rich.table import Table
-    con = _cli._console()
+    con = out.console()
     if not con.is_terminal:
         con.width = max(con.width, _PIPE_WIDTH)
     feats = ", ".join(f for f in r.features if f != "always") or "none"
@@ -241,14 +251,5 @@ def _print_boot(r: Any, disasm: dict, mask: int, da_all: int) -> None:
             con.print(f"[red]{s.name}: FAILED[/] — {s.detail}")
 
 
-_ENTRY = (_add_arguments, run_boot,
-          "boot the bundled kernel image: alternatives, retpolines, returns, SMP locks, "
-          "self-tests")
-
-
-def _register() -> None:
-    from .. import cli
-    cli.SUBCOMMANDS["boot"] = _ENTRY
-
-
-_register()
+#: the name this function had when boot was a plug-in
+run_boot = run

@@ -15,13 +15,34 @@ The oracle then checks:
 * ``stale``  -- after the patcher returns, every CPU runs the new code;
 * ``hang``   -- every CPU keeps completing loop iterations;
 * ``error``  -- the patcher itself did not fail.
+
+Every schedule is decided by six values and nothing else -- scenario,
+strategy, mutation, CPUs, fetch-view line size and seed -- carried together
+as a :class:`Replay`, so that a violation's replay runs the very same
+schedule.  After each schedule the sites are read back and an INT3 of ours
+left in the text is counted (``int3_left``).
+
+:func:`verify` streams: seeds are drawn lazily and only a bounded number of
+chunks is in flight in the process pool, so memory stays flat however many
+schedules are asked for.  Results are absorbed in order, so the report is
+the same whatever ``jobs`` is.  Should anything interrupt it (a
+KeyboardInterrupt, a signal handler that raises), it stops dispatching,
+lets the schedules in flight finish (workers ignore SIGINT/SIGTERM and
+check a stop flag between schedules), absorbs what completed, marks the
+report ``interrupted`` and re-raises; pass ``report=`` to keep that
+partial report.
 """
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import random
+import shlex
+import signal
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .._core import MUTATIONS, TextPoke
 from .._errors import TextPokeError
@@ -29,8 +50,9 @@ from .._core._machine import Task
 from ._machine import FINE, SchedPolicy
 from ._workload import VARIANTS, Site, Workload, boot_workload
 
-__all__ = ["Scenario", "SCENARIOS", "STRATEGIES", "Violation", "ScheduleResult",
-           "VerifyReport", "check_arguments", "run_schedule", "verify"]
+__all__ = ["Scenario", "SCENARIOS", "STRATEGIES", "Replay", "Violation", "ScheduleResult",
+           "VerifyReport", "check_arguments", "run_schedule", "verify", "stray_int3s",
+           "variant_name", "oops_report", "format_oops", "timeline", "format_timeline"]
 
 STRATEGIES = ("int3", "naive")
 
@@ -62,15 +84,53 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
 
 
 @dataclass(frozen=True, slots=True)
+class Replay:
+    """Everything that shapes one schedule: run it again with these and the
+    same thing happens, event for event."""
+
+    scenario: str
+    seed: int
+    strategy: str = "int3"
+    mutation: str | None = None
+    cpus: int = 3
+    line_size: int = 64
+
+    def as_dict(self) -> dict:
+        return {"scenario": self.scenario, "strategy": self.strategy, "mutation": self.mutation,
+                "cpus": self.cpus, "line_size": self.line_size, "seed": self.seed}
+
+    def argv(self) -> list[str]:
+        """The command line that replays this schedule."""
+        a = ["textpoke", "verify", "--scenario", self.scenario, "--strategy", self.strategy]
+        if self.mutation:
+            a += ["--mutation", self.mutation]
+        return a + ["--cpus", str(self.cpus), "--line-size", str(self.line_size),
+                    "--replay", str(self.seed)]
+
+    def command(self) -> str:
+        return shlex.join(self.argv())
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of :func:`run_schedule` after scenario and seed."""
+        return {"strategy": self.strategy, "mutation": self.mutation, "ncpus": self.cpus,
+                "line_size": self.line_size}
+
+
+@dataclass(frozen=True, slots=True)
 class Violation:
     kind: str          # oops | mixed | stale | hang | error
     scenario: str
     seed: int
     detail: str
+    replay: Replay | None = None
 
     def as_dict(self) -> dict:
-        return {"kind": self.kind, "scenario": self.scenario, "seed": self.seed,
-                "detail": self.detail}
+        d = {"kind": self.kind, "scenario": self.scenario, "seed": self.seed,
+             "detail": self.detail}
+        if self.replay is not None:
+            d["replay"] = self.replay.as_dict()
+            d["replay_command"] = self.replay.command()
+        return d
 
 
 @dataclass(slots=True)
@@ -81,9 +141,135 @@ class ScheduleResult:
     steps: int
     int3_emulated: int
     syncs: int
+    #: per site, times each variant ran (named as in ``VARIANTS``), all CPUs
     behaviours: dict[str, dict[str, int]] = field(default_factory=dict)
+    replay: Replay | None = None
+    #: one report per oops (see :func:`oops_report`)
+    oopses: list[dict] = field(default_factory=list)
+    #: sites whose first byte is an INT3 of ours once the schedule is over
+    int3_left: int = 0
+    #: the schedule's timeline when run with ``trace=True``
+    timeline: list[dict] | None = None
+
+    def as_dict(self) -> dict:
+        d = {"params": self.replay.as_dict() if self.replay else None,
+             "replay_command": self.replay.command() if self.replay else None,
+             "steps": self.steps, "int3_emulated": self.int3_emulated, "syncs": self.syncs,
+             "int3_left": self.int3_left,
+             "violations": [v.as_dict() for v in self.violations],
+             "behaviours": self.behaviours, "oopses": self.oopses}
+        if self.timeline is not None:
+            d["timeline"] = self.timeline
+        return d
 
 
+def variant_name(i: int) -> str:
+    """The name of a workload variant slot: old, new, not-taken, ...;
+    the garbage slots carry their number (garbage-5)."""
+    name = VARIANTS[i]
+    if sum(1 for v in VARIANTS.values() if v == name) > 1:
+        return f"{name}-{i}"
+    return name
+
+
+# --------------------------------------------------------------- reports
+# sim/_report.py (kernel-style oops and the schedule's timeline) is used
+# when present; until then these fall back to the plain forms.
+def _report_module():
+    import importlib
+    try:
+        return importlib.import_module(f"{__package__}._report")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}._report":
+            raise
+        return None
+
+
+def oops_report(oops: Any, image: Any) -> dict:
+    """A dict describing *oops* (CPU, RIP as symbol+off/size, registers,
+    code bytes, ...)."""
+    rep = _report_module()
+    if rep is not None:
+        return rep.oops_report(oops, image)
+    d = oops.as_dict()
+    d["text"] = str(oops)
+    return d
+
+
+def format_oops(report: dict) -> str:
+    rep = _report_module()
+    if rep is not None and "text" not in report:
+        return rep.format_oops(report)
+    return report.get("text") or str(report)
+
+
+def timeline(sim: Any, core: Any) -> list[dict]:
+    """Per-step events of a traced schedule: pokes, IPIs, INT3 hits, ..."""
+    rep = _report_module()
+    if rep is not None:
+        return rep.timeline(sim, core)
+    out: list[dict] = []
+    for t in getattr(sim, "trace", None) or ():
+        if not isinstance(t, tuple):
+            continue
+        kind, step = t[0], t[1]
+        if kind == "w":
+            out.append({"step": step, "cpu": None, "what": "write", "addr": t[2], "byte": t[3]})
+        elif kind == "ipi":
+            out.append({"step": step, "cpu": t[2], "what": "ipi-taken"})
+        elif kind == "int3":
+            out.append({"step": step, "cpu": t[2], "what": "int3", "addr": t[3]})
+        elif kind == "oops":
+            out.append({"step": step, "cpu": t[2], "what": "oops", "kind": t[3], "rip": t[4]})
+    for ev in core.events:
+        out.append({"step": ev.time, "cpu": None, "what": f"poke {ev.phase}", "addr": ev.addr,
+                    "old": ev.old.hex(), "new": ev.new.hex()})
+    out.sort(key=lambda e: e["step"])
+    return out
+
+
+def format_timeline(events: list[dict]) -> str:
+    rep = _report_module()
+    if rep is not None:
+        return rep.format_timeline(events)
+    lines = []
+    for e in events:
+        who = "patcher" if e.get("cpu") is None else f"cpu{e['cpu']}"
+        rest = " ".join(f"{k}={v:#x}" if isinstance(v, int) and k in ("addr", "rip") else f"{k}={v}"
+                        for k, v in e.items() if k not in ("step", "cpu", "what"))
+        lines.append(f"{e['step']:>8}  {who:8} {e['what']} {rest}".rstrip())
+    return "\n".join(lines)
+
+
+def stray_int3s(w: Workload) -> list[str]:
+    """Names of the workload's sites whose first byte reads INT3 although
+    neither their old nor their new bytes start with one: an INT3 of the
+    protocol left behind.  Read back from the text, not assumed."""
+    return [s.name for s in w.sites
+            if s.old[:1] != b"\xcc" and s.new[:1] != b"\xcc"
+            and w.sim.text_read(s.addr, 1) == b"\xcc"]
+
+
+def _close_workload(w: Workload) -> None:
+    close = getattr(w, "close", None)
+    if close is not None:
+        close()
+    else:
+        w.sim.close()
+
+
+def _boot(ncpus: int, seed: int, line_size: int, policy: SchedPolicy, trace: bool) -> Workload:
+    kw: dict[str, Any] = dict(ncpus=ncpus, seed=seed, line_size=line_size, policy=policy)
+    if trace and "trace" in inspect.signature(boot_workload).parameters:
+        kw["trace"] = True
+        return boot_workload(**kw)
+    w = boot_workload(**kw)
+    if trace:
+        w.sim.trace = []          # the machine's raw trace, until tracing is a parameter
+    return w
+
+
+# -------------------------------------------------------------- schedules
 def _probe_handler(site: Site, hits: dict[int, int]) -> Callable:
     def handler(regs) -> Task:
         if regs.ip - 1 != site.addr:
@@ -125,104 +311,154 @@ def check_arguments(scenarios: list[str], strategy: str, mutation: str | None) -
         raise ValueError("mutations remove steps of the int3 protocol; they do not apply to naive")
 
 
+class _Schedule:
+    """One schedule's machine, core and oracle.  A context manager: the
+    machine (and its Unicorn instances) is released on exit."""
+
+    def __init__(self, scenario: str, seed: int, *, strategy: str = "int3",
+                 mutation: str | None = None, ncpus: int = 3, line_size: int = 64,
+                 policy: SchedPolicy = FINE, max_steps: int = 200_000, trace: bool = False) -> None:
+        check_arguments([scenario], strategy, mutation)
+        self.replay = Replay(scenario, seed, strategy, mutation, ncpus, line_size)
+        self.scn = SCENARIOS[scenario]
+        self.policy, self.max_steps, self.trace = policy, max_steps, trace
+        self.w = _boot(ncpus, seed, line_size, policy, trace)
+        try:
+            self.core = TextPoke(self.w.sim, mutations=(mutation,) if mutation else ())
+        except BaseException:
+            _close_workload(self.w)
+            raise
+
+    def __enter__(self) -> "_Schedule":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.core.close()
+        finally:
+            _close_workload(self.w)
+
+    def int3_left(self) -> int:
+        """Finish/roll back what the core holds, then count stray INT3s."""
+        self.core.close()
+        return len(stray_int3s(self.w))
+
+    def run(self) -> ScheduleResult:
+        scn, w, core, seed, max_steps = self.scn, self.w, self.core, self.replay.seed, self.max_steps
+        scenario = scn.name
+        sim = w.sim
+        rng = random.Random(seed ^ 0x5EED)
+        hits: dict[int, int] = {}
+        probe = w.by_name["probe"]
+        if scn.probe:
+            sim.register_trap_handler(_probe_handler(probe, hits))
+        w.start()
+        v: list[Violation] = []
+
+        def violate(kind: str, detail: str) -> None:
+            v.append(Violation(kind, scenario, seed, detail, self.replay))
+
+        sim.run(rng.randrange(20, 300))
+        touched = {n for b in scn.batches for n in b}
+        before = {(c, s.name): w.counts(c, s) for c in sim.cpus for s in w.sites}
+        core.text_mutex.acquire()
+        try:
+            task = sim.spawn(_patcher(core, w, scn, self.replay.strategy, rng), "patcher")
+            try:
+                sim.run_until(lambda: task.done or bool(sim.oopses), max_steps)
+                if not task.done and not sim.oopses:
+                    violate("hang", f"patcher not done after {max_steps} steps")
+                elif task.exc is not None:
+                    violate("error", f"{type(task.exc).__name__}: {task.exc}")
+            except TextPokeError as e:   # e.g. deadlock: every task waits
+                violate("error", f"{type(e).__name__}: {e}")
+        finally:
+            core.text_mutex.release()
+
+        if not v and not sim.oopses:
+            # Let every CPU finish the iteration it was in when the patcher
+            # returned (it may still record a variant it ran before), then
+            # require two more complete iterations of new code.
+            it_done = {c: w.iterations(c) for c in sim.cpus}
+            sim.run_until(lambda: bool(sim.oopses) or all(
+                w.iterations(c) >= it_done[c] + 1 for c in sim.cpus
+                if sim.vcpus[c].state != "dead"), max_steps)
+            mid = {(c, s.name): w.counts(c, s) for c in sim.cpus for s in w.sites}
+            it0 = {c: w.iterations(c) for c in sim.cpus}
+            hits0 = dict(hits)
+            ok = sim.run_until(lambda: bool(sim.oopses) or all(
+                w.iterations(c) >= it0[c] + 2 for c in sim.cpus if sim.vcpus[c].state != "dead"),
+                max_steps)
+            if not ok and not sim.oopses:
+                slow = [c for c in sim.cpus if w.iterations(c) < it0[c] + 2]
+                violate("hang", f"cpu(s) {slow} made no progress after the batch")
+            elif not sim.oopses:
+                for c in sim.cpus:
+                    for s in w.sites:
+                        if s.name not in touched or s.kind == "nop5-int3":
+                            continue
+                        after = w.counts(c, s)
+                        delta = [a - b for a, b in zip(after, mid[(c, s.name)])]
+                        wrong = {i: n for i, n in enumerate(delta) if n and i not in (2, 3)}
+                        if wrong or not (delta[2] or delta[3]):
+                            violate("stale", f"cpu{c} at {s.name} after the batch ran "
+                                    f"{_fmt(delta)} instead of the new code")
+                            break
+                    if scn.probe and hits.get(c, 0) <= hits0.get(c, 0):
+                        violate("stale", f"cpu{c} did not hit the installed probe after the batch")
+        for o in sim.oopses:
+            violate("oops", str(o))
+        behaviours: dict[str, dict[str, int]] = {}
+        for s in w.sites:
+            tot = [0] * 8
+            for c in sim.cpus:
+                now = w.counts(c, s)
+                b0 = before[(c, s.name)]
+                for i in range(8):
+                    tot[i] += now[i] - b0[i]
+            behaviours[s.name] = {variant_name(i): n for i, n in enumerate(tot) if n}
+            bad = {i: n for i, n in enumerate(tot) if n and i not in s.allowed}
+            if bad:
+                violate("mixed", f"{s.name} behaved as neither old nor new: {_fmt(tot)}")
+        # Report the first violation by the time it happened: oops/mixed before stale.
+        order = {"oops": 0, "mixed": 1, "error": 2, "hang": 3, "stale": 4}
+        v.sort(key=lambda x: order[x.kind])
+        oopses = [oops_report(o, w.image) for o in sim.oopses]
+        tl = timeline(sim, core) if self.trace else None
+        return ScheduleResult(scenario, seed, v, sim.steps, core.stats.int3_emulated,
+                              core.stats.syncs, behaviours, self.replay, oopses,
+                              self.int3_left(), tl)
+
+
 def run_schedule(scenario: str, seed: int, *, strategy: str = "int3", mutation: str | None = None,
                  ncpus: int = 3, line_size: int = 64, policy: SchedPolicy = FINE,
-                 max_steps: int = 200_000) -> ScheduleResult:
-    """Run one seeded schedule of *scenario* and return what the oracle found."""
-    check_arguments([scenario], strategy, mutation)
-    scn = SCENARIOS[scenario]
-    w = boot_workload(ncpus=ncpus, seed=seed, line_size=line_size, policy=policy)
-    sim = w.sim
-    core = TextPoke(sim, mutations=(mutation,) if mutation else ())
-    rng = random.Random(seed ^ 0x5EED)
-    hits: dict[int, int] = {}
-    probe = w.by_name["probe"]
-    if scn.probe:
-        sim.register_trap_handler(_probe_handler(probe, hits))
-    w.start()
-    v: list[Violation] = []
-
-    def violate(kind: str, detail: str) -> None:
-        v.append(Violation(kind, scenario, seed, detail))
-
-    sim.run(rng.randrange(20, 300))
-    touched = {n for b in scn.batches for n in b}
-    before = {(c, s.name): w.counts(c, s) for c in sim.cpus for s in w.sites}
-    core.text_mutex.acquire()
-    try:
-        task = sim.spawn(_patcher(core, w, scn, strategy, rng), "patcher")
-        try:
-            sim.run_until(lambda: task.done or bool(sim.oopses), max_steps)
-            if not task.done and not sim.oopses:
-                violate("hang", f"patcher not done after {max_steps} steps")
-            elif task.exc is not None:
-                violate("error", f"{type(task.exc).__name__}: {task.exc}")
-        except TextPokeError as e:   # e.g. deadlock: every task waits
-            violate("error", f"{type(e).__name__}: {e}")
-    finally:
-        core.text_mutex.release()
-
-    if not v and not sim.oopses:
-        # Let every CPU finish the iteration it was in when the patcher
-        # returned (it may still record a variant it ran before), then
-        # require two more complete iterations of new code.
-        it_done = {c: w.iterations(c) for c in sim.cpus}
-        sim.run_until(lambda: bool(sim.oopses) or all(
-            w.iterations(c) >= it_done[c] + 1 for c in sim.cpus if sim.vcpus[c].state != "dead"),
-            max_steps)
-        mid = {(c, s.name): w.counts(c, s) for c in sim.cpus for s in w.sites}
-        it0 = {c: w.iterations(c) for c in sim.cpus}
-        hits0 = dict(hits)
-        ok = sim.run_until(lambda: bool(sim.oopses) or all(
-            w.iterations(c) >= it0[c] + 2 for c in sim.cpus if sim.vcpus[c].state != "dead"),
-            max_steps)
-        if not ok and not sim.oopses:
-            slow = [c for c in sim.cpus if w.iterations(c) < it0[c] + 2]
-            violate("hang", f"cpu(s) {slow} made no progress after the batch")
-        elif not sim.oopses:
-            for c in sim.cpus:
-                for s in w.sites:
-                    if s.name not in touched or s.kind == "nop5-int3":
-                        continue
-                    after = w.counts(c, s)
-                    delta = [a - b for a, b in zip(after, mid[(c, s.name)])]
-                    wrong = {i: n for i, n in enumerate(delta) if n and i not in (2, 3)}
-                    if wrong or not (delta[2] or delta[3]):
-                        violate("stale", f"cpu{c} at {s.name} after the batch ran "
-                                f"{_fmt(delta)} instead of the new code")
-                        break
-                if scn.probe and hits.get(c, 0) <= hits0.get(c, 0):
-                    violate("stale", f"cpu{c} did not hit the installed probe after the batch")
-    for o in sim.oopses:
-        violate("oops", str(o))
-    behaviours: dict[str, dict[str, int]] = {}
-    for s in w.sites:
-        tot = [0] * 8
-        for c in sim.cpus:
-            now = w.counts(c, s)
-            b0 = before[(c, s.name)]
-            for i in range(8):
-                tot[i] += now[i] - b0[i]
-        behaviours[s.name] = {str(i): n for i, n in enumerate(tot) if n}
-        bad = {i: n for i, n in enumerate(tot) if n and i not in s.allowed}
-        if bad:
-            violate("mixed", f"{s.name} behaved as neither old nor new: {_fmt(tot)}")
-    # Report the first violation by the time it happened: oops/mixed before stale.
-    order = {"oops": 0, "mixed": 1, "error": 2, "hang": 3, "stale": 4}
-    v.sort(key=lambda x: order[x.kind])
-    return ScheduleResult(scenario, seed, v, sim.steps, core.stats.int3_emulated,
-                          core.stats.syncs, behaviours)
+                 max_steps: int = 200_000, trace: bool = False) -> ScheduleResult:
+    """Run one seeded schedule of *scenario* and return what the oracle
+    found.  With *trace*, the result carries the schedule's timeline.  The
+    schedule's machine is released before this returns."""
+    with _Schedule(scenario, seed, strategy=strategy, mutation=mutation, ncpus=ncpus,
+                   line_size=line_size, policy=policy, max_steps=max_steps, trace=trace) as s:
+        return s.run()
 
 
 def _fmt(counts: list[int]) -> str:
-    return ", ".join(f"{VARIANTS[i]}={n}" for i, n in enumerate(counts) if n) or "nothing"
+    return ", ".join(f"{variant_name(i)}={n}" for i, n in enumerate(counts) if n) or "nothing"
 
 
+# ----------------------------------------------------------------- verify
 @dataclass(slots=True)
 class VerifyReport:
-    scenarios: list[str]
-    strategy: str
-    mutation: str | None
+    scenarios: list[str] = field(default_factory=list)
+    strategy: str = "int3"
+    mutation: str | None = None
+    cpus: int = 3
+    line_size: int = 64
+    #: schedules asked for, per scenario, and the base seed they derive from
+    schedules_per_scenario: int = 0
+    seed: int = 0
     schedules: int = 0
     violating_schedules: int = 0
     violations_by_kind: dict[str, int] = field(default_factory=dict)
@@ -230,55 +466,97 @@ class VerifyReport:
     first: Violation | None = None
     int3_emulated: int = 0
     syncs: int = 0
+    int3_left: int = 0
+    interrupted: bool = False
+
+    @property
+    def planned(self) -> int:
+        return self.schedules_per_scenario * len(self.scenarios)
+
+    def params(self) -> dict:
+        return {"scenarios": self.scenarios, "strategy": self.strategy,
+                "mutation": self.mutation, "cpus": self.cpus, "line_size": self.line_size,
+                "schedules": self.schedules_per_scenario, "seed": self.seed}
 
     def as_dict(self) -> dict:
         return {
-            "scenarios": self.scenarios, "strategy": self.strategy, "mutation": self.mutation,
-            "schedules": self.schedules, "violations": self.violating_schedules,
+            "params": self.params(), "base_seed": self.seed,
+            "interrupted": self.interrupted, "int3_left": self.int3_left,
+            "planned": self.planned, "schedules": self.schedules,
+            "violations": self.violating_schedules,
             "violations_by_kind": self.violations_by_kind, "by_scenario": self.by_scenario,
             "int3_emulated": self.int3_emulated, "syncs": self.syncs,
             "first_violation": self.first.as_dict() if self.first else None,
-            "seed": self.first.seed if self.first else None,
-            "kind": self.first.kind if self.first else None,
         }
 
 
 def schedule_seeds(seed: int, n: int) -> Iterator[int]:
-    """Seeds for n schedules: deterministic from the base seed."""
+    """Seeds for n schedules: deterministic from the base seed, drawn lazily."""
     rng = random.Random(seed)
     for _ in range(n):
         yield rng.getrandbits(32)
 
 
-def _run_chunk(args: tuple) -> list[tuple[str, int, list[Violation], int, int]]:
+_STOP: Any = None      # a worker's view of the parent's stop flag
+
+
+def _worker_init(stop: Any) -> None:
+    # The parent decides when to stop (a Ctrl-C reaches the whole process
+    # group): workers finish the schedule in hand and return what they did.
+    global _STOP
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _STOP = stop
+
+
+_Done = tuple[str, int, list[Violation], int, int, int]
+
+
+def _run_chunk(args: tuple) -> list[_Done]:
     items, kw = args
     out = []
     for name, sd in items:
+        if _STOP is not None and _STOP.is_set():
+            break
         r = run_schedule(name, sd, **kw)
-        out.append((name, sd, r.violations, r.int3_emulated, r.syncs))
+        out.append((name, sd, r.violations, r.int3_emulated, r.syncs, r.int3_left))
     return out
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
 def verify(scenarios: list[str], schedules: int, *, seed: int = 0, strategy: str = "int3",
            mutation: str | None = None, ncpus: int = 3, line_size: int = 64,
            stop_at_first: bool = False, jobs: int = 1,
-           progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+           progress: Callable[[int, int], None] | None = None,
+           report: VerifyReport | None = None, chunk: int = 25) -> VerifyReport:
     """Run *schedules* seeded schedules of each scenario (in *jobs*
-    processes).  The report is the same whatever *jobs* is."""
+    processes).  The report is the same whatever *jobs* is.  *report*, when
+    given, is filled in place (so an interrupted caller keeps what ran)."""
     check_arguments(scenarios, strategy, mutation)
-    rep = VerifyReport(list(scenarios), strategy, mutation)
-    items = [(name, sd) for name in scenarios for sd in schedule_seeds(seed, schedules)]
+    if schedules < 0 or jobs < 1 or chunk < 1:
+        raise ValueError("schedules must be >= 0, jobs and chunk >= 1")
+    rep = report if report is not None else VerifyReport()
+    rep.scenarios, rep.strategy, rep.mutation = list(scenarios), strategy, mutation
+    rep.cpus, rep.line_size, rep.schedules_per_scenario, rep.seed = ncpus, line_size, schedules, seed
+    for name in scenarios:
+        rep.by_scenario.setdefault(name, {"schedules": 0, "violations": 0})
+    total = rep.planned
+    items = ((name, sd) for name in scenarios for sd in schedule_seeds(seed, schedules))
     kw = dict(strategy=strategy, mutation=mutation, ncpus=ncpus, line_size=line_size)
-    chunk = 25
-    chunks = [(items[i:i + chunk], kw) for i in range(0, len(items), chunk)]
 
-    def absorb(results: list) -> bool:
-        for name, _sd, violations, emulated, syncs in results:
-            stats = rep.by_scenario.setdefault(name, {"schedules": 0, "violations": 0})
+    def absorb(results: list[_Done]) -> bool:
+        for name, _sd, violations, emulated, syncs, left in results:
+            stats = rep.by_scenario[name]
             rep.schedules += 1
             stats["schedules"] += 1
             rep.int3_emulated += emulated
             rep.syncs += syncs
+            rep.int3_left += left
             if violations:
                 rep.violating_schedules += 1
                 stats["violations"] += 1
@@ -287,21 +565,66 @@ def verify(scenarios: list[str], schedules: int, *, seed: int = 0, strategy: str
                 if rep.first is None:
                     rep.first = violations[0]
         if progress:
-            progress(rep.schedules, len(items))
+            progress(rep.schedules, total)
         return stop_at_first and rep.first is not None
 
-    for name in scenarios:
-        rep.by_scenario.setdefault(name, {"schedules": 0, "violations": 0})
-    if jobs <= 1 or len(chunks) == 1:
-        for c in chunks:
-            if absorb(_run_chunk(c)):
+    if jobs <= 1 or total <= chunk:
+        for name, sd in items:
+            s = None
+            try:
+                s = _Schedule(name, sd, **kw)
+                r = s.run()
+            except BaseException as e:
+                if not isinstance(e, Exception):
+                    rep.interrupted = True
+                if s is not None:
+                    rep.int3_left += s.int3_left()
+                raise
+            finally:
+                if s is not None:
+                    s.close()
+            if absorb([(name, sd, r.violations, r.int3_emulated, r.syncs, r.int3_left)]):
                 break
         return rep
+
     import concurrent.futures as cf
     import multiprocessing as mp
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("fork")) as ex:
-        for results in ex.map(_run_chunk, chunks):   # in order: "first" is deterministic
-            if absorb(results):
-                ex.shutdown(wait=False, cancel_futures=True)
+    ctx = mp.get_context("fork")
+    stop = ctx.Event()
+    ex = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
+                                initargs=(stop,))
+    chunks = _chunks(items, chunk)
+    pending: deque[cf.Future] = deque()
+
+    def fill() -> None:
+        # A bounded number of chunks in flight: memory stays flat.
+        while len(pending) < 2 * jobs:
+            c = next(chunks, None)
+            if c is None:
+                return
+            pending.append(ex.submit(_run_chunk, (c, kw)))
+
+    try:
+        fill()
+        while pending:
+            if absorb(pending.popleft().result()):   # in order: "first" is deterministic
                 break
+            fill()
+    except BaseException as e:
+        if not isinstance(e, Exception):
+            rep.interrupted = True
+        stop.set()
+        for f in pending:
+            f.cancel()
+        # Take in what was running: workers return after the schedule in hand.
+        for f in pending:
+            if not f.cancelled():
+                try:
+                    absorb(f.result())
+                except Exception:
+                    break
+        raise
+    finally:
+        stop.set()
+        ex.shutdown(wait=True, cancel_futures=True)
     return rep

@@ -1,0 +1,133 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""``textpoke demo``: boot the kernel image on N vCPUs, run the workload on
+all of them and toggle every patch site through the batch API while they
+run; show what every CPU executed at every site.
+
+On SIGINT/SIGTERM the toggling stops (the batch in flight is finished or
+rolled back by the core), the partial summary is printed -- with --json a
+document with ``"interrupted": true`` and ``"int3_left"``, the sites whose
+text still reads an INT3 of ours, counted by reading the text back -- and
+the exit status is 130 (143).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import _output as out
+from ._args import CPUS, LINE_SIZE, SEED, TOGGLES, int_in, power_of_two
+from ._signals import Terminated, exit_status, reporting
+
+__all__ = ["add_arguments", "run"]
+
+NAME = "demo"
+HELP = "patch live code on every vCPU, many times over"
+DESCRIPTION = ("Boot the kernel image on N vCPUs, run the workload on all of them and toggle\n"
+               "every patch site through the batch API while they run; show what every CPU\n"
+               "executed at every site.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpus", type=int_in(CPUS), default=4, metavar="N",
+                   help=f"virtual CPUs, {CPUS} (default 4)")
+    p.add_argument("--toggles", type=int_in(TOGGLES), default=1000, metavar="N",
+                   help=f"batches, each flipping every site, {TOGGLES} (default 1000)")
+    p.add_argument("--seed", type=int_in(SEED), default=0, metavar="N",
+                   help=f"scheduler seed, {SEED} (default 0)")
+    p.add_argument("--line-size", type=power_of_two(LINE_SIZE), default=64, metavar="BYTES",
+                   help=f"fetch-view line size, a power of two in {LINE_SIZE}; 1 is "
+                        "byte-granular (default 64)")
+    p.add_argument("--no-boot", action="store_true",
+                   help="run the bare workload image instead of booting the kernel image first")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..sim._demo import Demo
+    interrupted: BaseException | None = None
+    d = None
+    try:
+        d = Demo(cpus=args.cpus, seed=args.seed, line_size=args.line_size,
+                 boot=not args.no_boot)
+        d.boot()
+        with out.progress(out.progress_enabled(args.json), "toggling sites") as update:
+            d.toggle(args.toggles, update)
+        d.check_final()
+    except (KeyboardInterrupt, Terminated) as e:
+        interrupted = e
+    except BaseException:
+        if d is not None:
+            d.close()
+        raise
+    finally:
+        reporting()
+    if d is None:                 # stopped before the machine existed: no text to check
+        if args.json:
+            out.emit_json({"cpus": args.cpus, "toggles": args.toggles, "seed": args.seed,
+                           "line_size": args.line_size, "toggles_done": 0,
+                           "interrupted": True, "int3_left": 0})
+        print("textpoke demo: interrupted before the machine was built", file=sys.stderr)
+        return exit_status(interrupted)
+    try:
+        r = d.result(interrupted=interrupted is not None)
+    finally:
+        d.close()
+    if args.json:
+        out.emit_json(r.as_dict())
+    else:
+        _print(r)
+    if interrupted is not None:
+        print(f"textpoke demo: interrupted after {r.toggles_done} of {r.toggles} toggles; "
+              f"INT3s of ours left in the text: {r.int3_left}", file=sys.stderr)
+        return exit_status(interrupted)
+    return 0 if (not r.oopses and r.misbehaviours == 0 and r.final_ok and not r.int3_left) else 1
+
+
+def _print(r) -> None:
+    from rich.table import Table
+
+    from ..sim._verify import format_oops
+    con = out.console()
+    if r.boot:
+        b = r.boot
+        p = b["patched"]
+        tests = ", ".join(f"{k} {'passed' if v else 'FAILED'}" for k, v in b["selftests"].items())
+        con.print(f"[bold]boot[/] {b['image']} on {r.cpus} vCPUs, features {','.join(b['features'])}: "
+                  f"alternatives {p['.altinstructions']['taken']}/{p['.altinstructions']['entries']} taken, "
+                  f"retpoline sites {p['.retpoline_sites']['patched']}, return sites "
+                  f"{p['.return_sites']['patched']} patched; {tests}")
+    done = (f"{r.toggles}" if not r.interrupted
+            else f"{r.toggles_done} of {r.toggles} (interrupted)")
+    con.print(f"[bold]textpoke demo[/] — {r.cpus} vCPUs ran the workload while every site was "
+              f"toggled {done} times through smp_text_poke_batch_*() (seed {r.seed})")
+    t = Table(title="sites (bytes now; times each variant ran, all CPUs)", title_justify="left")
+    for col in ("site", "kind", "len", "bytes now"):
+        t.add_column(col)
+    for col in ("old", "new", "not-taken", "wrong"):
+        t.add_column(col, justify="right")
+    for s in r.sites:
+        b = s["behaviours"]
+        wrong = f"[red]{s['misbehaviours']:,}[/]" if s["misbehaviours"] else "0"
+        t.add_row(s["name"], s["kind"], str(s["len"]), s["now"], f"{b.get('old', 0):,}",
+                  f"{b.get('new', 0):,}", f"{b.get('not-taken', 0):,}", wrong)
+    con.print(t)
+    c = Table(title="CPUs", title_justify="left")
+    for col in ("cpu", "instructions ≥", "loop iterations"):
+        c.add_column(col, justify="right")
+    for i, (n, it) in enumerate(zip(r.instructions, r.iterations)):
+        c.add_row(str(i), f"{n:,}", f"{it:,}")
+    con.print(c)
+    con.print(f"batches {r.batches:,}  site pokes {r.pokes:,}  byte writes {r.writes:,}  "
+              f"syncs {r.syncs:,}  IPIs taken {r.ipis:,}  stale-line refills {r.line_refills:,}")
+    con.print(f"INT3 hits {r.int3_hits:,}  emulated {r.int3_emulated:,}  "
+              f"scheduler steps {r.steps:,}  host time {r.elapsed:.2f} s")
+    oops = len(r.oopses)
+    final = {True: "yes", False: "NO", None: "not checked"}[r.final_ok]
+    colour = "green" if not oops and not r.misbehaviours and r.final_ok and not r.int3_left else "red"
+    con.print(f"[{colour}]oopses {oops}  wrong behaviours {r.misbehaviours}  "
+              f"INT3s of ours left {r.int3_left}  every CPU runs the final code: {final}[/]")
+    for o in r.oopses[:5]:
+        out.print_plain(format_oops(o["report"]))
+    con.print("(instructions count slices that ran to their budget; a slice cut short by "
+              "a trap is not counted)", style="dim")

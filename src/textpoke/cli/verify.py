@@ -1,0 +1,197 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""``textpoke verify``: check the protocol under many seeded schedules.
+
+Each schedule is decided by scenario, strategy, mutation, CPUs, line size
+and seed; a violation is printed with the one-line command that replays it
+(never wrapped, whatever the terminal width) and, with --json, the same
+parameters as data.  ``--replay SEED`` runs one schedule and prints its
+oops the way the kernel does; ``--trace`` adds the schedule's timeline.
+
+Schedules stream through a process pool (--jobs), so memory stays flat for
+any --schedules; the report does not depend on --jobs.  On SIGINT/SIGTERM
+the run stops dispatching, lets the schedules in flight finish, prints what
+completed (with --json, ``"interrupted": true`` and ``"int3_left"``) and
+exits 130 (143).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .._core import MUTATIONS
+from ..sim._verify import (SCENARIOS, STRATEGIES, VerifyReport, format_oops, format_timeline,
+                           run_schedule, verify)
+from . import _output as out
+from ._args import (CPUS, JOBS, LINE_SIZE, SCHEDULES, SEED, UsageError, choice_of, int_in,
+                    power_of_two)
+from ._signals import Terminated, exit_status, reporting
+
+__all__ = ["add_arguments", "run"]
+
+NAME = "verify"
+HELP = "check the protocol under many seeded schedules"
+DESCRIPTION = ("Check the INT3 protocol under many seeded schedules, with an oracle\n"
+               "watching every CPU.  A violation comes with the one-line command that\n"
+               "replays it; --replay SEED shows that schedule's oops (and, with --trace,\n"
+               "its timeline).")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scenario", type=choice_of([*SCENARIOS, "all"], "scenario"), default="all",
+                   metavar="NAME", help=f"one of {', '.join(SCENARIOS)}, or 'all' (default)")
+    p.add_argument("--schedules", type=int_in(SCHEDULES), default=200, metavar="N",
+                   help=f"seeded schedules per scenario, {SCHEDULES} (default 200)")
+    p.add_argument("--seed", type=int_in(SEED), default=0, metavar="N",
+                   help=f"base seed the schedules' seeds derive from, {SEED} (default 0)")
+    p.add_argument("--strategy", type=choice_of(STRATEGIES, "strategy"), default="int3",
+                   metavar="NAME", help="int3 (the batch protocol, default) or naive (store the "
+                                        "new bytes straight over running code)")
+    p.add_argument("--mutation", type=choice_of(MUTATIONS, "mutation"), default=None,
+                   metavar="NAME", help=f"remove one step of the int3 protocol: "
+                                        f"{', '.join(MUTATIONS)}")
+    p.add_argument("--cpus", type=int_in(CPUS), default=3, metavar="N",
+                   help=f"virtual CPUs per schedule, {CPUS} (default 3)")
+    p.add_argument("--line-size", type=power_of_two(LINE_SIZE), default=64, metavar="BYTES",
+                   help=f"fetch-view line size, a power of two in {LINE_SIZE}; 1 is "
+                        "byte-granular (default 64)")
+    p.add_argument("--jobs", type=int_in(JOBS), default=min(os.cpu_count() or 1, JOBS.hi),
+                   metavar="N", help=f"worker processes, {JOBS} (default: all cores); "
+                                     "the report does not depend on it")
+    p.add_argument("--replay", type=int_in(SEED), default=None, metavar="SEED",
+                   help="run the one schedule with this seed (needs one --scenario) and show "
+                        "its violations and oops")
+    p.add_argument("--trace", action="store_true",
+                   help="with --replay (or for a run's first violation): also show the "
+                        "schedule's timeline -- patcher phases, pokes, IPIs, line refills, "
+                        "INT3 hits -- per CPU")
+    p.add_argument("--list", action="store_true", help="list scenarios, strategies and mutations")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        return _list(args)
+    if args.strategy == "naive" and args.mutation:
+        raise UsageError("--mutation removes a step of the int3 protocol; it does not apply "
+                         "to --strategy naive")
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    if args.replay is not None:
+        if len(names) != 1:
+            raise UsageError("--replay needs one --scenario")
+        return _replay(args, names[0])
+
+    rep = VerifyReport()
+    interrupted: BaseException | None = None
+    try:
+        with out.progress(out.progress_enabled(args.json), "schedules") as update:
+            verify(names, args.schedules, seed=args.seed, strategy=args.strategy,
+                   mutation=args.mutation, ncpus=args.cpus, line_size=args.line_size,
+                   jobs=args.jobs, progress=update, report=rep)
+    except (KeyboardInterrupt, Terminated) as e:
+        interrupted = e
+    finally:
+        reporting()
+    first = None
+    if rep.first is not None and rep.first.replay is not None:
+        # Replay it here: the kernel-style oops (and timeline) come from the
+        # very schedule, and we learn whether it reproduces.
+        f = rep.first
+        first = run_schedule(f.scenario, f.seed, **f.replay.kwargs(), trace=args.trace)
+    if args.json:
+        d = {"command": "verify", **rep.as_dict()}
+        if first is not None:
+            fv = d["first_violation"]
+            fv["reproduced"] = bool(first.violations) and first.violations[0] == rep.first
+            fv["oops"] = first.oopses[0] if first.oopses else None
+            if args.trace:
+                fv["timeline"] = first.timeline
+        out.emit_json(d)
+    else:
+        _print_report(rep, first, args)
+    if interrupted is not None:
+        print(f"textpoke verify: interrupted after {rep.schedules:,} of {rep.planned:,} "
+              f"schedules; INT3s of ours left in the text: {rep.int3_left}", file=sys.stderr)
+        return exit_status(interrupted)
+    return 1 if (rep.violating_schedules or rep.int3_left) else 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    if args.json:
+        out.emit_json({"scenarios": {k: v.description for k, v in SCENARIOS.items()},
+                       "mutations": list(MUTATIONS), "strategies": list(STRATEGIES)})
+        return 0
+    con = out.console()
+    con.print("[bold]scenarios[/]")
+    for k, v in SCENARIOS.items():
+        con.print(f"  {k:12} {out.escape(v.description)}")
+    con.print("[bold]strategies[/]")
+    con.print("  int3         the batch protocol")
+    con.print("  naive        store the new bytes straight over running code, then sync")
+    con.print("[bold]mutations[/] (each removes one step of the INT3 protocol)")
+    for m in MUTATIONS:
+        con.print(f"  {m}")
+    return 0
+
+
+def _replay(args: argparse.Namespace, scenario: str) -> int:
+    r = run_schedule(scenario, args.replay, strategy=args.strategy, mutation=args.mutation,
+                     ncpus=args.cpus, line_size=args.line_size, trace=args.trace)
+    reporting()
+    if args.json:
+        out.emit_json({"command": "verify", **r.as_dict()})
+        return 1 if (r.violations or r.int3_left) else 0
+    con = out.console()
+    p = r.replay
+    what = p.strategy + (f" minus {p.mutation}" if p.mutation else "")
+    con.print(f"schedule {p.seed} of {p.scenario} ({what}, {p.cpus} vCPUs, line size "
+              f"{p.line_size}): {len(r.violations)} violation(s), {r.steps:,} scheduler steps, "
+              f"INT3s emulated {r.int3_emulated}, syncs {r.syncs}, INT3s of ours left "
+              f"{r.int3_left}")
+    for v in r.violations:
+        con.print(f"  [red]{v.kind}[/] " + out.escape(v.detail))
+    for o in r.oopses:
+        out.print_plain(format_oops(o))
+    con.print("behaviours (times each variant ran, all CPUs):")
+    for site, b in r.behaviours.items():
+        if b:
+            con.print(f"  {site:14} " + ", ".join(f"{k}={n:,}" for k, n in b.items()))
+    if args.trace and r.timeline is not None:
+        con.print("[bold]timeline[/]")
+        out.print_plain(format_timeline(r.timeline))
+    out.print_plain("replay: " + p.command())
+    return 1 if (r.violations or r.int3_left) else 0
+
+
+def _print_report(rep: VerifyReport, first, args: argparse.Namespace) -> None:
+    from rich.table import Table
+    con = out.console()
+    what = rep.strategy + (f" minus {rep.mutation}" if rep.mutation else "")
+    t = Table(title=f"verify: {what}, {rep.schedules_per_scenario:,} schedules per scenario, "
+                    f"{rep.cpus} vCPUs, line size {rep.line_size}, base seed {rep.seed}",
+              title_justify="left")
+    t.add_column("scenario")
+    t.add_column("schedules", justify="right")
+    t.add_column("violating", justify="right")
+    for k, st in rep.by_scenario.items():
+        style = "red" if st["violations"] else "green"
+        t.add_row(k, f"{st['schedules']:,}", f"[{style}]{st['violations']:,}[/]")
+    con.print(t)
+    share = rep.violating_schedules / max(1, rep.schedules)
+    kinds = ", ".join(f"{k} {n:,}" for k, n in rep.violations_by_kind.items()) or "none"
+    done = f"{rep.schedules:,}" + (f" of {rep.planned:,} (interrupted)" if rep.interrupted else "")
+    con.print(f"schedules run {done}; violating {rep.violating_schedules:,} ({share:.1%}), "
+              f"by kind: {kinds}; INT3s emulated {rep.int3_emulated:,}, syncs {rep.syncs:,}, "
+              f"INT3s of ours left {rep.int3_left}")
+    if rep.first:
+        f = rep.first
+        con.print(f"[red]first violation[/]: {f.kind} in {f.scenario}, seed {f.seed}: "
+                  + out.escape(f.detail))
+        if first is not None:
+            for o in first.oopses[:1]:
+                out.print_plain(format_oops(o))
+            if args.trace and first.timeline is not None:
+                con.print("[bold]timeline[/]")
+                out.print_plain(format_timeline(first.timeline))
+        out.print_plain("replay: " + f.replay.command())
