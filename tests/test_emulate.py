@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc
 from unicorn import x86_const as X
 
-from textpoke import (PtRegs, int3_emulate_call, int3_emulate_jcc, int3_emulate_jmp,
+from textpoke.lowlevel import (PtRegs, int3_emulate_call, int3_emulate_jcc, int3_emulate_jmp,
                       int3_emulate_pop, int3_emulate_push, int3_emulate_ret, jcc_taken)
 
 FLAG_BITS = (0, 2, 6, 7, 11)   # CF PF ZF SF OF

@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from textpoke import (ASM_NOP_MAX, CALL_INSN_OPCODE, JMP8_INSN_OPCODE, JMP32_INSN_OPCODE,
-                      BadInstructionError, insn_decode_kernel, is_jcc32, is_nop, text_gen_insn,
-                      x86_nops)
+                      BadInstructionError, insn_decode_kernel, text_gen_insn, x86_nops)
+from textpoke.lowlevel import is_jcc32, is_nop
 
 
 @pytest.mark.parametrize("n", range(1, ASM_NOP_MAX + 1))

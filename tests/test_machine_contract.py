@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """The machine protocol contract: what the core relies on, run against
-every machine backend (today: sim; the live backend joins this list)."""
+every machine backend (sim, the in-memory testing machine; the live
+backend joins this list)."""
 
 import pytest
 
-from textpoke import BadAddressError, Machine, TextPoke, WaitUntil
+from textpoke import BadAddressError, Machine, TextPoke
+from textpoke.lowlevel import WaitUntil
 
 
 def _sim():
@@ -16,7 +18,14 @@ def _sim():
     return w.sim, site.addr, site.old, site.new
 
 
-MACHINES = {"sim": _sim}
+def _memory():
+    from textpoke.testing import MemoryMachine
+    nop5, jmp = bytes.fromhex("0f1f440000"), bytes.fromhex("e9fb0f0000")
+    m = MemoryMachine({0x40_0000: bytes(16) + nop5, 0x80_0000: b""}, ncpus=2)
+    return m, 0x40_0010, nop5, jmp
+
+
+MACHINES = {"sim": _sim, "memory": _memory}
 
 
 @pytest.fixture(params=sorted(MACHINES))
@@ -80,3 +89,65 @@ def test_single_site_patch_through_the_core(machine):
         core.smp_text_poke_single(addr, new)
     assert m.text_read(addr, len(new)) == new
     assert core.stats.syncs == 3
+
+
+def test_one_textpoke_per_machine_and_close_lets_go(machine):
+    from textpoke import MachineError
+    m, addr, old, new = machine
+    core = TextPoke(m)
+    with pytest.raises(MachineError, match="already has a TextPoke"):
+        TextPoke(m)
+    core.close()
+    core.close()                                   # idempotent
+    assert core.smp_text_poke_int3_handler not in m.trap_handlers
+    with TextPoke(m) as again, again.batch():      # the machine is free again
+        again.smp_text_poke_batch_add(addr, new)
+    assert m.text_read(addr, len(new)) == new
+
+
+def test_trap_chain_runs_by_priority_whatever_the_registration_order(machine):
+    from textpoke import TrapPriority
+    m, _, _, _ = machine
+
+    def mk(name):
+        def h(regs):
+            return False
+            yield
+        h.__qualname__ = name
+        return h
+    notifier = m.register_trap_handler(mk("die"), priority=TrapPriority.NOTIFIER)
+    kprobe = m.register_trap_handler(mk("kprobe"), priority=TrapPriority.KPROBES)
+    core = TextPoke(m)
+    names = [h.__qualname__ for h in m.trap_handlers]
+    assert names.index("TextPoke.smp_text_poke_int3_handler") < names.index("kprobe") < names.index("die")
+    with kprobe:
+        pass                                       # leaving the block unregisters
+    assert "kprobe" not in [h.__qualname__ for h in m.trap_handlers]
+    notifier.unregister()
+    notifier.unregister()                          # idempotent
+    assert [h.__qualname__ for h in m.trap_handlers] == ["TextPoke.smp_text_poke_int3_handler"]
+    core.close()
+
+
+def test_closed_machine_refuses_work_and_closes_its_textpoke(machine):
+    from textpoke import MachineClosedError
+    m, addr, _, new = machine
+    core = TextPoke(m)
+    m.close()
+    assert m.closed and core.closed and m.owner is None
+    with pytest.raises(MachineClosedError):
+        m.run_task(m.sync_each_cpu())
+    with pytest.raises(MachineClosedError):
+        TextPoke(m)
+
+
+def test_capabilities_are_declared_and_required(machine):
+    from textpoke import Capability, NotSupportedError
+    m, _, _, _ = machine
+    assert isinstance(m.capabilities, frozenset)
+    for cap in Capability:
+        if cap in m.capabilities:
+            m.require(cap)
+        else:
+            with pytest.raises(NotSupportedError, match=m.name):
+                m.require(cap)

@@ -5,7 +5,8 @@ IPIs versus trap handlers."""
 import iced_x86 as I
 import pytest
 
-from textpoke import TextPoke, WaitUntil
+from textpoke import TextPoke
+from textpoke.lowlevel import WaitUntil
 from textpoke.sim import COARSE, FINE, boot_workload
 from textpoke.sim._demo import run_demo
 from textpoke.sim._workload import MODULE_BASE

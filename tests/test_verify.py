@@ -6,7 +6,7 @@ from its seed."""
 
 import pytest
 
-from textpoke import MUTATIONS
+from textpoke.lowlevel import MUTATIONS
 from textpoke.sim._verify import SCENARIOS, run_schedule, verify
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from ._core._machine import PAGE_SIZE, Machine, Task, TextRange, drive
+from ._core._machine import PAGE_SIZE, Capability, Machine, Task, TextRange, drive
 from ._errors import BadAddressError, MachineError
 
 __all__ = ["MemoryMachine"]
@@ -55,6 +55,7 @@ class MemoryMachine(Machine):
     """
 
     name = "memory"
+    capabilities = frozenset({Capability.HOTPLUG})
 
     def __init__(self, text: Mapping[int, bytes], *, ncpus: int = 1,
                  fail_on_write: int | None = None, corrupt_on_write: int | None = None) -> None:
