@@ -492,12 +492,19 @@ class SimMachine(Machine):
         yield WaitUntil(lambda: not pending, "every CPU to take the sync IPI")
 
     def run_task(self, task: Task) -> Any:
-        # The caller's CPU runs the task until its first observable step;
-        # only then do the others get turns (a call that never yields, like
-        # queueing a batch entry, costs no scheduling at all).
+        # The caller's CPU takes the task's first turn at once: up to
+        # task_burst steps, as any task turn, stopping early at a wait that
+        # does not hold yet.  Only then do the others get turns (a call that
+        # never yields, like queueing a batch entry, costs no scheduling at
+        # all; under FINE the turn is one step, as before).
         self._check_open()
+        burst = self.policy.task_burst
         try:
             item = next(task)
+            taken = 1
+            while taken < burst and not (isinstance(item, WaitUntil) and not item.predicate()):
+                item = next(task)
+                taken += 1
         except StopIteration as stop:
             return stop.value
         t = self.spawn(task, "run_task")
