@@ -56,8 +56,13 @@ class DemoResult:
     #: sites whose first byte reads an INT3 of ours, read back at the end
     int3_left: int = 0
 
+    line_size: int = 64
+    with_boot: bool = True
+
     def as_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in self.__slots__ if k != "events"}
+        d = {"params": {"cpus": self.cpus, "toggles": self.toggles, "seed": self.seed,
+                        "line_size": self.line_size, "boot": self.with_boot}}
+        d.update((k, getattr(self, k)) for k in self.__slots__ if k != "events")
         d["oopses_detail"] = d.pop("oopses")
         d["oopses"] = len(self.oopses)
         return d
@@ -117,8 +122,7 @@ class Demo:
     def _close_machine(self) -> None:
         if not self._own:
             return
-        close = getattr(self.w, "close", None)
-        (close or self.w.sim.close)()
+        self.w.close()
 
     def close(self) -> None:
         try:
@@ -226,6 +230,7 @@ class Demo:
             steps=sim.steps, ipis=sum(c.ipis_taken for c in sim.vcpus),
             line_refills=sum(c.refreshes for c in sim.vcpus), boot=self.boot_info,
             toggles_done=self.toggles_done, interrupted=interrupted, int3_left=int3_left,
+            line_size=sim.line_size, with_boot=self.with_boot,
         )
 
 

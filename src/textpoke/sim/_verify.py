@@ -35,7 +35,6 @@ partial report.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import random
 import shlex
@@ -48,6 +47,7 @@ from .._core import MUTATIONS, TextPoke
 from .._errors import TextPokeError
 from .._core._machine import Task
 from ._machine import FINE, SchedPolicy
+from ._report import format_oops, format_timeline, oops_report, timeline
 from ._workload import VARIANTS, Site, Workload, boot_workload
 
 __all__ = ["Scenario", "SCENARIOS", "STRATEGIES", "Replay", "Violation", "ScheduleResult",
@@ -144,11 +144,12 @@ class ScheduleResult:
     #: per site, times each variant ran (named as in ``VARIANTS``), all CPUs
     behaviours: dict[str, dict[str, int]] = field(default_factory=dict)
     replay: Replay | None = None
-    #: one report per oops (see :func:`oops_report`)
+    #: one report per oops (``sim._report.oops_report``: RIP as symbol+off/size,
+    #: CR2, registers, Code: bytes)
     oopses: list[dict] = field(default_factory=list)
     #: sites whose first byte is an INT3 of ours once the schedule is over
     int3_left: int = 0
-    #: the schedule's timeline when run with ``trace=True``
+    #: the schedule's timeline when run with ``trace=True`` (``sim._report.timeline``)
     timeline: list[dict] | None = None
 
     def as_dict(self) -> dict:
@@ -172,75 +173,6 @@ def variant_name(i: int) -> str:
     return name
 
 
-# --------------------------------------------------------------- reports
-# sim/_report.py (kernel-style oops and the schedule's timeline) is used
-# when present; until then these fall back to the plain forms.
-def _report_module():
-    import importlib
-    try:
-        return importlib.import_module(f"{__package__}._report")
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}._report":
-            raise
-        return None
-
-
-def oops_report(oops: Any, image: Any) -> dict:
-    """A dict describing *oops* (CPU, RIP as symbol+off/size, registers,
-    code bytes, ...)."""
-    rep = _report_module()
-    if rep is not None:
-        return rep.oops_report(oops, image)
-    d = oops.as_dict()
-    d["text"] = str(oops)
-    return d
-
-
-def format_oops(report: dict) -> str:
-    rep = _report_module()
-    if rep is not None and "text" not in report:
-        return rep.format_oops(report)
-    return report.get("text") or str(report)
-
-
-def timeline(sim: Any, core: Any) -> list[dict]:
-    """Per-step events of a traced schedule: pokes, IPIs, INT3 hits, ..."""
-    rep = _report_module()
-    if rep is not None:
-        return rep.timeline(sim, core)
-    out: list[dict] = []
-    for t in getattr(sim, "trace", None) or ():
-        if not isinstance(t, tuple):
-            continue
-        kind, step = t[0], t[1]
-        if kind == "w":
-            out.append({"step": step, "cpu": None, "what": "write", "addr": t[2], "byte": t[3]})
-        elif kind == "ipi":
-            out.append({"step": step, "cpu": t[2], "what": "ipi-taken"})
-        elif kind == "int3":
-            out.append({"step": step, "cpu": t[2], "what": "int3", "addr": t[3]})
-        elif kind == "oops":
-            out.append({"step": step, "cpu": t[2], "what": "oops", "kind": t[3], "rip": t[4]})
-    for ev in core.events:
-        out.append({"step": ev.time, "cpu": None, "what": f"poke {ev.phase}", "addr": ev.addr,
-                    "old": ev.old.hex(), "new": ev.new.hex()})
-    out.sort(key=lambda e: e["step"])
-    return out
-
-
-def format_timeline(events: list[dict]) -> str:
-    rep = _report_module()
-    if rep is not None:
-        return rep.format_timeline(events)
-    lines = []
-    for e in events:
-        who = "patcher" if e.get("cpu") is None else f"cpu{e['cpu']}"
-        rest = " ".join(f"{k}={v:#x}" if isinstance(v, int) and k in ("addr", "rip") else f"{k}={v}"
-                        for k, v in e.items() if k not in ("step", "cpu", "what"))
-        lines.append(f"{e['step']:>8}  {who:8} {e['what']} {rest}".rstrip())
-    return "\n".join(lines)
-
-
 def stray_int3s(w: Workload) -> list[str]:
     """Names of the workload's sites whose first byte reads INT3 although
     neither their old nor their new bytes start with one: an INT3 of the
@@ -248,25 +180,6 @@ def stray_int3s(w: Workload) -> list[str]:
     return [s.name for s in w.sites
             if s.old[:1] != b"\xcc" and s.new[:1] != b"\xcc"
             and w.sim.text_read(s.addr, 1) == b"\xcc"]
-
-
-def _close_workload(w: Workload) -> None:
-    close = getattr(w, "close", None)
-    if close is not None:
-        close()
-    else:
-        w.sim.close()
-
-
-def _boot(ncpus: int, seed: int, line_size: int, policy: SchedPolicy, trace: bool) -> Workload:
-    kw: dict[str, Any] = dict(ncpus=ncpus, seed=seed, line_size=line_size, policy=policy)
-    if trace and "trace" in inspect.signature(boot_workload).parameters:
-        kw["trace"] = True
-        return boot_workload(**kw)
-    w = boot_workload(**kw)
-    if trace:
-        w.sim.trace = []          # the machine's raw trace, until tracing is a parameter
-    return w
 
 
 # -------------------------------------------------------------- schedules
@@ -322,11 +235,12 @@ class _Schedule:
         self.replay = Replay(scenario, seed, strategy, mutation, ncpus, line_size)
         self.scn = SCENARIOS[scenario]
         self.policy, self.max_steps, self.trace = policy, max_steps, trace
-        self.w = _boot(ncpus, seed, line_size, policy, trace)
+        self.w = boot_workload(ncpus=ncpus, seed=seed, line_size=line_size, policy=policy,
+                               trace=trace)
         try:
             self.core = TextPoke(self.w.sim, mutations=(mutation,) if mutation else ())
         except BaseException:
-            _close_workload(self.w)
+            self.w.close()
             raise
 
     def __enter__(self) -> "_Schedule":
@@ -339,7 +253,7 @@ class _Schedule:
         try:
             self.core.close()
         finally:
-            _close_workload(self.w)
+            self.w.close()
 
     def int3_left(self) -> int:
         """Finish/roll back what the core holds, then count stray INT3s."""
@@ -427,7 +341,7 @@ class _Schedule:
         order = {"oops": 0, "mixed": 1, "error": 2, "hang": 3, "stale": 4}
         v.sort(key=lambda x: order[x.kind])
         oopses = [oops_report(o, w.image) for o in sim.oopses]
-        tl = timeline(sim, core) if self.trace else None
+        tl = timeline(sim, core, w.image) if self.trace else None
         return ScheduleResult(scenario, seed, v, sim.steps, core.stats.int3_emulated,
                               core.stats.syncs, behaviours, self.replay, oopses,
                               self.int3_left(), tl)
