@@ -11,15 +11,6 @@ from textpoke.sim._report import format_oops, format_timeline, oops_report, symb
 from textpoke.sim._workload import MODULE_BASE
 
 
-def _asm(addr, instrs):
-    enc = I.Encoder(64)
-    out = b""
-    for ins in instrs:
-        enc.encode(ins, addr + len(out))
-        out += bytes(enc.take_buffer())
-    return out
-
-
 def test_symbolize_follows_kallsyms():
     w = boot_workload(ncpus=1)
     im = w.image
@@ -90,10 +81,11 @@ def test_page_fault_oops_reports_the_faulting_address():
     w = boot_workload(ncpus=2, seed=1, trace=True)
     sim = w.sim
     target = w.by_name["call"]
-    code = _asm(MODULE_BASE, [
-        I.Instruction.create_mem_i32(I.Code.MOV_RM8_IMM8,
-                                     I.MemoryOperand(I.Register.RIP, displ=target.addr), 1),
-    ])
+    enc = I.Encoder(64)        # mov byte ptr [rip -> site_call], 1
+    enc.encode(I.Instruction.create_mem_i32(I.Code.MOV_RM8_IMM8,
+                                            I.MemoryOperand(I.Register.RIP, displ=target.addr), 1),
+               MODULE_BASE)
+    code = bytes(enc.take_buffer())
     core = TextPoke(sim)
     core.text_poke_copy(MODULE_BASE, code)
     sim.start_cpu(0, MODULE_BASE)

@@ -189,36 +189,33 @@ def _sym(addr: int, image: Any) -> str:
     return f"{addr:#x} {s['text']}" if s else f"{addr:#x}"
 
 
+#: how each kind of trace tuple reads: (index of the address in the
+#: detail, or None; the detail text from (detail, cpu, image))
+_TRACE_TEXT = {
+    "write": (0, lambda d, cpu, im: f"{_sym(d[0], im)} <- {bytes(d[1]).hex(' ')}"),
+    "ipi-send": (None, lambda d, cpu, im: f"sync IPI to cpu{cpu}, delivered from step {d[0]}"),
+    "ipi": (None, lambda d, cpu, im: f"took {d[0] if d else 1} IPI(s): sync_core"),
+    "refill": (0, lambda d, cpu, im: f"line {d[0]:#x}+{d[1]} refilled ({d[2]})"),
+    "int3": (0, lambda d, cpu, im: f"INT3 at {_sym(d[0], im)}"),
+    "iret": (1, lambda d, cpu, im: f"handled by {d[0]}, resumes at {_sym(d[1], im)}"),
+    "unhandled": (0, lambda d, cpu, im: f"no handler claimed the INT3 at {_sym(d[0], im)}"),
+    "oops": (1, lambda d, cpu, im: f"{d[0]} at {_sym(d[1], im)}"),
+    "cpu-up": (None, lambda d, cpu, im: "plugged in"),
+    "cpu-down": (None, lambda d, cpu, im: "unplugged"),
+}
+
+
 def _sim_entry(ev: tuple, image: Any) -> dict:
     what = str(ev[0])
     step = ev[1] if len(ev) > 1 and isinstance(ev[1], (int, float)) else None
     cpu = ev[2] if len(ev) > 2 and (ev[2] is None or isinstance(ev[2], int)) else None
     d = ev[3:]
     addr = None
-    if what == "write":
-        addr = d[0]
-        detail = f"{_sym(d[0], image)} <- {bytes(d[1]).hex(' ')}"
-    elif what == "ipi-send":
-        detail = f"sync IPI to cpu{cpu}, delivered from step {d[0]}"
-    elif what == "ipi":
-        detail = f"took {d[0]} IPI(s): sync_core" if d else "took IPI: sync_core"
-    elif what == "refill":
-        addr = d[0]
-        detail = f"line {d[0]:#x}+{d[1]} refilled ({d[2]})"
-    elif what == "int3":
-        addr = d[0]
-        detail = f"INT3 at {_sym(d[0], image)}"
-    elif what == "iret":
-        addr = d[1]
-        detail = f"handled by {d[0]}, resumes at {_sym(d[1], image)}"
-    elif what == "unhandled":
-        addr = d[0]
-        detail = f"no handler claimed the INT3 at {_sym(d[0], image)}"
-    elif what == "oops":
-        addr = d[1]
-        detail = f"{d[0]} at {_sym(d[1], image)}"
-    elif what in ("cpu-up", "cpu-down"):
-        detail = "plugged in" if what == "cpu-up" else "unplugged"
+    known = _TRACE_TEXT.get(what)
+    if known is not None:
+        at, text = known
+        detail = text(d, cpu, image)
+        addr = d[at] if at is not None else None
     else:   # an entry someone else appended: keep what it says
         detail = " ".join(str(x) for x in (ev[2:] if cpu is None and len(ev) > 2 else d))
     e = {"step": step, "cpu": cpu, "what": what, "detail": detail}
