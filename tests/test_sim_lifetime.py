@@ -9,7 +9,7 @@ import weakref
 import pytest
 
 from textpoke import TextPoke
-from textpoke._core._machine import Capability, drive
+from textpoke._core._machine import Capability
 from textpoke._errors import MachineClosedError, MachineError
 from textpoke.sim import FINE, boot_workload
 
