@@ -1,0 +1,229 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Small statistics helpers shared by the benchmarks.
+
+The project's rule for figures: the median of at least five runs, with the
+min-max range, against a fair baseline doing the same work under the same
+conditions, measured side by side in the same process and interleaved so
+that drift (frequency scaling, another process waking up, heap growth)
+hits both alike.
+
+* :func:`interleaved` runs several measurements round by round: A, B, then
+  B, A, then A, B, ... (each round alternates the order so that neither
+  side always runs right after the other), returning every raw sample.
+* :class:`Series` is one named list of samples: median, min, max, n.
+* :func:`paired_ratios` gives the per-round ratio A/B of two interleaved
+  series (the figure to quote for "A is x times B"), itself a Series.
+* :func:`add_common_args` gives every benchmark the same ``--repeat``
+  (default 5, never fewer), ``--quick`` (less work per run, never fewer
+  runs) and ``--json`` (every raw sample) options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+__all__ = ["MIN_RUNS", "Series", "interleaved", "repeated", "paired_ratios", "add_common_args",
+           "timed", "now", "set_clock", "setup", "clock_name", "fmt", "fmt_range", "table", "meta", "meta_line", "REPO"]
+
+#: never report a figure from fewer runs than this
+MIN_RUNS = 5
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Series:
+    """Samples of one quantity, in *unit* (larger or smaller is better as
+    the name says; nothing here picks a "best")."""
+
+    name: str
+    unit: str
+    samples: list[float] = field(default_factory=list)
+    warmup: list[float] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def lo(self) -> float:
+        return min(self.samples)
+
+    @property
+    def hi(self) -> float:
+        return max(self.samples)
+
+    def scaled(self, name: str, unit: str, f: Callable[[float], float]) -> "Series":
+        """The same samples through *f* (e.g. seconds -> sites/s); the median
+        of f(x) is f(median) for a monotonic f, min/max may swap."""
+        return Series(name, unit, [f(x) for x in self.samples], [f(x) for x in self.warmup])
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "unit": self.unit, "median": self.median, "min": self.lo,
+                "max": self.hi, "n": self.n, "samples": list(self.samples),
+                "warmup_samples": list(self.warmup)}
+
+
+def _check_runs(repeat: int) -> None:
+    if repeat < MIN_RUNS:
+        raise ValueError(f"at least {MIN_RUNS} runs per figure, got {repeat}")
+
+
+def interleaved(fns: dict[str, Callable[[], float]], repeat: int, *, units: dict[str, str] | None = None,
+                warmup: int = 1) -> dict[str, Series]:
+    """Run each of *fns* (each returns one sample) *repeat* times, round by
+    round, alternating the order within a round (A B, B A, A B, ...).
+    *warmup* untimed rounds come first; their samples are kept apart."""
+    _check_runs(repeat)
+    names = list(fns)
+    out = {k: Series(k, (units or {}).get(k, "")) for k in names}
+    for r in range(warmup + repeat):
+        order = names if r % 2 == 0 else names[::-1]
+        for k in order:
+            gc.collect()
+            v = fns[k]()
+            (out[k].warmup if r < warmup else out[k].samples).append(v)
+    return out
+
+
+def repeated(name: str, fn: Callable[[], float], repeat: int, *, unit: str = "",
+             warmup: int = 1) -> Series:
+    """One measurement, *repeat* times after *warmup* untimed runs."""
+    return interleaved({name: fn}, repeat, units={name: unit}, warmup=warmup)[name]
+
+
+def paired_ratios(name: str, a: Series, b: Series) -> Series:
+    """Per-round a/b of two interleaved series (round i of a with round i of b)."""
+    if a.n != b.n:
+        raise ValueError("paired ratios need the same number of rounds")
+    return Series(name, "ratio", [x / y for x, y in zip(a.samples, b.samples)],
+                  [x / y for x, y in zip(a.warmup, b.warmup)])
+
+
+#: the clock every benchmark reads through now(): wall time by default;
+#: ``--clock cpu`` uses this process's CPU time instead, which a shared,
+#: loaded machine disturbs far less (time the process spends waiting for a
+#: core is not counted; cache and memory-bandwidth contention still is).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = {"name": "wall", "fn": time.perf_counter}
+
+
+def set_clock(name: str) -> None:
+    _clock["name"], _clock["fn"] = name, CLOCKS[name]
+
+
+def clock_name() -> str:
+    return _clock["name"]
+
+
+def now() -> float:
+    return _clock["fn"]()
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds of one call, on the chosen clock."""
+    t = now()
+    fn()
+    return now() - t
+
+
+def _at_least_min_runs(s: str) -> int:
+    n = int(s)
+    if n < MIN_RUNS:
+        raise argparse.ArgumentTypeError(f"--repeat must be at least {MIN_RUNS} (medians of >= {MIN_RUNS} runs)")
+    return n
+
+
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--repeat", type=_at_least_min_runs, default=MIN_RUNS,
+                    help=f"runs per figure (default and minimum {MIN_RUNS}); the median is reported "
+                         "with the min-max range")
+    ap.add_argument("--quick", action="store_true",
+                    help="less work per run (smaller sizes, shorter runs); never fewer runs")
+    ap.add_argument("--json", action="store_true", help="JSON with every raw sample")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall time (default) or this process's CPU time (steadier on a loaded "
+                         "machine)")
+
+
+def setup(args: argparse.Namespace) -> None:
+    set_clock(getattr(args, "clock", "wall"))
+
+
+def fmt(v: float, digits: int = 1, scale: float = 1.0) -> str:
+    v = v / scale
+    return f"{v:,.{digits}f}"
+
+
+def fmt_range(s: Series, digits: int = 1, scale: float = 1.0) -> str:
+    """'median (min-max, n=5)'"""
+    return (f"{fmt(s.median, digits, scale)} ({fmt(s.lo, digits, scale)}\u2013"
+            f"{fmt(s.hi, digits, scale)}, n={s.n})")
+
+
+def table(headers: list[str], rows: Iterable[list[str]], indent: str = "  ") -> str:
+    rows = [list(map(str, r)) for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    line = lambda cells: indent + "  ".join(  # noqa: E731
+        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(headers), indent + "  ".join("-" * w for w in widths)]
+                     + [line(r) for r in rows])
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                              timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def meta(args: argparse.Namespace | None = None) -> dict:
+    """What was measured where: commit, uncommitted changes under src/,
+    interpreter, Unicorn, cores."""
+    try:
+        import unicorn
+        uc_version = unicorn.__version__
+    except Exception:   # noqa: BLE001 -- informational only
+        uc_version = None
+    dirty = [ln[3:] for ln in _git("status", "--porcelain", "--", "src").splitlines() if ln]
+    return {
+        "commit": _git("rev-parse", "--short=12", "HEAD").strip() or None,
+        "commit_subject": _git("log", "-1", "--format=%s").strip() or None,
+        "uncommitted_src_changes": dirty,
+        "python": platform.python_version(),
+        "unicorn": uc_version,
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": os.getloadavg(),
+        "platform": platform.platform(),
+        "clock": clock_name(),
+        "repeat": getattr(args, "repeat", None),
+        "quick": getattr(args, "quick", None),
+        "argv": sys.argv,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def meta_line(m: dict) -> str:
+    s = f"measured at {m['commit']} ({m['commit_subject']})"
+    if m["uncommitted_src_changes"]:
+        s += f" + uncommitted changes in {', '.join(m['uncommitted_src_changes'][:4])}"
+        if len(m["uncommitted_src_changes"]) > 4:
+            s += ", ..."
+    return (s + f"; Python {m['python']}, Unicorn {m['unicorn']}, {m['cpus']} CPUs, "
+            f"load {m['loadavg_at_start'][0]:.1f}; {m['clock']} clock; "
+            f"median (min\u2013max, n runs)")
