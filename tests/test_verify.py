@@ -68,3 +68,63 @@ def test_parallel_and_serial_reports_agree():
     a = verify(["call", "xline"], 30, seed=3, strategy="naive")
     b = verify(["call", "xline"], 30, seed=3, strategy="naive", jobs=2)
     assert a.as_dict() == b.as_dict()
+
+
+def test_verify_streams_and_stops_cleanly_when_interrupted():
+    # 10**9 schedules per scenario: only a lazy, bounded pipeline gets to the
+    # first progress callback; the interrupt keeps what completed.
+    from textpoke.sim._verify import VerifyReport
+
+    for jobs in (1, 2):
+        rep = VerifyReport()
+        seen = []
+
+        def progress(done, total):
+            seen.append((done, total))
+            if done >= 40:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            verify(["call", "xline"], 10**9, seed=4, jobs=jobs, progress=progress, report=rep)
+        assert rep.interrupted and rep.int3_left == 0
+        assert seen[0][1] == 2 * 10**9 == rep.planned
+        assert 40 <= rep.schedules < 1000
+        assert rep.by_scenario["call"]["schedules"] == rep.schedules   # in order: call first
+        assert rep.as_dict()["params"] == {"scenarios": ["call", "xline"], "strategy": "int3",
+                                           "mutation": None, "cpus": 3, "line_size": 64,
+                                           "schedules": 10**9, "seed": 4}
+
+
+def test_schedule_result_names_behaviours_and_carries_its_replay():
+    r = run_schedule("jcc32", 7, line_size=16, ncpus=2)
+    assert r.replay.line_size == 16 and r.replay.cpus == 2 and r.replay.seed == 7
+    assert "--line-size 16" in r.replay.command() and "--cpus 2" in r.replay.command()
+    names = {k for b in r.behaviours.values() for k in b}
+    assert names and names <= {"old", "new", "not-taken"}
+    assert r.int3_left == 0 and r.timeline is None
+
+
+def test_traced_replay_has_a_timeline_and_a_kernel_style_oops():
+    rep = verify(["xline"], 100, seed=3, mutation="no-sync-1", line_size=1, stop_at_first=True)
+    v = rep.first
+    assert v is not None and v.kind == "oops"
+    r = run_schedule(v.scenario, v.seed, **v.replay.kwargs(), trace=True)
+    assert r.violations[0] == v                       # tracing does not change the schedule
+    assert r.oopses and r.oopses[0]["rip_symbol"] and "<" in r.oopses[0]["code"]
+    whats = {e["what"] for e in r.timeline}
+    assert {"write", "oops"} <= whats and any(w.startswith("poke/") for w in whats)
+
+
+def test_each_schedule_releases_its_machine(monkeypatch):
+    import textpoke.sim._verify as V
+    closed = []
+    real = V.boot_workload
+
+    def spy(**kw):
+        w = real(**kw)
+        orig = w.close
+        w.close = lambda: (closed.append(w), orig())[1]
+        return w
+    monkeypatch.setattr(V, "boot_workload", spy)
+    verify(["call"], 6, seed=1)
+    assert len(closed) == 6 and all(w.sim.closed for w in closed)

@@ -483,22 +483,25 @@ def verify(scenarios: list[str], schedules: int, *, seed: int = 0, strategy: str
         return stop_at_first and rep.first is not None
 
     if jobs <= 1 or total <= chunk:
-        for name, sd in items:
-            s = None
-            try:
-                s = _Schedule(name, sd, **kw)
-                r = s.run()
-            except BaseException as e:
-                if not isinstance(e, Exception):
-                    rep.interrupted = True
-                if s is not None:
-                    rep.int3_left += s.int3_left()
-                raise
-            finally:
-                if s is not None:
-                    s.close()
-            if absorb([(name, sd, r.violations, r.int3_emulated, r.syncs, r.int3_left)]):
-                break
+        try:
+            for name, sd in items:
+                s = None
+                try:
+                    s = _Schedule(name, sd, **kw)
+                    r = s.run()
+                except BaseException:
+                    if s is not None:        # the schedule in hand: read its text back
+                        rep.int3_left += s.int3_left()
+                    raise
+                finally:
+                    if s is not None:
+                        s.close()
+                if absorb([(name, sd, r.violations, r.int3_emulated, r.syncs, r.int3_left)]):
+                    break
+        except BaseException as e:
+            if not isinstance(e, Exception):
+                rep.interrupted = True
+            raise
         return rep
 
     import concurrent.futures as cf
