@@ -2,7 +2,7 @@
 """Boot-time patch rate: apply_alternatives over an image with >= 10,000
 alternative sites, and the time to build that image.
 
-    python bench/bench_boot.py [--sites N] [--repeat R] [--json]
+    python bench/bench_boot.py [--sites N] [--repeat R] [--quick] [--json] [--clock cpu]
 
 The image is generated: N small probe functions in assembly, each holding
 one ALTERNATIVE site of a rotating kind (plain, ALT_FLAG_NOT, a longer
@@ -17,7 +17,7 @@ images loader and booted on the sim machine.  Figures:
 * load: ELF parse + table parse + sim machine set-up;
 * apply_alternatives: host time for every entry (decide, relocate,
   optimise NOPs, stage) and the commit through text_poke_early, reported
-  as sites per second (best and median of --repeat fresh machines);
+  as sites per second (median, min-max of --repeat >= 5 fresh machines);
 * a check: a random sample of the probes is run on the sim machine and
   must return the variant their entries imply.
 """
@@ -28,14 +28,15 @@ import argparse
 import json
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _stats                                                          # noqa: E402
 
 from textpoke import TextPoke                                          # noqa: E402
 from textpoke._alternative import alternative_instructions, apply_alternatives  # noqa: E402
@@ -97,17 +98,17 @@ def generate(n: int, seed: int = 1) -> str:
 
 def build(n: int, work: Path) -> tuple[Path, float, float]:
     src = work / "bench_alts.S"
-    t = time.perf_counter()
+    t = _stats.now()
     src.write_text(generate(n))
-    gen = time.perf_counter() - t
+    gen = _stats.now() - t
     obj, elf = work / "bench_alts.o", work / "bench_alts.elf"
-    t = time.perf_counter()
+    t = _stats.now()
     subprocess.run(["gcc", "-c", f"-I{KERNEL_DIR}", "-o", str(obj), str(src)], check=True,
                    capture_output=True)
     subprocess.run(["ld", "-T", str(KERNEL_DIR / "kernel.ld"), "--build-id=none", "-z",
                     "noexecstack", "-z", "max-page-size=4096", "-o", str(elf), str(obj)],
                    check=True, capture_output=True)
-    return elf, gen, time.perf_counter() - t
+    return elf, gen, _stats.now() - t
 
 
 def bundled_build_time(work: Path) -> float | None:
@@ -115,46 +116,86 @@ def bundled_build_time(work: Path) -> float | None:
         from textpoke.images.build import build_kernel
     except ImportError:
         return None
-    t = time.perf_counter()
+    t = _stats.now()
     build_kernel(work / "bundled")
-    return time.perf_counter() - t
+    return _stats.now() - t
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sites", type=int, default=10_000)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--json", action="store_true")
+    _stats.add_common_args(ap)
+    ap.add_argument("--sites", type=int, default=None,
+                    help="alternative sites in the generated image (default 10,000; --quick: 2,000)")
     args = ap.parse_args(argv)
+    _stats.setup(args)
+    n_sites = args.sites or (2_000 if args.quick else 10_000)
     if not all(shutil.which(t) for t in ("gcc", "ld")):
         print("bench_boot: needs gcc and GNU ld", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="textpoke-bench-boot-") as tmp:
         work = Path(tmp)
-        elf, gen_s, build_s = build(args.sites, work)
-        bundled_s = bundled_build_time(work)
+        built: dict = {}
+
+        def gen_build() -> float:
+            elf, gen, b = build(n_sites, work)
+            built["elf"] = elf
+            built.setdefault("gen", []).append(gen)
+            return b
+
+        def bundled_build() -> float:
+            return bundled_build_time(work) or 0.0
+
+        fns = {"build": gen_build}
+        try:
+            from textpoke.images.build import build_kernel  # noqa: F401
+            fns["bundled_build"] = bundled_build
+        except ImportError:
+            pass
+        builds = _stats.interleaved(fns, args.repeat, units={k: "s" for k in fns})
+        elf = built["elf"]
         size = elf.stat().st_size
 
-        t = time.perf_counter()
+        loads: list[float] = []
+
+        def load() -> float:
+            t = _stats.now()
+            img = load_elf(elf)
+            boot_kernel_image(1, img)
+            dt = _stats.now() - t
+            loads.append(dt)
+            return dt
+
+        load_s = _stats.repeated("load", load, args.repeat, unit="s")
         image = load_elf(elf)
         sim, image, tables = boot_kernel_image(1, image)
-        load_s = time.perf_counter() - t
         entries = len(tables.alt_instructions)
         sites = len(tables.alt_groups())
 
-        rates, runs, full = [], [], []
-        for _ in range(max(1, args.repeat)):
-            sim, image, tables = boot_kernel_image(1, image)
-            core = TextPoke(sim)
-            t = time.perf_counter()
+        last: dict = {}
+        full: list[dict] = []
+
+        def apply_once() -> float:
+            s, _img, _t = boot_kernel_image(1, image)
+            core = TextPoke(s)
+            t = _stats.now()
             recs = apply_alternatives(core, tables.alt_instructions, FEATURES, image=image)
-            dt = time.perf_counter() - t
-            runs.append(dt)
-            rates.append(entries / dt)
+            dt = _stats.now() - t
+            last["sim"], last["recs"] = s, recs
+            return dt
+
+        def full_once() -> float:
             # the same through alternative_instructions, for its phase split
-            sim2, _, _ = boot_kernel_image(1, image)
-            r = alternative_instructions(TextPoke(sim2), image, tables, FEATURES, selftests=False)
+            s2, _, _ = boot_kernel_image(1, image)
+            r = alternative_instructions(TextPoke(s2), image, tables, FEATURES, selftests=False)
             full.append(r.timings)
+            return sum(r.timings.get(k, 0.0) for k in ("apply_alternatives", "commit"))
+
+        runs = _stats.interleaved({"apply_alternatives": apply_once, "alternative_instructions": full_once},
+                                  args.repeat, units={"apply_alternatives": "s",
+                                                      "alternative_instructions": "s"})
+        apply_s = runs["apply_alternatives"]
+        full = full[1:]          # the warm-up round's split is kept out
+        sim, recs = last["sim"], last["recs"]
 
         # check a sample of the probes on the last machine
         feats = feature_set(FEATURES)
@@ -164,40 +205,44 @@ def main(argv: list[str] | None = None) -> int:
         written = sum(a.written for a in recs)
         taken = sum(a.taken for a in recs)
 
-    best = min(runs)
+    site_rate = apply_s.scaled("sites_per_s", "sites/s", lambda x: sites / x)
+    entry_rate = apply_s.scaled("entries_per_s", "entries/s", lambda x: entries / x)
+    split = {k: _stats.Series(k, "s (wall, the core's own timer)", [t[k] for t in full if k in t])
+             for k in ("apply_alternatives", "commit")}
+    split = {k: v for k, v in split.items() if v.n}
+    m = _stats.meta(args)
     fig = {
+        "meta": m,
         "sites": sites, "entries": entries, "taken": taken, "written": written,
-        "image_bytes": size,
-        "generate_s": round(gen_s, 4), "build_s": round(build_s, 4),
-        "bundled_kernel_build_s": None if bundled_s is None else round(bundled_s, 4),
-        "load_s": round(load_s, 4),
-        "apply_alternatives_best_s": round(best, 4),
-        "apply_alternatives_median_s": round(statistics.median(runs), 4),
-        "entries_per_s_best": round(entries / best),
-        "entries_per_s_median": round(statistics.median(rates)),
-        "sites_per_s_best": round(sites / best),
-        "phase_split_s": {k: round(statistics.median(t[k] for t in full), 4)
-                          for k in ("apply_alternatives", "commit")},
+        "image_bytes": size, "generate_s": built["gen"],
+        "build_s": builds["build"].as_dict(),
+        "bundled_kernel_build_s": builds["bundled_build"].as_dict() if "bundled_build" in builds else None,
+        "load_s": load_s.as_dict(),
+        "apply_alternatives_s": apply_s.as_dict(),
+        "sites_per_s": site_rate.as_dict(),
+        "entries_per_s": entry_rate.as_dict(),
+        "phase_split_s": {k: v.as_dict() for k, v in split.items()},
         "probes_checked": len(sample), "probes_wrong": len(wrong),
     }
     if args.json:
         json.dump(fig, sys.stdout, indent=2)
         print()
     else:
-        print(f"generated image: {sites:,} alternative sites ({entries:,} .altinstructions "
-              f"entries), {size / 1024:.0f} KiB")
-        print(f"  generate sources {gen_s * 1000:.0f} ms, gcc + ld {build_s * 1000:.0f} ms"
-              + (f"; bundled kernel.elf build (2 links + objtool-lite) {bundled_s * 1000:.0f} ms"
-                 if bundled_s is not None else ""))
-        print(f"  load (ELF + tables + sim machine) {load_s * 1000:.0f} ms")
-        print(f"apply_alternatives, {len(runs)} fresh machines: best {best * 1000:.0f} ms, "
-              f"median {statistics.median(runs) * 1000:.0f} ms")
-        print(f"  {entries / best:,.0f} entries/s ({sites / best:,.0f} sites/s) best, "
-              f"{statistics.median(rates):,.0f} entries/s median; "
-              f"{taken:,} taken, {written:,} written")
-        ps = fig["phase_split_s"]
-        print(f"  split (median): decide+relocate+stage {ps['apply_alternatives'] * 1000:.0f} ms, "
-              f"commit via text_poke_early {ps['commit'] * 1000:.0f} ms")
+        ms = 1e-3
+        print(_stats.meta_line(m))
+        print(f"== boot-time patching: generated image of {sites:,} alternative sites "
+              f"({entries:,} .altinstructions entries), {size / 1024:.0f} KiB")
+        rows = [["gcc + ld, generated image (ms)", _stats.fmt_range(builds["build"], 0, ms)]]
+        if "bundled_build" in builds:
+            rows.append(["bundled kernel.elf build (ms)", _stats.fmt_range(builds["bundled_build"], 0, ms)])
+        rows += [["load: ELF + tables + sim machine (ms)", _stats.fmt_range(load_s, 0, ms)],
+                 ["apply_alternatives (ms)", _stats.fmt_range(apply_s, 0, ms)],
+                 ["  sites/s", _stats.fmt_range(site_rate, 0)],
+                 ["  entries/s", _stats.fmt_range(entry_rate, 0)]]
+        for k, v in split.items():
+            rows.append([f"  alternative_instructions: {k} (ms)", _stats.fmt_range(v, 0, ms)])
+        print(_stats.table(["what", "median (min\u2013max, n)"], rows))
+        print(f"  {taken:,} taken, {written:,} written; a fresh machine per run; runs interleaved")
         print(f"check: {len(sample)} probes run on the sim machine, {len(wrong)} wrong"
               + (f" ({', '.join(wrong[:5])})" if wrong else ""))
     return 1 if wrong else 0
