@@ -202,7 +202,7 @@ def meta(args: argparse.Namespace | None = None) -> dict:
         uc_version = None
     dirty = [ln[3:] for ln in _git("status", "--porcelain", "--", "src").splitlines() if ln]
     return {
-        "commit": _git("rev-parse", "--short=12", "HEAD").strip() or None,
+        "commit": _git("rev-parse", "--short=12", "HEAD").strip() or os.environ.get("BENCH_COMMIT"),
         "commit_subject": _git("log", "-1", "--format=%s").strip() or None,
         "uncommitted_src_changes": dirty,
         "python": platform.python_version(),
