@@ -18,8 +18,8 @@ from textpoke._alternative import (DA_ALL, DA_ALT, DA_RETPOLINE, DA_SMP, Alterna
                                    SelfTestError, alt_reloc_selftest, alternative_instructions,
                                    alternatives_enable_smp, alternatives_smp_unlock,
                                    alternatives_text_reserved, apply_alternatives,
-                                   apply_retpolines, apply_seal_endbr, int3_selftest,
-                                   parse_debug_alternative)
+                                   apply_retpolines, apply_returns, apply_seal_endbr,
+                                   int3_selftest, parse_debug_alternative)
 from textpoke.images._kernel import alt_probes
 from textpoke.sim._boot import boot_kernel_image
 from textpoke.images._tables import RetpolineSite, X86_FEATURES, feature_set
@@ -276,6 +276,13 @@ def test_retpoline_through_rsp_is_refused():
     odd = RetpolineSite(addr=image.sym("alt_probe_call"))   # call probe_ret1
     (rec,) = apply_retpolines(core, [odd], [], image=image)
     assert rec.action == "skipped" and "not a retpoline thunk" in rec.reason
+    # an image with sites but without the thunks they name is refused, text untouched
+    with pytest.raises(AlternativeError, match="no __x86_indirect_thunk_array") as ei:
+        apply_retpolines(core, tables.retpoline_sites, [], image={})
+    assert ei.value.table == ".retpoline_sites"
+    with pytest.raises(AlternativeError, match="no __x86_return_thunk"):
+        apply_returns(core, tables.return_sites, [], image={})
+    assert _snapshot(sim) == snap
 
 
 def test_seal_endbr_is_not_modelled():

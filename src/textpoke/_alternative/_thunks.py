@@ -71,16 +71,21 @@ def _undecodable(kind: str, shadow: Shadow, addr: int, sym: Symbols) -> SitePatc
     return SitePatch(kind, addr, raw, raw, "skipped", "cannot decode the site", sym(addr))
 
 
+def _thunk(sym: Symbols, name: str, table: str) -> int:
+    """The address of thunk *name*, which an image with *table* must have."""
+    addr = sym.get(name)
+    if addr is None:
+        raise AlternativeError(f"image has {table} but no {name}", table=table)
+    return addr
+
+
 def retpolines_pass(shadow: Shadow, sites: Sequence[RetpolineSite], feats: frozenset[int],
                     sym: Symbols, dbg: DebugLog) -> list[SitePatch]:
     """The ``.retpoline_sites`` pass on *shadow*."""
-    out: list[SitePatch] = []
     if not sites:
-        return out
-    array = sym.get("__x86_indirect_thunk_array")
-    if array is None:
-        raise AlternativeError("image has .retpoline_sites but no __x86_indirect_thunk_array",
-                               table=".retpoline_sites")
+        return []
+    array = _thunk(sym, "__x86_indirect_thunk_array", ".retpoline_sites")
+    out: list[SitePatch] = []
     for i, s in enumerate(sites):
         addr = s.addr
         insn = decode_at(shadow, addr)
@@ -129,14 +134,11 @@ def retpolines_pass(shadow: Shadow, sites: Sequence[RetpolineSite], feats: froze
 def returns_pass(shadow: Shadow, sites: Sequence[ReturnSite], feats: frozenset[int],
                  sym: Symbols, dbg: DebugLog) -> list[SitePatch]:
     """The ``.return_sites`` pass on *shadow*."""
-    out: list[SitePatch] = []
     if not sites:
-        return out
-    thunk = sym.get("__x86_return_thunk")
-    if thunk is None:
-        raise AlternativeError("image has .return_sites but no __x86_return_thunk",
-                               table=".return_sites")
+        return []
+    thunk = _thunk(sym, "__x86_return_thunk", ".return_sites")
     rethunk = has_feature(feats, _FEATURE_RETHUNK)
+    out: list[SitePatch] = []
     for s in sites:
         addr = s.addr
         insn = decode_at(shadow, addr)
