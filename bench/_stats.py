@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-__all__ = ["MIN_RUNS", "Series", "interleaved", "repeated", "paired_ratios", "add_common_args",
+__all__ = ["MIN_RUNS", "Series", "interleaved", "interleaved_rates", "repeated", "paired_ratios", "add_common_args",
            "timed", "now", "set_clock", "setup", "clock_name", "fmt", "fmt_range", "table", "meta", "meta_line", "REPO"]
 
 #: never report a figure from fewer runs than this
@@ -96,6 +96,32 @@ def interleaved(fns: dict[str, Callable[[], float]], repeat: int, *, units: dict
             gc.collect()
             v = fns[k]()
             (out[k].warmup if r < warmup else out[k].samples).append(v)
+    return out
+
+
+def interleaved_rates(fns: dict[str, Callable[[], tuple[float, float]]], repeat: int, *,
+                      chunks: int = 8, units: dict[str, str] | None = None,
+                      warmup: int = 1) -> dict[str, Series]:
+    """As :func:`interleaved`, but each run is *chunks* short pieces of work
+    per side, alternated piece by piece (A B A B ..., the next round B A B
+    A ...), so that drift on any time scale longer than one piece hits
+    every side alike.  Each fn does one piece and returns (work, seconds);
+    a sample is one round's total work / total seconds per side."""
+    _check_runs(repeat)
+    names = list(fns)
+    out = {k: Series(k, (units or {}).get(k, "")) for k in names}
+    for r in range(warmup + repeat):
+        work = dict.fromkeys(names, 0.0)
+        secs = dict.fromkeys(names, 0.0)
+        gc.collect()
+        for i in range(chunks):
+            order = names if (r + i) % 2 == 0 else names[::-1]
+            for k in order:
+                w, t = fns[k]()
+                work[k] += w
+                secs[k] += t
+        for k in names:
+            (out[k].warmup if r < warmup else out[k].samples).append(work[k] / secs[k])
     return out
 
 

@@ -175,7 +175,12 @@ def _free_machine():
     return w
 
 
-def bench_guest_speed(repeat: int, iters_per_cpu: int, counted_steps: int) -> dict:
+def bench_guest_speed(repeat: int, iters_per_cpu: int, counted_steps: int, chunks: int = 8) -> dict:
+    """Each run: *chunks* pieces per side, alternated piece by piece, of
+    iters_per_cpu/chunks iterations per vCPU (free-running) and
+    counted_steps/chunks scheduler decisions (counted)."""
+    iters_per_chunk = max(1, iters_per_cpu // chunks)
+    steps_per_chunk = max(1, counted_steps // chunks)
     # ---------------------------------------------------- free-running
     w = _free_machine()
     per_iter = _insns_per_iteration(w)
@@ -191,31 +196,31 @@ def bench_guest_speed(repeat: int, iters_per_cpu: int, counted_steps: int) -> di
     old_uc = old.ucs[0]
     top, stop = wo.loop_top, wo.sim.preempt_addr
 
-    def sim_free() -> float:
+    def sim_free() -> tuple[float, float]:
         sim = w.sim
         start = [w.iterations(c) for c in sim.cpus]
-        goal = [s + iters_per_cpu for s in start]
+        goal = [s + iters_per_chunk for s in start]
         t = _stats.now()
         ok = sim.run_until(lambda: all(w.iterations(c) >= goal[c] for c in sim.cpus), 10**9)
         dt = _stats.now() - t
         assert ok and not sim.oopses
-        return (sum(w.iterations(c) for c in sim.cpus) - sum(start)) * per_iter / dt
+        return (sum(w.iterations(c) for c in sim.cpus) - sum(start)) * per_iter, dt
 
-    def raw_fair_free() -> float:
+    def raw_fair_free() -> tuple[float, float]:
         t = _stats.now()
-        n = fair.run_free(iters_per_cpu)
-        return n * per_iter / (_stats.now() - t)
+        n = fair.run_free(iters_per_chunk)
+        return n * per_iter, _stats.now() - t
 
-    def raw_old_free() -> float:
-        total = NCPUS * iters_per_cpu
+    def raw_old_free() -> tuple[float, float]:
+        total = NCPUS * iters_per_chunk
         old_uc.reg_write(X.UC_X86_REG_R15, total)
         t = _stats.now()
         old_uc.emu_start(top, stop)
-        return total * per_iter / (_stats.now() - t)
+        return total * per_iter, _stats.now() - t
 
-    free = _stats.interleaved({"sim": sim_free, "raw_same_setup": raw_fair_free,
-                               "raw_old_setup": raw_old_free}, repeat,
-                              units={k: "instructions/s" for k in ("sim", "raw_same_setup", "raw_old_setup")})
+    free = _stats.interleaved_rates({"sim": sim_free, "raw_same_setup": raw_fair_free,
+                                     "raw_old_setup": raw_old_free}, repeat, chunks=chunks,
+                                    units={k: "instructions/s" for k in ("sim", "raw_same_setup", "raw_old_setup")})
     slices_free = {"sim_slices": sum(c.slices for c in w.sim.vcpus)}
 
     # ---------------------------------------------------- counted slices
@@ -228,33 +233,32 @@ def bench_guest_speed(repeat: int, iters_per_cpu: int, counted_steps: int) -> di
     old2 = RawCpus(wo2, 1, fair=False)
     old2.ucs[0].reg_write(X.UC_X86_REG_R15, 1 << 40)
 
-    def sim_counted() -> float:
+    def sim_counted() -> tuple[float, float]:
         before = sum(c.instructions for c in w2.sim.vcpus)
         t = _stats.now()
-        w2.sim.run(counted_steps)
+        w2.sim.run(steps_per_chunk)
         dt = _stats.now() - t
         assert not w2.sim.oopses
-        return (sum(c.instructions for c in w2.sim.vcpus) - before) / dt
+        return sum(c.instructions for c in w2.sim.vcpus) - before, dt
 
-    def raw_fair_counted() -> float:
-        slices = sched.next(counted_steps)
+    def raw_fair_counted() -> tuple[float, float]:
+        slices = sched.next(steps_per_chunk)
         t = _stats.now()
         fair2.run_slices(slices)
-        dt = _stats.now() - t
-        return sum(n for _, n in slices) / dt
+        return sum(n for _, n in slices), _stats.now() - t
 
-    old_n = counted_steps * (COARSE.slice_min + COARSE.slice_max) // 2   # the same work, on average
+    old_n = steps_per_chunk * (COARSE.slice_min + COARSE.slice_max) // 2   # the same work, on average
 
-    def raw_old_counted() -> float:
+    def raw_old_counted() -> tuple[float, float]:
         uc = old2.ucs[0]
         rip = uc.reg_read(X.UC_X86_REG_RIP)
         t = _stats.now()
         uc.emu_start(rip, 0, count=old_n)
-        return old_n / (_stats.now() - t)
+        return old_n, _stats.now() - t
 
-    counted = _stats.interleaved({"sim": sim_counted, "raw_same_setup": raw_fair_counted,
-                                  "raw_old_setup": raw_old_counted}, repeat,
-                                 units={k: "instructions/s" for k in ("sim", "raw_same_setup", "raw_old_setup")})
+    counted = _stats.interleaved_rates({"sim": sim_counted, "raw_same_setup": raw_fair_counted,
+                                        "raw_old_setup": raw_old_counted}, repeat, chunks=chunks,
+                                       units={k: "instructions/s" for k in ("sim", "raw_same_setup", "raw_old_setup")})
     sim_per_cpu = [c.instructions for c in w2.sim.vcpus]
     pattern_ok = sim_per_cpu == fair2.instructions
 
@@ -266,9 +270,10 @@ def bench_guest_speed(repeat: int, iters_per_cpu: int, counted_steps: int) -> di
 
     return {
         "insns_per_iteration": per_iter,
-        "free": {"work": f"{iters_per_cpu} iterations per vCPU per run, preemption point every "
-                         f"{QUANTUM} iterations", "series": free, "ratios": ratios(free), **slices_free},
-        "counted": {"work": f"{counted_steps} scheduler decisions per run (COARSE slices of "
+        "free": {"work": f"{iters_per_chunk * chunks} iterations per vCPU per run in {chunks} pieces "
+                         f"alternated with the baselines', preemption point every {QUANTUM} iterations", "series": free, "ratios": ratios(free), **slices_free},
+        "counted": {"work": f"{steps_per_chunk * chunks} scheduler decisions per run in {chunks} pieces "
+                            f"(COARSE slices of "
                             f"{COARSE.slice_min}-{COARSE.slice_max} instructions)",
                     "series": counted, "ratios": ratios(counted),
                     "slice_pattern_matches": pattern_ok,
