@@ -11,7 +11,9 @@ the runs; every run flips every site).  Two cases:
 
 * cold: the CPUs run the workload loop, not the sites being patched;
 * hot: the workload also calls the sled of sites on every iteration, so
-  the CPUs execute the very sites being patched (and trap on their INT3s).
+  the CPUs execute the very sites being patched (and trap on their INT3s);
+* for comparison, the same batches on textpoke.testing.MemoryMachine (no
+  CPU running: the core's own cost), interleaved with the two above.
 
 A run of the 1-site case is several batches (--small-batches), so that
 one run is long enough to time.  One untimed warm-up run comes first;
@@ -38,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from textpoke import JMP32_INSN_OPCODE, RET_INSN_OPCODE, TextPoke, text_gen_insn, x86_nops  # noqa: E402
 from textpoke.sim import COARSE, boot_workload                        # noqa: E402
 from textpoke.sim._workload import MODULE_BASE                        # noqa: E402
+from textpoke.testing import MemoryMachine                             # noqa: E402
 
 import _stats                                                          # noqa: E402
 
@@ -62,44 +65,73 @@ def _sled_machine(n: int, seed: int = 0, hot: bool = True):
     return w, core, [MODULE_BASE + 5 * i for i in range(n)]
 
 
-def bench_patch_rate(sizes: list[int], repeat: int, hot: bool, small_batches: int) -> list[dict]:
-    rows = []
+class _Patcher:
+    """One machine + TextPoke flipping n NOP5 sites; each run times
+    *k* batches of ``with core.batch(): smp_text_poke_batch_add(...)``."""
+
+    def __init__(self, n: int, k: int, case: str) -> None:
+        if case == "memory":
+            text = x86_nops[5] * n + bytes([RET_INSN_OPCODE])
+            self.m = MemoryMachine({MODULE_BASE: text}, ncpus=NCPUS)
+            self.w = None
+            self.core = TextPoke(self.m)
+            addrs = [MODULE_BASE + 5 * i for i in range(n)]
+        else:
+            self.w, self.core, addrs = _sled_machine(n, hot=(case == "hot"))
+            self.m = self.w.sim
+        self.forms = ([(a, text_gen_insn(JMP32_INSN_OPCODE, a, a + 5)) for a in addrs],
+                      [(a, x86_nops[5]) for a in addrs])
+        self.n, self.k, self.i = n, k, 0
+        self.int3: list[int] = []
+        self.syncs: list[int] = []
+        self.insns: list[int] = []
+
+    def _insns(self) -> int:
+        return sum(c.instructions for c in self.w.sim.vcpus) if self.w else 0
+
+    def run(self) -> float:
+        s = self.core.stats
+        i3, sy, ins = s.int3_emulated, s.syncs, self._insns()
+        add = self.core.smp_text_poke_batch_add
+        total = 0.0
+        for _ in range(self.k):
+            todo = self.forms[self.i % 2]
+            self.i += 1
+            t = _stats.now()
+            with self.core.batch():
+                for a, data in todo:
+                    add(a, data)
+            total += _stats.now() - t
+        self.int3.append(s.int3_emulated - i3)
+        self.syncs.append(s.syncs - sy)
+        self.insns.append(self._insns() - ins)
+        return self.n * self.k / total
+
+    def check(self) -> None:
+        if self.w is not None:
+            assert not self.w.sim.oopses, self.w.sim.oopses[0]
+        last = self.forms[(self.i - 1) % 2]
+        assert all(self.m.text_read(a, 5) == d for a, d in last), "text does not hold the last form"
+
+
+CASES = ("cold", "hot", "memory")
+
+
+def bench_patch_rate(sizes: list[int], repeat: int, small_batches: int) -> dict:
+    """Per size, the three cases interleaved run by run: the sim cold, the
+    sim hot, and the same batches on MemoryMachine (the core alone)."""
+    out: dict = {c: [] for c in CASES}
     for n in sizes:
-        w, core, addrs = _sled_machine(n, hot=hot)
-        forms = ([(a, text_gen_insn(JMP32_INSN_OPCODE, a, a + 5)) for a in addrs],
-                 [(a, x86_nops[5]) for a in addrs])
         k = small_batches if n == 1 else 1
-        state = {"i": 0}
-        per_run = {"int3": [], "syncs": [], "insns": []}
-
-        def one_run() -> float:
-            s = core.stats
-            i3, sy = s.int3_emulated, s.syncs
-            ins = sum(c.instructions for c in w.sim.vcpus)
-            add = core.smp_text_poke_batch_add
-            total = 0.0
-            for _ in range(k):
-                todo = forms[state["i"] % 2]
-                state["i"] += 1
-                t = _stats.now()
-                with core.batch():
-                    for a, data in todo:
-                        add(a, data)
-                total += _stats.now() - t
-            per_run["int3"].append(s.int3_emulated - i3)
-            per_run["syncs"].append(s.syncs - sy)
-            per_run["insns"].append(sum(c.instructions for c in w.sim.vcpus) - ins)
-            return n * k / total
-
-        series = _stats.repeated(f"{n} sites", one_run, repeat, unit="sites/s")
-        assert not w.sim.oopses, w.sim.oopses[0]
-        last = forms[(state["i"] - 1) % 2]
-        assert all(w.sim.text_read(a, 5) == d for a, d in last), "text does not hold the last form"
-        rows.append({"sites": n, "batches_per_run": k, "rate": series,
-                     "int3_emulated_per_run": per_run["int3"][1:],
-                     "syncs_per_run": per_run["syncs"][1:],
-                     "guest_instructions_per_run": per_run["insns"][1:]})
-    return rows
+        ps = {c: _Patcher(n, k, c) for c in CASES}
+        series = _stats.interleaved({c: p.run for c, p in ps.items()}, repeat,
+                                    units=dict.fromkeys(CASES, "sites/s"))
+        for c, p in ps.items():
+            p.check()
+            out[c].append({"sites": n, "batches_per_run": k, "rate": series[c],
+                           "int3_emulated_per_run": p.int3[1:], "syncs_per_run": p.syncs[1:],
+                           "guest_instructions_per_run": p.insns[1:]})
+    return out
 
 
 def bench_syncs(sizes: list[int]) -> list[dict]:
@@ -125,14 +157,13 @@ def run(args: argparse.Namespace) -> dict:
     sizes = [1, 256, 2_000] if args.quick else [1, 256, 10_000]
     sb = getattr(args, "small_batches", None) or (10 if args.quick else 40)
     return {
-        "cold": bench_patch_rate(sizes, args.repeat, hot=False, small_batches=sb),
-        "hot": bench_patch_rate(sizes, args.repeat, hot=True, small_batches=sb),
+        **bench_patch_rate(sizes, args.repeat, small_batches=sb),
         "syncs": bench_syncs([1, 16, 256, 1000] if args.quick else [1, 16, 256, 10_000]),
     }
 
 
 def to_json(res: dict) -> dict:
-    out = {k: [dict(r, rate=r["rate"].as_dict()) for r in res[k]] for k in ("cold", "hot")}
+    out = {k: [dict(r, rate=r["rate"].as_dict()) for r in res[k]] for k in CASES}
     out["syncs"] = res["syncs"]
     return out
 
@@ -140,7 +171,8 @@ def to_json(res: dict) -> dict:
 def report(res: dict) -> str:
     lines = [f"== patch rate on the sim, {NCPUS} vCPUs running the workload, sites/s (goal >= 50,000)"]
     rows = []
-    for case, label in (("cold", "cold"), ("hot", "hot (CPUs run the sites)")):
+    for case, label in (("cold", "sim, cold"), ("hot", "sim, hot (CPUs run the sites)"),
+                        ("memory", "MemoryMachine (core alone)")):
         for r in res[case]:
             rows.append([label, f"{r['sites']:,}", _stats.fmt_range(r["rate"], 0),
                          f"{1e6 / r['rate'].median:,.1f}",
@@ -148,7 +180,8 @@ def report(res: dict) -> str:
     lines.append(_stats.table(["case", "sites/batch", "sites/s", "us/site (median)",
                                "INT3s emulated/run"], rows))
     k = res["cold"][0]["batches_per_run"]
-    lines.append(f"  a run of the 1-site case is {k} batches; NOP5 <-> JMP32 sites in module text")
+    lines.append(f"  a run of the 1-site case is {k} batches; NOP5 <-> JMP32 sites in module text; "
+                 "per size the three cases' runs are interleaved")
     lines.append("== sync broadcasts per batch (exact counts; bound 3*ceil(N/256))")
     lines.append(_stats.table(
         ["sites", "bound", "in-order", "shuffled", "kernel in-order", "kernel shuffled"],
