@@ -15,9 +15,10 @@ scheduler and bookkeeping taken out:
 * the same hook: a ``UC_HOOK_INTR`` hook on every instance;
 * the same ``emu_start`` calls: free-running, run to the guest's preemption
   point (``until``) and, when sitting on it, one counted instruction; in
-  the counted-slice mode the very same sequence of (vCPU, count) slices the
-  sim's seeded scheduler draws, replayed (and checked: per-CPU instruction
-  totals must match).
+  the counted-slice modes (COARSE: 20-400 instructions per slice, the
+  demo's; FINE: 1-8, verify's) the very same sequence of (vCPU, count)
+  slices the sim's seeded scheduler draws, replayed (and checked: per-CPU
+  instruction totals must match).
 
 The previous baseline is kept as a third column for comparison ("raw, old
 set-up"): one instance, every page mapped UC_PROT_ALL (data executable --
@@ -42,7 +43,7 @@ from unicorn import (UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, UC_PROT
                      UC_PROT_READ, UC_PROT_WRITE, Uc)
 from unicorn import x86_const as X                                    # noqa: E402
 
-from textpoke.sim import COARSE, FREE, boot_workload                  # noqa: E402
+from textpoke.sim import COARSE, FINE, FREE, boot_workload                 # noqa: E402
 from textpoke.sim._workload import PERCPU_BASE, PERCPU_STRIDE         # noqa: E402
 
 import _stats                                                          # noqa: E402
@@ -130,7 +131,7 @@ class RawCpus:
 
 
 class CoarseSchedule:
-    """The (cpu, count) slices the sim's scheduler draws under COARSE with
+    """The (cpu, count) slices the sim's scheduler draws under *policy* with
     every vCPU running, no task, no stale line and no IPI: per decision
     ``random() < refresh_prob`` (no stale line: nothing refilled), then
     ``randrange(ncpus)``, then ``randint(slice_min, slice_max)``.  A replay
@@ -223,13 +224,35 @@ def bench_guest_speed(repeat: int, iters_per_cpu: int, counted_steps: int, chunk
                                     units={k: "instructions/s" for k in ("sim", "raw_same_setup", "raw_old_setup")})
     slices_free = {"sim_slices": sum(c.slices for c in w.sim.vcpus)}
 
-    # ---------------------------------------------------- counted slices
-    w2 = boot_workload(ncpus=NCPUS, policy=COARSE, seed=SEED)
+    counted = _counted(COARSE, steps_per_chunk, repeat, chunks)
+    fine = _counted(FINE, steps_per_chunk, repeat, chunks)
+
+    def ratios(series: dict) -> dict:
+        return {"sim/raw_same_setup": _stats.paired_ratios("sim/raw_same_setup", series["sim"],
+                                                            series["raw_same_setup"]),
+                "sim/raw_old_setup": _stats.paired_ratios("sim/raw_old_setup", series["sim"],
+                                                           series["raw_old_setup"])}
+
+    return {
+        "insns_per_iteration": per_iter,
+        "free": {"work": f"{iters_per_chunk * chunks} iterations per vCPU per run in {chunks} pieces "
+                         f"alternated with the baselines', preemption point every {QUANTUM} iterations", "series": free, "ratios": ratios(free), **slices_free},
+        "counted": dict(counted, ratios=ratios(counted["series"])),
+        "fine": dict(fine, ratios=ratios(fine["series"])),
+    }
+
+
+def _counted(policy, steps_per_chunk: int, repeat: int, chunks: int) -> dict:
+    """Counted slices under *policy* (the scheduler draws every slice's
+    length): the sim, the same slices replayed on the raw instances, and
+    the old baseline (one emu_start of the same number of instructions,
+    on average)."""
+    w2 = boot_workload(ncpus=NCPUS, policy=policy, seed=SEED)
     w2.start()
-    wr2 = boot_workload(ncpus=NCPUS, policy=COARSE, seed=SEED)
+    wr2 = boot_workload(ncpus=NCPUS, policy=policy, seed=SEED)
     fair2 = RawCpus(wr2)
-    sched = CoarseSchedule(SEED)
-    wo2 = boot_workload(ncpus=NCPUS, policy=COARSE, seed=SEED)
+    sched = CoarseSchedule(SEED, policy)
+    wo2 = boot_workload(ncpus=NCPUS, policy=policy, seed=SEED)
     old2 = RawCpus(wo2, 1, fair=False)
     old2.ucs[0].reg_write(X.UC_X86_REG_R15, 1 << 40)
 
@@ -247,7 +270,7 @@ def bench_guest_speed(repeat: int, iters_per_cpu: int, counted_steps: int, chunk
         fair2.run_slices(slices)
         return sum(n for _, n in slices), _stats.now() - t
 
-    old_n = steps_per_chunk * (COARSE.slice_min + COARSE.slice_max) // 2   # the same work, on average
+    old_n = steps_per_chunk * (policy.slice_min + policy.slice_max) // 2   # the same work, on average
 
     def raw_old_counted() -> tuple[float, float]:
         uc = old2.ucs[0]
@@ -256,35 +279,24 @@ def bench_guest_speed(repeat: int, iters_per_cpu: int, counted_steps: int, chunk
         uc.emu_start(rip, 0, count=old_n)
         return old_n, _stats.now() - t
 
-    counted = _stats.interleaved_rates({"sim": sim_counted, "raw_same_setup": raw_fair_counted,
-                                        "raw_old_setup": raw_old_counted}, repeat, chunks=chunks,
-                                       units={k: "instructions/s" for k in ("sim", "raw_same_setup", "raw_old_setup")})
+    series = _stats.interleaved_rates({"sim": sim_counted, "raw_same_setup": raw_fair_counted,
+                                       "raw_old_setup": raw_old_counted}, repeat, chunks=chunks,
+                                      units={k: "instructions/s" for k in ("sim", "raw_same_setup", "raw_old_setup")})
     sim_per_cpu = [c.instructions for c in w2.sim.vcpus]
-    pattern_ok = sim_per_cpu == fair2.instructions
+    return {"work": f"{steps_per_chunk * chunks} scheduler decisions per run in {chunks} pieces "
+                    f"(slices of {policy.slice_min}-{policy.slice_max} instructions)",
+            "series": series,
+            "slice_pattern_matches": sim_per_cpu == fair2.instructions,
+            "sim_instructions_per_cpu": sim_per_cpu,
+            "raw_instructions_per_cpu": list(fair2.instructions)}
 
-    def ratios(series: dict) -> dict:
-        return {"sim/raw_same_setup": _stats.paired_ratios("sim/raw_same_setup", series["sim"],
-                                                            series["raw_same_setup"]),
-                "sim/raw_old_setup": _stats.paired_ratios("sim/raw_old_setup", series["sim"],
-                                                           series["raw_old_setup"])}
 
-    return {
-        "insns_per_iteration": per_iter,
-        "free": {"work": f"{iters_per_chunk * chunks} iterations per vCPU per run in {chunks} pieces "
-                         f"alternated with the baselines', preemption point every {QUANTUM} iterations", "series": free, "ratios": ratios(free), **slices_free},
-        "counted": {"work": f"{steps_per_chunk * chunks} scheduler decisions per run in {chunks} pieces "
-                            f"(COARSE slices of "
-                            f"{COARSE.slice_min}-{COARSE.slice_max} instructions)",
-                    "series": counted, "ratios": ratios(counted),
-                    "slice_pattern_matches": pattern_ok,
-                    "sim_instructions_per_cpu": sim_per_cpu,
-                    "raw_instructions_per_cpu": list(fair2.instructions)},
-    }
+MODES = {"free": "free-running", "counted": "counted, COARSE", "fine": "counted, FINE"}
 
 
 def to_json(res: dict) -> dict:
     out = {"insns_per_iteration": res["insns_per_iteration"]}
-    for mode in ("free", "counted"):
+    for mode in MODES:
         m = dict(res[mode])
         m["series"] = {k: s.as_dict() for k, s in m["series"].items()}
         m["ratios"] = {k: s.as_dict() for k, s in m["ratios"].items()}
@@ -296,21 +308,22 @@ def report(res: dict) -> str:
     lines = [f"== guest speed, {NCPUS} vCPUs, M instructions/s (workload: "
              f"{res['insns_per_iteration']:.1f} instructions per iteration); runs interleaved"]
     rows = []
-    for mode, label in (("free", "free-running"), ("counted", "counted slices")):
+    for mode, label in MODES.items():
         s, r = res[mode]["series"], res[mode]["ratios"]
-        rows.append([label, _stats.fmt_range(s["sim"], 1, 1e6),
-                     _stats.fmt_range(s["raw_same_setup"], 1, 1e6),
+        rows.append([label, _stats.fmt_range(s["sim"], 2, 1e6),
+                     _stats.fmt_range(s["raw_same_setup"], 2, 1e6),
                      _stats.fmt_range(r["sim/raw_same_setup"], 3),
                      _stats.fmt_range(s["raw_old_setup"], 1, 1e6),
                      _stats.fmt_range(r["sim/raw_old_setup"], 2)])
     lines.append(_stats.table(["mode", "sim", "raw, same set-up", "sim/raw (fair)",
                                "raw, old set-up", "sim/old"], rows))
-    lines.append(f"  free: {res['free']['work']}; counted: {res['counted']['work']}")
-    if not res["counted"]["slice_pattern_matches"]:
-        lines.append("  WARNING: the replayed slice pattern does not match the sim's per-CPU "
-                     f"counts ({res['counted']['sim_instructions_per_cpu']} vs "
-                     f"{res['counted']['raw_instructions_per_cpu']}): the sim's scheduler draws "
-                     "changed; update CoarseSchedule")
+    for mode, label in MODES.items():
+        lines.append(f"  {label}: {res[mode]['work']}")
+        if mode != "free" and not res[mode]["slice_pattern_matches"]:
+            lines.append("  WARNING: the replayed slice pattern does not match the sim's per-CPU "
+                         f"counts ({res[mode]['sim_instructions_per_cpu']} vs "
+                         f"{res[mode]['raw_instructions_per_cpu']}): the sim's scheduler draws "
+                         "changed; update CoarseSchedule")
     return "\n".join(lines)
 
 
