@@ -288,7 +288,7 @@ def test_machine_failure_mid_batch_rolls_every_site_back():
     """A write that fails part-way through the protocol: the sites already
     touched go back to their old bytes (no INT3 of ours left), the error
     propagates, and the CPUs -- which ran throughout -- never misbehaved."""
-    from textpoke import MachineError
+    from textpoke import Machine, MachineError
     w = boot_workload(ncpus=3, seed=12)
     sim = w.sim
     real_write = sim.text_poke_write
@@ -301,6 +301,8 @@ def test_machine_failure_mid_batch_rolls_every_site_back():
         yield from real_write(addr, data)
 
     sim.text_poke_write = flaky_write
+    # one write at a time through the flaky one (the protocol's default)
+    sim.text_poke_write_many = lambda writes: Machine.text_poke_write_many(sim, writes)
     core = TextPoke(sim)
     sites = [w.by_name[n] for n in ("nop2_jmp8", "nop5_jmp32", "call", "jcc32", "xline_nop5")]
     before = _snapshot(w)

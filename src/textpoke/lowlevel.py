@@ -12,6 +12,7 @@ from ._core._emulate import (DataMemory, PtRegs, int3_emulate_call, int3_emulate
 from ._core._events import DEFAULT_CAPACITY, PHASES
 from ._core._insn import Insn, is_jcc32, is_nop
 from ._core._machine import CpuListener, Task, TrapHandler, WaitUntil, drive
+from ._core._signals import deliver_interrupt, uninterruptible
 from ._core._textpoke import (MUTATIONS, SMP_TEXT_POKE_LOC_SIZE, Protocol, SmpTextPokeLoc,
                               TextPokeArray, TextPokeStats)
 
@@ -28,4 +29,6 @@ __all__ = [
     "Insn", "is_jcc32", "is_nop",
     # events
     "PHASES", "DEFAULT_CAPACITY",
+    # signals
+    "deliver_interrupt", "uninterruptible",
 ]

@@ -46,6 +46,9 @@ class TextPokeEvent(NamedTuple):
                 "phase": self.phase, "time": self.time, "seq": self.seq}
 
 
+_make = TextPokeEvent._make
+
+
 class TextPokeEventLog:
     """A bounded ring of events with a lost-event counter and listeners."""
 
@@ -53,7 +56,7 @@ class TextPokeEventLog:
         if capacity is not None and capacity < 1:
             raise ValueError(f"event log capacity must be >= 1 or None, not {capacity}")
         self.capacity = capacity
-        self._events: deque[TextPokeEvent] = deque(maxlen=capacity)
+        self._events: deque[tuple] = deque(maxlen=capacity)
         self._seq = 0
         self._listeners: list[Callable[[TextPokeEvent], None]] = []
         self.counts: dict[str, int] = dict.fromkeys(PHASES, 0)
@@ -69,13 +72,16 @@ class TextPokeEventLog:
         return self._seq
 
     def record(self, addr: int, old: bytes, new: bytes, phase: str, time: float) -> None:
-        ev = TextPokeEvent(addr, old, new, phase, time, self._seq)
+        # Kept as a plain tuple (cheap: this is per write of every batch);
+        # made a TextPokeEvent when someone looks.
+        ev = (addr, old, new, phase, time, self._seq)
         self._seq += 1
         self.counts[phase] += 1
         self._events.append(ev)
         if self._listeners:
+            event = _make(ev)
             for fn in self._listeners:
-                fn(ev)
+                fn(event)
 
     def subscribe(self, fn: Callable[[TextPokeEvent], None]) -> None:
         self._listeners.append(fn)
@@ -84,7 +90,7 @@ class TextPokeEventLog:
         self._listeners.remove(fn)
 
     def __iter__(self) -> Iterator[TextPokeEvent]:
-        return iter(tuple(self._events))
+        return map(_make, tuple(self._events))
 
     def __len__(self) -> int:
         return len(self._events)

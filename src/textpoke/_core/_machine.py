@@ -25,7 +25,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Iterable
+from typing import Any, Callable, Generator, Iterable, Sequence
 
 from ._emulate import DataMemory, PtRegs
 from .._errors import BadAddressError, MachineClosedError, MachineError, NotSupportedError
@@ -159,6 +159,15 @@ class Machine(abc.ABC):
         """Write *data* through the alias mapping (``text_poke_mm``).  The
         range is already checked to be mapped text spanning at most two
         pages."""
+
+    def text_poke_write_many(self, writes: "Sequence[tuple[int, bytes]]") -> Task:
+        """Write several pokes in order, each checked like one of
+        :meth:`text_poke_write` (the core uses it for the independent sites
+        of one batch phase).  A backend may let other CPUs look between
+        groups of pokes rather than after each one, and may batch the
+        writes themselves (one pwrite per contiguous run on live)."""
+        for addr, data in writes:
+            yield from self.text_poke_write(addr, data)
 
     @abc.abstractmethod
     def text_write_early(self, addr: int, data: bytes) -> None:

@@ -634,62 +634,65 @@ class TextPoke:
             vec.clear()
 
     def _batch_steps(self, st: _Inflight) -> Task:
-        # Each write is __text_poke inlined (write, read back, record): this
-        # loop is the per-site cost of the whole batch.
+        # Each phase is one write_many over the batch's independent sites,
+        # then a read-back and an event per write: this is the per-site
+        # cost of the whole batch, so it is written out by hand.
         m = self.machine
-        write, read, now = m.text_poke_write, m.text_read, m.now
+        read, now = m.text_read, m.now
+        write_many = m.text_poke_write_many
         record = self.events.record
         proto = self.protocol
         vec, olds = st.vec, st.olds
         stext = self._stext
         int3 = b"\xcc"
+
         st.phase = "int3"
-        for tpl in vec:
-            addr = stext + tpl.rel_addr
+        addrs = [stext + tpl.rel_addr for tpl in vec]
+        for tpl, addr in zip(vec, addrs):
             old = read(addr, tpl.len)
             tpl.old = old[0]
             olds.append(old)
-            yield from write(addr, int3)
+        yield from write_many([(addr, int3) for addr in addrs])
+        t = now()
+        for addr, old in zip(addrs, olds):
             if read(addr, 1) != int3:
                 raise VerifyMismatchError(f"text at {addr:#x} is not INT3 after writing it")
-            record(addr, old[:1], int3, "int3", now())
+            record(addr, old[:1], int3, "int3", t)
         if proto.sync_after_int3:
             yield from self._sync()
 
         st.phase = "tail"
-        do_sync = False
-        for tpl, old in zip(vec, olds):
-            addr = stext + tpl.rel_addr
-            new = tpl.new_bytes()
-            if tpl.len > 1:
+        news = [tpl.new_bytes() for tpl in vec]
+        tails = [(addr + 1, new[1:]) for addr, new in zip(addrs, news) if len(new) > 1]
+        if tails:
+            yield from write_many(tails)
+        t = now()
+        for addr, old, new in zip(addrs, olds, news):
+            if len(new) > 1:
                 tail = new[1:]
-                yield from write(addr + 1, tail)
                 if read(addr + 1, len(tail)) != tail:
                     raise VerifyMismatchError(f"text at {addr + 1:#x} does not read {tail.hex()} "
                                               "after writing it")
-                record(addr + 1, old[1:], tail, "tail", now())
-                do_sync = True
+                record(addr + 1, old[1:], tail, "tail", t)
             # From here until the first byte lands only INT3 is visible, so
             # this is the instant at which a trace switches old -> new.
-            record(addr, old, new, "batch", now())
+            record(addr, old, new, "batch", t)
             st.announced += 1
-        if do_sync and proto.sync_after_tails:
+        if tails and proto.sync_after_tails:
             yield from self._sync()
 
         st.phase = "first"
-        do_sync = False
-        for tpl in vec:
-            byte = tpl.text[0] if tpl.len != 6 else 0x0F
-            if byte == INT3_INSN_OPCODE:
-                continue
-            addr = stext + tpl.rel_addr
-            first = _BYTE[byte]
-            yield from write(addr, first)
+        firsts = [(addr, _BYTE[new[0]]) for addr, new in zip(addrs, news)
+                  if new[0] != INT3_INSN_OPCODE]
+        if firsts:
+            yield from write_many(firsts)
+        t = now()
+        for addr, first in firsts:
             if read(addr, 1) != first:
-                raise VerifyMismatchError(f"text at {addr:#x} does not read {byte:02x} after writing it")
-            record(addr, int3, first, "first", now())
-            do_sync = True
-        if do_sync and proto.sync_after_first:
+                raise VerifyMismatchError(f"text at {addr:#x} does not read {first.hex()} "
+                                          "after writing it")
+            record(addr, int3, first, "first", t)
+        if firsts and proto.sync_after_first:
             yield from self._sync()
 
     def _batch_drop_refs(self, st: _Inflight, wait: bool = True) -> Task:

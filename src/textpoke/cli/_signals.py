@@ -18,6 +18,8 @@ import signal
 import threading
 from typing import Iterator
 
+from ..lowlevel import deliver_interrupt
+
 __all__ = ["EXIT_SIGINT", "EXIT_SIGTERM", "Terminated", "exit_status", "interruptions",
            "reporting"]
 
@@ -58,9 +60,10 @@ def interruptions() -> Iterator[None]:
         if _quiet:
             return
         _quiet = True
-        if signum == signal.SIGTERM:
-            raise Terminated()
-        raise KeyboardInterrupt()
+        # Not a plain raise: inside a Unicorn hook the exception would be
+        # swallowed by ctypes; deliver_interrupt stops the emulation and
+        # raises once ordinary Python code runs again.
+        deliver_interrupt(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

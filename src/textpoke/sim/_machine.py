@@ -37,6 +37,7 @@ from unicorn import x86_const as X
 from .._core._emulate import PtRegs
 from .._errors import BadAddressError, MachineClosedError, MachineError
 from .._core._insn import insn_decode_kernel
+from .._core._signals import uninterruptible
 from .._core._machine import PAGE_SIZE, Capability, Machine, Task, TextRange, WaitUntil, drive
 
 __all__ = ["SimMachine", "SchedPolicy", "Oops", "VCpu", "FINE", "COARSE", "FREE",
@@ -64,7 +65,11 @@ class SchedPolicy:
     ``ipi_latency``: an IPI is delivered up to this many scheduler decisions
     after it is sent (drawn per IPI); the CPU takes it at its first
     instruction boundary after delivery.  ``write_granularity``: see
-    :data:`WRITE_GRANULARITIES`.
+    :data:`WRITE_GRANULARITIES`.  ``pokes_per_step``: with "poke"
+    granularity, how many pokes of one ``text_poke_write_many`` are stored
+    in one scheduler step (others look between steps, not between those
+    pokes: a batch phase's independent sites, written while the patcher
+    keeps its turn).
     """
 
     slice_min: int = 1
@@ -75,8 +80,11 @@ class SchedPolicy:
     ipi_latency: int = 0
     cpu_weight: float = 1.0
     write_granularity: str = "byte"
+    pokes_per_step: int = 1
 
     def __post_init__(self) -> None:
+        if self.pokes_per_step < 1:
+            raise ValueError(f"pokes_per_step must be >= 1, not {self.pokes_per_step}")
         if self.write_granularity not in WRITE_GRANULARITIES:
             raise ValueError(f"write_granularity must be one of {WRITE_GRANULARITIES}, "
                              f"not {self.write_granularity!r}")
@@ -447,6 +455,43 @@ class SimMachine(Machine):
                 self.trace.append(("write", self.steps, None, addr + i, bytes((b,))))
             yield
 
+    def text_poke_write_many(self, writes) -> Task:
+        # Byte granularity: exactly the interleavings of one write after
+        # another.  Poke granularity: pokes_per_step pokes per step.
+        self._check_open()
+        if self.policy.write_granularity == "byte":
+            for addr, data in writes:
+                yield from self.text_poke_write(addr, data)
+            return
+        per_step = self.policy.pokes_per_step
+        online = self._online
+        ls = self.line_size
+        trace = self.trace
+        n_in_step = 0
+        for addr, data in writes:
+            idx, r = self._text_loc(addr, len(data))
+            off = addr - r.start
+            n = len(data)
+            r.mv[off:off + n] = data
+            first, last = off // ls, (off + n - 1) // ls
+            if first == last:
+                line = (idx, first)
+                for c in online:
+                    c.stale.add(line)
+            else:
+                lines = [(idx, ln) for ln in range(first, last + 1)]
+                for c in online:
+                    c.stale.update(lines)
+            if trace is not None:
+                trace.append(("write", self.steps, None, addr, bytes(data)))
+            n_in_step += 1
+            if n_in_step >= per_step:
+                n_in_step = 0
+                yield
+                self._check_open()
+        if n_in_step:
+            yield
+
     def _write_poke(self, idx: int, r: _Region, addr: int, data: bytes) -> Task:
         # One store of the whole poke; every line it touched goes stale in
         # every view (exactly those lines), then others may look.
@@ -696,20 +741,31 @@ class SimMachine(Machine):
             self.trace.append(("oops", self.steps, c.id, kind, rip))
 
     def _serialise(self, c: VCpu) -> None:
-        """sync_core / IRET: every stale line of this CPU's view is refilled."""
+        """sync_core / IRET: every stale line of this CPU's view is refilled
+        (adjacent stale lines as one run: one copy, one cache flush)."""
         if c.stale:
-            for line in sorted(c.stale):
-                self._refill(c, line, "sync")
+            lines = sorted(c.stale)
             c.stale.clear()
+            idx, first = lines[0]
+            n = 1
+            for li, ln in lines[1:]:
+                if li == idx and ln == first + n:
+                    n += 1
+                    continue
+                self._refill_run(c, idx, first, n, "sync")
+                idx, first, n = li, ln, 1
+            self._refill_run(c, idx, first, n, "sync")
 
     def _refill(self, c: VCpu, line: tuple[int, int], why: str) -> None:
-        idx, ln = line
+        self._refill_run(c, line[0], line[1], 1, why)
+
+    def _refill_run(self, c: VCpu, idx: int, first: int, nlines: int, why: str) -> None:
         r = self._text[idx]
-        off = ln * self.line_size
-        n = min(self.line_size, r.size - off)
+        off = first * self.line_size
+        n = min(nlines * self.line_size, r.size - off)
         ctypes.memmove(ctypes.addressof(c.views[idx]) + off, ctypes.addressof(r.buf) + off, n)
         c.uc.ctl_remove_cache(r.start + off, r.start + off + n)
-        c.refreshes += 1
+        c.refreshes += nlines
         if self.trace is not None:
             self.trace.append(("refill", self.steps, c.id, r.start + off, n, why))
 
@@ -749,7 +805,8 @@ class SimMachine(Machine):
             count = p.slice_min if p.slice_min == p.slice_max else self.rng.randint(p.slice_min, p.slice_max)
         c.slices += 1
         try:
-            uc.emu_start(rip, until, count=count)
+            with uninterruptible(uc.emu_stop):
+                uc.emu_start(rip, until, count=count)
         except UcError as e:
             self._oops(c, _fault_kind(e), str(e))
             return
@@ -835,7 +892,17 @@ class SimMachine(Machine):
     # ------------------------------------------------------------ scheduler
     def step(self) -> bool:
         """One scheduling decision; False when nothing at all can run (every
-        CPU stopped or dead and no task left)."""
+        CPU stopped or dead and no task left).
+
+        A decision is atomic with respect to interrupts delivered with
+        ``deliver_interrupt``: one that arrives mid-decision (in a Unicorn
+        hook, or between a CPU stopping on an INT3 and entering its trap
+        state) is raised when the decision is complete, so the machine is
+        never left half-way through one."""
+        with uninterruptible(_no_stop):
+            return self._step()
+
+    def _step(self) -> bool:
         if self._closed:
             self._check_open()
         self.steps += 1
@@ -904,7 +971,8 @@ class SimMachine(Machine):
             while True:
                 c.pending_intr = None
                 try:
-                    c.uc.emu_start(rip, sentinel, count=budget)
+                    with uninterruptible(c.uc.emu_stop):
+                        c.uc.emu_start(rip, sentinel, count=budget)
                 except UcError as e:
                     where = ""
                     if c.fault is not None:
@@ -942,6 +1010,10 @@ class SimMachine(Machine):
 
     def disasm_at(self, addr: int) -> str:
         return insn_decode_kernel(self.text_read(addr, 15), addr).text
+
+
+def _no_stop() -> None:
+    """Nothing to cut short outside emu_start: the decision just ends."""
 
 
 def _fault_kind(e: UcError) -> str:
