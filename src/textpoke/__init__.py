@@ -16,9 +16,10 @@ data structures, the protocol steps and the emulation helpers are in
     ...         core.smp_text_poke_batch_add(site.addr, site.new)
 """
 
-from ._alternative import (AlternativeError, BootResult, SelfTestError, add_nop,
+from ._alternative import (AlternativeError, BootResult, SelfTestError, SmpAlternatives, add_nop,
                            alternative_instructions, alternatives_enable_smp,
-                           alternatives_smp_lock, alternatives_smp_unlock,
+                           alternatives_smp_lock, alternatives_smp_module_add,
+                           alternatives_smp_module_del, alternatives_smp_unlock,
                            alternatives_text_reserved, apply_alternatives, apply_retpolines,
                            apply_returns, apply_seal_endbr, optimize_nops,
                            text_poke_apply_relocation)
@@ -51,7 +52,8 @@ __all__ = [
     # boot-time patching and relocation
     "alternative_instructions", "apply_alternatives", "apply_retpolines", "apply_returns",
     "apply_seal_endbr", "alternatives_smp_lock", "alternatives_smp_unlock",
-    "alternatives_enable_smp", "alternatives_text_reserved", "BootResult",
+    "alternatives_enable_smp", "alternatives_text_reserved", "alternatives_smp_module_add",
+    "alternatives_smp_module_del", "SmpAlternatives", "BootResult",
     "AlternativeError", "SelfTestError",
     "text_poke_apply_relocation", "optimize_nops", "add_nop",
     # errors

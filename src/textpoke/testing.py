@@ -152,5 +152,9 @@ class MemoryMachine(Machine):
         return cpu
 
     def remove_cpu(self, cpu: int) -> None:
+        if cpu not in self._cpus:
+            raise ValueError(f"cpu{cpu} is not present")
+        if len(self._cpus) == 1:
+            raise MachineError("the last CPU cannot be removed")
         self._cpus.remove(cpu)
         self._cpus_changed("remove", cpu)

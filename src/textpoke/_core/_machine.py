@@ -217,6 +217,20 @@ class Machine(abc.ABC):
         self.require(Capability.SCRATCH)
         raise NotImplementedError
 
+    def add_cpu(self) -> int:
+        """Bring up a new CPU and return its id (``Capability.HOTPLUG``).
+        Ids are never reused; CPU-set listeners hear ``"add"`` before the
+        CPU can run anything."""
+        self.require(Capability.HOTPLUG)
+        raise NotImplementedError
+
+    def remove_cpu(self, cpu: int) -> None:
+        """Take *cpu* away (``Capability.HOTPLUG``): a trap handler it is in
+        finishes first; it counts as synced from then on; listeners hear
+        ``"remove"`` once it runs nothing more.  The last CPU cannot go."""
+        self.require(Capability.HOTPLUG)
+        raise NotImplementedError
+
     # --- lifetime -----------------------------------------------------------
     @property
     def closed(self) -> bool:

@@ -16,7 +16,14 @@ import argparse
 import difflib
 from typing import Any
 
-from .._alternative import DEFAULT_FEATURES
+from .._alternative import DA_ALL, DEFAULT_FEATURES, alternative_instructions, parse_debug_alternative
+from .._core import TextPoke
+from .._core._insn import insn_decode_kernel
+from .._errors import BadInstructionError
+from ..images import load_bundled
+from ..images._kernel import KERNEL_IMAGE
+from ..images._tables import X86_FEATURES, feature_number
+from ..sim._boot import boot_kernel_image
 from . import _output as out
 from ._args import CPUS, UsageError, int_in
 
@@ -65,7 +72,6 @@ def _features(text: str) -> str | list[str]:
 
 
 def _parse_features(text: str) -> list[str] | None:
-    from ..images._tables import feature_number
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if parts in ([], ["none"]):
         return []
@@ -77,7 +83,6 @@ def _parse_features(text: str) -> list[str] | None:
 def disassemble(data: bytes, addr: int) -> list[dict[str, Any]]:
     """Decode *data* (at *addr*) instruction by instruction; a byte that
     starts no valid instruction is shown as ``(bad)`` and skipped."""
-    from .. import BadInstructionError, insn_decode_kernel
     out = []
     off = 0
     while off < len(data):
@@ -112,7 +117,6 @@ def _show_bytes(b: bytes) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..images._tables import X86_FEATURES
     if args.cpu_features == "list":
         if args.json:
             out.emit_json({"features": {k: f"{v // 32}*32+{v % 32}" for k, v in X86_FEATURES.items()}})
@@ -122,11 +126,6 @@ def run(args: argparse.Namespace) -> int:
                 con.print(f"  {k:18} {v // 32:2}*32+{v % 32}")
         return 0
     features = args.cpu_features
-    from .._alternative import DA_ALL, alternative_instructions, parse_debug_alternative
-    from .._core import TextPoke
-    from ..images import load_bundled
-    from ..images._kernel import KERNEL_IMAGE
-    from ..sim._boot import boot_kernel_image
 
     image = load_bundled(KERNEL_IMAGE)
     for name in args.disasm or ():
