@@ -2,7 +2,7 @@
 """textpoke benchmarks: every figure as the median of >= 5 runs with its
 min-max range, baselines measured side by side in the same run.
 
-    python bench/run_all.py [--repeat N] [--quick] [--json] [--clock cpu] [--rss]
+    python bench/run_all.py [--repeat N] [--quick] [--json] [--clock cpu] [--no-rss]
 
 1. guest speed (bench_guest.py): the sim's 4 vCPUs vs 4 raw Unicorn
    instances with the sim's own protections, hook and emu_start slices,
@@ -13,7 +13,7 @@ min-max range, baselines measured side by side in the same run.
 3. patch rate (bench_patch.py) with 4 vCPUs running the workload: batches
    of 1, 256 and 10,000 sites, cold and hot; sync broadcasts per batch
    (exact counts);
-4. with --rss, verify's peak RSS per worker (bench_verify_rss.py: 2,000
+4. unless --no-rss, verify's peak RSS per worker (bench_verify_rss.py: 2,000
    schedules, 2 jobs), in a fresh process.
 
 --quick lowers the work per run (shorter guest runs, 2,000-site batches),
@@ -44,13 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     _stats.add_common_args(ap)
     bench_core.add_args(ap)
     bench_patch.add_args(ap)
-    ap.add_argument("--rss", action="store_true",
-                    help="also run verify over 2,000 schedules and report peak RSS per worker")
+    ap.add_argument("--no-rss", dest="rss", action="store_false",
+                    help="skip verify's peak RSS per worker (2,000 schedules, 2 jobs, ~30 s)")
     ap.add_argument("--only", choices=["guest", "core", "patch"], action="append",
                     help="run only these parts (repeatable)")
     args = ap.parse_args(argv)
     _stats.setup(args)
     parts = args.only or ["guest", "core", "patch"]
+    if args.only:
+        args.rss = False
     m = _stats.meta(args)
     if not args.json:
         print(_stats.meta_line(m), flush=True)
