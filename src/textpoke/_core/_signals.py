@@ -15,37 +15,41 @@ Python code where every ``finally`` and ``except`` sees it.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
+from typing import Callable
 
 __all__ = ["deliver_interrupt", "uninterruptible"]
 
 _stops: list[Callable[[], None]] = []
-_pending: BaseException | None = None
+_pending: list[BaseException] = []
 
 
-@contextlib.contextmanager
-def uninterruptible(stop: Callable[[], None]) -> Iterator[None]:
-    """Mark a region (an ``emu_start``) in which an exception cannot
-    propagate; *stop* makes the region end early (``uc.emu_stop``)."""
-    global _pending
-    _stops.append(stop)
-    try:
-        yield
-    finally:
+class uninterruptible:
+    """``with uninterruptible(stop):`` marks a region (an ``emu_start``, a
+    scheduling decision) in which an exception cannot propagate; *stop*
+    makes the region end early (``uc.emu_stop``).  A plain class rather
+    than a generator-based context manager: the sim enters one per
+    scheduling decision."""
+
+    __slots__ = ("stop",)
+
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self.stop = stop
+
+    def __enter__(self) -> None:
+        _stops.append(self.stop)
+
+    def __exit__(self, *exc: object) -> None:
         _stops.pop()
-        if not _stops and _pending is not None:
-            exc, _pending = _pending, None
-            raise exc
+        if _pending and not _stops:
+            raise _pending.pop()
 
 
 def deliver_interrupt(exc: BaseException) -> None:
     """Raise *exc* (from a signal handler) where it can propagate: now, or
     when the current uninterruptible region ends (which is asked to end
     at once).  A second exception while one is pending is dropped."""
-    global _pending
     if not _stops:
         raise exc
-    if _pending is None:
-        _pending = exc
+    if not _pending:
+        _pending.append(exc)
     _stops[-1]()

@@ -899,7 +899,7 @@ class SimMachine(Machine):
         hook, or between a CPU stopping on an INT3 and entering its trap
         state) is raised when the decision is complete, so the machine is
         never left half-way through one."""
-        with uninterruptible(_no_stop):
+        with _DECISION:
             return self._step()
 
     def _step(self) -> bool:
@@ -1014,6 +1014,9 @@ class SimMachine(Machine):
 
 def _no_stop() -> None:
     """Nothing to cut short outside emu_start: the decision just ends."""
+
+
+_DECISION = uninterruptible(_no_stop)
 
 
 def _fault_kind(e: UcError) -> str:
