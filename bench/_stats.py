@@ -253,3 +253,27 @@ def meta_line(m: dict) -> str:
     return (s + f"; Python {m['python']}, Unicorn {m['unicorn']}, {m['cpus']} CPUs, "
             f"load {m['loadavg_at_start'][0]:.1f}; {m['clock']} clock; "
             f"median (min\u2013max, n runs)")
+
+
+def script_main(argv: list[str] | None, doc: str | None, key: str,
+                run: Callable[[argparse.Namespace], object], report: Callable[[object], str],
+                to_json: Callable[[object], object],
+                add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+    """The main() every bench script shares: common options, run, then a
+    table or JSON (``{"meta": ..., key: ...}``)."""
+    import json
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap)
+    if add_args is not None:
+        add_args(ap)
+    args = ap.parse_args(argv)
+    setup(args)
+    res = run(args)
+    m = meta(args)
+    if args.json:
+        json.dump({"meta": m, key: to_json(res)}, sys.stdout, indent=2)
+        print()
+    else:
+        print(meta_line(m))
+        print(report(res))
+    return 0

@@ -23,7 +23,6 @@ of that array: the INT3 protocol), summed over the ceil(N/256) arrays a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -200,20 +199,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _stats.add_common_args(ap)
-    add_args(ap)
-    args = ap.parse_args(argv)
-    _stats.setup(args)
-    res = run(args)
-    m = _stats.meta(args)
-    if args.json:
-        json.dump({"meta": m, "core_cost": to_json(res)}, sys.stdout, indent=2)
-        print()
-    else:
-        print(_stats.meta_line(m))
-        print(report(res))
-    return 0
+    return _stats.script_main(argv, __doc__, "core_cost", run, report, to_json, add_args)
 
 
 if __name__ == "__main__":

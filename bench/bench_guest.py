@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import random
 import sys
 from pathlib import Path
@@ -333,19 +332,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _stats.add_common_args(ap)
-    args = ap.parse_args(argv)
-    _stats.setup(args)
-    res = run(args)
-    m = _stats.meta(args)
-    if args.json:
-        json.dump({"meta": m, "guest_speed": to_json(res)}, sys.stdout, indent=2)
-        print()
-    else:
-        print(_stats.meta_line(m))
-        print(report(res))
-    return 0
+    return _stats.script_main(argv, __doc__, "guest_speed", run, report, to_json)
 
 
 if __name__ == "__main__":
