@@ -30,7 +30,8 @@ from ._core._insn import (ASM_NOP_MAX, CALL_INSN_OPCODE, CALL_INSN_SIZE, INT3_IN
                           JMP32_INSN_SIZE, MAX_PATCH_LEN, RET_INSN_OPCODE, RET_INSN_SIZE,
                           TEXT_POKE_MAX_OPCODE_SIZE, insn_decode_kernel, text_gen_insn, x86_nops)
 from ._core._machine import Capability, Machine, TextRange, TrapHandle, TrapPriority
-from ._core._textpoke import TEXT_POKE_ARRAY_MAX, TextMutex, TextPoke
+from ._core._textpoke import TextPoke
+from ._core._types import TEXT_POKE_ARRAY_MAX, TextMutex
 from ._errors import (BadAddressError, BadInstructionError, MachineClosedError, MachineError,
                       NotSupportedError, OverlapError, TextMutexError, TextPokeError,
                       VerifyMismatchError)

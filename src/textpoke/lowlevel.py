@@ -13,8 +13,8 @@ from ._core._events import DEFAULT_CAPACITY, PHASES
 from ._core._insn import Insn, is_jcc32, is_nop
 from ._core._machine import CpuListener, Task, TrapHandler, WaitUntil, drive
 from ._core._signals import deliver_interrupt, uninterruptible
-from ._core._textpoke import (MUTATIONS, SMP_TEXT_POKE_LOC_SIZE, Protocol, SmpTextPokeLoc,
-                              TextPokeArray, TextPokeStats)
+from ._core._types import (MUTATIONS, SMP_TEXT_POKE_LOC_SIZE, Protocol, SmpTextPokeLoc,
+                           TextPokeArray, TextPokeStats)
 
 __all__ = [
     # the batch

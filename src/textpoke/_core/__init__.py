@@ -7,8 +7,9 @@ Nothing under this package imports Unicorn or ptrace code; the machines
 :mod:`._machine`.
 """
 
-from ._textpoke import (MUTATIONS, TEXT_POKE_ARRAY_MAX, SmpTextPokeLoc, TextMutex, TextPoke,
-                        TextPokeArray, TextPokeStats)
+from ._textpoke import TextPoke
+from ._types import (MUTATIONS, TEXT_POKE_ARRAY_MAX, SmpTextPokeLoc, TextMutex, TextPokeArray,
+                     TextPokeStats)
 
 __all__ = ["MUTATIONS", "TEXT_POKE_ARRAY_MAX", "SmpTextPokeLoc", "TextMutex", "TextPoke",
            "TextPokeArray", "TextPokeStats"]

@@ -25,7 +25,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Iterable, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 from ._emulate import DataMemory, PtRegs
 from .._errors import BadAddressError, MachineClosedError, MachineError, NotSupportedError
