@@ -1,0 +1,178 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""fentry sites of a running process: ``__mcount_loc`` and
+``__patchable_function_entries``.
+
+* ``gcc -pg -mfentry -mnop-mcount -mrecord-mcount`` (non-PIC only: GCC
+  refuses ``-mnop-mcount`` with ``-fPIC``/PIE) puts a 5-byte NOP
+  (``0f 1f 44 00 00``, the kernel's NOP5) as each function's first
+  instruction, where ``call __fentry__`` would be, and records its address in
+  ``__mcount_loc``.  These are the sites the kernel's ftrace patches, and the
+  ones textpoke patches: one instruction, so the INT3 protocol applies.
+* ``-fpatchable-function-entry=5`` (PIE is fine) records the entry in
+  ``__patchable_function_entries``; GCC on x86 fills it with five one-byte
+  NOPs.  Those are listed but flagged ``5xNOP1``: a thread may be stopped
+  between two of them, so they cannot be replaced by one 5-byte instruction
+  while the process runs (the INT3 protocol only covers the first byte).
+
+Both sections hold link-time addresses (in a PIE, the dynamic linker
+relocates them; the file holds the same values as the addends), so each
+entry plus the module's load bias is the runtime address.  The *bytes found*
+at each site are read from the live process, and classified:
+
+``nop5``     the expected NOP5: patchable
+``call``     a CALL (e.g. a site textpoke switched and a SIGKILL left on)
+``jmp``      a JMP32
+``int3``     an INT3 in the first byte: a stray breakpoint -- of a patcher
+             that was SIGKILLed mid-batch, or of a debugger
+``5xnop1``   five single-byte NOPs (``-fpatchable-function-entry``)
+``other``    anything else
+"""
+
+from __future__ import annotations
+
+import bisect
+import fnmatch
+import re
+import struct
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from .._core._insn import x86_nops
+from ._symbols import Module, SymbolError, Symbols
+
+__all__ = ["FentrySite", "NOP5", "classify", "fentry_sites", "read_process"]
+
+NOP5 = x86_nops[5]
+NOP1X5 = b"\x90" * 5
+
+#: which sections list sites, and what built them
+SECTIONS = {"__mcount_loc": "mcount", "__patchable_function_entries": "patchable"}
+
+
+@dataclass(slots=True)
+class FentrySite:
+    addr: int
+    function: str          # name of the function it belongs to ("?" if none)
+    func_addr: int
+    module: str            # short name of the module
+    source: str            # "mcount" or "patchable"
+    found: bytes           # the 5 bytes read from the live process
+    kind: str              # see classify()
+
+    @property
+    def patchable(self) -> bool:
+        return self.kind == "nop5"
+
+    @property
+    def stray_int3(self) -> bool:
+        return self.kind == "int3"
+
+    def as_dict(self) -> dict:
+        return {"addr": f"{self.addr:#x}", "function": self.function, "module": self.module,
+                "source": self.source, "bytes": self.found.hex(" "), "kind": self.kind}
+
+
+def classify(found: bytes) -> str:
+    if found == NOP5:
+        return "nop5"
+    if found[:1] == b"\xcc":
+        return "int3"
+    if found == NOP1X5:
+        return "5xnop1"
+    if found[:1] == b"\xe8":
+        return "call"
+    if found[:1] == b"\xe9":
+        return "jmp"
+    return "other"
+
+
+def read_process(pid: int) -> Callable[[int, int], bytes]:
+    """A reader of *pid*'s memory through /proc/PID/mem (no ptrace stop)."""
+    import os
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+
+    def read(addr: int, size: int) -> bytes:
+        return os.pread(fd, size, addr)
+    read.close = lambda: os.close(fd)  # type: ignore[attr-defined]
+    return read
+
+
+def _entries(mod: Module) -> Iterable[tuple[int, str]]:
+    for sec, src in SECTIONS.items():
+        raw = mod.section_bytes(sec)
+        if not raw:
+            continue
+        for (v,) in struct.iter_unpack("<Q", raw[:len(raw) - len(raw) % 8]):
+            if v:                       # 0: a function the linker dropped
+                yield v + mod.bias, src
+
+
+def fentry_sites(syms: Symbols, pattern: str | None = None, *,
+                 read: Callable[[int, int], bytes] | None = None,
+                 modules: Iterable[Module] | None = None) -> list[FentrySite]:
+    """Every fentry site of the process's modules (or of *modules*), in
+    address order; *pattern* (a glob, ``lib:glob`` for one module) keeps the
+    sites whose function -- any of its names -- matches.  *read* reads live
+    memory (default: /proc/PID/mem)."""
+    lib = None
+    if pattern and ":" in pattern:
+        lib, pattern = pattern.split(":", 1)
+    if modules is None:
+        modules = [syms.module(lib)] if lib else list(syms.modules())
+    rx = re.compile(fnmatch.translate(pattern)) if pattern else None
+    own = read is None
+    if own:
+        read = read_process(syms.pid)
+    try:
+        out: dict[int, FentrySite] = {}
+        for mod in modules:
+            ranges = mod.executable_ranges()
+            entries = sorted(set(_entries(mod)))
+            if not entries:
+                continue
+            funcs = mod.functions_sorted()
+            starts = [f.addr for f in funcs]
+            for addr, src in entries:
+                if addr in out or not any(a <= addr and addr + 5 <= b for a, b in ranges):
+                    continue
+                i = bisect.bisect_right(starts, addr) - 1
+                fn = None
+                names: list[str] = []
+                while i >= 0 and starts[i] == starts[bisect.bisect_right(starts, addr) - 1]:
+                    f = funcs[i]
+                    if addr < f.addr + max(f.size, 1):
+                        fn = fn or f
+                        names.append(f.name)
+                    i -= 1
+                if fn is None:
+                    names, name, faddr = [], "?", addr
+                else:
+                    name, faddr = fn.name, fn.addr
+                if rx is not None and not any(rx.match(n) for n in names):
+                    continue
+                out[addr] = FentrySite(addr, name, faddr, mod.short, src, b"", "")
+        sites = [out[a] for a in sorted(out)]
+        _read_all(sites, read)
+        return sites
+    finally:
+        if own:
+            read.close()  # type: ignore[union-attr]
+
+
+def _read_all(sites: list[FentrySite], read: Callable[[int, int], bytes]) -> None:
+    """Fill in the bytes of every site with as few reads as possible (one
+    per run of sites less than a page apart)."""
+    i = 0
+    while i < len(sites):
+        j = i
+        while j + 1 < len(sites) and sites[j + 1].addr - sites[j].addr < 4096:
+            j += 1
+        lo, hi = sites[i].addr, sites[j].addr + 5
+        try:
+            buf = read(lo, hi - lo)
+        except OSError as e:
+            raise SymbolError(f"cannot read the text at {lo:#x}: {e.strerror}") from None
+        for s in sites[i:j + 1]:
+            s.found = bytes(buf[s.addr - lo:s.addr - lo + 5])
+            s.kind = classify(s.found)
+        i = j + 1

@@ -1,0 +1,487 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Addresses by name in a running process: ``/proc/PID/maps`` + ELF symbols.
+
+An address expression is one of::
+
+    0x401136            a number (decimal or 0x-hex)
+    symbol              a function (or object) of any loaded module, the
+                        main executable first
+    symbol+0x10         an offset into it, which must fall on an instruction
+                        boundary (decoded from the function start)
+    lib:symbol[+off]    in the module whose file name starts with *lib*
+                        ("libc" matches libc.so.6; the full path works too)
+
+Each module's *load bias* (runtime address minus link-time address) comes
+from its mapping of the lowest file offset and the ``PT_LOAD`` segment that
+covers that offset: 0 for a non-PIE (``ET_EXEC``) executable, the mapping
+base for a PIE executable or shared library.  Symbols come from ``.symtab``
+and ``.dynsym`` (the union; a stripped file still has ``.dynsym``).  The
+headers and tables are read with ``struct`` over an mmap of the file, not
+with pyelftools: pyelftools' construct parsing took ~130 ms per module just
+for the headers here, and a program of 10,000 functions must resolve in
+milliseconds (pyelftools stays the loader of the sim's images).
+
+Instruction boundaries are decoded from the *file's* bytes of the function
+(with :func:`textpoke._core._insn.insn_decode_kernel`), not from the live
+text: live text may hold an INT3 or a patched instruction, and a boundary
+is a property of the code as built.
+"""
+
+from __future__ import annotations
+
+import bisect
+import fnmatch
+import mmap
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from .._core._insn import insn_decode_kernel
+from .._errors import BadAddressError, BadInstructionError, TextPokeError
+
+__all__ = ["SymbolError", "Mapping", "Symbol", "Module", "Symbols", "read_maps",
+           "parse_address"]
+
+
+class SymbolError(TextPokeError, ValueError):
+    """A name that does not resolve, or an offset that is not an
+    instruction boundary of its function."""
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    """One line of ``/proc/PID/maps``."""
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    dev: str
+    inode: int
+    path: str
+
+    @property
+    def executable(self) -> bool:
+        return "x" in self.perms
+
+    def __contains__(self, addr: int) -> bool:
+        return self.start <= addr < self.end
+
+
+_MAPS_RE = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$")
+
+
+def read_maps(pid: int) -> list[Mapping]:
+    """The mappings of *pid*, in address order."""
+    try:
+        raw = Path(f"/proc/{pid}/maps").read_bytes()
+    except FileNotFoundError:
+        raise SymbolError(f"no process {pid}") from None
+    except PermissionError:
+        raise SymbolError(f"cannot read /proc/{pid}/maps: permission denied") from None
+    out = []
+    for line in raw.splitlines():
+        m = _MAPS_RE.match(line)
+        if m:
+            out.append(Mapping(int(m[1], 16), int(m[2], 16), m[3].decode(), int(m[4], 16),
+                               m[5].decode(), int(m[6]), m[7].decode(errors="replace")))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Symbol:
+    name: str
+    addr: int          # runtime address
+    size: int
+    module: "Module" = field(compare=False, repr=False)
+    func: bool = True
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.size
+
+    def __str__(self) -> str:
+        return f"{self.module.short}:{self.name}"
+
+
+_SYM = struct.Struct("<IBBHQQ")      # Elf64_Sym
+SHT_NOBITS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class _Load:
+    offset: int
+    vaddr: int
+    filesz: int
+    memsz: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Section:
+    name: int
+    type: int
+    flags: int
+    addr: int
+    offset: int
+    size: int
+    link: int
+    info: int
+    addralign: int
+    entsize: int
+STT_OBJECT, STT_FUNC, STT_GNU_IFUNC = 1, 2, 10
+SHN_UNDEF = 0
+
+
+class Module:
+    """One ELF file mapped into the process."""
+
+    def __init__(self, path: str, mappings: list[Mapping], pid: int) -> None:
+        self.path = path
+        self.mappings = mappings
+        self.short = os.path.basename(path)
+        self._pid = pid
+        self._file = _open_mapped(pid, path, mappings)
+        try:
+            self._raw = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:                       # empty file
+            raise SymbolError(f"{path}: empty file") from None
+        self._parse_headers()
+        self.bias = self._bias()
+        self._symbols: list[Symbol] | None = None
+        self._by_name: dict[str, Symbol] = {}
+        self._starts: list[int] = []
+
+    def _parse_headers(self) -> None:
+        raw = self._raw
+        if len(raw) < 64 or raw[:4] != b"\x7fELF":
+            raise SymbolError(f"{self.path}: not an ELF file")
+        if raw[4] != 2 or raw[5] != 1:
+            raise SymbolError(f"{self.path}: not a 64-bit little-endian ELF file")
+        (e_type, e_machine, _v, _entry, e_phoff, e_shoff, _fl, _ehs, e_phentsize, e_phnum,
+         e_shentsize, e_shnum, e_shstrndx) = struct.unpack_from("<HHIQQQIHHHHHH", raw, 16)
+        self.etype = {2: "ET_EXEC", 3: "ET_DYN"}.get(e_type, f"ET_{e_type}")
+        self.loads = []
+        try:
+            for i in range(e_phnum):
+                p_type, _f, off, vaddr, _pa, filesz, memsz, _al = struct.unpack_from(
+                    "<IIQQQQQQ", raw, e_phoff + i * e_phentsize)
+                if p_type == 1:
+                    self.loads.append(_Load(off, vaddr, filesz, memsz))
+            self.sections: dict[str, _Section] = {}
+            secs = [struct.unpack_from("<IIQQQQIIQQ", raw, e_shoff + i * e_shentsize)
+                    for i in range(e_shnum)] if e_shoff else []
+        except struct.error:
+            raise SymbolError(f"{self.path}: truncated ELF headers") from None
+        self._secs = [_Section(*h) for h in secs]
+        if secs and e_shstrndx < len(secs):
+            names = self._secs[e_shstrndx]
+            strtab = raw[names.offset:names.offset + names.size]
+            for sec in self._secs:
+                end = strtab.find(b"\0", sec.name)
+                self.sections.setdefault(strtab[sec.name:end].decode(errors="replace"), sec)
+
+    @property
+    def pie(self) -> bool:
+        return self.etype == "ET_DYN"
+
+    def _bias(self) -> int:
+        if self.etype == "ET_EXEC":
+            return 0
+        m = min(self.mappings, key=lambda m: m.offset)
+        for seg in self.loads:
+            page = 0x1000
+            if seg.offset // page * page <= m.offset < seg.offset + max(seg.filesz, 1):
+                vaddr = seg.vaddr // page * page + (m.offset - seg.offset // page * page)
+                return m.start - vaddr
+        raise SymbolError(f"{self.path}: no PT_LOAD segment covers file offset {m.offset:#x}")
+
+    # --- symbols ------------------------------------------------------------
+    def _load(self) -> None:
+        syms: dict[tuple[str, int], Symbol] = {}
+        for secname in (".symtab", ".dynsym"):
+            sec = self.sections.get(secname)
+            if sec is None or sec.type == SHT_NOBITS or sec.link >= len(self._secs):
+                continue
+            strh = self._secs[sec.link]
+            strtab = self._raw[strh.offset:strh.offset + strh.size]
+            off, size = sec.offset, sec.size
+            for st_name, st_info, _other, shndx, value, ssize in _SYM.iter_unpack(
+                    self._raw[off:off + size - size % _SYM.size]):
+                typ = st_info & 0xF
+                if shndx == SHN_UNDEF or typ not in (STT_FUNC, STT_GNU_IFUNC, STT_OBJECT) or not st_name:
+                    continue
+                end = strtab.find(b"\0", st_name)
+                name = strtab[st_name:end].decode(errors="replace")
+                addr = value + self.bias
+                if (name, addr) not in syms:
+                    syms[(name, addr)] = Symbol(name, addr, ssize, self, typ != STT_OBJECT)
+        self._symbols = sorted(syms.values(), key=lambda s: (s.addr, not s.func, s.name))
+        for s in self._symbols:
+            prev = self._by_name.get(s.name)
+            if prev is None or (s.func and not prev.func):
+                self._by_name[s.name] = s
+        self._funcs = [s for s in self._symbols if s.func]
+        self._starts = [s.addr for s in self._funcs]
+
+    @property
+    def symbols(self) -> list[Symbol]:
+        if self._symbols is None:
+            self._load()
+        return self._symbols  # type: ignore[return-value]
+
+    def lookup(self, name: str) -> Symbol | None:
+        self.symbols
+        return self._by_name.get(name)
+
+    def function_at(self, addr: int) -> Symbol | None:
+        """The function containing *addr* (the last one starting at or
+        before it whose size covers it; a size-0 symbol covers its start)."""
+        self.symbols
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i < 0:
+            return None
+        first = self._starts[i]
+        while i >= 0 and self._starts[i] == first:
+            s = self._funcs[i]
+            if addr < s.addr + max(s.size, 1):
+                return s
+            i -= 1
+        return None
+
+    def functions_sorted(self) -> list[Symbol]:
+        """The function symbols in address order (aliases adjacent)."""
+        self.symbols
+        return self._funcs
+
+    def names_at(self, addr: int) -> list[str]:
+        self.symbols
+        i = bisect.bisect_left(self._starts, addr)
+        out = []
+        while i < len(self._starts) and self._starts[i] == addr:
+            out.append(self._funcs[i].name)
+            i += 1
+        return out
+
+    # --- file contents -----------------------------------------------------
+    def file_bytes_at(self, addr: int, size: int) -> bytes:
+        """The file's bytes at runtime address *addr* (from the PT_LOAD
+        that maps it); BadAddressError if no segment has file data there."""
+        vaddr = addr - self.bias
+        for seg in self.loads:
+            if seg.vaddr <= vaddr and vaddr + size <= seg.vaddr + seg.filesz:
+                off = seg.offset + vaddr - seg.vaddr
+                return bytes(self._raw[off:off + size])
+        raise BadAddressError(f"{addr:#x} is not file-backed code of {self.path}")
+
+    def section_bytes(self, name: str) -> bytes | None:
+        sec = self.sections.get(name)
+        if sec is None or sec.type == SHT_NOBITS:
+            return None
+        return bytes(self._raw[sec.offset:sec.offset + sec.size])
+
+    def executable_ranges(self) -> list[tuple[int, int]]:
+        return [(m.start, m.end) for m in self.mappings if m.executable]
+
+    def close(self) -> None:
+        try:
+            self._raw.close()
+        finally:
+            self._file.close()
+
+
+def _open_mapped(pid: int, path: str, mappings: list[Mapping]):
+    """Open the file behind a mapping: through the process's root (so that
+    containers work), then the path itself, then /proc/PID/map_files (a
+    deleted or replaced file).  The inode must match the mapping's."""
+    inode = mappings[0].inode
+    candidates = [f"/proc/{pid}/root{path}", path]
+    m = mappings[0]
+    candidates.append(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}")
+    last = None
+    for c in candidates:
+        try:
+            f = open(c, "rb")
+        except OSError as e:
+            last = e
+            continue
+        if inode and os.fstat(f.fileno()).st_ino != inode:
+            f.close()
+            continue
+        return f
+    raise SymbolError(f"cannot open {path} as mapped by process {pid}"
+                      + (f": {last.strerror}" if last else " (the file was replaced)"))
+
+
+_EXPR_RE = re.compile(r"^(?:(?P<lib>[^:+\s]+):)?(?P<sym>[^:+\s]+)(?:\+(?P<off>(?:0x[0-9a-fA-F]+|\d+)))?$")
+
+
+def parse_address(text: str) -> tuple[str | None, str | None, int]:
+    """Split an address expression: ``(lib, symbol, offset)``; a number gives
+    ``(None, None, value)``."""
+    t = text.strip()
+    try:
+        return None, None, int(t, 0)
+    except ValueError:
+        pass
+    m = _EXPR_RE.match(t)
+    if not m:
+        raise SymbolError(f"bad address {text!r}: expected a number, symbol, symbol+off or lib:symbol[+off]")
+    off = m["off"]
+    return m["lib"], m["sym"], int(off, 0) if off else 0
+
+
+class Symbols:
+    """The ELF modules mapped into process *pid* and their symbols.
+
+    Modules are loaded when first needed; :attr:`main` is the executable
+    (``/proc/PID/exe``)."""
+
+    def __init__(self, pid: int, maps: list[Mapping] | None = None) -> None:
+        self.pid = pid
+        self.maps = maps if maps is not None else read_maps(pid)
+        try:
+            self.exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            self.exe = None
+        groups: dict[str, list[Mapping]] = {}
+        for m in self.maps:
+            if m.path.startswith("/") and m.inode:
+                groups.setdefault(m.path, []).append(m)
+        # only files with an executable mapping hold code we care about
+        self._groups = {p: ms for p, ms in groups.items() if any(x.executable for x in ms)}
+        order = sorted(self._groups, key=lambda p: (p != self.exe, min(x.start for x in self._groups[p])))
+        self.paths = order
+        self._modules: dict[str, Module] = {}
+
+    def module_by_path(self, path: str) -> Module:
+        mod = self._modules.get(path)
+        if mod is None:
+            mod = self._modules[path] = Module(path, self._groups[path], self.pid)
+        return mod
+
+    @property
+    def main(self) -> Module:
+        if not self.paths:
+            raise SymbolError(f"process {self.pid} maps no ELF file")
+        return self.module_by_path(self.paths[0])
+
+    def modules(self) -> Iterable[Module]:
+        for p in self.paths:
+            try:
+                yield self.module_by_path(p)
+            except SymbolError:
+                continue
+
+    def module(self, name: str) -> Module:
+        """The module named *name*: a full path, a file name, or a prefix of
+        the file name ("libc" for libc.so.6).  Ambiguous prefixes are refused."""
+        if name in self._groups:
+            return self.module_by_path(name)
+        exact = [p for p in self.paths if os.path.basename(p) == name]
+        if exact:
+            return self.module_by_path(exact[0])
+        pref = [p for p in self.paths if os.path.basename(p).startswith(name)
+                and os.path.basename(p)[len(name):len(name) + 1] in ("", ".", "-")]
+        if len(pref) == 1:
+            return self.module_by_path(pref[0])
+        if len(pref) > 1:
+            raise SymbolError(f"{name!r} matches several modules: "
+                              + ", ".join(os.path.basename(p) for p in pref))
+        raise SymbolError(f"no module {name!r} in process {self.pid} (have: "
+                          + ", ".join(os.path.basename(p) for p in self.paths) + ")")
+
+    def lookup(self, name: str, lib: str | None = None) -> Symbol:
+        mods = [self.module(lib)] if lib else list(self.modules())
+        for mod in mods:
+            s = mod.lookup(name)
+            if s is not None:
+                return s
+        where = f" in {lib}" if lib else f" in process {self.pid}"
+        raise SymbolError(f"no symbol {name!r}{where}")
+
+    def resolve(self, text: str) -> int:
+        """The address of an expression (see the module doc).  ``sym+off``
+        must be an instruction boundary inside the function."""
+        lib, name, off = parse_address(text)
+        if name is None:
+            return off
+        s = self.lookup(name, lib)
+        if off:
+            check_boundary(s, off)
+        return s.addr + off
+
+    def functions(self, pattern: str, lib: str | None = None) -> list[Symbol]:
+        """Functions whose name matches the glob *pattern* (``lib:glob``
+        limits the search to a module), one per address, in address order."""
+        if lib is None and ":" in pattern:
+            lib, pattern = pattern.split(":", 1)
+        mods = [self.module(lib)] if lib else list(self.modules())
+        out: dict[int, Symbol] = {}
+        exact = not any(c in pattern for c in "*?[")
+        for mod in mods:
+            if exact:
+                s = mod.lookup(pattern)
+                cands = [s] if s is not None and s.func else []
+            else:
+                rx = re.compile(fnmatch.translate(pattern))
+                cands = [s for s in mod.symbols if s.func and rx.match(s.name)]
+            for s in cands:
+                out.setdefault(s.addr, s)
+        return [out[a] for a in sorted(out)]
+
+    def module_at(self, addr: int) -> Module | None:
+        for p, ms in self._groups.items():
+            if any(addr in m for m in ms):
+                return self.module_by_path(p)
+        return None
+
+    def symbolize(self, addr: int) -> str:
+        """``module:function+0x..`` for *addr*, or its hex when unknown."""
+        mod = self.module_at(addr)
+        if mod is None:
+            return f"{addr:#x}"
+        s = mod.function_at(addr)
+        if s is None:
+            return f"{mod.short}+{addr - mod.bias:#x}"
+        return f"{s.name}+{addr - s.addr:#x}" if addr != s.addr else s.name
+
+    def close(self) -> None:
+        for m in self._modules.values():
+            m.close()
+        self._modules.clear()
+
+    def __enter__(self) -> "Symbols":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_boundary(s: Symbol, off: int) -> None:
+    """SymbolError unless *off* is an instruction boundary of function *s*
+    (decoding its file bytes from the start)."""
+    if not s.func:
+        raise SymbolError(f"{s.name} is not a function: an offset into it is not code")
+    if off < 0 or (s.size and off >= s.size):
+        raise SymbolError(f"{s.name}+{off:#x} is outside {s.name} (size {s.size:#x})")
+    limit = s.size or off + 1
+    try:
+        code = s.module.file_bytes_at(s.addr, limit)
+    except BadAddressError as e:
+        raise SymbolError(str(e)) from None
+    pc = 0
+    while pc < off:
+        try:
+            insn = insn_decode_kernel(code[pc:pc + 15], s.addr + pc)
+        except BadInstructionError as e:
+            raise SymbolError(f"cannot decode {s.name} up to +{off:#x}: {e}") from None
+        pc += insn.length
+    if pc != off:
+        prev = insn_decode_kernel(code[pc - insn.length:], s.addr + pc - insn.length)
+        raise SymbolError(
+            f"{s.name}+{off:#x} is not an instruction boundary: it falls inside "
+            f"'{prev.text}' at {s.name}+{pc - insn.length:#x} ({insn.length} bytes; "
+            f"boundaries there: +{pc - insn.length:#x}, +{pc:#x})")
