@@ -1,0 +1,457 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The reference: a real kernel's own boot-time patching, observed under QEMU.
+
+:func:`reference` boots a bzImage with ``qemu-system-x86_64`` (TCG, no
+KVM, no initrd, ``nokaslr``, serial console), stopped at reset by the
+gdbstub.  It speaks the gdb remote serial protocol itself over a unix
+socket and sets **hardware breakpoints** only (``Z1`` packets -- nothing is
+ever written to guest memory):
+
+* at the ``call alternative_instructions`` in ``arch_cpu_finalize_init``
+  (found by disassembling that function from the image), and
+* at the instruction after that call (the return address).
+
+At each stop it saves guest-physical memory ``_text.._end`` with the QMP
+``pmemsave`` command (with ``nokaslr`` the kernel runs at its link address
+and ``phys = virt - __START_KERNEL_map + phys_base``; ``phys_base`` is read
+from the guest and the mapping is checked by comparing ``linux_banner``
+read through the gdbstub's virtual view with the same bytes in the dump),
+and reads ``boot_cpu_data.x86_capability`` (24 u32 words at offset 48)
+and ``x86_return_thunk`` through gdb memory reads.
+
+References are cached on disk, keyed by (image sha256/version, CPU model,
+command line, number of CPUs), under ``$TEXTPOKE_CACHE`` or
+``~/.cache/textpoke``; the two dumps are stored zstd-compressed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ._elf import ImageError
+from ._vmlinux import START_KERNEL_MAP, RealKernelImage
+
+__all__ = ["Reference", "ReferenceError", "reference", "find_alternatives_call",
+           "cache_root", "QEMU", "HARNESS_VERSION", "CAPS_OFFSET", "NCAPS"]
+
+#: bump when what a reference contains or how it is taken changes
+HARNESS_VERSION = 1
+QEMU = "qemu-system-x86_64"
+#: struct cpuinfo_x86: x86_capability[NCAPINTS + NBUGINTS] at offset 48 (6.12,
+#: checked with the -dbg package's DWARF: ptype /o struct cpuinfo_x86)
+CAPS_OFFSET = 48
+NCAPS = 24
+
+
+class ReferenceError(RuntimeError):
+    """The reference boot did not reach its stops or its dumps do not check."""
+
+
+def cache_root() -> Path:
+    env = os.environ.get("TEXTPOKE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "textpoke"
+
+
+@dataclass
+class Reference:
+    """What the kernel did to its own text, observed around
+    ``alternative_instructions()``."""
+
+    version: str
+    image_sha256: str
+    cpu: str
+    smp: int
+    cmdline: str                    # what was added to the base command line
+    kernel_cmdline: str             # the whole kernel command line
+    qemu_argv: list[str]
+    text_start: int                 # _text: offset 0 of the dumps
+    end: int                        # _end
+    phys_base: int
+    call_site: int                  # the CALL alternative_instructions
+    return_site: int                # the instruction after it
+    caps_before: list[int]
+    caps_after: list[int]
+    return_thunk: int
+    return_thunk_sym: str
+    seconds_to_call: float          # QEMU start -> the first stop
+    seconds_in_alternatives: float  # first stop -> second stop
+    qemu_version: str = ""
+    serial_tail: str = ""
+    before: bytes = field(default=b"", repr=False)
+    after: bytes = field(default=b"", repr=False)
+    path: str = ""                  # the cache directory
+
+    def read(self, which: str, addr: int, n: int) -> bytes:
+        data = self.before if which == "before" else self.after
+        off = addr - self.text_start
+        return data[off:off + n]
+
+    def changed_bytes(self, ranges: list[tuple[int, int]] | None = None) -> int:
+        """Bytes that differ between the two dumps (within *ranges*)."""
+        return diff_count(self.before, self.after, self.text_start, ranges)
+
+    def meta(self) -> dict:
+        d = asdict(self)
+        d.pop("before"), d.pop("after"), d.pop("path")
+        return d
+
+
+def diff_count(a: bytes, b: bytes, base: int, ranges: list[tuple[int, int]] | None = None) -> int:
+    if ranges is None:
+        ranges = [(base, base + min(len(a), len(b)))]
+    total = 0
+    for lo, hi in ranges:
+        x, y = a[lo - base:hi - base], b[lo - base:hi - base]
+        if x == y:
+            continue
+        # fast path: compare in 4 KiB blocks, count bytes only where they differ
+        for off in range(0, len(x), 4096):
+            bx, by = x[off:off + 4096], y[off:off + 4096]
+            if bx != by:
+                total += sum(1 for p, q in zip(bx, by) if p != q)
+    return total
+
+
+# --------------------------------------------------------- finding the call
+def find_alternatives_call(image: RealKernelImage) -> tuple[int, int]:
+    """(address of ``call alternative_instructions`` in
+    ``arch_cpu_finalize_init``, address of the next instruction)."""
+    import iced_x86
+
+    fn = image.sym("arch_cpu_finalize_init")
+    target = image.sym("alternative_instructions")
+    code = image.function_bytes("arch_cpu_finalize_init")
+    if not code:
+        raise ImageError(f"{image.path}: arch_cpu_finalize_init has no size")
+    dec = iced_x86.Decoder(64, code, ip=fn)
+    for ins in dec:
+        if ins.mnemonic == iced_x86.Mnemonic.CALL and ins.op0_kind == iced_x86.OpKind.NEAR_BRANCH64 \
+                and ins.near_branch_target == target:
+            return ins.ip, ins.next_ip
+    raise ImageError(f"{image.path}: no call to alternative_instructions in arch_cpu_finalize_init")
+
+
+# ------------------------------------------------------ gdb remote protocol
+class _Gdb:
+    """A minimal gdb-remote client: enough for Z1/z1, c, m, p and ?."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.s = sock
+        self.buf = b""
+        self.noack = False
+
+    def _recv(self, timeout: float) -> bytes:
+        self.s.settimeout(timeout)
+        chunk = self.s.recv(65536)
+        if not chunk:
+            raise ReferenceError("gdbstub closed the connection (QEMU exited?)")
+        return chunk
+
+    def send(self, payload: str) -> None:
+        cs = sum(payload.encode()) & 0xff
+        self.s.sendall(f"${payload}#{cs:02x}".encode())
+
+    def packet(self, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            # drop acks / stray bytes before '$'
+            i = self.buf.find(b"$")
+            if i >= 0:
+                j = self.buf.find(b"#", i)
+                if j >= 0 and len(self.buf) >= j + 3:
+                    payload = self.buf[i + 1:j]
+                    self.buf = self.buf[j + 3:]
+                    if not self.noack:
+                        self.s.sendall(b"+")
+                    return _unescape(payload).decode("latin-1")
+            else:
+                self.buf = b""
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            try:
+                self.buf += self._recv(left)
+            except socket.timeout:
+                raise TimeoutError from None
+
+    def cmd(self, payload: str, timeout: float = 30.0) -> str:
+        self.send(payload)
+        return self.packet(timeout)
+
+    def start(self) -> None:
+        self.cmd("qSupported:hwbreak+")
+        if self.cmd("QStartNoAckMode") == "OK":
+            self.noack = True
+        self.cmd("?")
+
+    def hbreak(self, addr: int, on: bool = True) -> None:
+        r = self.cmd(f"{'Z' if on else 'z'}1,{addr:x},1")
+        if r != "OK":
+            raise ReferenceError(f"gdbstub refused hardware breakpoint at {addr:#x}: {r!r}")
+
+    def cont(self, timeout: float) -> str:
+        self.send("c")
+        return self.packet(timeout)
+
+    def interrupt(self) -> None:
+        self.s.sendall(b"\x03")
+
+    def read(self, addr: int, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            k = min(2048, n - len(out))
+            r = self.cmd(f"m{addr + len(out):x},{k:x}")
+            if not r or r.startswith("E"):
+                raise ReferenceError(f"gdbstub cannot read {addr + len(out):#x}: {r!r}")
+            out += bytes.fromhex(r)
+        return bytes(out)
+
+    def rip(self) -> int:
+        """RIP from a 'g' packet (QEMU answers 'p' only to clients that read
+        its target XML; in 64-bit mode 'g' is 16 GPRs of 8 bytes, then RIP)."""
+        r = self.cmd("g")
+        if len(r) < 2 * 136 or r.startswith("E"):
+            raise ReferenceError(f"gdbstub cannot read registers: {r[:40]!r}")
+        return int.from_bytes(bytes.fromhex(r[256:272]), "little")
+
+
+def _unescape(p: bytes) -> bytes:
+    if b"}" not in p:
+        return p
+    out = bytearray()
+    it = iter(p)
+    for c in it:
+        out.append(next(it) ^ 0x20 if c == 0x7d else c)
+    return bytes(out)
+
+
+class _Qmp:
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        _connect(self.s, path, timeout)
+        self.f = self.s.makefile("rwb")
+        self.s.settimeout(timeout)
+        json.loads(self.f.readline())           # greeting
+        self.run("qmp_capabilities")
+
+    def run(self, cmd: str, **args) -> object:
+        self.f.write(json.dumps({"execute": cmd, "arguments": args}).encode() + b"\n")
+        self.f.flush()
+        while True:
+            line = self.f.readline()
+            if not line:
+                raise ReferenceError("QMP connection closed")
+            msg = json.loads(line)
+            if "event" in msg:
+                continue
+            if "error" in msg:
+                raise ReferenceError(f"QMP {cmd}: {msg['error'].get('desc')}")
+            return msg.get("return")
+
+    def close(self) -> None:
+        try:
+            self.s.close()
+        except OSError:
+            pass
+
+
+def _connect(s: socket.socket, path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            s.connect(path)
+            return
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > deadline:
+                raise ReferenceError(f"QEMU did not open {path}") from None
+            time.sleep(0.02)
+
+
+# ----------------------------------------------------------------- the boot
+BASE_CMDLINE = "console=ttyS0 nokaslr"
+
+
+def qemu_version() -> str:
+    exe = shutil.which(QEMU)
+    if exe is None:
+        return ""
+    r = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
+    return r.stdout.splitlines()[0] if r.stdout else ""
+
+
+def _key(image: RealKernelImage, cpu: str, cmdline: str, smp: int) -> str:
+    h = hashlib.sha256(json.dumps([HARNESS_VERSION, image.sha256, cpu, cmdline, smp,
+                                   qemu_version()]).encode()).hexdigest()[:12]
+    slug = re.sub(r"[^A-Za-z0-9.=,_-]+", "_", cmdline).strip("_") or "default"
+    return f"{cpu}-smp{smp}-{slug[:60]}-{h}"
+
+
+def reference_dir(image: RealKernelImage, cpu: str, cmdline: str = "", smp: int = 1) -> Path:
+    return cache_root() / "reference" / image.version / _key(image, cpu, cmdline, smp)
+
+
+def reference(image: RealKernelImage, bzimage: str | Path, *, cpu: str = "qemu64",
+              cmdline: str = "", smp: int = 1, memory: str = "1G", timeout: float = 300.0,
+              use_cache: bool = True) -> Reference:
+    """The kernel's text just before and just after ``alternative_instructions()``
+    when *bzimage* (the file *image* was loaded from) boots on QEMU CPU
+    model *cpu* with *cmdline* added to ``console=ttyS0 nokaslr``."""
+    d = reference_dir(image, cpu, cmdline, smp)
+    if use_cache and (d / "meta.json").exists():
+        try:
+            return load_reference(d)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"textpoke: ignoring a damaged cached reference {d}: {e}")
+    ref = _boot(image, Path(bzimage), cpu=cpu, cmdline=cmdline, smp=smp, memory=memory,
+                timeout=timeout)
+    save_reference(ref, d)
+    ref.path = str(d)
+    return ref
+
+
+def save_reference(ref: Reference, d: Path) -> None:
+    import zstandard
+    tmp = d.with_name(d.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    c = zstandard.ZstdCompressor(level=3, threads=-1)
+    (tmp / "before.bin.zst").write_bytes(c.compress(ref.before))
+    (tmp / "after.bin.zst").write_bytes(c.compress(ref.after))
+    (tmp / "meta.json").write_text(json.dumps(ref.meta(), indent=1) + "\n")
+    shutil.rmtree(d, ignore_errors=True)
+    tmp.rename(d)
+
+
+def load_reference(d: Path) -> Reference:
+    import zstandard
+    meta = json.loads((d / "meta.json").read_text())
+    dz = zstandard.ZstdDecompressor()
+    before = dz.decompress((d / "before.bin.zst").read_bytes())
+    after = dz.decompress((d / "after.bin.zst").read_bytes())
+    n = meta["end"] - meta["text_start"]
+    if len(before) != n or len(after) != n:
+        raise ValueError("dump size does not match _text.._end")
+    return Reference(**meta, before=before, after=after, path=str(d))
+
+
+def _boot(image: RealKernelImage, bzimage: Path, *, cpu: str, cmdline: str, smp: int,
+          memory: str, timeout: float) -> Reference:
+    exe = shutil.which(QEMU)
+    if exe is None:
+        raise ReferenceError(f"{QEMU} not found (apt-get install qemu-system-x86)")
+    call_site, ret_site = find_alternatives_call(image)
+    kcmd = f"{BASE_CMDLINE} {cmdline}".strip()
+    work = Path(tempfile.mkdtemp(prefix="textpoke-qemu-"))
+    gdb_sock, qmp_sock, serial = work / "gdb.sock", work / "qmp.sock", work / "serial.log"
+    argv = [exe, "-machine", "pc,accel=tcg", "-cpu", cpu, "-smp", str(smp), "-m", memory,
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", str(bzimage), "-append", kcmd,
+            "-serial", f"file:{serial}",
+            "-chardev", f"socket,id=gdb0,path={gdb_sock},server=on,wait=off",
+            "-gdb", "chardev:gdb0",
+            "-qmp", f"unix:{qmp_sock},server=on,wait=off",
+            "-S"]
+    size = image.end - image.text_start
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, cwd=work)
+    gsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    qmp = None
+    try:
+        _connect(gsock, str(gdb_sock), 30)
+        gdb = _Gdb(gsock)
+        gdb.start()
+        qmp = _Qmp(str(qmp_sock))
+        gdb.hbreak(call_site)
+        t0 = time.monotonic()
+
+        def stop_at(addr: int, what: str) -> None:
+            left = timeout - (time.monotonic() - t0)
+            try:
+                r = gdb.cont(max(left, 1.0))
+            except TimeoutError:
+                gdb.interrupt()
+                raise ReferenceError(f"the kernel did not reach {what} within {timeout:.0f} s; "
+                                     f"serial: {_tail(serial)}") from None
+            if not r.startswith(("T", "S")):
+                raise ReferenceError(f"unexpected stop reply {r!r} waiting for {what}; "
+                                     f"serial: {_tail(serial)}")
+            pc = gdb.rip()
+            if pc != addr:
+                raise ReferenceError(f"stopped at {pc:#x} ({image.describe(pc)}), not at "
+                                     f"{what} {addr:#x}")
+
+        def dump(name: str) -> bytes:
+            phys = image.text_start - START_KERNEL_MAP + phys_base
+            out = work / f"{name}.bin"
+            qmp.run("pmemsave", val=phys, size=size, filename=str(out))
+            data = out.read_bytes()
+            out.unlink()
+            if len(data) != size:
+                raise ReferenceError(f"pmemsave wrote {len(data)} bytes, wanted {size}")
+            return data
+
+        def caps() -> list[int]:
+            raw = gdb.read(image.sym("boot_cpu_data") + CAPS_OFFSET, 4 * NCAPS)
+            return [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
+
+        stop_at(call_site, "the call of alternative_instructions")
+        t1 = time.monotonic()
+        phys_base = int.from_bytes(gdb.read(image.sym("phys_base"), 8), "little")
+        banner_addr = image.sym("linux_banner")
+        vbanner = gdb.read(banner_addr, 64)
+        if vbanner != image.read(banner_addr, 64):
+            raise ReferenceError("linux_banner read from the guest differs from the image's: "
+                                 "not the same kernel, or not at its link address (KASLR?)")
+        before = dump("before")
+        off = banner_addr - image.text_start
+        if before[off:off + 64] != vbanner:
+            raise ReferenceError(f"the physical dump does not hold linux_banner where phys_base "
+                                 f"{phys_base:#x} says it should")
+        caps_before = caps()
+        gdb.hbreak(call_site, on=False)
+        gdb.hbreak(ret_site)
+        stop_at(ret_site, "the return from alternative_instructions")
+        t2 = time.monotonic()
+        after = dump("after")
+        caps_after = caps()
+        rthunk = int.from_bytes(gdb.read(image.sym("x86_return_thunk"), 8), "little")
+        gdb.hbreak(ret_site, on=False)
+        return Reference(
+            version=image.version, image_sha256=image.sha256, cpu=cpu, smp=smp, cmdline=cmdline,
+            kernel_cmdline=kcmd, qemu_argv=argv, text_start=image.text_start, end=image.end,
+            phys_base=phys_base, call_site=call_site, return_site=ret_site,
+            caps_before=caps_before, caps_after=caps_after, return_thunk=rthunk,
+            return_thunk_sym=image.describe(rthunk), seconds_to_call=round(t1 - t0, 3),
+            seconds_in_alternatives=round(t2 - t1, 3), qemu_version=qemu_version(),
+            serial_tail=_tail(serial, 4000), before=before, after=after)
+    finally:
+        if qmp is not None:
+            try:
+                qmp.run("quit")
+            except (ReferenceError, OSError, ValueError):
+                pass
+            qmp.close()
+        gsock.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _tail(path: Path, n: int = 300) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
