@@ -1,0 +1,575 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The passes of ``alternative_instructions()`` over a real kernel's flat
+memory (:class:`~._ktext.KernelText`), as Linux 6.12 stable (with the ITS
+backports) runs them: ``apply_retpolines`` (incl. LFENCE, call-depth and
+ITS variants), ``apply_returns`` (the return thunk in use, ITS's address
+rule, static-call trampolines), ``apply_alternatives`` (incl.
+``ALT_FLAG_DIRECT_CALL``), ``apply_seal_endbr`` and the uniprocessor
+``alternatives_smp_unlock``.
+
+The rules were learnt from ``arch/x86/kernel/alternative.c`` and
+``static_call.c``; the code is our own.  Speed matters (~100,000 sites):
+the common shapes (``call/jmp rel32``, ``jmp __x86_return_thunk``) are
+recognised from their bytes; anything else goes to the full decoder, and
+the NOP optimisation and relocation results are memoised by their input
+bytes where they cannot depend on the address.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .._core._insn import Insn, insn_decode_kernel, x86_nops
+from .._errors import BadInstructionError
+from ..images._tables_real import ALT_FLAG_DIRECT_CALL, ALT_FLAG_NOT, RealAltInstr
+from ._ktext import CpuCaps, KernelBootError, KernelText
+
+__all__ = ["BootOptions", "TableStats", "fast_decode", "optimize_nops_k", "apply_relocation_k",
+           "apply_retpolines_k", "apply_returns_k", "apply_alternatives_k",
+           "apply_seal_endbr_k", "smp_unlock_k", "cpu_wants_rethunk_at", "static_call_fixup"]
+
+INT3 = 0xCC
+CALL = 0xE8
+JMP32 = 0xE9
+JMP8 = 0xEB
+RET = 0xC3
+NOP1 = 0x90
+LFENCE = b"\x0f\xae\xe8"
+TRAMP_UD = b"\x0f\xb9\xcc"
+RETPOLINE_THUNK_SIZE = 32
+ITS_THUNK_SIZE = 64
+ENDBR64 = 0xFA1E0FF3
+ENDBR_POISON = 0x001F0F66
+
+# feature bits (Linux 6.12 numbering)
+F_RETPOLINE = CpuCaps.number("retpoline")
+F_RETPOLINE_LFENCE = CpuCaps.number("retpoline_lfence")
+F_RETHUNK = CpuCaps.number("rethunk")
+F_CALL_DEPTH = CpuCaps.number("call_depth")
+F_INDIRECT_THUNK_ITS = CpuCaps.number("indirect_thunk_its")
+
+
+@dataclass
+class BootOptions:
+    """What the capability words do not say.
+
+    *return_thunk*: the value of ``x86_return_thunk`` (a symbol name or an
+    address); *its_page*: the address of the first page the ITS thunk
+    allocator hands out (``execmem``), when the CPU uses dynamic ITS
+    thunks -- None uses the static ``__x86_indirect_its_thunk_array`` (what
+    the kernel does when the allocation fails)."""
+
+    return_thunk: str | int = "__x86_return_thunk"
+    its_pages: list[int] = field(default_factory=list)
+    ncpus: int = 1
+    noreplace_smp: bool = False
+    setup_max_cpus: int | None = None
+
+
+@dataclass
+class TableStats:
+    entries: int = 0
+    applied: int = 0      # sites the pass acted on (wrote, possibly the same bytes)
+    changed: int = 0      # sites whose bytes changed
+    skipped: int = 0
+    notes: dict[str, int] = field(default_factory=dict)
+
+    def note(self, why: str) -> None:
+        self.notes[why] = self.notes.get(why, 0) + 1
+
+    def as_dict(self) -> dict:
+        d = {"entries": self.entries, "applied": self.applied, "changed": self.changed}
+        if self.skipped:
+            d["skipped"] = self.skipped
+        if self.notes:
+            d["notes"] = dict(self.notes)
+        return d
+
+
+# ---------------------------------------------------------------- decoding
+class FastInsn:
+    """The fields of ``struct insn`` the passes read."""
+    __slots__ = ("length", "op1", "op2", "imm", "target", "full")
+
+    def __init__(self, length: int, op1: int, op2: int, imm: int, target: int | None,
+                 full: Insn | None = None) -> None:
+        self.length, self.op1, self.op2, self.imm, self.target = length, op1, op2, imm, target
+        self.full = full
+
+
+def fast_decode(kt: KernelText, addr: int) -> FastInsn | None:
+    """Decode at *addr*: rel32 CALL/JMP/Jcc (with CS prefixes) by hand,
+    anything else with the full decoder.  None when it does not decode."""
+    buf, o = kt.buf, addr - kt.base
+    p = 0
+    while p < 3 and buf[o + p] == 0x2E:
+        p += 1
+    b0 = buf[o + p]
+    if b0 in (CALL, JMP32):
+        imm = int.from_bytes(buf[o + p + 1:o + p + 5], "little", signed=True)
+        n = p + 5
+        return FastInsn(n, b0, 0, imm, addr + n + imm)
+    if b0 == 0x0F and 0x80 <= buf[o + p + 1] <= 0x8F:
+        imm = int.from_bytes(buf[o + p + 2:o + p + 6], "little", signed=True)
+        n = p + 6
+        return FastInsn(n, 0x0F, buf[o + p + 1], imm, addr + n + imm)
+    try:
+        ins = insn_decode_kernel(bytes(buf[o:o + 15]), addr)
+    except BadInstructionError:
+        return None
+    op = ins.opcode
+    return FastInsn(ins.length, op[0], op[1] if len(op) > 1 else 0,
+                    ins.immediate_value, ins.branch_target, ins)
+
+
+def _is_nop(ins: Insn) -> bool:
+    # NOP (0x90, not REP NOP) and NOPL (0F 1F) -- the kernel's insn_is_nop()
+    op = ins.opcode
+    if op[:1] == b"\x90":
+        return ins.raw[:1] != b"\xf3"
+    return op[:2] == b"\x0f\x1f"
+
+
+def _decode_buf(buf: bytes | bytearray, i: int) -> Insn | None:
+    try:
+        return insn_decode_kernel(bytes(buf[i:i + 15]), 0)
+    except BadInstructionError:
+        return None
+
+
+def _add_nop(buf: bytearray, at: int, n: int) -> None:
+    if not n:
+        return
+    if n <= 11:
+        buf[at:at + n] = x86_nops[n]
+        return
+    if n < 128:
+        j = bytes([JMP8, n - 2])
+    else:
+        j = bytes([JMP32]) + (n - 5).to_bytes(4, "little")
+    buf[at:at + n] = j + bytes([INT3]) * (n - len(j))
+
+
+_OPT_CACHE: dict[bytes, bytes] = {}
+
+
+def optimize_nops_k(buf: bytearray, n: int) -> None:
+    """The kernel's ``optimize_nops()`` over ``buf[:n]`` (position
+    independent: memoised by the bytes).  Note the kernel decodes without a
+    length limit, so an instruction may run past *n*."""
+    key = bytes(buf[:n])
+    hit = _OPT_CACHE.get(key)
+    if hit is not None:
+        buf[:n] = hit
+        return
+    work = bytearray(buf)       # decoding may look past n, as the kernel's does
+    i = 0
+    while i < n:
+        ins = _decode_buf(work, i)
+        if ins is None:
+            break
+        nxt = i + ins.length
+        if _is_nop(ins):
+            if nxt == n:
+                break
+            j = nxt
+            while j < n:
+                x = _decode_buf(work, j)
+                if x is None or not _is_nop(x):
+                    break
+                j += x.length
+            nxt = j
+            _add_nop(work, i, nxt - i)
+        i = nxt
+    res = bytes(work[:n])
+    if len(_OPT_CACHE) < 200_000:
+        _OPT_CACHE[key] = res
+    buf[:n] = res
+
+
+def _fits(v: int, nbytes: int) -> bool:
+    b = nbytes * 8
+    return -(1 << (b - 1)) <= v < (1 << (b - 1))
+
+
+_REL_CACHE: dict[bytes, bool] = {}
+
+
+def _needs_reloc_scan(buf: bytes) -> bool:
+    """Whether a buffer holds any relative operand (memoised)."""
+    hit = _REL_CACHE.get(buf)
+    if hit is not None:
+        return hit
+    i, rel = 0, False
+    while i < len(buf):
+        ins = _decode_buf(buf, i)
+        if ins is None:
+            rel = True          # let the slow path meet it
+            break
+        b0 = ins.opcode[0]
+        if (b0 in (JMP8, JMP32, CALL) or 0x70 <= b0 <= 0x7F or
+                (b0 == 0x0F and len(ins.opcode) > 1 and 0x80 <= ins.opcode[1] <= 0x8F) or
+                ins.rip_relative):
+            rel = True
+            break
+        i += ins.length
+    _REL_CACHE[buf] = rel
+    return rel
+
+
+def apply_relocation_k(buf: bytearray, instr: int, instrlen: int, repl: int,
+                       repl_len: int) -> None:
+    """``text_poke_apply_relocation()``: fix relative operands that point
+    outside ``[repl, repl+repl_len]``, shrink JMP32 to JMP8 where the
+    result fits, then ``optimize_nops``."""
+    if _needs_reloc_scan(bytes(buf[:instrlen])):
+        diff = repl - instr
+        i = 0
+        while i < instrlen:
+            ins = _decode_buf(buf, i)
+            if ins is None:
+                break               # the kernel WARNs and stops relocating
+            nxt = i + ins.length
+            b0 = ins.opcode[0]
+            is_br = (b0 in (JMP8, JMP32, CALL) or 0x70 <= b0 <= 0x7F or
+                     (b0 == 0x0F and len(ins.opcode) > 1 and 0x80 <= ins.opcode[1] <= 0x8F))
+            if is_br and ins.immediate_size:
+                imm = ins.immediate_value
+                tgt = nxt + imm
+                if tgt < 0 or tgt > repl_len:
+                    v = imm + diff
+                    if not _fits(v, ins.immediate_size):
+                        raise KernelBootError(f"relocation at {instr:#x}+{i}: displacement "
+                                              f"{v:#x} does not fit")
+                    o = i + ins.immediate_offset
+                    buf[o:o + ins.immediate_size] = v.to_bytes(ins.immediate_size, "little",
+                                                               signed=True)
+                if b0 == JMP32:
+                    # the kernel takes the immediate as decoded, before the
+                    # relocation above, and adds the difference itself
+                    v = imm + diff + 3
+                    v = ((v + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
+                    if -128 <= v < 128:
+                        buf[i] = JMP8
+                        buf[i + 1] = v & 0xFF
+                        buf[i + 2:nxt] = bytes([INT3]) * (ins.length - 2)
+            if ins.rip_relative:
+                tgt = nxt + ins.displacement_value
+                if tgt < 0 or tgt > repl_len:
+                    v = ins.displacement_value + diff
+                    if not _fits(v, ins.displacement_size):
+                        raise KernelBootError(f"relocation at {instr:#x}+{i}: RIP displacement "
+                                              f"{v:#x} does not fit")
+                    o = i + ins.displacement_offset
+                    buf[o:o + ins.displacement_size] = v.to_bytes(ins.displacement_size,
+                                                                  "little", signed=True)
+            i = nxt
+    optimize_nops_k(buf, instrlen)
+
+
+# ----------------------------------------------------------- return thunk
+def return_thunk_addr(kt: KernelText, opts: BootOptions) -> int:
+    rt = opts.return_thunk
+    return rt if isinstance(rt, int) else kt.sym(rt)
+
+
+def cpu_wants_rethunk_at(kt: KernelText, caps: CpuCaps, opts: BootOptions, addr: int) -> bool:
+    if not caps.has_bit(F_RETHUNK):
+        return False
+    if return_thunk_addr(kt, opts) != kt.opt("its_return_thunk"):
+        return True
+    return not addr & 0x20
+
+
+def _rel32(op: int, addr: int, dest: int) -> bytes:
+    return bytes([op]) + ((dest - (addr + 5)) & 0xFFFFFFFF).to_bytes(4, "little")
+
+
+# -------------------------------------------------------------- retpolines
+class ItsThunks:
+    """``its_allocate_thunk()``: ``jmp *%reg; int3`` thunks handed out in
+    the upper half of 64-byte lines of pages from *pages* (in order); with
+    no pages, the static ``__x86_indirect_its_thunk_array``."""
+
+    def __init__(self, kt: KernelText, pages: list[int]) -> None:
+        self.kt = kt
+        self.pages = list(pages)
+        self.page: int | None = None
+        self.off = 0
+        self.allocated: list[tuple[int, int]] = []      # (address, reg)
+
+    def get(self, reg: int) -> int:
+        size = 3 + reg // 8
+        if self.page is None or self.off + size - 1 >= 4096:
+            if not self.pages:
+                return self.kt.sym("__x86_indirect_its_thunk_array") + ITS_THUNK_SIZE * reg
+            self.page = self.pages.pop(0)
+            self.off = 32
+        if (self.off + size - 1) % 64 < 32:
+            self.off = ((self.off - 1) | 0x3F) + 33
+        a = self.page + self.off
+        self.off += size
+        self.allocated.append((a, reg))
+        return a
+
+
+def _emit_indirect(op: int, reg: int) -> bytes:
+    modrm = 0xD0 if op == CALL else 0xE0
+    return (b"\x41" if reg >= 8 else b"") + bytes([0xFF, modrm + (reg & 7)])
+
+
+def _emit_trampoline(addr: int, ins: FastInsn, call_dest: int, jmp_dest: int) -> bytes | None:
+    out = bytearray()
+    op = ins.op1
+    if op == 0x0F:
+        # Jcc.d32 to a thunk: the same condition, to the new destination
+        out = bytearray([0x0F, ins.op2]) + ((jmp_dest - (addr + 6)) & 0xFFFFFFFF).to_bytes(4, "little")
+        return bytes(out) if len(out) == ins.length else None
+    if ins.length == 6:
+        out.append(0x2E)
+    i = len(out)
+    if op == CALL:
+        out += _rel32(CALL, addr + i, call_dest)
+    elif op == JMP32:
+        out += _rel32(JMP32, addr + i, jmp_dest)
+    else:
+        return None
+    return bytes(out)
+
+
+def apply_retpolines_k(kt: KernelText, sites: list[int], caps: CpuCaps, opts: BootOptions,
+                       its: ItsThunks, dbg: Callable[[str], None] | None = None) -> TableStats:
+    st = TableStats(entries=len(sites))
+    array = kt.sym("__x86_indirect_thunk_array")
+    call_arr = kt.opt("__x86_indirect_call_thunk_array")
+    jump_arr = kt.opt("__x86_indirect_jump_thunk_array")
+    retpoline = caps.has_bit(F_RETPOLINE)
+    lfence = caps.has_bit(F_RETPOLINE_LFENCE)
+    depth = caps.has_bit(F_CALL_DEPTH)
+    its_on = caps.has_bit(F_INDIRECT_THUNK_ITS)
+    for addr in sites:
+        ins = fast_decode(kt, addr)
+        if ins is None:
+            st.skipped += 1
+            st.note("undecodable")
+            continue
+        if not (ins.op1 in (CALL, JMP32) or (ins.op1 == 0x0F and 0x80 <= ins.op2 <= 0x8F)):
+            st.skipped += 1
+            st.note("not CALL/JMP/Jcc.d32")
+            continue
+        reg_off = ins.target - array
+        if reg_off % RETPOLINE_THUNK_SIZE or not 0 <= reg_off < 16 * RETPOLINE_THUNK_SIZE:
+            st.skipped += 1
+            st.note("not a retpoline thunk")
+            continue
+        reg = reg_off // RETPOLINE_THUNK_SIZE
+        if reg == 4:
+            raise KernelBootError(f"retpoline site {kt.describe(addr)}: indirect branch via %rsp")
+        if dbg:
+            dbg(f"retpoline at: {kt.describe(addr)} ({addr:#x}) len: {ins.length} to: "
+                f"{kt.describe(ins.target)}")
+        new: bytes | None
+        if retpoline and not lfence:
+            if not depth:
+                continue
+            new = _emit_trampoline(addr, ins, call_arr + RETPOLINE_THUNK_SIZE * reg,
+                                   jump_arr + RETPOLINE_THUNK_SIZE * reg)
+        else:
+            out = bytearray()
+            op = ins.op1
+            if op == 0x0F:
+                out += bytes([0x70 + ((ins.op2 & 0xF) ^ 1), ins.length - 2])
+                op = JMP32
+            if lfence:
+                out += LFENCE
+            if its_on and not (addr + len(out) + 1 + reg // 8) & 0x20:
+                th = its.get(reg)
+                new = _emit_trampoline(addr, ins, th, th)
+            else:
+                out += _emit_indirect(op, reg)
+                if op == JMP32 and len(out) < ins.length:
+                    out.append(INT3)
+                while len(out) < ins.length:
+                    out.append(NOP1)
+                new = bytes(out)
+        if new is None or len(new) != ins.length:
+            st.skipped += 1
+            st.note("does not fit")
+            continue
+        b = bytearray(new)
+        optimize_nops_k(b, len(b))
+        if dbg:
+            dbg(f"{addr:#x}: orig: {kt.read(addr, ins.length).hex(' ')}")
+            dbg(f"{addr:#x}: repl: {bytes(b).hex(' ')}")
+        st.applied += 1
+        st.changed += kt.write(".retpoline_sites", addr, bytes(b))
+    return st
+
+
+# ----------------------------------------------------------------- returns
+def static_call_fixup(kt: KernelText, caps: CpuCaps, opts: BootOptions, addr: int, op: int,
+                      dest: int | None) -> bool:
+    """``__static_call_fixup``: a return site that is a static-call
+    trampoline (``tramp_ud`` after it) is rewritten as RET type."""
+    o = addr - kt.base
+    if kt.buf[o + 5:o + 8] != TRAMP_UD:
+        return False
+    if op == RET or dest == kt.sym("__x86_return_thunk"):
+        if cpu_wants_rethunk_at(kt, caps, opts, addr):
+            code = _rel32(JMP32, addr, return_thunk_addr(kt, opts))
+        else:
+            code = bytes([RET, INT3, INT3, INT3, INT3])
+        kt.write(".return_sites", addr, code)
+    return True
+
+
+def apply_returns_k(kt: KernelText, sites: list[int], caps: CpuCaps, opts: BootOptions,
+                    dbg: Callable[[str], None] | None = None) -> TableStats:
+    st = TableStats(entries=len(sites))
+    rt_sym = kt.sym("__x86_return_thunk")
+    thunk = return_thunk_addr(kt, opts)
+    rethunk = caps.has_bit(F_RETHUNK)
+    its_rt = thunk == kt.opt("its_return_thunk")
+    buf, base = kt.buf, kt.base
+    ret_cache: dict[int, bytes] = {}
+    for addr in sites:
+        o = addr - base
+        if buf[o] == JMP32:
+            n = 5
+            dest = addr + 5 + int.from_bytes(buf[o + 1:o + 5], "little", signed=True)
+            op = JMP32
+        else:
+            ins = fast_decode(kt, addr)
+            if ins is None:
+                st.skipped += 1
+                st.note("undecodable")
+                continue
+            n, op = ins.length, ins.op1
+            dest = ins.target if op == JMP32 else None
+        if buf[o + 5:o + 8] == TRAMP_UD and static_call_fixup(kt, caps, opts, addr, op, dest):
+            st.skipped += 1
+            st.note("static_call trampoline")
+            continue
+        if dest != rt_sym:
+            st.skipped += 1
+            st.note("missing return thunk")
+            continue
+        if dbg:
+            dbg(f"return thunk at: {kt.describe(addr)} ({addr:#x}) len: {n} to: "
+                f"{kt.describe(dest)}")
+        if rethunk and (not its_rt or not addr & 0x20):
+            new = _rel32(JMP32, addr, thunk) + bytes([INT3]) * (n - 5)
+        else:
+            new = ret_cache.get(n)
+            if new is None:
+                new = ret_cache[n] = bytes([RET]) + bytes([INT3]) * (n - 1)
+        if dbg:
+            dbg(f"{addr:#x}: orig: {bytes(buf[o:o + n]).hex(' ')}")
+            dbg(f"{addr:#x}: repl: {new.hex(' ')}")
+        st.applied += 1
+        st.changed += kt.write(".return_sites", addr, new)
+    return st
+
+
+# ------------------------------------------------------------ alternatives
+def apply_alternatives_k(kt: KernelText, entries: list[RealAltInstr], caps: CpuCaps,
+                         dbg: Callable[[str], None] | None = None) -> TableStats:
+    st = TableStats(entries=len(entries))
+    lens = [e.instrlen for e in entries]
+    i = 0
+    while i < len(entries):
+        j = i + 1
+        while j < len(entries) and entries[j].instr == entries[i].instr:
+            j += 1
+        if j - i > 1:
+            m = max(lens[i:j])
+            lens[i:j] = [m] * (j - i)
+        i = j
+    buf, base = kt.buf, kt.base
+    nop_func = kt.opt("nop_func")
+    bug_func = kt.opt("BUG_func")
+    ncap = 24 * 32
+    for a, instrlen in zip(entries, lens):
+        if instrlen > 254:
+            raise KernelBootError(f".altinstructions {a.index}: instrlen {instrlen} > 254")
+        if a.cpuid >= ncap:
+            raise KernelBootError(f".altinstructions {a.index}: cpuid {a.cpuid} out of range")
+        o = a.instr - base
+        taken = caps.has_bit(a.cpuid) != bool(a.flags & ALT_FLAG_NOT)
+        if not taken:
+            b = bytearray(buf[o:o + instrlen + 16])
+            optimize_nops_k(b, instrlen)
+            st.changed += kt.write(".altinstructions", a.instr, bytes(b[:instrlen]))
+            continue
+        if dbg:
+            dbg(f"feat: {a.cpuid >> 5}*32+{a.cpuid & 31}, old: ({kt.describe(a.instr)} "
+                f"({a.instr:#x}) len: {instrlen}), repl: ({a.repl:#x}, len: "
+                f"{a.replacementlen}) flags: {a.flags:#x}")
+        ro = a.repl - base
+        b = bytearray(buf[ro:ro + a.replacementlen])
+        size = a.replacementlen
+        if a.flags & ALT_FLAG_DIRECT_CALL:
+            if a.replacementlen != 5 or b[0] != CALL:
+                raise KernelBootError(f".altinstructions {a.index}: ALT_FLAG_DIRECT_CALL on a "
+                                      "non-call replacement")
+            if instrlen != 6 or buf[o] != 0xFF or buf[o + 1] != 0x15:
+                raise KernelBootError(f".altinstructions {a.index} at {kt.describe(a.instr)}: "
+                                      "ALT_FLAG_DIRECT_CALL on an unrecognised indirect call")
+            disp = int.from_bytes(buf[o + 2:o + 6], "little", signed=True)
+            target = kt.data_u64(a.instr + instrlen + disp)
+            if not target:
+                target = bug_func
+            v = int.from_bytes(b[1:5], "little", signed=True) + (target - bug_func)
+            b[1:5] = (v & 0xFFFFFFFF).to_bytes(4, "little")
+            size = 0 if target == nop_func else 5
+        del b[size:]
+        b += bytes([NOP1]) * (instrlen - size)
+        b += bytes(16)          # decode look-ahead, as the kernel's buffer has
+        apply_relocation_k(b, a.instr, instrlen, a.repl, a.replacementlen)
+        new = bytes(b[:instrlen])
+        if dbg:
+            dbg(f"{a.instr:#x}:   old_insn: {bytes(buf[o:o + instrlen]).hex(' ')}")
+            dbg(f"{a.repl:#x}:   rpl_insn: {bytes(buf[ro:ro + a.replacementlen]).hex(' ')}")
+            dbg(f"{a.instr:#x}: final_insn: {new.hex(' ')}")
+        st.applied += 1
+        st.changed += kt.write(".altinstructions", a.instr, new)
+    return st
+
+
+# ------------------------------------------------------------- ENDBR seal
+def apply_seal_endbr_k(kt: KernelText, sites: list[int],
+                       dbg: Callable[[str], None] | None = None) -> TableStats:
+    st = TableStats(entries=len(sites))
+    buf, base = kt.buf, kt.base
+    poison = ENDBR_POISON.to_bytes(4, "little")
+    for addr in sites:
+        o = addr - base
+        v = int.from_bytes(buf[o:o + 4], "little")
+        if v != ENDBR_POISON and (v & ~0x01000000) != ENDBR64:
+            st.skipped += 1
+            st.note("not ENDBR")
+            continue
+        if dbg:
+            dbg(f"ENDBR at: {kt.describe(addr)} ({addr:#x})")
+        st.applied += 1
+        st.changed += kt.write(".ibt_endbr_seal", addr, poison)
+    return st
+
+
+# ---------------------------------------------------------------- SMP locks
+def smp_unlock_k(kt: KernelText, raw_entries: list[int | None], text: tuple[int, int],
+                 dbg: Callable[[str], None] | None = None) -> TableStats:
+    """``alternatives_smp_unlock``: LOCK (F0) -> DS (3E) inside *text*;
+    *raw_entries* keeps zero entries as None (the kernel skips them)."""
+    st = TableStats(entries=len(raw_entries))
+    lo, hi = text
+    buf, base = kt.buf, kt.base
+    for addr in raw_entries:
+        if addr is None or not lo <= addr < hi:
+            st.skipped += 1
+            continue
+        if buf[addr - base] == 0xF0:
+            st.applied += 1
+            st.changed += kt.write(".smp_locks", addr, b"\x3e")
+    return st

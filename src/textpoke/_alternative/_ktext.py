@@ -1,0 +1,175 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""A real kernel's memory, ``_text`` .. ``_end``, as one flat buffer that
+the boot passes rewrite in place, plus what they ask of the CPU.
+
+The small image of this project goes through a machine and ``TextPoke``;
+a real kernel has ~300,000 sites and the boot passes have to be fast, so
+they work on this buffer directly -- the kernel itself does nothing else
+at boot (``text_poke_early`` is a ``memcpy``).  Data the passes read
+(``pv_ops``, ``static_call_key.func``, ``static_key.enabled``) comes from
+the same layout: the image's own initial data, or, with ``data=``, a
+snapshot of the kernel's memory taken at the moment patching starts (the
+QEMU reference's "before" dump), which holds what the kernel changed at
+run time before ``alternative_instructions()``.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+from .._errors import TextPokeError
+from ..images._features612 import NBUGINTS, NCAPINTS, X86_FEATURES_612
+
+__all__ = ["KernelText", "CpuCaps", "KernelBootError", "Change"]
+
+
+class KernelBootError(TextPokeError):
+    """A real-image boot pass met what the kernel would BUG() on, or an
+    input it cannot use."""
+
+
+@dataclass
+class Change:
+    """One site a pass wrote: table, address, old and new bytes."""
+    table: str
+    addr: int
+    old: bytes
+    new: bytes
+
+
+class CpuCaps:
+    """``boot_cpu_data.x86_capability``: the 22 feature words, then the 2
+    bug words, as one bit set (bit ``word*32+bit``)."""
+
+    def __init__(self, words: Sequence[int] = ()) -> None:
+        words = list(words)
+        if len(words) > NCAPINTS + NBUGINTS:
+            raise KernelBootError(f"{len(words)} capability words; this kernel has "
+                                  f"{NCAPINTS + NBUGINTS} ({NCAPINTS} feature, {NBUGINTS} bug)")
+        self.bits = 0
+        for i, w in enumerate(words):
+            if not 0 <= w < 1 << 32:
+                raise KernelBootError(f"capability word {i} ({w:#x}) is not a u32")
+            self.bits |= w << (32 * i)
+
+    @classmethod
+    def from_names(cls, names: Iterable[str]) -> "CpuCaps":
+        c = cls()
+        for n in names:
+            c.set(n)
+        return c
+
+    @staticmethod
+    def number(name: str | int) -> int:
+        if isinstance(name, int):
+            return name
+        key = name.strip().lower()
+        if key.startswith("x86_feature_"):
+            key = key[len("x86_feature_"):]
+        elif key.startswith("x86_bug_"):
+            key = "bug_" + key[len("x86_bug_"):]
+        if key not in X86_FEATURES_612:
+            raise KernelBootError(f"unknown feature {name!r} (see --cpu-features list)")
+        return X86_FEATURES_612[key]
+
+    def has(self, name: str | int) -> bool:
+        return bool(self.bits >> self.number(name) & 1)
+
+    def has_bit(self, n: int) -> bool:
+        return bool(self.bits >> n & 1)
+
+    def set(self, name: str | int, on: bool = True) -> None:
+        n = self.number(name)
+        if on:
+            self.bits |= 1 << n
+        else:
+            self.bits &= ~(1 << n)
+
+    def words(self) -> list[int]:
+        return [(self.bits >> (32 * i)) & 0xFFFFFFFF for i in range(NCAPINTS + NBUGINTS)]
+
+    def names(self) -> list[str]:
+        by_num = {}
+        for k, v in X86_FEATURES_612.items():
+            by_num.setdefault(v, k)
+        return [by_num.get(n, f"{n >> 5}*32+{n & 31}") for n in range(self.bits.bit_length())
+                if self.bits >> n & 1]
+
+
+@dataclass
+class KernelText:
+    """The kernel's memory from *base* (``_text``) on, rewritten in place.
+
+    *symbols* is the System.map; *exec_ranges* the executable sections
+    (name, start, end).  *data* is what data reads see (default: the
+    buffer itself, i.e. the image's initial data)."""
+
+    buf: bytearray
+    base: int
+    symbols: Mapping[str, int]
+    exec_ranges: list[tuple[str, int, int]]
+    data: bytes | bytearray | None = None
+    record: bool = False
+    changes: list[Change] = field(default_factory=list)
+    _sorted: tuple[list[int], list[str]] | None = None
+
+    # ------------------------------------------------------------- access
+    def sym(self, name: str) -> int:
+        try:
+            return self.symbols[name]
+        except KeyError:
+            raise KernelBootError(f"the image has no symbol {name!r}") from None
+
+    def opt(self, name: str) -> int | None:
+        return self.symbols.get(name)
+
+    def read(self, addr: int, n: int) -> bytes:
+        o = addr - self.base
+        if o < 0 or o + n > len(self.buf):
+            raise KernelBootError(f"read [{addr:#x}, +{n}) outside _text.._end")
+        return bytes(self.buf[o:o + n])
+
+    def data_u64(self, addr: int) -> int:
+        src = self.buf if self.data is None else self.data
+        o = addr - self.base
+        if o < 0 or o + 8 > len(src):
+            raise KernelBootError(f"data read at {addr:#x} outside _text.._end")
+        return int.from_bytes(src[o:o + 8], "little")
+
+    def data_s32(self, addr: int) -> int:
+        src = self.buf if self.data is None else self.data
+        o = addr - self.base
+        return int.from_bytes(src[o:o + 4], "little", signed=True)
+
+    def write(self, table: str, addr: int, data: bytes) -> bool:
+        """``text_poke_early``; False when the bytes were already there."""
+        o = addr - self.base
+        n = len(data)
+        old = self.buf[o:o + n]
+        if old == data:
+            return False
+        if o < 0 or o + n > len(self.buf):
+            raise KernelBootError(f"write [{addr:#x}, +{n}) outside _text.._end")
+        if self.record:
+            self.changes.append(Change(table, addr, bytes(old), bytes(data)))
+        self.buf[o:o + n] = data
+        return True
+
+    def in_ranges(self, addr: int, ranges: Sequence[tuple[int, int]]) -> bool:
+        return any(lo <= addr < hi for lo, hi in ranges)
+
+    # ------------------------------------------------------------ symbols
+    def describe(self, addr: int) -> str:
+        if self._sorted is None:
+            items = sorted((a, n) for n, a in self.symbols.items()
+                           if self.base <= a < self.base + len(self.buf))
+            self._sorted = ([a for a, _ in items], [n for _, n in items])
+        addrs, names = self._sorted
+        i = bisect.bisect_right(addrs, addr) - 1
+        if i < 0:
+            return f"{addr:#x}"
+        j = bisect.bisect_left(addrs, addrs[i])
+        off = addr - addrs[i]
+        return f"{names[j]}+{off:#x}" if off else names[j]
