@@ -45,7 +45,7 @@ __all__ = ["Reference", "ReferenceError", "reference", "find_alternatives_call",
            "cache_root", "QEMU", "HARNESS_VERSION", "CAPS_OFFSET", "NCAPS"]
 
 #: bump when what a reference contains or how it is taken changes
-HARNESS_VERSION = 1
+HARNESS_VERSION = 2
 QEMU = "qemu-system-x86_64"
 #: struct cpuinfo_x86: x86_capability[NCAPINTS + NBUGINTS] at offset 48 (6.12,
 #: checked with the -dbg package's DWARF: ptype /o struct cpuinfo_x86)
@@ -86,7 +86,7 @@ class Reference:
     seconds_to_call: float          # QEMU start -> the first stop
     seconds_in_alternatives: float  # first stop -> second stop
     qemu_version: str = ""
-    serial_tail: str = ""
+    serial: str = ""                # the console up to the second stop
     before: bytes = field(default=b"", repr=False)
     after: bytes = field(default=b"", repr=False)
     path: str = ""                  # the cache directory
@@ -99,6 +99,18 @@ class Reference:
     def changed_bytes(self, ranges: list[tuple[int, int]] | None = None) -> int:
         """Bytes that differ between the two dumps (within *ranges*)."""
         return diff_count(self.before, self.after, self.text_start, ranges)
+
+    def mitigations(self) -> list[str]:
+        """The console's lines about speculation mitigations (what the
+        kernel chose on this CPU and command line)."""
+        keys = ("Mitigation", "Vulnerable", "Spectre", "RETBleed", "SRSO", "ITS", "MDS",
+                "Retbleed", "GDS", "BHI", "call depth", "Speculative")
+        out = []
+        for line in self.serial.splitlines():
+            text = re.sub(r"^\[[ 0-9.]+\] ", "", line).strip()
+            if any(k in text for k in keys) and text not in out:
+                out.append(text)
+        return out
 
     def meta(self) -> dict:
         d = asdict(self)
@@ -433,7 +445,7 @@ def _boot(image: RealKernelImage, bzimage: Path, *, cpu: str, cmdline: str, smp:
             caps_before=caps_before, caps_after=caps_after, return_thunk=rthunk,
             return_thunk_sym=image.describe(rthunk), seconds_to_call=round(t1 - t0, 3),
             seconds_in_alternatives=round(t2 - t1, 3), qemu_version=qemu_version(),
-            serial_tail=_tail(serial, 4000), before=before, after=after)
+            serial=_tail(serial, 1 << 20), before=before, after=after)
     finally:
         if qmp is not None:
             try:
@@ -455,3 +467,153 @@ def _tail(path: Path, n: int = 300) -> str:
         return path.read_text(errors="replace")[-n:]
     except OSError:
         return ""
+
+
+# ------------------------------------------------------------ the matrix
+@dataclass(frozen=True)
+class Setup:
+    cpu: str
+    cmdline: str = ""
+    smp: int = 1
+
+    def label(self) -> str:
+        return f"{self.cpu} smp{self.smp} {self.cmdline or '(default)'}"
+
+
+#: what ``make test-kernel`` boots: CPU models x command lines x CPUs
+SETUPS: tuple[Setup, ...] = (
+    Setup("qemu64"),
+    Setup("qemu64", "", 2),
+    Setup("qemu64", "mitigations=off"),
+    Setup("Haswell"),
+    Setup("Skylake-Client-v4", "", 2),
+    Setup("Skylake-Client-v4", "spectre_v2=retpoline,lfence"),
+    Setup("Skylake-Client-v4", "retbleed=stuff"),
+    Setup("EPYC"),
+    Setup("EPYC", "mitigations=off", 2),
+)
+
+
+def textpoke_can_dump() -> bool:
+    """Whether this checkout's ``textpoke boot`` patches real images yet."""
+    import sys
+    r = subprocess.run([sys.executable, "-m", "textpoke", "boot", "--help"],
+                       capture_output=True, text=True, check=False)
+    return r.returncode == 0 and all(o in r.stdout for o in ("--image", "--dump", "--cpu-caps"))
+
+
+def textpoke_dump(kernel, image: RealKernelImage, ref: Reference, *,
+                  timeout: float = 600.0) -> tuple[bytes | None, str, float]:
+    """textpoke's own dump for *ref*'s setup: (bytes or None, error, seconds)."""
+    import sys
+    with tempfile.TemporaryDirectory(prefix="textpoke-dump-") as td:
+        out = Path(td) / "dump.bin"
+        argv = [sys.executable, "-m", "textpoke", "boot", "--image", str(kernel.vmlinuz),
+                "--system-map", str(kernel.system_map),
+                "--cpu-caps", ",".join(f"{w:#x}" for w in ref.caps_before),
+                "--cpus", str(ref.smp), "--dump", str(out)]
+        if ref.cmdline:
+            argv += ["--cmdline", ref.cmdline]
+        t = time.monotonic()
+        r = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout)
+        dt = time.monotonic() - t
+        if r.returncode or not out.exists():
+            err = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+            return None, err[:120], dt
+        return out.read_bytes(), "", dt
+
+
+def run_matrix(kernel, setups=SETUPS, *, use_cache: bool = True, compare: bool | None = None,
+               out=print) -> list[dict]:
+    """Boot every setup (or take it from the cache), print the table and
+    return its rows."""
+    image = kernel.load()
+    execs = image.executable_sections()
+    if compare is None:
+        compare = textpoke_can_dump()
+    out(f"kernel {image.version} (Debian {kernel.package_version}), {kernel.vmlinuz}")
+    out(f"{qemu_version()}, TCG; base command line {BASE_CMDLINE!r}")
+    out("tables: " + ", ".join(f"{n} {t.count}" for n, t in image.tables.items()))
+    out("executable sections: " + ", ".join(f"{s.name} {len(s.data)}" for s in execs))
+    out("")
+    hdr = (f"{'setup':<50} {'boot s':>6} {'alt s':>5} {'return thunk':<24} "
+           f"{'text changed':>12}  textpoke vs kernel (exec. sections)")
+    out(hdr)
+    out("-" * len(hdr))
+    rows = []
+    for st in setups:
+        t = time.monotonic()
+        cached = (reference_dir(image, st.cpu, st.cmdline, st.smp) / "meta.json").exists()
+        ref = reference(image, kernel.vmlinuz, cpu=st.cpu, cmdline=st.cmdline, smp=st.smp,
+                        use_cache=use_cache)
+        per = {s.name: ref.changed_bytes([(s.addr, s.end)]) for s in execs}
+        changed = sum(per.values())
+        row = {"setup": st.label(), "cpu": st.cpu, "cmdline": st.cmdline, "smp": st.smp,
+               "seconds_to_call": ref.seconds_to_call,
+               "seconds_in_alternatives": ref.seconds_in_alternatives,
+               "cached": cached and use_cache, "return_thunk": ref.return_thunk_sym,
+               "changed": per, "caps": ref.caps_before, "path": ref.path,
+               "mitigations": ref.mitigations()}
+        if compare:
+            dump, err, dt = textpoke_dump(kernel, image, ref)
+            if dump is None:
+                row["textpoke"] = f"failed: {err}"
+            elif len(dump) != len(ref.after):
+                row["textpoke"] = f"dump is {len(dump)} bytes, not {len(ref.after)} (_text.._end)"
+            else:
+                d = {s.name: diff_count(dump, ref.after, image.text_start, [(s.addr, s.end)])
+                     for s in execs}
+                row["textpoke_diff"] = d
+                row["textpoke_seconds"] = round(dt, 2)
+                row["textpoke"] = (f"{sum(d.values())} bytes differ ({dt:.2f} s)" +
+                                   ("" if not sum(d.values()) else ": " + ", ".join(
+                                       f"{k} {v}" for k, v in d.items() if v)))
+        else:
+            row["textpoke"] = "not yet (textpoke boot has no --image/--dump)"
+        rows.append(row)
+        note = " (cached)" if row["cached"] else ""
+        out(f"{st.label():<50} {ref.seconds_to_call:>6.2f} {ref.seconds_in_alternatives:>5.2f} "
+            f"{ref.return_thunk_sym:<24} {changed:>12}  {row['textpoke']}{note}")
+        del ref
+    out("")
+    out("text changed: bytes of executable sections that differ between the kernel's memory")
+    out("at the call of alternative_instructions() and right after it returns; boot s / alt s:")
+    out("seconds from reset to that call, and inside it, under TCG (measured when booted).")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+    from ._vmlinux import KernelUnavailable, ensure_debian_kernel
+    p = argparse.ArgumentParser(prog="kernel_reference",
+                                description="Reference dumps of Debian's 6.12 cloud kernel "
+                                            "booted under QEMU, and textpoke against them.")
+    p.add_argument("--release", help="kernel release (default: the newest 6.12 cloud apt knows)")
+    p.add_argument("--fetch-only", action="store_true", help="download and cache, then stop")
+    p.add_argument("--cpu", help="one setup: QEMU CPU model")
+    p.add_argument("--cmdline", default="", help="one setup: added kernel command line")
+    p.add_argument("--smp", type=int, default=1, help="one setup: CPUs")
+    p.add_argument("--no-cache", action="store_true", help="boot again even when cached")
+    p.add_argument("--no-compare", action="store_true", help="skip textpoke's dumps")
+    p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
+    a = p.parse_args(argv)
+    try:
+        kernel = ensure_debian_kernel(a.release)
+    except KernelUnavailable as e:
+        print(f"kernel_reference: cannot fetch the Debian kernel: {e}", file=sys.stderr)
+        return 2
+    if a.fetch_only:
+        print(f"{kernel.release} (Debian {kernel.package_version}): {kernel.vmlinuz}, "
+              f"{kernel.system_map}")
+        return 0
+    setups = (Setup(a.cpu, a.cmdline, a.smp),) if a.cpu else SETUPS
+    try:
+        rows = run_matrix(kernel, setups, use_cache=not a.no_cache,
+                          compare=False if a.no_compare else None)
+    except (ReferenceError, ImageError) as e:
+        print(f"kernel_reference: {e}", file=sys.stderr)
+        return 1
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0

@@ -34,6 +34,7 @@ from ._bzimage import SetupHeader, extract_elf, is_bzimage
 from ._elf import ElfImage, ElfSection, ImageError
 
 __all__ = ["RealKernelImage", "TableView", "load_kernel", "load_system_map",
+           "DebianKernel", "KernelUnavailable", "ensure_debian_kernel", "newest_cloud_release",
            "START_KERNEL_MAP", "TABLES"]
 
 #: the kernel's virtual base of the direct kernel-text mapping (x86-64)
@@ -493,3 +494,142 @@ def _check_layouts(path, tables, sections, symbols) -> None:
             if not in_exec(e + ao):
                 raise ImageError(f"{path}: .static_call_sites entry {i} does not fit 6.12's "
                                  f"8-byte struct static_call_site")
+
+
+# ---------------------------------------------------------------- fetching
+@dataclass(frozen=True)
+class DebianKernel:
+    """A Debian cloud kernel fetched with ``apt-get download`` and cached."""
+
+    release: str                # "6.12.117+deb12-cloud-amd64" (uname -r)
+    package_version: str        # "6.12.117-1~deb12u1"
+    vmlinuz: Path
+    system_map: Path
+    config: Path
+    vmlinux: Path | None = None
+
+    def load(self) -> RealKernelImage:
+        return load_kernel(self.vmlinuz, self.system_map)
+
+
+class KernelUnavailable(RuntimeError):
+    """The Debian kernel cannot be fetched here (the reason is the message)."""
+
+
+def _cache_root() -> Path:
+    import os
+    env = os.environ.get("TEXTPOKE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "textpoke"
+
+
+def _run(argv: list[str], **kw) -> str:
+    import subprocess
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, check=False, **kw)
+    except FileNotFoundError:
+        raise KernelUnavailable(f"{argv[0]} is not available") from None
+    if r.returncode:
+        err = (r.stderr.strip().splitlines() or ["?"])[-1]
+        raise KernelUnavailable(f"{' '.join(argv[:3])} failed: {err}")
+    return r.stdout
+
+
+def newest_cloud_release(series: str = "6.12") -> str:
+    """The newest ``linux-image-<series>.*-cloud-amd64-unsigned`` apt knows."""
+    import functools
+    out = _run(["apt-cache", "search", "--names-only",
+                rf"^linux-image-{re.escape(series)}\.[0-9]+.*-cloud-amd64-unsigned$"])
+    rels = [m.group(1) for m in re.finditer(r"^linux-image-(\S+)-unsigned ", out, re.M)]
+    if not rels:
+        raise KernelUnavailable(f"apt knows no linux-image-{series}.*-cloud-amd64-unsigned "
+                                f"(apt-get update?)")
+
+    def cmp(a: str, b: str) -> int:
+        import subprocess
+        if subprocess.run(["dpkg", "--compare-versions", a, "lt", b]).returncode == 0:
+            return -1
+        return 0 if a == b else 1
+    return max(rels, key=functools.cmp_to_key(cmp))
+
+
+def ensure_debian_kernel(release: str | None = None, *, with_vmlinux: bool = False,
+                         cache: Path | None = None) -> DebianKernel:
+    """Fetch (once) and cache Debian's cloud kernel *release* (default: the
+    newest 6.12 apt knows, or ``$TEXTPOKE_KERNEL_RELEASE``): its bzImage and
+    config from the ``-unsigned`` package and the real ``System.map`` (the
+    image package carries only a placeholder) from the ``-dbg`` package --
+    plus the 340 MB vmlinux with DWARF when *with_vmlinux*.  Raises
+    :class:`KernelUnavailable` when apt cannot provide them."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    root = (cache or _cache_root()) / "kernel"
+    release = release or os.environ.get("TEXTPOKE_KERNEL_RELEASE")
+    if release is None:
+        done = sorted(p.parent.name for p in root.glob("*/meta.json"))
+        try:
+            release = newest_cloud_release()
+        except KernelUnavailable:
+            if not done:
+                raise
+            release = done[-1]          # offline: the newest one we have
+    d = root / release
+    meta = d / "meta.json"
+    if meta.exists():
+        m = json_load(meta)
+        vmlinux = d / "vmlinux"
+        if not with_vmlinux or vmlinux.exists():
+            return DebianKernel(release, m["package_version"], d / "vmlinuz", d / "System.map",
+                                d / "config", vmlinux if vmlinux.exists() else None)
+    debs = root / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    pkgs = {"image": f"linux-image-{release}-unsigned", "dbg": f"linux-image-{release}-dbg"}
+    files = {}
+    for what, pkg in pkgs.items():
+        found = sorted(debs.glob(f"{pkg}_*_amd64.deb"))
+        if not found:
+            _run(["apt-get", "download", "-q", pkg], cwd=debs)
+            found = sorted(debs.glob(f"{pkg}_*_amd64.deb"))
+            if not found:
+                raise KernelUnavailable(f"apt-get download {pkg} left no .deb in {debs}")
+        files[what] = found[-1]
+    pkgver = files["image"].name.split("_")[1].replace("%7e", "~").replace("%3a", ":")
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
+    try:
+        _run(["dpkg-deb", "-x", str(files["image"]), str(tmp)])
+        boot = tmp / "boot"
+        want = [f"./usr/lib/debug/boot/System.map-{release}"]
+        if with_vmlinux:
+            want.append(f"./usr/lib/debug/boot/vmlinux-{release}")
+        tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(files["dbg"])],
+                               stdout=subprocess.PIPE)
+        r = subprocess.run(["tar", "-x", "-C", str(tmp), *want], stdin=tar.stdout,
+                           capture_output=True, text=True, check=False)
+        tar.stdout.close()
+        tar.wait()
+        if r.returncode:
+            raise KernelUnavailable(f"cannot extract {' '.join(want)} from {files['dbg'].name}: "
+                                    f"{r.stderr.strip()[-200:]}")
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(boot / f"vmlinuz-{release}"), d / "vmlinuz")
+        shutil.move(str(boot / f"config-{release}"), d / "config")
+        dbgboot = tmp / "usr/lib/debug/boot"
+        shutil.move(str(dbgboot / f"System.map-{release}"), d / "System.map")
+        if with_vmlinux:
+            shutil.move(str(dbgboot / f"vmlinux-{release}"), d / "vmlinux")
+        meta.write_text(json_dump({"release": release, "package_version": pkgver,
+                                   "debs": [f.name for f in files.values()]}))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ensure_debian_kernel(release, with_vmlinux=with_vmlinux, cache=cache)
+
+
+def json_load(p: Path) -> dict:
+    import json
+    return json.loads(p.read_text())
+
+
+def json_dump(d: dict) -> str:
+    import json
+    return json.dumps(d, indent=1) + "\n"
