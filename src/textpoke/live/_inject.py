@@ -1,0 +1,376 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Executable memory in a traced process, by injected system calls.
+
+:func:`inject_syscall` runs one system call in a thread that is in a
+ptrace-stop held by the caller (nobody else may wait for it meanwhile):
+
+1. save every register (``PTRACE_GETREGS``: all general registers, rip,
+   eflags, orig_rax, the segment bases; a system call touches no FPU/vector
+   state, so those are not saved);
+2. set rax = number, rdi/rsi/rdx/r10/r8/r9 = arguments, **orig_rax = -1**
+   (so that a thread stopped inside an interrupted system call is not
+   "restarted" by the kernel into ours, nor ours into its), and rip = the
+   address of a ``syscall`` instruction (``0f 05``) found in the target's own
+   executable text -- libc first -- so that nothing is written to text;
+3. ``PTRACE_SINGLESTEP``: the thread executes that one instruction and
+   stops with SIGTRAP after it; rax holds the result;
+4. restore every saved register.  Resuming the thread then lets the kernel
+   finish (or restart) whatever system call the thread was in, exactly as if
+   nothing had happened.  A different signal that arrives during the step
+   is not lost: it is sent back to the thread (``tgkill``) after the
+   registers are restored.
+
+:class:`ExecMem` maps a region for code and data with ``mmap`` at a chosen
+address (``MAP_FIXED_NOREPLACE``: it fails rather than replace anything)
+within ±2 GiB of the code that will call into it (a CALL rel32 must reach),
+writes code through /proc/PID/mem, and unmaps it with ``munmap`` only when
+:meth:`ExecMem.in_use` finds no thread that could still be inside it:
+
+* no thread's rip is in the region, and
+* no 8-byte word in the top of any thread's stack (from rsp - 128, the red
+  zone, to rsp + ``STACK_SCAN`` bytes, within the stack's mapping) points
+  into the region -- which catches return addresses and the rip saved in a
+  signal frame by a signal that interrupted a thread in the region (a
+  handler on a ``sigaltstack`` is not covered).
+
+The caller must have made the region unreachable first (every site that
+called into it switched back, and a sync since).  A stale word that merely
+looks like a pointer makes the check refuse; the caller then keeps the
+region (a page or two left mapped costs nothing; unmapping code a thread
+still runs would kill it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import struct
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+from . import _ptrace as pt
+from .._errors import MachineError
+from ._symbols import Mapping, read_maps
+
+__all__ = ["InjectError", "SYS_mmap", "SYS_mprotect", "SYS_munmap", "find_syscall_insn",
+           "inject_syscall", "ExecMem", "StoppedThread", "pick_address", "STACK_SCAN"]
+
+SYS_mmap, SYS_mprotect, SYS_munmap = 9, 10, 11
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
+PAGE = 4096
+STACK_SCAN = 64 * 1024
+_S32 = 1 << 31
+_MASK = (1 << 64) - 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class InjectError(MachineError):
+    """An injected system call could not be run, or failed in the target."""
+
+
+def _tgkill(pid: int, tid: int, sig: int) -> None:
+    if _libc.syscall(234, pid, tid, sig) < 0:          # SYS_tgkill
+        e = ctypes.get_errno()
+        if e != errno.ESRCH:
+            raise OSError(e, os.strerror(e))
+
+
+_syscall_cache: dict[tuple[int, float], int] = {}
+
+
+def find_syscall_insn(pid: int, maps: Sequence[Mapping] | None = None) -> int:
+    """The address of a ``syscall`` instruction (0f 05) in the target's
+    executable file-backed text: libc first, then any other mapping.
+    (Any 0f 05 byte pair will do: the thread executes only those two bytes
+    and stops.)"""
+    key = (pid, _start_time(pid))
+    hit = _syscall_cache.get(key)
+    if hit is not None:
+        return hit
+    maps = list(maps) if maps is not None else read_maps(pid)
+    cands = [m for m in maps if m.executable and m.path and not m.path.startswith("[")]
+    cands.sort(key=lambda m: ("libc" not in os.path.basename(m.path), m.start))
+    cands += [m for m in maps if m.executable and m.path == "[vdso]"]
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for m in cands:
+            for off in range(m.start, m.end, 1 << 16):
+                try:
+                    buf = os.pread(fd, min(1 << 16, m.end - off) + 1, off)
+                except OSError:
+                    break
+                i = buf.find(b"\x0f\x05")
+                if i >= 0 and off + i + 2 <= m.end:
+                    _syscall_cache[key] = off + i
+                    return off + i
+    finally:
+        os.close(fd)
+    raise InjectError(f"no syscall instruction found in the executable mappings of process {pid}")
+
+
+def _start_time(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return float(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return -1.0
+
+
+def inject_syscall(pid: int, tid: int, nr: int, *args: int, syscall_at: int | None = None,
+                   wait: Callable[[int], tuple[int, int]] | None = None) -> int:
+    """Run system call *nr*(*args*) in thread *tid* of *pid*, which must be in
+    a ptrace-stop owned by the caller; return its result (a negative errno
+    is returned as is: the caller decides).  Every register is restored
+    afterwards and the thread is left in a ptrace-stop again.
+
+    *wait(tid)* waits for the thread's next stop and returns
+    ``(si_code, si_status)`` (default: ``waitid`` on the thread)."""
+    if len(args) > 6:
+        raise ValueError("a system call takes at most 6 arguments")
+    if syscall_at is None:
+        syscall_at = find_syscall_insn(pid)
+    wait = wait or _wait
+    saved = pt.getregs(tid, pt.UserRegs())
+    regs = pt.UserRegs.from_buffer_copy(saved)
+    a = list(args) + [0] * (6 - len(args))
+    regs.rax = nr
+    regs.orig_rax = _MASK                       # -1: no restart of anything
+    regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9 = (x & _MASK for x in a)
+    regs.rip = syscall_at
+    deferred: list[int] = []
+    try:
+        pt.setregs(tid, regs)
+        while True:
+            pt.singlestep(tid)
+            code, status = wait(tid)
+            if code in (pt.CLD_EXITED, pt.CLD_KILLED, pt.CLD_DUMPED):
+                raise InjectError(f"thread {tid} of process {pid} ended during an injected syscall")
+            if code == pt.CLD_TRAPPED and (status & 0xFF) == signal.SIGTRAP:
+                after = pt.getregs(tid, pt.UserRegs())
+                if after.rip == syscall_at + 2:
+                    result = after.rax
+                    break
+                if after.rip == syscall_at:        # stopped before executing: step again
+                    continue
+                raise InjectError(f"injected syscall in thread {tid} stopped at {after.rip:#x}, "
+                                  f"not after the syscall at {syscall_at:#x}")
+            # another signal (or a group stop) before the step completed:
+            # keep it for the thread, step again
+            sig = status & 0xFF
+            if code == pt.CLD_TRAPPED and sig and (status >> 8) == 0:
+                deferred.append(sig)
+    finally:
+        try:
+            pt.setregs(tid, saved)
+        finally:
+            for sig in deferred:
+                _tgkill(pid, tid, sig)
+    return result - (1 << 64) if result >> 63 else result
+
+
+def _wait(tid: int) -> tuple[int, int]:
+    info = pt.SigInfo()
+    while True:
+        r = pt.waitid(tid, info, True)
+        if r == -errno.EINTR:
+            continue
+        if r < 0:
+            raise InjectError(f"waitid({tid}): {os.strerror(-r)}")
+        return info.si_code, info.si_status
+
+
+class StoppedThread:
+    """One thread of a process held in a ptrace-stop without the live
+    machine: seize, interrupt, wait; on exit, detach (the thread resumes).
+    For injecting a system call when no :class:`LiveMachine` is attached;
+    it stops only that thread."""
+
+    def __init__(self, pid: int, tid: int | None = None) -> None:
+        self.pid, self.tid = pid, tid or pid
+
+    def __enter__(self) -> "StoppedThread":
+        pt.seize(self.tid, 0)
+        try:
+            pt.interrupt(self.tid)
+            while True:
+                code, status = _wait(self.tid)
+                if code == pt.CLD_TRAPPED and (status >> 8) == pt.PTRACE_EVENT_STOP:
+                    break
+                if code in (pt.CLD_EXITED, pt.CLD_KILLED, pt.CLD_DUMPED):
+                    raise InjectError(f"thread {self.tid} ended")
+                # a signal-delivery-stop: give the signal to the thread, wait on
+                pt.cont(self.tid, status & 0xFF)
+                pt.interrupt(self.tid)
+        except BaseException:
+            self._detach()
+            raise
+        return self
+
+    def syscall(self, nr: int, *args: int) -> int:
+        return inject_syscall(self.pid, self.tid, nr, *args)
+
+    def regs(self) -> pt.UserRegs:
+        return pt.getregs(self.tid, pt.UserRegs())
+
+    def _detach(self) -> None:
+        try:
+            pt.detach(self.tid)
+        except OSError:
+            pass
+
+    def __exit__(self, *exc: object) -> None:
+        self._detach()
+
+
+def pick_address(maps: Sequence[Mapping], size: int, lo_site: int, hi_site: int) -> int:
+    """A free, page-aligned address for *size* bytes from which every CALL
+    in [lo_site, hi_site] reaches the whole region with a rel32.  Prefer the
+    gap just below the code (above it the heap grows), then above the
+    highest mapping near it."""
+    size = -(-size // PAGE) * PAGE
+    # every site s calls a target t with |t - (s + 5)| < 2**31
+    lo_ok = max(hi_site + 5 - _S32 + PAGE, 0x10000)
+    hi_ok = lo_site + 5 + _S32 - PAGE          # region end must stay below
+    spans = sorted((m.start, m.end) for m in maps)
+    gaps = []
+    prev = 0x10000                            # vm.mmap_min_addr's usual value
+    for s, e in spans:
+        if s > prev:
+            gaps.append((prev, s))
+        prev = max(prev, e)
+    gaps.append((prev, 0x7FFFFFFFF000))
+    heap = [m for m in maps if m.path == "[heap]"]
+    below = [(a, b) for a, b in gaps if b <= lo_site]
+    for a, b in reversed(below):            # the nearest gap below, at its top
+        top = min(b, hi_ok) - PAGE            # a guard page under the code
+        start = (top - size) // PAGE * PAGE
+        if start >= max(a, lo_ok):
+            return start
+    for a, b in gaps:
+        if a < lo_site:
+            continue
+        if heap and a <= heap[0].end:         # leave the heap room to grow
+            a = max(a, heap[0].end + (64 << 20))
+        start = -(-(a + PAGE) // PAGE) * PAGE
+        if start + size <= min(b, hi_ok) and start >= lo_ok:
+            return start
+    raise InjectError(f"no free {size:#x}-byte gap within ±2 GiB of {lo_site:#x}-{hi_site:#x}")
+
+
+@dataclass
+class ExecMem:
+    """A region of executable memory (``code_size`` bytes, r-x) followed by
+    ``data_size`` bytes of data (rw-), mapped in a stopped thread's process."""
+
+    pid: int
+    base: int
+    code_size: int
+    data_size: int
+    mapped: bool = True
+    syscall_at: int = 0
+    _fd: int = field(default=-1, repr=False)
+
+    @property
+    def end(self) -> int:
+        return self.base + self.code_size + self.data_size
+
+    @property
+    def data(self) -> int:
+        return self.base + self.code_size
+
+    def __contains__(self, addr: int) -> bool:
+        return self.base <= addr < self.end
+
+    @classmethod
+    def map(cls, pid: int, tid: int, code_size: int, data_size: int, *, near: tuple[int, int],
+            maps: Sequence[Mapping] | None = None,
+            wait: Callable[[int], tuple[int, int]] | None = None) -> "ExecMem":
+        """mmap code+data (rounded to pages) within rel32 reach of every
+        address in *near* = (lowest, highest) call site, in thread *tid*."""
+        code_size = -(-code_size // PAGE) * PAGE
+        data_size = -(-data_size // PAGE) * PAGE if data_size else 0
+        maps = list(maps) if maps is not None else read_maps(pid)
+        syscall_at = find_syscall_insn(pid, maps)
+        total = code_size + data_size
+        want = pick_address(maps, total, *near)
+        got = inject_syscall(pid, tid, SYS_mmap, want, total, PROT_READ | PROT_WRITE,
+                             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1 & _MASK, 0,
+                             syscall_at=syscall_at, wait=wait)
+        if got < 0:
+            raise InjectError(f"mmap({want:#x}, {total:#x}) in process {pid} failed: "
+                              f"{os.strerror(-got)}")
+        if got != want:              # a kernel without MAP_FIXED_NOREPLACE took it as a hint
+            inject_syscall(pid, tid, SYS_munmap, got, total, syscall_at=syscall_at, wait=wait)
+            raise InjectError(f"mmap placed the region at {got:#x}, not at {want:#x}")
+        r = inject_syscall(pid, tid, SYS_mprotect, got, code_size, PROT_READ | PROT_EXEC,
+                           syscall_at=syscall_at, wait=wait)
+        if r < 0:
+            inject_syscall(pid, tid, SYS_munmap, got, total, syscall_at=syscall_at, wait=wait)
+            raise InjectError(f"mprotect(r-x) in process {pid} failed: {os.strerror(-r)}")
+        return cls(pid, got, code_size, data_size, syscall_at=syscall_at)
+
+    # --- contents ---------------------------------------------------------
+    def _mem(self) -> int:
+        if self._fd < 0:
+            self._fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        return self._fd
+
+    def write(self, addr: int, data: bytes) -> None:
+        """Write (code or data) through /proc/PID/mem and read it back."""
+        if not (self.base <= addr and addr + len(data) <= self.end):
+            raise InjectError(f"write of {len(data)} bytes at {addr:#x} is outside the region")
+        fd = self._mem()
+        n = os.pwrite(fd, data, addr)
+        if n != len(data) or os.pread(fd, len(data), addr) != data:
+            raise InjectError(f"write at {addr:#x} in process {self.pid} did not verify")
+
+    def read(self, addr: int, size: int) -> bytes:
+        return os.pread(self._mem(), size, addr)
+
+    # --- freeing ----------------------------------------------------------
+    def in_use(self, threads: Iterable[tuple[int, pt.UserRegs]],
+               maps: Sequence[Mapping] | None = None) -> list[str]:
+        """Reasons the region may still be in use, given the registers of
+        every (stopped) thread: rip inside, or a stack word pointing inside
+        (see the module doc).  Empty: safe to unmap."""
+        maps = list(maps) if maps is not None else read_maps(self.pid)
+        fd = self._mem()
+        why = []
+        for tid, regs in threads:
+            if regs.rip in self:
+                why.append(f"thread {tid} runs at {regs.rip:#x}")
+                continue
+            lo = max(regs.rsp - 128, 0)
+            stack = next((m for m in maps if m.start <= regs.rsp < m.end), None)
+            hi = min(regs.rsp + STACK_SCAN, stack.end if stack else regs.rsp + 4096)
+            try:
+                buf = os.pread(fd, hi - lo, lo)
+            except OSError:
+                why.append(f"thread {tid}: its stack at {regs.rsp:#x} cannot be read")
+                continue
+            words = struct.unpack_from(f"<{len(buf) // 8}Q", buf)
+            for i, w in enumerate(words):
+                if self.base <= w < self.base + self.code_size:
+                    why.append(f"thread {tid}: stack word at {lo + 8 * i:#x} = {w:#x} points into it")
+                    break
+        return why
+
+    def unmap(self, tid: int, wait: Callable[[int], tuple[int, int]] | None = None) -> None:
+        """munmap in thread *tid* (stopped).  The caller checked :meth:`in_use`."""
+        if not self.mapped:
+            return
+        r = inject_syscall(self.pid, tid, SYS_munmap, self.base, self.end - self.base,
+                           syscall_at=self.syscall_at or None, wait=wait)
+        if r < 0:
+            raise InjectError(f"munmap({self.base:#x}) in process {self.pid} failed: {os.strerror(-r)}")
+        self.mapped = False
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
