@@ -26,6 +26,7 @@ from ..images._tables import X86_FEATURES, feature_number
 from ..sim._boot import boot_kernel_image
 from . import _output as out
 from ._args import CPUS, UsageError, int_in
+from ._boot_real import add_real_arguments, run_real
 
 __all__ = ["add_arguments", "disassemble", "run", "run_boot"]
 
@@ -47,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=int_in(CPUS), default=1, metavar="N",
                    help=f"virtual CPUs present at boot, {CPUS} (default 1: LOCK prefixes "
                         "become DS)")
-    p.add_argument("--cpu-features", type=_features, default=",".join(DEFAULT_FEATURES),
+    p.add_argument("--cpu-features", dest="cpu_features_raw", default=None,
                    metavar="LIST",
                    help="comma-separated CPU features (X86_FEATURE_* names without the prefix, "
                         "or word*32+bit); 'none' for a CPU with none; 'list' to list them "
@@ -59,6 +60,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disasm", metavar="SYMBOL", action="append", default=None,
                    help="show SYMBOL's disassembly before and after patching (repeatable)")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    add_real_arguments(p)
+
+
+def _features_or_usage(text: str) -> str | list[str]:
+    try:
+        return _features(text)
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"--cpu-features: {e}") from None
 
 
 def _features(text: str) -> str | list[str]:
@@ -117,6 +126,12 @@ def _show_bytes(b: bytes) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "image", None):
+        args.cpu_features_given = args.cpu_features_raw is not None
+        args.cpu_features = args.cpu_features_raw or ""
+        return run_real(args)
+    args.cpu_features = (_features_or_usage(args.cpu_features_raw)
+                         if args.cpu_features_raw is not None else list(DEFAULT_FEATURES))
     if args.cpu_features == "list":
         if args.json:
             out.emit_json({"features": {k: f"{v // 32}*32+{v % 32}" for k, v in X86_FEATURES.items()}})

@@ -1,0 +1,248 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""``textpoke boot --image IMG``: the boot-time passes of a real kernel
+(Linux 6.12, x86-64) on its own image, for a given CPU, written out as the
+kernel's memory ``_text`` .. ``_end``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from .._alternative._kboot import boot_kernel, kernel_text_of
+from .._alternative._kdiff import SiteIndex, diff_ranges, diff_sections
+from .._alternative._kpasses import BootOptions
+from .._alternative._ktext import CpuCaps, KernelBootError
+from .._errors import TextPokeError
+from . import _output as out
+from ._args import UsageError
+
+__all__ = ["add_real_arguments", "run_real", "caps_from_args", "derive_return_thunk",
+           "parse_cmdline"]
+
+
+def add_real_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("real kernel image (Linux 6.12 x86-64)")
+    g.add_argument("--image", metavar="IMG",
+                   help="a bzImage (/boot/vmlinuz-*) or a vmlinux ELF to patch instead of the "
+                        "bundled image")
+    g.add_argument("--system-map", metavar="MAP", help="System.map for the image's symbols")
+    g.add_argument("--cpu-caps", metavar="W0,W1,...",
+                   help="boot_cpu_data.x86_capability words (feature words, then bug words)")
+    g.add_argument("--cpuinfo", metavar="FILE", help="take feature names from a /proc/cpuinfo")
+    g.add_argument("--cmdline", metavar="STR", default="",
+                   help="kernel command line choices that are not feature bits (nosmp, "
+                        "maxcpus=, noreplace-smp, debug-alternative)")
+    g.add_argument("--return-thunk", metavar="SYMBOL",
+                   help="x86_return_thunk (a symbol or 0xADDR); default: derived from the "
+                        "capabilities")
+    g.add_argument("--data", metavar="FILE",
+                   help="a snapshot of the kernel's memory (_text.._end) when "
+                        "alternative_instructions() starts: run-time state (pv_ops, static "
+                        "keys, static calls, runtime constants) is read from it")
+    g.add_argument("--its-page", metavar="ADDR", action="append", default=[],
+                   help="address of a page the ITS thunk allocator hands out (repeatable)")
+    g.add_argument("--dump", metavar="FILE", help="write the patched _text.._end, raw")
+    g.add_argument("--reference", metavar="FILE",
+                   help="compare with the kernel's own memory after alternative_instructions() "
+                        "(raw _text.._end) and list the differing ranges")
+    g.add_argument("--sites", action="store_true",
+                   help="with --json: a record per changed site")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_cmdline(cmdline: str) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    for tok in cmdline.split():
+        key, _, val = tok.partition("=")
+        if key == "nosmp":
+            opts["setup_max_cpus"] = 0
+        elif key == "maxcpus":
+            try:
+                opts["setup_max_cpus"] = int(val, 0)
+            except ValueError:
+                raise UsageError(f"--cmdline: bad maxcpus={val!r}") from None
+        elif key == "noreplace-smp":
+            opts["noreplace_smp"] = True
+        elif key == "debug-alternative":
+            opts["debug_alternative"] = True
+    return opts
+
+
+def _cpuinfo_names(path: str) -> list[str]:
+    try:
+        text = open(path, encoding="utf-8", errors="replace").read()
+    except OSError as e:
+        raise UsageError(f"--cpuinfo: cannot read {path}: {e.strerror}") from None
+    names: list[str] = []
+    for line in text.splitlines():
+        k, _, v = line.partition(":")
+        if k.strip() == "flags" and not names:
+            names += v.split()
+        elif k.strip() == "bugs" and not any(n.startswith("bug_") for n in names):
+            names += ["bug_" + b for b in v.split()]
+    if not names:
+        raise UsageError(f"--cpuinfo: no 'flags' line in {path}")
+    return names
+
+
+def caps_from_args(args: argparse.Namespace) -> tuple[CpuCaps, list[str]]:
+    """The CPU from --cpu-caps, --cpuinfo and --cpu-features (added on top);
+    returns the unknown names skipped from a cpuinfo."""
+    unknown: list[str] = []
+    if args.cpu_caps:
+        try:
+            words = [int(w, 0) for w in args.cpu_caps.replace(" ", "").split(",") if w]
+        except ValueError:
+            raise UsageError(f"--cpu-caps: not a list of integers: {args.cpu_caps!r}") from None
+        caps = CpuCaps(words)
+    else:
+        caps = CpuCaps()
+    if args.cpuinfo:
+        for n in _cpuinfo_names(args.cpuinfo):
+            try:
+                caps.set(n)
+            except KernelBootError:
+                unknown.append(n)
+    feats = args.cpu_features
+    if isinstance(feats, str) and feats and args.cpu_features_given:
+        for n in feats.split(","):
+            if n.strip() and n.strip() != "none":
+                caps.set(n.strip())
+    caps.set("always")
+    return caps, unknown
+
+
+def derive_return_thunk(caps: CpuCaps) -> str:
+    """``x86_return_thunk`` as the 6.12 mitigation code picks it, from the
+    synthetic features it leaves behind (best effort: --return-thunk or the
+    reference's value overrides it)."""
+    if not caps.has("rethunk"):
+        return "__x86_return_thunk"
+    if caps.has("call_depth"):
+        return "call_depth_return_thunk"
+    if caps.has("srso_alias"):
+        return "srso_alias_return_thunk"
+    if caps.has("srso"):
+        return "srso_return_thunk"
+    if caps.has("unret"):
+        return "retbleed_return_thunk"
+    if caps.has("indirect_thunk_its"):
+        return "its_return_thunk"
+    return "__x86_return_thunk"
+
+
+def _progress_cb(enabled: bool):
+    if not enabled:
+        return None, lambda: None
+    from rich.progress import Progress
+    prog = Progress(transient=True, console=out.console(stderr=True))
+    task = prog.add_task("patching", total=11)
+    prog.start()
+
+    def cb(step: str, i: int, n: int) -> None:
+        prog.update(task, completed=i, total=n, description=step)
+    return cb, prog.stop
+
+
+def run_real(args: argparse.Namespace) -> int:
+    from ..images._vmlinux import load_kernel
+    cmd = parse_cmdline(args.cmdline or "")
+    caps, unknown = caps_from_args(args)
+    try:
+        img = load_kernel(args.image, args.system_map)
+    except TextPokeError as e:
+        raise UsageError(str(e)) from None
+    data = None
+    if args.data:
+        try:
+            data = open(args.data, "rb").read()
+        except OSError as e:
+            raise UsageError(f"--data: cannot read {args.data}: {e.strerror}") from None
+    try:
+        kt = kernel_text_of(img, data=data, record=bool(args.sites))
+        rt: str | int = derive_return_thunk(caps)
+        if args.return_thunk:
+            rt = int(args.return_thunk, 0) if args.return_thunk.startswith("0x") \
+                else args.return_thunk
+            if isinstance(rt, str):
+                kt.sym(rt)
+        opts = BootOptions(return_thunk=rt, ncpus=args.cpus,
+                           noreplace_smp=cmd.get("noreplace_smp", False),
+                           setup_max_cpus=cmd.get("setup_max_cpus"),
+                           its_pages=[int(x, 0) for x in args.its_page])
+        names = args.disasm or []
+        before = {n: _fn(kt, img, n) for n in names}
+        show = sys.stderr.isatty() and not args.no_progress and not args.json
+        cb, stop = _progress_cb(show)
+        t0 = time.perf_counter()
+        try:
+            res = boot_kernel(kt, caps, opts, progress=cb,
+                              debug_alternative=bool(args.debug_alternative
+                                                     or cmd.get("debug_alternative")))
+        finally:
+            stop()
+        elapsed = time.perf_counter() - t0
+    except KernelBootError as e:
+        raise UsageError(str(e)) from None
+    after = {n: _fn(kt, img, n) for n in names}
+    if args.dump:
+        with open(args.dump, "wb") as f:
+            f.write(kt.buf)
+    doc: dict[str, Any] = {"image": args.image, "version": getattr(img, "version", ""),
+                           "cpu_caps": [f"{w:#010x}" for w in caps.words()],
+                           "ncpus": args.cpus, **res.as_dict(), "seconds": round(elapsed, 3)}
+    if unknown:
+        doc["cpuinfo_unknown"] = unknown
+    if args.reference:
+        try:
+            ref = open(args.reference, "rb").read()
+        except OSError as e:
+            raise UsageError(f"--reference: cannot read {args.reference}: {e.strerror}") from None
+        doc["differing_bytes"] = diff_sections(kt, ref)
+        doc["differing_ranges"] = [r.as_dict() for r in
+                                   diff_ranges(kt, ref, SiteIndex(kernel_text_of(img)), limit=200)]
+    if args.sites:
+        doc["sites"] = [{"table": c.table, "addr": hex(c.addr), "where": kt.describe(c.addr),
+                         "old": c.old.hex(" "), "new": c.new.hex(" ")} for c in kt.changes]
+    if names:
+        from .boot import disassemble
+        doc["disasm"] = {n: {"addr": hex(before[n][0]),
+                             "before": disassemble(before[n][1], before[n][0]),
+                             "after": disassemble(after[n][1], after[n][0])} for n in names}
+    if args.json:
+        out.emit_json(doc)
+    else:
+        _print(doc, res.debug)
+    return 1 if args.reference and any(doc["differing_bytes"].values()) else 0
+
+
+def _fn(kt, img, name: str) -> tuple[int, bytes]:
+    if name not in kt.symbols:
+        raise UsageError(f"unknown symbol {name!r} in {img.path}")
+    a = kt.symbols[name]
+    n = img.symbol_size(name) or 64
+    return a, kt.read(a, min(n, 4096))
+
+
+def _print(doc: dict, debug: list[str]) -> None:
+    p = print
+    for line in debug:
+        p(f"debug-alternative: {line}")
+    p(f"{doc['image']}  {doc.get('version', '')}  return thunk {doc['return_thunk']}  "
+      f"{'UP' if doc['uniproc_patched'] else 'SMP'}  {doc['seconds']} s")
+    p(f"{'table':28} {'entries':>9} {'applied':>9} {'changed':>9}")
+    for t, s in doc["tables"].items():
+        p(f"{t:28} {s['entries']:9} {s['applied']:9} {s['changed']:9}")
+    if "differing_bytes" in doc:
+        p("bytes differing from the reference per executable section:")
+        for sec, n in doc["differing_bytes"].items():
+            p(f"  {sec:24} {n}")
+        for r in doc["differing_ranges"][:50]:
+            p(f"  {r['where']} ({r['start']}, {r['len']} bytes): ours {r['ours']} / kernel "
+              f"{r['ref']}  {'; '.join(r['sites'][:2])}")
+    for n, d in doc.get("disasm", {}).items():
+        p(f"{n} @ {d['addr']}: before | after")
+        for b, a in zip(d["before"], d["after"]):
+            p(f"  {b['addr']:#x} {b['bytes']:24} {b['text']:40} | {a['bytes']:24} {a['text']}")
