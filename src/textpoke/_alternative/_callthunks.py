@@ -25,6 +25,10 @@ __all__ = ["callthunks_patch_builtin_calls", "SKIP_DESTS"]
 SKIP_DESTS = ("error_entry", "paranoid_entry", "xen_error_entry", "__switch_to_asm",
               "ret_from_fork", "soft_restart_cpu", "__fentry__")
 _KEXEC_CONTROL_CODE_MAX_SIZE = 2048
+#: legacy and REX prefixes: only a site starting with one can still be a CALL
+#: when its first byte is not E8
+_PREFIXES = frozenset([0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3,
+                       *range(0x40, 0x50)])
 
 
 class _Thunks:
@@ -40,6 +44,20 @@ class _Thunks:
         self.kexec = (rk, rk + _KEXEC_CONTROL_CODE_MAX_SIZE) if rk is not None else (0, 0)
         self.pads: dict[int, int | None] = {}
         self.made = 0
+        # The template is normally one RIP-relative instruction (sarq $5,
+        # %gs:__x86_call_depth(%rip)): then relocating it is moving one
+        # displacement, computed here instead of decoding it per pad.
+        self.rip_field: tuple[int, int, int] | None = None
+        from .._core._insn import insn_decode_kernel
+        try:
+            ins = insn_decode_kernel(self.tmpl, t0)
+        except Exception:
+            ins = None
+        if (ins is not None and ins.length == self.size and ins.rip_relative
+                and ins.branch_target is None and ins.displacement_size == 4
+                and ins.mnemonic != "nop"):
+            self.rip_field = (ins.displacement_offset, ins.displacement_value,
+                              ins.end + ins.displacement_value)
 
     def skip_addr(self, dest: int) -> bool:
         return dest in self.skip or self.kexec[0] <= dest < self.kexec[1]
@@ -49,9 +67,16 @@ class _Thunks:
         if dest in self.pads:
             return self.pads[dest]
         pad = dest - self.size
-        b = bytearray(self.tmpl) + bytes(16)
-        apply_relocation_k(b, pad, self.size, self.tmpl_addr, self.size)
-        want = bytes(b[:self.size])
+        if self.rip_field is not None:
+            off, disp, target = self.rip_field
+            b = bytearray(self.tmpl)
+            if target < self.tmpl_addr or target > self.tmpl_addr + self.size:
+                b[off:off + 4] = ((disp + self.tmpl_addr - pad) & 0xFFFFFFFF).to_bytes(4, "little")
+            want = bytes(b)
+        else:
+            b = bytearray(self.tmpl) + bytes(16)
+            apply_relocation_k(b, pad, self.size, self.tmpl_addr, self.size)
+            want = bytes(b[:self.size])
         cur = self.kt.read(pad, self.size)
         res: int | None = pad
         if cur != want:
@@ -69,8 +94,12 @@ def _patch_call(kt: KernelText, th: _Thunks, addr: int, st: TableStats) -> None:
         st.skipped += 1
         return
     o = addr - kt.base
-    if kt.buf[o] == CALL:
+    b0 = kt.buf[o]
+    if b0 == CALL:
         dest = addr + 5 + int.from_bytes(kt.buf[o + 1:o + 5], "little", signed=True)
+    elif b0 not in _PREFIXES:
+        st.skipped += 1             # not a CALL (patched out, or an indirect call)
+        return
     else:
         ins = fast_decode(kt, addr)
         if ins is None or ins.op1 != CALL:
@@ -86,7 +115,12 @@ def _patch_call(kt: KernelText, th: _Thunks, addr: int, st: TableStats) -> None:
         st.note("no NOP padding before the destination")
         return
     st.applied += 1
-    st.changed += kt.write(".call_sites", addr, _rel32(CALL, addr, pad))
+    new = _rel32(CALL, addr, pad)
+    if kt.record:
+        st.changed += kt.write(".call_sites", addr, new)
+    elif kt.buf[o:o + 5] != new:
+        kt.buf[o:o + 5] = new
+        st.changed += 1
 
 
 def callthunks_patch_builtin_calls(kt: KernelText, call_sites: list[int],

@@ -1,0 +1,203 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Boot-time passes for a real kernel (Linux 6.12): unit checks on a
+synthetic flat text, and -- where Debian's cloud image is cached -- the
+whole image, and byte-for-byte against a QEMU reference when one is
+named by TEXTPOKE_REF_DIR (before.bin, after.bin, gdb.log as the harness
+writes them)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from textpoke._alternative._kpasses import (BootOptions, ItsThunks, TableStats,
+                                            apply_retpolines_k, apply_returns_k,
+                                            apply_seal_endbr_k, optimize_nops_k, smp_unlock_k)
+from textpoke._alternative._ktext import CpuCaps, KernelBootError, KernelText
+from textpoke._static_call import sc_transform
+from textpoke.images._tables_real import TableError, s32_table
+
+BASE = 0xFFFFFFFF81000000
+
+
+def _kt(size: int = 0x4000, **syms: int) -> KernelText:
+    symbols = {"__x86_indirect_thunk_array": BASE + 0x3000, "__x86_return_thunk": BASE + 0x3800,
+               "its_return_thunk": BASE + 0x3840, "__x86_indirect_its_thunk_array": BASE + 0x3400,
+               "__static_call_return0": BASE + 0x3900, "_text": BASE, "_etext": BASE + size}
+    symbols.update(syms)
+    return KernelText(bytearray(b"\xcc" * size), BASE, symbols, [(".text", BASE, BASE + size)])
+
+
+def _put(kt: KernelText, addr: int, data: bytes) -> None:
+    kt.buf[addr - kt.base:addr - kt.base + len(data)] = data
+
+
+def _call(op: int, addr: int, dest: int) -> bytes:
+    return bytes([op]) + ((dest - addr - 5) & 0xFFFFFFFF).to_bytes(4, "little")
+
+
+def test_caps_words_round_trip_and_names():
+    c = CpuCaps([0, 0, 0, 1 << 21] + [0] * 7 + [(1 << 14) | (1 << 19)])
+    assert c.has("always") and c.has("rethunk") and c.has("call_depth")
+    assert not c.has("retpoline")
+    assert c.words()[11] == (1 << 14) | (1 << 19)
+    with pytest.raises(KernelBootError):
+        CpuCaps([0] * 25)
+    with pytest.raises(KernelBootError):
+        c.set("no_such_feature")
+
+
+def test_s32_table_is_self_relative_and_checks_bounds():
+    buf = bytearray(16)
+    buf[0:4] = (0x100).to_bytes(4, "little", signed=True)
+    buf[4:8] = (-4).to_bytes(4, "little", signed=True)
+    assert s32_table(buf, BASE, BASE, BASE + 8) == [BASE + 0x100, BASE]
+    assert s32_table(buf, BASE, BASE, BASE + 16, keep_zero=True)[2:] == [None, None]
+    with pytest.raises(TableError):
+        s32_table(buf, BASE, BASE, BASE + 6)
+    with pytest.raises(TableError):
+        s32_table(buf, BASE, BASE, BASE + 32)
+
+
+def test_optimize_nops_merges_runs_and_jumps_over_long_ones():
+    b = bytearray(b"\xff\xd0\x90\x90\x90")
+    optimize_nops_k(b, 5)
+    assert bytes(b) == b"\xff\xd0\x0f\x1f\x00"
+    b = bytearray(b"\x90" * 20)
+    optimize_nops_k(b, 20)
+    assert bytes(b) == b"\xeb\x12" + b"\xcc" * 18
+    b = bytearray(b"\xf3\x90\x90")         # PAUSE is not a NOP
+    optimize_nops_k(b, 3)
+    assert bytes(b)[:2] == b"\xf3\x90"
+
+
+def test_retpoline_off_lfence_and_its_lower_half():
+    kt = _kt()
+    thunk = kt.sym("__x86_indirect_thunk_array")
+    a1, a2 = BASE + 0x100, BASE + 0x120      # 0x100: lower half; 0x120: upper half
+    _put(kt, a1, _call(0xE8, a1, thunk + 32 * 0))            # call *%rax
+    _put(kt, a2, _call(0xE9, a2, thunk + 32 * 11))           # jmp *%r11
+    st = apply_retpolines_k(kt, [a1, a2], CpuCaps(), BootOptions(), ItsThunks(kt, []))
+    assert st.changed == 2
+    assert kt.read(a1, 5) == b"\xff\xd0\x0f\x1f\x00"
+    assert kt.read(a2, 5) == b"\x41\xff\xe3\xcc\x90"
+    # ITS: the indirect branch would end in the lower half of a line at a1
+    kt = _kt()
+    _put(kt, a1, _call(0xE8, a1, thunk))
+    caps = CpuCaps.from_names(["indirect_thunk_its"])
+    apply_retpolines_k(kt, [a1], caps, BootOptions(), ItsThunks(kt, []))
+    assert kt.read(a1, 5) == _call(0xE8, a1, kt.sym("__x86_indirect_its_thunk_array"))
+    # ... and a dynamic page hands out thunks in the upper half of a line
+    kt = _kt()
+    _put(kt, a1, _call(0xE8, a1, thunk + 32 * 3))
+    its = ItsThunks(kt, [0xFFFFFFFFA0000000])
+    apply_retpolines_k(kt, [a1], caps, BootOptions(), its)
+    (taddr, reg), = its.allocated
+    assert reg == 3 and taddr & 0x3F >= 32
+    assert kt.read(a1, 5) == _call(0xE8, a1, taddr)
+
+
+def test_returns_its_address_rule_and_plain_ret():
+    kt = _kt()
+    rt = kt.sym("__x86_return_thunk")
+    lo, hi = BASE + 0x200, BASE + 0x220
+    for a in (lo, hi):
+        _put(kt, a, _call(0xE9, a, rt))
+    caps = CpuCaps.from_names(["rethunk"])
+    apply_returns_k(kt, [lo, hi], caps, BootOptions(return_thunk="its_return_thunk"))
+    assert kt.read(lo, 5) == _call(0xE9, lo, kt.sym("its_return_thunk"))
+    assert kt.read(hi, 5) == b"\xc3\xcc\xcc\xcc\xcc"
+    kt2 = _kt()
+    _put(kt2, lo, _call(0xE9, lo, rt))
+    st = apply_returns_k(kt2, [lo], CpuCaps(), BootOptions())
+    assert kt2.read(lo, 5) == b"\xc3\xcc\xcc\xcc\xcc" and st.changed == 1
+
+
+def test_static_call_transform_kinds():
+    kt = _kt()
+    a = BASE + 0x300
+    f = BASE + 0x1000
+    _put(kt, a, _call(0xE8, a, BASE))
+    assert sc_transform(kt, a, f, False) == _call(0xE8, a, f)
+    assert sc_transform(kt, a, 0, False) == b"\x0f\x1f\x44\x00\x00"
+    assert sc_transform(kt, a, kt.sym("__static_call_return0"), False) == b"\x2e\x2e\x2e\x31\xc0"
+    assert sc_transform(kt, a, f, True) == _call(0xE9, a, f)
+    assert sc_transform(kt, a, 0, True) == b"\xc3\xcc\xcc\xcc\xcc"
+
+
+def test_seal_endbr_and_smp_unlock():
+    kt = _kt()
+    a, b = BASE + 0x400, BASE + 0x410
+    _put(kt, a, b"\xf3\x0f\x1e\xfa")
+    _put(kt, b, b"\x90\x90\x90\x90")
+    st = apply_seal_endbr_k(kt, [a, b])
+    assert kt.read(a, 4) == b"\x66\x0f\x1f\x00" and st.skipped == 1
+    _put(kt, BASE + 0x500, b"\xf0")
+    st = smp_unlock_k(kt, [BASE + 0x500, None, BASE + 0x10000], (BASE, BASE + 0x4000))
+    assert kt.read(BASE + 0x500, 1) == b"\x3e" and st.changed == 1 and st.skipped == 2
+
+
+# ----------------------------------------------------------- the real image
+def _image_paths() -> tuple[Path, Path] | None:
+    for d in (os.environ.get("TEXTPOKE_KERNEL_DIR"),
+              Path.home() / ".cache/textpoke/kernel/6.12.117+deb12-cloud-amd64", "/tmp/k612"):
+        if not d:
+            continue
+        d = Path(d)
+        img = next(iter(sorted(d.glob("vmlinuz*"))), None) or next(
+            iter(sorted(d.glob("x/boot/vmlinuz*"))), None)
+        smap = d / "System.map"
+        if img and smap.exists() and smap.stat().st_size > 1000:
+            return img, smap
+    return None
+
+
+@pytest.fixture(scope="module")
+def real_image():
+    p = _image_paths()
+    if p is None:
+        pytest.skip("Debian's 6.12 cloud kernel is not cached (make test-kernel fetches it)")
+    from textpoke.images._vmlinux import load_kernel
+    return load_kernel(str(p[0]), str(p[1]))
+
+
+def test_real_image_passes_touch_what_the_kernel_touches(real_image):
+    from textpoke._alternative._kboot import boot_kernel, kernel_text_of
+    kt = kernel_text_of(real_image)
+    res = boot_kernel(kt, CpuCaps.from_names(["always"]), BootOptions(ncpus=1))
+    t = res.stats
+    assert t[".altinstructions"]["entries"] == 9282
+    assert t[".retpoline_sites"]["entries"] == 7840
+    assert t[".return_sites"]["entries"] == 58151
+    assert t[".ibt_endbr_seal"]["changed"] == 12212
+    # every traced function now starts with the ideal NOP5, none calls __fentry__
+    assert t["__mcount_loc"]["changed"] > 40000
+    fentry = kt.sym("__fentry__")
+    for a in [kt.sym("do_one_initcall") + 4]:
+        assert kt.read(a, 5) == b"\x0f\x1f\x44\x00\x00"
+        assert kt.read(a, 5) != _call(0xE8, a, fentry)
+    # no retpoline is wanted: no call through the thunk array is left
+    assert t[".retpoline_sites"]["changed"] == 7840
+    assert res.timings["total"] < 10
+
+
+REF = os.environ.get("TEXTPOKE_REF_DIR")
+
+
+@pytest.mark.skipif(not REF, reason="set TEXTPOKE_REF_DIR to a QEMU reference (make test-kernel)")
+def test_real_image_equals_the_kernels_own_text(real_image):
+    from textpoke._alternative._kboot import boot_kernel, kernel_text_of
+    from textpoke._alternative._kdiff import diff_sections
+    d = Path(REF)
+    log = (d / "gdb.log").read_text()
+    rows = re.findall(r"0xffffffff82e65f..:\s+(.*)", log)[6:12]
+    words = [int(x, 16) for r in rows for x in r.split()]
+    rt = int(re.search(r"0xffffffff82555cf8:\s+(0x[0-9a-f]+)", log).group(1), 16)
+    ncpus = int(os.environ.get("TEXTPOKE_REF_CPUS", "1"))
+    kt = kernel_text_of(real_image, data=(d / "before.bin").read_bytes())
+    boot_kernel(kt, CpuCaps(words), BootOptions(return_thunk=rt, ncpus=ncpus))
+    assert diff_sections(kt, (d / "after.bin").read_bytes()) == {
+        n: 0 for n, _, _ in kt.exec_ranges}
