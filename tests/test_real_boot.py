@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from textpoke._alternative._kpasses import (BootOptions, ItsThunks, TableStats,
-                                            apply_retpolines_k, apply_returns_k,
-                                            apply_seal_endbr_k, optimize_nops_k, smp_unlock_k)
+from textpoke._alternative._kalt import apply_seal_endbr_k, smp_unlock_k
+from textpoke._alternative._kpasses import BootOptions, apply_returns_k, optimize_nops_k
+from textpoke._alternative._kretpoline import ItsThunks, apply_retpolines_k
 from textpoke._alternative._ktext import CpuCaps, KernelBootError, KernelText
 from textpoke._static_call import sc_transform
 from textpoke.images._tables_real import TableError, s32_table

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .._core._insn import insn_decode_kernel
+from .._errors import BadInstructionError
 from ..images._tables_real import RealAltInstr
 from ._kpasses import CALL, F_CALL_DEPTH, TableStats, apply_relocation_k, fast_decode, _rel32
 from ._ktext import CpuCaps, KernelText
@@ -48,10 +50,9 @@ class _Thunks:
         # %gs:__x86_call_depth(%rip)): then relocating it is moving one
         # displacement, computed here instead of decoding it per pad.
         self.rip_field: tuple[int, int, int] | None = None
-        from .._core._insn import insn_decode_kernel
         try:
             ins = insn_decode_kernel(self.tmpl, t0)
-        except Exception:
+        except BadInstructionError:
             ins = None
         if (ins is not None and ins.length == self.size and ins.rip_relative
                 and ins.branch_target is None and ins.displacement_size == 4

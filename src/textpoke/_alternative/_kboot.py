@@ -28,8 +28,12 @@ from typing import Any, Callable
 from ..images._tables_real import (alt_instr_table, jump_table, mcount_table, s32_table,
                                    static_call_table)
 from ._callthunks import callthunks_patch_builtin_calls
-from ._kpasses import (BootOptions, ItsThunks, TableStats, apply_alternatives_k,
-                       apply_retpolines_k, apply_returns_k, apply_seal_endbr_k, smp_unlock_k)
+from .._ftrace import ftrace_init
+from .._jump_label import jump_label_init, jump_label_sync
+from .._static_call import static_call_init, static_call_sync
+from ._kalt import apply_alternatives_k, apply_seal_endbr_k, smp_unlock_k
+from ._kpasses import BootOptions, TableStats, apply_returns_k
+from ._kretpoline import ItsThunks, apply_retpolines_k
 from ._ktext import CpuCaps, KernelBootError, KernelText
 from ._runtime_const import runtime_const_sync
 
@@ -71,8 +75,7 @@ def kernel_text_of(image: Any, *, data: bytes | None = None, record: bool = Fals
     """A :class:`KernelText` over a loaded real image (anything with
     ``memory``, ``text_start``, ``symbols`` and ``executable_sections()``)."""
     mem = bytearray(image.memory)
-    ranges = [(s.name, s.addr, s.addr + len(s.data) if hasattr(s, "data") else s.end)
-              for s in image.executable_sections()]
+    ranges = [(s.name, s.addr, s.end) for s in image.executable_sections()]
     if data is not None and len(data) < len(mem):
         raise KernelBootError(f"data snapshot of {len(data)} bytes is shorter than _text.._end "
                               f"({len(mem)})")
@@ -88,10 +91,6 @@ def boot_kernel(kt: KernelText, caps: CpuCaps, opts: BootOptions | None = None, 
                 debug_alternative: bool = False,
                 progress: Callable[[str, int, int], None] | None = None) -> KernelBoot:
     """Run the boot-time passes on *kt* in place; returns counts per table."""
-    from .._ftrace import ftrace_init
-    from .._jump_label import jump_label_init, jump_label_sync
-    from .._static_call import static_call_init, static_call_sync
-
     opts = opts or BootOptions()
     res = KernelBoot(kt, caps, opts)
     dbg = res.debug.append if debug_alternative else None

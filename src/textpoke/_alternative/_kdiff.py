@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ..images._tables_real import (alt_instr_table, jump_table, mcount_table, s32_table,
                                    static_call_table)
+from ._kboot import TABLE_BOUNDS
 from ._ktext import KernelText
 
 __all__ = ["DiffRange", "SiteIndex", "diff_sections", "diff_ranges"]
@@ -36,7 +37,6 @@ class SiteIndex:
     """Every table site as an interval [addr, addr+len) -> table name."""
 
     def __init__(self, kt: KernelText) -> None:
-        from ._kboot import TABLE_BOUNDS
         buf, base = kt.buf, kt.base
         iv: list[tuple[int, int, str]] = []
 
