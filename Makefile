@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench images clean
+.PHONY: demo test bench images clean test-kernel kernel-images
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,18 @@ bench: $(STAMP)
 # Rebuild the bundled guest images (needs GNU as/ld).
 images: $(STAMP)
 	$(PY) -m textpoke.images.build
+
+# Debian's 6.12 cloud kernel (apt-get download, cached in ~/.cache/textpoke/kernel)
+# and its reference dumps under QEMU (cached in ~/.cache/textpoke/reference).
+kernel-images: $(STAMP)
+	$(PY) tools/kernel_reference.py --fetch-only
+	$(PY) tools/kernel_reference.py --no-compare > /dev/null
+
+# Opt-in: boots QEMU.  The kernel's own patching around alternative_instructions()
+# for several CPU models and command lines, and textpoke's dump against it.
+test-kernel: kernel-images
+	TEXTPOKE_KERNEL_TESTS=1 $(PY) -m pytest -q tests/test_real_image.py tests/test_qemu_reference.py
+	$(PY) tools/kernel_reference.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

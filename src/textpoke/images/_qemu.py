@@ -277,15 +277,15 @@ class _Qmp:
             pass
 
 
-def _connect(s: socket.socket, path: str, timeout: float) -> None:
+def _connect(s: socket.socket, path: str, timeout: float, proc=None) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
             s.connect(path)
             return
         except (FileNotFoundError, ConnectionRefusedError):
-            if time.monotonic() > deadline:
-                raise ReferenceError(f"QEMU did not open {path}") from None
+            if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+                raise ConnectionRefusedError(f"QEMU did not open {path}") from None
             time.sleep(0.02)
 
 
@@ -379,7 +379,30 @@ def _boot(image: RealKernelImage, bzimage: Path, *, cpu: str, cmdline: str, smp:
     gsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     qmp = None
     try:
-        _connect(gsock, str(gdb_sock), 30)
+        return _drive(image, proc, gsock, work, argv, kcmd, call_site, ret_site, cpu, cmdline, smp,
+                      timeout)
+    except OSError as e:
+        # QEMU went away (a bad -cpu, -m, ...): say what it said
+        try:
+            out = proc.communicate(timeout=10)[0].decode(errors="replace").strip()
+        except subprocess.TimeoutExpired:
+            out = ""
+        last = out.splitlines()[-1] if out else f"{type(e).__name__}: {e}"
+        raise ReferenceError(f"QEMU failed: {last}") from None
+    finally:
+        gsock.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _drive(image, proc, gsock, work, argv, kcmd, call_site, ret_site, cpu, cmdline, smp, timeout):
+    gdb_sock, qmp_sock, serial = work / "gdb.sock", work / "qmp.sock", work / "serial.log"
+    size = image.end - image.text_start
+    qmp = None
+    try:
+        _connect(gsock, str(gdb_sock), 30, proc)
         gdb = _Gdb(gsock)
         gdb.start()
         qmp = _Qmp(str(qmp_sock))
@@ -453,13 +476,10 @@ def _boot(image: RealKernelImage, bzimage: Path, *, cpu: str, cmdline: str, smp:
             except (ReferenceError, OSError, ValueError):
                 pass
             qmp.close()
-        gsock.close()
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(work, ignore_errors=True)
+            pass
 
 
 def _tail(path: Path, n: int = 300) -> str:

@@ -246,7 +246,6 @@ def _elf_symbols(raw: bytes, shdrs: list[_Shdr], path: str) -> tuple[dict, dict]
 
 
 # ------------------------------------------------------------- System.map
-_MAP_LINE = re.compile(rb"^([0-9a-fA-F]{8,16}) ([A-Za-z?]) (\S+)$")
 
 
 def load_system_map(source: str | Path | bytes, path: str | None = None) -> dict[str, int]:
@@ -262,15 +261,19 @@ def load_system_map(source: str | Path | bytes, path: str | None = None) -> dict
     syms: dict[str, int] = {}
     bad = 0
     for line in raw.splitlines():
-        m = _MAP_LINE.match(line.strip())
-        if m is None:
+        parts = line.split()
+        try:
+            if len(parts) != 3 or len(parts[1]) != 1 or not 8 <= len(parts[0]) <= 16:
+                raise ValueError
+            addr = int(parts[0], 16)
+            name = parts[2].decode("ascii")
+        except (ValueError, UnicodeDecodeError):
             bad += 1
             if bad > 10 and not syms:
                 break
             continue
-        name = m.group(3).decode("ascii", "replace")
         if name not in syms:
-            syms[name] = int(m.group(1), 16)
+            syms[name] = addr
     if not syms or bad > len(syms) // 100 + 10:
         hint = ""
         if b"real System.map is in" in raw:
@@ -322,6 +325,7 @@ def load_kernel(image: str | Path | bytes, system_map: str | Path | bytes | None
 
 def _load(raw: bytes, path: str, system_map) -> RealKernelImage:
     sha = hashlib.sha256(raw).hexdigest()
+    map_syms = load_system_map(system_map) if system_map is not None else None
     setup = None
     compression = ""
     if is_bzimage(raw):
@@ -340,8 +344,8 @@ def _load(raw: bytes, path: str, system_map) -> RealKernelImage:
                              f"({s.offset + s.size:#x} > {len(elf):#x}): truncated image")
     elf_syms, elf_sizes = _elf_symbols(elf, shdrs, path)
     map_path = ""
-    if system_map is not None:
-        symbols = load_system_map(system_map)
+    if map_syms is not None:
+        symbols = map_syms
         map_path = "<System.map>" if isinstance(system_map, (bytes, bytearray)) else str(system_map)
         sizes = {}
     elif elf_syms:
@@ -567,13 +571,17 @@ def ensure_debian_kernel(release: str | None = None, *, with_vmlinux: bool = Fal
     root = (cache or _cache_root()) / "kernel"
     release = release or os.environ.get("TEXTPOKE_KERNEL_RELEASE")
     if release is None:
+        # the newest release already cached, unless asked to look again
         done = sorted(p.parent.name for p in root.glob("*/meta.json"))
-        try:
-            release = newest_cloud_release()
-        except KernelUnavailable:
-            if not done:
-                raise
-            release = done[-1]          # offline: the newest one we have
+        if done and not os.environ.get("TEXTPOKE_KERNEL_REFRESH"):
+            release = max(done, key=_release_key)
+        else:
+            try:
+                release = newest_cloud_release()
+            except KernelUnavailable:
+                if not done:
+                    raise
+                release = max(done, key=_release_key)
     d = root / release
     meta = d / "meta.json"
     if meta.exists():
@@ -625,6 +633,10 @@ def ensure_debian_kernel(release: str | None = None, *, with_vmlinux: bool = Fal
     return ensure_debian_kernel(release, with_vmlinux=with_vmlinux, cache=cache)
 
 
+def _release_key(rel: str) -> tuple:
+    return tuple(int(x) for x in re.findall(r"\d+", rel.split("-")[0]))
+
+
 def json_load(p: Path) -> dict:
     import json
     return json.loads(p.read_text())
@@ -633,3 +645,33 @@ def json_load(p: Path) -> dict:
 def json_dump(d: dict) -> str:
     import json
     return json.dumps(d, indent=1) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m textpoke.images._vmlinux IMAGE [SYSTEM.MAP]``: load and
+    summarise a kernel image, or say in one line why it is refused."""
+    import sys
+    args = sys.argv[1:] if argv is None else argv
+    if not 1 <= len(args) <= 2:
+        print("usage: python -m textpoke.images._vmlinux IMAGE [SYSTEM.MAP]", file=sys.stderr)
+        return 2
+    try:
+        k = load_kernel(args[0], args[1] if len(args) > 1 else None)
+    except ImageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(k.banner)
+    if k.setup is not None:
+        print(f"bzImage: boot protocol {k.setup.version_str}, setup_sects {k.setup.setup_sects}, "
+              f"{k.compression} payload of {k.setup.payload_length} bytes")
+    print(f"_text {k.text_start:#x}  _end {k.end:#x}")
+    for s in sorted(k.sections.values(), key=lambda s: s.addr):
+        print(f"  {s.name:<28} {s.addr:#x} {len(s.data):>10} {s.kind}")
+    for t in k.tables.values():
+        print(f"  table {t.name:<20} {t.count:>7} entries in {t.section} at {t.start:#x}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())
