@@ -20,3 +20,9 @@ def workload():
 def core(workload):
     from textpoke import TextPoke
     return TextPoke(workload.sim)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "kernel: boots Debian's kernel under QEMU (make test-kernel; "
+                   "set TEXTPOKE_KERNEL_TESTS=1 to run them)")
