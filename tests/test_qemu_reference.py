@@ -178,3 +178,18 @@ def test_retbleed_stuff_enables_call_depth_tracking(debian, kernel):
 def test_a_bad_cpu_model_is_a_reference_error(debian, kernel):
     with pytest.raises(ReferenceError):
         ref_of(debian, kernel, cpu="no-such-cpu-model", timeout=30, use_cache=False)
+
+
+@pytest.mark.parametrize("cpu,cmdline,smp", [("qemu64", "", 1), ("Skylake-Client-v4", "retbleed=stuff", 1),
+                                             ("EPYC", "mitigations=off", 2)])
+def test_textpoke_matches_the_kernel(debian, kernel, cpu, cmdline, smp):
+    from textpoke.images._qemu import diff_count, textpoke_can_dump, textpoke_dump
+    if not textpoke_can_dump():
+        pytest.skip("textpoke boot cannot patch a real image in this checkout yet")
+    r = ref_of(debian, kernel, cpu=cpu, cmdline=cmdline, smp=smp)
+    dump, err, _ = textpoke_dump(debian, kernel, r)
+    assert dump is not None, err
+    assert len(dump) == len(r.after)
+    per = {s.name: diff_count(dump, r.after, kernel.text_start, [(s.addr, s.end)])
+           for s in kernel.executable_sections()}
+    assert per == {s.name: 0 for s in kernel.executable_sections()}

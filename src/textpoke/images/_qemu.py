@@ -519,21 +519,26 @@ def textpoke_can_dump() -> bool:
     import sys
     r = subprocess.run([sys.executable, "-m", "textpoke", "boot", "--help"],
                        capture_output=True, text=True, check=False)
-    return r.returncode == 0 and all(o in r.stdout for o in ("--image", "--dump", "--cpu-caps"))
+    return r.returncode == 0 and all(o in r.stdout for o in ("--image", "--dump", "--cpu-caps",
+                                                              "--data"))
 
 
-def textpoke_dump(kernel, image: RealKernelImage, ref: Reference, *,
+def textpoke_dump(kernel, image: RealKernelImage, ref: Reference, *, extra: tuple = (),
                   timeout: float = 600.0) -> tuple[bytes | None, str, float]:
     """textpoke's own dump for *ref*'s setup: (bytes or None, error, seconds)."""
     import sys
     with tempfile.TemporaryDirectory(prefix="textpoke-dump-") as td:
         out = Path(td) / "dump.bin"
+        data = Path(td) / "before.bin"
+        data.write_bytes(ref.before)
         argv = [sys.executable, "-m", "textpoke", "boot", "--image", str(kernel.vmlinuz),
                 "--system-map", str(kernel.system_map),
                 "--cpu-caps", ",".join(f"{w:#x}" for w in ref.caps_before),
-                "--cpus", str(ref.smp), "--dump", str(out)]
+                "--cpus", str(ref.smp), "--data", str(data), "--dump", str(out),
+                "--no-progress"]
         if ref.cmdline:
             argv += ["--cmdline", ref.cmdline]
+        argv += list(extra)
         t = time.monotonic()
         r = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout)
         dt = time.monotonic() - t
@@ -541,6 +546,20 @@ def textpoke_dump(kernel, image: RealKernelImage, ref: Reference, *,
             err = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
             return None, err[:120], dt
         return out.read_bytes(), "", dt
+
+
+def _compare(kernel, image, ref, execs, extra=()) -> tuple[str, dict | None]:
+    dump, err, dt = textpoke_dump(kernel, image, ref, extra=extra)
+    if dump is None:
+        return f"failed: {err}", None
+    if len(dump) != len(ref.after):
+        return f"dump is {len(dump)} bytes, not {len(ref.after)} (_text.._end)", None
+    d = {s.name: diff_count(dump, ref.after, image.text_start, [(s.addr, s.end)])
+         for s in execs}
+    text = f"{sum(d.values())} bytes differ ({dt:.1f} s)"
+    if sum(d.values()):
+        text += " [" + ", ".join(f"{k} {v}" for k, v in d.items() if v) + "]"
+    return text, d
 
 
 def run_matrix(kernel, setups=SETUPS, *, use_cache: bool = True, compare: bool | None = None,
@@ -575,19 +594,15 @@ def run_matrix(kernel, setups=SETUPS, *, use_cache: bool = True, compare: bool |
                "changed": per, "caps": ref.caps_before, "path": ref.path,
                "mitigations": ref.mitigations()}
         if compare:
-            dump, err, dt = textpoke_dump(kernel, image, ref)
-            if dump is None:
-                row["textpoke"] = f"failed: {err}"
-            elif len(dump) != len(ref.after):
-                row["textpoke"] = f"dump is {len(dump)} bytes, not {len(ref.after)} (_text.._end)"
-            else:
-                d = {s.name: diff_count(dump, ref.after, image.text_start, [(s.addr, s.end)])
-                     for s in execs}
-                row["textpoke_diff"] = d
-                row["textpoke_seconds"] = round(dt, 2)
-                row["textpoke"] = (f"{sum(d.values())} bytes differ ({dt:.2f} s)" +
-                                   ("" if not sum(d.values()) else ": " + ", ".join(
-                                       f"{k} {v}" for k, v in d.items() if v)))
+            # textpoke derives x86_return_thunk from the capability words; when
+            # that does not match, run it again told the kernel's choice
+            row["textpoke"], d = _compare(kernel, image, ref, execs)
+            row["textpoke_diff"] = d
+            if d and sum(d.values()) and ref.return_thunk_sym:
+                text, d2 = _compare(kernel, image, ref, execs,
+                                    ("--return-thunk", ref.return_thunk_sym))
+                row["textpoke_forced_thunk_diff"] = d2
+                row["textpoke"] += f"; with --return-thunk {ref.return_thunk_sym}: {text}"
         else:
             row["textpoke"] = "not yet (textpoke boot has no --image/--dump)"
         rows.append(row)
