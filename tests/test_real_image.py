@@ -177,6 +177,18 @@ def test_symbols_from_the_elf_itself(elf, debian, kernel):
     assert "System.map" in one_line(e)
 
 
+def test_the_dbg_vmlinux_alone(debian, kernel):
+    """Debian's -dbg vmlinux carries its own .symtab: no System.map needed,
+    and the same memory layout as the bzImage's payload."""
+    if debian.vmlinux is None:
+        pytest.skip("the -dbg vmlinux is not extracted (ensure_debian_kernel(with_vmlinux=True))")
+    v = load_kernel(debian.vmlinux)
+    assert v.memory == kernel.memory and v.version == kernel.version
+    assert v.sym("alternative_instructions") == kernel.sym("alternative_instructions")
+    assert v.sizes["arch_cpu_finalize_init"] > 0
+    assert {n: t.count for n, t in v.tables.items()} == {n: t.count for n, t in kernel.tables.items()}
+
+
 # ----------------------------------------------------------------- refusals
 def test_refuses_a_random_file():
     raw = random.Random(8).randbytes(200_000)
