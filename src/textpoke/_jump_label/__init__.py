@@ -5,3 +5,9 @@ code of a site for a key state; run-time updates build on it."""
 from ._boot import jump_label_code, jump_label_init, jump_label_sync
 
 __all__ = ["jump_label_init", "jump_label_sync", "jump_label_code"]
+
+# run-time static keys (textpoke._jump_label._keys)
+from ._keys import (JumpLabelError, StaticKey, StaticKeyError, StaticKeys,  # noqa: E402
+                    UnknownKeyError)
+
+__all__ += ["StaticKeys", "StaticKey", "JumpLabelError", "StaticKeyError", "UnknownKeyError"]

@@ -61,6 +61,18 @@ l_yes:
 	return true;
 }
 
+/* The old interface on a bare struct static_key: both emit a NOP, since
+ * a key declared with STATIC_KEY_INIT_TRUE is read with static_key_true. */
+static __always_inline bool static_key_false(struct static_key *key)
+{
+	return arch_static_branch(key, false);
+}
+
+static __always_inline bool static_key_true(struct static_key *key)
+{
+	return !arch_static_branch(key, true);
+}
+
 #define __key_is(x, T)	__builtin_types_compatible_p(typeof(*(x)), T)
 
 /* The code emitted matches the key's initial value, as in the kernel:

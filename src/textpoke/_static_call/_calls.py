@@ -1,0 +1,316 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Static calls at run time: :class:`StaticCalls`.
+
+A static call NAME has a key ``__SCK__NAME`` (``struct static_call_key``,
+the current function first) and a trampoline ``__SCT__NAME`` -- a 5-byte
+JMP to the function (``ret; int3...`` when NULL) followed by the signature
+``0f b9 cc``.  Inline sites listed in ``.static_call_sites`` call or
+tail-jump to the trampoline until they are rewritten to reach the function
+directly.
+
+``static_call_update(name, func)`` stores the function in the key, then
+rewrites the trampoline and every site, each with ``smp_text_poke_single``
+(``text_poke_bp``):
+
+=======  ==============================  ===================================
+kind     function                        NULL
+=======  ==============================  ===================================
+CALL     ``call func`` (``2e 2e 2e 31    ``NOP5``
+         c0`` for __static_call_return0,
+         emulated as the CALL)
+tail     ``jmp func``                    ``ret; int3 x4`` (or ``jmp
+                                         __x86_return_thunk`` with rethunk)
+Jcc.d32  ``jcc func`` (6 bytes)          ``jcc __static_call_return``
+=======  ==============================  ===================================
+
+The trampoline is a tail site.  Before anything is written the
+trampoline's signature is checked and every site validated (a CALL site
+must hold CALL, NOP5 or the 5-byte xor; a tail site JMP, RET or Jcc.d32);
+a failure raises :class:`StaticCallError` with the bytes found and the
+bytes that would have been written, and nothing is written (the kernel
+BUG()s).  A site already holding the new bytes is not touched.
+
+Rules learnt from ``kernel/static_call_inline.c`` and
+``arch/x86/kernel/static_call.c`` (Linux 6.12); the code is our own.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from .._core._insn import (CALL_INSN_OPCODE, INT3_INSN_OPCODE, JMP32_INSN_OPCODE, RET_INSN_OPCODE,
+                           text_gen_insn, x86_nops)
+from .._errors import BadInstructionError, TextPokeError
+from ..images._tables import StaticCallSite
+from ..images._tables_clients import SymbolMap
+
+__all__ = ["StaticCalls", "StaticCall", "StaticCallError", "UnknownCallError",
+           "TRAMP_UD", "XOR5RAX", "RETINSN"]
+
+TRAMP_UD = b"\x0f\xb9\xcc"
+XOR5RAX = b"\x2e\x2e\x2e\x31\xc0"
+RETINSN = bytes([RET_INSN_OPCODE]) + bytes([INT3_INSN_OPCODE]) * 4
+_NOP5 = x86_nops[5]
+CALL, NOP, JMP, RET, JCC = range(5)
+_KIND = {CALL: "call", NOP: "nop", JMP: "jmp", RET: "ret", JCC: "jcc"}
+
+
+class StaticCallError(BadInstructionError):
+    """A trampoline without its signature, or a site whose bytes are none
+    of the static-call forms.  Nothing was written."""
+
+    def __init__(self, msg: str, *, addr: int = 0, site: str = "", found: bytes = b"",
+                 new: bytes = b"") -> None:
+        super().__init__(msg)
+        self.addr, self.site, self.found, self.new = addr, site, found, new
+
+
+class UnknownCallError(TextPokeError, LookupError):
+    """No static call (or function) of that name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _is_jcc(b: bytes) -> int:
+    return b[1] if b[0] == 0x0F and b[1] & 0xF0 == 0x80 else 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Site:
+    site: StaticCallSite
+    owner: str
+
+
+@dataclass(slots=True, eq=False)
+class StaticCall:
+    name: str
+    key: int
+    tramp: int
+    func: int
+    sites: list[_Site] = field(default_factory=list)
+
+    def as_dict(self, describe=None) -> dict:
+        f = describe(self.func) if (describe and self.func) else (hex(self.func) if self.func else None)
+        return {"name": self.name, "key": self.key, "tramp": self.tramp, "func": f,
+                "sites": len(self.sites), "tail_sites": sum(s.site.tail for s in self.sites),
+                "modules": sorted({s.owner for s in self.sites if s.owner})}
+
+
+class StaticCalls:
+    """The static calls of one kernel image on one :class:`TextPoke`.
+
+    *sites* is the image's ``.static_call_sites``; *symbols* names the
+    keys (``__SCK__x``), trampolines (``__SCT__x``) and functions.
+    *rethunk*: NULL tail sites become ``jmp __x86_return_thunk``."""
+
+    def __init__(self, core, sites: Iterable[StaticCallSite], symbols: Mapping[str, int],
+                 sizes: Mapping[str, int] | None = None, *, rethunk: bool = False) -> None:
+        self.core = core
+        self.machine = core.machine
+        self.symbols = dict(symbols)
+        self.symmap = SymbolMap(symbols, sizes)
+        self.rethunk = rethunk
+        self.calls: dict[str, StaticCall] = {}
+        self._by_key: dict[int, StaticCall] = {}
+        self.updates = 0
+        self.pokes = 0
+        for name, tramp in symbols.items():
+            if not name.startswith("__SCT__"):
+                continue
+            call = name[len("__SCT__"):]
+            key = symbols.get("__SCK__" + call)
+            if key is None:
+                continue
+            c = StaticCall(call, key, tramp, self._read_func(key))
+            self.calls[call] = c
+            self._by_key[key] = c
+        for s in sites:
+            c = self._by_key.get(s.key)
+            if c is None:
+                raise UnknownCallError(f"static-call site at {self.describe(s.addr)} uses a key at "
+                                       f"{s.key:#x} that has no trampoline")
+            c.sites.append(_Site(s, ""))
+
+    @classmethod
+    def from_image(cls, core, image, tables=None, **kw) -> "StaticCalls":
+        if tables is None:
+            from ..images._tables import read_tables
+            tables = read_tables(image)
+        return cls(core, tables.static_call_sites, image.symbols, image.sizes, **kw)
+
+    def _read_func(self, key: int) -> int:
+        try:
+            return struct.unpack("<Q", self.machine.mem.read(key, 8))[0]
+        except Exception:
+            return 0
+
+    def describe(self, addr: int) -> str:
+        return self.symmap.describe(addr)
+
+    def call(self, name: "str | StaticCall") -> StaticCall:
+        if isinstance(name, StaticCall):
+            return name
+        c = self.calls.get(name.removeprefix("__SCT__").removeprefix("__SCK__"))
+        if c is None:
+            raise UnknownCallError(f"unknown static call {name!r} (known: "
+                                   f"{', '.join(sorted(self.calls))})")
+        return c
+
+    def resolve(self, func: "str | int | None") -> int:
+        """A function by name or address; None, 0, "NULL" mean NULL."""
+        if func is None or func == 0 or func in ("NULL", "null", "none"):
+            return 0
+        if isinstance(func, int):
+            return func
+        if func.startswith("0x"):
+            return int(func, 16)
+        a = self.symbols.get(func)
+        if a is None:
+            raise UnknownCallError(f"unknown function {func!r}")
+        return a
+
+    def static_call_query(self, name) -> int:
+        return self.call(name).func
+
+    # ----------------------------------------------------------- transform
+    def _return_thunk(self) -> int | None:
+        return self.symbols.get("__x86_return_thunk") if self.rethunk else None
+
+    def transform(self, addr: int, type_: int, func: int, cur: bytes) -> tuple[bytes, bytes | None]:
+        """``__static_call_transform``: (code, emulate) for the site at *addr*
+        whose current bytes are *cur*."""
+        emulate = None
+        op = _is_jcc(cur) if type_ in (JMP, RET) else 0
+        if op:
+            dest = func
+            if not func:
+                dest = self._return_thunk() or self.symbols["__static_call_return"]
+            return bytes([0x0F, op]) + struct.pack("<i", dest - (addr + 6)), None
+        if type_ == CALL:
+            code = text_gen_insn(CALL_INSN_OPCODE, addr, func)
+            if func and func == self.symbols.get("__static_call_return0"):
+                emulate, code = code, XOR5RAX
+            return code, emulate
+        if type_ == NOP:
+            return _NOP5, None
+        if type_ == JMP:
+            return text_gen_insn(JMP32_INSN_OPCODE, addr, func), None
+        thunk = self._return_thunk()
+        if thunk:
+            return text_gen_insn(JMP32_INSN_OPCODE, addr, thunk), None
+        return RETINSN, None
+
+    @staticmethod
+    def _sc_insn(null: bool, tail: bool) -> int:
+        return 2 * tail + null
+
+    def _validate(self, addr: int, tail: bool, tramp: bool, new_hint: bytes) -> bytes:
+        cur = self.machine.text_read(addr, 8 if tramp else 6)
+        if tramp and cur[5:8] != TRAMP_UD:
+            raise StaticCallError(
+                f"static_call: trampoline signature fail at {self.describe(addr)} [{addr:#x}]: "
+                f"found {cur[5:8].hex(' ')} after the jump, expected {TRAMP_UD.hex(' ')}; "
+                "nothing written", addr=addr, site=self.describe(addr), found=cur[5:8], new=TRAMP_UD)
+        if tail:
+            ok = cur[0] in (JMP32_INSN_OPCODE, RET_INSN_OPCODE) or _is_jcc(cur)
+        else:
+            ok = cur[0] == CALL_INSN_OPCODE or cur[:5] in (_NOP5, XOR5RAX)
+        if not ok:
+            n = 6 if _is_jcc(cur) else 5
+            raise StaticCallError(
+                f"static_call: unexpected insn at {self.describe(addr)} [{addr:#x}]: found "
+                f"{cur[:n].hex(' ')}, would write {new_hint.hex(' ')} ("
+                f"{'tail' if tail else 'call'} site); nothing written",
+                addr=addr, site=self.describe(addr), found=cur[:n], new=new_hint)
+        return cur
+
+    def _plan(self, c: StaticCall, func: int) -> list[tuple[int, bytes, bytes | None]]:
+        plan = []
+        hint, _ = self.transform(c.tramp, self._sc_insn(not func, True), func, b"\xe9\0")
+        cur = self._validate(c.tramp, True, True, hint)
+        plan.append((c.tramp, *self.transform(c.tramp, self._sc_insn(not func, True), func, cur)))
+        for s in c.sites:
+            addr, tail = s.site.addr, s.site.tail
+            t = self._sc_insn(not func, tail)
+            hint, _ = self.transform(addr, t, func, b"\x90\x90")
+            cur = self._validate(addr, tail, False, hint)
+            plan.append((addr, *self.transform(addr, t, func, cur)))
+        return plan
+
+    def static_call_update(self, name, func: "str | int | None") -> int:
+        """Point *name* at *func* (NULL: None); return the pokes made."""
+        c = self.call(name)
+        f = self.resolve(func)
+        plan = self._plan(c, f)
+        old = c.func
+        c.func = f
+        try:
+            self.machine.mem.write(c.key, struct.pack("<Q", f))
+        except Exception:
+            pass
+        n = 0
+        try:
+            with self.core.text_mutex:
+                for addr, code, emulate in plan:
+                    if self.machine.text_read(addr, len(code)) == code:
+                        continue
+                    self.core.smp_text_poke_single(addr, code, emulate=emulate)
+                    n += 1
+        except BaseException:
+            c.func = old if n == 0 else c.func
+            raise
+        self.updates += 1
+        self.pokes += n
+        return n
+
+    # ----------------------------------------------------------- modules
+    def module_code(self, s: StaticCallSite, text: bytes | bytearray, base: int) -> bytes:
+        """For the module loader: what a module site must hold for its
+        call's current function (*text* is the module text, at *base*)."""
+        c = self._by_key.get(s.key)
+        if c is None:
+            raise UnknownCallError(f"module static-call site at {s.addr:#x} uses an unknown key "
+                                   f"{s.key:#x}")
+        off = s.addr - base
+        cur = bytes(text[off:off + 6])
+        t = self._sc_insn(not c.func, s.tail)
+        code, _ = self.transform(s.addr, t, c.func, cur)
+        ok = (cur[0] in (JMP32_INSN_OPCODE, RET_INSN_OPCODE) or _is_jcc(cur)) if s.tail else \
+            (cur[0] == CALL_INSN_OPCODE or cur[:5] in (_NOP5, XOR5RAX))
+        if not ok:
+            raise StaticCallError(f"static_call: unexpected insn in module at {s.addr:#x}: found "
+                                  f"{cur[:5].hex(' ')}, would write {code.hex(' ')}",
+                                  addr=s.addr, found=cur[:5], new=code)
+        return code
+
+    def call_of_key(self, key: int) -> StaticCall:
+        c = self._by_key.get(key)
+        if c is None:
+            raise UnknownCallError(f"no static call has its key at {key:#x}")
+        return c
+
+    def add_module_sites(self, owner: str, sites: Iterable[StaticCallSite],
+                         symbols: Mapping[str, int] | None = None,
+                         sizes: Mapping[str, int] | None = None) -> None:
+        sites = list(sites)
+        for s in sites:
+            self.call_of_key(s.key)
+        if symbols:
+            self.symmap.add(owner, symbols, sizes or {})
+        for s in sites:
+            self._by_key[s.key].sites.append(_Site(s, owner))
+
+    def remove_module_sites(self, owner: str) -> int:
+        n = 0
+        for c in self.calls.values():
+            before = len(c.sites)
+            c.sites = [s for s in c.sites if s.owner != owner]
+            n += before - len(c.sites)
+        self.symmap.remove(owner)
+        return n
+
+    def as_list(self) -> list[dict]:
+        return [c.as_dict(self.describe) for c in sorted(self.calls.values(), key=lambda c: c.name)]

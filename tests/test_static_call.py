@@ -1,0 +1,110 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Static calls on the sim machine: static_call_selftest and every site
+kind on four running vCPUs, and refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from textpoke._core._insn import x86_nops
+from textpoke._static_call import StaticCallError, UnknownCallError
+from textpoke._static_call._calls import RETINSN, TRAMP_UD, XOR5RAX
+from textpoke.images._tables_clients import parse_static_call_sites
+from textpoke.sim._clients_demo import ClientMachine, static_call_selftest
+
+
+@pytest.fixture
+def cm():
+    with ClientMachine(cpus=4, seed=5) as m:
+        yield m
+
+
+def test_calls_and_sites_found(cm):
+    calls = cm.calls
+    assert set(calls.calls) >= {"sc_op", "sc_hook", "sc_ret0", "sc_cond", "sc_selftest"}
+    assert calls.static_call_query("sc_op") == cm.sym("sc_double")
+    assert calls.static_call_query("sc_hook") == 0
+    kinds = {(s.site.tail, cm.sim.text_read(s.site.addr, 2)[0]) for c in calls.calls.values()
+             for s in c.sites}
+    assert (False, 0xE8) in kinds and (True, 0xE9) in kinds and (True, 0x0F) in kinds
+    sec = cm.image.section(".static_call_sites")
+    assert parse_static_call_sites(sec.data, sec.addr) == list(cm.tables.static_call_sites)
+
+
+def test_static_call_selftest_on_four_running_cpus(cm):
+    r = static_call_selftest(cm)
+    assert r.passed, [c for c in r.cases if not c["passed"]] + r.bad
+    assert r.oopses == 0 and r.bad == []
+    assert all(cm.calls_made(i) > 0 for i in range(len(cm.probes)))
+    assert cm.core.stats.int3_hits > 0
+
+
+def _site(cm, call, tail=None, first=None):
+    for s in cm.calls.call(call).sites:
+        b = cm.sim.text_read(s.site.addr, 1)[0]
+        if (tail is None or s.site.tail == tail) and (first is None or b == first):
+            return s.site.addr
+    raise AssertionError("no such site")
+
+
+def test_every_form_is_written(cm):
+    calls = cm.calls
+    tramp = calls.call("sc_hook").tramp
+    call_site, tail_site = _site(cm, "sc_hook", False), _site(cm, "sc_hook", True)
+    calls.static_call_update("sc_hook", None)
+    assert cm.sim.text_read(call_site, 5) == x86_nops[5]          # NULL call: NOP5
+    assert cm.sim.text_read(tail_site, 5) == RETINSN              # NULL tail call: RET
+    assert cm.sim.text_read(tramp, 5) == RETINSN
+    calls.static_call_update("sc_hook", "sc_hook_fn")
+    f = cm.sym("sc_hook_fn")
+    assert cm.sim.text_read(call_site, 5) == b"\xe8" + (f - call_site - 5).to_bytes(4, "little", signed=True)
+    assert cm.sim.text_read(tail_site, 5) == b"\xe9" + (f - tail_site - 5).to_bytes(4, "little", signed=True)
+    assert cm.sim.text_read(tramp + 5, 3) == TRAMP_UD
+    # return 0
+    site = _site(cm, "sc_ret0", False)
+    calls.static_call_update("sc_ret0", "__static_call_return0")
+    assert cm.sim.text_read(site, 5) == XOR5RAX
+    # Jcc.d32 tail call: NULL goes to __static_call_return
+    jcc = cm.sym("sc_jcc_site")
+    calls.static_call_update("sc_cond", None)
+    b = cm.sim.text_read(jcc, 6)
+    assert b[:2] == b"\x0f\x84"
+    assert jcc + 6 + int.from_bytes(b[2:], "little", signed=True) == cm.sym("__static_call_return")
+    # already new: nothing poked
+    n0 = cm.core.stats.batches
+    assert calls.static_call_update("sc_cond", None) == 0 and cm.core.stats.batches == n0
+
+
+def test_bad_trampoline_signature_refused(cm):
+    calls = cm.calls
+    tramp = calls.call("sc_op").tramp
+    cm.core.text_poke_early(tramp + 5, b"\x90\x90\x90")
+    snap = {a: cm.sim.text_read(a, 6) for a in [tramp] + [s.site.addr for s in calls.call("sc_op").sites]}
+    b0 = cm.core.stats.batches
+    with pytest.raises(StaticCallError, match="signature") as ei:
+        calls.static_call_update("sc_op", "sc_square")
+    assert ei.value.found == b"\x90\x90\x90" and ei.value.new == TRAMP_UD
+    assert {a: cm.sim.text_read(a, 6) for a in snap} == snap and cm.core.stats.batches == b0
+    assert calls.static_call_query("sc_op") == cm.sym("sc_double")
+
+
+def test_unexpected_site_bytes_refused(cm):
+    calls = cm.calls
+    site = _site(cm, "sc_op", False)
+    cm.core.text_poke_early(site, bytes.fromhex("6690" "0f1f00"))      # NOP2 + NOP3: not a form
+    snap = {a: cm.sim.text_read(a, 6) for a in
+            [calls.call("sc_op").tramp] + [s.site.addr for s in calls.call("sc_op").sites]}
+    with pytest.raises(StaticCallError) as ei:
+        calls.static_call_update("sc_op", "sc_square")
+    msg = str(ei.value)
+    assert "sc_call_op" in msg and "66 90 0f 1f 00" in msg
+    want = b"\xe8" + (cm.sym("sc_square") - site - 5).to_bytes(4, "little", signed=True)
+    assert want.hex(" ") in msg and ei.value.new == want
+    assert {a: cm.sim.text_read(a, 6) for a in snap} == snap
+
+
+def test_unknown_call_or_function_refused(cm):
+    with pytest.raises(UnknownCallError, match="nope"):
+        cm.calls.static_call_update("nope", "sc_square")
+    with pytest.raises(UnknownCallError, match="no_func"):
+        cm.calls.static_call_update("sc_op", "no_func")
