@@ -505,10 +505,12 @@ SETUPS: tuple[Setup, ...] = (
     Setup("qemu64"),
     Setup("qemu64", "", 2),
     Setup("qemu64", "mitigations=off"),
+    Setup("qemu64", "maxcpus=1", 2),
     Setup("Haswell"),
     Setup("Skylake-Client-v4", "", 2),
     Setup("Skylake-Client-v4", "spectre_v2=retpoline,lfence"),
     Setup("Skylake-Client-v4", "retbleed=stuff"),
+    Setup("Skylake-Client-v4", "retbleed=stuff", 2),
     Setup("EPYC"),
     Setup("EPYC", "mitigations=off", 2),
 )
