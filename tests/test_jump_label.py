@@ -130,3 +130,20 @@ def test_refuses_a_site_that_is_not_a_nop_or_jmp(cm):
     cm.core.text_poke_early(e.code, b"\xcc" * 5)
     with pytest.raises(JumpLabelError, match="neither a 2- nor a 5-byte"):
         StaticKeys.from_image(cm.core, cm.image, cm.tables)
+
+
+def test_cli_keys_selftest_json_and_exit_codes(capsys):
+    import json
+
+    from textpoke.cli import main
+    assert main(["keys", "--selftest", "--cpus", "4", "--seed", "2", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["selftest"]["passed"] and len(d["selftest"]["cases"]) > 50
+    assert d["oopses"] == 0 and d["batches"] > 0 and d["syncs"] <= 3 * d["batches"]
+    assert main(["keys", "--enable", "no_such_key"]) == 2
+    with pytest.raises(SystemExit) as ei:
+        main(["keys", "--cpus", "99"])
+    assert ei.value.code == 2
+    assert main(["keys", "--enable", "jl_key_many_100", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["actions"][0]["entries"] == 100 and d["actions"][0]["batches"] == 1

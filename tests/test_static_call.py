@@ -108,3 +108,17 @@ def test_unknown_call_or_function_refused(cm):
         cm.calls.static_call_update("nope", "sc_square")
     with pytest.raises(UnknownCallError, match="no_func"):
         cm.calls.static_call_update("sc_op", "no_func")
+
+
+def test_cli_static_call_json_and_exit_codes(capsys):
+    import json
+
+    from textpoke.cli import main
+    assert main(["static-call", "--selftest", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["selftest"]["passed"] and d["oopses"] == 0 and d["syncs"] > 0
+    assert main(["static-call", "--update", "sc_op", "sc_square", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["actions"][0]["pokes"] == 5
+    assert main(["static-call", "--update", "sc_op", "nothing_here"]) == 2
+    assert main(["static-call", "--update", "nope", "sc_square"]) == 2

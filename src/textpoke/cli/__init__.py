@@ -27,6 +27,7 @@ import sys
 from .. import __version__
 from .._errors import TextPokeError
 from . import boot, demo, verify
+from . import keys, static_call
 from ._args import HelpFormatter, Parser, UsageError
 from ._signals import Terminated, exit_status, interruptions
 
@@ -35,6 +36,7 @@ __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FOUND", "EXIT_USAGE"]
 EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
 
 _COMMANDS = (demo, verify, boot)
+_COMMANDS += (keys, static_call)
 
 EPILOG = """\
 exit status (every command):

@@ -1,0 +1,119 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""``textpoke keys``: the bundled image's static keys on running vCPUs.
+
+Boots the kernel image, sets every vCPU running the image's probe loop
+(which passes through jump-label sites all the time) and, while they run,
+lists the keys, enables or disables one, or runs the kernel's static-keys
+self-test (``lib/test_static_keys.c``) plus a 1,000-site key switched both
+ways.  Exit 1 when a self-test fails or a CPU oopses.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..sim._clients_demo import (CLIENT_CPUS, ClientMachine, many_key_flip,
+                                 static_keys_selftest)
+from . import _output as out
+from ._args import SEED, Bounds, UsageError, int_in
+
+__all__ = ["add_arguments", "run", "NAME", "HELP", "DESCRIPTION"]
+
+NAME = "keys"
+HELP = "static keys (jump labels) switched on running vCPUs"
+DESCRIPTION = ("Boot the kernel image, run the probe loop on every vCPU and, while they\n"
+               "run, list the static keys, enable or disable one (every site of the key\n"
+               "in one batch per 256 sites), or redo lib/test_static_keys.c.")
+CLIENT_CPU_BOUNDS = Bounds(1, CLIENT_CPUS)
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpus", type=int_in(CLIENT_CPU_BOUNDS), default=4, metavar="N",
+                   help=f"virtual CPUs, {CLIENT_CPU_BOUNDS} (default 4)")
+    p.add_argument("--seed", type=int_in(SEED), default=0, metavar="N",
+                   help=f"scheduler seed, {SEED} (default 0)")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--list", action="store_true", help="list the keys (the default action)")
+    p.add_argument("--enable", metavar="KEY", action="append", default=[],
+                   help="static_key_enable(KEY) while the CPUs run (repeatable)")
+    p.add_argument("--disable", metavar="KEY", action="append", default=[],
+                   help="static_key_disable(KEY) while the CPUs run (repeatable)")
+    p.add_argument("--selftest", action="store_true",
+                   help="lib/test_static_keys.c and a 1,000-site key on the running CPUs")
+    add_common(p)
+
+
+def start_workload(cm: ClientMachine) -> None:
+    """Probes through many jump-label and static-call sites, any result allowed."""
+    for name in sorted(n for n in cm.image.symbols
+                       if n.startswith(("jl_many_", "tk_")) and n.endswith(("_true", "_false",
+                                                                            "_likely", "_unlikely"))
+                       or n in ("jl_many_1", "jl_many_100", "jl_many_1000", "sc_call_op",
+                                "sc_selftest_call", "sc_run_hook")):
+        if len(cm.probes) < 60:
+            cm.add_probe(name, arg=3, allow=[], )
+            cm.allow(len(cm.probes) - 1, [], rng=(-(1 << 62), 1 << 62))
+    cm.start()
+    cm.wait_passes(1)
+
+
+def finish(args, d: dict, lines: list[str], failed: bool) -> int:
+    if args.json:
+        out.emit_json(d)
+    else:
+        for ln in lines:
+            out.print_plain(ln)
+    return 1 if failed else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    with ClientMachine(cpus=args.cpus, seed=args.seed) as cm:
+        for k in args.enable + args.disable:
+            cm.keys.key(k)          # UnknownKeyError -> exit 2 before anything runs
+        d: dict = {"command": NAME, "cpus": args.cpus, "seed": args.seed}
+        lines: list[str] = []
+        s0, b0 = cm.core.stats.syncs, cm.core.stats.batches
+        failed = False
+        if args.selftest:
+            r = static_keys_selftest(cm)
+            m = many_key_flip(cm, 1000, flips=2)
+            cases = r.cases + m.cases
+            passed = r.passed and m.passed
+            d["selftest"] = {"passed": passed, "cases": cases, "bad": r.bad + m.bad}
+            lines.append(f"static-keys self-test on {args.cpus} running vCPUs: "
+                         f"{sum(c['passed'] for c in cases)}/{len(cases)} checks passed")
+            lines += [f"  FAILED {c['name']}" for c in cases if not c["passed"]]
+            failed |= not passed
+        if args.enable or args.disable:
+            if not cm.started:
+                start_workload(cm)
+            acts = []
+            for op, names in (("enable", args.enable), ("disable", args.disable)):
+                for k in names:
+                    sb, ss = cm.core.stats.batches, cm.core.stats.syncs
+                    getattr(cm.keys, f"static_key_{op}")(k)
+                    cm.wait_passes(2)
+                    key = cm.keys.key(k)
+                    acts.append({"op": op, "key": k, "enabled": key.enabled,
+                                 "entries": len(key.sites),
+                                 "batches": cm.core.stats.batches - sb,
+                                 "syncs": cm.core.stats.syncs - ss})
+                    lines.append(f"static_key_{op}({k}): {len(key.sites)} sites, "
+                                 f"{acts[-1]['batches']} batches, {acts[-1]['syncs']} syncs; "
+                                 f"count now {key.enabled}")
+            d["actions"] = acts
+        if args.list or not (args.selftest or args.enable or args.disable):
+            d["keys"] = cm.keys.as_list()
+            lines.append(f"{'key':32} {'count':>5} {'sites':>6}  initial")
+            for k in d["keys"]:
+                lines.append(f"{k['name']:32} {k['enabled']:>5} {k['entries']:>6}  "
+                             f"{'true' if k['initial'] else 'false'}")
+        d["oopses"] = cm.oopses
+        d["syncs"] = cm.core.stats.syncs - s0
+        d["batches"] = cm.core.stats.batches - b0
+        d["int3_hits"] = cm.core.stats.int3_hits
+        lines.append(f"{d['syncs']} syncs, {d['batches']} batches, {d['oopses']} oopses")
+        return finish(args, d, lines, failed or cm.oopses > 0)
