@@ -201,3 +201,22 @@ def test_real_image_equals_the_kernels_own_text(real_image):
     boot_kernel(kt, CpuCaps(words), BootOptions(return_thunk=rt, ncpus=ncpus))
     assert diff_sections(kt, (d / "after.bin").read_bytes()) == {
         n: 0 for n, _, _ in kt.exec_ranges}
+
+
+def test_return_thunk_follows_the_its_selection_that_runs_last():
+    from textpoke._alternative._ktext import CpuCaps
+    from textpoke.cli._boot_real import derive_return_thunk, parse_cmdline
+
+    def caps(*names):
+        return CpuCaps.from_names(("always",) + names)
+    its_cpu = caps("bug_its", "rethunk", "retpoline", "srso")
+    assert derive_return_thunk(its_cpu) == "its_return_thunk"       # overrides srso's
+    assert derive_return_thunk(its_cpu, parse_cmdline("indirect_target_selection=off")) \
+        == "srso_return_thunk"
+    assert derive_return_thunk(its_cpu, parse_cmdline("mitigations=off")) == "srso_return_thunk"
+    assert derive_return_thunk(caps("bug_its", "rethunk", "retpoline", "call_depth")) \
+        == "call_depth_return_thunk"                                # retpoline + stuffing
+    assert derive_return_thunk(caps("bug_its", "rethunk", "retpoline", "retpoline_lfence")) \
+        == "__x86_return_thunk"                                     # ITS refuses lfence
+    assert derive_return_thunk(caps("rethunk", "retpoline")) == "__x86_return_thunk"
+    assert derive_return_thunk(caps("bug_its", "retpoline")) == "__x86_return_thunk"

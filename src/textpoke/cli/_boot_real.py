@@ -67,6 +67,10 @@ def parse_cmdline(cmdline: str) -> dict[str, Any]:
             opts["noreplace_smp"] = True
         elif key == "debug-alternative":
             opts["debug_alternative"] = True
+        elif key == "mitigations" and val == "off":
+            opts["mitigations_off"] = True
+        elif key == "indirect_target_selection":
+            opts["its"] = val
     return opts
 
 
@@ -114,12 +118,26 @@ def caps_from_args(args: argparse.Namespace) -> tuple[CpuCaps, list[str]]:
     return caps, unknown
 
 
-def derive_return_thunk(caps: CpuCaps) -> str:
+def derive_return_thunk(caps: CpuCaps, cmd: dict[str, Any] | None = None) -> str:
     """``x86_return_thunk`` as the 6.12 mitigation code picks it, from the
-    synthetic features it leaves behind (best effort: --return-thunk or the
-    reference's value overrides it)."""
+    synthetic features it leaves behind and the command line (best effort:
+    --return-thunk or the reference's value overrides it).
+
+    The ITS selection runs last in the 6.12 stable tree's
+    ``cpu_select_mitigations`` and so overrides the others: on a CPU with
+    the ITS bug, unless ITS is off (``mitigations=off``,
+    ``indirect_target_selection=off|vmexit``), Spectre v2 is unmitigated,
+    retpolines are the LFENCE kind, or retpolines already come with call
+    depth tracking, the aligned-thunks mitigation sets ``its_return_thunk``."""
+    cmd = cmd or {}
     if not caps.has("rethunk"):
         return "__x86_return_thunk"
+    its = cmd.get("its", "on")
+    if (caps.has("bug_its") and not cmd.get("mitigations_off") and its in ("on", "force")
+            and not caps.has("call_depth") and not caps.has("retpoline_lfence")
+            and (caps.has("retpoline") or caps.has("indirect_thunk_its")
+                 or caps.has("ibrs_enhanced") or caps.has("ibrs"))):
+        return "its_return_thunk"
     if caps.has("call_depth"):
         return "call_depth_return_thunk"
     if caps.has("srso_alias"):
@@ -162,7 +180,7 @@ def run_real(args: argparse.Namespace) -> int:
             raise UsageError(f"--data: cannot read {args.data}: {e.strerror}") from None
     try:
         kt = kernel_text_of(img, data=data, record=bool(args.sites))
-        rt: str | int = derive_return_thunk(caps)
+        rt: str | int = derive_return_thunk(caps, cmd)
         if args.return_thunk:
             rt = int(args.return_thunk, 0) if args.return_thunk.startswith("0x") \
                 else args.return_thunk
