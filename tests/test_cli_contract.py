@@ -109,14 +109,21 @@ def test_every_option_has_help():
     import argparse
     ap = cli.build_parser()
     sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"demo", "verify", "boot"}
-    for name, p in sub.choices.items():
+    assert {"demo", "verify", "boot", "keys", "static-call"} <= set(sub.choices)
+
+    def walk(name, p):
         for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):   # e.g. live poke|sites|...
+                for sub_name, sp in a.choices.items():
+                    walk(f"{name} {sub_name}", sp)
+                continue
             assert a.help and a.help.strip(), (name, a.option_strings)
+    for name, p in sub.choices.items():
+        walk(name, p)
 
 
 def test_every_command_is_listed(capsys):
     rc, out, _ = _main(capsys, "--help")
     assert rc == 0
-    for name in ("demo", "verify", "boot"):
+    for name in ("demo", "verify", "boot", "keys", "static-call"):
         assert name in out
