@@ -220,3 +220,17 @@ def test_return_thunk_follows_the_its_selection_that_runs_last():
         == "__x86_return_thunk"                                     # ITS refuses lfence
     assert derive_return_thunk(caps("rethunk", "retpoline")) == "__x86_return_thunk"
     assert derive_return_thunk(caps("bug_its", "retpoline")) == "__x86_return_thunk"
+
+
+def test_cpuinfo_names_map_to_the_kernels_feature_names(tmp_path):
+    import argparse
+    from textpoke.cli._boot_real import caps_from_args
+    f = tmp_path / "cpuinfo"
+    f.write_text("processor\t: 0\nflags\t\t: fpu sse sse2 pni sse4_1 sse4_2 lm\n"
+                 "bugs\t\t: spectre_v2\n")
+    args = argparse.Namespace(cpu_caps=None, cpuinfo=str(f), cpu_features="",
+                              cpu_features_given=False)
+    caps, unknown = caps_from_args(args)
+    assert unknown == []
+    for name in ("xmm", "xmm2", "xmm3", "xmm4_1", "xmm4_2", "lm", "bug_spectre_v2"):
+        assert caps.has(name), name

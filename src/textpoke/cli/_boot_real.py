@@ -15,6 +15,7 @@ from .._alternative._kdiff import SiteIndex, diff_ranges, diff_sections
 from .._alternative._kpasses import BootOptions
 from .._alternative._ktext import CpuCaps, KernelBootError
 from .._errors import TextPokeError
+from ..images._features612 import CPUINFO_NAMES_612
 from . import _output as out
 from ._args import UsageError
 
@@ -33,7 +34,8 @@ def add_real_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpuinfo", metavar="FILE", help="take feature names from a /proc/cpuinfo")
     g.add_argument("--cmdline", metavar="STR", default="",
                    help="kernel command line choices that are not feature bits (nosmp, "
-                        "maxcpus=, noreplace-smp, debug-alternative)")
+                        "maxcpus=, noreplace-smp, debug-alternative, mitigations=off, "
+                        "indirect_target_selection=)")
     g.add_argument("--return-thunk", metavar="SYMBOL",
                    help="x86_return_thunk (a symbol or 0xADDR); default: derived from the "
                         "capabilities")
@@ -88,7 +90,7 @@ def _cpuinfo_names(path: str) -> list[str]:
             names += ["bug_" + b for b in v.split()]
     if not names:
         raise UsageError(f"--cpuinfo: no 'flags' line in {path}")
-    return names
+    return [CPUINFO_NAMES_612.get(n, n) for n in names]
 
 
 def caps_from_args(args: argparse.Namespace) -> tuple[CpuCaps, list[str]]:

@@ -448,3 +448,30 @@ X86_FEATURES_612: dict[str, int] = {
     "bug_tsa": 745,
     "bug_vmscape": 746,
 }
+
+
+#: The /proc/cpuinfo names that differ from the feature's own name in 6.12
+#: (cpuinfo prints the name given in the feature's definition).
+CPUINFO_NAMES_612: dict[str, str] = {
+    "dts": "ds",
+    "sse": "xmm",
+    "sse2": "xmm2",
+    "ss": "selfsnoop",
+    "tm": "acc",
+    "pdpe1gb": "gbpages",
+    "pni": "xmm3",
+    "monitor": "mwait",
+    "ds_cpl": "dscpl",
+    "sse4_1": "xmm4_1",
+    "sse4_2": "xmm4_2",
+    "rng": "xstore",
+    "rng_en": "xstore_en",
+    "ace": "xcrypt",
+    "ace_en": "xcrypt_en",
+    "svm_lock": "svml",
+    "nrip_save": "nrips",
+    "tsc_scale": "tscratemsr",
+    "vmcb_clean": "vmcbclean",
+    "bug_tlb_mmatch": "bug_amd_tlb_mmatch",
+    "bug_apic_c1e": "bug_amd_apic_c1e",
+}
