@@ -28,6 +28,7 @@ from .. import __version__
 from .._errors import TextPokeError
 from . import boot, demo, verify
 from . import keys, static_call
+from . import module
 from ._args import HelpFormatter, Parser, UsageError
 from ._signals import Terminated, exit_status, interruptions
 
@@ -37,6 +38,7 @@ EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
 
 _COMMANDS = (demo, verify, boot)
 _COMMANDS += (keys, static_call)
+_COMMANDS += (module,)
 
 EPILOG = """\
 exit status (every command):

@@ -1,0 +1,204 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Loadable modules on four running vCPUs: a GCC-built object that uses a
+kernel key and a kernel static call is loaded, called from every CPU,
+switched both ways and unloaded; refusals leave the text unchanged."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tempfile
+from pathlib import Path
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from textpoke._jump_label import UnknownKeyError
+from textpoke._module import (ModuleLoader, ModuleRelocationError, UnknownSymbolError,
+                              module_selftest)
+from textpoke._static_call._calls import UnknownCallError
+from textpoke.cli import main
+from textpoke.images.build import have_gcc
+from textpoke.images.modules import MODULES, REFUSALS, module_path
+from textpoke.sim._clients_demo import ClientMachine
+
+needs_gcc = pytest.mark.skipif(not have_gcc(), reason="gcc and binutils are needed")
+
+
+@pytest.fixture
+def cm():
+    with ClientMachine(cpus=4, seed=5) as m:
+        m.start()
+        m.wait_passes(1)
+        yield m
+
+
+@pytest.fixture
+def loader(cm):
+    return ModuleLoader.for_client_machine(cm)
+
+
+def _module_text(cm) -> bytes:
+    rng = next(t for t in cm.sim.text_ranges if not t.core)
+    return cm.sim.text_read(rng.start, rng.end - rng.start)
+
+
+def test_module_selftest_on_four_running_cpus(cm):
+    r = module_selftest(cm)
+    failed = [c for c in r.cases if not c["passed"]]
+    assert not failed, failed
+    assert r.passed and r.oopses == 0 and r.bad == []
+    names = [c["name"] for c in r.cases]
+    # loaded twice, switched both ways (keys and the call), unloaded twice, five refusals
+    assert sum("switch" in n or n.startswith("reload:") for n in names) >= 8
+    assert sum(n.startswith("refused") for n in names) == len(REFUSALS)
+    assert r.batches > 0 and r.syncs >= 3 * 6
+
+
+def test_relocations_resolve_to_the_kernel_and_the_module(cm, loader):
+    m = loader.load(module_path("mod_clients.o"))
+    assert cm.sim.text_read(m.text, m.text_size) != b"\xcc" * m.text_size
+    # R_X86_64_64 in module data: the function pointer holds the kernel's sc_square
+    assert cm.sim.read_u64(m.sym("mod_fp")) == cm.sym("sc_square")
+    # every jump entry and static-call site of the module is registered with its owner
+    assert [s.owner for s in cm.keys.key("jl_key_false").sites].count("mod_clients") == 2
+    assert [s.owner for s in cm.keys.key("jl_key_true").sites].count("mod_clients") == 1
+    assert [s.owner for s in cm.calls.call("sc_op").sites].count("mod_clients") == 2
+    # sites are named after the module's symbols in refusals and listings
+    e = next(s.entry for s in cm.keys.key("jl_key_false").sites if s.owner == "mod_clients")
+    assert "[mod_clients]" in cm.keys.describe(e.code)
+    # called from every CPU; the guest answer depends on relocated data, the
+    # alternative, the retpoline site and a call into the kernel
+    i = cm.add_probe("mod_misc", m.sym("mod_misc"), arg=3, allow=[226])
+    assert cm.expect({i: 226}) == {}
+    assert cm.calls_made(i) >= 4 and cm.oopses == 0 and cm.bad() == []
+
+
+def test_key_flip_switches_module_sites_until_unload(cm, loader):
+    m = loader.load(module_path("mod_clients.o"))
+    keys = cm.keys
+    mine = [s for s in keys.key("jl_key_false").sites if s.owner == "mod_clients"]
+    assert len(mine) == 2
+    assert all(keys.site_state(s.entry) == keys.jump_label_type(s.entry, False) for s in mine)
+    keys.static_key_enable("jl_key_false")
+    assert all(keys.site_state(s.entry) == keys.jump_label_type(s.entry, True) for s in mine)
+    keys.static_key_disable("jl_key_false")
+    assert all(keys.site_state(s.entry) == keys.jump_label_type(s.entry, False) for s in mine)
+    text, size = m.text, m.text_size
+    loader.unload(m)
+    assert cm.sim.text_read(text, size) == b"\xcc" * size
+    b0 = cm.core.stats.batches
+    keys.static_key_enable("jl_key_false")
+    assert cm.core.stats.batches - b0 == 1
+    assert cm.sim.text_read(text, size) == b"\xcc" * size       # not touched after unload
+    assert loader.execmem.used == {} and cm.oopses == 0
+
+
+def test_sites_get_the_current_state_at_load(cm, loader):
+    cm.keys.static_key_enable("jl_key_false")
+    cm.calls.static_call_update("sc_op", "sc_square")
+    m = loader.load(module_path("mod_clients.o"))
+    slots = {n: cm.add_probe(n, m.sym(n), arg=a, allow=[v]) for n, a, v in
+             (("mod_key_false", 0, 1), ("mod_key_false_likely", 0, 1),
+              ("mod_call_op", 5, 1025), ("mod_tail_op", 6, 36))}
+    assert cm.expect({i: v for i, v in zip(slots.values(), (1, 1, 1025, 36))}) == {}
+    assert cm.bad() == [] and cm.oopses == 0
+
+
+@pytest.mark.parametrize("obj,exc", [
+    ("bad_reloc.o", ModuleRelocationError),     # R_X86_64_REX_GOTPCRELX
+    ("bad_range.o", ModuleRelocationError),     # R_X86_64_32S beyond 2 GiB
+    ("bad_sym.o", UnknownSymbolError),
+    ("bad_key.o", UnknownKeyError),
+    ("bad_call.o", UnknownCallError),
+])
+def test_refusals_leave_text_unchanged(cm, loader, obj, exc):
+    before = _module_text(cm)
+    with pytest.raises(exc) as ei:
+        loader.load(module_path(obj))
+    assert "nothing written" in str(ei.value) or exc is UnknownSymbolError
+    assert _module_text(cm) == before
+    assert loader.execmem.used == {} and loader.modules == {}
+    if exc is ModuleRelocationError:
+        assert ei.value.rtype in (42, 11)
+    # and the loader still works afterwards
+    m = loader.load(module_path("mod_clients.o"))
+    assert m.live and cm.oopses == 0
+
+
+def _patched(obj: bytes, section: str, index: int, how) -> bytes:
+    elf = ELFFile(io.BytesIO(obj))
+    rel = elf.get_section_by_name(section)
+    raw = bytearray(obj)
+    how(raw, elf, rel, rel["sh_offset"] + 24 * index)
+    return bytes(raw)
+
+
+def test_unknown_relocation_type_and_nonzero_field(cm, loader):
+    obj = module_path("mod_clients.o").read_bytes()
+
+    def set_type(raw, elf, rel, at):
+        info = struct.unpack_from("<Q", raw, at + 8)[0]
+        struct.pack_into("<Q", raw, at + 8, (info & ~0xFFFFFFFF) | 37)
+
+    def dirty_field(raw, elf, rel, at):
+        off = struct.unpack_from("<Q", raw, at)[0]
+        text = elf.get_section(rel["sh_info"])
+        raw[text["sh_offset"] + off] = 0x5A
+
+    before = _module_text(cm)
+    with pytest.raises(ModuleRelocationError, match="unknown relocation type 37"):
+        loader.load(_patched(obj, ".rela.text", 0, set_type), name="m1")
+    with pytest.raises(ModuleRelocationError, match="not zero"):
+        loader.load(_patched(obj, ".rela.text", 0, dirty_field), name="m2")
+    assert _module_text(cm) == before and loader.execmem.used == {}
+
+
+def test_committed_objects_rebuild_identically():
+    if not have_gcc():
+        pytest.skip("gcc and binutils are needed")
+    from textpoke.images.modules.build import build_all
+    with tempfile.TemporaryDirectory() as tmp:
+        built = build_all(Path(tmp))
+        assert sorted(p.name for p in built) == sorted(MODULES + REFUSALS)
+        for p in built:
+            assert p.read_bytes() == module_path(p.name).read_bytes(), p.name
+
+
+@needs_gcc
+def test_generated_module_of_many_functions(cm, loader):
+    from textpoke.images.modules.build import build_module, many_functions_source
+    n = 300
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "mod_many.c"
+        src.write_text(many_functions_source(n))
+        obj = build_module(src, Path(tmp) / "mod_many.o")
+        m = loader.load(obj)
+    assert m.jump_entries == n and m.static_call_sites == n
+    i = cm.add_probe("mod_fn_7", m.sym("mod_fn_7"), arg=1, allow=[2 * 8])
+    assert cm.expect({i: 16}) == {}
+    cm.allow(i, [16, 16 + 7])
+    b0 = cm.core.stats.batches
+    cm.keys.static_key_enable("jl_key_false")
+    assert cm.core.stats.batches - b0 == -(-(n + 2) // 256)    # the image's 2 sites + the module's
+    assert cm.expect({i: 23}) == {}
+    cm.disable_probe(i)
+    cm.wait_passes(2)
+    loader.unload(m)
+    assert cm.oopses == 0 and cm.bad() == []
+
+
+def test_cli_module_selftest_json(capsys):
+    rc = main(["module", "--selftest", "--cpus", "4", "--seed", "2", "--json"])
+    d = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert d["selftest"]["passed"] is True and d["selftest"]["cases"]
+    assert d["oopses"] == 0 and d["syncs"] > 0 and d["batches"] > 0
+
+
+def test_cli_module_usage_errors(capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(["module", "--selftest", "--cpus", "99"])
+    assert ei.value.code == 2
+    assert "--cpus" in capsys.readouterr().err
