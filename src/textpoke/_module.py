@@ -72,7 +72,7 @@ from ._static_call._calls import StaticCalls, UnknownCallError
 from .images._tables import ALT_FLAGS_SHIFT, AltInstr, RetpolineSite, ReturnSite
 from .images._tables_clients import parse_jump_table, parse_static_call_sites
 
-__all__ = ["ModuleLoader", "Module", "ModuleError", "ModuleFormatError", "ModuleRelocationError",
+__all__ = ["ModuleLoader", "Module", "module_selftest", "module_demo_line", "ModuleError", "ModuleFormatError", "ModuleRelocationError",
            "UnknownSymbolError", "MODULE_DATA_BASE", "MODULE_DATA_SIZE", "RELOCATION_TYPES"]
 
 MODULE_DATA_BASE = 0x0580_0000
@@ -686,3 +686,15 @@ def module_selftest(cm, loader: ModuleLoader | None = None) -> "SelfTestResult":
     r.syncs = cm.core.stats.syncs - st0[0]
     r.batches = cm.core.stats.batches - st0[1]
     return r
+
+
+def module_demo_line(*, cpus: int = 4, seed: int = 0) -> str:
+    """The line ``make demo`` shows for modules."""
+    from .sim._clients_demo import ClientMachine
+    with ClientMachine(cpus=cpus, seed=seed) as cm:
+        r = module_selftest(cm)
+        refused = sum(c["name"].startswith("refused") and c["passed"] for c in r.cases)
+        return (f"modules: a GCC-built module loaded into execmem on {cpus} running vCPUs, "
+                f"its key and static call switched both ways, unloaded, reloaded; {refused} bad "
+                f"objects refused with the text unchanged: {sum(c['passed'] for c in r.cases)}/"
+                f"{len(r.cases)} checks passed, {r.syncs} syncs, {r.oopses} oopses")

@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         out.emit_json(r.as_dict())
     else:
         _print(r)
+        if interrupted is None and getattr(args, "machine", "sim") == "sim":
+            _print_clients(args)
     if interrupted is not None:
         print(f"textpoke demo: interrupted after {r.toggles_done} of {r.toggles} toggles; "
               f"INT3s of ours left in the text: {r.int3_left}", file=sys.stderr)
@@ -131,3 +133,14 @@ def _print(r) -> None:
         out.print_plain(format_oops(o["report"]))
     con.print("(instructions count slices that ran to their budget; a slice cut short by "
               "a trap is not counted)", style="dim")
+
+
+def _print_clients(args) -> None:
+    """The switching clients at work, in a few lines: static keys, static
+    calls and a module loaded, switched and unloaded on running vCPUs."""
+    from .._module import module_demo_line
+    from ..sim._clients_demo import CLIENT_CPUS, clients_demo_lines
+    cpus = min(args.cpus, CLIENT_CPUS)
+    for line in clients_demo_lines(cpus=cpus, seed=args.seed) + [
+            module_demo_line(cpus=cpus, seed=args.seed)]:
+        out.print_plain(line)
