@@ -1,0 +1,290 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Dynamic ftrace at run time: :class:`Ftrace`.
+
+One record (``struct dyn_ftrace``) per ``__mcount_loc`` entry: the fentry
+site of one function, a NOP5 when the function is not traced and
+``call ftrace_caller`` when it is.  :meth:`Ftrace.ftrace_modify_all_code`
+is the update, in the kernel's order:
+
+1. the callback -- the CALL at ``ftrace_call`` inside the trampoline is
+   switched to the tracer's function first when tracing starts
+   (``ftrace_update_ftrace_func``, one ``smp_text_poke_single``);
+2. every record's current bytes are compared with what its state says the
+   site holds (NOP5, or the CALL to the trampoline); one mismatch refuses
+   the whole update with :class:`FtraceBugError` (``ftrace_bug``: the site
+   as ``symbol+0xoff``, the bytes found and expected) and nothing is
+   written -- the kernel checks site by site and stops at the first bad
+   one, leaving the earlier sites patched;
+3. every record whose state changes is queued with
+   ``smp_text_poke_batch_add`` and the batch is finished (one batch per 256
+   sites, at most three sync broadcasts each);
+4. when tracing stops, the callback goes back to ``ftrace_stub`` after the
+   sites are NOPs again.
+
+Which functions are traced follows ``set_ftrace_filter`` and
+``set_ftrace_notrace``: globs (``*``, ``?``, ``[...]``) matched against the
+function's symbol; an empty filter means every function; notrace wins.
+
+The check and the writes happen under ``text_mutex``, so no other patcher
+can change a site in between.  Rules learnt from ``kernel/trace/ftrace.c``
+and ``arch/x86/kernel/ftrace.c`` (Linux 6.12); the code is our own.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from .._core._insn import CALL_INSN_OPCODE, text_gen_insn, x86_nops
+from .._errors import BadInstructionError, TextPokeError
+from ..images._tables_clients import SymbolMap
+
+__all__ = ["Ftrace", "DynFtrace", "FtraceBugError", "FtraceUpdate", "MCOUNT_INSN_SIZE",
+           "FTRACE_CALLBACKS", "parse_globs"]
+
+MCOUNT_INSN_SIZE = 5
+_NOP5 = x86_nops[5]
+#: what ftrace_call may call: the name of the tracer -> the guest function
+FTRACE_CALLBACKS = {"function": "function_trace_call", "profile": "function_profile_call",
+                    "function+profile": "ftrace_ops_list_func", "none": "ftrace_stub"}
+
+
+class FtraceBugError(BadInstructionError):
+    """A site does not hold what its record says (``ftrace_bug``); the
+    whole update was refused and nothing written."""
+
+    def __init__(self, msg: str, *, addr: int = 0, site: str = "", found: bytes = b"",
+                 expected: bytes = b"") -> None:
+        super().__init__(msg)
+        self.addr, self.site, self.found, self.expected = addr, site, found, expected
+
+
+class FtraceFilterError(TextPokeError, ValueError):
+    """A filter glob that matches no traceable function (the kernel's
+    write to set_ftrace_filter fails with -EINVAL)."""
+
+
+@dataclass(slots=True)
+class DynFtrace:
+    """One fentry site."""
+
+    ip: int
+    name: str                   # the function it belongs to
+    enabled: bool = False       # the site holds the CALL
+
+
+@dataclass(slots=True)
+class FtraceUpdate:
+    """What one :meth:`Ftrace.ftrace_modify_all_code` did."""
+
+    checked: int = 0
+    enabled: int = 0
+    disabled: int = 0
+    batches: int = 0
+    syncs: int = 0
+
+    def as_dict(self) -> dict:
+        return {"checked": self.checked, "enabled": self.enabled, "disabled": self.disabled,
+                "batches": self.batches, "syncs": self.syncs}
+
+
+def parse_globs(spec: "str | Iterable[str] | None") -> list[str]:
+    """``"a* b,c"`` -> ``["a*", "b", "c"]`` (whitespace or commas)."""
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        spec = [spec]
+    out = []
+    for s in spec:
+        out += [g for g in s.replace(",", " ").split() if g]
+    return out
+
+
+def _match(name: str, globs: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+@dataclass
+class Ftrace:
+    """Dynamic ftrace over one image's fentry sites on one :class:`TextPoke`.
+
+    *locs* are the ``__mcount_loc`` addresses; *symbols* (and *sizes*)
+    name them; *trampoline* is ``ftrace_caller``, *call_site* the CALL
+    inside it (``ftrace_call``), *callbacks* the guest functions it may
+    call (name -> address)."""
+
+    core: object
+    locs: Iterable[int]
+    symbols: dict
+    trampoline: int
+    call_site: int
+    callbacks: dict
+    sizes: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.machine = self.core.machine
+        self.symmap = SymbolMap(self.symbols, self.sizes)
+        funcs = sorted((a, n) for n, a in self.symbols.items() if self.sizes.get(n))
+        self.records: list[DynFtrace] = []
+        for ip in sorted(set(self.locs)):
+            self.records.append(DynFtrace(ip, self._func_of(ip, funcs)))
+        self.by_ip = {r.ip: r for r in self.records}
+        self.by_name = {r.name: r for r in self.records}
+        self.filter: list[str] = []
+        self.notrace: list[str] = []
+        self.func = "none"
+        self.updates: list[FtraceUpdate] = []
+
+    @classmethod
+    def from_image(cls, core, image, tables) -> "Ftrace":
+        cbs = {k: image.sym(v) for k, v in FTRACE_CALLBACKS.items()}
+        return cls(core, [m.addr for m in tables.mcount_loc], dict(image.symbols),
+                   image.sym("ftrace_caller"), image.sym("ftrace_call"), cbs, dict(image.sizes))
+
+    def _func_of(self, ip: int, funcs: list[tuple[int, str]]) -> str:
+        import bisect
+        i = bisect.bisect_right(funcs, (ip, "\U0010ffff")) - 1
+        while i >= 0:
+            a, n = funcs[i]
+            if a <= ip < a + self.sizes[n]:
+                return n
+            i -= 1
+        return self.symmap.describe(ip)
+
+    # ------------------------------------------------------------ naming
+    def describe(self, addr: int) -> str:
+        return self.symmap.describe(addr)
+
+    def name(self, addr: int) -> str:
+        """``%ps``: the symbol without offset."""
+        return self.symmap.describe(addr).split("+", 1)[0].split(" ", 1)[0]
+
+    # ------------------------------------------------------------ site bytes
+    def call_insn(self, ip: int) -> bytes:
+        return text_gen_insn(CALL_INSN_OPCODE, ip, self.trampoline)
+
+    def expected(self, rec: DynFtrace) -> bytes:
+        return self.call_insn(rec.ip) if rec.enabled else _NOP5
+
+    def site_state(self, rec: DynFtrace) -> str | None:
+        cur = self.machine.text_read(rec.ip, MCOUNT_INSN_SIZE)
+        if cur == _NOP5:
+            return "nop"
+        if cur == self.call_insn(rec.ip):
+            return "call"
+        return None
+
+    # ------------------------------------------------------------ filters
+    def set_ftrace_filter(self, globs, *, append: bool = False) -> int:
+        """Set (or add to) the filter; return how many functions it selects.
+        A glob matching no function is refused and nothing changes."""
+        g = parse_globs(globs)
+        self._check_globs(g)
+        self.filter = (self.filter + g) if append else g
+        return len(self.selected())
+
+    def set_ftrace_notrace(self, globs, *, append: bool = False) -> int:
+        g = parse_globs(globs)
+        self._check_globs(g)
+        self.notrace = (self.notrace + g) if append else g
+        return len(self.selected())
+
+    def _check_globs(self, globs: list[str]) -> None:
+        for gl in globs:
+            if not any(fnmatch.fnmatchcase(r.name, gl) for r in self.records):
+                raise FtraceFilterError(f"ftrace filter {gl!r} matches no traceable function")
+
+    def selected(self) -> list[DynFtrace]:
+        return [r for r in self.records
+                if (not self.filter or _match(r.name, self.filter))
+                and not _match(r.name, self.notrace)]
+
+    @property
+    def enabled_records(self) -> list[DynFtrace]:
+        return [r for r in self.records if r.enabled]
+
+    # ------------------------------------------------------------ the callback
+    def update_ftrace_func(self, func: str) -> bool:
+        """Point the trampoline's ``ftrace_call`` at the callback *func*
+        (a key of :data:`FTRACE_CALLBACKS`); return whether it changed."""
+        if func not in self.callbacks:
+            raise ValueError(f"unknown ftrace callback {func!r} ({', '.join(self.callbacks)})")
+        new = text_gen_insn(CALL_INSN_OPCODE, self.call_site, self.callbacks[func])
+        with self.core.text_mutex:
+            cur = self.machine.text_read(self.call_site, MCOUNT_INSN_SIZE)
+            if cur == new:
+                self.func = func
+                return False
+            known = {text_gen_insn(CALL_INSN_OPCODE, self.call_site, a) for a in self.callbacks.values()}
+            if cur not in known:
+                raise FtraceBugError(
+                    f"ftrace_bug: ftrace_call at {self.describe(self.call_site)} holds "
+                    f"{cur.hex(' ')}, not a call to a known callback; nothing written",
+                    addr=self.call_site, site=self.describe(self.call_site), found=cur)
+            self.core.smp_text_poke_single(self.call_site, new)
+        self.func = func
+        return True
+
+    # ------------------------------------------------------------ the update
+    def ftrace_modify_all_code(self, enable: Iterable[DynFtrace | int] | None) -> FtraceUpdate:
+        """Make exactly the records in *enable* (records or addresses;
+        None: none) call the trampoline.  Every site is checked first."""
+        want = set()
+        for r in enable or ():
+            want.add(r.ip if isinstance(r, DynFtrace) else int(r))
+        unknown = want - self.by_ip.keys()
+        if unknown:
+            raise FtraceBugError(f"not an fentry site: {', '.join(hex(a) for a in sorted(unknown))}")
+        st = FtraceUpdate()
+        s0, b0 = self.core.stats.syncs, self.core.stats.batches
+        with self.core.text_mutex:
+            plan = []
+            for r in self.records:
+                expect = self.expected(r)
+                cur = self.machine.text_read(r.ip, MCOUNT_INSN_SIZE)
+                st.checked += 1
+                if cur != expect:
+                    on = r.ip in want
+                    where = self.describe(r.ip)
+                    raise FtraceBugError(
+                        f"ftrace_bug: {where} [{r.ip:#x}] holds {cur.hex(' ')}, expected "
+                        f"{expect.hex(' ')} ({'enabled' if r.enabled else 'disabled'}); "
+                        f"update to {'enabled' if on else 'disabled'} refused, nothing written",
+                        addr=r.ip, site=where, found=cur, expected=expect)
+                on = r.ip in want
+                if on != r.enabled:
+                    plan.append((r, self.call_insn(r.ip) if on else _NOP5, on))
+            if plan:
+                with self.core.batch():
+                    for r, new, _on in plan:
+                        self.core.smp_text_poke_batch_add(r.ip, new)
+            for r, _new, on in plan:
+                r.enabled = on
+                if on:
+                    st.enabled += 1
+                else:
+                    st.disabled += 1
+        st.syncs = self.core.stats.syncs - s0
+        st.batches = self.core.stats.batches - b0
+        self.updates.append(st)
+        return st
+
+    # ------------------------------------------------------------ tracers
+    def start(self, func: str = "function") -> FtraceUpdate:
+        """Register the callback *func* and enable every selected function
+        (``register_ftrace_function`` + ``FTRACE_UPDATE_CALLS``)."""
+        if func == "none":
+            raise ValueError("start('none'): use stop()")
+        self.update_ftrace_func(func)
+        return self.ftrace_modify_all_code(self.selected())
+
+    def stop(self) -> FtraceUpdate:
+        """Disable every site, then park the callback on ftrace_stub."""
+        st = self.ftrace_modify_all_code(None)
+        self.update_ftrace_func("none")
+        return st
+
+    def refresh(self) -> FtraceUpdate:
+        """Apply a changed filter to a running tracer."""
+        return self.ftrace_modify_all_code(self.selected() if self.func != "none" else None)

@@ -1,0 +1,207 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The function tracer's per-CPU ring buffers, in guest memory.
+
+The guest side is ``images/kernel/ftrace.c``: each vCPU finds its own
+``struct ftrace_cpu`` through ``%gs:0`` (this object points every vCPU's GS
+base at its record, whose first word points at itself) and appends
+``struct trace_entry`` records (timestamp, fentry address, caller's return
+address, pid) to its ring, advancing ``head`` after the entry is written.
+The host is the only consumer: :meth:`RingBuffer.drain` reads the entries
+between ``tail`` and ``head`` and then advances ``tail``.  A host step runs
+between guest instructions, so no entry is ever seen half-written.
+
+A full ring drops the new event and counts it in the CPU's ``overruns``
+(the ring buffer's non-overwrite mode, where the kernel reports "dropped
+events"); :attr:`RingBuffer.overruns` and every report carry the count --
+never silently lost.
+
+Timestamps are the guest's global event counter (the kernel's ``counter``
+trace clock): they order events across CPUs and are printed as integers,
+as trace_pipe prints that clock.  :func:`format_trace_line` gives
+trace_pipe's ``<task>-<pid> [cpu] ts: func <-caller`` line.
+
+The ring's layout is our own; the semantics follow
+``kernel/trace/ring_buffer.c`` and ``kernel/trace/trace_output.c``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import struct
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from unicorn.x86_const import UC_X86_REG_GS_BASE
+
+__all__ = ["RingBuffer", "TraceEntry", "format_trace_line", "FTRACE_DATA_BASE",
+           "TRACE_ENTRY_SIZE", "FTRACE_CPUS"]
+
+#: where the rings, the profiler's tables and the sorted ip table live
+FTRACE_DATA_BASE = 0x0800_0000
+FTRACE_CPUS = 8
+TRACE_ENTRY_SIZE = 32
+_ENTRY = struct.Struct("<QQQQ")
+_CPU_REC = 128
+# struct ftrace_cpu field offsets (8 bytes each)
+_SELF, _CPU, _PID, _BUF, _MASK, _HEAD, _TAIL, _OVERRUNS, _HITS, _PROF = range(10)
+
+
+@dataclass(frozen=True, slots=True)
+class TraceEntry:
+    ts: int
+    cpu: int
+    ip: int
+    parent_ip: int
+    pid: int
+
+
+def _page_up(n: int) -> int:
+    return (n + 0xFFF) & ~0xFFF
+
+
+class RingBuffer:
+    """Per-CPU rings of *size* entries (a power of two) for every CPU of
+    *sim*, set up in the guest's ``ftrace_percpu`` records of *image*; the
+    profiler's per-function counters for *nprof* functions sit next to
+    them.  *tasks* names each CPU's task: cpu -> (comm, pid)."""
+
+    def __init__(self, sim, image, *, size: int = 4096, nprof: int = 0,
+                 tasks: dict[int, tuple[str, int]] | None = None,
+                 base: int = FTRACE_DATA_BASE) -> None:
+        if size < 1 or size & (size - 1):
+            raise ValueError(f"ring size must be a power of two, not {size}")
+        cpus = list(sim.cpus)
+        if any(c >= FTRACE_CPUS for c in cpus):
+            raise ValueError(f"the image has ftrace records for {FTRACE_CPUS} CPUs")
+        self.sim, self.image, self.size = sim, image, size
+        self.cpus = cpus
+        self.percpu = image.sym("ftrace_percpu")
+        self.clock = image.sym("trace_clock_counter")
+        self.nprof = nprof
+        self.ips_addr = base
+        prof0 = base + _page_up(8 * max(nprof, 1))
+        self.prof_stride = _page_up(8 * max(nprof, 1))
+        slots = max(cpus) + 1
+        ring0 = prof0 + self.prof_stride * slots
+        self.ring_stride = size * TRACE_ENTRY_SIZE
+        total = ring0 - base + self.ring_stride * slots
+        sim.add_data_region(base, _page_up(total), "ftrace")
+        self.base, self.region_size = base, _page_up(total)
+        self.prof0, self.ring0 = prof0, ring0
+        self.tasks = dict(tasks or {})
+        for cpu in cpus:
+            comm, pid = self.tasks.setdefault(cpu, (f"ftrace_work/{cpu}", 1000 + cpu))
+            rec = self._rec(cpu)
+            for f, v in ((_SELF, rec), (_CPU, cpu), (_PID, pid), (_BUF, self._ring(cpu)),
+                         (_MASK, size - 1), (_HEAD, 0), (_TAIL, 0), (_OVERRUNS, 0), (_HITS, 0),
+                         (_PROF, self.prof0 + cpu * self.prof_stride)):
+                self._w(rec + 8 * f, v)
+            # this_cpu_ptr(): the guest reads its record at %gs:0
+            sim.vcpus[cpu].uc.reg_write(UC_X86_REG_GS_BASE, rec)
+        self.comms = {pid: comm for comm, pid in self.tasks.values()}
+        self.drained = 0
+
+    # ------------------------------------------------------------ layout
+    def _rec(self, cpu: int) -> int:
+        return self.percpu + cpu * _CPU_REC
+
+    def _ring(self, cpu: int) -> int:
+        return self.ring0 + cpu * self.ring_stride
+
+    def _w(self, addr: int, v: int) -> None:
+        self.sim.mem_write(addr, struct.pack("<Q", v & ((1 << 64) - 1)))
+
+    def _r(self, addr: int) -> int:
+        return self.sim.read_u64(addr)
+
+    def field(self, cpu: int, f: int) -> int:
+        return self._r(self._rec(cpu) + 8 * f)
+
+    # ------------------------------------------------------------ profiler table
+    def set_profile_ips(self, ips: Iterable[int]) -> list[int]:
+        """Give the guest's profiler its sorted table of addresses (at most
+        *nprof*) and zero every CPU's counters; return the sorted table."""
+        table = sorted(set(ips))
+        if len(table) > self.nprof:
+            raise ValueError(f"{len(table)} functions to profile, room for {self.nprof}")
+        self.sim.mem_write(self.ips_addr, b"".join(struct.pack("<Q", a) for a in table))
+        self._w(self.image.sym("ftrace_prof_n"), len(table))
+        self._w(self.image.sym("ftrace_prof_ips"), self.ips_addr)
+        self.prof_ips = table
+        self.reset_profile()
+        return table
+
+    def reset_profile(self) -> None:
+        for cpu in self.cpus:
+            self.sim.mem_write(self.prof0 + cpu * self.prof_stride, bytes(8 * self.nprof))
+
+    def profile(self) -> dict[int, int]:
+        """Hits per function address, summed over CPUs (the guest's counts)."""
+        table = getattr(self, "prof_ips", [])
+        out = dict.fromkeys(table, 0)
+        for cpu in self.cpus:
+            raw = self.sim.mem_read(self.prof0 + cpu * self.prof_stride, 8 * len(table))
+            for a, n in zip(table, struct.unpack(f"<{len(table)}Q", raw)):
+                out[a] += n
+        return out
+
+    # ------------------------------------------------------------ ring
+    @property
+    def overruns(self) -> int:
+        return sum(self.overruns_per_cpu().values())
+
+    def overruns_per_cpu(self) -> dict[int, int]:
+        return {c: self.field(c, _OVERRUNS) for c in self.cpus}
+
+    def hits(self) -> int:
+        """Callbacks run, all CPUs (recorded, counted or dropped)."""
+        return sum(self.hits_per_cpu().values())
+
+    def hits_per_cpu(self) -> dict[int, int]:
+        return {c: self.field(c, _HITS) for c in self.cpus}
+
+    def pending(self, cpu: int) -> int:
+        return self.field(cpu, _HEAD) - self.field(cpu, _TAIL)
+
+    def drain_cpu(self, cpu: int) -> list[TraceEntry]:
+        head, tail = self.field(cpu, _HEAD), self.field(cpu, _TAIL)
+        n = head - tail
+        if n <= 0:
+            return []
+        ring = self._ring(cpu)
+        out = []
+        mask = self.size - 1
+        # one read per contiguous stretch of the ring
+        while tail < head:
+            i = tail & mask
+            run = min(head - tail, self.size - i)
+            raw = self.sim.mem_read(ring + i * TRACE_ENTRY_SIZE, run * TRACE_ENTRY_SIZE)
+            for ts, ip, parent, pid in _ENTRY.iter_unpack(raw):
+                out.append(TraceEntry(ts, cpu, ip, parent, pid))
+            tail += run
+        self._w(self._rec(cpu) + 8 * _TAIL, head)
+        self.drained += len(out)
+        return out
+
+    def drain(self) -> list[TraceEntry]:
+        """Every entry not yet read, all CPUs merged in timestamp order (as
+        trace_pipe merges them); consumed."""
+        per = [self.drain_cpu(c) for c in self.cpus]
+        return list(heapq.merge(*per, key=lambda e: e.ts))
+
+    def reset(self) -> None:
+        """Discard what is buffered and zero the overrun and hit counts
+        (``echo > trace``)."""
+        for c in self.cpus:
+            self._w(self._rec(c) + 8 * _TAIL, self.field(c, _HEAD))
+            self._w(self._rec(c) + 8 * _OVERRUNS, 0)
+            self._w(self._rec(c) + 8 * _HITS, 0)
+
+
+def format_trace_line(e: TraceEntry, name: Callable[[int], str],
+                      comms: dict[int, str] | None = None) -> str:
+    """trace_pipe's function-tracer line: ``<task>-<pid> [cpu] ts: func
+    <-caller`` (comm right-aligned in 16 columns, pid left-aligned in 7, as
+    the kernel prints them; no irq-info column)."""
+    comm = (comms or {}).get(e.pid, "<...>")
+    return f"{comm:>16}-{e.pid:<7} [{e.cpu:03d}] {e.ts:>12}: {name(e.ip)} <-{name(e.parent_ip)}"

@@ -1,0 +1,433 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The function tracer at work on running vCPUs.
+
+:class:`FtraceMachine` boots a kernel image (the bundled one, or a
+generated one with thousands of functions) with boot-time patching as
+``make demo`` does, gives it :class:`Ftrace` and the guest ring buffers,
+and sets every vCPU running ``ftrace_work_loop`` over a table of functions
+-- each call checked (the trampoline must preserve the argument registers)
+and counted by the workload itself, so the trace can be checked against
+counts that do not come from the tracer.
+
+The host reads the rings as trace_pipe does (:meth:`FtraceMachine.run`
+drains them between slices of the run).  :meth:`FtraceMachine.pause`
+stops every CPU at the end of a pass, so a measurement window has exact
+boundaries: nothing is half-way through a call.
+
+:func:`ftrace_selftest` is the kernel's startup test of the function
+tracer (``trace_selftest_startup_function`` and its dynamic part) redone
+on the running CPUs, with the profiler, notrace, overruns and restoring
+the text added.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .._alternative import DEFAULT_FEATURES, alternative_instructions
+from .._core import TextPoke
+from ..images import load_bundled
+from ..images._kernel import KERNEL_IMAGE
+from ..images._tables import read_tables
+from ..sim._machine import COARSE, SchedPolicy
+from ..sim._workload import boot_workload
+from ._ops import MCOUNT_INSN_SIZE, Ftrace
+from ._ring import FTRACE_CPUS, RingBuffer, TraceEntry, format_trace_line
+
+__all__ = ["FtraceMachine", "FtraceSelfTest", "ftrace_selftest", "WORK_BASE", "DEMO_FUNCTIONS",
+           "DYN_FTRACE_TEST_NAME", "DYN_FTRACE_TEST_NAME2"]
+
+WORK_BASE = 0x0C00_0000
+DYN_FTRACE_TEST_NAME = "trace_selftest_dynamic_test_func"
+DYN_FTRACE_TEST_NAME2 = "trace_selftest_dynamic_test_func2"
+#: what the bundled image's workload calls (ft_open calls ft_lookup, which
+#: calls ft_hash, and ft_permission)
+DEMO_FUNCTIONS = ("ft_open", "ft_read", "ft_hash", DYN_FTRACE_TEST_NAME2)
+#: the static call graph of those functions: callee counts follow callers
+CALLEES = {"ft_open": ("ft_lookup", "ft_permission"), "ft_lookup": ("ft_hash",)}
+_WREC = 128
+# struct ft_work field offsets (8 bytes each)
+_PASSES, _NFUNCS, _FNS, _COUNTS, _BAD, _BADFN, _PAUSE, _PAUSED, _ONESHOT, _ONESHOT_CALLS = range(10)
+
+
+def _page_up(n: int) -> int:
+    return (n + 0xFFF) & ~0xFFF
+
+
+class FtraceMachine:
+    """*image* (default: the bundled kernel) booted on *cpus* vCPUs, with
+    :attr:`ftrace` (the sites), :attr:`ring` (the guest's rings of
+    *ring_size* entries per CPU) and the workload records.  A context
+    manager; :meth:`close` frees the core and the machine."""
+
+    def __init__(self, *, cpus: int = 4, seed: int = 0, image=None, ring_size: int = 4096,
+                 line_size: int = 64, policy: SchedPolicy = COARSE,
+                 features: tuple[str, ...] | None = None) -> None:
+        if not 1 <= cpus <= FTRACE_CPUS:
+            raise ValueError(f"cpus must be 1..{FTRACE_CPUS} (the image has {FTRACE_CPUS} "
+                             "per-CPU ftrace records)")
+        self.image = image or load_bundled(KERNEL_IMAGE)
+        self.tables = read_tables(self.image)
+        self.w = boot_workload(ncpus=cpus, seed=seed, line_size=line_size, policy=policy,
+                               image=self.image)
+        self.sim = self.w.sim
+        self.core = None
+        try:
+            self.core = TextPoke(self.sim)
+            self.boot = alternative_instructions(self.core, self.image, self.tables,
+                                                 DEFAULT_FEATURES if features is None else features)
+            self.ftrace = Ftrace.from_image(self.core, self.image, self.tables)
+            self.ring = RingBuffer(self.sim, self.image, size=ring_size,
+                                   nprof=len(self.ftrace.records))
+            self.ring.set_profile_ips(r.ip for r in self.ftrace.records)
+            n = len(self.ftrace.records)
+            self._fns = WORK_BASE
+            self._counts0 = WORK_BASE + _page_up(8 * n)
+            self._cstride = _page_up(8 * n)
+            self.sim.add_data_region(WORK_BASE, self._cstride * (max(self.sim.cpus) + 2),
+                                     "ftrace_work")
+            # the text as boot left it: what disabling must give back
+            self.sites_at_boot = {r.ip: self.sim.text_read(r.ip, MCOUNT_INSN_SIZE)
+                                  for r in self.ftrace.records}
+        except BaseException:
+            self.close()
+            raise
+        self.recs = self.image.sym("ft_work_recs")
+        self.work: list[int] = []
+        self.started = False
+        self.trace: list[TraceEntry] = []     # what the host has read so far
+
+    def __enter__(self) -> "FtraceMachine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            if self.core is not None:
+                self.core.close()
+        finally:
+            self.w.close()
+
+    # ------------------------------------------------------------ guest records
+    def _rec(self, cpu: int) -> int:
+        return self.recs + cpu * _WREC
+
+    def _w(self, addr: int, v: int) -> None:
+        self.sim.mem_write(addr, struct.pack("<Q", v & ((1 << 64) - 1)))
+
+    def _f(self, cpu: int, f: int) -> int:
+        return self.sim.read_u64(self._rec(cpu) + 8 * f)
+
+    def _setf(self, cpu: int, f: int, v: int) -> None:
+        self._w(self._rec(cpu) + 8 * f, v)
+
+    def sym(self, name: str) -> int:
+        return self.image.sym(name)
+
+    def set_work(self, functions) -> list[int]:
+        """The functions (names or addresses) every CPU calls in turn; the
+        workload's call counts restart from zero.  Only while paused or
+        before :meth:`start`."""
+        addrs = [self.sym(f) if isinstance(f, str) else int(f) for f in functions]
+        if len(addrs) > self._cstride // 8:
+            raise ValueError(f"at most {self._cstride // 8} workload functions")
+        self.sim.mem_write(self._fns, b"".join(struct.pack("<Q", a) for a in addrs))
+        self.work = addrs
+        for cpu in self.sim.cpus:
+            self.sim.mem_write(self._counts0 + cpu * self._cstride, bytes(8 * len(addrs)))
+            self._setf(cpu, _FNS, self._fns)
+            self._setf(cpu, _COUNTS, self._counts0 + cpu * self._cstride)
+            self._setf(cpu, _NFUNCS, len(addrs))
+        return addrs
+
+    def start(self) -> None:
+        for cpu in self.sim.cpus:
+            self.sim.start_cpu(cpu, self.sym("ftrace_work_loop"), {"rdi": self._rec(cpu)})
+        self.started = True
+
+    def live_cpus(self) -> list[int]:
+        dead = {o.cpu for o in self.sim.oopses}
+        return [c for c in self.sim.cpus if c not in dead]
+
+    def passes(self, cpu: int) -> int:
+        return self._f(cpu, _PASSES)
+
+    def counts(self) -> Counter:
+        """Calls the workload made, per function address, all CPUs."""
+        out: Counter = Counter()
+        n = len(self.work)
+        for cpu in self.sim.cpus:
+            raw = self.sim.mem_read(self._counts0 + cpu * self._cstride, 8 * n)
+            for a, c in zip(self.work, struct.unpack(f"<{n}Q", raw)):
+                out[a] += c
+            out[-1] += 0
+        del out[-1]
+        return out
+
+    def oneshot_calls(self, cpu: int) -> int:
+        return self._f(cpu, _ONESHOT_CALLS)
+
+    def bad(self) -> list[dict]:
+        return [{"cpu": c, "count": self._f(c, _BAD), "function": self.ftrace.name(self._f(c, _BADFN))}
+                for c in self.sim.cpus if self._f(c, _BAD)]
+
+    @property
+    def oopses(self) -> int:
+        return len(self.sim.oopses)
+
+    # ------------------------------------------------------------ running
+    def read_trace(self) -> list[TraceEntry]:
+        """Drain the rings into :attr:`trace`; return what was new."""
+        new = self.ring.drain()
+        self.trace += new
+        return new
+
+    def run(self, steps: int, *, chunk: int = 2000) -> None:
+        """Run *steps* scheduling decisions, reading the rings every *chunk*."""
+        done = 0
+        while done < steps:
+            k = min(chunk, steps - done)
+            self.sim.run(k)
+            done += k
+            self.read_trace()
+
+    def run_until(self, pred, max_steps: int = 5_000_000, chunk: int = 2000, *,
+                  read: bool = True) -> bool:
+        """Run until *pred*; read the rings every *chunk* steps unless
+        *read* is false (a reader that has gone away)."""
+        done = 0
+        while done < max_steps:
+            if pred():
+                return True
+            self.sim.run(chunk)
+            done += chunk
+            if read:
+                self.read_trace()
+        return pred()
+
+    def wait_passes(self, n: int = 1, max_steps: int = 5_000_000) -> bool:
+        goal = {c: self.passes(c) + n for c in self.live_cpus()}
+        return self.run_until(lambda: all(self.passes(c) >= g for c, g in goal.items()
+                                          if c in self.live_cpus()), max_steps)
+
+    def pause(self, max_steps: int = 5_000_000, *, read: bool = True) -> bool:
+        """Stop every CPU at the end of its current pass."""
+        for c in self.sim.cpus:
+            self._setf(c, _PAUSE, 1)
+        return self.run_until(lambda: all(self._f(c, _PAUSED) for c in self.live_cpus()),
+                              max_steps, chunk=200, read=read)
+
+    def resume(self) -> None:
+        for c in self.sim.cpus:
+            self._setf(c, _PAUSE, 0)
+            self._setf(c, _PAUSED, 0)   # the CPU clears it too once it leaves its spin
+
+    def call_once(self, cpu: int, func, max_steps: int = 1_000_000) -> bool:
+        """Have *cpu* call *func* exactly once from its loop; wait for it."""
+        before = self.oneshot_calls(cpu)
+        self._setf(cpu, _ONESHOT, self.sym(func) if isinstance(func, str) else func)
+        return self.run_until(lambda: self.oneshot_calls(cpu) > before and
+                              not self._f(cpu, _ONESHOT), max_steps, chunk=200)
+
+    def window(self, passes: int = 2) -> tuple[Counter, list[TraceEntry]]:
+        """An exact measurement: pause, zero the workload's counts and
+        discard the rings, run every CPU *passes* passes, pause again;
+        return (the workload's counts, the trace of the window).  The CPUs
+        are left paused."""
+        self.pause()
+        self.read_trace()
+        self.set_work(self.work)
+        mark = len(self.trace)
+        self.resume()
+        self.wait_passes(passes)
+        self.pause()
+        self.read_trace()
+        return self.counts(), self.trace[mark:]
+
+    # ------------------------------------------------------------ views
+    def hit_counts(self, entries) -> Counter:
+        """Trace entries per function address."""
+        return Counter(e.ip for e in entries)
+
+    def lines(self, entries) -> list[str]:
+        return [format_trace_line(e, self.ftrace.name, self.ring.comms) for e in entries]
+
+    def sites_now(self) -> dict[int, bytes]:
+        return {r.ip: self.sim.text_read(r.ip, MCOUNT_INSN_SIZE) for r in self.ftrace.records}
+
+    def call_sites(self) -> int:
+        """fentry sites holding the CALL now, read from the text."""
+        return sum(self.ftrace.site_state(r) == "call" for r in self.ftrace.records)
+
+
+def expected_hits(work_counts: Counter, ftrace: Ftrace, traced: set[str]) -> Counter:
+    """Entries a complete trace of *traced* functions holds, given the
+    workload's direct calls and the static call graph (:data:`CALLEES`)."""
+    calls: Counter = Counter()
+    for a, n in work_counts.items():
+        calls[ftrace.name(a)] += n
+    # callers before callees (the graph is a small DAG)
+    for caller in ("ft_open", "ft_lookup"):
+        for callee in CALLEES.get(caller, ()):
+            calls[callee] += calls[caller]
+    return Counter({n: c for n, c in calls.items() if n in traced and c})
+
+
+@dataclass
+class FtraceSelfTest:
+    name: str = "ftrace_startup"
+    cases: list[dict] = field(default_factory=list)
+    oopses: int = 0
+    bad: list[dict] = field(default_factory=list)
+    syncs: int = 0
+    batches: int = 0
+    entries: int = 0
+    overruns: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.cases) and all(c["passed"] for c in self.cases) and not self.oopses \
+            and not self.bad
+
+    def case(self, name: str, passed: bool, **detail) -> bool:
+        self.cases.append({"name": name, "passed": bool(passed), **detail})
+        return passed
+
+    def as_dict(self) -> dict:
+        return {"passed": self.passed, "cases": self.cases,
+                "failed": [c["name"] for c in self.cases if not c["passed"]], "bad": self.bad}
+
+
+def ftrace_selftest(fm: FtraceMachine) -> FtraceSelfTest:
+    """The kernel's function-tracer startup test on the running CPUs."""
+    r = FtraceSelfTest()
+    ft, core = fm.ftrace, fm.core
+    s0, b0 = core.stats.syncs, core.stats.batches
+    fm.set_work(DEMO_FUNCTIONS)
+    if not fm.started:
+        fm.start()
+    fm.wait_passes(1)
+    cpus = fm.live_cpus()
+
+    def names(counter: Counter) -> Counter:
+        return Counter({ft.name(a): n for a, n in counter.items() if n})
+
+    # 1. the function tracer on every function: the trace equals the calls
+    ft.set_ftrace_filter(None)
+    ft.set_ftrace_notrace(None)
+    up = ft.start("function")
+    work, trace = fm.window(2)
+    got = names(fm.hit_counts(trace))
+    want = expected_hits(work, ft, {rec.name for rec in ft.records})
+    r.case("function tracer: every call of every function traced once", got == want and
+           fm.ring.overruns == 0, sites=up.enabled, batches=up.batches, syncs=up.syncs,
+           entries=len(trace), differ={n: (got[n], want[n]) for n in set(got) | set(want)
+                                       if got[n] != want[n]})
+    callers = {(ft.name(e.ip), ft.name(e.parent_ip)) for e in trace}
+    r.case("callers: ft_hash <-ft_lookup, ft_lookup <-ft_open, ft_open <-ftrace_work_loop",
+           {("ft_hash", "ft_lookup"), ("ft_lookup", "ft_open"),
+            ("ft_open", "ftrace_work_loop")} <= callers and
+           all(p in ("ftrace_work_loop", "ft_open", "ft_lookup") for _f, p in callers),
+           callers=sorted(callers))
+    r.case("every CPU traced, each entry stamped with its CPU and task",
+           {e.cpu for e in trace} == set(cpus) and
+           all(fm.ring.tasks[e.cpu][1] == e.pid for e in trace))
+    ts = [e.ts for e in trace]
+    r.case("timestamps unique and merged in order", ts == sorted(ts) and len(set(ts)) == len(ts))
+    fm.resume()
+    dn = ft.stop()
+    r.case("disabled: every site holds its boot-time bytes",
+           fm.sites_now() == fm.sites_at_boot and fm.call_sites() == 0,
+           batches=dn.batches, syncs=dn.syncs)
+
+    # 2. the dynamic test: a filter on one function the workload never calls
+    n = ft.set_ftrace_filter(DYN_FTRACE_TEST_NAME)
+    up = ft.start("function")
+    r.case(f"set_ftrace_filter {DYN_FTRACE_TEST_NAME}: one site patched",
+           n == 1 and up.enabled == 1 and fm.call_sites() == 1, selected=n)
+    work, trace = fm.window(3)
+    r.case("a filter really filters: no entries while every CPU calls other traced functions",
+           len(trace) == 0 and sum(work.values()) > 0, calls=sum(work.values()),
+           entries=len(trace))
+    fm.resume()
+    cpu = cpus[-1]
+    fm.read_trace()
+    mark = len(fm.trace)
+    ok = fm.call_once(cpu, DYN_FTRACE_TEST_NAME)
+    fm.pause()
+    fm.read_trace()
+    one = fm.trace[mark:]
+    r.case("one call gives one entry", ok and len(one) == 1 and ft.name(one[0].ip) ==
+           DYN_FTRACE_TEST_NAME and one[0].cpu == cpu and
+           ft.name(one[0].parent_ip) == "ftrace_work_loop",
+           entries=fm.lines(one))
+    fm.resume()
+    ft.stop()
+
+    # 3. filter + notrace, and a filter changed while tracing
+    ft.set_ftrace_filter("ft_*")
+    ft.set_ftrace_notrace("ft_hash")
+    up = ft.start("function")
+    work, trace = fm.window(2)
+    got = names(fm.hit_counts(trace))
+    traced = {rec.name for rec in ft.selected()}
+    want = expected_hits(work, ft, traced)
+    r.case("set_ftrace_notrace ft_hash: ft_* traced except ft_hash",
+           "ft_hash" not in got and got == want and "ft_hash" not in traced, got=dict(got))
+    fm.resume()
+    ft.set_ftrace_filter(DYN_FTRACE_TEST_NAME2)
+    ft.set_ftrace_notrace(None)
+    ch = ft.refresh()
+    work, trace = fm.window(2)
+    got = names(fm.hit_counts(trace))
+    r.case("filter changed while tracing: only the new function traced",
+           set(got) == {DYN_FTRACE_TEST_NAME2} and got == expected_hits(work, ft,
+                                                                        {DYN_FTRACE_TEST_NAME2}),
+           enabled=ch.enabled, disabled=ch.disabled, got=dict(got))
+    fm.resume()
+    ft.stop()
+
+    # 4. the profiler: per-function hits equal the workload's calls
+    ft.set_ftrace_filter(None)
+    fm.ring.reset_profile()
+    ft.start("profile")
+    fm.pause()
+    fm.ring.reset_profile()
+    work, trace = fm.window(2)
+    prof = Counter({ft.name(a): n for a, n in fm.ring.profile().items() if n})
+    want = expected_hits(work, ft, {rec.name for rec in ft.records})
+    r.case("function profiler: hits per function equal the workload's calls",
+           prof == want and not trace, profile=dict(prof))
+    fm.resume()
+
+    # 5. overruns: a ring nobody reads fills up; every dropped event counted
+    ft.update_ftrace_func("function")
+    fm.pause()
+    fm.read_trace()
+    fm.ring.reset()
+    fm.resume()
+    size = fm.ring.size
+    fm.run_until(lambda: min(fm.ring.hits_per_cpu()[c] for c in cpus) >= size + 64, read=False)
+    fm.pause(read=False)
+    hits, over = fm.ring.hits(), fm.ring.overruns
+    got = len(fm.ring.drain())
+    r.case("a full ring counts what it drops: entries + overruns == hits",
+           over > 0 and got + over == hits and max(fm.ring.pending(c) for c in cpus) == 0,
+           hits=hits, entries=got, overruns=over)
+    r.overruns = over
+    fm.ring.reset()
+    fm.resume()
+    ft.stop()
+    r.case("stopped: every site restored, ftrace_call back on ftrace_stub",
+           fm.sites_now() == fm.sites_at_boot and ft.func == "none")
+    fm.wait_passes(1)
+    r.entries = len(fm.trace)
+    r.oopses = fm.oopses
+    r.bad = fm.bad()
+    r.syncs = core.stats.syncs - s0
+    r.batches = core.stats.batches - b0
+    return r
