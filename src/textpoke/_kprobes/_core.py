@@ -1,0 +1,804 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""kprobes, kretprobes and optimised kprobes on a :class:`TextPoke`.
+
+:class:`Kprobes` owns every probe of one machine: ``register_kprobe`` puts
+an INT3 on an instruction boundary (checked by decoding from the start of
+the function), ``kprobe_int3_handler`` -- on the machine's INT3 chain at
+``TrapPriority.KPROBES``, after the text-poke handler, as ``do_int3``
+orders them -- runs the pre-handlers and then performs the probed
+instruction:
+
+* CALL, JMP, Jcc, RET, LOOP/JRCXZ, indirect CALL/JMP through a register,
+  CLI/STI are **emulated** on the trap's registers (``prepare_emulation``);
+* anything else is **executed out of line** from an instruction slot in
+  execmem holding a copy of the instruction (a RIP-relative displacement
+  re-targeted so that it reaches the same data) followed by an INT3.  The
+  trap returns into the slot; the second INT3 stands for the single-step
+  trap (the kernel replaced TF single-stepping by exactly this INT3 in
+  5.14): its handler moves ``ip`` back to the instruction after the
+  original and runs the post-handlers.  A probe without post-handler on a
+  "boostable" instruction gets a JMP back instead of the INT3, as the
+  kernel's non-preemptible build does: one trap per hit instead of two.
+
+Calls are always emulated, so the return address a callee sees is the
+original one (the "fixed" return address of the old single-step model).
+
+kretprobes put an entry probe on the function (its first instruction;
+with a bare symbol name, the one after the fentry NOP) that swaps the
+return address on the stack for a trampoline in execmem -- an INT3 -- and
+remembers the real one per CPU.  The trampoline's trap runs the return
+handler with ``regs.gprs["rax"]`` (the return value) and ``ip`` = the real
+return address, and resumes there.
+
+Optimised probes: see :mod:`._opt`.  Optimising and unoptimising go
+through the SMP batch; while a site is in flux the text-poke handler
+emulates the JMP32 to the detour (an unoptimise passes that JMP as the
+instruction to emulate, as 5.5's ``arch_unoptimize_kprobe`` did with
+``text_poke_bp``'s *emulate*), so every call runs the handler exactly once
+whichever way it goes.
+
+Before the JMP32 is written, INT3 hits are sent to the detour and the
+machine runs until every CPU has been seen outside the bytes about to be
+overwritten and out of the instruction slot (the kernel's
+``synchronize_rcu_tasks``); slots and detours are freed after the same
+wait.
+
+**fentry**: a probe on the fentry NOP is refused (the kernel without
+``KPROBES_ON_FTRACE``); a bare symbol name means the first instruction
+after the NOP, as ``arch_adjust_kprobe_addr`` skips ENDBR.
+
+Learnt from ``arch/x86/kernel/kprobes/{core,opt}.c`` and
+``kernel/kprobes.c`` (Linux 6.12); the code is our own.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from .._core._emulate import PtRegs
+from .._core._insn import (INT3_INSN_OPCODE, JMP32_INSN_OPCODE, Insn, insn_decode_kernel,
+                           text_gen_insn)
+from .._core._machine import TrapPriority, WaitUntil
+from .._errors import BadInstructionError, TextPokeError
+from .._execmem import ExecMem
+from ._insn import Emulation, can_boost, prepare_emulation, relocate
+from ._opt import (DETOUR_SIZE, FRAME_REGS, RELATIVEJUMP_SIZE, Detour, OptError, check_displaced,
+                   check_function, check_reach, detour_code)
+
+__all__ = ["Kprobes", "Kprobe", "Kretprobe", "KretprobeInstance", "KprobeError", "KprobeStats"]
+
+_SLOT_SIZE = 32
+_TRAMP_SIZE = 16
+_EXECMEM_SHARE = 256 * 1024        # the top of execmem is ours unless an allocator is given
+_SPEC = re.compile(r"^\s*([A-Za-z_.$][\w.$]*)\s*(?:\+\s*(0x[0-9a-fA-F]+|\d+))?\s*$")
+
+PreHandler = Callable[["Kprobe", PtRegs], Any]
+PostHandler = Callable[["Kprobe", PtRegs, int], Any]
+
+
+class KprobeError(TextPokeError, ValueError):
+    """A probe refused; the text is unchanged.  ``reason`` is one of
+    ``symbol``, ``boundary``, ``int3``, ``reserved``, ``fentry``,
+    ``unsupported``, ``busy``, ``entry``, ``optimize``."""
+
+    def __init__(self, msg: str, *, reason: str, addr: int = 0) -> None:
+        super().__init__(msg)
+        self.reason, self.addr = reason, addr
+
+
+@dataclass(eq=False)
+class Kprobe:
+    symbol: str
+    offset: int
+    addr: int
+    pre_handler: PreHandler | None = None
+    post_handler: PostHandler | None = None
+    nhit: int = 0
+    registered: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.symbol}+{self.offset:#x}"
+
+
+@dataclass(eq=False)
+class Kretprobe:
+    kp: Kprobe
+    handler: Callable[["KretprobeInstance", PtRegs], Any] | None
+    entry_handler: Callable[["KretprobeInstance", PtRegs], Any] | None
+    maxactive: int
+    nmissed: int = 0
+    nhit: int = 0
+    registered: bool = False
+
+
+@dataclass(eq=False)
+class KretprobeInstance:
+    rp: Kretprobe
+    ret_addr: int
+    slot: int                   # stack address holding the (swapped) return address
+    cpu: int
+    data: dict = field(default_factory=dict)
+
+
+@dataclass
+class KprobeStats:
+    hits: int = 0               # INT3 hits at probe sites
+    emulated: int = 0
+    single_stepped: int = 0     # slot runs ending in the second INT3
+    boosted: int = 0            # slot runs ending in a JMP back
+    detour_hits: int = 0        # handler calls from a detour buffer
+    ret_hits: int = 0           # trampoline traps
+    optimized: int = 0
+    unoptimized: int = 0
+    quiesce_waits: int = 0
+
+
+@dataclass(eq=False)
+class _Site:
+    addr: int
+    insn: Insn
+    orig: bytes                 # the original first byte
+    func: tuple[str, int, int]  # name, start, size
+    emulate: Emulation | None
+    probes: list[Kprobe] = field(default_factory=list)
+    slot: int | None = None
+    boosted: bool = False
+    detour: Detour | None = None
+    displaced: bytes = b""      # original bytes under the JMP32 (its length: detour.length)
+    optimized: bool = False
+    redirect: bool = False      # INT3 hits go to the detour (while optimising)
+
+
+def _s64(v: int) -> int:
+    return v - (1 << 64) if v >> 63 else v
+
+
+class Kprobes:
+    """The probes of one machine.  ``Kprobes(core, image)``; optional
+    reservation sources: *smp* (``BootResult.smp``: alternatives), *keys*
+    (:class:`StaticKeys`), *calls* (:class:`StaticCalls`), *tables* (for
+    ``__mcount_loc``).  *execmem*: where slots, detours and the kretprobe
+    trampoline go (default: the top 256 KiB of the first execmem range).
+    A context manager; :meth:`close` unregisters everything."""
+
+    def __init__(self, core, image=None, *, tables=None, smp=None, keys=None, calls=None,
+                 execmem: ExecMem | None = None) -> None:
+        self.core = core
+        self.machine = core.machine
+        self.image = image
+        self.smp, self.keys, self.calls = smp, keys, calls
+        self.functions: dict[str, tuple[int, int]] = {}
+        if image is not None:
+            for n, a in image.symbols.items():
+                sz = image.sizes.get(n, 0)
+                if sz > 0 and self.machine.is_text(a):
+                    self.functions[n] = (a, sz)
+            if tables is None:
+                from ..images._tables import read_tables
+                tables = read_tables(image)
+        self.fentry: frozenset[int] = frozenset(m.addr for m in tables.mcount_loc) \
+            if tables is not None else frozenset()
+        if execmem is None:
+            rng = next(r for r in self.machine.text_ranges if not r.core)
+            execmem = ExecMem(core, start=rng.end - _EXECMEM_SHARE, end=rng.end)
+        self.execmem = execmem
+        self.stats = KprobeStats()
+        self._sites: dict[int, _Site] = {}
+        self._slots: dict[int, _Site] = {}       # second-INT3 address -> site
+        self._detours: dict[int, _Site] = {}     # detour's handler INT3 -> site
+        self._instances: dict[int, list[KretprobeInstance]] = {}
+        self._tramp: int | None = None
+        self._current: dict[int, list[Kprobe]] = {}
+        self.kretprobes: list[Kretprobe] = []
+        self._closed = False
+        self._handle = self.machine.register_trap_handler(
+            self.kprobe_int3_handler, priority=TrapPriority.KPROBES, name="kprobe_int3_handler")
+
+    @classmethod
+    def for_clients(cls, cm, **kw) -> "Kprobes":
+        """For a :class:`ClientMachine`: its core, image and reservations."""
+        return cls(cm.core, cm.image, tables=cm.tables, smp=getattr(cm.boot, "smp", None),
+                   keys=cm.keys, calls=cm.calls, **kw)
+
+    # ------------------------------------------------------------ lifetime
+    def __enter__(self) -> "Kprobes":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Unregister every probe (text restored), free slots and detours;
+        the trampoline stays while kretprobe instances are pending (their
+        returns still need it).  Idempotent."""
+        if self._closed or self.machine.closed:
+            self._closed = True
+            return
+        self._closed = True
+        for rp in list(self.kretprobes):
+            if rp.registered:
+                self.unregister_kretprobe(rp)
+        probes = [p for s in self._sites.values() for p in s.probes]
+        if probes:
+            self.unregister_kprobes(probes)
+        if not any(self._instances.values()):
+            if self._tramp is not None:
+                self.execmem.free(self._tramp)
+                self._tramp = None
+            self._handle.unregister()
+
+    @property
+    def probes(self) -> list[Kprobe]:
+        return [p for s in self._sites.values() for p in s.probes]
+
+    def add_function(self, name: str, addr: int, size: int) -> None:
+        """Make generated code (execmem) probe-able by name."""
+        self.machine.text_range_of(addr, size)
+        self.functions[name] = (addr, size)
+
+    # ------------------------------------------------------------ lookup
+    def function_at(self, addr: int) -> tuple[str, int, int] | None:
+        best = None
+        for n, (a, sz) in self.functions.items():
+            if a <= addr < a + sz and (best is None or a > best[1]):
+                best = (n, a, sz)
+        return best
+
+    def resolve(self, spec: "str | int") -> tuple[str, int, int, int]:
+        """``symbol[+off]`` or an address -> (symbol, offset, addr, size of
+        the function).  A bare symbol whose first instruction is the fentry
+        NOP means the instruction after it."""
+        if isinstance(spec, int):
+            f = self.function_at(spec)
+            if f is None:
+                raise KprobeError(f"{spec:#x} is not inside a known function", reason="symbol",
+                                  addr=spec)
+            return f[0], spec - f[1], spec, f[2]
+        m = _SPEC.match(spec)
+        if not m:
+            raise KprobeError(f"cannot parse probe point {spec!r} (want SYMBOL[+OFFSET])",
+                              reason="symbol")
+        name = m.group(1)
+        if name not in self.functions:
+            raise KprobeError(f"no function {name!r}", reason="symbol")
+        start, size = self.functions[name]
+        if m.group(2) is None:
+            off = 5 if start in self.fentry else 0
+        else:
+            off = int(m.group(2), 0)
+        if not 0 <= off < size:
+            raise KprobeError(f"{name}+{off:#x} is outside {name} (size {size:#x})",
+                              reason="symbol", addr=start + off)
+        return name, off, start + off, size
+
+    def _recovered(self, addr: int, size: int) -> bytes:
+        """Text as it was before our probes (``recover_probed_instruction``)."""
+        buf = bytearray(self.machine.text_read(addr, size))
+        for s in self._sites.values():
+            orig = s.displaced if s.optimized else s.orig
+            for i, b in enumerate(orig):
+                if addr <= s.addr + i < addr + size:
+                    buf[s.addr + i - addr] = b
+        return bytes(buf)
+
+    def _decode_function(self, start: int, size: int) -> list[Insn]:
+        code = self._recovered(start, size)
+        out, off = [], 0
+        while off < size:
+            try:
+                ins = insn_decode_kernel(code[off:off + 15] + b"\xcc" * 15, start + off)
+            except BadInstructionError as e:
+                raise KprobeError(f"cannot decode {start + off:#x}: {e}", reason="boundary",
+                                  addr=start + off) from None
+            out.append(ins)
+            off += ins.length
+        return out
+
+    # ------------------------------------------------------------ reservations
+    def text_reserved(self, start: int, end: int) -> str | None:
+        """Who reserves any byte of [start, end] (inclusive): alternatives,
+        jump_label, static_call, ftrace -- or None."""
+        if self.smp is not None:
+            with self.core.text_mutex:
+                if self.smp.text_reserved(start, end):
+                    return "alternatives (LOCK prefix)"
+        if self.keys is not None:
+            for k in self.keys.keys.values():
+                for s in k.sites:
+                    c = s.entry.code
+                    if c <= end and start < c + s.size:
+                        return f"jump_label ({k.name})"
+        if self.calls is not None:
+            for c in self.calls.calls.values():
+                for s in c.sites:
+                    if s.site.addr <= end and start < s.site.addr + 5:
+                        return f"static_call ({c.name} site)"
+                if c.tramp <= end and start < c.tramp + 5:
+                    return f"static_call ({c.name} trampoline)"
+        for a in self.fentry:
+            if a <= end and start < a + 5:
+                return "ftrace (fentry site)"
+        return None
+
+    # ------------------------------------------------------------ register
+    def register_kprobe(self, spec: "str | int", pre_handler: PreHandler | None = None,
+                        post_handler: PostHandler | None = None) -> Kprobe:
+        """Arm a probe at ``symbol[+off]`` (or an address).  KprobeError,
+        text unchanged, when the place cannot be probed."""
+        self._check_open()
+        name, off, addr, _size = self.resolve(spec)
+        p = Kprobe(name, off, addr, pre_handler, post_handler)
+        with self.core.text_mutex:
+            site = self._sites.get(addr)
+            if site is not None:           # an aggregate probe
+                if post_handler is not None and site.optimized:
+                    self._unoptimize([site])
+                site.probes.append(p)
+                p.registered = True
+                return p
+            self._prepare(p)
+        return p
+
+    def register_kprobes(self, specs: Iterable[tuple]) -> list[Kprobe]:
+        """Several at once; on a refusal the ones already armed are
+        unregistered again and the error propagates."""
+        done: list[Kprobe] = []
+        try:
+            for spec in specs:
+                done.append(self.register_kprobe(*spec))
+        except BaseException:
+            if done:
+                self.unregister_kprobes(done)
+            raise
+        return done
+
+    def _prepare(self, p: Kprobe) -> None:
+        addr = p.addr
+        fstart, fsize = self.functions[p.symbol]
+        for s in self._sites.values():
+            if s.optimized and s.addr < addr < s.addr + len(s.displaced):
+                raise KprobeError(f"{p.name} is inside the range of the optimised probe at "
+                                  f"{s.addr:#x}", reason="busy", addr=addr)
+        insns = self._decode_function(fstart, fsize)
+        insn = next((i for i in insns if i.addr == addr), None)
+        if insn is None:
+            raise KprobeError(f"{p.name} ({addr:#x}) is not an instruction boundary of "
+                              f"{p.symbol}", reason="boundary", addr=addr)
+        if insn.opcode[:1] == bytes([INT3_INSN_OPCODE]) or \
+                self.machine.text_read(addr, 1)[0] == INT3_INSN_OPCODE:
+            raise KprobeError(f"{p.name} ({addr:#x}) holds an INT3 (padding, a breakpoint, or "
+                              "a patch in flight)", reason="int3", addr=addr)
+        who = self.text_reserved(addr, addr)
+        if who is not None:
+            raise KprobeError(f"{p.name} ({addr:#x}) is text reserved by {who}",
+                              reason="fentry" if who.startswith("ftrace") else "reserved",
+                              addr=addr)
+        em = prepare_emulation(insn)
+        if isinstance(em, str):
+            raise KprobeError(f"{p.name}: {em} ({insn.text})", reason="unsupported", addr=addr)
+        site = _Site(addr, insn, self.machine.text_read(addr, 1), (p.symbol, fstart, fsize), em)
+        if em is None:
+            slot = self.execmem.alloc(_SLOT_SIZE)
+            try:
+                code = relocate(insn, slot)
+                boost = post_handlerless = p.post_handler is None
+                boost = post_handlerless and can_boost(insn)
+                tail = text_gen_insn(JMP32_INSN_OPCODE, slot + insn.length, addr + insn.length) \
+                    if boost else b"\xcc"
+                self.core.text_poke_copy(slot, (code + tail).ljust(_SLOT_SIZE, b"\xcc"))
+            except (ValueError, BadInstructionError) as e:
+                self.execmem.free(slot)
+                raise KprobeError(f"{p.name}: cannot copy the instruction out of line: {e}",
+                                  reason="unsupported", addr=addr) from None
+            site.slot, site.boosted = slot, boost
+            self._slots[slot + insn.length] = site
+        site.probes.append(p)
+        self._sites[addr] = site
+        try:
+            # arm_kprobe: the INT3, then every CPU serialised
+            self.core.text_poke(addr, bytes([INT3_INSN_OPCODE]))
+            self.core.smp_text_poke_sync_each_cpu()
+        except BaseException:
+            del self._sites[addr]
+            raise
+        p.registered = True
+
+    # ------------------------------------------------------------ unregister
+    def unregister_kprobe(self, p: Kprobe) -> None:
+        self.unregister_kprobes([p])
+
+    def unregister_kprobes(self, probes: Iterable[Kprobe]) -> None:
+        """Disarm (restore the bytes, sync), then wait until no CPU can be
+        in a slot or detour before freeing them."""
+        gone: list[_Site] = []
+        with self.core.text_mutex:
+            restore_opt: list[_Site] = []
+            restore_int3: list[_Site] = []
+            for p in probes:
+                site = self._sites.get(p.addr)
+                if site is None or p not in site.probes:
+                    continue
+                site.probes.remove(p)
+                p.registered = False
+                if site.probes:
+                    continue
+                (restore_opt if site.optimized or site.redirect else restore_int3).append(site)
+            if restore_opt:
+                with self.core.batch():
+                    for s in restore_opt:
+                        jmp = text_gen_insn(JMP32_INSN_OPCODE, s.addr, s.detour.addr)
+                        if s.optimized:
+                            self.core.smp_text_poke_batch_add(s.addr, s.displaced[:RELATIVEJUMP_SIZE],
+                                                              emulate=jmp)
+                for s in restore_opt:
+                    if not s.optimized:
+                        self.core.text_poke(s.addr, s.orig)
+                    s.optimized = s.redirect = False
+            for s in restore_int3:
+                self.core.text_poke(s.addr, s.orig)
+            if restore_int3 or restore_opt:
+                self.core.smp_text_poke_sync_each_cpu()
+            for s in restore_opt + restore_int3:
+                del self._sites[s.addr]
+                gone.append(s)
+        if not gone:
+            return
+        ranges = []
+        for s in gone:
+            if s.slot is not None:
+                ranges.append((s.slot, s.slot + _SLOT_SIZE))
+            if s.detour is not None:
+                ranges.append((s.detour.addr, s.detour.addr + DETOUR_SIZE))
+        if ranges:
+            self._wait_quiescent(ranges, "freeing kprobe slots")
+        for s in gone:
+            if s.slot is not None:
+                self._slots.pop(s.slot + s.insn.length, None)
+                self.execmem.free(s.slot)
+            if s.detour is not None:
+                self._detours.pop(s.detour.call_int3, None)
+                self.execmem.free(s.detour.addr)
+
+    # ------------------------------------------------------------ quiescence
+    def _wait_quiescent(self, ranges: list[tuple[int, int]], why: str) -> None:
+        """Run the machine until every CPU has been seen outside *ranges*
+        and not in a trap (``synchronize_rcu_tasks``).  On a machine that
+        does not show its CPUs' registers, a sync is all we can do."""
+        m = self.machine
+        online = getattr(m, "_online", None)
+        self.stats.quiesce_waits += 1
+        if online is None:
+            self.core.smp_text_poke_sync_each_cpu()
+            return
+        from ..sim._machine import RUN, TRAP
+        seen: set[int] = set()
+
+        def pred() -> bool:
+            for c in m._online:
+                if c.id in seen:
+                    continue
+                if c.state == TRAP:
+                    continue
+                if c.state != RUN:
+                    seen.add(c.id)
+                    continue
+                rip = c.reg("rip")
+                if not any(lo <= rip < hi for lo, hi in ranges):
+                    seen.add(c.id)
+            return all(c.id in seen for c in m._online)
+
+        def task():
+            yield WaitUntil(pred, f"every CPU out of the text ({why})")
+        m.run_task(task())
+
+    # ------------------------------------------------------------ the handler
+    def kprobe_int3_handler(self, regs: PtRegs):
+        """On the INT3 chain after the text-poke handler: a probe hit, the
+        second INT3 of a slot, the kretprobe trampoline, or a detour's
+        handler call.  True when handled."""
+        if False:  # a generator, as the chain wants; nothing here sleeps
+            yield
+        ip = regs.ip - 1
+        site = self._sites.get(ip)
+        if site is not None:
+            return self._hit(site, regs)
+        site = self._slots.get(ip)
+        if site is not None:
+            return self._post(site, regs)
+        if ip == self._tramp:
+            return self._ret_hit(regs)
+        site = self._detours.get(ip)
+        if site is not None:
+            return self._opt_hit(site, regs)
+        return False
+
+    def _hit(self, site: _Site, regs: PtRegs) -> bool:
+        self.stats.hits += 1
+        if site.redirect or site.optimized:
+            # optimising: the detour runs the handlers (or a CPU with a
+            # stale view still saw the INT3 of an optimised site)
+            regs.ip = site.detour.addr
+            return True
+        skip = False
+        for p in list(site.probes):
+            p.nhit += 1
+            if p.pre_handler is not None and p.pre_handler(p, regs):
+                skip = True                 # the handler moved ip itself
+        if skip:
+            return True
+        if site.emulate is not None:
+            site.emulate(regs)
+            self.stats.emulated += 1
+            self._post_handlers(site, regs)
+            return True
+        regs.ip = site.slot
+        if site.boosted:
+            self.stats.boosted += 1
+        else:
+            # kprobe_ctlblk: the probes this CPU is single-stepping for
+            self._current[regs.cpu] = list(site.probes)
+        return True
+
+    def _post(self, site: _Site, regs: PtRegs) -> bool:
+        # the copy ran; resume after the original instruction
+        regs.ip = site.addr + site.insn.length
+        self.stats.single_stepped += 1
+        self._post_handlers(site, regs, self._current.pop(regs.cpu, None))
+        return True
+
+    @staticmethod
+    def _post_handlers(site: _Site, regs: PtRegs, probes: "list[Kprobe] | None" = None) -> None:
+        for p in list(site.probes if probes is None else probes):
+            if p.post_handler is not None:
+                p.post_handler(p, regs, 0)
+
+    def _opt_hit(self, site: _Site, regs: PtRegs) -> bool:
+        n = len(FRAME_REGS)
+        frame = regs.mem.read(regs.sp, 8 * (n + 1))
+        vals = struct.unpack(f"<{n + 1}Q", frame)
+        gprs = {r: vals[n - 1 - i] for i, r in enumerate(FRAME_REGS)}
+        hregs = PtRegs(ip=site.addr + 1, sp=regs.sp + 8 * (n + 1), flags=vals[n],
+                       mem=regs.mem, cpu=regs.cpu, gprs=dict(gprs))
+        self.stats.detour_hits += 1
+        for p in list(site.probes):
+            p.nhit += 1
+            if p.pre_handler is not None:
+                p.pre_handler(p, hregs)
+        out = [hregs.gprs.get(r, gprs[r]) & ((1 << 64) - 1) for r in reversed(FRAME_REGS)]
+        out.append(hregs.flags & ((1 << 64) - 1))
+        if out != list(vals):
+            regs.mem.write(regs.sp, struct.pack(f"<{n + 1}Q", *out))
+        return True
+
+    # ------------------------------------------------------------ kretprobes
+    def _ensure_trampoline(self) -> int:
+        if self._tramp is None:
+            t = self.execmem.alloc(_TRAMP_SIZE)
+            self.core.text_poke_copy(t, b"\xcc" * _TRAMP_SIZE)
+            self._tramp = t
+        return self._tramp
+
+    @property
+    def trampoline(self) -> int | None:
+        return self._tramp
+
+    def register_kretprobe(self, spec: "str | int",
+                           handler: Callable[[KretprobeInstance, PtRegs], Any] | None = None,
+                           entry_handler: Callable[[KretprobeInstance, PtRegs], Any] | None = None,
+                           maxactive: int | None = None) -> Kretprobe:
+        """Return probe on a function (at its entry: offset 0, or the first
+        instruction after the fentry NOP)."""
+        self._check_open()
+        name, off, addr, _size = self.resolve(spec)
+        start = self.functions[name][0]
+        if not (off == 0 or (off == 5 and start in self.fentry)):
+            raise KprobeError(f"{name}+{off:#x} is not the entry of {name}: a kretprobe "
+                              "needs the return address on top of the stack", reason="entry",
+                              addr=addr)
+        self._ensure_trampoline()
+        rp = Kretprobe(None, handler, entry_handler,
+                       maxactive if maxactive is not None else 2 * max(1, len(self.machine.cpus)))
+        rp.kp = self.register_kprobe(addr, lambda p, regs: self._ret_entry(rp, regs))
+        rp.registered = True
+        self.kretprobes.append(rp)
+        return rp
+
+    def unregister_kretprobe(self, rp: Kretprobe) -> None:
+        """Instances in flight still return through the trampoline (to the
+        right place) but no longer run the handler."""
+        if rp.registered:
+            rp.registered = False
+            self.unregister_kprobe(rp.kp)
+            self.kretprobes.remove(rp)
+
+    def pending_instances(self) -> int:
+        return sum(len(v) for v in self._instances.values())
+
+    def _ret_entry(self, rp: Kretprobe, regs: PtRegs) -> bool:
+        insts = self._instances.setdefault(regs.cpu, [])
+        if sum(1 for i in insts if i.rp is rp) >= rp.maxactive:
+            rp.nmissed += 1
+            return False
+        ret = int.from_bytes(regs.mem.read(regs.sp, 8), "little")
+        ri = KretprobeInstance(rp, ret, regs.sp, regs.cpu)
+        if rp.entry_handler is not None and rp.entry_handler(ri, regs):
+            return False
+        regs.mem.write(regs.sp, self._tramp.to_bytes(8, "little"))
+        insts.append(ri)
+        return False
+
+    def _ret_hit(self, regs: PtRegs) -> bool:
+        insts = self._instances.get(regs.cpu, [])
+        slot = regs.sp - 8
+        for i in range(len(insts) - 1, -1, -1):
+            if insts[i].slot == slot:
+                break
+        else:
+            return False        # not ours: an oops, as a stray trampoline return should be
+        ri = insts[i]
+        del insts[i:]           # deeper instances never returned (their stack is gone)
+        self.stats.ret_hits += 1
+        regs.ip = ri.ret_addr
+        rp = ri.rp
+        if rp.registered:
+            rp.nhit += 1
+            if rp.handler is not None:
+                rp.handler(ri, regs)
+        regs.ip = ri.ret_addr
+        return True
+
+    # ------------------------------------------------------------ optimisation
+    def optimize_kprobe(self, p: Kprobe) -> None:
+        self.optimize_kprobes([p])
+
+    def optimize_kprobes(self, probes: Iterable[Kprobe]) -> None:
+        """Turn the INT3 of each probe into a JMP32 to a detour buffer, all
+        in one batch.  KprobeError (reason ``optimize``) when one cannot
+        be, with nothing changed."""
+        self._check_open()
+        with self.core.text_mutex:
+            sites: list[_Site] = []
+            for p in probes:
+                site = self._sites.get(p.addr)
+                if site is None or p not in site.probes:
+                    raise KprobeError(f"{p.name} is not registered", reason="optimize", addr=p.addr)
+                if not site.optimized and site not in sites:
+                    sites.append(site)
+            new_detours: list[_Site] = []
+            try:
+                for s in sites:
+                    if s.detour is None:
+                        self._prepare_detour(s)
+                        new_detours.append(s)
+            except BaseException:
+                for s in new_detours:
+                    self._detours.pop(s.detour.call_int3, None)
+                    self.execmem.free(s.detour.addr)
+                    s.detour, s.displaced = None, b""
+                raise
+            if not sites:
+                return
+            for s in sites:
+                s.redirect = True
+            ranges = []
+            for s in sites:
+                ranges.append((s.addr + 1, s.addr + len(s.displaced)))
+                if s.slot is not None:
+                    ranges.append((s.slot, s.slot + _SLOT_SIZE))
+            try:
+                self._wait_quiescent(ranges, "optimising kprobes")
+                with self.core.batch():
+                    for s in sites:
+                        self.core.smp_text_poke_batch_add(
+                            s.addr, text_gen_insn(JMP32_INSN_OPCODE, s.addr, s.detour.addr))
+            except BaseException:
+                for s in sites:
+                    s.redirect = False
+                    s.optimized = self.machine.text_read(s.addr, 1)[0] == JMP32_INSN_OPCODE
+                raise
+            for s in sites:
+                s.optimized, s.redirect = True, False
+                self.stats.optimized += 1
+
+    def _prepare_detour(self, s: _Site) -> None:
+        name, fstart, fsize = s.func
+        addr = s.addr
+        why = None
+        if any(p.post_handler is not None for p in s.probes):
+            why = "a probe with a post-handler is not optimised (the detour has no single-step)"
+        elif fstart + fsize - addr < RELATIVEJUMP_SIZE:
+            why = (f"only {fstart + fsize - addr} bytes to the end of {name}: a JMP32 needs "
+                   f"{RELATIVEJUMP_SIZE}")
+        if why:
+            raise KprobeError(f"cannot optimise {name}+{addr - fstart:#x}: {why}",
+                              reason="optimize", addr=addr)
+        insns = self._decode_function(fstart, fsize)
+        try:
+            check_function(insns, addr)
+            disp: list[Insn] = []
+            n = 0
+            for ins in insns:
+                if ins.addr < addr:
+                    continue
+                if n >= RELATIVEJUMP_SIZE:
+                    break
+                disp.append(ins)
+                n += ins.length
+            if n < RELATIVEJUMP_SIZE or addr + n > fstart + fsize:
+                raise OptError(f"the instructions from {addr:#x} to the end of {name} are "
+                               f"shorter than {RELATIVEJUMP_SIZE} bytes")
+            check_displaced(disp)
+            for other in self._sites.values():
+                if other is not s and addr < other.addr < addr + n:
+                    raise OptError(f"another probe at {other.addr:#x} is inside the range")
+            who = self.text_reserved(addr, addr + n - 1)
+            if who is not None:
+                raise OptError(f"[{addr:#x}, {addr + n:#x}) is text reserved by {who}")
+            buf = self._alloc_detour()
+            try:
+                check_reach(addr, buf)
+                det = detour_code(buf, addr, disp)
+                self.core.text_poke_copy(buf, det.code.ljust(DETOUR_SIZE, b"\xcc"))
+            except BaseException:
+                self.execmem.free(buf, invalidate=False)
+                raise
+        except OptError as e:
+            raise KprobeError(f"cannot optimise {name}+{addr - fstart:#x}: {e}",
+                              reason="optimize", addr=addr) from None
+        s.detour = det
+        s.displaced = self._recovered(addr, n)
+        self._detours[det.call_int3] = s
+
+    def _alloc_detour(self) -> int:
+        return self.execmem.alloc(DETOUR_SIZE)
+
+    def unoptimize_kprobe(self, p: Kprobe) -> None:
+        self.unoptimize_kprobes([p])
+
+    def unoptimize_kprobes(self, probes: Iterable[Kprobe]) -> None:
+        """Back to INT3 probes, in one batch: each site gets INT3 plus its
+        original bytes, and a CPU that reaches it meanwhile emulates the
+        JMP32 to the detour (which stays until unregistration)."""
+        self._check_open()
+        with self.core.text_mutex:
+            sites = []
+            for p in probes:
+                s = self._sites.get(p.addr)
+                if s is not None and s.optimized and s not in sites:
+                    sites.append(s)
+            self._unoptimize(sites)
+
+    def _unoptimize(self, sites: list[_Site]) -> None:
+        if not sites:
+            return
+        with self.core.batch():
+            for s in sites:
+                new = bytes([INT3_INSN_OPCODE]) + s.displaced[1:RELATIVEJUMP_SIZE]
+                jmp = text_gen_insn(JMP32_INSN_OPCODE, s.addr, s.detour.addr)
+                self.core.smp_text_poke_batch_add(s.addr, new, emulate=jmp)
+        for s in sites:
+            s.optimized = False
+            self.stats.unoptimized += 1
+
+    def is_optimized(self, p: Kprobe) -> bool:
+        s = self._sites.get(p.addr)
+        return bool(s and s.optimized)
+
+    def site_info(self, p: Kprobe) -> dict:
+        s = self._sites.get(p.addr)
+        if s is None:
+            return {}
+        how = "optimized" if s.optimized else ("emulated" if s.emulate is not None else
+                                               ("boosted" if s.boosted else "single-step"))
+        return {"addr": s.addr, "insn": s.insn.text, "how": how, "slot": s.slot,
+                "detour": s.detour.addr if s.detour else None,
+                "displaced": len(s.displaced) if s.detour else 0}
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TextPokeError("this Kprobes is closed")
+        self.machine._check_open()

@@ -1,0 +1,367 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""kprobes, kretprobes and optimised kprobes on 4 running vCPUs: the cases
+of lib/test_kprobes.c, out-of-line execution and emulation, an optimised
+probe counted against a guest counter across optimise/unoptimise, and
+every refusal rule with the text unchanged."""
+
+from __future__ import annotations
+
+import pytest
+
+from textpoke import TrapPriority
+from textpoke._alternative._smp_locks import SmpAltModule, SmpAlternatives
+from textpoke._kprobes import KprobeError, Kprobes
+from textpoke._kprobes._guest import DIV_FACTOR, HELPER_ADD, OPT_K, build_guest_functions
+from textpoke.sim._clients_demo import ClientMachine
+
+RAND1 = 0x2F5A_1C37          # lib/test_kprobes.c draws rand1 at random; any u32 > 0 will do
+
+
+@pytest.fixture
+def rig():
+    with ClientMachine(cpus=4, seed=7) as cm:
+        kp = Kprobes.for_clients(cm)
+        g = build_guest_functions(kp, cm.sim)
+        yield cm, kp, g
+        kp.close()
+        assert cm.oopses == 0
+
+
+def _text(cm, g, name):
+    a, n = g.funcs[name]
+    return cm.sim.text_read(a, n)
+
+
+def _per_cpu(hits):
+    return {h[0] for h in hits}
+
+
+def test_trap_chain_order(rig):
+    cm, kp, _g = rig
+    chain = cm.sim.trap_handlers
+    assert chain.index(cm.core.smp_text_poke_int3_handler) < chain.index(kp.kprobe_int3_handler)
+    assert kp._handle.priority == TrapPriority.KPROBES
+
+
+def test_kprobe_pre_post_handler_values(rig):
+    """test_kprobe: the pre-handler runs before the probed instruction, the
+    post-handler after it (out of line), on every CPU, and the function
+    still returns rand1 / div_factor."""
+    cm, kp, g = rig
+    i = cm.add_probe("kprobe_target", addr=g.addr("kprobe_target"), arg=RAND1,
+                     allow=[RAND1 // DIV_FACTOR])
+    cm.start()
+    cm.wait_passes(1)
+    pre, post = [], []
+
+    def pre_h(p, regs):
+        pre.append((regs.cpu, regs.ip, regs.gprs["rdi"] & 0xFFFFFFFF))
+
+    def post_h(p, regs, flags):
+        # `mov eax, edi` has run: eax holds the argument now
+        post.append((regs.cpu, regs.ip, regs.gprs["rax"] & 0xFFFFFFFF))
+
+    p = kp.register_kprobe("kprobe_target", pre_h, post_h)
+    assert kp.site_info(p)["how"] == "single-step"
+    assert cm.sim.text_read(p.addr, 1) == b"\xcc"
+    assert cm.wait_passes(3)
+    kp.unregister_kprobe(p)
+    assert not cm.expect({i: RAND1 // DIV_FACTOR})
+    assert pre and len(pre) == len(post) == p.nhit
+    assert _per_cpu(pre) == set(cm.sim.cpus)
+    assert all(ip == p.addr + 1 and rdi == RAND1 for _c, ip, rdi in pre)
+    assert all(ip == p.addr + 2 and rax == RAND1 for _c, ip, rax in post)
+    assert cm.bad() == [] and cm.oopses == 0
+    assert kp.stats.single_stepped >= len(post)
+
+
+def test_kprobes_register_unregister_several(rig):
+    """test_kprobes: two probes registered together, both hit; after
+    unregistering, the text is the original and they are hit no more."""
+    cm, kp, g = rig
+    before = {n: _text(cm, g, n) for n in ("kprobe_target", "kprobe_target2")}
+    i1 = cm.add_probe("kprobe_target", addr=g.addr("kprobe_target"), arg=RAND1,
+                      allow=[RAND1 // DIV_FACTOR])
+    i2 = cm.add_probe("kprobe_target2", addr=g.addr("kprobe_target2"), arg=RAND1,
+                      allow=[RAND1 // DIV_FACTOR + 1])
+    cm.start()
+    seen = {}
+
+    def pre(p, regs):
+        seen[p.name] = seen.get(p.name, 0) + 1
+
+    def post(p, regs, flags):
+        seen[p.name + "/post"] = seen.get(p.name + "/post", 0) + 1
+
+    ps = kp.register_kprobes([("kprobe_target", pre, post), ("kprobe_target2+4", pre, post)])
+    assert cm.wait_passes(3)
+    kp.unregister_kprobes(ps)
+    n = dict(seen)
+    assert n["kprobe_target+0x0"] > 0 and n["kprobe_target2+0x4"] > 0
+    assert n["kprobe_target+0x0"] == n["kprobe_target+0x0/post"]
+    assert n["kprobe_target2+0x4"] == n["kprobe_target2+0x4/post"]
+    assert {k: _text(cm, g, k) for k in before} == before
+    assert cm.wait_passes(2)
+    assert seen == n                      # unregistered: no more hits
+    assert not cm.expect({i1: RAND1 // DIV_FACTOR, i2: RAND1 // DIV_FACTOR + 1})
+    assert not kp.probes and cm.oopses == 0
+
+
+@pytest.mark.parametrize("off,how", [(0, "boosted"), (2, "single-step"), (9, "emulated"),
+                                     (14, "single-step"), (25, "emulated")])
+def test_each_kind_of_instruction(rig, off, how):
+    """kp_opt_target: xor (boosted copy), a RIP-relative load (copy with
+    its displacement re-targeted), a CALL (emulated: the callee sees the
+    original return address), LOCK INC of a RIP-relative counter, RET."""
+    cm, kp, g = rig
+    i = cm.add_probe("kp_opt_target", addr=g.addr("kp_opt_target"), arg=11,
+                     allow=[11 + OPT_K + HELPER_ADD])
+    cm.start()
+    post = [] if how != "boosted" else None
+    p = kp.register_kprobe(f"kp_opt_target+{off}", lambda p, r: None,
+                           (lambda p, r, f: post.append(r.ip)) if post is not None else None)
+    assert kp.site_info(p)["how"] == how
+    assert cm.wait_passes(3)
+    kp.unregister_kprobe(p)               # waits until no CPU is in the slot
+    assert p.nhit >= 4
+    if post is not None:
+        assert len(post) == p.nhit
+        want = {2: {p.addr + 7}, 9: {g.addr("kp_helper")}, 14: {p.addr + 8}}.get(off)
+        if want is None:      # RET: back in the caller
+            loop = cm.sym("client_loop")
+            assert all(loop < ip < loop + cm.image.sizes["client_loop"] for ip in post)
+        else:
+            assert set(post) == want
+    assert not cm.expect({i: 11 + OPT_K + HELPER_ADD})
+    assert cm.bad() == [] and cm.oopses == 0
+
+
+def test_jcc_emulated_both_ways(rig):
+    cm, kp, g = rig
+    ipos = cm.add_probe("kp_abs", addr=g.addr("kp_abs"), arg=5, allow=[5])
+    ineg = cm.add_probe("kp_abs", addr=g.addr("kp_abs"), arg=-6, allow=[6])
+    cm.start()
+    after = []
+    p = kp.register_kprobe("kp_abs+3", None, lambda p, r, f: after.append(r.ip))
+    assert kp.site_info(p)["how"] == "emulated"
+    assert cm.wait_passes(3)
+    kp.unregister_kprobe(p)
+    a = g.addr("kp_abs")
+    assert set(after) == {a + 5, a + 9}      # not taken, taken
+    assert not cm.expect({ipos: 5, ineg: 6})
+
+
+def test_kretprobe_return_values(rig):
+    """test_kretprobe / test_kretprobes: the return handler sees the return
+    value, the function returns to its real caller."""
+    cm, kp, g = rig
+    i1 = cm.add_probe("kprobe_target", addr=g.addr("kprobe_target"), arg=RAND1,
+                      allow=[RAND1 // DIV_FACTOR])
+    i2 = cm.add_probe("kprobe_target2", addr=g.addr("kprobe_target2"), arg=RAND1,
+                      allow=[RAND1 // DIV_FACTOR + 1])
+    cm.start()
+    got = {1: [], 2: []}
+    entries = []
+
+    def entry(ri, regs):
+        entries.append(ri.ret_addr)
+        ri.data["arg"] = regs.gprs["rdi"]
+
+    rp1 = kp.register_kretprobe("kprobe_target", lambda ri, r: got[1].append(
+        (r.gprs["rax"], ri.data["arg"], r.ip == ri.ret_addr)), entry)
+    rp2 = kp.register_kretprobe("kprobe_target2", lambda ri, r: got[2].append(
+        (r.gprs["rax"], None, r.ip == ri.ret_addr)))
+    assert cm.wait_passes(3)
+    kp.unregister_kretprobe(rp1)
+    kp.unregister_kretprobe(rp2)
+    assert got[1] and got[2]
+    assert all(v == (RAND1 // DIV_FACTOR, RAND1, True) for v in got[1])
+    assert all(v == (RAND1 // DIV_FACTOR + 1, None, True) for v in got[2])
+    assert rp1.nhit == len(got[1]) and rp2.nhit == len(got[2])
+    loop = cm.sym("client_loop")
+    assert all(loop <= a < loop + cm.image.sizes["client_loop"] for a in entries)
+    assert cm.wait_passes(2)
+    assert kp.pending_instances() == 0
+    assert not cm.expect({i1: RAND1 // DIV_FACTOR, i2: RAND1 // DIV_FACTOR + 1})
+    assert cm.oopses == 0
+
+
+def test_kretprobe_on_image_function_skips_fentry(rig):
+    cm, kp, _g = rig
+    a = cm.sym("sc_func_a")
+    assert a in kp.fentry
+    i = cm.add_probe("sc_func_a", arg=41, allow=[42])
+    cm.start()
+    rv = []
+    rp = kp.register_kretprobe("sc_func_a", lambda ri, r: rv.append(r.gprs["rax"]))
+    assert rp.kp.addr == a + 5
+    assert cm.wait_passes(3)
+    kp.unregister_kretprobe(rp)
+    assert rv and set(rv) == {42}
+    assert not cm.expect({i: 42})
+
+
+def test_optimized_kprobe_counts_every_call(rig):
+    """An optimised probe on kp_opt_target (RIP-relative load in the
+    displaced range, a CALL right after it): every CPU computes x + 1007,
+    and the handler count equals the guest's own call counter, across
+    optimise/unoptimise while the CPUs run it."""
+    cm, kp, g = rig
+    want = 3 + OPT_K + HELPER_ADD
+    i = cm.add_probe("kp_opt_target", addr=g.addr("kp_opt_target"), arg=3, allow=[want])
+    cm.disable_probe(i)
+    cm.start()
+    seen = []
+
+    def handler(p, regs):
+        seen.append((regs.cpu, regs.ip, regs.gprs["rdi"]))
+
+    p = kp.register_kprobe("kp_opt_target", handler)
+    cm.sim.mem_write(g.counter, bytes(8))
+    for c in cm.sim.cpus:
+        cm._w(cm._slot(c, i, 0), g.addr("kp_opt_target"))     # enable the probe slot again
+    assert cm.wait_passes(2)
+    states = []
+    batches0 = cm.core.stats.batches
+    for _ in range(3):
+        kp.optimize_kprobe(p)
+        states.append(kp.site_info(p)["how"])
+        assert cm.sim.text_read(p.addr, 1) == b"\xe9"
+        assert cm.wait_passes(2)
+        kp.unoptimize_kprobe(p)
+        states.append(kp.site_info(p)["how"])
+        assert cm.sim.text_read(p.addr, 1) == b"\xcc"
+        assert cm.wait_passes(2)
+    assert cm.core.stats.batches - batches0 == 6
+    assert states == ["optimized", "boosted"] * 3
+    assert kp.site_info(p)["displaced"] == 9       # xor + the RIP-relative mov
+    kp.optimize_kprobe(p)
+    assert cm.wait_passes(2)
+    cm.disable_probe(i)
+    assert cm.wait_passes(2)                        # nobody is inside the function now
+    calls = g.opt_calls(cm.sim)
+    assert calls > 0 and len(seen) == calls == p.nhit
+    assert kp.stats.detour_hits > 0 and kp.stats.hits > 0
+    assert all(ip == p.addr + 1 and rdi == 3 for _c, ip, rdi in seen)
+    assert {c for c, _ip, _r in seen} == set(cm.sim.cpus)
+    assert cm.calls_made(i) == calls
+    kp.unregister_kprobe(p)
+    assert _text(cm, g, "kp_opt_target")[:9] == bytes.fromhex("31c0488b05") + \
+        cm.sim.text_read(g.addr("kp_opt_target") + 5, 4)
+    assert cm.bad() == [] and cm.oopses == 0
+
+
+def test_optimized_handler_changes_registers(rig):
+    """The detour restores what the handler wrote into the saved frame."""
+    cm, kp, g = rig
+    i = cm.add_probe("kp_opt_target", addr=g.addr("kp_opt_target"), arg=3, allow=[3 + 1007, 103 + 1007])
+    cm.start()
+    p = kp.register_kprobe("kp_opt_target", lambda p, r: r.gprs.__setitem__("rdi", 103))
+    kp.optimize_kprobe(p)
+    assert not cm.expect({i: 103 + OPT_K + HELPER_ADD})
+    kp.unregister_kprobe(p)
+    assert not cm.expect({i: 3 + OPT_K + HELPER_ADD})
+
+
+# ---------------------------------------------------------------- refusals
+def _refused(cm, kp, spec, reason, span, *, post=None, match=None):
+    a, n = span
+    before = cm.sim.text_read(a, n)
+    with pytest.raises(KprobeError, match=match) as ei:
+        kp.register_kprobe(spec, lambda p, r: None, post)
+    assert ei.value.reason == reason, str(ei.value)
+    assert cm.sim.text_read(a, n) == before
+    assert not kp.probes
+
+
+def test_refusals_leave_text_unchanged(rig):
+    cm, kp, g = rig
+    cm.start()
+    cm.wait_passes(1)
+    tgt = g.funcs["kp_opt_target"]
+    _refused(cm, kp, "kp_opt_target+1", "boundary", tgt)          # inside the xor
+    _refused(cm, kp, "kp_opt_target+5", "boundary", tgt)          # inside the mov
+    _refused(cm, kp, "kp_int3_range+3", "int3", g.funcs["kp_int3_range"])
+    _refused(cm, kp, "no_such_function", "symbol", tgt)
+    sc = cm.sym("sc_func_a")
+    _refused(cm, kp, "sc_func_a+0", "fentry", (sc, 16))           # the fentry NOP
+    # a LOCK prefix the SMP alternatives own: on 4 possible CPUs the boot
+    # registered none (as the kernel), so register the image's as a UP boot does
+    smp = SmpAlternatives(cm.core)
+    locks = tuple(sorted(lk.addr for lk in cm.tables.smp_locks))
+    text = cm.sim.text_ranges[0]
+    smp.modules.append(SmpAltModule("vmlinux", locks, (text.start, text.end)))
+    kp.smp = smp
+    lock = next(a for a in locks if kp.function_at(a))
+    f = kp.function_at(lock)
+    _refused(cm, kp, f"{f[0]}+{lock - f[1]}", "reserved", (f[1], f[2]), match="alternatives")
+    # a jump-label site
+    site = next(s.entry.code for k in cm.keys.keys.values() for s in k.sites
+                if kp.function_at(s.entry.code))
+    f = kp.function_at(site)
+    _refused(cm, kp, f"{f[0]}+{site - f[1]}", "reserved", (f[1], f[2]), match="jump_label")
+    # a static-call site
+    site = next(s.site.addr for c in cm.calls.calls.values() for s in c.sites
+                if kp.function_at(s.site.addr))
+    f = kp.function_at(site)
+    _refused(cm, kp, f"{f[0]}+{site - f[1]}", "reserved", (f[1], f[2]), match="static_call")
+    # a kretprobe off the function entry
+    with pytest.raises(KprobeError) as ei:
+        kp.register_kretprobe("kprobe_target+2", lambda ri, r: None)
+    assert ei.value.reason == "entry"
+    assert cm.oopses == 0
+
+
+def _opt_refused(cm, kp, p, span, match):
+    a, n = span
+    before = cm.sim.text_read(a, n)
+    with pytest.raises(KprobeError, match=match) as ei:
+        kp.optimize_kprobe(p)
+    assert ei.value.reason == "optimize"
+    assert cm.sim.text_read(a, n) == before
+    assert before[p.addr - a] == 0xCC and not kp.is_optimized(p)   # still an INT3 probe
+
+
+def test_optimize_refusals(rig, monkeypatch):
+    cm, kp, g = rig
+    cm.start()
+    cm.wait_passes(1)
+    cases = [("kp_jump_in", "jumps into the range"),
+             ("kp_indirect", "indirect jump"),
+             ("kp_int3_range", "INT3"),
+             ("kprobe_target+10", "shorter than 5|bytes to the end")]
+    for spec, match in cases:
+        name = spec.split("+")[0]
+        p = kp.register_kprobe(spec, lambda p, r: None)
+        _opt_refused(cm, kp, p, g.funcs[name], match)
+        kp.unregister_kprobe(p)
+    p = kp.register_kprobe("kp_opt_target", lambda p, r: None, lambda p, r, f: None)
+    _opt_refused(cm, kp, p, g.funcs["kp_opt_target"], "post-handler")
+    kp.unregister_kprobe(p)
+    # a detour beyond +-2 GiB
+    p = kp.register_kprobe("kp_opt_target", lambda p, r: None)
+    monkeypatch.setattr(kp, "_alloc_detour", lambda: p.addr + (3 << 30))
+    monkeypatch.setattr(kp.execmem, "free", lambda *a, **k: None)
+    _opt_refused(cm, kp, p, g.funcs["kp_opt_target"], "2 GiB")
+    monkeypatch.undo()
+    kp.unregister_kprobe(p)
+    assert cm.sim.text_read(*g.funcs["kp_opt_target"]) == _text(cm, g, "kp_opt_target")
+    assert cm.oopses == 0
+
+
+def test_close_restores_everything(rig):
+    cm, kp, g = rig
+    i = cm.add_probe("kp_opt_target", addr=g.addr("kp_opt_target"), arg=1, allow=[1008])
+    cm.start()
+    orig = {n: _text(cm, g, n) for n in g.funcs}
+    a = kp.register_kprobe("kp_opt_target", lambda p, r: None)
+    kp.register_kprobe("kp_opt_target+14", None, lambda p, r, f: None)
+    kp.register_kretprobe("kprobe_target", lambda ri, r: None)
+    kp.optimize_kprobe(a)
+    cm.wait_passes(2)
+    cm.disable_probe(i)
+    cm.wait_passes(2)
+    kp.close()
+    assert {n: _text(cm, g, n) for n in g.funcs} == orig
+    assert kp.kprobe_int3_handler not in cm.sim.trap_handlers
+    assert cm.oopses == 0
