@@ -277,6 +277,23 @@ class VCpu:
         return {n: uc.reg_read(r) for n, r in _REG_NAMES.items()}
 
 
+#: The general registers a trap handler sees in ``PtRegs.gprs`` (everything
+#: but rip, rsp and rflags, which are ``ip``, ``sp`` and ``flags``); what the
+#: handler leaves there is written back on IRET.
+_GPRS = tuple((n, r) for n, r in _REG_NAMES.items() if n not in ("rip", "rsp", "rflags"))
+
+
+def _read_gprs(uc: Uc) -> dict[str, int]:
+    return {n: uc.reg_read(r) for n, r in _GPRS}
+
+
+def _write_gprs(uc: Uc, gprs: dict[str, int]) -> None:
+    for n, r in _GPRS:
+        v = gprs.get(n)
+        if v is not None:
+            uc.reg_write(r, v & 0xFFFF_FFFF_FFFF_FFFF)
+
+
 def _free_engine(uc: Uc, hooks: list[int]) -> None:
     """Free a Unicorn instance now rather than at the next cycle collection.
 
@@ -820,7 +837,7 @@ class SimMachine(Machine):
             return
         c.traps += 1
         regs = PtRegs(ip=c.reg("rip"), sp=c.reg("rsp"), flags=c.reg("rflags"),
-                      mem=self._mem, cpu=c.id)
+                      mem=self._mem, cpu=c.id, gprs=_read_gprs(c.uc))
         c.trap_regs = regs
         c.trap_task = self._run_trap_chain(regs)
         c.state = TRAP
@@ -860,6 +877,7 @@ class SimMachine(Machine):
         c.set_reg("rip", r.ip)
         c.set_reg("rsp", r.sp)
         c.set_reg("rflags", r.flags)
+        _write_gprs(c.uc, r.gprs)
         c.state = RUN
         if self.trace is not None:
             self.trace.append(("iret", self.steps, c.id, self._handler_name(handler), r.ip))
@@ -987,12 +1005,14 @@ class SimMachine(Machine):
                     raise MachineError(f"call to {addr:#x} did not return within {max_insns} instructions")
                 if c.pending_intr != 3:
                     raise MachineError(f"trap {c.pending_intr} at {rip:#x} while calling {addr:#x}")
-                regs = PtRegs(ip=rip, sp=c.reg("rsp"), flags=c.reg("rflags"), mem=self._mem, cpu=cpu)
+                regs = PtRegs(ip=rip, sp=c.reg("rsp"), flags=c.reg("rflags"), mem=self._mem, cpu=cpu,
+                              gprs=_read_gprs(c.uc))
                 handled = drive(self._run_trap_chain(regs))
                 if handled is None:
                     raise MachineError(f"unhandled INT3 at {rip - 1:#x} while calling {addr:#x}")
                 c.set_reg("rsp", regs.sp)
                 c.set_reg("rflags", regs.flags)
+                _write_gprs(c.uc, regs.gprs)
                 rip = regs.ip
                 self._serialise(c)
         finally:
