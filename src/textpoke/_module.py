@@ -348,7 +348,9 @@ class ModuleLoader:
         kernel = self.image.symbols
         vals = []
         missing = []
+        self._names = names = []
         for sym in symtab.iter_symbols():
+            names.append(_sym_name(sym, secs))
             shndx = sym["st_shndx"]
             v = 0
             if shndx == "SHN_UNDEF":
@@ -377,7 +379,6 @@ class ModuleLoader:
 
     def _relocate(self, elf, secs, addr, symvals, mod, text, data, text_off, data_off) -> None:
         from elftools.elf.relocation import RelocationSection
-        symtab = elf.get_section_by_name(".symtab")
         for rel in secs:
             if not isinstance(rel, RelocationSection):
                 continue
@@ -389,11 +390,13 @@ class ModuleLoader:
                 continue
             buf, base = (text, text_off[tgt]) if tgt in text_off else (data, data_off[tgt])
             tname = secs[tgt].name
-            for r in rel.iter_relocations():
-                t = r["r_info_type"]
-                off = r["r_offset"]
-                symi = r["r_info_sym"]
-                sname = _sym_name(symtab.get_symbol(symi), secs)
+            names = self._names
+            for off, info, addend in struct.iter_unpack("<QQq", rel.data()):
+                t, symi = info & 0xFFFFFFFF, info >> 32
+                if symi >= len(symvals):
+                    raise ModuleFormatError(f"module {mod.name}: {rel.name} names symbol {symi} "
+                                            "beyond the symbol table")
+                sname = names[symi]
                 where = f"{tname}+{off:#x}"
                 if t not in RELOCATION_TYPES:
                     raise ModuleRelocationError(
@@ -404,7 +407,7 @@ class ModuleLoader:
                 if not size:
                     continue
                 loc = addr[tgt] + off
-                val = (symvals[symi] + r["r_addend"]) & _M64
+                val = (symvals[symi] + addend) & _M64
                 if t in (R_X86_64_PC32, R_X86_64_PLT32, R_X86_64_PC64):
                     val = (val - loc) & _M64
                 sv = _s64(val)
