@@ -34,6 +34,7 @@ from .._static_call import static_call_init, static_call_sync
 from ._kalt import apply_alternatives_k, apply_seal_endbr_k, smp_unlock_k
 from ._kpasses import BootOptions, TableStats, apply_returns_k
 from ._kretpoline import ItsThunks, apply_retpolines_k
+from ._kearly import EarlyBoot, early_snapshot
 from ._ktext import CpuCaps, KernelBootError, KernelText
 from ._runtime_const import runtime_const_sync
 
@@ -63,10 +64,12 @@ class KernelBoot:
     debug: list[str] = field(default_factory=list)
     its_thunks: list[tuple[int, int]] = field(default_factory=list)
     uniproc: bool = False
+    early: Any = None               # the EarlyState the model derived, if used
 
     def as_dict(self) -> dict[str, Any]:
         return {"tables": self.stats, "timings": {k: round(v, 4) for k, v in self.timings.items()},
                 "uniproc_patched": self.uniproc,
+                **({"early_state": self.early.as_dict()} if self.early is not None else {}),
                 "return_thunk": self.opts.return_thunk if isinstance(self.opts.return_thunk, str)
                 else hex(self.opts.return_thunk)}
 
@@ -88,11 +91,16 @@ def _bounds(kt: KernelText, table: str) -> tuple[int, int]:
 
 
 def boot_kernel(kt: KernelText, caps: CpuCaps, opts: BootOptions | None = None, *,
-                debug_alternative: bool = False,
+                debug_alternative: bool = False, early: EarlyBoot | None = None,
                 progress: Callable[[str, int, int], None] | None = None) -> KernelBoot:
-    """Run the boot-time passes on *kt* in place; returns counts per table."""
+    """Run the boot-time passes on *kt* in place; returns counts per table.
+
+    Without a data snapshot in *kt*, *early* (the early-boot inputs) makes
+    one from the image: :func:`._kearly.early_snapshot`."""
     opts = opts or BootOptions()
     res = KernelBoot(kt, caps, opts)
+    if kt.data is None and early is not None:
+        kt.data, res.early = early_snapshot(kt, caps, early)
     dbg = res.debug.append if debug_alternative else None
     steps = ["tables", "jump_label_init", "static_call_init", "ftrace_init", "runtime_sync",
              "apply_retpolines", "apply_returns", "apply_alternatives", "callthunks",

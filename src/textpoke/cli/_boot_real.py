@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from .._alternative._kboot import boot_kernel, kernel_text_of
+from .._alternative._kearly import EarlyBoot, parse_size, read_config
 from .._alternative._kdiff import SiteIndex, diff_ranges, diff_sections
 from .._alternative._kpasses import BootOptions
 from .._alternative._ktext import CpuCaps, KernelBootError
@@ -20,7 +21,7 @@ from . import _output as out
 from ._args import UsageError
 
 __all__ = ["add_real_arguments", "run_real", "caps_from_args", "derive_return_thunk",
-           "parse_cmdline"]
+           "parse_cmdline", "early_from_args"]
 
 
 def add_real_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,6 +44,30 @@ def add_real_arguments(p: argparse.ArgumentParser) -> None:
                    help="a snapshot of the kernel's memory (_text.._end) when "
                         "alternative_instructions() starts: run-time state (pv_ops, static "
                         "keys, static calls, runtime constants) is read from it")
+    g.add_argument("--mem", metavar="SIZE",
+                   help="without --data: the machine's RAM (1G, 512M; a bare number is MiB, "
+                        "as QEMU's -m): sizes the dentry hash, hence d_hash_shift")
+    g.add_argument("--config", metavar="FILE",
+                   help="without --data: the image's kernel config (default: config-<release> "
+                        "or config next to the image): the default preemption model, "
+                        "init_on_alloc/free defaults")
+    g.add_argument("--preempt", choices=["none", "voluntary", "full"],
+                   help="without --data: the preemption model (default: preempt= on --cmdline, "
+                        "else the config's)")
+    g.add_argument("--apic", choices=["physflat", "x2apic_phys", "x2apic_cluster", "noop"],
+                   help="without --data: the APIC driver early boot installs (default: physflat, "
+                        "or x2apic_cluster on an x2APIC CPU)")
+    g.add_argument("--x86-idle", metavar="FUNC",
+                   help="without --data: x86_idle's function (default: from idle= and the CPU; "
+                        "'none' for NULL)")
+    g.add_argument("--dentry-hashtable", metavar="ADDR",
+                   help="without --data: dentry_hashtable's value (a memblock address early boot "
+                        "allocates; it cannot be derived)")
+    g.add_argument("--smt", action="store_true",
+                   help="without --data: SMT siblings are active (MDS idle clearing)")
+    g.add_argument("--no-early", action="store_true",
+                   help="without --data: do not model early boot's run-time state (static "
+                        "calls, static keys, runtime constants keep the image's values)")
     g.add_argument("--its-page", metavar="ADDR", action="append", default=[],
                    help="address of a page the ITS thunk allocator hands out (repeatable)")
     g.add_argument("--dump", metavar="FILE", help="write the patched _text.._end, raw")
@@ -74,6 +99,42 @@ def parse_cmdline(cmdline: str) -> dict[str, Any]:
         elif key == "indirect_target_selection":
             opts["its"] = val
     return opts
+
+
+def _find_config(image: str | None) -> str | None:
+    import os
+    if not image:
+        return None
+    d, base = os.path.split(os.path.abspath(image))
+    cands = []
+    for pre in ("vmlinuz-", "vmlinux-"):
+        if base.startswith(pre):
+            cands.append(os.path.join(d, "config-" + base[len(pre):]))
+    cands.append(os.path.join(d, "config"))
+    return next((c for c in cands if os.path.isfile(c)), None)
+
+
+def early_from_args(args: argparse.Namespace) -> EarlyBoot | None:
+    """The early-boot model's inputs (None with --data or --no-early)."""
+    if getattr(args, "data", None) or getattr(args, "no_early", False):
+        return None
+    cfg = None
+    path = getattr(args, "config", None) or _find_config(getattr(args, "image", None))
+    if path:
+        try:
+            cfg = read_config(path)
+        except OSError as e:
+            raise UsageError(f"--config: cannot read {path}: {e.strerror}") from None
+    try:
+        mem = parse_size(args.mem) if getattr(args, "mem", None) else None
+        dh = getattr(args, "dentry_hashtable", None)
+        dht = int(dh, 0) if dh else None
+    except (KernelBootError, ValueError) as e:
+        raise UsageError(f"--mem/--dentry-hashtable: {e}") from None
+    return EarlyBoot(cmdline=args.cmdline or "", ncpus=args.cpus, mem=mem, config=cfg,
+                     preempt=getattr(args, "preempt", None), apic=getattr(args, "apic", None),
+                     dentry_hashtable=dht, smt=bool(getattr(args, "smt", False)),
+                     x86_idle=getattr(args, "x86_idle", None))
 
 
 def _cpuinfo_names(path: str) -> list[str]:
@@ -198,7 +259,7 @@ def run_real(args: argparse.Namespace) -> int:
         cb, stop = _progress_cb(show)
         t0 = time.perf_counter()
         try:
-            res = boot_kernel(kt, caps, opts, progress=cb,
+            res = boot_kernel(kt, caps, opts, progress=cb, early=early_from_args(args),
                               debug_alternative=bool(args.debug_alternative
                                                      or cmd.get("debug_alternative")))
         finally:
@@ -255,6 +316,11 @@ def _print(doc: dict, debug: list[str]) -> None:
     p(f"{'table':28} {'entries':>9} {'applied':>9} {'changed':>9}")
     for t, s in doc["tables"].items():
         p(f"{t:28} {s['entries']:9} {s['applied']:9} {s['changed']:9}")
+    es = doc.get("early_state")
+    if es:
+        p("early boot (no --data): " + ", ".join(f"{k} {v}" for k, v in es["choices"].items()))
+        for n in es["notes"]:
+            p(f"  note: {n}")
     if "differing_bytes" in doc:
         p("bytes differing from the reference per executable section:")
         for sec, n in doc["differing_bytes"].items():

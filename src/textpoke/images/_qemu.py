@@ -525,19 +525,29 @@ def textpoke_can_dump() -> bool:
                                                               "--data"))
 
 
+def _memory_arg(ref: Reference) -> str:
+    argv = list(ref.qemu_argv)
+    return argv[argv.index("-m") + 1] if "-m" in argv[:-1] else "128M"
+
+
 def textpoke_dump(kernel, image: RealKernelImage, ref: Reference, *, extra: tuple = (),
-                  timeout: float = 600.0) -> tuple[bytes | None, str, float]:
-    """textpoke's own dump for *ref*'s setup: (bytes or None, error, seconds)."""
+                  timeout: float = 600.0, data: bool = True) -> tuple[bytes | None, str, float]:
+    """textpoke's own dump for *ref*'s setup: (bytes or None, error, seconds).
+    With ``data=False`` no snapshot is given: textpoke derives the run-time
+    state from the command line, the CPUs and the memory size (QEMU's -m)."""
     import sys
     with tempfile.TemporaryDirectory(prefix="textpoke-dump-") as td:
         out = Path(td) / "dump.bin"
-        data = Path(td) / "before.bin"
-        data.write_bytes(ref.before)
         argv = [sys.executable, "-m", "textpoke", "boot", "--image", str(kernel.vmlinuz),
                 "--system-map", str(kernel.system_map),
                 "--cpu-caps", ",".join(f"{w:#x}" for w in ref.caps_before),
-                "--cpus", str(ref.smp), "--data", str(data), "--dump", str(out),
-                "--no-progress"]
+                "--cpus", str(ref.smp), "--dump", str(out), "--no-progress"]
+        if data:
+            snap = Path(td) / "before.bin"
+            snap.write_bytes(ref.before)
+            argv += ["--data", str(snap)]
+        else:
+            argv += ["--mem", _memory_arg(ref)]
         if ref.cmdline:
             argv += ["--cmdline", ref.cmdline]
         argv += list(extra)
@@ -550,8 +560,8 @@ def textpoke_dump(kernel, image: RealKernelImage, ref: Reference, *, extra: tupl
         return out.read_bytes(), "", dt
 
 
-def _compare(kernel, image, ref, execs, extra=()) -> tuple[str, dict | None]:
-    dump, err, dt = textpoke_dump(kernel, image, ref, extra=extra)
+def _compare(kernel, image, ref, execs, extra=(), data=True) -> tuple[str, dict | None]:
+    dump, err, dt = textpoke_dump(kernel, image, ref, extra=extra, data=data)
     if dump is None:
         return f"failed: {err}", None
     if len(dump) != len(ref.after):
@@ -565,7 +575,7 @@ def _compare(kernel, image, ref, execs, extra=()) -> tuple[str, dict | None]:
 
 
 def run_matrix(kernel, setups=SETUPS, *, use_cache: bool = True, compare: bool | None = None,
-               out=print) -> list[dict]:
+               out=print, no_data: bool = False) -> list[dict]:
     """Boot every setup (or take it from the cache), print the table and
     return its rows."""
     image = kernel.load()
@@ -605,6 +615,10 @@ def run_matrix(kernel, setups=SETUPS, *, use_cache: bool = True, compare: bool |
                                     ("--return-thunk", ref.return_thunk_sym))
                 row["textpoke_forced_thunk_diff"] = d2
                 row["textpoke"] += f"; with --return-thunk {ref.return_thunk_sym}: {text}"
+            if no_data:
+                text, d3 = _compare(kernel, image, ref, execs, data=False)
+                row["textpoke_no_data_diff"] = d3
+                row["textpoke"] += f"; without --data: {text}"
         else:
             row["textpoke"] = "not yet (textpoke boot has no --image/--dump)"
         rows.append(row)
@@ -633,6 +647,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smp", type=int, default=1, help="one setup: CPUs")
     p.add_argument("--no-cache", action="store_true", help="boot again even when cached")
     p.add_argument("--no-compare", action="store_true", help="skip textpoke's dumps")
+    p.add_argument("--no-data", action="store_true",
+                   help="also compare textpoke without --data (run-time state derived from "
+                        "the command line, CPUs and memory size)")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     a = p.parse_args(argv)
     try:
@@ -647,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     setups = (Setup(a.cpu, a.cmdline, a.smp),) if a.cpu else SETUPS
     try:
         rows = run_matrix(kernel, setups, use_cache=not a.no_cache,
-                          compare=False if a.no_compare else None)
+                          compare=False if a.no_compare else None, no_data=a.no_data)
     except (ReferenceError, ImageError) as e:
         print(f"kernel_reference: {e}", file=sys.stderr)
         return 1
