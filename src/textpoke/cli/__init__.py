@@ -29,6 +29,7 @@ from .._errors import TextPokeError
 from . import boot, demo, verify
 from . import keys, static_call
 from . import module
+from . import kprobe
 from ._args import HelpFormatter, Parser, UsageError
 from ._signals import Terminated, exit_status, interruptions
 
@@ -39,6 +40,7 @@ EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
 _COMMANDS = (demo, verify, boot)
 _COMMANDS += (keys, static_call)
 _COMMANDS += (module,)
+_COMMANDS += (kprobe,)
 
 EPILOG = """\
 exit status (every command):

@@ -1,0 +1,150 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""``textpoke kprobe``: a kprobe (or kretprobe, or optimised kprobe) on the
+bundled image -- or on the self-test's functions generated into execmem --
+while every vCPU runs the probe loop.  Prints the hits with the registers
+the handler saw.  Exit 1 on a failed self-test, an oops or a wrong result
+computed by a CPU; 2 on an unknown symbol or a place that cannot be
+probed."""
+
+from __future__ import annotations
+
+import argparse
+
+from .._kprobes import KprobeError, Kprobes
+from .._kprobes._guest import build_guest_functions
+from .._kprobes._selftest import kprobes_selftest
+from ..sim._clients_demo import ClientMachine
+from . import _output as out
+from ._args import Bounds, UsageError, int_in
+from .keys import add_common, start_workload
+
+__all__ = ["add_arguments", "run", "NAME", "HELP", "DESCRIPTION"]
+
+NAME = "kprobe"
+HELP = "kprobes, kretprobes and optimised kprobes on running vCPUs"
+DESCRIPTION = ("Boot the kernel image, run the probe loop on every vCPU and, while they\n"
+               "run, put a kprobe on SYMBOL[+OFF] (an image function, or one of the\n"
+               "self-test's generated functions: kprobe_target, kp_opt_target, ...),\n"
+               "printing each hit with the registers the handler saw; or redo\n"
+               "lib/test_kprobes.c with --selftest.")
+PASSES = Bounds(1, 1000)
+SHOW = Bounds(0, 100000)
+_REGS = ("rdi", "rsi", "rdx", "rax")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("symbol", nargs="?", metavar="SYMBOL[+OFF]",
+                   help="where to probe (a bare symbol skips the fentry NOP)")
+    p.add_argument("--optimize", action="store_true",
+                   help="optimise the probe (JMP32 to a detour buffer) once registered")
+    p.add_argument("--retprobe", action="store_true",
+                   help="a kretprobe: print each return value (rax)")
+    p.add_argument("--selftest", action="store_true",
+                   help="lib/test_kprobes.c, an optimised probe and the refusals on the "
+                        "running CPUs")
+    p.add_argument("--passes", type=int_in(PASSES), default=3, metavar="N",
+                   help=f"rounds of the probe loop every CPU makes with the probe armed, "
+                        f"{PASSES} (default 3)")
+    p.add_argument("--show", type=int_in(SHOW), default=8, metavar="N",
+                   help=f"hits to print, {SHOW} (default 8)")
+    add_common(p)
+
+
+def _probe_call(cm: ClientMachine, kp: Kprobes, addr: int, name: str) -> int | None:
+    """Let the CPUs call *name* too, checking its result, when it is a
+    function that returns (computed once before anything is armed)."""
+    try:
+        want = cm.sim.call(addr, 3, max_insns=100_000)
+    except Exception:
+        return None
+    return cm.add_probe(name, addr=addr, arg=3, allow=[want])
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.symbol and not args.selftest:
+        raise UsageError("give SYMBOL[+OFF] or --selftest")
+    with ClientMachine(cpus=args.cpus, seed=args.seed) as cm:
+        kp = Kprobes.for_clients(cm)
+        g = build_guest_functions(kp, cm.sim)
+        d: dict = {"command": NAME, "cpus": args.cpus, "seed": args.seed}
+        lines: list[str] = []
+        s0, b0 = cm.core.stats.syncs, cm.core.stats.batches
+        failed = False
+        if args.symbol:
+            try:
+                name, off, addr, _sz = kp.resolve(args.symbol)
+            except KprobeError as e:
+                raise UsageError(str(e)) from None
+        if args.selftest:
+            r = kprobes_selftest(cm, kp, g)
+            d["selftest"] = {"passed": r.passed, "cases": r.cases, "bad": r.bad}
+            lines.append(f"kprobes self-test on {args.cpus} running vCPUs: "
+                         f"{sum(c['passed'] for c in r.cases)}/{len(r.cases)} checks passed")
+            lines += [f"  FAILED {c['name']}" for c in r.cases if not c["passed"]]
+            failed |= not r.passed
+        if args.symbol:
+            slot = _probe_call(cm, kp, kp.functions[name][0], name)
+            if not cm.started:
+                start_workload(cm)
+            hits: list[dict] = []
+
+            def pre(p, regs):
+                hits.append({"cpu": regs.cpu, "ip": regs.ip,
+                             **{k: regs.gprs.get(k) for k in _REGS}, "sp": regs.sp})
+
+            def ret(ri, regs):
+                hits.append({"cpu": regs.cpu, "ip": regs.ip, "rax": regs.gprs.get("rax"),
+                             "sp": regs.sp})
+
+            try:
+                if args.retprobe:
+                    rp = kp.register_kretprobe(args.symbol, ret)
+                    probe = rp.kp
+                else:
+                    probe = kp.register_kprobe(args.symbol, pre)
+            except KprobeError as e:
+                raise UsageError(f"cannot probe {args.symbol}: {e}") from None
+            info = kp.site_info(probe)
+            d["probe"] = {"symbol": probe.symbol, "offset": probe.offset, "addr": probe.addr,
+                          "insn": info["insn"], "how": info["how"], "retprobe": args.retprobe}
+            if args.optimize:
+                try:
+                    kp.optimize_kprobe(probe)
+                    d["probe"]["how"] = "optimized"
+                except KprobeError as e:
+                    d["probe"]["optimize_refused"] = str(e)
+                    lines.append(f"not optimised: {e}")
+            cm.wait_passes(args.passes)
+            if args.retprobe:
+                kp.unregister_kretprobe(rp)
+            else:
+                kp.unregister_kprobe(probe)
+            d["hits"] = hits[:args.show]
+            d["nhit"] = len(hits)
+            d["detour_hits"] = kp.stats.detour_hits
+            what = "kretprobe" if args.retprobe else "kprobe"
+            lines.append(f"{what} {probe.name} ({probe.addr:#x}: {info['insn']}), "
+                         f"{d['probe']['how']}: {len(hits)} hits")
+            for h in hits[:args.show]:
+                regs = " ".join(f"{k}={h[k]:#x}" for k in ("ip", *_REGS, "sp")
+                                if h.get(k) is not None)
+                lines.append(f"  cpu{h['cpu']} {regs}")
+            if slot is not None:
+                wrong = cm.expect({slot: cm._r(cm._slot(cm.sim.cpus[0], slot, 2))})
+                d["wrong"] = {str(k): v for k, v in wrong.items()}
+                failed |= bool(wrong)
+            bad = cm.bad()
+            d["bad"] = bad
+            failed |= bool(bad)
+            failed |= len(hits) == 0
+        d["oopses"] = cm.oopses
+        d["syncs"] = cm.core.stats.syncs - s0
+        d["batches"] = cm.core.stats.batches - b0
+        kp.close()
+        lines.append(f"{d['syncs']} syncs, {d['batches']} batches, {d['oopses']} oopses")
+        if args.json:
+            out.emit_json(d)
+        else:
+            for ln in lines:
+                out.print_plain(ln)
+        return 1 if failed or cm.oopses else 0
