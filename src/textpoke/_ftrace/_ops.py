@@ -81,12 +81,13 @@ class FtraceUpdate:
     checked: int = 0
     enabled: int = 0
     disabled: int = 0
-    batches: int = 0
+    batches: int = 0            # of the sites' update (the callback's not counted)
     syncs: int = 0
+    func_updates: int = 0       # ftrace_call switched (one smp_text_poke_single each)
 
     def as_dict(self) -> dict:
         return {"checked": self.checked, "enabled": self.enabled, "disabled": self.disabled,
-                "batches": self.batches, "syncs": self.syncs}
+                "batches": self.batches, "syncs": self.syncs, "func_updates": self.func_updates}
 
 
 def parse_globs(spec: "str | Iterable[str] | None") -> list[str]:
@@ -208,28 +209,36 @@ class Ftrace:
     def update_ftrace_func(self, func: str) -> bool:
         """Point the trampoline's ``ftrace_call`` at the callback *func*
         (a key of :data:`FTRACE_CALLBACKS`); return whether it changed."""
-        if func not in self.callbacks:
-            raise ValueError(f"unknown ftrace callback {func!r} ({', '.join(self.callbacks)})")
-        new = text_gen_insn(CALL_INSN_OPCODE, self.call_site, self.callbacks[func])
         with self.core.text_mutex:
-            cur = self.machine.text_read(self.call_site, MCOUNT_INSN_SIZE)
+            new, cur = self._check_call_site(func)
             if cur == new:
                 self.func = func
                 return False
-            known = {text_gen_insn(CALL_INSN_OPCODE, self.call_site, a) for a in self.callbacks.values()}
-            if cur not in known:
-                raise FtraceBugError(
-                    f"ftrace_bug: ftrace_call at {self.describe(self.call_site)} holds "
-                    f"{cur.hex(' ')}, not a call to a known callback; nothing written",
-                    addr=self.call_site, site=self.describe(self.call_site), found=cur)
             self.core.smp_text_poke_single(self.call_site, new)
         self.func = func
         return True
 
+    def _check_call_site(self, func: str) -> tuple[bytes, bytes]:
+        if func not in self.callbacks:
+            raise ValueError(f"unknown ftrace callback {func!r} ({', '.join(self.callbacks)})")
+        new = text_gen_insn(CALL_INSN_OPCODE, self.call_site, self.callbacks[func])
+        cur = self.machine.text_read(self.call_site, MCOUNT_INSN_SIZE)
+        known = {text_gen_insn(CALL_INSN_OPCODE, self.call_site, a) for a in self.callbacks.values()}
+        if cur not in known:
+            raise FtraceBugError(
+                f"ftrace_bug: ftrace_call at {self.describe(self.call_site)} holds "
+                f"{cur.hex(' ')}, not a call to a known callback; nothing written",
+                addr=self.call_site, site=self.describe(self.call_site), found=cur)
+        return new, cur
+
     # ------------------------------------------------------------ the update
-    def ftrace_modify_all_code(self, enable: Iterable[DynFtrace | int] | None) -> FtraceUpdate:
+    def ftrace_modify_all_code(self, enable: Iterable[DynFtrace | int] | None,
+                               func: str | None = None) -> FtraceUpdate:
         """Make exactly the records in *enable* (records or addresses;
-        None: none) call the trampoline.  Every site is checked first."""
+        None: none) call the trampoline.  Every site is checked first (and
+        the ``ftrace_call`` site when *func* is given); on one mismatch
+        nothing is written.  With *func*, the callback is switched before
+        the sites are enabled and after they are disabled."""
         want = set()
         for r in enable or ():
             want.add(r.ip if isinstance(r, DynFtrace) else int(r))
@@ -237,36 +246,41 @@ class Ftrace:
         if unknown:
             raise FtraceBugError(f"not an fentry site: {', '.join(hex(a) for a in sorted(unknown))}")
         st = FtraceUpdate()
-        s0, b0 = self.core.stats.syncs, self.core.stats.batches
         with self.core.text_mutex:
             plan = []
             for r in self.records:
                 expect = self.expected(r)
                 cur = self.machine.text_read(r.ip, MCOUNT_INSN_SIZE)
                 st.checked += 1
+                on = r.ip in want
                 if cur != expect:
-                    on = r.ip in want
                     where = self.describe(r.ip)
                     raise FtraceBugError(
                         f"ftrace_bug: {where} [{r.ip:#x}] holds {cur.hex(' ')}, expected "
                         f"{expect.hex(' ')} ({'enabled' if r.enabled else 'disabled'}); "
                         f"update to {'enabled' if on else 'disabled'} refused, nothing written",
                         addr=r.ip, site=where, found=cur, expected=expect)
-                on = r.ip in want
                 if on != r.enabled:
                     plan.append((r, self.call_insn(r.ip) if on else _NOP5, on))
+            if func is not None:
+                self._check_call_site(func)
+                if func != "none":
+                    st.func_updates += self.update_ftrace_func(func)
+            s0, b0 = self.core.stats.syncs, self.core.stats.batches
             if plan:
                 with self.core.batch():
                     for r, new, _on in plan:
                         self.core.smp_text_poke_batch_add(r.ip, new)
+            st.syncs = self.core.stats.syncs - s0
+            st.batches = self.core.stats.batches - b0
             for r, _new, on in plan:
                 r.enabled = on
                 if on:
                     st.enabled += 1
                 else:
                     st.disabled += 1
-        st.syncs = self.core.stats.syncs - s0
-        st.batches = self.core.stats.batches - b0
+            if func == "none":
+                st.func_updates += self.update_ftrace_func(func)
         self.updates.append(st)
         return st
 
@@ -276,14 +290,11 @@ class Ftrace:
         (``register_ftrace_function`` + ``FTRACE_UPDATE_CALLS``)."""
         if func == "none":
             raise ValueError("start('none'): use stop()")
-        self.update_ftrace_func(func)
-        return self.ftrace_modify_all_code(self.selected())
+        return self.ftrace_modify_all_code(self.selected(), func)
 
     def stop(self) -> FtraceUpdate:
         """Disable every site, then park the callback on ftrace_stub."""
-        st = self.ftrace_modify_all_code(None)
-        self.update_ftrace_func("none")
-        return st
+        return self.ftrace_modify_all_code(None, "none")
 
     def refresh(self) -> FtraceUpdate:
         """Apply a changed filter to a running tracer."""

@@ -1,0 +1,231 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""ftrace on running vCPUs: the kernel's startup test, 2,000 functions
+enabled and disabled while 4 CPUs call them, refusals with nothing
+written, the guest ring buffer and trace_pipe's format."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections import Counter
+
+import pytest
+
+from textpoke._core._insn import CALL_INSN_OPCODE, text_gen_insn, x86_nops
+from textpoke._ftrace import (FtraceBugError, FtraceFilterError, FtraceMachine, TraceEntry,
+                              format_trace_line, ftrace_selftest)
+from textpoke._ftrace._work import DEMO_FUNCTIONS, expected_hits
+
+have_gcc = all(shutil.which(t) for t in ("gcc", "as", "ld"))
+NOP5 = x86_nops[5]
+
+
+@pytest.fixture(scope="module")
+def many():
+    """The kernel image with 2,000 generated functions (built once)."""
+    if not have_gcc:
+        pytest.skip("needs gcc, as and ld to build the generated image")
+    from textpoke.images.gen import many_image
+    return many_image(2000)
+
+
+def _text_snapshot(fm):
+    t = fm.image.section(".text")
+    return fm.sim.text_read(t.addr, t.end - t.addr)
+
+
+# ------------------------------------------------------------------ startup test
+def test_ftrace_startup_selftest_on_4_running_cpus():
+    with FtraceMachine(cpus=4, seed=1) as fm:
+        r = ftrace_selftest(fm)
+        failed = [c for c in r.cases if not c["passed"]]
+        assert not failed, failed
+        assert r.passed and r.oopses == 0 and r.bad == []
+        names = [c["name"] for c in r.cases]
+        assert "a filter really filters: no entries while every CPU calls other traced functions" \
+            in names and "one call gives one entry" in names
+        assert r.overruns > 0            # the overrun case really overran
+        assert r.entries > 1000
+
+
+def test_one_call_one_entry_with_caller_and_cpu():
+    with FtraceMachine(cpus=4, seed=7) as fm:
+        fm.set_work(DEMO_FUNCTIONS)
+        fm.start()
+        fm.wait_passes(1)
+        assert fm.ftrace.set_ftrace_filter("trace_selftest_dynamic_test_func") == 1
+        up = fm.ftrace.start("function")
+        assert (up.enabled, up.batches) == (1, 1) and up.syncs <= 3
+        for cpu in (0, 2):
+            mark = len(fm.trace)
+            assert fm.call_once(cpu, "trace_selftest_dynamic_test_func")
+            fm.pause()
+            fm.read_trace()
+            new = fm.trace[mark:]
+            assert len(new) == 1
+            e = new[0]
+            assert e.cpu == cpu and e.ip == fm.sym("trace_selftest_dynamic_test_func")
+            assert fm.ftrace.name(e.parent_ip) == "ftrace_work_loop"
+            fm.resume()
+        assert fm.oopses == 0 and fm.bad() == []
+
+
+# ------------------------------------------------------------------ 2,000 functions
+def test_2000_functions_enable_disable_while_4_cpus_call_them(many):
+    with FtraceMachine(cpus=4, seed=3, image=many, ring_size=1 << 15) as fm:
+        ft = fm.ftrace
+        gen = [r for r in ft.records if r.name.startswith("gen_fn_")]
+        assert len(gen) == 2000 and len(ft.records) >= 2000
+        fm.set_work([r.ip for r in gen])
+        fm.start()
+        assert fm.wait_passes(1)
+        calls_before = sum(fm.counts().values())
+        assert calls_before >= 4 * 2000
+
+        # enable while every CPU calls them
+        assert ft.set_ftrace_filter("gen_fn_*") == 2000
+        up = ft.start("function")
+        assert up.enabled == 2000 and up.checked == len(ft.records)
+        assert up.batches == -(-2000 // 256) == 8
+        assert up.syncs <= 3 * up.batches
+        assert fm.call_sites() == 2000
+        # the enable itself: nothing recorded that the workload did not call
+        fm.pause()
+        fm.read_trace()
+        during = fm.hit_counts(fm.trace)
+        work = fm.counts()
+        assert during and all(n <= work[a] for a, n in during.items())
+
+        # a window with every site enabled: no call lost, nothing invented
+        work, trace = fm.window(2)
+        got = fm.hit_counts(trace)
+        assert sum(work.values()) >= 4 * 2 * 2000
+        assert got == +work, {ft.name(a): (got[a], work[a]) for a in work if got[a] != work[a]}
+        assert fm.ring.overruns == 0
+        assert {e.cpu for e in trace} == {0, 1, 2, 3}
+        fm.resume()
+
+        # disable while they run: every site back to the exact original bytes
+        dn = ft.stop()
+        assert dn.disabled == 2000 and dn.batches == 8 and dn.syncs <= 24
+        now = fm.sites_now()
+        assert now == fm.sites_at_boot
+        text = fm.image.section(".text")
+        assert all(now[r.ip] == text.data[r.ip - text.addr:r.ip - text.addr + 5] == NOP5
+                   for r in ft.records)
+        fm.wait_passes(1)
+        fm.pause()
+        fm.read_trace()
+        n_after = len(fm.trace)
+        fm.resume()
+        assert fm.wait_passes(2)
+        fm.read_trace()
+        assert len(fm.trace) == n_after          # disabled means no more entries
+        assert fm.oopses == 0 and fm.bad() == []
+
+
+# ------------------------------------------------------------------ refusals
+@pytest.mark.parametrize("enabled_first", [False, True])
+def test_one_mismatching_site_refuses_everything_nothing_written(enabled_first):
+    with FtraceMachine(cpus=4, seed=5) as fm:
+        ft = fm.ftrace
+        fm.set_work(DEMO_FUNCTIONS)
+        fm.start()
+        fm.wait_passes(1)
+        if enabled_first:
+            ft.start("function")
+        victim = ft.by_name["ft_permission"]
+        # something else put a call to ftrace_stub at the site
+        other = text_gen_insn(CALL_INSN_OPCODE, victim.ip, fm.sym("ftrace_stub"))
+        with fm.core.text_mutex:
+            fm.core.smp_text_poke_single(victim.ip, other)
+        before = _text_snapshot(fm)
+        stats0 = (fm.core.stats.batches, fm.core.stats.syncs, len(fm.core.events))
+        func0 = fm.sim.text_read(ft.call_site, 5)
+        with pytest.raises(FtraceBugError) as ei:
+            ft.stop() if enabled_first else ft.start("profile")
+        e = ei.value
+        assert e.addr == victim.ip and e.site.startswith("ft_permission") and e.found == other
+        assert "nothing written" in str(e)
+        fm.run(3000)
+        assert _text_snapshot(fm) == before
+        assert fm.sim.text_read(ft.call_site, 5) == func0
+        assert (fm.core.stats.batches, fm.core.stats.syncs, len(fm.core.events)) == stats0
+        assert [r.enabled for r in ft.records].count(True) == (len(ft.records) if enabled_first
+                                                               else 0)
+        assert fm.oopses == 0 and fm.bad() == []
+
+
+def test_filter_matching_nothing_refused():
+    with FtraceMachine(cpus=1) as fm:
+        fm.ftrace.set_ftrace_filter("ft_*")
+        with pytest.raises(FtraceFilterError):
+            fm.ftrace.set_ftrace_filter("no_such_function*")
+        assert fm.ftrace.filter == ["ft_*"]
+
+
+def test_filter_and_notrace_globs_select():
+    with FtraceMachine(cpus=1) as fm:
+        ft = fm.ftrace
+        assert ft.set_ftrace_filter("ft_* trace_selftest_dynamic_test_func") == 6
+        assert ft.set_ftrace_notrace("ft_[hl]*") == 4
+        assert {r.name for r in ft.selected()} == {"ft_open", "ft_read", "ft_permission",
+                                                  "trace_selftest_dynamic_test_func"}
+        ft.set_ftrace_filter(None)
+        ft.set_ftrace_notrace(None)
+        assert len(ft.selected()) == len(ft.records)
+        # the tracer's own callbacks carry no fentry site: tracing never recurses
+        assert not {"function_trace_call", "function_profile_call", "ftrace_ops_list_func",
+                    "ftrace_caller"} & set(ft.by_name)
+
+
+# ------------------------------------------------------------------ ring and format
+def test_trace_pipe_format():
+    names = {0x1000: "ft_hash", 0x2005: "ft_lookup"}
+    line = format_trace_line(TraceEntry(ts=1234, cpu=2, ip=0x1000, parent_ip=0x2005, pid=1002),
+                             lambda a: names[a], {1002: "ftrace_work/2"})
+    assert line == "   ftrace_work/2-1002    [002]         1234: ft_hash <-ft_lookup"
+    assert re.fullmatch(r"\s*\S+-\d+\s+\[\d{3}\]\s+\d+: \S+ <-\S+", line)
+
+
+def test_ring_overruns_counted_never_silent():
+    with FtraceMachine(cpus=2, seed=2, ring_size=64) as fm:
+        fm.set_work(DEMO_FUNCTIONS)
+        fm.start()
+        fm.ftrace.start("function")
+        fm.run_until(lambda: min(fm.ring.hits_per_cpu().values()) > 500, read=False)
+        fm.pause(read=False)
+        hits, over = fm.ring.hits(), fm.ring.overruns
+        entries = fm.ring.drain()
+        assert len(entries) == 2 * 64 and over == hits - 128 > 0
+        per = fm.ring.overruns_per_cpu()
+        assert set(per) == {0, 1} and all(v > 0 for v in per.values())
+        # the oldest events are the ones kept (a full ring drops new ones)
+        assert [e.ts for e in entries] == sorted(e.ts for e in entries)
+        fm.ring.reset()
+        assert fm.ring.overruns == 0 and fm.ring.hits() == 0
+        fm.resume()
+        fm.run(400, chunk=5)            # a reader that keeps up loses nothing
+        assert fm.ring.overruns == 0 and len(fm.trace) > 64
+        assert fm.oopses == 0
+
+
+def test_profile_and_trace_together_match_workload():
+    with FtraceMachine(cpus=4, seed=11) as fm:
+        ft = fm.ftrace
+        fm.set_work(DEMO_FUNCTIONS)
+        fm.start()
+        up = ft.start("function+profile")
+        assert up.func_updates == 1
+        fm.pause()
+        fm.ring.reset_profile()
+        work, trace = fm.window(2)
+        want = expected_hits(work, ft, {r.name for r in ft.records})
+        prof = Counter({ft.name(a): n for a, n in fm.ring.profile().items() if n})
+        got = Counter(ft.name(e.ip) for e in trace)
+        assert prof == want == got
+        fm.resume()
+        ft.stop()
+        assert fm.sim.text_read(ft.call_site, 5) == text_gen_insn(
+            CALL_INSN_OPCODE, ft.call_site, fm.sym("ftrace_stub"))
+        assert fm.oopses == 0 and fm.bad() == []
