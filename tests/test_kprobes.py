@@ -365,3 +365,29 @@ def test_close_restores_everything(rig):
     assert {n: _text(cm, g, n) for n in g.funcs} == orig
     assert kp.kprobe_int3_handler not in cm.sim.trap_handlers
     assert cm.oopses == 0
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_selftest_json(capsys):
+    import json
+
+    from textpoke.cli import main
+    assert main(["kprobe", "--selftest", "--json", "--cpus", "4", "--seed", "3"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["selftest"]["passed"] and len(d["selftest"]["cases"]) >= 10
+    assert d["oopses"] == 0 and d["syncs"] > 0 and d["batches"] >= 4
+
+
+def test_cli_probe_prints_registers(capsys):
+    from textpoke.cli import main
+    assert main(["kprobe", "kp_opt_target", "--optimize", "--show", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "optimized" in text and "rdi=0x3" in text and "0 oopses" in text
+
+
+def test_cli_exit_codes(capsys):
+    from textpoke.cli import main
+    assert main(["kprobe", "no_such_function"]) == 2
+    assert main(["kprobe", "kp_opt_target+1"]) == 2        # not an instruction boundary
+    assert main(["kprobe"]) == 2
+    capsys.readouterr()
