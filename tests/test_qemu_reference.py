@@ -193,3 +193,27 @@ def test_textpoke_matches_the_kernel(debian, kernel, cpu, cmdline, smp):
     per = {s.name: diff_count(dump, r.after, kernel.text_start, [(s.addr, s.end)])
            for s in kernel.executable_sections()}
     assert per == {s.name: 0 for s in kernel.executable_sections()}
+
+
+@pytest.mark.parametrize("cpu,cmdline,smp", [("qemu64", "mitigations=off", 1), ("qemu64", "", 1),
+                                             ("Skylake-Client-v4", "", 2), ("EPYC", "", 1)])
+def test_textpoke_without_data_derives_the_run_time_state(debian, kernel, cpu, cmdline, smp):
+    """No snapshot of the kernel's data: textpoke derives the preemption
+    model, the APIC driver, x86_idle, the static keys and d_hash_shift from
+    the command line, the CPU and the memory size.  Only dentry_hashtable
+    (a memblock address) is left -- 5 sites x 8 bytes -- and given it
+    (--dentry-hashtable), nothing is."""
+    from textpoke.images._qemu import diff_count, textpoke_can_dump, textpoke_dump
+    if not textpoke_can_dump():
+        pytest.skip("textpoke boot cannot patch a real image in this checkout yet")
+    r = ref_of(debian, kernel, cpu=cpu, cmdline=cmdline, smp=smp)
+    execs = [(s.addr, s.end) for s in kernel.executable_sections()]
+    dump, err, _ = textpoke_dump(debian, kernel, r, data=False)
+    assert dump is not None, err
+    assert diff_count(dump, r.after, kernel.text_start, execs) == 40
+    dht = kernel.symbols["dentry_hashtable"]
+    value = int.from_bytes(r.read("before", dht, 8), "little")
+    dump, err, _ = textpoke_dump(debian, kernel, r, data=False,
+                                 extra=("--dentry-hashtable", hex(value)))
+    assert dump is not None, err
+    assert diff_count(dump, r.after, kernel.text_start, execs) == 0

@@ -234,3 +234,96 @@ def test_cpuinfo_names_map_to_the_kernels_feature_names(tmp_path):
     assert unknown == []
     for name in ("xmm", "xmm2", "xmm3", "xmm4_1", "xmm4_2", "lm", "bug_spectre_v2"):
         assert caps.has(name), name
+
+
+# ------------------------------------------- early boot's run-time state, derived
+def test_dhash_shift_follows_memory_and_dhash_entries():
+    from textpoke._alternative._kearly import dhash_shift, parse_size
+    assert parse_size("1G") == 1 << 30 and parse_size("512M") == parse_size("512") == 512 << 20
+    pages_1g = (1 << 30) // 4096 - 130
+    # 1G under QEMU: 131072 buckets ("Dentry cache hash table entries: 131072")
+    assert dhash_shift(pages_1g - 11000, pages_1g) == 15
+    assert dhash_shift((4 << 30) // 4096 - 20000, (4 << 30) // 4096) == 13
+    assert dhash_shift(1, 1 << 18, dhash_entries=65536) == 16
+    with pytest.raises(KernelBootError):
+        parse_size("lots")
+
+
+def test_kernel_params_treat_dash_and_underscore_alike_and_last_wins():
+    from textpoke._alternative._kearly import kernel_params
+    p = kernel_params("preempt=full nox2apic random.trust-cpu=off preempt=none")
+    assert p["preempt"] == "none" and "nox2apic" in p and p["random.trust_cpu"] == "off"
+
+
+def _early(real_image, caps_names, **kw):
+    from textpoke._alternative._kboot import kernel_text_of
+    from textpoke._alternative._kearly import EarlyBoot, early_state, read_config
+    cfg = Path(real_image.path).parent / "config"
+    kt = kernel_text_of(real_image)
+    eb = EarlyBoot(config=read_config(cfg) if cfg.exists() else None, **kw)
+    return kt, early_state(kt, CpuCaps.from_names(["always", *caps_names]), eb)
+
+
+def test_early_state_of_the_real_image(real_image):
+    kt, st = _early(real_image, ["apic", "tsc", "hypervisor"], mem=1 << 30)
+    assert st.choices["preempt"] == "voluntary"          # Debian's CONFIG_PREEMPT_VOLUNTARY
+    assert st.static_calls["cond_resched"] == "__cond_resched"
+    assert st.static_calls["preempt_schedule"] is None
+    assert st.choices["apic"] == "physflat"
+    names = {k: kt.describe(v) for k, v in st.static_calls.items()
+             if k.startswith("apic_call_") and isinstance(v, int)}
+    assert names["apic_call_write"] == "native_apic_mem_write"
+    assert names["apic_call_send_IPI_mask"] == "default_send_IPI_mask_sequence_phys"
+    assert st.static_calls["x86_idle"] == "default_idle"
+    assert st.static_keys["virt_spin_lock_key"] == 1 and "crng_is_ready" not in st.static_keys
+    assert st.runtime["d_hash_shift"] == 15
+    assert any("dentry_hashtable" in n for n in st.notes)
+    # the command line and the CPU move them
+    _, st = _early(real_image, ["apic", "x2apic", "rdrand"],
+                   cmdline="preempt=full idle=poll x2apic_phys")
+    assert st.static_calls["preempt_schedule"] == "preempt_schedule_thunk"
+    assert st.static_calls["cond_resched"] == "__static_call_return0"
+    assert st.choices["apic"] == "x2apic_phys" and st.static_calls["x86_idle"] is None
+    assert st.static_keys["crng_is_ready"] == 1 and "virt_spin_lock_key" not in st.static_keys
+    _, st = _early(real_image, ["apic", "x2apic", "rdrand"], cmdline="nox2apic random.trust_cpu=0")
+    assert st.choices["apic"] == "physflat" and "crng_is_ready" not in st.static_keys
+
+
+def _cached_reference(name: str):
+    from textpoke.images._qemu import cache_root, load_reference
+    root = cache_root() / "reference" / "6.12.117+deb12-cloud-amd64"
+    d = next(iter(sorted(root.glob(name + "-*"))), None) if root.exists() else None
+    if d is None or not (d / "meta.json").exists():
+        pytest.skip(f"no cached QEMU reference {name} (make test-kernel)")
+    return load_reference(d)
+
+
+@pytest.mark.parametrize("setup", ["qemu64-smp1-mitigations=off", "qemu64-smp1-default",
+                                   "EPYC-smp1-default"])
+def test_without_data_only_dentry_hashtable_is_left(real_image, setup):
+    """Without the kernel's data: the run-time state is derived and the
+    text matches the kernel's except the five runtime_const_ptr sites of
+    dentry_hashtable (a memblock address); told that address, it all does."""
+    from textpoke._alternative._kboot import boot_kernel, kernel_text_of
+    from textpoke._alternative._kdiff import diff_ranges, diff_sections
+    from textpoke._alternative._kearly import EarlyBoot, read_config
+    from textpoke.cli._boot_real import parse_cmdline
+    ref = _cached_reference(setup)
+    cfg = read_config(Path(real_image.path).parent / "config")
+    cmd = parse_cmdline(ref.cmdline)
+    caps = CpuCaps(ref.caps_before)
+    opts = dict(return_thunk=ref.return_thunk_sym, ncpus=ref.smp,
+                setup_max_cpus=cmd.get("setup_max_cpus"))
+    kt = kernel_text_of(real_image)
+    dht = kt.sym("dentry_hashtable")
+    boot_kernel(kt, caps, BootOptions(**opts),
+                early=EarlyBoot(cmdline=ref.kernel_cmdline, ncpus=ref.smp, mem=1 << 30, config=cfg))
+    assert sum(diff_sections(kt, ref.after).values()) == 40
+    assert {kt.describe(r.start).split("+")[0] for r in diff_ranges(kt, ref.after)} == {
+        "__d_lookup_rcu_op_compare", "___d_drop", "__d_rehash", "__d_lookup_rcu", "__d_lookup"}
+    kt = kernel_text_of(real_image)
+    value = int.from_bytes(ref.read("before", dht, 8), "little")
+    boot_kernel(kt, caps, BootOptions(**opts),
+                early=EarlyBoot(cmdline=ref.kernel_cmdline, ncpus=ref.smp, mem=1 << 30, config=cfg,
+                                dentry_hashtable=value))
+    assert sum(diff_sections(kt, ref.after).values()) == 0
