@@ -229,3 +229,65 @@ def test_profile_and_trace_together_match_workload():
         assert fm.sim.text_read(ft.call_site, 5) == text_gen_insn(
             CALL_INSN_OPCODE, ft.call_site, fm.sym("ftrace_stub"))
         assert fm.oopses == 0 and fm.bad() == []
+
+
+# ------------------------------------------------------------------ CLI
+def _cli(capsys, *argv):
+    from textpoke.cli import main
+    rc = main(["ftrace", *argv])
+    return rc, capsys.readouterr()
+
+
+def test_cli_trace_pipe_lines_filter_and_notrace(capsys):
+    rc, cap = _cli(capsys, "--functions", "ft_*", "--notrace", "ft_hash", "--duration", "400",
+                   "--seed", "3")
+    assert rc == 0
+    lines = [ln for ln in cap.out.splitlines() if not ln.startswith("#")]
+    assert len(lines) > 20
+    pat = re.compile(r"\s*ftrace_work/(\d)-(\d+)\s+\[(\d{3})\]\s+(\d+): (\S+) <-(\S+)")
+    funcs = set()
+    for ln in lines:
+        m = pat.fullmatch(ln)
+        assert m, ln
+        assert int(m.group(1)) == int(m.group(3)) and int(m.group(2)) == 1000 + int(m.group(1))
+        funcs.add(m.group(5))
+    assert funcs <= {"ft_open", "ft_lookup", "ft_permission", "ft_read"} and "ft_open" in funcs
+    assert "0 oopses" in cap.out
+
+
+def test_cli_json_selftest_keys(capsys):
+    import json
+    rc, cap = _cli(capsys, "--selftest", "--json", "--duration", "200", "--cpus", "4")
+    assert rc == 0
+    d = json.loads(cap.out)
+    for k in ("selftest", "oopses", "syncs", "batches", "entries", "overruns"):
+        assert k in d
+    assert d["selftest"]["passed"] is True and len(d["selftest"]["cases"]) >= 10
+    assert d["oopses"] == 0 and d["overruns"] == 0 and d["entries"] == len(d["trace"]) > 0
+    assert d["enable"]["batches"] == 1 and d["enable"]["syncs"] <= 3
+
+
+def test_cli_profile_and_overruns_reported(capsys):
+    import json
+    rc, cap = _cli(capsys, "--profile", "--duration", "600")
+    assert rc == 0
+    rows = [ln.split() for ln in cap.out.splitlines() if ln.startswith("  ft_")]
+    hits = {r[0]: int(r[1]) for r in rows}
+    assert set(hits) == {"ft_open", "ft_lookup", "ft_hash", "ft_permission", "ft_read"}
+    assert all(n > 0 for n in hits.values()) and hits["ft_hash"] > hits["ft_read"]
+    rc, cap = _cli(capsys, "--buffer-size", "16", "--duration", "3000", "--json")
+    d = json.loads(cap.out)
+    assert rc == 0 and d["overruns"] > 0 and d["entries"] > 0
+    rc, cap = _cli(capsys, "--buffer-size", "16", "--duration", "3000")
+    assert "WARNING" in cap.out and "events dropped" in cap.out
+
+
+def test_cli_usage_errors(capsys):
+    rc, cap = _cli(capsys, "--functions", "no_such_fn*")
+    assert rc == 2 and "matches no traceable function" in cap.err
+    with pytest.raises(SystemExit) as e:
+        _cli(capsys, "--buffer-size", "100")
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        _cli(capsys, "--cpus", "9")
+    assert e.value.code == 2

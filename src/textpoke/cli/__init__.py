@@ -30,6 +30,7 @@ from . import boot, demo, verify
 from . import keys, static_call
 from . import module
 from . import kprobe
+from . import ftrace
 from ._args import HelpFormatter, Parser, UsageError
 from ._signals import Terminated, exit_status, interruptions
 
@@ -41,6 +42,7 @@ _COMMANDS = (demo, verify, boot)
 _COMMANDS += (keys, static_call)
 _COMMANDS += (module,)
 _COMMANDS += (kprobe,)
+_COMMANDS += (ftrace,)
 
 EPILOG = """\
 exit status (every command):
