@@ -25,7 +25,21 @@ def _memory():
     return m, 0x40_0010, nop5, jmp
 
 
-MACHINES = {"sim": _sim, "memory": _memory}
+def _live():
+    import weakref
+    from test_live_machine import Target, live_skip_reason
+    reason = live_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from textpoke.live import LiveMachine
+    t = Target(2)
+    m = LiveMachine(t.pid)
+    weakref.finalize(m, t.kill)      # closing the machine detaches first (finalize runs after)
+    site = t.sites["idle"]           # a NOP5 no thread runs: plain writes are safe there
+    return m, site[0], t.old("idle"), t.new("idle")
+
+
+MACHINES = {"sim": _sim, "memory": _memory, "live": _live}
 
 
 @pytest.fixture(params=sorted(MACHINES))

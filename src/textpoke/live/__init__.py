@@ -1,0 +1,60 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The live machine: a running Linux x86-64 process as a textpoke machine.
+
+    >>> from textpoke import TextPoke
+    >>> from textpoke.live import LiveMachine
+    >>> with LiveMachine(pid) as m, TextPoke(m) as core:       # doctest: +SKIP
+    ...     with core.batch():
+    ...         core.smp_text_poke_batch_add(addr, bytes.fromhex("e9 00 00 00 00"))
+
+See :mod:`textpoke.live._machine` for what serialises a thread, the trap
+policies (``park`` / ``emulate``), the strategies (``int3`` /
+``stop-machine``) and what is left behind if the patcher is SIGKILLed.
+"""
+
+from ._errors import AccessDenied, LiveError, NoSuchProcess, ProcessChanged
+from ._machine import STRATEGIES, TRAP_POLICIES, LiveMachine, LiveStats
+from ._process import Mapping, ProcMem, read_maps
+
+__all__ = ["LiveMachine", "LiveStats", "TRAP_POLICIES", "STRATEGIES", "LiveError",
+           "NoSuchProcess", "AccessDenied", "ProcessChanged", "Mapping", "ProcMem", "read_maps",
+           "ptrace_permitted"]
+
+
+def ptrace_permitted() -> tuple[bool, str]:
+    """Whether this process may trace a child of its own: tries PTRACE_SEIZE
+    on a short-lived child.  Returns (ok, reason when not)."""
+    import errno
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from . import _ptrace as P
+    try:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    except OSError as e:
+        return False, f"cannot start a child to try ptrace on: {e}"
+    try:
+        try:
+            P.seize(child.pid, 0)
+        except OSError as e:
+            why = "EPERM" if e.errno == errno.EPERM else os.strerror(e.errno)
+            return False, f"PTRACE_SEIZE of a child refused ({why}); {_hint()}"
+        try:
+            P.interrupt(child.pid)
+            si = P.SigInfo()
+            P.waitid(child.pid, si, True)
+            P.detach(child.pid, 0)
+        except OSError as e:
+            return False, f"ptrace works only partly here: {e}"
+        return True, ""
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+
+
+def _hint() -> str:
+    from ._errors import ACCESS_HINT
+    return ACCESS_HINT

@@ -1,0 +1,181 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""A running process seen through /proc: identity, threads, mappings, and
+its memory through ``/proc/PID/mem``.
+
+``/proc/PID/mem`` is the kernel's own alias path into a process's
+read-only text: a write goes through ``access_remote_vm`` with
+``FOLL_FORCE`` (breaking copy-on-write of a private file mapping into an
+anonymous copy, as a debugger's breakpoint does), so no ``mprotect`` of
+the target is ever needed.  The descriptor is opened once per session; it
+is bound to the address space it was opened on, so after an ``exec`` it
+cannot reach the new program by mistake.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from .._errors import BadAddressError, MachineError
+from ._errors import ACCESS_HINT, AccessDenied, NoSuchProcess, ProcessChanged
+
+__all__ = ["Mapping", "ProcessIdentity", "read_maps", "list_tids", "ProcMem"]
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    """One line of /proc/PID/maps."""
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    path: str
+
+    @property
+    def exec(self) -> bool:
+        return "x" in self.perms
+
+    @property
+    def writable(self) -> bool:
+        return "w" in self.perms
+
+
+def read_maps(pid: int) -> list[Mapping]:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise NoSuchProcess(pid, "process not found") from None
+    except PermissionError:
+        raise AccessDenied(pid, f"cannot read /proc/{pid}/maps; {ACCESS_HINT}") from None
+    out = []
+    for line in lines:
+        parts = line.split(None, 5)
+        lo, hi = parts[0].split("-")
+        out.append(Mapping(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16),
+                           parts[5] if len(parts) > 5 else ""))
+    return out
+
+
+def list_tids(pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        raise NoSuchProcess(pid, "process not found") from None
+
+
+def _stat_fields(raw: bytes) -> tuple[str, list[bytes]]:
+    # comm is in parentheses and may itself hold spaces and parentheses
+    lp, rp = raw.index(b"("), raw.rindex(b")")
+    return raw[lp + 1:rp].decode(errors="replace"), raw[rp + 2:].split()
+
+
+class ProcessIdentity:
+    """(pid, start time) of a process, re-checkable cheaply: the
+    /proc/PID/stat descriptor stays open and is re-read with one pread
+    (it fails with ESRCH once that process is gone, even if the pid is
+    reused), and the start time is compared."""
+
+    def __init__(self, pid: int) -> None:
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            raise ValueError(f"pid must be a positive int, not {pid!r}")
+        self.pid = pid
+        try:
+            self._fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NoSuchProcess(pid, "process not found") from None
+        try:
+            self.name, fields = _stat_fields(os.pread(self._fd, 4096, 0))
+        except ProcessLookupError:
+            os.close(self._fd)
+            raise NoSuchProcess(pid, "process not found") from None
+        if fields[0] == b"Z":
+            os.close(self._fd)
+            raise NoSuchProcess(pid, "process is a zombie", self.name)
+        self.start_time = int(fields[19])        # field 22: starttime
+        try:
+            self.exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            self.exe = ""
+
+    def check(self) -> None:
+        """Raise NoSuchProcess / ProcessChanged unless the process is the one
+        we identified."""
+        if self._fd < 0:
+            raise NoSuchProcess(self.pid, "identity closed", self.name)
+        try:
+            raw = os.pread(self._fd, 4096, 0)
+        except ProcessLookupError:
+            raise NoSuchProcess(self.pid, "process is gone", self.name) from None
+        name, fields = _stat_fields(raw)
+        if int(fields[19]) != self.start_time:
+            raise ProcessChanged(self.pid, "the pid now names another process", self.name)
+        if fields[0] in (b"Z", b"X"):
+            raise NoSuchProcess(self.pid, "process has exited", self.name)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class ProcMem:
+    """pread/pwrite on ``/proc/PID/mem``, kept open for the session.  Also
+    the :class:`~textpoke.lowlevel.DataMemory` handed to trap handlers."""
+
+    def __init__(self, pid: int, name: str | None = None) -> None:
+        self.pid = pid
+        self.name = name
+        try:
+            self._fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NoSuchProcess(pid, "process not found", name) from None
+        except PermissionError:
+            raise AccessDenied(pid, f"cannot open /proc/{pid}/mem; {ACCESS_HINT}", name) from None
+
+    def _fail(self, e: OSError, what: str, addr: int, size: int) -> Exception:
+        if e.errno == errno.ESRCH:
+            return NoSuchProcess(self.pid, f"process gone while {what}", self.name)
+        if e.errno in (errno.EIO, errno.EFAULT):
+            return BadAddressError(f"cannot {what} [{addr:#x}, +{size}) in pid {self.pid}: "
+                                   "not mapped")
+        return MachineError(f"cannot {what} [{addr:#x}, +{size}) in pid {self.pid}: {e}")
+
+    def read(self, addr: int, size: int) -> bytes:
+        if self._fd < 0:
+            raise MachineError("process memory is closed")
+        try:
+            data = os.pread(self._fd, size, addr)
+        except OSError as e:
+            raise self._fail(e, "read", addr, size) from None
+        if len(data) != size:
+            if not data:
+                raise NoSuchProcess(self.pid, "address space is gone (exit or exec)", self.name)
+            raise BadAddressError(f"short read at {addr:#x}: {len(data)} of {size} bytes")
+        return data
+
+    def write(self, addr: int, data: bytes) -> None:
+        if self._fd < 0:
+            raise MachineError("process memory is closed")
+        try:
+            n = os.pwrite(self._fd, data, addr)
+        except OSError as e:
+            raise self._fail(e, "write", addr, len(data)) from None
+        if n != len(data):
+            if n == 0:
+                raise NoSuchProcess(self.pid, "address space is gone (exit or exec)", self.name)
+            raise MachineError(f"short write at {addr:#x}: {n} of {len(data)} bytes")
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+
+__all__ += ["ProcessChanged"]
