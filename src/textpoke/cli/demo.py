@@ -136,11 +136,15 @@ def _print(r) -> None:
 
 
 def _print_clients(args) -> None:
-    """The switching clients at work, in a few lines: static keys, static
-    calls and a module loaded, switched and unloaded on running vCPUs."""
+    """The clients at work, in a few lines: static keys, static calls, a
+    module loaded, switched and unloaded, ftrace and kprobes, each on
+    running vCPUs."""
     from .._module import module_demo_line
     from ..sim._clients_demo import CLIENT_CPUS, clients_demo_lines
     cpus = min(args.cpus, CLIENT_CPUS)
     for line in clients_demo_lines(cpus=cpus, seed=args.seed) + [
             module_demo_line(cpus=cpus, seed=args.seed)]:
+        out.print_plain(line)
+    from ..sim._tracing_demo import tracing_demo_lines
+    for line in tracing_demo_lines(cpus=cpus, seed=args.seed):
         out.print_plain(line)
