@@ -344,3 +344,24 @@ def test_trap_that_is_not_ours_reaches_the_process(target):
         assert m.stats.signals_passed >= 1
     target.proc.wait(timeout=5)
     assert target.proc.returncode == -signal.SIGTRAP
+
+
+def test_target_survives_many_batch_toggles_under_four_busy_threads():
+    """The survival figure: 1,000 batch toggles of all 8 hot sites here
+    (TEXTPOKE_LIVE_TOGGLES=10000 for the full figure; bench_live_traps.py
+    runs 10,000): no crash, every site old or new, both variants counted."""
+    from textpoke.live import LiveMachine
+    n = int(os.environ.get("TEXTPOKE_LIVE_TOGGLES", "1000"))
+    t = Target(4)
+    try:
+        with LiveMachine(t.pid) as m, TextPoke(m) as core:
+            for i in range(n):
+                toggle(core, t, t.hot(), to_new=i % 2 == 0)
+            assert core.stats.batches == n and core.stats.rollbacks == 0
+            for s in t.hot():
+                assert t.read(t.sites[s][0], 5) == t.old(s)
+        rc, counts, _ = t.finish()
+        assert rc == 0
+        assert all(o > 0 and nw > 0 for o, nw in counts.values()), counts
+    finally:
+        t.kill()
