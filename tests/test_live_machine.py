@@ -125,10 +125,13 @@ class Target:
 def tracer_pids(pid: int) -> list[int]:
     out = []
     for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
-            for line in f:
-                if line.startswith("TracerPid:"):
-                    out.append(int(line.split()[1]))
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("TracerPid:"):
+                        out.append(int(line.split()[1]))
+        except FileNotFoundError:
+            pass                        # a thread that exited meanwhile
     return out
 
 
