@@ -111,3 +111,18 @@ def test_the_core_imports_and_patches_without_unicorn():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "ok" in p.stdout and "sim needs unicorn" in p.stdout
+
+
+def test_sites_beyond_2gib_need_a_machine_that_declares_wide_text():
+    from textpoke import BadAddressError
+    far = TEXT + (3 << 30)
+    m = MemoryMachine({TEXT: NOP5, far: NOP5})
+    with TextPoke(m) as core, core.text_mutex, pytest.raises(BadAddressError, match="2 GiB"):
+        core.smp_text_poke_batch_add(far, b"\xe9\0\0\0\0")
+
+    class Wide(MemoryMachine):
+        wide_text = True
+    w = Wide({TEXT: NOP5, far: NOP5})
+    with TextPoke(w) as core, core.batch():
+        core.smp_text_poke_batch_add(far, b"\xe9\0\0\0\0")
+    assert w.text_read(far, 5) == b"\xe9\0\0\0\0"

@@ -124,6 +124,11 @@ class Machine(abc.ABC):
     name: str = "machine"
     #: The optional capabilities this backend offers (see :class:`Capability`).
     capabilities: frozenset[Capability] = frozenset()
+    #: Whether text may lie anywhere in the address space.  The kernel keeps a
+    #: batch entry's address as an s32 offset from ``_stext`` (all kernel text
+    #: is within 2 GiB of it); a process's shared libraries are not, so a
+    #: backend like live sets this and the core keeps the offset unbounded.
+    wide_text: bool = False
 
     def __init__(self) -> None:
         self._trap_handles: list[TrapHandle] = []

@@ -277,7 +277,7 @@ class TextPoke:
             raise BadInstructionError(f"site length {length} not in 1..5 (or 6 for Jcc.d32)")
         self.machine.text_range_of(addr, length)
         rel = addr - self._stext
-        if not _S32_MIN <= rel <= _S32_MAX:
+        if not _S32_MIN <= rel <= _S32_MAX and not self.machine.wide_text:
             raise BadAddressError(f"{addr:#x} is beyond ±2 GiB of _stext")
         text = opcode[1:6] if length == 6 else opcode[:length].ljust(5, b"\0")
         emu = opcode if emulate is None else emulate

@@ -202,6 +202,7 @@ class LiveMachine(Machine):
 
     name = "live"
     capabilities = frozenset()
+    wide_text = True          # shared libraries lie far from the executable
 
     def __init__(self, pid: int, *, trap_policy: str = "park", strategy: str = "int3") -> None:
         if trap_policy not in TRAP_POLICIES:
