@@ -15,6 +15,8 @@ import struct
 import sys
 from pathlib import Path
 
+import importlib.util
+
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
@@ -26,6 +28,8 @@ from textpoke.live._inject import ExecMem, InjectError, pick_address
 from textpoke.live._symbols import Mapping
 
 _skip = ptrace_skip_reason()
+needs_machine = pytest.mark.skipif(importlib.util.find_spec("textpoke.live._machine") is None,
+                                   reason="textpoke.live._machine (the live machine) is not there")
 needs_ptrace = pytest.mark.skipif(_skip is not None, reason=_skip or "")
 
 
@@ -127,3 +131,96 @@ def test_injected_mmap_restores_every_register(builddir):
         line, counts = t.signal_and_read(signal.SIGUSR1)
         assert line == "window 1" and counts == expected_window(n, threads, rounds)
         assert t.alive()
+
+
+# --- live_count ---------------------------------------------------------------
+NBIG, THREADS, ROUNDS = 10_000, 4, 3
+
+
+@pytest.fixture(scope="module")
+def big_exe(builddir):
+    return gen.build(NBIG, builddir)
+
+
+def _site_bytes(pid: int, addrs: list[int]) -> list[bytes]:
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
+        out = []
+        for a in addrs:
+            f.seek(a)
+            out.append(f.read(5))
+        return out
+
+
+@needs_ptrace
+@needs_machine
+@pytest.mark.parametrize("strategy", ["int3", "stop-machine"])
+def test_live_count_10000_functions_is_exact(big_exe, builddir, strategy):
+    """The threads are idle while the sites are switched on and off, and call
+    every function a known number of times inside the window (the window
+    callback opens it with SIGUSR1 and waits for the program's report), so
+    every count must equal both the program's own count and the formula."""
+    from textpoke.live._count import live_count
+    from textpoke.live._fentry import NOP5, fentry_sites
+    from textpoke.live._symbols import Symbols
+    want = expected_window(NBIG, THREADS, ROUNDS)
+    with Target(big_exe, builddir / f"big_{strategy}.out", threads=THREADS, rounds=ROUNDS) as t:
+        with Symbols(t.pid) as s:
+            sites = fentry_sites(s, "f0*")
+        addrs = [x.addr for x in sites]
+        assert len(addrs) == NBIG and _site_bytes(t.pid, addrs) == [NOP5] * NBIG
+        maps_before = Path(f"/proc/{t.pid}/maps").read_text()
+        reported: list[list[int]] = []
+        armed_bytes: list[list[bytes]] = []
+
+        def window():
+            armed_bytes.append(_site_bytes(t.pid, addrs[:50] + addrs[-50:]))
+            line, counts = t.signal_and_read(signal.SIGUSR1)
+            assert line == "window 1"
+            reported.append(counts)
+
+        res = live_count(t.pid, "f0*", strategy=strategy, window=window)
+        # while armed every site was a CALL (into injected memory)
+        assert all(b[:1] == b"\xe8" for b in armed_bytes[0])
+        assert reported[0] == want                      # the program did what it says
+        got = dict(res.counts)
+        assert len(got) == NBIG and res.sites == NBIG and not res.skipped
+        assert [got[f"f{i:05d}"] for i in range(NBIG)] == reported[0]
+        # sorted like funccount: most calls first, then by name
+        assert [n for _, n in res.counts] == sorted((n for _, n in res.counts), reverse=True)
+        # every site reads its original bytes again, stubs unmapped, target alive
+        assert _site_bytes(t.pid, addrs) == [NOP5] * NBIG and res.restored
+        assert res.freed and res.kept_mapped == []
+        assert Path(f"/proc/{t.pid}/maps").read_text() == maps_before
+        assert res.alive and t.alive()
+        # and it still runs correctly afterwards: a second window, uncounted
+        line, counts = t.signal_and_read(signal.SIGUSR1)
+        assert line == "window 2" and counts == want
+        assert t.stop() == [2 * w for w in want]
+
+
+@needs_ptrace
+@needs_machine
+def test_live_count_while_threads_call_everything(big_exe, builddir):
+    """Busy threads call every function all the time, also while the sites
+    are switched.  Calls made between two snapshots taken inside the window
+    are all counted (at most one call per thread in flight at either
+    snapshot), and nothing is counted that the program did not do."""
+    from textpoke.live._count import live_count
+    with Target(big_exe, builddir / "busy.out", mode="busy", threads=THREADS) as t:
+        snaps: list[list[int]] = []
+
+        def window():
+            for k in (1, 2):
+                line, counts = t.signal_and_read(signal.SIGUSR1)
+                assert line == f"snapshot {k}"
+                snaps.append(counts)
+
+        res = live_count(t.pid, "f0*", window=window)
+        after = t.signal_and_read(signal.SIGUSR1)[1]
+        got = dict(res.counts)
+        inside = [b - a for a, b in zip(*snaps)]
+        assert sum(inside) > 0
+        for i in range(NBIG):
+            c = got[f"f{i:05d}"]
+            assert inside[i] - THREADS <= c <= after[i]
+        assert res.restored and res.freed and t.alive()

@@ -26,7 +26,7 @@ import sys
 
 from .. import __version__
 from .._errors import TextPokeError
-from . import boot, demo, verify
+from . import boot, demo, live, verify
 from . import keys, static_call
 from . import module
 from . import kprobe
@@ -38,7 +38,7 @@ __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FOUND", "EXIT_USAGE"]
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
 
-_COMMANDS = (demo, verify, boot)
+_COMMANDS = (demo, verify, boot, live)
 _COMMANDS += (keys, static_call)
 _COMMANDS += (module,)
 _COMMANDS += (kprobe,)

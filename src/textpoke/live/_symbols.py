@@ -79,9 +79,11 @@ def read_maps(pid: int) -> list[Mapping]:
     try:
         raw = Path(f"/proc/{pid}/maps").read_bytes()
     except FileNotFoundError:
-        raise SymbolError(f"no process {pid}") from None
+        from ._errors import NoSuchProcess
+        raise NoSuchProcess(pid, "no such process") from None
     except PermissionError:
-        raise SymbolError(f"cannot read /proc/{pid}/maps: permission denied") from None
+        from ._errors import ACCESS_HINT, AccessDenied
+        raise AccessDenied(pid, f"cannot read /proc/{pid}/maps. {ACCESS_HINT}") from None
     out = []
     for line in raw.splitlines():
         m = _MAPS_RE.match(line)

@@ -12,6 +12,12 @@
 
 static uint64_t calls[NFUNCS];
 
+/* A call target for "toggle --to call:fentry_ret": returns, touches nothing. */
+__attribute__((no_instrument_function, noinline)) void fentry_ret(void)
+{
+	__asm__ volatile("");
+}
+
 #define FN(name, i) \
 	__attribute__((noinline)) void f##name(void) \
 	{ __atomic_fetch_add(&calls[i], 1, __ATOMIC_RELAXED); __asm__ volatile("" ::: "memory"); }

@@ -1,0 +1,326 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""``textpoke live``: patch a running Linux process with the kernel's protocol.
+
+Subcommands (each takes ``--pid``; those that patch take ``--strategy``):
+
+  poke    write one instruction at ADDR (a number or a name) with the
+          INT3 batch protocol, e.g. ``live poke --pid P f00042 e9...``
+  sites   list the fentry sites (__mcount_loc, __patchable_function_entries)
+          with the bytes found at each; ``--check`` exits 1 if any holds a
+          stray INT3 (what a SIGKILLed patcher may leave)
+  toggle  switch fentry sites to ``call SYMBOL`` or back to NOP5, in one batch
+  count   count calls of the matching functions for a while, like bcc's
+          funccount, with stubs injected into the process (no trap per hit)
+
+On SIGINT/SIGTERM the batch in flight is finished or rolled back, the
+process is detached and keeps running, and the exit status is 130 (143).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from . import _output as out
+from ._args import Bounds, UsageError, choice_of, int_in
+from ._signals import exit_status, reporting, Terminated
+
+__all__ = ["add_arguments", "run"]
+
+NAME = "live"
+HELP = "patch a running process (ptrace): poke, list fentry sites, toggle, count calls"
+DESCRIPTION = (
+    "Patch a running Linux x86-64 process from outside, through ptrace and\n"
+    "/proc/PID/mem, with the same INT3 batch protocol as the kernel: its threads\n"
+    "keep running.  ADDR is a number or a name: symbol, symbol+off (an\n"
+    "instruction boundary), lib:symbol.  Needs ptrace permission over the\n"
+    "process (same user and kernel.yama.ptrace_scope 0, or CAP_SYS_PTRACE / root).")
+
+PID = Bounds(1, 2**22)
+STRATEGIES = ("int3", "stop-machine")
+DURATION_MAX = 86_400.0
+
+
+def _duration(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 <= v <= DURATION_MAX:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {DURATION_MAX:g} seconds, got {text}")
+    return v
+
+
+def _hex(text: str) -> bytes:
+    t = text.replace(" ", "").replace(":", "")
+    if t.lower().startswith("0x"):
+        t = t[2:]
+    try:
+        b = bytes.fromhex(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected hex bytes (e.g. e9 00 01 00 00), got {text!r}") from None
+    if not b:
+        raise argparse.ArgumentTypeError("expected at least one byte")
+    return b
+
+
+def _to(text: str) -> str:
+    if text == "nop" or (text.startswith("call:") and len(text) > 5):
+        return text
+    raise argparse.ArgumentTypeError(f"expected call:SYMBOL or nop, got {text!r}")
+
+
+def _common(p: argparse.ArgumentParser, patches: bool) -> None:
+    p.add_argument("--pid", type=int_in(PID), required=True, metavar="PID",
+                   help="the process to patch (any of its threads' ids works)")
+    if patches:
+        p.add_argument("--strategy", type=choice_of(STRATEGIES, "strategy"), default="int3",
+                       help="int3: the kernel's INT3 protocol while threads run (default); "
+                            "stop-machine: stop every thread, check none is inside a site, "
+                            "write, resume")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ._args import HelpFormatter
+    sub = p.add_subparsers(dest="live_command", required=True, metavar="SUBCOMMAND")
+
+    q = sub.add_parser("poke", help="write one instruction at ADDR with the INT3 batch protocol",
+                       formatter_class=HelpFormatter,
+                       description="Write HEX (1-5 bytes, or a 6-byte Jcc.d32) at ADDR with the "
+                                   "INT3 batch protocol, while the process runs.")
+    _common(q, True)
+    q.add_argument("addr", metavar="ADDR", help="a number, symbol, symbol+off or lib:symbol")
+    q.add_argument("bytes", metavar="HEX", type=_hex, help="the new instruction, in hex")
+    q.add_argument("--emulate", metavar="HEX", type=_hex, default=None,
+                   help="the instruction a thread hitting the site mid-patch runs "
+                        "(default: the new one)")
+    q.set_defaults(live_run=_poke)
+
+    s = sub.add_parser("sites", help="list fentry sites and the bytes found at each",
+                       formatter_class=HelpFormatter,
+                       description=("List the fentry sites of the process (__mcount_loc: gcc -pg "
+                                    "-mfentry -mnop-mcount -mrecord-mcount; "
+                                    "__patchable_function_entries: -fpatchable-function-entry=5) "
+                                    "with the function each belongs to and the bytes found there.\n\n"
+                                    "After a patcher was killed with SIGKILL (which no program can "
+                                    "catch), run this with --check: it reads every site and exits 1 "
+                                    "if any holds a stray INT3, listing them; restore each with "
+                                    "'textpoke live poke --pid P ADDR 0f1f440000'."))
+    _common(s, False)
+    s.add_argument("--functions", metavar="GLOB", default=None,
+                   help="only the sites of functions matching GLOB (lib:GLOB for one module)")
+    s.add_argument("--check", action="store_true",
+                   help="exit 1 if any site holds a stray INT3 (e.g. after a SIGKILL of the "
+                        "patcher), 0 if none")
+    s.set_defaults(live_run=_sites)
+
+    t = sub.add_parser("toggle", help="switch fentry sites to a CALL or back to NOP5, in one batch",
+                       formatter_class=HelpFormatter,
+                       description="Switch every fentry site of the matching functions to "
+                                   "'call SYMBOL' (--to call:SYMBOL) or to NOP5 (--to nop), in one "
+                                   "batch of the INT3 protocol, while the process runs.")
+    _common(t, True)
+    t.add_argument("--functions", metavar="GLOB", required=True,
+                   help="functions whose fentry sites to switch (lib:GLOB for one module)")
+    t.add_argument("--to", type=_to, required=True, metavar="call:SYMBOL|nop",
+                   help="call:SYMBOL (a number or name; must be within ±2 GiB) or nop")
+    t.set_defaults(live_run=_toggle)
+
+    c = sub.add_parser("count", help="count calls of the matching functions for a while",
+                       formatter_class=HelpFormatter,
+                       description="Count the calls of every function matching GLOB: its fentry "
+                                   "site becomes a CALL into a counting stub injected into the "
+                                   "process (a hit costs nanoseconds, no trap); after the window "
+                                   "every site is switched back, the stubs are freed, and the "
+                                   "counts are printed, most first, like bcc's funccount.  "
+                                   "Ctrl-C ends the window early.")
+    _common(c, True)
+    c.add_argument("--functions", metavar="GLOB", required=True,
+                   help="functions to count (lib:GLOB for one module)")
+    c.add_argument("--duration", type=_duration, default=1.0, metavar="S",
+                   help=f"seconds to count, 0..{DURATION_MAX:g} (default 1)")
+    c.add_argument("--top", type=int_in(Bounds(0, 10**9)), default=0, metavar="N",
+                   help="print only the N most called (default all; --json has all)")
+    c.set_defaults(live_run=_count)
+
+
+def run(args: argparse.Namespace) -> int:
+    return args.live_run(args)
+
+
+# ---------------------------------------------------------------------------
+def _machine(args: argparse.Namespace):
+    from ..live._machine import LiveMachine
+    return LiveMachine(args.pid, strategy=args.strategy)
+
+
+def _symbols(pid: int):
+    from ..live._symbols import Symbols
+    return Symbols(pid)
+
+
+def _poke(args: argparse.Namespace) -> int:
+    from .._core import TextPoke
+    with _symbols(args.pid) as syms:
+        addr = syms.resolve(args.addr)
+        name = syms.symbolize(addr)
+    interrupted: BaseException | None = None
+    old = new = b""
+    with _machine(args) as m:
+        old = m.text_read(addr, len(args.bytes))
+        core = TextPoke(m)
+        try:
+            with core.text_mutex:
+                core.smp_text_poke_single(addr, args.bytes, emulate=args.emulate)
+        except (KeyboardInterrupt, Terminated) as e:
+            interrupted = e
+        finally:
+            core.close()
+            new = m.text_read(addr, len(args.bytes))
+    reporting()
+    doc = {"pid": args.pid, "addr": f"{addr:#x}", "name": name, "old": old.hex(" "),
+           "new": new.hex(" "), "written": new == args.bytes, "strategy": args.strategy,
+           "interrupted": interrupted is not None}
+    if args.json:
+        out.emit_json(doc)
+    else:
+        out.print_plain(f"{name} ({addr:#x}): {doc['old']} -> {doc['new']}")
+    if interrupted is not None:
+        return exit_status(interrupted)
+    return 0 if doc["written"] else 1
+
+
+def _sites(args: argparse.Namespace) -> int:
+    from ..live._fentry import fentry_sites
+    with _symbols(args.pid) as syms:
+        sites = fentry_sites(syms, args.functions)
+    reporting()
+    stray = [s for s in sites if s.stray_int3]
+    if args.json:
+        out.emit_json({"pid": args.pid, "functions": args.functions, "sites": [s.as_dict() for s in sites],
+                       "stray_int3": len(stray),
+                       "kinds": _kinds(sites)})
+    else:
+        if not args.check or stray:
+            from rich.table import Table
+            tab = Table(title=f"fentry sites of process {args.pid}"
+                        + (f" matching {args.functions}" if args.functions else ""),
+                        title_justify="left")
+            for col in ("address", "function", "module", "from", "bytes", "kind"):
+                tab.add_column(col)
+            for s in (stray if args.check else sites):
+                kind = f"[red]{s.kind}[/]" if s.kind == "int3" else s.kind
+                tab.add_row(f"{s.addr:#x}", s.function, s.module, s.source,
+                            out.escape(s.found.hex(" ")), kind)
+            out.console().print(tab)
+        summary = ", ".join(f"{k} {n}" for k, n in _kinds(sites).items()) or "no sites"
+        out.print_plain(f"{len(sites)} sites: {summary}")
+        if args.check:
+            out.print_plain(f"stray INT3s: {len(stray)}" + (
+                " -- restore each with 'textpoke live poke --pid "
+                f"{args.pid} ADDR 0f1f440000'" if stray else ""))
+    return 1 if (args.check and stray) else 0
+
+
+def _kinds(sites) -> dict[str, int]:
+    d: dict[str, int] = {}
+    for s in sites:
+        d[s.kind] = d.get(s.kind, 0) + 1
+    return d
+
+
+def _toggle(args: argparse.Namespace) -> int:
+    from .._core._insn import CALL_INSN_OPCODE, text_gen_insn
+    from ..live._count import switch_sites
+    from ..live._fentry import NOP5, fentry_sites
+    with _symbols(args.pid) as syms:
+        sites = fentry_sites(syms, args.functions)
+        target = syms.resolve(args.to[5:]) if args.to.startswith("call:") else None
+    if not sites:
+        raise UsageError(f"no fentry site of a function matching {args.functions!r}")
+    bad = [s for s in sites if s.kind not in ("nop5", "call")]
+    if bad:
+        raise UsageError(f"{len(bad)} site(s) hold neither NOP5 nor a CALL, e.g. {bad[0].function} "
+                         f"at {bad[0].addr:#x}: {bad[0].found.hex(' ')} ({bad[0].kind}); "
+                         "see 'textpoke live sites --check'")
+    writes = []
+    for s in sites:
+        new = NOP5 if target is None else text_gen_insn(CALL_INSN_OPCODE, s.addr, target)
+        if new != s.found:
+            writes.append((s.addr, new))
+    interrupted: BaseException | None = None
+    stats: dict[str, Any] = {}
+    after: list[bytes] = []
+    with _machine(args) as m:
+        try:
+            if writes:
+                with out.progress(out.progress_enabled(args.json) and len(writes) >= 256,
+                                  "queueing sites") as update:
+                    stats = switch_sites(m, writes, update)
+        except (KeyboardInterrupt, Terminated) as e:
+            interrupted = e
+        after = [m.text_read(s.addr, 5) for s in sites]
+    reporting()
+    want = {a: b for a, b in writes}
+    int3_left = sum(1 for b in after if b[:1] == b"\xcc")
+    done = sum(1 for s, b in zip(sites, after) if b == want.get(s.addr, s.found))
+    doc = {"pid": args.pid, "functions": args.functions, "to": args.to, "sites": len(sites),
+           "switched": len(writes), "now_as_asked": done, "strategy": args.strategy,
+           "stats": stats, "interrupted": interrupted is not None, "int3_left": int3_left}
+    if args.json:
+        out.emit_json(doc)
+    else:
+        out.print_plain(f"{len(writes)} of {len(sites)} sites switched to {args.to} "
+                        f"({len(sites) - len(writes)} already were); {done} read back as asked; "
+                        f"syncs {stats.get('syncs', 0)}, INT3 hits {stats.get('int3_hits', 0)}")
+    if interrupted is not None:
+        print(f"textpoke live toggle: interrupted; INT3s of ours left in the text: {int3_left}",
+              file=sys.stderr)
+        return exit_status(interrupted)
+    return 0 if done == len(sites) else 1
+
+
+def _count(args: argparse.Namespace) -> int:
+    from ..live._count import live_count
+    interrupted: list[BaseException] = []
+
+    def window() -> None:
+        import time
+        try:
+            time.sleep(args.duration)
+        except (KeyboardInterrupt, Terminated) as e:   # end the window early, then disarm
+            interrupted.append(e)
+
+    with out.progress(out.progress_enabled(args.json), "switching sites") as update:
+        res = live_count(args.pid, args.functions, args.duration, strategy=args.strategy,
+                         window=window, progress=update)
+    reporting()
+    if args.json:
+        out.emit_json(dict(res.as_dict(), pid=args.pid, interrupted=bool(interrupted)))
+    else:
+        _print_count(res, args)
+    if interrupted:
+        return exit_status(interrupted[0])
+    return 0 if res.restored and res.alive else 1
+
+
+def _print_count(res, args: argparse.Namespace) -> None:
+    rows = res.counts[:args.top] if args.top else res.counts
+    w = max([len("FUNC")] + [len(f) for f, _ in rows])
+    out.print_plain(f"Counted {res.sites} functions matching {res.pattern!r} in process "
+                    f"{args.pid} for {res.duration:.2f} s ({res.strategy}).")
+    out.print_plain(f"{'FUNC':<{w}}  {'COUNT':>12}")
+    for f, n in rows:
+        out.print_plain(f"{f:<{w}}  {n:>12}")
+    if args.top and len(res.counts) > args.top:
+        out.print_plain(f"... {len(res.counts) - args.top} more")
+    t = res.timings
+    attach = t.get("arm_total", 0) + t.get("disarm_total", 0)
+    out.print_plain(f"total {sum(n for _, n in res.counts):,} calls; switch on+off {attach:.3f} s "
+                    f"attached; sites restored: {'yes' if res.restored else 'NO'}; stubs "
+                    + ("freed" if res.freed else "kept mapped: " + "; ".join(res.kept_mapped)))
+    if res.skipped:
+        out.print_plain(f"skipped {len(res.skipped)} site(s) that do not hold a NOP5 "
+                        f"(first: {res.skipped[0]['function']}: {res.skipped[0]['why']})")

@@ -1,0 +1,279 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Counting function calls in a running process: the function profiler, live.
+
+:func:`live_count` (``textpoke live count``):
+
+1. resolves the fentry sites of the functions matching a glob
+   (:mod:`._fentry`); only NOP5 sites are patched (the others are listed as
+   skipped, with the bytes found);
+2. attaches (:class:`LiveMachine`), maps a region near the code in a
+   stopped thread (:mod:`._inject`) and writes one stub per function::
+
+       lock incq counter_i(%rip)     f0 48 ff 05 rel32
+       ret                           c3          (padded with INT3 to 16 bytes)
+
+   The CALL at the fentry point pushes a return address into the function,
+   so the stub's RET resumes the function at its second instruction with
+   every register as the caller left it (a CALL there is exactly what
+   ``-mfentry`` code is built to take; ``lock inc`` changes only status
+   flags, which no ABI preserves across a call).  Counters are 64 bytes
+   apart (one cache line each: threads counting different functions do not
+   share a line), in a data page separate from the code (a write into a
+   line of code being run would cost every thread a machine clear);
+3. switches every site NOP5 -> ``call stub_i`` in ONE batch of the core
+   (``smp_text_poke_batch_add`` for each, then finish: INT3 protocol or
+   stop-machine, as the machine's strategy says), and detaches -- the
+   target runs free while counting: a hit costs a CALL, a locked increment
+   and a RET, nanoseconds, no trap;
+4. after the window, attaches again, switches every site back to its
+   original bytes in one batch, stops every thread and checks that none is
+   inside a stub (rip, and the top of each stack), reads the counters,
+   unmaps the region (or keeps it mapped, saying why, if the check does not
+   pass: a leak of a few pages beats killing the target), and detaches;
+5. reads every site back and returns the counts sorted like bcc's
+   ``funccount`` (most calls first).
+
+Exactness: a call that enters while a site is being switched is counted or
+not depending on which instruction the INT3 handler emulates; calls made
+entirely inside the window are all counted.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .._core._insn import CALL_INSN_OPCODE, text_gen_insn
+from .._errors import TextPokeError
+from ._fentry import NOP5, FentrySite, fentry_sites, read_process
+from ._inject import ExecMem, InjectError
+from ._symbols import Symbols, SymbolError, read_maps
+
+__all__ = ["CountResult", "live_count", "stub_code", "STUB_SIZE", "COUNTER_STRIDE",
+           "switch_sites", "Arming"]
+
+STUB_SIZE = 16
+COUNTER_STRIDE = 64
+
+
+def stub_code(stub_addr: int, counter_addr: int) -> bytes:
+    """``lock incq counter(%rip); ret``, INT3-padded to STUB_SIZE."""
+    rel = counter_addr - (stub_addr + 8)
+    return b"\xf0\x48\xff\x05" + struct.pack("<i", rel) + b"\xc3" + b"\xcc" * (STUB_SIZE - 9)
+
+
+@dataclass
+class CountResult:
+    pattern: str
+    duration: float
+    strategy: str
+    counts: list[tuple[str, int]]            # (function, calls), most first
+    sites: int                                # sites counted
+    skipped: list[dict] = field(default_factory=list)   # sites not patched, and why
+    restored: bool = False                    # every site reads its original bytes again
+    freed: bool = False                       # the stub region was unmapped
+    kept_mapped: list[str] = field(default_factory=list)  # why not
+    timings: dict[str, float] = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    alive: bool = True
+
+    def as_dict(self) -> dict:
+        return {"pattern": self.pattern, "duration": self.duration, "strategy": self.strategy,
+                "sites": self.sites, "total": sum(n for _, n in self.counts),
+                "counts": [{"function": f, "count": n} for f, n in self.counts],
+                "skipped": self.skipped, "restored": self.restored, "freed": self.freed,
+                "kept_mapped": self.kept_mapped, "timings": self.timings,
+                "stats": self.stats, "alive": self.alive}
+
+
+def switch_sites(machine, writes: Sequence[tuple[int, bytes]],
+                 progress: Callable[[int, int], None] | None = None) -> dict:
+    """Apply *writes* (address, new bytes) as ONE batch of the core on
+    *machine*; return the core's stats.  The core finishes or rolls back
+    the batch on any error or signal."""
+    from .._core import TextPoke
+    core = TextPoke(machine)
+    try:
+        with core.batch():
+            n = len(writes)
+            for i, (addr, new) in enumerate(writes):
+                core.smp_text_poke_batch_add(addr, new)
+                if progress and (i % 256 == 0 or i + 1 == n):
+                    progress(i + 1, n)
+        return core.stats.as_dict()
+    finally:
+        core.close()
+
+
+class Arming:
+    """The stubs and sites of one counting session; the steps of
+    :func:`live_count`, usable one by one (the benchmark times them)."""
+
+    def __init__(self, pid: int, pattern: str, *, strategy: str = "int3",
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        self.pid, self.pattern, self.strategy, self.progress = pid, pattern, strategy, progress
+        self.syms = Symbols(pid)
+        found = fentry_sites(self.syms, pattern)
+        if not found:
+            raise SymbolError(f"no fentry site of a function matching {pattern!r} in process {pid}")
+        self.sites: list[FentrySite] = [s for s in found if s.kind == "nop5"]
+        self.skipped = [dict(s.as_dict(), why=_why_not(s)) for s in found if s.kind != "nop5"]
+        if not self.sites:
+            raise SymbolError(f"none of the {len(found)} fentry sites matching {pattern!r} holds a "
+                              f"NOP5 (found: {', '.join(sorted({s.kind for s in found}))})")
+        self.region: ExecMem | None = None
+        self.timings: dict[str, float] = {}
+        self.stats: dict = {}
+
+    # --- the two sessions -------------------------------------------------
+    def arm(self) -> None:
+        """Attach, map and fill the stubs, switch every site to its CALL in
+        one batch, detach."""
+        from ._machine import LiveMachine
+        t0 = time.perf_counter()
+        with LiveMachine(self.pid, strategy=self.strategy) as m:
+            t1 = time.perf_counter()
+            lo, hi = self.sites[0].addr, self.sites[-1].addr
+            n = len(self.sites)
+            self.region = _map_region(m, n * STUB_SIZE, n * COUNTER_STRIDE, (lo, hi))
+            r = self.region
+            code = b"".join(stub_code(r.base + i * STUB_SIZE, r.data + i * COUNTER_STRIDE)
+                            for i in range(n))
+            r.write(r.base, code)
+            t2 = time.perf_counter()
+            writes = [(s.addr, text_gen_insn(CALL_INSN_OPCODE, s.addr, r.base + i * STUB_SIZE))
+                      for i, s in enumerate(self.sites)]
+            self.stats["arm"] = switch_sites(m, writes, self.progress)
+            t3 = time.perf_counter()
+        t4 = time.perf_counter()
+        self.timings.update(arm_attach=t1 - t0, arm_map=t2 - t1, arm_batch=t3 - t2,
+                            arm_detach=t4 - t3, arm_total=t4 - t0)
+
+    def disarm(self) -> tuple[list[int], list[str]]:
+        """Attach, switch every site back in one batch, stop the threads,
+        read the counters and unmap the region if no thread can be inside
+        it; detach.  Returns (counters, reasons the region stays mapped)."""
+        from ._machine import LiveMachine
+        r = self.region
+        assert r is not None
+        t0 = time.perf_counter()
+        with LiveMachine(self.pid, strategy=self.strategy) as m:
+            t1 = time.perf_counter()
+            writes = [(s.addr, s.found) for s in self.sites]
+            self.stats["disarm"] = switch_sites(m, writes, self.progress)
+            t2 = time.perf_counter()
+            counters, why = _read_and_free(m, r, len(self.sites))
+            t3 = time.perf_counter()
+        t4 = time.perf_counter()
+        self.timings.update(disarm_attach=t1 - t0, disarm_batch=t2 - t1, disarm_free=t3 - t2,
+                            disarm_detach=t4 - t3, disarm_total=t4 - t0)
+        return counters, why
+
+    def restored(self) -> bool:
+        """Read every site back: True when each holds its original bytes."""
+        read = read_process(self.pid)
+        try:
+            for s in self.sites:
+                if read(s.addr, 5) != s.found:
+                    return False
+            return True
+        finally:
+            read.close()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        if self.region is not None:
+            self.region.close()
+        self.syms.close()
+
+
+def live_count(pid: int, pattern: str, duration: float = 1.0, *, strategy: str = "int3",
+               window: Callable[[], None] | None = None,
+               progress: Callable[[int, int], None] | None = None) -> CountResult:
+    """Count the calls of every function matching *pattern* in process
+    *pid* for *duration* seconds (or while *window()* runs, called once
+    every site is switched on and the process is detached)."""
+    a = Arming(pid, pattern, strategy=strategy, progress=progress)
+    try:
+        a.arm()
+        t0 = time.perf_counter()
+        try:
+            if window is not None:
+                window()
+            else:
+                time.sleep(duration)
+        finally:
+            elapsed = time.perf_counter() - t0
+            counters, why = a.disarm()
+        counts: dict[str, int] = {}
+        for s, c in zip(a.sites, counters):
+            counts[s.function] = counts.get(s.function, 0) + c
+        ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        timings = dict(a.timings, window=elapsed)
+        return CountResult(pattern, elapsed, strategy, ordered, len(a.sites), a.skipped,
+                           restored=a.restored(), freed=not why, kept_mapped=why,
+                           timings=timings, stats=a.stats, alive=_alive(pid))
+    finally:
+        a.close()
+
+
+def _why_not(s: FentrySite) -> str:
+    return {"int3": "a stray INT3 (a breakpoint, or a patcher killed mid-batch): run "
+                    "'textpoke live sites --check'",
+            "5xnop1": "five one-byte NOPs (-fpatchable-function-entry): a thread may be between "
+                      "two of them, so they cannot become one instruction while it runs",
+            "call": "already a CALL (another tool, or a count that was killed)",
+            "jmp": "a JMP: patched by something else"}.get(s.kind, "not a NOP5")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+# --- what needs the live machine's stopped threads ------------------------------
+def _map_region(m, code_size: int, data_size: int, near: tuple[int, int]) -> ExecMem:
+    """mmap the region in one of the threads held by ``m.stopped()``: the
+    first that takes it (a thread that cannot run the syscall is skipped)."""
+    errors = []
+    maps = read_maps(m.pid)
+    with m.stopped() as tids:
+        for tid in sorted(tids, key=lambda t: t != m.pid):    # the main thread first
+            try:
+                return ExecMem.map(m.pid, tid, code_size, data_size, near=near, maps=maps)
+            except (InjectError, OSError) as e:
+                errors.append(f"thread {tid}: {e}")
+                if isinstance(e, InjectError) and "failed:" in str(e):
+                    break                      # the kernel said no: another thread won't help
+    raise InjectError("could not map the counting stubs: " + "; ".join(errors))
+
+
+def _read_and_free(m, r: ExecMem, n: int, attempts: int = 50) -> tuple[list[int], list[str]]:
+    """With every thread stopped: check that none can be inside the stubs,
+    read the counters (final: no thread can count any more) and unmap.  A
+    thread caught inside a stub (two instructions long) is let run and the
+    check made again, up to *attempts* times; then the region stays mapped
+    (never unmapped under a thread)."""
+    why: list[str] = []
+    counters: list[int] = []
+    for attempt in range(attempts):
+        with m.stopped() as tids:
+            threads = [(tid, m.get_regs(tid)) for tid in tids]
+            why = r.in_use(threads)
+            raw = r.read(r.data, n * COUNTER_STRIDE)
+            counters = [struct.unpack_from("<Q", raw, i * COUNTER_STRIDE)[0] for i in range(n)]
+            if not why:
+                errs = []
+                for tid in sorted(tids, key=lambda t: t != m.pid):
+                    try:
+                        r.unmap(tid)
+                        return counters, []
+                    except (InjectError, OSError) as e:
+                        errs.append(f"munmap in thread {tid} failed: {e}")
+                return counters, errs
+        time.sleep(0.0005 * (attempt + 1))     # the threads run on, out of the stub
+    return counters, why
