@@ -40,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "byte-granular (default 64)")
     p.add_argument("--no-boot", action="store_true",
                    help="run the bare workload image instead of booting the kernel image first")
+    p.add_argument("--machine", choices=("sim", "live"), default="sim",
+                   help="sim (default), or live: the same workload built with gcc at run time "
+                        "(needs gcc) as a real process of --cpus threads, patched through ptrace; "
+                        "--seed, --line-size and the boot do not apply")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
 
@@ -48,9 +52,16 @@ def run(args: argparse.Namespace) -> int:
     interrupted: BaseException | None = None
     d = None
     try:
-        d = Demo(cpus=args.cpus, seed=args.seed, line_size=args.line_size,
-                 boot=not args.no_boot)
-        d.boot()
+        if args.machine == "live":
+            from ..live._demo import LiveDemo
+            d = LiveDemo(threads=args.cpus)
+        else:
+            d = Demo(cpus=args.cpus, seed=args.seed, line_size=args.line_size,
+                     boot=not args.no_boot)
+        if args.machine == "live":
+            d.attach()
+        else:
+            d.boot()
         with out.progress(out.progress_enabled(args.json), "toggling sites") as update:
             d.toggle(args.toggles, update)
         d.check_final()
@@ -101,8 +112,13 @@ def _print(r) -> None:
                   f"{p['.return_sites']['patched']} patched; {tests}")
     done = (f"{r.toggles}" if not r.interrupted
             else f"{r.toggles_done} of {r.toggles} (interrupted)")
-    con.print(f"[bold]textpoke demo[/] — {r.cpus} vCPUs ran the workload while every site was "
-              f"toggled {done} times through smp_text_poke_batch_*() (seed {r.seed})")
+    if not r.line_size:           # the live machine: threads of a real process
+        con.print(f"[bold]textpoke demo --machine live[/] — {r.cpus} threads of a real process "
+                  f"ran the workload while every site was toggled {done} times through "
+                  "smp_text_poke_batch_*() over ptrace")
+    else:
+        con.print(f"[bold]textpoke demo[/] — {r.cpus} vCPUs ran the workload while every site was "
+                  f"toggled {done} times through smp_text_poke_batch_*() (seed {r.seed})")
     t = Table(title="sites (bytes now; times each variant ran, all CPUs)", title_justify="left")
     for col in ("site", "kind", "len", "bytes now"):
         t.add_column(col)
@@ -141,10 +157,10 @@ def _print_clients(args) -> None:
     running vCPUs."""
     from .._module import module_demo_line
     from ..sim._clients_demo import CLIENT_CPUS, clients_demo_lines
+    from ..sim._tracing_demo import tracing_demo_lines
     cpus = min(args.cpus, CLIENT_CPUS)
     for line in clients_demo_lines(cpus=cpus, seed=args.seed) + [
             module_demo_line(cpus=cpus, seed=args.seed)]:
         out.print_plain(line)
-    from ..sim._tracing_demo import tracing_demo_lines
     for line in tracing_demo_lines(cpus=cpus, seed=args.seed):
         out.print_plain(line)
