@@ -40,6 +40,7 @@ entirely inside the window are all counted.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import time
 from dataclasses import dataclass, field
@@ -161,8 +162,9 @@ class Arming:
         t0 = time.perf_counter()
         with LiveMachine(self.pid, strategy=self.strategy) as m:
             t1 = time.perf_counter()
-            writes = [(s.addr, s.found) for s in self.sites]
-            self.stats["disarm"] = switch_sites(m, writes, self.progress)
+            # every site still switched on (all of them, unless arming failed half-way)
+            writes = [(s.addr, s.found) for s in self.sites if m.text_read(s.addr, 5) != s.found]
+            self.stats["disarm"] = switch_sites(m, writes, self.progress) if writes else {}
             t2 = time.perf_counter()
             counters, why = _read_and_free(m, r, len(self.sites))
             t3 = time.perf_counter()
@@ -196,7 +198,15 @@ def live_count(pid: int, pattern: str, duration: float = 1.0, *, strategy: str =
     every site is switched on and the process is detached)."""
     a = Arming(pid, pattern, strategy=strategy, progress=progress)
     try:
-        a.arm()
+        try:
+            a.arm()
+        except BaseException:
+            # the core finished or rolled back the batch: switch back whatever
+            # is on and free the stubs before the error goes on
+            if a.region is not None:
+                with contextlib.suppress(Exception):
+                    a.disarm()
+            raise
         t0 = time.perf_counter()
         try:
             if window is not None:
