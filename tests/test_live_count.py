@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import struct
 import sys
 from pathlib import Path
 

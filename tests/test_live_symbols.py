@@ -10,7 +10,6 @@ file versus /proc/PID/mem."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path

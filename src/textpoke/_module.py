@@ -60,7 +60,7 @@ import io
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable
 
 from ._alternative._apply import alt_instructions_pass
 from ._alternative._shadow import DebugLog, Shadow, Symbols, features_of
@@ -71,6 +71,9 @@ from ._jump_label._keys import StaticKeys, UnknownKeyError
 from ._static_call._calls import StaticCalls, UnknownCallError
 from .images._tables import ALT_FLAGS_SHIFT, AltInstr, RetpolineSite, ReturnSite
 from .images._tables_clients import parse_jump_table, parse_static_call_sites
+
+if TYPE_CHECKING:      # the self-test's result type lives with the sim's client harness
+    from .sim._clients_demo import SelfTestResult
 
 __all__ = ["ModuleLoader", "Module", "module_selftest", "module_demo_line", "ModuleError", "ModuleFormatError", "ModuleRelocationError",
            "UnknownSymbolError", "MODULE_DATA_BASE", "MODULE_DATA_SIZE", "RELOCATION_TYPES"]
@@ -565,7 +568,7 @@ _MOD_PROBES = (
 )
 
 
-def module_selftest(cm, loader: ModuleLoader | None = None) -> "SelfTestResult":
+def module_selftest(cm, loader: ModuleLoader | None = None) -> SelfTestResult:
     """A module that uses a kernel key and a kernel static call, loaded
     while every CPU of *cm* (a ClientMachine) runs the probe loop, called
     from every CPU, switched both ways, unloaded, and loaded again with the

@@ -22,7 +22,6 @@ from typing import Callable
 
 from .._core._insn import Insn, insn_decode_kernel, x86_nops
 from .._errors import BadInstructionError
-from ..images._tables_real import ALT_FLAG_DIRECT_CALL, ALT_FLAG_NOT, RealAltInstr
 from ._ktext import CpuCaps, KernelBootError, KernelText
 
 __all__ = ["BootOptions", "TableStats", "fast_decode", "optimize_nops_k", "apply_relocation_k",

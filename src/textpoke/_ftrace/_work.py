@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .._alternative import DEFAULT_FEATURES, alternative_instructions
 from .._core import TextPoke
 from ..images import load_bundled
 from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import read_tables
+from ..sim._clients_demo import SelfTestResult
 from ..sim._machine import COARSE, SchedPolicy
 from ..sim._workload import boot_workload
 from ._ops import MCOUNT_INSN_SIZE, Ftrace
@@ -278,28 +279,13 @@ def expected_hits(work_counts: Counter, ftrace: Ftrace, traced: set[str]) -> Cou
 
 
 @dataclass
-class FtraceSelfTest:
+class FtraceSelfTest(SelfTestResult):
+    """The startup self-test's result: a SelfTestResult with the trace's
+    own figures."""
+
     name: str = "ftrace_startup"
-    cases: list[dict] = field(default_factory=list)
-    oopses: int = 0
-    bad: list[dict] = field(default_factory=list)
-    syncs: int = 0
-    batches: int = 0
     entries: int = 0
     overruns: int = 0
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.cases) and all(c["passed"] for c in self.cases) and not self.oopses \
-            and not self.bad
-
-    def case(self, name: str, passed: bool, **detail) -> bool:
-        self.cases.append({"name": name, "passed": bool(passed), **detail})
-        return passed
-
-    def as_dict(self) -> dict:
-        return {"passed": self.passed, "cases": self.cases,
-                "failed": [c["name"] for c in self.cases if not c["passed"]], "bad": self.bad}
 
 
 def ftrace_selftest(fm: FtraceMachine) -> FtraceSelfTest:

@@ -57,10 +57,10 @@ exit status (every command):
 
 
 def build_parser() -> Parser:
-    import argparse
     ap = Parser(prog="textpoke", epilog=EPILOG, formatter_class=HelpFormatter,
                 description=("The Linux kernel's x86 text-patching machinery (text_poke, INT3 SMP\n"
-                             "batch patching) on an emulated SMP x86-64 machine."))
+                             "batch patching) and its clients, on an emulated SMP x86-64 machine,\n"
+                             "on live processes, and on real kernel images."))
     ap.add_argument("--version", action="version", version=f"textpoke {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in _COMMANDS:

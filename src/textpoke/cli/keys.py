@@ -15,7 +15,7 @@ import argparse
 from ..sim._clients_demo import (CLIENT_CPUS, ClientMachine, many_key_flip,
                                  static_keys_selftest)
 from . import _output as out
-from ._args import SEED, Bounds, UsageError, int_in
+from ._args import SEED, Bounds, int_in
 
 __all__ = ["add_arguments", "run", "NAME", "HELP", "DESCRIPTION"]
 
@@ -58,6 +58,18 @@ def start_workload(cm: ClientMachine) -> None:
             cm.allow(len(cm.probes) - 1, [], rng=(-(1 << 62), 1 << 62))
     cm.start()
     cm.wait_passes(1)
+
+
+def finish_machine(args, cm: ClientMachine, d: dict, lines: list[str], failed: bool,
+                   s0: int, b0: int) -> int:
+    """The tail every client command shares: the machine's figures since
+    (s0 syncs, b0 batches), then the output and the exit status."""
+    d["oopses"] = cm.oopses
+    d["syncs"] = cm.core.stats.syncs - s0
+    d["batches"] = cm.core.stats.batches - b0
+    d["int3_hits"] = cm.core.stats.int3_hits
+    lines.append(f"{d['syncs']} syncs, {d['batches']} batches, {d['oopses']} oopses")
+    return finish(args, d, lines, failed or cm.oopses > 0)
 
 
 def finish(args, d: dict, lines: list[str], failed: bool) -> int:
@@ -111,9 +123,4 @@ def run(args: argparse.Namespace) -> int:
             for k in d["keys"]:
                 lines.append(f"{k['name']:32} {k['enabled']:>5} {k['entries']:>6}  "
                              f"{'true' if k['initial'] else 'false'}")
-        d["oopses"] = cm.oopses
-        d["syncs"] = cm.core.stats.syncs - s0
-        d["batches"] = cm.core.stats.batches - b0
-        d["int3_hits"] = cm.core.stats.int3_hits
-        lines.append(f"{d['syncs']} syncs, {d['batches']} batches, {d['oopses']} oopses")
-        return finish(args, d, lines, failed or cm.oopses > 0)
+        return finish_machine(args, cm, d, lines, failed, s0, b0)

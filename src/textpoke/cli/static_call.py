@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from ..sim._clients_demo import ClientMachine, static_call_selftest
-from .keys import add_common, finish, start_workload
+from .keys import add_common, finish_machine, start_workload
 
 __all__ = ["add_arguments", "run", "NAME", "HELP", "DESCRIPTION"]
 
@@ -69,9 +69,4 @@ def run(args: argparse.Namespace) -> int:
             for c in d["calls"]:
                 lines.append(f"{c['name']:20} {str(c['func'] or 'NULL'):28} {c['sites']:>5} "
                              f"{c['tail_sites']:>5}")
-        d["oopses"] = cm.oopses
-        d["syncs"] = cm.core.stats.syncs - s0
-        d["batches"] = cm.core.stats.batches - b0
-        d["int3_hits"] = cm.core.stats.int3_hits
-        lines.append(f"{d['syncs']} syncs, {d['batches']} batches, {d['oopses']} oopses")
-        return finish(args, d, lines, failed or cm.oopses > 0)
+        return finish_machine(args, cm, d, lines, failed, s0, b0)

@@ -373,11 +373,9 @@ def _boot(image: RealKernelImage, bzimage: Path, *, cpu: str, cmdline: str, smp:
             "-gdb", "chardev:gdb0",
             "-qmp", f"unix:{qmp_sock},server=on,wait=off",
             "-S"]
-    size = image.end - image.text_start
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, cwd=work)
     gsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    qmp = None
     try:
         return _drive(image, proc, gsock, work, argv, kcmd, call_site, ret_site, cpu, cmdline, smp,
                       timeout)
@@ -593,7 +591,6 @@ def run_matrix(kernel, setups=SETUPS, *, use_cache: bool = True, compare: bool |
     out("-" * len(hdr))
     rows = []
     for st in setups:
-        t = time.monotonic()
         cached = (reference_dir(image, st.cpu, st.cmdline, st.smp) / "meta.json").exists()
         ref = reference(image, kernel.vmlinuz, cpu=st.cpu, cmdline=st.cmdline, smp=st.smp,
                         use_cache=use_cache)

@@ -47,8 +47,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from .._core._insn import CALL_INSN_OPCODE, text_gen_insn
-from .._errors import TextPokeError
-from ._fentry import NOP5, FentrySite, fentry_sites, read_process
+from ._fentry import FentrySite, fentry_sites, read_process
 from ._inject import ExecMem, InjectError
 from ._symbols import Symbols, SymbolError, read_maps
 
