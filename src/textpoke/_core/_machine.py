@@ -129,6 +129,12 @@ class Machine(abc.ABC):
     #: is within 2 GiB of it); a process's shared libraries are not, so a
     #: backend like live sets this and the core keeps the offset unbounded.
     wide_text: bool = False
+    #: Entries a batch may hold before it is flushed; None: the kernel's
+    #: TEXT_POKE_ARRAY_MAX (one page of 16-byte entries, 256).  The page is a
+    #: kernel constraint; a machine whose syncs are costly and that has no
+    #: such constraint (live: each sync interrupts every thread) may declare
+    #: more, so that N sites cost 3 syncs instead of 3 per 256.
+    text_poke_array_max: int | None = None
 
     def __init__(self) -> None:
         self._trap_handles: list[TrapHandle] = []

@@ -70,6 +70,9 @@ class TextPoke:
     def __init__(self, machine: Machine, *, keep_sorted: bool = True,
                  mutations: Iterable[str] = (), events_capacity: int | None = None) -> None:
         self.protocol = Protocol.build(keep_sorted=keep_sorted, mutations=mutations)
+        #: entries per batch before it is flushed: the kernel's page of 256
+        #: (TEXT_POKE_ARRAY_MAX), unless the machine declares more
+        self.array_max = machine.text_poke_array_max or TEXT_POKE_ARRAY_MAX
         if machine.owner is not None:
             raise MachineError(f"the {machine.name} machine already has a TextPoke; "
                                "close it first (one text-patching state per machine)")
@@ -334,7 +337,7 @@ class TextPoke:
         arr = self.text_poke_array.vec
         flush = False
         if arr:
-            if len(arr) >= TEXT_POKE_ARRAY_MAX:
+            if len(arr) >= self.array_max:
                 self.stats.flushes_full += 1
                 flush = True
             elif self.protocol.order == "flush" and arr[-1].rel_addr > tpl.rel_addr:

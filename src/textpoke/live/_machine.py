@@ -203,6 +203,7 @@ class LiveMachine(Machine):
     name = "live"
     capabilities = frozenset()
     wide_text = True          # shared libraries lie far from the executable
+    text_poke_array_max = 1 << 15   # a sync stops every thread: one batch for 32,768 sites
 
     def __init__(self, pid: int, *, trap_policy: str = "park", strategy: str = "int3") -> None:
         if trap_policy not in TRAP_POLICIES:
@@ -332,6 +333,13 @@ class LiveMachine(Machine):
         return None
 
     def text_read(self, addr: int, size: int) -> bytes:
+        # Fast path: within one cached page (the cache is emptied by close()
+        # and at every task).  Every read of a batch takes it.
+        page = addr & ~(PAGE_SIZE - 1)
+        chunk = self._pages.get(page)
+        if chunk is not None and addr + size <= page + PAGE_SIZE:
+            off = addr - page
+            return chunk[off:off + size]
         self._check_open()
         pages = self._pages
         out = []
