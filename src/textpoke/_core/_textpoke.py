@@ -361,6 +361,9 @@ class TextPoke:
         if order == "append":
             i = len(arr)
             near = arr                  # unsorted: every entry may overlap
+        elif not arr or arr[-1].rel_addr < rel:
+            i = len(arr)                # in order (the common case): after the last
+            near = arr[-1:]
         else:
             i = self._insert_index(rel)
             near = arr[max(0, i - 1):i + 1]   # sorted, disjoint: neighbours suffice
