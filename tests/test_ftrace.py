@@ -12,9 +12,8 @@ from collections import Counter
 import pytest
 
 from textpoke._core._insn import CALL_INSN_OPCODE, text_gen_insn, x86_nops
-from textpoke._ftrace import (FtraceBugError, FtraceFilterError, FtraceMachine, TraceEntry,
-                              format_trace_line, ftrace_selftest)
-from textpoke._ftrace._work import DEMO_FUNCTIONS, expected_hits
+from textpoke._ftrace import FtraceBugError, FtraceFilterError, TraceEntry, format_trace_line
+from textpoke.sim._ftrace_work import DEMO_FUNCTIONS, FtraceMachine, expected_hits, ftrace_selftest
 
 have_gcc = all(shutil.which(t) for t in ("gcc", "as", "ld"))
 NOP5 = x86_nops[5]

@@ -15,11 +15,11 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from textpoke._jump_label import UnknownKeyError
-from textpoke._module import (ModuleLoader, ModuleRelocationError, UnknownSymbolError,
-                              module_selftest)
+from textpoke._module import ModuleLoader, ModuleRelocationError, UnknownSymbolError
 from textpoke._static_call._calls import UnknownCallError
 from textpoke.cli import main
 from textpoke.images.build import have_gcc
+from textpoke.sim._module_selftest import module_selftest
 from textpoke.images.modules import MODULES, REFUSALS, module_path
 from textpoke.sim._clients_demo import ClientMachine
 

@@ -9,8 +9,6 @@ __all__ = ["ftrace_init"]
 # run-time ftrace: sites, the guest ring buffers, the tracer at work
 from ._ops import DynFtrace, Ftrace, FtraceBugError, FtraceFilterError, FtraceUpdate  # noqa: E402
 from ._ring import RingBuffer, TraceEntry, format_trace_line  # noqa: E402
-from ._work import FtraceMachine, FtraceSelfTest, ftrace_selftest  # noqa: E402
 
 __all__ += ["DynFtrace", "Ftrace", "FtraceBugError", "FtraceFilterError", "FtraceUpdate",
-            "RingBuffer", "TraceEntry", "format_trace_line", "FtraceMachine", "FtraceSelfTest",
-            "ftrace_selftest"]
+            "RingBuffer", "TraceEntry", "format_trace_line"]

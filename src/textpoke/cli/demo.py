@@ -155,7 +155,7 @@ def _print_clients(args) -> None:
     """The clients at work, in a few lines: static keys, static calls, a
     module loaded, switched and unloaded, ftrace and kprobes, each on
     running vCPUs."""
-    from .._module import module_demo_line
+    from ..sim._module_selftest import module_demo_line
     from ..sim._clients_demo import CLIENT_CPUS, clients_demo_lines
     from ..sim._tracing_demo import tracing_demo_lines
     cpus = min(args.cpus, CLIENT_CPUS)

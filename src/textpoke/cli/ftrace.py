@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import argparse
 
-from .._ftrace import FtraceMachine, ftrace_selftest
 from .._ftrace._ring import FTRACE_CPUS
-from .._ftrace._work import DEMO_FUNCTIONS
+from ..sim._ftrace_work import DEMO_FUNCTIONS, FtraceMachine, ftrace_selftest
 from . import _output as out
 from ._args import SEED, Bounds, int_in, power_of_two
 

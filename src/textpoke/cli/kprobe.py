@@ -12,8 +12,8 @@ import argparse
 
 from .._kprobes import KprobeError, Kprobes
 from .._kprobes._guest import build_guest_functions
-from .._kprobes._selftest import kprobes_selftest
 from ..sim._clients_demo import ClientMachine
+from ..sim._kprobes_selftest import kprobes_selftest
 from . import _output as out
 from ._args import Bounds, UsageError, int_in
 from .keys import add_common, start_workload

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from .._module import module_selftest
+from ..sim._module_selftest import module_selftest
 from ..sim._clients_demo import ClientMachine
 from .keys import add_common, finish
 

@@ -248,16 +248,20 @@ def _elf_symbols(raw: bytes, shdrs: list[_Shdr], path: str) -> tuple[dict, dict]
 # ------------------------------------------------------------- System.map
 
 
+def _read_input(source: "str | Path | bytes", path: str | None, default: str,
+                what: str) -> tuple[bytes, str]:
+    """(bytes, name for messages) of a file path or of bytes given directly."""
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source), path or default
+    try:
+        return Path(source).read_bytes(), str(source)
+    except OSError as e:
+        raise ImageError(f"cannot read {what} {source}: {e.strerror}") from None
+
+
 def load_system_map(source: str | Path | bytes, path: str | None = None) -> dict[str, int]:
     """name -> address from a ``System.map`` (first occurrence wins)."""
-    if isinstance(source, (bytes, bytearray)):
-        raw, path = bytes(source), path or "<System.map>"
-    else:
-        path = str(source)
-        try:
-            raw = Path(source).read_bytes()
-        except OSError as e:
-            raise ImageError(f"cannot read System.map {path}: {e.strerror}") from None
+    raw, path = _read_input(source, path, "<System.map>", "System.map")
     syms: dict[str, int] = {}
     bad = 0
     for line in raw.splitlines():
@@ -307,14 +311,7 @@ def load_kernel(image: str | Path | bytes, system_map: str | Path | bytes | None
                 *, path: str | None = None) -> RealKernelImage:
     """Load a real kernel: a bzImage (with its *system_map*) or a vmlinux
     ELF (with its own ``.symtab``, or a *system_map*)."""
-    if isinstance(image, (bytes, bytearray)):
-        raw, path = bytes(image), path or "<bytes>"
-    else:
-        path = str(image)
-        try:
-            raw = Path(image).read_bytes()
-        except OSError as e:
-            raise ImageError(f"cannot read kernel image {path}: {e.strerror}") from None
+    raw, path = _read_input(image, path, "<bytes>", "kernel image")
     try:
         return _load(raw, path, system_map)
     except ImageError:

@@ -4,12 +4,12 @@ startup self-test and the kprobes self-test, each on running vCPUs."""
 
 from __future__ import annotations
 
-from .._ftrace import FtraceMachine, ftrace_selftest
 from .._ftrace._ring import FTRACE_CPUS
 from .._kprobes import Kprobes
 from .._kprobes._guest import build_guest_functions
-from .._kprobes._selftest import kprobes_selftest
 from ._clients_demo import CLIENT_CPUS, ClientMachine
+from ._ftrace_work import FtraceMachine, ftrace_selftest
+from ._kprobes_selftest import kprobes_selftest
 
 __all__ = ["tracing_demo_lines"]
 

@@ -5,9 +5,9 @@ guest's own call counter across optimise/unoptimise, and the refusals."""
 
 from __future__ import annotations
 
-from ..sim._clients_demo import ClientMachine, SelfTestResult
-from ._core import KprobeError, Kprobes
-from ._guest import DIV_FACTOR, HELPER_ADD, OPT_K, GuestFunctions
+from .._kprobes._core import KprobeError, Kprobes
+from .._kprobes._guest import DIV_FACTOR, HELPER_ADD, OPT_K, GuestFunctions
+from ._clients_demo import ClientMachine, SelfTestResult
 
 __all__ = ["kprobes_selftest", "RAND1"]
 

@@ -31,11 +31,11 @@ from .._core import TextPoke
 from ..images import load_bundled
 from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import read_tables
-from ..sim._clients_demo import SelfTestResult
-from ..sim._machine import COARSE, SchedPolicy
-from ..sim._workload import boot_workload
-from ._ops import MCOUNT_INSN_SIZE, Ftrace
-from ._ring import FTRACE_CPUS, RingBuffer, TraceEntry, format_trace_line
+from ._clients_demo import SelfTestResult
+from ._machine import COARSE, SchedPolicy
+from ._workload import boot_workload
+from .._ftrace._ops import MCOUNT_INSN_SIZE, Ftrace
+from .._ftrace._ring import FTRACE_CPUS, RingBuffer, TraceEntry, format_trace_line
 
 __all__ = ["FtraceMachine", "FtraceSelfTest", "ftrace_selftest", "WORK_BASE", "DEMO_FUNCTIONS",
            "DYN_FTRACE_TEST_NAME", "DYN_FTRACE_TEST_NAME2"]
