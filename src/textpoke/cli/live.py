@@ -288,6 +288,11 @@ def _count(args: argparse.Namespace) -> int:
 
     def window() -> None:
         import time
+        # Said once every site is switched on: the window has opened.  Tools
+        # (and the tests) wait for this line, not for the bytes in the target,
+        # which read CALL before the arming batch has finished.
+        print(f"textpoke live count: counting for {args.duration:g} s "
+              "(Ctrl-C ends the window early)", file=sys.stderr, flush=True)
         try:
             time.sleep(args.duration)
         except (KeyboardInterrupt, Terminated) as e:   # end the window early, then disarm
