@@ -165,7 +165,8 @@ def real_image():
 
 
 def test_real_image_passes_touch_what_the_kernel_touches(real_image):
-    from textpoke._alternative._kboot import boot_kernel, kernel_text_of
+    from textpoke._alternative._kboot import kernel_text_of
+    from textpoke.kernel import boot_kernel
     kt = kernel_text_of(real_image)
     res = boot_kernel(kt, CpuCaps.from_names(["always"]), BootOptions(ncpus=1))
     t = res.stats
@@ -189,7 +190,8 @@ REF = os.environ.get("TEXTPOKE_REF_DIR")
 
 @pytest.mark.skipif(not REF, reason="set TEXTPOKE_REF_DIR to a QEMU reference (make test-kernel)")
 def test_real_image_equals_the_kernels_own_text(real_image):
-    from textpoke._alternative._kboot import boot_kernel, kernel_text_of
+    from textpoke._alternative._kboot import kernel_text_of
+    from textpoke.kernel import boot_kernel
     from textpoke._alternative._kdiff import diff_sections
     d = Path(REF)
     log = (d / "gdb.log").read_text()
@@ -304,7 +306,8 @@ def test_without_data_only_dentry_hashtable_is_left(real_image, setup):
     """Without the kernel's data: the run-time state is derived and the
     text matches the kernel's except the five runtime_const_ptr sites of
     dentry_hashtable (a memblock address); told that address, it all does."""
-    from textpoke._alternative._kboot import boot_kernel, kernel_text_of
+    from textpoke._alternative._kboot import kernel_text_of
+    from textpoke.kernel import boot_kernel
     from textpoke._alternative._kdiff import diff_ranges, diff_sections
     from textpoke._alternative._kearly import EarlyBoot, read_config
     from textpoke.cli._boot_real import parse_cmdline

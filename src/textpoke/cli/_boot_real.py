@@ -10,12 +10,13 @@ import sys
 import time
 from typing import Any
 
-from .._alternative._kboot import boot_kernel, kernel_text_of
+from .._alternative._kboot import kernel_text_of
 from .._alternative._kearly import EarlyBoot, parse_size, read_config
 from .._alternative._kdiff import SiteIndex, diff_ranges, diff_sections
 from .._alternative._kpasses import BootOptions
 from .._alternative._ktext import CpuCaps, KernelBootError
 from .._errors import TextPokeError
+from ..kernel import boot_kernel
 from ..images._features612 import CPUINFO_NAMES_612
 from . import _output as out
 from ._args import UsageError
