@@ -16,27 +16,53 @@ data structures, the protocol steps and the emulation helpers are in
     ...         core.smp_text_poke_batch_add(site.addr, site.new)
 """
 
-from ._alternative import (AlternativeError, BootResult, SelfTestError, SmpAlternatives, add_nop,
-                           alternative_instructions, alternatives_enable_smp,
-                           alternatives_smp_lock, alternatives_smp_module_add,
-                           alternatives_smp_module_del, alternatives_smp_unlock,
-                           alternatives_text_reserved, apply_alternatives, apply_retpolines,
-                           apply_returns, apply_seal_endbr, optimize_nops,
-                           text_poke_apply_relocation)
-from ._core._emulate import PtRegs
-from ._core._events import TextPokeEvent, TextPokeEventLog
-from ._core._insn import (ASM_NOP_MAX, CALL_INSN_OPCODE, CALL_INSN_SIZE, INT3_INSN_OPCODE,
-                          INT3_INSN_SIZE, JMP8_INSN_OPCODE, JMP8_INSN_SIZE, JMP32_INSN_OPCODE,
-                          JMP32_INSN_SIZE, MAX_PATCH_LEN, RET_INSN_OPCODE, RET_INSN_SIZE,
-                          TEXT_POKE_MAX_OPCODE_SIZE, insn_decode_kernel, text_gen_insn, x86_nops)
-from ._core._machine import Capability, Machine, TextRange, TrapHandle, TrapPriority
-from ._core._textpoke import TextPoke
-from ._core._types import TEXT_POKE_ARRAY_MAX, TextMutex
-from ._errors import (BadAddressError, BadInstructionError, MachineClosedError, MachineError,
-                      NotSupportedError, OverlapError, TextMutexError, TextPokeError,
-                      VerifyMismatchError)
+import importlib as _importlib
 
 __version__ = "0.1.0"
+
+#: public name -> the module that defines it.  Nothing is imported until a
+#: name is first used (PEP 562), so that ``textpoke --version`` and every
+#: command import only what they need (iced-x86, Unicorn, rich are slow to
+#: load).  To add public names: add a line here and the name to __all__.
+_LAZY: dict[str, str] = {}
+
+
+def _lazy(module: str, *names: str) -> None:
+    for n in names:
+        _LAZY[n] = module
+
+
+_lazy("._alternative", "AlternativeError", "BootResult", "SelfTestError", "SmpAlternatives",
+      "add_nop", "alternative_instructions", "alternatives_enable_smp", "alternatives_smp_lock",
+      "alternatives_smp_module_add", "alternatives_smp_module_del", "alternatives_smp_unlock",
+      "alternatives_text_reserved", "apply_alternatives", "apply_retpolines", "apply_returns",
+      "apply_seal_endbr", "optimize_nops", "text_poke_apply_relocation")
+_lazy("._core._emulate", "PtRegs")
+_lazy("._core._events", "TextPokeEvent", "TextPokeEventLog")
+_lazy("._core._insn", "ASM_NOP_MAX", "CALL_INSN_OPCODE", "CALL_INSN_SIZE", "INT3_INSN_OPCODE",
+      "INT3_INSN_SIZE", "JMP8_INSN_OPCODE", "JMP8_INSN_SIZE", "JMP32_INSN_OPCODE",
+      "JMP32_INSN_SIZE", "MAX_PATCH_LEN", "RET_INSN_OPCODE", "RET_INSN_SIZE",
+      "TEXT_POKE_MAX_OPCODE_SIZE", "insn_decode_kernel", "text_gen_insn", "x86_nops")
+_lazy("._core._machine", "Capability", "Machine", "TextRange", "TrapHandle", "TrapPriority")
+_lazy("._core._textpoke", "TextPoke")
+_lazy("._core._types", "TEXT_POKE_ARRAY_MAX", "TextMutex")
+_lazy("._errors", "BadAddressError", "BadInstructionError", "MachineClosedError", "MachineError",
+      "NotSupportedError", "OverlapError", "TextMutexError", "TextPokeError",
+      "VerifyMismatchError")
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'textpoke' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(mod, __name__), name)
+    globals()[name] = value          # next time: a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     # the text-patching state of a machine

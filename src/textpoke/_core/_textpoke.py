@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator
 from ._emulate import (PtRegs, int3_emulate_call, int3_emulate_jcc, int3_emulate_jmp,
                        int3_emulate_ret)
 from .._errors import (BadAddressError, BadInstructionError, MachineClosedError, MachineError,
-                       OverlapError, VerifyMismatchError)
+                       OverlapError, TextPokeError, VerifyMismatchError)
 from ._events import TextPokeEventLog
 from ._insn import (CALL_INSN_OPCODE, INT3_INSN_OPCODE, INT3_INSN_SIZE, JMP8_INSN_OPCODE,
                     JMP32_INSN_OPCODE, RET_INSN_OPCODE, TEXT_POKE_MAX_OPCODE_SIZE,
@@ -88,6 +88,10 @@ class TextPoke:
         self.stats = TextPokeStats()
         self._stext = machine.stext
         self._inflight: _Inflight | None = None
+        #: address -> the first byte the text should hold there once no
+        #: batch is in flight (old if rolled back, new if done): what
+        #: :meth:`int3_left` reads back against
+        self._expect: dict[int, int] = {}
         self._closed = False
         machine.owner = self
         machine.subscribe_cpus(self._on_cpu_change)
@@ -122,6 +126,17 @@ class TextPoke:
             self.machine.unsubscribe_cpus(self._on_cpu_change)
             if self.machine.owner is self:
                 self.machine.owner = None
+
+    def int3_left(self) -> int:
+        """INT3s of this core's batches that the text still holds, read
+        back from the machine: sites whose first byte reads INT3 although
+        neither their old nor their new instruction starts with one.  0
+        after any batch, finished or interrupted, that the core could
+        finish or roll back.  (An INT3 a client put there on purpose --
+        an armed kprobe -- is the site's new byte and is not counted.)"""
+        read = self.machine.text_read
+        return sum(1 for addr, want in self._expect.items()
+                   if want != INT3_INSN_OPCODE and read(addr, 1)[0] == INT3_INSN_OPCODE)
 
     def __enter__(self) -> "TextPoke":
         return self
@@ -180,6 +195,38 @@ class TextPoke:
         self.events.record(addr, old, data, phase, m.now())
         return addr
 
+    def _poke_all(self, writes: list[tuple[int, bytes]], phase: str) -> Task:
+        """Several plain pokes (text_poke, _copy, _set) as one: if one fails
+        -- a write that does not read back, a machine error -- every range
+        already written and the failing one are put back as they were before
+        the error propagates, so the text holds old bytes or new ones, never
+        a third value.  If even that fails, the error says where."""
+        m = self.machine
+        done: list[tuple[int, bytes]] = []
+        try:
+            for addr, data in writes:
+                old = m.text_read(addr, len(data))
+                done.append((addr, old))
+                yield from self._poke(addr, data, phase, old)
+        except Exception as err:
+            bad = []
+            for addr, old in reversed(done):
+                try:
+                    if m.text_read(addr, len(old)) != old:
+                        yield from m.text_poke_write(addr, old)
+                        if m.text_read(addr, len(old)) != old:
+                            bad.append(addr)
+                except Exception:
+                    bad.append(addr)
+            if bad:
+                err.add_note("restoring the old bytes failed too: text at "
+                             + ", ".join(f"{a:#x}" for a in bad) + " may hold neither the old "
+                             "nor the new bytes")
+            elif isinstance(err, TextPokeError) and len(err.args) == 1:
+                err.args = (f"{err.args[0]}; the old bytes were put back",)
+            raise
+        return writes[0][0] if writes else None
+
     def _run(self, task: Task) -> Any:
         """Drive a task on the machine.  Whatever escapes -- an error, or a
         KeyboardInterrupt / SystemExit / signal raised while the machine
@@ -200,16 +247,16 @@ class TextPoke:
         """Write a few bytes of text through the alias mapping.  Not safe
         against CPUs executing them: use the SMP batch for live code."""
         self.text_mutex.assert_held("text_poke")
-        data = _take(opcode, length, "opcode")
+        data = _take(opcode, length, "opcode", empty_ok=False)
         self._check_poke_range(addr, len(data))
-        return self._run(self._poke(addr, data, "poke"))
+        return self._run(self._poke_all([(addr, data)], "poke"))
 
     def text_poke_kgdb(self, addr: int, opcode: bytes, length: int | None = None) -> int:
         """As text_poke, for a debugger that has stopped the world and cannot
         take text_mutex."""
-        data = _take(opcode, length, "opcode")
+        data = _take(opcode, length, "opcode", empty_ok=False)
         self._check_poke_range(addr, len(data))
-        return self._run(self._poke(addr, data, "kgdb"))
+        return self._run(self._poke_all([(addr, data)], "kgdb"))
 
     def _chunks(self, addr: int, size: int) -> Iterator[tuple[int, int]]:
         done = 0
@@ -230,14 +277,11 @@ class TextPoke:
         """Copy a large range, two pages at a time.  Core kernel text is
         refused unless *core_ok* (this is for module/JIT memory)."""
         self.text_mutex.assert_held("text_poke_copy_locked")
-        data = _take(opcode, length, "opcode")
+        data = _take(opcode, length, "opcode", empty_ok=False)
         self._check_not_core(addr, len(data), "text_poke_copy", core_ok)
-
-        def task() -> Task:
-            for off, n in self._chunks(addr, len(data)):
-                yield from self._poke(addr + off, data[off:off + n], "copy")
-            return addr
-        return self._run(task())
+        self._run(self._poke_all([(addr + off, data[off:off + n])
+                                  for off, n in self._chunks(addr, len(data))], "copy"))
+        return addr
 
     def text_poke_copy(self, addr: int, opcode: bytes, length: int | None = None) -> int:
         with self.text_mutex:
@@ -251,15 +295,15 @@ class TextPoke:
         if isinstance(length, bool) or not isinstance(length, int):
             raise TypeError(f"text_poke_set: length must be an int, not {type(length).__name__}")
         if not 0 <= c <= 0xFF:
-            raise ValueError(f"fill byte {c} out of range")
+            raise BadInstructionError(f"text_poke_set: fill byte {c} is not in 0..255")
+        if length <= 0:
+            raise BadInstructionError(f"text_poke_set: length {length}: nothing to write "
+                                      "(give at least one byte)")
         with self.text_mutex:
             self._check_not_core(addr, length, "text_poke_set", False)
-
-            def task() -> Task:
-                for off, n in self._chunks(addr, length):
-                    yield from self._poke(addr + off, bytes([c]) * n, "set")
-                return addr
-            return self._run(task())
+            self._run(self._poke_all([(addr + off, bytes([c]) * n)
+                                      for off, n in self._chunks(addr, length)], "set"))
+            return addr
 
     def text_poke_early(self, addr: int, opcode: bytes, length: int | None = None) -> None:
         """Direct write while no other CPU runs (boot, alternatives)."""
@@ -490,6 +534,9 @@ class TextPoke:
             tpl.old = old[0]
             olds.append(old)
         yield from write_many([(addr, int3) for addr in addrs])
+        expect = self._expect
+        for addr, old in zip(addrs, olds):
+            expect[addr] = old[0]         # until the new first byte lands
         t = now()
         for addr, old in zip(addrs, olds):
             if read(addr, 1) != int3:
@@ -529,6 +576,8 @@ class TextPoke:
                 raise VerifyMismatchError(f"text at {addr:#x} does not read {first.hex()} "
                                           "after writing it")
             record(addr, int3, first, "first", t)
+        for addr, new in zip(addrs, news):
+            expect[addr] = new[0]
         if firsts and proto.sync_after_first:
             yield from self._sync()
 
@@ -560,6 +609,7 @@ class TextPoke:
             if st.phase in ("first", "drop"):
                 try:
                     yield from self._batch_finish_forward(st)
+                    _say_finished(err, [self.text_poke_addr(t) for t in st.vec])
                 except GeneratorExit:
                     raise
                 except Exception as again:
@@ -614,6 +664,7 @@ class TextPoke:
             byte = tpl.new_bytes()[:1]
             if byte[0] != INT3_INSN_OPCODE and m.text_read(addr, 1) != byte:
                 yield from self._poke(addr, byte, "first")
+            self._expect[addr] = byte[0]
         yield from self._sync()
         self.stats.finished_forward += 1
 
@@ -653,6 +704,7 @@ class TextPoke:
             addr = self.text_poke_addr(tpl)
             if m.text_read(addr, 1) != old[:1]:
                 yield from self._poke(addr, old[:1], "first")
+            self._expect[addr] = old[0]
         yield from self._sync()           # no CPU may keep a stale INT3
         now = m.now()
         for tpl, old in touched[:st.announced]:   # the log says the site is old again
@@ -737,18 +789,40 @@ def _describe(emu: bytes, addr: int) -> str:
         return emu.hex(" ")
 
 
-def _take(opcode: object, length: int | None, name: str) -> bytes:
+def _take(opcode: object, length: int | None, name: str, empty_ok: bool = True) -> bytes:
     if not isinstance(opcode, _BYTES_LIKE):
         raise TypeError(f"{name} must be a bytes-like object (bytes, bytearray, memoryview), "
                         f"not {type(opcode).__name__}")
     data = bytes(opcode)
-    if length is None:
-        return data
-    if isinstance(length, bool) or not isinstance(length, int):
-        raise TypeError(f"length must be an int or None, not {type(length).__name__}")
-    if length < 0 or length > len(data):
-        raise BadInstructionError(f"length {length} but only {len(data)} {name} bytes given")
-    return data[:length]
+    if length is not None:
+        if isinstance(length, bool) or not isinstance(length, int):
+            raise TypeError(f"length must be an int or None, not {type(length).__name__}")
+        if length < 0 or length > len(data):
+            raise BadInstructionError(f"length {length} but only {len(data)} {name} bytes given")
+        data = data[:length]
+    if not data and not empty_ok:
+        raise BadInstructionError(f"no {name} bytes to write (an empty poke is refused)")
+    return data
+
+
+def _say_finished(err: BaseException | None, addrs: list[int]) -> None:
+    """*err* stopped a batch after its tails were in place, and the batch
+    was finished, not rolled back: the text changed.  Say which sites are
+    new -- in the message of an error of ours, as a note on anything else
+    -- and keep them as ``err.new_sites``."""
+    if err is None:
+        return
+    shown = ", ".join(f"{a:#x}" for a in addrs[:8]) + (f", ... ({len(addrs)} sites)"
+                                                       if len(addrs) > 8 else "")
+    text = f"the batch was finished, not rolled back: the new bytes are in place at {shown}"
+    try:
+        err.new_sites = list(addrs)       # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+    if isinstance(err, TextPokeError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        err.args = (f"{err.args[0]}; {text}",)
+    else:
+        err.add_note(text)
 
 
 def _note(err: BaseException | None, text: str) -> None:

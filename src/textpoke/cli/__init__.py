@@ -21,28 +21,37 @@ Exit status, the same for every command:
 
 from __future__ import annotations
 
-import os
+# Nothing slow above main(): the signal handlers go in before argparse,
+# rich, iced-x86 or Unicorn are imported, and a command imports only its
+# own module (and what that module's run() needs).
+import importlib
 import sys
 
 from .. import __version__
-from .._errors import TextPokeError
-from . import boot, demo, live, verify
-from . import keys, static_call
-from . import module
-from . import kprobe
-from . import ftrace
-from ._args import HelpFormatter, Parser, UsageError
-from ._signals import Terminated, exit_status, interruptions
 
-__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FOUND", "EXIT_USAGE"]
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FOUND", "EXIT_USAGE", "EXIT_PIPE", "COMMANDS"]
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
+#: stdout closed under us (``textpoke ... | head``): 128 + SIGPIPE, as a
+#: shell reports a tool killed by SIGPIPE -- never 0, whatever was found.
+EXIT_PIPE = 141
 
-_COMMANDS = (demo, verify, boot, live)
-_COMMANDS += (keys, static_call)
-_COMMANDS += (module,)
-_COMMANDS += (kprobe,)
-_COMMANDS += (ftrace,)
+#: command name -> (module under textpoke.cli, one-line help).  The help
+#: is repeated here so that ``textpoke --help`` imports no command; a test
+#: checks it against each module's HELP.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("demo", "patch live code on every vCPU, many times over"),
+    "verify": ("verify", "check the protocol under many seeded schedules"),
+    "boot": ("boot", "boot the bundled kernel image: alternatives, retpolines, returns, SMP "
+                     "locks, self-tests"),
+    "live": ("live", "patch a running process (ptrace): poke, list fentry sites, toggle, count "
+                     "calls"),
+    "keys": ("keys", "static keys (jump labels) switched on running vCPUs"),
+    "static-call": ("static_call", "static calls retargeted on running vCPUs"),
+    "module": ("module", "modules loaded, switched and unloaded on running vCPUs"),
+    "kprobe": ("kprobe", "kprobes, kretprobes and optimised kprobes on running vCPUs"),
+    "ftrace": ("ftrace", "the function tracer (fentry NOP5 <-> CALL) on running vCPUs"),
+}
 
 EPILOG = """\
 exit status (every command):
@@ -52,46 +61,99 @@ exit status (every command):
   2    usage error (bad option or value, unknown name), or the command
        could not run at all (e.g. an image that cannot be read)
   130  interrupted by SIGINT; 143 terminated by SIGTERM (the partial
-       summary is printed; --json says "interrupted": true, "int3_left")
+       summary is printed; --json says "interrupted": true, "int3_left");
+       whenever a signal arrived, even if the work had finished
+  141  standard output was closed before the report was written (a pipe
+       into head), whatever the run found
 """
 
 
-def build_parser() -> Parser:
+def command_module(name: str):
+    """The module of command *name* (imported now)."""
+    return importlib.import_module(f".{COMMANDS[name][0]}", __name__)
+
+
+def build_parser(only: str | None = "*"):
+    """The argument parser.  *only*: the command whose options are added
+    (its module imported); ``"*"`` for every command, None for none."""
+    from ._args import HelpFormatter, Parser
     ap = Parser(prog="textpoke", epilog=EPILOG, formatter_class=HelpFormatter,
                 description=("The Linux kernel's x86 text-patching machinery (text_poke, INT3 SMP\n"
                              "batch patching) and its clients, on an emulated SMP x86-64 machine,\n"
                              "on live processes, and on real kernel images."))
     ap.add_argument("--version", action="version", version=f"textpoke {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for mod in _COMMANDS:
-        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.DESCRIPTION, epilog=EPILOG,
-                           formatter_class=HelpFormatter)
-        mod.add_arguments(p)
-        p.set_defaults(run=mod.run, parser=p)
+    for name, (_mod, help_) in COMMANDS.items():
+        if only == "*" or only == name:
+            mod = command_module(name)
+            p = sub.add_parser(name, help=help_, description=mod.DESCRIPTION, epilog=EPILOG,
+                               formatter_class=HelpFormatter)
+            mod.add_arguments(p)
+            p.set_defaults(run=mod.run, parser=p)
+        else:
+            sub.add_parser(name, help=help_, add_help=False)
     return ap
 
 
+def _command_in(argv: list[str]) -> str | None:
+    """The command named on the command line (the first word that is not
+    an option), if it is one; argparse says what is wrong otherwise."""
+    for a in argv:
+        if a == "--":
+            return None
+        if not a.startswith("-"):
+            return a if a in COMMANDS else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    with interruptions():
+    """The ``textpoke`` command.  Called with *argv* (a program or a test
+    calling in), the process's previous signal handlers are put back on
+    return; as the console script, they stay until the process exits."""
+    from . import _signals
+    saved = _signals.save() if argv is not None else None
+    _signals.install()
+    try:
+        return _signals.status_for(_main(sys.argv[1:] if argv is None else list(argv)))
+    finally:
+        if saved is not None:
+            _signals.restore(saved)
+
+
+def _main(argv: list[str]) -> int:
+    if argv == ["--version"]:            # the common probe: no parser at all
+        print(f"textpoke {__version__}")
+        return EXIT_OK
+    from . import _contract
+    from ._signals import Terminated, exit_status
+    run = _contract.begin(argv)
+    try:
         try:
-            args = build_parser().parse_args(argv)
-            try:
-                return args.run(args)
-            except UsageError as e:
-                print(f"{args.parser.prog}: error: {e} (see '{args.parser.prog} --help')",
-                      file=sys.stderr)
-                return EXIT_USAGE
-            except TextPokeError as e:
-                print(f"textpoke {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
-                return EXIT_USAGE
-            except BrokenPipeError:   # e.g. piped into head: not an error of ours
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                return EXIT_OK
+            cmd = _command_in(argv)
+            args = build_parser(cmd).parse_args(argv)
+            run.command = args.command
+            return _dispatch(args)
         except (KeyboardInterrupt, Terminated) as e:
-            # demo and verify report their partial results themselves; here
-            # only what had nothing to report yet (parsing, boot).
-            print("textpoke: interrupted", file=sys.stderr)
-            return exit_status(e)
+            # A command reports its own partial summary; here only what
+            # had nothing to report yet (parsing, imports, a command that
+            # let the interrupt through before any machine existed).
+            return run.interrupted_fallback(e)
+        except BrokenPipeError:
+            return _contract.pipe_closed()
+    except (KeyboardInterrupt, Terminated) as e:   # a second signal while reporting
+        return exit_status(e)
+
+
+def _dispatch(args) -> int:
+    from .._errors import TextPokeError
+    from ._args import UsageError
+    from ._contract import usage_error
+    try:
+        return args.run(args)
+    except UsageError as e:
+        return usage_error(f"{args.parser.prog}: error: {e} (see '{args.parser.prog} --help')")
+    except TextPokeError as e:
+        return usage_error(f"textpoke {args.command}: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":

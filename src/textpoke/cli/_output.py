@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any, Callable, Iterator
 
-__all__ = ["console", "emit_json", "escape", "print_plain", "progress"]
+__all__ = ["console", "emit_json", "emitted", "escape", "print_plain", "progress", "reset"]
 
 
 def escape(text: str) -> str:
@@ -20,9 +20,35 @@ def escape(text: str) -> str:
     return _escape(text)
 
 
+#: Width of a console that is not a terminal (a pipe, a file): wide enough
+#: that no table or line is ever cut or wrapped.
+PIPE_WIDTH = 10_000
+
+_emitted = False
+
+
+def reset() -> None:
+    global _emitted
+    _emitted = False
+
+
+def emitted() -> bool:
+    """Whether this run has written its JSON document already."""
+    return _emitted
+
+
 def console(stderr: bool = False):
+    """A rich console; one that does not write to a terminal never cuts a
+    line to 80 columns (tables come out whole)."""
     from rich.console import Console
-    return Console(stderr=stderr, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    try:
+        tty = stream.isatty()
+    except (ValueError, OSError):
+        tty = False
+    if tty:
+        return Console(stderr=stderr, highlight=False)
+    return Console(stderr=stderr, highlight=False, width=PIPE_WIDTH, soft_wrap=True)
 
 
 def print_plain(text: str, *, file=None) -> None:
@@ -51,6 +77,8 @@ def progress_enabled(json_output: bool) -> bool:
 
 def emit_json(obj: Any) -> None:
     """One JSON document on stdout."""
+    global _emitted
+    _emitted = True
     json.dump(obj, sys.stdout, indent=2, sort_keys=False, default=str)
     sys.stdout.write("\n")
     sys.stdout.flush()

@@ -1,27 +1,32 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """SIGINT and SIGTERM for the command line (the library installs no handler).
 
+One signal path for every command.  :func:`install` is the first thing the
+entry point does -- before argparse, rich, iced-x86 or Unicorn are imported
+-- so a signal in the first milliseconds is handled like any other.
+
 SIGINT raises :class:`KeyboardInterrupt` and SIGTERM raises
 :class:`Terminated`, both BaseExceptions, so every ``finally`` and ``with``
 on the way out runs: a batch in flight is finished or rolled back by the
 core, machines are closed, and the command prints what it did so far.
-Only the first signal raises; later ones are ignored while that cleanup
-runs, so a second Ctrl-C cannot cut the rollback short.  Once the work is
-done and a command is writing its report, :func:`reporting` makes signals
-ignored too, so that a report is never cut in half.
+Inside emulation (a Unicorn hook, a scheduling decision) the exception is
+handed to :func:`textpoke._core._signals.deliver_interrupt`, which stops
+the emulation and raises it as soon as ordinary Python code runs again.
+
+Only the first signal raises; later ones are recorded and ignored while
+that clean-up runs, so a second Ctrl-C cannot cut the rollback short.
+Once the work is done and a command is writing its report,
+:func:`reporting` makes signals ignored too (but recorded: the exit status
+still says one arrived), so that a report is never cut in half.
 """
 
 from __future__ import annotations
 
-import contextlib
 import signal
-import threading
-from typing import Iterator
+import sys
 
-from ..lowlevel import deliver_interrupt
-
-__all__ = ["EXIT_SIGINT", "EXIT_SIGTERM", "Terminated", "exit_status", "interruptions",
-           "reporting"]
+__all__ = ["EXIT_SIGINT", "EXIT_SIGTERM", "Terminated", "arrived", "exit_status", "install",
+           "interruptions", "reporting", "restore", "save", "status_for"]
 
 EXIT_SIGINT = 128 + signal.SIGINT     # 130
 EXIT_SIGTERM = 128 + signal.SIGTERM   # 143
@@ -35,7 +40,22 @@ def exit_status(exc: BaseException) -> int:
     return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
 
 
-_quiet = False     # set once a signal has been raised, or while reporting
+_quiet = False            # set once a signal has been raised, or while reporting
+_arrived: int | None = None   # the first signal that arrived (recorded even when quiet)
+_installed = False
+
+
+def arrived() -> int | None:
+    """The first signal (SIGINT/SIGTERM) that arrived since :func:`install`."""
+    return _arrived
+
+
+def status_for(code: int) -> int:
+    """The exit status: 130/143 whenever a signal arrived, whatever the
+    command found; else *code*."""
+    if _arrived is None:
+        return code
+    return EXIT_SIGTERM if _arrived == signal.SIGTERM else EXIT_SIGINT
 
 
 def reporting() -> None:
@@ -45,29 +65,62 @@ def reporting() -> None:
     _quiet = True
 
 
-@contextlib.contextmanager
-def interruptions() -> Iterator[None]:
-    """Install the CLI's SIGINT/SIGTERM handlers for the duration (main
-    thread only; elsewhere signals stay as they are)."""
-    global _quiet
-    if threading.current_thread() is not threading.main_thread():
-        yield
+def _handler(signum: int, _frame: object) -> None:
+    global _quiet, _arrived
+    if _arrived is None:
+        _arrived = signum
+    if _quiet:
         return
-    _quiet = False
+    _quiet = True
+    exc: BaseException = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    # Not a plain raise once the core is loaded: inside a Unicorn hook the
+    # exception would be swallowed by ctypes.  Before that, nothing can be
+    # emulating, and raising here is right.
+    core = sys.modules.get("textpoke._core._signals")
+    if core is None:
+        raise exc
+    core.deliver_interrupt(exc)
 
-    def handler(signum: int, _frame: object) -> None:
-        global _quiet
-        if _quiet:
-            return
-        _quiet = True
-        # Not a plain raise: inside a Unicorn hook the exception would be
-        # swallowed by ctypes; deliver_interrupt stops the emulation and
-        # raises once ordinary Python code runs again.
-        deliver_interrupt(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+def install() -> None:
+    """Install the CLI's SIGINT/SIGTERM handlers (main thread only).  Cheap:
+    imports nothing.  Idempotent; resets the record of arrived signals."""
+    global _quiet, _arrived, _installed
+    _quiet, _arrived = False, None
+    if _installed:
+        return
     try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        signal.signal(signal.SIGINT, _handler)
+        signal.signal(signal.SIGTERM, _handler)
+        _installed = True
+    except ValueError:          # not the main thread: signals stay as they are
+        pass
+
+
+def save() -> dict | None:
+    """The current SIGINT/SIGTERM handlers (None off the main thread)."""
+    try:
+        return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:
+        return None
+
+
+def restore(saved: dict | None) -> None:
+    global _installed
+    if not saved:
+        return
+    for s, h in saved.items():
+        signal.signal(s, h if h is not None else signal.SIG_DFL)
+    _installed = False
+
+
+class interruptions:
+    """``with interruptions():`` -- the handlers for the duration (kept for
+    callers of the old API; :func:`main` installs them once instead)."""
+
+    def __enter__(self) -> None:
+        self._old = save() if not _installed else None
+        install()
+
+    def __exit__(self, *exc: object) -> None:
+        restore(self._old)
