@@ -85,7 +85,6 @@ def module_load(args) -> dict:
 
     from _stats import repeated
 
-    from textpoke._module import ModuleLoader
     from textpoke.images.build import have_gcc
     from textpoke.images.modules.build import build_module, many_functions_source
     if not have_gcc():
@@ -100,7 +99,7 @@ def module_load(args) -> dict:
         cm.add_probe("jl_many_100", allow=[0, 100], )
         cm.start()
         cm.wait_passes(1)
-        loader = ModuleLoader.for_client_machine(cm)
+        loader = cm.kernel.modules
 
         def one() -> float:
             for m in list(loader.modules.values()):

@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from _stats import fmt, fmt_range, interleaved, now, script_main, table  # noqa: E402
 from unicorn import UC_HOOK_CODE  # noqa: E402
 
-from textpoke._kprobes import Kprobes  # noqa: E402
 from textpoke._kprobes._guest import HELPER_ADD, OPT_K, build_guest_functions  # noqa: E402
 from textpoke.sim._clients_demo import ClientMachine  # noqa: E402
 
@@ -39,7 +38,7 @@ CONFIGS = ("none", "int3 (boosted)", "int3 + post (single-step)", "optimised", "
 class Rig:
     def __init__(self) -> None:
         self.cm = ClientMachine(cpus=4, seed=1)
-        self.kp = Kprobes.for_clients(self.cm)
+        self.kp = self.cm.kernel.kprobes
         self.g = build_guest_functions(self.kp, self.cm.sim)
         self.fn = self.g.addr("kp_opt_target")
         self.handled = 0

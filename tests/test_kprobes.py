@@ -10,7 +10,7 @@ import pytest
 
 from textpoke import TrapPriority
 from textpoke._alternative._smp_locks import SmpAltModule, SmpAlternatives
-from textpoke._kprobes import KprobeError, Kprobes
+from textpoke._kprobes import KprobeError
 from textpoke._kprobes._guest import DIV_FACTOR, HELPER_ADD, OPT_K, build_guest_functions
 from textpoke.sim._clients_demo import ClientMachine
 
@@ -20,7 +20,7 @@ RAND1 = 0x2F5A_1C37          # lib/test_kprobes.c draws rand1 at random; any u32
 @pytest.fixture
 def rig():
     with ClientMachine(cpus=4, seed=7) as cm:
-        kp = Kprobes.for_clients(cm)
+        kp = cm.kernel.kprobes
         g = build_guest_functions(kp, cm.sim)
         yield cm, kp, g
         kp.close()

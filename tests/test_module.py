@@ -15,7 +15,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from textpoke._jump_label import UnknownKeyError
-from textpoke._module import ModuleLoader, ModuleRelocationError, UnknownSymbolError
+from textpoke._module import ModuleRelocationError, UnknownSymbolError
 from textpoke._static_call._calls import UnknownCallError
 from textpoke.cli import main
 from textpoke.images.build import have_gcc
@@ -36,7 +36,7 @@ def cm():
 
 @pytest.fixture
 def loader(cm):
-    return ModuleLoader.for_client_machine(cm)
+    return cm.kernel.modules
 
 
 def _module_text(cm) -> bytes:

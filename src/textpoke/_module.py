@@ -65,6 +65,7 @@ from typing import Iterable
 from ._alternative._apply import alt_instructions_pass
 from ._alternative._shadow import DebugLog, Shadow, Symbols, features_of
 from ._alternative._thunks import retpolines_pass, returns_pass
+from ._core._machine import Capability
 from ._errors import TextPokeError
 from ._execmem import ExecMem
 from ._jump_label._keys import StaticKeys, UnknownKeyError
@@ -228,18 +229,12 @@ class ModuleLoader:
         self.modules: dict[str, Module] = {}
         self.loads = self.unloads = 0
 
-    @classmethod
-    def for_client_machine(cls, cm, **kw) -> "ModuleLoader":
-        """A loader over a :class:`~textpoke.sim._clients_demo.ClientMachine`."""
-        return cls(cm.core, cm.image, cm.keys, cm.calls, features=cm.boot.features, **kw)
-
     # ------------------------------------------------------------ memory
     def _data_alloc(self, size: int) -> int:
         if self._data_mem is None:
-            add = getattr(self.machine, "add_data_region", None)
-            if add is None:
-                raise ModuleError(f"{self.machine.name}: cannot map module data")
-            add(self._data_base, self._data_size, "module-data")
+            if not self.machine.has(Capability.DATA):
+                raise ModuleError(f"{self.machine.name}: cannot map module data (no DATA capability)")
+            self._data_base = self.machine.map_data(self._data_size, "module-data", self._data_base)
             # the allocator logic of execmem over the data range; data is
             # never invalidated with text_poke_set
             self._data_mem = ExecMem(self.core, start=self._data_base,

@@ -109,6 +109,18 @@ class Capability(enum.Enum):
     EXECMEM = "execmem"
     #: ``machine.add_cpu()`` / ``machine.remove_cpu(cpu)`` (hotplug).
     HOTPLUG = "hotplug"
+    #: ``machine.map_data(size, name, addr=None) -> int``: map zeroed data
+    #: memory the guest can read and write (ring buffers, module data),
+    #: reached from the host through :attr:`Machine.mem`.
+    DATA = "data"
+    #: ``machine.set_percpu_base(cpu, addr)``: what *cpu*'s per-CPU
+    #: accesses (``%gs``-relative, ``this_cpu_ptr``) are based on.
+    PERCPU = "percpu"
+    #: ``machine.quiesce(ranges, why) -> Task``: wait until every CPU has
+    #: been seen outside every ``(start, end)`` range and not inside a trap
+    #: handler (``synchronize_rcu_tasks``).  Without it a client can only
+    #: sync every CPU, which does not show where a CPU is.
+    QUIESCE = "quiesce"
 
 
 #: A CPU-set listener gets ``("add" | "remove", cpu)``.
@@ -226,6 +238,26 @@ class Machine(abc.ABC):
     def scratch(self, size: int = 8) -> int:
         """Address of *size* bytes of data to scribble on (``Capability.SCRATCH``)."""
         self.require(Capability.SCRATCH)
+        raise NotImplementedError
+
+    def map_data(self, size: int, name: str, addr: int | None = None) -> int:
+        """Map *size* bytes of zeroed guest data memory called *name*, at
+        *addr* if given, and return its address (``Capability.DATA``).
+        Mapping the same *name* again at the same place returns it as it
+        is (several clients may share one region)."""
+        self.require(Capability.DATA, name)
+        raise NotImplementedError
+
+    def set_percpu_base(self, cpu: int, addr: int) -> None:
+        """Base *cpu*'s per-CPU accesses at *addr* (``Capability.PERCPU``)."""
+        self.require(Capability.PERCPU)
+        raise NotImplementedError
+
+    def quiesce(self, ranges: "Sequence[tuple[int, int]]", why: str = "") -> Task:
+        """A task that returns once every CPU has been seen outside every
+        ``[start, end)`` of *ranges* and not in a trap handler
+        (``Capability.QUIESCE``)."""
+        self.require(Capability.QUIESCE, why)
         raise NotImplementedError
 
     def add_cpu(self) -> int:
@@ -356,6 +388,9 @@ _CAP_VERB = {
     Capability.SCRATCH: "lend scratch data memory",
     Capability.EXECMEM: "provide executable memory",
     Capability.HOTPLUG: "add or remove CPUs",
+    Capability.DATA: "map guest data memory",
+    Capability.PERCPU: "set a CPU's per-CPU base",
+    Capability.QUIESCE: "show where its CPUs are (quiescence)",
 }
 
 

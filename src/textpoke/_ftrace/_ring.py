@@ -31,7 +31,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from unicorn.x86_const import UC_X86_REG_GS_BASE
+from .._core._machine import Capability
 
 __all__ = ["RingBuffer", "TraceEntry", "format_trace_line", "FTRACE_DATA_BASE",
            "TRACE_ENTRY_SIZE", "FTRACE_CPUS"]
@@ -61,19 +61,24 @@ def _page_up(n: int) -> int:
 
 class RingBuffer:
     """Per-CPU rings of *size* entries (a power of two) for every CPU of
-    *sim*, set up in the guest's ``ftrace_percpu`` records of *image*; the
-    profiler's per-function counters for *nprof* functions sit next to
-    them.  *tasks* names each CPU's task: cpu -> (comm, pid)."""
+    *machine*, set up in the guest's ``ftrace_percpu`` records of *image*;
+    the profiler's per-function counters for *nprof* functions sit next to
+    them.  *tasks* names each CPU's task: cpu -> (comm, pid).  Needs the
+    machine's ``DATA`` (the rings) and ``PERCPU`` (each CPU's record)
+    capabilities."""
 
-    def __init__(self, sim, image, *, size: int = 4096, nprof: int = 0,
+    def __init__(self, machine, image, *, size: int = 4096, nprof: int = 0,
                  tasks: dict[int, tuple[str, int]] | None = None,
                  base: int = FTRACE_DATA_BASE) -> None:
         if size < 1 or size & (size - 1):
             raise ValueError(f"ring size must be a power of two, not {size}")
-        cpus = list(sim.cpus)
+        machine.require(Capability.DATA, "ftrace ring buffers")
+        machine.require(Capability.PERCPU, "ftrace per-CPU records")
+        cpus = list(machine.cpus)
         if any(c >= FTRACE_CPUS for c in cpus):
             raise ValueError(f"the image has ftrace records for {FTRACE_CPUS} CPUs")
-        self.sim, self.image, self.size = sim, image, size
+        self.machine, self.image, self.size = machine, image, size
+        self._mem = machine.mem
         self.cpus = cpus
         self.percpu = image.sym("ftrace_percpu")
         self.clock = image.sym("trace_clock_counter")
@@ -85,7 +90,7 @@ class RingBuffer:
         ring0 = prof0 + self.prof_stride * slots
         self.ring_stride = size * TRACE_ENTRY_SIZE
         total = ring0 - base + self.ring_stride * slots
-        sim.add_data_region(base, _page_up(total), "ftrace")
+        base = machine.map_data(_page_up(total), "ftrace", base)
         self.base, self.region_size = base, _page_up(total)
         self.prof0, self.ring0 = prof0, ring0
         self.tasks = dict(tasks or {})
@@ -97,7 +102,7 @@ class RingBuffer:
                          (_PROF, self.prof0 + cpu * self.prof_stride)):
                 self._w(rec + 8 * f, v)
             # this_cpu_ptr(): the guest reads its record at %gs:0
-            sim.vcpus[cpu].uc.reg_write(UC_X86_REG_GS_BASE, rec)
+            machine.set_percpu_base(cpu, rec)
         self.comms = {pid: comm for comm, pid in self.tasks.values()}
         self.drained = 0
 
@@ -109,10 +114,10 @@ class RingBuffer:
         return self.ring0 + cpu * self.ring_stride
 
     def _w(self, addr: int, v: int) -> None:
-        self.sim.mem_write(addr, struct.pack("<Q", v & ((1 << 64) - 1)))
+        self._mem.write(addr, struct.pack("<Q", v & ((1 << 64) - 1)))
 
     def _r(self, addr: int) -> int:
-        return self.sim.read_u64(addr)
+        return int.from_bytes(self._mem.read(addr, 8), "little")
 
     def field(self, cpu: int, f: int) -> int:
         return self._r(self._rec(cpu) + 8 * f)
@@ -124,7 +129,7 @@ class RingBuffer:
         table = sorted(set(ips))
         if len(table) > self.nprof:
             raise ValueError(f"{len(table)} functions to profile, room for {self.nprof}")
-        self.sim.mem_write(self.ips_addr, b"".join(struct.pack("<Q", a) for a in table))
+        self._mem.write(self.ips_addr, b"".join(struct.pack("<Q", a) for a in table))
         self._w(self.image.sym("ftrace_prof_n"), len(table))
         self._w(self.image.sym("ftrace_prof_ips"), self.ips_addr)
         self.prof_ips = table
@@ -133,14 +138,14 @@ class RingBuffer:
 
     def reset_profile(self) -> None:
         for cpu in self.cpus:
-            self.sim.mem_write(self.prof0 + cpu * self.prof_stride, bytes(8 * self.nprof))
+            self._mem.write(self.prof0 + cpu * self.prof_stride, bytes(8 * self.nprof))
 
     def profile(self) -> dict[int, int]:
         """Hits per function address, summed over CPUs (the guest's counts)."""
         table = getattr(self, "prof_ips", [])
         out = dict.fromkeys(table, 0)
         for cpu in self.cpus:
-            raw = self.sim.mem_read(self.prof0 + cpu * self.prof_stride, 8 * len(table))
+            raw = self._mem.read(self.prof0 + cpu * self.prof_stride, 8 * len(table))
             for a, n in zip(table, struct.unpack(f"<{len(table)}Q", raw)):
                 out[a] += n
         return out
@@ -175,7 +180,7 @@ class RingBuffer:
         while tail < head:
             i = tail & mask
             run = min(head - tail, self.size - i)
-            raw = self.sim.mem_read(ring + i * TRACE_ENTRY_SIZE, run * TRACE_ENTRY_SIZE)
+            raw = self._mem.read(ring + i * TRACE_ENTRY_SIZE, run * TRACE_ENTRY_SIZE)
             for ts, ip, parent, pid in _ENTRY.iter_unpack(raw):
                 out.append(TraceEntry(ts, cpu, ip, parent, pid))
             tail += run

@@ -61,7 +61,7 @@ from typing import Any, Callable, Iterable
 from .._core._emulate import PtRegs
 from .._core._insn import (INT3_INSN_OPCODE, JMP32_INSN_OPCODE, Insn, insn_decode_kernel,
                            text_gen_insn)
-from .._core._machine import TrapPriority, WaitUntil
+from .._core._machine import Capability, TrapPriority
 from .._errors import BadInstructionError, TextPokeError
 from .._execmem import ExecMem
 from ._insn import Emulation, can_boost, prepare_emulation, relocate
@@ -197,12 +197,6 @@ class Kprobes:
         self._closed = False
         self._handle = self.machine.register_trap_handler(
             self.kprobe_int3_handler, priority=TrapPriority.KPROBES, name="kprobe_int3_handler")
-
-    @classmethod
-    def for_clients(cls, cm, **kw) -> "Kprobes":
-        """For a :class:`ClientMachine`: its core, image and reservations."""
-        return cls(cm.core, cm.image, tables=cm.tables, smp=getattr(cm.boot, "smp", None),
-                   keys=cm.keys, calls=cm.calls, **kw)
 
     # ------------------------------------------------------------ lifetime
     def __enter__(self) -> "Kprobes":
@@ -466,34 +460,15 @@ class Kprobes:
     # ------------------------------------------------------------ quiescence
     def _wait_quiescent(self, ranges: list[tuple[int, int]], why: str) -> None:
         """Run the machine until every CPU has been seen outside *ranges*
-        and not in a trap (``synchronize_rcu_tasks``).  On a machine that
-        does not show its CPUs' registers, a sync is all we can do."""
+        and not in a trap (``synchronize_rcu_tasks``): the machine's
+        ``QUIESCE`` capability.  On a machine that cannot show where its
+        CPUs are, a sync is all we can do."""
         m = self.machine
-        online = getattr(m, "_online", None)
         self.stats.quiesce_waits += 1
-        if online is None:
+        if not m.has(Capability.QUIESCE):
             self.core.smp_text_poke_sync_each_cpu()
             return
-        from ..sim._machine import RUN, TRAP
-        seen: set[int] = set()
-
-        def pred() -> bool:
-            for c in m._online:
-                if c.id in seen:
-                    continue
-                if c.state == TRAP:
-                    continue
-                if c.state != RUN:
-                    seen.add(c.id)
-                    continue
-                rip = c.reg("rip")
-                if not any(lo <= rip < hi for lo, hi in ranges):
-                    seen.add(c.id)
-            return all(c.id in seen for c in m._online)
-
-        def task():
-            yield WaitUntil(pred, f"every CPU out of the text ({why})")
-        m.run_task(task())
+        m.run_task(m.quiesce(ranges, why))
 
     # ------------------------------------------------------------ the handler
     def kprobe_int3_handler(self, regs: PtRegs):

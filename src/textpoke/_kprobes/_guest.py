@@ -40,22 +40,22 @@ class GuestFunctions:
     def addr(self, name: str) -> int:
         return self.funcs[name][0]
 
-    def opt_calls(self, sim) -> int:
-        return sim.read_u64(self.counter)
+    def opt_calls(self, machine) -> int:
+        return int.from_bytes(machine.mem.read(self.counter, 8), "little")
 
 
 def _rel32(frm_next: int, to: int) -> bytes:
     return struct.pack("<i", to - frm_next)
 
 
-def build_guest_functions(kp, sim, *, data: int = _DATA) -> GuestFunctions:
+def build_guest_functions(kp, machine, *, data: int = _DATA) -> GuestFunctions:
     """Write the functions into *kp*'s execmem (text_poke_copy), make them
-    probe-able by name, and map a data page for the counter."""
+    probe-able by name, and map a data page for the counter (the machine's
+    ``DATA`` capability)."""
     code_addr = kp.execmem.alloc(1024)
-    if not any(r.start <= data < r.start + r.size for r in sim._data):
-        sim.add_data_region(data, _DATA_SIZE, "kprobes-test")
+    data = machine.map_data(_DATA_SIZE, "kprobes-test", data)
     counter = data
-    sim.mem_write(counter, bytes(8))
+    machine.mem.write(counter, bytes(8))
     out = bytearray()
     funcs: dict[str, tuple[int, int]] = {}
 

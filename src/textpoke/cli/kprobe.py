@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.symbol and not args.selftest:
         raise UsageError("give SYMBOL[+OFF] or --selftest")
     with ClientMachine(cpus=args.cpus, seed=args.seed) as cm:
-        kp = Kprobes.for_clients(cm)
+        kp = cm.kernel.kprobes
         g = build_guest_functions(kp, cm.sim)
         d: dict = {"command": NAME, "cpus": args.cpus, "seed": args.seed}
         lines: list[str] = []

@@ -26,10 +26,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from .._alternative import DEFAULT_FEATURES, alternative_instructions
-from .._core import TextPoke
 from .._jump_label._keys import StaticKeys
 from .._static_call._calls import StaticCalls
+from ..kernel import Kernel
 from ..images import load_bundled
 from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import read_tables
@@ -87,8 +86,11 @@ class SelfTestResult:
 
 
 class ClientMachine:
-    """The kernel image booted on *cpus* vCPUs with the client loop on each.
-    A context manager; :meth:`close` frees the core and the machine."""
+    """The kernel image booted on *cpus* vCPUs with the client loop on each:
+    a sim harness around a :class:`~textpoke.kernel.Kernel` (``.kernel``;
+    its clients are ``cm.kernel.keys``, ``.calls``, ``.kprobes``,
+    ``.modules`` ...).  A context manager; :meth:`close` frees the kernel,
+    its core and the machine."""
 
     def __init__(self, *, cpus: int = 4, seed: int = 0, line_size: int = 64,
                  policy: SchedPolicy = COARSE, features: tuple[str, ...] | None = None,
@@ -101,18 +103,34 @@ class ClientMachine:
         self.w = boot_workload(ncpus=cpus, seed=seed, line_size=line_size, policy=policy,
                                image=self.image)
         self.sim = self.w.sim
+        self.kernel: Kernel | None = None
         try:
-            self.core = TextPoke(self.sim)
-            self.boot = alternative_instructions(self.core, self.image, self.tables,
-                                                 DEFAULT_FEATURES if features is None else features)
-            self.keys = StaticKeys.from_image(self.core, self.image, self.tables)
-            self.calls = StaticCalls.from_image(self.core, self.image, self.tables, rethunk=rethunk)
+            self.kernel = Kernel.start(self.sim, self.image, tables=self.tables,
+                                       features=features, rethunk=rethunk)
+            self.kernel.keys, self.kernel.calls      # read the tables before the CPUs run
         except BaseException:
             self.close()
             raise
         self.recs = self.image.sym("client_recs")
         self.probes: list[Probe] = []
         self.started = False
+
+    # the kernel's parts under the names the harness always used
+    @property
+    def core(self):
+        return self.kernel.core
+
+    @property
+    def boot(self):
+        return self.kernel.boot
+
+    @property
+    def keys(self) -> StaticKeys:
+        return self.kernel.keys
+
+    @property
+    def calls(self) -> StaticCalls:
+        return self.kernel.calls
 
     def __enter__(self) -> "ClientMachine":
         return self
@@ -122,8 +140,8 @@ class ClientMachine:
 
     def close(self) -> None:
         try:
-            if getattr(self, "core", None) is not None:
-                self.core.close()
+            if self.kernel is not None:
+                self.kernel.close()
         finally:
             self.w.close()
 

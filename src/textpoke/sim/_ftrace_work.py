@@ -2,8 +2,9 @@
 """The function tracer at work on running vCPUs.
 
 :class:`FtraceMachine` boots a kernel image (the bundled one, or a
-generated one with thousands of functions) with boot-time patching as
-``make demo`` does, gives it :class:`Ftrace` and the guest ring buffers,
+generated one with thousands of functions) as a
+:class:`~textpoke.kernel.Kernel` (``.kernel``; its ``kernel.ftrace`` is the
+tracer), adds the guest ring buffers,
 and sets every vCPU running ``ftrace_work_loop`` over a table of functions
 -- each call checked (the trampoline must preserve the argument registers)
 and counted by the workload itself, so the trace can be checked against
@@ -26,8 +27,6 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 
-from .._alternative import DEFAULT_FEATURES, alternative_instructions
-from .._core import TextPoke
 from ..images import load_bundled
 from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import read_tables
@@ -36,6 +35,7 @@ from ._machine import COARSE, SchedPolicy
 from ._workload import boot_workload
 from .._ftrace._ops import MCOUNT_INSN_SIZE, Ftrace
 from .._ftrace._ring import FTRACE_CPUS, RingBuffer, TraceEntry, format_trace_line
+from ..kernel import Kernel
 
 __all__ = ["FtraceMachine", "FtraceSelfTest", "ftrace_selftest", "WORK_BASE", "DEMO_FUNCTIONS",
            "DYN_FTRACE_TEST_NAME", "DYN_FTRACE_TEST_NAME2"]
@@ -74,12 +74,12 @@ class FtraceMachine:
         self.w = boot_workload(ncpus=cpus, seed=seed, line_size=line_size, policy=policy,
                                image=self.image)
         self.sim = self.w.sim
-        self.core = None
+        self.kernel: Kernel | None = None
         try:
-            self.core = TextPoke(self.sim)
-            self.boot = alternative_instructions(self.core, self.image, self.tables,
-                                                 DEFAULT_FEATURES if features is None else features)
-            self.ftrace = Ftrace.from_image(self.core, self.image, self.tables)
+            self.kernel = Kernel.start(self.sim, self.image, tables=self.tables,
+                                       features=features)
+            self.core, self.boot = self.kernel.core, self.kernel.boot
+            self.ftrace: Ftrace = self.kernel.ftrace
             self.ring = RingBuffer(self.sim, self.image, size=ring_size,
                                    nprof=len(self.ftrace.records))
             self.ring.set_profile_ips(r.ip for r in self.ftrace.records)
@@ -108,8 +108,8 @@ class FtraceMachine:
 
     def close(self) -> None:
         try:
-            if self.core is not None:
-                self.core.close()
+            if self.kernel is not None:
+                self.kernel.close()
         finally:
             self.w.close()
 

@@ -32,8 +32,10 @@ from __future__ import annotations
 import ctypes
 import random
 
+from unicorn.x86_const import UC_X86_REG_GS_BASE
+
 from .._core._insn import insn_decode_kernel
-from .._core._machine import PAGE_SIZE, Capability, Machine, TextRange
+from .._core._machine import PAGE_SIZE, Capability, Machine, Task, TextRange, WaitUntil
 from .._errors import BadAddressError, MachineClosedError, MachineError
 from ._fetchview import _FetchViews
 from ._sched import COARSE, FINE, FREE, WRITE_GRANULARITIES, SchedPolicy, _Scheduler, _SimTask
@@ -44,6 +46,10 @@ from ._vcpu import DEAD, IDLE, OFFLINE, RUN, TRAP, VCpu, _close_quietly, _Region
 __all__ = ["SimMachine", "SchedPolicy", "Oops", "VCpu", "FINE", "COARSE", "FREE",
            "TRACE_EVENTS", "WRITE_GRANULARITIES", "CODE_PROLOGUE", "CODE_EPILOGUE",
            "RUN", "TRAP", "IDLE", "DEAD", "OFFLINE"]
+
+
+#: where map_data() places a region when no address is asked for
+_DATA_AUTO_BASE = 0x1000_0000
 
 
 def _round_up(n: int, a: int = PAGE_SIZE) -> int:
@@ -95,7 +101,8 @@ class SimMachine(_FetchViews, _Scheduler, _Traps, Machine):
 
     name = "sim"
     capabilities = frozenset({Capability.CALL, Capability.SCRATCH, Capability.EXECMEM,
-                              Capability.HOTPLUG})
+                              Capability.HOTPLUG, Capability.DATA, Capability.PERCPU,
+                              Capability.QUIESCE})
 
     def __init__(self, regions: list[tuple[int, bytes | int, str, str]], *, ncpus: int = 4,
                  seed: int = 0, line_size: int = 64, policy: SchedPolicy = COARSE,
@@ -301,6 +308,53 @@ class SimMachine(_FetchViews, _Scheduler, _Traps, Machine):
         if self.trace is not None:
             self.trace.append(("cpu-down", self.steps, cpu))
         self._cpus_changed("remove", cpu)
+
+    # ------------------------------------------------------------ capabilities
+    def map_data(self, size: int, name: str, addr: int | None = None) -> int:
+        """``Capability.DATA``: :meth:`add_data_region`, at *addr* or at the
+        first free page from 256 MiB up; the same *name* at the same place
+        again returns the region that is there."""
+        self._check_open()
+        if size < 1:
+            raise ValueError(f"data region {name}: size {size} < 1")
+        size = _round_up(size)
+        if addr is None:
+            addr = _DATA_AUTO_BASE
+            for r in sorted(self._text + self._data, key=lambda r: r.start):
+                if addr < r.start + r.size and r.start < addr + size:
+                    addr = _round_up(r.start + r.size)
+        else:
+            for r in self._data:
+                if r.name == name and r.start == addr and size <= r.size:
+                    return addr
+        self.add_data_region(addr, size, name)
+        return addr
+
+    def set_percpu_base(self, cpu: int, addr: int) -> None:
+        """``Capability.PERCPU``: *cpu*'s GS base (``this_cpu_ptr`` reads %gs:0)."""
+        self._vcpu(cpu)._engine().reg_write(UC_X86_REG_GS_BASE, addr)
+
+    def quiesce(self, ranges, why: str = "") -> Task:
+        """``Capability.QUIESCE``: wait until every present CPU has been seen
+        (idle, dead, or running with RIP outside every range) while not in
+        a trap handler."""
+        ranges = [(int(lo), int(hi)) for lo, hi in ranges]
+        seen: set[int] = set()
+
+        def pred() -> bool:
+            for c in self._online:
+                if c.id in seen or c.state == TRAP:
+                    continue
+                if c.state != RUN:
+                    seen.add(c.id)
+                    continue
+                rip = c.reg("rip")
+                if not any(lo <= rip < hi for lo, hi in ranges):
+                    seen.add(c.id)
+            return all(c.id in seen for c in self._online)
+
+        yield WaitUntil(pred, f"every CPU out of the text ({why})" if why
+                        else "every CPU out of the text")
 
     def scratch(self, size: int = 8) -> int:
         """Bytes at the bottom of cpu0's stack, far below anything a short

@@ -38,7 +38,7 @@ def module_selftest(cm, loader: ModuleLoader | None = None) -> SelfTestResult:
 
     r = SelfTestResult("module")
     st0 = cm.core.stats.syncs, cm.core.stats.batches
-    L = loader or ModuleLoader.for_client_machine(cm)
+    L = loader or cm.kernel.modules
     keys, calls = cm.keys, cm.calls
     funcs = {cm.sym("sc_double"): lambda x: 2 * x, cm.sym("sc_square"): lambda x: x * x}
     if not cm.started:

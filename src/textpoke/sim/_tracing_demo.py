@@ -5,7 +5,6 @@ startup self-test and the kprobes self-test, each on running vCPUs."""
 from __future__ import annotations
 
 from .._ftrace._ring import FTRACE_CPUS
-from .._kprobes import Kprobes
 from .._kprobes._guest import build_guest_functions
 from ._clients_demo import CLIENT_CPUS, ClientMachine
 from ._ftrace_work import FtraceMachine, ftrace_selftest
@@ -29,7 +28,7 @@ def tracing_demo_lines(*, cpus: int = 4, seed: int = 0) -> list[str]:
                      f"{r.oopses} oopses")
     n = min(cpus, CLIENT_CPUS)
     with ClientMachine(cpus=n, seed=seed) as cm:
-        kp = Kprobes.for_clients(cm)
+        kp = cm.kernel.kprobes
         g = build_guest_functions(kp, cm.sim)
         s0 = cm.core.stats.syncs
         r = kprobes_selftest(cm, kp, g)

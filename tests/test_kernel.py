@@ -1,0 +1,120 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The Kernel object (image, tables, core, boot result, clients on demand)
+and the capabilities clients ask of a machine instead of knowing a
+backend."""
+
+from __future__ import annotations
+
+import pytest
+
+from textpoke import Capability, MachineClosedError, NotSupportedError, TextPoke
+from textpoke._core._machine import drive
+from textpoke._ftrace import RingBuffer
+from textpoke.images import load_bundled
+from textpoke.images._kernel import KERNEL_IMAGE
+from textpoke.kernel import KPROBES_EXECMEM, Kernel
+from textpoke.sim import boot_workload
+from textpoke.testing import MemoryMachine
+
+
+@pytest.fixture
+def kernel():
+    image = load_bundled(KERNEL_IMAGE)
+    with boot_workload(ncpus=2, seed=3, image=image) as w:
+        with Kernel.start(w.sim, image) as k:
+            yield k
+
+
+def test_clients_are_created_on_demand_once_and_share_the_boot(kernel):
+    assert kernel.clients == {}
+    assert kernel.boot is not None and kernel.boot.ok
+    keys = kernel.keys
+    assert kernel.keys is keys and set(kernel.clients) == {"keys"}
+    kp = kernel.kprobes
+    # kprobes refuse what this kernel's keys, calls and alternatives reserve
+    assert kp.keys is kernel.keys and kp.calls is kernel.calls and kp.smp is kernel.boot.smp
+    assert kernel.modules.keys is keys and kernel.modules.features == kernel.boot.features
+    assert kernel.bpf.execmem is kernel.modules.execmem is kernel.execmem
+    assert set(kernel.clients) == {"keys", "calls", "kprobes", "modules", "bpf"}
+    assert kernel.sym("ftrace_caller") == kernel.symbols["ftrace_caller"]
+
+
+def test_execmem_is_split_between_kprobes_and_the_rest(kernel):
+    rng = next(r for r in kernel.machine.text_ranges if not r.core)
+    shared, kp = kernel.execmem, kernel.kprobes.execmem
+    assert (shared.start, shared.end) == (rng.start, rng.end - KPROBES_EXECMEM)
+    assert (kp.start, kp.end) == (rng.end - KPROBES_EXECMEM, rng.end)
+    a = kernel.bpf.load(b"\xc3")
+    assert shared.start <= a.addr < shared.end
+
+
+def test_close_unregisters_kprobes_and_the_core_it_made():
+    image = load_bundled(KERNEL_IMAGE)
+    with boot_workload(ncpus=1, seed=1, image=image) as w:
+        k = Kernel.start(w.sim, image)
+        p = k.kprobes.register_kprobe("ft_hash")
+        assert p.addr > image.sym("ft_hash") and w.sim.text_read(p.addr, 1) == b"\xcc"
+        k.close()
+        assert w.sim.text_read(p.addr, 1) != b"\xcc"
+        assert k.core.closed and w.sim.trap_handlers == ()
+        k.close()                                      # idempotent
+        with pytest.raises(MachineClosedError):
+            k.ftrace
+        TextPoke(w.sim).close()                        # the machine is free for a new core
+
+
+def test_a_kernel_over_an_existing_core_leaves_the_core_open():
+    image = load_bundled(KERNEL_IMAGE)
+    with boot_workload(ncpus=1, seed=1, image=image) as w, TextPoke(w.sim) as core:
+        with Kernel.start(core, image) as k:
+            assert k.core is core and k.keys.keys
+        assert not core.closed and w.sim.owner is core
+
+
+def test_sim_data_capability_maps_shares_and_places():
+    image = load_bundled(KERNEL_IMAGE)
+    with boot_workload(ncpus=1, seed=1, image=image) as w:
+        m = w.sim
+        assert {Capability.DATA, Capability.PERCPU, Capability.QUIESCE} <= m.capabilities
+        a = m.map_data(100, "t1")
+        m.mem.write(a, b"x" * 100)
+        assert m.map_data(100, "t1", a) == a and m.mem.read(a, 100) == b"x" * 100
+        b = m.map_data(4096, "t2")
+        assert b >= a + 4096                          # placed after, not over, t1
+        with pytest.raises(Exception):
+            m.map_data(4096, "other", a)              # a different region there: refused
+
+
+def test_sim_quiesce_waits_until_no_cpu_is_inside_the_range():
+    with boot_workload(ncpus=2, seed=2) as w:
+        w.start()
+        w.sim.run(500)
+        text = w.sim.text_ranges[0]
+        wait = next(w.sim.quiesce([(text.start, text.end)], "test"))
+        # the CPUs run the workload inside core text: never quiescent
+        w.sim.run(2000)
+        assert not wait.predicate() and "test" in wait.reason
+        w.sim.stop_cpu(0)
+        assert not wait.predicate()                    # cpu1 still inside
+        w.sim.stop_cpu(1)
+        assert wait.predicate()
+        # a range no CPU enters is passed at once
+        elsewhere = next(w.sim.quiesce([(0x10, 0x20)]))
+        w.start()
+        w.sim.run(100)
+        assert elsewhere.predicate()
+
+
+def test_clients_ask_for_capabilities_not_backends():
+    m = MemoryMachine({0x1000: b"\x90" * 64})
+    for cap in (Capability.DATA, Capability.PERCPU, Capability.QUIESCE):
+        assert not m.has(cap)
+    with pytest.raises(NotSupportedError, match="map guest data memory"):
+        m.map_data(64, "x")
+    with pytest.raises(NotSupportedError, match="per-CPU"):
+        m.set_percpu_base(0, 0)
+    with pytest.raises(NotSupportedError):
+        drive(m.quiesce([(0, 1)]))
+    image = load_bundled(KERNEL_IMAGE)
+    with pytest.raises(NotSupportedError, match="ftrace ring buffers"):
+        RingBuffer(m, image)
