@@ -128,3 +128,30 @@ def test_each_schedule_releases_its_machine(monkeypatch):
     monkeypatch.setattr(V, "boot_workload", spy)
     verify(["call"], 6, seed=1)
     assert len(closed) == 6 and all(w.sim.closed for w in closed)
+
+
+def test_wide_call_and_jcc_retargets_have_teeth():
+    # Every displacement byte differs and the site straddles a line: writing
+    # straight over them is caught, the INT3 protocol is not.
+    for scn in ("call-xline", "jcc32-xline"):
+        naive = verify([scn], 30, seed=11, strategy="naive")
+        assert naive.violating_schedules > 0, scn
+        assert naive.violations_by_kind.get("oops", 0) > 0
+        v = naive.first
+        again = run_schedule(v.scenario, v.seed, **v.replay.kwargs())
+        assert again.violations and again.violations[0] == v
+        clean = verify([scn], 30, seed=11)
+        assert clean.violating_schedules == 0, clean.first
+        assert clean.int3_emulated > 0
+
+
+def test_teeth_sites_differ_in_every_displacement_byte_across_a_line():
+    from textpoke.sim._teeth import install_teeth
+    from textpoke.sim._workload import boot_workload
+
+    with boot_workload(ncpus=1) as w:
+        for s in install_teeth(w):
+            op = 1 if s.kind == "call" else 2
+            assert all(a != b for a, b in zip(s.old[op:], s.new[op:])), s
+            assert s.addr // 4096 != (s.addr + s.length - 1) // 4096   # crosses every line size
+            assert w.current(s) == s.old

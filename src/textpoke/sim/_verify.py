@@ -47,6 +47,7 @@ from .._core import MUTATIONS, TextPoke
 from .._errors import TextPokeError
 from .._core._machine import Task
 from ._machine import FINE, SchedPolicy
+from ._teeth import install_teeth
 from ._report import format_oops, format_timeline, oops_report, timeline
 from ._workload import VARIANTS, Site, Workload, boot_workload
 
@@ -64,6 +65,8 @@ class Scenario:
     batches: tuple[tuple[str, ...], ...]
     shuffle: bool = False
     probe: bool = False
+    #: the two sites of ``sim._teeth`` are installed (the loop calls them)
+    teeth: bool = False
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
@@ -80,6 +83,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("int3-entry", "a probe's INT3 installed as a batch entry (nothing "
              "to write after it, so no final sync), then a second batch while the "
              "probe fires", (("probe",), ("nop5_jmp32", "call")), probe=True),
+    Scenario("call-xline", "CALL retarget, all four displacement bytes differ, across "
+             "a line (E8 d0 | d1 d2 d3)", (("xline_call",),), teeth=True),
+    Scenario("jcc32-xline", "Jcc.d32 retarget, all four displacement bytes differ, across "
+             "a line (0F 84 d0 | d1 d2 d3)", (("xline_jcc32w",),), teeth=True),
 )}
 
 
@@ -267,6 +274,8 @@ class _Schedule:
         rng = random.Random(seed ^ 0x5EED)
         hits: dict[int, int] = {}
         probe = w.by_name["probe"]
+        if scn.teeth:
+            install_teeth(w)
         if scn.probe:
             sim.register_trap_handler(_probe_handler(probe, hits))
         w.start()
