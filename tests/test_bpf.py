@@ -9,11 +9,9 @@ import errno
 
 import pytest
 
-from textpoke._bpf import (BPF_MOD_CALL, BPF_MOD_JUMP, BpfJit, BpfTextPokeBusy,
-                           bpf_arch_text_poke, jit_add_const)
-from textpoke._core._insn import x86_nops
-from textpoke._errors import BadAddressError
-from textpoke._execmem import ExecMem, ExecMemError
+from textpoke import (BadAddressError, BpfJit, BpfTextPokeBusy, ExecMem, ExecMemError,
+                      x86_nops)
+from textpoke._bpf import BPF_MOD_CALL, BPF_MOD_JUMP, bpf_arch_text_poke, jit_add_const
 from textpoke.sim._clients_demo import ClientMachine
 
 
@@ -24,7 +22,8 @@ def cm():
 
 
 def test_jit_programs_called_through_patched_sites(cm):
-    jit = BpfJit(cm.core)
+    jit = cm.kernel.bpf                          # the kernel makes the JIT on first use
+    assert isinstance(jit, BpfJit) and jit.execmem is cm.kernel.modules.execmem
     p1, p2 = jit.load(jit_add_const(40)), jit.load(jit_add_const(1000))
     assert cm.sim.text_read(p1.addr, p1.size) == p1.code
     assert not cm.sim.text_ranges[0].start <= p1.addr < cm.sim.text_ranges[0].end   # module text

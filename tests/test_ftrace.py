@@ -11,8 +11,9 @@ from collections import Counter
 
 import pytest
 
-from textpoke._core._insn import CALL_INSN_OPCODE, text_gen_insn, x86_nops
-from textpoke._ftrace import FtraceBugError, FtraceFilterError, TraceEntry, format_trace_line
+from textpoke import CALL_INSN_OPCODE, text_gen_insn, x86_nops
+from textpoke import FtraceBugError, FtraceFilterError, TraceEntry
+from textpoke._ftrace import format_trace_line
 from textpoke.sim._ftrace_work import DEMO_FUNCTIONS, FtraceMachine, expected_hits, ftrace_selftest
 
 have_gcc = all(shutil.which(t) for t in ("gcc", "as", "ld"))

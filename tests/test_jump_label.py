@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from textpoke._core._insn import x86_nops
-from textpoke._jump_label import JumpLabelError, StaticKeyError, StaticKeys, UnknownKeyError
+from textpoke import JumpLabelError, StaticKeyError, StaticKeys, UnknownKeyError, x86_nops
 from textpoke.images._tables_clients import parse_jump_table
 from textpoke.sim._clients_demo import ClientMachine, many_key_flip, static_keys_selftest
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from textpoke import TrapPriority
+from textpoke import KprobeError, TrapPriority
 from textpoke._alternative._smp_locks import SmpAltModule, SmpAlternatives
-from textpoke._kprobes import KprobeError
 from textpoke._kprobes._guest import DIV_FACTOR, HELPER_ADD, OPT_K, build_guest_functions
 from textpoke.sim._clients_demo import ClientMachine
 

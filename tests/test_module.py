@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from textpoke._jump_label import UnknownKeyError
-from textpoke._module import ModuleRelocationError, UnknownSymbolError
-from textpoke._static_call._calls import UnknownCallError
+from textpoke import (ModuleRelocationError, UnknownCallError, UnknownKeyError,
+                      UnknownSymbolError)
 from textpoke.cli import main
 from textpoke.images.build import have_gcc
 from textpoke.sim._module_selftest import module_selftest

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from textpoke._core._insn import x86_nops
-from textpoke._static_call import StaticCallError, UnknownCallError
+from textpoke import StaticCallError, UnknownCallError, x86_nops
 from textpoke._static_call._calls import RETINSN, TRAMP_UD, XOR5RAX
 from textpoke.images._tables_clients import parse_static_call_sites
 from textpoke.sim._clients_demo import ClientMachine, static_call_selftest

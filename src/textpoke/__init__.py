@@ -51,6 +51,19 @@ _lazy("._errors", "BadAddressError", "BadInstructionError", "MachineClosedError"
       "VerifyMismatchError")
 
 
+# the clients and the Kernel object that creates them
+_lazy(".kernel", "Kernel")
+_lazy("._jump_label", "StaticKeys", "StaticKey", "JumpLabelError", "StaticKeyError",
+      "UnknownKeyError")
+_lazy("._static_call", "StaticCalls", "StaticCall", "StaticCallError", "UnknownCallError")
+_lazy("._ftrace", "Ftrace", "RingBuffer", "TraceEntry", "FtraceBugError", "FtraceFilterError")
+_lazy("._kprobes", "Kprobes", "Kprobe", "Kretprobe", "KprobeError")
+_lazy("._module", "ModuleLoader", "Module", "ModuleError", "ModuleFormatError",
+      "ModuleRelocationError", "UnknownSymbolError")
+_lazy("._bpf", "BpfJit", "BpfProg", "BpfTextPokeBusy")
+_lazy("._execmem", "ExecMem", "ExecMemError")
+
+
 def __getattr__(name: str):
     mod = _LAZY.get(name)
     if mod is None:
@@ -83,6 +96,14 @@ __all__ = [
     "alternatives_smp_module_del", "SmpAlternatives", "BootResult",
     "AlternativeError", "SelfTestError",
     "text_poke_apply_relocation", "optimize_nops", "add_nop",
+    # the clients, and a booted kernel that creates them (kernel.keys, .calls, ...)
+    "Kernel", "StaticKeys", "StaticKey", "StaticCalls", "StaticCall", "Ftrace", "RingBuffer",
+    "TraceEntry", "Kprobes", "Kprobe", "Kretprobe", "ModuleLoader", "Module", "BpfJit",
+    "BpfProg", "ExecMem",
+    "JumpLabelError", "StaticKeyError", "UnknownKeyError", "StaticCallError",
+    "UnknownCallError", "FtraceBugError", "FtraceFilterError", "KprobeError", "ModuleError",
+    "ModuleFormatError", "ModuleRelocationError", "UnknownSymbolError", "BpfTextPokeBusy",
+    "ExecMemError",
     # errors
     "TextPokeError", "BadInstructionError", "BadAddressError", "OverlapError",
     "TextMutexError", "VerifyMismatchError", "MachineError", "MachineClosedError",
