@@ -14,7 +14,9 @@ What is modelled (rules learnt from the 6.12 sources; the code is ours):
 
 * preemption model (``preempt_dynamic_init`` / ``preempt=``): the five
   preempt-dynamic static calls, from ``preempt=`` or the config's default
-  (``CONFIG_PREEMPT_NONE``/``_VOLUNTARY``/``_PREEMPT``);
+  (``CONFIG_PREEMPT_NONE``/``_VOLUNTARY``/``_PREEMPT``, and the -rt build's
+  ``CONFIG_PREEMPT_LAZY``: full's calls plus the ``sk_dynamic_preempt_lazy``
+  and ``_promote`` static keys);
 * the APIC driver's callbacks (``apic_call_*``), read from the driver's
   ``struct apic`` in the image's data: ``apic_physflat`` unless the CPU has
   x2APIC (then the x2APIC driver, which also depends on interrupt
@@ -43,7 +45,7 @@ from ._ktext import CpuCaps, KernelBootError, KernelText
 __all__ = ["EarlyBoot", "EarlyState", "early_snapshot", "read_config", "parse_size",
            "kernel_params", "dhash_shift", "APIC_DRIVERS", "PREEMPT_MODES"]
 
-PREEMPT_MODES = ("none", "voluntary", "full")
+PREEMPT_MODES = ("none", "voluntary", "full", "lazy")
 #: --apic name -> the image's struct apic symbol
 APIC_DRIVERS = {"physflat": "apic_physflat", "x2apic_phys": "apic_x2apic_phys",
                 "x2apic_cluster": "apic_x2apic_cluster", "noop": "apic_noop"}
@@ -68,6 +70,10 @@ _PREEMPT_ON = {"none": {"cond_resched"},
                "voluntary": {"cond_resched", "might_resched"},
                "full": {"preempt_schedule", "preempt_schedule_notrace",
                         "irqentry_exit_cond_resched"}}
+# lazy preemption (the -rt build's CONFIG_PREEMPT_LAZY): full's static calls,
+# plus the two static keys that defer a fair-class reschedule to the tick
+_PREEMPT_ON["lazy"] = _PREEMPT_ON["full"]
+_PREEMPT_KEYS = {"lazy": ("sk_dynamic_preempt_lazy", "sk_dynamic_preempt_promote")}
 
 _PAGE = 4096
 
@@ -182,6 +188,8 @@ def _preempt_mode(eb: EarlyBoot, params: dict, st: EarlyState) -> str:
         return "none"
     if cfg.get("CONFIG_PREEMPT_VOLUNTARY") == "y":
         return "voluntary"
+    if cfg.get("CONFIG_PREEMPT_LAZY") == "y":
+        return "lazy"
     return "full"
 
 
@@ -211,6 +219,10 @@ def early_state(kt: KernelText, caps: CpuCaps, eb: EarlyBoot) -> EarlyState:
         for name, (on, off) in _PREEMPT_CALLS.items():
             if has("__SCK__" + name) is not None:
                 sc[name] = on if name in _PREEMPT_ON[mode] else off
+        for m, keys in _PREEMPT_KEYS.items():
+            for k in keys:
+                if has(k) is not None:
+                    sk[k] = int(m == mode)
 
     # -- APIC driver
     drv = _apic_driver(eb, caps, p, st)

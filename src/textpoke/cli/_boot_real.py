@@ -52,7 +52,7 @@ def add_real_arguments(p: argparse.ArgumentParser) -> None:
                    help="without --data: the image's kernel config (default: config-<release> "
                         "or config next to the image): the default preemption model, "
                         "init_on_alloc/free defaults")
-    g.add_argument("--preempt", choices=["none", "voluntary", "full"],
+    g.add_argument("--preempt", choices=["none", "voluntary", "full", "lazy"],
                    help="without --data: the preemption model (default: preempt= on --cmdline, "
                         "else the config's)")
     g.add_argument("--apic", choices=["physflat", "x2apic_phys", "x2apic_cluster", "noop"],

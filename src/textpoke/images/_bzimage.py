@@ -9,7 +9,8 @@ protocol version at 0x206 and, from version 2.08 on, ``payload_offset``
 and ``payload_length`` at 0x248/0x24c: where the compressed kernel starts,
 counted from the start of the protected-mode code (which begins right
 after the setup sectors).  The payload's own magic says how it was
-compressed; Debian's 6.12 uses zstd, older kernels gzip or xz.
+compressed; Debian's 6.12 uses zstd, its 6.1 the legacy lz4 format, other
+kernels gzip or xz.
 
 Everything that does not look like this -- an arm64 ``Image`` or EFI
 zboot file, a random file, a truncated or corrupted payload -- is refused
@@ -137,53 +138,113 @@ def compression_of(data: bytes) -> str | None:
     return None
 
 
-def _zstd(data: bytes) -> bytes:
+class _Capped:
+    """Output collected under a cap: decompressors feed it piece by piece
+    and it refuses as soon as the total passes *limit* -- a small payload
+    that inflates to gigabytes (a decompression bomb) is refused after at
+    most *limit* plus one piece, never held whole."""
+
+    def __init__(self, path: str, kind: str, limit: int) -> None:
+        self.path, self.kind, self.limit = path, kind, limit
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, piece: bytes) -> None:
+        self.size += len(piece)
+        if self.size > self.limit:
+            self.parts.clear()
+            raise ImageError(f"{self.path}: {self.kind} payload decompresses to more than "
+                             f"{self.limit >> 20} MiB: not a kernel (or a decompression bomb)")
+        if piece:
+            self.parts.append(piece)
+
+    def result(self) -> bytes:
+        return b"".join(self.parts)
+
+
+#: compressed bytes given to the zstd decompressor at a time: one zstd block
+#: (<= 128 KiB) needs at least a few bytes, so one step inflates to at most
+#: a few tens of MiB before the cap is checked again
+_ZSTD_STEP = 2048
+
+
+def _zstd(data: bytes, out: _Capped) -> None:
     try:
         import zstandard
     except ImportError:  # pragma: no cover - a declared dependency
-        try:
-            from backports import zstd as bzstd  # type: ignore[import-not-found]
-        except ImportError:
-            raise ImageError("zstd payload, but neither 'zstandard' nor 'backports.zstd' "
-                             "is installed") from None
-        return bzstd.decompress(data)
+        raise ImageError("zstd payload, but 'zstandard' is not installed") from None
     # The kernel's payload is one frame (plus the 4-byte size trailer the
     # kernel build appends, which is not a frame): decompress the first
-    # frame only, streaming, so a missing content size is no problem.
+    # frame only, streaming and in small steps so the cap holds.
     dobj = zstandard.ZstdDecompressor().decompressobj()
-    out = dobj.decompress(data)
+    mv = memoryview(data)
+    for off in range(0, len(data), _ZSTD_STEP):
+        out.add(dobj.decompress(mv[off:off + _ZSTD_STEP]))
+        if dobj.eof:
+            break
     if not dobj.eof:
         raise EOFError("zstd frame ends early")
-    return out
 
 
-def decompress_payload(data: bytes, path: str = "<bytes>") -> bytes:
-    """Decompress a kernel payload, detecting the format by its magic."""
+#: the legacy LZ4 format (``lz4 -l``), the one the kernel's unlz4 reads:
+#: this magic, then blocks of (u32 compressed size, LZ4 block) that each
+#: decompress to at most 8 MiB; a repeated magic starts another stream
+LZ4_LEGACY_MAGIC = 0x184C2102
+LZ4_LEGACY_BLOCK = 8 << 20
+
+
+def _lz4_legacy(data: bytes, out: _Capped) -> None:
+    try:
+        import lz4.block
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise ImageError("lz4 payload, but the 'lz4' package is not installed") from None
+    if int.from_bytes(data[:4], "little") != LZ4_LEGACY_MAGIC:
+        raise ValueError("not the legacy lz4 format (magic 0x184c2102)")
+    off, n = 4, len(data)
+    while off < n:
+        if n - off < 4:
+            raise EOFError(f"{n - off} stray bytes after the last block")
+        size = int.from_bytes(data[off:off + 4], "little")
+        if size == LZ4_LEGACY_MAGIC:
+            off += 4
+            continue
+        if n - off == 4:
+            # the kernel build appends the decompressed size (u32): the end
+            if size != out.size & 0xFFFFFFFF:
+                raise ValueError(f"size trailer {size} does not match the {out.size} bytes "
+                                 f"decompressed")
+            return
+        if size == 0 or off + 4 + size > n:
+            raise EOFError(f"block of {size} bytes at {off:#x} runs past the end")
+        block = data[off + 4:off + 4 + size]
+        try:
+            piece = lz4.block.decompress(block, uncompressed_size=LZ4_LEGACY_BLOCK)
+        except lz4.block.LZ4BlockError as e:
+            raise ValueError(f"block at {off:#x}: {e}") from None
+        out.add(piece)
+        off += 4 + size
+
+
+def decompress_payload(data: bytes, path: str = "<bytes>", *,
+                       limit: int = MAX_KERNEL_SIZE) -> bytes:
+    """Decompress a kernel payload, detecting the format by its magic;
+    refused as soon as the output passes *limit* bytes (streamed: a bomb is
+    never held whole)."""
     kind = compression_of(data)
     if kind is None:
         raise ImageError(f"{path}: payload has no known compression magic "
                          f"({data[:6].hex()}): corrupted or not a kernel payload")
+    out = _Capped(path, kind, limit)
     try:
         if kind == "zstd":
-            out = _zstd(data)
-        elif kind == "xz":
-            d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-            out = d.decompress(data, max_length=MAX_KERNEL_SIZE)
-            if not d.eof:
-                raise EOFError("xz stream ends early")
-        elif kind == "lzma":
-            d = lzma.LZMADecompressor(format=lzma.FORMAT_ALONE)
-            out = d.decompress(data, max_length=MAX_KERNEL_SIZE)
-        elif kind == "gzip":
-            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            out = d.decompress(data, MAX_KERNEL_SIZE)
-            if not d.eof:
-                raise EOFError("gzip stream ends early")
-        elif kind == "bzip2":
-            out = bz2.BZ2Decompressor().decompress(data)
+            _zstd(data, out)
+        elif kind == "lz4":
+            _lz4_legacy(data, out)
+        elif kind in ("xz", "lzma", "gzip", "bzip2"):
+            _stdlib(kind, data, out)
         else:
             raise ImageError(f"{path}: {kind}-compressed payload is not supported "
-                             f"(zstd, xz, gzip, bzip2 and lzma are)")
+                             f"(zstd, lz4, xz, gzip, bzip2 and lzma are)")
     except ImageError:
         raise
     except (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError, gzip.BadGzipFile) as e:
@@ -192,9 +253,34 @@ def decompress_payload(data: bytes, path: str = "<bytes>") -> bytes:
     except Exception as e:  # zstandard.ZstdError and friends
         raise ImageError(f"{path}: {kind} payload does not decompress "
                          f"({type(e).__name__}: {e}): corrupted or truncated bzImage") from None
-    if len(out) > MAX_KERNEL_SIZE:
-        raise ImageError(f"{path}: decompressed payload exceeds {MAX_KERNEL_SIZE >> 20} MiB")
-    return out
+    return out.result()
+
+
+_STEP = 1 << 20
+
+
+def _stdlib(kind: str, data: bytes, out: _Capped) -> None:
+    """xz, lzma, gzip, bzip2 through the standard library's incremental
+    decompressors, at most 1 MiB of output per call."""
+    if kind in ("xz", "lzma"):
+        d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ if kind == "xz" else lzma.FORMAT_ALONE)
+    elif kind == "gzip":
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    else:
+        d = bz2.BZ2Decompressor()
+    if kind == "gzip":
+        out.add(d.decompress(data, _STEP))
+        while not d.eof:
+            piece = d.decompress(d.unconsumed_tail, _STEP)
+            if not piece and not d.unconsumed_tail:
+                raise EOFError("gzip stream ends early")
+            out.add(piece)
+        return
+    out.add(d.decompress(data, max_length=_STEP))
+    while not d.eof and d.needs_input is False:
+        out.add(d.decompress(b"", max_length=_STEP))
+    if not d.eof and kind != "lzma":
+        raise EOFError(f"{kind} stream ends early")
 
 
 def extract_elf(raw: bytes, path: str = "<bytes>") -> tuple[SetupHeader, bytes, str]:
