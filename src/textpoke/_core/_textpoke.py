@@ -225,7 +225,18 @@ class TextPoke:
             elif isinstance(err, TextPokeError) and len(err.args) == 1:
                 err.args = (f"{err.args[0]}; the old bytes were put back",)
             raise
+        for addr, data in writes:
+            self._forget(addr, len(data))
         return writes[0][0] if writes else None
+
+    def _forget(self, addr: int, size: int) -> None:
+        """Text rewritten outside the batch (text_poke*, a module's text
+        freed): its batch sites are no longer what :meth:`int3_left`
+        checks."""
+        expect = self._expect
+        if expect:
+            for a in [a for a in expect if addr <= a < addr + size]:
+                del expect[a]
 
     def _run(self, task: Task) -> Any:
         """Drive a task on the machine.  Whatever escapes -- an error, or a
@@ -312,6 +323,7 @@ class TextPoke:
         old = self.machine.text_read(addr, len(data))
         self.machine.text_write_early(addr, data)
         self.events.record(addr, old, data, "early", self.machine.now())
+        self._forget(addr, len(data))
 
     # ------------------------------------------------------------- SMP batch
     def _make_tpl(self, addr: int, opcode: bytes, length: int, emulate: bytes | None) -> SmpTextPokeLoc:

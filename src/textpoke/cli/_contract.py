@@ -19,7 +19,7 @@ import os
 import sys
 from ._signals import exit_status, reporting
 
-__all__ = ["Run", "begin", "current", "finish", "int3_left_of", "interrupted_tail",
+__all__ = ["Run", "begin", "current", "exit_status", "finish", "int3_left_of", "interrupted_tail",
            "pipe_closed", "usage_error"]
 
 NOT_STARTED = ("interrupted before the command had a machine: no text was touched, so no "
@@ -107,6 +107,7 @@ def finish(args: object, d: dict, lines: list[str], failed: bool, core: object =
 def interrupted_tail(args: object, d: dict, lines: list[str], exc: BaseException,
                      core: object = None, reason: str | None = None) -> int:
     """The partial summary of an interrupted command; exit 130/143."""
+    reporting()
     if core is not None:
         left, why = int3_left_of(core)
     else:

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 
-from .._ftrace._ring import FTRACE_CPUS
-from ..sim._ftrace_work import DEMO_FUNCTIONS, FtraceMachine, ftrace_selftest
-from . import _output as out
-from ._args import SEED, Bounds, int_in, power_of_two
+from ._args import SEED, Bounds, UsageError, int_in, power_of_two
+from .keys import on_clients
 
 __all__ = ["add_arguments", "run", "NAME", "HELP", "DESCRIPTION"]
 
@@ -33,9 +31,18 @@ DESCRIPTION = ("Boot the kernel image, run the ftrace workload on every vCPU and
                "they run, enable the function tracer on the selected functions (one batch\n"
                "per 256 sites), read the guest's per-CPU ring buffers and print them as\n"
                "trace_pipe does -- or the function profiler's hit counts.")
+#: textpoke._ftrace._ring.FTRACE_CPUS, repeated so that --help imports no
+#: machine (a test checks they agree)
+FTRACE_CPUS = 8
 CPU_BOUNDS = Bounds(1, FTRACE_CPUS)
 DURATION = Bounds(1, 10_000_000)
 BUFFER = Bounds(1, 1 << 20)
+#: the rings of every CPU share 64 MiB of guest memory (32-byte entries)
+BUFFER_TOTAL = 2_000_000
+#: a --functions/--notrace value longer than this is refused before any
+#: matching (fnmatch compiles a glob to a regex: 50,000 '[' took 79 s)
+GLOB_MAX = 256
+GLOBS_MAX = 1024
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--selftest", action="store_true",
                    help="the kernel's function-tracer startup test on the running CPUs first")
     p.add_argument("--buffer-size", type=power_of_two(BUFFER), default=4096, metavar="ENTRIES",
-                   help=f"ring-buffer entries per CPU, a power of two from {BUFFER} (default 4096)")
+                   help=f"ring-buffer entries per CPU, a power of two from {BUFFER}, with "
+                        f"ENTRIES x --cpus at most {BUFFER_TOTAL:,} (default 4096)")
     p.add_argument("--cpus", type=int_in(CPU_BOUNDS), default=4, metavar="N",
                    help=f"virtual CPUs, {CPU_BOUNDS} (default 4)")
     p.add_argument("--seed", type=int_in(SEED), default=0, metavar="N",
@@ -67,16 +75,35 @@ def _profile_lines(prof: dict[str, int]) -> list[str]:
     return lines
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Refusals before anything is built: the rings must fit, globs must be
+    globs of a sane size."""
+    if args.buffer_size * args.cpus > BUFFER_TOTAL:
+        most = 1 << ((BUFFER_TOTAL // args.cpus).bit_length() - 1)
+        raise UsageError(f"--buffer-size {args.buffer_size} x --cpus {args.cpus} entries do not "
+                         f"fit the rings' 64 MiB (at most {BUFFER_TOTAL:,} entries in all: "
+                         f"--buffer-size {most} with --cpus {args.cpus})")
+    for opt, values in (("--functions", args.functions), ("--notrace", args.notrace)):
+        globs = [g for v in values for g in v.replace(",", " ").split()]
+        if values and not globs:
+            raise UsageError(f"{opt}: an empty glob list")
+        if len(globs) > GLOBS_MAX:
+            raise UsageError(f"{opt}: {len(globs)} globs; at most {GLOBS_MAX}")
+        for g in globs:
+            if len(g) > GLOB_MAX:
+                raise UsageError(f"{opt}: a glob of {len(g):,} characters; at most {GLOB_MAX}")
+
+
 def run(args: argparse.Namespace) -> int:
-    with FtraceMachine(cpus=args.cpus, seed=args.seed, ring_size=args.buffer_size) as fm:
+    _check(args)
+    from ..sim._ftrace_work import DEMO_FUNCTIONS, FtraceMachine, ftrace_selftest
+
+    def body(fm, d: dict, lines: list[str]) -> bool:
         ft = fm.ftrace
         # globs first: one that matches nothing is a usage error before anything runs
         ft.set_ftrace_filter(args.functions or None)
         ft.set_ftrace_notrace(args.notrace or None)
         filt, notrace = list(ft.filter), list(ft.notrace)
-        d: dict = {"command": NAME, "cpus": args.cpus, "seed": args.seed}
-        lines: list[str] = []
-        s0, b0 = fm.core.stats.syncs, fm.core.stats.batches
         fm.set_work(DEMO_FUNCTIONS)
         fm.start()
         fm.wait_passes(1)
@@ -99,15 +126,25 @@ def run(args: argparse.Namespace) -> int:
         mark = len(fm.trace)
         fm.ring.reset_profile()
         fm.ring.reset()
+        d["tracer"] = "profile" if args.profile else "function"
+        d["functions"] = selected
         up = ft.start("profile" if args.profile else "function")
-        fm.run(args.duration)
+        d["enable"] = up.as_dict()
+        try:
+            fm.run(args.duration)
+        except BaseException:
+            # interrupted: the tracer is switched off (every CALL back to its
+            # NOP) before the partial report; int3_left is read after that
+            try:
+                ft.stop()
+            except Exception:
+                pass
+            raise
         dn = ft.stop()
+        d["disable"] = dn.as_dict()
         fm.read_trace()
         trace = fm.trace[mark:]
         overruns = fm.ring.overruns
-        d["tracer"] = "profile" if args.profile else "function"
-        d["functions"] = selected
-        d["enable"], d["disable"] = up.as_dict(), dn.as_dict()
         d["entries"] = len(trace)
         d["overruns"] = overruns
         d["overruns_per_cpu"] = {str(c): n for c, n in fm.ring.overruns_per_cpu().items()}
@@ -124,23 +161,16 @@ def run(args: argparse.Namespace) -> int:
             lines += tl
         bad = fm.bad()
         d["bad"] = bad
-        d["oopses"] = fm.oopses
-        d["syncs"] = fm.core.stats.syncs - s0
-        d["batches"] = fm.core.stats.batches - b0
-        d["int3_hits"] = fm.core.stats.int3_hits
         lines.append(f"# {selected} functions traced: enabled in {up.batches} batches "
                      f"({up.syncs} syncs), disabled in {dn.batches} ({dn.syncs} syncs); "
-                     f"{len(trace)} entries, {overruns} overruns; "
-                     f"{d['syncs']} syncs, {d['batches']} batches, {d['oopses']} oopses")
+                     f"{len(trace)} entries, {overruns} overruns")
         if overruns:
             lines.append(f"# WARNING: {overruns} events dropped (a ring buffer was full); "
                          "try a larger --buffer-size")
         for b in bad:
             lines.append(f"# WRONG RESULT: cpu{b['cpu']} {b['function']} ({b['count']} times)")
-        failed |= bool(bad) or fm.oopses > 0
-        if args.json:
-            out.emit_json(d)
-        else:
-            for ln in lines:
-                out.print_plain(ln)
-        return 1 if failed else 0
+        return failed or bool(bad)
+
+    return on_clients(args, lambda: FtraceMachine(cpus=args.cpus, seed=args.seed,
+                                                  ring_size=args.buffer_size), body,
+                      prefix="# ")

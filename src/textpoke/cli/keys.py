@@ -11,20 +11,27 @@ ways.  Exit 1 when a self-test fails or a CPU oopses.
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
-from ..sim._clients_demo import (CLIENT_CPUS, ClientMachine, many_key_flip,
-                                 static_keys_selftest)
-from . import _output as out
+from . import _contract
 from ._args import SEED, Bounds, int_in
+from ._signals import Terminated
 
-__all__ = ["add_arguments", "run", "NAME", "HELP", "DESCRIPTION"]
+__all__ = ["add_arguments", "run", "NAME", "HELP", "DESCRIPTION", "on_clients", "settle",
+           "start_workload"]
 
 NAME = "keys"
 HELP = "static keys (jump labels) switched on running vCPUs"
 DESCRIPTION = ("Boot the kernel image, run the probe loop on every vCPU and, while they\n"
                "run, list the static keys, enable or disable one (every site of the key\n"
                "in one batch per 256 sites), or redo lib/test_static_keys.c.")
+#: textpoke.sim._clients_demo.CLIENT_CPUS, repeated so that --help imports
+#: no machine (a test checks they agree)
+CLIENT_CPUS = 8
 CLIENT_CPU_BOUNDS = Bounds(1, CLIENT_CPUS)
+
+BOOTING = ("interrupted while the machine was being built (the boot writes no INT3); "
+           "it was discarded before any client touched its text")
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -46,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p)
 
 
-def start_workload(cm: ClientMachine) -> None:
+def start_workload(cm) -> None:
     """Probes through many jump-label and static-call sites, any result allowed."""
     for name in sorted(n for n in cm.image.symbols
                        if n.startswith(("jl_many_", "tk_")) and n.endswith(("_true", "_false",
@@ -60,34 +67,59 @@ def start_workload(cm: ClientMachine) -> None:
     cm.wait_passes(1)
 
 
-def finish_machine(args, cm: ClientMachine, d: dict, lines: list[str], failed: bool,
-                   s0: int, b0: int) -> int:
-    """The tail every client command shares: the machine's figures since
-    (s0 syncs, b0 batches), then the output and the exit status."""
+def settle(cm) -> object:
+    """After an interrupt: close the clients and the core (a batch in
+    flight is finished or rolled back), keep the machine open so that its
+    text can be read back; return the core."""
+    core = getattr(cm, "core", None)
+    kernel = getattr(cm, "kernel", None)
+    try:
+        if kernel is not None:
+            kernel.close()
+        elif core is not None:
+            core.close()
+    except Exception:
+        pass                    # int3_left reads the text: it tells what is left
+    return core
+
+
+def on_clients(args, make: Callable[[], object],
+               body: Callable[[object, dict, list[str]], bool], prefix: str = "") -> int:
+    """Run *body(cm, doc, lines) -> failed* on the machine *make()* builds:
+    the figures, the report and the exit status; on SIGINT/SIGTERM, the
+    partial report with int3_left read back."""
+    d: dict = {"command": args.command, "cpus": args.cpus, "seed": args.seed}
+    lines: list[str] = []
+    try:
+        with make() as cm:
+            s0, b0 = cm.core.stats.syncs, cm.core.stats.batches
+            try:
+                failed = body(cm, d, lines)
+            except (KeyboardInterrupt, Terminated) as e:
+                _figures(cm, d, lines, s0, b0, prefix)
+                return _contract.interrupted_tail(args, d, lines, e, core=settle(cm))
+            _figures(cm, d, lines, s0, b0, prefix)
+            return _contract.finish(args, d, lines, failed or cm.oopses > 0, core=cm.core)
+    except (KeyboardInterrupt, Terminated) as e:
+        if "interrupted" in d:      # the report is out (a signal while closing)
+            return _contract.exit_status(e)
+        return _contract.interrupted_tail(args, d, lines, e, reason=BOOTING)
+
+
+def _figures(cm, d: dict, lines: list[str], s0: int, b0: int, prefix: str) -> None:
     d["oopses"] = cm.oopses
     d["syncs"] = cm.core.stats.syncs - s0
     d["batches"] = cm.core.stats.batches - b0
     d["int3_hits"] = cm.core.stats.int3_hits
-    lines.append(f"{d['syncs']} syncs, {d['batches']} batches, {d['oopses']} oopses")
-    return finish(args, d, lines, failed or cm.oopses > 0)
-
-
-def finish(args, d: dict, lines: list[str], failed: bool) -> int:
-    if args.json:
-        out.emit_json(d)
-    else:
-        for ln in lines:
-            out.print_plain(ln)
-    return 1 if failed else 0
+    lines.append(f"{prefix}{d['syncs']} syncs, {d['batches']} batches, {d['oopses']} oopses")
 
 
 def run(args: argparse.Namespace) -> int:
-    with ClientMachine(cpus=args.cpus, seed=args.seed) as cm:
+    from ..sim._clients_demo import ClientMachine, many_key_flip, static_keys_selftest
+
+    def body(cm, d: dict, lines: list[str]) -> bool:
         for k in args.enable + args.disable:
             cm.keys.key(k)          # UnknownKeyError -> exit 2 before anything runs
-        d: dict = {"command": NAME, "cpus": args.cpus, "seed": args.seed}
-        lines: list[str] = []
-        s0, b0 = cm.core.stats.syncs, cm.core.stats.batches
         failed = False
         if args.selftest:
             r = static_keys_selftest(cm)
@@ -102,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
         if args.enable or args.disable:
             if not cm.started:
                 start_workload(cm)
-            acts = []
+            acts: list[dict] = []
+            d["actions"] = acts
             for op, names in (("enable", args.enable), ("disable", args.disable)):
                 for k in names:
                     sb, ss = cm.core.stats.batches, cm.core.stats.syncs
@@ -116,11 +149,12 @@ def run(args: argparse.Namespace) -> int:
                     lines.append(f"static_key_{op}({k}): {len(key.sites)} sites, "
                                  f"{acts[-1]['batches']} batches, {acts[-1]['syncs']} syncs; "
                                  f"count now {key.enabled}")
-            d["actions"] = acts
         if args.list or not (args.selftest or args.enable or args.disable):
             d["keys"] = cm.keys.as_list()
             lines.append(f"{'key':32} {'count':>5} {'sites':>6}  initial")
             for k in d["keys"]:
                 lines.append(f"{k['name']:32} {k['enabled']:>5} {k['entries']:>6}  "
                              f"{'true' if k['initial'] else 'false'}")
-        return finish_machine(args, cm, d, lines, failed, s0, b0)
+        return failed
+
+    return on_clients(args, lambda: ClientMachine(cpus=args.cpus, seed=args.seed), body)

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..sim._module_selftest import module_selftest
-from ..sim._clients_demo import ClientMachine
-from .keys import add_common, finish
+from .keys import add_common, on_clients
 
 __all__ = ["add_arguments", "run", "NAME", "HELP", "DESCRIPTION"]
 
@@ -34,15 +32,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with ClientMachine(cpus=args.cpus, seed=args.seed) as cm:
-        s0, b0 = cm.core.stats.syncs, cm.core.stats.batches
+    from ..sim._clients_demo import ClientMachine
+    from ..sim._module_selftest import module_selftest
+
+    def body(cm, d: dict, lines: list[str]) -> bool:
+        lines.append(f"module self-test on {args.cpus} running vCPUs: (interrupted)")
         r = module_selftest(cm)
-        d = {"command": NAME, "cpus": args.cpus, "seed": args.seed,
-             "selftest": {"passed": r.passed, "cases": r.cases, "bad": r.bad},
-             "oopses": cm.oopses, "syncs": cm.core.stats.syncs - s0,
-             "batches": cm.core.stats.batches - b0, "int3_hits": cm.core.stats.int3_hits}
-        lines = [f"module self-test on {args.cpus} running vCPUs: "
-                 f"{sum(c['passed'] for c in r.cases)}/{len(r.cases)} checks passed"]
+        d["selftest"] = {"passed": r.passed, "cases": r.cases, "bad": r.bad}
+        lines[-1] = (f"module self-test on {args.cpus} running vCPUs: "
+                     f"{sum(c['passed'] for c in r.cases)}/{len(r.cases)} checks passed")
         lines += [f"  {'ok    ' if c['passed'] else 'FAILED'} {c['name']}" for c in r.cases]
-        lines.append(f"{d['syncs']} syncs, {d['batches']} batches, {d['oopses']} oopses")
-        return finish(args, d, lines, not r.passed or cm.oopses > 0)
+        return not r.passed
+
+    return on_clients(args, lambda: ClientMachine(cpus=args.cpus, seed=args.seed), body)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..sim._clients_demo import ClientMachine, static_call_selftest
-from .keys import add_common, finish_machine, start_workload
+from ._args import UsageError
+from .keys import add_common, on_clients, start_workload
 
 __all__ = ["add_arguments", "run", "NAME", "HELP", "DESCRIPTION"]
 
@@ -33,14 +33,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p)
 
 
+def _check_func(func: str) -> None:
+    """FUNC's form, before any machine is built: a symbol, NULL or 0xHEX."""
+    if func.lower().startswith(("0x", "-0x", "+0x")):
+        try:
+            v = int(func, 16)
+        except ValueError:
+            raise UsageError(f"--update: {func!r} is not a hexadecimal address") from None
+        if not 0 <= v < 1 << 64:
+            raise UsageError(f"--update: {func} is not a 64-bit address")
+    elif not func or not func.replace("_", "a").replace(".", "a").isalnum():
+        raise UsageError(f"--update: {func!r} is not a symbol name, NULL or an 0x address")
+
+
 def run(args: argparse.Namespace) -> int:
-    with ClientMachine(cpus=args.cpus, seed=args.seed) as cm:
+    for _name, func in args.update:
+        _check_func(func)
+    from ..sim._clients_demo import ClientMachine, static_call_selftest
+
+    def body(cm, d: dict, lines: list[str]) -> bool:
         for name, func in args.update:
             cm.calls.call(name)
             cm.calls.resolve(func)      # unknown names: exit 2 before anything runs
-        d: dict = {"command": NAME, "cpus": args.cpus, "seed": args.seed}
-        lines: list[str] = []
-        s0, b0 = cm.core.stats.syncs, cm.core.stats.batches
         failed = False
         if args.selftest:
             r = static_call_selftest(cm)
@@ -52,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         if args.update:
             if not cm.started:
                 start_workload(cm)
-            acts = []
+            acts: list[dict] = []
+            d["actions"] = acts
             for name, func in args.update:
                 ss = cm.core.stats.syncs
                 n = cm.calls.static_call_update(name, func)
@@ -62,11 +77,12 @@ def run(args: argparse.Namespace) -> int:
                              "syncs": cm.core.stats.syncs - ss})
                 lines.append(f"static_call_update({c.name}, {func}): trampoline + {len(c.sites)} "
                              f"sites, {n} pokes, {acts[-1]['syncs']} syncs")
-            d["actions"] = acts
         if args.list or not (args.selftest or args.update):
             d["calls"] = cm.calls.as_list()
             lines.append(f"{'call':20} {'function':28} {'sites':>5} {'tail':>5}")
             for c in d["calls"]:
                 lines.append(f"{c['name']:20} {str(c['func'] or 'NULL'):28} {c['sites']:>5} "
                              f"{c['tail_sites']:>5}")
-        return finish_machine(args, cm, d, lines, failed, s0, b0)
+        return failed
+
+    return on_clients(args, lambda: ClientMachine(cpus=args.cpus, seed=args.seed), body)
