@@ -66,6 +66,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --replay (or for a run's first violation): also show the "
                         "schedule's timeline -- patcher phases, pokes, IPIs, line refills, "
                         "INT3 hits -- per CPU")
+    p.add_argument("--timeline", action="append", metavar="FILE",
+                   help="with --replay (or for a run's first violation): draw the schedule -- "
+                        "CPUs as lanes over scheduler steps, the patcher's phases, pokes, "
+                        "syncs, IPIs, line refills, INT3 hits, what each CPU ran at each site, "
+                        "the violation where it happened -- as FILE.svg, or as FILE.json, a "
+                        "Chrome JSON trace that Perfetto's UI and chrome://tracing open; "
+                        "may be given twice")
     p.add_argument("--list", action="store_true", help="list scenarios, strategies and mutations")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
@@ -77,6 +84,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--mutation removes a step of the int3 protocol; it does not apply "
                          "to --strategy naive")
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    if args.timeline:
+        from ..verify._timeline import check_paths
+        try:
+            check_paths(args.timeline)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if args.replay is not None:
         if len(names) != 1:
             raise UsageError("--replay needs one --scenario")
@@ -99,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
         # very schedule, and we learn whether it reproduces.
         f = rep.first
         first = run_schedule(f.scenario, f.seed, **f.replay.kwargs(), trace=args.trace)
+        drawn = _timelines(args, f.replay)
+    elif args.timeline:
+        drawn = ["timeline: no violation to draw (pass --replay SEED to draw a schedule)"]
+    else:
+        drawn = []
     if args.json:
         d = {"command": "verify", **rep.as_dict()}
         if first is not None:
@@ -110,11 +128,27 @@ def run(args: argparse.Namespace) -> int:
         out.emit_json(d)
     else:
         _print_report(rep, first, args)
+        for line in drawn:
+            out.print_plain(line)
     if interrupted is not None:
         print(f"textpoke verify: interrupted after {rep.schedules:,} of {rep.planned:,} "
               f"schedules; INT3s of ours left in the text: {rep.int3_left}", file=sys.stderr)
         return exit_status(interrupted)
     return 1 if (rep.violating_schedules or rep.int3_left) else 0
+
+
+def _timelines(args: argparse.Namespace, replay) -> list[str]:
+    """Draw *replay*'s schedule to each --timeline file (replayed once more,
+    traced and watched: the same schedule, event for event)."""
+    if not args.timeline or replay is None:
+        return []
+    from ..verify._timeline import record_schedule, write_all
+    rec = record_schedule(replay.scenario, replay.seed, strategy=replay.strategy,
+                          mutation=replay.mutation, ncpus=replay.cpus, line_size=replay.line_size)
+    try:
+        return write_all(rec, args.timeline)
+    except OSError as e:
+        raise UsageError(f"--timeline: {e}") from None
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -138,6 +172,7 @@ def _list(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace, scenario: str) -> int:
     r = run_schedule(scenario, args.replay, strategy=args.strategy, mutation=args.mutation,
                      ncpus=args.cpus, line_size=args.line_size, trace=args.trace)
+    drawn = _timelines(args, r.replay)
     reporting()
     if args.json:
         out.emit_json({"command": "verify", **r.as_dict()})
@@ -161,6 +196,8 @@ def _replay(args: argparse.Namespace, scenario: str) -> int:
         con.print("[bold]timeline[/]")
         out.print_plain(format_timeline(r.timeline))
     out.print_plain("replay: " + p.command())
+    for line in drawn:
+        out.print_plain(line)
     return 1 if (r.violations or r.int3_left) else 0
 
 

@@ -197,6 +197,7 @@ _TRACE_TEXT = {
     "ipi": (None, lambda d, cpu, im: f"took {d[0] if d else 1} IPI(s): sync_core"),
     "refill": (0, lambda d, cpu, im: f"line {d[0]:#x}+{d[1]} refilled ({d[2]})"),
     "int3": (0, lambda d, cpu, im: f"INT3 at {_sym(d[0], im)}"),
+    "exec": (0, lambda d, cpu, im: f"ran {_sym(d[0], im)}: {bytes(d[1]).hex(' ')}"),
     "iret": (1, lambda d, cpu, im: f"handled by {d[0]}, resumes at {_sym(d[1], im)}"),
     "unhandled": (0, lambda d, cpu, im: f"no handler claimed the INT3 at {_sym(d[0], im)}"),
     "oops": (1, lambda d, cpu, im: f"{d[0]} at {_sym(d[1], im)}"),

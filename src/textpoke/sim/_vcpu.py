@@ -8,7 +8,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any, Callable, TYPE_CHECKING
 
-from unicorn import (UC_ARCH_X86, UC_HOOK_INTR, UC_HOOK_MEM_INVALID, UC_MEM_FETCH_PROT,
+from unicorn import (UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_MEM_INVALID, UC_MEM_FETCH_PROT,
                      UC_MEM_FETCH_UNMAPPED, UC_MEM_READ_PROT, UC_MEM_READ_UNMAPPED,
                      UC_MEM_WRITE_PROT, UC_MEM_WRITE_UNMAPPED, UC_MODE_64, UC_PROT_EXEC,
                      UC_PROT_READ, UC_PROT_WRITE, Uc, UcError)
@@ -98,6 +98,16 @@ class VCpu:
                        _user: object) -> bool:
         self.fault = (access, address)
         return False       # not fixed up: Unicorn reports the fault
+
+    def watch_exec(self, addrs: Any, fn: Callable[[int, int], None]) -> None:
+        """Call ``fn(cpu, addr)`` whenever this CPU is about to execute an
+        instruction that starts at one of *addrs* (a code hook per address,
+        for traced runs; freed with the engine)."""
+        uc = self._engine()
+        for a in addrs:
+            self._hooks.append(uc.hook_add(UC_HOOK_CODE,
+                                           lambda _uc, addr, _size, _u: fn(self.id, addr),
+                                           begin=a, end=a))
 
     def release(self) -> None:
         """Stop for good: drop the engine (at once, not at the next cycle

@@ -114,6 +114,22 @@ class Workload:
             self.sim.start_cpu(cpu, self.loop_top,
                                {"rbx": self.percpu(cpu), "r12": 0, "r15": 16})
 
+    def watch_sites(self) -> None:
+        """With the machine's trace on, record ``("exec", step, cpu, addr,
+        bytes)`` each time a CPU is about to execute a site: the bytes its
+        own view held there (old, new, an INT3, or torn) -- what it ran.
+        Opt-in (the timeline pictures use it): a watched run schedules
+        exactly as an unwatched one, its trace just holds more."""
+        sim = self.sim
+        size = {s.addr: s.length for s in self.sites}
+
+        def seen(cpu: int, addr: int) -> None:
+            if sim.trace is not None:
+                sim.trace.append(("exec", sim.steps, cpu, addr,
+                                  sim.view_read(cpu, addr, size[addr])))
+        for c in sim.cpus:
+            sim.vcpus[c].watch_exec(size, seen)
+
     def current(self, site: Site) -> bytes:
         return self.sim.text_read(site.addr, site.length)
 
@@ -149,7 +165,8 @@ def boot_workload(*, ncpus: int = 4, seed: int = 0, line_size: int = 64,
     """Create a sim machine holding an image with the workload linked in
     (default: the bare ``workload.elf``; the kernel image carries it too).
     CPUs are not started.  ``trace=True`` records the machine's timeline
-    (see :mod:`textpoke.sim._report`).  Use it as a context manager, or
+    (see :mod:`textpoke.sim._report`); :meth:`Workload.watch_sites` adds
+    what each CPU ran at each site.  Use it as a context manager, or
     ``close()`` it, to free the machine at once."""
     image = image or load_bundled("workload.elf")
     regions = kernel_regions(image)
