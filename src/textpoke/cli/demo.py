@@ -18,6 +18,7 @@ import sys
 from . import _output as out
 from ._args import CPUS, LINE_SIZE, SEED, TOGGLES, UsageError, int_in, power_of_two
 from ._signals import Terminated, exit_status, reporting
+from .keys import CLIENT_CPUS
 
 __all__ = ["add_arguments", "run"]
 
@@ -52,7 +53,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sim._demo import Demo
     if args.timeline:
         from ..verify._timeline import check_paths
         try:
@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     interrupted: BaseException | None = None
     d = None
     try:
+        from ..sim._demo import Demo
         if args.machine == "live":
             from ..live._demo import LiveDemo
             d = LiveDemo(threads=args.cpus)
@@ -89,10 +90,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         reporting()
     if d is None:                 # stopped before the machine existed: no text to check
+        from ._contract import NOT_STARTED
         if args.json:
-            out.emit_json({"cpus": args.cpus, "toggles": args.toggles, "seed": args.seed,
-                           "line_size": args.line_size, "toggles_done": 0,
-                           "interrupted": True, "int3_left": 0})
+            out.emit_json({"command": NAME, "cpus": args.cpus, "toggles": args.toggles,
+                           "seed": args.seed, "line_size": args.line_size, "toggles_done": 0,
+                           "interrupted": True, "int3_left": None,
+                           "int3_left_reason": NOT_STARTED})
         print("textpoke demo: interrupted before the machine was built", file=sys.stderr)
         return exit_status(interrupted)
     drawn: list[str] = []
@@ -103,19 +106,23 @@ def run(args: argparse.Namespace) -> int:
             drawn = write_all(demo_recording(d), args.timeline)
     finally:
         d.close()
+    found = not (not r.oopses and r.misbehaviours == 0 and r.final_ok and not r.int3_left)
     if args.json:
         out.emit_json(r.as_dict())
     else:
         _print(r)
-        if interrupted is None and getattr(args, "machine", "sim") == "sim":
-            _print_clients(args)
     for line in drawn:
         print(line, file=sys.stderr if args.json else sys.stdout)
     if interrupted is not None:
         print(f"textpoke demo: interrupted after {r.toggles_done} of {r.toggles} toggles; "
               f"INT3s of ours left in the text: {r.int3_left}", file=sys.stderr)
         return exit_status(interrupted)
-    return 0 if (not r.oopses and r.misbehaviours == 0 and r.final_ok and not r.int3_left) else 1
+    if not args.json and args.machine == "sim":
+        try:
+            found |= _clients(args)
+        except _Interrupted as i:
+            return i.args[0]
+    return 1 if found else 0
 
 
 def _print(r) -> None:
@@ -172,16 +179,123 @@ def _print(r) -> None:
               "a trap is not counted)", style="dim")
 
 
-def _print_clients(args) -> None:
-    """The clients at work, in a few lines: static keys, static calls, a
+def _clients(args) -> bool:
+    """The clients at work, a line each (static keys, static calls, a
     module loaded, switched and unloaded, ftrace and kprobes, each on
-    running vCPUs."""
-    from ..sim._module_selftest import module_demo_line
-    from ..sim._clients_demo import CLIENT_CPUS, clients_demo_lines
-    from ..sim._tracing_demo import tracing_demo_lines
+    running vCPUs).  True when any check failed or a CPU oopsed: the exit
+    status says so.  An interrupt stops the line in progress; each line is
+    printed when done, so what ran is on the screen."""
+    from ._contract import interrupted_tail
+    from ._signals import install
+    from .keys import settle
+    install()       # the toggling part's report ignored signals; these run on
+    failed = False
     cpus = min(args.cpus, CLIENT_CPUS)
-    for line in clients_demo_lines(cpus=cpus, seed=args.seed) + [
-            module_demo_line(cpus=cpus, seed=args.seed)]:
-        out.print_plain(line)
-    for line in tracing_demo_lines(cpus=cpus, seed=args.seed):
-        out.print_plain(line)
+    hold: list = []         # the machine of the step in progress
+    try:
+        for step in _CLIENT_STEPS:
+            line, ok = step(cpus, args.seed, hold)
+            hold.pop().close()
+            failed |= not ok
+            out.print_plain(line + ("" if ok else "  [FAILED]"))
+    except (KeyboardInterrupt, Terminated) as e:
+        try:
+            code = interrupted_tail(args, {"command": NAME}, [], e,
+                                    core=settle(hold[-1]) if hold else None,
+                                    reason="interrupted while a client machine was being built "
+                                           "(the boot writes no INT3)")
+        finally:
+            for m in hold:
+                m.close()
+        raise _Interrupted(code) from None
+    except BaseException:
+        for m in hold:
+            m.close()
+        raise
+    finally:
+        reporting()
+    return failed
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _checks(cases: list[dict]) -> str:
+    return f"{sum(c['passed'] for c in cases)}/{len(cases)} checks passed"
+
+
+def _ok(r, oopses: int) -> bool:
+    return bool(r.passed) and not oopses and all(c["passed"] for c in r.cases)
+
+
+def _static_keys(cpus: int, seed: int, hold: list):
+    from ..sim._clients_demo import ClientMachine, many_key_flip, static_keys_selftest
+    cm = ClientMachine(cpus=cpus, seed=seed)
+    hold.append(cm)
+    r = static_keys_selftest(cm)
+    m = many_key_flip(cm, 1000, flips=2)
+    c = m.cases[-1]
+    line = (f"static keys: lib/test_static_keys.c on {cpus} running vCPUs: "
+            f"{_checks(r.cases)}, {r.batches} batches, {r.syncs} syncs, {r.oopses} oopses; "
+            f"a key of {c['entries']} sites switched twice while the CPUs run them: "
+            f"{m.batches} batches, {m.syncs} syncs, {'ok' if m.passed else 'FAILED'}")
+    return line, _ok(r, r.oopses) and _ok(m, m.oopses) and not cm.core.int3_left()
+
+
+def _static_calls(cpus: int, seed: int, hold: list):
+    from ..sim._clients_demo import ClientMachine, static_call_selftest
+    cm = ClientMachine(cpus=cpus, seed=seed)
+    hold.append(cm)
+    r = static_call_selftest(cm)
+    line = (f"static calls: static_call_selftest and every site kind on {cpus} running "
+            f"vCPUs: {_checks(r.cases)}, {r.syncs} syncs, {r.oopses} oopses")
+    return line, _ok(r, r.oopses) and not cm.core.int3_left()
+
+
+def _modules(cpus: int, seed: int, hold: list):
+    from ..sim._clients_demo import ClientMachine
+    from ..sim._module_selftest import module_selftest
+    cm = ClientMachine(cpus=cpus, seed=seed)
+    hold.append(cm)
+    r = module_selftest(cm)
+    refused = sum(c["name"].startswith("refused") and c["passed"] for c in r.cases)
+    line = (f"modules: a GCC-built module loaded into execmem on {cpus} running vCPUs, its "
+            f"key and static call switched both ways, unloaded, reloaded; {refused} bad "
+            f"objects refused with the text unchanged: {_checks(r.cases)}, {r.syncs} syncs, "
+            f"{r.oopses} oopses")
+    return line, _ok(r, r.oopses) and not cm.core.int3_left()
+
+
+def _ftrace(cpus: int, seed: int, hold: list):
+    from ..sim._ftrace_work import FtraceMachine, ftrace_selftest
+    from .ftrace import FTRACE_CPUS
+    n = min(cpus, FTRACE_CPUS)
+    fm = FtraceMachine(cpus=n, seed=seed)
+    hold.append(fm)
+    r = ftrace_selftest(fm)
+    line = (f"ftrace: startup self-test on {n} running vCPUs (trace counts == the "
+            f"workload's own, filters, profiler, overruns counted): {_checks(r.cases)}, "
+            f"{r.entries:,} trace entries, {r.batches} batches, {r.syncs} syncs, "
+            f"{r.oopses} oopses")
+    return line, _ok(r, r.oopses) and not fm.core.int3_left()
+
+
+def _kprobes(cpus: int, seed: int, hold: list):
+    from .._kprobes._guest import build_guest_functions
+    from ..sim._clients_demo import ClientMachine
+    from ..sim._kprobes_selftest import kprobes_selftest
+    cm = ClientMachine(cpus=cpus, seed=seed)
+    hold.append(cm)
+    kp = cm.kernel.kprobes
+    g = build_guest_functions(kp, cm.sim)
+    s0 = cm.core.stats.syncs
+    r = kprobes_selftest(cm, kp, g)
+    oopses = len(cm.sim.oopses)
+    line = (f"kprobes: lib/test_kprobes.c, kretprobes and an optimised probe on {cpus} "
+            f"running vCPUs: {_checks(r.cases)}, {cm.core.stats.syncs - s0} syncs, "
+            f"{oopses} oopses")
+    return line, _ok(r, oopses) and not cm.core.int3_left()
+
+
+_CLIENT_STEPS = (_static_keys, _static_calls, _modules, _ftrace, _kprobes)
