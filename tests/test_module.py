@@ -18,7 +18,7 @@ from textpoke import (ModuleRelocationError, UnknownCallError, UnknownKeyError,
                       UnknownSymbolError)
 from textpoke.cli import main
 from textpoke.images.build import have_gcc
-from textpoke.sim._module_selftest import module_selftest
+from textpoke.selftests import module_selftest
 from textpoke.images.modules import MODULES, REFUSALS, module_path
 from textpoke.sim._clients_demo import ClientMachine
 

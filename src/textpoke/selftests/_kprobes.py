@@ -1,20 +1,24 @@
 # SPDX-License-Identifier: GPL-2.0-only
-"""``lib/test_kprobes.c`` redone on the running CPUs of a
-:class:`ClientMachine`, plus an optimised probe counted against the
-guest's own call counter across optimise/unoptimise, and the refusals."""
+"""``lib/test_kprobes.c`` redone on the running CPUs of a :class:`ClientRig`,
+plus an optimised probe counted against the guest's own call counter across
+optimise/unoptimise, and the refusals.  It needs the machine's ``EXECMEM``
+(slots, detours, the guest functions) and ``DATA`` (their counter), and no
+backend."""
 
 from __future__ import annotations
 
 from .._kprobes._core import KprobeError, Kprobes
 from .._kprobes._guest import DIV_FACTOR, HELPER_ADD, OPT_K, GuestFunctions
-from ._clients_demo import ClientMachine, SelfTestResult
+from ._result import SelfTestResult
+from ._rig import ClientRig
 
 __all__ = ["kprobes_selftest", "RAND1"]
 
 RAND1 = 0x2F5A_1C37
 
 
-def kprobes_selftest(cm: ClientMachine, kp: Kprobes, g: GuestFunctions) -> SelfTestResult:
+def kprobes_selftest(cm: ClientRig, kp: Kprobes, g: GuestFunctions) -> SelfTestResult:
+    m = cm.kernel.machine
     st0 = cm.core.stats.syncs, cm.core.stats.batches
     r = SelfTestResult("kprobes")
     q1, q2 = RAND1 // DIV_FACTOR, RAND1 // DIV_FACTOR + 1
@@ -63,9 +67,8 @@ def kprobes_selftest(cm: ClientMachine, kp: Kprobes, g: GuestFunctions) -> SelfT
     # an optimised probe counted against the guest's counter
     calls = []
     op = kp.register_kprobe("kp_opt_target", lambda p, regs: calls.append(regs.cpu))
-    cm.sim.mem_write(g.counter, bytes(8))
-    for c in cm.sim.cpus:
-        cm._w(cm._slot(c, i3, 0), g.addr("kp_opt_target"))
+    m.mem.write(g.counter, bytes(8))
+    cm.enable_probe(i3, g.addr("kp_opt_target"))
     cm.wait_passes(1)
     states = []
     for _ in range(2):
@@ -77,7 +80,7 @@ def kprobes_selftest(cm: ClientMachine, kp: Kprobes, g: GuestFunctions) -> SelfT
         cm.wait_passes(1)
     cm.disable_probe(i3)
     cm.wait_passes(2)
-    guest = g.opt_calls(cm.sim)
+    guest = g.opt_calls(m)
     kp.unregister_kprobe(op)
     r.case("optimised kprobe: handler count == guest calls across optimise/unoptimise",
            states == [True, False, True, False] and guest > 0 and len(calls) == guest,
@@ -88,24 +91,24 @@ def kprobes_selftest(cm: ClientMachine, kp: Kprobes, g: GuestFunctions) -> SelfT
                          ("sc_func_a+0", "fentry")):
         name = spec.split("+")[0]
         a, size = kp.functions[name]
-        before = cm.sim.text_read(a, size)
+        before = m.text_read(a, size)
         try:
             kp.register_kprobe(spec, lambda p, regs: None)
             ok = False
         except KprobeError as e:
             ok = e.reason == reason
-        r.case(f"refused {spec} ({reason})", ok and cm.sim.text_read(a, size) == before)
+        r.case(f"refused {spec} ({reason})", ok and m.text_read(a, size) == before)
     for name, why in (("kp_jump_in", "jump into the range"), ("kp_indirect", "indirect jump"),
                       ("kp_int3_range", "INT3 in the range")):
         a, size = kp.functions[name]
         p = kp.register_kprobe(name, lambda p, regs: None)
-        before = cm.sim.text_read(a, size)
+        before = m.text_read(a, size)
         try:
             kp.optimize_kprobe(p)
             ok = False
         except KprobeError as e:
             ok = e.reason == "optimize"
-        r.case(f"optimise refused: {why}", ok and cm.sim.text_read(a, size) == before)
+        r.case(f"optimise refused: {why}", ok and m.text_read(a, size) == before)
         kp.unregister_kprobe(p)
 
     wrong = cm.expect({i1: q1, i2: q2})

@@ -29,6 +29,7 @@ from typing import Callable, Iterable
 from .._jump_label._keys import StaticKeys
 from .._static_call._calls import StaticCalls
 from ..kernel import Kernel
+from ..selftests import SelfTestResult
 from ..images import load_bundled
 from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import read_tables
@@ -59,30 +60,6 @@ class Probe:
     name: str
     addr: int
     arg: int = 0
-
-
-@dataclass
-class SelfTestResult:
-    name: str
-    cases: list[dict] = field(default_factory=list)
-    oopses: int = 0
-    bad: list[dict] = field(default_factory=list)
-    syncs: int = 0
-    batches: int = 0
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.cases) and all(c["passed"] for c in self.cases) and not self.oopses \
-            and not self.bad
-
-    def case(self, name: str, passed: bool, **detail) -> bool:
-        self.cases.append({"name": name, "passed": bool(passed), **detail})
-        return passed
-
-    def as_dict(self) -> dict:
-        return {"passed": self.passed, "cases": self.cases, "failed":
-                [c["name"] for c in self.cases if not c["passed"]],
-                "bad": self.bad}
 
 
 class ClientMachine:
@@ -176,6 +153,10 @@ class ClientMachine:
 
     def slot_of(self, name: str) -> int:
         return next(i for i, p in enumerate(self.probes) if p.name == name)
+
+    def enable_probe(self, i: int, addr: int) -> None:
+        for cpu in self.sim.cpus:
+            self._w(self._slot(cpu, i, _FN), addr)
 
     def disable_probe(self, i: int) -> None:
         for cpu in self.sim.cpus:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from ..images import load_bundled
 from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import read_tables
-from ._clients_demo import SelfTestResult
+from ..selftests import SelfTestResult
 from ._machine import COARSE, SchedPolicy
 from ._workload import boot_workload
 from .._ftrace._ops import MCOUNT_INSN_SIZE, Ftrace
