@@ -244,3 +244,16 @@ def test_the_checker_has_teeth(tmp_path, monkeypatch, snippet, expect):
         _graph.cache_clear()
     msgs = [v for (m, _t), v in bad.items() if m.endswith("_layering_probe")]
     assert msgs and expect in msgs[0], msgs
+
+
+def test_readme_layout_names_every_package():
+    """The README's Layout section says where each concern lives."""
+    text = (SRC.parent / "README.md").read_text()
+    layout = text[text.index("## Layout"):]
+    layout = layout[:layout.index("\n## ", 1)]
+    for d in sorted(ROOT.iterdir()):
+        if (d / "__init__.py").exists():
+            assert d.name in layout, f"README's Layout section does not mention {d.name}/"
+    for _name, pkgs in LAYERS:
+        for pkg in pkgs - {"<facade>", "__main__"}:
+            assert pkg in layout, f"README's Layout section does not place {pkg}"
