@@ -12,7 +12,7 @@ import argparse
 from typing import Callable
 
 __all__ = ["Bounds", "HelpFormatter", "CPUS", "JOBS", "LINE_SIZE", "Parser", "SCHEDULES", "SEED", "TOGGLES",
-           "UsageError", "choice_of", "int_in", "power_of_two"]
+           "U32", "U64", "UsageError", "checked", "choice_of", "int_in", "number", "power_of_two"]
 
 
 class UsageError(Exception):
@@ -38,23 +38,70 @@ TOGGLES = Bounds(0, 1_000_000_000)
 SCHEDULES = Bounds(1, 10_000_000_000)
 JOBS = Bounds(1, 1024)
 SEED = Bounds(0, 2**64 - 1, "0..2**64-1")
+U32 = Bounds(0, 2**32 - 1, "0..0xffffffff")
+U64 = Bounds(0, 2**64 - 1, "0..0xffffffffffffffff")
+
+
+def number(text: str, b: Bounds, what: str = "value") -> int:
+    """THE integer parser of the command line: decimal, or hexadecimal
+    with 0x; nothing else (no empty string, no 1,,2, no 80-bit value when
+    the range is 64-bit).  Refusals are :class:`UsageError` (one line,
+    exit 2)."""
+    t = text.strip() if isinstance(text, str) else ""
+    neg = t.startswith("-")
+    body = t[1:] if neg else t
+    try:
+        if body[:2].lower() == "0x":
+            if not body[2:] or not all(c in "0123456789abcdefABCDEF_" for c in body[2:]):
+                raise ValueError
+            v = int(body, 16)
+        else:
+            if not body or not body.replace("_", "").isdigit() or not body.isascii():
+                raise ValueError
+            if len(body) > 40:          # int() of a 100,000-digit string is slow
+                raise ValueError
+            v = int(body, 10)
+    except ValueError:
+        raise UsageError(f"{what}: expected an integer (decimal or 0x hex), got {text!r}") from None
+    v = -v if neg else v
+    if not b.lo <= v <= b.hi:
+        raise UsageError(f"{what}: must be from {b}, got {text}")
+    return v
 
 
 def _int(text: str) -> int:
     try:
-        return int(text, 0) if text.strip().lower().startswith(("0x", "-0x")) else int(text)
-    except ValueError:
+        return number(text, Bounds(-(1 << 128), 1 << 128))
+    except UsageError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def int_in(b: Bounds) -> Callable[[str], int]:
     """An argparse ``type`` accepting integers in *b* only."""
     def convert(text: str) -> int:
+        try:
+            return number(text, b)
+        except UsageError:
+            pass
         v = _int(text)
-        if not b.lo <= v <= b.hi:
-            raise argparse.ArgumentTypeError(f"must be from {b}, got {text}")
-        return v
+        raise argparse.ArgumentTypeError(f"must be from {b}, got {v if text.strip() else text!r}")
     convert.__name__ = f"integer in {b}"
+    return convert
+
+
+def checked(check: Callable[[str], object], name: str) -> Callable[[str], str]:
+    """An argparse ``type`` that runs *check* (raising UsageError) on the
+    text and keeps the text as it is."""
+    def convert(text: str) -> str:
+        try:
+            check(text)
+        except UsageError as e:
+            msg = str(e)
+            if msg.startswith("--") and ": " in msg:    # argparse names the option already
+                msg = msg.split(": ", 1)[1]
+            raise argparse.ArgumentTypeError(msg) from None
+        return text
+    convert.__name__ = name
     return convert
 
 

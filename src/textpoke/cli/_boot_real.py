@@ -19,7 +19,8 @@ from .._errors import TextPokeError
 from ..kernel import boot_kernel
 from ..images._features612 import CPUINFO_NAMES_612
 from . import _output as out
-from ._args import UsageError
+from ._args import U64, Bounds, UsageError, checked, number
+from ._inputs import GiB, MiB, check_input, input_file, output_file, read_bounded
 
 __all__ = ["add_real_arguments", "run_real", "caps_from_args", "derive_return_thunk",
            "parse_cmdline", "early_from_args"]
@@ -27,28 +28,28 @@ __all__ = ["add_real_arguments", "run_real", "caps_from_args", "derive_return_th
 
 def add_real_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("real kernel image (Linux 6.12 x86-64)")
-    g.add_argument("--image", metavar="IMG",
+    g.add_argument("--image", metavar="IMG", type=input_file(IMAGE_MAX),
                    help="a bzImage (/boot/vmlinuz-*) or a vmlinux ELF to patch instead of the "
                         "bundled image")
-    g.add_argument("--system-map", metavar="MAP", help="System.map for the image's symbols")
-    g.add_argument("--cpu-caps", metavar="W0,W1,...",
+    g.add_argument("--system-map", metavar="MAP", type=input_file(MAP_MAX), help="System.map for the image's symbols")
+    g.add_argument("--cpu-caps", metavar="W0,W1,...", type=checked(cap_words, "u32 words"),
                    help="boot_cpu_data.x86_capability words (feature words, then bug words)")
-    g.add_argument("--cpuinfo", metavar="FILE", help="take feature names from a /proc/cpuinfo")
-    g.add_argument("--cmdline", metavar="STR", default="",
+    g.add_argument("--cpuinfo", metavar="FILE", type=input_file(TEXT_MAX), help="take feature names from a /proc/cpuinfo")
+    g.add_argument("--cmdline", metavar="STR", default="", type=checked(_check_cmdline, "STR"),
                    help="kernel command line choices that are not feature bits (nosmp, "
                         "maxcpus=, noreplace-smp, debug-alternative, mitigations=off, "
                         "indirect_target_selection=)")
-    g.add_argument("--return-thunk", metavar="SYMBOL",
+    g.add_argument("--return-thunk", metavar="SYMBOL", type=checked(_symbol_or_addr, "SYMBOL"),
                    help="x86_return_thunk (a symbol or 0xADDR); default: derived from the "
                         "capabilities")
-    g.add_argument("--data", metavar="FILE",
+    g.add_argument("--data", metavar="FILE", type=input_file(SPAN_MAX),
                    help="a snapshot of the kernel's memory (_text.._end) when "
                         "alternative_instructions() starts: run-time state (pv_ops, static "
                         "keys, static calls, runtime constants) is read from it")
-    g.add_argument("--mem", metavar="SIZE",
+    g.add_argument("--mem", metavar="SIZE", type=checked(mem_size, "SIZE"),
                    help="without --data: the machine's RAM (1G, 512M; a bare number is MiB, "
                         "as QEMU's -m): sizes the dentry hash, hence d_hash_shift")
-    g.add_argument("--config", metavar="FILE",
+    g.add_argument("--config", metavar="FILE", type=input_file(TEXT_MAX),
                    help="without --data: the image's kernel config (default: config-<release> "
                         "or config next to the image): the default preemption model, "
                         "init_on_alloc/free defaults")
@@ -58,10 +59,11 @@ def add_real_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--apic", choices=["physflat", "x2apic_phys", "x2apic_cluster", "noop"],
                    help="without --data: the APIC driver early boot installs (default: physflat, "
                         "or x2apic_cluster on an x2APIC CPU)")
-    g.add_argument("--x86-idle", metavar="FUNC",
+    g.add_argument("--x86-idle", metavar="FUNC", type=checked(_symbol_name, "FUNC"),
                    help="without --data: x86_idle's function (default: from idle= and the CPU; "
                         "'none' for NULL)")
     g.add_argument("--dentry-hashtable", metavar="ADDR",
+                   type=checked(lambda t: number(t, U64, "--dentry-hashtable"), "ADDR"),
                    help="without --data: dentry_hashtable's value (a memblock address early boot "
                         "allocates; it cannot be derived)")
     g.add_argument("--smt", action="store_true",
@@ -70,9 +72,10 @@ def add_real_arguments(p: argparse.ArgumentParser) -> None:
                    help="without --data: do not model early boot's run-time state (static "
                         "calls, static keys, runtime constants keep the image's values)")
     g.add_argument("--its-page", metavar="ADDR", action="append", default=[],
+                   type=checked(its_page, "ADDR"),
                    help="address of a page the ITS thunk allocator hands out (repeatable)")
-    g.add_argument("--dump", metavar="FILE", help="write the patched _text.._end, raw")
-    g.add_argument("--reference", metavar="FILE",
+    g.add_argument("--dump", metavar="FILE", type=output_file(), help="write the patched _text.._end, raw")
+    g.add_argument("--reference", metavar="FILE", type=input_file(SPAN_MAX),
                    help="compare with the kernel's own memory after alternative_instructions() "
                         "(raw _text.._end) and list the differing ranges")
     g.add_argument("--sites", action="store_true",
@@ -88,8 +91,8 @@ def parse_cmdline(cmdline: str) -> dict[str, Any]:
             opts["setup_max_cpus"] = 0
         elif key == "maxcpus":
             try:
-                opts["setup_max_cpus"] = int(val, 0)
-            except ValueError:
+                opts["setup_max_cpus"] = number(val, MAXCPUS, "maxcpus")
+            except UsageError:
                 raise UsageError(f"--cmdline: bad maxcpus={val!r}") from None
         elif key == "noreplace-smp":
             opts["noreplace_smp"] = True
@@ -122,15 +125,16 @@ def early_from_args(args: argparse.Namespace) -> EarlyBoot | None:
     cfg = None
     path = getattr(args, "config", None) or _find_config(getattr(args, "image", None))
     if path:
+        check_input(path, TEXT_MAX, "--config")
         try:
             cfg = read_config(path)
         except OSError as e:
             raise UsageError(f"--config: cannot read {path}: {e.strerror}") from None
     try:
-        mem = parse_size(args.mem) if getattr(args, "mem", None) else None
+        mem = mem_size(args.mem) if getattr(args, "mem", None) else None
         dh = getattr(args, "dentry_hashtable", None)
-        dht = int(dh, 0) if dh else None
-    except (KernelBootError, ValueError) as e:
+        dht = number(dh, U64, "--dentry-hashtable") if dh else None
+    except (KernelBootError, ValueError, UsageError) as e:
         raise UsageError(f"--mem/--dentry-hashtable: {e}") from None
     return EarlyBoot(cmdline=args.cmdline or "", ncpus=args.cpus, mem=mem, config=cfg,
                      preempt=getattr(args, "preempt", None), apic=getattr(args, "apic", None),
@@ -140,7 +144,7 @@ def early_from_args(args: argparse.Namespace) -> EarlyBoot | None:
 
 def _cpuinfo_names(path: str) -> list[str]:
     try:
-        text = open(path, encoding="utf-8", errors="replace").read()
+        text = read_bounded(path, TEXT_MAX, "--cpuinfo").decode("utf-8", "replace")
     except OSError as e:
         raise UsageError(f"--cpuinfo: cannot read {path}: {e.strerror}") from None
     names: list[str] = []
@@ -160,10 +164,7 @@ def caps_from_args(args: argparse.Namespace) -> tuple[CpuCaps, list[str]]:
     returns the unknown names skipped from a cpuinfo."""
     unknown: list[str] = []
     if args.cpu_caps:
-        try:
-            words = [int(w, 0) for w in args.cpu_caps.replace(" ", "").split(",") if w]
-        except ValueError:
-            raise UsageError(f"--cpu-caps: not a list of integers: {args.cpu_caps!r}") from None
+        words = cap_words(args.cpu_caps)
         caps = CpuCaps(words)
     else:
         caps = CpuCaps()
@@ -239,21 +240,21 @@ def run_real(args: argparse.Namespace) -> int:
     data = None
     if args.data:
         try:
-            data = open(args.data, "rb").read()
+            data = read_bounded(args.data, SPAN_MAX, "--data")
         except OSError as e:
             raise UsageError(f"--data: cannot read {args.data}: {e.strerror}") from None
     try:
         kt = kernel_text_of(img, data=data, record=bool(args.sites))
+        check_spans(args, len(kt.buf))
         rt: str | int = derive_return_thunk(caps, cmd)
         if args.return_thunk:
-            rt = int(args.return_thunk, 0) if args.return_thunk.startswith("0x") \
-                else args.return_thunk
+            rt = _symbol_or_addr(args.return_thunk)
             if isinstance(rt, str):
                 kt.sym(rt)
         opts = BootOptions(return_thunk=rt, ncpus=args.cpus,
                            noreplace_smp=cmd.get("noreplace_smp", False),
                            setup_max_cpus=cmd.get("setup_max_cpus"),
-                           its_pages=[int(x, 0) for x in args.its_page])
+                           its_pages=[its_page(x) for x in args.its_page])
         names = args.disasm or []
         before = {n: _fn(kt, img, n) for n in names}
         show = sys.stderr.isatty() and not args.no_progress and not args.json
@@ -270,8 +271,11 @@ def run_real(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     after = {n: _fn(kt, img, n) for n in names}
     if args.dump:
-        with open(args.dump, "wb") as f:
-            f.write(kt.buf)
+        try:
+            with open(args.dump, "wb") as f:
+                f.write(kt.buf)
+        except OSError as e:
+            raise UsageError(f"--dump: cannot write {args.dump}: {e.strerror}") from None
     doc: dict[str, Any] = {"image": args.image, "version": getattr(img, "version", ""),
                            "cpu_caps": [f"{w:#010x}" for w in caps.words()],
                            "ncpus": args.cpus, **res.as_dict(), "seconds": round(elapsed, 3)}
@@ -279,7 +283,7 @@ def run_real(args: argparse.Namespace) -> int:
         doc["cpuinfo_unknown"] = unknown
     if args.reference:
         try:
-            ref = open(args.reference, "rb").read()
+            ref = read_bounded(args.reference, SPAN_MAX, "--reference")
         except OSError as e:
             raise UsageError(f"--reference: cannot read {args.reference}: {e.strerror}") from None
         doc["differing_bytes"] = diff_sections(kt, ref)
@@ -333,3 +337,93 @@ def _print(doc: dict, debug: list[str]) -> None:
         p(f"{n} @ {d['addr']}: before | after")
         for b, a in zip(d["before"], d["after"]):
             p(f"  {b['addr']:#x} {b['bytes']:24} {b['text']:40} | {a['bytes']:24} {a['text']}")
+
+
+# ------------------------------------------------------------ input checks
+IMAGE_MAX = 1 * GiB         # a vmlinux with its symbols; a bzImage is ~15 MiB
+MAP_MAX = 128 * MiB         # a System.map is ~5 MiB
+TEXT_MAX = 16 * MiB         # a kernel config, a /proc/cpuinfo
+SPAN_MAX = 1 * GiB          # _text.._end, as the image loader bounds it
+MAXCPUS = Bounds(0, 8192)
+MEM = Bounds(1 * MiB, 1 << 46, "1M..64T")
+#: options that mean something only for a real image (dest, option)
+REAL_ONLY = (("system_map", "--system-map"), ("cpu_caps", "--cpu-caps"),
+             ("cpuinfo", "--cpuinfo"), ("return_thunk", "--return-thunk"), ("data", "--data"),
+             ("mem", "--mem"), ("config", "--config"), ("preempt", "--preempt"),
+             ("apic", "--apic"), ("x86_idle", "--x86-idle"),
+             ("dentry_hashtable", "--dentry-hashtable"), ("smt", "--smt"),
+             ("no_early", "--no-early"), ("its_page", "--its-page"), ("dump", "--dump"),
+             ("reference", "--reference"), ("sites", "--sites"), ("cmdline", "--cmdline"),
+             ("no_progress", "--no-progress"))
+
+
+def refuse_real_only(args: argparse.Namespace) -> None:
+    """Without --image the real-image options would be ignored: refuse them."""
+    for dest, opt in REAL_ONLY:
+        if getattr(args, dest, None):
+            raise UsageError(f"{opt} applies to a real kernel image: give --image too")
+
+
+def cap_words(text: str) -> list[int]:
+    """--cpu-caps: comma-separated u32 words, none empty (a stray comma
+    would shift every later word)."""
+    parts = text.replace(" ", "").split(",")
+    if parts and parts[-1] == "" and len(parts) > 1:
+        parts = parts[:-1]              # one trailing comma is harmless
+    if any(p == "" for p in parts):
+        raise UsageError(f"--cpu-caps: an empty word in {text!r} (later words would shift)")
+    if len(parts) > 32:
+        raise UsageError(f"--cpu-caps: {len(parts)} words; at most 32")
+    return [number(p, Bounds(0, 2**32 - 1, "0..0xffffffff"), f"--cpu-caps word {i}")
+            for i, p in enumerate(parts)]
+
+
+def mem_size(text: str) -> int:
+    """--mem: 1G, 512M, a bare number of MiB, 0x bytes; 1M..64T."""
+    try:
+        n = parse_size(text)
+    except KernelBootError as e:
+        raise UsageError(f"--mem: {e}") from None
+    if not MEM.lo <= n <= MEM.hi:
+        raise UsageError(f"--mem: {text} is not from {MEM}")
+    return n
+
+
+def its_page(text: str) -> int:
+    v = number(text, U64, "--its-page")
+    if v % 4096:
+        raise UsageError(f"--its-page: {text} is not page-aligned")
+    return v
+
+
+def _symbol_name(text: str) -> str:
+    t = text.strip()
+    if not t or not (t.replace("_", "a").replace(".", "a").isalnum() and t.isascii()) \
+            or t[0].isdigit() or len(t) > 512:
+        raise UsageError(f"not a symbol name: {text!r}")
+    return t
+
+
+def _symbol_or_addr(text: str) -> str | int:
+    if text.strip().lower().startswith(("0x", "-")) or text.strip()[:1].isdigit():
+        return number(text, U64, "--return-thunk")
+    return _symbol_name(text)
+
+
+def _check_cmdline(text: str) -> str:
+    if len(text) > 4096:
+        raise UsageError(f"--cmdline: {len(text):,} characters; at most 4096")
+    parse_cmdline(text)
+    return text
+
+
+def check_spans(args: argparse.Namespace, span: int) -> None:
+    """--data and --reference are the kernel's memory _text.._end: their
+    size must be the image's span, checked before the boot runs."""
+    for dest, opt in (("data", "--data"), ("reference", "--reference")):
+        path = getattr(args, dest, None)
+        if path:
+            size = check_input(path, SPAN_MAX, opt)
+            if size != span:
+                raise UsageError(f"{opt}: {path} is {size:,} bytes but the image's _text.._end "
+                                 f"is {span:,}")

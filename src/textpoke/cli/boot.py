@@ -25,8 +25,9 @@ from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import X86_FEATURES, feature_number
 from ..sim._boot import boot_kernel_image
 from . import _output as out
-from ._args import CPUS, UsageError, int_in
-from ._boot_real import add_real_arguments, run_real
+from ._args import CPUS, Bounds, UsageError, checked, int_in, number
+from ._boot_real import add_real_arguments, refuse_real_only, run_real
+from ._signals import Terminated
 
 __all__ = ["add_arguments", "disassemble", "run", "run_boot"]
 
@@ -54,9 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or word*32+bit); 'none' for a CPU with none; 'list' to list them "
                         f"(default: {', '.join(DEFAULT_FEATURES)})")
     p.add_argument("--debug-alternative", nargs="?", const="all", default=None, metavar="MASK",
+                   type=checked(debug_mask, "MASK"),
                    help="also print the patcher's debug records; MASK as on the kernel "
-                        "command line (0x1 alt, 0x2 ret, 0x4 retpoline, 0x8 endbr, 0x10 smp) "
-                        "or names (alt,ret,...); no MASK means all")
+                        "command line, a number from 0x1 to 0x1f (0x1 alt, 0x2 ret, 0x4 "
+                        "retpoline, 0x8 endbr, 0x10 smp), or names (alt,ret,retpoline,endbr,"
+                        "smp, or all); no MASK means all; anything else is refused (the kernel "
+                        "would take it as all)")
     p.add_argument("--disasm", metavar="SYMBOL", action="append", default=None,
                    help="show SYMBOL's disassembly before and after patching (repeatable)")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -125,11 +129,54 @@ def _show_bytes(b: bytes) -> str:
     return b[:_BYTES_SHOWN].hex(" ") + f" …(+{len(b) - _BYTES_SHOWN})"
 
 
+_DA_NAMES = ("alt", "ret", "retpoline", "endbr", "smp")
+
+
+def debug_mask(text: str) -> int:
+    """--debug-alternative's MASK, checked: 1..0x1f, names, or all."""
+    t = text.strip().lower()
+    if t in ("", "all"):
+        return DA_ALL
+    if t[:1].isdigit() or t.startswith(("-", "+")):
+        return number(t, Bounds(1, DA_ALL, f"0x1..{DA_ALL:#x}"), "--debug-alternative")
+    parts = t.split(",")
+    bad = [p for p in parts if p not in _DA_NAMES]
+    if bad:
+        raise UsageError(f"--debug-alternative: unknown record kind {bad[0]!r} (choose from "
+                         f"{', '.join(_DA_NAMES)}, all, or a mask 0x1..{DA_ALL:#x})")
+    return parse_debug_alternative(t)
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (KeyboardInterrupt, Terminated) as e:
+        from ._contract import interrupted_tail
+        real = bool(getattr(args, "image", None))
+        return interrupted_tail(
+            args, {"command": NAME, "image": args.image if real else KERNEL_IMAGE}, [], e,
+            core=getattr(e, "textpoke_core", None),
+            reason=("interrupted while the real image's passes patched a copy of its memory in "
+                    "this process (no INT3 written, nothing runs it); the copy was discarded"
+                    if real else "interrupted before the machine's text was patched"))
+
+
+class _ReadBack:
+    """int3_left as read back before the machine was closed."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def int3_left(self) -> int:
+        return self.n
+
+
+def _run(args: argparse.Namespace) -> int:
     if getattr(args, "image", None):
         args.cpu_features_given = args.cpu_features_raw is not None
         args.cpu_features = args.cpu_features_raw or ""
         return run_real(args)
+    refuse_real_only(args)
     args.cpu_features = (_features_or_usage(args.cpu_features_raw)
                          if args.cpu_features_raw is not None else list(DEFAULT_FEATURES))
     if args.cpu_features == "list":
@@ -154,8 +201,14 @@ def run(args: argparse.Namespace) -> int:
     with sim, TextPoke(sim) as core:
         ranges = {n: _function_range(image, n) for n in args.disasm or ()}
         before = {n: sim.text_read(a, s) for n, (a, s) in ranges.items()}
-        result = alternative_instructions(core, image, tables, features,
-                                          debug_alternative=mask or 0, strict=False)
+        try:
+            result = alternative_instructions(core, image, tables, features,
+                                              debug_alternative=mask or 0, strict=False)
+        except (KeyboardInterrupt, Terminated) as e:
+            # the core finished or rolled back a self-test batch in flight:
+            # read the text back before the machine goes
+            e.textpoke_core = _ReadBack(core.int3_left())
+            raise
         after = {n: sim.text_read(a, s) for n, (a, s) in ranges.items()}
     disasm = {n: {"addr": ranges[n][0], "size": ranges[n][1],
                   "before": disassemble(before[n], ranges[n][0]),

@@ -357,6 +357,13 @@ def _load(raw: bytes, path: str, system_map) -> RealKernelImage:
         raise ImageError(f"{path}: _text {text_start:#x} / _etext {text_end:#x} / _end {end:#x} "
                          f"are not an x86-64 kernel's layout")
 
+    # _text.._end is allocated below: a map whose _end lies beyond the
+    # image's last section (plus 2 MiB of alignment) describes another image
+    last = max((_run_addr(s, phdrs, path) + s.size for s in shdrs
+                if s.flags & _SHF_ALLOC and s.size), default=end)
+    if end > (last + 0x1FFFFF) & ~0x1FFFFF:
+        raise ImageError(f"{map_path or path}: _end {end:#x} lies beyond the image's last "
+                         f"section (which ends at {last:#x}): not this image's symbols")
     sections: dict[str, ElfSection] = {}
     memory = bytearray(end - text_start)
     for s in shdrs:

@@ -1,0 +1,102 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Checks of file arguments, made before any work starts.
+
+An input must be a regular file (not a FIFO, a directory, ``/dev/zero``)
+no larger than its stated limit, checked with ``stat`` before a byte is
+read; an output must be a regular file or a new one in a writable
+directory (not a directory, not ``/dev/full``).  Refusals are one line.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from ._args import UsageError
+
+__all__ = ["MiB", "GiB", "check_input", "check_output", "input_file", "output_file",
+           "read_bounded"]
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def check_input(path: str, limit: int, what: str) -> int:
+    """The size of input file *path*, refused unless it is a readable
+    regular file of at most *limit* bytes."""
+    if not path:
+        raise UsageError(f"{_pre(what)}an empty path")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UsageError(f"{_pre(what)}cannot read {path}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{_pre(what)}{path} is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else
+                "a character device" if stat.S_ISCHR(st.st_mode) else
+                "a block device" if stat.S_ISBLK(st.st_mode) else
+                "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        raise UsageError(f"{_pre(what)}{path} is {kind}, not a regular file")
+    if st.st_size > limit:
+        raise UsageError(f"{_pre(what)}{path} is {st.st_size:,} bytes; at most {limit:,}")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{_pre(what)}cannot read {path}: permission denied")
+    return st.st_size
+
+
+def read_bounded(path: str, limit: int, what: str) -> bytes:
+    """Read *path* after :func:`check_input`, never more than *limit* bytes
+    (the file may grow between the check and the read)."""
+    check_input(path, limit, what)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise UsageError(f"{_pre(what)}cannot read {path}: {e.strerror}") from None
+    if len(data) > limit:
+        raise UsageError(f"{_pre(what)}{path} grew past {limit:,} bytes while being read")
+    return data
+
+
+def check_output(path: str, what: str) -> None:
+    """*path* can be written: a regular file, or a new one in an existing
+    writable directory.  Devices, FIFOs and directories are refused (a
+    write to /dev/full would only fail after the whole run)."""
+    if not path:
+        raise UsageError(f"{_pre(what)}an empty path")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise UsageError(f"{_pre(what)}cannot write {path}: {e.strerror}") from None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"{_pre(what)}{path} is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{_pre(what)}{path} is not a regular file")
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{_pre(what)}cannot write {path}: permission denied")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{_pre(what)}cannot write {path}: no directory {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{_pre(what)}cannot write {path}: permission denied in {parent}")
+
+
+def _pre(what: str) -> str:
+    return f"{what}: " if what else ""
+
+
+def input_file(limit: int):
+    """An argparse ``type``: an input file checked by :func:`check_input`."""
+    from ._args import checked
+    return checked(lambda p: check_input(p, limit, ""), f"a regular file of at most {limit:,} bytes")
+
+
+def output_file():
+    """An argparse ``type``: an output path checked by :func:`check_output`."""
+    from ._args import checked
+    return checked(lambda p: check_output(p, ""), "a writable file")
