@@ -8,7 +8,8 @@ import pytest
 
 from textpoke import JumpLabelError, StaticKeyError, StaticKeys, UnknownKeyError, x86_nops
 from textpoke.images._tables_clients import parse_jump_table
-from textpoke.sim._clients_demo import ClientMachine, many_key_flip, static_keys_selftest
+from textpoke.selftests import many_key_flip, static_keys_selftest
+from textpoke.sim._clients_demo import ClientMachine
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ import pytest
 from textpoke import StaticCallError, UnknownCallError, x86_nops
 from textpoke._static_call._calls import RETINSN, TRAMP_UD, XOR5RAX
 from textpoke.images._tables_clients import parse_static_call_sites
-from textpoke.sim._clients_demo import ClientMachine, static_call_selftest
+from textpoke.selftests import static_call_selftest
+from textpoke.sim._clients_demo import ClientMachine
 
 
 @pytest.fixture

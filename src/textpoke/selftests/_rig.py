@@ -48,6 +48,9 @@ class ClientRig(Protocol):
               cpus: Iterable[int] | None = None) -> None:
         """What slot *i* may return from now on."""
 
+    def widen(self, i: int, old: int, new: int) -> None:
+        """Slot *i* may return *old* or *new* (around an update)."""
+
     def start(self) -> None: ...
 
     def wait_passes(self, n: int = 2, max_steps: int = 2_000_000) -> bool:
