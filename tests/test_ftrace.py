@@ -14,7 +14,9 @@ import pytest
 from textpoke import CALL_INSN_OPCODE, text_gen_insn, x86_nops
 from textpoke import FtraceBugError, FtraceFilterError, TraceEntry
 from textpoke._ftrace import format_trace_line
-from textpoke.sim._ftrace_work import DEMO_FUNCTIONS, FtraceMachine, expected_hits, ftrace_selftest
+from textpoke.selftests import expected_hits, ftrace_selftest
+from textpoke.selftests._ftrace import DEMO_FUNCTIONS
+from textpoke.sim._ftrace_work import FtraceMachine
 
 have_gcc = all(shutil.which(t) for t in ("gcc", "as", "ld"))
 NOP5 = x86_nops[5]

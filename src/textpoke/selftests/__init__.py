@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """The clients' self-tests (the kernel's ``lib/test_static_keys.c``,
-``static_call_selftest`` and ``lib/test_kprobes.c``, the module loader's),
+``static_call_selftest``, the function tracer's startup test and
+``lib/test_kprobes.c``, the module loader's),
 written against a :class:`~textpoke.kernel.Kernel` and a
 :class:`ClientRig` -- the probe loop running on every CPU -- so that they
 need only the machine's protocol and capabilities, never a backend."""
 
+from ._ftrace import FtraceRig, FtraceSelfTest, expected_hits, ftrace_selftest
 from ._kprobes import RAND1, kprobes_selftest
 from ._module import module_selftest
 from ._result import SelfTestResult
@@ -12,4 +14,5 @@ from ._rig import ClientRig
 from ._static import many_key_flip, static_call_selftest, static_keys_selftest
 
 __all__ = ["ClientRig", "SelfTestResult", "kprobes_selftest", "module_selftest", "RAND1",
-           "static_keys_selftest", "static_call_selftest", "many_key_flip"]
+           "static_keys_selftest", "static_call_selftest", "many_key_flip",
+           "FtraceRig", "FtraceSelfTest", "ftrace_selftest", "expected_hits"]

@@ -15,39 +15,33 @@ drains them between slices of the run).  :meth:`FtraceMachine.pause`
 stops every CPU at the end of a pass, so a measurement window has exact
 boundaries: nothing is half-way through a call.
 
-:func:`ftrace_selftest` is the kernel's startup test of the function
-tracer (``trace_selftest_startup_function`` and its dynamic part) redone
-on the running CPUs, with the profiler, notrace, overruns and restoring
-the text added.
+It is the sim's rig for :func:`textpoke.selftests.ftrace_selftest`, the
+kernel's startup test of the function tracer.
 """
 
 from __future__ import annotations
 
 import struct
 from collections import Counter
-from dataclasses import dataclass
 
 from ..images import load_bundled
 from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import read_tables
-from ..selftests import SelfTestResult
 from ._machine import COARSE, SchedPolicy
 from ._workload import boot_workload
 from .._ftrace._ops import MCOUNT_INSN_SIZE, Ftrace
 from .._ftrace._ring import FTRACE_CPUS, RingBuffer, TraceEntry, format_trace_line
 from ..kernel import Kernel
+from ..selftests._ftrace import (CALLEES, DEMO_FUNCTIONS, DYN_FTRACE_TEST_NAME,
+                                 DYN_FTRACE_TEST_NAME2, FtraceSelfTest, expected_hits,
+                                 ftrace_selftest)
 
-__all__ = ["FtraceMachine", "FtraceSelfTest", "ftrace_selftest", "WORK_BASE", "DEMO_FUNCTIONS",
-           "DYN_FTRACE_TEST_NAME", "DYN_FTRACE_TEST_NAME2"]
+# the self-test itself needs only the rig and lives in textpoke.selftests; its
+# names stay importable from here for the commands that run it on the sim
+__all__ = ["FtraceMachine", "FtraceSelfTest", "ftrace_selftest", "expected_hits", "WORK_BASE",
+           "DEMO_FUNCTIONS", "CALLEES", "DYN_FTRACE_TEST_NAME", "DYN_FTRACE_TEST_NAME2"]
 
 WORK_BASE = 0x0C00_0000
-DYN_FTRACE_TEST_NAME = "trace_selftest_dynamic_test_func"
-DYN_FTRACE_TEST_NAME2 = "trace_selftest_dynamic_test_func2"
-#: what the bundled image's workload calls (ft_open calls ft_lookup, which
-#: calls ft_hash, and ft_permission)
-DEMO_FUNCTIONS = ("ft_open", "ft_read", "ft_hash", DYN_FTRACE_TEST_NAME2)
-#: the static call graph of those functions: callee counts follow callers
-CALLEES = {"ft_open": ("ft_lookup", "ft_permission"), "ft_lookup": ("ft_hash",)}
 _WREC = 128
 # struct ft_work field offsets (8 bytes each)
 _PASSES, _NFUNCS, _FNS, _COUNTS, _BAD, _BADFN, _PAUSE, _PAUSED, _ONESHOT, _ONESHOT_CALLS = range(10)
@@ -87,8 +81,8 @@ class FtraceMachine:
             self._fns = WORK_BASE
             self._counts0 = WORK_BASE + _page_up(8 * n)
             self._cstride = _page_up(8 * n)
-            self.sim.add_data_region(WORK_BASE, self._cstride * (max(self.sim.cpus) + 2),
-                                     "ftrace_work")
+            self.sim.map_data(self._cstride * (max(self.sim.cpus) + 2), "ftrace_work",
+                              WORK_BASE)
             # the text as boot left it: what disabling must give back
             self.sites_at_boot = {r.ip: self.sim.text_read(r.ip, MCOUNT_INSN_SIZE)
                                   for r in self.ftrace.records}
@@ -263,163 +257,3 @@ class FtraceMachine:
     def call_sites(self) -> int:
         """fentry sites holding the CALL now, read from the text."""
         return sum(self.ftrace.site_state(r) == "call" for r in self.ftrace.records)
-
-
-def expected_hits(work_counts: Counter, ftrace: Ftrace, traced: set[str]) -> Counter:
-    """Entries a complete trace of *traced* functions holds, given the
-    workload's direct calls and the static call graph (:data:`CALLEES`)."""
-    calls: Counter = Counter()
-    for a, n in work_counts.items():
-        calls[ftrace.name(a)] += n
-    # callers before callees (the graph is a small DAG)
-    for caller in ("ft_open", "ft_lookup"):
-        for callee in CALLEES.get(caller, ()):
-            calls[callee] += calls[caller]
-    return Counter({n: c for n, c in calls.items() if n in traced and c})
-
-
-@dataclass
-class FtraceSelfTest(SelfTestResult):
-    """The startup self-test's result: a SelfTestResult with the trace's
-    own figures."""
-
-    name: str = "ftrace_startup"
-    entries: int = 0
-    overruns: int = 0
-
-
-def ftrace_selftest(fm: FtraceMachine) -> FtraceSelfTest:
-    """The kernel's function-tracer startup test on the running CPUs."""
-    r = FtraceSelfTest()
-    ft, core = fm.ftrace, fm.core
-    s0, b0 = core.stats.syncs, core.stats.batches
-    fm.set_work(DEMO_FUNCTIONS)
-    if not fm.started:
-        fm.start()
-    fm.wait_passes(1)
-    cpus = fm.live_cpus()
-
-    def names(counter: Counter) -> Counter:
-        return Counter({ft.name(a): n for a, n in counter.items() if n})
-
-    # 1. the function tracer on every function: the trace equals the calls
-    ft.set_ftrace_filter(None)
-    ft.set_ftrace_notrace(None)
-    up = ft.start("function")
-    work, trace = fm.window(2)
-    got = names(fm.hit_counts(trace))
-    want = expected_hits(work, ft, {rec.name for rec in ft.records})
-    r.case("function tracer: every call of every function traced once", got == want and
-           fm.ring.overruns == 0, sites=up.enabled, batches=up.batches, syncs=up.syncs,
-           entries=len(trace), differ={n: (got[n], want[n]) for n in set(got) | set(want)
-                                       if got[n] != want[n]})
-    callers = {(ft.name(e.ip), ft.name(e.parent_ip)) for e in trace}
-    r.case("callers: ft_hash <-ft_lookup, ft_lookup <-ft_open, ft_open <-ftrace_work_loop",
-           {("ft_hash", "ft_lookup"), ("ft_lookup", "ft_open"),
-            ("ft_open", "ftrace_work_loop")} <= callers and
-           all(p in ("ftrace_work_loop", "ft_open", "ft_lookup") for _f, p in callers),
-           callers=sorted(callers))
-    r.case("every CPU traced, each entry stamped with its CPU and task",
-           {e.cpu for e in trace} == set(cpus) and
-           all(fm.ring.tasks[e.cpu][1] == e.pid for e in trace))
-    # Each CPU's entries are in clock order and no two events share a tick.
-    # Across CPUs only one drain is merged in order: an event whose CPU took
-    # its tick but had not yet published it when the ring was read comes
-    # with the next read (trace_pipe has the same property).
-    ts = [e.ts for e in trace]
-    per_cpu = {c: [e.ts for e in trace if e.cpu == c] for c in {e.cpu for e in trace}}
-    r.case("timestamps unique, each CPU's in order",
-           len(set(ts)) == len(ts) and all(v == sorted(v) for v in per_cpu.values()))
-    fm.resume()
-    dn = ft.stop()
-    r.case("disabled: every site holds its boot-time bytes",
-           fm.sites_now() == fm.sites_at_boot and fm.call_sites() == 0,
-           batches=dn.batches, syncs=dn.syncs)
-
-    # 2. the dynamic test: a filter on one function the workload never calls
-    n = ft.set_ftrace_filter(DYN_FTRACE_TEST_NAME)
-    up = ft.start("function")
-    r.case(f"set_ftrace_filter {DYN_FTRACE_TEST_NAME}: one site patched",
-           n == 1 and up.enabled == 1 and fm.call_sites() == 1, selected=n)
-    work, trace = fm.window(3)
-    r.case("a filter really filters: no entries while every CPU calls other traced functions",
-           len(trace) == 0 and sum(work.values()) > 0, calls=sum(work.values()),
-           entries=len(trace))
-    fm.resume()
-    cpu = cpus[-1]
-    fm.read_trace()
-    mark = len(fm.trace)
-    ok = fm.call_once(cpu, DYN_FTRACE_TEST_NAME)
-    fm.pause()
-    fm.read_trace()
-    one = fm.trace[mark:]
-    r.case("one call gives one entry", ok and len(one) == 1 and ft.name(one[0].ip) ==
-           DYN_FTRACE_TEST_NAME and one[0].cpu == cpu and
-           ft.name(one[0].parent_ip) == "ftrace_work_loop",
-           entries=fm.lines(one))
-    fm.resume()
-    ft.stop()
-
-    # 3. filter + notrace, and a filter changed while tracing
-    ft.set_ftrace_filter("ft_*")
-    ft.set_ftrace_notrace("ft_hash")
-    up = ft.start("function")
-    work, trace = fm.window(2)
-    got = names(fm.hit_counts(trace))
-    traced = {rec.name for rec in ft.selected()}
-    want = expected_hits(work, ft, traced)
-    r.case("set_ftrace_notrace ft_hash: ft_* traced except ft_hash",
-           "ft_hash" not in got and got == want and "ft_hash" not in traced, got=dict(got))
-    fm.resume()
-    ft.set_ftrace_filter(DYN_FTRACE_TEST_NAME2)
-    ft.set_ftrace_notrace(None)
-    ch = ft.refresh()
-    work, trace = fm.window(2)
-    got = names(fm.hit_counts(trace))
-    r.case("filter changed while tracing: only the new function traced",
-           set(got) == {DYN_FTRACE_TEST_NAME2} and got == expected_hits(work, ft,
-                                                                        {DYN_FTRACE_TEST_NAME2}),
-           enabled=ch.enabled, disabled=ch.disabled, got=dict(got))
-    fm.resume()
-    ft.stop()
-
-    # 4. the profiler: per-function hits equal the workload's calls
-    ft.set_ftrace_filter(None)
-    fm.ring.reset_profile()
-    ft.start("profile")
-    fm.pause()
-    fm.ring.reset_profile()
-    work, trace = fm.window(2)
-    prof = Counter({ft.name(a): n for a, n in fm.ring.profile().items() if n})
-    want = expected_hits(work, ft, {rec.name for rec in ft.records})
-    r.case("function profiler: hits per function equal the workload's calls",
-           prof == want and not trace, profile=dict(prof))
-    fm.resume()
-
-    # 5. overruns: a ring nobody reads fills up; every dropped event counted
-    ft.update_ftrace_func("function")
-    fm.pause()
-    fm.read_trace()
-    fm.ring.reset()
-    fm.resume()
-    size = fm.ring.size
-    fm.run_until(lambda: min(fm.ring.hits_per_cpu()[c] for c in cpus) >= size + 64, read=False)
-    fm.pause(read=False)
-    hits, over = fm.ring.hits(), fm.ring.overruns
-    got = len(fm.ring.drain())
-    r.case("a full ring counts what it drops: entries + overruns == hits",
-           over > 0 and got + over == hits and max(fm.ring.pending(c) for c in cpus) == 0,
-           hits=hits, entries=got, overruns=over)
-    r.overruns = over
-    fm.ring.reset()
-    fm.resume()
-    ft.stop()
-    r.case("stopped: every site restored, ftrace_call back on ftrace_stub",
-           fm.sites_now() == fm.sites_at_boot and ft.func == "none")
-    fm.wait_passes(1)
-    r.entries = len(fm.trace)
-    r.oopses = fm.oopses
-    r.bad = fm.bad()
-    r.syncs = core.stats.syncs - s0
-    r.batches = core.stats.batches - b0
-    return r

@@ -7,8 +7,8 @@ from __future__ import annotations
 from .._ftrace._ring import FTRACE_CPUS
 from .._kprobes._guest import build_guest_functions
 from ._clients_demo import CLIENT_CPUS, ClientMachine
-from ._ftrace_work import FtraceMachine, ftrace_selftest
-from ..selftests import kprobes_selftest
+from ..selftests import ftrace_selftest, kprobes_selftest
+from ._ftrace_work import FtraceMachine
 
 __all__ = ["tracing_demo_lines"]
 
