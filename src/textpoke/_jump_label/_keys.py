@@ -45,7 +45,7 @@ from typing import Iterable, Mapping
 
 from .._core._insn import JMP8_INSN_OPCODE, JMP32_INSN_OPCODE, text_gen_insn, x86_nops
 from .._errors import BadInstructionError, TextPokeError
-from ..images._tables import JumpEntry
+from ..images._tables import JumpEntry, read_tables
 from ..images._tables_clients import SymbolMap
 
 __all__ = ["StaticKeys", "StaticKey", "JumpLabelError", "StaticKeyError", "UnknownKeyError",
@@ -127,7 +127,6 @@ class StaticKeys:
     @classmethod
     def from_image(cls, core, image, tables=None) -> "StaticKeys":
         if tables is None:
-            from ..images._tables import read_tables
             tables = read_tables(image)
         return cls(core, tables.jump_table, image.symbols, image.sizes)
 

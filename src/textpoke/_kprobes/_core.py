@@ -64,6 +64,7 @@ from .._core._insn import (INT3_INSN_OPCODE, JMP32_INSN_OPCODE, Insn, insn_decod
 from .._core._machine import Capability, TrapPriority
 from .._errors import BadInstructionError, TextPokeError
 from .._execmem import ExecMem
+from ..images._tables import read_tables
 from ._insn import Emulation, can_boost, prepare_emulation, relocate
 from ._opt import (DETOUR_SIZE, FRAME_REGS, RELATIVEJUMP_SIZE, Detour, OptError, check_displaced,
                    check_function, check_reach, detour_code)
@@ -178,7 +179,6 @@ class Kprobes:
                 if sz > 0 and self.machine.is_text(a):
                     self.functions[n] = (a, sz)
             if tables is None:
-                from ..images._tables import read_tables
                 tables = read_tables(image)
         self.fentry: frozenset[int] = frozenset(m.addr for m in tables.mcount_loc) \
             if tables is not None else frozenset()

@@ -43,7 +43,7 @@ from typing import Iterable, Mapping
 from .._core._insn import (CALL_INSN_OPCODE, INT3_INSN_OPCODE, JMP32_INSN_OPCODE, RET_INSN_OPCODE,
                            text_gen_insn, x86_nops)
 from .._errors import BadInstructionError, TextPokeError
-from ..images._tables import StaticCallSite
+from ..images._tables import StaticCallSite, read_tables
 from ..images._tables_clients import SymbolMap
 
 __all__ = ["StaticCalls", "StaticCall", "StaticCallError", "UnknownCallError",
@@ -137,7 +137,6 @@ class StaticCalls:
     @classmethod
     def from_image(cls, core, image, tables=None, **kw) -> "StaticCalls":
         if tables is None:
-            from ..images._tables import read_tables
             tables = read_tables(image)
         return cls(core, tables.static_call_sites, image.symbols, image.sizes, **kw)
 
