@@ -11,7 +11,7 @@ from textpoke import Capability, MachineClosedError, NotSupportedError, TextPoke
 from textpoke._core._machine import drive
 from textpoke._ftrace import RingBuffer
 from textpoke.images import load_bundled
-from textpoke.images._kernel import KERNEL_IMAGE
+from textpoke.images._kernel import KERNEL_IMAGE, kernel_regions
 from textpoke.kernel import KPROBES_EXECMEM, Kernel
 from textpoke.sim import boot_workload
 from textpoke.testing import MemoryMachine
@@ -118,3 +118,48 @@ def test_clients_ask_for_capabilities_not_backends():
     image = load_bundled(KERNEL_IMAGE)
     with pytest.raises(NotSupportedError, match="ftrace ring buffers"):
         RingBuffer(m, image)
+
+
+def _memory_machine_of(image) -> MemoryMachine:
+    """The image's text in a MemoryMachine (no CPUs run, no capabilities),
+    its data written into the machine's data memory."""
+    regions = kernel_regions(image)
+    m = MemoryMachine({s: bytes(c) for s, c, kind, _n in regions if kind == "text"}, ncpus=2)
+    for s, c, kind, _n in regions:
+        if kind in ("data", "rodata") and not isinstance(c, int):
+            m.mem.write(s, bytes(c))
+    return m
+
+
+def _drive_clients(kernel) -> None:
+    kernel.keys.static_key_enable("jl_key_false")
+    kernel.keys.static_key_disable("jl_key_true")
+    kernel.calls.static_call_update("sc_op", "sc_square")
+    kernel.ftrace.set_ftrace_filter(["ft_*"])
+    kernel.ftrace.start()
+
+
+def test_the_same_client_code_gives_the_same_text_on_two_machines():
+    """Kernel and clients created the same way over the sim and over a
+    machine that only stores bytes: the same operations leave the same
+    core text; what needs a capability the memory machine lacks is refused
+    there, and only that."""
+    image = load_bundled(KERNEL_IMAGE)
+    mem = _memory_machine_of(image)
+    with Kernel.start(mem, image, selftests=False) as k:
+        _drive_clients(k)
+        for client in ("kprobes", "modules", "bpf"):
+            with pytest.raises(NotSupportedError, match="executable memory"):
+                getattr(k, client)
+        r = mem.text_ranges[0]
+        on_memory = mem.text_read(r.start, r.end - r.start)
+        assert mem.syncs > 0 and k.ftrace.enabled_records()
+    with boot_workload(ncpus=2, seed=4, image=image) as w, \
+            Kernel.start(w.sim, image, selftests=False) as k2:
+        w.sim.run(1000)
+        _drive_clients(k2)
+        on_sim = w.sim.text_read(r.start, r.end - r.start)
+        assert k2.kprobes is not None                  # the sim has EXECMEM
+    boot_text = bytes(next(c for s, c, kind, _n in kernel_regions(image) if s == r.start))
+    assert on_memory[:len(boot_text)] != boot_text     # the clients did write
+    assert on_memory == on_sim
