@@ -153,7 +153,7 @@ def test_the_same_client_code_gives_the_same_text_on_two_machines():
                 getattr(k, client)
         r = mem.text_ranges[0]
         on_memory = mem.text_read(r.start, r.end - r.start)
-        assert mem.syncs > 0 and k.ftrace.enabled_records()
+        assert mem.syncs > 0 and k.ftrace.enabled_records
     with boot_workload(ncpus=2, seed=4, image=image) as w, \
             Kernel.start(w.sim, image, selftests=False) as k2:
         w.sim.run(1000)
