@@ -153,3 +153,78 @@ def test_demo_timeline_draws_every_commit(tmp_path):
     # one commit mark per site per batch, as the demo counted them
     assert len(_marks(root, "commit")) == r["pokes"] > 0
     assert "torn" not in {m.get("data-class") for m in _marks(root, "exec")}
+
+
+def _report(tmp_path) -> tuple[Path, dict]:
+    d = tmp_path / "rep"
+    p = _cli("verify", "--scenario", "call", "--mutation", "no-sync-3", "--schedules", "6",
+             "--line-sizes", "1,64", "--jobs", "2", "--report", str(d), "--json")
+    assert p.returncode in (0, 1), p.stderr
+    doc = json.loads(p.stdout)
+    assert doc == json.loads((d / "report.json").read_text())
+    return d, doc
+
+
+def test_report_heatmap_json_and_page_agree(tmp_path):
+    d, doc = _report(tmp_path)
+    rows = doc["cells"]
+    assert {(r["variant"], r["line_size"]) for r in rows} == \
+        {(v, ls) for v in ("int3", "no-sync-3") for ls in (1, 64)}
+    assert all(r["schedules"] == 6 for r in rows)
+    root = ET.parse(d / "heatmap.svg").getroot()
+    cells = _groups(root, "cell")
+    assert len(cells) == len(rows)
+    drawn = {(c.get("data-variant"), int(c.get("data-line-size"))):
+             (int(c.get("data-caught")), int(c.get("data-schedules"))) for c in cells}
+    assert drawn == {(r["variant"], r["line_size"]): (r["violating"], r["schedules"])
+                     for r in rows}
+    assert _groups(root, "legend")
+    # the page shows the heatmap and one timeline per variant, each a real SVG
+    page = (d / "index.html").read_text()
+    srcs = [s.split('"', 1)[0] for s in page.split('<img src="')[1:]]
+    assert srcs[0] == "heatmap.svg" and len(srcs) == 1 + len(doc["pictures"])
+    assert {p["variant"] for p in doc["pictures"]} == {"int3"} | (
+        {"no-sync-3"} if doc["summary"]["no-sync-3"]["violating"] else set())
+    for s in srcs:
+        ET.parse(d / s)
+    int3 = next(p for p in doc["pictures"] if p["variant"] == "int3")
+    assert not _groups(ET.parse(d / int3["svg"]).getroot(), "violation")
+
+
+_CHECK = """<script>
+window.addEventListener("load", () => {
+  const bad = [];
+  document.querySelectorAll("img").forEach(i => {
+    if (!i.complete || i.naturalWidth === 0 || i.naturalHeight === 0) bad.push(i.src);
+  });
+  document.body.setAttribute("data-pictures", document.images.length + " " + bad.join(","));
+});
+</script>"""
+
+
+@pytest.mark.skipif(os.environ.get("TEXTPOKE_BROWSER_TESTS") != "1",
+                    reason="opt-in: TEXTPOKE_BROWSER_TESTS=1 (needs Debian's chromium)")
+def test_report_page_renders_every_picture_in_a_headless_browser(tmp_path):
+    browser = shutil.which("chromium")
+    if browser is None:
+        pytest.fail("TEXTPOKE_BROWSER_TESTS=1 but no chromium: apt-get install -y chromium")
+    d, doc = _report(tmp_path)
+    # the page as shipped, plus a probe that reads each image's natural size
+    probe = d / "probe.html"
+    probe.write_text((d / "index.html").read_text().replace("</body>", _CHECK + "</body>"))
+    p = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                        "--disable-background-networking", "--disable-component-update",
+                        "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'ud'}",
+                        "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-2000:]
+    marker = p.stdout.split('data-pictures="', 1)
+    assert len(marker) == 2, "the page's load event never ran"
+    count, _, bad = marker[1].split('"', 1)[0].partition(" ")
+    assert int(count) == 1 + len(doc["pictures"]) and bad == "", bad
+    shot = tmp_path / "page.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    f"--user-data-dir={tmp_path / 'ud2'}", f"--screenshot={shot}",
+                    "--window-size=1200,900", (d / "index.html").as_uri()],
+                   capture_output=True, timeout=180)
+    assert shot.exists() and shot.stat().st_size > 10_000

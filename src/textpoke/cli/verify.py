@@ -24,11 +24,13 @@ from .._core import MUTATIONS
 from ..sim._verify import (SCENARIOS, STRATEGIES, VerifyReport, format_oops, format_timeline,
                            run_schedule, verify)
 from . import _output as out
-from ._args import (CPUS, JOBS, LINE_SIZE, SCHEDULES, SEED, UsageError, choice_of, int_in,
+from ._args import (Bounds, CPUS, JOBS, LINE_SIZE, SCHEDULES, SEED, UsageError, choice_of, int_in,
                     power_of_two)
 from ._signals import Terminated, exit_status, reporting
 
 __all__ = ["add_arguments", "run"]
+
+CHUNK = Bounds(1, 1_000_000)
 
 NAME = "verify"
 HELP = "check the protocol under many seeded schedules"
@@ -73,6 +75,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the violation where it happened -- as FILE.svg, or as FILE.json, a "
                         "Chrome JSON trace that Perfetto's UI and chrome://tracing open; "
                         "may be given twice")
+    p.add_argument("--report", metavar="DIR",
+                   help="run every scenario x variant (int3, each mutation, naive; or int3 and "
+                        "the --mutation/--strategy asked for) x --line-sizes and write "
+                        "DIR/index.html, DIR/heatmap.svg, DIR/report.json and a timeline of "
+                        "each variant's first violation; exit 1 only if int3 itself failed")
+    p.add_argument("--line-sizes", default="1,64", metavar="LIST",
+                   help="with --report: fetch-view line sizes, comma-separated (default 1,64)")
+    p.add_argument("--cluster", metavar="ADDRESS",
+                   help="run the campaign on a Dask distributed scheduler (tcp://HOST:8786), "
+                        "or 'local[:N]' for one started here with N (default --jobs) workers; "
+                        "needs pip install 'textpoke[cluster]'")
+    p.add_argument("--resume", metavar="FILE",
+                   help="record each finished chunk of seeds in FILE; run the same command "
+                        "again to go on where it stopped (no chunk lost or run twice)")
+    p.add_argument("--chunk", type=int_in(CHUNK), default=25, metavar="N",
+                   help=f"with --cluster/--resume/--report: seeds per chunk, {CHUNK} (default 25)")
     p.add_argument("--list", action="store_true", help="list scenarios, strategies and mutations")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
@@ -94,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         if len(names) != 1:
             raise UsageError("--replay needs one --scenario")
         return _replay(args, names[0])
+    if args.report is not None or args.cluster is not None or args.resume is not None:
+        return _campaign(args, names)
 
     rep = VerifyReport()
     interrupted: BaseException | None = None
@@ -133,6 +153,135 @@ def run(args: argparse.Namespace) -> int:
     if interrupted is not None:
         print(f"textpoke verify: interrupted after {rep.schedules:,} of {rep.planned:,} "
               f"schedules; INT3s of ours left in the text: {rep.int3_left}", file=sys.stderr)
+        return exit_status(interrupted)
+    return 1 if (rep.violating_schedules or rep.int3_left) else 0
+
+
+def _campaign_progress(args: argparse.Namespace):
+    """A rich bar with ETA on a terminal; elsewhere a line on stderr every
+    10 s with the rate and ETA (unless --json)."""
+    import contextlib
+    import time
+    if out.progress_enabled(args.json):
+        return out.progress(True, "schedules")
+    state = {"t0": time.monotonic(), "d0": None, "last": 0.0}
+
+    def update(done: int, total: int) -> None:
+        now = time.monotonic()
+        if state["d0"] is None:
+            state["d0"] = done          # resumed schedules do not count for the rate
+            return
+        if now - state["last"] < 10 and done < total:
+            return
+        state["last"] = now
+        rate = (done - state["d0"]) / max(now - state["t0"], 1e-9)
+        eta = f"{(total - done) / rate:,.0f} s" if rate > 0 else "?"
+        print(f"textpoke verify: {done:,}/{total:,} schedules ({done / max(total, 1):.0%}), "
+              f"{rate:,.1f}/s, ETA {eta}", file=sys.stderr, flush=True)
+    return contextlib.nullcontext(update if not args.json else (lambda d, t: None))
+
+
+class _Done:
+    """The backend of a campaign with nothing left to run."""
+    name = "none (all chunks resumed)"
+
+    def threads(self) -> int:
+        return 1
+
+    def stream(self, futures: list) -> list:
+        return []
+
+    def cancel(self, futures: list) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _campaign(args: argparse.Namespace, names: list[str]) -> int:
+    """--cluster / --resume / --report: the campaign in chunks of seeds on
+    Dask (or this machine's pool), recorded chunk by chunk."""
+    import time
+    from ..verify._cluster import Campaign, Cell, LocalBackend, ResumeMismatch, connect
+    if args.report is not None:
+        from ..verify._report import cells_for, variants_for
+        try:
+            sizes = sorted({int(x) for x in args.line_sizes.split(",") if x.strip()})
+        except ValueError:
+            raise UsageError(f"--line-sizes {args.line_sizes!r}: comma-separated powers of two")
+        if not sizes or any(not (LINE_SIZE.lo <= n <= LINE_SIZE.hi and n & (n - 1) == 0)
+                            for n in sizes):
+            raise UsageError(f"--line-sizes {args.line_sizes!r}: powers of two in {LINE_SIZE}")
+        cells = cells_for(names, variants_for(args.strategy, args.mutation), sizes, args.cpus)
+    else:
+        cells = [Cell(n, args.strategy, args.mutation, args.cpus, args.line_size) for n in names]
+    try:
+        camp = Campaign(cells, args.schedules, seed=args.seed, chunk=args.chunk,
+                        resume=args.resume)
+    except ResumeMismatch as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise UsageError(f"--resume: {e}") from None
+    try:
+        if next(camp.chunks(), None) is None:
+            backend = _Done()              # every chunk is in the resume file
+        else:
+            backend = (connect(args.cluster, jobs=args.jobs) if args.cluster is not None
+                       else LocalBackend(args.jobs))
+    except (RuntimeError, ConnectionError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    interrupted: BaseException | None = None
+    t0 = time.perf_counter()
+    try:
+        with _campaign_progress(args) as update:
+            camp.run(backend, progress=update)
+    except (KeyboardInterrupt, Terminated) as e:
+        interrupted = e
+    finally:
+        reporting()
+        backend.close()
+    engine = {"engine": backend.name, "address": args.cluster or f"local pool of {args.jobs}",
+              "chunks_run": camp.ran_chunks, "chunks_resumed": camp.resumed_chunks,
+              "workers_used": len(camp.workers), "seconds": round(time.perf_counter() - t0, 3)}
+    resume_hint = (f"; run the same command again to resume from {args.resume}"
+                   if args.resume else "")
+    if args.report is not None:
+        from ..verify._report import write_report
+        doc = write_report(camp, args.report, engine=engine)
+        if args.json:
+            out.emit_json(doc)
+        else:
+            con = out.console()
+            for v, st in doc["summary"].items():
+                con.print(f"  {v:14} caught in {st['cells_caught']:>3} of {st['cells']:>3} cells,"
+                          f" {st['violating']:,} of {st['schedules']:,} schedules")
+            out.print_plain(f"report: {args.report}/index.html (heatmap.svg, report.json, "
+                            f"{len(doc['pictures'])} timelines); chunks run {camp.ran_chunks}, "
+                            f"resumed {camp.resumed_chunks}")
+        if interrupted is not None:
+            print(f"textpoke verify: interrupted after {camp.completed:,} of {camp.total:,} "
+                  f"schedules{resume_hint}", file=sys.stderr)
+            return exit_status(interrupted)
+        return 0 if doc["int3_clean"] else 1
+    rep = camp.verify_report()
+    first = None
+    if rep.first is not None and rep.first.replay is not None and interrupted is None:
+        f = rep.first
+        first = run_schedule(f.scenario, f.seed, **f.replay.kwargs(), trace=args.trace)
+    drawn = _timelines(args, rep.first.replay) if rep.first is not None else []
+    if args.json:
+        out.emit_json({"command": "verify", **rep.as_dict(), "engine": engine})
+    else:
+        _print_report(rep, first, args)
+        out.print_plain(f"engine: {engine['engine']} ({engine['address']}), chunks run "
+                        f"{camp.ran_chunks}, resumed {camp.resumed_chunks}, on "
+                        f"{len(camp.workers)} worker(s)")
+        for line in drawn:
+            out.print_plain(line)
+    if interrupted is not None:
+        print(f"textpoke verify: interrupted after {rep.schedules:,} of {rep.planned:,} "
+              f"schedules; INT3s of ours left in the text: {rep.int3_left}{resume_hint}",
+              file=sys.stderr)
         return exit_status(interrupted)
     return 1 if (rep.violating_schedules or rep.int3_left) else 0
 
