@@ -73,7 +73,8 @@ __all__ = ["Kprobes", "Kprobe", "Kretprobe", "KretprobeInstance", "KprobeError",
 
 _SLOT_SIZE = 32
 _TRAMP_SIZE = 16
-_EXECMEM_SHARE = 256 * 1024        # the top of execmem is ours unless an allocator is given
+#: the top of execmem that is ours unless an allocator is given
+KPROBES_EXECMEM = 256 * 1024
 _SPEC = re.compile(r"^\s*([A-Za-z_.$][\w.$]*)\s*(?:\+\s*(0x[0-9a-fA-F]+|\d+))?\s*$")
 
 PreHandler = Callable[["Kprobe", PtRegs], Any]
@@ -184,7 +185,7 @@ class Kprobes:
             if tables is not None else frozenset()
         if execmem is None:
             rng = next(r for r in self.machine.text_ranges if not r.core)
-            execmem = ExecMem(core, start=rng.end - _EXECMEM_SHARE, end=rng.end)
+            execmem = ExecMem(core, start=rng.end - KPROBES_EXECMEM, end=rng.end)
         self.execmem = execmem
         self.stats = KprobeStats()
         self._sites: dict[int, _Site] = {}

@@ -41,6 +41,7 @@ from .._execmem import ExecMem
 from .._ftrace import Ftrace
 from .._jump_label import StaticKeys
 from .._kprobes import Kprobes
+from .._kprobes._core import KPROBES_EXECMEM
 from .._module import ModuleLoader
 from .._static_call import StaticCalls
 from ..images import load_bundled
@@ -49,8 +50,6 @@ from ..images._tables import read_tables
 
 __all__ = ["Kernel", "KPROBES_EXECMEM"]
 
-#: the top of execmem that kprobes' slots, detours and trampoline use
-KPROBES_EXECMEM = 256 * 1024
 
 _CLIENTS = ("keys", "calls", "ftrace", "kprobes", "modules", "bpf")
 
