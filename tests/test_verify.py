@@ -125,9 +125,21 @@ def test_each_schedule_releases_its_machine(monkeypatch):
         orig = w.close
         w.close = lambda: (closed.append(w), orig())[1]
         return w
-    monkeypatch.setattr(V, "boot_workload", spy)
-    verify(["call"], 6, seed=1)
-    assert len(closed) == 6 and all(w.sim.closed for w in closed)
+    booted = []
+    real_boot = spy
+
+    def counting(**kw):
+        booted.append(1)
+        return real_boot(**kw)
+    monkeypatch.setattr(V, "boot_workload", counting)
+    verify(["call"], 6, seed=1, reuse=False)
+    assert len(booted) == 6 and len(closed) == 6 and all(w.sim.closed for w in closed)
+    # reused: one machine booted for the six schedules, closed when verify returns
+    booted.clear()
+    closed.clear()
+    verify(["call", "xline"], 6, seed=1)
+    assert len(booted) == 1 and len(closed) == 1 and closed[0].sim.closed
+    assert not V._POOL
 
 
 def test_wide_call_and_jcc_retargets_have_teeth():
@@ -155,3 +167,29 @@ def test_teeth_sites_differ_in_every_displacement_byte_across_a_line():
             assert all(a != b for a, b in zip(s.old[op:], s.new[op:])), s
             assert s.addr // 4096 != (s.addr + s.length - 1) // 4096   # crosses every line size
             assert w.current(s) == s.old
+
+
+def test_reused_machines_give_the_same_reports():
+    # Reuse (snapshot after boot, restore per schedule) is invisible in the
+    # report: same verdicts, counters and first violation, for every strategy.
+    for kw in ({"strategy": "naive"}, {"mutation": "no-sync-1"}, {}):
+        a = verify(["xline", "call-xline", "multi"], 12, seed=5, reuse=False, **kw)
+        b = verify(["xline", "call-xline", "multi"], 12, seed=5, reuse=True, **kw)
+        assert a.as_dict() == b.as_dict(), kw
+
+
+def test_a_pooled_machine_that_changed_shape_is_booted_anew():
+    import textpoke.sim._verify as V
+    from textpoke.sim._machine import FINE
+
+    V.release_pool()
+    try:
+        key = (2, 64, FINE)
+        w = V._pooled_workload(key, 1, False)
+        w.sim.add_cpu()                     # a CPU more: the snapshot no longer fits
+        w2 = V._pooled_workload(key, 2, False)
+        assert w2 is not w and w.sim.closed and w2.sim.ncpus == 2
+        w3 = V._pooled_workload(key, 3, False)
+        assert w3 is w2 and w3.sim.seed == 3 and w3.sim.steps == 0
+    finally:
+        V.release_pool()

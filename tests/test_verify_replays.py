@@ -77,6 +77,19 @@ def test_old_seed_replays_the_same(rec):
     assert observe(rec["case"]) == rec["observed"]
 
 
+def test_old_seeds_replay_the_same_on_reused_machines():
+    # One pooled machine per configuration runs every recorded schedule, in
+    # order and then in reverse: each restore must leave no trace of the last.
+    from textpoke.sim._verify import release_pool
+
+    recs = _recorded()
+    try:
+        for rec in recs + recs[::-1]:
+            assert observe(rec["case"], reuse=True) == rec["observed"], rec["case"]
+    finally:
+        release_pool()
+
+
 def test_the_fixture_has_teeth():
     recs = _recorded()
     assert len(recs) >= 40

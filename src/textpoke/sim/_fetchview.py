@@ -43,6 +43,8 @@ class _FetchViews:
         self._check_open()
         data = bytes(data)
         idx, r = self._text_loc(addr, len(data))
+        if self._dirty is not None:
+            self._mark_dirty(idx, addr - r.start, len(data))
         if self.policy.write_granularity == "byte":
             return self._write_bytes(idx, r, addr, data)
         return self._write_poke(idx, r, addr, data)
@@ -80,6 +82,8 @@ class _FetchViews:
             idx, r = self._text_loc(addr, len(data))
             off = addr - r.start
             n = len(data)
+            if self._dirty is not None:
+                self._mark_dirty(idx, off, n)
             r.mv[off:off + n] = data
             first, last = off // ls, (off + n - 1) // ls
             if first == last:
@@ -122,6 +126,8 @@ class _FetchViews:
         data = bytes(data)
         idx, r = self._text_loc(addr, len(data))
         off = addr - r.start
+        if self._dirty is not None:
+            self._mark_dirty(idx, off, len(data))
         r.mv[off:off + len(data)] = data
         for c in self._online:   # nothing runs yet: views follow at once
             ctypes.memmove(ctypes.addressof(c.views[idx]) + off, data, len(data))
@@ -159,8 +165,12 @@ class _FetchViews:
         r = self._text[idx]
         off = first * self.line_size
         n = min(nlines * self.line_size, r.size - off)
-        ctypes.memmove(ctypes.addressof(c.views[idx]) + off, ctypes.addressof(r.buf) + off, n)
-        c.uc.ctl_remove_cache(r.start + off, r.start + off + n)
+        dst = ctypes.addressof(c.views[idx]) + off
+        if ctypes.string_at(dst, n) != r.mv[off:off + n]:
+            # Only a view whose bytes change loses its translations (the
+            # refill is the same event either way: counted and traced).
+            ctypes.memmove(dst, ctypes.addressof(r.buf) + off, n)
+            c.uc.ctl_remove_cache(r.start + off, r.start + off + n)
         c.refreshes += nlines
         if self.trace is not None:
             self.trace.append(("refill", self.steps, c.id, r.start + off, n, why))

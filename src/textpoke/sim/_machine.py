@@ -38,6 +38,7 @@ from .._core._insn import insn_decode_kernel
 from .._core._machine import PAGE_SIZE, Capability, Machine, Task, TextRange, WaitUntil
 from .._errors import BadAddressError, MachineClosedError, MachineError
 from ._fetchview import _FetchViews
+from ._snapshot import SimSnapshot, _Snapshots
 from ._sched import COARSE, FINE, FREE, WRITE_GRANULARITIES, SchedPolicy, _Scheduler, _SimTask
 from ._traps import CODE_EPILOGUE, CODE_PROLOGUE, Oops, _Traps
 from ._vcpu import DEAD, IDLE, OFFLINE, RUN, TRAP, VCpu, _close_quietly, _Region
@@ -45,7 +46,7 @@ from ._vcpu import DEAD, IDLE, OFFLINE, RUN, TRAP, VCpu, _close_quietly, _Region
 # The names this module always had stay importable from here.
 __all__ = ["SimMachine", "SchedPolicy", "Oops", "VCpu", "FINE", "COARSE", "FREE",
            "TRACE_EVENTS", "WRITE_GRANULARITIES", "CODE_PROLOGUE", "CODE_EPILOGUE",
-           "RUN", "TRAP", "IDLE", "DEAD", "OFFLINE"]
+           "RUN", "TRAP", "IDLE", "DEAD", "OFFLINE", "SimSnapshot"]
 
 
 #: where map_data() places a region when no address is asked for
@@ -91,7 +92,7 @@ class _SharedMemory:
         self._machine().mem_write(addr, data)
 
 
-class SimMachine(_FetchViews, _Scheduler, _Traps, Machine):
+class SimMachine(_FetchViews, _Scheduler, _Traps, _Snapshots, Machine):
     """An emulated SMP x86-64 machine.
 
     Memory is described as (start, bytes, kind) regions: kind "text" (core

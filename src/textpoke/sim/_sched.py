@@ -10,13 +10,15 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from unicorn import UcError
-from unicorn import x86_const as X
 
 from .._core._emulate import PtRegs
 from .._core._machine import Task, WaitUntil
 from .._core._signals import uninterruptible
 from .._errors import MachineError
-from ._vcpu import DEAD, RUN, TRAP, VCpu, _fault_kind, _read_gprs
+from ._ucfast import fast_cpu, read_gprs
+from ._vcpu import _GPRS, _REG_NAMES, DEAD, RUN, TRAP, VCpu, _fault_kind
+
+_RIP, _RSP, _RFLAGS = _REG_NAMES["rip"], _REG_NAMES["rsp"], _REG_NAMES["rflags"]
 
 __all__ = ["SchedPolicy", "FINE", "COARSE", "FREE", "WRITE_GRANULARITIES"]
 
@@ -175,8 +177,8 @@ class _Scheduler:
         if c.state != RUN:
             return
         p = self.policy
-        uc = c.uc
-        rip = uc.reg_read(X.UC_X86_REG_RIP)
+        fast = fast_cpu(c)
+        rip = fast.rip()
         c.pending_intr = None
         if p.until_preempt and self.preempt_addr is not None:
             # Run to the guest's preemption point; when sitting on it, take
@@ -184,11 +186,13 @@ class _Scheduler:
             until, count = (self.preempt_addr, 0) if rip != self.preempt_addr else (0, 1)
         else:
             until = 0
-            count = p.slice_min if p.slice_min == p.slice_max else self.rng.randint(p.slice_min, p.slice_max)
+            # randint(min, max), drawn the same way (same rng stream)
+            count = (p.slice_min if p.slice_min == p.slice_max
+                     else p.slice_min + self.rng._randbelow(p.slice_max - p.slice_min + 1))
         c.slices += 1
         try:
-            with uninterruptible(uc.emu_stop):
-                uc.emu_start(rip, until, count=count)
+            with uninterruptible(c.uc.emu_stop):
+                fast.run(rip, until, count)
         except UcError as e:
             self._oops(c, _fault_kind(e), str(e))
             return
@@ -201,8 +205,9 @@ class _Scheduler:
             self._oops(c, f"trap {intno}")
             return
         c.traps += 1
-        regs = PtRegs(ip=c.reg("rip"), sp=c.reg("rsp"), flags=c.reg("rflags"),
-                      mem=self._mem, cpu=c.id, gprs=_read_gprs(c.uc))
+        read = fast.read
+        regs = PtRegs(ip=read(_RIP), sp=read(_RSP), flags=read(_RFLAGS),
+                      mem=self._mem, cpu=c.id, gprs=read_gprs(c, _GPRS))
         c.trap_regs = regs
         c.trap_task = self._run_trap_chain(regs)
         c.state = TRAP
@@ -279,7 +284,7 @@ class _Scheduler:
                                    f"({', '.join(t.wait.reason for t in self._tasks if t.wait)})")
             return False
         n = len(cands) + len(tasks)
-        k = rng.randrange(n)
+        k = rng._randbelow(n)         # randrange(n), the same draw
         if k < len(cands):
             self._cpu_turn(cands[k])
         else:

@@ -14,7 +14,8 @@ from .._core._emulate import PtRegs
 from .._core._machine import Task, WaitUntil, drive
 from .._core._signals import uninterruptible
 from .._errors import MachineError
-from ._vcpu import _ACCESS, DEAD, RUN, VCpu, _fault_kind, _read_gprs, _write_gprs
+from ._ucfast import fast_cpu, write_gprs
+from ._vcpu import _ACCESS, _GPRS, _REG_NAMES, DEAD, RUN, VCpu, _fault_kind, _read_gprs, _write_gprs
 
 __all__ = ["Oops", "CODE_PROLOGUE", "CODE_EPILOGUE"]
 
@@ -119,10 +120,11 @@ class _Traps:
             c.set_reg("rip", r.ip - 1)
             self._oops(c, "int3", "unhandled INT3", rip=r.ip - 1)
             return
-        c.set_reg("rip", r.ip)
-        c.set_reg("rsp", r.sp)
-        c.set_reg("rflags", r.flags)
-        _write_gprs(c.uc, r.gprs)
+        write = fast_cpu(c).write
+        write(_REG_NAMES["rip"], r.ip)
+        write(_REG_NAMES["rsp"], r.sp)
+        write(_REG_NAMES["rflags"], r.flags)
+        write_gprs(c, _GPRS, r.gprs)
         c.state = RUN
         if self.trace is not None:
             self.trace.append(("iret", self.steps, c.id, self._handler_name(handler), r.ip))

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from .._core import MUTATIONS, TextPoke
-from .._errors import TextPokeError
+from .._errors import MachineError, TextPokeError
 from .._core._machine import Task
 from ._machine import FINE, SchedPolicy
 from ._teeth import install_teeth
@@ -237,17 +237,23 @@ class _Schedule:
 
     def __init__(self, scenario: str, seed: int, *, strategy: str = "int3",
                  mutation: str | None = None, ncpus: int = 3, line_size: int = 64,
-                 policy: SchedPolicy = FINE, max_steps: int = 200_000, trace: bool = False) -> None:
+                 policy: SchedPolicy = FINE, max_steps: int = 200_000, trace: bool = False,
+                 reuse: bool = False) -> None:
         check_arguments([scenario], strategy, mutation)
         self.replay = Replay(scenario, seed, strategy, mutation, ncpus, line_size)
         self.scn = SCENARIOS[scenario]
         self.policy, self.max_steps, self.trace = policy, max_steps, trace
-        self.w = boot_workload(ncpus=ncpus, seed=seed, line_size=line_size, policy=policy,
-                               trace=trace)
+        self.finished = False
+        self.pool_key = (ncpus, line_size, policy) if reuse else None
+        if reuse:
+            self.w = _pooled_workload(self.pool_key, seed, trace)
+        else:
+            self.w = boot_workload(ncpus=ncpus, seed=seed, line_size=line_size, policy=policy,
+                                   trace=trace)
         try:
             self.core = TextPoke(self.w.sim, mutations=(mutation,) if mutation else ())
         except BaseException:
-            self.w.close()
+            self._drop()
             raise
 
     def __enter__(self) -> "_Schedule":
@@ -260,7 +266,15 @@ class _Schedule:
         try:
             self.core.close()
         finally:
-            self.w.close()
+            if self.pool_key is None or not self.finished:
+                self._drop()
+
+    def _drop(self) -> None:
+        # A pooled machine that did not finish its schedule cleanly is not
+        # trusted again: it goes, and the next schedule boots a new one.
+        if self.pool_key is not None and _POOL.get(self.pool_key, (None,))[0] is self.w:
+            del _POOL[self.pool_key]
+        self.w.close()
 
     def int3_left(self) -> int:
         """Finish/roll back what the core holds, then count stray INT3s."""
@@ -351,19 +365,57 @@ class _Schedule:
         v.sort(key=lambda x: order[x.kind])
         oopses = [oops_report(o, w.image) for o in sim.oopses]
         tl = timeline(sim, core, w.image) if self.trace else None
-        return ScheduleResult(scenario, seed, v, sim.steps, core.stats.int3_emulated,
-                              core.stats.syncs, behaviours, self.replay, oopses,
-                              self.int3_left(), tl)
+        res = ScheduleResult(scenario, seed, v, sim.steps, core.stats.int3_emulated,
+                             core.stats.syncs, behaviours, self.replay, oopses,
+                             self.int3_left(), tl)
+        self.finished = True
+        return res
+
+
+#: booted machines kept for reuse, per (cpus, line size, policy): the
+#: workload, its snapshot taken right after boot, and its own sites
+_POOL: dict[tuple, tuple[Workload, Any, tuple[Site, ...]]] = {}
+
+
+def _pooled_workload(key: tuple, seed: int, trace: bool) -> Workload:
+    """A booted workload for *key*, restored to its state right after boot
+    as if booted with *seed*: the same schedule as on a new machine."""
+    got = _POOL.get(key)
+    if got is None:
+        ncpus, line_size, policy = key
+        w = boot_workload(ncpus=ncpus, seed=seed, line_size=line_size, policy=policy,
+                          trace=trace)
+        _POOL[key] = (w, w.sim.snapshot(), tuple(w.sites))
+        return w
+    w, snap, sites = got
+    try:
+        w.sim.restore(snap, seed=seed, trace=trace)
+    except MachineError:        # it changed shape (hooks, CPUs, regions): boot anew
+        del _POOL[key]
+        w.close()
+        return _pooled_workload(key, seed, trace)
+    w.sites = list(sites)
+    w.by_name = {s.name: s for s in sites}
+    return w
+
+
+def release_pool() -> None:
+    """Close every machine kept for reuse."""
+    while _POOL:
+        _key, (w, _snap, _sites) = _POOL.popitem()
+        w.close()
 
 
 def run_schedule(scenario: str, seed: int, *, strategy: str = "int3", mutation: str | None = None,
                  ncpus: int = 3, line_size: int = 64, policy: SchedPolicy = FINE,
-                 max_steps: int = 200_000, trace: bool = False) -> ScheduleResult:
+                 max_steps: int = 200_000, trace: bool = False,
+                 reuse: bool = False) -> ScheduleResult:
     """Run one seeded schedule of *scenario* and return what the oracle
     found.  With *trace*, the result carries the schedule's timeline.  The
     schedule's machine is released before this returns."""
     with _Schedule(scenario, seed, strategy=strategy, mutation=mutation, ncpus=ncpus,
-                   line_size=line_size, policy=policy, max_steps=max_steps, trace=trace) as s:
+                   line_size=line_size, policy=policy, max_steps=max_steps, trace=trace,
+                   reuse=reuse) as s:
         return s.run()
 
 
@@ -456,7 +508,8 @@ def verify(scenarios: list[str], schedules: int, *, seed: int = 0, strategy: str
            mutation: str | None = None, ncpus: int = 3, line_size: int = 64,
            stop_at_first: bool = False, jobs: int = 1,
            progress: Callable[[int, int], None] | None = None,
-           report: VerifyReport | None = None, chunk: int = 25) -> VerifyReport:
+           report: VerifyReport | None = None, chunk: int = 25,
+           reuse: bool = True) -> VerifyReport:
     """Run *schedules* seeded schedules of each scenario (in *jobs*
     processes).  The report is the same whatever *jobs* is.  *report*, when
     given, is filled in place (so an interrupted caller keeps what ran)."""
@@ -470,7 +523,8 @@ def verify(scenarios: list[str], schedules: int, *, seed: int = 0, strategy: str
         rep.by_scenario.setdefault(name, {"schedules": 0, "violations": 0})
     total = rep.planned
     items = ((name, sd) for name in scenarios for sd in schedule_seeds(seed, schedules))
-    kw = dict(strategy=strategy, mutation=mutation, ncpus=ncpus, line_size=line_size)
+    kw = dict(strategy=strategy, mutation=mutation, ncpus=ncpus, line_size=line_size,
+              reuse=reuse)
 
     def absorb(results: list[_Done]) -> bool:
         for name, _sd, violations, emulated, syncs, left in results:
@@ -511,6 +565,8 @@ def verify(scenarios: list[str], schedules: int, *, seed: int = 0, strategy: str
             if not isinstance(e, Exception):
                 rep.interrupted = True
             raise
+        finally:
+            release_pool()
         return rep
 
     import concurrent.futures as cf
