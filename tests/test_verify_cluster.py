@@ -86,21 +86,26 @@ def test_cli_resume_mismatch_is_a_usage_error(tmp_path):
     assert q.returncode == 2 and "another campaign" in q.stderr and "Traceback" not in q.stderr
 
 
-@needs_dask
-def test_dask_campaign_reports_as_verify():
+@pytest.fixture(scope="module")
+def dask_backend():
+    """One local Dask cluster of two worker processes for the module (the
+    kill test goes last: its nanny restarts the worker it loses)."""
     be = connect("local:2")
-    try:
-        camp = Campaign(_cells(strategy="naive"), 10, chunk=3).run(be)
-    finally:
-        be.close()
+    yield be
+    be.close()
+
+
+@needs_dask
+def test_dask_campaign_reports_as_verify(dask_backend):
+    camp = Campaign(_cells(strategy="naive"), 10, chunk=3).run(dask_backend)
     assert camp.verify_report().as_dict() == _reference(10, strategy="naive")
     assert sum(camp.workers.values()) == camp.ran_chunks == 2 * 4
 
 
 @needs_dask
-def test_dask_worker_killed_mid_chunk_is_rerun_elsewhere(tmp_path):
+def test_dask_worker_killed_mid_chunk_is_rerun_elsewhere(tmp_path, dask_backend):
     f = tmp_path / "campaign.jsonl"
-    be = connect("local:2")
+    be = dask_backend
     client = be.client
     pids = client.run(os.getpid)                # worker address -> pid
     cells = _cells(strategy="naive")
@@ -124,9 +129,8 @@ def test_dask_worker_killed_mid_chunk_is_rerun_elsewhere(tmp_path):
                     os.kill(pids[addr], signal.SIGKILL)
                     break
             time.sleep(0.01)
-        t.join(300)
     finally:
-        be.close()
+        t.join(300)
     assert killed is not None, "no chunk was seen running"
     assert "error" not in box, box.get("error")
     recs = [json.loads(x) for x in f.read_text().splitlines()[1:]]
