@@ -101,3 +101,104 @@ def test_stdlib_formats_stream_under_the_cap_too(kind):
         decompress_payload(comp, limit=4 << 20)
     with pytest.raises(ImageError, match="does not decompress"):
         decompress_payload(comp[:len(comp) // 2])
+
+
+# ------------------------------------------------------------- kernel lines
+from pathlib import Path  # noqa: E402
+
+from textpoke._alternative._kalt import _recompute_jump  # noqa: E402
+from textpoke._alternative._kpasses import optimize_nop1_k, optimize_nops_k  # noqa: E402
+from textpoke._alternative._ktext import CpuCaps, KernelBootError  # noqa: E402
+from textpoke.images._lines import LINE_61, LINE_612, LINES, line_of  # noqa: E402
+
+
+def test_the_line_comes_from_the_banner_and_is_checked_against_the_symbols():
+    syms = {"__alt_instructions": 1}
+    assert line_of("6.1.0-57-cloud-amd64", syms) is LINE_61
+    assert line_of("6.12.118+deb12-rt-amd64", syms) is LINE_612
+    assert line_of("6.12.118+deb12-amd64", syms) is LINE_612
+    # a 6.12 banner over 6.1's paravirt table, or a 6.1 one over call-depth sites
+    with pytest.raises(ImageError, match="__parainstructions"):
+        line_of("6.12.118+deb12-cloud-amd64", {**syms, "__parainstructions": 2})
+    with pytest.raises(ImageError, match="__call_sites"):
+        line_of("6.1.0-57-cloud-amd64", {**syms, "__call_sites": 2})
+
+
+@pytest.mark.parametrize("version", ["6.6.63-amd64", "5.10.0-33-amd64", "6.13.1", "4.19.0"])
+def test_an_unknown_line_is_refused_in_one_line_naming_the_known(version):
+    with pytest.raises(ImageError) as e:
+        line_of(version, {"__alt_instructions": 1}, "vmlinuz-x")
+    msg = str(e.value)
+    assert "\n" not in msg and version in msg
+    assert "knows the 6.1 and 6.12 lines" in msg
+    assert [ln.name for ln in LINES] == ["6.1", "6.12"]
+
+
+def test_feature_numbers_are_the_lines_own():
+    # ITS's synthetic feature is 21*32+5 in 6.1 and 21*32+6 in 6.12
+    words = [0] * 24
+    words[21] = 1 << 5
+    assert CpuCaps(words, LINE_61).has("indirect_thunk_its")
+    assert not CpuCaps(words, LINE_612).has("indirect_thunk_its")
+    # names set before the line is known are replayed under its numbering
+    c = CpuCaps()
+    c.set("clear_cpu_buf")
+    c.set("always")
+    c61 = c.for_line(LINE_61)
+    assert c61.has("clear_cpu_buf") and c61.has("always")
+    assert c61.number("clear_cpu_buf") == 11 * 32 + 18 != c.number("clear_cpu_buf")
+    # a feature 6.1 lacks is absent there; a name no line has is an error
+    assert not c61.has("call_depth")
+    with pytest.raises(KernelBootError):
+        c61.has("no_such_feature")
+    with pytest.raises(KernelBootError, match="6.1"):
+        CpuCaps(line=LINE_61).set("call_depth")
+
+
+def test_61_optimize_nops_merges_only_runs_of_0x90():
+    b = bytearray(b"\xe8\x01\x02\x03\x04" + b"\x90" * 3)
+    optimize_nop1_k(b, len(b), 8)
+    assert b == b"\xe8\x01\x02\x03\x04\x0f\x1f\x00"
+    b = bytearray(b"\x90" * 11)
+    optimize_nop1_k(b, 11, 8)                   # 8 + 3, no JMP over padding
+    assert b == bytes.fromhex("0f1f840000000000") + b"\x0f\x1f\x00"
+    b = bytearray(b"\x66\x90\x90\x90")          # a 2-byte NOP is not a run of 0x90s
+    optimize_nop1_k(b, 4, 8)
+    assert b == b"\x66\x90\x66\x90"
+    # 6.12's merges any NOP run and jumps over long ones
+    b = bytearray(b"\x66\x90" + b"\x90" * 20)
+    optimize_nops_k(b, len(b))
+    assert b[:2] == b"\xeb\x14"
+    b = bytearray(b"\x66\x90" + b"\x90" * 20)
+    optimize_nops_k(b, len(b), LINE_61)
+    assert b[:2] == b"\x66\x90" and b[2:10] == bytes.fromhex("0f1f840000000000")
+
+
+def test_61_recompute_jump_short_ahead_long_behind():
+    site, repl = 0x1000, 0x9000
+    # replacement JMP to site+0x40: from the site it reaches with rel8
+    b = bytearray(b"\xe9") + ((site + 0x40) - (repl + 5)).to_bytes(4, "little", signed=True)
+    _recompute_jump(b, site, repl)
+    assert b == bytes([0xEB, 0x40 - 2]) + b"\x0f\x1f\x00"
+    # a target behind the site takes rel32 even when near
+    b = bytearray(b"\xe9") + ((site - 0x10) - (repl + 5)).to_bytes(4, "little", signed=True)
+    _recompute_jump(b, site, repl)
+    assert b[0] == 0xE9 and int.from_bytes(b[1:5], "little", signed=True) == -0x10 - 5
+
+
+def _cached(series: str) -> Path | None:
+    root = Path.home() / ".cache/textpoke/kernel"
+    found = sorted(root.glob(f"{series}*-cloud-amd64/vmlinuz")) if root.exists() else []
+    return found[-1] if found else None
+
+
+def test_debians_61_image_loads_as_the_61_line():
+    img = _cached("6.1.0-")
+    if img is None or not (img.parent / "System.map").exists():
+        pytest.skip("Debian's 6.1 cloud kernel is not cached (make kernel-images fetches it)")
+    from textpoke.images._vmlinux import load_kernel
+    k = load_kernel(img, img.parent / "System.map")
+    assert k.compression == "lz4" and k.line is LINE_61
+    assert k.table(".altinstructions").entry_size == 12
+    assert k.table(".parainstructions").count > 1000
+    assert ".call_sites" not in k.tables

@@ -142,8 +142,8 @@ def test_seal_endbr_and_smp_unlock():
 
 # ----------------------------------------------------------- the real image
 def _image_paths() -> tuple[Path, Path] | None:
-    for d in (os.environ.get("TEXTPOKE_KERNEL_DIR"),
-              Path.home() / ".cache/textpoke/kernel/6.12.117+deb12-cloud-amd64", "/tmp/k612"):
+    cached = sorted((Path.home() / ".cache/textpoke/kernel").glob("6.12.*-cloud-amd64"))
+    for d in (os.environ.get("TEXTPOKE_KERNEL_DIR"), *cached[::-1], "/tmp/k612"):
         if not d:
             continue
         d = Path(d)
@@ -170,10 +170,9 @@ def test_real_image_passes_touch_what_the_kernel_touches(real_image):
     kt = kernel_text_of(real_image)
     res = boot_kernel(kt, CpuCaps.from_names(["always"]), BootOptions(ncpus=1))
     t = res.stats
-    assert t[".altinstructions"]["entries"] == 9282
-    assert t[".retpoline_sites"]["entries"] == 7840
-    assert t[".return_sites"]["entries"] == 58151
-    assert t[".ibt_endbr_seal"]["changed"] == 12212
+    for name in (".altinstructions", ".retpoline_sites", ".return_sites"):
+        assert t[name]["entries"] == real_image.table(name).count > 7000
+    assert t[".ibt_endbr_seal"]["changed"] == real_image.table(".ibt_endbr_seal").count > 12000
     # every traced function now starts with the ideal NOP5, none calls __fentry__
     assert t["__mcount_loc"]["changed"] > 40000
     fentry = kt.sym("__fentry__")
@@ -181,7 +180,7 @@ def test_real_image_passes_touch_what_the_kernel_touches(real_image):
         assert kt.read(a, 5) == b"\x0f\x1f\x44\x00\x00"
         assert kt.read(a, 5) != _call(0xE8, a, fentry)
     # no retpoline is wanted: no call through the thunk array is left
-    assert t[".retpoline_sites"]["changed"] == 7840
+    assert t[".retpoline_sites"]["changed"] == real_image.table(".retpoline_sites").count
     assert res.timings["total"] < 10
 
 
@@ -291,9 +290,9 @@ def test_early_state_of_the_real_image(real_image):
     assert st.choices["apic"] == "physflat" and "crng_is_ready" not in st.static_keys
 
 
-def _cached_reference(name: str):
+def _cached_reference(name: str, version: str):
     from textpoke.images._qemu import cache_root, load_reference
-    root = cache_root() / "reference" / "6.12.117+deb12-cloud-amd64"
+    root = cache_root() / "reference" / version
     d = next(iter(sorted(root.glob(name + "-*"))), None) if root.exists() else None
     if d is None or not (d / "meta.json").exists():
         pytest.skip(f"no cached QEMU reference {name} (make test-kernel)")
@@ -311,7 +310,7 @@ def test_without_data_only_dentry_hashtable_is_left(real_image, setup):
     from textpoke._alternative._kdiff import diff_ranges, diff_sections
     from textpoke._alternative._kearly import EarlyBoot, read_config
     from textpoke.cli._boot_real import parse_cmdline
-    ref = _cached_reference(setup)
+    ref = _cached_reference(setup, real_image.version)
     cfg = read_config(Path(real_image.path).parent / "config")
     cmd = parse_cmdline(ref.cmdline)
     caps = CpuCaps(ref.caps_before)

@@ -130,7 +130,7 @@ def callthunks_patch_builtin_calls(kt: KernelText, call_sites: list[int],
                                    ) -> tuple[TableStats, int] | None:
     """Redirect calls to accounting thunks; None when the CPU does not use
     call-depth tracking.  Returns (stats over both tables, thunks written)."""
-    if not caps.has_bit(F_CALL_DEPTH):
+    if not caps.has(F_CALL_DEPTH):
         return None
     th = _Thunks(kt)
     st = TableStats(entries=len(call_sites) + len(alts))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..images._lines import LINE_612
 from ._kpasses import BootOptions
 from ._ktext import CpuCaps, KernelBootError, KernelText
 
@@ -30,6 +31,7 @@ TABLE_BOUNDS = {
     ".call_sites": ("__call_sites", "__call_sites_end"),
     ".ibt_endbr_seal": ("__ibt_endbr_seal", "__ibt_endbr_seal_end"),
     ".smp_locks": ("__smp_locks", "__smp_locks_end"),
+    ".parainstructions": ("__parainstructions", "__parainstructions_end"),
 }
 
 
@@ -61,9 +63,18 @@ def kernel_text_of(image: Any, *, data: bytes | None = None, record: bool = Fals
     if data is not None and len(data) < len(mem):
         raise KernelBootError(f"data snapshot of {len(data)} bytes is shorter than _text.._end "
                               f"({len(mem)})")
-    return KernelText(mem, image.text_start, image.symbols, ranges, data=data, record=record)
+    line = getattr(image, "line", None) or LINE_612
+    return KernelText(mem, image.text_start, image.symbols, ranges, data=data, record=record,
+                      line=line)
 
 
-def table_bounds(kt: KernelText, table: str) -> tuple[int, int]:
-    a, b = TABLE_BOUNDS[table]
-    return kt.sym(a), kt.sym(b)
+def table_bounds(kt: KernelText, table: str) -> tuple[int, int] | None:
+    """The table's [start, stop) from its symbols, or None when the image's
+    kernel line (or its build) has no such table."""
+    spec = kt.line.tables.get(table)
+    if spec is None:
+        return None
+    a, b = kt.opt(spec[1]), kt.opt(spec[2])
+    if a is None or b is None:
+        return None
+    return a, b

@@ -9,9 +9,9 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from ..images._tables_real import (alt_instr_table, jump_table, mcount_table, s32_table,
-                                   static_call_table)
-from ._kboot import TABLE_BOUNDS
+from ..images._tables_real import (alt_instr_table, jump_table, mcount_table, paravirt_table,
+                                   s32_table, static_call_table)
+from ._kboot import table_bounds
 from ._ktext import KernelText
 
 __all__ = ["DiffRange", "SiteIndex", "diff_sections", "diff_ranges"]
@@ -40,28 +40,30 @@ class SiteIndex:
         buf, base = kt.buf, kt.base
         iv: list[tuple[int, int, str]] = []
 
-        def b(t: str) -> tuple[int, int]:
-            s, e = TABLE_BOUNDS[t]
-            return kt.sym(s), kt.sym(e)
-        for a in s32_table(buf, base, *b(".retpoline_sites")):
+        def rows(t: str, reader, *args) -> list:
+            bounds = table_bounds(kt, t)
+            return reader(buf, base, *bounds, *args) if bounds else []
+        for a in rows(".retpoline_sites", s32_table):
             iv.append((a, a + 6, ".retpoline_sites"))
-        for a in s32_table(buf, base, *b(".return_sites")):
+        for a in rows(".return_sites", s32_table):
             iv.append((a, a + 5, ".return_sites"))
-        for a in s32_table(buf, base, *b(".call_sites")):
+        for a in rows(".call_sites", s32_table):
             iv.append((a, a + 5, ".call_sites"))
-        for a in s32_table(buf, base, *b(".ibt_endbr_seal")):
+        for a in rows(".ibt_endbr_seal", s32_table):
             iv.append((a, a + 4, ".ibt_endbr_seal"))
-        for a in s32_table(buf, base, *b(".smp_locks")):
+        for a in rows(".smp_locks", s32_table):
             iv.append((a, a + 1, ".smp_locks"))
-        for e in alt_instr_table(buf, base, *b(".altinstructions")):
+        for p in rows(".parainstructions", paravirt_table):
+            iv.append((p.instr, p.instr + max(p.len, 1), f".parainstructions type={p.type}"))
+        for e in rows(".altinstructions", alt_instr_table, kt.line.alt_layout):
             iv.append((e.instr, e.instr + max(e.instrlen, 1), f".altinstructions[{e.index}]"
                        f" cpuid={e.cpuid >> 5}*32+{e.cpuid & 31} flags={e.flags:#x}"))
-        for j in jump_table(buf, base, *b("__jump_table")):
+        for j in rows("__jump_table", jump_table):
             iv.append((j.code, j.code + 5, f"__jump_table key={kt.describe(j.key)}"))
-        for s in static_call_table(buf, base, *b(".static_call_sites")):
+        for s in rows(".static_call_sites", static_call_table):
             iv.append((s.addr, s.addr + 6, f".static_call_sites key={kt.describe(s.key)}"
                        + (" tail" if s.tail else "")))
-        for m in mcount_table(buf, base, *b("__mcount_loc")):
+        for m in rows("__mcount_loc", mcount_table):
             if m:
                 iv.append((m, m + 5, "__mcount_loc"))
         iv.sort()

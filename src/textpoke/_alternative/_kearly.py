@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """The run-time state early boot leaves behind when
-``alternative_instructions()`` starts (Linux 6.12, x86-64), derived from
+``alternative_instructions()`` starts (Linux 6.12 and 6.1, x86-64: what
+differs is the image's kernel line's data -- 6.1 has no APIC or LSM static
+calls and no runtime constants, so those parts find nothing to set), derived from
 what a user knows: the image and its config, the kernel command line, the
 CPU's capability words, the number of CPUs and the memory size.
 
@@ -50,13 +52,8 @@ PREEMPT_MODES = ("none", "voluntary", "full", "lazy")
 APIC_DRIVERS = {"physflat": "apic_physflat", "x2apic_phys": "apic_x2apic_phys",
                 "x2apic_cluster": "apic_x2apic_cluster", "noop": "apic_noop"}
 
-# struct apic (6.12, arch/x86/include/asm/apic.h): callback -> byte offset
-_APIC_SLOTS = {"eoi": 0, "native_eoi": 8, "write": 16, "read": 24, "wait_icr_idle": 32,
-               "send_IPI": 48, "send_IPI_mask": 56, "send_IPI_mask_allbutself": 64,
-               "send_IPI_allbutself": 72, "send_IPI_all": 80, "send_IPI_self": 88,
-               "icr_read": 112, "icr_write": 120, "wakeup_secondary_cpu": 176,
-               "wakeup_secondary_cpu_64": 184}
-_APIC_NAME = 192
+# struct apic's callback offsets are the kernel line's (KernelLine.apic_slots):
+# 6.12 calls them through static calls, 6.1 through plain pointers
 
 # preempt-dynamic static call -> (function when enabled, when disabled; None = NULL)
 _PREEMPT_CALLS = {
@@ -231,17 +228,19 @@ def early_state(kt: KernelText, caps: CpuCaps, eb: EarlyBoot) -> EarlyState:
     if sym is None or has(sym) is None:
         raise KernelBootError(f"no APIC driver {drv!r} in the image")
     a = kt.sym(sym)
-    name_ptr = kt.data_u64(a + _APIC_NAME)
-    eoi = kt.data_u64(a)
-    for cb, off in _APIC_SLOTS.items():
-        if has("__SCK__apic_call_" + cb) is None:
-            continue
-        f = kt.data_u64(a + off)
-        if cb == "native_eoi" and not f:
-            f = eoi
-        sc["apic_call_" + cb] = f or None
-    if not name_ptr:
-        raise KernelBootError(f"{sym}: no name: struct apic is not 6.12's layout")
+    slots, name_off = kt.line.apic_slots, kt.line.apic_name_offset
+    if slots is not None and name_off is not None:
+        name_ptr = kt.data_u64(a + name_off)
+        eoi = kt.data_u64(a)
+        for cb, off in slots.items():
+            if has("__SCK__apic_call_" + cb) is None:
+                continue
+            f = kt.data_u64(a + off)
+            if cb == "native_eoi" and not f:
+                f = eoi
+            sc["apic_call_" + cb] = f or None
+        if not name_ptr:
+            raise KernelBootError(f"{sym}: no name: struct apic is not {kt.line.name}'s layout")
 
     # -- idle routine
     if has("__SCK__x86_idle") is not None:

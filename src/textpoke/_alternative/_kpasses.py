@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """The passes of ``alternative_instructions()`` over a real kernel's flat
-memory (:class:`~._ktext.KernelText`), as Linux 6.12 stable (with the ITS
-backports) runs them: ``apply_retpolines`` (incl. LFENCE, call-depth and
+memory (:class:`~._ktext.KernelText`), as Linux 6.12 and 6.1 stable (with
+the ITS backports) run them -- where the lines differ, the rule is chosen
+by the image's :class:`~textpoke.images._lines.KernelLine`: ``apply_retpolines`` (incl. LFENCE, call-depth and
 ITS variants), ``apply_returns`` (the return thunk in use, ITS's address
 rule, static-call trampolines), ``apply_alternatives`` (incl.
 ``ALT_FLAG_DIRECT_CALL``), ``apply_seal_endbr`` and the uniprocessor
@@ -20,11 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .._core._insn import Insn, insn_decode_kernel, x86_nops
+from .._core._insn import Insn, insn_decode_kernel
 from .._errors import BadInstructionError
+from ._knops import _decode_buf, add_nops_k, optimize_nop1_k, optimize_nops_k
 from ._ktext import CpuCaps, KernelBootError, KernelText
 
-__all__ = ["BootOptions", "TableStats", "fast_decode", "optimize_nops_k", "apply_relocation_k",
+__all__ = ["BootOptions", "TableStats", "fast_decode", "optimize_nops_k", "optimize_nop1_k",
+           "add_nops_k", "apply_relocation_k",
            "apply_returns_k", "cpu_wants_rethunk_at", "static_call_fixup"]
 
 INT3 = 0xCC
@@ -40,12 +43,13 @@ ITS_THUNK_SIZE = 64
 ENDBR64 = 0xFA1E0FF3
 ENDBR_POISON = 0x001F0F66
 
-# feature bits (Linux 6.12 numbering)
-F_RETPOLINE = CpuCaps.number("retpoline")
-F_RETPOLINE_LFENCE = CpuCaps.number("retpoline_lfence")
-F_RETHUNK = CpuCaps.number("rethunk")
-F_CALL_DEPTH = CpuCaps.number("call_depth")
-F_INDIRECT_THUNK_ITS = CpuCaps.number("indirect_thunk_its")
+# features the passes test, by name: each kernel line numbers them its own way
+# (CpuCaps.has reads the line's table; a feature the line lacks is absent)
+F_RETPOLINE = "retpoline"
+F_RETPOLINE_LFENCE = "retpoline_lfence"
+F_RETHUNK = "rethunk"
+F_CALL_DEPTH = "call_depth"
+F_INDIRECT_THUNK_ITS = "indirect_thunk_its"
 
 
 @dataclass
@@ -119,71 +123,6 @@ def fast_decode(kt: KernelText, addr: int) -> FastInsn | None:
     op = ins.opcode
     return FastInsn(ins.length, op[0], op[1] if len(op) > 1 else 0,
                     ins.immediate_value, ins.branch_target, ins)
-
-
-def _is_nop(ins: Insn) -> bool:
-    # NOP (0x90, not REP NOP) and NOPL (0F 1F) -- the kernel's insn_is_nop()
-    op = ins.opcode
-    if op[:1] == b"\x90":
-        return ins.raw[:1] != b"\xf3"
-    return op[:2] == b"\x0f\x1f"
-
-
-def _decode_buf(buf: bytes | bytearray, i: int) -> Insn | None:
-    try:
-        return insn_decode_kernel(bytes(buf[i:i + 15]), 0)
-    except BadInstructionError:
-        return None
-
-
-def _add_nop(buf: bytearray, at: int, n: int) -> None:
-    if not n:
-        return
-    if n <= 11:
-        buf[at:at + n] = x86_nops[n]
-        return
-    if n < 128:
-        j = bytes([JMP8, n - 2])
-    else:
-        j = bytes([JMP32]) + (n - 5).to_bytes(4, "little")
-    buf[at:at + n] = j + bytes([INT3]) * (n - len(j))
-
-
-_OPT_CACHE: dict[bytes, bytes] = {}
-
-
-def optimize_nops_k(buf: bytearray, n: int) -> None:
-    """The kernel's ``optimize_nops()`` over ``buf[:n]`` (position
-    independent: memoised by the bytes).  Note the kernel decodes without a
-    length limit, so an instruction may run past *n*."""
-    key = bytes(buf[:n])
-    hit = _OPT_CACHE.get(key)
-    if hit is not None:
-        buf[:n] = hit
-        return
-    work = bytearray(buf)       # decoding may look past n, as the kernel's does
-    i = 0
-    while i < n:
-        ins = _decode_buf(work, i)
-        if ins is None:
-            break
-        nxt = i + ins.length
-        if _is_nop(ins):
-            if nxt == n:
-                break
-            j = nxt
-            while j < n:
-                x = _decode_buf(work, j)
-                if x is None or not _is_nop(x):
-                    break
-                j += x.length
-            nxt = j
-            _add_nop(work, i, nxt - i)
-        i = nxt
-    res = bytes(work[:n])
-    if len(_OPT_CACHE) < 200_000:
-        _OPT_CACHE[key] = res
-    buf[:n] = res
 
 
 def _fits(v: int, nbytes: int) -> bool:
@@ -273,7 +212,7 @@ def return_thunk_addr(kt: KernelText, opts: BootOptions) -> int:
 
 
 def cpu_wants_rethunk_at(kt: KernelText, caps: CpuCaps, opts: BootOptions, addr: int) -> bool:
-    if not caps.has_bit(F_RETHUNK):
+    if not caps.has(F_RETHUNK):
         return False
     if return_thunk_addr(kt, opts) != kt.opt("its_return_thunk"):
         return True
@@ -306,7 +245,7 @@ def apply_returns_k(kt: KernelText, sites: list[int], caps: CpuCaps, opts: BootO
     st = TableStats(entries=len(sites))
     rt_sym = kt.sym("__x86_return_thunk")
     thunk = return_thunk_addr(kt, opts)
-    rethunk = caps.has_bit(F_RETHUNK)
+    rethunk = caps.has(F_RETHUNK)
     its_rt = thunk == kt.opt("its_return_thunk")
     buf, base = kt.buf, kt.base
     ret_cache: dict[int, bytes] = {}

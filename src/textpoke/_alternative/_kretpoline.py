@@ -76,10 +76,10 @@ def apply_retpolines_k(kt: KernelText, sites: list[int], caps: CpuCaps, opts: Bo
     array = kt.sym("__x86_indirect_thunk_array")
     call_arr = kt.opt("__x86_indirect_call_thunk_array")
     jump_arr = kt.opt("__x86_indirect_jump_thunk_array")
-    retpoline = caps.has_bit(F_RETPOLINE)
-    lfence = caps.has_bit(F_RETPOLINE_LFENCE)
-    depth = caps.has_bit(F_CALL_DEPTH)
-    its_on = caps.has_bit(F_INDIRECT_THUNK_ITS)
+    retpoline = caps.has(F_RETPOLINE)
+    lfence = caps.has(F_RETPOLINE_LFENCE)
+    depth = caps.has(F_CALL_DEPTH)
+    its_on = caps.has(F_INDIRECT_THUNK_ITS)
     for addr in sites:
         ins = fast_decode(kt, addr)
         if ins is None:
@@ -130,7 +130,7 @@ def apply_retpolines_k(kt: KernelText, sites: list[int], caps: CpuCaps, opts: Bo
             st.note("does not fit")
             continue
         b = bytearray(new)
-        optimize_nops_k(b, len(b))
+        optimize_nops_k(b, len(b), kt.line)
         if dbg:
             dbg(f"{addr:#x}: orig: {kt.read(addr, ins.length).hex(' ')}")
             dbg(f"{addr:#x}: repl: {bytes(b).hex(' ')}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from .._errors import TextPokeError
-from ..images._features612 import NBUGINTS, NCAPINTS, X86_FEATURES_612
+from ..images._lines import LINE_612, LINES, KernelLine
 
 __all__ = ["KernelText", "CpuCaps", "KernelBootError", "Change"]
 
@@ -40,59 +40,90 @@ class Change:
 
 
 class CpuCaps:
-    """``boot_cpu_data.x86_capability``: the 22 feature words, then the 2
-    bug words, as one bit set (bit ``word*32+bit``)."""
+    """``boot_cpu_data.x86_capability`` of one kernel line: its feature
+    words, then its bug words, as one bit set (bit ``word*32+bit``).  Names
+    are the line's (:attr:`KernelLine.features`); :meth:`for_line` reads
+    the same words, and replays the names set by name, under another line's
+    numbering (the CLI builds the CPU before it knows the image's line)."""
 
-    def __init__(self, words: Sequence[int] = ()) -> None:
+    def __init__(self, words: Sequence[int] = (), line: KernelLine | None = None) -> None:
+        self.line = line or LINE_612
         words = list(words)
-        if len(words) > NCAPINTS + NBUGINTS:
-            raise KernelBootError(f"{len(words)} capability words; this kernel has "
-                                  f"{NCAPINTS + NBUGINTS} ({NCAPINTS} feature, {NBUGINTS} bug)")
+        if len(words) > self.line.ncaps:
+            raise KernelBootError(f"{len(words)} capability words; Linux {self.line.name} has "
+                                  f"{self.line.ncaps} ({self.line.ncapints} feature, "
+                                  f"{self.line.nbugints} bug)")
         self.bits = 0
         for i, w in enumerate(words):
             if not 0 <= w < 1 << 32:
                 raise KernelBootError(f"capability word {i} ({w:#x}) is not a u32")
             self.bits |= w << (32 * i)
+        self._words = words
+        self._named: list[tuple[str, bool]] = []
 
     @classmethod
-    def from_names(cls, names: Iterable[str]) -> "CpuCaps":
-        c = cls()
+    def from_names(cls, names: Iterable[str], line: KernelLine | None = None) -> "CpuCaps":
+        c = cls(line=line)
         for n in names:
             c.set(n)
         return c
 
+    def for_line(self, line: KernelLine) -> "CpuCaps":
+        if line is self.line:
+            return self
+        c = CpuCaps(self._words, line)
+        for name, on in self._named:
+            c.set(name, on)
+        return c
+
     @staticmethod
-    def number(name: str | int) -> int:
-        if isinstance(name, int):
-            return name
+    def _key(name: str) -> str:
         key = name.strip().lower()
         if key.startswith("x86_feature_"):
             key = key[len("x86_feature_"):]
         elif key.startswith("x86_bug_"):
             key = "bug_" + key[len("x86_bug_"):]
-        if key not in X86_FEATURES_612:
-            raise KernelBootError(f"unknown feature {name!r} (see --cpu-features list)")
-        return X86_FEATURES_612[key]
+        return key
+
+    def number(self, name: str | int) -> int:
+        if isinstance(name, int):
+            return name
+        n = self.line.features.get(self._key(name))
+        if n is None:
+            raise KernelBootError(f"unknown feature {name!r} for Linux {self.line.name} "
+                                  f"(see --cpu-features list)")
+        return n
 
     def has(self, name: str | int) -> bool:
-        return bool(self.bits >> self.number(name) & 1)
+        """Whether the CPU has *name*; a feature this line does not define
+        (but another does) is absent, a name no line knows is an error."""
+        if isinstance(name, int):
+            return self.has_bit(name)
+        n = self.line.features.get(self._key(name))
+        if n is None:
+            if not any(self._key(name) in ln.features for ln in LINES):
+                raise KernelBootError(f"unknown feature {name!r} (see --cpu-features list)")
+            return False
+        return bool(self.bits >> n & 1)
 
     def has_bit(self, n: int) -> bool:
         return bool(self.bits >> n & 1)
 
     def set(self, name: str | int, on: bool = True) -> None:
         n = self.number(name)
+        if isinstance(name, str):
+            self._named.append((name, on))
         if on:
             self.bits |= 1 << n
         else:
             self.bits &= ~(1 << n)
 
     def words(self) -> list[int]:
-        return [(self.bits >> (32 * i)) & 0xFFFFFFFF for i in range(NCAPINTS + NBUGINTS)]
+        return [(self.bits >> (32 * i)) & 0xFFFFFFFF for i in range(self.line.ncaps)]
 
     def names(self) -> list[str]:
-        by_num = {}
-        for k, v in X86_FEATURES_612.items():
+        by_num: dict[int, str] = {}
+        for k, v in self.line.features.items():
             by_num.setdefault(v, k)
         return [by_num.get(n, f"{n >> 5}*32+{n & 31}") for n in range(self.bits.bit_length())
                 if self.bits >> n & 1]
@@ -114,6 +145,7 @@ class KernelText:
     record: bool = False
     changes: list[Change] = field(default_factory=list)
     _sorted: tuple[list[int], list[str]] | None = None
+    line: KernelLine = LINE_612         # the kernel line: layouts, passes, rules
 
     # ------------------------------------------------------------- access
     def sym(self, name: str) -> int:

@@ -246,6 +246,7 @@ def run_real(args: argparse.Namespace) -> int:
     try:
         kt = kernel_text_of(img, data=data, record=bool(args.sites))
         check_spans(args, len(kt.buf))
+        caps = caps.for_line(kt.line)       # the image's kernel line numbers the features
         rt: str | int = derive_return_thunk(caps, cmd)
         if args.return_thunk:
             rt = _symbol_or_addr(args.return_thunk)

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ._elf import ImageError
+from ._lines import LINE_612
 from ._vmlinux import START_KERNEL_MAP, RealKernelImage
 
 __all__ = ["Reference", "ReferenceError", "reference", "find_alternatives_call",
@@ -48,9 +49,10 @@ __all__ = ["Reference", "ReferenceError", "reference", "find_alternatives_call",
 HARNESS_VERSION = 2
 QEMU = "qemu-system-x86_64"
 #: struct cpuinfo_x86: x86_capability[NCAPINTS + NBUGINTS] at offset 48 (6.12,
-#: checked with the -dbg package's DWARF: ptype /o struct cpuinfo_x86)
-CAPS_OFFSET = 48
-NCAPS = 24
+#: checked with the -dbg package's DWARF: ptype /o struct cpuinfo_x86); each
+#: kernel line has its own (KernelLine.caps_offset: 40 in 6.1)
+CAPS_OFFSET = LINE_612.caps_offset
+NCAPS = LINE_612.ncaps
 
 
 class ReferenceError(RuntimeError):
@@ -433,8 +435,9 @@ def _drive(image, proc, gsock, work, argv, kcmd, call_site, ret_site, cpu, cmdli
                 raise ReferenceError(f"pmemsave wrote {len(data)} bytes, wanted {size}")
             return data
 
+        line = image.line or LINE_612
         def caps() -> list[int]:
-            raw = gdb.read(image.sym("boot_cpu_data") + CAPS_OFFSET, 4 * NCAPS)
+            raw = gdb.read(image.sym("boot_cpu_data") + line.caps_offset, 4 * line.ncaps)
             return [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
 
         stop_at(call_site, "the call of alternative_instructions")

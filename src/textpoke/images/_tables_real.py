@@ -30,7 +30,8 @@ from typing import NamedTuple
 from .._errors import TextPokeError
 
 __all__ = ["TableError", "RealAltInstr", "JumpEntry", "StaticCallSite", "s32_table",
-           "alt_instr_table", "jump_table", "static_call_table", "mcount_table",
+           "alt_instr_table", "paravirt_table", "ParaSite", "jump_table", "static_call_table",
+           "mcount_table",
            "ALT_INSTR_SIZE", "JUMP_ENTRY_SIZE", "STATIC_CALL_SITE_SIZE"]
 
 ALT_INSTR_SIZE = 14
@@ -79,13 +80,39 @@ class RealAltInstr(NamedTuple):
     replacementlen: int
 
 
-def alt_instr_table(buf, base: int, start: int, end: int) -> list[RealAltInstr]:
+def alt_instr_table(buf, base: int, start: int, end: int,
+                    layout: str = "ft_flags") -> list[RealAltInstr]:
+    """*layout* "ft_flags": 6.12's 14-byte entry; "cpuid": 6.1's 12-byte
+    one (u16 feature, bit 15 inverting the test -- returned as ALT_FLAG_NOT)."""
+    if layout == "cpuid":
+        mv = _slice(buf, base, start, end, 12, ".altinstructions")
+        out = []
+        for i, (io, ro, cpuid, il, rl) in enumerate(struct.iter_unpack("<iiHBB", mv)):
+            e = start + 12 * i
+            out.append(RealAltInstr(i, e, e + io, e + 4 + ro, cpuid & 0x7FFF,
+                                    ALT_FLAG_NOT if cpuid & 0x8000 else 0, il, rl))
+        return out
     mv = _slice(buf, base, start, end, ALT_INSTR_SIZE, ".altinstructions")
     out = []
     for i, (io, ro, ft, il, rl) in enumerate(struct.iter_unpack("<iiIBB", mv)):
         e = start + ALT_INSTR_SIZE * i
         out.append(RealAltInstr(i, e, e + io, e + 4 + ro, ft & 0xFFFF, ft >> 16, il, rl))
     return out
+
+
+class ParaSite(NamedTuple):
+    index: int
+    instr: int          # the site (an absolute pointer in 6.1's table)
+    type: int           # the pv_ops slot: *((void **)&pv_ops + type)
+    len: int
+
+
+def paravirt_table(buf, base: int, start: int, end: int) -> list[ParaSite]:
+    """6.1's ``struct paravirt_patch_site`` (u8 *instr; u8 type; u8 len;
+    padded to 16 bytes)."""
+    mv = _slice(buf, base, start, end, 16, ".parainstructions")
+    return [ParaSite(i, a, t, n) for i, (a, t, n) in
+            enumerate(struct.iter_unpack("<QBB6x", mv))]
 
 
 class JumpEntry(NamedTuple):

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ._bzimage import SetupHeader, extract_elf, is_bzimage
 from ._elf import ElfImage, ElfSection, ImageError
+from ._lines import LINE_612, KernelLine, line_of
 
 __all__ = ["RealKernelImage", "TableView", "load_kernel", "load_system_map",
            "DebianKernel", "KernelUnavailable", "ensure_debian_kernel", "newest_cloud_release",
@@ -44,20 +45,11 @@ _SHF_WRITE, _SHF_ALLOC, _SHF_EXECINSTR = 1, 2, 4
 _SHT_NOBITS, _SHT_SYMTAB = 8, 2
 _PT_LOAD = 1
 
-#: Patching tables: name -> (entry size, start symbol, stop symbol, section)
+#: Patching tables of the 6.12 line (each line has its own: ``KernelLine.tables``):
+#: name -> (entry size, start symbol, stop symbol, section).
 #: The symbol pair is the kernel's own bound; the section (when there is
 #: one of that name) must agree with it.
-TABLES: dict[str, tuple[int, str, str, str | None]] = {
-    ".altinstructions": (14, "__alt_instructions", "__alt_instructions_end", ".altinstructions"),
-    ".retpoline_sites": (4, "__retpoline_sites", "__retpoline_sites_end", ".retpoline_sites"),
-    ".return_sites": (4, "__return_sites", "__return_sites_end", ".return_sites"),
-    ".call_sites": (4, "__call_sites", "__call_sites_end", ".call_sites"),
-    ".ibt_endbr_seal": (4, "__ibt_endbr_seal", "__ibt_endbr_seal_end", ".ibt_endbr_seal"),
-    ".smp_locks": (4, "__smp_locks", "__smp_locks_end", ".smp_locks"),
-    "__mcount_loc": (8, "__start_mcount_loc", "__stop_mcount_loc", None),
-    "__jump_table": (16, "__start___jump_table", "__stop___jump_table", None),
-    ".static_call_sites": (8, "__start_static_call_sites", "__stop_static_call_sites", None),
-}
+TABLES: dict[str, tuple[int, str, str, str | None]] = dict(LINE_612.tables)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +88,7 @@ class RealKernelImage(ElfImage):
     memory: bytes = b""             # _text.._end as the kernel lays it out
     tables: dict[str, TableView] = field(default_factory=dict)
     sha256: str = ""                # of the file given (bzImage or vmlinux)
+    line: KernelLine | None = None  # the kernel line (layouts, passes, rules)
     _sorted_addrs: tuple = ()
     _sorted_names: tuple = ()
 
@@ -384,16 +377,6 @@ def _load(raw: bytes, path: str, system_map) -> RealKernelImage:
     if (text.addr, text.end) != (text_start, text_end):
         raise ImageError(f"{where}: does not match {path}: _text.._etext is "
                          f"[{text_start:#x}, {text_end:#x}) but .text is [{text.addr:#x}, {text.end:#x})")
-    for name, (_esz, start_sym, stop_sym, secname) in TABLES.items():
-        sec = sections.get(secname) if secname else None
-        if sec is not None and (symbols.get(start_sym), symbols.get(stop_sym)) != (sec.addr, sec.end):
-            if start_sym not in symbols:
-                continue
-            if name == ".smp_locks" and symbols.get(start_sym) == sec.addr:
-                continue        # the section may be padded beyond __smp_locks_end
-            raise ImageError(f"{where}: does not match {path}: {start_sym}..{stop_sym} is "
-                             f"[{symbols.get(start_sym, 0):#x}, {symbols.get(stop_sym, 0):#x}) "
-                             f"but {secname} is [{sec.addr:#x}, {sec.end:#x})")
     banner_addr = symbols["linux_banner"]
     if not (text_start <= banner_addr < end - 16):
         raise ImageError(f"{where}: does not match {path}: linux_banner {banner_addr:#x} is "
@@ -408,9 +391,20 @@ def _load(raw: bytes, path: str, system_map) -> RealKernelImage:
     if setup is not None and setup.kernel_version and not setup.kernel_version.startswith(version + " "):
         raise ImageError(f"{path}: the setup header says {setup.kernel_version.split()[0]!r} "
                          f"but the payload's banner says {version!r}")
+    line = line_of(version, symbols, path)
+    for name, (_esz, start_sym, stop_sym, secname) in line.tables.items():
+        sec = sections.get(secname) if secname else None
+        if sec is not None and (symbols.get(start_sym), symbols.get(stop_sym)) != (sec.addr, sec.end):
+            if start_sym not in symbols:
+                continue
+            if name == ".smp_locks" and symbols.get(start_sym) == sec.addr:
+                continue        # the section may be padded beyond __smp_locks_end
+            raise ImageError(f"{where}: does not match {path}: {start_sym}..{stop_sym} is "
+                             f"[{symbols.get(start_sym, 0):#x}, {symbols.get(stop_sym, 0):#x}) "
+                             f"but {secname} is [{sec.addr:#x}, {sec.end:#x})")
 
     tables: dict[str, TableView] = {}
-    for name, (esz, start_sym, stop_sym, secname) in TABLES.items():
+    for name, (esz, start_sym, stop_sym, secname) in line.tables.items():
         if start_sym not in symbols or stop_sym not in symbols:
             continue
         a, b = symbols[start_sym], symbols[stop_sym]
@@ -419,26 +413,26 @@ def _load(raw: bytes, path: str, system_map) -> RealKernelImage:
                              f"range inside _text.._end")
         if (b - a) % esz:
             raise ImageError(f"{path}: {name} is {b - a} bytes, not a multiple of its "
-                             f"{esz}-byte entries: not the 6.12 layout")
+                             f"{esz}-byte entries: not the {line.name} layout")
         holder = next((s for s in sections.values()
                        if s.kind != "bss" and s.addr <= a and b <= s.end), None)
         if holder is None:
             raise ImageError(f"{path}: {name} [{a:#x}, {b:#x}) is not inside one section")
         tables[name] = TableView(name, a, b, esz, bytes(memory[a - text_start:b - text_start]),
                                  holder.name)
-    _check_layouts(path, tables, sections, symbols)
+    _check_layouts(path, tables, sections, symbols, line)
 
     order = sorted(((a, n) for n, a in symbols.items()), key=lambda t: t[0])
     return RealKernelImage(
         path=path, entry=entry, sections=sections, symbols=symbols, sizes=sizes, raw=elf,
         version=version, banner=banner, setup=setup, compression=compression,
         map_path=map_path, text_start=text_start, end=end, memory=bytes(memory),
-        tables=tables, sha256=sha,
+        tables=tables, sha256=sha, line=line,
         _sorted_addrs=tuple(a for a, _ in order), _sorted_names=tuple(n for _, n in order))
 
 
-def _check_layouts(path, tables, sections, symbols) -> None:
-    """Sample entries of each table and check they point where 6.12's
+def _check_layouts(path, tables, sections, symbols, line: KernelLine) -> None:
+    """Sample entries of each table and check they point where the line's
     layouts say they do (sites in executable sections, replacements in
     ``.altinstr_replacement``/``.altinstr_aux``)."""
     execs = [(s.addr, s.end) for s in sections.values() if s.kind == "text"]
@@ -451,13 +445,15 @@ def _check_layouts(path, tables, sections, symbols) -> None:
         repl = sections.get(".altinstr_replacement")
         aux = sections.get(".altinstr_aux")
         step = max(1, alt.count // 64)
+        esz = line.alt_instr_size
+        fmt = "<iiIBB" if line.alt_layout == "ft_flags" else "<iiHBB"
         for i in range(0, alt.count, step):
-            e = alt.start + 14 * i
-            io, ro, ft, ilen, rlen = struct.unpack_from("<iiIBB", alt.data, 14 * i)
+            e = alt.start + esz * i
+            io, ro, _ft, ilen, rlen = struct.unpack_from(fmt, alt.data, esz * i)
             site, rep = e + io, e + 4 + ro
             if not in_exec(site) or ilen > 254 or rlen > 254:
                 raise ImageError(f"{path}: .altinstructions entry {i} (site {site:#x}, len {ilen}) "
-                                 f"does not fit 6.12's 14-byte struct alt_instr")
+                                 f"does not fit {line.name}'s {esz}-byte struct alt_instr")
             ok = rlen == 0 or any(s is not None and s.addr <= rep and rep + rlen <= s.end
                                   for s in (repl, aux))
             if not ok and not in_exec(rep):

@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """Boot-time text patching of a real kernel image, in ``start_kernel``'s
-order (Linux 6.12):
+order.  The passes and their order are the image's kernel line's
+(:class:`~textpoke.images._lines.KernelLine`; 6.1 runs ``apply_paravirt``
+before the retpolines and has no call-depth thunks).  Linux 6.12:
 
 ``setup_arch``: ``jump_label_init``, ``static_call_init`` -> (``start_kernel``)
 ``ftrace_init`` -> ``arch_cpu_finalize_init``: ``cpu_select_mitigations``
@@ -31,6 +33,7 @@ from .._alternative._callthunks import callthunks_patch_builtin_calls
 from .._alternative._kalt import apply_alternatives_k, apply_seal_endbr_k, smp_unlock_k
 from .._alternative._kboot import KernelBoot, table_bounds as _bounds
 from .._alternative._kearly import EarlyBoot, early_snapshot
+from .._alternative._kparavirt import apply_paravirt_k
 from .._alternative._kpasses import BootOptions, TableStats, apply_returns_k
 from .._alternative._kretpoline import ItsThunks, apply_retpolines_k
 from .._alternative._ktext import CpuCaps, KernelText
@@ -38,8 +41,8 @@ from .._alternative._runtime_const import runtime_const_sync
 from .._ftrace import ftrace_init
 from .._jump_label import jump_label_init, jump_label_sync
 from .._static_call import static_call_init, static_call_sync
-from ..images._tables_real import (alt_instr_table, jump_table, mcount_table, s32_table,
-                                   static_call_table)
+from ..images._tables_real import (alt_instr_table, jump_table, mcount_table, paravirt_table,
+                                   s32_table, static_call_table)
 
 __all__ = ["boot_kernel"]
 
@@ -47,18 +50,20 @@ __all__ = ["boot_kernel"]
 def boot_kernel(kt: KernelText, caps: CpuCaps, opts: BootOptions | None = None, *,
                 debug_alternative: bool = False, early: EarlyBoot | None = None,
                 progress: Callable[[str, int, int], None] | None = None) -> KernelBoot:
-    """Run the boot-time passes on *kt* in place; returns counts per table.
+    """Run the boot-time passes of *kt*'s kernel line on *kt* in place, in
+    that line's order (``KernelLine.passes``); returns counts per table.
 
-    Without a data snapshot in *kt*, *early* (the early-boot inputs) makes
-    one from the image: :func:`._kearly.early_snapshot`."""
+    *caps* are read under the line's feature numbering.  Without a data
+    snapshot in *kt*, *early* (the early-boot inputs) makes one from the
+    image: :func:`._kearly.early_snapshot`."""
     opts = opts or BootOptions()
+    line = kt.line
+    caps = caps.for_line(line)
     res = KernelBoot(kt, caps, opts)
     if kt.data is None and early is not None:
         kt.data, res.early = early_snapshot(kt, caps, early)
     dbg = res.debug.append if debug_alternative else None
-    steps = ["tables", "jump_label_init", "static_call_init", "ftrace_init", "runtime_sync",
-             "apply_retpolines", "apply_returns", "apply_alternatives", "callthunks",
-             "apply_seal_endbr", "smp_locks"]
+    steps = ["tables", *line.passes]
     t_all = time.perf_counter()
 
     def step(name: str, fn: Callable[[], Any]) -> Any:
@@ -72,59 +77,80 @@ def boot_kernel(kt: KernelText, caps: CpuCaps, opts: BootOptions | None = None, 
 
     buf, base = kt.buf, kt.base
 
+    def table(name: str, reader: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        bounds = _bounds(kt, name)
+        return reader(buf, base, *bounds, *args, **kw) if bounds else []
+
     def tables() -> dict[str, Any]:
         t: dict[str, Any] = {}
-        t["sc"] = static_call_table(buf, base, *_bounds(kt, ".static_call_sites"))
-        t["jl"] = jump_table(buf, base, *_bounds(kt, "__jump_table"))
-        t["mc"] = mcount_table(buf, base, *_bounds(kt, "__mcount_loc"))
-        t["rp"] = s32_table(buf, base, *_bounds(kt, ".retpoline_sites"), ".retpoline_sites")
-        t["rt"] = s32_table(buf, base, *_bounds(kt, ".return_sites"), ".return_sites")
-        t["alt"] = alt_instr_table(buf, base, *_bounds(kt, ".altinstructions"))
-        t["cs"] = s32_table(buf, base, *_bounds(kt, ".call_sites"), ".call_sites")
-        t["ibt"] = s32_table(buf, base, *_bounds(kt, ".ibt_endbr_seal"), ".ibt_endbr_seal")
-        t["lk"] = s32_table(buf, base, *_bounds(kt, ".smp_locks"), ".smp_locks", keep_zero=True)
+        t["sc"] = table(".static_call_sites", static_call_table)
+        t["jl"] = table("__jump_table", jump_table)
+        t["mc"] = table("__mcount_loc", mcount_table)
+        t["pv"] = table(".parainstructions", paravirt_table)
+        t["rp"] = table(".retpoline_sites", s32_table, ".retpoline_sites")
+        t["rt"] = table(".return_sites", s32_table, ".return_sites")
+        t["alt"] = table(".altinstructions", alt_instr_table, line.alt_layout)
+        t["cs"] = table(".call_sites", s32_table, ".call_sites")
+        t["ibt"] = table(".ibt_endbr_seal", s32_table, ".ibt_endbr_seal")
+        t["lk"] = table(".smp_locks", s32_table, ".smp_locks", keep_zero=True)
         return t
 
     t = step("tables", tables)
     kernel_text = [(kt.sym("_stext"), kt.sym("_etext")),
                    (kt.sym("_sinittext"), kt.sym("_einittext"))]
     s = res.stats
-    s["__jump_table"] = step("jump_label_init", lambda: jump_label_init(kt, t["jl"])).as_dict()
-    s[".static_call_sites"] = step("static_call_init",
-                                   lambda: static_call_init(kt, t["sc"])).as_dict()
-    s["__mcount_loc"] = step("ftrace_init", lambda: ftrace_init(kt, t["mc"])).as_dict()
-    if kt.data is not None:
-        def sync() -> None:
-            s["__jump_table(sync)"] = jump_label_sync(kt, t["jl"], kernel_text).as_dict()
-            s[".static_call_sites(sync)"] = static_call_sync(kt, t["sc"], kernel_text).as_dict()
-            s["runtime_const(sync)"] = runtime_const_sync(kt).as_dict()
-        step("runtime_sync", sync)
-    its = ItsThunks(kt, opts.its_pages)
-    s[".retpoline_sites"] = step("apply_retpolines", lambda: apply_retpolines_k(
-        kt, t["rp"], caps, opts, its, dbg)).as_dict()
-    res.its_thunks = its.allocated
-    s[".return_sites"] = step("apply_returns",
-                              lambda: apply_returns_k(kt, t["rt"], caps, opts, dbg)).as_dict()
-    s[".altinstructions"] = step("apply_alternatives",
-                                 lambda: apply_alternatives_k(kt, t["alt"], caps, dbg)).as_dict()
-    ct = step("callthunks", lambda: callthunks_patch_builtin_calls(kt, t["cs"], t["alt"], caps,
-                                                                    dbg))
-    if ct is None:
-        s[".call_sites"] = TableStats(entries=len(t["cs"])).as_dict()
-    else:
-        d = ct[0].as_dict()
-        d["thunks"] = ct[1]
-        s[".call_sites"] = d
-    s[".ibt_endbr_seal"] = step("apply_seal_endbr",
-                                lambda: apply_seal_endbr_k(kt, t["ibt"], dbg)).as_dict()
-    up = not opts.noreplace_smp and (opts.ncpus == 1 or (opts.setup_max_cpus is not None
-                                                         and opts.setup_max_cpus <= 1))
-    res.uniproc = up
-    if up:
-        s[".smp_locks"] = step("smp_locks", lambda: smp_unlock_k(
-            kt, t["lk"], (kt.sym("_text"), kt.sym("_etext")), dbg)).as_dict()
-    else:
-        s[".smp_locks"] = TableStats(entries=len(t["lk"])).as_dict()
+
+    def put(name: str, fn: Callable[[], TableStats]) -> Callable[[], None]:
+        return lambda: s.__setitem__(name, fn().as_dict())
+
+    def sync() -> None:
+        s["__jump_table(sync)"] = jump_label_sync(kt, t["jl"], kernel_text).as_dict()
+        s[".static_call_sites(sync)"] = static_call_sync(kt, t["sc"], kernel_text).as_dict()
+        s["runtime_const(sync)"] = runtime_const_sync(kt).as_dict()
+
+    def retpolines() -> None:
+        its = ItsThunks(kt, opts.its_pages)
+        s[".retpoline_sites"] = apply_retpolines_k(kt, t["rp"], caps, opts, its, dbg).as_dict()
+        res.its_thunks = its.allocated
+
+    def callthunks() -> None:
+        ct = callthunks_patch_builtin_calls(kt, t["cs"], t["alt"], caps, dbg)
+        if ct is None:
+            s[".call_sites"] = TableStats(entries=len(t["cs"])).as_dict()
+        else:
+            d = ct[0].as_dict()
+            d["thunks"] = ct[1]
+            s[".call_sites"] = d
+
+    def smp_locks() -> None:
+        up = not opts.noreplace_smp and (opts.ncpus == 1 or (opts.setup_max_cpus is not None
+                                                             and opts.setup_max_cpus <= 1))
+        res.uniproc = up
+        if up:
+            s[".smp_locks"] = smp_unlock_k(kt, t["lk"], (kt.sym("_text"), kt.sym("_etext")),
+                                           dbg).as_dict()
+        else:
+            s[".smp_locks"] = TableStats(entries=len(t["lk"])).as_dict()
+
+    passes: dict[str, Callable[[], None]] = {
+        "jump_label_init": put("__jump_table", lambda: jump_label_init(kt, t["jl"])),
+        "static_call_init": put(".static_call_sites", lambda: static_call_init(kt, t["sc"])),
+        "ftrace_init": put("__mcount_loc", lambda: ftrace_init(kt, t["mc"])),
+        "runtime_sync": sync,
+        "apply_paravirt": put(".parainstructions", lambda: apply_paravirt_k(kt, t["pv"], dbg)),
+        "apply_retpolines": retpolines,
+        "apply_returns": put(".return_sites",
+                             lambda: apply_returns_k(kt, t["rt"], caps, opts, dbg)),
+        "apply_alternatives": put(".altinstructions",
+                                  lambda: apply_alternatives_k(kt, t["alt"], caps, dbg)),
+        "callthunks": callthunks,
+        "apply_seal_endbr": put(".ibt_endbr_seal", lambda: apply_seal_endbr_k(kt, t["ibt"], dbg)),
+        "smp_locks": smp_locks,
+    }
+    for name in line.passes:
+        if name == "runtime_sync" and kt.data is None:
+            continue
+        step(name, passes[name])
     res.timings["total"] = time.perf_counter() - t_all
     if progress:
         progress("done", len(steps), len(steps))
