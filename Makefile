@@ -26,17 +26,19 @@ bench: $(STAMP)
 images: $(STAMP)
 	$(PY) -m textpoke.images.build
 
-# Debian's 6.12 cloud kernel (apt-get download, cached in ~/.cache/textpoke/kernel)
-# and its reference dumps under QEMU (cached in ~/.cache/textpoke/reference).
+# Debian's kernels (apt-get download, cached in ~/.cache/textpoke/kernel) and their
+# reference dumps under QEMU (cached in ~/.cache/textpoke/reference).  KERNELS picks
+# them: 6.12-cloud, 6.12-rt, 6.12-amd64, 6.1-cloud, 6.1-amd64, all, or releases.
+KERNELS ?= 6.12-cloud,6.12-rt,6.1-cloud
 kernel-images: $(STAMP)
-	$(PY) tools/kernel_reference.py --fetch-only
-	$(PY) tools/kernel_reference.py --no-compare > /dev/null
+	$(PY) tools/kernel_reference.py --kernel $(KERNELS) --fetch-only
+	$(PY) tools/kernel_reference.py --kernel $(KERNELS) --no-compare > /dev/null
 
-# Opt-in: boots QEMU.  The kernel's own patching around alternative_instructions()
-# for several CPU models and command lines, and textpoke's dump against it.
+# Opt-in: boots QEMU.  Each kernel's own patching around alternative_instructions()
+# for several CPU models and command lines, and textpoke's dump against it: one table.
 test-kernel: kernel-images
-	TEXTPOKE_KERNEL_TESTS=1 $(PY) -m pytest -q tests/test_real_image.py tests/test_qemu_reference.py
-	$(PY) tools/kernel_reference.py
+	TEXTPOKE_KERNEL_TESTS=1 TEXTPOKE_KERNELS=$(KERNELS) $(PY) -m pytest -q tests/test_real_image.py tests/test_qemu_reference.py
+	$(PY) tools/kernel_reference.py --kernel $(KERNELS) --no-data
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

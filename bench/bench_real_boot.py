@@ -5,6 +5,12 @@ is not counted), for a CPU with no mitigations and for a call-depth
 tracking CPU (retbleed=stuff: ~190,000 call sites redirected).
 
     python bench/bench_real_boot.py [IMAGE SYSTEM_MAP] [--runs N] [--clock cpu]
+    python bench/bench_real_boot.py --kernels 6.12-cloud,6.12-rt,6.1-cloud [--runs N]
+
+``--kernels``: the whole ``textpoke boot --image`` command on each kernel (a
+new process each run: interpreter start, image load and decompression, the
+passes, the JSON report), its CPU time (user+sys of the child) and wall
+time, median and min-max of >= 5 runs.
 
 Without IMAGE/SYSTEM_MAP it uses the Debian kernel cached by
 ``make kernel-images`` (fetching it once if apt can).
@@ -33,6 +39,39 @@ SETUPS = {
 }
 
 
+def bench_kernels(names: list[str], runs: int) -> int:
+    """CPU and wall time of ``textpoke boot --image`` per kernel (qemu64's
+    capability words: retpolines, no return thunk; one CPU)."""
+    import os
+    import resource
+    import subprocess
+    from textpoke.images._qemu import resolve_kernel
+    caps = "0x78bfbfd,0x2193fbfd,0,0x6354010,0x80002001,0,0x105,0x82000,0x8000,0,0,0x1020"
+    print(f"{'kernel':28} {'CPU s median':>12} {'(min-max)':>15} {'wall s median':>13} "
+          f"{'(min-max)':>15}  n")
+    for name in names:
+        k = ensure_debian_kernel(resolve_kernel(name))
+        argv = [sys.executable, "-m", "textpoke", "boot", "--image", str(k.vmlinuz),
+                "--system-map", str(k.system_map), "--cpu-caps", caps, "--cpus", "1",
+                "--no-progress", "--json"]
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+        cpu, wall = [], []
+        for _ in range(runs):
+            r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t = time.perf_counter()
+            r = subprocess.run(argv, capture_output=True, env=env, check=False)
+            wall.append(time.perf_counter() - t)
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            if r.returncode:
+                print(f"{k.release}: textpoke boot failed: {r.stderr.decode()[-200:]}")
+                return 1
+            cpu.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+        print(f"{k.release:28} {statistics.median(cpu):12.2f} "
+              f"{f'({min(cpu):.2f}-{max(cpu):.2f})':>15} {statistics.median(wall):13.2f} "
+              f"{f'({min(wall):.2f}-{max(wall):.2f})':>15}  {runs}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("image", nargs="?")
@@ -40,9 +79,13 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall clock (default) or this process's CPU time (on a loaded machine)")
+    ap.add_argument("--kernels", help="time the whole boot --image command on these kernels "
+                                      "(6.12-cloud,6.12-rt,6.1-cloud or releases)")
     a = ap.parse_args()
     if a.runs < 5:
         ap.error("--runs must be >= 5 (medians of at least 5)")
+    if a.kernels:
+        return bench_kernels([n for n in a.kernels.split(",") if n], a.runs)
     if (a.image is None) != (a.system_map is None):
         ap.error("give both IMAGE and SYSTEM_MAP, or neither (the cached Debian kernel)")
     if a.image is None:

@@ -1,9 +1,15 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: GPL-2.0-only
-"""Boot Debian's 6.12 cloud kernel under QEMU for each setup of the matrix,
-cache the kernel's own text before and after alternative_instructions(), and
-print the table (and textpoke's difference from it, once textpoke boot can
-patch real images).  See textpoke.images._qemu."""
+"""Boot Debian's x86-64 kernels under QEMU for each setup of the matrix,
+cache each kernel's own text before and after alternative_instructions(),
+and print ONE table: per kernel x setup, textpoke's differing bytes in the
+executable sections, with the kernel's memory (--data) and, with --no-data,
+without it.
+
+    tools/kernel_reference.py [--kernel 6.12-cloud,6.12-rt,6.1-cloud | all | RELEASE]
+                              [--no-data] [--cpu MODEL --cmdline ... --smp N]
+
+See textpoke.images._qemu."""
 
 import sys
 

@@ -43,7 +43,8 @@ from ._lines import LINE_612
 from ._vmlinux import START_KERNEL_MAP, RealKernelImage
 
 __all__ = ["Reference", "ReferenceError", "reference", "find_alternatives_call",
-           "cache_root", "QEMU", "HARNESS_VERSION", "CAPS_OFFSET", "NCAPS"]
+           "cache_root", "QEMU", "HARNESS_VERSION", "CAPS_OFFSET", "NCAPS", "run_matrix",
+           "resolve_kernel", "KERNEL_FLAVOURS", "DEFAULT_KERNELS"]
 
 #: bump when what a reference contains or how it is taken changes
 HARNESS_VERSION = 2
@@ -569,68 +570,145 @@ def _compare(kernel, image, ref, execs, extra=(), data=True) -> tuple[str, dict 
         return f"dump is {len(dump)} bytes, not {len(ref.after)} (_text.._end)", None
     d = {s.name: diff_count(dump, ref.after, image.text_start, [(s.addr, s.end)])
          for s in execs}
-    text = f"{sum(d.values())} bytes differ ({dt:.1f} s)"
+    text = f"{sum(d.values())}"
     if sum(d.values()):
         text += " [" + ", ".join(f"{k} {v}" for k, v in d.items() if v) + "]"
     return text, d
 
 
-def run_matrix(kernel, setups=SETUPS, *, use_cache: bool = True, compare: bool | None = None,
+# ------------------------------------------------------------- the kernels
+#: kernel names the reference tool takes: Debian's x86-64 image packages by
+#: line and flavour (the newest release apt offers, or the newest cached)
+KERNEL_FLAVOURS = {"6.1-cloud": ("6.1", "cloud-amd64"), "6.1-amd64": ("6.1", "amd64"),
+                   "6.12-cloud": ("6.12", "cloud-amd64"), "6.12-amd64": ("6.12", "amd64"),
+                   "6.12-rt": ("6.12", "rt-amd64")}
+#: what ``make test-kernel`` checks by default
+DEFAULT_KERNELS = ("6.12-cloud", "6.12-rt", "6.1-cloud")
+
+
+def _flavour_of(release: str) -> str:
+    for fl in ("cloud-amd64", "rt-amd64"):
+        if release.endswith("-" + fl):
+            return fl
+    return "amd64"
+
+
+def resolve_kernel(name: str) -> str:
+    """A release (``uname -r``) for *name*: a key of :data:`KERNEL_FLAVOURS`
+    (the newest such release apt offers, else the newest cached) or a
+    release itself."""
+    import functools
+    if name not in KERNEL_FLAVOURS:
+        if not re.fullmatch(r"\d+\.\d+\.\d+[-+][A-Za-z0-9.+~-]+", name):
+            raise ValueError(f"unknown kernel {name!r}: give one of "
+                             f"{', '.join(KERNEL_FLAVOURS)} or a release (6.12.118+deb12-rt-amd64)")
+        return name
+    series, flavour = KERNEL_FLAVOURS[name]
+
+    def ours(rel: str) -> bool:
+        return (re.match(rf"{re.escape(series)}\.\d", rel) is not None
+                and _flavour_of(rel) == flavour and rel.endswith("-" + flavour))
+
+    rels: list[str] = []
+    exe = shutil.which("apt-cache")
+    if exe:
+        r = subprocess.run([exe, "search", "--names-only",
+                            rf"^linux-image-{re.escape(series)}\..*-{flavour}-unsigned$"],
+                           capture_output=True, text=True, check=False)
+        rels = [m.group(1) for m in re.finditer(r"^linux-image-(\S+)-unsigned ", r.stdout, re.M)]
+    rels = [r for r in rels if ours(r)]
+    if not rels:
+        rels = [p.parent.name for p in (cache_root() / "kernel").glob("*/meta.json")
+                if ours(p.parent.name)]
+    if not rels:
+        raise ValueError(f"no {name} kernel: apt knows none (apt-get update?) and none is cached")
+
+    def cmp(a: str, b: str) -> int:
+        if a == b:
+            return 0
+        lt = subprocess.run(["dpkg", "--compare-versions", a, "lt", b]).returncode == 0
+        return -1 if lt else 1
+    return max(rels, key=functools.cmp_to_key(cmp))
+
+
+def run_matrix(kernels, setups=SETUPS, *, use_cache: bool = True, compare: bool | None = None,
                out=print, no_data: bool = False) -> list[dict]:
-    """Boot every setup (or take it from the cache), print the table and
-    return its rows."""
-    image = kernel.load()
-    execs = image.executable_sections()
+    """Boot every kernel in every setup (or take it from the cache), print
+    ONE table and return its rows.  *kernels*: DebianKernel objects (or one)."""
+    if not isinstance(kernels, (list, tuple)):
+        kernels = [kernels]
     if compare is None:
         compare = textpoke_can_dump()
-    out(f"kernel {image.version} (Debian {kernel.package_version}), {kernel.vmlinuz}")
     out(f"{qemu_version()}, TCG; base command line {BASE_CMDLINE!r}")
-    out("tables: " + ", ".join(f"{n} {t.count}" for n, t in image.tables.items()))
-    out("executable sections: " + ", ".join(f"{s.name} {len(s.data)}" for s in execs))
+    loaded = []
+    for kernel in kernels:
+        image = kernel.load()
+        execs = image.executable_sections()
+        loaded.append((kernel, image, execs))
+        line = image.line.name if image.line else "?"
+        out(f"{image.version} (Debian {kernel.package_version}, line {line}, "
+            f"{image.compression or 'ELF'}): "
+            + ", ".join(f"{n} {t.count}" for n, t in image.tables.items()))
     out("")
-    hdr = (f"{'setup':<50} {'boot s':>6} {'alt s':>5} {'return thunk':<24} "
-           f"{'text changed':>12}  textpoke vs kernel (exec. sections)")
+    hdr = (f"{'kernel':<27} {'setup':<44} {'boot s':>6} {'alt s':>5} {'return thunk':<24} "
+           f"{'changed':>7}  {'textpoke vs kernel: differing bytes (executable sections)'}")
     out(hdr)
     out("-" * len(hdr))
     rows = []
-    for st in setups:
-        cached = (reference_dir(image, st.cpu, st.cmdline, st.smp) / "meta.json").exists()
-        ref = reference(image, kernel.vmlinuz, cpu=st.cpu, cmdline=st.cmdline, smp=st.smp,
-                        use_cache=use_cache)
-        per = {s.name: ref.changed_bytes([(s.addr, s.end)]) for s in execs}
-        changed = sum(per.values())
-        row = {"setup": st.label(), "cpu": st.cpu, "cmdline": st.cmdline, "smp": st.smp,
-               "seconds_to_call": ref.seconds_to_call,
-               "seconds_in_alternatives": ref.seconds_in_alternatives,
-               "cached": cached and use_cache, "return_thunk": ref.return_thunk_sym,
-               "changed": per, "caps": ref.caps_before, "path": ref.path,
-               "mitigations": ref.mitigations()}
-        if compare:
-            # textpoke derives x86_return_thunk from the capability words; when
-            # that does not match, run it again told the kernel's choice
-            row["textpoke"], d = _compare(kernel, image, ref, execs)
-            row["textpoke_diff"] = d
-            if d and sum(d.values()) and ref.return_thunk_sym:
-                text, d2 = _compare(kernel, image, ref, execs,
-                                    ("--return-thunk", ref.return_thunk_sym))
-                row["textpoke_forced_thunk_diff"] = d2
-                row["textpoke"] += f"; with --return-thunk {ref.return_thunk_sym}: {text}"
-            if no_data:
-                text, d3 = _compare(kernel, image, ref, execs, data=False)
-                row["textpoke_no_data_diff"] = d3
-                row["textpoke"] += f"; without --data: {text}"
-        else:
-            row["textpoke"] = "not yet (textpoke boot has no --image/--dump)"
-        rows.append(row)
-        note = " (cached)" if row["cached"] else ""
-        out(f"{st.label():<50} {ref.seconds_to_call:>6.2f} {ref.seconds_in_alternatives:>5.2f} "
-            f"{ref.return_thunk_sym:<24} {changed:>12}  {row['textpoke']}{note}")
-        del ref
+    for kernel, image, execs in loaded:
+        for st in setups:
+            rows.append(_row(kernel, image, execs, st, use_cache, compare, no_data, out))
     out("")
-    out("text changed: bytes of executable sections that differ between the kernel's memory")
-    out("at the call of alternative_instructions() and right after it returns; boot s / alt s:")
-    out("seconds from reset to that call, and inside it, under TCG (measured when booted).")
+    out("changed: bytes of executable sections that differ between the kernel's memory at the")
+    out("call of alternative_instructions() and right after it returns; boot s / alt s: seconds")
+    out("from reset to that call, and inside it, under TCG (when booted, not cached).  textpoke:")
+    out("'data' is boot --image with the kernel's memory at the call (--data); 'no data' derives")
+    out("early boot's run-time state from the command line, CPU and memory size; 'told' adds")
+    out("--dentry-hashtable (a memblock address no model can derive: 5 sites x 8 bytes in 6.12).")
     return rows
+
+
+def _row(kernel, image, execs, st, use_cache, compare, no_data, out) -> dict:
+    cached = (reference_dir(image, st.cpu, st.cmdline, st.smp) / "meta.json").exists()
+    ref = reference(image, kernel.vmlinuz, cpu=st.cpu, cmdline=st.cmdline, smp=st.smp,
+                    use_cache=use_cache)
+    per = {s.name: ref.changed_bytes([(s.addr, s.end)]) for s in execs}
+    changed = sum(per.values())
+    row = {"kernel": image.version, "line": image.line.name if image.line else "",
+           "setup": st.label(), "cpu": st.cpu, "cmdline": st.cmdline, "smp": st.smp,
+           "seconds_to_call": ref.seconds_to_call,
+           "seconds_in_alternatives": ref.seconds_in_alternatives,
+           "cached": cached and use_cache, "return_thunk": ref.return_thunk_sym,
+           "changed": per, "caps": ref.caps_before, "path": ref.path,
+           "mitigations": ref.mitigations()}
+    if compare:
+        # textpoke derives x86_return_thunk from the capability words; when
+        # that does not match, run it again told the kernel's choice
+        text, d = _compare(kernel, image, ref, execs)
+        row["textpoke"], row["textpoke_diff"] = f"data {text}", d
+        if d and sum(d.values()) and ref.return_thunk_sym:
+            text, d2 = _compare(kernel, image, ref, execs,
+                                ("--return-thunk", ref.return_thunk_sym))
+            row["textpoke_forced_thunk_diff"] = d2
+            row["textpoke"] += f" (told --return-thunk {ref.return_thunk_sym}: {text})"
+        if no_data:
+            text, d3 = _compare(kernel, image, ref, execs, data=False)
+            row["textpoke_no_data_diff"] = d3
+            row["textpoke"] += f"; no data {text}"
+            dht = image.symbols.get("dentry_hashtable")
+            if d3 and sum(d3.values()) and dht is not None:
+                value = int.from_bytes(ref.read("before", dht, 8), "little")
+                text, d4 = _compare(kernel, image, ref, execs,
+                                    ("--dentry-hashtable", hex(value)), data=False)
+                row["textpoke_no_data_told_diff"] = d4
+                row["textpoke"] += f"; told {text}"
+    else:
+        row["textpoke"] = "(not compared)"
+    note = " (cached)" if row["cached"] else ""
+    out(f"{image.version:<27} {st.label():<44} {ref.seconds_to_call:>6.2f} "
+        f"{ref.seconds_in_alternatives:>5.2f} {ref.return_thunk_sym:<24} {changed:>7}  "
+        f"{row['textpoke']}{note}")
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -638,9 +716,14 @@ def main(argv: list[str] | None = None) -> int:
     import sys
     from ._vmlinux import KernelUnavailable, ensure_debian_kernel
     p = argparse.ArgumentParser(prog="kernel_reference",
-                                description="Reference dumps of Debian's 6.12 cloud kernel "
-                                            "booted under QEMU, and textpoke against them.")
-    p.add_argument("--release", help="kernel release (default: the newest 6.12 cloud apt knows)")
+                                description="Reference dumps of Debian's x86-64 kernels booted "
+                                            "under QEMU, and textpoke against them: one table.")
+    p.add_argument("--kernel", action="append", metavar="NAME",
+                   help=f"a kernel: {', '.join(KERNEL_FLAVOURS)} (the newest release apt "
+                        f"offers) or a release such as 6.1.0-57-cloud-amd64; repeat or "
+                        f"comma-separate (default: {','.join(DEFAULT_KERNELS)}; 'all': every "
+                        f"flavour)")
+    p.add_argument("--release", help="same as --kernel RELEASE (kept for scripts)")
     p.add_argument("--fetch-only", action="store_true", help="download and cache, then stop")
     p.add_argument("--cpu", help="one setup: QEMU CPU model")
     p.add_argument("--cmdline", default="", help="one setup: added kernel command line")
@@ -652,18 +735,31 @@ def main(argv: list[str] | None = None) -> int:
                         "the command line, CPUs and memory size)")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     a = p.parse_args(argv)
-    try:
-        kernel = ensure_debian_kernel(a.release)
-    except KernelUnavailable as e:
-        print(f"kernel_reference: cannot fetch the Debian kernel: {e}", file=sys.stderr)
-        return 2
+    names = [n for k in (a.kernel or []) for n in k.split(",") if n]
+    if a.release:
+        names.append(a.release)
+    if not names:
+        env = os.environ.get("TEXTPOKE_KERNELS")
+        names = env.split(",") if env else list(DEFAULT_KERNELS)
+    if "all" in names:
+        names = [n for n in names if n != "all"] + [k for k in KERNEL_FLAVOURS if k not in names]
+    kernels = []
+    for n in dict.fromkeys(names):
+        try:
+            kernels.append(ensure_debian_kernel(resolve_kernel(n)))
+        except ValueError as e:
+            print(f"kernel_reference: {e}", file=sys.stderr)
+            return 2
+        except KernelUnavailable as e:
+            print(f"kernel_reference: cannot fetch the Debian kernel {n}: {e}", file=sys.stderr)
+            return 2
     if a.fetch_only:
-        print(f"{kernel.release} (Debian {kernel.package_version}): {kernel.vmlinuz}, "
-              f"{kernel.system_map}")
+        for k in kernels:
+            print(f"{k.release} (Debian {k.package_version}): {k.vmlinuz}, {k.system_map}")
         return 0
     setups = (Setup(a.cpu, a.cmdline, a.smp),) if a.cpu else SETUPS
     try:
-        rows = run_matrix(kernel, setups, use_cache=not a.no_cache,
+        rows = run_matrix(kernels, setups, use_cache=not a.no_cache,
                           compare=False if a.no_compare else None, no_data=a.no_data)
     except (ReferenceError, ImageError) as e:
         print(f"kernel_reference: {e}", file=sys.stderr)
