@@ -113,7 +113,7 @@ def run_chunk(cell: dict, seeds: list[int], first_index: int) -> dict:
         if _STOP is not None and _STOP.is_set():
             return {"stopped": True}
         r = run_schedule(c.scenario, sd, strategy=c.strategy, mutation=c.mutation,
-                         ncpus=c.cpus, line_size=c.line_size)
+                         ncpus=c.cpus, line_size=c.line_size, reuse=True)
         out["schedules"] += 1
         out["int3_emulated"] += r.int3_emulated
         out["syncs"] += r.syncs
