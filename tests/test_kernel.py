@@ -163,3 +163,23 @@ def test_the_same_client_code_gives_the_same_text_on_two_machines():
     boot_text = bytes(next(c for s, c, kind, _n in kernel_regions(image) if s == r.start))
     assert on_memory[:len(boot_text)] != boot_text     # the clients did write
     assert on_memory == on_sim
+
+
+def _protocol_members(proto) -> set[str]:
+    names = set(getattr(proto, "__annotations__", {}))
+    names |= {n for n, v in vars(proto).items()
+              if not n.startswith("_") and (callable(v) or isinstance(v, property))}
+    return names
+
+
+def test_the_sim_rigs_give_what_the_selftests_use():
+    """The self-tests in textpoke.selftests act only through a rig; the
+    sim's ClientMachine and FtraceMachine must offer every member."""
+    from textpoke.selftests import ClientRig, FtraceRig
+    from textpoke.sim._clients_demo import ClientMachine
+    from textpoke.sim._ftrace_work import FtraceMachine
+    for rig_cls, proto in ((ClientMachine, ClientRig), (FtraceMachine, FtraceRig)):
+        with rig_cls(cpus=1, seed=0) as rig:
+            missing = sorted(n for n in _protocol_members(proto) if not hasattr(rig, n))
+            assert not missing, f"{rig_cls.__name__} lacks {missing}"
+            assert rig.kernel.machine is rig.sim
