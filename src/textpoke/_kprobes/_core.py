@@ -30,7 +30,8 @@ remembers the real one per CPU.  The trampoline's trap runs the return
 handler with ``regs.gprs["rax"]`` (the return value) and ``ip`` = the real
 return address, and resumes there.
 
-Optimised probes: see :mod:`._opt`.  Optimising and unoptimising go
+Optimised probes: see :mod:`._optprobe` (and :mod:`._opt` for the detour;
+kretprobes are :mod:`._kretprobe`, the records :mod:`._types`).  Optimising and unoptimising go
 through the SMP batch; while a site is in flux the text-poke handler
 emulates the JMP32 to the detour (an unoptimise passes that JMP as the
 instruction to emulate, as 5.5's ``arch_unoptimize_kprobe`` did with
@@ -55,8 +56,7 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Iterable
 
 from .._core._emulate import PtRegs
 from .._core._insn import (INT3_INSN_OPCODE, JMP32_INSN_OPCODE, Insn, insn_decode_kernel,
@@ -65,101 +65,25 @@ from .._core._machine import Capability, TrapPriority
 from .._errors import BadInstructionError, TextPokeError
 from .._execmem import ExecMem
 from ..images._tables import read_tables
-from ._insn import Emulation, can_boost, prepare_emulation, relocate
-from ._opt import (DETOUR_SIZE, FRAME_REGS, RELATIVEJUMP_SIZE, Detour, OptError, check_displaced,
-                   check_function, check_reach, detour_code)
+from ._insn import can_boost, prepare_emulation, relocate
+from ._kretprobe import _Kretprobes
+from ._opt import DETOUR_SIZE, FRAME_REGS, RELATIVEJUMP_SIZE
+from ._optprobe import _Optprobes
+from ._types import (_SLOT_SIZE, Kprobe, KprobeError, KprobeStats, Kretprobe, KretprobeInstance,
+                     PostHandler, PreHandler, _Site)
 
 __all__ = ["Kprobes", "Kprobe", "Kretprobe", "KretprobeInstance", "KprobeError", "KprobeStats"]
 
-_SLOT_SIZE = 32
-_TRAMP_SIZE = 16
 #: the top of execmem that is ours unless an allocator is given
 KPROBES_EXECMEM = 256 * 1024
 _SPEC = re.compile(r"^\s*([A-Za-z_.$][\w.$]*)\s*(?:\+\s*(0x[0-9a-fA-F]+|\d+))?\s*$")
-
-PreHandler = Callable[["Kprobe", PtRegs], Any]
-PostHandler = Callable[["Kprobe", PtRegs, int], Any]
-
-
-class KprobeError(TextPokeError, ValueError):
-    """A probe refused; the text is unchanged.  ``reason`` is one of
-    ``symbol``, ``boundary``, ``int3``, ``reserved``, ``fentry``,
-    ``unsupported``, ``busy``, ``entry``, ``optimize``."""
-
-    def __init__(self, msg: str, *, reason: str, addr: int = 0) -> None:
-        super().__init__(msg)
-        self.reason, self.addr = reason, addr
-
-
-@dataclass(eq=False)
-class Kprobe:
-    symbol: str
-    offset: int
-    addr: int
-    pre_handler: PreHandler | None = None
-    post_handler: PostHandler | None = None
-    nhit: int = 0
-    registered: bool = False
-
-    @property
-    def name(self) -> str:
-        return f"{self.symbol}+{self.offset:#x}"
-
-
-@dataclass(eq=False)
-class Kretprobe:
-    kp: Kprobe
-    handler: Callable[["KretprobeInstance", PtRegs], Any] | None
-    entry_handler: Callable[["KretprobeInstance", PtRegs], Any] | None
-    maxactive: int
-    nmissed: int = 0
-    nhit: int = 0
-    registered: bool = False
-
-
-@dataclass(eq=False)
-class KretprobeInstance:
-    rp: Kretprobe
-    ret_addr: int
-    slot: int                   # stack address holding the (swapped) return address
-    cpu: int
-    data: dict = field(default_factory=dict)
-
-
-@dataclass
-class KprobeStats:
-    hits: int = 0               # INT3 hits at probe sites
-    emulated: int = 0
-    single_stepped: int = 0     # slot runs ending in the second INT3
-    boosted: int = 0            # slot runs ending in a JMP back
-    detour_hits: int = 0        # handler calls from a detour buffer
-    ret_hits: int = 0           # trampoline traps
-    optimized: int = 0
-    unoptimized: int = 0
-    quiesce_waits: int = 0
-
-
-@dataclass(eq=False)
-class _Site:
-    addr: int
-    insn: Insn
-    orig: bytes                 # the original first byte
-    func: tuple[str, int, int]  # name, start, size
-    emulate: Emulation | None
-    probes: list[Kprobe] = field(default_factory=list)
-    slot: int | None = None
-    boosted: bool = False
-    detour: Detour | None = None
-    displaced: bytes = b""      # original bytes under the JMP32 (its length: detour.length)
-    optimized: bool = False
-    redirect: bool = False      # INT3 hits go to the detour (while optimising)
 
 
 def _s64(v: int) -> int:
     return v - (1 << 64) if v >> 63 else v
 
 
-class Kprobes:
+class Kprobes(_Kretprobes, _Optprobes):
     """The probes of one machine.  ``Kprobes(core, image)``; optional
     reservation sources: *smp* (``BootResult.smp``: alternatives), *keys*
     (:class:`StaticKeys`), *calls* (:class:`StaticCalls`), *tables* (for
@@ -549,230 +473,6 @@ class Kprobes:
         if out != list(vals):
             regs.mem.write(regs.sp, struct.pack(f"<{n + 1}Q", *out))
         return True
-
-    # ------------------------------------------------------------ kretprobes
-    def _ensure_trampoline(self) -> int:
-        if self._tramp is None:
-            t = self.execmem.alloc(_TRAMP_SIZE)
-            self.core.text_poke_copy(t, b"\xcc" * _TRAMP_SIZE)
-            self._tramp = t
-        return self._tramp
-
-    @property
-    def trampoline(self) -> int | None:
-        return self._tramp
-
-    def register_kretprobe(self, spec: "str | int",
-                           handler: Callable[[KretprobeInstance, PtRegs], Any] | None = None,
-                           entry_handler: Callable[[KretprobeInstance, PtRegs], Any] | None = None,
-                           maxactive: int | None = None) -> Kretprobe:
-        """Return probe on a function (at its entry: offset 0, or the first
-        instruction after the fentry NOP)."""
-        self._check_open()
-        name, off, addr, _size = self.resolve(spec)
-        start = self.functions[name][0]
-        if not (off == 0 or (off == 5 and start in self.fentry)):
-            raise KprobeError(f"{name}+{off:#x} is not the entry of {name}: a kretprobe "
-                              "needs the return address on top of the stack", reason="entry",
-                              addr=addr)
-        self._ensure_trampoline()
-        rp = Kretprobe(None, handler, entry_handler,
-                       maxactive if maxactive is not None else 2 * max(1, len(self.machine.cpus)))
-        rp.kp = self.register_kprobe(addr, lambda p, regs: self._ret_entry(rp, regs))
-        rp.registered = True
-        self.kretprobes.append(rp)
-        return rp
-
-    def unregister_kretprobe(self, rp: Kretprobe) -> None:
-        """Instances in flight still return through the trampoline (to the
-        right place) but no longer run the handler."""
-        if rp.registered:
-            rp.registered = False
-            self.unregister_kprobe(rp.kp)
-            self.kretprobes.remove(rp)
-
-    def pending_instances(self) -> int:
-        return sum(len(v) for v in self._instances.values())
-
-    def _ret_entry(self, rp: Kretprobe, regs: PtRegs) -> bool:
-        insts = self._instances.setdefault(regs.cpu, [])
-        if sum(1 for i in insts if i.rp is rp) >= rp.maxactive:
-            rp.nmissed += 1
-            return False
-        ret = int.from_bytes(regs.mem.read(regs.sp, 8), "little")
-        ri = KretprobeInstance(rp, ret, regs.sp, regs.cpu)
-        if rp.entry_handler is not None and rp.entry_handler(ri, regs):
-            return False
-        regs.mem.write(regs.sp, self._tramp.to_bytes(8, "little"))
-        insts.append(ri)
-        return False
-
-    def _ret_hit(self, regs: PtRegs) -> bool:
-        insts = self._instances.get(regs.cpu, [])
-        slot = regs.sp - 8
-        for i in range(len(insts) - 1, -1, -1):
-            if insts[i].slot == slot:
-                break
-        else:
-            return False        # not ours: an oops, as a stray trampoline return should be
-        ri = insts[i]
-        del insts[i:]           # deeper instances never returned (their stack is gone)
-        self.stats.ret_hits += 1
-        regs.ip = ri.ret_addr
-        rp = ri.rp
-        if rp.registered:
-            rp.nhit += 1
-            if rp.handler is not None:
-                rp.handler(ri, regs)
-        regs.ip = ri.ret_addr
-        return True
-
-    # ------------------------------------------------------------ optimisation
-    def optimize_kprobe(self, p: Kprobe) -> None:
-        self.optimize_kprobes([p])
-
-    def optimize_kprobes(self, probes: Iterable[Kprobe]) -> None:
-        """Turn the INT3 of each probe into a JMP32 to a detour buffer, all
-        in one batch.  KprobeError (reason ``optimize``) when one cannot
-        be, with nothing changed."""
-        self._check_open()
-        with self.core.text_mutex:
-            sites: list[_Site] = []
-            for p in probes:
-                site = self._sites.get(p.addr)
-                if site is None or p not in site.probes:
-                    raise KprobeError(f"{p.name} is not registered", reason="optimize", addr=p.addr)
-                if not site.optimized and site not in sites:
-                    sites.append(site)
-            new_detours: list[_Site] = []
-            try:
-                for s in sites:
-                    if s.detour is None:
-                        self._prepare_detour(s)
-                        new_detours.append(s)
-            except BaseException:
-                for s in new_detours:
-                    self._detours.pop(s.detour.call_int3, None)
-                    self.execmem.free(s.detour.addr)
-                    s.detour, s.displaced = None, b""
-                raise
-            if not sites:
-                return
-            for s in sites:
-                s.redirect = True
-            ranges = []
-            for s in sites:
-                ranges.append((s.addr + 1, s.addr + len(s.displaced)))
-                if s.slot is not None:
-                    ranges.append((s.slot, s.slot + _SLOT_SIZE))
-            try:
-                self._wait_quiescent(ranges, "optimising kprobes")
-                with self.core.batch():
-                    for s in sites:
-                        self.core.smp_text_poke_batch_add(
-                            s.addr, text_gen_insn(JMP32_INSN_OPCODE, s.addr, s.detour.addr))
-            except BaseException:
-                for s in sites:
-                    s.redirect = False
-                    s.optimized = self.machine.text_read(s.addr, 1)[0] == JMP32_INSN_OPCODE
-                raise
-            for s in sites:
-                s.optimized, s.redirect = True, False
-                self.stats.optimized += 1
-
-    def _prepare_detour(self, s: _Site) -> None:
-        name, fstart, fsize = s.func
-        addr = s.addr
-        why = None
-        if any(p.post_handler is not None for p in s.probes):
-            why = "a probe with a post-handler is not optimised (the detour has no single-step)"
-        elif fstart + fsize - addr < RELATIVEJUMP_SIZE:
-            why = (f"only {fstart + fsize - addr} bytes to the end of {name}: a JMP32 needs "
-                   f"{RELATIVEJUMP_SIZE}")
-        if why:
-            raise KprobeError(f"cannot optimise {name}+{addr - fstart:#x}: {why}",
-                              reason="optimize", addr=addr)
-        insns = self._decode_function(fstart, fsize)
-        try:
-            check_function(insns, addr)
-            disp: list[Insn] = []
-            n = 0
-            for ins in insns:
-                if ins.addr < addr:
-                    continue
-                if n >= RELATIVEJUMP_SIZE:
-                    break
-                disp.append(ins)
-                n += ins.length
-            if n < RELATIVEJUMP_SIZE or addr + n > fstart + fsize:
-                raise OptError(f"the instructions from {addr:#x} to the end of {name} are "
-                               f"shorter than {RELATIVEJUMP_SIZE} bytes")
-            check_displaced(disp)
-            for other in self._sites.values():
-                if other is not s and addr < other.addr < addr + n:
-                    raise OptError(f"another probe at {other.addr:#x} is inside the range")
-            who = self.text_reserved(addr, addr + n - 1)
-            if who is not None:
-                raise OptError(f"[{addr:#x}, {addr + n:#x}) is text reserved by {who}")
-            buf = self._alloc_detour()
-            try:
-                check_reach(addr, buf)
-                det = detour_code(buf, addr, disp)
-                self.core.text_poke_copy(buf, det.code.ljust(DETOUR_SIZE, b"\xcc"))
-            except BaseException:
-                self.execmem.free(buf, invalidate=False)
-                raise
-        except OptError as e:
-            raise KprobeError(f"cannot optimise {name}+{addr - fstart:#x}: {e}",
-                              reason="optimize", addr=addr) from None
-        s.detour = det
-        s.displaced = self._recovered(addr, n)
-        self._detours[det.call_int3] = s
-
-    def _alloc_detour(self) -> int:
-        return self.execmem.alloc(DETOUR_SIZE)
-
-    def unoptimize_kprobe(self, p: Kprobe) -> None:
-        self.unoptimize_kprobes([p])
-
-    def unoptimize_kprobes(self, probes: Iterable[Kprobe]) -> None:
-        """Back to INT3 probes, in one batch: each site gets INT3 plus its
-        original bytes, and a CPU that reaches it meanwhile emulates the
-        JMP32 to the detour (which stays until unregistration)."""
-        self._check_open()
-        with self.core.text_mutex:
-            sites = []
-            for p in probes:
-                s = self._sites.get(p.addr)
-                if s is not None and s.optimized and s not in sites:
-                    sites.append(s)
-            self._unoptimize(sites)
-
-    def _unoptimize(self, sites: list[_Site]) -> None:
-        if not sites:
-            return
-        with self.core.batch():
-            for s in sites:
-                new = bytes([INT3_INSN_OPCODE]) + s.displaced[1:RELATIVEJUMP_SIZE]
-                jmp = text_gen_insn(JMP32_INSN_OPCODE, s.addr, s.detour.addr)
-                self.core.smp_text_poke_batch_add(s.addr, new, emulate=jmp)
-        for s in sites:
-            s.optimized = False
-            self.stats.unoptimized += 1
-
-    def is_optimized(self, p: Kprobe) -> bool:
-        s = self._sites.get(p.addr)
-        return bool(s and s.optimized)
-
-    def site_info(self, p: Kprobe) -> dict:
-        s = self._sites.get(p.addr)
-        if s is None:
-            return {}
-        how = "optimized" if s.optimized else ("emulated" if s.emulate is not None else
-                                               ("boosted" if s.boosted else "single-step"))
-        return {"addr": s.addr, "insn": s.insn.text, "how": how, "slot": s.slot,
-                "detour": s.detour.addr if s.detour else None,
-                "displaced": len(s.displaced) if s.detour else 0}
 
     def _check_open(self) -> None:
         if self._closed:

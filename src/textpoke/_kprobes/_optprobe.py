@@ -1,0 +1,167 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Optimised kprobes: replacing >= 5 bytes of whole instructions with a
+JMP32 to a detour (and back) through the SMP batch while CPUs run the
+function, with the kernel's refusals.  The detour's code and checks are in
+:mod:`._opt`.  A part of :class:`~._core.Kprobes`."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from .._core._insn import INT3_INSN_OPCODE, JMP32_INSN_OPCODE, Insn, text_gen_insn
+from ._opt import (DETOUR_SIZE, RELATIVEJUMP_SIZE, OptError, check_displaced, check_function,
+                   check_reach, detour_code)
+from ._types import _SLOT_SIZE, Kprobe, KprobeError, _Site
+
+__all__: list[str] = []
+
+
+class _Optprobes:
+    """The optimisation half of :class:`Kprobes` (its state lives there)."""
+
+    # ------------------------------------------------------------ optimisation
+    def optimize_kprobe(self, p: Kprobe) -> None:
+        self.optimize_kprobes([p])
+
+    def optimize_kprobes(self, probes: Iterable[Kprobe]) -> None:
+        """Turn the INT3 of each probe into a JMP32 to a detour buffer, all
+        in one batch.  KprobeError (reason ``optimize``) when one cannot
+        be, with nothing changed."""
+        self._check_open()
+        with self.core.text_mutex:
+            sites: list[_Site] = []
+            for p in probes:
+                site = self._sites.get(p.addr)
+                if site is None or p not in site.probes:
+                    raise KprobeError(f"{p.name} is not registered", reason="optimize", addr=p.addr)
+                if not site.optimized and site not in sites:
+                    sites.append(site)
+            new_detours: list[_Site] = []
+            try:
+                for s in sites:
+                    if s.detour is None:
+                        self._prepare_detour(s)
+                        new_detours.append(s)
+            except BaseException:
+                for s in new_detours:
+                    self._detours.pop(s.detour.call_int3, None)
+                    self.execmem.free(s.detour.addr)
+                    s.detour, s.displaced = None, b""
+                raise
+            if not sites:
+                return
+            for s in sites:
+                s.redirect = True
+            ranges = []
+            for s in sites:
+                ranges.append((s.addr + 1, s.addr + len(s.displaced)))
+                if s.slot is not None:
+                    ranges.append((s.slot, s.slot + _SLOT_SIZE))
+            try:
+                self._wait_quiescent(ranges, "optimising kprobes")
+                with self.core.batch():
+                    for s in sites:
+                        self.core.smp_text_poke_batch_add(
+                            s.addr, text_gen_insn(JMP32_INSN_OPCODE, s.addr, s.detour.addr))
+            except BaseException:
+                for s in sites:
+                    s.redirect = False
+                    s.optimized = self.machine.text_read(s.addr, 1)[0] == JMP32_INSN_OPCODE
+                raise
+            for s in sites:
+                s.optimized, s.redirect = True, False
+                self.stats.optimized += 1
+
+    def _prepare_detour(self, s: _Site) -> None:
+        name, fstart, fsize = s.func
+        addr = s.addr
+        why = None
+        if any(p.post_handler is not None for p in s.probes):
+            why = "a probe with a post-handler is not optimised (the detour has no single-step)"
+        elif fstart + fsize - addr < RELATIVEJUMP_SIZE:
+            why = (f"only {fstart + fsize - addr} bytes to the end of {name}: a JMP32 needs "
+                   f"{RELATIVEJUMP_SIZE}")
+        if why:
+            raise KprobeError(f"cannot optimise {name}+{addr - fstart:#x}: {why}",
+                              reason="optimize", addr=addr)
+        insns = self._decode_function(fstart, fsize)
+        try:
+            check_function(insns, addr)
+            disp: list[Insn] = []
+            n = 0
+            for ins in insns:
+                if ins.addr < addr:
+                    continue
+                if n >= RELATIVEJUMP_SIZE:
+                    break
+                disp.append(ins)
+                n += ins.length
+            if n < RELATIVEJUMP_SIZE or addr + n > fstart + fsize:
+                raise OptError(f"the instructions from {addr:#x} to the end of {name} are "
+                               f"shorter than {RELATIVEJUMP_SIZE} bytes")
+            check_displaced(disp)
+            for other in self._sites.values():
+                if other is not s and addr < other.addr < addr + n:
+                    raise OptError(f"another probe at {other.addr:#x} is inside the range")
+            who = self.text_reserved(addr, addr + n - 1)
+            if who is not None:
+                raise OptError(f"[{addr:#x}, {addr + n:#x}) is text reserved by {who}")
+            buf = self._alloc_detour()
+            try:
+                check_reach(addr, buf)
+                det = detour_code(buf, addr, disp)
+                self.core.text_poke_copy(buf, det.code.ljust(DETOUR_SIZE, b"\xcc"))
+            except BaseException:
+                self.execmem.free(buf, invalidate=False)
+                raise
+        except OptError as e:
+            raise KprobeError(f"cannot optimise {name}+{addr - fstart:#x}: {e}",
+                              reason="optimize", addr=addr) from None
+        s.detour = det
+        s.displaced = self._recovered(addr, n)
+        self._detours[det.call_int3] = s
+
+    def _alloc_detour(self) -> int:
+        return self.execmem.alloc(DETOUR_SIZE)
+
+    def unoptimize_kprobe(self, p: Kprobe) -> None:
+        self.unoptimize_kprobes([p])
+
+    def unoptimize_kprobes(self, probes: Iterable[Kprobe]) -> None:
+        """Back to INT3 probes, in one batch: each site gets INT3 plus its
+        original bytes, and a CPU that reaches it meanwhile emulates the
+        JMP32 to the detour (which stays until unregistration)."""
+        self._check_open()
+        with self.core.text_mutex:
+            sites = []
+            for p in probes:
+                s = self._sites.get(p.addr)
+                if s is not None and s.optimized and s not in sites:
+                    sites.append(s)
+            self._unoptimize(sites)
+
+    def _unoptimize(self, sites: list[_Site]) -> None:
+        if not sites:
+            return
+        with self.core.batch():
+            for s in sites:
+                new = bytes([INT3_INSN_OPCODE]) + s.displaced[1:RELATIVEJUMP_SIZE]
+                jmp = text_gen_insn(JMP32_INSN_OPCODE, s.addr, s.detour.addr)
+                self.core.smp_text_poke_batch_add(s.addr, new, emulate=jmp)
+        for s in sites:
+            s.optimized = False
+            self.stats.unoptimized += 1
+
+    def is_optimized(self, p: Kprobe) -> bool:
+        s = self._sites.get(p.addr)
+        return bool(s and s.optimized)
+
+    def site_info(self, p: Kprobe) -> dict:
+        s = self._sites.get(p.addr)
+        if s is None:
+            return {}
+        how = "optimized" if s.optimized else ("emulated" if s.emulate is not None else
+                                               ("boosted" if s.boosted else "single-step"))
+        return {"addr": s.addr, "insn": s.insn.text, "how": how, "slot": s.slot,
+                "detour": s.detour.addr if s.detour else None,
+                "displaced": len(s.displaced) if s.detour else 0}
