@@ -202,3 +202,29 @@ def test_debians_61_image_loads_as_the_61_line():
     assert k.table(".altinstructions").entry_size == 12
     assert k.table(".parainstructions").count > 1000
     assert ".call_sites" not in k.tables
+
+
+def test_an_image_of_an_unknown_line_is_refused_by_boot_in_one_line(tmp_path):
+    """Debian's 6.12 image with its banner rewritten to a 6.66 kernel: the
+    loader and ``textpoke boot --image`` refuse it in one line naming the
+    lines textpoke knows (exit 2, no traceback)."""
+    import subprocess
+    import sys
+    img = _cached("6.12.")
+    if img is None or not (img.parent / "System.map").exists():
+        pytest.skip("Debian's 6.12 cloud kernel is not cached (make kernel-images fetches it)")
+    from textpoke.images._bzimage import extract_elf
+    _, elf, _ = extract_elf(img.read_bytes())
+    version = img.parent.name.encode()
+    assert elf.count(b"Linux version " + version) >= 1
+    fake = version.replace(b"6.12.", b"6.66.", 1)
+    elf = elf.replace(b"Linux version " + version, b"Linux version " + fake)
+    f = tmp_path / "vmlinux-6.66"
+    f.write_bytes(elf)
+    r = subprocess.run([sys.executable, "-m", "textpoke", "boot", "--image", str(f),
+                        "--system-map", str(img.parent / "System.map"), "--no-progress"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "knows the 6.1 and 6.12 lines" in lines[0], r.stderr
+    assert "Linux 6.66" in lines[0]
