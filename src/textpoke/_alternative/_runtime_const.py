@@ -13,6 +13,7 @@ and a variable still 0 there has not been initialised yet (its
 
 from __future__ import annotations
 
+from ..images._kallsyms import with_prefix
 from ..images._tables_real import s32_table
 from ._kpasses import TableStats
 from ._ktext import KernelText
@@ -24,11 +25,9 @@ def runtime_const_sync(kt: KernelText) -> TableStats:
     st = TableStats()
     if kt.data is None:
         return st
-    for name, start in sorted(kt.symbols.items()):
-        for kind, width in (("ptr", 8), ("shift", 1)):
-            pre = f"__start_runtime_{kind}_"
-            if not name.startswith(pre):
-                continue
+    for kind, width in (("ptr", 8), ("shift", 1)):
+        pre = f"__start_runtime_{kind}_"
+        for name, start in with_prefix(kt.symbols, pre):
             var = name[len(pre):]
             stop = kt.opt(f"__stop_runtime_{kind}_{var}")
             addr = kt.opt(var)

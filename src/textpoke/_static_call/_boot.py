@@ -20,6 +20,7 @@ from __future__ import annotations
 from .._alternative._kpasses import CALL, INT3, JMP32, RET, TableStats
 from .._alternative._ktext import KernelBootError, KernelText
 from .._core._insn import x86_nops
+from ..images._kallsyms import with_prefix
 from ..images._tables_real import StaticCallSite
 
 __all__ = ["static_call_init", "static_call_sync", "sc_transform"]
@@ -97,11 +98,7 @@ def static_call_sync(kt: KernelText, sites: list[StaticCallSite],
         new = sc_transform(kt, s.addr, func, s.tail)
         st.applied += 1
         st.changed += kt.write(".static_call_sites", s.addr, new)
-    for name, tramp in kt.symbols.items():
-        if not name.startswith("__SCT__") or name.startswith("__SCT__tp_func_"):
-            pass
-        if not name.startswith("__SCT__"):
-            continue
+    for name, tramp in with_prefix(kt.symbols, "__SCT__"):
         key = kt.symbols.get("__SCK__" + name[7:])
         if key is None:
             continue

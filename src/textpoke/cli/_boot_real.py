@@ -31,7 +31,10 @@ def add_real_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image", metavar="IMG", type=input_file(IMAGE_MAX),
                    help="a bzImage (/boot/vmlinuz-*) or a vmlinux ELF to patch instead of the "
                         "bundled image")
-    g.add_argument("--system-map", metavar="MAP", type=input_file(MAP_MAX), help="System.map for the image's symbols")
+    g.add_argument("--system-map", metavar="MAP", type=input_file(MAP_MAX),
+                   help="not needed: the image carries its symbols (kallsyms); a System.map "
+                        "given is checked against them (refused if it is not this image's) and "
+                        "stands in for them only in a kernel built without kallsyms")
     g.add_argument("--cpu-caps", metavar="W0,W1,...", type=checked(cap_words, "u32 words"),
                    help="boot_cpu_data.x86_capability words (feature words, then bug words)")
     g.add_argument("--cpuinfo", metavar="FILE", type=input_file(TEXT_MAX), help="take feature names from a /proc/cpuinfo")

@@ -541,7 +541,7 @@ def textpoke_dump(kernel, image: RealKernelImage, ref: Reference, *, extra: tupl
     with tempfile.TemporaryDirectory(prefix="textpoke-dump-") as td:
         out = Path(td) / "dump.bin"
         argv = [sys.executable, "-m", "textpoke", "boot", "--image", str(kernel.vmlinuz),
-                "--system-map", str(kernel.system_map),
+                *(["--system-map", str(kernel.system_map)] if kernel.system_map else []),
                 "--cpu-caps", ",".join(f"{w:#x}" for w in ref.caps_before),
                 "--cpus", str(ref.smp), "--dump", str(out), "--no-progress"]
         if data:

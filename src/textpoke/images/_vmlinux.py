@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: GPL-2.0-only
-"""A real x86-64 Linux kernel image: a bzImage plus its ``System.map``, or a
-vmlinux with symbols (Debian's ``-dbg`` package).
+"""A real x86-64 Linux kernel image: a bzImage (``/boot/vmlinuz-*``) or a
+vmlinux, with the symbols it carries itself (its ``kallsyms`` tables, or a
+vmlinux's ``.symtab``); a ``System.map``, when given, is checked against
+them (or, for a kernel built without kallsyms, stands in for them).
 
 :func:`load_kernel` returns a :class:`RealKernelImage`: the allocated
 sections at the addresses the kernel runs them at (``.data..percpu`` is
@@ -10,9 +12,10 @@ memory layout from ``_text`` to ``_end`` (as the kernel's memory looks
 right after the decompressor; .bss and holes read as zeros), and views of
 the patching tables bounded by sections or by ``__start_*``/``__stop_*``
 symbols.  The image is checked against what it claims to be: x86-64,
-linked at the kernel's addresses, a map that agrees with the image
+linked at the kernel's addresses, symbols that agree with the image
 (``_text``, ``_etext``, the table bounds, and the ``linux_banner`` string
-read at its map address), and 6.12's table layouts (``struct alt_instr``
+read at its address; a given map must hold every symbol of the image's own
+at the same address), and 6.12's table layouts (``struct alt_instr``
 14 bytes packed; entries pointing into text).  Anything else raises
 :class:`ImageError` with one line.
 
@@ -23,7 +26,6 @@ symbols, ``.symtab`` -- and it reads a 60 MB image in well under a second.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import re
 import struct
@@ -32,6 +34,7 @@ from pathlib import Path
 
 from ._bzimage import SetupHeader, extract_elf, is_bzimage
 from ._elf import ElfImage, ElfSection, ImageError
+from ._kallsyms import Symbols, decode_kallsyms, parse_system_map, symbol_differences
 from ._lines import LINE_612, KernelLine, line_of
 
 __all__ = ["RealKernelImage", "TableView", "load_kernel", "load_system_map",
@@ -89,8 +92,7 @@ class RealKernelImage(ElfImage):
     tables: dict[str, TableView] = field(default_factory=dict)
     sha256: str = ""                # of the file given (bzImage or vmlinux)
     line: KernelLine | None = None  # the kernel line (layouts, passes, rules)
-    _sorted_addrs: tuple = ()
-    _sorted_names: tuple = ()
+    symbol_source: str = ""         # "kallsyms", ".symtab" or the System.map's path
 
     # -------------------------------------------------------------- layout
     def read(self, addr: int, n: int) -> bytes:
@@ -118,36 +120,23 @@ class RealKernelImage(ElfImage):
             raise ImageError(f"{self.path}: no table {name!r}") from None
 
     # ------------------------------------------------------------- symbols
+    # ``symbols`` is a :class:`~textpoke.images._kallsyms.Symbols`: these
+    # name addresses the way the kernel does (its preferred name first)
     def name_at(self, addr: int) -> str | None:
-        """The symbol exactly at *addr* (the first in map order), or None."""
-        i = bisect.bisect_left(self._sorted_addrs, addr)
-        if i < len(self._sorted_addrs) and self._sorted_addrs[i] == addr:
-            return self._sorted_names[i]
-        return None
+        """The symbol exactly at *addr*, or None."""
+        return self.symbols.name_at(addr)
 
     def symbolize(self, addr: int) -> tuple[str, int] | None:
         """(symbol, offset) of the nearest symbol at or below *addr*."""
-        i = bisect.bisect_right(self._sorted_addrs, addr) - 1
-        if i < 0:
-            return None
-        a = self._sorted_addrs[i]
-        # the first name at that address
-        j = bisect.bisect_left(self._sorted_addrs, a)
-        return self._sorted_names[j], addr - a
+        return self.symbols.symbolize(addr)
 
     def describe(self, addr: int) -> str:
-        s = self.symbolize(addr)
-        if s is None:
-            return f"{addr:#x}"
-        return f"{s[0]}+{s[1]:#x}" if s[1] else s[0]
+        return self.symbols.describe(addr)
 
     def symbol_size(self, name: str) -> int:
         """Size from the symbol table, else the distance to the next symbol."""
-        if self.sizes.get(name):
-            return self.sizes[name]
-        a = self.sym(name)
-        i = bisect.bisect_right(self._sorted_addrs, a)
-        return (self._sorted_addrs[i] - a) if i < len(self._sorted_addrs) else 0
+        self.sym(name)
+        return self.symbols.size(name)
 
     def function_bytes(self, name: str) -> bytes:
         return self.read(self.sym(name), self.symbol_size(name))
@@ -214,15 +203,19 @@ def _parse_elf(raw: bytes, path: str):
     return e_entry, shdrs, phdrs
 
 
-def _elf_symbols(raw: bytes, shdrs: list[_Shdr], path: str) -> tuple[dict, dict]:
+def _elf_symbols(raw: bytes, shdrs: list[_Shdr], path: str) -> Symbols | None:
+    """The ``.symtab``'s functions, objects and untyped symbols, with the
+    type letters ``nm`` would give them, or None without a ``.symtab``."""
     symtab = next((s for s in shdrs if s.type == _SHT_SYMTAB), None)
     if symtab is None:
-        return {}, {}
+        return None
     if symtab.offset + symtab.size > len(raw) or symtab.link >= len(shdrs):
         raise ImageError(f"{path}: .symtab runs past the end of the file: truncated ELF")
     st = shdrs[symtab.link]
     strs = raw[st.offset:st.offset + st.size]
-    syms: dict[str, int] = {}
+    letters = [("b" if s.type == _SHT_NOBITS else "t" if s.flags & _SHF_EXECINSTR
+                else "d" if s.flags & _SHF_WRITE else "r") for s in shdrs]
+    ents = []
     sizes: dict[str, int] = {}
     n = symtab.size // 24
     it = struct.iter_unpack("<IBBHQQ", raw[symtab.offset:symtab.offset + n * 24])
@@ -232,10 +225,28 @@ def _elf_symbols(raw: bytes, shdrs: list[_Shdr], path: str) -> tuple[dict, dict]
             continue
         j = strs.find(b"\0", nm)
         name = strs[nm:j].decode("ascii", "replace")
-        if name not in syms:
-            syms[name] = value
-            sizes[name] = size
-    return syms, sizes
+        bind = info >> 4
+        letter = "a" if shndx >= 0xff00 else letters[shndx] if shndx < len(letters) else "?"
+        letter = ("w" if typ == 1 else "W") if bind == 2 else \
+            letter.upper() if bind == 1 else letter
+        ents.append((value, letter, name, size))
+    ents.sort(key=lambda e: e[0])
+    for e in ents:              # a name defined twice: its lowest address's size
+        sizes.setdefault(e[2], e[3])
+    return Symbols.from_entries([e[:3] for e in ents], source=".symtab", sizes=sizes)
+
+
+def _kallsyms(elf: bytes, shdrs: list[_Shdr], path: str) -> Symbols | None:
+    """The kernel's own symbol table (``kallsyms_*`` in ``.rodata``), or
+    None when the image has none (``CONFIG_KALLSYMS=n``)."""
+    secs = [s for s in shdrs if s.name == ".rodata" and s.type != _SHT_NOBITS]
+    for s in secs:
+        try:
+            return decode_kallsyms(elf, lo=s.offset, hi=s.offset + s.size)
+        except ImageError as e:
+            if not str(e).startswith("no kallsyms tables"):
+                raise ImageError(f"{path}: {e}") from None
+    return None
 
 
 # ------------------------------------------------------------- System.map
@@ -252,31 +263,10 @@ def _read_input(source: "str | Path | bytes", path: str | None, default: str,
         raise ImageError(f"cannot read {what} {source}: {e.strerror}") from None
 
 
-def load_system_map(source: str | Path | bytes, path: str | None = None) -> dict[str, int]:
-    """name -> address from a ``System.map`` (first occurrence wins)."""
+def load_system_map(source: str | Path | bytes, path: str | None = None) -> Symbols:
+    """A ``System.map``'s symbols (a name defined twice: its lowest address)."""
     raw, path = _read_input(source, path, "<System.map>", "System.map")
-    syms: dict[str, int] = {}
-    bad = 0
-    for line in raw.splitlines():
-        parts = line.split()
-        try:
-            if len(parts) != 3 or len(parts[1]) != 1 or not 8 <= len(parts[0]) <= 16:
-                raise ValueError
-            addr = int(parts[0], 16)
-            name = parts[2].decode("ascii")
-        except (ValueError, UnicodeDecodeError):
-            bad += 1
-            if bad > 10 and not syms:
-                break
-            continue
-        if name not in syms:
-            syms[name] = addr
-    if not syms or bad > len(syms) // 100 + 10:
-        hint = ""
-        if b"real System.map is in" in raw:
-            hint = " (Debian's placeholder: the real one is in the -dbg package)"
-        raise ImageError(f"{path}: not a System.map{hint}")
-    return syms
+    return parse_system_map(raw, path)
 
 
 # ------------------------------------------------------------------ loading
@@ -298,6 +288,30 @@ def _run_addr(s: _Shdr, phdrs, path: str) -> int:
         if p_vaddr <= s.addr < p_vaddr + max(p_memsz, 1):
             return START_KERNEL_MAP + p_paddr + (s.addr - p_vaddr)
     raise ImageError(f"{path}: section {s.name} at {s.addr:#x} is in no loadable segment")
+
+
+def _lay_out(pieces: list[tuple[int, bytes]], size: int) -> bytes:
+    """*size* bytes with each (offset, data) of *pieces* in place and zeros
+    elsewhere (a later piece wins where two overlap).  One join when they
+    do not overlap: a 50 MB image is copied once, not three times."""
+    order = sorted(pieces, key=lambda p: p[0])
+    out: list[bytes] = []
+    pos = 0
+    for off, data in order:
+        if off < pos:
+            break
+        if off > pos:
+            out.append(bytes(off - pos))
+        out.append(data)
+        pos = off + len(data)
+    else:
+        if pos < size:
+            out.append(bytes(size - pos))
+        return b"".join(out)
+    mem = bytearray(size)
+    for off, data in pieces:
+        mem[off:off + len(data)] = data
+    return bytes(mem)
 
 
 def load_kernel(image: str | Path | bytes, system_map: str | Path | bytes | None = None,
@@ -332,16 +346,25 @@ def _load(raw: bytes, path: str, system_map) -> RealKernelImage:
         if s.type != _SHT_NOBITS and s.flags & _SHF_ALLOC and s.offset + s.size > len(elf):
             raise ImageError(f"{path}: section {s.name} runs past the end of the ELF "
                              f"({s.offset + s.size:#x} > {len(elf):#x}): truncated image")
-    elf_syms, elf_sizes = _elf_symbols(elf, shdrs, path)
+    # the image's own symbols: a vmlinux's .symtab, else its kallsyms
+    own = _elf_symbols(elf, shdrs, path) or _kallsyms(elf, shdrs, path)
     map_path = ""
     if map_syms is not None:
-        symbols = map_syms
         map_path = "<System.map>" if isinstance(system_map, (bytes, bytearray)) else str(system_map)
-        sizes = {}
-    elif elf_syms:
-        symbols, sizes = elf_syms, elf_sizes
+        if own is not None and own.source == "kallsyms":
+            diff = symbol_differences(own, map_syms, limit=1)
+            if diff:
+                raise ImageError(f"{map_path}: does not match {path} (not this image's "
+                                 f"System.map): {diff[0]}")
+            symbols = own         # the same, named the way the kernel names them
+        else:
+            symbols = map_syms
+    elif own is not None:
+        symbols = own
     else:
-        raise ImageError(f"{path}: the image has no symbols; give its System.map")
+        raise ImageError(f"{path}: the image has no symbols (no kallsyms, no .symtab): "
+                         f"give its System.map")
+    sizes = symbols.sizes
     for need in ("_text", "_etext", "_end", "linux_banner"):
         if need not in symbols:
             raise ImageError(f"{map_path or path}: no symbol {need!r}: not a kernel's symbols")
@@ -358,7 +381,7 @@ def _load(raw: bytes, path: str, system_map) -> RealKernelImage:
         raise ImageError(f"{map_path or path}: _end {end:#x} lies beyond the image's last "
                          f"section (which ends at {last:#x}): not this image's symbols")
     sections: dict[str, ElfSection] = {}
-    memory = bytearray(end - text_start)
+    pieces: list[tuple[int, bytes]] = []
     for s in shdrs:
         if not s.flags & _SHF_ALLOC or s.size == 0:
             continue
@@ -367,7 +390,8 @@ def _load(raw: bytes, path: str, system_map) -> RealKernelImage:
         data = bytes(s.size) if s.type == _SHT_NOBITS else elf[s.offset:s.offset + s.size]
         sections[s.name] = ElfSection(s.name, addr, data, kind)
         if kind != "bss" and text_start <= addr and addr + s.size <= end:
-            memory[addr - text_start: addr - text_start + s.size] = data
+            pieces.append((addr - text_start, data))
+    memory = _lay_out(pieces, end - text_start)
     text = sections.get(".text")
     if text is None or text.kind != "text":
         raise ImageError(f"{path}: no executable .text section")
@@ -422,13 +446,12 @@ def _load(raw: bytes, path: str, system_map) -> RealKernelImage:
                                  holder.name)
     _check_layouts(path, tables, sections, symbols, line)
 
-    order = sorted(((a, n) for n, a in symbols.items()), key=lambda t: t[0])
     return RealKernelImage(
         path=path, entry=entry, sections=sections, symbols=symbols, sizes=sizes, raw=elf,
         version=version, banner=banner, setup=setup, compression=compression,
         map_path=map_path, text_start=text_start, end=end, memory=bytes(memory),
         tables=tables, sha256=sha, line=line,
-        _sorted_addrs=tuple(a for a, _ in order), _sorted_names=tuple(n for _, n in order))
+        symbol_source=map_path if symbols is map_syms else symbols.source)
 
 
 def _check_layouts(path, tables, sections, symbols, line: KernelLine) -> None:
@@ -508,12 +531,13 @@ class DebianKernel:
     release: str                # "6.12.117+deb12-cloud-amd64" (uname -r)
     package_version: str        # "6.12.117-1~deb12u1"
     vmlinuz: Path
-    system_map: Path
+    system_map: Path | None     # only when asked for (it is in the -dbg package)
     config: Path
     vmlinux: Path | None = None
 
     def load(self) -> RealKernelImage:
-        return load_kernel(self.vmlinuz, self.system_map)
+        """The image, with the symbols it carries itself."""
+        return load_kernel(self.vmlinuz)
 
 
 class KernelUnavailable(RuntimeError):
@@ -556,14 +580,16 @@ def newest_cloud_release(series: str = "6.12") -> str:
     return max(rels, key=functools.cmp_to_key(cmp))
 
 
-def ensure_debian_kernel(release: str | None = None, *, with_vmlinux: bool = False,
-                         cache: Path | None = None) -> DebianKernel:
+def ensure_debian_kernel(release: str | None = None, *, with_system_map: bool = False,
+                         with_vmlinux: bool = False, cache: Path | None = None) -> DebianKernel:
     """Fetch (once) and cache Debian's cloud kernel *release* (default: the
     newest 6.12 apt knows, or ``$TEXTPOKE_KERNEL_RELEASE``): its bzImage and
-    config from the ``-unsigned`` package and the real ``System.map`` (the
-    image package carries only a placeholder) from the ``-dbg`` package --
-    plus the 340 MB vmlinux with DWARF when *with_vmlinux*.  Raises
-    :class:`KernelUnavailable` when apt cannot provide them."""
+    config from the ``-unsigned`` package (~34 MB), which is all textpoke
+    needs (the image carries its symbols).  The ``-dbg`` package (~320 MB)
+    is fetched only for what only it has: the real ``System.map`` (the
+    image package's is a placeholder) with *with_system_map*, the vmlinux
+    with DWARF with *with_vmlinux*.  Raises :class:`KernelUnavailable`
+    when apt cannot provide them."""
     import os
     import shutil
     import subprocess
@@ -584,15 +610,20 @@ def ensure_debian_kernel(release: str | None = None, *, with_vmlinux: bool = Fal
                 release = max(done, key=_release_key)
     d = root / release
     meta = d / "meta.json"
-    if meta.exists():
+    smap, vmlinux = d / "System.map", d / "vmlinux"
+    have_image = meta.exists() and (d / "vmlinuz").exists() and (d / "config").exists()
+    want_dbg = [(f"System.map-{release}", smap) for w in [with_system_map] if w and not smap.exists()]
+    want_dbg += [(f"vmlinux-{release}", vmlinux) for w in [with_vmlinux] if w and not vmlinux.exists()]
+    if have_image and not want_dbg:
         m = json_load(meta)
-        vmlinux = d / "vmlinux"
-        if not with_vmlinux or vmlinux.exists():
-            return DebianKernel(release, m["package_version"], d / "vmlinuz", d / "System.map",
-                                d / "config", vmlinux if vmlinux.exists() else None)
+        return DebianKernel(release, m["package_version"], d / "vmlinuz",
+                            smap if smap.exists() else None, d / "config",
+                            vmlinux if vmlinux.exists() else None)
     debs = root / "debs"
     debs.mkdir(parents=True, exist_ok=True)
-    pkgs = {"image": f"linux-image-{release}-unsigned", "dbg": f"linux-image-{release}-dbg"}
+    pkgs = {"image": f"linux-image-{release}-unsigned"}
+    if want_dbg:
+        pkgs["dbg"] = f"linux-image-{release}-dbg"
     files = {}
     for what, pkg in pkgs.items():
         found = sorted(debs.glob(f"{pkg}_*_amd64.deb"))
@@ -605,32 +636,32 @@ def ensure_debian_kernel(release: str | None = None, *, with_vmlinux: bool = Fal
     pkgver = files["image"].name.split("_")[1].replace("%7e", "~").replace("%3a", ":")
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
     try:
-        _run(["dpkg-deb", "-x", str(files["image"]), str(tmp)])
-        boot = tmp / "boot"
-        want = [f"./usr/lib/debug/boot/System.map-{release}"]
-        if with_vmlinux:
-            want.append(f"./usr/lib/debug/boot/vmlinux-{release}")
-        tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(files["dbg"])],
-                               stdout=subprocess.PIPE)
-        r = subprocess.run(["tar", "-x", "-C", str(tmp), *want], stdin=tar.stdout,
-                           capture_output=True, text=True, check=False)
-        tar.stdout.close()
-        tar.wait()
-        if r.returncode:
-            raise KernelUnavailable(f"cannot extract {' '.join(want)} from {files['dbg'].name}: "
-                                    f"{r.stderr.strip()[-200:]}")
         d.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(boot / f"vmlinuz-{release}"), d / "vmlinuz")
-        shutil.move(str(boot / f"config-{release}"), d / "config")
-        dbgboot = tmp / "usr/lib/debug/boot"
-        shutil.move(str(dbgboot / f"System.map-{release}"), d / "System.map")
-        if with_vmlinux:
-            shutil.move(str(dbgboot / f"vmlinux-{release}"), d / "vmlinux")
+        if not have_image:
+            _run(["dpkg-deb", "-x", str(files["image"]), str(tmp)])
+            boot = tmp / "boot"
+            shutil.move(str(boot / f"vmlinuz-{release}"), d / "vmlinuz")
+            shutil.move(str(boot / f"config-{release}"), d / "config")
+        if want_dbg:
+            names = [f"./usr/lib/debug/boot/{n}" for n, _ in want_dbg]
+            tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(files["dbg"])],
+                                   stdout=subprocess.PIPE)
+            r = subprocess.run(["tar", "-x", "-C", str(tmp), *names], stdin=tar.stdout,
+                               capture_output=True, text=True, check=False)
+            tar.stdout.close()
+            tar.wait()
+            if r.returncode:
+                raise KernelUnavailable(f"cannot extract {' '.join(names)} from "
+                                        f"{files['dbg'].name}: {r.stderr.strip()[-200:]}")
+            for n, dest in want_dbg:
+                shutil.move(str(tmp / "usr/lib/debug/boot" / n), dest)
+        old = json_load(meta).get("debs", []) if meta.exists() else []
         meta.write_text(json_dump({"release": release, "package_version": pkgver,
-                                   "debs": [f.name for f in files.values()]}))
+                                   "debs": sorted({*old, *(f.name for f in files.values())})}))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ensure_debian_kernel(release, with_vmlinux=with_vmlinux, cache=cache)
+    return ensure_debian_kernel(release, with_system_map=with_system_map,
+                                with_vmlinux=with_vmlinux, cache=cache)
 
 
 def _release_key(rel: str) -> tuple:
