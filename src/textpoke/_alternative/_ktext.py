@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from .._errors import TextPokeError
+from ..images._kallsyms import Symbols
 from ..images._lines import LINE_612, LINES, KernelLine
 
 __all__ = ["KernelText", "CpuCaps", "KernelBootError", "Change"]
@@ -194,6 +195,9 @@ class KernelText:
 
     # ------------------------------------------------------------ symbols
     def describe(self, addr: int) -> str:
+        if isinstance(self.symbols, Symbols):
+            # a real image's table: named as the kernel names it (%pS)
+            return self.symbols.describe(addr, lo=self.base)
         if self._sorted is None:
             items = sorted((a, n) for n, a in self.symbols.items()
                            if self.base <= a < self.base + len(self.buf))
