@@ -598,7 +598,8 @@ def ensure_debian_kernel(release: str | None = None, *, with_system_map: bool = 
     release = release or os.environ.get("TEXTPOKE_KERNEL_RELEASE")
     if release is None:
         # the newest release already cached, unless asked to look again
-        done = sorted(p.parent.name for p in root.glob("*/meta.json"))
+        # (the 6.12 cloud build: other lines and flavours are asked for by release)
+        done = sorted(p.parent.name for p in root.glob("6.12.*-cloud-amd64/meta.json"))
         if done and not os.environ.get("TEXTPOKE_KERNEL_REFRESH"):
             release = max(done, key=_release_key)
         else:
