@@ -109,12 +109,25 @@ def _command_in(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """The ``textpoke`` command.  Called with *argv* (a program or a test
     calling in), the process's previous signal handlers are put back on
-    return; as the console script, they stay until the process exits."""
+    return; as the console script (no *argv*) the process ends here, with
+    the exit status, so that a signal arriving at any moment up to the end
+    still makes it 130/143."""
     from . import _signals
     saved = _signals.save() if argv is not None else None
     _signals.install()
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        return _signals.status_for(_main(sys.argv[1:] if argv is None else list(argv)))
+        try:
+            code = _main(args)
+        except (KeyboardInterrupt, _signals.Terminated) as e:
+            code = _interrupted_early(args, e)
+        if saved is None:           # the console script: nothing runs after us
+            _signals.exit_now(code)
+        return _signals.status_for(code)
+    except SystemExit as e:         # argparse: --help, a usage error
+        if saved is None and isinstance(e.code, int):
+            _signals.exit_now(e.code)
+        raise
     finally:
         if saved is not None:
             _signals.restore(saved)
@@ -122,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     if argv == ["--version"]:            # the common probe: no parser at all
-        print(f"textpoke {__version__}")
+        try:
+            print(f"textpoke {__version__}", flush=True)
+        except BrokenPipeError:
+            from ._contract import pipe_closed
+            return pipe_closed()
         return EXIT_OK
     from . import _contract
     from ._signals import Terminated, exit_status
@@ -142,6 +159,16 @@ def _main(argv: list[str]) -> int:
             return _contract.pipe_closed()
     except (KeyboardInterrupt, Terminated) as e:   # a second signal while reporting
         return exit_status(e)
+
+
+def _interrupted_early(argv: list[str], exc: BaseException) -> int:
+    """A signal before _main's own handling was set up (while importing
+    its helpers): the same fallback report."""
+    from . import _contract
+    run = _contract.current()
+    if run is None or run.argv is not argv:
+        run = _contract.begin(argv)
+    return run.interrupted_fallback(exc)
 
 
 def _dispatch(args) -> int:

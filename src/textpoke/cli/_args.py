@@ -86,6 +86,7 @@ def int_in(b: Bounds) -> Callable[[str], int]:
         v = _int(text)
         raise argparse.ArgumentTypeError(f"must be from {b}, got {v if text.strip() else text!r}")
     convert.__name__ = f"integer in {b}"
+    convert.bounds = b            # type: ignore[attr-defined]  (for tests: the declared range)
     return convert
 
 
@@ -102,6 +103,7 @@ def checked(check: Callable[[str], object], name: str) -> Callable[[str], str]:
             raise argparse.ArgumentTypeError(msg) from None
         return text
     convert.__name__ = name
+    convert.checked = True        # type: ignore[attr-defined]
     return convert
 
 
@@ -112,6 +114,8 @@ def power_of_two(b: Bounds) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be a power of two from {b}, got {text}")
         return v
     convert.__name__ = f"power of two in {b}"
+    convert.bounds = b            # type: ignore[attr-defined]
+    convert.power_of_two = True   # type: ignore[attr-defined]
     return convert
 
 
@@ -122,6 +126,7 @@ def choice_of(names: list[str] | tuple[str, ...], what: str) -> Callable[[str], 
             raise argparse.ArgumentTypeError(f"unknown {what} {text!r} (choose from {', '.join(names)})")
         return text
     convert.__name__ = what
+    convert.choices = tuple(names)  # type: ignore[attr-defined]
     return convert
 
 

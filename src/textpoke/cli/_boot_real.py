@@ -302,6 +302,9 @@ def run_real(args: argparse.Namespace) -> int:
                              "before": disassemble(before[n][1], before[n][0]),
                              "after": disassemble(after[n][1], after[n][0])} for n in names}
     if args.json:
+        doc["interrupted"], doc["int3_left"] = False, None
+        doc["int3_left_reason"] = ("the passes patched a copy of the image's memory in this "
+                                   "process: no INT3 is written, nothing runs it")
         out.emit_json(doc)
     else:
         _print(doc, res.debug)

@@ -93,10 +93,14 @@ def _pre(what: str) -> str:
 def input_file(limit: int):
     """An argparse ``type``: an input file checked by :func:`check_input`."""
     from ._args import checked
-    return checked(lambda p: check_input(p, limit, ""), f"a regular file of at most {limit:,} bytes")
+    t = checked(lambda p: check_input(p, limit, ""), f"a regular file of at most {limit:,} bytes")
+    t.file = "input"              # type: ignore[attr-defined]  (for tests)
+    return t
 
 
 def output_file():
     """An argparse ``type``: an output path checked by :func:`check_output`."""
     from ._args import checked
-    return checked(lambda p: check_output(p, ""), "a writable file")
+    t = checked(lambda p: check_output(p, ""), "a writable file")
+    t.file = "output"             # type: ignore[attr-defined]
+    return t

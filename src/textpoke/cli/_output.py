@@ -40,7 +40,12 @@ def emitted() -> bool:
 def console(stderr: bool = False):
     """A rich console; one that does not write to a terminal never cuts a
     line to 80 columns (tables come out whole)."""
-    from rich.console import Console
+    from rich.console import Console as _Console
+
+    class Console(_Console):
+        def on_broken_pipe(self) -> None:
+            # rich would exit 1 here; the entry point decides (141)
+            raise BrokenPipeError(32, "Broken pipe")
     stream = sys.stderr if stderr else sys.stdout
     try:
         tty = stream.isatty()

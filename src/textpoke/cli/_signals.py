@@ -22,6 +22,7 @@ still says one arrived), so that a report is never cut in half.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -43,6 +44,7 @@ def exit_status(exc: BaseException) -> int:
 _quiet = False            # set once a signal has been raised, or while reporting
 _arrived: int | None = None   # the first signal that arrived (recorded even when quiet)
 _installed = False
+_final = False            # the exit status is decided: a signal now changes only it
 
 
 def arrived() -> int | None:
@@ -69,6 +71,8 @@ def _handler(signum: int, _frame: object) -> None:
     global _quiet, _arrived
     if _arrived is None:
         _arrived = signum
+    if _final:
+        exit_now(0)       # on the way out: the report is complete, the status says it
     if _quiet:
         return
     _quiet = True
@@ -82,11 +86,25 @@ def _handler(signum: int, _frame: object) -> None:
     core.deliver_interrupt(exc)
 
 
+def exit_now(code: int) -> None:
+    """End the process with *code* (130/143 if a signal arrived) at once:
+    no interpreter finalisation, during which Python puts the default
+    handlers back and a late SIGTERM would kill the process silently."""
+    global _final
+    _final = True
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:
+            pass
+    os._exit(status_for(code))
+
+
 def install() -> None:
     """Install the CLI's SIGINT/SIGTERM handlers (main thread only).  Cheap:
     imports nothing.  Idempotent; resets the record of arrived signals."""
-    global _quiet, _arrived, _installed
-    _quiet, _arrived = False, None
+    global _quiet, _arrived, _installed, _final
+    _quiet, _arrived, _final = False, None, False
     if _installed:
         return
     try:

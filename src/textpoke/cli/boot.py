@@ -27,7 +27,7 @@ from ..sim._boot import boot_kernel_image
 from . import _output as out
 from ._args import CPUS, Bounds, UsageError, checked, int_in, number
 from ._boot_real import add_real_arguments, refuse_real_only, run_real
-from ._signals import Terminated
+from ._signals import Terminated, reporting
 
 __all__ = ["add_arguments", "disassemble", "run", "run_boot"]
 
@@ -210,6 +210,7 @@ def _run(args: argparse.Namespace) -> int:
             e.textpoke_core = _ReadBack(core.int3_left())
             raise
         after = {n: sim.text_read(a, s) for n, (a, s) in ranges.items()}
+        left = core.int3_left()
     disasm = {n: {"addr": ranges[n][0], "size": ranges[n][1],
                   "before": disassemble(before[n], ranges[n][0]),
                   "after": disassemble(after[n], ranges[n][0])} for n in ranges}
@@ -220,10 +221,12 @@ def _run(args: argparse.Namespace) -> int:
         doc["image"] = KERNEL_IMAGE
         if disasm:
             doc["disasm"] = disasm
+        doc["interrupted"], doc["int3_left"] = False, left
+        reporting()
         out.emit_json(doc)
     else:
         _print_boot(result, disasm, mask, DA_ALL)
-    return 0 if result.ok else 1
+    return 0 if result.ok and not left else 1
 
 
 def _print_boot(r: Any, disasm: dict, mask: int, da_all: int) -> None:

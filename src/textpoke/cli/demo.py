@@ -195,7 +195,8 @@ def _clients(args) -> bool:
     try:
         for step in _CLIENT_STEPS:
             line, ok = step(cpus, args.seed, hold)
-            hold.pop().close()
+            while hold:
+                hold.pop().close()
             failed |= not ok
             out.print_plain(line + ("" if ok else "  [FAILED]"))
     except (KeyboardInterrupt, Terminated) as e:
