@@ -17,13 +17,11 @@ import difflib
 from typing import Any
 
 from .._alternative import DA_ALL, DEFAULT_FEATURES, alternative_instructions, parse_debug_alternative
-from .._core import TextPoke
 from .._core._insn import insn_decode_kernel
 from .._errors import BadInstructionError
 from ..images import load_bundled
 from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import X86_FEATURES, feature_number
-from ..sim._boot import boot_kernel_image
 from . import _output as out
 from ._args import CPUS, Bounds, UsageError, checked, int_in, number
 from ._boot_real import add_real_arguments, refuse_real_only, run_real
@@ -197,6 +195,8 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(f"unknown symbol {name!r} in {KERNEL_IMAGE}{hint}")
     mask = parse_debug_alternative(args.debug_alternative) if args.debug_alternative else 0
 
+    from .._core import TextPoke
+    from ..sim._boot import boot_kernel_image      # Unicorn: only when a boot runs
     sim, image, tables = boot_kernel_image(args.cpus, image)
     with sim, TextPoke(sim) as core:
         ranges = {n: _function_range(image, n) for n in args.disasm or ()}
