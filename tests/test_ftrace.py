@@ -14,8 +14,7 @@ import pytest
 from textpoke import CALL_INSN_OPCODE, text_gen_insn, x86_nops
 from textpoke import FtraceBugError, FtraceFilterError, TraceEntry
 from textpoke._ftrace import format_trace_line
-from textpoke.selftests import expected_hits, ftrace_selftest
-from textpoke.selftests._ftrace import DEMO_FUNCTIONS
+from textpoke.selftests import DEMO_FUNCTIONS, expected_hits, ftrace_selftest
 from textpoke.sim._ftrace_work import FtraceMachine
 
 have_gcc = all(shutil.which(t) for t in ("gcc", "as", "ld"))

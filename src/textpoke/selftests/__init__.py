@@ -6,7 +6,7 @@ written against a :class:`~textpoke.kernel.Kernel` and a
 :class:`ClientRig` -- the probe loop running on every CPU -- so that they
 need only the machine's protocol and capabilities, never a backend."""
 
-from ._ftrace import FtraceRig, FtraceSelfTest, expected_hits, ftrace_selftest
+from ._ftrace import DEMO_FUNCTIONS, FtraceRig, FtraceSelfTest, expected_hits, ftrace_selftest
 from ._kprobes import RAND1, kprobes_selftest
 from ._module import module_selftest
 from ._result import SelfTestResult
@@ -15,4 +15,4 @@ from ._static import many_key_flip, static_call_selftest, static_keys_selftest
 
 __all__ = ["ClientRig", "SelfTestResult", "kprobes_selftest", "module_selftest", "RAND1",
            "static_keys_selftest", "static_call_selftest", "many_key_flip",
-           "FtraceRig", "FtraceSelfTest", "ftrace_selftest", "expected_hits"]
+           "FtraceRig", "FtraceSelfTest", "ftrace_selftest", "expected_hits", "DEMO_FUNCTIONS"]
