@@ -183,3 +183,15 @@ def test_the_sim_rigs_give_what_the_selftests_use():
             missing = sorted(n for n in _protocol_members(proto) if not hasattr(rig, n))
             assert not missing, f"{rig_cls.__name__} lacks {missing}"
             assert rig.kernel.machine is rig.sim
+
+
+def test_the_readmes_client_tour_runs(capsys):
+    """The README's tour of the clients is code that runs as printed."""
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## The clients, and a booted kernel that creates them"):]
+    start = section.index("```python\n") + len("```python\n")
+    code = section[start:section.index("\n```", start)]
+    assert "Kernel.start" in code
+    exec(compile(code, "README.md (client tour)", "exec"), {})
+    assert "<Kernel on the sim machine: keys, calls, ftrace, kprobes>" in capsys.readouterr().out
