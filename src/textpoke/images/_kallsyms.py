@@ -217,8 +217,9 @@ class Symbols(dict):
         """(name, address) of every distinct name starting with *prefix*,
         sorted by name (one regex scan of all names, no sort of them)."""
         if self._text is None:
-            self._text = "\n".join(self.names)
-        found = re.findall("^" + re.escape(prefix) + "[^\n]*", self._text, re.M)
+            self._text = "\n" + "\n".join(self.names)
+        # a pattern that starts with a literal: the engine skips to it
+        found = re.findall("\n(" + re.escape(prefix) + "[^\n]*)", self._text)
         return [(n, self[n]) for n in sorted(set(found))]
 
     def __reduce__(self):
