@@ -134,7 +134,8 @@ class CpuCaps:
 class KernelText:
     """The kernel's memory from *base* (``_text``) on, rewritten in place.
 
-    *symbols* is the System.map; *exec_ranges* the executable sections
+    *symbols* are the image's (a :class:`~textpoke.images._kallsyms.Symbols`,
+    or any name -> address mapping); *exec_ranges* the executable sections
     (name, start, end).  *data* is what data reads see (default: the
     buffer itself, i.e. the image's initial data)."""
 
