@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from textpoke import JumpLabelError, StaticKeyError, StaticKeys, UnknownKeyError, x86_nops
+import dataclasses
+
+from textpoke import JumpLabelError, StaticKeys, UnknownKeyError, x86_nops
+from textpoke._jump_label import StaticKeyWarning
 from textpoke.images._tables_clients import parse_jump_table
 from textpoke.selftests import many_key_flip, static_keys_selftest
 from textpoke.sim._clients_demo import ClientMachine
@@ -93,8 +96,11 @@ def test_reference_counts(cm):
     keys.static_branch_dec("jl_key_many_1")
     assert not keys.static_key_enabled("jl_key_many_1")
     assert cm.core.stats.batches - b0 == 2               # only 0->1 and 1->0 patch
-    with pytest.raises(StaticKeyError):
+    # a dec at 0 is the kernel's WARN and nothing else: no raise, no change
+    with pytest.warns(StaticKeyWarning, match="already 0"):
         keys.static_branch_dec("jl_key_many_1")
+    assert keys.static_key_count("jl_key_many_1") == 0 and len(keys.warnings) == 1
+    assert cm.core.stats.batches - b0 == 2
     # the count is mirrored into the guest's struct static_key
     keys.static_branch_inc("jl_key_many_1")
     assert int.from_bytes(cm.sim.mem_read(keys.key("jl_key_many_1").addr, 4), "little") == 1
@@ -147,3 +153,72 @@ def test_cli_keys_selftest_json_and_exit_codes(capsys):
     assert main(["keys", "--enable", "jl_key_many_100", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["actions"][0]["entries"] == 100 and d["actions"][0]["batches"] == 1
+
+
+def _watch_key_during_writes(cm, key):
+    """Record what the guest reads in *key*'s ``enabled`` each time the
+    machine writes text."""
+    m, seen = cm.core.machine, []
+    orig_one, orig_many = m.text_poke_write, m.text_poke_write_many
+
+    def one(addr, data):
+        seen.append(int.from_bytes(m.mem.read(key.addr, 4), "little", signed=True))
+        return orig_one(addr, data)
+
+    def many(writes):
+        seen.append(int.from_bytes(m.mem.read(key.addr, 4), "little", signed=True))
+        return orig_many(writes)
+
+    m.text_poke_write, m.text_poke_write_many = one, many
+    return seen
+
+
+@pytest.mark.parametrize("how", ["enable", "inc"])
+def test_guest_reads_minus_one_while_enabling_and_zero_while_disabling(cm, how):
+    keys = cm.keys
+    k = keys.key("jl_key_many_100")
+    seen = _watch_key_during_writes(cm, k)
+    (keys.static_key_enable if how == "enable" else keys.static_branch_inc)(k)
+    # every text write of the enable happened while the guest read -1
+    assert seen and set(seen) == {-1}
+    assert int.from_bytes(cm.sim.mem_read(k.addr, 4), "little", signed=True) == 1
+    seen.clear()
+    (keys.static_key_disable if how == "enable" else keys.static_branch_dec)(k)
+    assert seen and set(seen) == {0}
+    assert int.from_bytes(cm.sim.mem_read(k.addr, 4), "little", signed=True) == 0
+
+
+def test_refused_enable_leaves_the_guest_key_at_its_old_value(cm):
+    keys = cm.keys
+    k = keys.key("jl_key_many_100")
+    cm.core.text_poke_early(k.sites[3].entry.code, b"\xcc" * 5)
+    with pytest.raises(JumpLabelError):
+        keys.static_key_enable(k)
+    assert int.from_bytes(cm.sim.mem_read(k.addr, 4), "little", signed=True) == 0
+
+
+def test_init_and_exit_sites_are_not_updated_after_boot(cm):
+    keys = cm.keys
+    k = keys.key("jl_key_many_100")
+    # mark one site as init text (jump_label_init's mark), and move one
+    # outside every text range (built-in __exit code is not kernel text)
+    init_site = k.sites[10]
+    k.sites[10] = dataclasses.replace(init_site, entry=dataclasses.replace(init_site.entry,
+                                                                            init=True))
+    exit_site = k.sites[20]
+    outside = max(r.end for r in cm.core.machine.text_ranges) + 0x1000
+    k.sites[20] = dataclasses.replace(exit_site, entry=dataclasses.replace(
+        exit_site.entry, code=outside, target=outside + 0x20))
+    before = cm.sim.text_read(init_site.entry.code, 5)
+    with pytest.warns(StaticKeyWarning, match="can't patch jump_label"):
+        keys.static_key_enable(k)
+    assert keys.site_state(k.sites[0].entry) == keys.jump_label_type(k.sites[0].entry)
+    assert cm.sim.text_read(init_site.entry.code, 5) == before       # init: left alone
+    assert keys.updates == 1 and keys.entries_patched == 98
+    # while booting, init sites are written (the outside one never is)
+    with pytest.warns(StaticKeyWarning):
+        keys.static_key_disable(k)
+    keys.booting = True
+    with pytest.warns(StaticKeyWarning):
+        keys.static_key_enable(k)
+    assert cm.sim.text_read(init_site.entry.code, 5) != before

@@ -8,6 +8,7 @@ __all__ = ["jump_label_init", "jump_label_sync", "jump_label_code"]
 
 # run-time static keys (textpoke._jump_label._keys)
 from ._keys import (JumpLabelError, StaticKey, StaticKeyError, StaticKeys,  # noqa: E402
-                    UnknownKeyError)
+                    StaticKeyWarning, UnknownKeyError)
 
-__all__ += ["StaticKeys", "StaticKey", "JumpLabelError", "StaticKeyError", "UnknownKeyError"]
+__all__ += ["StaticKeys", "StaticKey", "JumpLabelError", "StaticKeyError", "StaticKeyWarning",
+            "UnknownKeyError"]

@@ -24,8 +24,20 @@ Reference counts as ``kernel/jump_label.c`` keeps them:
 ``static_key_enable``/``disable`` set the count to 1/0 (a key counted
 above 1 is left alone by ``enable``; ``disable`` of a key counted other
 than 1 does nothing), ``static_branch_inc``/``dec`` count, patching only
-on the 0 <-> 1 transitions; a ``dec`` below zero is refused with
-:class:`StaticKeyError`.  The count is mirrored into the guest's key.
+on the 0 <-> 1 transitions.  A ``dec`` of a key already at 0 is the
+kernel's WARN and nothing else: a :class:`StaticKeyWarning`, recorded in
+:attr:`StaticKeys.warnings`, and no change.  The count is mirrored into
+the guest's key in the kernel's order: on the 0 -> 1 path the guest reads
+-1 ("enabling in progress", which ``static_key_count`` reports as 1) while
+the sites are written and 1 once they are all written; on 1 -> 0 it reads
+0 before the first site is written.
+
+Which entries an update writes (``jump_label_can_update``): after boot
+(:attr:`StaticKeys.booting` false, the default -- a :class:`StaticKeys`
+is made over a booted kernel) entries marked as init text are left alone,
+and so is an entry outside the machine's text (the kernel's built-in
+``__exit`` code, which is in no text range at run time); one that is not
+marked init is warned about, as the kernel does.
 
 Modules add their entries with :meth:`StaticKeys.add_module_entries` (the
 sites are put in the key's current state by the module loader before the
@@ -40,6 +52,7 @@ Rules learnt from ``kernel/jump_label.c`` and ``arch/x86/kernel/jump_label.c``
 from __future__ import annotations
 
 import struct
+import warnings as _warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -48,7 +61,8 @@ from .._errors import BadInstructionError, TextPokeError
 from ..images._tables import JumpEntry, read_tables
 from ..images._tables_clients import SymbolMap
 
-__all__ = ["StaticKeys", "StaticKey", "JumpLabelError", "StaticKeyError", "UnknownKeyError",
+__all__ = ["StaticKeys", "StaticKey", "JumpLabelError", "StaticKeyError", "StaticKeyWarning",
+           "UnknownKeyError",
            "JUMP_LABEL_NOP", "JUMP_LABEL_JMP"]
 
 JUMP_LABEL_NOP = 0
@@ -68,6 +82,11 @@ class JumpLabelError(BadInstructionError):
 
 class StaticKeyError(TextPokeError, ValueError):
     """A reference-count operation the key's state does not allow."""
+
+
+class StaticKeyWarning(UserWarning):
+    """What the kernel WARNs about and then carries on from (a ``dec`` of
+    a key at 0, a site it cannot patch)."""
 
 
 class UnknownKeyError(TextPokeError, LookupError):
@@ -120,6 +139,10 @@ class StaticKeys:
         for n, a in symbols.items():
             self._names.setdefault(a, []).append(n)
         self.updates = 0            # jump_label_update calls that wrote something
+        #: system_state < SYSTEM_RUNNING: init-text entries may be written
+        self.booting = False
+        #: the kernel's WARNs, in order (each also a StaticKeyWarning)
+        self.warnings: list[str] = []
         self.entries_patched = 0
         for e in entries:
             self._key_at(e.key).sites.append(_Site(e, self._entry_size(e.code), ""))
@@ -198,7 +221,9 @@ class StaticKeys:
     def static_branch_dec(self, key) -> None:
         k = self.key(key)
         if k.enabled <= 0:
-            raise StaticKeyError(f"static_branch_dec({k.name}): the count is already 0")
+            # an unbalanced dec: the kernel warns and leaves the key alone
+            self._warn(f"static_branch_dec({k.name}): the count is already 0; nothing done")
+            return
         if k.enabled > 1:
             k.enabled -= 1
             self._mirror(k)
@@ -212,20 +237,43 @@ class StaticKeys:
     static_branch_disable = static_key_disable
 
     def _set(self, k: StaticKey, count: int) -> None:
+        """0 -> 1 or 1 -> 0 with the sites.  What the guest reads in the key
+        while the sites change is the kernel's: -1 (counted as enabled) on
+        the way up, published as 1 only after the last site is written;
+        0 on the way down, before the first site is written."""
         old = k.enabled
         k.enabled = count
         try:
+            self._mirror(k, -1 if count > 0 else 0)
             self.jump_label_update(k, was=old > 0)
         except BaseException:
             k.enabled = old
+            self._mirror(k)
             raise
         self._mirror(k)
 
-    def _mirror(self, k: StaticKey) -> None:
+    def _mirror(self, k: StaticKey, value: int | None = None) -> None:
         try:
-            self.machine.mem.write(k.addr, struct.pack("<i", k.enabled))
+            self.machine.mem.write(k.addr, struct.pack("<i", k.enabled if value is None
+                                                       else value))
         except Exception:
             pass        # keys outside the machine's data (a bare MemoryMachine)
+
+    def _warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+        _warnings.warn(msg, StaticKeyWarning, stacklevel=3)
+
+    def can_update(self, s: _Site) -> bool:
+        """``jump_label_can_update``: init-text entries only while booting;
+        nothing outside the machine's text (built-in ``__exit`` code)."""
+        e = s.entry
+        if e.init and not self.booting:
+            return False
+        if not self.machine.is_text(e.code, s.size):
+            if not e.init:
+                self._warn(f"can't patch jump_label at {self.describe(e.code)} [{e.code:#x}]")
+            return False
+        return True
 
     # ----------------------------------------------------------- code
     def _entry_size(self, addr: int) -> int:
@@ -295,6 +343,8 @@ class StaticKeys:
             return 0
         plan = []
         for s in k.sites:
+            if not self.can_update(s):
+                continue
             type_ = self.jump_label_type(s.entry, enabled)
             new, expect = self._patch(s, type_)
             self._check(s, new, expect)
