@@ -11,6 +11,7 @@ Subcommands (each takes ``--pid``; those that patch take ``--strategy``):
   toggle  switch fentry sites to ``call SYMBOL`` or back to NOP5, in one batch
   count   count calls of the matching functions for a while, like bcc's
           funccount, with stubs injected into the process (no trap per hit)
+  recover undo what a patcher killed with SIGKILL left (from its journal)
 
 On SIGINT/SIGTERM the batch in flight is finished or rolled back, the
 process is detached and keeps running, and the exit status is 130 (143).
@@ -96,6 +97,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--emulate", metavar="HEX", type=_hex, default=None,
                    help="the instruction a thread hitting the site mid-patch runs "
                         "(default: the new one)")
+    q.add_argument("--force", action="store_true",
+                   help="write even what the checks refuse: an INT3 in the new bytes, an "
+                        "address no function symbol covers, replaced bytes that are not one "
+                        "whole instruction of the new length")
     q.set_defaults(live_run=_poke)
 
     s = sub.add_parser("sites", help="list fentry sites and the bytes found at each",
@@ -145,9 +150,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print only the N most called (default all; --json has all)")
     c.set_defaults(live_run=_count)
 
+    r = sub.add_parser("recover", help="undo what a killed patcher left in the process",
+                       formatter_class=HelpFormatter,
+                       description="A patcher killed with SIGKILL (or by the OOM killer) cannot "
+                                   "clean up; its journal says what it had in flight.  Put every "
+                                   "site that holds an INT3 of it back whole, switch back the "
+                                   "sites that call into its stubs and free them, and remove the "
+                                   "SIGTRAP handler it injected (which kept the process alive "
+                                   "meanwhile).  Exit 0 when nothing is left, 1 if something had "
+                                   "to stay (said why).")
+    _common(r, False)
+    r.set_defaults(live_run=_recover, strategy="int3")
+
 
 def run(args: argparse.Namespace) -> int:
-    return args.live_run(args)
+    try:
+        return args.live_run(args)
+    except (ProcessLookupError, FileNotFoundError) as e:
+        # the process exited (or exec'd) under us: one line, exit 2
+        if not str(getattr(e, "filename", "") or "").startswith("/proc/"):
+            raise
+        from ..live._errors import NoSuchProcess
+        raise NoSuchProcess(args.pid, f"the process exited while we read it ({e.strerror})") from None
 
 
 # ---------------------------------------------------------------------------
@@ -163,9 +187,17 @@ def _symbols(pid: int):
 
 def _poke(args: argparse.Namespace) -> int:
     from .._core import TextPoke
+    from ..live._checks import check_poke
+    from ..live._fentry import read_process
     with _symbols(args.pid) as syms:
         addr = syms.resolve(args.addr)
         name = syms.symbolize(addr)
+        read = read_process(args.pid)
+        try:
+            # refused (one line, exit 2) before anything is attached or written
+            check_poke(syms, read, addr, args.bytes, force=args.force)
+        finally:
+            read.close()  # type: ignore[attr-defined]
     interrupted: BaseException | None = None
     old = new = b""
     with _machine(args) as m:
@@ -193,15 +225,20 @@ def _poke(args: argparse.Namespace) -> int:
 
 
 def _sites(args: argparse.Namespace) -> int:
-    from ..live._fentry import fentry_sites
+    from ..live._fentry import fentry_sites, module_report
+    from ..live._recover import check, leftovers
     with _symbols(args.pid) as syms:
         sites = fentry_sites(syms, args.functions)
+        modules = module_report(syms, sites, args.functions)
+    left = check(args.pid)
+    dead = leftovers(left)
     reporting()
     stray = [s for s in sites if s.stray_int3]
     if args.json:
         out.emit_json({"pid": args.pid, "functions": args.functions, "sites": [s.as_dict() for s in sites],
                        "stray_int3": len(stray),
-                       "kinds": _kinds(sites)})
+                       "kinds": _kinds(sites), "modules": modules, "journal": left,
+                       "leftovers": dead})
     else:
         if not args.check or stray:
             from rich.table import Table
@@ -215,13 +252,45 @@ def _sites(args: argparse.Namespace) -> int:
                 tab.add_row(f"{s.addr:#x}", s.function, s.module, s.source,
                             out.escape(s.found.hex(" ")), kind)
             out.console().print(tab)
+        if not args.check:
+            for md in modules:
+                what = ", ".join(f"{k} {n}" for k, n in md["kinds"].items())
+                out.print_plain(f"{md['module']}: {md['functions']} functions, "
+                                f"{md['sites']} sites" + (f" ({what})" if what else "")
+                                + (f" -- {md['why']}" if md["why"] else ""))
         summary = ", ".join(f"{k} {n}" for k, n in _kinds(sites).items()) or "no sites"
         out.print_plain(f"{len(sites)} sites: {summary}")
         if args.check:
             out.print_plain(f"stray INT3s: {len(stray)}" + (
-                " -- restore each with 'textpoke live poke --pid "
-                f"{args.pid} ADDR 0f1f440000'" if stray else ""))
-    return 1 if (args.check and stray) else 0
+                f" -- run 'textpoke live recover --pid {args.pid}'" if stray else ""))
+        if left["journal"]:
+            who = (f"textpoke pid {left['patcher']} (running)" if left["patcher_alive"]
+                   else f"a dead patcher (pid {left['patcher']})")
+            out.print_plain(f"journal of {who}: {left['summary']}; now: "
+                            f"{len(left['int3_sites'])} INT3 site(s), {left['calls_into_stubs']} "
+                            f"CALL(s) into stubs, {len(left['stub_regions_mapped'])} stub "
+                            f"region(s) mapped, SIGTRAP guard "
+                            + ("mapped" if left["guard_mapped"] else "gone")
+                            + (f" -- run 'textpoke live recover --pid {args.pid}'" if dead else ""))
+    return 1 if (args.check and (stray or dead)) else 0
+
+
+def _recover(args: argparse.Namespace) -> int:
+    from ..live._recover import recover
+    rep = recover(args.pid)
+    reporting()
+    if args.json:
+        out.emit_json(rep)
+    elif not rep["journal"]:
+        out.print_plain(f"process {args.pid}: no journal of a textpoke patcher: nothing to recover")
+    else:
+        out.print_plain(f"process {args.pid}: found {rep['found']}; INT3 sites put back: "
+                        f"{rep['int3_restored']}, CALLs switched back: {rep['calls_restored']}, "
+                        f"stub regions freed: {rep['regions_freed']}, SIGTRAP guard removed: "
+                        + ("yes" if rep["guard_removed"] else "no"))
+        for k in rep["kept"]:
+            out.print_plain(f"kept: {k}")
+    return 1 if rep["kept"] else 0
 
 
 def _kinds(sites) -> dict[str, int]:
@@ -235,16 +304,24 @@ def _toggle(args: argparse.Namespace) -> int:
     from .._core._insn import CALL_INSN_OPCODE, text_gen_insn
     from ..live._count import switch_sites
     from ..live._fentry import NOP5, fentry_sites
-    with _symbols(args.pid) as syms:
-        sites = fentry_sites(syms, args.functions)
-        target = syms.resolve(args.to[5:]) if args.to.startswith("call:") else None
+    try:
+        with _symbols(args.pid) as syms:
+            sites = fentry_sites(syms, args.functions)
+            target = syms.resolve(args.to[5:]) if args.to.startswith("call:") else None
+    except (KeyboardInterrupt, Terminated) as e:       # nothing written yet
+        reporting()
+        return _interrupted_report(args, "toggle", e)
     if not sites:
         raise UsageError(f"no fentry site of a function matching {args.functions!r}")
+    if target is not None:
+        from ..live._checks import check_branch_target
+        check_branch_target(args.pid, target, f"call target {args.to[5:]}")
     bad = [s for s in sites if s.kind not in ("nop5", "call")]
     if bad:
         raise UsageError(f"{len(bad)} site(s) hold neither NOP5 nor a CALL, e.g. {bad[0].function} "
                          f"at {bad[0].addr:#x}: {bad[0].found.hex(' ')} ({bad[0].kind}); "
-                         "see 'textpoke live sites --check'")
+                         f"see 'textpoke live sites --check --pid {args.pid}' and 'textpoke live "
+                         f"recover --pid {args.pid}'")
     writes = []
     for s in sites:
         new = NOP5 if target is None else text_gen_insn(CALL_INSN_OPCODE, s.addr, target)
@@ -291,16 +368,24 @@ def _count(args: argparse.Namespace) -> int:
         # Said once every site is switched on: the window has opened.  Tools
         # (and the tests) wait for this line, not for the bytes in the target,
         # which read CALL before the arming batch has finished.
-        print(f"textpoke live count: counting for {args.duration:g} s "
-              "(Ctrl-C ends the window early)", file=sys.stderr, flush=True)
         try:
+            # inside the try: a Ctrl-C right after this line ends the window too
+            print(f"textpoke live count: counting for {args.duration:g} s "
+                  "(Ctrl-C ends the window early)", file=sys.stderr, flush=True)
             time.sleep(args.duration)
         except (KeyboardInterrupt, Terminated) as e:   # end the window early, then disarm
             interrupted.append(e)
 
-    with out.progress(out.progress_enabled(args.json), "switching sites") as update:
-        res = live_count(args.pid, args.functions, args.duration, strategy=args.strategy,
-                         window=window, progress=update)
+    try:
+        with out.progress(out.progress_enabled(args.json), "switching sites") as update:
+            res = live_count(args.pid, args.functions, args.duration, strategy=args.strategy,
+                             window=window, progress=update)
+    except (KeyboardInterrupt, Terminated) as e:
+        # before the window (arming) or after it (disarming): the batch was
+        # finished or rolled back and live_count switched back what it could;
+        # say what every site holds now
+        reporting()
+        return _interrupted_report(args, "count", e)
     reporting()
     if args.json:
         out.emit_json(dict(res.as_dict(), pid=args.pid, interrupted=bool(interrupted)))
@@ -309,6 +394,31 @@ def _count(args: argparse.Namespace) -> int:
     if interrupted:
         return exit_status(interrupted[0])
     return 0 if res.restored and res.alive else 1
+
+
+def _interrupted_report(args: argparse.Namespace, what: str, e: BaseException) -> int:
+    """A command interrupted outside its own report: read every site of the
+    pattern and say what it holds now (and what is left in flight)."""
+    doc: dict[str, Any] = {"pid": args.pid, "functions": getattr(args, "functions", None),
+                           "command": what, "interrupted": True}
+    try:
+        from ..live._fentry import fentry_sites
+        from ..live._recover import check
+        with _symbols(args.pid) as syms:
+            sites = fentry_sites(syms, args.functions)
+        kinds = _kinds(sites)
+        left = check(args.pid)
+        doc.update(sites=len(sites), kinds=kinds, int3_left=kinds.get("int3", 0),
+                   journal=left)
+    except Exception as err:          # the process may be gone: still valid JSON
+        doc.update(int3_left=None, error=f"{type(err).__name__}: {err}")
+    if args.json:
+        out.emit_json(doc)
+    else:
+        print(f"textpoke live {what}: interrupted; sites now: "
+              + (", ".join(f"{k} {n}" for k, n in doc.get("kinds", {}).items()) or "unknown")
+              + f"; INT3s of ours left: {doc.get('int3_left')}", file=sys.stderr)
+    return exit_status(e)
 
 
 def _print_count(res, args: argparse.Namespace) -> None:

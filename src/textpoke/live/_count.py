@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from .._core._insn import CALL_INSN_OPCODE, text_gen_insn
-from ._fentry import FentrySite, fentry_sites, read_process
+from ._fentry import PATCHABLE, QUIESCENT, FentrySite, fentry_sites, read_process
 from ._inject import ExecMem, InjectError
 from ._symbols import Symbols, SymbolError, read_maps
 
@@ -118,11 +118,13 @@ class Arming:
         found = fentry_sites(self.syms, pattern)
         if not found:
             raise SymbolError(f"no fentry site of a function matching {pattern!r} in process {pid}")
-        self.sites: list[FentrySite] = [s for s in found if s.kind == "nop5"]
-        self.skipped = [dict(s.as_dict(), why=_why_not(s)) for s in found if s.kind != "nop5"]
+        self.sites: list[FentrySite] = [s for s in found if s.kind in PATCHABLE]
+        self.skipped = [dict(s.as_dict(), why=_why_not(s)) for s in found
+                        if s.kind not in PATCHABLE]
         if not self.sites:
-            raise SymbolError(f"none of the {len(found)} fentry sites matching {pattern!r} holds a "
-                              f"NOP5 (found: {', '.join(sorted({s.kind for s in found}))})")
+            raise SymbolError(f"none of the {len(found)} fentry sites matching {pattern!r} can be "
+                              f"switched (found: {', '.join(sorted({s.kind for s in found}))}); "
+                              f"{_why_not(found[0])}")
         self.region: ExecMem | None = None
         self.timings: dict[str, float] = {}
         self.stats: dict = {}
@@ -143,9 +145,18 @@ class Arming:
                             for i in range(n))
             r.write(r.base, code)
             t2 = time.perf_counter()
-            writes = [(s.addr, text_gen_insn(CALL_INSN_OPCODE, s.addr, r.base + i * STUB_SIZE))
+            writes = [(s.addr, text_gen_insn(CALL_INSN_OPCODE, s.addr, r.base + i * STUB_SIZE)
+                       + b"\x90" * (len(s.found) - 5))
                       for i, s in enumerate(self.sites)]
-            self.stats["arm"] = switch_sites(m, writes, self.progress)
+            # written down before any site calls into it: a dead patcher's
+            # region is found and freed by 'live recover'
+            m.journal.add_region("count", r.base, r.code_size, r.data_size,
+                                 [(s.addr, s.found, w) for s, (_a, w) in zip(self.sites, writes)])
+            self.stats["arm"] = switch_sites(m, [w for s, w in zip(self.sites, writes)
+                                                 if s.kind not in QUIESCENT], self.progress)
+            quiet = [w for s, w in zip(self.sites, writes) if s.kind in QUIESCENT]
+            if quiet:                  # not one instruction: with every thread stopped
+                m.write_stopped(quiet)
             t3 = time.perf_counter()
         t4 = time.perf_counter()
         self.timings.update(arm_attach=t1 - t0, arm_map=t2 - t1, arm_batch=t3 - t2,
@@ -162,10 +173,31 @@ class Arming:
         with LiveMachine(self.pid, strategy=self.strategy) as m:
             t1 = time.perf_counter()
             # every site still switched on (all of them, unless arming failed half-way)
-            writes = [(s.addr, s.found) for s in self.sites if m.text_read(s.addr, 5) != s.found]
-            self.stats["disarm"] = switch_sites(m, writes, self.progress) if writes else {}
+            writes = [(s.addr, s.found) for s in self.sites
+                      if m.text_read(s.addr, len(s.found)) != s.found]
+            quiet = [w for w in writes if classify_kind(w[1]) in QUIESCENT]
+            batch = [w for w in writes if classify_kind(w[1]) not in QUIESCENT]
+            self.stats["disarm"] = switch_sites(m, batch, self.progress) if batch else {}
+            if quiet:
+                m.write_stopped(quiet)
             t2 = time.perf_counter()
-            counters, why = _read_and_free(m, r, len(self.sites))
+            counters, why = _read_and_free(m, r, len(self.sites), attempts=10)
+            if not why:
+                m.journal.drop_region(r.base)
+            t3 = time.perf_counter()
+        for _session in range(3):
+            if not why:
+                break
+            # Threads of a -pg program were seen to stay, attempt after
+            # attempt, at the entry of their SIGPROF handler (delivered while
+            # they were in a stub: its frame holds a stub address) for as long
+            # as they were traced, and to run on at once when detached.  So:
+            # let them run untraced for a moment, then look again.
+            time.sleep(0.01)
+            with LiveMachine(self.pid, strategy=self.strategy) as m:
+                counters, why = _read_and_free(m, r, len(self.sites), attempts=10)
+                if not why:
+                    m.journal.drop_region(r.base)
             t3 = time.perf_counter()
         t4 = time.perf_counter()
         self.timings.update(disarm_attach=t1 - t0, disarm_batch=t2 - t1, disarm_free=t3 - t2,
@@ -177,7 +209,7 @@ class Arming:
         read = read_process(self.pid)
         try:
             for s in self.sites:
-                if read(s.addr, 5) != s.found:
+                if read(s.addr, len(s.found)) != s.found:
                     return False
             return True
         finally:
@@ -229,11 +261,19 @@ def live_count(pid: int, pattern: str, duration: float = 1.0, *, strategy: str =
 
 def _why_not(s: FentrySite) -> str:
     return {"int3": "a stray INT3 (a breakpoint, or a patcher killed mid-batch): run "
-                    "'textpoke live sites --check'",
-            "5xnop1": "five one-byte NOPs (-fpatchable-function-entry): a thread may be between "
-                      "two of them, so they cannot become one instruction while it runs",
+                    "'textpoke live sites --check' and 'textpoke live recover'",
+            "5xnop1": "five one-byte NOPs (-fpatchable-function-entry): switched with every "
+                      "thread stopped",
             "call": "already a CALL (another tool, or a count that was killed)",
-            "jmp": "a JMP: patched by something else"}.get(s.kind, "not a NOP5")
+            "jmp": "a JMP: patched by something else",
+            "other": "no fentry form here (not a NOP5, five NOP1s or call *__fentry__@GOTPCREL): "
+                     "ordinary function entries are not patched by this version"
+            }.get(s.kind, "not a NOP5")
+
+
+def classify_kind(found: bytes) -> str:
+    from ._fentry import classify
+    return classify(found)
 
 
 def _alive(pid: int) -> bool:
@@ -271,6 +311,11 @@ def _read_and_free(m, r: ExecMem, n: int, attempts: int = 50) -> tuple[list[int]
     counters: list[int] = []
     for attempt in range(attempts):
         with m.stopped() as tids:
+            # a thread stopped inside a stub (lock inc; ret) is stepped out
+            # of it first; a signal it had pending is delivered when it is
+            # let go, outside the stub -- otherwise the signal frame would
+            # hold a stub address (a -pg program's SIGPROF did, every time)
+            m.step_out_of_range(r.base, r.base + r.code_size)
             threads = [(tid, m.get_regs(tid)) for tid in tids]
             why = r.in_use(threads)
             raw = r.read(r.data, n * COUNTER_STRIDE)

@@ -24,8 +24,19 @@ at each site are read from the live process, and classified:
 ``jmp``      a JMP32
 ``int3``     an INT3 in the first byte: a stray breakpoint -- of a patcher
              that was SIGKILLed mid-batch, or of a debugger
-``5xnop1``   five single-byte NOPs (``-fpatchable-function-entry``)
+``5xnop1``   five single-byte NOPs (``-fpatchable-function-entry=5``)
+``call-got`` ``call *__fentry__@GOTPCREL(%rip)`` (``ff 15``, 6 bytes): the
+             fentry call of a PIE built with ``-pg -mfentry`` (GCC refuses
+             ``-mnop-mcount`` there)
 ``other``    anything else
+
+The last two are not one 5-byte instruction, so the INT3 protocol cannot
+switch them while threads run; :data:`QUIESCENT` kinds are switched with
+every thread stopped, once none stands strictly inside the site (a thread
+between two of the NOPs is single-stepped out first) -- the quiescence
+optprobes wait for.  A ``call-got`` site becomes ``call stub; nop`` (5 + 1
+bytes): a thread running inside ``__fentry__`` returns to site+6, still an
+instruction boundary.  ENDBR64 stays first: the sites are recorded after it.
 """
 
 from __future__ import annotations
@@ -40,10 +51,14 @@ from typing import Callable, Iterable
 from .._core._insn import x86_nops
 from ._symbols import Module, SymbolError, Symbols
 
-__all__ = ["FentrySite", "NOP5", "classify", "fentry_sites", "read_process"]
+__all__ = ["FentrySite", "NOP5", "QUIESCENT", "PATCHABLE", "classify", "fentry_sites", "module_report", "read_process"]
 
 NOP5 = x86_nops[5]
 NOP1X5 = b"\x90" * 5
+#: kinds switched with every thread stopped (see the module doc)
+QUIESCENT = frozenset({"5xnop1", "call-got"})
+#: kinds count and toggle switch
+PATCHABLE = frozenset({"nop5"}) | QUIESCENT
 
 #: which sections list sites, and what built them
 SECTIONS = {"__mcount_loc": "mcount", "__patchable_function_entries": "patchable"}
@@ -56,12 +71,12 @@ class FentrySite:
     func_addr: int
     module: str            # short name of the module
     source: str            # "mcount" or "patchable"
-    found: bytes           # the 5 bytes read from the live process
+    found: bytes           # the bytes of the site read from the live process (5, or 6)
     kind: str              # see classify()
 
     @property
     def patchable(self) -> bool:
-        return self.kind == "nop5"
+        return self.kind in PATCHABLE
 
     @property
     def stray_int3(self) -> bool:
@@ -73,11 +88,13 @@ class FentrySite:
 
 
 def classify(found: bytes) -> str:
-    if found == NOP5:
+    if found[:5] == NOP5:
         return "nop5"
+    if found[:2] == b"\xff\x15":
+        return "call-got"
     if found[:1] == b"\xcc":
         return "int3"
-    if found == NOP1X5:
+    if found[:5] == NOP1X5:
         return "5xnop1"
     if found[:1] == b"\xe8":
         return "call"
@@ -159,6 +176,41 @@ def fentry_sites(syms: Symbols, pattern: str | None = None, *,
             read.close()  # type: ignore[union-attr]
 
 
+def module_report(syms: Symbols, sites: list[FentrySite], pattern: str | None = None) -> list[dict]:
+    """Per module of the process: what was found, and why a module has no
+    patchable site (instead of a bare "0 sites")."""
+    lib = pattern.split(":", 1)[0] if pattern and ":" in pattern else None
+    mods = [syms.module(lib)] if lib else list(syms.modules())
+    by_mod: dict[str, list[FentrySite]] = {}
+    for s in sites:
+        by_mod.setdefault(s.module, []).append(s)
+    out = []
+    for mod in mods:
+        secs = [sec for sec in SECTIONS if mod.section_bytes(sec)]
+        try:
+            nfuncs = len(mod.functions_sorted())
+        except Exception:       # an unreadable symbol table: still report the module
+            nfuncs = 0
+        mine = by_mod.get(mod.short, [])
+        kinds: dict[str, int] = {}
+        for s in mine:
+            kinds[s.kind] = kinds.get(s.kind, 0) + 1
+        if mine:
+            why = ""
+        elif not secs:
+            why = ("no __mcount_loc or __patchable_function_entries section: built without "
+                   "-pg -mrecord-mcount or -fpatchable-function-entry; ordinary function "
+                   "entries (a trampoline for the instructions a JMP covers) are not patched "
+                   "by this version")
+        elif pattern:
+            why = f"no site of a function matching {pattern!r}"
+        else:
+            why = "its site sections are empty"
+        out.append({"module": mod.short, "functions": nfuncs, "sections": secs,
+                    "sites": len(mine), "kinds": kinds, "why": why})
+    return out
+
+
 def _read_all(sites: list[FentrySite], read: Callable[[int, int], bytes]) -> None:
     """Fill in the bytes of every site with as few reads as possible (one
     per run of sites less than a page apart)."""
@@ -167,12 +219,16 @@ def _read_all(sites: list[FentrySite], read: Callable[[int, int], bytes]) -> Non
         j = i
         while j + 1 < len(sites) and sites[j + 1].addr - sites[j].addr < 4096:
             j += 1
-        lo, hi = sites[i].addr, sites[j].addr + 5
+        lo, hi = sites[i].addr, sites[j].addr + 6
         try:
             buf = read(lo, hi - lo)
-        except OSError as e:
-            raise SymbolError(f"cannot read the text at {lo:#x}: {e.strerror}") from None
+        except OSError:
+            try:                        # the last site ends its mapping
+                buf = read(lo, hi - 1 - lo) + b"\x00"
+            except OSError as e:
+                raise SymbolError(f"cannot read the text at {lo:#x}: {e.strerror}") from None
         for s in sites[i:j + 1]:
-            s.found = bytes(buf[s.addr - lo:s.addr - lo + 5])
-            s.kind = classify(s.found)
+            six = bytes(buf[s.addr - lo:s.addr - lo + 6])
+            s.kind = classify(six)
+            s.found = six if s.kind == "call-got" else six[:5]
         i = j + 1

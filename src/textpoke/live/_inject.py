@@ -173,14 +173,34 @@ def inject_syscall(pid: int, tid: int, nr: int, *args: int, syscall_at: int | No
 
 
 def _wait(tid: int) -> tuple[int, int]:
+    """The next stop of *tid*.  Polls, looking at the thread in /proc now
+    and then: a thread group leader that died while others live is never
+    reported by waitid (the kernel delays it), and must not hang us."""
+    import time
     info = pt.SigInfo()
+    nap, waited, look = 20e-6, 0.0, 0.05
     while True:
-        r = pt.waitid(tid, info, True)
+        info.si_pid = 0
+        r = pt.waitid(tid, info, False)
         if r == -errno.EINTR:
             continue
         if r < 0:
             raise InjectError(f"waitid({tid}): {os.strerror(-r)}")
-        return info.si_code, info.si_status
+        if info.si_pid:
+            return info.si_code, info.si_status
+        time.sleep(nap)
+        waited += nap
+        nap = min(nap * 1.5, 1e-3)
+        if waited >= look:
+            look += 0.05
+            try:
+                with open(f"/proc/{tid}/stat", "rb") as f:
+                    raw = f.read()
+                st = raw[raw.rindex(b")") + 2:].split()[0]
+            except (OSError, ValueError, IndexError):
+                st = b"X"
+            if st in (b"Z", b"X"):
+                raise InjectError(f"thread {tid} ended during an injected system call")
 
 
 class StoppedThread:
@@ -226,14 +246,28 @@ class StoppedThread:
         self._detach()
 
 
+#: Below this, a region's addresses look like the small integers a stack is
+#: full of: a counter of 4,000,000 on a thread's stack would read as a return
+#: address into a stub region at 0x3d0000 and keep it from being freed.
+LOW_INTEGERS = 1 << 30
+
+
 def pick_address(maps: Sequence[Mapping], size: int, lo_site: int, hi_site: int) -> int:
     """A free, page-aligned address for *size* bytes from which every CALL
     in [lo_site, hi_site] reaches the whole region with a rel32.  Prefer the
     gap just below the code (above it the heap grows), then above the
-    highest mapping near it."""
+    highest mapping near it; above :data:`LOW_INTEGERS` where the code's
+    reach allows (a non-PIE at 0x400000: between 1 and 2 GiB)."""
+    try:
+        return _pick(maps, size, lo_site, hi_site, LOW_INTEGERS)
+    except InjectError:
+        return _pick(maps, size, lo_site, hi_site, 0x10000)
+
+
+def _pick(maps: Sequence[Mapping], size: int, lo_site: int, hi_site: int, floor: int) -> int:
     size = -(-size // PAGE) * PAGE
     # every site s calls a target t with |t - (s + 5)| < 2**31
-    lo_ok = max(hi_site + 5 - _S32 + PAGE, 0x10000)
+    lo_ok = max(hi_site + 5 - _S32 + PAGE, floor)
     hi_ok = lo_site + 5 + _S32 - PAGE          # region end must stay below
     spans = sorted((m.start, m.end) for m in maps)
     gaps = []
@@ -255,7 +289,7 @@ def pick_address(maps: Sequence[Mapping], size: int, lo_site: int, hi_site: int)
             continue
         if heap and a <= heap[0].end:         # leave the heap room to grow
             a = max(a, heap[0].end + (64 << 20))
-        start = -(-(a + PAGE) // PAGE) * PAGE
+        start = max(-(-(a + PAGE) // PAGE) * PAGE, -(-lo_ok // PAGE) * PAGE)
         if start + size <= min(b, hi_ok) and start >= lo_ok:
             return start
     raise InjectError(f"no free {size:#x}-byte gap within ±2 GiB of {lo_site:#x}-{hi_site:#x}")
@@ -355,7 +389,7 @@ class ExecMem:
             words = struct.unpack_from(f"<{len(buf) // 8}Q", buf)
             for i, w in enumerate(words):
                 if self.base <= w < self.base + self.code_size:
-                    why.append(f"thread {tid}: stack word at {lo + 8 * i:#x} = {w:#x} points into it")
+                    why.append(f"thread {tid}: stack word at {lo + 8 * i:#x} (rsp{lo + 8 * i - regs.rsp:+d}, rip {regs.rip:#x}) = {w:#x} points into it")
                     break
         return why
 

@@ -84,11 +84,15 @@ Never kill the patient
 
     SIGKILL of the patcher cannot be caught.  The kernel then detaches
     every thread (ptrace does not kill tracees when the tracer dies: this
-    machine never sets PTRACE_O_EXITKILL); a thread parked at a site is
-    resumed at site+1 and executes the bytes after the INT3; any INT3 of
-    ours still in the text kills the target (SIGTRAP) at its next hit.
-    ``textpoke live sites --check`` lists stray INT3s at patch sites so
-    that they can be put back by hand before a thread reaches them.
+    machine never sets PTRACE_O_EXITKILL) and resumes it.  So, before the
+    first INT3 of a session is written, a SIGTRAP handler is injected into
+    the target (:mod:`._guard`: a thread that reaches an INT3 of ours after
+    we are gone goes back to the site and waits there), a parked thread's
+    RIP is set back to its site when it is parked, and every site in
+    flight is written down in the journal (:mod:`._journal`) before its
+    INT3 and its tail are written.  ``textpoke live recover`` puts those
+    sites back whole and removes the handler; a clean close removes the
+    handler and the journal itself.
 
 Limits: one tracer thread -- use a LiveMachine from the thread that made
 it (ptrace's rule); a ``fork`` while a batch is in flight copies any INT3
@@ -113,6 +117,8 @@ from .._core._machine import PAGE_SIZE, Machine, Task, TextRange, TrapPriority, 
 from .._errors import BadAddressError, MachineError
 from . import _ptrace as P
 from ._errors import ACCESS_HINT, AccessDenied, NoSuchProcess, ProcessChanged
+from . import _guard as G
+from ._journal import Journal
 from ._process import Mapping, ProcessIdentity, ProcMem, list_tids, read_maps
 
 __all__ = ["LiveMachine", "LiveStats", "TRAP_POLICIES", "STRATEGIES"]
@@ -201,11 +207,13 @@ class LiveMachine(Machine):
     attaches at once; ``close()`` (or leaving ``with``) detaches."""
 
     name = "live"
+    guard_kept: list[str] = []
     capabilities = frozenset()
     wide_text = True          # shared libraries lie far from the executable
     text_poke_array_max = 1 << 15   # a sync stops every thread: one batch for 32,768 sites
 
-    def __init__(self, pid: int, *, trap_policy: str = "park", strategy: str = "int3") -> None:
+    def __init__(self, pid: int, *, trap_policy: str = "park", strategy: str = "int3",
+                 recover: bool = False) -> None:
         if trap_policy not in TRAP_POLICIES:
             raise ValueError(f"trap_policy must be one of {TRAP_POLICIES}, not {trap_policy!r}")
         if strategy not in STRATEGIES:
@@ -232,9 +240,19 @@ class LiveMachine(Machine):
         self._sigmask_depth = 0
         self._old_mask: set | None = None
         self._mem: ProcMem | None = None
+        self._guard: dict | None = None      # the injected SIGTRAP handler (see _guard)
+        self._adopted: set[int] = set()
+        self.journal: Journal | None = None
         try:
             self._mem = ProcMem(pid, self._ident.name)
             self.refresh_maps()
+            # refuse (another textpoke at work, or a dead one's leftovers)
+            # before seizing anything
+            self.journal = Journal.open(pid, adopt=recover, name=self._ident.name)
+            self._guard = self.journal.data.get("guard")
+            # a dead patcher's sites: a trap there is ours too (see _on_sigtrap)
+            self._adopted = {int(a) for a in self.journal.data["sites"]}
+            self._int3_sites |= self._adopted
             self._attach()
         except BaseException:
             self._detach_all()
@@ -370,6 +388,7 @@ class LiveMachine(Machine):
 
     def text_poke_write_many(self, writes: Sequence[tuple[int, bytes]]) -> Task:
         self._check_write()
+        self._journal_writes(writes)
         runs = self._runs(writes)
         if self.strategy == "stop-machine":
             self._hold_all()
@@ -381,6 +400,154 @@ class LiveMachine(Machine):
         else:
             self._write_runs(runs)
         yield
+
+    def _journal_writes(self, writes: Sequence[tuple[int, bytes]]) -> None:
+        """Before INT3s (and tails under them) are written: the guard is in
+        the target, and the journal says what each site held."""
+        j = self.journal
+        if j is None:
+            return
+        # only the batch's INT3s: an INT3 written on purpose with text_poke
+        # (a breakpoint) must kill the target as it would without us
+        in_batch = getattr(self.owner, "_inflight", None) is not None
+        int3s = [a for a, d in writes if len(d) == 1 and d[0] == _INT3] if in_batch else []
+        if int3s:
+            if self._guard is None:
+                self._guard_install()
+            sites = j.data["sites"]
+            for a in [a for a in sites if self.text_read(int(a), 1)[0] != _INT3]:
+                del sites[a]                   # whole again: an earlier batch's
+            olds = {}
+            for a in int3s:
+                b = self.text_read(a, 1)
+                if b[0] != _INT3:
+                    olds[a] = b
+            if olds:
+                self._mem.write(self._guard["base"] + G.CODE_SIZE + G.COUNT_OFF,
+                                G.table_bytes(set(int3s) | {int(a) for a in sites}))
+                j.sites_int3(olds)
+            return
+        sites = j.data["sites"]
+        if sites:
+            tails = [(a - 1, self.text_read(a, len(d)), bytes(d)) for a, d in writes
+                     if len(d) > 0 and str(a - 1) in sites and str(a) not in sites
+                     and self.text_read(a - 1, 1)[0] == _INT3]
+            if tails:
+                j.sites_tails(tails)
+
+    def _guard_install(self) -> None:
+        from ._inject import ExecMem, InjectError, inject_syscall
+        lo = self._ranges[0].start
+        self._hold_all()
+        try:
+            errors = []
+            for tid in sorted((t for t, th in self._threads.items() if th.state == _HELD),
+                              key=lambda t: t != self.pid):
+                try:
+                    r = ExecMem.map(self.pid, tid, G.CODE_SIZE, G.DATA_SIZE, near=(lo, lo))
+                except (InjectError, OSError) as e:
+                    errors.append(f"thread {tid}: {e}")
+                    continue
+                base = r.base
+                self._mem.write(base, G.CODE)
+                self._mem.write(base + G.NEW_ACT_OFF, G.our_action(base))
+                data = base + G.CODE_SIZE
+                res = inject_syscall(self.pid, tid, G.SYS_rt_sigaction, G.SIGTRAP,
+                                     base + G.NEW_ACT_OFF, data + G.ACT_OFF, 8,
+                                     syscall_at=r.syscall_at)
+                if res < 0:
+                    inject_syscall(self.pid, tid, 11, base, r.end - base, syscall_at=r.syscall_at)
+                    raise InjectError(f"rt_sigaction(SIGTRAP) in process {self.pid} failed: "
+                                      f"{os.strerror(-res)}")
+                self._guard = {"base": base, "size": r.end - base, "syscall_at": r.syscall_at,
+                               "old": self._mem.read(data + G.ACT_OFF, 32).hex()}
+                r.close()
+                self.journal.set_guard(self._guard)
+                self._pages.clear()
+                self.refresh_maps()
+                return
+            raise InjectError("could not inject the SIGTRAP guard: " + "; ".join(errors))
+        finally:
+            self._release_held()
+
+    def remove_guard(self) -> list[str]:
+        """Remove the injected SIGTRAP handler now (no INT3 of ours may be
+        left in the text); returns why it stays (empty: removed)."""
+        self._check_open()
+        with self._signals_deferred():
+            self.guard_kept = self._guard_remove()
+        return self.guard_kept
+
+    def _guard_remove(self, attempts: int = 20) -> list[str]:
+        """Give the target its SIGTRAP action back and unmap the handler
+        once no thread is in it.  Returns why it stays (empty: removed)."""
+        from ._inject import ExecMem, inject_syscall
+        g = self._guard
+        if g is None:
+            return []
+        j = self.journal
+        left = [int(a) for a in (j.data["sites"] if j else ())
+                if self._mem.read(int(a), 1)[0] == _INT3]
+        if left:
+            return [f"{len(left)} site(s) still hold an INT3"]
+        base, size = g["base"], g["size"]
+        data = base + G.CODE_SIZE
+        region = ExecMem(self.pid, base, G.CODE_SIZE, size - G.CODE_SIZE, syscall_at=g["syscall_at"])
+        why: list[str] = []
+        try:
+            for attempt in range(attempts):
+                self._hold_all()
+                try:
+                    held = [t for t, th in self._threads.items() if th.state == _HELD]
+                    if not held:
+                        return ["no thread could be stopped"]
+                    tid = self.pid if self.pid in held else held[0]
+                    if not g.get("restored"):
+                        self._mem.write(data + G.CUR_OFF, bytes(32))
+                        inject_syscall(self.pid, tid, G.SYS_rt_sigaction, G.SIGTRAP,
+                                       data + G.ACT_OFF, data + G.CUR_OFF, 8,
+                                       syscall_at=g["syscall_at"])
+                        cur = self._mem.read(data + G.CUR_OFF, 32)
+                        g["restored"] = True
+                        if int.from_bytes(cur[:8], "little") != base:
+                            # the target installed a handler of its own since:
+                            # it stays, and so does ours (it may chain to it)
+                            inject_syscall(self.pid, tid, G.SYS_rt_sigaction, G.SIGTRAP,
+                                           data + G.CUR_OFF, 0, 8, syscall_at=g["syscall_at"])
+                            g["kept"] = "the target replaced its SIGTRAP handler"
+                            return [g["kept"]]
+                    why = region.in_use([(t, self.get_regs(t)) for t in held])
+                    if not why:
+                        region.unmap(tid)
+                        self._guard = None
+                        if j is not None:
+                            j.data["sites"] = {}
+                            j.set_guard(None)
+                        self.refresh_maps()
+                        return []
+                finally:
+                    self._release_held()
+                time.sleep(0.0005 * (attempt + 1))
+            return why
+        finally:
+            region.close()
+
+    def write_stopped(self, writes: Sequence[tuple[int, bytes]]) -> None:
+        """Write with every thread stopped and none strictly inside a
+        range written (stepped out first): for putting back whole what a
+        dead patcher left (``live recover``)."""
+        self._check_write()
+        self._check_tracer()
+        # one run per write (never merged: a thread may run the code between
+        # two sites, it must only not stand strictly inside one)
+        runs = [r for w in writes for r in self._runs((w,))]
+        with self._signals_deferred():
+            self._hold_all()
+            try:
+                self._step_out_of(runs)
+                self._write_runs(runs)
+            finally:
+                self._release_held()
 
     def text_write_early(self, addr: int, data: bytes) -> None:
         """A direct write (``text_poke_early``): only for text no thread can
@@ -763,6 +930,17 @@ class LiveMachine(Machine):
                     return
                 if self._run_chain(t, regs, site):
                     return
+                if site in self._adopted:
+                    # a dead patcher's INT3, not repaired yet: back to the
+                    # site, to trap again until it is (never to the target)
+                    regs.rip = site
+                    P.setregs(tid, regs)
+                    self.stats.traps_rewound += 1
+                    if t.want_hold:
+                        t.hold_sig = 0
+                        return
+                    self._resume(t)
+                    return
         if t.want_hold:
             t.hold_sig = signal.SIGTRAP
             return
@@ -784,9 +962,14 @@ class LiveMachine(Machine):
             if not handled:
                 continue
             if shadow:
+                # rewind now, not at release: if the patcher dies, the
+                # kernel resumes this thread at the site (where the guard
+                # handler takes any INT3 still there), never at site+1
+                t.park_regs = P.UserRegs.from_buffer_copy(regs)
+                regs.rip = site
+                P.setregs(t.tid, regs)
                 t.state = _PARK
                 t.park_site = site
-                t.park_regs = P.UserRegs.from_buffer_copy(regs)
                 self.stats.traps_parked += 1
                 return True
             regs.rip, regs.rsp, regs.eflags = pt.ip, pt.sp, pt.flags
@@ -881,6 +1064,11 @@ class LiveMachine(Machine):
             else:
                 raise MachineError(f"thread {tid} stays inside a range being written")
 
+    def step_out_of_range(self, lo: int, hi: int) -> None:
+        """Single-step every held thread whose RIP is in [lo, hi) until it
+        is not (inside :meth:`stopped`)."""
+        self._step_out_of([(lo - 1, bytearray(hi - lo + 1))])
+
     @contextlib.contextmanager
     def stopped(self) -> Iterator[list[int]]:
         """Hold every thread stopped for the duration (for code that must
@@ -931,7 +1119,17 @@ class LiveMachine(Machine):
     def _release(self) -> None:
         try:
             with self._signals_deferred():
-                self._detach_all()
+                try:
+                    if self._guard is not None and self._threads and not self._exec_seen:
+                        with contextlib.suppress(OSError, MachineError):
+                            self.guard_kept = self._guard_remove()
+                    if self.journal is not None:
+                        if self._exec_seen:
+                            self.journal.remove()     # that text is gone with the old program
+                        else:
+                            self.journal.close()
+                finally:
+                    self._detach_all()
         finally:
             self._ident.close()
             if self._mem is not None:

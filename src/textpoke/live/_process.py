@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from .._errors import BadAddressError, MachineError
 from ._errors import ACCESS_HINT, AccessDenied, NoSuchProcess, ProcessChanged
 
-__all__ = ["Mapping", "ProcessIdentity", "read_maps", "list_tids", "ProcMem"]
+__all__ = ["Mapping", "ProcessIdentity", "read_maps", "list_tids", "ProcMem", "check_not_exited"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +50,8 @@ def read_maps(pid: int) -> list[Mapping]:
         raise NoSuchProcess(pid, "process not found") from None
     except PermissionError:
         raise AccessDenied(pid, f"cannot read /proc/{pid}/maps; {ACCESS_HINT}") from None
+    if not lines:
+        check_not_exited(pid)
     out = []
     for line in lines:
         parts = line.split(None, 5)
@@ -57,6 +59,27 @@ def read_maps(pid: int) -> list[Mapping]:
         out.append(Mapping(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16),
                            parts[5] if len(parts) > 5 else ""))
     return out
+
+
+def check_not_exited(pid: int) -> None:
+    """Raise :class:`NoSuchProcess` if *pid* has exited (a zombie, or
+    exiting: its memory is gone, it has no mappings)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+        state = raw[raw.rindex(b")") + 2:].split()[0].decode()
+    except (OSError, ValueError, IndexError):
+        raise NoSuchProcess(pid, "process not found") from None
+    if state in ("Z", "X"):
+        raise NoSuchProcess(pid, "the process has exited (a zombie: its parent has not reaped "
+                                 "it yet); there is nothing left to patch") from None
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            empty = not f.read(1)
+    except OSError:
+        empty = True
+    if empty:
+        raise NoSuchProcess(pid, "the process is exiting (it has no memory left)") from None
 
 
 def list_tids(pid: int) -> list[int]:

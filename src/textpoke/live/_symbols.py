@@ -84,6 +84,9 @@ def read_maps(pid: int) -> list[Mapping]:
     except PermissionError:
         from ._errors import ACCESS_HINT, AccessDenied
         raise AccessDenied(pid, f"cannot read /proc/{pid}/maps. {ACCESS_HINT}") from None
+    if not raw.strip():
+        from ._process import check_not_exited
+        check_not_exited(pid)
     out = []
     for line in raw.splitlines():
         m = _MAPS_RE.match(line)

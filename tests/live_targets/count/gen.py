@@ -44,15 +44,25 @@ def source(n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build(n: int, outdir: Path, *, pie: bool = False, extra: tuple[str, ...] = ()) -> Path:
-    """Compile the n-function target into *outdir* (cached by content)."""
+#: the entry forms the target can be built with
+FORMS = {
+    "nop-mcount": ["-fno-pie", "-no-pie", "-pg", "-mfentry", "-mnop-mcount", "-mrecord-mcount"],
+    "patchable": ["-fpie", "-pie", "-fpatchable-function-entry=5"],
+    # a PIE's fentry call goes through the GOT: call *__fentry__@GOTPCREL(%rip), ff 15
+    "pie-fentry": ["-fpie", "-pie", "-pg", "-mfentry", "-mrecord-mcount"],
+}
+
+
+def build(n: int, outdir: Path, *, pie: bool = False, extra: tuple[str, ...] = (),
+          form: str | None = None) -> Path:
+    """Compile the n-function target into *outdir* (cached by content);
+    *form*: one of :data:`FORMS` (``pie=True`` is ``"patchable"``)."""
     if shutil.which("gcc") is None:
         raise RuntimeError("gcc is not installed")
     src = source(n)
+    form = form or ("patchable" if pie else "nop-mcount")
     flags = (["-O1", "-pthread", "-fno-inline", "-fno-ipa-icf", "-fno-optimize-sibling-calls"]
-             + (["-fpie", "-pie", "-fpatchable-function-entry=5"] if pie else
-                ["-fno-pie", "-no-pie", "-pg", "-mfentry", "-mnop-mcount", "-mrecord-mcount"])
-             + list(extra))
+             + FORMS[form] + list(extra))
     key = hashlib.sha256((src + (HERE / "count_main.h").read_text() + " ".join(flags)).encode()).hexdigest()[:16]
     exe = Path(outdir) / f"count_target_{n}_{key}"
     if exe.exists():

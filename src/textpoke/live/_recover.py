@@ -1,0 +1,149 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""What a dead patcher left, found and undone: ``textpoke live recover``
+and ``textpoke live sites --check``.
+
+:func:`check` reads the journal (:mod:`._journal`) and the process without
+stopping it: sites of the journal whose first byte is an INT3, sites still
+switched to a CALL into an injected stub region, the regions and the
+SIGTRAP guard still mapped.
+
+:func:`recover` attaches (adopting the journal of a dead patcher) and
+undoes them, in this order:
+
+1. every journal site whose first byte reads INT3 is put back whole -- its
+   old tail (when the tail had been written) and its old first byte -- with
+   every thread stopped and none strictly inside it (a thread waiting at
+   the site in the guard handler runs the old instruction when resumed);
+2. every stub region: the sites still calling into it are switched back to
+   their original bytes in one batch of the INT3 protocol, then the region
+   is unmapped once no thread is in it or has a return address into it
+   (as ``live count`` frees it);
+3. the guard: the target's own SIGTRAP action is put back and the handler
+   unmapped once no thread is in it; the journal is removed.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ._journal import Journal, JournalBusy
+from ._process import check_not_exited, read_maps
+
+__all__ = ["check", "recover"]
+
+
+def _read(pid: int):
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    return fd
+
+
+def check(pid: int) -> dict:
+    """What a patcher left in *pid* (nothing stops or changes the process)."""
+    j = Journal.load(pid)
+    out = {"journal": None, "patcher": None, "patcher_alive": False, "int3_sites": [],
+           "calls_into_stubs": 0, "stub_regions_mapped": [], "guard_mapped": False}
+    if j is None:
+        return out
+    d = j.data
+    out.update(journal=str(j.path), patcher=d["patcher"], patcher_alive=j.patcher_alive,
+               summary=j.summary())
+    maps = read_maps(pid)
+    mapped = {m.start for m in maps}
+    fd = _read(pid)
+    try:
+        for a in d["sites"]:
+            try:
+                if os.pread(fd, 1, int(a)) == b"\xcc":
+                    out["int3_sites"].append(f"{int(a):#x}")
+            except OSError:
+                pass
+        for r in d["regions"]:
+            if r["base"] in mapped:
+                out["stub_regions_mapped"].append(f"{r['base']:#x}")
+            for a, _old, new in r["sites"]:
+                nb = bytes.fromhex(new)
+                try:
+                    if os.pread(fd, len(nb), a) == nb:
+                        out["calls_into_stubs"] += 1
+                except OSError:
+                    pass
+        g = d["guard"]
+        out["guard_mapped"] = bool(g and g["base"] in mapped)
+    finally:
+        os.close(fd)
+    return out
+
+
+def leftovers(c: dict) -> bool:
+    """A dead patcher's leftovers in a :func:`check` result."""
+    return bool(c["journal"]) and not c["patcher_alive"]
+
+
+def recover(pid: int, *, strategy: str = "int3") -> dict:
+    """Undo what a dead patcher left in *pid* (see the module doc); returns
+    what was done.  Nothing to do without a journal."""
+    from ._count import _read_and_free, switch_sites
+    from ._inject import ExecMem, find_syscall_insn
+    from ._machine import LiveMachine
+    rep = {"pid": pid, "journal": False, "int3_restored": 0, "calls_restored": 0,
+           "regions_freed": 0, "guard_removed": False, "kept": []}
+    check_not_exited(pid)
+    j = Journal.load(pid)
+    if j is None:
+        return rep
+    if j.patcher_alive and j.data["patcher"] != os.getpid():
+        raise JournalBusy(pid, f"textpoke pid {j.data['patcher']} is patching this process "
+                               f"({j.summary()}): nothing to recover")
+    rep["journal"] = True
+    rep["found"] = j.summary()
+    with LiveMachine(pid, strategy=strategy, recover=True) as m:
+        jj = m.journal
+        d = jj.data
+        # 1. sites with an INT3: put back whole, every thread stopped
+        writes = []
+        for a, (first, old_tail, _new_tail) in sorted(d["sites"].items(), key=lambda kv: int(kv[0])):
+            addr = int(a)
+            if m.text_read(addr, 1)[0] == 0xCC:
+                writes.append((addr, bytes.fromhex(first) + bytes.fromhex(old_tail)))
+        if writes:
+            m.write_stopped(writes)
+        rep["int3_restored"] = len(writes)
+        jj.clear_sites()
+        g = d["guard"]
+        if g and g.get("restored"):            # half-removed: its action is back already
+            why = m._guard_remove()
+            if why:
+                rep["kept"].append("SIGTRAP guard: " + "; ".join(why))
+        # 2. stub regions
+        for r in list(d["regions"]):
+            back = []
+            for a, old, new in r["sites"]:
+                nb = bytes.fromhex(new)
+                if m.text_read(a, len(nb)) == nb:
+                    back.append((a, bytes.fromhex(old)))
+            if back:
+                from ._fentry import QUIESCENT, classify
+                quiet = [w for w in back if classify(w[1]) in QUIESCENT]
+                batch = [w for w in back if classify(w[1]) not in QUIESCENT]
+                if batch:
+                    switch_sites(m, batch)
+                if quiet:
+                    m.write_stopped(quiet)
+            rep["calls_restored"] += len(back)
+            region = ExecMem(pid, r["base"], r["code_size"], r["data_size"],
+                             syscall_at=find_syscall_insn(pid))
+            if r["base"] in {mm.start for mm in read_maps(pid)}:
+                _counters, why = _read_and_free(m, region, 0)
+            else:
+                why = []
+            region.close()
+            if why:
+                rep["kept"].append(f"stub region {r['base']:#x}: " + "; ".join(why))
+            else:
+                rep["regions_freed"] += 1
+                jj.drop_region(r["base"])
+        had_guard = m._guard is not None
+    rep["guard_removed"] = had_guard and not m.guard_kept
+    if m.guard_kept:
+        rep["kept"].append("SIGTRAP guard: " + "; ".join(m.guard_kept))
+    return rep

@@ -1,0 +1,146 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The target outlives its patcher: SIGKILL of the patcher in the middle of
+a batch (INT3s in the text of a busy 4-thread target), then ``live sites
+--check`` and ``live recover``.
+
+The patcher is a driver script that stops itself right after a phase of
+the batch (the INT3s written, or the tails under them) and says so; the
+test then kills it with SIGKILL.  Every thread of the target calls every
+function all the time, so threads reach the INT3s at once: the SIGTRAP
+guard injected into the target keeps them waiting at their sites.  The
+survival campaign at random moments is bench/bench_live_survival.py."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
+from helpers import Target, gen, ptrace_skip_reason  # noqa: E402
+
+_skip = ptrace_skip_reason()
+pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
+
+N = 200
+NOP5 = bytes.fromhex("0f1f440000")
+JMP0 = bytes.fromhex("e900000000")      # jmp +0: does what the NOP5 does
+
+DRIVER = textwrap.dedent("""
+    import json, os, sys
+    from textpoke import TextPoke
+    from textpoke.live import LiveMachine
+
+    pid, phase, policy, sites = int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    m = LiveMachine(pid, trap_policy=policy)
+    core = TextPoke(m)
+    said = []
+
+    def listener(ev):
+        if ev.phase == phase and not said:
+            said.append(1)
+            print("phase", phase, flush=True)
+            sys.stdin.readline()          # the test kills us here
+
+    core.events.subscribe(listener)
+    with core.batch():
+        for addr in sites:
+            core.smp_text_poke_batch_add(addr, bytes.fromhex("e900000000"))
+    print("finished", flush=True)
+""")
+
+
+def tp(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "textpoke", "live", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def _read(pid: int, addrs: list[int]) -> list[bytes]:
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
+        out = []
+        for a in addrs:
+            f.seek(a)
+            out.append(f.read(5))
+        return out
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.fixture(scope="module")
+def exe(tmp_path_factory):
+    return gen.build(N, tmp_path_factory.mktemp("live_survival"))
+
+
+@pytest.mark.parametrize("phase, policy", [("int3", "park"), ("tail", "emulate")])
+def test_sigkill_mid_batch_then_recover(exe, tmp_path, phase, policy):
+    from textpoke.live._journal import journal_path
+    with Target(exe, tmp_path / "busy", mode="busy", threads=4) as t:
+        r = tp("sites", "--pid", str(t.pid), "--functions", "f0*", "--json")
+        addrs = [int(s["addr"], 16) for s in json.loads(r.stdout)["sites"]]
+        assert len(addrs) == N
+        maps0 = Path(f"/proc/{t.pid}/maps").read_text()
+        driver = tmp_path / "driver.py"
+        driver.write_text(DRIVER)
+        d = subprocess.Popen([sys.executable, str(driver), str(t.pid), phase, policy,
+                              json.dumps(addrs)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert d.stdout.readline().strip() == f"phase {phase}"
+            now = _read(t.pid, addrs)
+            assert all(b[:1] == b"\xcc" for b in now)          # every site in flight
+            d.send_signal(signal.SIGKILL)
+            d.wait(timeout=30)
+        finally:
+            if d.poll() is None:
+                d.kill()
+                d.wait()
+        # the kernel detached every thread; they run on into the INT3s and wait there
+        assert journal_path(t.pid).exists()
+        time.sleep(0.2)
+        assert t.alive() and _state(t.pid) not in ("Z", "X")
+        chk = tp("sites", "--pid", str(t.pid), "--check")
+        assert chk.returncode == 1, chk.stdout + chk.stderr
+        assert f"stray INT3s: {N}" in chk.stdout and "dead patcher" in chk.stdout
+        # any other command refuses, pointing at recover
+        tog = tp("toggle", "--pid", str(t.pid), "--functions", "f0*", "--to", "nop")
+        assert tog.returncode == 2 and "live recover" in tog.stderr
+        assert len(tog.stderr.strip().splitlines()) == 1
+        rec = tp("recover", "--pid", str(t.pid), "--json")
+        assert rec.returncode == 0, rec.stdout + rec.stderr
+        j = json.loads(rec.stdout)
+        assert j["int3_restored"] == N and j["guard_removed"] and j["kept"] == []
+        # whole old instructions (recover rolls back), nothing injected left
+        assert _read(t.pid, addrs) == [NOP5] * N
+        assert Path(f"/proc/{t.pid}/maps").read_text() == maps0
+        assert not journal_path(t.pid).exists()
+        assert tp("sites", "--pid", str(t.pid), "--check").returncode == 0
+        line, _ = t.signal_and_read(signal.SIGUSR1)
+        assert line.startswith("snapshot") and t.alive()
+        assert tp("recover", "--pid", str(t.pid)).returncode == 0      # nothing left: a no-op
+
+
+def test_clean_runs_leave_no_guard_or_journal(exe, tmp_path):
+    """A normal toggle and count remove the guard and the journal: the
+    target's mappings are as before."""
+    from textpoke.live._journal import journal_path
+    with Target(exe, tmp_path / "busy", mode="busy", threads=4) as t:
+        maps0 = Path(f"/proc/{t.pid}/maps").read_text()
+        for to in ("call:fentry_ret", "nop"):
+            r = tp("toggle", "--pid", str(t.pid), "--functions", "f0*", "--to", to)
+            assert r.returncode == 0, r.stderr
+            assert Path(f"/proc/{t.pid}/maps").read_text() == maps0
+            assert not journal_path(t.pid).exists()
+        r = tp("count", "--pid", str(t.pid), "--functions", "f000*", "--duration", "0.1", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["freed"]
+        assert Path(f"/proc/{t.pid}/maps").read_text() == maps0
+        assert not journal_path(t.pid).exists() and t.alive()
