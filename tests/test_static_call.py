@@ -122,3 +122,52 @@ def test_cli_static_call_json_and_exit_codes(capsys):
     assert d["actions"][0]["pokes"] == 5
     assert main(["static-call", "--update", "sc_op", "nothing_here"]) == 2
     assert main(["static-call", "--update", "nope", "sc_square"]) == 2
+
+
+def test_update_to_the_current_function_does_nothing_even_over_bad_bytes(cm):
+    calls = cm.calls
+    site = _site(cm, "sc_op", False)
+    calls.static_call_update("sc_op", "sc_square")       # the sites now follow the key
+    calls.static_call_update("sc_op", "sc_double")
+    cm.core.text_poke_early(site, bytes.fromhex("6690" "0f1f00"))      # not a static-call form
+    b0, ev0 = cm.core.stats.batches, len(cm.core.events)
+    # __static_call_update returns before validating when key->func is unchanged
+    assert calls.static_call_update("sc_op", "sc_double") == 0
+    assert cm.sim.text_read(site, 5) == bytes.fromhex("66900f1f00")
+    assert cm.core.stats.batches == b0 and len(cm.core.events) == ev0
+    with pytest.raises(StaticCallError):                               # a real change still checks
+        calls.static_call_update("sc_op", "sc_square")
+
+
+def test_rethunk_follows_the_boots_features_and_return_thunk():
+    from textpoke._alternative import DEFAULT_FEATURES
+    with ClientMachine(cpus=2, seed=5, features=DEFAULT_FEATURES + ("rethunk",)) as m:
+        calls = m.calls
+        thunk = m.sym("__x86_return_thunk")
+        assert calls.return_thunk == thunk
+        tail = _site(m, "sc_hook", True)
+        calls.static_call_update("sc_hook", "sc_hook_fn")
+        calls.static_call_update("sc_hook", None)
+        assert m.sim.text_read(tail, 5) == b"\xe9" + (thunk - tail - 5).to_bytes(4, "little",
+                                                                                 signed=True)
+        jcc = m.sym("sc_jcc_site")
+        calls.static_call_update("sc_cond", None)
+        b = m.sim.text_read(jcc, 6)
+        assert jcc + 6 + int.from_bytes(b[2:], "little", signed=True) == thunk
+
+
+def test_its_return_thunk_only_in_the_lower_half_of_a_line(cm):
+    from textpoke import StaticCalls
+    from textpoke._static_call._calls import RET
+    fake_its = cm.sym("__x86_return_thunk") + 0x40
+    syms = dict(cm.image.symbols, its_return_thunk=fake_its)
+    calls = StaticCalls(cm.core, cm.tables.static_call_sites, syms, rethunk="its_return_thunk")
+    low, high = 0x1000000, 0x1000020                      # bit 5 clear / set
+    assert calls.transform(low, RET, 0, b"\xc3\xcc")[0] == \
+        b"\xe9" + (fake_its - low - 5).to_bytes(4, "little", signed=True)
+    assert calls.transform(high, RET, 0, b"\xc3\xcc")[0] == RETINSN
+    # any other thunk is taken everywhere
+    other = StaticCalls(cm.core, cm.tables.static_call_sites, syms, rethunk=fake_its + 0x40)
+    assert other.transform(high, RET, 0, b"\xc3\xcc")[0][0] == 0xE9
+    with pytest.raises(UnknownCallError):
+        StaticCalls(cm.core, cm.tables.static_call_sites, syms, rethunk="srso_return_thunk")

@@ -19,9 +19,27 @@ CALL     ``call func`` (``2e 2e 2e 31    ``NOP5``
          c0`` for __static_call_return0,
          emulated as the CALL)
 tail     ``jmp func``                    ``ret; int3 x4`` (or ``jmp
-                                         __x86_return_thunk`` with rethunk)
-Jcc.d32  ``jcc func`` (6 bytes)          ``jcc __static_call_return``
+                                         x86_return_thunk`` where the CPU
+                                         wants the return thunk there)
+Jcc.d32  ``jcc func`` (6 bytes)          ``jcc __static_call_return`` (or
+                                         ``jcc x86_return_thunk`` with
+                                         rethunk)
 =======  ==============================  ===================================
+
+``x86_return_thunk`` is the boot's choice of return thunk (*rethunk*:
+False for none, True for ``__x86_return_thunk``, or the thunk the boot
+chose by name or address).  When that choice is ``its_return_thunk``
+(ITS), a NULL tail site takes the thunk only in the lower half of its
+64-byte line (address bit 5 clear) and a plain ``ret`` otherwise, as
+``cpu_wants_rethunk_at`` decides; the Jcc form always takes the thunk.
+
+An update to the function the key already holds does nothing at all (no
+validation, no write), as ``__static_call_update`` returns early -- once
+the call's sites are known to follow its key.  In the kernel that is true
+from ``static_call_init`` on; the bundled image's boot has no such pass
+(its sites call the trampolines until they are first updated), so a call
+counts as initialised after its first update, or when every site and the
+trampoline are found holding the key's function already.
 
 The trampoline is a tail site.  Before anything is written the
 trampoline's signature is checked and every site validated (a CALL site
@@ -91,6 +109,7 @@ class StaticCall:
     tramp: int
     func: int
     sites: list[_Site] = field(default_factory=list)
+    synced: bool = False            # the sites follow the key (static_call_init done)
 
     def as_dict(self, describe=None) -> dict:
         f = describe(self.func) if (describe and self.func) else (hex(self.func) if self.func else None)
@@ -104,15 +123,30 @@ class StaticCalls:
 
     *sites* is the image's ``.static_call_sites``; *symbols* names the
     keys (``__SCK__x``), trampolines (``__SCT__x``) and functions.
-    *rethunk*: NULL tail sites become ``jmp __x86_return_thunk``."""
+    *rethunk*: the boot's ``x86_return_thunk`` when the CPU has
+    X86_FEATURE_RETHUNK -- True for ``__x86_return_thunk``, a symbol
+    name or an address for another (``its_return_thunk``,
+    ``srso_return_thunk``...); False when the CPU wants plain returns."""
 
     def __init__(self, core, sites: Iterable[StaticCallSite], symbols: Mapping[str, int],
-                 sizes: Mapping[str, int] | None = None, *, rethunk: bool = False) -> None:
+                 sizes: Mapping[str, int] | None = None, *,
+                 rethunk: "bool | str | int" = False) -> None:
         self.core = core
         self.machine = core.machine
         self.symbols = dict(symbols)
         self.symmap = SymbolMap(symbols, sizes)
-        self.rethunk = rethunk
+        self.rethunk = bool(rethunk)
+        #: the address of the boot's x86_return_thunk (None: no rethunk)
+        self.return_thunk: int | None = None
+        if rethunk is True:
+            rethunk = "__x86_return_thunk"
+        if isinstance(rethunk, str):
+            a = self.symbols.get(rethunk)
+            if a is None:
+                raise UnknownCallError(f"no return thunk {rethunk!r} in this image")
+            self.return_thunk = a
+        elif rethunk:
+            self.return_thunk = int(rethunk)
         self.calls: dict[str, StaticCall] = {}
         self._by_key: dict[int, StaticCall] = {}
         self.updates = 0
@@ -176,7 +210,18 @@ class StaticCalls:
 
     # ----------------------------------------------------------- transform
     def _return_thunk(self) -> int | None:
-        return self.symbols.get("__x86_return_thunk") if self.rethunk else None
+        """``cpu_wants_rethunk``: the thunk, or None."""
+        return self.return_thunk
+
+    def _return_thunk_at(self, addr: int) -> int | None:
+        """``cpu_wants_rethunk_at``: with the ITS thunk, only where a
+        return would sit in the lower half of its cache line."""
+        thunk = self.return_thunk
+        if thunk is None:
+            return None
+        if thunk == self.symbols.get("its_return_thunk") and addr & 0x20:
+            return None
+        return thunk
 
     def transform(self, addr: int, type_: int, func: int, cur: bytes) -> tuple[bytes, bytes | None]:
         """``__static_call_transform``: (code, emulate) for the site at *addr*
@@ -197,7 +242,7 @@ class StaticCalls:
             return _NOP5, None
         if type_ == JMP:
             return text_gen_insn(JMP32_INSN_OPCODE, addr, func), None
-        thunk = self._return_thunk()
+        thunk = self._return_thunk_at(addr)
         if thunk:
             return text_gen_insn(JMP32_INSN_OPCODE, addr, thunk), None
         return RETINSN, None
@@ -243,6 +288,9 @@ class StaticCalls:
         """Point *name* at *func* (NULL: None); return the pokes made."""
         c = self.call(name)
         f = self.resolve(func)
+        if f == c.func and (c.synced or self._in_sync(c)):
+            c.synced = True
+            return 0        # the kernel returns before touching anything
         plan = self._plan(c, f)
         old = c.func
         c.func = f
@@ -261,9 +309,20 @@ class StaticCalls:
         except BaseException:
             c.func = old if n == 0 else c.func
             raise
+        c.synced = True
         self.updates += 1
         self.pokes += n
         return n
+
+    def _in_sync(self, c: StaticCall) -> bool:
+        """Every site and the trampoline already hold what the key's
+        function asks for (read only, nothing validated)."""
+        for addr, tail in [(c.tramp, True)] + [(s.site.addr, s.site.tail) for s in c.sites]:
+            cur = self.machine.text_read(addr, 6)
+            code, _ = self.transform(addr, self._sc_insn(not c.func, tail), c.func, cur)
+            if cur[:len(code)] != code:
+                return False
+        return True
 
     # ----------------------------------------------------------- modules
     def module_code(self, s: StaticCallSite, text: bytes | bytearray, base: int) -> bytes:

@@ -64,7 +64,7 @@ class Kernel:
     text) and, when :meth:`start` made the core, the core."""
 
     def __init__(self, core: TextPoke, image: Any, *, tables: Any = None, boot: Any = None,
-                 rethunk: bool = False) -> None:
+                 rethunk: "bool | str | int" = False) -> None:
         self.core = core
         self.machine: Machine = core.machine
         self.image = image
@@ -78,7 +78,7 @@ class Kernel:
     @classmethod
     def start(cls, target: "Machine | TextPoke", image: Any = None, *,
               features: Iterable[str | int] | None = None, tables: Any = None,
-              rethunk: bool = False, **boot_kw: Any) -> "Kernel":
+              rethunk: "bool | str | int" = False, **boot_kw: Any) -> "Kernel":
         """Boot *image* (default: the bundled kernel) on *target* -- a
         machine (a :class:`TextPoke` is made for it, and closed with the
         kernel) or a core -- with :func:`alternative_instructions` for
@@ -135,7 +135,17 @@ class Kernel:
     @cached_property
     def calls(self) -> StaticCalls:
         self._check_open()
-        return StaticCalls.from_image(self.core, self.image, self.tables, rethunk=self.rethunk)
+        return StaticCalls.from_image(self.core, self.image, self.tables,
+                                      rethunk=self.return_thunk)
+
+    @property
+    def return_thunk(self) -> "bool | str | int":
+        """The boot's ``x86_return_thunk`` for the clients: what the
+        constructor was given, else ``__x86_return_thunk`` (True) when this
+        boot's CPU has X86_FEATURE_RETHUNK, else False."""
+        if self.rethunk:
+            return self.rethunk
+        return "rethunk" in self.features
 
     @cached_property
     def ftrace(self) -> Ftrace:
