@@ -181,7 +181,6 @@ def test_real_image_passes_touch_what_the_kernel_touches(real_image):
         assert kt.read(a, 5) != _call(0xE8, a, fentry)
     # no retpoline is wanted: no call through the thunk array is left
     assert t[".retpoline_sites"]["changed"] == real_image.table(".retpoline_sites").count
-    assert res.timings["total"] < 10
 
 
 REF = os.environ.get("TEXTPOKE_REF_DIR")
