@@ -80,3 +80,40 @@ def test_invalidate_refuses_core_text(cm):
     a = em.alloc(16)
     with pytest.raises(BadAddressError):
         em.free(a)
+
+
+def test_endbr_before_the_hook_is_stepped_over_with_ibt(cm):
+    from textpoke._bpf import is_endbr
+    jit = cm.kernel.bpf
+    p1 = jit.load(jit_add_const(3))
+    for endbr in (bytes.fromhex("f30f1efa"), bytes.fromhex("f30f1efb"), bytes.fromhex("660f1f00")):
+        assert is_endbr(int.from_bytes(endbr, "little"))
+        # a program whose prologue is ENDBR + the NOP5 hook
+        hooked = jit.load(endbr + x86_nops[5] + jit_add_const(1))
+        assert jit.text_poke(hooked.addr, BPF_MOD_CALL, None, p1) == 0
+        assert cm.sim.text_read(hooked.addr, 4) == endbr                 # ENDBR kept
+        assert cm.sim.text_read(hooked.addr + 4, 5) == \
+            b"\xe8" + (p1.addr - hooked.addr - 9).to_bytes(4, "little", signed=True)
+    assert not is_endbr(int.from_bytes(x86_nops[4], "little"))
+    # without IBT the ENDBR is the instruction at ip: the NOP5 is not there
+    plain = BpfJit(cm.core, execmem=jit.execmem, ibt=False)
+    h = plain.load(bytes.fromhex("f30f1efa") + x86_nops[5] + jit_add_const(1))
+    with pytest.raises(BpfTextPokeBusy):
+        plain.text_poke(h.addr, BPF_MOD_CALL, None, p1)
+
+
+def test_address_outside_kernel_and_bpf_text_is_invalid(cm):
+    from textpoke._bpf import BpfTextPokeInvalid
+    jit = cm.kernel.bpf
+    p1 = jit.load(jit_add_const(3))
+    # execmem that is no BPF program (module text, say), and guest data
+    other = jit.execmem.alloc(16)
+    cm.core.text_poke_copy(other, x86_nops[5] + b"\xcc" * 11)
+    b0 = cm.core.stats.batches
+    for ip in (other, cm.recs):
+        with pytest.raises(BpfTextPokeInvalid) as ei:
+            jit.text_poke(ip, BPF_MOD_CALL, None, p1)
+        assert ei.value.errno == errno.EINVAL and ei.value.ip == ip
+    with pytest.raises(BpfTextPokeInvalid):
+        bpf_arch_text_poke(cm.core, p1.addr, BPF_MOD_CALL, None, p1.addr)    # no BPF text known
+    assert cm.sim.text_read(other, 5) == x86_nops[5] and cm.core.stats.batches == b0

@@ -195,3 +195,15 @@ def test_the_readmes_client_tour_runs(capsys):
     assert "Kernel.start" in code
     exec(compile(code, "README.md (client tour)", "exec"), {})
     assert "<Kernel on the sim machine: keys, calls, ftrace, kprobes>" in capsys.readouterr().out
+
+
+def test_kernel_config_reaches_the_clients():
+    from textpoke.kernel import Kernel
+    from textpoke.kernel._kernel import BUNDLED_CONFIG
+    from textpoke.sim._clients_demo import ClientMachine
+    assert BUNDLED_CONFIG == {"X86_KERNEL_IBT": True, "PREEMPTION": False}
+    with ClientMachine(cpus=1, seed=1) as m:
+        assert m.kernel.config == BUNDLED_CONFIG and m.kernel.bpf.ibt is True
+        k = Kernel(m.core, m.image, tables=m.tables, boot=m.kernel.boot,
+                   config={"X86_KERNEL_IBT": False})
+        assert k.bpf.ibt is False and k.config["PREEMPTION"] is False

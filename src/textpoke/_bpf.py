@@ -5,7 +5,14 @@
 ``bpf_arch_text_poke(ip, type, old_addr, new_addr)`` turns the 5-byte
 instruction at *ip* from "what *old_addr* says" into "what *new_addr*
 says": a NOP5 for no address, else a CALL (``BPF_MOD_CALL``) or JMP
-(``BPF_MOD_JUMP``) there.  If *ip* does not hold the expected old
+(``BPF_MOD_JUMP``) there.  *ip* must be core kernel text or the text of a
+BPF program (:meth:`BpfJit.text_poke` knows its programs; the bare
+function takes an ``is_bpf_text`` predicate): anything else -- module
+text, data -- is refused with :class:`BpfTextPokeInvalid` (``-EINVAL``).
+On a kernel built with IBT (``ibt=True``, as Debian's 6.12 is) an ENDBR
+at *ip* (ENDBR64, ENDBR32 or the sealed-ENDBR poison ``66 0f 1f 00``) is
+stepped over: the hook is the instruction after it, as a JIT-ed
+program's prologue puts it.  If *ip* does not hold the expected old
 instruction the poke is refused with :class:`BpfTextPokeBusy` (the
 kernel's ``-EBUSY``) and nothing is written; if it already holds the new
 one nothing is done (returns 1); else it is patched with the SMP batch
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from typing import Callable
 
 import iced_x86
 
@@ -31,7 +39,8 @@ from ._core._insn import CALL_INSN_OPCODE, JMP32_INSN_OPCODE, text_gen_insn, x86
 from ._errors import TextPokeError
 from ._execmem import ExecMem
 
-__all__ = ["BPF_MOD_CALL", "BPF_MOD_JUMP", "BpfTextPokeBusy", "bpf_arch_text_poke",
+__all__ = ["BPF_MOD_CALL", "BPF_MOD_JUMP", "BpfTextPokeBusy", "BpfTextPokeInvalid",
+           "bpf_arch_text_poke", "is_endbr",
            "bpf_arch_text_copy", "bpf_arch_text_invalidate", "BpfJit", "BpfProg",
            "jit_add_const"]
 
@@ -50,6 +59,27 @@ class BpfTextPokeBusy(TextPokeError, RuntimeError):
         self.ip, self.found, self.expected = ip, found, expected
 
 
+class BpfTextPokeInvalid(TextPokeError, ValueError):
+    """*ip* is neither core kernel text nor BPF text (``-EINVAL``; the
+    kernel does not poke module text for BPF).  Nothing was written."""
+
+    errno = errno.EINVAL
+
+    def __init__(self, msg: str, *, ip: int = 0) -> None:
+        super().__init__(msg)
+        self.ip = ip
+
+
+ENDBR_INSN_SIZE = 4
+_ENDBR64 = 0xFA1E0FF3           # f3 0f 1e fa, little-endian
+_ENDBR_POISON = 0x001F0F66      # 66 0f 1f 00: what apply_seal_endbr leaves
+
+
+def is_endbr(word: int) -> bool:
+    """ENDBR64, ENDBR32 (one bit apart) or the sealed-ENDBR NOP."""
+    return word == _ENDBR_POISON or word & ~0x01000000 == _ENDBR64
+
+
 def _insn(ip: int, t: str, target: int | None) -> bytes:
     if not target:
         return _NOP5
@@ -60,7 +90,19 @@ def _insn(ip: int, t: str, target: int | None) -> bytes:
     raise ValueError(f"poke type must be BPF_MOD_CALL or BPF_MOD_JUMP, not {t!r}")
 
 
-def bpf_arch_text_poke(core, ip: int, t: str, old_addr: int | None, new_addr: int | None) -> int:
+def bpf_arch_text_poke(core, ip: int, t: str, old_addr: int | None, new_addr: int | None, *,
+                       is_bpf_text: Callable[[int], bool] | None = None,
+                       ibt: bool = True) -> int:
+    """1 if *ip* already holds the new instruction, 0 once written;
+    :class:`BpfTextPokeInvalid` outside kernel/BPF text,
+    :class:`BpfTextPokeBusy` when the old instruction is not there."""
+    m = core.machine
+    in_core = any(r.core and ip in r for r in m.text_ranges)
+    if not in_core and not (is_bpf_text is not None and is_bpf_text(ip)):
+        raise BpfTextPokeInvalid(f"bpf_arch_text_poke at {ip:#x}: neither kernel text nor BPF "
+                                 "text (EINVAL); nothing written", ip=ip)
+    if ibt and is_endbr(int.from_bytes(m.text_read(ip, ENDBR_INSN_SIZE), "little")):
+        ip += ENDBR_INSN_SIZE
     old, new = _insn(ip, t, old_addr), _insn(ip, t, new_addr)
     with core.text_mutex:
         cur = core.machine.text_read(ip, 5)
@@ -107,10 +149,15 @@ class BpfProg:
 class BpfJit:
     """Programs in execmem, placed and freed the BPF way."""
 
-    def __init__(self, core, execmem: ExecMem | None = None) -> None:
+    def __init__(self, core, execmem: ExecMem | None = None, *, ibt: bool = True) -> None:
         self.core = core
         self.execmem = execmem or ExecMem(core)
         self.progs: dict[int, BpfProg] = {}
+        self.ibt = ibt
+
+    def is_bpf_text_address(self, addr: int) -> bool:
+        """Inside one of this JIT's programs."""
+        return any(p.addr <= addr < p.addr + p.size for p in self.progs.values())
 
     def load(self, code: bytes) -> BpfProg:
         addr = self.execmem.alloc(len(code))
@@ -126,4 +173,5 @@ class BpfJit:
     def text_poke(self, ip: int, t: str, old: BpfProg | int | None, new: BpfProg | int | None) -> int:
         a = old.addr if isinstance(old, BpfProg) else old
         b = new.addr if isinstance(new, BpfProg) else new
-        return bpf_arch_text_poke(self.core, ip, t, a, b)
+        return bpf_arch_text_poke(self.core, ip, t, a, b, is_bpf_text=self.is_bpf_text_address,
+                                  ibt=self.ibt)

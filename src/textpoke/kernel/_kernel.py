@@ -48,7 +48,15 @@ from ..images import load_bundled
 from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import read_tables
 
-__all__ = ["Kernel", "KPROBES_EXECMEM"]
+__all__ = ["Kernel", "KPROBES_EXECMEM", "BUNDLED_CONFIG"]
+
+#: The kernel config options the clients follow, as the bundled image has
+#: them.  The bundled image is a small test kernel, not a distribution
+#: build: it is IBT-capable like Debian's 6.12 (JIT hooks may sit after an
+#: ENDBR) but is taken as a non-preemptible build (CONFIG_PREEMPT_NONE), so
+#: kprobes may boost -- Debian's CONFIG_PREEMPTION=y never does; pass
+#: ``config={"PREEMPTION": True}`` to model that.
+BUNDLED_CONFIG: dict[str, bool] = {"X86_KERNEL_IBT": True, "PREEMPTION": False}
 
 
 _CLIENTS = ("keys", "calls", "ftrace", "kprobes", "modules", "bpf")
@@ -64,8 +72,11 @@ class Kernel:
     text) and, when :meth:`start` made the core, the core."""
 
     def __init__(self, core: TextPoke, image: Any, *, tables: Any = None, boot: Any = None,
-                 rethunk: "bool | str | int" = False) -> None:
+                 rethunk: "bool | str | int" = False,
+                 config: "dict[str, bool] | None" = None) -> None:
         self.core = core
+        #: CONFIG_ options (without the prefix) the clients follow
+        self.config = dict(BUNDLED_CONFIG, **(config or {}))
         self.machine: Machine = core.machine
         self.image = image
         self.tables = tables if tables is not None else read_tables(image)
@@ -78,7 +89,8 @@ class Kernel:
     @classmethod
     def start(cls, target: "Machine | TextPoke", image: Any = None, *,
               features: Iterable[str | int] | None = None, tables: Any = None,
-              rethunk: "bool | str | int" = False, **boot_kw: Any) -> "Kernel":
+              rethunk: "bool | str | int" = False, config: "dict[str, bool] | None" = None,
+              **boot_kw: Any) -> "Kernel":
         """Boot *image* (default: the bundled kernel) on *target* -- a
         machine (a :class:`TextPoke` is made for it, and closed with the
         kernel) or a core -- with :func:`alternative_instructions` for
@@ -91,7 +103,7 @@ class Kernel:
             boot = alternative_instructions(core, image, tables,
                                             DEFAULT_FEATURES if features is None else features,
                                             **boot_kw)
-            k = cls(core, image, tables=tables, boot=boot, rethunk=rethunk)
+            k = cls(core, image, tables=tables, boot=boot, rethunk=rethunk, config=config)
         except BaseException:
             if own:
                 core.close()
@@ -169,7 +181,7 @@ class Kernel:
     @cached_property
     def bpf(self) -> BpfJit:
         self._check_open()
-        return BpfJit(self.core, execmem=self.execmem)
+        return BpfJit(self.core, execmem=self.execmem, ibt=self.config["X86_KERNEL_IBT"])
 
     @property
     def clients(self) -> dict[str, Any]:
