@@ -29,7 +29,10 @@ Two renderings of the same items:
 
 from __future__ import annotations
 
+import bisect
+import functools
 import html
+import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -90,10 +93,22 @@ def record_machine(title: str, w: Any, core: Any, touched: Iterable[str], *,
                    violations: list[dict] | None = None, params: dict | None = None) -> Recording:
     """A recording of a workload whose machine ran with its trace on (for
     example the demo's): its timeline merged with the core's event log."""
+    import heapq
+    import types
     from ..sim._report import timeline
     sim = w.sim
-    return Recording(title, list(sim.cpus), _site_rows(w, touched),
-                     timeline(sim, core, w.image), sim.steps, violations or [], params or {})
+    # site executions are most of a long trace: written here directly (the
+    # generic timeline symbolizes every entry), merged in by step
+    trace = sim.trace or []
+    execs = [{"step": ev[1], "cpu": ev[2], "what": "exec", "addr": ev[3],
+              "detail": f"ran {ev[3]:#x}: {bytes(ev[4]).hex(' ')}"}
+             for ev in trace if ev[0] == "exec"]
+    rest = timeline(types.SimpleNamespace(trace=[ev for ev in trace if ev[0] != "exec"]),
+                    core, w.image)
+    entries = list(heapq.merge(rest, execs, key=lambda e: e["step"] if e["step"] is not None
+                               else -1))
+    return Recording(title, list(sim.cpus), _site_rows(w, touched), entries, sim.steps,
+                     violations or [], params or {})
 
 
 # ------------------------------------------------------------------ model
@@ -105,6 +120,7 @@ def _insn_len(code: bytes) -> int:
         return len(code)
 
 
+@functools.lru_cache(maxsize=4096)
 def classify(data: bytes, old: bytes, new: bytes) -> str:
     """What a CPU ran at a site: ``old`` or ``new`` when the instruction it
     executes there is the old or the new one (a RET followed by new tail
@@ -155,21 +171,21 @@ def _ipi_spans(entries: list[dict]) -> list[tuple[int, float, float]]:
 
 def _write_phases(entries: list[dict]) -> list[tuple[dict, str]]:
     """Each patcher byte write with the phase of the poke event it belongs
-    to (the event logged at or after it that covers its address)."""
-    pokes = [e for e in entries if e["what"].startswith("poke/") and e["what"] != "poke/batch"]
-    used: list[int] = [0] * len(pokes)
+    to: the first event logged at or after it that covers its address
+    (entries are in step order; the search starts at the write's step)."""
+    pokes = [(p["step"], p["addr"], max(len(p["detail"].split("->")[-1].split()), 1),
+              p["what"].split("/", 1)[1])
+             for p in entries if p["what"].startswith("poke/") and p["what"] != "poke/batch"]
+    steps = [p[0] for p in pokes]
     out = []
     for e in entries:
         if e["what"] != "write" or e["cpu"] is not None:
             continue
         phase = "store"
-        for i, p in enumerate(pokes):
-            if p["step"] < e["step"]:
-                continue
-            n = len(p["detail"].split("->")[-1].split())
-            if p["addr"] <= e["addr"] < p["addr"] + max(n, 1):
-                phase = p["what"].split("/", 1)[1]
-                used[i] += 1
+        for step, addr, n, ph in itertools.islice(pokes, bisect.bisect_left(steps, e["step"]),
+                                                  None):
+            if addr <= e["addr"] < addr + n:
+                phase = ph
                 break
         out.append((e, phase))
     return out
@@ -203,7 +219,9 @@ def lanes(rec: Recording) -> tuple[list[str], list[Item], list[dict]]:
             run.clear()
 
     for e, phase in _write_phases(entries):
-        cut = any(run and run[-1][0]["step"] < s <= e["step"] for s in sync_starts)
+        # a sync started after the run's last write and by this one cuts the run
+        cut = bool(run) and bisect.bisect_right(sync_starts, e["step"]) > \
+            bisect.bisect_right(sync_starts, run[-1][0]["step"])
         if run and (phase != run[-1][1] or cut):
             close_run()
         run.append((e, phase))
