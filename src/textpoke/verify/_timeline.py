@@ -611,11 +611,31 @@ def write_all(rec: Recording, paths: list[str]) -> list[str]:
     return lines
 
 
-def watch(w: Any) -> None:
+#: trace entries a long run keeps for its picture (about 150 toggles of the
+#: demo on 4 vCPUs; some 100 MB); later ones are counted, not kept
+TRACE_CAP = 200_000
+
+
+class _CappedTrace(list):
+    """The machine's trace list, keeping the first *cap* entries."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__()
+        self.cap, self.dropped = cap, 0
+
+    def append(self, ev: Any) -> None:
+        if len(self) < self.cap:
+            super().append(ev)
+        else:
+            self.dropped += 1
+
+
+def watch(w: Any, cap: int = TRACE_CAP) -> None:
     """Turn a running workload's trace on from now, with every site watched
-    (``demo --timeline``: after boot-time patching, before the toggles)."""
+    (``demo --timeline``: after boot-time patching, before the toggles),
+    keeping the first *cap* entries."""
     if w.sim.trace is None:
-        w.sim.trace = []
+        w.sim.trace = _CappedTrace(cap)
     w.watch_sites()
 
 
@@ -623,8 +643,16 @@ def demo_recording(d: Any) -> Recording:
     """The recording of a :class:`~textpoke.sim._demo.Demo` that ran watched."""
     sim = d.w.sim
     violations = [{"kind": "oops", "detail": str(o)} for o in sim.oopses]
-    return record_machine(
+    dropped = getattr(sim.trace, "dropped", 0)
+    rec = record_machine(
         f"demo: {sim.ncpus} vCPUs, {d.toggles_done} toggle(s) of every site, seed {d.seed}, "
         f"line size {sim.line_size}", d.w, d.core, [s.name for s in d.sites],
         violations=violations, params={"cpus": sim.ncpus, "seed": d.seed,
-                                       "toggles": d.toggles_done, "line_size": sim.line_size})
+                                       "toggles": d.toggles_done, "line_size": sim.line_size,
+                                       "trace_entries_dropped": dropped})
+    if dropped and sim.trace:
+        last = sim.trace[-1][1]          # keep the core's events of the traced part only
+        rec.entries = [e for e in rec.entries if e["step"] is None or e["step"] <= last]
+        rec.steps = last
+        rec.title += f" (first {last:,} steps traced)"
+    return rec
