@@ -228,3 +228,18 @@ def test_report_page_renders_every_picture_in_a_headless_browser(tmp_path):
                     "--window-size=1200,900", (d / "index.html").as_uri()],
                    capture_output=True, timeout=180)
     assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def test_a_long_demo_trace_is_capped_and_says_so():
+    from textpoke.sim._demo import Demo
+    from textpoke.verify._timeline import demo_recording, watch
+    with Demo(cpus=2, boot=False) as d:
+        watch(d.w, cap=500)
+        d.toggle(20)
+        d.result()
+        assert len(d.w.sim.trace) == 500 and d.w.sim.trace.dropped > 0
+        rec = demo_recording(d)
+    last = rec.steps
+    assert "first" in rec.title and rec.params["trace_entries_dropped"] > 0
+    assert all(e["step"] <= last for e in rec.entries if e["step"] is not None)
+    assert ET.fromstring(svg(rec)).tag == f"{SVG}svg"
