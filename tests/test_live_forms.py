@@ -87,3 +87,26 @@ def test_patchable_entries_while_threads_run_through_them(tmp_path_factory):
         for i in range(N):
             assert inside[i] - THREADS <= got[f"f{i:05d}"]
         assert res.restored and res.freed and t.alive()
+
+
+@pytest.mark.parametrize("form", ["patchable", "pie-fentry"])
+def test_toggle_on_each_entry_form(tmp_path_factory, form):
+    """toggle --to call:fentry_ret and back to nop on a busy target: every
+    site switched (with every thread stopped), the target alive and right."""
+    import json
+    import subprocess
+    exe = gen.build(N, tmp_path_factory.mktemp(f"toggle_{form}"), form=form)
+    with Target(exe, tmp_path_factory.mktemp("o") / "busy", mode="busy", threads=THREADS) as t:
+        for to, first in (("call:fentry_ret", b"\xe8"), ("nop", b"\x0f")):
+            r = subprocess.run([sys.executable, "-m", "textpoke", "live", "toggle", "--pid",
+                                str(t.pid), "--functions", "f0*", "--to", to, "--json"],
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            j = json.loads(r.stdout)
+            assert j["switched"] == N and j["now_as_asked"] == N and j["int3_left"] == 0
+            from textpoke.live._fentry import fentry_sites
+            from textpoke.live._symbols import Symbols
+            with Symbols(t.pid) as s:
+                assert {x.found[:1] for x in fentry_sites(s, "f0*")} == {first}
+        line, _ = t.signal_and_read(signal.SIGUSR1)
+        assert line.startswith("snapshot") and t.alive()

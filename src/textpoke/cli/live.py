@@ -303,7 +303,7 @@ def _kinds(sites) -> dict[str, int]:
 def _toggle(args: argparse.Namespace) -> int:
     from .._core._insn import CALL_INSN_OPCODE, text_gen_insn
     from ..live._count import switch_sites
-    from ..live._fentry import NOP5, fentry_sites
+    from ..live._fentry import NOP5, QUIESCENT, fentry_sites
     try:
         with _symbols(args.pid) as syms:
             sites = fentry_sites(syms, args.functions)
@@ -316,17 +316,20 @@ def _toggle(args: argparse.Namespace) -> int:
     if target is not None:
         from ..live._checks import check_branch_target
         check_branch_target(args.pid, target, f"call target {args.to[5:]}")
-    bad = [s for s in sites if s.kind not in ("nop5", "call")]
+    bad = [s for s in sites if s.kind not in ("nop5", "call") and s.kind not in QUIESCENT]
     if bad:
-        raise UsageError(f"{len(bad)} site(s) hold neither NOP5 nor a CALL, e.g. {bad[0].function} "
+        raise UsageError(f"{len(bad)} site(s) hold no fentry form (NOP5, CALL, five NOP1s, "
+                         f"call *__fentry__@GOTPCREL), e.g. {bad[0].function} "
                          f"at {bad[0].addr:#x}: {bad[0].found.hex(' ')} ({bad[0].kind}); "
                          f"see 'textpoke live sites --check --pid {args.pid}' and 'textpoke live "
                          f"recover --pid {args.pid}'")
-    writes = []
+    writes, quiet = [], []
     for s in sites:
         new = NOP5 if target is None else text_gen_insn(CALL_INSN_OPCODE, s.addr, target)
+        new += b"\x90" * (len(s.found) - len(new))     # call-got: 6 bytes, + NOP1
         if new != s.found:
-            writes.append((s.addr, new))
+            # not one instruction now: written with every thread stopped
+            (quiet if s.kind in QUIESCENT else writes).append((s.addr, new))
     interrupted: BaseException | None = None
     stats: dict[str, Any] = {}
     after: list[bytes] = []
@@ -336,10 +339,13 @@ def _toggle(args: argparse.Namespace) -> int:
                 with out.progress(out.progress_enabled(args.json) and len(writes) >= 256,
                                   "queueing sites") as update:
                     stats = switch_sites(m, writes, update)
+            if quiet:
+                m.write_stopped(quiet)
         except (KeyboardInterrupt, Terminated) as e:
             interrupted = e
-        after = [m.text_read(s.addr, 5) for s in sites]
+        after = [m.text_read(s.addr, len(s.found)) for s in sites]
     reporting()
+    writes += quiet
     want = {a: b for a, b in writes}
     int3_left = sum(1 for b in after if b[:1] == b"\xcc")
     done = sum(1 for s, b in zip(sites, after) if b == want.get(s.addr, s.found))
