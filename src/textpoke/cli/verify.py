@@ -92,6 +92,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int_in(CHUNK), default=25, metavar="N",
                    help=f"with --cluster/--resume/--report: seeds per chunk, {CHUNK} (default 25)")
     p.add_argument("--list", action="store_true", help="list scenarios, strategies and mutations")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="boot a new machine for every schedule (the old, slower path; the "
+                        "report is the same)")
+    p.add_argument("--exhaustive", action="store_true",
+                   help="explore every interleaving of one small --scenario within --bound "
+                        "(breadth first: the first violation is a shortest one)")
+    p.add_argument("--bound", default=None, metavar="SPEC",
+                   help="with --exhaustive: cpus=N,execs=N,refills=N,line=N (default "
+                        "cpus=2,execs=1,refills=1,line=64): CPUs, site executions per CPU and "
+                        "evictions per path, fetch line size")
+    p.add_argument("--state", default=None, metavar="FILE",
+                   help="with --exhaustive: save progress after every depth and resume from it")
+    p.add_argument("--path", default=None, metavar="ACTIONS",
+                   help="with --exhaustive: replay this path of actions (a counterexample)")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
 
@@ -108,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
             check_paths(args.timeline)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    if args.exhaustive:
+        from ._exhaustive import run_exhaustive
+        return run_exhaustive(args, names)
     if args.replay is not None:
         if len(names) != 1:
             raise UsageError("--replay needs one --scenario")
@@ -121,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         with out.progress(out.progress_enabled(args.json), "schedules") as update:
             verify(names, args.schedules, seed=args.seed, strategy=args.strategy,
                    mutation=args.mutation, ncpus=args.cpus, line_size=args.line_size,
-                   jobs=args.jobs, progress=update, report=rep)
+                   jobs=args.jobs, progress=update, report=rep, reuse=not args.no_reuse)
     except (KeyboardInterrupt, Terminated) as e:
         interrupted = e
     finally:
