@@ -144,3 +144,24 @@ def test_clean_runs_leave_no_guard_or_journal(exe, tmp_path):
         assert json.loads(r.stdout)["freed"]
         assert Path(f"/proc/{t.pid}/maps").read_text() == maps0
         assert not journal_path(t.pid).exists() and t.alive()
+
+
+def test_guard_code_is_its_source(tmp_path):
+    """The injected handler's bytes are the assembled source kept next to
+    them (the one displacement the linker would fill in: the data page)."""
+    import shutil
+    import struct
+    from textpoke.live import _guard as G
+    if not (shutil.which("as") and shutil.which("objcopy")):
+        pytest.skip("binutils (as, objcopy) are not installed")
+    (tmp_path / "g.S").write_text(G.SOURCE)
+    subprocess.run(["as", "-o", str(tmp_path / "g.o"), str(tmp_path / "g.S")], check=True)
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(tmp_path / "g.o"),
+                    str(tmp_path / "g.bin")], check=True)
+    raw = bytearray((tmp_path / "g.bin").read_bytes())
+    struct.pack_into("<i", raw, 3, G.CODE_SIZE - 7)
+    assert bytes(raw) == G.CODE
+    # the handler looks the site up at data+40 (count at +32) and the restorer
+    # is rt_sigreturn
+    assert G.CODE[G.RESTORER:G.RESTORER + 7] == bytes.fromhex("b80f0000000f05")
+    assert G.TABLE_OFF == G.COUNT_OFF + 8 == 40

@@ -52,7 +52,7 @@ import struct
 
 __all__ = ["CODE", "CODE_SIZE", "RESTORER", "ACT_OFF", "TABLE_OFF", "MAX_SITES", "DATA_SIZE",
            "our_action", "table_bytes", "NEW_ACT_OFF", "CUR_OFF", "COUNT_OFF",
-           "SIGTRAP", "SYS_rt_sigaction"]
+           "SIGTRAP", "SYS_rt_sigaction", "SOURCE"]
 
 #   handler:                          ; rdi = sig, rsi = siginfo, rdx = ucontext
 #       lea   data(%rip), %r11        ; data = handler + 4096
@@ -84,6 +84,69 @@ CODE = bytes.fromhex(
     "83ec2831c048890424488944240848894424104889442418b80d000000bf050000004889e631d241"
     "ba080000000f05b8ba0000000f054889442420b8270000000f054889c7488b742420ba05000000b8"
     "ea0000000f054883c428c30f1f440000b80f0000000f05f4")
+#: the exact source of :data:`CODE` (GNU as; ``tests/test_live_survival.py``
+#: assembles it when binutils are there and compares).  ``start+4096`` is
+#: the data page; the assembler leaves that displacement to the linker, so
+#: CODE holds it filled in (4096 - 7).
+SOURCE = """	.text
+	.globl start
+start:
+handler:
+	lea	start+4096(%rip), %r11
+	cmpl	$0x80, 8(%rsi)
+	jne	chain
+	mov	168(%rdx), %rax
+	dec	%rax
+	mov	32(%r11), %rcx
+	lea	40(%r11), %r8
+1:	test	%rcx, %rcx
+	jz	chain
+	cmp	(%r8), %rax
+	je	found
+	add	$8, %r8
+	dec	%rcx
+	jmp	1b
+found:
+	mov	%rax, 168(%rdx)
+	mov	$24, %eax
+	syscall
+	ret
+chain:
+	mov	(%r11), %rax
+	cmp	$1, %rax
+	jbe	dfl
+	jmp	*%rax
+dfl:
+	sub	$40, %rsp
+	xor	%eax, %eax
+	mov	%rax, (%rsp)
+	mov	%rax, 8(%rsp)
+	mov	%rax, 16(%rsp)
+	mov	%rax, 24(%rsp)
+	mov	$13, %eax
+	mov	$5, %edi
+	mov	%rsp, %rsi
+	xor	%edx, %edx
+	mov	$8, %r10d
+	syscall
+	mov	$186, %eax
+	syscall
+	mov	%rax, 32(%rsp)
+	mov	$39, %eax
+	syscall
+	mov	%rax, %rdi
+	mov	32(%rsp), %rsi
+	mov	$5, %edx
+	mov	$234, %eax
+	syscall
+	add	$40, %rsp
+	ret
+	.balign 16
+restorer:
+	mov	$15, %eax
+	syscall
+	hlt
+"""
 RESTORER = 0xB0
 NEW_ACT_OFF = 0x100            # our struct sigaction, in the code page (read by the kernel)
 CODE_SIZE = 4096
