@@ -121,8 +121,19 @@ def test_chrome_trace_has_lanes_spans_and_the_violation():
     ev = doc["traceEvents"]
     assert {e["ph"] for e in ev} <= {"M", "B", "E", "X", "i"}
     threads = {e["tid"]: e["args"]["name"] for e in ev if e.get("name") == "thread_name"}
-    assert sorted(threads.values()) == ["cpu0", "cpu1", "cpu2", "patcher"]
+    assert sorted(threads.values()) == ["cpu0", "cpu0 IPIs", "cpu1", "cpu1 IPIs", "cpu2",
+                                        "cpu2 IPIs", "patcher", "patcher syncs"]
     assert all(e["dur"] >= 0 for e in ev if e["ph"] == "X")
+    # slices nest on every track, as the format requires
+    for t in threads:
+        spans = sorted((e["ts"], -(e["ts"] + e["dur"]), e["ts"] + e["dur"]) for e in ev
+                       if e["ph"] == "X" and e["tid"] == t)
+        stack: list[float] = []
+        for start, _, end in spans:
+            while stack and stack[-1] <= start:
+                stack.pop()
+            assert not stack or end <= stack[-1], (threads[t], start, end, stack)
+            stack.append(end)
     viol = [e for e in ev if e.get("cat") == "violation"]
     assert len(viol) == len(rec.violations) and viol[0]["s"] == "g"
     assert any(e["ph"] == "X" and e["cat"] == "sync" for e in ev)

@@ -542,7 +542,16 @@ def svg(rec: Recording, *, max_steps: int = 1500, width: int | None = None) -> s
 def chrome_trace(rec: Recording) -> dict:
     """The recording in the Chrome JSON trace format (one step = 1 us)."""
     names, items, placed = lanes(rec)
-    tid = {n: k for k, n in enumerate(names)}
+    # spans that may overlap others on their lane get a track of their own
+    # (a JSON trace's slices must nest on one thread): syncs, pending IPIs
+    def track(i: Item) -> str:
+        if i.kind == "sync":
+            return "patcher syncs"
+        if i.kind == "ipi":
+            return f"{i.lane} IPIs"
+        return i.lane
+    order = [t for n in names for t in (n, f"{n} syncs" if n == "patcher" else f"{n} IPIs")]
+    tid = {n: k for k, n in enumerate(order)}
     ev: list[dict] = [{"ph": "M", "pid": 1, "tid": 0, "name": "process_name",
                        "args": {"name": f"textpoke: {rec.title}"}}]
     for n, t in tid.items():
@@ -557,7 +566,7 @@ def chrome_trace(rec: Recording) -> dict:
                    "ts": max(i.end if i.end is not None else i.start for i in pat),
                    "name": "patcher task", "cat": "patcher"})
     for i in items:
-        base = {"pid": 1, "tid": tid[i.lane], "ts": i.start, "cat": i.kind,
+        base = {"pid": 1, "tid": tid[track(i)], "ts": i.start, "cat": i.kind,
                 "args": {"detail": i.label, **i.args}}
         if i.kind == "violation":
             ev.append({**base, "ph": "i", "s": "g", "name": f"VIOLATION {i.label[:60]}"})
