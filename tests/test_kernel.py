@@ -207,3 +207,6 @@ def test_kernel_config_reaches_the_clients():
         k = Kernel(m.core, m.image, tables=m.tables, boot=m.kernel.boot,
                    config={"X86_KERNEL_IBT": False})
         assert k.bpf.ibt is False and k.config["PREEMPTION"] is False
+        with Kernel(m.core, m.image, tables=m.tables, boot=m.kernel.boot,
+                    config={"PREEMPTION": True}) as k2:
+            assert k2.kprobes.preemption is True

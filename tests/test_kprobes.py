@@ -293,7 +293,14 @@ def test_refusals_leave_text_unchanged(rig):
     kp.smp = smp
     lock = next(a for a in locks if kp.function_at(a))
     f = kp.function_at(lock)
-    _refused(cm, kp, f"{f[0]}+{lock - f[1]}", "reserved", (f[1], f[2]), match="alternatives")
+    # ... is accepted: the kernel's one-byte alternatives_text_reserved(addr,
+    # addr) compares the end exclusively and never matches
+    before = cm.sim.text_read(f[1], f[2])
+    p = kp.register_kprobe(f"{f[0]}+{lock - f[1]}", lambda p, r: None)
+    assert cm.sim.text_read(lock, 1) == b"\xcc"
+    kp.unregister_kprobe(p)
+    assert cm.sim.text_read(f[1], f[2]) == before
+    assert kp.text_reserved(lock, lock + 4) == "alternatives (LOCK prefix)"   # a detour's range
     # a jump-label site
     site = next(s.entry.code for k in cm.keys.keys.values() for s in k.sites
                 if kp.function_at(s.entry.code))
@@ -390,3 +397,93 @@ def test_cli_exit_codes(capsys):
     assert main(["kprobe", "kp_opt_target+1"]) == 2        # not an instruction boundary
     assert main(["kprobe"]) == 2
     capsys.readouterr()
+
+
+def _decoded(hexbytes):
+    from textpoke._core._insn import insn_decode_kernel
+    return insn_decode_kernel(bytes.fromhex(hexbytes) + b"\xcc" * 15, 0x1000000)
+
+
+@pytest.mark.parametrize("code,boost", [
+    ("0fbae005", False),          # bt eax, 5: not in 6.12's table
+    ("0fb10e", True),             # cmpxchg [rsi], ecx
+    ("f00fb10e", True),           # lock cmpxchg: LOCK does not stop boosting
+    ("f0ff06", True),             # lock inc dword [rsi]
+    ("0fc10e", True),             # xadd
+    ("0fa4c105", True),           # shld ecx, eax, 5
+    ("0f31", True),               # rdtsc
+    ("0fc70e", False),            # cmpxchg8b
+    ("0f0b", False),              # ud2
+    ("0f1f00", True),             # nopl (%rax)
+    ("2e8b06", False),            # CS override
+    ("678b06", False),            # address-size override
+    ("f3a4", True),               # rep movsb (REP is a prefix, not the opcode)
+    ("0f380000", False),          # three-byte opcode
+])
+def test_can_boost_follows_6_12(code, boost):
+    from textpoke._kprobes._insn import can_boost
+    assert can_boost(_decoded(code)) is boost
+
+
+def test_exception_instructions_refused():
+    from textpoke._kprobes._insn import is_exception_insn
+    for code in ("0f0b", "0fb9c0", "0fff00", "cc", "cd03", "f1"):    # (INTO is invalid in 64-bit)
+        assert is_exception_insn(_decoded(code)), code
+    assert not is_exception_insn(_decoded("0f1f00"))
+
+
+def test_no_boosting_with_preemption(rig):
+    cm, kp, g = rig
+    i = cm.add_probe("kprobe_target", addr=g.addr("kprobe_target"), arg=RAND1,
+                     allow=[RAND1 // DIV_FACTOR])
+    cm.start()
+    p = kp.register_kprobe("kprobe_target", lambda p, r: None)
+    assert kp.site_info(p)["how"] == "boosted"           # the bundled image: no PREEMPTION
+    kp.unregister_kprobe(p)
+    kp.preemption = True                                 # CONFIG_PREEMPTION=y, Debian's
+    p = kp.register_kprobe("kprobe_target", lambda p, r: None)
+    assert kp.site_info(p)["how"] == "single-step"
+    assert cm.wait_passes(2)
+    kp.unregister_kprobe(p)
+    assert kp.stats.single_stepped > 0 and not cm.expect({i: RAND1 // DIV_FACTOR})
+
+
+def test_kretprobe_maxactive_default(rig):
+    cm, kp, g = rig
+    rp = kp.register_kretprobe("kprobe_target", lambda ri, r: None)
+    assert rp.maxactive == max(10, 2 * len(cm.sim.cpus)) == 10      # 4 CPUs: 10, not 8
+    kp.unregister_kretprobe(rp)
+    rp = kp.register_kretprobe("kprobe_target", lambda ri, r: None, maxactive=3)
+    assert rp.maxactive == 3
+    kp.unregister_kretprobe(rp)
+
+
+def test_aggregate_pre_handlers_stop_at_the_first_true(rig):
+    cm, kp, g = rig
+    i = cm.add_probe("kp_opt_target", addr=g.addr("kp_opt_target"), arg=5, allow=[5 + OPT_K + HELPER_ADD])
+    cm.start()
+    first, second = [], []
+
+    def does_the_xor(p, regs):      # performs `xor eax, eax` itself and says so
+        first.append(regs.cpu)
+        regs.gprs["rax"] = 0
+        regs.ip = p.addr + 2
+        return 1
+
+    p1 = kp.register_kprobe("kp_opt_target", does_the_xor)
+    p2 = kp.register_kprobe("kp_opt_target", lambda p, r: second.append(r.cpu))
+    assert cm.wait_passes(2)
+    kp.unregister_kprobes([p1, p2])
+    assert first and second == []
+    assert not cm.expect({i: 5 + OPT_K + HELPER_ADD})
+
+
+def test_cfi_preamble_and_blacklist_refused(rig):
+    cm, kp, g = rig
+    a, n = g.funcs["kprobe_target2"]
+    kp.add_function("__pfx_kprobe_target2", a - 16, 16)
+    _refused(cm, kp, "__pfx_kprobe_target2+0", "reserved", (a - 16, 16 + n), match="CFI")
+    kp.blacklist.append((a, a + n))                      # as NOKPROBE_SYMBOL(kprobe_target2)
+    _refused(cm, kp, "kprobe_target2+4", "blacklist", (a, n))
+    kp.add_function("kprobe_target2.cold", a + n, 1)     # a .cold part counts as its function
+    assert kp.function_at(a + n)[0] == "kprobe_target2.cold" and kp.within_kprobe_blacklist(a + n)

@@ -19,6 +19,23 @@ instruction:
   original and runs the post-handlers.  A probe without post-handler on a
   "boostable" instruction gets a JMP back instead of the INT3, as the
   kernel's non-preemptible build does: one trap per hit instead of two.
+  With ``preemption=True`` (a CONFIG_PREEMPTION kernel, Debian's) nothing
+  is ever boosted: a task preempted in the slot could not be found there.
+
+Several probes at one address form an aggregate: their pre-handlers run
+in registration order until one returns a true value (it changed ``ip``
+itself), and the rest are not run for that hit, as ``aggr_pre_handler``.
+
+Refused before anything is written (``check_kprobe_address_safe``,
+``can_probe``): the blacklist (``.kprobes.text``, ``noinstr`` text, entry
+text, ``NOKPROBE_SYMBOL`` functions -- each taken from the image's
+symbols where it has them, plus *blacklist*; a ``foo.cold`` part counts as
+``foo``), a ``__cfi_``/``__pfx_`` preamble symbol, text reserved by
+jump_label or static_call, and an instruction that traps by design
+(UD0/UD1/UD2, INT3/INT n/INTO/INT1).  A LOCK prefix the SMP switch may
+rewrite is *not* a reason: the kernel's one-byte
+``alternatives_text_reserved(addr, addr)`` query never matches (its end is
+exclusive), so a probe there is accepted, as in the kernel.
 
 Calls are always emulated, so the return address a callee sees is the
 original one (the "fixed" return address of the old single-step model).
@@ -65,7 +82,7 @@ from .._core._machine import Capability, TrapPriority
 from .._errors import BadInstructionError, TextPokeError
 from .._execmem import ExecMem
 from ..images._tables import read_tables
-from ._insn import can_boost, prepare_emulation, relocate
+from ._insn import can_boost, is_exception_insn, prepare_emulation, relocate
 from ._kretprobe import _Kretprobes
 from ._opt import DETOUR_SIZE, FRAME_REGS, RELATIVEJUMP_SIZE
 from ._optprobe import _Optprobes
@@ -92,10 +109,12 @@ class Kprobes(_Kretprobes, _Optprobes):
     A context manager; :meth:`close` unregisters everything."""
 
     def __init__(self, core, image=None, *, tables=None, smp=None, keys=None, calls=None,
-                 execmem: ExecMem | None = None) -> None:
+                 execmem: ExecMem | None = None, preemption: bool = False,
+                 blacklist: "Iterable[tuple[int, int] | str]" = ()) -> None:
         self.core = core
         self.machine = core.machine
         self.image = image
+        self.preemption = preemption
         self.smp, self.keys, self.calls = smp, keys, calls
         self.functions: dict[str, tuple[int, int]] = {}
         if image is not None:
@@ -107,6 +126,10 @@ class Kprobes(_Kretprobes, _Optprobes):
                 tables = read_tables(image)
         self.fentry: frozenset[int] = frozenset(m.addr for m in tables.mcount_loc) \
             if tables is not None else frozenset()
+        #: [start, end) ranges no probe may be put in
+        self.blacklist: list[tuple[int, int]] = self._image_blacklist(image)
+        for b in blacklist:
+            self.blacklist.append(self._blacklist_range(b))
         if execmem is None:
             rng = next(r for r in self.machine.text_ranges if not r.core)
             execmem = ExecMem(core, start=rng.end - KPROBES_EXECMEM, end=rng.end)
@@ -149,6 +172,42 @@ class Kprobes(_Kretprobes, _Optprobes):
                 self.execmem.free(self._tramp)
                 self._tramp = None
             self._handle.unregister()
+
+    # ------------------------------------------------------------ blacklist
+    def _blacklist_range(self, b: "tuple[int, int] | str") -> tuple[int, int]:
+        if isinstance(b, str):
+            if b not in self.functions:
+                raise KprobeError(f"blacklist: no function {b!r}", reason="symbol")
+            a, sz = self.functions[b]
+            return a, a + sz
+        return int(b[0]), int(b[1])
+
+    def _image_blacklist(self, image) -> list[tuple[int, int]]:
+        """What the image's symbols say: the text areas ``populate_kprobe_
+        blacklist`` adds and each ``_kbl_addr_NAME`` (NOKPROBE_SYMBOL)."""
+        if image is None:
+            return []
+        sym = image.symbols
+        out = []
+        for area in ("__kprobes_text", "__noinstr_text", "__entry_text"):
+            lo, hi = sym.get(area + "_start"), sym.get(area + "_end")
+            if lo is not None and hi is not None and lo < hi:
+                out.append((lo, hi))
+        for n in sym:
+            if n.startswith("_kbl_addr_") and n[len("_kbl_addr_"):] in self.functions:
+                a, sz = self.functions[n[len("_kbl_addr_"):]]
+                out.append((a, a + sz))
+        return out
+
+    def within_kprobe_blacklist(self, addr: int) -> bool:
+        if any(lo <= addr < hi for lo, hi in self.blacklist):
+            return True
+        f = self.function_at(addr)
+        if f is not None and "." in f[0]:          # foo.cold, foo.part.0: ask for foo
+            base = self.functions.get(f[0].split(".", 1)[0])
+            if base is not None:
+                return any(lo <= base[0] < hi for lo, hi in self.blacklist)
+        return False
 
     @property
     def probes(self) -> list[Kprobe]:
@@ -222,8 +281,10 @@ class Kprobes(_Kretprobes, _Optprobes):
         """Who reserves any byte of [start, end] (inclusive): alternatives,
         jump_label, static_call, ftrace -- or None."""
         if self.smp is not None:
+            # the kernel compares with the end exclusively: a one-byte
+            # query (a probe) never matches, a detour's range does
             with self.core.text_mutex:
-                if self.smp.text_reserved(start, end):
+                if self.smp.text_reserved(start, end - 1):
                     return "alternatives (LOCK prefix)"
         if self.keys is not None:
             for k in self.keys.keys.values():
@@ -282,6 +343,12 @@ class Kprobes(_Kretprobes, _Optprobes):
             if s.optimized and s.addr < addr < s.addr + len(s.displaced):
                 raise KprobeError(f"{p.name} is inside the range of the optimised probe at "
                                   f"{s.addr:#x}", reason="busy", addr=addr)
+        if p.symbol.startswith(("__cfi_", "__pfx_")):
+            raise KprobeError(f"{p.name} is in a CFI preamble ({p.symbol})", reason="reserved",
+                              addr=addr)
+        if self.within_kprobe_blacklist(addr):
+            raise KprobeError(f"{p.name} ({addr:#x}) is blacklisted (kprobes/noinstr/entry "
+                              "text or NOKPROBE_SYMBOL)", reason="blacklist", addr=addr)
         insns = self._decode_function(fstart, fsize)
         insn = next((i for i in insns if i.addr == addr), None)
         if insn is None:
@@ -296,6 +363,9 @@ class Kprobes(_Kretprobes, _Optprobes):
             raise KprobeError(f"{p.name} ({addr:#x}) is text reserved by {who}",
                               reason="fentry" if who.startswith("ftrace") else "reserved",
                               addr=addr)
+        if is_exception_insn(insn):
+            raise KprobeError(f"{p.name}: {insn.text} traps by design and cannot be probed",
+                              reason="unsupported", addr=addr)
         em = prepare_emulation(insn)
         if isinstance(em, str):
             raise KprobeError(f"{p.name}: {em} ({insn.text})", reason="unsupported", addr=addr)
@@ -304,8 +374,7 @@ class Kprobes(_Kretprobes, _Optprobes):
             slot = self.execmem.alloc(_SLOT_SIZE)
             try:
                 code = relocate(insn, slot)
-                boost = post_handlerless = p.post_handler is None
-                boost = post_handlerless and can_boost(insn)
+                boost = not self.preemption and p.post_handler is None and can_boost(insn)
                 tail = text_gen_insn(JMP32_INSN_OPCODE, slot + insn.length, addr + insn.length) \
                     if boost else b"\xcc"
                 self.core.text_poke_copy(slot, (code + tail).ljust(_SLOT_SIZE, b"\xcc"))
@@ -423,13 +492,10 @@ class Kprobes(_Kretprobes, _Optprobes):
             # stale view still saw the INT3 of an optimised site)
             regs.ip = site.detour.addr
             return True
-        skip = False
         for p in list(site.probes):
             p.nhit += 1
             if p.pre_handler is not None and p.pre_handler(p, regs):
-                skip = True                 # the handler moved ip itself
-        if skip:
-            return True
+                return True                 # it moved ip itself; the rest are not run
         if site.emulate is not None:
             site.emulate(regs)
             self.stats.emulated += 1

@@ -18,7 +18,8 @@ from .._core._emulate import (PtRegs, X86_EFLAGS_ZF, int3_emulate_jcc, int3_emul
                               int3_emulate_pop, int3_emulate_push)
 from .._core._insn import Insn
 
-__all__ = ["Emulation", "prepare_emulation", "can_boost", "relocate", "EFLAGS_IF", "GPR_OF"]
+__all__ = ["Emulation", "prepare_emulation", "can_boost", "is_exception_insn", "relocate",
+           "EFLAGS_IF", "GPR_OF"]
 
 EFLAGS_IF = 1 << 9
 _MASK64 = (1 << 64) - 1
@@ -159,20 +160,61 @@ def prepare_emulation(insn: Insn) -> "Emulation | None | str":
     return None
 
 
-#: two-byte opcodes (0F xx) whose copy may jump straight back
-_TWOBYTE_BOOST = set(range(0x40, 0x50)) | set(range(0x90, 0xA0)) | {
-    0x1F, 0xA3, 0xAB, 0xAF, 0xB3, 0xB6, 0xB7, 0xBA, 0xBB, 0xBC, 0xBD, 0xBE, 0xBF, 0xC8,
-    0xC9, 0xCA, 0xCB, 0xCC, 0xCD, 0xCE, 0xCF}
+def _rows(*rows: str) -> frozenset[int]:
+    """A 256-entry opcode bitmap written as 16 rows of 16 '0'/'1'."""
+    bits = "".join(r.replace(" ", "") for r in rows)
+    assert len(bits) == 256
+    return frozenset(i for i, c in enumerate(bits) if c == "1")
+
+
+#: two-byte opcodes (0F xx) whose copy may jump straight back, as 6.12's
+#: bitmap has them, one row per high nibble (x0 .. xf left to right).
+#: In the 0x row only LAR, LSL, CLTS, INVD and WBINVD; NOP (1F); MOV to and
+#: from CR/DR (20-23); RDTSC (31); CMOVcc, SETcc, BT/BTS/BTR/BTC, SHLD/SHRD,
+#: CMPXCHG, XADD, BSWAP, MOVZX/MOVSX and much of MMX/SSE.  Out: Jcc (8x),
+#: the bit-test group 0F BA, CMPXCHG8B/16B (C7), the SSE moves of the 1x,
+#: 2x and 5x rows, the three-byte escapes 38/3A, and the gaps of Dx-Fx.
+_TWOBYTE_BOOST = _rows(
+    "0011 0010 1100 0000",   # 0x
+    "0000 0000 0000 0001",   # 1x
+    "1111 0000 0000 0000",   # 2x
+    "0100 0000 0000 0000",   # 3x
+    "1111 1111 1111 1111",   # 4x
+    "0000 0000 0000 0000",   # 5x
+    "1111 1111 1111 0011",   # 6x
+    "0000 1111 0000 0011",   # 7x
+    "0000 0000 0000 0000",   # 8x
+    "1111 1111 1111 1111",   # 9x
+    "1101 1100 1101 1101",   # Ax
+    "1111 1111 0001 1111",   # Bx
+    "1100 0000 1111 1111",   # Cx
+    "0111 0100 1101 1101",   # Dx
+    "0110 0100 1101 1101",   # Ex
+    "0111 0100 1110 1110",   # Fx
+)
+
+
+def is_exception_insn(insn: Insn) -> bool:
+    """UD0/UD1/UD2 and INT3/INT n/INTO/INT1: the kernel never probes them
+    (they trap by design, and the trap handlers expect them in place)."""
+    op = insn.opcode
+    if op[0] == 0x0F:
+        return len(op) >= 2 and op[1] in (0xFF, 0xB9, 0x0B)
+    return op[0] in (0xCC, 0xCD, 0xCE, 0xF1)
 
 
 def can_boost(insn: Insn) -> bool:
     """Whether a copy of *insn* can run with a JMP back after it (no trap),
-    which is also what may be displaced into an optimised probe's detour."""
+    which is also what may be displaced into an optimised probe's detour.
+    (The kernel also refuses an instruction with an exception-table entry;
+    the images here carry no ``__ex_table``.)"""
     op = insn.opcode
     if len(op) == 2 and op[0] == 0x0F:
         return op[1] in _TWOBYTE_BOOST
     if len(op) != 1:
         return False
+    # prefixes: CS override and address-size override make it unboostable;
+    # LOCK, REP and the others do not
     prefixes = insn.raw[:_prefix_len(insn.raw)]
     if 0x2E in prefixes or 0x67 in prefixes:
         return False
@@ -180,10 +222,6 @@ def can_boost(insn: Insn) -> bool:
     if b0 == 0x62 or 0x70 <= b0 <= 0x7F or b0 == 0x9A or 0xCC <= b0 <= 0xCE or b0 == 0xD6 \
             or 0xD8 <= b0 <= 0xDF or 0xE0 <= b0 <= 0xE3 or b0 in (0xE8, 0xE9, 0xEB) \
             or 0xF0 <= b0 <= 0xF4:
-        return False
-    if b0 in (0xF0, 0xF2, 0xF3):
-        return False
-    if 0xF0 in prefixes:           # LOCK
         return False
     if b0 in (0xC0, 0xC1, 0xD0, 0xD1, 0xD2, 0xD3, 0xF6, 0xF7, 0xFE, 0xFF):
         reg = _modrm_reg(insn)

@@ -44,7 +44,8 @@ class _Kretprobes:
                               addr=addr)
         self._ensure_trampoline()
         rp = Kretprobe(None, handler, entry_handler,
-                       maxactive if maxactive is not None else 2 * max(1, len(self.machine.cpus)))
+                       maxactive if maxactive is not None and maxactive > 0
+                       else max(10, 2 * len(self.machine.cpus)))
         rp.kp = self.register_kprobe(addr, lambda p, regs: self._ret_entry(rp, regs))
         rp.registered = True
         self.kretprobes.append(rp)

@@ -26,7 +26,7 @@ PostHandler = Callable[["Kprobe", PtRegs, int], Any]
 class KprobeError(TextPokeError, ValueError):
     """A probe refused; the text is unchanged.  ``reason`` is one of
     ``symbol``, ``boundary``, ``int3``, ``reserved``, ``fentry``,
-    ``unsupported``, ``busy``, ``entry``, ``optimize``."""
+    ``unsupported``, ``busy``, ``entry``, ``optimize``, ``blacklist``."""
 
     def __init__(self, msg: str, *, reason: str, addr: int = 0) -> None:
         super().__init__(msg)

@@ -170,6 +170,7 @@ class Kernel:
         rng = self._execmem_range()
         return Kprobes(self.core, self.image, tables=self.tables,
                        smp=getattr(self.boot, "smp", None), keys=self.keys, calls=self.calls,
+                       preemption=self.config["PREEMPTION"],
                        execmem=ExecMem(self.core, start=rng.end - KPROBES_EXECMEM, end=rng.end))
 
     @cached_property
