@@ -100,8 +100,14 @@ def _bad_values(action, rng: random.Random, tmp: str) -> list[str]:
     if getattr(t, "file", None) == "output":
         return [tmp, "/dev/full", os.path.join(tmp, "missing", "x"), ""]
     if getattr(t, "checked", False):
-        return ["\x01\x02" + garbage, "x" * 100_000, "0x" + "Z" * 8]
-    return []                   # free text (a name, a glob): refused by the command, not the parser
+        # what no checked text accepts (a name, a number, a size, a list):
+        # control characters, and a value far beyond any length limit
+        return ["\x01\x02" + garbage, "x" * 100_000]
+    if LONG and t is None and action.nargs is None and not action.choices:
+        # free text (a name, a glob): refused by the command once it looks
+        # the name up (after building its machine: long form only)
+        return ["", "x" * 100_000, "\x01" + garbage]
+    return []
 
 
 def _in_bounds(v: str, b) -> bool:
@@ -182,6 +188,8 @@ def _check(argv, rc, out, err) -> str | None:
         return f"stdout not empty: {out[:200]!r}"
     if len(lines) != 1:
         return f"{len(lines)} lines on stderr"
+    if len(lines[0]) > 1000:
+        return f"a refusal of {len(lines[0]):,} characters"
     return None
 
 

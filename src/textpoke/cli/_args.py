@@ -144,4 +144,11 @@ class Parser(argparse.ArgumentParser):
     (the usage is one ``--help`` away; a wall of usage hides the message)."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see '{self.prog} --help')\n")
+
+
+def one_line(message: str, limit: int = 400) -> str:
+    """A refusal as one line of bounded length (a 100,000-character value
+    is not echoed back whole)."""
+    message = " ".join(message.split())
+    return message if len(message) <= limit else message[:limit] + f"... ({len(message):,} chars)"

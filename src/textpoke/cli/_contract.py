@@ -65,7 +65,8 @@ def current() -> Run | None:
 
 def usage_error(line: str) -> int:
     """One line on stderr, exit 2."""
-    print(line.replace("\n", " "), file=sys.stderr)
+    from ._args import one_line
+    print(one_line(line, 600), file=sys.stderr)
     return 2
 
 

@@ -170,6 +170,10 @@ class _ReadBack:
 
 
 def _run(args: argparse.Namespace) -> int:
+    raw = args.cpu_features_raw
+    if raw is not None and not raw.replace(",", "").strip():
+        raise UsageError("--cpu-features: an empty list (say 'none' for a CPU with no "
+                         "features)")
     if getattr(args, "image", None):
         args.cpu_features_given = args.cpu_features_raw is not None
         args.cpu_features = args.cpu_features_raw or ""

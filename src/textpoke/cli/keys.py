@@ -14,7 +14,7 @@ import argparse
 from typing import Callable
 
 from . import _contract
-from ._args import SEED, Bounds, int_in
+from ._args import SEED, Bounds, UsageError, checked, int_in
 from ._signals import Terminated
 
 __all__ = ["add_arguments", "run", "NAME", "HELP", "DESCRIPTION", "on_clients", "settle",
@@ -34,6 +34,16 @@ BOOTING = ("interrupted while the machine was being built (the boot writes no IN
            "it was discarded before any client touched its text")
 
 
+def _key_name(text: str) -> None:
+    if not text or len(text) > 256 or not text.isascii() or \
+            not text.replace("_", "a").replace(".", "a").isalnum():
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise UsageError(f"not a static key's name: {shown!r}")
+
+
+KEY_NAME = checked(_key_name, "KEY")
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=int_in(CLIENT_CPU_BOUNDS), default=4, metavar="N",
                    help=f"virtual CPUs, {CLIENT_CPU_BOUNDS} (default 4)")
@@ -44,9 +54,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list", action="store_true", help="list the keys (the default action)")
-    p.add_argument("--enable", metavar="KEY", action="append", default=[],
+    p.add_argument("--enable", metavar="KEY", action="append", default=[], type=KEY_NAME,
                    help="static_key_enable(KEY) while the CPUs run (repeatable)")
-    p.add_argument("--disable", metavar="KEY", action="append", default=[],
+    p.add_argument("--disable", metavar="KEY", action="append", default=[], type=KEY_NAME,
                    help="static_key_disable(KEY) while the CPUs run (repeatable)")
     p.add_argument("--selftest", action="store_true",
                    help="lib/test_static_keys.c and a 1,000-site key on the running CPUs")
