@@ -165,3 +165,33 @@ def test_guard_code_is_its_source(tmp_path):
     # is rt_sigreturn
     assert G.CODE[G.RESTORER:G.RESTORER + 7] == bytes.fromhex("b80f0000000f05")
     assert G.TABLE_OFF == G.COUNT_OFF + 8 == 40
+
+
+def _tracer(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("TracerPid:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_count_json_interrupted_while_arming_is_valid_json(tmp_path_factory):
+    """SIGTERM as soon as count has attached (arming, or -- if arming was
+    quicker -- the window): exit 143, valid JSON saying interrupted, what
+    the sites hold and no INT3 left; the sites read NOP5 again."""
+    n = 2000
+    exe = gen.build(n, tmp_path_factory.mktemp("json_int"))
+    with Target(exe, tmp_path_factory.mktemp("o") / "busy", mode="busy", threads=4) as t:
+        p = subprocess.Popen([sys.executable, "-m", "textpoke", "live", "count", "--pid",
+                              str(t.pid), "--functions", "f0*", "--duration", "30", "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while p.poll() is None and _tracer(t.pid) != p.pid:
+            time.sleep(0.0005)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 143, err
+        j = json.loads(out)
+        assert j["interrupted"] is True and j["int3_left"] == 0, j
+        r = tp("sites", "--pid", str(t.pid), "--functions", "f0*", "--json")
+        assert json.loads(r.stdout)["kinds"] == {"nop5": n}
+        assert t.alive()

@@ -394,7 +394,13 @@ def _count(args: argparse.Namespace) -> int:
         return _interrupted_report(args, "count", e)
     reporting()
     if args.json:
-        out.emit_json(dict(res.as_dict(), pid=args.pid, interrupted=bool(interrupted)))
+        int3_left = 0
+        if not res.restored:           # count what is left (restored: every site whole)
+            from ..live._fentry import fentry_sites
+            with _symbols(args.pid) as syms:
+                int3_left = sum(1 for x in fentry_sites(syms, args.functions) if x.kind == "int3")
+        out.emit_json(dict(res.as_dict(), pid=args.pid, interrupted=bool(interrupted),
+                           int3_left=int3_left))
     else:
         _print_count(res, args)
     if interrupted:
