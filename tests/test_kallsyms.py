@@ -315,6 +315,33 @@ def test_boot_is_the_same_with_and_without_the_system_map(debian, tmp_path):
     assert runs["image"][1] == runs["map"][1]
 
 
+def test_fetching_a_kernel_takes_only_its_image_package(debian, tmp_path, monkeypatch):
+    """What make test fetches: the -unsigned image package (34 MB), never the
+    -dbg one (318 MB) unless a System.map or vmlinux is asked for."""
+    import textpoke.images._vmlinux as V
+    debs = sorted((V._cache_root() / "kernel" / "debs").glob(
+        f"linux-image-{debian.release}-unsigned_*_amd64.deb"))
+    if not debs:
+        pytest.skip("the image package is not in the cache")
+    (tmp_path / "kernel" / "debs").mkdir(parents=True)
+    (tmp_path / "kernel" / "debs" / debs[-1].name).symlink_to(debs[-1])
+    calls: list[list[str]] = []
+    run = V._run
+
+    def recording(argv, **kw):
+        calls.append(argv)
+        if argv[0] == "apt-get":
+            raise AssertionError(f"would download: {argv}")
+        return run(argv, **kw)
+    monkeypatch.setattr(V, "_run", recording)
+    k = V.ensure_debian_kernel(debian.release, cache=tmp_path)
+    assert k.system_map is None and k.vmlinux is None
+    assert k.vmlinuz.read_bytes() == Path(debian.vmlinuz).read_bytes()
+    assert not any("-dbg" in " ".join(c) for c in calls)
+    assert V.ensure_debian_kernel(debian.release, cache=tmp_path) == k     # cached now
+    assert len(calls) == 1
+
+
 # ------------------------------------------ opt-in: every symbol, every kernel
 #: the kernels to check: TEXTPOKE_KERNELS (as make test-kernel's KERNELS=), else
 #: every x86-64 kernel Debian 12 ships that textpoke reads
