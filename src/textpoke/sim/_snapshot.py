@@ -98,8 +98,11 @@ class _Snapshots:
             n = min(PAGE_SIZE, r.size - off)
             old = snap.text[idx]
             r.mv[off:off + n] = old[off:off + n]
+            page = old[off:off + n]
             for c in self.vcpus:
                 base = ctypes.addressof(c.views[idx])
+                if ctypes.string_at(base + off, n) == page:
+                    continue
                 for lo in range(off, off + n, ls):
                     hi = min(lo + ls, off + n)
                     if ctypes.string_at(base + lo, hi - lo) != old[lo:hi]:
