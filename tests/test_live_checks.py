@@ -101,3 +101,27 @@ def test_a_sound_poke_still_works(target):
     assert r.returncode == 0, r.stderr
     line, counts = target.signal_and_read(__import__("signal").SIGUSR1)
     assert line == "window 1" and target.alive()
+
+
+def test_functions_without_an_entry_form_are_refused_with_the_reason():
+    """Debian's own python3 and libc: no fentry site; count and toggle say
+    why (exit 2, one line) instead of 'no site'."""
+    import os
+    import shutil
+    py = "/usr/bin/python3"
+    if not os.path.exists(py) or shutil.which("gcc") is None:
+        pytest.skip("no /usr/bin/python3")
+    p = subprocess.Popen([py, "-c", "import sys, time; print('up', flush=True); time.sleep(60)"],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "up"
+        r = tp("count", "--pid", str(p.pid), "--functions", "libc.so.6:malloc", "--duration", "0.1")
+        assert r.returncode == 2 and "ordinary function entries" in r.stderr, r.stderr
+        assert "1 function(s) match" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        r = tp("toggle", "--pid", str(p.pid), "--functions", "PyObject_Hash", "--to", "nop")
+        assert r.returncode == 2 and "ordinary function entries" in r.stderr, r.stderr
+        r = tp("sites", "--pid", str(p.pid))
+        assert r.returncode == 0 and "libc.so.6:" in r.stdout and "no __mcount_loc" in r.stdout
+    finally:
+        p.kill()
+        p.wait()

@@ -308,11 +308,14 @@ def _toggle(args: argparse.Namespace) -> int:
         with _symbols(args.pid) as syms:
             sites = fentry_sites(syms, args.functions)
             target = syms.resolve(args.to[5:]) if args.to.startswith("call:") else None
+            if not sites:
+                from ..live._count import _why_no_site
+                why = _why_no_site(syms, args.functions, args.pid)
     except (KeyboardInterrupt, Terminated) as e:       # nothing written yet
         reporting()
         return _interrupted_report(args, "toggle", e)
     if not sites:
-        raise UsageError(f"no fentry site of a function matching {args.functions!r}")
+        raise UsageError(why)
     if target is not None:
         from ..live._checks import check_branch_target
         check_branch_target(args.pid, target, f"call target {args.to[5:]}")

@@ -117,7 +117,7 @@ class Arming:
         self.syms = Symbols(pid)
         found = fentry_sites(self.syms, pattern)
         if not found:
-            raise SymbolError(f"no fentry site of a function matching {pattern!r} in process {pid}")
+            raise SymbolError(_why_no_site(self.syms, pattern, pid))
         self.sites: list[FentrySite] = [s for s in found if s.kind in PATCHABLE]
         self.skipped = [dict(s.as_dict(), why=_why_not(s)) for s in found
                         if s.kind not in PATCHABLE]
@@ -269,6 +269,22 @@ def _why_not(s: FentrySite) -> str:
             "other": "no fentry form here (not a NOP5, five NOP1s or call *__fentry__@GOTPCREL): "
                      "ordinary function entries are not patched by this version"
             }.get(s.kind, "not a NOP5")
+
+
+def _why_no_site(syms: Symbols, pattern: str, pid: int) -> str:
+    """Why *pattern* has no fentry site: no such function, or functions in
+    modules built without any fentry form."""
+    try:
+        funcs = syms.functions(pattern)
+    except SymbolError as e:
+        return str(e)
+    if not funcs:
+        return f"no function matching {pattern!r} in process {pid}"
+    mods = sorted({f.module.short for f in funcs})
+    return (f"{len(funcs)} function(s) match {pattern!r} (in {', '.join(mods[:3])}"
+            f"{' ...' if len(mods) > 3 else ''}) but none has an fentry site: built without "
+            "-pg -mfentry or -fpatchable-function-entry; ordinary function entries (moving "
+            "the instructions a JMP covers to a trampoline) are not patched by this version")
 
 
 def classify_kind(found: bytes) -> str:
