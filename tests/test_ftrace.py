@@ -13,6 +13,7 @@ import pytest
 
 from textpoke import CALL_INSN_OPCODE, text_gen_insn, x86_nops
 from textpoke import FtraceBugError, FtraceFilterError, TraceEntry
+from textpoke._ftrace import FtraceDisabledError
 from textpoke._ftrace import format_trace_line
 from textpoke.selftests import DEMO_FUNCTIONS, expected_hits, ftrace_selftest
 from textpoke.sim._ftrace_work import FtraceMachine
@@ -86,7 +87,7 @@ def test_2000_functions_enable_disable_while_4_cpus_call_them(many):
         # enable while every CPU calls them
         assert ft.set_ftrace_filter("gen_fn_*") == 2000
         up = ft.start("function")
-        assert up.enabled == 2000 and up.checked == len(ft.records)
+        assert up.enabled == 2000 and up.checked == 2000    # only the changing records
         assert up.batches == -(-2000 // 256) == 8
         assert up.syncs <= 3 * up.batches
         assert fm.call_sites() == 2000
@@ -185,8 +186,9 @@ def test_trace_pipe_format():
     names = {0x1000: "ft_hash", 0x2005: "ft_lookup"}
     line = format_trace_line(TraceEntry(ts=1234, cpu=2, ip=0x1000, parent_ip=0x2005, pid=1002),
                              lambda a: names[a], {1002: "ftrace_work/2"})
-    assert line == "   ftrace_work/2-1002    [002]         1234: ft_hash <-ft_lookup"
-    assert re.fullmatch(r"\s*\S+-\d+\s+\[\d{3}\]\s+\d+: \S+ <-\S+", line)
+    # the irq-info column (on by default in the kernel) between cpu and timestamp
+    assert line == "   ftrace_work/2-1002    [002] .....         1234: ft_hash <-ft_lookup"
+    assert re.fullmatch(r"\s*\S+-\d+\s+\[\d{3}\] \.{5}\s+\d+: \S+ <-\S+", line)
 
 
 def test_ring_overruns_counted_never_silent():
@@ -245,7 +247,7 @@ def test_cli_trace_pipe_lines_filter_and_notrace(capsys):
     assert rc == 0
     lines = [ln for ln in cap.out.splitlines() if not ln.startswith("#")]
     assert len(lines) > 20
-    pat = re.compile(r"\s*ftrace_work/(\d)-(\d+)\s+\[(\d{3})\]\s+(\d+): (\S+) <-(\S+)")
+    pat = re.compile(r"\s*ftrace_work/(\d)-(\d+)\s+\[(\d{3})\] \.{5}\s+(\d+): (\S+) <-(\S+)")
     funcs = set()
     for ln in lines:
         m = pat.fullmatch(ln)
@@ -292,3 +294,136 @@ def test_cli_usage_errors(capsys):
     with pytest.raises(SystemExit) as e:
         _cli(capsys, "--cpus", "9")
     assert e.value.code == 2
+
+
+# ------------------------------------------------------------------ kernel's order and rules
+def _record_text_writes(fm):
+    """Every text write and sync broadcast of the machine, in order."""
+    m, log = fm.sim, []
+    one, many, sync = m.text_poke_write, m.text_poke_write_many, m.sync_each_cpu
+
+    def w1(addr, data):
+        log.append(("w", addr, bytes(data)))
+        return one(addr, data)
+
+    def wn(writes):
+        log.extend(("w", a, bytes(d)) for a, d in writes)
+        return many(writes)
+
+    def sy():
+        log.append(("sync",))
+        return sync()
+
+    m.text_poke_write, m.text_poke_write_many, m.sync_each_cpu = w1, wn, sy
+    return log
+
+
+def _call_pokes(fm, log, site):
+    """The callbacks the CALL at *site* was pointed at (the last byte of
+    each poke completes it), with the log index."""
+    ft = fm.ftrace
+    by_target = {text_gen_insn(CALL_INSN_OPCODE, site, a): n for n, a in ft.callbacks.items()}
+    out = [(i, e) for i, e in enumerate(log)
+           if e[0] == "w" and e[1] < site + 5 and site < e[1] + len(e[2])]
+    # replay the writes to the site to see each completed instruction
+    cur = bytearray(fm.image.section(".text").data[site - fm.image.section(".text").addr:][:5])
+    done = []
+    for i, (_k, a, d) in out:
+        for j, b in enumerate(d):
+            if 0 <= a + j - site < 5:
+                cur[a + j - site] = b
+        if bytes(cur) in by_target and (not done or done[-1][1] != by_target[bytes(cur)]):
+            done.append((i, by_target[bytes(cur)]))
+    return done
+
+
+@pytest.mark.parametrize("tracer", ["function", "profile"])
+def test_update_order_list_func_sites_sync_final(tracer):
+    with FtraceMachine(cpus=2, seed=4) as fm:
+        ft = fm.ftrace
+        ft.set_ftrace_filter("ft_*")
+        log = _record_text_writes(fm)
+        ft.start(tracer)
+        sites = {r.ip for r in ft.records}
+        site_w = [i for i, e in enumerate(log) if e[0] == "w" and e[1] in sites]
+        calls = _call_pokes(fm, log, ft.call_site)
+        # ftrace_call: the list function first, then the tracer's
+        assert [n for _i, n in calls] == ["function+profile", tracer]
+        assert calls[0][0] < min(site_w) and max(site_w) < calls[1][0]
+        assert any(e == ("sync",) for e in log[max(site_w) + 1:calls[1][0]])
+        log.clear()
+        ft.stop()
+        site_w = [i for i, e in enumerate(log) if e[0] == "w" and e[1] in sites]
+        calls = _call_pokes(fm, log, ft.call_site)
+        assert [n for _i, n in calls] == ["function+profile", "none"]
+        assert calls[0][0] < min(site_w) and max(site_w) < calls[1][0]
+        assert fm.sim.text_read(ft.call_site, 5) == text_gen_insn(
+            CALL_INSN_OPCODE, ft.call_site, fm.sym("ftrace_stub"))
+
+
+def test_ftrace_regs_call_updated_too():
+    with FtraceMachine(cpus=1, seed=4) as fm:
+        ft = fm.ftrace
+        assert ft.regs_call_site is None          # the bundled image has no ftrace_regs_caller
+        # give it one: a second CALL to ftrace_stub (the end of ftrace_caller's CALL
+        # site is as good a place as any in a test: a copy of ftrace_call's bytes)
+        spare = fm.sym("ftrace_caller_end") - 5
+        saved = fm.sim.text_read(spare, 5)
+        fm.core.text_poke_early(spare, text_gen_insn(CALL_INSN_OPCODE, spare, fm.sym("ftrace_stub")))
+        ft.regs_call_site = spare
+        ft.set_ftrace_filter("ft_open")
+        ft.start("function")
+        want = lambda site, fn: text_gen_insn(CALL_INSN_OPCODE, site, fm.sym(fn))  # noqa: E731
+        assert fm.sim.text_read(spare, 5) == want(spare, "function_trace_call")
+        assert fm.sim.text_read(ft.call_site, 5) == want(ft.call_site, "function_trace_call")
+        ft.stop()
+        assert fm.sim.text_read(spare, 5) == want(spare, "ftrace_stub")
+        ft.regs_call_site = None
+        fm.core.text_poke_early(spare, saved)
+
+
+def test_records_with_nothing_to_change_are_not_checked():
+    with FtraceMachine(cpus=2, seed=6) as fm:
+        ft = fm.ftrace
+        victim = ft.by_name["ft_permission"]
+        # something else changed a site that this update does not touch
+        other = text_gen_insn(CALL_INSN_OPCODE, victim.ip, fm.sym("ftrace_stub"))
+        with fm.core.text_mutex:
+            fm.core.smp_text_poke_single(victim.ip, other)
+        ft.set_ftrace_filter("ft_open")
+        up = ft.start("function")                 # the kernel accepts this update
+        assert up.enabled == 1 and up.checked == 1
+        assert fm.sim.text_read(victim.ip, 5) == other
+        ft.stop()
+
+
+def test_ftrace_bug_kills_ftrace():
+    with FtraceMachine(cpus=2, seed=6) as fm:
+        ft = fm.ftrace
+        victim = ft.by_name["ft_permission"]
+        good = fm.sim.text_read(victim.ip, 5)
+        other = text_gen_insn(CALL_INSN_OPCODE, victim.ip, fm.sym("ftrace_stub"))
+        with fm.core.text_mutex:
+            fm.core.smp_text_poke_single(victim.ip, other)
+        with pytest.raises(FtraceBugError, match="now disabled"):
+            ft.start("function")
+        assert ft.disabled
+        with fm.core.text_mutex:                  # even with the site put right ...
+            fm.core.smp_text_poke_single(victim.ip, good)
+        before = _text_snapshot(fm)
+        for retry in (lambda: ft.start("function"), ft.stop, ft.refresh,
+                      lambda: ft.update_ftrace_func("function")):
+            with pytest.raises(FtraceDisabledError, match="ft_permission"):
+                retry()                           # ... ftrace stays off
+        assert _text_snapshot(fm) == before
+
+
+def test_ring_counts_are_the_kernels_dropped_events():
+    with FtraceMachine(cpus=1, seed=2, ring_size=64) as fm:
+        fm.set_work(DEMO_FUNCTIONS)
+        fm.start()
+        fm.ftrace.start("function")
+        fm.run_until(lambda: fm.ring.hits() > 200, read=False)
+        fm.pause(read=False)
+        assert fm.ring.dropped_events == fm.ring.overruns > 0
+        fm.resume()

@@ -7,8 +7,10 @@ from ._boot import ftrace_init
 __all__ = ["ftrace_init"]
 
 # run-time ftrace: sites, the guest ring buffers, the tracer at work
-from ._ops import DynFtrace, Ftrace, FtraceBugError, FtraceFilterError, FtraceUpdate  # noqa: E402
+from ._ops import (DynFtrace, Ftrace, FtraceBugError, FtraceDisabledError,  # noqa: E402
+                   FtraceFilterError, FtraceUpdate)
 from ._ring import RingBuffer, TraceEntry, format_trace_line  # noqa: E402
 
-__all__ += ["DynFtrace", "Ftrace", "FtraceBugError", "FtraceFilterError", "FtraceUpdate",
+__all__ += ["DynFtrace", "Ftrace", "FtraceBugError", "FtraceDisabledError", "FtraceFilterError",
+            "FtraceUpdate",
             "RingBuffer", "TraceEntry", "format_trace_line"]

@@ -6,20 +6,28 @@ site of one function, a NOP5 when the function is not traced and
 ``call ftrace_caller`` when it is.  :meth:`Ftrace.ftrace_modify_all_code`
 is the update, in the kernel's order:
 
-1. the callback -- the CALL at ``ftrace_call`` inside the trampoline is
-   switched to the tracer's function first when tracing starts
-   (``ftrace_update_ftrace_func``, one ``smp_text_poke_single``);
-2. every record's current bytes are compared with what its state says the
-   site holds (NOP5, or the CALL to the trampoline); one mismatch refuses
-   the whole update with :class:`FtraceBugError` (``ftrace_bug``: the site
-   as ``symbol+0xoff``, the bytes found and expected) and nothing is
-   written -- the kernel checks site by site and stops at the first bad
-   one, leaving the earlier sites patched;
-3. every record whose state changes is queued with
-   ``smp_text_poke_batch_add`` and the batch is finished (one batch per 256
-   sites, at most three sync broadcasts each);
-4. when tracing stops, the callback goes back to ``ftrace_stub`` after the
-   sites are NOPs again.
+1. when the callback changes (a tracer starts, stops or is swapped), the
+   CALL at ``ftrace_call`` inside the trampoline -- and the one at
+   ``ftrace_regs_call`` when the image has ``ftrace_regs_caller`` -- is
+   first pointed at ``ftrace_ops_list_func``, the function that checks
+   every ops' filter itself, so no site calls a callback meant for other
+   functions while the sites change (``update_ftrace_func``, one
+   ``smp_text_poke_single`` per CALL);
+2. the records whose state changes -- only those: a record with nothing
+   to change is neither read nor checked -- are compared with what their
+   state says the site holds (NOP5, or the CALL to the trampoline); one
+   mismatch refuses the update with :class:`FtraceBugError`
+   (``ftrace_bug``: the site as ``symbol+0xoff``, the bytes found and
+   expected) and nothing is written, as x86's ``ftrace_replace_code``
+   verifies every record before it queues any.  ``ftrace_bug`` then kills
+   ftrace (``ftrace_kill``): every later update is refused with
+   :class:`FtraceDisabledError`, as the kernel's ``ftrace_disabled``;
+3. the changing records are queued with ``smp_text_poke_batch_add`` and
+   the batch is finished (one batch per 256 sites, at most three sync
+   broadcasts each);
+4. when the callback changed and its final function is not the list
+   function, every CPU is synced (``ftrace_sync_ipi``) and then the CALLs
+   are pointed at the final function (``ftrace_stub`` when tracing stops).
 
 Which functions are traced follows ``set_ftrace_filter`` and
 ``set_ftrace_notrace``: globs (``*``, ``?``, ``[...]``) matched against the
@@ -40,7 +48,8 @@ from .._core._insn import CALL_INSN_OPCODE, text_gen_insn, x86_nops
 from .._errors import BadInstructionError, TextPokeError
 from ..images._tables_clients import SymbolMap
 
-__all__ = ["Ftrace", "DynFtrace", "FtraceBugError", "FtraceUpdate", "MCOUNT_INSN_SIZE",
+__all__ = ["Ftrace", "DynFtrace", "FtraceBugError", "FtraceDisabledError", "FtraceUpdate",
+           "MCOUNT_INSN_SIZE", "LIST_FUNC",
            "FTRACE_CALLBACKS", "parse_globs"]
 
 MCOUNT_INSN_SIZE = 5
@@ -48,6 +57,8 @@ _NOP5 = x86_nops[5]
 #: what ftrace_call may call: the name of the tracer -> the guest function
 FTRACE_CALLBACKS = {"function": "function_trace_call", "profile": "function_profile_call",
                     "function+profile": "ftrace_ops_list_func", "none": "ftrace_stub"}
+#: the callback that is the kernel's ftrace_ops_list_func
+LIST_FUNC = "function+profile"
 
 
 class FtraceBugError(BadInstructionError):
@@ -58,6 +69,11 @@ class FtraceBugError(BadInstructionError):
                  expected: bytes = b"") -> None:
         super().__init__(msg)
         self.addr, self.site, self.found, self.expected = addr, site, found, expected
+
+
+class FtraceDisabledError(TextPokeError, RuntimeError):
+    """ftrace was killed by an earlier ``ftrace_bug`` (the kernel's
+    ``ftrace_disabled``): no site or callback is changed any more."""
 
 
 class FtraceFilterError(TextPokeError, ValueError):
@@ -78,7 +94,7 @@ class DynFtrace:
 class FtraceUpdate:
     """What one :meth:`Ftrace.ftrace_modify_all_code` did."""
 
-    checked: int = 0
+    checked: int = 0            # records verified (those whose state changes)
     enabled: int = 0
     disabled: int = 0
     batches: int = 0            # of the sites' update (the callback's not counted)
@@ -122,6 +138,8 @@ class Ftrace:
     call_site: int
     callbacks: dict
     sizes: dict = field(default_factory=dict)
+    #: the CALL in ftrace_regs_caller (None: the image has no regs caller)
+    regs_call_site: int | None = None
 
     def __post_init__(self) -> None:
         self.machine = self.core.machine
@@ -136,12 +154,16 @@ class Ftrace:
         self.notrace: list[str] = []
         self.func = "none"
         self.updates: list[FtraceUpdate] = []
+        #: ftrace_kill() was called (after an ftrace_bug)
+        self.disabled = False
+        self.bug: FtraceBugError | None = None
 
     @classmethod
     def from_image(cls, core, image, tables) -> "Ftrace":
         cbs = {k: image.sym(v) for k, v in FTRACE_CALLBACKS.items()}
         return cls(core, [m.addr for m in tables.mcount_loc], dict(image.symbols),
-                   image.sym("ftrace_caller"), image.sym("ftrace_call"), cbs, dict(image.sizes))
+                   image.sym("ftrace_caller"), image.sym("ftrace_call"), cbs, dict(image.sizes),
+                   regs_call_site=image.symbols.get("ftrace_regs_call"))
 
     def _func_of(self, ip: int, funcs: list[tuple[int, str]]) -> str:
         import bisect
@@ -206,39 +228,62 @@ class Ftrace:
         return [r for r in self.records if r.enabled]
 
     # ------------------------------------------------------------ the callback
-    def update_ftrace_func(self, func: str) -> bool:
-        """Point the trampoline's ``ftrace_call`` at the callback *func*
-        (a key of :data:`FTRACE_CALLBACKS`); return whether it changed."""
-        with self.core.text_mutex:
-            new, cur = self._check_call_site(func)
-            if cur == new:
-                self.func = func
-                return False
-            self.core.smp_text_poke_single(self.call_site, new)
-        self.func = func
-        return True
+    @property
+    def call_sites(self) -> list[int]:
+        """``ftrace_call`` and, when the image has it, ``ftrace_regs_call``."""
+        return [self.call_site] + ([self.regs_call_site] if self.regs_call_site else [])
 
-    def _check_call_site(self, func: str) -> tuple[bytes, bytes]:
+    def _check_enabled(self) -> None:
+        if self.disabled:
+            raise FtraceDisabledError(
+                "ftrace is disabled after an earlier ftrace_bug (ftrace_kill): "
+                f"{self.bug}" if self.bug else "ftrace is disabled (ftrace_kill)")
+
+    def ftrace_kill(self) -> None:
+        """Stop every later update (the sites stay as they are)."""
+        self.disabled = True
+
+    def update_ftrace_func(self, func: str) -> bool:
+        """Point ``ftrace_call`` (and ``ftrace_regs_call``) at the callback
+        *func* (a key of :data:`FTRACE_CALLBACKS`); return whether any
+        CALL changed."""
+        self._check_enabled()
+        with self.core.text_mutex:
+            self._check_call_site(func)
+            changed = self._set_calls(func)
+        self.func = func
+        return changed
+
+    def _set_calls(self, func: str) -> bool:
+        changed = False
+        for site in self.call_sites:
+            new = text_gen_insn(CALL_INSN_OPCODE, site, self.callbacks[func])
+            if self.machine.text_read(site, MCOUNT_INSN_SIZE) != new:
+                self.core.smp_text_poke_single(site, new)
+                changed = True
+        return changed
+
+    def _check_call_site(self, func: str) -> None:
         if func not in self.callbacks:
             raise ValueError(f"unknown ftrace callback {func!r} ({', '.join(self.callbacks)})")
-        new = text_gen_insn(CALL_INSN_OPCODE, self.call_site, self.callbacks[func])
-        cur = self.machine.text_read(self.call_site, MCOUNT_INSN_SIZE)
-        known = {text_gen_insn(CALL_INSN_OPCODE, self.call_site, a) for a in self.callbacks.values()}
-        if cur not in known:
-            raise FtraceBugError(
-                f"ftrace_bug: ftrace_call at {self.describe(self.call_site)} holds "
-                f"{cur.hex(' ')}, not a call to a known callback; nothing written",
-                addr=self.call_site, site=self.describe(self.call_site), found=cur)
-        return new, cur
+        for site in self.call_sites:
+            cur = self.machine.text_read(site, MCOUNT_INSN_SIZE)
+            known = {text_gen_insn(CALL_INSN_OPCODE, site, a) for a in self.callbacks.values()}
+            if cur not in known:
+                raise FtraceBugError(
+                    f"ftrace_bug: {self.describe(site)} holds {cur.hex(' ')}, not a call to a "
+                    "known callback; nothing written",
+                    addr=site, site=self.describe(site), found=cur)
 
     # ------------------------------------------------------------ the update
     def ftrace_modify_all_code(self, enable: Iterable[DynFtrace | int] | None,
                                func: str | None = None) -> FtraceUpdate:
         """Make exactly the records in *enable* (records or addresses;
-        None: none) call the trampoline.  Every site is checked first (and
-        the ``ftrace_call`` site when *func* is given); on one mismatch
-        nothing is written.  With *func*, the callback is switched before
-        the sites are enabled and after they are disabled."""
+        None: none) call the trampoline, and the callback *func* (None:
+        unchanged).  The changing records are checked first (and the
+        callback CALLs when *func* changes); on one mismatch nothing is
+        written and ftrace is killed."""
+        self._check_enabled()
         want = set()
         for r in enable or ():
             want.add(r.ip if isinstance(r, DynFtrace) else int(r))
@@ -249,23 +294,29 @@ class Ftrace:
         with self.core.text_mutex:
             plan = []
             for r in self.records:
+                on = r.ip in want
+                if on == r.enabled:
+                    continue                # nothing to change: not looked at
                 expect = self.expected(r)
                 cur = self.machine.text_read(r.ip, MCOUNT_INSN_SIZE)
                 st.checked += 1
-                on = r.ip in want
                 if cur != expect:
                     where = self.describe(r.ip)
-                    raise FtraceBugError(
+                    err = FtraceBugError(
                         f"ftrace_bug: {where} [{r.ip:#x}] holds {cur.hex(' ')}, expected "
                         f"{expect.hex(' ')} ({'enabled' if r.enabled else 'disabled'}); "
-                        f"update to {'enabled' if on else 'disabled'} refused, nothing written",
+                        f"update to {'enabled' if on else 'disabled'} refused, nothing written; "
+                        "ftrace is now disabled",
                         addr=r.ip, site=where, found=cur, expected=expect)
-                if on != r.enabled:
-                    plan.append((r, self.call_insn(r.ip) if on else _NOP5, on))
-            if func is not None:
+                    self.bug = err
+                    self.ftrace_kill()
+                    raise err
+                plan.append((r, self.call_insn(r.ip) if on else _NOP5, on))
+            update = func is not None and func != self.func
+            if update:
                 self._check_call_site(func)
-                if func != "none":
-                    st.func_updates += self.update_ftrace_func(func)
+                # 1. the list function while the sites change
+                st.func_updates += self._set_calls(LIST_FUNC)
             s0, b0 = self.core.stats.syncs, self.core.stats.batches
             if plan:
                 with self.core.batch():
@@ -279,8 +330,12 @@ class Ftrace:
                     st.enabled += 1
                 else:
                     st.disabled += 1
-            if func == "none":
-                st.func_updates += self.update_ftrace_func(func)
+            if update:
+                if func != LIST_FUNC:
+                    # every CPU past the old callback, then the final one
+                    self.core.smp_text_poke_sync_each_cpu()
+                    st.func_updates += self._set_calls(func)
+                self.func = func
         self.updates.append(st)
         return st
 

@@ -11,14 +11,18 @@ between ``tail`` and ``head`` and then advances ``tail``.  A host step runs
 between guest instructions, so no entry is ever seen half-written.
 
 A full ring drops the new event and counts it in the CPU's ``overruns``
-(the ring buffer's non-overwrite mode, where the kernel reports "dropped
-events"); :attr:`RingBuffer.overruns` and every report carry the count --
-never silently lost.
+(the ring buffer's non-overwrite mode, ``options/overwrite`` 0, where the
+kernel reports "dropped events"); :attr:`RingBuffer.overruns` (also
+:attr:`RingBuffer.dropped_events`, the kernel's name for this count) and
+every report carry the count -- never silently lost.  The kernel's
+default is overwrite mode (the oldest event goes, counted as "overrun");
+that needs the producer, which is guest code (``images/kernel/ftrace.c``),
+to change, and is not done here.
 
 Timestamps are the guest's global event counter (the kernel's ``counter``
 trace clock): they order events across CPUs and are printed as integers,
 as trace_pipe prints that clock.  :func:`format_trace_line` gives
-trace_pipe's ``<task>-<pid> [cpu] ts: func <-caller`` line.
+trace_pipe's ``<task>-<pid> [cpu] ..... ts: func <-caller`` line.
 
 The ring's layout is our own; the semantics follow
 ``kernel/trace/ring_buffer.c`` and ``kernel/trace/trace_output.c``.
@@ -155,6 +159,11 @@ class RingBuffer:
     def overruns(self) -> int:
         return sum(self.overruns_per_cpu().values())
 
+    @property
+    def dropped_events(self) -> int:
+        """The kernel's name for what a non-overwrite ring loses."""
+        return self.overruns
+
     def overruns_per_cpu(self) -> dict[int, int]:
         return {c: self.field(c, _OVERRUNS) for c in self.cpus}
 
@@ -205,8 +214,14 @@ class RingBuffer:
 
 def format_trace_line(e: TraceEntry, name: Callable[[int], str],
                       comms: dict[int, str] | None = None) -> str:
-    """trace_pipe's function-tracer line: ``<task>-<pid> [cpu] ts: func
-    <-caller`` (comm right-aligned in 16 columns, pid left-aligned in 7, as
-    the kernel prints them; no irq-info column)."""
+    """trace_pipe's function-tracer line: ``<task>-<pid> [cpu] flags ts:
+    func <-caller`` (comm right-aligned in 16 columns, pid left-aligned in
+    7, as the kernel prints them), with the irq-info column the kernel's
+    ``options/irq-info`` shows by default: irqs-off, need-resched,
+    hard/soft irq, preempt depth, migrate-disable depth.  The guest's
+    entries record no flags; the workload calls every traced function
+    from its task loop with nothing of these set, so the column is
+    ``.....`` on every line (what the kernel prints for such a context)."""
     comm = (comms or {}).get(e.pid, "<...>")
-    return f"{comm:>16}-{e.pid:<7} [{e.cpu:03d}] {e.ts:>12}: {name(e.ip)} <-{name(e.parent_ip)}"
+    return (f"{comm:>16}-{e.pid:<7} [{e.cpu:03d}] ..... {e.ts:>12}: {name(e.ip)} "
+            f"<-{name(e.parent_ip)}")
