@@ -487,3 +487,24 @@ def test_cfi_preamble_and_blacklist_refused(rig):
     _refused(cm, kp, "kprobe_target2+4", "blacklist", (a, n))
     kp.add_function("kprobe_target2.cold", a + n, 1)     # a .cold part counts as its function
     assert kp.function_at(a + n)[0] == "kprobe_target2.cold" and kp.within_kprobe_blacklist(a + n)
+
+
+def test_probe_inside_an_optimised_range_unoptimises_it(rig):
+    cm, kp, g = rig
+    want = 3 + OPT_K + HELPER_ADD
+    i = cm.add_probe("kp_opt_target", addr=g.addr("kp_opt_target"), arg=3, allow=[want])
+    cm.start()
+    hits = {"outer": 0, "inner": 0}
+    outer = kp.register_kprobe("kp_opt_target", lambda p, r: hits.__setitem__("outer", hits["outer"] + 1))
+    kp.optimize_kprobe(outer)
+    assert kp.is_optimized(outer) and kp.site_info(outer)["displaced"] == 9
+    # +2 is the RIP-relative mov, inside the 9 displaced bytes: accepted
+    inner = kp.register_kprobe("kp_opt_target+2",
+                               lambda p, r: hits.__setitem__("inner", hits["inner"] + 1))
+    assert not kp.is_optimized(outer)
+    assert cm.sim.text_read(outer.addr, 1) == b"\xcc" and cm.sim.text_read(inner.addr, 1) == b"\xcc"
+    assert cm.wait_passes(2)
+    kp.unregister_kprobes([outer, inner])
+    assert hits["outer"] > 0 and hits["inner"] > 0
+    assert not cm.expect({i: want}) and cm.bad() == [] and cm.oopses == 0
+    assert _text(cm, g, "kp_opt_target")[:2] == bytes.fromhex("31c0")

@@ -339,10 +339,12 @@ class Kprobes(_Kretprobes, _Optprobes):
     def _prepare(self, p: Kprobe) -> None:
         addr = p.addr
         fstart, fsize = self.functions[p.symbol]
-        for s in self._sites.values():
-            if s.optimized and s.addr < addr < s.addr + len(s.displaced):
-                raise KprobeError(f"{p.name} is inside the range of the optimised probe at "
-                                  f"{s.addr:#x}", reason="busy", addr=addr)
+        # a probe inside an optimised probe's displaced range: the kernel
+        # (__arm_kprobe) unoptimises that probe -- its INT3 comes back and
+        # the bytes it displaced are in place again -- and accepts this one
+        inside = [s for s in self._sites.values()
+                  if s.optimized and s.addr < addr < s.addr + len(s.displaced)]
+        self._unoptimize(inside)
         if p.symbol.startswith(("__cfi_", "__pfx_")):
             raise KprobeError(f"{p.name} is in a CFI preamble ({p.symbol})", reason="reserved",
                               addr=addr)
