@@ -75,8 +75,14 @@ class _Snapshots:
         self._dirty = set()
         return snap
 
-    def restore(self, snap: SimSnapshot, *, seed: int, trace: bool = False) -> None:
-        """Back to *snap*, as a machine created with *seed* (and *trace*)."""
+    def restore(self, snap: SimSnapshot, *, seed: int, trace: bool = False,
+                flush_translations: bool = False) -> None:
+        """Back to *snap*, as a machine created with *seed* (and *trace*).
+
+        Translations stay cached across restores (those of changed text are
+        dropped), but an engine never reclaims the space of dropped ones
+        until its buffer is full: *flush_translations* empties it, which a
+        long-lived machine should do now and then to keep its memory flat."""
         self._check_open()
         if (len(self.vcpus) != snap.nvcpus or len(self._online) != snap.nvcpus
                 or len(self._data) != len(snap.data) or self._dirty is None
@@ -112,6 +118,8 @@ class _Snapshots:
         for r, b in zip(self._data, snap.data):
             r.mv[:] = b
         for c, ctx in zip(self.vcpus, snap.contexts):
+            if flush_translations:
+                c.uc.ctl_flush_tb()
             c.uc.context_restore(ctx)
             c.state = IDLE
             c.stale = set()

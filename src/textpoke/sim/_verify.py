@@ -375,6 +375,11 @@ class _Schedule:
 #: booted machines kept for reuse, per (cpus, line size, policy): the
 #: workload, its snapshot taken right after boot, and its own sites
 _POOL: dict[tuple, tuple[Workload, Any, tuple[Site, ...]]] = {}
+_USES: dict[tuple, int] = {}
+#: a pooled machine's translation buffers are emptied every this many
+#: schedules: Unicorn keeps the space of dropped translations until its
+#: buffer is full, ~130 KB a schedule here (memory stays under ~60 MB)
+FLUSH_EVERY = 64
 
 
 def _pooled_workload(key: tuple, seed: int, trace: bool) -> Workload:
@@ -388,8 +393,9 @@ def _pooled_workload(key: tuple, seed: int, trace: bool) -> Workload:
         _POOL[key] = (w, w.sim.snapshot(), tuple(w.sites))
         return w
     w, snap, sites = got
+    _USES[key] = uses = _USES.get(key, 0) + 1
     try:
-        w.sim.restore(snap, seed=seed, trace=trace)
+        w.sim.restore(snap, seed=seed, trace=trace, flush_translations=uses % FLUSH_EVERY == 0)
     except MachineError:        # it changed shape (hooks, CPUs, regions): boot anew
         del _POOL[key]
         w.close()
