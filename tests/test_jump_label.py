@@ -88,9 +88,12 @@ def test_reference_counts(cm):
     keys.static_branch_inc("jl_key_many_1")
     keys.static_branch_inc("jl_key_many_1")
     assert keys.static_key_count("jl_key_many_1") == 2
-    keys.static_key_enable("jl_key_many_1")              # already on: nothing
-    keys.static_key_disable("jl_key_many_1")             # count 2: disable leaves it alone
+    with pytest.warns(StaticKeyWarning, match="count is 2"):
+        keys.static_key_enable("jl_key_many_1")          # already on: nothing (and a WARN)
+    with pytest.warns(StaticKeyWarning, match="count is 2"):
+        keys.static_key_disable("jl_key_many_1")         # count 2: left alone (and a WARN)
     assert keys.static_key_count("jl_key_many_1") == 2
+    keys.warnings.clear()
     keys.static_branch_dec("jl_key_many_1")
     assert keys.static_key_enabled("jl_key_many_1")
     keys.static_branch_dec("jl_key_many_1")

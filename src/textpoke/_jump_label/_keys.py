@@ -201,12 +201,18 @@ class StaticKeys:
     def static_key_enable(self, key) -> None:
         k = self.key(key)
         if k.enabled > 0:
+            if k.enabled != 1:      # a counted key enabled as a plain one: the kernel warns
+                self._warn(f"static_key_enable({k.name}): the count is {k.enabled}, not 1; "
+                           "left alone")
             return
         self._set(k, 1)
 
     def static_key_disable(self, key) -> None:
         k = self.key(key)
         if k.enabled != 1:
+            if k.enabled != 0:
+                self._warn(f"static_key_disable({k.name}): the count is {k.enabled}, not 1; "
+                           "left alone")
             return
         self._set(k, 0)
 
