@@ -128,9 +128,13 @@ class _Optprobes:
         self.unoptimize_kprobes([p])
 
     def unoptimize_kprobes(self, probes: Iterable[Kprobe]) -> None:
-        """Back to INT3 probes, in one batch: each site gets INT3 plus its
-        original bytes, and a CPU that reaches it meanwhile emulates the
-        JMP32 to the detour (which stays until unregistration)."""
+        """Back to INT3 probes, the 6.12 way (``arch_unoptimize_kprobe``):
+        the JMP32's first byte becomes the probe's INT3 and every CPU is
+        synced, then the displaced bytes after it are put back and every
+        CPU synced again.  A CPU that reaches the INT3 meanwhile is sent
+        to the detour (which stays until unregistration), so the handler
+        runs once either way; no CPU can be inside the 4 tail bytes, which
+        were one instruction (the JMP32) since the probe was optimised."""
         self._check_open()
         with self.core.text_mutex:
             sites = []
@@ -141,13 +145,18 @@ class _Optprobes:
             self._unoptimize(sites)
 
     def _unoptimize(self, sites: list[_Site]) -> None:
+        # Until the last sync the sites stay "optimized" for the handler:
+        # an INT3 hit goes to the detour.  Interrupted in between, a site
+        # holds INT3 + the JMP's old displacement and is still handled as
+        # optimised; unregistering or unoptimising again completes it.
         if not sites:
             return
-        with self.core.batch():
-            for s in sites:
-                new = bytes([INT3_INSN_OPCODE]) + s.displaced[1:RELATIVEJUMP_SIZE]
-                jmp = text_gen_insn(JMP32_INSN_OPCODE, s.addr, s.detour.addr)
-                self.core.smp_text_poke_batch_add(s.addr, new, emulate=jmp)
+        for s in sites:
+            self.core.text_poke(s.addr, bytes([INT3_INSN_OPCODE]))
+        self.core.smp_text_poke_sync_each_cpu()
+        for s in sites:
+            self.core.text_poke(s.addr + 1, s.displaced[1:RELATIVEJUMP_SIZE])
+        self.core.smp_text_poke_sync_each_cpu()
         for s in sites:
             s.optimized = False
             self.stats.unoptimized += 1
