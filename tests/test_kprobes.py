@@ -533,3 +533,32 @@ def test_unoptimise_is_int3_sync_tail_sync(rig):
     assert cm.wait_passes(2)
     kp.unregister_kprobe(p)
     assert not cm.expect({i: want}) and cm.oopses == 0 and cm.bad() == []
+
+
+def test_kprobe_optimizer_optimises_what_it_can(rig):
+    cm, kp, g = rig
+    want = 3 + OPT_K + HELPER_ADD
+    i = cm.add_probe("kp_opt_target", addr=g.addr("kp_opt_target"), arg=3, allow=[want])
+    cm.start()
+    opt = kp.register_kprobe("kp_opt_target", lambda p, r: None)
+    post = kp.register_kprobe("kprobe_target", lambda p, r: None, lambda p, r, f: None)
+    jump_in = kp.register_kprobe("kp_jump_in", lambda p, r: None)
+    assert not kp.is_optimized(opt)                      # auto_optimize off: INT3 probes
+    b0 = cm.core.stats.batches
+    assert kp.kprobe_optimizer() == [opt]                # the others cannot be: no error
+    assert cm.core.stats.batches - b0 == 1
+    assert kp.is_optimized(opt) and not kp.is_optimized(post) and not kp.is_optimized(jump_in)
+    assert kp.kprobe_optimizer() == []
+    kp.unregister_kprobes([opt, post, jump_in])
+    # the kernel's default: optimised after registration
+    kp.auto_optimize = True
+    p = kp.register_kprobe("kp_opt_target", lambda p, r: None)
+    assert kp.is_optimized(p)
+    # a probe inside its range unoptimises it, and the optimizer leaves it
+    # so (the new probe, a 7-byte mov, is optimised in its turn)
+    inner = kp.register_kprobe("kp_opt_target+2", lambda p, r: None)
+    assert not kp.is_optimized(p) and cm.sim.text_read(p.addr, 1) == b"\xcc"
+    assert kp.is_optimized(inner) and cm.sim.text_read(inner.addr, 1) == b"\xe9"
+    assert cm.wait_passes(2)
+    kp.unregister_kprobes([p, inner])
+    assert not cm.expect({i: want}) and cm.oopses == 0 and cm.bad() == []

@@ -61,6 +61,10 @@ overwritten and out of the instruction slot (the kernel's
 ``synchronize_rcu_tasks``); slots and detours are freed after the same
 wait.
 
+Probes stay INT3 probes until optimised by :meth:`optimize_kprobe` or
+:meth:`kprobe_optimizer` (``auto_optimize=True`` runs the latter after
+every registration, as the kernel's delayed optimizer does by default).
+
 **fentry**: a probe on the fentry NOP is refused (the kernel without
 ``KPROBES_ON_FTRACE``); a bare symbol name means the first instruction
 after the NOP, as ``arch_adjust_kprobe_addr`` skips ENDBR.
@@ -110,11 +114,14 @@ class Kprobes(_Kretprobes, _Optprobes):
 
     def __init__(self, core, image=None, *, tables=None, smp=None, keys=None, calls=None,
                  execmem: ExecMem | None = None, preemption: bool = False,
-                 blacklist: "Iterable[tuple[int, int] | str]" = ()) -> None:
+                 blacklist: "Iterable[tuple[int, int] | str]" = (),
+                 auto_optimize: bool = False) -> None:
         self.core = core
         self.machine = core.machine
         self.image = image
         self.preemption = preemption
+        #: run kprobe_optimizer after every registration (the kernel's default)
+        self.auto_optimize = auto_optimize
         self.smp, self.keys, self.calls = smp, keys, calls
         self.functions: dict[str, tuple[int, int]] = {}
         if image is not None:
@@ -319,8 +326,10 @@ class Kprobes(_Kretprobes, _Optprobes):
                     self._unoptimize([site])
                 site.probes.append(p)
                 p.registered = True
-                return p
-            self._prepare(p)
+            else:
+                self._prepare(p)
+        if self.auto_optimize:
+            self.kprobe_optimizer()
         return p
 
     def register_kprobes(self, specs: Iterable[tuple]) -> list[Kprobe]:

@@ -72,6 +72,36 @@ class _Optprobes:
                 s.optimized, s.redirect = True, False
                 self.stats.optimized += 1
 
+    def kprobe_optimizer(self) -> list[Kprobe]:
+        """What the kernel's delayed optimizer work does after probes are
+        registered (``kprobe_optimizer``): every probe site not optimised
+        yet that can be is optimised, all in one batch; a site that cannot
+        be (a post-handler, a jump into the range, too short...) stays an
+        INT3 probe, without an error.  Returns one probe per site
+        optimised.  :class:`Kprobes` with ``auto_optimize=True`` runs it
+        after every registration (the kernel's default,
+        ``debug.kprobes-optimization`` = 1); without, probes stay INT3
+        probes until this or :meth:`optimize_kprobe` is called."""
+        self._check_open()
+        ready: list[Kprobe] = []
+        with self.core.text_mutex:
+            for s in list(self._sites.values()):
+                if s.optimized or not s.probes or \
+                        any(p.post_handler is not None for p in s.probes):
+                    continue
+                if s.detour is None:
+                    try:
+                        self._prepare_detour(s)
+                    except KprobeError:
+                        continue
+                elif any(o is not s and s.addr < o.addr < s.addr + len(s.displaced)
+                         for o in self._sites.values()):
+                    continue        # a probe arrived inside its range meanwhile
+                ready.append(s.probes[0])
+            if ready:
+                self.optimize_kprobes(ready)
+        return ready
+
     def _prepare_detour(self, s: _Site) -> None:
         name, fstart, fsize = s.func
         addr = s.addr
