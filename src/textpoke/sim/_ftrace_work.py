@@ -190,10 +190,15 @@ class FtraceMachine:
             done += k
             self.read_trace()
 
-    def run_until(self, pred, max_steps: int = 5_000_000, chunk: int = 2000, *,
+    def run_until(self, pred, max_steps: int = 5_000_000, chunk: int | None = None, *,
                   read: bool = True) -> bool:
         """Run until *pred*; read the rings every *chunk* steps unless
-        *read* is false (a reader that has gone away)."""
+        *read* is false (a reader that has gone away).  By default the
+        reader comes every 500 steps per running CPU: the steps are shared
+        among the CPUs, so a fixed count would give one CPU alone four
+        times the events of each of four -- more than its ring holds."""
+        if chunk is None:
+            chunk = 500 * max(1, len(self.live_cpus()))
         done = 0
         while done < max_steps:
             if pred():
