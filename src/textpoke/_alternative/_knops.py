@@ -27,11 +27,38 @@ def _is_nop(ins: Insn) -> bool:
     return op[:2] == b"\x0f\x1f"
 
 
+_DECODE_CACHE: dict[bytes, Insn | None] = {}
+_BY_RAW: dict[bytes, Insn] = {}
+_RAW_LENS: list[int] = []
+
+
 def _decode_buf(buf: bytes | bytearray, i: int) -> Insn | None:
+    """The instruction at *buf[i]*, decoded at address 0 (memoised: the
+    passes meet the same few hundred instructions thousands of times, and
+    an :class:`Insn` is immutable).  An instruction's decoding depends on
+    its own bytes only, and no instruction's bytes are a proper prefix of
+    another's, so an instruction seen once is found again by its bytes
+    whatever follows it."""
+    key = bytes(buf[i:i + 15])
     try:
-        return insn_decode_kernel(bytes(buf[i:i + 15]), 0)
+        return _DECODE_CACHE[key]
+    except KeyError:
+        pass
+    for n in _RAW_LENS:
+        ins = _BY_RAW.get(key[:n])
+        if ins is not None:
+            return ins
+    try:
+        ins = insn_decode_kernel(key, 0)
     except BadInstructionError:
-        return None
+        ins = None
+    if len(_DECODE_CACHE) < 200_000:
+        _DECODE_CACHE[key] = ins
+        if ins is not None and ins.raw not in _BY_RAW:
+            _BY_RAW[ins.raw] = ins
+            if ins.length not in _RAW_LENS:
+                _RAW_LENS.append(ins.length)
+    return ins
 
 
 def _add_nop(buf: bytearray, at: int, n: int) -> None:

@@ -63,10 +63,13 @@ def s32_table(buf, base: int, start: int, end: int, what: str = "s32 table",
     of 0 are dropped unless *keep_zero* (then they come back as None)."""
     mv = _slice(buf, base, start, end, 4, what)
     vals = array("i")
-    vals.frombytes(mv.tobytes())
+    vals.frombytes(mv)
+    # each entry's own address comes from range() rather than per-entry
+    # arithmetic: these tables hold ~200,000 entries
+    at = range(start, start + 4 * len(vals), 4)
     if keep_zero:
-        return [start + 4 * i + v if v else None for i, v in enumerate(vals)]  # type: ignore[misc]
-    return [start + 4 * i + v for i, v in enumerate(vals) if v]
+        return [a + v if v else None for a, v in zip(at, vals)]  # type: ignore[misc]
+    return [a + v for a, v in zip(at, vals) if v]
 
 
 class RealAltInstr(NamedTuple):
@@ -154,5 +157,5 @@ def mcount_table(buf, base: int, start: int, end: int) -> list[int]:
     those itself and counts them."""
     mv = _slice(buf, base, start, end, 8, "__mcount_loc")
     vals = array("Q")
-    vals.frombytes(mv.tobytes())
-    return list(vals)
+    vals.frombytes(mv)
+    return vals.tolist()
