@@ -33,6 +33,8 @@ CASES = {
     "no-sync-2 @ call-xline": ("call-xline", "int3", "no-sync-2", ONE),
     "no-sync-3 @ nop5-jmp32": ("nop5-jmp32", "int3", "no-sync-3", NO_EVICT),
     "unordered @ xline": ("xline", "int3", "unordered", NO_EVICT),
+    "no-refs-wait @ int3-entry (1 CPU, 2 execs)": ("int3-entry", "int3", "no-refs-wait",
+                                                   Bound(cpus=1, execs=2, refills=0)),
     "naive @ call-xline": ("call-xline", "naive", None, ONE),
     "int3 clean @ nop5-jmp32": ("nop5-jmp32", "int3", None, NO_EVICT),
 }
@@ -65,8 +67,8 @@ def main() -> int:
                  else ("clean, complete" if r.complete else "incomplete"))
         rows.append([k, _stats.fmt_range(s, 2), _stats.fmt_range(rate, 0), f"{r.states:,}",
                      f"{r.interleavings:,}", found])
-    print("exhaustive exploration (bound: 2 CPUs, 1 site execution per CPU, refills as "
-          "named; line 64)")
+    print("exhaustive exploration (bound: 2 CPUs, 1 site execution per CPU, unless named; "
+          "refills as set in CASES; line 64)")
     print(_stats.table(["case", "seconds", "states/s", "states", "interleavings", "result"], rows))
     print(_stats.meta_line(_stats.meta(args)))
     if args.json:

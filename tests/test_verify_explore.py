@@ -21,6 +21,7 @@ NO_EVICT = Bound(cpus=2, execs=1, refills=0)
     ("call-xline", "no-sync-1", ONE, "mixed"),
     ("nop5-jmp32", "no-sync-3", NO_EVICT, "oops"),
     ("xline", "unordered", NO_EVICT, "oops"),
+    ("int3-entry", "no-refs-wait", Bound(cpus=1, execs=2, refills=0), "oops"),
 ])
 def test_each_mutation_is_caught_with_a_shortest_replayable_path(scenario, mutation, bound, kind):
     r = explore(scenario, mutation=mutation, bound=bound)
