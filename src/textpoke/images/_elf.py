@@ -12,10 +12,6 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.constants import SH_FLAGS
-from elftools.elf.elffile import ELFFile
-
 from .._errors import TextPokeError
 
 __all__ = ["ImageError", "ElfSection", "ElfImage", "load_elf"]
@@ -76,6 +72,9 @@ def load_elf(source: str | Path | bytes) -> ElfImage:
             raw = Path(source).read_bytes()
         except OSError as e:
             raise ImageError(f"cannot read image {path}: {e.strerror}") from None
+    # pyelftools is imported here, not with the module: a real kernel's
+    # loader (images._vmlinux) reads its ELF itself and never needs it
+    from elftools.common.exceptions import ELFError
     try:
         return _load(raw, path)
     except ImageError:
@@ -87,6 +86,8 @@ def load_elf(source: str | Path | bytes) -> ElfImage:
 
 
 def _load(raw: bytes, path: str) -> ElfImage:
+    from elftools.elf.constants import SH_FLAGS
+    from elftools.elf.elffile import ELFFile
     if raw[:4] != b"\x7fELF":
         raise ImageError(f"{path}: not an ELF file")
     elf = ELFFile(io.BytesIO(raw))

@@ -30,7 +30,7 @@ from typing import NamedTuple
 from .._errors import TextPokeError
 
 __all__ = ["TableError", "RealAltInstr", "JumpEntry", "StaticCallSite", "s32_table",
-           "alt_instr_table", "paravirt_table", "ParaSite", "jump_table", "static_call_table",
+           "alt_instr_table", "paravirt_table", "ParaSite", "jump_table", "s32_count", "static_call_table",
            "mcount_table",
            "ALT_INSTR_SIZE", "JUMP_ENTRY_SIZE", "STATIC_CALL_SITE_SIZE"]
 
@@ -70,6 +70,15 @@ def s32_table(buf, base: int, start: int, end: int, what: str = "s32 table",
     if keep_zero:
         return [a + v if v else None for a, v in zip(at, vals)]  # type: ignore[misc]
     return [a + v for a, v in zip(at, vals) if v]
+
+
+def s32_count(buf, base: int, start: int, end: int, what: str = "s32 table") -> int:
+    """How many entries :func:`s32_table` would return (the non-zero ones),
+    without building the list: a pass with nothing to do reports only the
+    count."""
+    vals = array("i")
+    vals.frombytes(_slice(buf, base, start, end, 4, what))
+    return len(vals) - vals.count(0)
 
 
 class RealAltInstr(NamedTuple):

@@ -34,7 +34,7 @@ from .._alternative._kalt import apply_alternatives_k, apply_seal_endbr_k, smp_u
 from .._alternative._kboot import KernelBoot, table_bounds as _bounds
 from .._alternative._kearly import EarlyBoot, early_snapshot
 from .._alternative._kparavirt import apply_paravirt_k
-from .._alternative._kpasses import BootOptions, TableStats, apply_returns_k
+from .._alternative._kpasses import F_CALL_DEPTH, BootOptions, TableStats, apply_returns_k
 from .._alternative._kretpoline import ItsThunks, apply_retpolines_k
 from .._alternative._ktext import CpuCaps, KernelText
 from .._alternative._runtime_const import runtime_const_sync
@@ -42,7 +42,7 @@ from .._ftrace import ftrace_init
 from .._jump_label import jump_label_init, jump_label_sync
 from .._static_call import static_call_init, static_call_sync
 from ..images._tables_real import (alt_instr_table, jump_table, mcount_table, paravirt_table,
-                                   s32_table, static_call_table)
+                                   s32_count, s32_table, static_call_table)
 
 __all__ = ["boot_kernel"]
 
@@ -90,7 +90,13 @@ def boot_kernel(kt: KernelText, caps: CpuCaps, opts: BootOptions | None = None, 
         t["rp"] = table(".retpoline_sites", s32_table, ".retpoline_sites")
         t["rt"] = table(".return_sites", s32_table, ".return_sites")
         t["alt"] = table(".altinstructions", alt_instr_table, line.alt_layout)
-        t["cs"] = table(".call_sites", s32_table, ".call_sites")
+        # .call_sites (~230,000 entries) is read as a list only for a CPU
+        # with call-depth tracking; otherwise its count is all that is shown
+        if caps.has(F_CALL_DEPTH):
+            t["cs"] = table(".call_sites", s32_table, ".call_sites")
+        else:
+            t["cs"] = None
+            t["cs_count"] = table(".call_sites", s32_count, ".call_sites") or 0
         t["ibt"] = table(".ibt_endbr_seal", s32_table, ".ibt_endbr_seal")
         t["lk"] = table(".smp_locks", s32_table, ".smp_locks", keep_zero=True)
         return t
@@ -114,6 +120,9 @@ def boot_kernel(kt: KernelText, caps: CpuCaps, opts: BootOptions | None = None, 
         res.its_thunks = its.allocated
 
     def callthunks() -> None:
+        if t["cs"] is None:
+            s[".call_sites"] = TableStats(entries=t["cs_count"]).as_dict()
+            return
         ct = callthunks_patch_builtin_calls(kt, t["cs"], t["alt"], caps, dbg)
         if ct is None:
             s[".call_sites"] = TableStats(entries=len(t["cs"])).as_dict()
