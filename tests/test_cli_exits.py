@@ -57,6 +57,19 @@ def _one_line_2(rc, out, err, needle):
     (("ftrace", "--cpus", "8", "--buffer-size", "262144"), "--buffer-size 131072 with --cpus 8"),
     (("ftrace", "--functions", "[" * 50_000), "at most 256"),
     (("ftrace", "--functions", ","), "empty glob list"),
+    (("verify", "--line-sizes", "abc"), "--line-sizes belongs to --report"),
+    (("verify", "--report", "/tmp", "--line-sizes", "3"), "powers of two"),
+    (("verify", "--report", "/tmp", "--line-sizes", "x,64"), "comma-separated"),
+    (("verify", "--report", "/dev/zero"), "not a directory"),
+    (("verify", "--report", "/no/such/dir/report"), "not a writable directory"),
+    (("verify", "--resume", "/dev/zero"), "character device"),
+    (("verify", "--resume", "/"), "directory"),
+    (("verify", "--resume", "/no/such/dir/resume"), "no directory"),
+    (("verify", "--bound", "junk"), "--bound belongs to --exhaustive"),
+    (("verify", "--state", "/tmp/x"), "--state belongs to --exhaustive"),
+    (("verify", "--path", "x"), "--path belongs to --exhaustive"),
+    (("verify", "--exhaustive", "--scenario", "xline", "--state", "/dev/zero"),
+     "character device"),
 ])
 def test_refused_before_any_work(capsys, argv, needle):
     _one_line_2(*_main(capsys, *argv), needle)

@@ -80,8 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the --mutation/--strategy asked for) x --line-sizes and write "
                         "DIR/index.html, DIR/heatmap.svg, DIR/report.json and a timeline of "
                         "each variant's first violation; exit 1 only if int3 itself failed")
-    p.add_argument("--line-sizes", default="1,64", metavar="LIST",
-                   help="with --report: fetch-view line sizes, comma-separated (default 1,64)")
+    p.add_argument("--line-sizes", default=None, metavar="LIST",
+                   help="with --report: fetch-view line sizes, comma-separated powers of two (default 1,64)")
     p.add_argument("--cluster", metavar="ADDRESS",
                    help="run the campaign on a Dask distributed scheduler (tcp://HOST:8786), "
                         "or 'local[:N]' for one started here with N (default --jobs) workers; "
@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--mutation removes a step of the int3 protocol; it does not apply "
                          "to --strategy naive")
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    _check_files_and_modes(args)
     if args.timeline:
         from ..verify._timeline import check_paths
         try:
@@ -215,6 +216,57 @@ class _Done:
         pass
 
 
+# A resume or state file is ours (one JSON line per finished chunk or depth);
+# anything larger than this is not one, and reading it would only eat memory.
+STATE_FILE_LIMIT = 256 << 20
+
+
+def _check_files_and_modes(args: argparse.Namespace) -> None:
+    """Refuse, before any work, an option given without the mode it belongs
+    to and any file argument that cannot be what it should."""
+    from ._inputs import check_input, check_output
+    for opt, val in (("--bound", args.bound), ("--state", args.state), ("--path", args.path)):
+        if val is not None and not args.exhaustive:
+            raise UsageError(f"{opt} belongs to --exhaustive")
+    if args.line_sizes is not None:
+        if args.report is None:
+            raise UsageError("--line-sizes belongs to --report")
+        _line_sizes(args.line_sizes)
+    for opt, path in (("--resume", args.resume), ("--state", args.state)):
+        if path is None:
+            continue
+        if os.path.lexists(path):
+            check_input(path, STATE_FILE_LIMIT, opt)
+            check_output(path, opt)
+        else:
+            check_output(path, opt)
+    if args.report is not None:
+        d = args.report
+        if not d:
+            raise UsageError("--report: an empty path")
+        if os.path.lexists(d):
+            if not os.path.isdir(d):
+                raise UsageError(f"--report: {d} exists and is not a directory")
+            if not os.access(d, os.W_OK | os.X_OK):
+                raise UsageError(f"--report: cannot write in {d}: permission denied")
+        else:
+            parent = os.path.dirname(os.path.abspath(d))
+            if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+                raise UsageError(f"--report: cannot create {d}: {parent} is not a writable "
+                                 "directory")
+
+
+def _line_sizes(text: str) -> list[int]:
+    try:
+        sizes = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise UsageError(f"--line-sizes {text[:80]!r}: comma-separated powers of two") from None
+    if not sizes or any(not (LINE_SIZE.lo <= n <= LINE_SIZE.hi and n & (n - 1) == 0)
+                        for n in sizes):
+        raise UsageError(f"--line-sizes {text[:80]!r}: powers of two in {LINE_SIZE}")
+    return sizes
+
+
 def _campaign(args: argparse.Namespace, names: list[str]) -> int:
     """--cluster / --resume / --report: the campaign in chunks of seeds on
     Dask (or this machine's pool), recorded chunk by chunk."""
@@ -222,13 +274,7 @@ def _campaign(args: argparse.Namespace, names: list[str]) -> int:
     from ..verify._cluster import Campaign, Cell, LocalBackend, ResumeMismatch, connect
     if args.report is not None:
         from ..verify._report import cells_for, variants_for
-        try:
-            sizes = sorted({int(x) for x in args.line_sizes.split(",") if x.strip()})
-        except ValueError:
-            raise UsageError(f"--line-sizes {args.line_sizes!r}: comma-separated powers of two")
-        if not sizes or any(not (LINE_SIZE.lo <= n <= LINE_SIZE.hi and n & (n - 1) == 0)
-                            for n in sizes):
-            raise UsageError(f"--line-sizes {args.line_sizes!r}: powers of two in {LINE_SIZE}")
+        sizes = _line_sizes(args.line_sizes or "1,64")
         cells = cells_for(names, variants_for(args.strategy, args.mutation), sizes, args.cpus)
     else:
         cells = [Cell(n, args.strategy, args.mutation, args.cpus, args.line_size) for n in names]
