@@ -190,6 +190,14 @@ def test_report_heatmap_json_and_page_agree(tmp_path):
     assert drawn == {(r["variant"], r["line_size"]): (r["violating"], r["schedules"])
                      for r in rows}
     assert _groups(root, "legend")
+    # a mutation never caught is drawn as missed (no teeth there), never in the
+    # colour of a clean int3 cell; a clean int3 cell never as missed
+    from textpoke.verify._report import MISSED
+    for c in cells:
+        rect = next(e for e in c if e.tag.endswith("rect"))
+        caught, variant = int(c.get("data-caught")), c.get("data-variant")
+        assert (rect.get("fill") == MISSED) == (caught == 0 and variant != "int3"), \
+            (variant, caught, rect.get("fill"))
     # the page shows the heatmap and one timeline per variant, each a real SVG
     page = (d / "index.html").read_text()
     srcs = [s.split('"', 1)[0] for s in page.split('<img src="')[1:]]

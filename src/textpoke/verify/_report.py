@@ -50,6 +50,10 @@ def _esc(s: Any) -> str:
     return html.escape(str(s), quote=True)
 
 
+MISSED = "#fff3cd"      # a variant that should be caught was not
+FAILED = "#4a0000"      # the protocol itself was caught
+
+
 def _colour(share: float | None) -> str:
     """White-to-red on a square-root scale; None (nothing ran) is grey."""
     if share is None:
@@ -83,7 +87,7 @@ def heatmap_svg(rows: list[dict], title: str) -> str:
     left, top = 130, 92
     gap = 10                             # between variant groups
     gw = cw * len(sizes)
-    width = left + len(variants) * (gw + gap) + 40
+    width = max(left + len(variants) * (gw + gap) + 40, left + 360 + 30 + 330)  # the legend
     grid_h = ch * len(scenarios)
     legend_y = top + grid_h + 50
     height = legend_y + 70
@@ -114,14 +118,23 @@ def heatmap_svg(rows: list[dict], title: str) -> str:
                 share = (r["violating"] / r["schedules"]) if r and r["schedules"] else None
                 text = f'{r["violating"]}/{r["schedules"]}' if r else "-"
                 dark = share is not None and share > 0.3
+                # What a share means depends on the variant: the protocol
+                # itself must never be caught; a mutation or naive writes
+                # never caught means these schedules have no teeth there.
+                clean_expected = r is not None and r["strategy"] == "int3" and not r["mutation"]
+                fill, stroke, dash = _colour(share), "#ffffff", ""
+                if share == 0 and not clean_expected:
+                    fill, stroke, dash = MISSED, "#b58900", ' stroke-dasharray="4 2"'
+                elif share and clean_expected:
+                    fill, stroke, dash, dark = FAILED, "#000000", "", True
                 tip = (f"{s}, {v}, line size {ls}: {text} schedules violated"
                        + (f"; first: {r['replay_command']}" if r and r["replay_command"] else ""))
                 o.append(f'<g class="cell" data-scenario="{_esc(s)}" data-variant="{_esc(v)}" '
                          f'data-line-size="{ls}" data-caught="{r["violating"] if r else ""}" '
                          f'data-schedules="{r["schedules"] if r else ""}">'
                          f'<title>{_esc(tip)}</title>'
-                         f'<rect x="{x}" y="{y}" width="{cw}" height="{ch}" fill="{_colour(share)}" '
-                         f'stroke="#ffffff" stroke-width="2"/>'
+                         f'<rect x="{x}" y="{y}" width="{cw}" height="{ch}" fill="{fill}" '
+                         f'stroke="{stroke}" stroke-width="2"{dash}/>'
                          f'<text x="{x + cw / 2}" y="{y + ch / 2 + 4}" text-anchor="middle" '
                          f'fill="{"#ffffff" if dark else "#222222"}">{_esc(text)}</text></g>')
     # colour scale
@@ -143,7 +156,13 @@ def heatmap_svg(rows: list[dict], title: str) -> str:
     o.append(f'<rect x="{cx}" y="{legend_y}" width="14" height="14" fill="{_colour(0)}" '
              f'stroke="#bbb"/><text x="{cx + 20}" y="{legend_y + 11}">none caught</text>'
              f'<rect x="{cx + 120}" y="{legend_y}" width="14" height="14" fill="{_colour(None)}" '
-             f'stroke="#bbb"/><text x="{cx + 140}" y="{legend_y + 11}">not run</text></g>')
+             f'stroke="#bbb"/><text x="{cx + 140}" y="{legend_y + 11}">not run</text>'
+             f'<rect x="{cx}" y="{legend_y + 22}" width="14" height="14" fill="{MISSED}" '
+             f'stroke="#b58900" stroke-dasharray="4 2"/><text x="{cx + 20}" y="{legend_y + 33}">'
+             f'a mutation or naive never caught (no teeth)</text>'
+             f'<rect x="{cx}" y="{legend_y + 44}" width="14" height="14" fill="{FAILED}" '
+             f'stroke="#000"/><text x="{cx + 20}" y="{legend_y + 55}">the int3 protocol '
+             f'caught: a failure</text></g>')
     o.append("</svg>")
     return "\n".join(o) + "\n"
 
