@@ -328,3 +328,24 @@ def test_without_data_only_dentry_hashtable_is_left(real_image, setup):
                 early=EarlyBoot(cmdline=ref.kernel_cmdline, ncpus=ref.smp, mem=1 << 30, config=cfg,
                                 dentry_hashtable=value))
     assert sum(diff_sections(kt, ref.after).values()) == 0
+
+
+def test_pass_decoder_shortcuts_match_iced():
+    """The passes' memoised decoder (_knops._decode_buf) builds CALL/JMP
+    rel32 by hand and finds instructions again by their bytes: each must be
+    what iced-x86 decodes, whatever bytes follow the instruction."""
+    import random
+    from textpoke._alternative._knops import _decode_buf
+    from textpoke._core._insn import insn_decode_kernel
+    rng = random.Random(17)
+    samples = [bytes([op]) + (d & 0xFFFFFFFF).to_bytes(4, "little")
+               for op in (0xE8, 0xE9)
+               for d in (0, 1, -1, -5, -6, 0x7FFFFFFF, -0x80000000,
+                         *(rng.randint(-2**31, 2**31 - 1) for _ in range(200)))]
+    samples += [bytes.fromhex(h) for h in ("0f1f440000", "488b05" "10203040", "90", "eb05",
+                                           "0f8410203040", "2ee810203040")]
+    for raw in samples:
+        for _ in range(3):
+            b = raw + bytes(rng.randrange(256) for _ in range(rng.randint(0, 12)))
+            assert _decode_buf(b, 0) == insn_decode_kernel(b, 0), b.hex()
+    assert _decode_buf(b"\xe8\x00\x00", 0) is None      # truncated: not a CALL

@@ -44,6 +44,15 @@ def _decode_buf(buf: bytes | bytearray, i: int) -> Insn | None:
         return _DECODE_CACHE[key]
     except KeyError:
         pass
+    b0 = key[0] if key else -1
+    if (b0 == 0xE8 or b0 == 0xE9) and len(key) >= 5:
+        # CALL/JMP rel32: most of what the passes decode (a relocated
+        # replacement's displacement is new at every site), built here the
+        # way insn_decode_kernel reports it at address 0
+        imm = int.from_bytes(key[1:5], "little", signed=True)
+        call = b0 == 0xE8
+        return Insn(0, 5, key[:5], key[:1], "call" if call else "jmp", 1, 4, imm, 0, 0, 0,
+                    False, "call" if call else "jmp", (5 + imm) & 0xFFFFFFFFFFFFFFFF)
     for n in _RAW_LENS:
         ins = _BY_RAW.get(key[:n])
         if ins is not None:
