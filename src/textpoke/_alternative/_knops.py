@@ -141,6 +141,8 @@ def optimize_nops_k(buf: bytearray, n: int, line=None) -> None:
     if line is not None and line.nops == "nop1":
         optimize_nop1_k(buf, n, line.nop_max)
         return
+    if n == 5 and (buf[0] == JMP32 or buf[0] == 0xE8):
+        return      # one CALL/JMP rel32, not a NOP: nothing to do (and no memo)
     key = bytes(buf[:n])
     hit = _OPT_CACHE.get(key)
     if hit is not None:

@@ -135,6 +135,8 @@ _REL_CACHE: dict[bytes, bool] = {}
 
 def _needs_reloc_scan(buf: bytes) -> bool:
     """Whether a buffer holds any relative operand (memoised)."""
+    if buf[:1] == b"\xe8" or buf[:1] == b"\xe9":
+        return True     # a CALL/JMP rel32 first (or cut short: the slow path)
     hit = _REL_CACHE.get(buf)
     if hit is not None:
         return hit
