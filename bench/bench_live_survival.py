@@ -4,8 +4,8 @@
 Each run starts a busy 4-thread target with N fentry sites (every thread
 calls every function all the time), starts ``textpoke live toggle`` (to
 ``call:fentry_ret`` or back to ``nop``) or ``textpoke live count``, sends
-it SIGKILL after a random delay (uniform over the command's usual run
-time), and then checks:
+it SIGKILL a random delay after it attached (uniform over 0-0.5 s for
+toggle, 0-1.2 s for count: both sessions and the window), and checks:
 
 * the target is alive (not a zombie, not dead of SIGTRAP/SIGSEGV);
 * ``textpoke live recover`` exits 0;
@@ -60,6 +60,17 @@ def read_sites(pid: int, addrs: list[int]) -> list[bytes]:
         return out
 
 
+def tracer(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def state(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -86,12 +97,16 @@ def one_run(exe: Path, tmp: Path, rng: random.Random, i: int) -> tuple[bool, str
             to = "call:fentry_ret"
         if cmd == "toggle":
             argv = ["toggle", "--pid", str(t.pid), "--functions", "f0*", "--to", to]
-            delay = rng.uniform(0.0, 1.6)
+            delay = rng.uniform(0.0, 0.5)
         else:
-            argv = ["count", "--pid", str(t.pid), "--functions", "f0*", "--duration", "0.3"]
-            delay = rng.uniform(0.0, 2.5)
+            argv = ["count", "--pid", str(t.pid), "--functions", "f0*", "--duration", "0.2"]
+            delay = rng.uniform(0.0, 1.2)
         p = subprocess.Popen([sys.executable, "-m", "textpoke", "live", *argv],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # the random moment is counted from the attach (the target's TracerPid
+        # turning to the patcher), not from the start of a Python process
+        while p.poll() is None and tracer(t.pid) != p.pid:
+            time.sleep(0.0005)
         time.sleep(delay)
         killed = p.poll() is None
         p.kill()
@@ -117,15 +132,17 @@ def one_run(exe: Path, tmp: Path, rng: random.Random, i: int) -> tuple[bool, str
             return False, f"{cmd} at {delay:.2f}s: site {a:#x} reads {b.hex()} ({stray} stray)"
         maps1 = Path(f"/proc/{t.pid}/maps").read_text()
         if maps1 != maps0:
-            return False, f"{cmd} at {delay:.2f}s: mappings differ after recover"
+            extra = sorted(set(maps1.splitlines()) - set(maps0.splitlines()))
+            return False, (f"{cmd} at {delay:.2f}s: mappings differ after recover (left {left}): "
+                           + " | ".join(extra[:3]))
         from textpoke.live._journal import journal_path
         if journal_path(t.pid).exists():
             return False, f"{cmd} at {delay:.2f}s: journal left"
         line, _ = t.signal_and_read(signal.SIGUSR1)
         if not line.startswith("snapshot"):
             return False, f"{cmd} at {delay:.2f}s: target answered {line!r}"
-        return True, (f"{cmd} {'killed' if killed else 'finished before the kill'} at "
-                      f"{delay:.2f}s: left {left}; recovered: ok")
+        return True, (f"{cmd} {'killed' if killed else 'finished before the kill'} "
+                      f"{delay:.3f}s after attaching: left {left}; recovered: ok")
 
 
 def main() -> int:
@@ -142,7 +159,7 @@ def main() -> int:
     for i in range(a.runs):
         ok, msg = one_run(exe, tmp, rng, i)
         good += ok
-        killed += "killed at" in msg
+        killed += " killed " in msg
         inflight += ok and "left nothing" not in msg
         print(f"run {i + 1}/{a.runs}: {'PASS' if ok else 'FAIL'} {msg}", flush=True)
     print(f"survival: {good}/{a.runs} runs with the target alive and 0 stray bytes after "

@@ -141,17 +141,17 @@ class Arming:
             n = len(self.sites)
             self.region = _map_region(m, n * STUB_SIZE, n * COUNTER_STRIDE, (lo, hi))
             r = self.region
+            writes = [(s.addr, text_gen_insn(CALL_INSN_OPCODE, s.addr, r.base + i * STUB_SIZE)
+                       + b"\x90" * (len(s.found) - 5))
+                      for i, s in enumerate(self.sites)]
+            # written down as soon as it is mapped, before any site calls into
+            # it: a dead patcher's region is found and freed by 'live recover'
+            m.journal.add_region("count", r.base, r.code_size, r.data_size,
+                                 [(s.addr, s.found, w) for s, (_a, w) in zip(self.sites, writes)])
             code = b"".join(stub_code(r.base + i * STUB_SIZE, r.data + i * COUNTER_STRIDE)
                             for i in range(n))
             r.write(r.base, code)
             t2 = time.perf_counter()
-            writes = [(s.addr, text_gen_insn(CALL_INSN_OPCODE, s.addr, r.base + i * STUB_SIZE)
-                       + b"\x90" * (len(s.found) - 5))
-                      for i, s in enumerate(self.sites)]
-            # written down before any site calls into it: a dead patcher's
-            # region is found and freed by 'live recover'
-            m.journal.add_region("count", r.base, r.code_size, r.data_size,
-                                 [(s.addr, s.found, w) for s, (_a, w) in zip(self.sites, writes)])
             self.stats["arm"] = switch_sites(m, [w for s, w in zip(self.sites, writes)
                                                  if s.kind not in QUIESCENT], self.progress)
             quiet = [w for s, w in zip(self.sites, writes) if s.kind in QUIESCENT]

@@ -449,6 +449,11 @@ class LiveMachine(Machine):
                     errors.append(f"thread {tid}: {e}")
                     continue
                 base = r.base
+                # written down before the action is installed: a kill from here
+                # on leaves a mapping that 'live recover' finds
+                self._guard = {"base": base, "size": r.end - base, "syscall_at": r.syscall_at,
+                               "installed": False}
+                self.journal.set_guard(self._guard)
                 self._mem.write(base, G.CODE)
                 self._mem.write(base + G.NEW_ACT_OFF, G.our_action(base))
                 data = base + G.CODE_SIZE
@@ -460,6 +465,7 @@ class LiveMachine(Machine):
                     raise InjectError(f"rt_sigaction(SIGTRAP) in process {self.pid} failed: "
                                       f"{os.strerror(-res)}")
                 self._guard = {"base": base, "size": r.end - base, "syscall_at": r.syscall_at,
+                               "installed": True,
                                "old": self._mem.read(data + G.ACT_OFF, 32).hex()}
                 r.close()
                 self.journal.set_guard(self._guard)
@@ -501,19 +507,29 @@ class LiveMachine(Machine):
                     held = [t for t, th in self._threads.items() if th.state == _HELD]
                     if not held:
                         return ["no thread could be stopped"]
+                    if any(self._trap_queued(t) for t in held):
+                        # an INT3 of ours taken before the site was repaired,
+                        # not reported yet: let it come to us (rewound) first,
+                        # never to the target's own action
+                        why = ["a thread has a SIGTRAP of ours queued"]
+                        continue
                     tid = self.pid if self.pid in held else held[0]
                     if not g.get("restored"):
+                        # read the action first: ours is put back to what it
+                        # replaced; any other (we were killed before installing,
+                        # or the target installed its own since) is left alone
                         self._mem.write(data + G.CUR_OFF, bytes(32))
                         inject_syscall(self.pid, tid, G.SYS_rt_sigaction, G.SIGTRAP,
-                                       data + G.ACT_OFF, data + G.CUR_OFF, 8,
-                                       syscall_at=g["syscall_at"])
+                                       0, data + G.CUR_OFF, 8, syscall_at=g["syscall_at"])
                         cur = self._mem.read(data + G.CUR_OFF, 32)
+                        ours = int.from_bytes(cur[:8], "little") == base
+                        if ours:
+                            inject_syscall(self.pid, tid, G.SYS_rt_sigaction, G.SIGTRAP,
+                                           data + G.ACT_OFF, 0, 8, syscall_at=g["syscall_at"])
                         g["restored"] = True
-                        if int.from_bytes(cur[:8], "little") != base:
+                        if not ours and g.get("installed", True):
                             # the target installed a handler of its own since:
                             # it stays, and so does ours (it may chain to it)
-                            inject_syscall(self.pid, tid, G.SYS_rt_sigaction, G.SIGTRAP,
-                                           data + G.CUR_OFF, 0, 8, syscall_at=g["syscall_at"])
                             g["kept"] = "the target replaced its SIGTRAP handler"
                             return [g["kept"]]
                     why = region.in_use([(t, self.get_regs(t)) for t in held])

@@ -143,6 +143,29 @@ def recover(pid: int, *, strategy: str = "int3") -> dict:
                 rep["regions_freed"] += 1
                 jj.drop_region(r["base"])
         had_guard = m._guard is not None
+    jr = m.journal
+    for _session in range(3):
+        # as live count does: threads of a -pg program may stay at their
+        # SIGPROF handler's entry (a stub address in its frame) while traced;
+        # let them run untraced for a moment and look again
+        stuck = list(jr.data["regions"]) if any(k.startswith("stub region") for k in rep["kept"]) else []
+        if not stuck:
+            break
+        import time
+        time.sleep(0.01)
+        rep["kept"] = [k for k in rep["kept"] if not k.startswith("stub region")]
+        with LiveMachine(pid, strategy=strategy, recover=True) as m2:
+            for r in list(m2.journal.data["regions"]):
+                region = ExecMem(pid, r["base"], r["code_size"], r["data_size"],
+                                 syscall_at=find_syscall_insn(pid))
+                _counters, why = _read_and_free(m2, region, 0)
+                region.close()
+                if why:
+                    rep["kept"].append(f"stub region {r['base']:#x}: " + "; ".join(why))
+                else:
+                    rep["regions_freed"] += 1
+                    m2.journal.drop_region(r["base"])
+            jr = m2.journal
     rep["guard_removed"] = had_guard and not m.guard_kept
     if m.guard_kept:
         rep["kept"].append("SIGTRAP guard: " + "; ".join(m.guard_kept))
