@@ -20,9 +20,9 @@ round:
 * ``boot --image``: the whole ``textpoke boot --image IMAGE --no-progress
   --json`` command, process start to exit (the CPU an interactive user
   pays); ``... --system-map`` the same given the map;
-* with ``--baseline REV``: ``boot --image --system-map`` from the tree at git
-  revision REV (e.g. the one before kallsyms), the same command in the same
-  run.
+* with ``--baseline REV``: ``boot --image`` (and ``... --system-map``)
+  from the tree at git revision REV (e.g. the one before kallsyms, or
+  before a speed-up), the same commands in the same run.
 
 The kernel is Debian's (cached by ``make kernel-images``; the map comes from
 the -dbg package, fetched once if it is not cached).
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="a kernel name (6.12-cloud, 6.1-cloud, 6.12-rt, ...) or a release; "
                          "default: the newest cached 6.12 cloud kernel")
     ap.add_argument("--baseline", metavar="REV",
-                    help="also time boot --image --system-map from the tree at this git revision")
+                    help="also time boot --image (and --system-map) from the tree at this git revision")
     ap.add_argument("--no-map", action="store_true", help="skip the System.map rows")
     _stats.add_common_args(ap)
     a = ap.parse_args(argv)
@@ -135,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
                              capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", tmp.name], input=tar, check=True)
         old = str(Path(tmp.name) / "src")
-        fns[f"baseline {a.baseline}: boot --image --system-map"] = \
-            lambda: _command(boot + ["--system-map", str(smap)], old)
+        fns[f"baseline {a.baseline}: boot --image"] = lambda: _command(boot, old)
+        if smap is not None:
+            fns[f"baseline {a.baseline}: boot --image --system-map"] = \
+                lambda: _command(boot + ["--system-map", str(smap)], old)
     print(f"kernel: Debian {k.release} ({k.package_version}); CPU seconds (user+sys) per "
           f"fresh process")
     res = _stats.interleaved(fns, a.repeat, units=dict.fromkeys(fns, "s"))
