@@ -146,6 +146,7 @@ class Arming:
                       for i, s in enumerate(self.sites)]
             # written down as soon as it is mapped, before any site calls into
             # it: a dead patcher's region is found and freed by 'live recover'
+            m.journal.drop_region(r.base, flush=False)      # named before the mmap
             m.journal.add_region("count", r.base, r.code_size, r.data_size,
                                  [(s.addr, s.found, w) for s, (_a, w) in zip(self.sites, writes)])
             code = b"".join(stub_code(r.base + i * STUB_SIZE, r.data + i * COUNTER_STRIDE)
@@ -303,15 +304,26 @@ def _alive(pid: int) -> bool:
 # --- what needs the live machine's stopped threads ------------------------------
 def _map_region(m, code_size: int, data_size: int, near: tuple[int, int]) -> ExecMem:
     """mmap the region in one of the threads held by ``m.stopped()``: the
-    first that takes it (a thread that cannot run the syscall is skipped)."""
+    first that takes it (a thread that cannot run the syscall is skipped).
+    The journal names the region before the mmap is run."""
     errors = []
     maps = read_maps(m.pid)
+
+    def before(base: int, code: int, data: int) -> None:
+        if m.journal is not None:
+            m.journal.add_region("count", base, code, data, [])
+
     with m.stopped() as tids:
         for tid in sorted(tids, key=lambda t: t != m.pid):    # the main thread first
             try:
-                return ExecMem.map(m.pid, tid, code_size, data_size, near=near, maps=maps)
+                return ExecMem.map(m.pid, tid, code_size, data_size, near=near, maps=maps,
+                                   before=before)
             except (InjectError, OSError) as e:
                 errors.append(f"thread {tid}: {e}")
+                if m.journal is not None:        # never mapped: not a leftover
+                    m.journal.data["regions"] = [r for r in m.journal.data["regions"]
+                                                 if r["sites"]]
+                    m.journal.flush()
                 if isinstance(e, InjectError) and "failed:" in str(e):
                     break                      # the kernel said no: another thread won't help
     raise InjectError("could not map the counting stubs: " + "; ".join(errors))

@@ -322,7 +322,8 @@ class ExecMem:
     @classmethod
     def map(cls, pid: int, tid: int, code_size: int, data_size: int, *, near: tuple[int, int],
             maps: Sequence[Mapping] | None = None,
-            wait: Callable[[int], tuple[int, int]] | None = None) -> "ExecMem":
+            wait: Callable[[int], tuple[int, int]] | None = None,
+            before: Callable[[int, int, int], None] | None = None) -> "ExecMem":
         """mmap code+data (rounded to pages) within rel32 reach of every
         address in *near* = (lowest, highest) call site, in thread *tid*."""
         code_size = -(-code_size // PAGE) * PAGE
@@ -331,6 +332,8 @@ class ExecMem:
         syscall_at = find_syscall_insn(pid, maps)
         total = code_size + data_size
         want = pick_address(maps, total, *near)
+        if before is not None:          # e.g. a journal: written before the region exists
+            before(want, code_size, data_size)
         got = inject_syscall(pid, tid, SYS_mmap, want, total, PROT_READ | PROT_WRITE,
                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1 & _MASK, 0,
                              syscall_at=syscall_at, wait=wait)

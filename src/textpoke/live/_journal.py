@@ -218,9 +218,10 @@ class Journal:
                                      "sites": [[a, o.hex(), n.hex()] for a, o, n in sites]})
         self.flush()
 
-    def drop_region(self, base: int) -> None:
+    def drop_region(self, base: int, flush: bool = True) -> None:
         self.data["regions"] = [r for r in self.data["regions"] if r["base"] != base]
-        self.flush()
+        if flush:
+            self.flush()
 
 
 def _unlink(path: Path) -> None:
