@@ -436,17 +436,26 @@ class LiveMachine(Machine):
                 j.sites_tails(tails)
 
     def _guard_install(self) -> None:
-        from ._inject import ExecMem, InjectError, inject_syscall
+        from ._inject import ExecMem, InjectError, find_syscall_insn, inject_syscall
         lo = self._ranges[0].start
         self._hold_all()
         try:
             errors = []
             for tid in sorted((t for t, th in self._threads.items() if th.state == _HELD),
                               key=lambda t: t != self.pid):
+                def before(base: int, code: int, data: int) -> None:
+                    # named before the mmap runs: a kill inside it leaves
+                    # nothing 'live recover' does not know of
+                    self._guard = {"base": base, "size": code + data, "installed": False,
+                                   "syscall_at": find_syscall_insn(self.pid)}
+                    self.journal.set_guard(self._guard)
                 try:
-                    r = ExecMem.map(self.pid, tid, G.CODE_SIZE, G.DATA_SIZE, near=(lo, lo))
+                    r = ExecMem.map(self.pid, tid, G.CODE_SIZE, G.DATA_SIZE, near=(lo, lo),
+                                    before=before)
                 except (InjectError, OSError) as e:
                     errors.append(f"thread {tid}: {e}")
+                    self._guard = None
+                    self.journal.set_guard(None)
                     continue
                 base = r.base
                 # written down before the action is installed: a kill from here
@@ -498,6 +507,12 @@ class LiveMachine(Machine):
             return [f"{len(left)} site(s) still hold an INT3"]
         base, size = g["base"], g["size"]
         data = base + G.CODE_SIZE
+        if not any(m.start == base for m in read_maps(self.pid)):
+            # never mapped (killed inside the injected mmap): nothing to undo
+            self._guard = None
+            if j is not None:
+                j.set_guard(None)
+            return []
         region = ExecMem(self.pid, base, G.CODE_SIZE, size - G.CODE_SIZE, syscall_at=g["syscall_at"])
         why: list[str] = []
         try:
