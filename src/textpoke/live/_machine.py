@@ -250,6 +250,9 @@ class LiveMachine(Machine):
             # before seizing anything
             self.journal = Journal.open(pid, adopt=recover, name=self._ident.name)
             self._guard = self.journal.data.get("guard")
+            if self._guard and not any(m.start == self._guard["base"] for m in self._maps):
+                self._guard = None               # its mmap never ran (killed inside it)
+                self.journal.data["guard"] = None
             # a dead patcher's sites: a trap there is ours too (see _on_sigtrap)
             self._adopted = {int(a) for a in self.journal.data["sites"]}
             self._int3_sites |= self._adopted
