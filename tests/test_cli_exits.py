@@ -65,6 +65,7 @@ def _one_line_2(rc, out, err, needle):
     (("verify", "--resume", "/dev/zero"), "character device"),
     (("verify", "--resume", "/"), "directory"),
     (("verify", "--resume", "/no/such/dir/resume"), "no directory"),
+    (("verify", "--report", "x" * 300), "name too long"),
     (("verify", "--bound", "junk"), "--bound belongs to --exhaustive"),
     (("verify", "--state", "/tmp/x"), "--state belongs to --exhaustive"),
     (("verify", "--path", "x"), "--path belongs to --exhaustive"),

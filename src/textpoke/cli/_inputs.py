@@ -14,8 +14,8 @@ import stat
 
 from ._args import UsageError
 
-__all__ = ["MiB", "GiB", "check_input", "check_output", "input_file", "output_file",
-           "read_bounded"]
+__all__ = ["MiB", "GiB", "check_input", "check_new_name", "check_output", "input_file",
+           "output_file", "read_bounded"]
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -81,9 +81,29 @@ def check_output(path: str, what: str) -> None:
         return
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise UsageError(f"{_pre(what)}cannot write {path}: no directory {parent}")
+        raise UsageError(f"{_pre(what)}cannot write {_short(path)}: no directory "
+                         f"{_short(parent)}")
+    check_new_name(path, what)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"{_pre(what)}cannot write {path}: permission denied in {parent}")
+
+
+def check_new_name(path: str, what: str) -> None:
+    """A file or directory about to be created can be: its name fits the
+    file system (a longer one would fail only after the work was done)."""
+    parent = os.path.dirname(os.path.abspath(path)) or "/"
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    if len(os.fsencode(os.path.basename(path))) > name_max or \
+            len(os.fsencode(os.path.abspath(path))) >= 4096:
+        raise UsageError(f"{_pre(what)}cannot create {_short(path)}: name too long "
+                         f"(at most {name_max} bytes a name)")
+
+
+def _short(path: str) -> str:
+    return path if len(path) <= 120 else path[:60] + "..." + path[-40:]
 
 
 def _pre(what: str) -> str:

@@ -224,7 +224,7 @@ STATE_FILE_LIMIT = 256 << 20
 def _check_files_and_modes(args: argparse.Namespace) -> None:
     """Refuse, before any work, an option given without the mode it belongs
     to and any file argument that cannot be what it should."""
-    from ._inputs import check_input, check_output
+    from ._inputs import check_input, check_new_name, check_output
     for opt, val in (("--bound", args.bound), ("--state", args.state), ("--path", args.path)):
         if val is not None and not args.exhaustive:
             raise UsageError(f"{opt} belongs to --exhaustive")
@@ -252,8 +252,9 @@ def _check_files_and_modes(args: argparse.Namespace) -> None:
         else:
             parent = os.path.dirname(os.path.abspath(d))
             if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-                raise UsageError(f"--report: cannot create {d}: {parent} is not a writable "
-                                 "directory")
+                raise UsageError(f"--report: cannot create {d[:120]}: {parent[:120]} is not a "
+                                 "writable directory")
+            check_new_name(d, "--report")
 
 
 def _line_sizes(text: str) -> list[int]:
