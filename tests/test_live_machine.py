@@ -119,7 +119,13 @@ class Target:
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.wait()
+        # a thread still traced by this process would keep the target from
+        # being reaped: fail, saying so, rather than hang the suite
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"target {self.pid} not reaped; tracers of its threads: "
+                                 f"{tracer_pids(self.pid)}") from None
 
 
 def tracer_pids(pid: int) -> list[int]:

@@ -1204,6 +1204,7 @@ class LiveMachine(Machine):
             except OSError:
                 pass
         self._threads.clear()
+        self._detach_stragglers()
         leader_parent = _ppid_of(self.pid)
         for tid in list(self._exiting):
             if tid == self.pid and leader_parent == os.getpid():
@@ -1211,6 +1212,38 @@ class LiveMachine(Machine):
             si = P.SigInfo()
             P.waitid(tid, si, False)
         self._exiting.clear()
+
+    def _detach_stragglers(self) -> None:
+        """Let go of threads still traced by us that the table no longer
+        holds: one born (and attached by the kernel, TRACECLONE) while the
+        others were being detached, or one whose PTRACE_DETACH failed
+        because it was not in a ptrace-stop yet.  Left traced, such a thread
+        stays stopped for a tracer that no longer waits for it, and its
+        process cannot be reaped until the tracer exits (seen on a loaded
+        box: a churning target hung its parent's wait())."""
+        me = threading.get_native_id()
+        deadline = time.monotonic() + 2.0       # never block a close on a dying process
+        while time.monotonic() < deadline:
+            # a zombie thread is the exit path's business (below), not ours
+            left = [tid for tid in _tids_of(self.pid)
+                    if _tracer_of(tid) == me and _thread_state(self.pid, tid) not in ("Z", "X")]
+            if not left:
+                return
+            for tid in left:
+                try:
+                    P.detach(tid, 0)          # already in a ptrace-stop
+                    continue
+                except OSError:
+                    pass
+                # running or not stopped yet: stop it (a newborn reports its
+                # first stop anyway), collect that stop without blocking
+                with contextlib.suppress(OSError):
+                    P.interrupt(tid)
+                si = P.SigInfo()
+                P.waitid(tid, si, False)
+                with contextlib.suppress(OSError):
+                    P.detach(tid, 0)
+            time.sleep(0.001)
 
     def _resume_keep_hold(self, t: _Thread, sig: int) -> None:
         t.want_hold = True
@@ -1240,6 +1273,13 @@ def _thread_state(pid: int, tid: int) -> str:
         return raw[raw.rindex(b")") + 2:].split()[0].decode()
     except (OSError, ValueError, IndexError):
         return ""
+
+
+def _tids_of(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in os.listdir(f"/proc/{pid}/task")]
+    except (OSError, ValueError):
+        return []
 
 
 def _tracer_of(tid: int) -> int:
