@@ -1225,7 +1225,11 @@ class LiveMachine(Machine):
         deadline = time.monotonic() + 2.0       # never block a close on a dying process
         while time.monotonic() < deadline:
             # a zombie thread is the exit path's business (below), not ours
-            left = [tid for tid in _tids_of(self.pid)
+            try:
+                tids = list_tids(self.pid)
+            except NoSuchProcess:
+                return
+            left = [tid for tid in tids
                     if _tracer_of(tid) == me and _thread_state(self.pid, tid) not in ("Z", "X")]
             if not left:
                 return
@@ -1273,13 +1277,6 @@ def _thread_state(pid: int, tid: int) -> str:
         return raw[raw.rindex(b")") + 2:].split()[0].decode()
     except (OSError, ValueError, IndexError):
         return ""
-
-
-def _tids_of(pid: int) -> list[int]:
-    try:
-        return [int(x) for x in os.listdir(f"/proc/{pid}/task")]
-    except (OSError, ValueError):
-        return []
 
 
 def _tracer_of(tid: int) -> int:
