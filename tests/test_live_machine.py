@@ -207,7 +207,7 @@ def test_errors_are_typed_and_say_what_to_do():
 def test_writes_outside_executable_mappings_are_refused(target):
     from textpoke.live import LiveMachine
     with LiveMachine(target.pid) as m:
-        data = next(mp for mp in m._maps if not mp.exec)
+        data = next(mp for mp in m._maps if not mp.executable)
         with pytest.raises(BadAddressError):
             m.run_task(m.text_poke_write(data.start, b"\x90"))
         with pytest.raises(BadAddressError):

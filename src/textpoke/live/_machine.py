@@ -320,7 +320,7 @@ class LiveMachine(Machine):
         exe = self._ident.exe
         ranges, first = [], None
         for m in maps:
-            if not m.exec or m.path in _SKIP_MAPS:
+            if not m.executable or m.path in _SKIP_MAPS:
                 continue
             anon = not m.path.startswith("/")
             name = os.path.basename(m.path) if not anon else (m.path or f"[anon:{m.start:#x}]")
@@ -370,7 +370,7 @@ class LiveMachine(Machine):
             chunk = pages.get(page)
             if chunk is None:
                 m = self._mapping_of(a)
-                if m is None or not m.exec:
+                if m is None or not m.executable:
                     self.text_range_of(a, min(end, page + PAGE_SIZE) - a)   # refresh or raise
                     m = self._mapping_of(a)
                 if m is not None and m.writable:       # the process may write here: no cache
@@ -685,10 +685,10 @@ class LiveMachine(Machine):
             m = cur_map
             if m is None or not (m.start <= addr and addr + n <= m.end):
                 m = self._mapping_of(addr)
-            if m is None or not m.exec or addr + n > m.end:
+            if m is None or not m.executable or addr + n > m.end:
                 self.text_range_of(addr, n)       # refresh maps, or BadAddressError
                 m = self._mapping_of(addr)
-                if m is None or not m.exec or addr + n > m.end:
+                if m is None or not m.executable or addr + n > m.end:
                     raise BadAddressError(f"[{addr:#x}, +{n}) is not in an executable mapping "
                                           f"of pid {self.pid}")
             if cur is not None and m is cur_map and not m.writable:

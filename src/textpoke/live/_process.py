@@ -25,39 +25,52 @@ __all__ = ["Mapping", "ProcessIdentity", "read_maps", "list_tids", "ProcMem", "c
 
 @dataclass(frozen=True, slots=True)
 class Mapping:
-    """One line of /proc/PID/maps."""
+    """One line of /proc/PID/maps (the one parser of it: the machine,
+    symbols, injection and the checks all read maps through
+    :func:`read_maps`)."""
 
     start: int
     end: int
     perms: str
     offset: int
+    dev: str
+    inode: int
     path: str
 
     @property
-    def exec(self) -> bool:
+    def executable(self) -> bool:
         return "x" in self.perms
 
     @property
     def writable(self) -> bool:
         return "w" in self.perms
 
+    def __contains__(self, addr: int) -> bool:
+        return self.start <= addr < self.end
+
 
 def read_maps(pid: int) -> list[Mapping]:
+    """The mappings of *pid*, in address order; :class:`NoSuchProcess` if it
+    is gone or has exited, :class:`AccessDenied` if maps cannot be read."""
     try:
-        with open(f"/proc/{pid}/maps") as f:
-            lines = f.read().splitlines()
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         raise NoSuchProcess(pid, "process not found") from None
     except PermissionError:
         raise AccessDenied(pid, f"cannot read /proc/{pid}/maps; {ACCESS_HINT}") from None
-    if not lines:
+    if not raw.strip():
         check_not_exited(pid)
     out = []
-    for line in lines:
+    for line in raw.splitlines():
+        # start-end perms offset dev inode [path]; the path may hold spaces
         parts = line.split(None, 5)
-        lo, hi = parts[0].split("-")
-        out.append(Mapping(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16),
-                           parts[5] if len(parts) > 5 else ""))
+        if len(parts) < 5:
+            continue
+        lo, _, hi = parts[0].partition(b"-")
+        out.append(Mapping(int(lo, 16), int(hi, 16), parts[1].decode(), int(parts[2], 16),
+                           parts[3].decode(), int(parts[4]),
+                           parts[5].decode(errors="replace") if len(parts) > 5 else ""))
     return out
 
 

@@ -36,7 +36,6 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable
 
 from .._core._insn import insn_decode_kernel
@@ -51,49 +50,7 @@ class SymbolError(TextPokeError, ValueError):
     instruction boundary of its function."""
 
 
-@dataclass(frozen=True, slots=True)
-class Mapping:
-    """One line of ``/proc/PID/maps``."""
-
-    start: int
-    end: int
-    perms: str
-    offset: int
-    dev: str
-    inode: int
-    path: str
-
-    @property
-    def executable(self) -> bool:
-        return "x" in self.perms
-
-    def __contains__(self, addr: int) -> bool:
-        return self.start <= addr < self.end
-
-
-_MAPS_RE = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$")
-
-
-def read_maps(pid: int) -> list[Mapping]:
-    """The mappings of *pid*, in address order."""
-    try:
-        raw = Path(f"/proc/{pid}/maps").read_bytes()
-    except FileNotFoundError:
-        from ._errors import NoSuchProcess
-        raise NoSuchProcess(pid, "no such process") from None
-    except PermissionError:
-        from ._errors import ACCESS_HINT, AccessDenied
-        raise AccessDenied(pid, f"cannot read /proc/{pid}/maps. {ACCESS_HINT}") from None
-    if not raw.strip():
-        from ._process import check_not_exited
-        check_not_exited(pid)
-    out = []
-    for line in raw.splitlines():
-        m = _MAPS_RE.match(line)
-        if m:
-            out.append(Mapping(int(m[1], 16), int(m[2], 16), m[3].decode(), int(m[4], 16),
-                               m[5].decode(), int(m[6]), m[7].decode(errors="replace")))
-    return out
+from ._process import Mapping, read_maps   # the one /proc/PID/maps parser
 
 
 @dataclass(frozen=True, slots=True)
