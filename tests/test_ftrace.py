@@ -194,26 +194,75 @@ def test_trace_pipe_format():
     assert re.fullmatch(r"\s*\S+-\d+\s+\[\d{3}\] \.{5}\s+\d+: \S+ <-\S+", line)
 
 
-def test_ring_overruns_counted_never_silent():
+def _clock(fm) -> int:
+    return fm.ring._r(fm.ring.clock)
+
+
+def test_ring_overwrite_is_the_default_and_keeps_the_newest():
+    # kernel/trace/ring_buffer.c, rb_move_tail/rb_handle_head_page: with the
+    # buffer in overwrite mode (the default of the "overwrite" trace option)
+    # a writer that catches up with unread data pushes the head page on, and
+    # the entries it had are counted in the CPU's "overrun" -- the newest
+    # events survive, the oldest go; "dropped events" stays 0.
     with FtraceMachine(cpus=2, seed=2, ring_size=64) as fm:
+        assert fm.ring.overwrite
         fm.set_work(DEMO_FUNCTIONS)
         fm.start()
         fm.ftrace.start("function")
         fm.run_until(lambda: min(fm.ring.hits_per_cpu().values()) > 500, read=False)
         fm.pause(read=False)
-        hits, over = fm.ring.hits(), fm.ring.overruns
+        hits, over, end = fm.ring.hits(), fm.ring.overruns, _clock(fm)
+        assert fm.ring.dropped_events == 0 and fm.ring.lost == over
+        assert all(fm.ring.pending(c) == 64 for c in (0, 1))
         entries = fm.ring.drain()
         assert len(entries) == 2 * 64 and over == hits - 128 > 0
         per = fm.ring.overruns_per_cpu()
         assert set(per) == {0, 1} and all(v > 0 for v in per.values())
-        # the oldest events are the ones kept (a full ring drops new ones)
+        # the newest are kept: the very last event of the run is there
         assert [e.ts for e in entries] == sorted(e.ts for e in entries)
+        assert entries[-1].ts == end - 1
+        for c in (0, 1):
+            mine = [e.ts for e in entries if e.cpu == c]
+            assert len(mine) == 64
         fm.ring.reset()
         assert fm.ring.overruns == 0 and fm.ring.hits() == 0
         fm.resume()
         fm.run(400, chunk=5)            # a reader that keeps up loses nothing
-        assert fm.ring.overruns == 0 and len(fm.trace) > 64
+        assert fm.ring.lost == 0 and len(fm.trace) > 64
         assert fm.oopses == 0
+
+
+def test_ring_without_overwrite_drops_the_new_events():
+    # The "overwrite" option off (ring_buffer_change_overwrite): a full
+    # ring refuses the new event (__rb_reserve_next fails, counted in the
+    # buffer's dropped events) and the oldest entries are the ones read;
+    # "overrun" stays 0.  Changed while tracing, as the kernel allows.
+    with FtraceMachine(cpus=1, seed=2, ring_size=64) as fm:
+        fm.set_work(DEMO_FUNCTIONS)
+        fm.start()
+        fm.ftrace.start("function")
+        fm.run(50, chunk=5)
+        fm.pause()
+        fm.read_trace()
+        fm.ring.overwrite = False
+        fm.ring.reset()
+        start = _clock(fm)
+        fm.resume()
+        fm.run_until(lambda: fm.ring.hits() > 200, read=False)
+        fm.pause(read=False)
+        hits, dropped = fm.ring.hits(), fm.ring.dropped_events
+        assert fm.ring.overruns == 0 and dropped == hits - 64 > 0
+        assert fm.ring.dropped_per_cpu() == {0: dropped} and fm.ring.lost == dropped
+        entries = fm.ring.drain()
+        assert [e.ts for e in entries] == list(range(start, start + 64))
+        fm.ring.overwrite = True         # back on: the next full ring overwrites
+        fm.ring.reset()
+        fm.resume()
+        fm.run_until(lambda: fm.ring.hits() > 200, read=False)
+        fm.pause(read=False)
+        assert fm.ring.dropped_events == 0 and fm.ring.overruns == fm.ring.hits() - 64
+        assert fm.ring.drain()[-1].ts == _clock(fm) - 1
+        fm.resume()
 
 
 def test_profile_and_trace_together_match_workload():
@@ -285,7 +334,7 @@ def test_cli_profile_and_overruns_reported(capsys):
     d = json.loads(cap.out)
     assert rc == 0 and d["overruns"] > 0 and d["entries"] > 0
     rc, cap = _cli(capsys, "--buffer-size", "16", "--duration", "3000")
-    assert "WARNING" in cap.out and "events dropped" in cap.out
+    assert "WARNING" in cap.out and "oldest events overwritten" in cap.out
 
 
 def test_cli_usage_errors(capsys):
@@ -421,12 +470,3 @@ def test_ftrace_bug_kills_ftrace():
         assert _text_snapshot(fm) == before
 
 
-def test_ring_counts_are_the_kernels_dropped_events():
-    with FtraceMachine(cpus=1, seed=2, ring_size=64) as fm:
-        fm.set_work(DEMO_FUNCTIONS)
-        fm.start()
-        fm.ftrace.start("function")
-        fm.run_until(lambda: fm.ring.hits() > 200, read=False)
-        fm.pause(read=False)
-        assert fm.ring.dropped_events == fm.ring.overruns > 0
-        fm.resume()

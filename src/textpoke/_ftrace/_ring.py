@@ -10,14 +10,22 @@ The host is the only consumer: :meth:`RingBuffer.drain` reads the entries
 between ``tail`` and ``head`` and then advances ``tail``.  A host step runs
 between guest instructions, so no entry is ever seen half-written.
 
-A full ring drops the new event and counts it in the CPU's ``overruns``
-(the ring buffer's non-overwrite mode, ``options/overwrite`` 0, where the
-kernel reports "dropped events"); :attr:`RingBuffer.overruns` (also
-:attr:`RingBuffer.dropped_events`, the kernel's name for this count) and
-every report carry the count -- never silently lost.  The kernel's
-default is overwrite mode (the oldest event goes, counted as "overrun");
-that needs the producer, which is guest code (``images/kernel/ftrace.c``),
-to change, and is not done here.
+What a full ring does follows the kernel's ``options/overwrite`` (per
+ring here, :attr:`RingBuffer.overwrite`):
+
+- on, the kernel's default: the new event takes the slot of the oldest
+  unread one, counted in the CPU's ``overruns`` (the kernel's per-CPU
+  ``overrun`` statistic); the host then reads only the newest *size*
+  entries.  ``trace``'s header counts these as written
+  (``entries-in-buffer/entries-written``: entries + overruns);
+- off: the new event is dropped and counted in ``dropped`` (the kernel's
+  ``dropped events``), and the oldest entries are the ones kept.
+
+:attr:`RingBuffer.overruns` and :attr:`RingBuffer.dropped_events` are the
+two counts, :attr:`RingBuffer.lost` their sum: never silently lost.  The
+producer (guest code) never writes ``tail``; a full ring in overwrite mode
+is seen by the host as ``head - tail > size``, the oldest
+``head - tail - size`` of them gone.
 
 Timestamps are the guest's global event counter (the kernel's ``counter``
 trace clock): they order events across CPUs and are printed as integers,
@@ -47,7 +55,8 @@ TRACE_ENTRY_SIZE = 32
 _ENTRY = struct.Struct("<QQQQ")
 _CPU_REC = 128
 # struct ftrace_cpu field offsets (8 bytes each)
-_SELF, _CPU, _PID, _BUF, _MASK, _HEAD, _TAIL, _OVERRUNS, _HITS, _PROF = range(10)
+(_SELF, _CPU, _PID, _BUF, _MASK, _HEAD, _TAIL, _OVERRUNS, _HITS, _PROF, _OVERWRITE,
+ _DROPPED) = range(12)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,11 +78,13 @@ class RingBuffer:
     the profiler's per-function counters for *nprof* functions sit next to
     them.  *tasks* names each CPU's task: cpu -> (comm, pid).  Needs the
     machine's ``DATA`` (the rings) and ``PERCPU`` (each CPU's record)
-    capabilities."""
+    capabilities.  *overwrite* is the kernel's ``options/overwrite``
+    (default on, as the kernel's): a full ring overwrites its oldest event
+    instead of dropping the new one; :attr:`overwrite` changes it later."""
 
     def __init__(self, machine, image, *, size: int = 4096, nprof: int = 0,
                  tasks: dict[int, tuple[str, int]] | None = None,
-                 base: int = FTRACE_DATA_BASE) -> None:
+                 base: int = FTRACE_DATA_BASE, overwrite: bool = True) -> None:
         if size < 1 or size & (size - 1):
             raise ValueError(f"ring size must be a power of two, not {size}")
         machine.require(Capability.DATA, "ftrace ring buffers")
@@ -103,12 +114,14 @@ class RingBuffer:
             rec = self._rec(cpu)
             for f, v in ((_SELF, rec), (_CPU, cpu), (_PID, pid), (_BUF, self._ring(cpu)),
                          (_MASK, size - 1), (_HEAD, 0), (_TAIL, 0), (_OVERRUNS, 0), (_HITS, 0),
-                         (_PROF, self.prof0 + cpu * self.prof_stride)):
+                         (_PROF, self.prof0 + cpu * self.prof_stride),
+                         (_OVERWRITE, int(overwrite)), (_DROPPED, 0)):
                 self._w(rec + 8 * f, v)
             # this_cpu_ptr(): the guest reads its record at %gs:0
             machine.set_percpu_base(cpu, rec)
         self.comms = {pid: comm for comm, pid in self.tasks.values()}
         self.drained = 0
+        self._overwrite = bool(overwrite)
 
     # ------------------------------------------------------------ layout
     def _rec(self, cpu: int) -> int:
@@ -156,16 +169,42 @@ class RingBuffer:
 
     # ------------------------------------------------------------ ring
     @property
-    def overruns(self) -> int:
-        return sum(self.overruns_per_cpu().values())
+    def overwrite(self) -> bool:
+        """The kernel's ``options/overwrite``: a full ring overwrites its
+        oldest unread event (True, the default) or drops the new one."""
+        return self._overwrite
+
+    @overwrite.setter
+    def overwrite(self, on: bool) -> None:
+        # every CPU's record; the next event each CPU writes follows it
+        # (ring_buffer_change_overwrite: the buffer is kept)
+        for c in self.cpus:
+            self._w(self._rec(c) + 8 * _OVERWRITE, int(bool(on)))
+        self._overwrite = bool(on)
 
     @property
-    def dropped_events(self) -> int:
-        """The kernel's name for what a non-overwrite ring loses."""
-        return self.overruns
+    def overruns(self) -> int:
+        """Events overwritten before they were read (overwrite mode), all
+        CPUs: the kernel's ``overrun``."""
+        return sum(self.overruns_per_cpu().values())
 
     def overruns_per_cpu(self) -> dict[int, int]:
         return {c: self.field(c, _OVERRUNS) for c in self.cpus}
+
+    @property
+    def dropped_events(self) -> int:
+        """New events refused by a full ring (overwrite off), all CPUs: the
+        kernel's ``dropped events``."""
+        return sum(self.dropped_per_cpu().values())
+
+    def dropped_per_cpu(self) -> dict[int, int]:
+        return {c: self.field(c, _DROPPED) for c in self.cpus}
+
+    @property
+    def lost(self) -> int:
+        """Events not readable any more, whatever the mode: overruns plus
+        dropped events."""
+        return self.overruns + self.dropped_events
 
     def hits(self) -> int:
         """Callbacks run, all CPUs (recorded, counted or dropped)."""
@@ -175,13 +214,15 @@ class RingBuffer:
         return {c: self.field(c, _HITS) for c in self.cpus}
 
     def pending(self, cpu: int) -> int:
-        return self.field(cpu, _HEAD) - self.field(cpu, _TAIL)
+        """Entries a read of *cpu*'s ring would give (at most *size*)."""
+        return min(self.field(cpu, _HEAD) - self.field(cpu, _TAIL), self.size)
 
     def drain_cpu(self, cpu: int) -> list[TraceEntry]:
         head, tail = self.field(cpu, _HEAD), self.field(cpu, _TAIL)
-        n = head - tail
-        if n <= 0:
+        if head - tail <= 0:
             return []
+        # overwrite mode: the slots before head - size hold newer events now
+        tail = max(tail, head - self.size)
         ring = self._ring(cpu)
         out = []
         mask = self.size - 1
@@ -204,12 +245,12 @@ class RingBuffer:
         return list(heapq.merge(*per, key=lambda e: e.ts))
 
     def reset(self) -> None:
-        """Discard what is buffered and zero the overrun and hit counts
-        (``echo > trace``)."""
+        """Discard what is buffered and zero the overrun, dropped and hit
+        counts (``echo > trace``)."""
         for c in self.cpus:
             self._w(self._rec(c) + 8 * _TAIL, self.field(c, _HEAD))
-            self._w(self._rec(c) + 8 * _OVERRUNS, 0)
-            self._w(self._rec(c) + 8 * _HITS, 0)
+            for f in (_OVERRUNS, _DROPPED, _HITS):
+                self._w(self._rec(c) + 8 * f, 0)
 
 
 def format_trace_line(e: TraceEntry, name: Callable[[int], str],

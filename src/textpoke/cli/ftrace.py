@@ -12,8 +12,9 @@ or with ``--profile`` the function profiler's hit counts.  ``--selftest``
 redoes the kernel's startup test of the function tracer first.
 
 Exit 1 when a self-test fails, a CPU oopses or a traced function returned
-a wrong value; 2 for a glob that matches no function.  Events dropped
-because a ring was full are reported (``overruns``), never silently lost.
+a wrong value; 2 for a glob that matches no function.  The rings are in
+the kernel's default overwrite mode: events overwritten because a ring was
+full are reported (``overruns``), never silently lost.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
                      f"({up.syncs} syncs), disabled in {dn.batches} ({dn.syncs} syncs); "
                      f"{len(trace)} entries, {overruns} overruns")
         if overruns:
-            lines.append(f"# WARNING: {overruns} events dropped (a ring buffer was full); "
+            lines.append(f"# WARNING: {overruns} oldest events overwritten (a ring buffer was "
+                         "full); "
                          "try a larger --buffer-size")
         for b in bad:
             lines.append(f"# WRONG RESULT: cpu{b['cpu']} {b['function']} ({b['count']} times)")

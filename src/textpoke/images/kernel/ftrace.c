@@ -10,8 +10,13 @@
  *
  * The ring buffer is one single-producer, single-consumer ring per CPU:
  * the CPU writes an entry and then advances "head"; the host reads the
- * entries up to head and then advances "tail".  When the ring is full the
- * new event is dropped and counted in "overruns" -- never silently.
+ * entries up to head and then advances "tail".  What a full ring does
+ * follows the kernel's "overwrite" trace option, per CPU in "overwrite":
+ * set (the kernel's default) the new event takes the slot of the oldest
+ * unread one, counted in "overruns" (the host then reads only the newest
+ * mask + 1 entries); clear, the new event is dropped and counted in
+ * "dropped" (the kernel's "dropped events").  Never silently either way.
+ * The producer never writes "tail": the host alone moves it.
  * Timestamps come from a global counter bumped atomically by every event
  * (the kernel's "counter" trace clock): they order events across CPUs.
  *
@@ -47,7 +52,9 @@ struct ftrace_cpu {
 	u64 overruns;
 	u64 hits;			/* callbacks run on this CPU */
 	u64 *prof;			/* profiler: per-function hits */
-	u64 pad[6];
+	u64 overwrite;			/* host: a full ring overwrites its oldest */
+	u64 dropped;			/* events refused by a full ring (no overwrite) */
+	u64 pad[4];
 };
 
 struct ftrace_cpu ftrace_percpu[FTRACE_CPUS];
@@ -71,8 +78,12 @@ static __always_inline void trace_record(struct ftrace_cpu *c, u64 ip, u64 paren
 	struct trace_entry *e;
 
 	if (head - READ_ONCE(c->tail) > c->mask) {
+		if (!READ_ONCE(c->overwrite)) {
+			c->dropped++;
+			return;
+		}
+		/* the slot written next holds the oldest unread event */
 		c->overruns++;
-		return;
 	}
 	e = &c->buf[head & c->mask];
 	e->ts = ts;
