@@ -46,11 +46,6 @@ SIM_MACHINE = {"_machine", "_vcpu", "_sched", "_traps", "_fetchview"}
 #: Known violations, each with why it is still here.  This list only shrinks:
 #: a fixed one must be removed (the test fails on a stale entry).
 ALLOWED: dict[tuple[str, str], str] = {
-    # live's demo reuses the sim's workload reader, demo report and variant
-    # names (issue 13: live stands on sim; live/ is being split this session)
-    ("textpoke.live._demo", "textpoke.sim._workload"): "live demo reads the sim's sites",
-    ("textpoke.live._demo", "textpoke.sim._demo"): "live demo prints the sim's report",
-    ("textpoke.live._demo", "textpoke.sim._verify"): "live demo names variants as verify",
     # boot's --image options live in _boot_real, which borrows boot's
     # disassembler back (the CLI's own modules; not this layer work's)
     ("textpoke.cli._boot_real", "textpoke.cli.boot"): "cli: boot <-> _boot_real",

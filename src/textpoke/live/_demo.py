@@ -13,7 +13,7 @@ refuses to run and says so.
 The host then attaches a :class:`~textpoke.live._machine.LiveMachine`,
 toggles every site (one batch per toggle, all sites together) while the
 threads run, reads the records through /proc/PID/mem, and fills the same
-:class:`~textpoke.sim._demo.DemoResult` the sim demo prints -- with what a
+:class:`~textpoke.images._workload.DemoResult` the sim demo prints -- with what a
 real machine cannot tell (instructions retired, scheduler steps, stale
 lines) left at 0.  A crash of the target shows as an oops.
 """
@@ -97,7 +97,7 @@ class LiveDemo:
 
     def __init__(self, *, threads: int = 4, strategy: str = "int3") -> None:
         from ..images._elf import load_elf
-        from ..sim._workload import read_sites
+        from ..images._workload import read_sites
         self.t0 = time.perf_counter()
         self.threads, self.strategy = threads, strategy
         self._tmp = tempfile.TemporaryDirectory(prefix="textpoke-live-demo-")
@@ -204,8 +204,7 @@ class LiveDemo:
 
     # --- the report ---------------------------------------------------------
     def result(self, *, interrupted: bool = False):
-        from ..sim._demo import DemoResult
-        from ..sim._verify import variant_name
+        from ..images._workload import DemoResult, variant_name
         core = self.core
         if core is not None:
             core.close()                        # finish or roll back a batch in flight

@@ -12,7 +12,6 @@ one-call form."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 from .._alternative import DEFAULT_FEATURES, alternative_instructions
@@ -20,52 +19,12 @@ from .._core import TextPoke
 from ..images import load_bundled
 from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import read_tables
+from ..images._workload import DemoResult   # the report live prints too
 from ._machine import COARSE, SchedPolicy
 from ._verify import oops_report, stray_int3s, variant_name
 from ._workload import Workload, boot_workload
 
 __all__ = ["Demo", "DemoResult", "run_demo"]
-
-
-@dataclass(slots=True)
-class DemoResult:
-    cpus: int
-    toggles: int
-    seed: int
-    sites: list[dict]
-    instructions: list[int]
-    iterations: list[int]
-    int3_hits: int
-    int3_emulated: int
-    syncs: int
-    batches: int
-    pokes: int
-    writes: int
-    oopses: list[dict]
-    misbehaviours: int
-    final_ok: bool | None       # None: not checked (interrupted)
-    elapsed: float
-    steps: int
-    ipis: int
-    line_refills: int
-    boot: dict | None = None
-    events: list[dict] = field(default_factory=list)
-    #: toggles (batches) completed; less than *toggles* when interrupted
-    toggles_done: int = 0
-    interrupted: bool = False
-    #: sites whose first byte reads an INT3 of ours, read back at the end
-    int3_left: int = 0
-
-    line_size: int = 64
-    with_boot: bool = True
-
-    def as_dict(self) -> dict:
-        d = {"params": {"cpus": self.cpus, "toggles": self.toggles, "seed": self.seed,
-                        "line_size": self.line_size, "boot": self.with_boot}}
-        d.update((k, getattr(self, k)) for k in self.__slots__ if k != "events")
-        d["oopses_detail"] = d.pop("oopses")
-        d["oopses"] = len(self.oopses)
-        return d
 
 
 def boot_kernel_with_workload(*, cpus: int = 4, seed: int = 0, line_size: int = 64,

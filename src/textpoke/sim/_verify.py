@@ -49,7 +49,8 @@ from .._core._machine import Task
 from ._machine import FINE, SchedPolicy
 from ._teeth import install_teeth
 from ._report import format_oops, format_timeline, oops_report, timeline
-from ._workload import VARIANTS, Site, Workload, boot_workload
+from ..images._workload import variant_name   # shared with live
+from ._workload import Site, Workload, boot_workload
 
 __all__ = ["Scenario", "SCENARIOS", "STRATEGIES", "Replay", "Violation", "ScheduleResult",
            "VerifyReport", "check_arguments", "run_schedule", "verify", "stray_int3s",
@@ -169,15 +170,6 @@ class ScheduleResult:
         if self.timeline is not None:
             d["timeline"] = self.timeline
         return d
-
-
-def variant_name(i: int) -> str:
-    """The name of a workload variant slot: old, new, not-taken, ...;
-    the garbage slots carry their number (garbage-5)."""
-    name = VARIANTS[i]
-    if sum(1 for v in VARIANTS.values() if v == name) > 1:
-        return f"{name}-{i}"
-    return name
 
 
 def stray_int3s(w: Workload) -> list[str]:

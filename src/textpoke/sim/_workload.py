@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import functools
 import struct
-from dataclasses import dataclass
 
-from .._core._insn import (CALL_INSN_OPCODE, INT3_INSN_OPCODE, JMP8_INSN_OPCODE, JMP32_INSN_OPCODE,
-                     text_gen_insn)
 from .._errors import BadAddressError
-from ..images import ElfImage, ImageError, load_bundled
+from ..images import ElfImage, load_bundled
 from ..images._kernel import kernel_regions
+from ..images._workload import KIND_NAMES, VARIANTS, Site, read_sites   # shared with live
 from ._machine import COARSE, SchedPolicy, SimMachine
 
 __all__ = ["Site", "Workload", "boot_workload", "PERCPU_BASE", "PERCPU_STRIDE", "VARIANTS",
@@ -22,43 +20,6 @@ PERCPU_BASE = 0x0400_0000
 PERCPU_STRIDE = 0x1000
 MODULE_BASE = 0x0200_0000
 MODULE_SIZE = 0x10_0000
-
-KIND_NAMES = {1: "nop2-jmp8", 2: "nop5-jmp32", 3: "call", 4: "ret-jmp32", 5: "jcc32", 6: "nop5-int3"}
-#: what the variant slots mean (see workload.S)
-VARIANTS = {0: "none", 1: "old", 2: "new", 3: "not-taken", 4: "wrong-direction",
-            5: "garbage", 6: "garbage", 7: "garbage"}
-_ENTRY = struct.Struct("<QQBB6x")
-
-
-@dataclass(frozen=True, slots=True)
-class Site:
-    index: int
-    name: str
-    addr: int
-    length: int
-    kind: str
-    old: bytes
-    new: bytes
-
-    @property
-    def allowed(self) -> frozenset[int]:
-        """Variant slots that are correct behaviour at this site."""
-        return frozenset({1, 2, 3}) if self.kind == "jcc32" else frozenset({1, 2})
-
-
-def _new_bytes(kind: int, addr: int, length: int, target: int, old: bytes) -> bytes:
-    if kind == 1:
-        return text_gen_insn(JMP8_INSN_OPCODE, addr, target)
-    if kind in (2, 4):
-        return text_gen_insn(JMP32_INSN_OPCODE, addr, target)
-    if kind == 3:
-        return text_gen_insn(CALL_INSN_OPCODE, addr, target)
-    if kind == 5:
-        return old[:2] + (target - (addr + 6)).to_bytes(4, "little", signed=True)
-    if kind == 6:
-        return bytes([INT3_INSN_OPCODE])
-    raise ImageError(f"unknown site kind {kind}")
-
 
 class Workload:
     """A sim machine booted with the workload image."""
@@ -132,26 +93,6 @@ class Workload:
 
     def current(self, site: Site) -> bytes:
         return self.sim.text_read(site.addr, site.length)
-
-
-def read_sites(image: ElfImage) -> list[Site]:
-    sec = image.section(".textpoke_sites")
-    text = image.section(".text")
-    if len(sec.data) % _ENTRY.size:
-        raise ImageError(f"{image.path}: .textpoke_sites size {len(sec.data)} is not a multiple "
-                         f"of {_ENTRY.size}")
-    sites = []
-    for i in range(len(sec.data) // _ENTRY.size):
-        addr, target, kind, length = _ENTRY.unpack_from(sec.data, i * _ENTRY.size)
-        if not (text.addr <= addr and addr + length <= text.end):
-            raise ImageError(f"{image.path}: site {i} at {addr:#x} is outside .text")
-        if kind not in KIND_NAMES:
-            raise ImageError(f"{image.path}: site {i} has unknown kind {kind}")
-        old = text.data[addr - text.addr: addr - text.addr + length]
-        new = _new_bytes(kind, addr, length, target, old)
-        name = (image.name_at(addr) or f"site{i}").removeprefix("site_")
-        sites.append(Site(i, name, addr, length, KIND_NAMES[kind], old, new))
-    return sites
 
 
 @functools.cache
