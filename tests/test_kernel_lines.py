@@ -107,7 +107,7 @@ def test_stdlib_formats_stream_under_the_cap_too(kind):
 from pathlib import Path  # noqa: E402
 
 from textpoke._alternative._kalt import _recompute_jump  # noqa: E402
-from textpoke._alternative._kpasses import optimize_nop1_k, optimize_nops_k  # noqa: E402
+from textpoke._alternative._reloc import nops_pass  # noqa: E402
 from textpoke._alternative._ktext import CpuCaps, KernelBootError  # noqa: E402
 from textpoke.images._lines import LINE_61, LINE_612, LINES, line_of  # noqa: E402
 
@@ -157,20 +157,20 @@ def test_feature_numbers_are_the_lines_own():
 
 def test_61_optimize_nops_merges_only_runs_of_0x90():
     b = bytearray(b"\xe8\x01\x02\x03\x04" + b"\x90" * 3)
-    optimize_nop1_k(b, len(b), 8)
+    nops_pass(b, len(b), LINE_61)
     assert b == b"\xe8\x01\x02\x03\x04\x0f\x1f\x00"
     b = bytearray(b"\x90" * 11)
-    optimize_nop1_k(b, 11, 8)                   # 8 + 3, no JMP over padding
+    nops_pass(b, 11, LINE_61)                  # 8 + 3, no JMP over padding
     assert b == bytes.fromhex("0f1f840000000000") + b"\x0f\x1f\x00"
     b = bytearray(b"\x66\x90\x90\x90")          # a 2-byte NOP is not a run of 0x90s
-    optimize_nop1_k(b, 4, 8)
+    nops_pass(b, 4, LINE_61)
     assert b == b"\x66\x90\x66\x90"
     # 6.12's merges any NOP run and jumps over long ones
     b = bytearray(b"\x66\x90" + b"\x90" * 20)
-    optimize_nops_k(b, len(b))
+    nops_pass(b, len(b), LINE_612)
     assert b[:2] == b"\xeb\x14"
     b = bytearray(b"\x66\x90" + b"\x90" * 20)
-    optimize_nops_k(b, len(b), LINE_61)
+    nops_pass(b, len(b), LINE_61)
     assert b[:2] == b"\x66\x90" and b[2:10] == bytes.fromhex("0f1f840000000000")
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from textpoke._alternative._kalt import apply_seal_endbr_k, smp_unlock_k
-from textpoke._alternative._kpasses import BootOptions, apply_returns_k, optimize_nops_k
+from textpoke._alternative._kpasses import BootOptions, apply_returns_k
+from textpoke._alternative._reloc import nops_pass
+from textpoke.images._lines import LINE_612
 from textpoke._alternative._kretpoline import ItsThunks, apply_retpolines_k
 from textpoke._alternative._ktext import CpuCaps, KernelBootError, KernelText
 from textpoke._static_call import sc_transform
@@ -64,13 +66,13 @@ def test_s32_table_is_self_relative_and_checks_bounds():
 
 def test_optimize_nops_merges_runs_and_jumps_over_long_ones():
     b = bytearray(b"\xff\xd0\x90\x90\x90")
-    optimize_nops_k(b, 5)
+    nops_pass(b, 5, LINE_612)
     assert bytes(b) == b"\xff\xd0\x0f\x1f\x00"
     b = bytearray(b"\x90" * 20)
-    optimize_nops_k(b, 20)
+    nops_pass(b, 20, LINE_612)
     assert bytes(b) == b"\xeb\x12" + b"\xcc" * 18
     b = bytearray(b"\xf3\x90\x90")         # PAUSE is not a NOP
-    optimize_nops_k(b, 3)
+    nops_pass(b, 3, LINE_612)
     assert bytes(b)[:2] == b"\xf3\x90"
 
 
@@ -331,11 +333,11 @@ def test_without_data_only_dentry_hashtable_is_left(real_image, setup):
 
 
 def test_pass_decoder_shortcuts_match_iced():
-    """The passes' memoised decoder (_knops._decode_buf) builds CALL/JMP
+    """The passes' memoised decoder (_code.decode_buf) builds CALL/JMP
     rel32 by hand and finds instructions again by their bytes: each must be
     what iced-x86 decodes, whatever bytes follow the instruction."""
     import random
-    from textpoke._alternative._knops import _decode_buf
+    from textpoke._alternative._code import decode_buf as _decode_buf
     from textpoke._core._insn import insn_decode_kernel
     rng = random.Random(17)
     samples = [bytes([op]) + (d & 0xFFFFFFFF).to_bytes(4, "little")

@@ -17,7 +17,9 @@ from typing import Callable
 from .._core._insn import insn_decode_kernel
 from .._errors import BadInstructionError
 from ..images._tables_real import RealAltInstr
-from ._kpasses import CALL, F_CALL_DEPTH, TableStats, apply_relocation_k, fast_decode, _rel32
+from ._code import CALL, rel32
+from ._kpasses import F_CALL_DEPTH, TableStats, fast_decode
+from ._reloc import apply_relocation
 from ._ktext import CpuCaps, KernelText
 
 __all__ = ["callthunks_patch_builtin_calls", "SKIP_DESTS"]
@@ -76,7 +78,7 @@ class _Thunks:
             want = bytes(b)
         else:
             b = bytearray(self.tmpl) + bytes(16)
-            apply_relocation_k(b, pad, self.size, self.tmpl_addr, self.size)
+            apply_relocation(b, pad, self.size, self.tmpl_addr, self.size, self.kt.line)
             want = bytes(b[:self.size])
         cur = self.kt.read(pad, self.size)
         res: int | None = pad
@@ -116,7 +118,7 @@ def _patch_call(kt: KernelText, th: _Thunks, addr: int, st: TableStats) -> None:
         st.note("no NOP padding before the destination")
         return
     st.applied += 1
-    new = _rel32(CALL, addr, pad)
+    new = rel32(CALL, addr, pad)
     if kt.record:
         st.changed += kt.write(".call_sites", addr, new)
     elif kt.buf[o:o + 5] != new:

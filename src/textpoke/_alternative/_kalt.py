@@ -11,8 +11,10 @@ from typing import Callable
 
 from ..images._tables_real import ALT_FLAG_DIRECT_CALL, ALT_FLAG_NOT, RealAltInstr
 from .._core._insn import x86_nops
-from ._kpasses import (CALL, ENDBR64, ENDBR_POISON, JMP8, JMP32, NOP1, TableStats,
-                       apply_relocation_k, optimize_nops_k)
+from .._errors import BadInstructionError
+from ._code import CALL, JMP8, JMP32, NOP1
+from ._kpasses import ENDBR64, ENDBR_POISON, TableStats
+from ._reloc import apply_relocation, nops_pass
 from ._ktext import CpuCaps, KernelBootError, KernelText
 
 __all__ = ["apply_alternatives_k", "apply_seal_endbr_k", "smp_unlock_k"]
@@ -47,7 +49,7 @@ def apply_alternatives_k(kt: KernelText, entries: list[RealAltInstr], caps: CpuC
         taken = caps.has_bit(a.cpuid) != bool(a.flags & ALT_FLAG_NOT)
         if not taken:
             b = bytearray(buf[o:o + instrlen + 16])
-            optimize_nops_k(b, instrlen)
+            nops_pass(b, instrlen, kt.line)
             st.changed += kt.write(".altinstructions", a.instr, bytes(b[:instrlen]))
             continue
         if dbg:
@@ -74,7 +76,10 @@ def apply_alternatives_k(kt: KernelText, entries: list[RealAltInstr], caps: CpuC
         del b[size:]
         b += bytes([NOP1]) * (instrlen - size)
         b += bytes(16)          # decode look-ahead, as the kernel's buffer has
-        apply_relocation_k(b, a.instr, instrlen, a.repl, a.replacementlen)
+        try:
+            apply_relocation(b, a.instr, instrlen, a.repl, a.replacementlen, kt.line)
+        except BadInstructionError as e:
+            raise KernelBootError(f".altinstructions {a.index} at {a.instr:#x}: {e}") from None
         new = bytes(b[:instrlen])
         if dbg:
             dbg(f"{a.instr:#x}:   old_insn: {bytes(buf[o:o + instrlen]).hex(' ')}")
@@ -139,7 +144,7 @@ def _apply_alternatives_call_jmp(kt: KernelText, entries: list[RealAltInstr], ca
             if dbg:
                 dbg(f"{a.instr:#x}: final_insn: {bytes(b).hex(' ')}")
         w = bytearray(buf[o:o + instrlen + 16])
-        optimize_nops_k(w, instrlen, line)
+        nops_pass(w, instrlen, line)
         if kt.write(".altinstructions", a.instr, bytes(w[:instrlen])) and not taken:
             st.changed += 1
     return st

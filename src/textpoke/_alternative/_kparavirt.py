@@ -17,7 +17,9 @@ from __future__ import annotations
 from typing import Callable
 
 from ..images._tables_real import ParaSite
-from ._kpasses import CALL, TableStats, _rel32, add_nops_k
+from ._code import CALL, rel32
+from ._kpasses import TableStats
+from ._reloc import add_nops
 from ._ktext import KernelBootError, KernelText
 
 __all__ = ["apply_paravirt_k"]
@@ -46,12 +48,12 @@ def apply_paravirt_k(kt: KernelText, sites: list[ParaSite],
         if fn == nop:
             code = b""
         else:
-            code = _rel32(CALL, p.instr, fn)
+            code = rel32(CALL, p.instr, fn)
         if len(code) > p.len:
             raise KernelBootError(f".parainstructions {p.index} at {kt.describe(p.instr)}: "
                                   f"a {len(code)}-byte call does not fit {p.len} bytes")
         b = bytearray(code) + bytearray(p.len - len(code))
-        add_nops_k(b, len(code), p.len - len(code), kt.line.nop_max)
+        add_nops(b, len(code), p.len - len(code), kt.line)
         if dbg:
             dbg(f"paravirt at: {kt.describe(p.instr)} ({p.instr:#x}) type {p.type} len "
                 f"{p.len} -> {kt.describe(fn) if code else 'nop'}: {bytes(b).hex(' ')}")

@@ -23,20 +23,11 @@ from typing import Callable
 
 from .._core._insn import Insn, insn_decode_kernel
 from .._errors import BadInstructionError
-from ._knops import _decode_buf, add_nops_k, optimize_nop1_k, optimize_nops_k
-from ._ktext import CpuCaps, KernelBootError, KernelText
+from ._code import CALL, INT3, JMP8, JMP32, LFENCE, NOP1, RET, rel32
+from ._ktext import CpuCaps, KernelText
 
-__all__ = ["BootOptions", "TableStats", "fast_decode", "optimize_nops_k", "optimize_nop1_k",
-           "add_nops_k", "apply_relocation_k",
-           "apply_returns_k", "cpu_wants_rethunk_at", "static_call_fixup"]
-
-INT3 = 0xCC
-CALL = 0xE8
-JMP32 = 0xE9
-JMP8 = 0xEB
-RET = 0xC3
-NOP1 = 0x90
-LFENCE = b"\x0f\xae\xe8"
+__all__ = ["BootOptions", "TableStats", "fast_decode", "CALL", "INT3", "JMP8", "JMP32", "RET",
+           "NOP1", "LFENCE", "apply_returns_k", "cpu_wants_rethunk_at", "static_call_fixup"]
 TRAMP_UD = b"\x0f\xb9\xcc"
 RETPOLINE_THUNK_SIZE = 32
 ITS_THUNK_SIZE = 64
@@ -125,88 +116,6 @@ def fast_decode(kt: KernelText, addr: int) -> FastInsn | None:
                     ins.immediate_value, ins.branch_target, ins)
 
 
-def _fits(v: int, nbytes: int) -> bool:
-    b = nbytes * 8
-    return -(1 << (b - 1)) <= v < (1 << (b - 1))
-
-
-_REL_CACHE: dict[bytes, bool] = {}
-
-
-def _needs_reloc_scan(buf: bytes) -> bool:
-    """Whether a buffer holds any relative operand (memoised)."""
-    if buf[:1] == b"\xe8" or buf[:1] == b"\xe9":
-        return True     # a CALL/JMP rel32 first (or cut short: the slow path)
-    hit = _REL_CACHE.get(buf)
-    if hit is not None:
-        return hit
-    i, rel = 0, False
-    while i < len(buf):
-        ins = _decode_buf(buf, i)
-        if ins is None:
-            rel = True          # let the slow path meet it
-            break
-        b0 = ins.opcode[0]
-        if (b0 in (JMP8, JMP32, CALL) or 0x70 <= b0 <= 0x7F or
-                (b0 == 0x0F and len(ins.opcode) > 1 and 0x80 <= ins.opcode[1] <= 0x8F) or
-                ins.rip_relative):
-            rel = True
-            break
-        i += ins.length
-    _REL_CACHE[buf] = rel
-    return rel
-
-
-def apply_relocation_k(buf: bytearray, instr: int, instrlen: int, repl: int,
-                       repl_len: int) -> None:
-    """``text_poke_apply_relocation()``: fix relative operands that point
-    outside ``[repl, repl+repl_len]``, shrink JMP32 to JMP8 where the
-    result fits, then ``optimize_nops``."""
-    if _needs_reloc_scan(bytes(buf[:instrlen])):
-        diff = repl - instr
-        i = 0
-        while i < instrlen:
-            ins = _decode_buf(buf, i)
-            if ins is None:
-                break               # the kernel WARNs and stops relocating
-            nxt = i + ins.length
-            b0 = ins.opcode[0]
-            is_br = (b0 in (JMP8, JMP32, CALL) or 0x70 <= b0 <= 0x7F or
-                     (b0 == 0x0F and len(ins.opcode) > 1 and 0x80 <= ins.opcode[1] <= 0x8F))
-            if is_br and ins.immediate_size:
-                imm = ins.immediate_value
-                tgt = nxt + imm
-                if tgt < 0 or tgt > repl_len:
-                    v = imm + diff
-                    if not _fits(v, ins.immediate_size):
-                        raise KernelBootError(f"relocation at {instr:#x}+{i}: displacement "
-                                              f"{v:#x} does not fit")
-                    o = i + ins.immediate_offset
-                    buf[o:o + ins.immediate_size] = v.to_bytes(ins.immediate_size, "little",
-                                                               signed=True)
-                if b0 == JMP32:
-                    # the kernel takes the immediate as decoded, before the
-                    # relocation above, and adds the difference itself
-                    v = imm + diff + 3
-                    v = ((v + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
-                    if -128 <= v < 128:
-                        buf[i] = JMP8
-                        buf[i + 1] = v & 0xFF
-                        buf[i + 2:nxt] = bytes([INT3]) * (ins.length - 2)
-            if ins.rip_relative:
-                tgt = nxt + ins.displacement_value
-                if tgt < 0 or tgt > repl_len:
-                    v = ins.displacement_value + diff
-                    if not _fits(v, ins.displacement_size):
-                        raise KernelBootError(f"relocation at {instr:#x}+{i}: RIP displacement "
-                                              f"{v:#x} does not fit")
-                    o = i + ins.displacement_offset
-                    buf[o:o + ins.displacement_size] = v.to_bytes(ins.displacement_size,
-                                                                  "little", signed=True)
-            i = nxt
-    optimize_nops_k(buf, instrlen)
-
-
 # ----------------------------------------------------------- return thunk
 def return_thunk_addr(kt: KernelText, opts: BootOptions) -> int:
     rt = opts.return_thunk
@@ -221,10 +130,6 @@ def cpu_wants_rethunk_at(kt: KernelText, caps: CpuCaps, opts: BootOptions, addr:
     return not addr & 0x20
 
 
-def _rel32(op: int, addr: int, dest: int) -> bytes:
-    return bytes([op]) + ((dest - (addr + 5)) & 0xFFFFFFFF).to_bytes(4, "little")
-
-
 # ----------------------------------------------------------------- returns
 def static_call_fixup(kt: KernelText, caps: CpuCaps, opts: BootOptions, addr: int, op: int,
                       dest: int | None) -> bool:
@@ -235,7 +140,7 @@ def static_call_fixup(kt: KernelText, caps: CpuCaps, opts: BootOptions, addr: in
         return False
     if op == RET or dest == kt.sym("__x86_return_thunk"):
         if cpu_wants_rethunk_at(kt, caps, opts, addr):
-            code = _rel32(JMP32, addr, return_thunk_addr(kt, opts))
+            code = rel32(JMP32, addr, return_thunk_addr(kt, opts))
         else:
             code = bytes([RET, INT3, INT3, INT3, INT3])
         kt.write(".return_sites", addr, code)
@@ -277,7 +182,7 @@ def apply_returns_k(kt: KernelText, sites: list[int], caps: CpuCaps, opts: BootO
             dbg(f"return thunk at: {kt.describe(addr)} ({addr:#x}) len: {n} to: "
                 f"{kt.describe(dest)}")
         if rethunk and (not its_rt or not addr & 0x20):
-            new = _rel32(JMP32, addr, thunk) + bytes([INT3]) * (n - 5)
+            new = rel32(JMP32, addr, thunk) + bytes([INT3]) * (n - 5)
         else:
             new = ret_cache.get(n)
             if new is None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ._kpasses import (CALL, F_CALL_DEPTH, F_INDIRECT_THUNK_ITS, F_RETPOLINE,
-                       F_RETPOLINE_LFENCE, INT3, ITS_THUNK_SIZE, JMP32, LFENCE, NOP1,
-                       RETPOLINE_THUNK_SIZE, BootOptions, FastInsn, TableStats, _rel32,
-                       fast_decode, optimize_nops_k)
+from ._code import CALL, INT3, JMP32, LFENCE, NOP1, emit_indirect, rel32
+from ._kpasses import (F_CALL_DEPTH, F_INDIRECT_THUNK_ITS, F_RETPOLINE, F_RETPOLINE_LFENCE,
+                       ITS_THUNK_SIZE, RETPOLINE_THUNK_SIZE, BootOptions, FastInsn, TableStats,
+                       fast_decode)
+from ._reloc import nops_pass
 from ._ktext import CpuCaps, KernelBootError, KernelText
 
 __all__ = ["ItsThunks", "apply_retpolines_k"]
@@ -46,11 +47,6 @@ class ItsThunks:
         return a
 
 
-def _emit_indirect(op: int, reg: int) -> bytes:
-    modrm = 0xD0 if op == CALL else 0xE0
-    return (b"\x41" if reg >= 8 else b"") + bytes([0xFF, modrm + (reg & 7)])
-
-
 def _emit_trampoline(addr: int, ins: FastInsn, call_dest: int, jmp_dest: int) -> bytes | None:
     out = bytearray()
     op = ins.op1
@@ -62,9 +58,9 @@ def _emit_trampoline(addr: int, ins: FastInsn, call_dest: int, jmp_dest: int) ->
         out.append(0x2E)
     i = len(out)
     if op == CALL:
-        out += _rel32(CALL, addr + i, call_dest)
+        out += rel32(CALL, addr + i, call_dest)
     elif op == JMP32:
-        out += _rel32(JMP32, addr + i, jmp_dest)
+        out += rel32(JMP32, addr + i, jmp_dest)
     else:
         return None
     return bytes(out)
@@ -119,7 +115,7 @@ def apply_retpolines_k(kt: KernelText, sites: list[int], caps: CpuCaps, opts: Bo
                 th = its.get(reg)
                 new = _emit_trampoline(addr, ins, th, th)
             else:
-                out += _emit_indirect(op, reg)
+                out += emit_indirect(op, reg)
                 if op == JMP32 and len(out) < ins.length:
                     out.append(INT3)
                 while len(out) < ins.length:
@@ -130,7 +126,7 @@ def apply_retpolines_k(kt: KernelText, sites: list[int], caps: CpuCaps, opts: Bo
             st.note("does not fit")
             continue
         b = bytearray(new)
-        optimize_nops_k(b, len(b), kt.line)
+        nops_pass(b, len(b), kt.line)
         if dbg:
             dbg(f"{addr:#x}: orig: {kt.read(addr, ins.length).hex(' ')}")
             dbg(f"{addr:#x}: repl: {bytes(b).hex(' ')}")

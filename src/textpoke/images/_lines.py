@@ -47,8 +47,9 @@ from typing import Mapping
 from ._elf import ImageError
 from ._features61 import CPUINFO_NAMES_61, X86_FEATURES_61
 from ._features612 import CPUINFO_NAMES_612, X86_FEATURES_612
+from ._tables import X86_FEATURES
 
-__all__ = ["KernelLine", "LINES", "LINE_612", "LINE_61", "line_of", "line_named",
+__all__ = ["KernelLine", "LINES", "LINE_612", "LINE_61", "LINE_BUNDLED", "line_of", "line_named",
            "known_lines"]
 
 
@@ -88,6 +89,11 @@ class KernelLine:
     #: struct apic callback offsets (6.12's static calls), None: not static calls
     apic_slots: Mapping[str, int] | None = None
     apic_name_offset: int | None = None
+    #: the bundled image's choice: refuse what the kernel would get silently
+    #: wrong (a relocation that does not decode, a prefixed JMP32 shrunk
+    #: from the wrong end, LOOP/JrCXZ moved without their target); a real
+    #: line follows the kernel byte for byte
+    checked: bool = False
 
     @property
     def ncaps(self) -> int:
@@ -145,6 +151,16 @@ LINE_61 = KernelLine(
     foreign=("__call_sites", "__SCK__apic_call_eoi"))
 
 LINES: tuple[KernelLine, ...] = (LINE_61, LINE_612)
+
+#: The bundled kernel-like image (images/kernel/): 6.12's rules, its own
+#: feature numbering and tables, checked relocation; not a line an image's
+#: banner can name (so not in LINES).
+LINE_BUNDLED = KernelLine(
+    name="bundled", series=(0, 0), features=X86_FEATURES, cpuinfo_names={},
+    ncapints=22, nbugints=2, caps_offset=0, alt_layout="ft_flags", alt_instr_size=14,
+    passes=("apply_retpolines", "apply_returns", "apply_alternatives", "apply_seal_endbr",
+            "smp_locks"),
+    alt_shared_len=True, alt_fixup="relocate", nops="nops", nop_max=11, checked=True)
 
 
 def known_lines() -> str:
