@@ -232,7 +232,7 @@ def test_longer_replacement_is_refused_and_nothing_written():
     sim, image, tables = boot_kernel_image(1)
     core = TextPoke(sim)
     good = tables.alt_instructions[0]                       # alt_probe_always
-    bad = dataclasses.replace(tables.alt_instructions[1], instrlen=3, replacementlen=5)
+    bad = tables.alt_instructions[1]._replace(instrlen=3, replacementlen=5)
     snap = _snapshot(sim)
     with pytest.raises(AlternativeError) as ei:
         apply_alternatives(core, [good, bad], [], image=image)
@@ -252,11 +252,11 @@ def test_direct_call_on_a_site_that_is_not_an_indirect_call():
     core = TextPoke(sim)
     call = image.sym("alt_probe_call")
     a = [e for e in tables.alt_instructions if e.instr == call][0]   # call -> call
-    bad = dataclasses.replace(a, flags=2, instrlen=6)       # ALT_FLAG_DIRECT_CALL on "call rel32"
+    bad = a._replace(flags=2, instrlen=6)       # ALT_FLAG_DIRECT_CALL on "call rel32"
     snap = _snapshot(sim)
     with pytest.raises(AlternativeError, match="call \\*disp32"):
         apply_alternatives(core, [bad], [], image=image)
-    mov = dataclasses.replace(tables.alt_instructions[0], flags=2)
+    mov = tables.alt_instructions[0]._replace(flags=2)
     with pytest.raises(AlternativeError, match="not a 5-byte CALL"):
         apply_alternatives(core, [mov], [], image=image)
     assert _snapshot(sim) == snap

@@ -10,7 +10,7 @@ import dataclasses
 
 from textpoke import JumpLabelError, StaticKeys, UnknownKeyError, x86_nops
 from textpoke._jump_label import StaticKeyWarning
-from textpoke.images._tables_clients import parse_jump_table
+from textpoke.images._tables import jump_table
 from textpoke.selftests import many_key_flip, static_keys_selftest
 from textpoke.sim._clients_demo import ClientMachine
 
@@ -39,7 +39,7 @@ def test_table_parsed_into_keys(cm):
 
 def test_parser_agrees_with_read_tables(cm):
     sec = cm.image.section("__jump_table")
-    assert parse_jump_table(sec.data, sec.addr) == list(cm.tables.jump_table)
+    assert jump_table(sec.data, sec.addr, sec.addr, sec.end) == list(cm.tables.jump_table)
 
 
 def test_static_keys_selftest_on_four_running_cpus(cm):
@@ -206,12 +206,11 @@ def test_init_and_exit_sites_are_not_updated_after_boot(cm):
     # mark one site as init text (jump_label_init's mark), and move one
     # outside every text range (built-in __exit code is not kernel text)
     init_site = k.sites[10]
-    k.sites[10] = dataclasses.replace(init_site, entry=dataclasses.replace(init_site.entry,
-                                                                            init=True))
+    k.sites[10] = dataclasses.replace(init_site, entry=init_site.entry._replace(init=True))
     exit_site = k.sites[20]
     outside = max(r.end for r in cm.core.machine.text_ranges) + 0x1000
-    k.sites[20] = dataclasses.replace(exit_site, entry=dataclasses.replace(
-        exit_site.entry, code=outside, target=outside + 0x20))
+    k.sites[20] = dataclasses.replace(exit_site, entry=exit_site.entry._replace(
+        code=outside, target=outside + 0x20))
     before = cm.sim.text_read(init_site.entry.code, 5)
     with pytest.warns(StaticKeyWarning, match="can't patch jump_label"):
         keys.static_key_enable(k)

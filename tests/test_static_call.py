@@ -8,7 +8,7 @@ import pytest
 
 from textpoke import StaticCallError, UnknownCallError, x86_nops
 from textpoke._static_call._calls import RETINSN, TRAMP_UD, XOR5RAX
-from textpoke.images._tables_clients import parse_static_call_sites
+from textpoke.images._tables import static_call_table
 from textpoke.selftests import static_call_selftest
 from textpoke.sim._clients_demo import ClientMachine
 
@@ -28,7 +28,7 @@ def test_calls_and_sites_found(cm):
              for s in c.sites}
     assert (False, 0xE8) in kinds and (True, 0xE9) in kinds and (True, 0x0F) in kinds
     sec = cm.image.section(".static_call_sites")
-    assert parse_static_call_sites(sec.data, sec.addr) == list(cm.tables.static_call_sites)
+    assert static_call_table(sec.data, sec.addr, sec.addr, sec.end) == list(cm.tables.static_call_sites)
 
 
 def test_static_call_selftest_on_four_running_cpus(cm):

@@ -67,11 +67,12 @@ from ._alternative._shadow import DebugLog, Shadow, Symbols, features_of
 from ._alternative._thunks import retpolines_pass, returns_pass
 from ._core._machine import Capability
 from ._errors import TextPokeError
+from .images._elf import ImageError
 from ._execmem import ExecMem
 from ._jump_label._keys import StaticKeys, UnknownKeyError
 from ._static_call._calls import StaticCalls, UnknownCallError
-from .images._tables import ALT_FLAGS_SHIFT, AltInstr, RetpolineSite, ReturnSite
-from .images._tables_clients import parse_jump_table, parse_static_call_sites
+from .images._tables import (Bounds, RetpolineSite, ReturnSite, alt_instr_table, check_entries,
+                             jump_table, s32_sites, static_call_table)
 
 __all__ = ["ModuleLoader", "Module", "ModuleError", "ModuleFormatError", "ModuleRelocationError",
            "UnknownSymbolError", "MODULE_DATA_BASE", "MODULE_DATA_SIZE", "RELOCATION_TYPES"]
@@ -89,7 +90,6 @@ RELOCATION_TYPES = {R_X86_64_NONE: ("R_X86_64_NONE", 0), R_X86_64_64: ("R_X86_64
 _SHF_ALLOC, _SHF_EXEC = 0x2, 0x4
 #: undefined symbols the x86-64 loader lets pass (GOT-relative code names it)
 _IGNORED_UNDEF = frozenset({"_GLOBAL_OFFSET_TABLE_"})
-_ALT = struct.Struct("<iiIBB")
 _M64 = (1 << 64) - 1
 
 
@@ -437,41 +437,25 @@ class ModuleLoader:
     def _finalize(self, secs, addr, mod: Module, text: bytearray, data: bytearray, data_off):
         tbase, tend = mod.text, mod.text + mod.text_size
 
-        def check_in_text(what: str, a: int, size: int = 1) -> None:
-            if not tbase <= a and a + size <= tend:
-                raise ModuleFormatError(f"module {mod.name}: {what} at {a:#x} is outside its "
-                                        "text")
+        # the image's table reader, its checks against the module's text
+        bounds = Bounds(f"module {mod.name}", ((tbase, tend),), "its text", ((tbase, tend),),
+                        "its text", error=ModuleFormatError)
 
-        def s32_sites(name: str, cls) -> list:
+        def read(name: str, reader, *args) -> list:
             t = self._table(secs, addr, data, data_off, name)
             if t is None:
                 return []
             raw, base = t
-            out = []
-            for k in range(len(raw) // 4):
-                (o,) = struct.unpack_from("<i", raw, 4 * k)
-                out.append(cls(addr=base + 4 * k + o, entry=base + 4 * k))
-                check_in_text(f"{name} entry {k}", out[-1].addr)
-            return out
+            try:
+                recs = reader(raw, base, base, base + len(raw), *args)
+            except ImageError as e:
+                raise ModuleFormatError(f"module {mod.name}: {e}") from None
+            check_entries(name, enumerate(recs), bounds)
+            return recs
 
-        alts = []
-        t = self._table(secs, addr, data, data_off, ".altinstructions")
-        if t is not None:
-            raw, base = t
-            if len(raw) % _ALT.size:
-                raise ModuleFormatError(f"module {mod.name}: .altinstructions is not whole entries")
-            for k in range(len(raw) // _ALT.size):
-                e = base + k * _ALT.size
-                io_, ro, ft, il, rl = _ALT.unpack_from(raw, k * _ALT.size)
-                a = AltInstr(instr=e + io_, repl=e + 4 + ro, cpuid=ft & 0xFFFF,
-                             flags=ft >> ALT_FLAGS_SHIFT, instrlen=il, replacementlen=rl,
-                             entry=e, index=k)
-                check_in_text(f".altinstructions entry {k}", a.instr, max(il, 1))
-                if rl:
-                    check_in_text(f".altinstructions entry {k} replacement", a.repl, rl)
-                alts.append(a)
-        retp = s32_sites(".retpoline_sites", RetpolineSite)
-        rets = s32_sites(".return_sites", ReturnSite)
+        alts = read(".altinstructions", alt_instr_table)
+        retp = read(".retpoline_sites", s32_sites, RetpolineSite, ".retpoline_sites")
+        rets = read(".return_sites", s32_sites, ReturnSite, ".return_sites")
 
         syms = dict(self.image.symbols)
         syms.update(mod.symbols)
@@ -493,18 +477,10 @@ class ModuleLoader:
         mod.finalize = done
 
         # jump labels and static calls: known keys and calls, current state
-        jump = []
-        t = self._table(secs, addr, data, data_off, "__jump_table")
-        if t is not None:
-            jump = parse_jump_table(*t)
-        scs = []
-        t = self._table(secs, addr, data, data_off, ".static_call_sites")
-        if t is not None:
-            scs = parse_static_call_sites(*t)
+        jump = read("__jump_table", jump_table)
+        scs = read(".static_call_sites", static_call_table)
         desc = sym
         for e in jump:
-            check_in_text("jump label", e.code, 2)
-            check_in_text("jump label target", e.target)
             try:
                 self.keys.key(e.key)
             except UnknownKeyError:
@@ -512,7 +488,6 @@ class ModuleLoader:
                                       f"{desc(e.key)} [{e.key:#x}], which is not a static key "
                                       "of the kernel; nothing written") from None
         for s in scs:
-            check_in_text("static-call site", s.addr, 5)
             try:
                 self.calls.call_of_key(s.key)
             except UnknownCallError:

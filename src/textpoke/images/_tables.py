@@ -1,42 +1,73 @@
 # SPDX-License-Identifier: GPL-2.0-only
-"""The boot-time patching tables of a kernel-like image, as typed records.
+"""The one reader of a kernel's patching tables: the bundled image, a real
+kernel (Debian's 6.12 and 6.1) and a module being loaded all decode their
+tables here, into the same records.
 
 Every table stores self-relative offsets (the value plus the address of
-the field it is stored in gives the target), except ``__mcount_loc``,
-which holds absolute 64-bit addresses.  :func:`read_tables` resolves all
-of them to absolute addresses and checks them against the image: every
-site must lie in core text (``.text``), every replacement in
-``.altinstr_replacement``, every key in a data section, no ``instrlen``
-may exceed ``MAX_PATCH_LEN``, and a table's size must be a whole number of
-entries.  Anything else is refused with :class:`ImageError`.
+the field it is stored in gives the target), except ``__mcount_loc`` and
+6.1's ``.parainstructions``, which hold absolute 64-bit addresses.
 
 ==========================  =======  ==========================================
 section                     entry    layout
 ==========================  =======  ==========================================
-``.altinstructions``        14       s32 instr, s32 repl, u32 ft_flags,
-                                     u8 instrlen, u8 replacementlen (packed)
-``.smp_locks``              4        s32 lock prefix
-``__mcount_loc``            8        u64 fentry NOP5 (absolute)
+``.altinstructions``        14       s32 instr, s32 repl, u32 ft_flags (cpuid
+                                     low 16 bits, flags high 16), u8 instrlen,
+                                     u8 replacementlen (packed); 6.1: 12 bytes,
+                                     a u16 cpuid whose bit 15 inverts the test
+``.smp_locks``              4        s32 lock prefix (0: page padding)
+``__mcount_loc``            8        u64 fentry NOP5 (absolute; 0: padding)
 ``__jump_table``            16       s32 code, s32 target, s64 key | flags
+                                     (bit 0 branch, bit 1 init)
 ``.static_call_sites``      8        s32 call/jmp, s32 key | flags
+                                     (bit 0 tail call, bit 1 init)
 ``.retpoline_sites``        4        s32 call/jmp/jcc to a retpoline thunk
 ``.return_sites``           4        s32 jmp/jcc to __x86_return_thunk
+``.call_sites``             4        s32 call (call-depth accounting)
+``.ibt_endbr_seal``         4        s32 ENDBR64 to seal
+``.parainstructions``       16       u64 site, u8 pv_ops slot, u8 len (6.1)
 ==========================  =======  ==========================================
+
+Two steps, kept apart:
+
+* **read** -- :func:`alt_instr_table`, :func:`jump_table`,
+  :func:`static_call_table`, :func:`s32_table` / :func:`s32_sites`,
+  :func:`mcount_table` / :func:`mcount_sites`, :func:`paravirt_table`: each
+  takes a buffer, the address of its first byte and the table's ``[start,
+  end)`` addresses, and returns records (named tuples, fast: a real kernel
+  has ~300,000 entries) or bare addresses where that is all a pass needs.
+  Only the table's size is checked (:class:`TableError`).
+* **validate** -- :func:`check_entries` checks decoded entries against
+  :class:`Bounds` (where sites, replacements and keys may lie, and which
+  error to raise); :func:`check_table` reads and checks every entry, or a
+  sample of them.
+
+:func:`read_tables` does both for a linked ELF (the bundled image):
+every site must lie in core text (``.text``), every replacement in
+``.altinstr_replacement``, every key in a data section, no length may
+exceed ``MAX_PATCH_LEN``.  A real kernel's loader checks a sample of each
+table against its executable sections (:func:`check_table` with
+``sample``); a module's loader checks every entry against the module's
+text.
 """
 
 from __future__ import annotations
 
 import struct
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, NamedTuple
 
 from .._core._insn import MAX_PATCH_LEN
-from ._elf import ElfImage, ElfSection, ImageError, load_elf
+from ._elf import ElfImage, ImageError, load_elf
 
 __all__ = [
     "AltInstr", "SmpLock", "McountLoc", "JumpEntry", "StaticCallSite", "RetpolineSite",
-    "ReturnSite", "KernelTables", "read_tables",
+    "ReturnSite", "ParaSite", "KernelTables", "read_tables", "TableError", "Bounds",
+    "alt_instr_table", "jump_table", "static_call_table", "s32_table", "s32_count",
+    "s32_sites", "mcount_table", "mcount_sites", "paravirt_table",
+    "check_entries", "check_table", "ENTRY_SIZES",
+    "ALT_INSTR_SIZE", "JUMP_ENTRY_SIZE", "STATIC_CALL_SITE_SIZE",
     "ALT_FLAGS_SHIFT", "ALT_FLAG_NOT", "ALT_FLAG_DIRECT_CALL",
     "JUMP_TYPE_TRUE", "JUMP_TYPE_LINKED", "STATIC_CALL_SITE_TAIL", "STATIC_CALL_SITE_INIT",
     "X86_FEATURES", "feature_name", "feature_number", "feature_set",
@@ -103,8 +134,7 @@ def feature_set(names: Iterable[str | int]) -> frozenset[int]:
 
 
 # ------------------------------------------------------------------ records
-@dataclass(frozen=True, slots=True)
-class AltInstr:
+class AltInstr(NamedTuple):
     """One ``struct alt_instr``, offsets resolved to addresses."""
 
     instr: int
@@ -143,20 +173,27 @@ class AltInstr:
                 f"{self.replacementlen} if {cond}{extra}")
 
 
-@dataclass(frozen=True, slots=True)
-class SmpLock:
+class SmpLock(NamedTuple):
     addr: int               # the LOCK prefix byte
     entry: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class McountLoc:
+class McountLoc(NamedTuple):
     addr: int               # the fentry NOP5
     entry: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class JumpEntry:
+class RetpolineSite(NamedTuple):
+    addr: int               # CALL/JMP/Jcc to __x86_indirect_thunk_<reg>
+    entry: int = 0
+
+
+class ReturnSite(NamedTuple):
+    addr: int               # JMP/Jcc to __x86_return_thunk
+    entry: int = 0
+
+
+class JumpEntry(NamedTuple):
     """One ``struct jump_entry``: the site, the branch target, the static
     key (flag bits removed) and the flag bits."""
 
@@ -168,8 +205,7 @@ class JumpEntry:
     entry: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class StaticCallSite:
+class StaticCallSite(NamedTuple):
     addr: int               # the CALL or JMP to the trampoline
     key: int                # struct static_call_key
     tail: bool              # STATIC_CALL_SITE_TAIL: a JMP
@@ -177,18 +213,243 @@ class StaticCallSite:
     entry: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class RetpolineSite:
-    addr: int               # CALL/JMP/Jcc to __x86_indirect_thunk_<reg>
-    entry: int = 0
+class ParaSite(NamedTuple):
+    index: int
+    instr: int              # the site (an absolute pointer in 6.1's table)
+    type: int               # the pv_ops slot: *((void **)&pv_ops + type)
+    len: int
 
 
-@dataclass(frozen=True, slots=True)
-class ReturnSite:
-    addr: int               # JMP/Jcc to __x86_return_thunk
-    entry: int = 0
+# ------------------------------------------------------------------ reading
+ALT_INSTR_SIZE = 14
+JUMP_ENTRY_SIZE = 16
+STATIC_CALL_SITE_SIZE = 8
+_M64 = (1 << 64) - 1
+
+#: entry size of every table this module reads (6.12's ``alt_instr``; 6.1's
+#: is 12 bytes: ``alt_instr_table(..., layout="cpuid")``)
+ENTRY_SIZES: dict[str, int] = {
+    ".altinstructions": ALT_INSTR_SIZE, ".smp_locks": 4, "__mcount_loc": 8,
+    "__jump_table": JUMP_ENTRY_SIZE, ".static_call_sites": STATIC_CALL_SITE_SIZE,
+    ".retpoline_sites": 4, ".return_sites": 4, ".call_sites": 4, ".ibt_endbr_seal": 4,
+    ".parainstructions": 16,
+}
 
 
+class TableError(ImageError):
+    """A table whose bounds or size do not fit its layout."""
+
+
+def _slice(buf, base: int, start: int, end: int, esize: int, what: str) -> memoryview:
+    if end < start:
+        raise TableError(f"{what}: end {end:#x} before start {start:#x}")
+    lo, hi = start - base, end - base
+    if lo < 0 or hi > len(buf):
+        raise TableError(f"{what}: [{start:#x}, {end:#x}) is outside the image")
+    if (hi - lo) % esize:
+        raise TableError(f"{what} is {hi - lo} bytes, not a multiple of its {esize}-byte "
+                         f"entries: truncated or not this format")
+    return memoryview(buf)[lo:hi]
+
+
+def _s32(buf, base: int, start: int, end: int, what: str) -> array:
+    vals = array("i")
+    vals.frombytes(_slice(buf, base, start, end, 4, what))
+    return vals
+
+
+def s32_table(buf, base: int, start: int, end: int, what: str = "s32 table",
+              keep_zero: bool = False) -> list[int]:
+    """Absolute addresses of a table of self-relative s32 entries; entries
+    of 0 (padding) are dropped unless *keep_zero* (then they come back as
+    None)."""
+    vals = _s32(buf, base, start, end, what)
+    # each entry's own address comes from range() rather than per-entry
+    # arithmetic: these tables hold ~200,000 entries
+    at = range(start, start + 4 * len(vals), 4)
+    if keep_zero:
+        return [a + v if v else None for a, v in zip(at, vals)]  # type: ignore[misc]
+    return [a + v for a, v in zip(at, vals) if v]
+
+
+def s32_count(buf, base: int, start: int, end: int, what: str = "s32 table") -> int:
+    """How many entries :func:`s32_table` would return (the non-zero ones),
+    without building the list."""
+    vals = _s32(buf, base, start, end, what)
+    return len(vals) - vals.count(0)
+
+
+def s32_sites(buf, base: int, start: int, end: int, cls: Callable = RetpolineSite,
+              what: str = "s32 table") -> list:
+    """Every entry of an s32 table as a ``cls(addr, entry)`` record
+    (:class:`SmpLock`, :class:`RetpolineSite`, :class:`ReturnSite`), zeros
+    included."""
+    vals = _s32(buf, base, start, end, what)
+    return [cls(a + v, a) for a, v in zip(range(start, start + 4 * len(vals), 4), vals)]
+
+
+def alt_instr_table(buf, base: int, start: int, end: int,
+                    layout: str = "ft_flags", first: int = 0) -> list[AltInstr]:
+    """*layout* "ft_flags": 6.12's 14-byte entry; "cpuid": 6.1's 12-byte
+    one (u16 feature, bit 15 inverting the test -- returned as
+    ALT_FLAG_NOT).  *first* is the index of the first entry."""
+    if layout == "cpuid":
+        mv = _slice(buf, base, start, end, 12, ".altinstructions")
+        return [AltInstr(e + io, e + 4 + ro, cpuid & 0x7FFF,
+                         ALT_FLAG_NOT if cpuid & 0x8000 else 0, il, rl, e, i)
+                for (i, e), (io, ro, cpuid, il, rl) in
+                zip(enumerate(range(start, end, 12), first), struct.iter_unpack("<iiHBB", mv))]
+    mv = _slice(buf, base, start, end, ALT_INSTR_SIZE, ".altinstructions")
+    return [AltInstr(e + io, e + 4 + ro, ft & 0xFFFF, ft >> ALT_FLAGS_SHIFT, il, rl, e, i)
+            for (i, e), (io, ro, ft, il, rl) in
+            zip(enumerate(range(start, end, ALT_INSTR_SIZE), first),
+                struct.iter_unpack("<iiIBB", mv))]
+
+
+def paravirt_table(buf, base: int, start: int, end: int, first: int = 0) -> list[ParaSite]:
+    """6.1's ``struct paravirt_patch_site`` (u8 *instr; u8 type; u8 len;
+    padded to 16 bytes)."""
+    mv = _slice(buf, base, start, end, 16, ".parainstructions")
+    return [ParaSite(i, a, t, n) for i, (a, t, n) in
+            enumerate(struct.iter_unpack("<QBB6x", mv), first)]
+
+
+def jump_table(buf, base: int, start: int, end: int) -> list[JumpEntry]:
+    """Every ``struct jump_entry`` of ``[start, end)``."""
+    mv = _slice(buf, base, start, end, JUMP_ENTRY_SIZE, "__jump_table")
+    out = []
+    for e, (c, t, k) in zip(range(start, end, JUMP_ENTRY_SIZE), struct.iter_unpack("<iiq", mv)):
+        key = (e + 8 + k) & _M64
+        out.append(JumpEntry(e + c, e + 4 + t, key & ~3, bool(key & JUMP_TYPE_TRUE),
+                             bool(key & JUMP_TYPE_LINKED), e))
+    return out
+
+
+def static_call_table(buf, base: int, start: int, end: int) -> list[StaticCallSite]:
+    """Every ``struct static_call_site`` of ``[start, end)``."""
+    mv = _slice(buf, base, start, end, STATIC_CALL_SITE_SIZE, ".static_call_sites")
+    out = []
+    for e, (a, k) in zip(range(start, end, STATIC_CALL_SITE_SIZE), struct.iter_unpack("<ii", mv)):
+        key = e + 4 + k
+        out.append(StaticCallSite(e + a, key & ~3, bool(key & STATIC_CALL_SITE_TAIL),
+                                  bool(key & STATIC_CALL_SITE_INIT), e))
+    return out
+
+
+def mcount_table(buf, base: int, start: int, end: int) -> list[int]:
+    """Every ``__mcount_loc`` entry, 0 (padding) included: the kernel skips
+    those itself and counts them."""
+    vals = array("Q")
+    vals.frombytes(_slice(buf, base, start, end, 8, "__mcount_loc"))
+    return vals.tolist()
+
+
+def mcount_sites(buf, base: int, start: int, end: int) -> list[McountLoc]:
+    """:func:`mcount_table` as ``McountLoc(addr, entry)`` records."""
+    return list(map(McountLoc, mcount_table(buf, base, start, end), range(start, end, 8)))
+
+
+#: name -> reader(buf, base, start, end) giving the records validated below
+_READERS: dict[str, Callable[..., list]] = {
+    ".altinstructions": alt_instr_table,
+    ".smp_locks": lambda *a: s32_sites(*a, SmpLock, ".smp_locks"),
+    "__mcount_loc": mcount_sites,
+    "__jump_table": jump_table,
+    ".static_call_sites": static_call_table,
+    ".retpoline_sites": lambda *a: s32_sites(*a, RetpolineSite, ".retpoline_sites"),
+    ".return_sites": lambda *a: s32_sites(*a, ReturnSite, ".return_sites"),
+    ".call_sites": lambda *a: s32_sites(*a, RetpolineSite, ".call_sites"),
+    ".ibt_endbr_seal": lambda *a: s32_sites(*a, RetpolineSite, ".ibt_endbr_seal"),
+}
+
+
+# ------------------------------------------------------------------ validating
+@dataclass(frozen=True)
+class Bounds:
+    """Where a table's entries may point, and what to raise when one does
+    not: *text* for sites (named *text_name* in messages), *repl* for
+    alternative replacements, *data* for static keys (None: keys are not
+    checked); tables in *padding* may hold 0 entries (skipped)."""
+
+    where: str                              # the image, or "module foo", for messages
+    text: tuple[tuple[int, int], ...]
+    text_name: str = ".text"
+    repl: tuple[tuple[int, int], ...] = ()
+    repl_name: str = ".altinstr_replacement"
+    data: tuple[tuple[int, int], ...] | None = None
+    padding: frozenset[str] = frozenset()
+    error: type[Exception] = ImageError
+
+    def _fail(self, what: str, addr: int, size: int, name: str, ranges) -> None:
+        shown = f" [{ranges[0][0]:#x}, {ranges[0][1]:#x})" if len(ranges) == 1 else ""
+        raise self.error(f"{self.where}: {what} at {addr:#x} (+{size}) lies outside "
+                         f"{name}{shown}")
+
+    def in_text(self, what: str, addr: int, size: int = 1) -> None:
+        if not any(lo <= addr and addr + size <= hi for lo, hi in self.text):
+            self._fail(what, addr, size, self.text_name, self.text)
+
+    def in_repl(self, what: str, addr: int, size: int) -> None:
+        if not any(lo <= addr and addr + size <= hi for lo, hi in self.repl):
+            self._fail(what, addr, size, self.repl_name, self.repl)
+
+    def in_data(self, what: str, addr: int) -> None:
+        if self.data is not None and not any(lo <= addr < hi for lo, hi in self.data):
+            raise self.error(f"{self.where}: {what} at {addr:#x} is not in a data section")
+
+
+def check_entries(name: str, entries: Iterable[tuple[int, object]], b: Bounds) -> None:
+    """Check (index, record) pairs of table *name* against *b*: every site
+    in text, every replacement where replacements go, every key in data, no
+    length beyond ``MAX_PATCH_LEN``."""
+    pad = name in b.padding
+    for i, r in entries:
+        what = f"{name} entry {i}"
+        if name == ".altinstructions":
+            for field, n in (("instrlen", r.instrlen), ("replacementlen", r.replacementlen)):
+                if n > MAX_PATCH_LEN:
+                    raise b.error(f"{b.where}: {what}: {field} {n} exceeds MAX_PATCH_LEN "
+                                  f"({MAX_PATCH_LEN})")
+            b.in_text(f"{what}: instr", r.instr, max(r.instrlen, 1))
+            if r.replacementlen:
+                b.in_repl(f"{what}: replacement", r.repl, r.replacementlen)
+        elif name == "__jump_table":
+            b.in_text(f"{what}: code", r.code, 2)
+            b.in_text(f"{what}: target", r.target)
+            b.in_data(f"{what}: key", r.key)
+        elif name == ".static_call_sites":
+            b.in_text(what, r.addr, 5)
+            b.in_data(f"{what}: key", r.key)
+        elif not (pad and r.addr == r.entry or pad and name == "__mcount_loc" and not r.addr):
+            b.in_text(what, r.addr, 5 if name == "__mcount_loc" else 1)
+
+
+def check_table(name: str, buf, base: int, start: int, end: int, b: Bounds, *,
+                layout: str = "ft_flags", sample: int | None = None) -> None:
+    """Read table *name* from ``buf`` and check it: every entry, or with
+    *sample* about that many spread evenly over the table (a real kernel's
+    loader: the checks cost nothing next to decompression)."""
+    if name == ".altinstructions":
+        esz = 12 if layout == "cpuid" else ALT_INSTR_SIZE
+
+        def read(lo: int, hi: int, i: int) -> list:
+            return alt_instr_table(buf, base, lo, hi, layout, i)
+    else:
+        esz = ENTRY_SIZES[name]
+        reader = _READERS[name]
+
+        def read(lo: int, hi: int, i: int) -> list:
+            return reader(buf, base, lo, hi)
+    count = (end - start) // esz
+    if sample is None or count <= sample:
+        check_entries(name, enumerate(read(start, end, 0)), b)
+        return
+    for i in range(0, count, max(1, count // sample)):
+        e = start + i * esz
+        check_entries(name, ((i, r) for r in read(e, e + esz, i)), b)
+
+
+# ------------------------------------------------------------------ an ELF image
 @dataclass(frozen=True)
 class KernelTables:
     path: str
@@ -203,7 +464,7 @@ class KernelTables:
     return_sites: tuple[ReturnSite, ...] = ()
 
     def counts(self) -> dict[str, int]:
-        return {name: len(getattr(self, attr)) for name, attr, _ in _TABLES}
+        return {name: len(getattr(self, attr)) for name, attr in _TABLES}
 
     def alt_groups(self) -> list[tuple[AltInstr, ...]]:
         """Runs of consecutive entries patching the same address (a nested
@@ -218,157 +479,42 @@ class KernelTables:
         return [tuple(g) for g in groups]
 
 
-# ------------------------------------------------------------------ parsing
-_ALT = struct.Struct("<iiIBB")
-_S32 = struct.Struct("<i")
-_U64 = struct.Struct("<Q")
-_JUMP = struct.Struct("<iiq")
-_SCS = struct.Struct("<ii")
-
-#: (section, KernelTables attribute, entry size)
+#: (section, KernelTables attribute)
 _TABLES = (
-    (".altinstructions", "alt_instructions", _ALT.size),
-    (".smp_locks", "smp_locks", 4),
-    ("__mcount_loc", "mcount_loc", 8),
-    ("__jump_table", "jump_table", _JUMP.size),
-    (".static_call_sites", "static_call_sites", _SCS.size),
-    (".retpoline_sites", "retpoline_sites", 4),
-    (".return_sites", "return_sites", 4),
+    (".altinstructions", "alt_instructions"),
+    (".smp_locks", "smp_locks"),
+    ("__mcount_loc", "mcount_loc"),
+    ("__jump_table", "jump_table"),
+    (".static_call_sites", "static_call_sites"),
+    (".retpoline_sites", "retpoline_sites"),
+    (".return_sites", "return_sites"),
 )
 
 
-class _Checker:
-    def __init__(self, image: ElfImage) -> None:
-        self.path = image.path
-        text = image.sections.get(".text")
-        if text is None or text.kind != "text":
-            raise ImageError(f"{image.path}: no executable .text section")
-        self.text = (text.addr, text.end)
-        repl = image.sections.get(".altinstr_replacement")
-        self.repl = (repl.addr, repl.end) if repl is not None else (0, 0)
-        self.data = [(s.addr, s.end) for s in image.sections.values() if s.kind in ("data", "bss")]
-
-    def in_text(self, what: str, addr: int, size: int = 1) -> None:
-        lo, hi = self.text
-        if not (lo <= addr and addr + size <= hi):
-            raise ImageError(f"{self.path}: {what} at {addr:#x} (+{size}) lies outside "
-                             f".text [{lo:#x}, {hi:#x})")
-
-    def in_repl(self, what: str, addr: int, size: int) -> None:
-        lo, hi = self.repl
-        if not (lo <= addr and addr + size <= hi) and not (size == 0 and lo <= addr <= hi):
-            raise ImageError(f"{self.path}: {what} at {addr:#x} (+{size}) lies outside "
-                             f".altinstr_replacement [{lo:#x}, {hi:#x})")
-
-    def in_data(self, what: str, addr: int) -> None:
-        if not any(lo <= addr < hi for lo, hi in self.data):
-            raise ImageError(f"{self.path}: {what} at {addr:#x} is not in a data section")
-
-
-def _entries(image: ElfImage, name: str, size: int) -> tuple[ElfSection | None, int]:
-    sec = image.sections.get(name)
-    if sec is None:
-        return None, 0
-    if sec.kind == "bss":
-        raise ImageError(f"{image.path}: {name} has no contents (SHT_NOBITS)")
-    if len(sec.data) % size:
-        raise ImageError(f"{image.path}: {name} is {len(sec.data)} bytes, not a multiple of "
-                         f"its {size}-byte entries: truncated or not this format")
-    return sec, len(sec.data) // size
-
-
-def _read_alt(image: ElfImage, ck: _Checker) -> tuple[AltInstr, ...]:
-    sec, n = _entries(image, ".altinstructions", _ALT.size)
-    out = []
-    for i in range(n):
-        e = sec.addr + i * _ALT.size
-        instr_off, repl_off, ft_flags, instrlen, repllen = _ALT.unpack_from(sec.data, i * _ALT.size)
-        a = AltInstr(instr=e + instr_off, repl=e + 4 + repl_off, cpuid=ft_flags & 0xFFFF,
-                     flags=ft_flags >> ALT_FLAGS_SHIFT, instrlen=instrlen,
-                     replacementlen=repllen, entry=e, index=i)
-        what = f".altinstructions entry {i}"
-        if instrlen > MAX_PATCH_LEN:
-            raise ImageError(f"{image.path}: {what}: instrlen {instrlen} exceeds MAX_PATCH_LEN "
-                             f"({MAX_PATCH_LEN})")
-        if repllen > MAX_PATCH_LEN:
-            raise ImageError(f"{image.path}: {what}: replacementlen {repllen} exceeds "
-                             f"MAX_PATCH_LEN ({MAX_PATCH_LEN})")
-        ck.in_text(f"{what}: instr", a.instr, max(instrlen, 1))
-        ck.in_repl(f"{what}: replacement", a.repl, repllen)
-        out.append(a)
-    return tuple(out)
-
-
-def _read_s32_sites(image: ElfImage, ck: _Checker, name: str, cls: type) -> tuple:
-    sec, n = _entries(image, name, 4)
-    out = []
-    for i in range(n):
-        e = sec.addr + 4 * i
-        (off,) = _S32.unpack_from(sec.data, 4 * i)
-        rec = cls(addr=e + off, entry=e)
-        ck.in_text(f"{name} entry {i}", rec.addr)
-        out.append(rec)
-    return tuple(out)
-
-
-def _read_mcount(image: ElfImage, ck: _Checker) -> tuple[McountLoc, ...]:
-    sec, n = _entries(image, "__mcount_loc", 8)
-    out = []
-    for i in range(n):
-        (addr,) = _U64.unpack_from(sec.data, 8 * i)
-        ck.in_text(f"__mcount_loc entry {i}", addr, 5)
-        out.append(McountLoc(addr, sec.addr + 8 * i))
-    return tuple(out)
-
-
-def _read_jump(image: ElfImage, ck: _Checker) -> tuple[JumpEntry, ...]:
-    sec, n = _entries(image, "__jump_table", _JUMP.size)
-    out = []
-    for i in range(n):
-        e = sec.addr + i * _JUMP.size
-        code_off, target_off, key_off = _JUMP.unpack_from(sec.data, i * _JUMP.size)
-        raw_key = e + 8 + key_off
-        j = JumpEntry(code=e + code_off, target=e + 4 + target_off, key=raw_key & ~3,
-                      branch=bool(raw_key & JUMP_TYPE_TRUE), init=bool(raw_key & JUMP_TYPE_LINKED),
-                      entry=e)
-        ck.in_text(f"__jump_table entry {i}: code", j.code, 2)
-        ck.in_text(f"__jump_table entry {i}: target", j.target)
-        ck.in_data(f"__jump_table entry {i}: key", j.key)
-        out.append(j)
-    return tuple(out)
-
-
-def _read_static_calls(image: ElfImage, ck: _Checker) -> tuple[StaticCallSite, ...]:
-    sec, n = _entries(image, ".static_call_sites", _SCS.size)
-    out = []
-    for i in range(n):
-        e = sec.addr + i * _SCS.size
-        addr_off, key_off = _SCS.unpack_from(sec.data, i * _SCS.size)
-        raw_key = e + 4 + key_off
-        s = StaticCallSite(addr=e + addr_off, key=raw_key & ~3,
-                           tail=bool(raw_key & STATIC_CALL_SITE_TAIL),
-                           init=bool(raw_key & STATIC_CALL_SITE_INIT), entry=e)
-        ck.in_text(f".static_call_sites entry {i}", s.addr, 5)
-        ck.in_data(f".static_call_sites entry {i}: key", s.key)
-        out.append(s)
-    return tuple(out)
-
-
 def read_tables(image: ElfImage | str | Path | bytes) -> KernelTables:
-    """Parse and check every patching table of *image* (an :class:`ElfImage`,
+    """Read and check every patching table of *image* (an :class:`ElfImage`,
     or a path / the bytes of an ELF file).  Absent tables are empty."""
     if not isinstance(image, ElfImage):
         image = load_elf(image)
-    ck = _Checker(image)
-    return KernelTables(
-        path=image.path,
-        text=ck.text,
-        replacement=ck.repl,
-        alt_instructions=_read_alt(image, ck),
-        smp_locks=_read_s32_sites(image, ck, ".smp_locks", SmpLock),
-        mcount_loc=_read_mcount(image, ck),
-        jump_table=_read_jump(image, ck),
-        static_call_sites=_read_static_calls(image, ck),
-        retpoline_sites=_read_s32_sites(image, ck, ".retpoline_sites", RetpolineSite),
-        return_sites=_read_s32_sites(image, ck, ".return_sites", ReturnSite),
-    )
+    text = image.sections.get(".text")
+    if text is None or text.kind != "text":
+        raise ImageError(f"{image.path}: no executable .text section")
+    repl = image.sections.get(".altinstr_replacement")
+    rrange = (repl.addr, repl.end) if repl is not None else (0, 0)
+    b = Bounds(image.path, ((text.addr, text.end),), ".text", (rrange,),
+               data=tuple((s.addr, s.end) for s in image.sections.values()
+                          if s.kind in ("data", "bss")))
+    got: dict[str, tuple] = {}
+    for name, attr in _TABLES:
+        sec = image.sections.get(name)
+        if sec is None:
+            continue
+        if sec.kind == "bss":
+            raise ImageError(f"{image.path}: {name} has no contents (SHT_NOBITS)")
+        try:
+            recs = _READERS[name](sec.data, sec.addr, sec.addr, sec.end)
+        except TableError as e:
+            raise ImageError(f"{image.path}: {e}") from None
+        check_entries(name, enumerate(recs), b)
+        got[attr] = tuple(recs)
+    return KernelTables(path=image.path, text=(text.addr, text.end), replacement=rrange, **got)

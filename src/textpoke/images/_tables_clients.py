@@ -1,72 +1,15 @@
 # SPDX-License-Identifier: GPL-2.0-only
-"""The switching clients' tables as the bundled image (and its modules) lay
-them out, parsed from raw section bytes at any address.
+"""Address naming for the switching clients' refusals (:class:`SymbolMap`).
 
-:func:`read_tables` in ``_tables`` checks that every site lies in core
-text; a module's ``__jump_table`` and ``.static_call_sites`` point into
-module text, and a module's tables are read from its (relocated) section
-bytes before they are placed anywhere.  So these parsers take the bytes and
-the address they live at, and leave range checks to the caller.
-
-``__jump_table``: 16-byte ``struct jump_entry`` -- s32 code, s32 target,
-s64 key, each relative to its own field; the key's bit 0 is the branch
-polarity (``JUMP_TYPE_TRUE``), bit 1 the init mark.
-``.static_call_sites``: 8 bytes -- s32 site, s32 key (bit 0 tail call,
-bit 1 init), each relative to its own field.
-
-:class:`SymbolMap` names an address as ``symbol+0xoff`` for refusals.
+Their tables are read by :mod:`textpoke.images._tables`, as everyone's are.
 """
 
 from __future__ import annotations
 
 import bisect
-import struct
 from typing import Mapping
 
-from ._elf import ImageError
-from ._tables import (JUMP_TYPE_LINKED, JUMP_TYPE_TRUE, STATIC_CALL_SITE_INIT,
-                      STATIC_CALL_SITE_TAIL, JumpEntry, StaticCallSite)
-
-__all__ = ["JUMP_ENTRY_SIZE", "STATIC_CALL_SITE_SIZE", "parse_jump_table",
-           "parse_static_call_sites", "SymbolMap"]
-
-_JUMP = struct.Struct("<iiq")
-_SCS = struct.Struct("<ii")
-JUMP_ENTRY_SIZE = _JUMP.size
-STATIC_CALL_SITE_SIZE = _SCS.size
-
-
-def _count(data: bytes, size: int, what: str) -> int:
-    if len(data) % size:
-        raise ImageError(f"{what}: {len(data)} bytes is not a whole number of {size}-byte entries")
-    return len(data) // size
-
-
-def parse_jump_table(data: bytes, base: int, what: str = "__jump_table") -> list[JumpEntry]:
-    """Every ``struct jump_entry`` in *data*, which lives at *base*."""
-    out = []
-    for i in range(_count(data, _JUMP.size, what)):
-        e = base + i * _JUMP.size
-        code, target, key = _JUMP.unpack_from(data, i * _JUMP.size)
-        raw = (e + 8 + key) & ((1 << 64) - 1)
-        out.append(JumpEntry(code=e + code, target=e + 4 + target, key=raw & ~3,
-                             branch=bool(raw & JUMP_TYPE_TRUE), init=bool(raw & JUMP_TYPE_LINKED),
-                             entry=e))
-    return out
-
-
-def parse_static_call_sites(data: bytes, base: int,
-                            what: str = ".static_call_sites") -> list[StaticCallSite]:
-    """Every ``struct static_call_site`` in *data*, which lives at *base*."""
-    out = []
-    for i in range(_count(data, _SCS.size, what)):
-        e = base + i * _SCS.size
-        addr, key = _SCS.unpack_from(data, i * _SCS.size)
-        raw = e + 4 + key
-        out.append(StaticCallSite(addr=e + addr, key=raw & ~3,
-                                  tail=bool(raw & STATIC_CALL_SITE_TAIL),
-                                  init=bool(raw & STATIC_CALL_SITE_INIT), entry=e))
-    return out
+__all__ = ["SymbolMap"]
 
 
 class SymbolMap:

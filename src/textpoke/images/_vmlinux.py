@@ -36,6 +36,7 @@ from ._bzimage import SetupHeader, extract_elf, is_bzimage
 from ._elf import ElfImage, ElfSection, ImageError
 from ._kallsyms import Symbols, decode_kallsyms, parse_system_map, symbol_differences
 from ._lines import LINE_612, KernelLine, line_of
+from ._tables import Bounds, check_table
 
 __all__ = ["RealKernelImage", "TableView", "load_kernel", "load_system_map",
            "DebianKernel", "KernelUnavailable", "ensure_debian_kernel", "newest_cloud_release",
@@ -444,7 +445,7 @@ def _load(raw: bytes, path: str, system_map) -> RealKernelImage:
             raise ImageError(f"{path}: {name} [{a:#x}, {b:#x}) is not inside one section")
         tables[name] = TableView(name, a, b, esz, bytes(memory[a - text_start:b - text_start]),
                                  holder.name)
-    _check_layouts(path, tables, sections, symbols, line)
+    _check_layouts(path, tables, sections, line)
 
     return RealKernelImage(
         path=path, entry=entry, sections=sections, symbols=symbols, sizes=sizes, raw=elf,
@@ -454,73 +455,21 @@ def _load(raw: bytes, path: str, system_map) -> RealKernelImage:
         symbol_source=map_path if symbols is map_syms else symbols.source)
 
 
-def _check_layouts(path, tables, sections, symbols, line: KernelLine) -> None:
-    """Sample entries of each table and check they point where the line's
-    layouts say they do (sites in executable sections, replacements in
-    ``.altinstr_replacement``/``.altinstr_aux``)."""
-    execs = [(s.addr, s.end) for s in sections.values() if s.kind == "text"]
-
-    def in_exec(a: int) -> bool:
-        return any(lo <= a < hi for lo, hi in execs)
-
-    alt = tables.get(".altinstructions")
-    if alt is not None and alt.count:
-        repl = sections.get(".altinstr_replacement")
-        aux = sections.get(".altinstr_aux")
-        step = max(1, alt.count // 64)
-        esz = line.alt_instr_size
-        fmt = "<iiIBB" if line.alt_layout == "ft_flags" else "<iiHBB"
-        for i in range(0, alt.count, step):
-            e = alt.start + esz * i
-            io, ro, _ft, ilen, rlen = struct.unpack_from(fmt, alt.data, esz * i)
-            site, rep = e + io, e + 4 + ro
-            if not in_exec(site) or ilen > 254 or rlen > 254:
-                raise ImageError(f"{path}: .altinstructions entry {i} (site {site:#x}, len {ilen}) "
-                                 f"does not fit {line.name}'s {esz}-byte struct alt_instr")
-            ok = rlen == 0 or any(s is not None and s.addr <= rep and rep + rlen <= s.end
-                                  for s in (repl, aux))
-            if not ok and not in_exec(rep):
-                raise ImageError(f"{path}: .altinstructions entry {i}: replacement {rep:#x} "
-                                 f"is in no executable section")
-    for name in (".retpoline_sites", ".return_sites", ".call_sites", ".ibt_endbr_seal",
-                 ".smp_locks"):
+def _check_layouts(path, tables, sections, line: KernelLine) -> None:
+    """Check a sample of each table's entries (by the one table reader):
+    sites in executable sections, replacements in ``.altinstr_replacement``
+    / ``.altinstr_aux`` (or other text), lengths within ``MAX_PATCH_LEN`` --
+    a table of another line's layout fails here."""
+    execs = tuple(sorted((s.addr, s.end) for s in sections.values() if s.kind == "text"))
+    bounds = Bounds(path, execs, "executable sections", execs, "executable sections",
+                    padding=frozenset({".smp_locks", "__mcount_loc"}))
+    for name in (".altinstructions", ".retpoline_sites", ".return_sites", ".call_sites",
+                 ".ibt_endbr_seal", ".smp_locks", "__mcount_loc", "__jump_table",
+                 ".static_call_sites"):
         t = tables.get(name)
-        if t is None or not t.count:
-            continue
-        step = max(1, t.count // 64)
-        for i in range(0, t.count, step):
-            (off,) = struct.unpack_from("<i", t.data, 4 * i)
-            if off == 0 and name == ".smp_locks":
-                continue            # page padding at the end of the table
-            if not in_exec(t.start + 4 * i + off):
-                raise ImageError(f"{path}: {name} entry {i} points at "
-                                 f"{t.start + 4 * i + off:#x}, outside executable sections")
-    mc = tables.get("__mcount_loc")
-    if mc is not None and mc.count:
-        step = max(1, mc.count // 64)
-        for i in range(0, mc.count, step):
-            (a,) = struct.unpack_from("<Q", mc.data, 8 * i)
-            if a and not in_exec(a):    # sorttable zeroes weak functions' entries
-                raise ImageError(f"{path}: __mcount_loc entry {i} ({a:#x}) is outside "
-                                 f"executable sections")
-    jt = tables.get("__jump_table")
-    if jt is not None and jt.count:
-        step = max(1, jt.count // 64)
-        for i in range(0, jt.count, step):
-            e = jt.start + 16 * i
-            co, to, _ko = struct.unpack_from("<iiq", jt.data, 16 * i)
-            if not in_exec(e + co) or not in_exec(e + 4 + to):
-                raise ImageError(f"{path}: __jump_table entry {i} does not fit 6.12's "
-                                 f"16-byte struct jump_entry")
-    sc = tables.get(".static_call_sites")
-    if sc is not None and sc.count:
-        step = max(1, sc.count // 64)
-        for i in range(0, sc.count, step):
-            e = sc.start + 8 * i
-            ao, _ko = struct.unpack_from("<ii", sc.data, 8 * i)
-            if not in_exec(e + ao):
-                raise ImageError(f"{path}: .static_call_sites entry {i} does not fit 6.12's "
-                                 f"8-byte struct static_call_site")
+        if t is not None and t.count:
+            check_table(name, t.data, t.start, t.start, t.stop, bounds,
+                        layout=line.alt_layout, sample=64)
 
 
 # ---------------------------------------------------------------- fetching
