@@ -151,6 +151,7 @@ class Machine(abc.ABC):
     def __init__(self) -> None:
         self._trap_handles: list[TrapHandle] = []
         self._trap_chain: tuple[TrapHandler, ...] = ()
+        self._trap_order: tuple[TrapHandle, ...] = ()
         self._trap_seq = itertools.count()
         self._cpu_listeners: list[CpuListener] = []
         self._closed = False
@@ -292,6 +293,7 @@ class Machine(abc.ABC):
             self._closed = True
             self._trap_handles.clear()
             self._trap_chain = ()
+            self._trap_order = ()
             self._cpu_listeners.clear()
             self._release()
 
@@ -359,8 +361,21 @@ class Machine(abc.ABC):
             self._rebuild_chain()
 
     def _rebuild_chain(self) -> None:
-        self._trap_chain = tuple(h.handler for h in
-                                 sorted(self._trap_handles, key=lambda h: (h.priority, h.seq)))
+        self._trap_order = tuple(sorted(self._trap_handles, key=lambda h: (h.priority, h.seq)))
+        self._trap_chain = tuple(h.handler for h in self._trap_order)
+
+    def walk_trap_chain(self, regs: PtRegs | None,
+                        regs_for: "Callable[[TrapHandle], PtRegs] | None" = None) -> Task:
+        """Offer one INT3 to the chain, in order, until a handler claims it
+        (the kernel's ``do_int3``); return that handler's :class:`TrapHandle`
+        (None: nobody claimed it).  Every backend walks the chain through
+        here.  *regs_for(handle)*, if given, builds the registers each
+        handler sees instead of *regs* (live gives the text-poke handler a
+        copy whose writes are kept aside when it parks the thread)."""
+        for h in self._trap_order:
+            if (yield from h.handler(regs if regs_for is None else regs_for(h))):
+                return h
+        return None
 
     @property
     def trap_handlers(self) -> tuple[TrapHandler, ...]:

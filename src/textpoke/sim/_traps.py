@@ -6,7 +6,6 @@ a guest function run to completion outside the scheduler."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from unicorn import UcError
 
@@ -91,17 +90,8 @@ class _Traps:
 
 
     def _run_trap_chain(self, regs: PtRegs) -> Task:
-        for handler in self.trap_handlers:
-            handled = yield from handler(regs)
-            if handled:
-                return handler
-        return None
-
-    def _handler_name(self, handler: Any) -> str:
-        for h in self._trap_handles:
-            if h.handler is handler:
-                return h.name
-        return getattr(handler, "__qualname__", repr(handler))
+        # the chain is walked by the protocol's base (Machine.walk_trap_chain)
+        return (yield from self.walk_trap_chain(regs))
 
     def _trap_step(self, c: VCpu) -> None:
         try:
@@ -127,7 +117,7 @@ class _Traps:
         write_gprs(c, _GPRS, r.gprs)
         c.state = RUN
         if self.trace is not None:
-            self.trace.append(("iret", self.steps, c.id, self._handler_name(handler), r.ip))
+            self.trace.append(("iret", self.steps, c.id, handler.name, r.ip))
         self._serialise(c)     # IRET serialises
 
 

@@ -1,0 +1,183 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""What keeps the target alive if the patcher dies (SIGKILL cannot be
+caught): before the first INT3 of a batch is written, the SIGTRAP guard
+(:mod:`._guard`) is injected and every site in flight is journaled
+(:mod:`._journal`); a clean end removes the guard once no INT3 of ours is
+left and no thread is inside it.  A mixin of LiveMachine."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Sequence
+
+from . import _guard as G
+from ._inject import ExecMem, InjectError, find_syscall_insn, inject_syscall
+from ._process import read_maps
+from ._tracer import _HELD
+
+_INT3 = 0xCC
+
+
+class _Survival:
+    """LiveMachine's journal and guard (a mixin)."""
+
+    def _journal_writes(self, writes: Sequence[tuple[int, bytes]]) -> None:
+        """Before INT3s (and tails under them) are written: the guard is in
+        the target, and the journal says what each site held."""
+        j = self.journal
+        if j is None:
+            return
+        # only the batch's INT3s: an INT3 written on purpose with text_poke
+        # (a breakpoint) must kill the target as it would without us
+        in_batch = getattr(self.owner, "_inflight", None) is not None
+        int3s = [a for a, d in writes if len(d) == 1 and d[0] == _INT3] if in_batch else []
+        if int3s:
+            if self._guard is None:
+                self._guard_install()
+            sites = j.data["sites"]
+            for a in [a for a in sites if self.text_read(int(a), 1)[0] != _INT3]:
+                del sites[a]                   # whole again: an earlier batch's
+            olds = {}
+            for a in int3s:
+                b = self.text_read(a, 1)
+                if b[0] != _INT3:
+                    olds[a] = b
+            if olds:
+                self._mem.write(self._guard["base"] + G.CODE_SIZE + G.COUNT_OFF,
+                                G.table_bytes(set(int3s) | {int(a) for a in sites}))
+                j.sites_int3(olds)
+            return
+        sites = j.data["sites"]
+        if sites:
+            tails = [(a - 1, self.text_read(a, len(d)), bytes(d)) for a, d in writes
+                     if len(d) > 0 and str(a - 1) in sites and str(a) not in sites
+                     and self.text_read(a - 1, 1)[0] == _INT3]
+            if tails:
+                j.sites_tails(tails)
+
+    def _guard_install(self) -> None:
+        lo = self._ranges[0].start
+        self._hold_all()
+        try:
+            errors = []
+            for tid in sorted((t for t, th in self._threads.items() if th.state == _HELD),
+                              key=lambda t: t != self.pid):
+                def before(base: int, code: int, data: int) -> None:
+                    # named before the mmap runs: a kill inside it leaves
+                    # nothing 'live recover' does not know of
+                    self._guard = {"base": base, "size": code + data, "installed": False,
+                                   "syscall_at": find_syscall_insn(self.pid)}
+                    self.journal.set_guard(self._guard)
+                try:
+                    r = ExecMem.map(self.pid, tid, G.CODE_SIZE, G.DATA_SIZE, near=(lo, lo),
+                                    before=before)
+                except (InjectError, OSError) as e:
+                    errors.append(f"thread {tid}: {e}")
+                    self._guard = None
+                    self.journal.set_guard(None)
+                    continue
+                base = r.base
+                # written down before the action is installed: a kill from here
+                # on leaves a mapping that 'live recover' finds
+                self._guard = {"base": base, "size": r.end - base, "syscall_at": r.syscall_at,
+                               "installed": False}
+                self.journal.set_guard(self._guard)
+                self._mem.write(base, G.CODE)
+                self._mem.write(base + G.NEW_ACT_OFF, G.our_action(base))
+                data = base + G.CODE_SIZE
+                res = inject_syscall(self.pid, tid, G.SYS_rt_sigaction, G.SIGTRAP,
+                                     base + G.NEW_ACT_OFF, data + G.ACT_OFF, 8,
+                                     syscall_at=r.syscall_at)
+                if res < 0:
+                    inject_syscall(self.pid, tid, 11, base, r.end - base, syscall_at=r.syscall_at)
+                    raise InjectError(f"rt_sigaction(SIGTRAP) in process {self.pid} failed: "
+                                      f"{os.strerror(-res)}")
+                self._guard = {"base": base, "size": r.end - base, "syscall_at": r.syscall_at,
+                               "installed": True,
+                               "old": self._mem.read(data + G.ACT_OFF, 32).hex()}
+                r.close()
+                self.journal.set_guard(self._guard)
+                self._pages.clear()
+                self.refresh_maps()
+                return
+            raise InjectError("could not inject the SIGTRAP guard: " + "; ".join(errors))
+        finally:
+            self._release_held()
+
+    def remove_guard(self) -> list[str]:
+        """Remove the injected SIGTRAP handler now (no INT3 of ours may be
+        left in the text); returns why it stays (empty: removed)."""
+        self._check_open()
+        with self._signals_deferred():
+            self.guard_kept = self._guard_remove()
+        return self.guard_kept
+
+    def _guard_remove(self, attempts: int = 20) -> list[str]:
+        """Give the target its SIGTRAP action back and unmap the handler
+        once no thread is in it.  Returns why it stays (empty: removed)."""
+        g = self._guard
+        if g is None:
+            return []
+        j = self.journal
+        left = [int(a) for a in (j.data["sites"] if j else ())
+                if self._mem.read(int(a), 1)[0] == _INT3]
+        if left:
+            return [f"{len(left)} site(s) still hold an INT3"]
+        base, size = g["base"], g["size"]
+        data = base + G.CODE_SIZE
+        if not any(m.start == base for m in read_maps(self.pid)):
+            # never mapped (killed inside the injected mmap): nothing to undo
+            self._guard = None
+            if j is not None:
+                j.set_guard(None)
+            return []
+        region = ExecMem(self.pid, base, G.CODE_SIZE, size - G.CODE_SIZE, syscall_at=g["syscall_at"])
+        why: list[str] = []
+        try:
+            for attempt in range(attempts):
+                self._hold_all()
+                try:
+                    held = [t for t, th in self._threads.items() if th.state == _HELD]
+                    if not held:
+                        return ["no thread could be stopped"]
+                    if any(self._trap_queued(t) for t in held):
+                        # an INT3 of ours taken before the site was repaired,
+                        # not reported yet: let it come to us (rewound) first,
+                        # never to the target's own action
+                        why = ["a thread has a SIGTRAP of ours queued"]
+                        continue
+                    tid = self.pid if self.pid in held else held[0]
+                    if not g.get("restored"):
+                        # read the action first: ours is put back to what it
+                        # replaced; any other (we were killed before installing,
+                        # or the target installed its own since) is left alone
+                        self._mem.write(data + G.CUR_OFF, bytes(32))
+                        inject_syscall(self.pid, tid, G.SYS_rt_sigaction, G.SIGTRAP,
+                                       0, data + G.CUR_OFF, 8, syscall_at=g["syscall_at"])
+                        cur = self._mem.read(data + G.CUR_OFF, 32)
+                        ours = int.from_bytes(cur[:8], "little") == base
+                        if ours:
+                            inject_syscall(self.pid, tid, G.SYS_rt_sigaction, G.SIGTRAP,
+                                           data + G.ACT_OFF, 0, 8, syscall_at=g["syscall_at"])
+                        g["restored"] = True
+                        if not ours and g.get("installed", True):
+                            # the target installed a handler of its own since:
+                            # it stays, and so does ours (it may chain to it)
+                            g["kept"] = "the target replaced its SIGTRAP handler"
+                            return [g["kept"]]
+                    why = region.in_use([(t, self.get_regs(t)) for t in held])
+                    if not why:
+                        region.unmap(tid)
+                        self._guard = None
+                        if j is not None:
+                            j.data["sites"] = {}
+                            j.set_guard(None)
+                        self.refresh_maps()
+                        return []
+                finally:
+                    self._release_held()
+                time.sleep(0.0005 * (attempt + 1))
+            return why
+        finally:
+            region.close()

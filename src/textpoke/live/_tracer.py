@@ -1,0 +1,378 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The live machine's tracer half: attaching to every thread, following
+clones and exits, and reporting their ptrace-stops (a mixin of
+:class:`~textpoke.live._machine.LiveMachine`; see its module docstring).
+
+A thread of the table is in one of four states: running (``_RUN``), held in
+a ptrace-stop by us (``_HELD``), parked on an INT3 of ours (``_PARK``, see
+:mod:`._traps`) or group-stopped and let go with ``PTRACE_LISTEN``
+(``_LISTEN``).  Every wait polls and looks at the thread in /proc now and
+then, so that a thread that died, or sits in a stop nobody will report
+again, can never hang the patcher."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+from .._errors import MachineError
+from . import _ptrace as P
+from ._errors import ACCESS_HINT, AccessDenied, NoSuchProcess
+from ._process import list_tids
+from ._sigdefer import _DEFERRED
+
+__all__ = ["LiveStats"]
+
+_OPTIONS = P.PTRACE_O_TRACECLONE | P.PTRACE_O_TRACEEXIT | P.PTRACE_O_TRACEEXEC
+_GROUP_STOP_SIGS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+
+# thread states
+_RUN, _HELD, _PARK, _LISTEN = "run", "held", "park", "listen"
+
+
+@dataclass(slots=True)
+class LiveStats:
+    """What the machine did (the core keeps its own ``TextPoke.stats``)."""
+
+    attached: int = 0
+    threads_added: int = 0
+    threads_removed: int = 0
+    syncs: int = 0
+    interrupts: int = 0
+    writes: int = 0            # pwrite calls on /proc/PID/mem (text)
+    pokes: int = 0             # (addr, bytes) pokes asked for
+    traps: int = 0             # SIGTRAP stops at one of our INT3 sites
+    traps_emulated: int = 0
+    traps_parked: int = 0
+    traps_rewound: int = 0     # our INT3 was already gone: resumed at the site
+    signals_passed: int = 0    # signals (SIGTRAPs included) delivered unchanged
+    group_stops: int = 0
+    single_steps: int = 0
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class _Thread:
+    __slots__ = ("tid", "state", "stops", "park_site", "park_regs", "hold_sig", "want_hold",
+                 "pending_int")
+
+    def __init__(self, tid: int) -> None:
+        self.tid = tid
+        self.state = _RUN
+        self.stops = 0              # ptrace-stops reported so far
+        self.park_site = 0
+        self.park_regs: P.UserRegs | None = None
+        self.hold_sig = 0           # signal to deliver when a held thread is let go
+        self.want_hold = False      # keep it stopped at its next interrupt stop
+        # An interrupt stop (PTRACE_EVENT_STOP) is due.  Any ptrace-stop
+        # clears the kernel's pending interrupt, and one sent while the
+        # thread sits in a stop we have not seen yet stays pending past it;
+        # so before resuming a thread from any other stop while one is due,
+        # the interrupt is sent again: exactly one interrupt stop follows.
+        self.pending_int = 0
+
+
+
+class _Tracer:
+    """LiveMachine's thread table and ptrace-stop handling (a mixin)."""
+
+    # ------------------------------------------------------------- attach
+    def _attach(self) -> None:
+        me = os.getpid()
+        while True:
+            new = [t for t in list_tids(self.pid) if t not in self._threads]
+            if not new:
+                break
+            for tid in new:
+                try:
+                    P.seize(tid, _OPTIONS)
+                except OSError as e:
+                    if e.errno == errno.ESRCH:
+                        if tid == self.pid:
+                            raise NoSuchProcess(self.pid, "process vanished while attaching",
+                                                self._ident.name) from None
+                        continue                 # a thread that just exited
+                    if e.errno == errno.EPERM and self._threads and _tracer_of(tid) == me:
+                        pass                     # auto-attached already (a clone of a seized thread)
+                    elif e.errno == errno.EPERM:
+                        other = _tracer_of(tid)
+                        why = (f"already traced by pid {other}" if other and other != me
+                               else ACCESS_HINT)
+                        raise AccessDenied(self.pid, f"PTRACE_SEIZE refused: {why}",
+                                           self._ident.name) from None
+                    else:
+                        raise MachineError(f"PTRACE_SEIZE of thread {tid} failed: {e}") from None
+                self._threads[tid] = _Thread(tid)
+                self.stats.attached += 1
+        self._ident.check()
+
+
+    # ------------------------------------------------------------- threads
+    def _interrupt(self, t: _Thread) -> bool:
+        try:
+            P.interrupt(t.tid)
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                self._vanished(t.tid)
+                return False
+            raise MachineError(f"PTRACE_INTERRUPT of thread {t.tid} failed: {e}") from None
+        self.stats.interrupts += 1
+        t.pending_int = 1
+        return True
+
+    def _resume(self, t: _Thread, sig: int = 0) -> None:
+        if sig:
+            self.stats.signals_passed += 1
+        try:
+            if t.pending_int:
+                P.interrupt(t.tid)
+            P.cont(t.tid, sig)
+            t.state = _RUN
+        except OSError as e:
+            if e.errno != errno.ESRCH:
+                raise MachineError(f"PTRACE_CONT of thread {t.tid} failed: {e}") from None
+            self._vanished(t.tid)
+
+    def _add_thread(self, tid: int) -> _Thread:
+        t = self._threads.get(tid)
+        if t is None:
+            t = _Thread(tid)
+            t.state = _HELD        # it is in its initial stop until we see and resume it
+            t.want_hold = self._holding
+            self._threads[tid] = t
+            self.stats.threads_added += 1
+            self._cpus_changed("add", tid)
+        return t
+
+    def _vanished(self, tid: int) -> None:
+        t = self._threads.pop(tid, None)
+        self._sync_wait.pop(tid, None)
+        if t is not None:
+            self.stats.threads_removed += 1
+            self._cpus_changed("remove", tid)
+
+    def _drain(self) -> None:
+        """Handle a status a previous wait reaped but could not handle."""
+        si = self._si
+        if si.si_pid:
+            pid, code, status = si.si_pid, si.si_code, si.si_status
+            si.si_pid = 0
+            self._handle(pid, code, status)
+
+    def _wait(self, tid: int, block: bool, interruptible: bool = False) -> bool:
+        """Wait for (or poll) one thread; handle what it reports.  Only an
+        *interruptible* wait lets the deferred signals in (a task's waits,
+        between protocol steps); the others are short and must not be cut.
+
+        A blocking wait polls (WNOHANG, sleeping 20 us growing to 1 ms) and
+        looks at the thread in /proc now and then, so that a thread that
+        died, or sits in a stop nobody will report again, can never hang
+        the patcher."""
+        self._drain()
+        si = self._si
+        if not block:
+            return self._poll(tid)
+        old = self._old_mask if interruptible else None
+        nap, waited, next_look = 20e-6, 0.0, 0.05
+        try:
+            if old is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            while True:
+                si.si_pid = 0
+                r = P.waitid(tid, si, False)
+                if r < 0 or si.si_pid:
+                    break
+                time.sleep(nap)
+                waited += nap
+                nap = min(nap * 1.5, 1e-3)
+                if waited >= next_look:
+                    next_look += 0.05
+                    st = _thread_state(self.pid, tid)
+                    if st in ("", "Z", "X"):
+                        r = -errno.ECHILD
+                        break
+                    if st == "t" and waited >= 0.2:
+                        # stopped for us, yet nothing to report: a stop we
+                        # lost track of -- let it go on
+                        t = self._threads.get(tid)
+                        with contextlib.suppress(OSError):
+                            P.cont(tid, 0)
+                            if t is not None:
+                                t.pending_int = 0
+                                t.state = _RUN
+                            return True
+        finally:
+            if old is not None:
+                signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+        return self._after_wait(tid, r)
+
+    def _poll(self, tid: int) -> bool:
+        si = self._si
+        si.si_pid = 0
+        return self._after_wait(tid, P.waitid(tid, si, False))
+
+    def _after_wait(self, tid: int, r: int) -> bool:
+        si = self._si
+        if r == -errno.ECHILD:
+            si.si_pid = 0
+            self._exiting.discard(tid)
+            self._vanished(tid)
+            return True
+        if r < 0 or not si.si_pid:
+            return False          # EINTR: the signal's exception is raised by the caller's next step
+        self._drain()
+        return True
+
+    def _service(self) -> None:
+        """One round of waiting, for a task's WaitUntil."""
+        for tid in list(self._sync_wait):
+            t = self._threads.get(tid)
+            if t is not None and t.state == _RUN and t.pending_int:
+                self._wait(tid, True, interruptible=True)
+                return
+        got = False
+        for tid in list(self._threads) + list(self._exiting):
+            got |= self._wait(tid, False)
+        if not got:
+            time.sleep(0.0002)
+
+    def _handle(self, tid: int, code: int, status: int) -> None:
+        if code in (P.CLD_EXITED, P.CLD_KILLED, P.CLD_DUMPED):
+            self._exiting.discard(tid)
+            self._vanished(tid)
+            return
+        if code != P.CLD_TRAPPED:
+            return
+        t = self._threads.get(tid)
+        if t is None:
+            if tid in self._exiting:
+                return
+            t = self._add_thread(tid)       # a new thread's first stop, before its parent's event
+        t.stops += 1
+        t.state = _HELD
+        sig, event = status & 0xFF, status >> 8
+        if event == P.PTRACE_EVENT_STOP:
+            t.pending_int = 0
+            if sig not in _GROUP_STOP_SIGS and self._int3_sites and self._trap_queued(tid):
+                # The interrupt stop came first and our SIGTRAP is still
+                # queued: let the thread take it now (no user code runs in
+                # between), so it never waits, unreported, for a later call.
+                self._resume(t)
+                if self._threads.get(tid) is t:
+                    self._wait(tid, True)
+                return
+            if sig in _GROUP_STOP_SIGS:
+                self.stats.group_stops += 1
+                if t.want_hold:
+                    t.hold_sig = -1        # let go with PTRACE_LISTEN: still group-stopped
+                    return
+                try:
+                    P.listen(tid)
+                    t.state = _LISTEN
+                except OSError:
+                    self._vanished(tid)
+                return
+            if t.want_hold:
+                t.hold_sig = 0
+                return
+            self._resume(t)
+        elif event == P.PTRACE_EVENT_CLONE:
+            try:
+                new = P.geteventmsg(tid)
+            except OSError:
+                new = 0
+            if new:
+                nt = self._add_thread(new)
+                if nt.stops == 0:
+                    self._wait(new, True)         # its first stop comes at once
+            self._resume(t)
+        elif event == P.PTRACE_EVENT_EXIT:
+            self._threads.pop(tid, None)
+            self._exiting.add(tid)
+            self._sync_wait.pop(tid, None)
+            self.stats.threads_removed += 1
+            self._cpus_changed("remove", tid)
+            with contextlib.suppress(OSError):
+                P.cont(tid, 0)
+        elif event == P.PTRACE_EVENT_EXEC:
+            self._exec_seen = True
+            self._resume(t)
+        elif event:
+            self._resume(t)
+        elif sig == signal.SIGTRAP:
+            self._on_sigtrap(t)
+        else:
+            if t.want_hold:
+                t.hold_sig = sig       # delivered when let go
+                return
+            self._resume(t, sig)
+
+
+
+    def _reap_exiting(self) -> None:
+        """Reap threads that passed their exit stop (a traced thread stays a
+        zombie until its tracer waits for it)."""
+        for tid in list(self._exiting):
+            if tid != self.pid:
+                self._wait(tid, False)
+
+
+    def _settle(self) -> None:
+        """Reap the interrupt stops still due (a thread that stopped for a
+        trap first takes its interrupt stop when resumed), so that no thread
+        sits in a stop nobody reports between two calls."""
+        for tid, t in list(self._threads.items()):
+            while t.state == _RUN and t.pending_int and self._threads.get(tid) is t:
+                self._wait(tid, True)
+
+
+    def _resume_keep_hold(self, t: _Thread, sig: int) -> None:
+        t.want_hold = True
+        try:
+            if t.pending_int:
+                P.interrupt(t.tid)
+            P.cont(t.tid, sig)
+            t.state = _RUN
+        except OSError:
+            self._vanished(t.tid)
+            return
+        while self._threads.get(t.tid) is t and t.state == _RUN:
+            # its next stop is the queued SIGTRAP, handled (rewound) and held
+            if not self._wait(t.tid, True):
+                with contextlib.suppress(OSError):
+                    P.interrupt(t.tid)
+
+
+
+def _thread_state(pid: int, tid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+            raw = f.read()
+        return raw[raw.rindex(b")") + 2:].split()[0].decode()
+    except (OSError, ValueError, IndexError):
+        return ""
+
+
+def _tracer_of(tid: int) -> int:
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _ppid_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+        return int(raw[raw.rindex(b")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -1,0 +1,157 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The live machine's INT3 half: a SIGTRAP at one of our INT3s runs the
+machine's trap chain (walked by :meth:`Machine.walk_trap_chain`, as on
+every machine) with a :class:`PtRegs` built from the thread's registers,
+then parks the thread or writes the emulated registers back, by
+``trap_policy`` (see :mod:`._machine`).  A mixin of LiveMachine."""
+
+from __future__ import annotations
+
+import signal
+
+from .._core._emulate import PtRegs
+from .._core._machine import TrapPriority, drive
+from . import _ptrace as P
+from ._process import ProcMem
+from ._tracer import _HELD, _PARK, _Thread
+
+_INT3 = 0xCC
+
+
+class _ShadowMem:
+    """Data memory whose writes are kept aside: a parked thread's emulation
+    is only a question (is this trap the core's?), never applied."""
+
+    def __init__(self, mem: ProcMem) -> None:
+        self._mem = mem
+        self._w: dict[int, bytes] = {}
+
+    def read(self, addr: int, size: int) -> bytes:
+        out = bytearray(self._mem.read(addr, size))
+        for a, d in self._w.items():
+            for i, b in enumerate(d):
+                if addr <= a + i < addr + size:
+                    out[a + i - addr] = b
+        return bytes(out)
+
+    def write(self, addr: int, data: bytes) -> None:
+        self._w[addr] = bytes(data)
+
+
+
+class _Traps:
+    """LiveMachine's trap handling (a mixin)."""
+
+    @staticmethod
+    def _trap_queued(tid: int) -> bool:
+        try:
+            pend = P.peek_pending(tid, 4)
+        except OSError:
+            return False
+        return any(s.si_signo == signal.SIGTRAP and s.si_code == P.SI_KERNEL for s in pend)
+
+    def _on_sigtrap(self, t: _Thread) -> None:
+        tid = t.tid
+        regs = P.getregs(tid, self._regs)
+        site = regs.rip - 1
+        if site in self._int3_sites:
+            si = P.getsiginfo(tid)
+            if si.si_code == P.SI_KERNEL:
+                self.stats.traps += 1
+                if self.text_read(site, 1)[0] != _INT3:
+                    regs.rip = site            # our INT3 is gone: run what is there now
+                    P.setregs(tid, regs)
+                    self.stats.traps_rewound += 1
+                    if t.want_hold:
+                        t.hold_sig = 0
+                        return
+                    self._resume(t)
+                    return
+                if self._run_chain(t, regs, site):
+                    return
+                if site in self._adopted:
+                    # a dead patcher's INT3, not repaired yet: back to the
+                    # site, to trap again until it is (never to the target)
+                    regs.rip = site
+                    P.setregs(tid, regs)
+                    self.stats.traps_rewound += 1
+                    if t.want_hold:
+                        t.hold_sig = 0
+                        return
+                    self._resume(t)
+                    return
+        if t.want_hold:
+            t.hold_sig = signal.SIGTRAP
+            return
+        self._resume(t, signal.SIGTRAP)    # not ours: the process gets it unchanged
+
+    def _run_chain(self, t: _Thread, regs: P.UserRegs, site: int) -> bool:
+        park = self.trap_policy == "park"
+        gprs = regs.as_dict()
+        seen: list = []
+
+        def regs_for(h) -> PtRegs:
+            # under "park", the text-poke handler's writes are kept aside:
+            # its emulation only answers "is this trap the core's?"
+            shadow = park and h.priority <= TrapPriority.TEXT_POKE
+            pt = PtRegs(ip=regs.rip, sp=regs.rsp, flags=regs.eflags,
+                        mem=_ShadowMem(self._mem) if shadow else self._mem,
+                        cpu=t.tid, user_mode=False, gprs=dict(gprs))
+            seen[:] = [pt, shadow]
+            return pt
+
+        task = self.walk_trap_chain(None, regs_for)
+        try:
+            h = drive(task)
+        finally:
+            task.close()
+        if h is None:
+            return False
+        pt, shadow = seen
+        if shadow:
+            # rewind now, not at release: if the patcher dies, the
+            # kernel resumes this thread at the site (where the guard
+            # handler takes any INT3 still there), never at site+1
+            t.park_regs = P.UserRegs.from_buffer_copy(regs)
+            regs.rip = site
+            P.setregs(t.tid, regs)
+            t.state = _PARK
+            t.park_site = site
+            self.stats.traps_parked += 1
+            return True
+        regs.rip, regs.rsp, regs.eflags = pt.ip, pt.sp, pt.flags
+        for k, v in pt.gprs.items():
+            if gprs.get(k) != v and hasattr(regs, k):
+                setattr(regs, k, v)
+        P.setregs(t.tid, regs)
+        self.stats.traps_emulated += 1
+        if t.want_hold:
+            t.hold_sig = 0
+            return True
+        self._resume(t)
+        return True
+
+    def _unpark_ready(self, all_: bool = False) -> set[int]:
+        """Resume, at their sites, parked threads whose site no longer starts
+        with INT3 (every one with *all_*).  Returns their ids."""
+        done = set()
+        for tid, t in list(self._threads.items()):
+            if t.state != _PARK:
+                continue
+            if not all_ and self.text_read(t.park_site, 1)[0] == _INT3:
+                continue
+            regs = t.park_regs
+            regs.rip = t.park_site
+            try:
+                P.setregs(tid, regs)
+            except OSError:
+                self._vanished(tid)
+                continue
+            t.park_regs = None
+            if t.want_hold:
+                t.state = _HELD
+                t.hold_sig = 0
+            else:
+                self._resume(t)
+            done.add(tid)
+        return done
