@@ -155,7 +155,16 @@ def test_one_mismatching_site_refuses_everything_nothing_written(enabled_first):
         fm.run(3000)
         assert _text_snapshot(fm) == before
         assert fm.sim.text_read(ft.call_site, 5) == func0
-        assert (fm.core.stats.batches, fm.core.stats.syncs, len(fm.core.events)) == stats0
+        assert (fm.core.stats.batches, fm.core.stats.syncs) == stats0[:2]
+        # registering the profiler made its trampoline first, as the kernel's
+        # __register_ftrace_function does before any record is looked at:
+        # two copies into fresh execmem, nothing else
+        new = list(fm.core.events)[stats0[2]:]
+        if enabled_first:
+            assert new == []
+        else:
+            t = ft.trampolines["profile"]
+            assert len(new) == 2 and all(t.addr <= e.addr < t.addr + t.size for e in new)
         assert [r.enabled for r in ft.records].count(True) == (len(ft.records) if enabled_first
                                                                else 0)
         assert fm.oopses == 0 and fm.bad() == []
@@ -470,3 +479,101 @@ def test_ftrace_bug_kills_ftrace():
         assert _text_snapshot(fm) == before
 
 
+
+
+# ------------------------------------------------------------------ dynamic trampolines
+def _site_targets(fm, recs):
+    out = set()
+    for r in recs:
+        b = fm.sim.text_read(r.ip, 5)
+        assert b[0] == CALL_INSN_OPCODE
+        out.add(r.ip + 5 + int.from_bytes(b[1:], "little", signed=True))
+    return out
+
+
+@pytest.mark.parametrize("features", [None, ("rethunk",)])
+def test_single_tracer_sites_call_its_own_trampoline(features):
+    # kernel/trace/ftrace.c, __register_ftrace_function -> ftrace_update_trampoline
+    # -> arch/x86/kernel/ftrace.c arch_ftrace_update_trampoline/create_trampoline:
+    # a registered ops gets its own copy of ftrace_caller in executable memory,
+    # its op load aimed at the ops pointer stored after the copy and its CALL
+    # straight at the ops' function, then a return.  __ftrace_hash_rec_update
+    # sets FTRACE_FL_TRAMP on a record traced by exactly one ops that has a
+    # trampoline, so ftrace_get_addr_new gives that trampoline; a second ops on
+    # the record clears it and the site goes back to ftrace_caller (the list
+    # function), and back again to the trampoline when it leaves.  The ops
+    # here are static (global_ops, ftrace_profile_ops): their trampolines are
+    # never freed (ftrace_shutdown frees only FTRACE_OPS_FL_DYNAMIC ones).
+    from textpoke._ftrace._ops import RET_SIZE
+    with FtraceMachine(cpus=2, seed=9, features=features) as fm:
+        ft = fm.ftrace
+        fm.set_work(DEMO_FUNCTIONS)
+        fm.start()
+        fm.wait_passes(1)
+        traced = ft.set_ftrace_filter("ft_*")
+        up = ft.start("function")
+        t = ft.trampolines["function"]
+        recs = ft.enabled_records
+        assert len(recs) == traced == up.enabled and "profile" not in ft.trampolines
+        assert _site_targets(fm, recs) == {t.addr} and t.addr != ft.trampoline
+        assert not any(r.start <= t.addr < r.end for r in fm.sim.text_ranges if r.core)
+        # the trampoline's bytes, rebuilt here from ftrace_caller
+        start, end = fm.sym("ftrace_caller"), fm.sym("ftrace_caller_end")
+        size = end - start
+        assert t.size == size + RET_SIZE + 8
+        tramp = fm.sim.text_read(t.addr, size)
+        orig = fm.sim.text_read(start, size)
+        op = fm.sym("ftrace_caller_op_ptr") - start
+        call = fm.sym("ftrace_call") - start
+        ptr = t.addr + size + RET_SIZE
+        assert tramp[:op] == orig[:op] and tramp[op:op + 3] == bytes([0x48, 0x8B, 0x15])
+        assert t.addr + op + 7 + int.from_bytes(tramp[op + 3:op + 7], "little", signed=True) == ptr
+        assert int.from_bytes(fm.sim.text_read(ptr, 8), "little") == fm.sym("global_ops")
+        assert tramp[op + 7:call] == orig[op + 7:call]
+        assert tramp[call:call + 5] == text_gen_insn(CALL_INSN_OPCODE, t.addr + call,
+                                                     fm.sym("function_trace_call"))
+        assert tramp[call + 5:] == orig[call + 5:]
+        ret = fm.sim.text_read(t.addr + size, 5)
+        if features:        # cpu_wants_rethunk_at: jmp x86_return_thunk
+            assert ret == text_gen_insn(0xE9, t.addr + size, fm.sym("__x86_return_thunk"))
+        else:
+            assert ret[:2] == bytes([0xC3, 0xCC])
+        # it traces: every call of the workload, through the trampoline
+        work, trace = fm.window(2)
+        assert fm.hit_counts(trace) and Counter(
+            ft.name(e.ip) for e in trace) == expected_hits(work, ft, {r.name for r in recs})
+        fm.resume()
+
+        # a second ops on the records: back to ftrace_caller and its list function
+        up = ft.start("function+profile")
+        assert up.modified == traced and up.checked == traced and up.enabled == 0
+        assert _site_targets(fm, recs) == {ft.trampoline}
+        assert "profile" in ft.trampolines
+        assert fm.sim.text_read(ft.call_site, 5) == text_gen_insn(
+            CALL_INSN_OPCODE, ft.call_site, fm.sym("ftrace_ops_list_func"))
+        work, trace = fm.window(2)
+        assert Counter(ft.name(e.ip) for e in trace) == expected_hits(work, ft,
+                                                                       {r.name for r in recs})
+        fm.resume()
+        # ... and the one left goes back to its own trampoline, made once
+        up = ft.start("function")
+        assert up.modified == traced and _site_targets(fm, recs) == {t.addr}
+        assert ft.trampolines["function"] is t
+        ft.stop()
+        assert all(fm.sim.text_read(r.ip, 5) == NOP5 for r in recs)
+        assert ft.trampolines["function"] is t and t.addr in ft.execmem.used
+        fm.wait_passes(1)
+        assert fm.oopses == 0 and fm.bad() == []
+
+
+def test_no_execmem_no_trampoline_sites_call_ftrace_caller():
+    # create_trampoline returns 0 when alloc_tramp fails: no FTRACE_FL_TRAMP,
+    # the records call ftrace_caller as before.
+    with FtraceMachine(cpus=1, seed=9) as fm:
+        ft = fm.ftrace
+        ft.execmem = None
+        ft.set_ftrace_filter("ft_*")
+        ft.start("function")
+        assert not ft.trampolines and ft.tramp_errors["function"] == "no execmem"
+        assert _site_targets(fm, ft.enabled_records) == {ft.trampoline}
+        ft.stop()

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from textpoke import Capability, MachineClosedError, NotSupportedError, TextPoke
+from textpoke import (CALL_INSN_OPCODE, Capability, MachineClosedError, NotSupportedError, TextPoke,
+                      text_gen_insn)
 from textpoke._core._machine import drive
 from textpoke._ftrace import RingBuffer
 from textpoke.images import load_bundled
@@ -160,9 +161,19 @@ def test_the_same_client_code_gives_the_same_text_on_two_machines():
         _drive_clients(k2)
         on_sim = w.sim.text_read(r.start, r.end - r.start)
         assert k2.kprobes is not None                  # the sim has EXECMEM
+        # ... so the function tracer has its own trampoline there (FTRACE_FL_TRAMP),
+        # where the memory machine's sites call ftrace_caller (no execmem for one)
+        ft2 = k2.ftrace
+        tramp, sites = ft2.trampolines["function"].addr, [x.ip for x in ft2.enabled_records]
+        assert sites and not k.ftrace.trampolines
     boot_text = bytes(next(c for s, c, kind, _n in kernel_regions(image) if s == r.start))
     assert on_memory[:len(boot_text)] != boot_text     # the clients did write
-    assert on_memory == on_sim
+    want = bytearray(on_sim)
+    for ip in sites:
+        o = ip - r.start
+        assert want[o:o + 5] == text_gen_insn(CALL_INSN_OPCODE, ip, tramp)
+        want[o:o + 5] = text_gen_insn(CALL_INSN_OPCODE, ip, image.sym("ftrace_caller"))
+    assert on_memory == bytes(want)
 
 
 def _protocol_members(proto) -> set[str]:

@@ -29,6 +29,27 @@ is the update, in the kernel's order:
    function, every CPU is synced (``ftrace_sync_ipi``) and then the CALLs
    are pointed at the final function (``ftrace_stub`` when tracing stops).
 
+Dynamic trampolines (``FTRACE_FL_TRAMP``).  Each tracer is an ftrace_ops:
+``function`` (the kernel's ``global_ops``) and ``profile``
+(``ftrace_profile_ops``); ``function+profile`` is both registered.  When an
+ops is registered it gets a trampoline of its own in execmem
+(``arch_ftrace_update_trampoline`` -> ``create_trampoline``): a copy of
+``ftrace_caller`` .. ``ftrace_caller_end`` relocated to its new address,
+the ``movq disp32(%rip), %rdx`` at ``ftrace_caller_op_ptr`` re-aimed at the
+ops pointer stored after the copy, the CALL at ``ftrace_call`` aimed
+straight at that ops' function, then a return (``jmp x86_return_thunk``
+where the CPU wants the return thunk there, else ``ret; int3``) in a
+slot of ``RET_SIZE`` bytes, then the 8-byte ops pointer.  A record traced
+by exactly one ops that has a trampoline calls that trampoline, not
+``ftrace_caller``; with a second ops on it the record goes back to
+``ftrace_caller`` (and its list function) -- a record whose call target
+changes is verified against its old CALL and rewritten
+(``FTRACE_UPDATE_MODIFY_CALL``).  The two ops are static in the kernel, so
+their trampolines are made once and kept; registering the ops again only
+re-aims the CALL inside it when it differs (``text_poke_bp``).  Without
+execmem (a machine without ``EXECMEM``) no trampoline can be made and the
+sites call ``ftrace_caller``, as when the kernel's allocation fails.
+
 Which functions are traced follows ``set_ftrace_filter`` and
 ``set_ftrace_notrace``: globs (``*``, ``?``, ``[...]``) matched against the
 function's symbol; an empty filter means every function; notrace wins.
@@ -44,12 +65,15 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from .._core._insn import CALL_INSN_OPCODE, text_gen_insn, x86_nops
+import struct
+
+from .._alternative._reloc import text_poke_apply_relocation
+from .._core._insn import CALL_INSN_OPCODE, JMP32_INSN_OPCODE, text_gen_insn, x86_nops
 from .._errors import BadInstructionError, TextPokeError
 from ..images._tables_clients import SymbolMap
 
 __all__ = ["Ftrace", "DynFtrace", "FtraceBugError", "FtraceDisabledError", "FtraceUpdate",
-           "MCOUNT_INSN_SIZE", "LIST_FUNC",
+           "FtraceTrampoline", "MCOUNT_INSN_SIZE", "LIST_FUNC", "FTRACE_OPS", "RET_SIZE",
            "FTRACE_CALLBACKS", "parse_globs"]
 
 MCOUNT_INSN_SIZE = 5
@@ -59,6 +83,16 @@ FTRACE_CALLBACKS = {"function": "function_trace_call", "profile": "function_prof
                     "function+profile": "ftrace_ops_list_func", "none": "ftrace_stub"}
 #: the callback that is the kernel's ftrace_ops_list_func
 LIST_FUNC = "function+profile"
+#: the ftrace_ops registered for each callback setting
+FTRACE_OPS = {"function": ("function",), "profile": ("profile",),
+              "function+profile": ("function", "profile"), "none": ()}
+#: each ops' object in the image (what its trampoline passes as ``op``)
+FTRACE_OPS_OBJECTS = {"function": "global_ops", "profile": "ftrace_profile_ops"}
+#: the return slot after a trampoline's copy (RET_SIZE with
+#: CONFIG_MITIGATION_RETPOLINE: room for a JMP32 to the return thunk)
+RET_SIZE = 5
+_OP_REF = bytes([0x48, 0x8B, 0x15])         # movq disp32(%rip), %rdx
+_OP_REF_SIZE = 7
 
 
 class FtraceBugError(BadInstructionError):
@@ -88,6 +122,19 @@ class DynFtrace:
     ip: int
     name: str                   # the function it belongs to
     enabled: bool = False       # the site holds the CALL
+    #: where that CALL goes: ftrace_caller, or an ops' own trampoline
+    #: (FTRACE_FL_TRAMP_EN); 0 while disabled
+    addr: int = 0
+
+
+@dataclass(slots=True)
+class FtraceTrampoline:
+    """One ops' dynamic trampoline in execmem (``ops->trampoline``)."""
+
+    ops: str                    # "function" or "profile"
+    addr: int
+    size: int                   # the whole allocation: copy + RET_SIZE + ops pointer
+    call_offset: int            # of the CALL to the ops' function
 
 
 @dataclass(slots=True)
@@ -97,13 +144,14 @@ class FtraceUpdate:
     checked: int = 0            # records verified (those whose state changes)
     enabled: int = 0
     disabled: int = 0
+    modified: int = 0           # enabled records whose call target changed
     batches: int = 0            # of the sites' update (the callback's not counted)
     syncs: int = 0
     func_updates: int = 0       # ftrace_call switched (one smp_text_poke_single each)
 
     def as_dict(self) -> dict:
         return {"checked": self.checked, "enabled": self.enabled, "disabled": self.disabled,
-                "batches": self.batches, "syncs": self.syncs, "func_updates": self.func_updates}
+                "modified": self.modified, "batches": self.batches, "syncs": self.syncs, "func_updates": self.func_updates}
 
 
 def parse_globs(spec: "str | Iterable[str] | None") -> list[str]:
@@ -140,6 +188,11 @@ class Ftrace:
     sizes: dict = field(default_factory=dict)
     #: the CALL in ftrace_regs_caller (None: the image has no regs caller)
     regs_call_site: int | None = None
+    #: where the ops' dynamic trampolines go (None: no trampolines)
+    execmem: object = None
+    #: the boot's x86_return_thunk: False (plain returns), True
+    #: (__x86_return_thunk), or a symbol name or address
+    rethunk: "bool | str | int" = False
 
     def __post_init__(self) -> None:
         self.machine = self.core.machine
@@ -157,13 +210,27 @@ class Ftrace:
         #: ftrace_kill() was called (after an ftrace_bug)
         self.disabled = False
         self.bug: FtraceBugError | None = None
+        #: ops name -> its dynamic trampoline (made at its first registration)
+        self.trampolines: dict[str, FtraceTrampoline] = {}
+        #: why an ops has no trampoline (its allocation or template failed)
+        self.tramp_errors: dict[str, str] = {}
+        thunk = self.rethunk
+        if thunk is True:
+            thunk = "__x86_return_thunk"
+        if isinstance(thunk, str):
+            if thunk not in self.symbols:
+                raise ValueError(f"no return thunk {thunk!r} in this image")
+            thunk = self.symbols[thunk]
+        self.return_thunk: int | None = int(thunk) if thunk else None
 
     @classmethod
-    def from_image(cls, core, image, tables) -> "Ftrace":
+    def from_image(cls, core, image, tables, *, execmem=None,
+                   rethunk: "bool | str | int" = False) -> "Ftrace":
         cbs = {k: image.sym(v) for k, v in FTRACE_CALLBACKS.items()}
         return cls(core, [m.addr for m in tables.mcount_loc], dict(image.symbols),
                    image.sym("ftrace_caller"), image.sym("ftrace_call"), cbs, dict(image.sizes),
-                   regs_call_site=image.symbols.get("ftrace_regs_call"))
+                   regs_call_site=image.symbols.get("ftrace_regs_call"), execmem=execmem,
+                   rethunk=rethunk)
 
     def _func_of(self, ip: int, funcs: list[tuple[int, str]]) -> str:
         import bisect
@@ -184,19 +251,116 @@ class Ftrace:
         return self.symmap.describe(addr).split("+", 1)[0].split(" ", 1)[0]
 
     # ------------------------------------------------------------ site bytes
-    def call_insn(self, ip: int) -> bytes:
-        return text_gen_insn(CALL_INSN_OPCODE, ip, self.trampoline)
+    def call_insn(self, ip: int, addr: int | None = None) -> bytes:
+        """The CALL at *ip* to *addr* (default: ``ftrace_caller``)."""
+        return text_gen_insn(CALL_INSN_OPCODE, ip, self.trampoline if addr is None else addr)
 
     def expected(self, rec: DynFtrace) -> bytes:
-        return self.call_insn(rec.ip) if rec.enabled else _NOP5
+        return self.call_insn(rec.ip, rec.addr or None) if rec.enabled else _NOP5
 
     def site_state(self, rec: DynFtrace) -> str | None:
+        """"nop", "call" (to ftrace_caller or one of the trampolines), or
+        None for anything else."""
         cur = self.machine.text_read(rec.ip, MCOUNT_INSN_SIZE)
         if cur == _NOP5:
             return "nop"
-        if cur == self.call_insn(rec.ip):
+        targets = [self.trampoline] + [t.addr for t in self.trampolines.values()]
+        if any(cur == self.call_insn(rec.ip, a) for a in targets):
             return "call"
         return None
+
+    # ------------------------------------------------------------ dynamic trampolines
+    def _return_thunk_at(self, addr: int) -> int | None:
+        """``cpu_wants_rethunk_at``: the boot's return thunk, except the
+        ITS thunk where a return would sit in the upper half of its line."""
+        thunk = self.return_thunk
+        if thunk is None:
+            return None
+        if thunk == self.symbols.get("its_return_thunk") and addr & 0x20:
+            return None
+        return thunk
+
+    def _ops_func(self, ops: str) -> int:
+        """``ftrace_ops_get_func``: the tracers here handle recursion
+        themselves, so the ops' own function."""
+        return self.callbacks[ops]
+
+    def create_trampoline(self, ops: str) -> FtraceTrampoline | None:
+        """Make *ops*' trampoline (``create_trampoline``), or return None
+        (and say why in :attr:`tramp_errors`) when there is no execmem or
+        the template is not as expected -- the sites then keep calling
+        ``ftrace_caller``."""
+        if self.execmem is None:
+            self.tramp_errors[ops] = "no execmem"
+            return None
+        start, end = self.trampoline, self.symbols.get("ftrace_caller_end")
+        op_ptr = self.symbols.get("ftrace_caller_op_ptr")
+        if end is None or op_ptr is None or not start < self.call_site < end:
+            self.tramp_errors[ops] = "no ftrace_caller_end/ftrace_caller_op_ptr in the image"
+            return None
+        size = end - start
+        total = size + RET_SIZE + 8
+        try:
+            addr = self.execmem.alloc(total)
+        except MemoryError as e:
+            self.tramp_errors[ops] = str(e)
+            return None
+        buf = bytearray(self.machine.text_read(start, size))
+        ip = addr + size
+        thunk = self._return_thunk_at(ip)
+        ret = text_gen_insn(JMP32_INSN_OPCODE, ip, thunk) if thunk else bytes([0xC3, 0xCC])
+        op_off = op_ptr - start
+        ok = bytes(buf[op_off:op_off + 3]) == _OP_REF
+        if ok:
+            try:
+                # relative operands that leave the copy keep their targets
+                text_poke_apply_relocation(buf, addr, size, start, size)
+            except BadInstructionError as e:
+                ok, why = False, str(e)
+        else:
+            why = (f"ftrace_caller_op_ptr holds {bytes(buf[op_off:op_off + 3]).hex(' ')}, "
+                   "not movq disp32(%rip), %rdx")
+        if not ok:
+            self.execmem.free(addr, invalidate=False)
+            self.tramp_errors[ops] = why
+            return None
+        # the ops pointer after the return slot; the load reads it
+        ptr = addr + size + RET_SIZE
+        ops_obj = self.symbols.get(FTRACE_OPS_OBJECTS[ops], 0)
+        buf[op_off + 3:op_off + _OP_REF_SIZE] = struct.pack(
+            "<i", ptr - (addr + op_off + _OP_REF_SIZE))
+        call_off = self.call_site - start
+        buf[call_off:call_off + MCOUNT_INSN_SIZE] = text_gen_insn(
+            CALL_INSN_OPCODE, addr + call_off, self._ops_func(ops))
+        # fresh memory nobody runs yet: plain copies, as the kernel's memcpy
+        self.core.text_poke_copy(addr, bytes(buf) + ret)
+        self.core.text_poke_copy(ptr, struct.pack("<Q", ops_obj))
+        t = FtraceTrampoline(ops, addr, total, call_off)
+        self.trampolines[ops] = t
+        self.tramp_errors.pop(ops, None)
+        return t
+
+    def update_trampoline(self, ops: str) -> FtraceTrampoline | None:
+        """``arch_ftrace_update_trampoline`` at *ops*' registration: make
+        its trampoline the first time; later, re-aim the CALL inside it at
+        the ops' function if it differs (one ``smp_text_poke_single``, the
+        trampoline may be running)."""
+        t = self.trampolines.get(ops)
+        if t is None:
+            return self.create_trampoline(ops)
+        site = t.addr + t.call_offset
+        new = text_gen_insn(CALL_INSN_OPCODE, site, self._ops_func(ops))
+        if self.machine.text_read(site, MCOUNT_INSN_SIZE) != new:
+            self.core.smp_text_poke_single(site, new)
+        return t
+
+    def site_target(self, func: str) -> int:
+        """Where an enabled record calls when *func*'s ops trace it: the
+        one ops' trampoline (``FTRACE_FL_TRAMP``), else ``ftrace_caller``."""
+        ops = FTRACE_OPS[func]
+        if len(ops) == 1 and ops[0] in self.trampolines:
+            return self.trampolines[ops[0]].addr
+        return self.trampoline
 
     # ------------------------------------------------------------ filters
     def set_ftrace_filter(self, globs, *, append: bool = False) -> int:
@@ -246,7 +410,9 @@ class Ftrace:
     def update_ftrace_func(self, func: str) -> bool:
         """Point ``ftrace_call`` (and ``ftrace_regs_call``) at the callback
         *func* (a key of :data:`FTRACE_CALLBACKS`); return whether any
-        CALL changed."""
+        CALL changed.  Only what goes through ``ftrace_caller`` follows:
+        records on an ops' own trampoline do not (switch tracers with
+        :meth:`start`)."""
         self._check_enabled()
         with self.core.text_mutex:
             self._check_call_site(func)
@@ -291,11 +457,21 @@ class Ftrace:
         if unknown:
             raise FtraceBugError(f"not an fentry site: {', '.join(hex(a) for a in sorted(unknown))}")
         st = FtraceUpdate()
+        final = self.func if func is None else func
+        if final not in self.callbacks:
+            raise ValueError(f"unknown ftrace callback {final!r} ({', '.join(self.callbacks)})")
         with self.core.text_mutex:
+            # __register_ftrace_function: each newly registered ops gets
+            # (or re-aims) its trampoline before any record changes
+            if final != self.func:
+                for ops in FTRACE_OPS[final]:
+                    if ops not in FTRACE_OPS[self.func]:
+                        self.update_trampoline(ops)
+            target = self.site_target(final)
             plan = []
             for r in self.records:
                 on = r.ip in want
-                if on == r.enabled:
+                if on == r.enabled and (not on or r.addr == target):
                     continue                # nothing to change: not looked at
                 expect = self.expected(r)
                 cur = self.machine.text_read(r.ip, MCOUNT_INSN_SIZE)
@@ -311,7 +487,7 @@ class Ftrace:
                     self.bug = err
                     self.ftrace_kill()
                     raise err
-                plan.append((r, self.call_insn(r.ip) if on else _NOP5, on))
+                plan.append((r, self.call_insn(r.ip, target) if on else _NOP5, on))
             update = func is not None and func != self.func
             if update:
                 self._check_call_site(func)
@@ -325,11 +501,13 @@ class Ftrace:
             st.syncs = self.core.stats.syncs - s0
             st.batches = self.core.stats.batches - b0
             for r, _new, on in plan:
-                r.enabled = on
-                if on:
+                if on and r.enabled:
+                    st.modified += 1
+                elif on:
                     st.enabled += 1
                 else:
                     st.disabled += 1
+                r.enabled, r.addr = on, (target if on else 0)
             if update:
                 if func != LIST_FUNC:
                     # every CPU past the old callback, then the final one

@@ -162,7 +162,14 @@ class Kernel:
     @cached_property
     def ftrace(self) -> Ftrace:
         self._check_open()
-        return Ftrace.from_image(self.core, self.image, self.tables)
+        # the ops' dynamic trampolines share execmem with modules and BPF
+        # (none on a machine without EXECMEM: the sites call ftrace_caller)
+        try:
+            execmem = self.execmem
+        except NotSupportedError:
+            execmem = None
+        return Ftrace.from_image(self.core, self.image, self.tables, execmem=execmem,
+                                 rethunk=self.return_thunk)
 
     @cached_property
     def kprobes(self) -> Kprobes:

@@ -57,6 +57,24 @@ struct ftrace_cpu {
 	u64 pad[4];
 };
 
+/*
+ * The tracers' ops, named as the kernel's: what the trampolines pass as
+ * their third argument (ftrace_caller loads function_trace_op; a dynamic
+ * trampoline loads the pointer stored at its own end).  The callbacks here
+ * do not need it.
+ */
+struct ftrace_ops {
+	void *func;
+	u64 flags;
+	void *trampoline;
+	u64 pad;
+};
+
+struct ftrace_ops ftrace_list_end;
+struct ftrace_ops global_ops;
+struct ftrace_ops ftrace_profile_ops;
+struct ftrace_ops *function_trace_op = &ftrace_list_end;
+
 struct ftrace_cpu ftrace_percpu[FTRACE_CPUS];
 u64 trace_clock_counter;
 /* the profiler's sorted table of traced fentry addresses */

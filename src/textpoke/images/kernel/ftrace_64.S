@@ -9,9 +9,16 @@
  *
  * The trampoline saves every register the C calling convention lets a
  * callee clobber (the six argument registers, %rax for varargs, %r10 and
- * %r11), calls the current tracer callback with (ip, parent_ip), restores
- * them and returns into the traced function, which then runs as if the
- * call had been a NOP.
+ * %r11), calls the current tracer callback with (ip, parent_ip, op),
+ * restores them and returns into the traced function, which then runs as
+ * if the call had been a NOP.
+ *
+ * The code from ftrace_caller up to ftrace_caller_end is also the
+ * template of the dynamic trampolines the host makes for a single tracer
+ * (the kernel's create_trampoline): copied into execmem, the load at
+ * ftrace_caller_op_ptr re-aimed at the ops pointer stored after the copy,
+ * the CALL at ftrace_call aimed at that tracer's function, and a return
+ * appended.  Keep the load a "movq disp32(%rip), %rdx" (48 8b 15).
  *
  * The callback is chosen by patching the CALL at ftrace_call (the host's
  * update_ftrace_func): ftrace_stub when nothing is registered, else a
@@ -37,6 +44,8 @@ SYM_FUNC_START(ftrace_caller)
 	movq	FRAME(%rsp), %rdi
 	subq	$MCOUNT_INSN_SIZE, %rdi		/* ip: the fentry site */
 	movq	FRAME+8(%rsp), %rsi		/* parent_ip */
+SYM_INNER_LABEL(ftrace_caller_op_ptr)
+	movq	function_trace_op(%rip), %rdx	/* op */
 SYM_INNER_LABEL(ftrace_call)
 	call	ftrace_stub
 	movq	64(%rsp), %r11
