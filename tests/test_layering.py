@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("core", {"_core", "lowlevel", "testing"}),
     ("kernel data", {"images"}),
     ("boot passes", {"_alternative"}),
-    ("clients", {"_execmem", "_jump_label", "_static_call", "_ftrace", "_kprobes", "_module",
+    ("clients", {"_execmem", "_jump_label", "_static_call", "_ftrace", "_kprobes", "_module", "_relocate",
                  "_bpf"}),
     ("kernel", {"kernel", "selftests"}),
     ("backends", {"sim", "live"}),

@@ -6,11 +6,13 @@ Subcommands (each takes ``--pid``; those that patch take ``--strategy``):
   poke    write one instruction at ADDR (a number or a name) with the
           INT3 batch protocol, e.g. ``live poke --pid P f00042 e9...``
   sites   list the fentry sites (__mcount_loc, __patchable_function_entries)
-          with the bytes found at each; ``--check`` exits 1 if any holds a
-          stray INT3 (what a SIGKILLed patcher may leave)
+          with the bytes found at each, and which ordinary function entries
+          can take a JMP (and why the others cannot); ``--check`` exits 1 if
+          any holds a stray INT3 (what a SIGKILLed patcher may leave)
   toggle  switch fentry sites to ``call SYMBOL`` or back to NOP5, in one batch
   count   count calls of the matching functions for a while, like bcc's
-          funccount, with stubs injected into the process (no trap per hit)
+          funccount, with stubs injected into the process (no trap per hit):
+          fentry sites, and any other function's entry through a trampoline
   recover undo what a patcher killed with SIGKILL left (from its journal)
 
 On SIGINT/SIGTERM the batch in flight is finished or rolled back, the
@@ -103,12 +105,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "whole instruction of the new length")
     q.set_defaults(live_run=_poke)
 
-    s = sub.add_parser("sites", help="list fentry sites and the bytes found at each",
+    s = sub.add_parser("sites", help="list fentry sites and which function entries can be patched",
                        formatter_class=HelpFormatter,
                        description=("List the fentry sites of the process (__mcount_loc: gcc -pg "
                                     "-mfentry -mnop-mcount -mrecord-mcount; "
                                     "__patchable_function_entries: -fpatchable-function-entry=5) "
-                                    "with the function each belongs to and the bytes found there.\n\n"
+                                    "with the function each belongs to and the bytes found there; "
+                                    "for every other function, whether its entry can take a JMP "
+                                    "(its first instructions moved to a trampoline) and, per "
+                                    "module, why not, counted by reason.\n\n"
                                     "After a patcher was killed with SIGKILL (which no program can "
                                     "catch), run this with --check: it reads every site and exits 1 "
                                     "if any holds a stray INT3, listing them; restore each with "
@@ -137,7 +142,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        formatter_class=HelpFormatter,
                        description="Count the calls of every function matching GLOB: its fentry "
                                    "site becomes a CALL into a counting stub injected into the "
-                                   "process (a hit costs nanoseconds, no trap); after the window "
+                                   "process; a function without one (any binary: /usr/bin/python3, "
+                                   "libc) gets a JMP at its entry to a stub that counts and runs "
+                                   "the instructions the JMP replaced, moved out of line (a hit "
+                                   "costs nanoseconds, no trap; a function whose entry cannot be "
+                                   "moved is listed with the reason); after the window "
                                    "every site is switched back, the stubs are freed, and the "
                                    "counts are printed, most first, like bcc's funccount.  "
                                    "Ctrl-C ends the window early.")
@@ -225,11 +234,15 @@ def _poke(args: argparse.Namespace) -> int:
 
 
 def _sites(args: argparse.Namespace) -> int:
+    from ..live._entry import entry_sites
     from ..live._fentry import fentry_sites, module_report
     from ..live._recover import check, leftovers
     with _symbols(args.pid) as syms:
         sites = fentry_sites(syms, args.functions)
-        modules = module_report(syms, sites, args.functions)
+        # every other function: can its entry take a JMP (and why not)?
+        entries, refused = entry_sites(syms, args.functions, skip={s.func_addr for s in sites})
+        refused = [r for r in refused if r.reason != "fentry"]
+        modules = module_report(syms, sites, args.functions, entries, refused)
     left = check(args.pid)
     dead = leftovers(left)
     reporting()
@@ -238,11 +251,13 @@ def _sites(args: argparse.Namespace) -> int:
         out.emit_json({"pid": args.pid, "functions": args.functions, "sites": [s.as_dict() for s in sites],
                        "stray_int3": len(stray),
                        "kinds": _kinds(sites), "modules": modules, "journal": left,
-                       "leftovers": dead})
+                       "leftovers": dead, "entries": [e.as_dict() for e in entries],
+                       "refused": [r.as_dict() for r in refused],
+                       "refused_by_reason": _reasons(refused)})
     else:
         if not args.check or stray:
             from rich.table import Table
-            tab = Table(title=f"fentry sites of process {args.pid}"
+            tab = Table(title=f"sites of process {args.pid}"
                         + (f" matching {args.functions}" if args.functions else ""),
                         title_justify="left")
             for col in ("address", "function", "module", "from", "bytes", "kind"):
@@ -251,15 +266,34 @@ def _sites(args: argparse.Namespace) -> int:
                 kind = f"[red]{s.kind}[/]" if s.kind == "int3" else s.kind
                 tab.add_row(f"{s.addr:#x}", s.function, s.module, s.source,
                             out.escape(s.found.hex(" ")), kind)
-            out.console().print(tab)
+            if args.functions and not args.check:
+                # ordinary entries: listed one by one for a pattern only (a
+                # whole process has thousands; the module lines count them)
+                for e in entries:
+                    tab.add_row(f"{e.addr:#x}", e.function, e.module, "entry",
+                                out.escape(e.found.hex(" ")), f"entry (moves {e.plan.length})")
+                for r in refused:
+                    tab.add_row(f"{r.addr:#x}", r.function, r.module, "entry", "",
+                                f"[yellow]refused: {out.escape(r.reason)}[/]")
+            if tab.row_count:
+                out.console().print(tab)
         if not args.check:
             for md in modules:
                 what = ", ".join(f"{k} {n}" for k, n in md["kinds"].items())
+                ent = (f"; entries: {md['entries']} can take a JMP, {md['refused']} refused"
+                       + (" (" + ", ".join(f"{k} {n}" for k, n in md["reasons"].items()) + ")"
+                          if md["reasons"] else ""))
                 out.print_plain(f"{md['module']}: {md['functions']} functions, "
-                                f"{md['sites']} sites" + (f" ({what})" if what else "")
-                                + (f" -- {md['why']}" if md["why"] else ""))
+                                f"{md['sites']} fentry sites" + (f" ({what})" if what else "")
+                                + ent + (f" -- {md['why']}" if md["why"] else ""))
+            if args.functions:
+                for r in refused[:20]:
+                    out.print_plain(f"  {r.function}: {r.reason}: {r.why}")
+                if len(refused) > 20:
+                    out.print_plain(f"  ... {len(refused) - 20} more refused (--json lists all)")
         summary = ", ".join(f"{k} {n}" for k, n in _kinds(sites).items()) or "no sites"
-        out.print_plain(f"{len(sites)} sites: {summary}")
+        out.print_plain(f"{len(sites)} sites: {summary}; ordinary entries: "
+                        f"{len(entries)} can take a JMP, {len(refused)} refused")
         if args.check:
             out.print_plain(f"stray INT3s: {len(stray)}" + (
                 f" -- run 'textpoke live recover --pid {args.pid}'" if stray else ""))
@@ -291,6 +325,13 @@ def _recover(args: argparse.Namespace) -> int:
         for k in rep["kept"]:
             out.print_plain(f"kept: {k}")
     return 1 if rep["kept"] else 0
+
+
+def _reasons(refused) -> dict[str, int]:
+    d: dict[str, int] = {}
+    for r in refused:
+        d[r.reason] = d.get(r.reason, 0) + 1
+    return dict(sorted(d.items(), key=lambda kv: -kv[1]))
 
 
 def _kinds(sites) -> dict[str, int]:
@@ -452,5 +493,9 @@ def _print_count(res, args: argparse.Namespace) -> None:
                     f"attached; sites restored: {'yes' if res.restored else 'NO'}; stubs "
                     + ("freed" if res.freed else "kept mapped: " + "; ".join(res.kept_mapped)))
     if res.skipped:
-        out.print_plain(f"skipped {len(res.skipped)} site(s) that do not hold a NOP5 "
-                        f"(first: {res.skipped[0]['function']}: {res.skipped[0]['why']})")
+        by: dict[str, int] = {}
+        for k in res.skipped:
+            by[k["kind"]] = by.get(k["kind"], 0) + 1
+        out.print_plain(f"not counted: {len(res.skipped)} function(s) ("
+                        + ", ".join(f"{k} {n}" for k, n in sorted(by.items(), key=lambda kv: -kv[1]))
+                        + f"); first: {res.skipped[0]['function']}: {res.skipped[0]['why']}")

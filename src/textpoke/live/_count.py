@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from .._core._insn import CALL_INSN_OPCODE, text_gen_insn
-from ._fentry import PATCHABLE, QUIESCENT, FentrySite, fentry_sites, read_process
+from ._fentry import NOP5, PATCHABLE, QUIESCENT, FentrySite, fentry_sites, read_process
 from ._inject import ExecMem, InjectError
 from ._symbols import Symbols, SymbolError, read_maps
 
@@ -55,6 +55,8 @@ __all__ = ["CountResult", "live_count", "stub_code", "STUB_SIZE", "COUNTER_STRID
            "switch_sites", "Arming"]
 
 STUB_SIZE = 16
+#: an ordinary entry's stub: the increment, the moved instructions, the JMP back
+ENTRY_STUB_SIZE = 64
 COUNTER_STRIDE = 64
 
 
@@ -89,22 +91,62 @@ class CountResult:
 
 
 def switch_sites(machine, writes: Sequence[tuple[int, bytes]],
-                 progress: Callable[[int, int], None] | None = None) -> dict:
+                 progress: Callable[[int, int], None] | None = None, *,
+                 entries: Sequence = ()) -> dict:
     """Apply *writes* (address, new bytes) as ONE batch of the core on
     *machine*; return the core's stats.  The core finishes or rolls back
-    the batch on any error or signal."""
+    the batch on any error or signal.
+
+    New bytes that are not one instruction of their length (an ordinary
+    entry's original first bytes, put back over the JMP into its stub) are
+    emulated, while their site holds the INT3, as the JMP or CALL there now
+    (the trampoline runs the same instructions).  *entries*: the
+    :class:`EntrySite` among the sites switched to their JMP, whose tails
+    are written only once no thread is inside (:func:`quiescent_tails`)."""
     from .._core import TextPoke
+    from ._entry import quiescent_tails
     core = TextPoke(machine)
     try:
-        with core.batch():
-            n = len(writes)
-            for i, (addr, new) in enumerate(writes):
-                core.smp_text_poke_batch_add(addr, new)
-                if progress and (i % 256 == 0 or i + 1 == n):
-                    progress(i + 1, n)
+        with quiescent_tails(machine, entries) if entries else contextlib.nullcontext():
+            with core.batch():
+                n = len(writes)
+                for i, (addr, new) in enumerate(writes):
+                    core.smp_text_poke_batch_add(addr, new, emulate=_emulate_for(machine, addr, new))
+                    if progress and (i % 256 == 0 or i + 1 == n):
+                        progress(i + 1, n)
         return core.stats.as_dict()
     finally:
         core.close()
+
+
+def _emulate_for(m, addr: int, new: bytes) -> bytes | None:
+    """None (emulate the new instruction: a CALL, JMP or NOP5) unless *new*
+    is anything else -- an ordinary entry's original bytes, which the core
+    cannot emulate: then the CALL/JMP rel32 the site holds now (its
+    trampoline runs those same instructions)."""
+    if new[:1] in (b"\xe8", b"\xe9") or new == NOP5 or len(new) != 5:
+        return None
+    cur = m.text_read(addr, 5)
+    return cur if cur[:1] in (b"\xe8", b"\xe9") else None
+
+
+def _stub_size(s) -> int:
+    return ENTRY_STUB_SIZE if s.kind == "entry" else STUB_SIZE
+
+
+class _Group:
+    """The sites of one module and the region of stubs they call (regions
+    are mapped per module: a module's code reaches its stubs in rel32)."""
+
+    def __init__(self, sites: list) -> None:
+        self.sites = sites
+        self.offsets: list[int] = []
+        off = 0
+        for s in sites:
+            self.offsets.append(off)
+            off += _stub_size(s)
+        self.code_size = off
+        self.region: ExecMem | None = None
 
 
 class Arming:
@@ -112,50 +154,62 @@ class Arming:
     :func:`live_count`, usable one by one (the benchmark times them)."""
 
     def __init__(self, pid: int, pattern: str, *, strategy: str = "int3",
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 entries: bool = True) -> None:
         self.pid, self.pattern, self.strategy, self.progress = pid, pattern, strategy, progress
         self.syms = Symbols(pid)
         found = fentry_sites(self.syms, pattern)
-        if not found:
-            raise SymbolError(_why_no_site(self.syms, pattern, pid))
-        self.sites: list[FentrySite] = [s for s in found if s.kind in PATCHABLE]
+        fent = [s for s in found if s.kind in PATCHABLE]
         self.skipped = [dict(s.as_dict(), why=_why_not(s)) for s in found
                         if s.kind not in PATCHABLE]
+        ents: list = []
+        self.refused: list = []
+        if entries:
+            from ._entry import entry_sites
+            try:
+                funcs = self.syms.functions(pattern)
+            except SymbolError:
+                funcs = []
+            covered = {s.func_addr for s in found}
+            ents, refused = entry_sites(self.syms, functions=[f for f in funcs
+                                                              if f.addr not in covered])
+            self.refused = refused
+            self.skipped += [dict(r.as_dict(), kind=r.reason) for r in refused]
+        self.sites: list = sorted(fent + ents, key=lambda s: s.addr)
         if not self.sites:
-            raise SymbolError(f"none of the {len(found)} fentry sites matching {pattern!r} can be "
-                              f"switched (found: {', '.join(sorted({s.kind for s in found}))}); "
-                              f"{_why_not(found[0])}")
-        self.region: ExecMem | None = None
+            raise SymbolError(_why_none(self.syms, pattern, pid, found, self.refused))
+        self.groups: list[_Group] = []
+        by_mod: dict[str, list] = {}
+        for s in self.sites:
+            by_mod.setdefault(s.module, []).append(s)
+        for mod in sorted(by_mod, key=lambda k: by_mod[k][0].addr):
+            self.groups.append(_Group(by_mod[mod]))
         self.timings: dict[str, float] = {}
         self.stats: dict = {}
+        self.dropped: set[int] = set()     # entries whose trampoline could not be made
+
+    @property
+    def region(self) -> ExecMem | None:
+        """The first group's region (one module: the only one)."""
+        return self.groups[0].region if self.groups else None
 
     # --- the two sessions -------------------------------------------------
     def arm(self) -> None:
-        """Attach, map and fill the stubs, switch every site to its CALL in
-        one batch, detach."""
+        """Attach, map and fill the stubs, switch every site to its CALL
+        (fentry) or JMP (entry) in one batch, detach."""
         from ._machine import LiveMachine
         t0 = time.perf_counter()
         with LiveMachine(self.pid, strategy=self.strategy) as m:
             t1 = time.perf_counter()
-            lo, hi = self.sites[0].addr, self.sites[-1].addr
-            n = len(self.sites)
-            self.region = _map_region(m, n * STUB_SIZE, n * COUNTER_STRIDE, (lo, hi))
-            r = self.region
-            writes = [(s.addr, text_gen_insn(CALL_INSN_OPCODE, s.addr, r.base + i * STUB_SIZE)
-                       + b"\x90" * (len(s.found) - 5))
-                      for i, s in enumerate(self.sites)]
-            # written down as soon as it is mapped, before any site calls into
-            # it: a dead patcher's region is found and freed by 'live recover'
-            m.journal.drop_region(r.base, flush=False)      # named before the mmap
-            m.journal.add_region("count", r.base, r.code_size, r.data_size,
-                                 [(s.addr, s.found, w) for s, (_a, w) in zip(self.sites, writes)])
-            code = b"".join(stub_code(r.base + i * STUB_SIZE, r.data + i * COUNTER_STRIDE)
-                            for i in range(n))
-            r.write(r.base, code)
+            writes_of: dict[int, bytes] = {}
+            for g in self.groups:
+                self._fill(m, g, writes_of)
             t2 = time.perf_counter()
-            self.stats["arm"] = switch_sites(m, [w for s, w in zip(self.sites, writes)
-                                                 if s.kind not in QUIESCENT], self.progress)
-            quiet = [w for s, w in zip(self.sites, writes) if s.kind in QUIESCENT]
+            batch = [(s.addr, writes_of[s.addr]) for s in self.sites if s.kind not in QUIESCENT
+                     and s.addr in writes_of]
+            entries = [s for s in self.sites if s.kind == "entry" and s.addr in writes_of]
+            self.stats["arm"] = switch_sites(m, batch, self.progress, entries=entries)
+            quiet = [(s.addr, writes_of[s.addr]) for s in self.sites if s.kind in QUIESCENT]
             if quiet:                  # not one instruction: with every thread stopped
                 m.write_stopped(quiet)
             t3 = time.perf_counter()
@@ -163,14 +217,62 @@ class Arming:
         self.timings.update(arm_attach=t1 - t0, arm_map=t2 - t1, arm_batch=t3 - t2,
                             arm_detach=t4 - t3, arm_total=t4 - t0)
 
+    def _fill(self, m, g: _Group, writes_of: dict[int, bytes]) -> None:
+        """Map *g*'s region near its module, write the stubs (a site whose
+        moved instructions cannot reach from there is dropped, said why),
+        journal the region with its sites."""
+        from .._relocate import RelocError, trampoline
+        from .._core._insn import JMP32_INSN_OPCODE
+        n = len(g.sites)
+        try:
+            mod = self.syms.module(g.sites[0].module)
+        except SymbolError:
+            mod = None
+        lo, hi = g.sites[0].addr, g.sites[-1].addr
+        if mod is not None and any(s.kind == "entry" for s in g.sites):
+            # moved RIP-relative operands reach the module's data too
+            lo = min(lo, min(x.start for x in mod.mappings))
+            hi = max(hi, max(x.end for x in mod.mappings))
+        g.region = r = _map_region(m, g.code_size, n * COUNTER_STRIDE, (lo, hi))
+        code = bytearray()
+        keep = []
+        for i, (s, off) in enumerate(zip(g.sites, g.offsets)):
+            stub, ctr = r.base + off, r.data + i * COUNTER_STRIDE
+            if s.kind == "entry":
+                try:
+                    body = trampoline(s.plan, stub, head=stub_code(stub, ctr)[:8])
+                except RelocError as e:
+                    self.dropped.add(s.addr)
+                    self.skipped.append({"function": s.function, "addr": f"{s.addr:#x}",
+                                         "module": s.module, "kind": e.reason, "why": str(e)})
+                    body = b""
+                else:
+                    assert len(body) <= ENTRY_STUB_SIZE, len(body)
+                    new = text_gen_insn(JMP32_INSN_OPCODE, s.addr, stub)
+                    writes_of[s.addr] = new
+                    keep.append(s)
+                code += body.ljust(ENTRY_STUB_SIZE, b"\xcc")
+            else:
+                code += stub_code(stub, ctr)
+                writes_of[s.addr] = (text_gen_insn(CALL_INSN_OPCODE, s.addr, stub)
+                                     + b"\x90" * (len(s.found) - 5))
+                keep.append(s)
+        # written down before any site calls into it: a dead patcher's
+        # region is found and freed by 'live recover'
+        m.journal.drop_region(r.base, flush=False)      # named before the mmap
+        m.journal.add_region("count", r.base, r.code_size, r.data_size,
+                             [(s.addr, s.found, writes_of[s.addr]) for s in keep])
+        r.write(r.base, bytes(code))
+
     def disarm(self) -> tuple[list[int], list[str]]:
         """Attach, switch every site back in one batch, stop the threads,
-        read the counters and unmap the region if no thread can be inside
-        it; detach.  Returns (counters, reasons the region stays mapped)."""
+        read the counters and unmap each region if no thread can be inside
+        it; detach.  Returns (counters, reasons a region stays mapped)."""
         from ._machine import LiveMachine
-        r = self.region
-        assert r is not None
         t0 = time.perf_counter()
+        counters: dict[int, list[int]] = {}
+        why: dict[int, list[str]] = {}
+        groups = [g for g in self.groups if g.region is not None]
         with LiveMachine(self.pid, strategy=self.strategy) as m:
             t1 = time.perf_counter()
             # every site still switched on (all of them, unless arming failed half-way)
@@ -182,12 +284,13 @@ class Arming:
             if quiet:
                 m.write_stopped(quiet)
             t2 = time.perf_counter()
-            counters, why = _read_and_free(m, r, len(self.sites), attempts=10)
-            if not why:
-                m.journal.drop_region(r.base)
+            for gi, g in enumerate(groups):
+                counters[gi], why[gi] = _read_and_free(m, g.region, len(g.sites), attempts=10)
+                if not why[gi]:
+                    m.journal.drop_region(g.region.base)
             t3 = time.perf_counter()
         for _session in range(3):
-            if not why:
+            if not any(why.values()):
                 break
             # Threads of a -pg program were seen to stay, attempt after
             # attempt, at the entry of their SIGPROF handler (delivered while
@@ -196,14 +299,25 @@ class Arming:
             # let them run untraced for a moment, then look again.
             time.sleep(0.01)
             with LiveMachine(self.pid, strategy=self.strategy) as m:
-                counters, why = _read_and_free(m, r, len(self.sites), attempts=10)
-                if not why:
-                    m.journal.drop_region(r.base)
+                for gi, g in enumerate(groups):
+                    if why[gi]:
+                        counters[gi], why[gi] = _read_and_free(m, g.region, len(g.sites),
+                                                               attempts=10)
+                        if not why[gi]:
+                            m.journal.drop_region(g.region.base)
             t3 = time.perf_counter()
         t4 = time.perf_counter()
         self.timings.update(disarm_attach=t1 - t0, disarm_batch=t2 - t1, disarm_free=t3 - t2,
                             disarm_detach=t4 - t3, disarm_total=t4 - t0)
-        return counters, why
+        flat: list[int] = []
+        got = {id(g): counters[gi] for gi, g in enumerate(groups)}
+        for g in self.groups:
+            flat += got.get(id(g)) or [0] * len(g.sites)
+        return flat, [w for gi in sorted(why) for w in why[gi]]
+
+    def ordered_sites(self) -> list:
+        """The sites in the order of the counters :meth:`disarm` returns."""
+        return [s for g in self.groups for s in g.sites]
 
     def restored(self) -> bool:
         """Read every site back: True when each holds its original bytes."""
@@ -217,8 +331,9 @@ class Arming:
             read.close()  # type: ignore[attr-defined]
 
     def close(self) -> None:
-        if self.region is not None:
-            self.region.close()
+        for g in self.groups:
+            if g.region is not None:
+                g.region.close()
         self.syms.close()
 
 
@@ -235,7 +350,7 @@ def live_count(pid: int, pattern: str, duration: float = 1.0, *, strategy: str =
         except BaseException:
             # the core finished or rolled back the batch: switch back whatever
             # is on and free the stubs before the error goes on
-            if a.region is not None:
+            if any(g.region is not None for g in a.groups):
                 with contextlib.suppress(Exception):
                     a.disarm()
             raise
@@ -249,11 +364,14 @@ def live_count(pid: int, pattern: str, duration: float = 1.0, *, strategy: str =
             elapsed = time.perf_counter() - t0
             counters, why = a.disarm()
         counts: dict[str, int] = {}
-        for s, c in zip(a.sites, counters):
+        for s, c in zip(a.ordered_sites(), counters):
+            if s.addr in a.dropped:
+                continue
             counts[s.function] = counts.get(s.function, 0) + c
         ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
         timings = dict(a.timings, window=elapsed)
-        return CountResult(pattern, elapsed, strategy, ordered, len(a.sites), a.skipped,
+        return CountResult(pattern, elapsed, strategy, ordered, len(a.sites) - len(a.dropped),
+                           a.skipped,
                            restored=a.restored(), freed=not why, kept_mapped=why,
                            timings=timings, stats=a.stats, alive=_alive(pid))
     finally:
@@ -273,8 +391,8 @@ def _why_not(s: FentrySite) -> str:
 
 
 def _why_no_site(syms: Symbols, pattern: str, pid: int) -> str:
-    """Why *pattern* has no fentry site: no such function, or functions in
-    modules built without any fentry form."""
+    """Why *pattern* has no fentry site (``live toggle`` switches fentry
+    sites only): no such function, or functions without an fentry form."""
     try:
         funcs = syms.functions(pattern)
     except SymbolError as e:
@@ -283,9 +401,34 @@ def _why_no_site(syms: Symbols, pattern: str, pid: int) -> str:
         return f"no function matching {pattern!r} in process {pid}"
     mods = sorted({f.module.short for f in funcs})
     return (f"{len(funcs)} function(s) match {pattern!r} (in {', '.join(mods[:3])}"
-            f"{' ...' if len(mods) > 3 else ''}) but none has an fentry site: built without "
-            "-pg -mfentry or -fpatchable-function-entry; ordinary function entries (moving "
-            "the instructions a JMP covers to a trampoline) are not patched by this version")
+            f"{' ...' if len(mods) > 3 else ''}) but none has an fentry site (built without "
+            "-pg -mfentry or -fpatchable-function-entry); 'live toggle' switches fentry sites "
+            "only -- 'live count' patches ordinary entries through a trampoline")
+
+
+def _why_none(syms: Symbols, pattern: str, pid: int, found: list, refused: list) -> str:
+    """Why nothing matching *pattern* can be counted: no such function, or
+    every fentry site and every entry refused (counted by reason)."""
+    try:
+        funcs = syms.functions(pattern)
+    except SymbolError as e:
+        return str(e)
+    if not funcs and not found:
+        return f"no function matching {pattern!r} in process {pid}"
+    parts = []
+    if found:
+        kinds = sorted({s.kind for s in found})
+        parts.append(f"{len(found)} fentry site(s) not switchable ({', '.join(kinds)}: "
+                     f"{_why_not(found[0])})")
+    if refused:
+        by: dict[str, int] = {}
+        for r in refused:
+            by[r.reason] = by.get(r.reason, 0) + 1
+        what = ", ".join(f"{k} {n}" for k, n in sorted(by.items(), key=lambda kv: -kv[1]))
+        first = refused[0]
+        parts.append(f"{len(refused)} entr{'y' if len(refused) == 1 else 'ies'} refused "
+                     f"({what}; e.g. {first.function}: {first.why})")
+    return f"nothing matching {pattern!r} can be counted: " + "; ".join(parts)
 
 
 def classify_kind(found: bytes) -> str:

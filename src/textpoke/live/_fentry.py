@@ -176,14 +176,25 @@ def fentry_sites(syms: Symbols, pattern: str | None = None, *,
             read.close()  # type: ignore[union-attr]
 
 
-def module_report(syms: Symbols, sites: list[FentrySite], pattern: str | None = None) -> list[dict]:
+def module_report(syms: Symbols, sites: list[FentrySite], pattern: str | None = None,
+                  entries: list | None = None, refused: list | None = None) -> list[dict]:
     """Per module of the process: what was found, and why a module has no
-    patchable site (instead of a bare "0 sites")."""
+    patchable site (instead of a bare "0 sites"); with *entries* and
+    *refused* (:func:`._entry.entry_sites`), the ordinary entries that can
+    take a JMP and the refusals counted by reason."""
     lib = pattern.split(":", 1)[0] if pattern and ":" in pattern else None
     mods = [syms.module(lib)] if lib else list(syms.modules())
     by_mod: dict[str, list[FentrySite]] = {}
     for s in sites:
         by_mod.setdefault(s.module, []).append(s)
+    ent: dict[str, int] = {}
+    for e in entries or ():
+        ent[e.module] = ent.get(e.module, 0) + 1
+    why_not: dict[str, dict[str, int]] = {}
+    for r in refused or ():
+        if r.reason != "fentry":
+            d = why_not.setdefault(r.module, {})
+            d[r.reason] = d.get(r.reason, 0) + 1
     out = []
     for mod in mods:
         secs = [sec for sec in SECTIONS if mod.section_bytes(sec)]
@@ -195,19 +206,26 @@ def module_report(syms: Symbols, sites: list[FentrySite], pattern: str | None = 
         kinds: dict[str, int] = {}
         for s in mine:
             kinds[s.kind] = kinds.get(s.kind, 0) + 1
-        if mine:
+        n_ent = ent.get(mod.short, 0)
+        reasons = dict(sorted(why_not.get(mod.short, {}).items(), key=lambda kv: -kv[1]))
+        if mine or n_ent:
             why = ""
-        elif not secs:
-            why = ("no __mcount_loc or __patchable_function_entries section: built without "
-                   "-pg -mrecord-mcount or -fpatchable-function-entry; ordinary function "
-                   "entries (a trampoline for the instructions a JMP covers) are not patched "
-                   "by this version")
+        elif not nfuncs:
+            why = "no function symbols (.symtab and .dynsym have none)"
+        elif reasons:
+            why = "no entry can take a JMP: " + ", ".join(f"{k} {n}" for k, n in reasons.items())
         elif pattern:
-            why = f"no site of a function matching {pattern!r}"
+            why = f"no function matching {pattern!r}"
+        elif entries is None and not secs:
+            why = ("no __mcount_loc or __patchable_function_entries section: built without "
+                   "-pg -mrecord-mcount or -fpatchable-function-entry")
         else:
             why = "its site sections are empty"
-        out.append({"module": mod.short, "functions": nfuncs, "sections": secs,
-                    "sites": len(mine), "kinds": kinds, "why": why})
+        row = {"module": mod.short, "functions": nfuncs, "sections": secs,
+               "sites": len(mine), "kinds": kinds, "why": why}
+        if entries is not None:
+            row.update(entries=n_ent, refused=sum(reasons.values()), reasons=reasons)
+        out.append(row)
     return out
 
 

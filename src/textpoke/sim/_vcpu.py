@@ -74,6 +74,8 @@ class VCpu:
         self.traps = 0
         self.ipis_taken = 0
         self.refreshes = 0
+        #: a saved context the scheduler reuses (fast-forward's undo)
+        self.ctx_buf: Any = None
         for r in sim._text:
             view = (ctypes.c_ubyte * r.size)()
             ctypes.memmove(view, r.buf, r.size)     # a new CPU comes up fully refilled
@@ -117,6 +119,7 @@ class VCpu:
             _free_engine(uc, self._hooks)
             self._hooks = []
         del uc
+        self.ctx_buf = None
         self.views = []
         self.stale = set()
         self.ipis = []

@@ -1,0 +1,265 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Ordinary function entries of a running process: any function of any
+x86-64 ELF, not only those the compiler gave an fentry NOP.
+
+For each function symbol (``.symtab`` or, in a stripped binary such as
+Debian's ``/usr/bin/python3`` or ``libc.so.6``, ``.dynsym``), the entry is
+planned by :mod:`textpoke._relocate` from the file's bytes: the whole
+instructions covering a 5-byte JMP (after an ENDBR64) are moved to a
+trampoline, or the function is refused with a reason code.  The bytes the
+JMP would replace are then read from the live process and must still be the
+file's: an INT3 there is someone's breakpoint (or a dead patcher's), a JMP
+is a patch already in place (a ``live count`` killed with SIGKILL: see
+``live sites --check`` and ``live recover``).
+
+Switching an entry (``live count``): the site becomes ``jmp stub``, the
+stub counts and runs the trampoline (the moved instructions, then a JMP
+back).  The write is the core's INT3 batch, with one addition the moved
+instructions need (see :func:`quiescent_tails`): between the INT3 phase and
+the tail phase, every thread is stopped, any thread whose RIP is strictly
+inside the replaced bytes is single-stepped out (the INT3 keeps new ones
+from entering), and no thread's stack may hold an address strictly inside
+them (a signal frame of a thread interrupted there; no CALL is ever moved,
+so no return address can be) -- the kernel's optprobes wait for the same
+quiescence with ``synchronize_rcu_tasks``.  A thread found with such a
+stack word is waited for (the handler returns) a few times, then the batch
+is refused and rolled back.  Switching back needs no such wait: the JMP is
+one instruction, and while the INT3 stands a thread that reaches it is sent
+to the trampoline (the old JMP, emulated).  The trampolines are freed with
+the stubs, once no thread's RIP or stack points into them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import fnmatch
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+from .._errors import BadAddressError, MachineError
+from .._relocate import JMP_SIZE, REASONS, EntryPlan, RelocError, plan_entry
+from ._symbols import Module, Symbol, Symbols
+
+__all__ = ["EntrySite", "Refusal", "entry_sites", "ENTRY_REASONS", "quiescent_tails",
+           "reason_counts"]
+
+#: the relocator's reasons, and what the live text adds
+ENTRY_REASONS = dict(REASONS, **{
+    "not-file": "its bytes are not file-backed code of the module",
+    "int3": "an INT3 where the JMP goes (a breakpoint, or a patcher killed mid-batch)",
+    "patched": "the text differs from the file (already patched: a JMP or CALL of a "
+               "killed 'live count'? see 'live sites --check')",
+    "fentry": "it has an fentry site (patched there instead)",
+})
+
+
+@dataclass(slots=True)
+class EntrySite:
+    """A function entry that can take a JMP (see the module doc)."""
+
+    addr: int              # where the JMP goes (after ENDBR64)
+    function: str
+    func_addr: int
+    module: str
+    found: bytes           # the 5 bytes the JMP replaces, as read live
+    plan: EntryPlan
+    source: str = "entry"
+    kind: str = "entry"
+
+    @property
+    def patchable(self) -> bool:
+        return True
+
+    @property
+    def stray_int3(self) -> bool:
+        return False
+
+    def as_dict(self) -> dict:
+        return {"addr": f"{self.addr:#x}", "function": self.function, "module": self.module,
+                "source": self.source, "bytes": self.found.hex(" "), "kind": self.kind,
+                "moved": self.plan.length, "endbr": self.plan.endbr}
+
+
+@dataclass(slots=True)
+class Refusal:
+    """A function whose entry cannot be moved, and why."""
+
+    function: str
+    addr: int
+    module: str
+    reason: str            # a key of ENTRY_REASONS
+    why: str               # the sentence (addresses, instruction)
+
+    def as_dict(self) -> dict:
+        return {"function": self.function, "addr": f"{self.addr:#x}", "module": self.module,
+                "reason": self.reason, "why": self.why}
+
+
+def _functions(syms: Symbols, pattern: str | None) -> list[Symbol]:
+    if pattern:
+        return syms.functions(pattern)
+    out: dict[int, Symbol] = {}
+    for mod in syms.modules():
+        for s in mod.functions_sorted():
+            out.setdefault(s.addr, s)
+    return [out[a] for a in sorted(out)]
+
+
+def entry_sites(syms: Symbols, pattern: str | None = None, *,
+                skip: Iterable[int] = (),
+                read: Callable[[int, int], bytes] | None = None,
+                functions: Sequence[Symbol] | None = None
+                ) -> tuple[list[EntrySite], list[Refusal]]:
+    """The entries of the functions matching *pattern* (a glob, ``lib:glob``;
+    None: every function) that can take a JMP, and the refusals.  *skip*:
+    function addresses handled otherwise (fentry sites).  *read* reads live
+    memory (default: /proc/PID/mem)."""
+    funcs = list(functions) if functions is not None else _functions(syms, pattern)
+    skip = set(skip)
+    own = read is None
+    fd = -1
+    if own:
+        fd = os.open(f"/proc/{syms.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        read = lambda a, n: os.pread(fd, n, a)  # noqa: E731
+    sites: list[EntrySite] = []
+    refused: list[Refusal] = []
+    starts: dict[int, list[int]] = {}
+    try:
+        for s in funcs:
+            mod: Module = s.module
+            if s.addr in skip:
+                refused.append(Refusal(s.name, s.addr, mod.short, "fentry",
+                                       ENTRY_REASONS["fentry"]))
+                continue
+            try:
+                plan = _plan(s, mod, starts)
+            except RelocError as e:
+                refused.append(Refusal(s.name, s.addr, mod.short, e.reason, str(e)))
+                continue
+            try:
+                live = read(plan.addr, plan.length)
+            except OSError as e:
+                refused.append(Refusal(s.name, s.addr, mod.short, "not-file",
+                                       f"cannot read {plan.addr:#x}: {e.strerror}"))
+                continue
+            if live != plan.orig:
+                reason = "int3" if b"\xcc" in live[:1] else "patched"
+                refused.append(Refusal(s.name, s.addr, mod.short, reason,
+                                       f"{ENTRY_REASONS[reason]}: reads {live.hex(' ')}, the "
+                                       f"file has {plan.orig.hex(' ')}"))
+                continue
+            sites.append(EntrySite(plan.addr, s.name, s.addr, mod.short, live[:JMP_SIZE], plan))
+        return sites, refused
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _plan(s: Symbol, mod: Module, starts: dict[int, list[int]]) -> EntryPlan:
+    if not s.size:
+        raise RelocError("no-size", REASONS["no-size"])
+    try:
+        code = mod.file_bytes_at(s.addr, s.size)
+    except BadAddressError as e:
+        raise RelocError("not-file", str(e)) from None
+    st = starts.get(id(mod))
+    if st is None:
+        st = starts[id(mod)] = [f.addr for f in mod.functions_sorted()]
+    i = bisect.bisect_right(st, s.addr)
+    others = st[i:i + 8]
+    extra = []
+    for suffix in (".cold",):       # GCC's split-off unlikely part may branch back
+        c = mod.lookup(s.name + suffix)
+        if c is not None and c.size and c.addr != s.addr:
+            with contextlib.suppress(BadAddressError):
+                extra.append((mod.file_bytes_at(c.addr, c.size), c.addr, c.name))
+    return plan_entry(code, s.addr, others=[o for o in others if o < s.addr + 24],
+                      extra=extra)
+
+
+def reason_counts(refused: Iterable[Refusal]) -> dict[str, dict[str, int]]:
+    """{module: {reason: functions}}."""
+    out: dict[str, dict[str, int]] = {}
+    for r in refused:
+        d = out.setdefault(r.module, {})
+        d[r.reason] = d.get(r.reason, 0) + 1
+    return out
+
+
+# --- the write: quiescence between the INT3 and the tail ----------------------
+_STACK_BELOW = 128
+_STACK_SCAN = 64 * 1024
+
+
+@contextlib.contextmanager
+def quiescent_tails(m, sites: Sequence[EntrySite], *, attempts: int = 20) -> Iterator[None]:
+    """While active, a tail write of the core's batch at one of *sites*
+    (the JMP's bytes after its first, replacing moved instructions) is made
+    with every thread stopped, none with its RIP strictly inside the
+    replaced bytes (single-stepped out), none with a stack word pointing
+    strictly inside them (waited for, then MachineError: the core rolls
+    the batch back).  Writes that put the original bytes back need none of
+    this and go through unchanged."""
+    orig_tail = {s.addr + 1: s.plan.orig[1:JMP_SIZE] for s in sites}
+    ranges = sorted((s.addr + 1, s.addr + s.plan.length) for s in sites)
+    los = [r[0] for r in ranges]
+    plain = m.text_poke_write_many
+
+    def inside(v: int) -> bool:
+        i = bisect.bisect_right(los, v) - 1
+        return i >= 0 and v < ranges[i][1]
+
+    def write_many(writes):
+        if not any(a in orig_tail and bytes(d) != orig_tail[a][:len(d)] for a, d in writes):
+            yield from plain(writes)
+            return
+        why = ""
+        for attempt in range(attempts):
+            with m.stopped() as tids:
+                for tid in tids:
+                    rip = m.get_regs(tid).rip
+                    if inside(rip):
+                        i = bisect.bisect_right(los, rip) - 1
+                        m.step_out_of_range(*ranges[i])
+                why = _stack_hit(m, tids, inside)
+                if not why:
+                    # the tails land while every thread is held: each
+                    # returns to user mode through the kernel (serialising)
+                    yield from plain(writes)
+                    return
+            time.sleep(0.0005 * (attempt + 1))       # a signal handler returns meanwhile
+        raise MachineError(f"a thread keeps an address inside a function entry being "
+                           f"patched on its stack ({why}): not patched")
+
+    m.text_poke_write_many = write_many
+    try:
+        yield
+    finally:
+        with contextlib.suppress(AttributeError):
+            del m.text_poke_write_many
+
+
+def _stack_hit(m, tids: Sequence[int], inside: Callable[[int], bool]) -> str:
+    fd = os.open(f"/proc/{m.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for tid in tids:
+            rsp = m.get_regs(tid).rsp
+            lo = max(rsp - _STACK_BELOW, 0)
+            buf = b""
+            for size in (_STACK_SCAN, 4096):          # the stack's end may be nearer
+                try:
+                    buf = os.pread(fd, size, lo)
+                    break
+                except OSError:
+                    continue
+            for i, w in enumerate(struct.unpack_from(f"<{len(buf) // 8}Q", buf)):
+                if inside(w):
+                    return f"thread {tid}, stack word at {lo + 8 * i:#x} = {w:#x}"
+        return ""
+    finally:
+        os.close(fd)
