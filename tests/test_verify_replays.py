@@ -90,6 +90,29 @@ def test_old_seeds_replay_the_same_on_reused_machines():
         release_pool()
 
 
+def test_fast_forward_changes_no_schedule(monkeypatch):
+    # Seeds not in the fixture, every scenario, strategy and mutation, and
+    # other CPU counts and line sizes: one by one or fast-forwarded, the
+    # same verdict, counters and timeline.
+    from textpoke._core import MUTATIONS
+    from textpoke.sim import _verify as V
+
+    ways = [("int3", None), ("naive", None)] + [("int3", m) for m in MUTATIONS]
+    out = []
+    for i, scn in enumerate(V.SCENARIOS):
+        for j, (strategy, mut) in enumerate(ways):
+            cpus, ls = ((3, 64), (2, 16), (4, 1))[(i + j) % 3]
+            for seed in schedule_seeds(1000 + 7 * i + j, 1):
+                case = {"scenario": scn, "seed": seed, "strategy": strategy, "mutation": mut,
+                        "cpus": cpus, "line_size": ls}
+                monkeypatch.setattr(V, "FAST_FORWARD", False)
+                slow = observe(case)
+                monkeypatch.setattr(V, "FAST_FORWARD", True)
+                assert observe(case) == slow, case
+                out.append(bool(slow["verdict"]))
+    assert any(out) and not all(out)
+
+
 def test_the_fixture_has_teeth():
     recs = _recorded()
     assert len(recs) >= 40

@@ -45,6 +45,8 @@ class _FetchViews:
         idx, r = self._text_loc(addr, len(data))
         if self._dirty is not None:
             self._mark_dirty(idx, addr - r.start, len(data))
+        if data[:1] == b"\xcc":
+            self._int3_pokes.add(addr)
         if self.policy.write_granularity == "byte":
             return self._write_bytes(idx, r, addr, data)
         return self._write_poke(idx, r, addr, data)
@@ -84,6 +86,8 @@ class _FetchViews:
             n = len(data)
             if self._dirty is not None:
                 self._mark_dirty(idx, off, n)
+            if data[:1] == b"\xcc":
+                self._int3_pokes.add(addr)
             r.mv[off:off + n] = data
             first, last = off // ls, (off + n - 1) // ls
             if first == last:

@@ -30,7 +30,6 @@ that make them stale), :mod:`._sched` (policies and the seeded scheduler),
 from __future__ import annotations
 
 import ctypes
-import random
 
 from unicorn.x86_const import UC_X86_REG_GS_BASE
 
@@ -39,7 +38,8 @@ from .._core._machine import PAGE_SIZE, Capability, Machine, Task, TextRange, Wa
 from .._errors import BadAddressError, MachineClosedError, MachineError
 from ._fetchview import _FetchViews
 from ._snapshot import SimSnapshot, _Snapshots
-from ._sched import COARSE, FINE, FREE, WRITE_GRANULARITIES, SchedPolicy, _Scheduler, _SimTask
+from ._sched import (COARSE, FINE, FREE, WRITE_GRANULARITIES, CountingRandom, SchedPolicy, _Scheduler,
+                     _SimTask)
 from ._traps import CODE_EPILOGUE, CODE_PROLOGUE, Oops, _Traps
 from ._vcpu import DEAD, IDLE, OFFLINE, RUN, TRAP, VCpu, _close_quietly, _Region
 
@@ -119,7 +119,7 @@ class SimMachine(_FetchViews, _Scheduler, _Traps, _Snapshots, Machine):
         self.seed = seed
         self.line_size = line_size
         self.policy = policy
-        self.rng = random.Random(seed)
+        self.rng = CountingRandom(seed)
         self._text: list[_Region] = []
         self._data: list[_Region] = []
         for start, content, kind, name in regions:
@@ -159,6 +159,9 @@ class SimMachine(_FetchViews, _Scheduler, _Traps, _Snapshots, Machine):
         self.smp_started = False
         self.preempt_addr: int | None = None
         self.ipi_broadcasts = 0
+        #: where a poke stored an INT3 as its first byte (fast-forward waits
+        #: while one is still there)
+        self._int3_pokes: set[int] = set()
 
     def _plug(self, c: VCpu) -> None:
         self.vcpus.append(c)

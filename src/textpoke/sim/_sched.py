@@ -5,6 +5,7 @@ stale line refilled), and the sync IPI."""
 
 from __future__ import annotations
 
+import _random
 import random
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -20,7 +21,66 @@ from ._vcpu import _GPRS, _REG_NAMES, DEAD, RUN, TRAP, VCpu, _fault_kind
 
 _RIP, _RSP, _RFLAGS = _REG_NAMES["rip"], _REG_NAMES["rsp"], _REG_NAMES["rflags"]
 
-__all__ = ["SchedPolicy", "FINE", "COARSE", "FREE", "WRITE_GRANULARITIES"]
+__all__ = ["SchedPolicy", "FINE", "COARSE", "FREE", "WRITE_GRANULARITIES", "CountingRandom"]
+
+# The C generator's own methods: the scheduler's hot loops draw through
+# them and count the words themselves (CountingRandom's overrides count
+# for everyone else).
+_c_random = _random.Random.random
+_c_getrandbits = _random.Random.getrandbits
+
+
+class CountingRandom(random.Random):
+    """``random.Random`` that counts the 32-bit words of the Mersenne
+    Twister it has used, and can go back to any earlier count (the
+    scheduler rolls a fast-forward back with it).  Every draw is the one
+    ``random.Random(seed)`` makes: ``random()`` takes two words,
+    ``getrandbits(k)`` ceil(k/32), and everything else goes through those
+    two (``_randbelow`` is the getrandbits one, as in the base class)."""
+
+    def __init__(self, x: Any = None) -> None:
+        self.words = 0
+        self._shadow: tuple[random.Random, int] | None = None
+        super().__init__(x)
+
+    def seed(self, a: Any = None, version: int = 2) -> None:
+        super().seed(a, version)
+        self.words = 0
+        # Only an int seed can be replayed from scratch.
+        self._seed0 = a if isinstance(a, int) else None
+        self._shadow = None
+
+    def random(self) -> float:
+        self.words += 2
+        return _c_random(self)
+
+    def getrandbits(self, k: int) -> int:
+        self.words += (k + 31) >> 5
+        return _c_getrandbits(self, k)
+
+    def setstate(self, state: Any) -> None:
+        super().setstate(state)
+        self._seed0 = None       # where it is now no longer follows from the seed
+
+    def rewind(self, words: int) -> bool:
+        """Back to the state after *words* words (<= ``self.words``); False
+        (and nothing changed) when that cannot be done."""
+        if self._seed0 is None or not 0 <= words <= self.words:
+            return False
+        sh = self._shadow
+        if sh is None or sh[1] > words:
+            sh = (random.Random(self._seed0), 0)
+        gen, at = sh
+        while at < words:                 # a word per 32 bits, in big steps
+            m = min(words - at, 4096)
+            _c_getrandbits(gen, 32 * m)
+            at += m
+        self._shadow = (gen, at)
+        seed0 = self._seed0
+        random.Random.setstate(self, gen.getstate())
+        self._seed0 = seed0
+        self.words = words
+        return True
 
 
 #: one byte and yields (every byte-granular interleaving is reachable: the
@@ -294,18 +354,209 @@ class _Scheduler:
     def run(self, steps: int) -> None:
         """Up to *steps* scheduling decisions (fewer if nothing can run)."""
         self._check_open()
-        for _ in range(steps):
+        if not self.fast_forward:
+            for _ in range(steps):
+                if not self.step():
+                    return
+            return
+        end = self.steps + steps
+        slow_until = 0
+        while self.steps < end:
+            if self.steps >= slow_until:
+                n = self._burstable()
+                if n:
+                    k = min(end - self.steps, _BURST_MAX)
+                    if self._burst(k) is None:      # rolled back: those k one by one
+                        slow_until = self.steps + k * _BACKOFF
+                    continue
+                slow_until = self.steps + 1
             if not self.step():
                 return
 
-    def run_until(self, pred: Callable[[], bool], max_steps: int = 10_000_000) -> bool:
+    def run_until(self, pred: Callable[[], bool], max_steps: int = 10_000_000, *,
+                  monotone: bool = False) -> bool:
+        """Step until *pred* holds (True) or *max_steps* decisions were made
+        or nothing can run (then *pred*'s value).
+
+        *monotone* says that *pred*, once true, stays true: on a machine
+        with ``fast_forward`` it is then checked after a run of decisions
+        made at once, and where it turned true inside one, that run is
+        rolled back and made again one decision at a time -- the same
+        decisions, stopping at the same step."""
         self._check_open()
-        for _ in range(max_steps):
+        if not (monotone and self.fast_forward):
+            for _ in range(max_steps):
+                if pred():
+                    return True
+                if not self.step():
+                    break
+            return pred()
+        end = self.steps + max_steps
+        slow_until = 0
+        while self.steps < end:
             if pred():
                 return True
+            if self.steps >= slow_until:
+                if self._burstable():
+                    k = min(end - self.steps, _BURST_WINDOW)
+                    done = self._burst(k, keep=True)
+                    if done is None:
+                        slow_until = self.steps + k * _BACKOFF
+                    elif pred():
+                        # it turned true somewhere in there: find where
+                        self._burst_rollback(done)
+                        slow_until = self.steps + k
+                    continue
+                slow_until = self.steps + 1
             if not self.step():
                 break
         return pred()
+
+    # ------------------------------------------------------- fast-forward
+    #: Guest CPUs that share no writable memory with each other (each
+    #: writes only its own records and stack) may run several of their
+    #: slices in one go: see :meth:`_burst`.  Off unless the owner of the
+    #: machine says so (``verify`` does: its workload is such a guest).
+    fast_forward: bool = False
+
+    def _burstable(self) -> int:
+        """How many CPUs would run in a burst now (0: not now).  A burst
+        needs a quiet machine: fast-forward on, no task, no trap handler in
+        flight, no IPI pending, no stale line in any live CPU's view, no
+        INT3 of a poke in the text, count-mode slices, no code hooks of
+        anybody's (a traced run that records executions goes one by one)."""
+        if self._tasks or self.policy.until_preempt or getattr(self.rng, "_seed0", None) is None:
+            return 0
+        n = 0
+        for c in self._online:
+            st = c.state
+            if st == TRAP or c.ipis or (c.stale and st != DEAD) or len(c._hooks) != 2:
+                return 0
+            if st == RUN:
+                n += 1
+        if n and self._int3_pokes:
+            for addr in self._int3_pokes:
+                if self.text_read(addr, 1) == b"\xcc":
+                    return 0
+        return n
+
+    def _burst(self, k: int, *, keep: bool = False) -> Any:
+        """Make the next *k* decisions of a quiet machine at once.
+
+        On a quiet machine (see :meth:`_burstable`) every decision is a
+        slice of one running CPU -- the random draws are the very ones
+        ``step`` makes, they depend on nothing the guest does -- until a
+        CPU traps or faults.  So the draws are made first, each CPU's
+        slices are added up, and each CPU runs its sum in one
+        ``emu_start``: as its slices would have, since the CPUs share no
+        writable memory and their views do not change in between.  A CPU
+        that stops early (INT3, fault) means the decisions after that point
+        were not the ones made: everything is put back as it was (data
+        memory, registers, counters, steps, the random generator) and None
+        is returned, for the caller to make those decisions one by one.
+        An exception (an interrupt delivered meanwhile) also puts
+        everything back, then propagates.  Otherwise the burst stands; with
+        *keep* its undo record is returned for :meth:`_burst_rollback`."""
+        rng = self.rng
+        p = self.policy
+        runs = [c for c in self._online if c.state == RUN]
+        n = len(runs)
+        w0, s0 = rng.words, self.steps
+        saved: list[VCpu] = []          # CPUs whose registers were saved (and may have run)
+        undo = (w0, s0, [r.mv.tobytes() for r in self._data if r.writable], runs,
+                [(c.slices, c.instructions) for c in runs], saved)
+        debt = [0] * n
+        nsl = [0] * n
+        words = 0
+        kb = n.bit_length()
+        smin = p.slice_min
+        span = p.slice_max - smin + 1
+        sb = span.bit_length()
+        refresh = bool(p.refresh_prob)
+        for _ in range(k):
+            if refresh:
+                _c_random(rng)          # < refresh_prob or not: no stale line to refill
+                words += 2
+            r = _c_getrandbits(rng, kb)
+            words += 1
+            while r >= n:
+                r = _c_getrandbits(rng, kb)
+                words += 1
+            if span > 1:
+                x = _c_getrandbits(rng, sb)
+                words += 1
+                while x >= span:
+                    x = _c_getrandbits(rng, sb)
+                    words += 1
+                debt[r] += smin + x
+            else:
+                debt[r] += smin
+            nsl[r] += 1
+        rng.words = w0 + words
+        self.steps = s0 + k
+        ok = True
+        current: list[Any] = [None]
+
+        def stop() -> None:
+            if current[0] is not None:
+                current[0].emu_stop()
+        try:
+            with uninterruptible(stop):
+                for c, count, sl in zip(runs, debt, nsl):
+                    if not count:
+                        continue
+                    ctx = c.ctx_buf
+                    if ctx is None:
+                        ctx = c.ctx_buf = c.uc.context_save()
+                    else:
+                        c.uc.context_update(ctx)
+                    saved.append(c)
+                    fast = fast_cpu(c)
+                    c.pending_intr = None
+                    current[0] = c.uc
+                    try:
+                        fast.run(fast.rip(), 0, count)
+                    except UcError:
+                        ok = False
+                        break
+                    finally:
+                        current[0] = None
+                    if c.pending_intr is not None:
+                        ok = False
+                        break
+                    c.slices += sl
+                    c.instructions += count
+        except BaseException:
+            self._burst_rollback(undo)
+            raise
+        if not ok:
+            self._burst_rollback(undo)
+            return None
+        return undo if keep else True
+
+    def _burst_rollback(self, undo: tuple) -> None:
+        """Put back what :meth:`_burst` changed."""
+        w0, s0, mem, runs, counters, saved = undo
+        for r, b in zip((r for r in self._data if r.writable), mem):
+            r.mv[:] = b
+        for c in saved:
+            c.uc.context_restore(c.ctx_buf)
+        for c, (sl, ins) in zip(runs, counters):
+            c.pending_intr = None
+            c.fault = None
+            c.slices, c.instructions = sl, ins
+        if not self.rng.rewind(w0):
+            raise MachineError("fast-forward: the scheduler's random generator cannot go back")
+        self.steps = s0
+
+
+#: decisions made at once by run() on a quiet machine, and between two
+#: looks at a monotone predicate in run_until()
+_BURST_MAX = 4096
+_BURST_WINDOW = 16
+#: after a burst rolled back (a CPU trapped), this many times its length
+#: goes one decision at a time before the next try
+_BACKOFF = 4
 
 
 def _no_stop() -> None:

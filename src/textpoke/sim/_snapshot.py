@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import random
 from dataclasses import dataclass
 from typing import Any
 
 from .._core._machine import PAGE_SIZE
 from .._errors import MachineError
+from ._sched import CountingRandom
 from ._vcpu import IDLE, _close_quietly
 
 __all__ = ["SimSnapshot"]
@@ -135,7 +135,8 @@ class _Snapshots:
         self._cpu_listeners[:] = snap.listeners
         self.owner = snap.owner
         self.seed = seed
-        self.rng = random.Random(seed)
+        self.rng = CountingRandom(seed)
+        self._int3_pokes = set()
         self.steps = 0
         self.oopses = []
         self.trace = [] if trace else None

@@ -242,6 +242,9 @@ class _Schedule:
         else:
             self.w = boot_workload(ncpus=ncpus, seed=seed, line_size=line_size, policy=policy,
                                    trace=trace)
+        # The workload's CPUs share no writable memory (each counts in its
+        # own record, on its own stack): a quiet stretch may run at once.
+        self.w.sim.fast_forward = FAST_FORWARD
         try:
             self.core = TextPoke(self.w.sim, mutations=(mutation,) if mutation else ())
         except BaseException:
@@ -297,7 +300,7 @@ class _Schedule:
         try:
             task = sim.spawn(_patcher(core, w, scn, self.replay.strategy, rng), "patcher")
             try:
-                sim.run_until(lambda: task.done or bool(sim.oopses), max_steps)
+                sim.run_until(lambda: task.done or bool(sim.oopses), max_steps, monotone=True)
                 if not task.done and not sim.oopses:
                     violate("hang", f"patcher not done after {max_steps} steps")
                 elif task.exc is not None:
@@ -314,13 +317,13 @@ class _Schedule:
             it_done = {c: w.iterations(c) for c in sim.cpus}
             sim.run_until(lambda: bool(sim.oopses) or all(
                 w.iterations(c) >= it_done[c] + 1 for c in sim.cpus
-                if sim.vcpus[c].state != "dead"), max_steps)
+                if sim.vcpus[c].state != "dead"), max_steps, monotone=True)
             mid = {(c, s.name): w.counts(c, s) for c in sim.cpus for s in w.sites}
             it0 = {c: w.iterations(c) for c in sim.cpus}
             hits0 = dict(hits)
             ok = sim.run_until(lambda: bool(sim.oopses) or all(
                 w.iterations(c) >= it0[c] + 2 for c in sim.cpus if sim.vcpus[c].state != "dead"),
-                max_steps)
+                max_steps, monotone=True)
             if not ok and not sim.oopses:
                 slow = [c for c in sim.cpus if w.iterations(c) < it0[c] + 2]
                 violate("hang", f"cpu(s) {slow} made no progress after the batch")
@@ -363,6 +366,10 @@ class _Schedule:
         self.finished = True
         return res
 
+
+#: let quiet stretches of a schedule run at once (see SimMachine.run);
+#: off, every decision is made one by one -- the same schedule, slower
+FAST_FORWARD = True
 
 #: booted machines kept for reuse, per (cpus, line size, policy): the
 #: workload, its snapshot taken right after boot, and its own sites
