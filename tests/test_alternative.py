@@ -285,12 +285,20 @@ def test_retpoline_through_rsp_is_refused():
     assert _snapshot(sim) == snap
 
 
-def test_seal_endbr_is_not_modelled():
-    sim, _image, _tables = boot_kernel_image(1)
+def test_seal_endbr_is_the_real_kernels_pass_on_the_machine():
+    """The bundled image has no .ibt_endbr_seal (no IBT); the pass that seals
+    a real kernel's ENDBRs runs on the machine all the same: an ENDBR64 becomes
+    the 4-byte NOP, a site without one is left and recorded."""
+    sim, image, _tables = boot_kernel_image(1)
     core = TextPoke(sim)
     assert apply_seal_endbr(core, ()) == ()
-    with pytest.raises(AlternativeError, match="not modelled"):
-        apply_seal_endbr(core, [0x1000000])
+    a = image.sym("alt_probe_always")
+    sim.text_write_early(a, b"\xf3\x0f\x1e\xfa")
+    b = a + 4
+    before_b = sim.text_read(b, 4)
+    recs = apply_seal_endbr(core, [a, b], image=image)
+    assert sim.text_read(a, 4) == b"\x66\x0f\x1f\x00" and recs[0].action == "patched"
+    assert sim.text_read(b, 4) == before_b and recs[1].action == "skipped"
 
 
 def test_boot_after_cpus_started_refuses_without_writing():

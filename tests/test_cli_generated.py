@@ -10,6 +10,12 @@ number in range that is not one; for a choice, a name that is not one; for
 an input file, ``/dev/zero``, a directory, a FIFO and a missing path; for
 an output file, a directory, ``/dev/full`` and a path in a missing
 directory; for any checked text, garbage and a 100,000-character string.
+A path is tried only with values that cannot work (a device, a FIFO, a
+missing directory, a name longer than the file system takes): a name the
+file system takes is the user's to choose, control characters included
+(``verify --resume $'\x01x'`` creates that file, as ``tar -f`` or ``cp``
+would), so a path option is declared with its kind (``file`` = input,
+output, state, dir) and never gets the free-text values below.
 Each must be refused with exactly one line on stderr, nothing on stdout,
 exit status 2 and no traceback -- and the process that tries them all
 runs under a 4 GiB address-space limit and must stay below 1 GiB of RSS
@@ -98,7 +104,14 @@ def _bad_values(action, rng: random.Random, tmp: str) -> list[str]:
     if getattr(t, "file", None) == "input":
         return ["/dev/zero", tmp, os.path.join(tmp, "fifo"), os.path.join(tmp, "missing"), ""]
     if getattr(t, "file", None) == "output":
-        return [tmp, "/dev/full", os.path.join(tmp, "missing", "x"), ""]
+        return [tmp, "/dev/full", os.path.join(tmp, "missing", "x"), "", "n" * 300]
+    if getattr(t, "file", None) == "state":
+        # read back if it exists, written as the run goes
+        return ["/dev/zero", "/dev/full", tmp, os.path.join(tmp, "fifo"),
+                os.path.join(tmp, "missing", "x"), "", "n" * 300]
+    if getattr(t, "file", None) == "dir":
+        return [os.path.join(tmp, "fifo"), "/dev/null", os.path.join(tmp, "missing", "x"), "",
+                "n" * 300]
     if getattr(t, "checked", False):
         # what no checked text accepts (a name, a number, a size, a list):
         # control characters, and a value far beyond any length limit

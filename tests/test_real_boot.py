@@ -13,16 +13,36 @@ from pathlib import Path
 
 import pytest
 
-from textpoke._alternative._kalt import apply_seal_endbr_k, smp_unlock_k
-from textpoke._alternative._kpasses import BootOptions, apply_returns_k
+from textpoke._alternative._kalt import smp_unlock_k
+from textpoke._alternative._kpasses import BootOptions
+from textpoke._alternative._records import PassLog
 from textpoke._alternative._reloc import nops_pass
 from textpoke.images._lines import LINE_612
-from textpoke._alternative._kretpoline import ItsThunks, apply_retpolines_k
+from textpoke._alternative._thunks import ItsThunks, retpolines, returns, seal_endbr
 from textpoke._alternative._ktext import CpuCaps, KernelBootError, KernelText
 from textpoke._static_call import sc_transform
 from textpoke.images._tables_real import TableError, s32_table
 
 BASE = 0xFFFFFFFF81000000
+
+
+# the shared passes, run on a real kernel's buffer and returning its counts
+def apply_retpolines_k(kt, sites, caps, opts, its):
+    lg = PassLog(len(sites), kt.describe)
+    retpolines(kt, sites, caps, opts, its, lg)
+    return lg.stats
+
+
+def apply_returns_k(kt, sites, caps, opts):
+    lg = PassLog(len(sites), kt.describe)
+    returns(kt, sites, caps, opts, lg)
+    return lg.stats
+
+
+def apply_seal_endbr_k(kt, sites):
+    lg = PassLog(len(sites), kt.describe)
+    seal_endbr(kt, sites, lg)
+    return lg.stats
 
 
 def _kt(size: int = 0x4000, **syms: int) -> KernelText:

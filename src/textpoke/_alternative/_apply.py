@@ -127,7 +127,7 @@ def alt_instructions_pass(shadow: Shadow, entries: Sequence[AltInstr], feats: fr
             dbg.dump(DA_ALT, a.repl, "  rpl_insn", replacement)
             dbg.dump(DA_ALT, a.instr, "final_insn", bytes(buf[:instrlen]))
         final = bytes(buf[:instrlen])
-        written = shadow.write(a.instr, final)
+        written = shadow.write(".altinstructions", a.instr, final)
         if written and not taken:
             dbg(DA_ALT, f"{a.instr:#x}: optimized NOPs: {hexbytes(final)}", a.instr)
         out.append(AltSitePatch(

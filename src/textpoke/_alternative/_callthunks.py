@@ -18,7 +18,7 @@ from .._core._insn import insn_decode_kernel
 from .._errors import BadInstructionError
 from ..images._tables_real import RealAltInstr
 from ._code import CALL, rel32
-from ._kpasses import F_CALL_DEPTH, TableStats, fast_decode
+from ._kpasses import F_CALL_DEPTH, TableStats
 from ._reloc import apply_relocation
 from ._ktext import CpuCaps, KernelText
 
@@ -104,7 +104,7 @@ def _patch_call(kt: KernelText, th: _Thunks, addr: int, st: TableStats) -> None:
         st.skipped += 1             # not a CALL (patched out, or an indirect call)
         return
     else:
-        ins = fast_decode(kt, addr)
+        ins = kt.decode(addr)
         if ins is None or ins.op1 != CALL:
             st.skipped += 1
             return

@@ -14,7 +14,7 @@ from .._core._insn import Insn, _sext, insn_decode_kernel, is_nop as _iced_is_no
 from .._errors import BadInstructionError
 
 __all__ = ["INT3", "CALL", "JMP32", "JMP8", "RET", "NOP1", "LFENCE", "fits", "rel32",
-           "emit_indirect", "decode_buf", "is_nop", "signed"]
+           "emit_indirect", "decode_buf", "is_nop", "signed", "FastInsn", "decode_site"]
 
 INT3 = 0xCC
 CALL = 0xE8
@@ -110,3 +110,47 @@ def is_nop(ins: Insn, kernel: bool = True) -> bool:
     if op[:1] == b"\x90":
         return ins.raw[:1] != b"\xf3"
     return op[:2] == b"\x0f\x1f"
+
+
+class FastInsn:
+    """The fields of ``struct insn`` the site passes read: length, first
+    opcode bytes, immediate, branch target, and the full decode when the
+    instruction was not one of the shapes read by hand."""
+    __slots__ = ("length", "op1", "op2", "imm", "target", "full")
+
+    def __init__(self, length: int, op1: int, op2: int, imm: int, target: int | None,
+                 full: Insn | None = None) -> None:
+        self.length, self.op1, self.op2, self.imm, self.target = length, op1, op2, imm, target
+        self.full = full
+
+    def text(self) -> str:
+        if self.full is not None:
+            return self.full.text
+        return {CALL: "call", JMP32: "jmp"}.get(self.op1, "j<cc>") + f" {self.target:#x}"
+
+
+def decode_site(buf: bytes | bytearray, o: int, addr: int) -> FastInsn | None:
+    """The instruction at ``buf[o]``, which lives at *addr*: rel32
+    CALL/JMP/Jcc (with CS prefixes) by hand -- most of what the passes meet
+    --, anything else with the full decoder.  None when it does not decode."""
+    n = len(buf)
+    p = 0
+    while p < 3 and o + p < n and buf[o + p] == 0x2E:
+        p += 1
+    if o + p + 6 <= n:
+        b0 = buf[o + p]
+        if b0 == CALL or b0 == JMP32:
+            imm = int.from_bytes(buf[o + p + 1:o + p + 5], "little", signed=True)
+            ln = p + 5
+            return FastInsn(ln, b0, 0, imm, addr + ln + imm)
+        if b0 == 0x0F and 0x80 <= buf[o + p + 1] <= 0x8F:
+            imm = int.from_bytes(buf[o + p + 2:o + p + 6], "little", signed=True)
+            ln = p + 6
+            return FastInsn(ln, 0x0F, buf[o + p + 1], imm, addr + ln + imm)
+    try:
+        ins = insn_decode_kernel(bytes(buf[o:o + 15]), addr)
+    except BadInstructionError:
+        return None
+    op = ins.opcode
+    return FastInsn(ins.length, op[0], op[1] if len(op) > 1 else 0,
+                    ins.immediate_value, ins.branch_target, ins)

@@ -13,11 +13,11 @@ from ..images._tables_real import ALT_FLAG_DIRECT_CALL, ALT_FLAG_NOT, RealAltIns
 from .._core._insn import x86_nops
 from .._errors import BadInstructionError
 from ._code import CALL, JMP8, JMP32, NOP1
-from ._kpasses import ENDBR64, ENDBR_POISON, TableStats
+from ._kpasses import TableStats
 from ._reloc import apply_relocation, nops_pass
 from ._ktext import CpuCaps, KernelBootError, KernelText
 
-__all__ = ["apply_alternatives_k", "apply_seal_endbr_k", "smp_unlock_k"]
+__all__ = ["apply_alternatives_k", "smp_unlock_k"]
 
 
 # ------------------------------------------------------------ alternatives
@@ -147,26 +147,6 @@ def _apply_alternatives_call_jmp(kt: KernelText, entries: list[RealAltInstr], ca
         nops_pass(w, instrlen, line)
         if kt.write(".altinstructions", a.instr, bytes(w[:instrlen])) and not taken:
             st.changed += 1
-    return st
-
-
-# ------------------------------------------------------------- ENDBR seal
-def apply_seal_endbr_k(kt: KernelText, sites: list[int],
-                       dbg: Callable[[str], None] | None = None) -> TableStats:
-    st = TableStats(entries=len(sites))
-    buf, base = kt.buf, kt.base
-    poison = ENDBR_POISON.to_bytes(4, "little")
-    for addr in sites:
-        o = addr - base
-        v = int.from_bytes(buf[o:o + 4], "little")
-        if v != ENDBR_POISON and (v & ~0x01000000) != ENDBR64:
-            st.skipped += 1
-            st.note("not ENDBR")
-            continue
-        if dbg:
-            dbg(f"ENDBR at: {kt.describe(addr)} ({addr:#x})")
-        st.applied += 1
-        st.changed += kt.write(".ibt_endbr_seal", addr, poison)
     return st
 
 

@@ -17,18 +17,14 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence
 
-from .._errors import TextPokeError
 from ..images._kallsyms import Symbols
-from ..images._lines import LINE_612, LINES, KernelLine
+from ..images._lines import LINE_612, LINE_BUNDLED, LINES, KernelLine
+from ._code import FastInsn, decode_site
+from ._records import KernelBootError
 
-__all__ = ["KernelText", "CpuCaps", "KernelBootError", "Change"]
-
-
-class KernelBootError(TextPokeError):
-    """A real-image boot pass met what the kernel would BUG() on, or an
-    input it cannot use."""
+__all__ = ["TextBuffer", "KernelText", "CpuCaps", "KernelBootError", "Change", "caps_of"]
 
 
 @dataclass
@@ -130,6 +126,44 @@ class CpuCaps:
                 if self.bits >> n & 1]
 
 
+def caps_of(features: Iterable[int], line: KernelLine = LINE_BUNDLED) -> CpuCaps:
+    """The CPU whose features are the numbers *features* (the bundled
+    image's numbering by default)."""
+    c = CpuCaps(line=line)
+    for n in features:
+        c.bits |= 1 << n
+    return c
+
+
+class TextBuffer(Protocol):
+    """What every boot pass works on: the text being patched, whoever holds
+    it -- a real kernel's flat memory (:class:`KernelText`), the shadow of a
+    machine's text that is committed with ``text_poke_early``
+    (``_shadow.Shadow``), a module's staged text.  *line* is the kernel
+    line whose rules apply (the bundled image has its own,
+    ``LINE_BUNDLED``)."""
+
+    line: KernelLine
+
+    def read(self, addr: int, n: int) -> bytes: ...
+
+    def write(self, table: str, addr: int, data: bytes) -> bool:
+        """``text_poke_early``; False when the bytes were already there."""
+
+    def decode(self, addr: int) -> FastInsn | None: ...
+
+    def describe(self, addr: int) -> str:
+        """``symbol+0xoff`` as ``%pS`` prints it."""
+
+    def sym(self, name: str) -> int:
+        """A symbol's address; raises :class:`KernelBootError` when absent."""
+
+    def opt(self, name: str) -> int | None: ...
+
+    def data_u64(self, addr: int) -> int:
+        """A u64 of data as the kernel sees it when patching runs."""
+
+
 @dataclass
 class KernelText:
     """The kernel's memory from *base* (``_text``) on, rewritten in place.
@@ -164,6 +198,9 @@ class KernelText:
         if o < 0 or o + n > len(self.buf):
             raise KernelBootError(f"read [{addr:#x}, +{n}) outside _text.._end")
         return bytes(self.buf[o:o + n])
+
+    def decode(self, addr: int) -> FastInsn | None:
+        return decode_site(self.buf, addr - self.base, addr)
 
     def data_u64(self, addr: int) -> int:
         src = self.buf if self.data is None else self.data

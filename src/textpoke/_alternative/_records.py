@@ -15,7 +15,8 @@ if TYPE_CHECKING:                      # annotation only: _smp_locks builds on t
 
 __all__ = ["DA_ALT", "DA_RET", "DA_RETPOLINE", "DA_ENDBR", "DA_SMP", "DA_ALL", "DA_NAMES",
            "parse_debug_alternative", "AlternativeError", "SelfTestError", "AltSitePatch",
-           "SitePatch", "SITE_ACTIONS", "SelfTest", "DebugRecord", "BootResult", "hexbytes"]
+           "SitePatch", "SITE_ACTIONS", "SelfTest", "DebugRecord", "BootResult", "hexbytes",
+           "KernelBootError", "TableStats", "DebugLog", "PassLog"]
 
 #: ``debug-alternative=MASK`` bits, as on the kernel command line.
 DA_ALT = 0x01
@@ -60,9 +61,15 @@ def hexbytes(b: bytes) -> str:
 # errors
 # --------------------------------------------------------------------------
 
-class AlternativeError(BadInstructionError):
-    """A boot-time patch site the kernel would ``BUG()`` on.  Raised before
-    anything is written."""
+class KernelBootError(TextPokeError):
+    """A boot pass met what the kernel would BUG() on, or an input it
+    cannot use."""
+
+
+class AlternativeError(KernelBootError, BadInstructionError):
+    """A boot-time patch site the kernel would ``BUG()`` on, named by table
+    and entry.  On a machine (the bundled image, a module) it is raised
+    before anything is written."""
 
     def __init__(self, message: str, *, addr: int | None = None, table: str = "",
                  index: int | None = None) -> None:
@@ -184,6 +191,82 @@ class DebugRecord:
     def as_dict(self) -> dict:
         return {"kind": self.kind, "mask": self.mask, "addr": self.addr,
                 "message": self.message}
+
+
+class DebugLog:
+    """The ``debug-alternative`` lines whose DA_* bit is in *mask*."""
+
+    def __init__(self, mask: int = 0) -> None:
+        self.mask = mask
+        self.records: list[DebugRecord] = []
+
+    def __call__(self, kind: int, message: str, addr: int | None = None) -> None:
+        if self.mask & kind:
+            self.records.append(DebugRecord(kind, message, addr))
+
+    def dump(self, kind: int, addr: int, label: str, data: bytes) -> None:
+        if self.mask & kind and data:
+            self.records.append(DebugRecord(kind, f"{addr:#x}: {label}: {hexbytes(data)}", addr))
+
+    def lines(self) -> list[str]:
+        return [r.message for r in self.records]
+
+
+@dataclass
+class TableStats:
+    """A pass's counts over one table."""
+    entries: int = 0
+    applied: int = 0      # sites the pass acted on (wrote, possibly the same bytes)
+    changed: int = 0      # sites whose bytes changed
+    skipped: int = 0
+    notes: dict[str, int] = field(default_factory=dict)
+
+    def note(self, why: str) -> None:
+        self.notes[why] = self.notes.get(why, 0) + 1
+
+    def as_dict(self) -> dict:
+        d = {"entries": self.entries, "applied": self.applied, "changed": self.changed}
+        if self.skipped:
+            d["skipped"] = self.skipped
+        if self.notes:
+            d["notes"] = dict(self.notes)
+        return d
+
+
+class PassLog:
+    """What one pass reports, whatever it runs on: its counts
+    (:class:`TableStats`, always), a :class:`SitePatch` per site when
+    *records* is a list (the bundled image and modules keep them; a real
+    kernel's ~100,000 sites only count), and debug lines through *dbg*."""
+
+    __slots__ = ("stats", "records", "describe", "dbg")
+
+    def __init__(self, entries: int, describe, dbg: DebugLog | None = None,
+                 records: list[SitePatch] | None = None) -> None:
+        self.stats = TableStats(entries=entries)
+        self.records = records
+        self.describe = describe
+        self.dbg = dbg if dbg is not None else DebugLog(0)
+
+    def leave(self, kind: str, addr: int, raw: bytes, action: str, why: str,
+              note: str | None = None, target: int | None = None) -> None:
+        """A site left as it is; *note* counts it as skipped."""
+        if note is not None:
+            self.stats.skipped += 1
+            self.stats.note(note)
+        if self.records is not None:
+            self.records.append(SitePatch(kind, addr, raw, raw, action, why, self.describe(addr),
+                                          target))
+
+    def done(self, kind: str, addr: int, old: bytes, new: bytes, written: bool,
+             target: int | None = None, why: str = "") -> None:
+        """A site the pass acted on (*written*: its bytes changed)."""
+        self.stats.applied += 1
+        self.stats.changed += written
+        if self.records is not None:
+            self.records.append(SitePatch(kind, addr, old, new,
+                                          "patched" if written else "unchanged", why,
+                                          self.describe(addr), target))
 
 
 @dataclass(frozen=True)

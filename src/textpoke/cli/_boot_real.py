@@ -10,17 +10,18 @@ import sys
 import time
 from typing import Any
 
-from .._alternative._kboot import kernel_text_of
-from .._alternative._kearly import EarlyBoot, parse_size, read_config
-from .._alternative._kdiff import SiteIndex, diff_ranges, diff_sections
-from .._alternative._kpasses import BootOptions
-from .._alternative._ktext import CpuCaps, KernelBootError
-from .._errors import TextPokeError
-from ..kernel import boot_kernel
-from ..images._features612 import CPUINFO_NAMES_612
+from typing import TYPE_CHECKING
+
 from . import _output as out
 from ._args import U64, Bounds, UsageError, checked, number
 from ._inputs import GiB, MiB, check_input, input_file, output_file, read_bounded
+
+if TYPE_CHECKING:
+    from .._alternative._kearly import EarlyBoot
+    from .._alternative._ktext import CpuCaps
+
+# The patcher (iced-x86, the kernel's tables) is imported by the functions
+# that boot, never at import time: ``textpoke boot --help`` needs none of it.
 
 __all__ = ["add_real_arguments", "run_real", "caps_from_args", "derive_return_thunk",
            "parse_cmdline", "early_from_args"]
@@ -123,6 +124,8 @@ def _find_config(image: str | None) -> str | None:
 
 def early_from_args(args: argparse.Namespace) -> EarlyBoot | None:
     """The early-boot model's inputs (None with --data or --no-early)."""
+    from .._alternative._kearly import EarlyBoot, read_config
+    from .._alternative._ktext import KernelBootError
     if getattr(args, "data", None) or getattr(args, "no_early", False):
         return None
     cfg = None
@@ -146,6 +149,7 @@ def early_from_args(args: argparse.Namespace) -> EarlyBoot | None:
 
 
 def _cpuinfo_names(path: str) -> list[str]:
+    from ..images._features612 import CPUINFO_NAMES_612
     try:
         text = read_bounded(path, TEXT_MAX, "--cpuinfo").decode("utf-8", "replace")
     except OSError as e:
@@ -165,6 +169,7 @@ def _cpuinfo_names(path: str) -> list[str]:
 def caps_from_args(args: argparse.Namespace) -> tuple[CpuCaps, list[str]]:
     """The CPU from --cpu-caps, --cpuinfo and --cpu-features (added on top);
     returns the unknown names skipped from a cpuinfo."""
+    from .._alternative._ktext import CpuCaps, KernelBootError
     unknown: list[str] = []
     if args.cpu_caps:
         words = cap_words(args.cpu_caps)
@@ -233,7 +238,13 @@ def _progress_cb(enabled: bool):
 
 
 def run_real(args: argparse.Namespace) -> int:
+    from .._alternative._kboot import kernel_text_of
+    from .._alternative._kdiff import SiteIndex, diff_ranges, diff_sections
+    from .._alternative._kpasses import BootOptions
+    from .._alternative._ktext import KernelBootError
+    from .._errors import TextPokeError
     from ..images._vmlinux import load_kernel
+    from ..kernel import boot_kernel
     cmd = parse_cmdline(args.cmdline or "")
     caps, unknown = caps_from_args(args)
     try:
@@ -387,6 +398,8 @@ def cap_words(text: str) -> list[int]:
 
 def mem_size(text: str) -> int:
     """--mem: 1G, 512M, a bare number of MiB, 0x bytes; 1M..64T."""
+    from .._alternative._kearly import parse_size
+    from .._alternative._ktext import KernelBootError
     try:
         n = parse_size(text)
     except KernelBootError as e:

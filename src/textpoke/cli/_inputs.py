@@ -124,3 +124,47 @@ def output_file():
     t = checked(lambda p: check_output(p, ""), "a writable file")
     t.file = "output"             # type: ignore[attr-defined]
     return t
+
+
+def check_state(path: str, limit: int, what: str) -> None:
+    """A file the command reads back if it exists and rewrites as it goes
+    (``verify --resume``/``--state``): if it exists, a regular file of at
+    most *limit* bytes; either way one that can be written."""
+    if path and os.path.lexists(path):
+        check_input(path, limit, what)
+    check_output(path, what)
+
+
+def state_file(limit: int):
+    """An argparse ``type``: a file checked by :func:`check_state`."""
+    from ._args import checked
+    t = checked(lambda p: check_state(p, limit, ""),
+                f"a writable regular file (read back if it exists) of at most {limit:,} bytes")
+    t.file = "state"              # type: ignore[attr-defined]
+    return t
+
+
+def check_output_dir(path: str, what: str) -> None:
+    """*path* is a writable directory, or one that can be created: its
+    parent is a writable directory and its name fits the file system."""
+    if not path:
+        raise UsageError(f"{_pre(what)}an empty path")
+    if os.path.lexists(path):
+        if not os.path.isdir(path):
+            raise UsageError(f"{_pre(what)}{_short(path)} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"{_pre(what)}cannot write in {_short(path)}: permission denied")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{_pre(what)}cannot create {_short(path)}: {_short(parent)} is not a "
+                         "writable directory")
+    check_new_name(path, what)
+
+
+def output_dir():
+    """An argparse ``type``: a directory checked by :func:`check_output_dir`."""
+    from ._args import checked
+    t = checked(lambda p: check_output_dir(p, ""), "a writable directory")
+    t.file = "dir"                # type: ignore[attr-defined]
+    return t

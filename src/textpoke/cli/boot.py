@@ -16,12 +16,6 @@ import argparse
 import difflib
 from typing import Any
 
-from .._alternative import DA_ALL, DEFAULT_FEATURES, alternative_instructions, parse_debug_alternative
-from .._core._insn import insn_decode_kernel
-from .._errors import BadInstructionError
-from ..images import load_bundled
-from ..images._kernel import KERNEL_IMAGE
-from ..images._tables import X86_FEATURES, feature_number
 from . import _output as out
 from ._args import CPUS, Bounds, UsageError, checked, int_in, number
 from ._boot_real import add_real_arguments, refuse_real_only, run_real
@@ -36,6 +30,14 @@ DESCRIPTION = ("Boot the bundled kernel-like image and show what the boot-time p
                "the kernel's debug-alternative output as tables, the self-tests, and\n"
                "per-table counts.")
 
+
+#: textpoke._alternative's DEFAULT_FEATURES and DA_ALL and the bundled
+#: image's name, repeated so that parsing and --help import no patcher
+#: (iced-x86, the tables); tests/test_cli_startup.py checks they agree.
+DEFAULT_FEATURES = ("xmm2", "rdtscp", "lfence_rdtsc", "popcnt", "avx2", "bmi2", "erms",
+                    "fsrm", "smap", "clflushopt")
+DA_ALL = 0x1F
+KERNEL_IMAGE = "kernel.elf"
 
 _BYTES_SHOWN = 12
 #: Width used when the output is not a terminal (a file, a pager): the
@@ -83,6 +85,7 @@ def _features(text: str) -> str | list[str]:
 
 
 def _parse_features(text: str) -> list[str] | None:
+    from ..images._tables import feature_number
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if parts in ([], ["none"]):
         return []
@@ -94,6 +97,8 @@ def _parse_features(text: str) -> list[str] | None:
 def disassemble(data: bytes, addr: int) -> list[dict[str, Any]]:
     """Decode *data* (at *addr*) instruction by instruction; a byte that
     starts no valid instruction is shown as ``(bad)`` and skipped."""
+    from .._core._insn import insn_decode_kernel
+    from .._errors import BadInstructionError
     out = []
     off = 0
     while off < len(data):
@@ -142,6 +147,7 @@ def debug_mask(text: str) -> int:
     if bad:
         raise UsageError(f"--debug-alternative: unknown record kind {bad[0]!r} (choose from "
                          f"{', '.join(_DA_NAMES)}, all, or a mask 0x1..{DA_ALL:#x})")
+    from .._alternative import parse_debug_alternative
     return parse_debug_alternative(t)
 
 
@@ -182,6 +188,7 @@ def _run(args: argparse.Namespace) -> int:
     args.cpu_features = (_features_or_usage(args.cpu_features_raw)
                          if args.cpu_features_raw is not None else list(DEFAULT_FEATURES))
     if args.cpu_features == "list":
+        from ..images._tables import X86_FEATURES
         if args.json:
             out.emit_json({"features": {k: f"{v // 32}*32+{v % 32}" for k, v in X86_FEATURES.items()}})
         else:
@@ -191,6 +198,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     features = args.cpu_features
 
+    from .._alternative import alternative_instructions, parse_debug_alternative
+    from ..images import load_bundled
     image = load_bundled(KERNEL_IMAGE)
     for name in args.disasm or ():
         if name not in image.symbols:

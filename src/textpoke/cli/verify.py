@@ -18,19 +18,53 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+from typing import TYPE_CHECKING
 
-from .._core import MUTATIONS
-from ..sim._verify import (SCENARIOS, STRATEGIES, VerifyReport, format_oops, format_timeline,
-                           run_schedule, verify)
 from . import _output as out
-from ._args import (Bounds, CPUS, JOBS, LINE_SIZE, SCHEDULES, SEED, UsageError, choice_of, int_in,
-                    power_of_two)
+from ._args import (Bounds, CPUS, JOBS, LINE_SIZE, SCHEDULES, SEED, UsageError, checked,
+                    choice_of, int_in, number, power_of_two)
+from ._inputs import output_dir, state_file
 from ._signals import Terminated, exit_status, reporting
+
+if TYPE_CHECKING:
+    from ..sim._verify import VerifyReport
 
 __all__ = ["add_arguments", "run"]
 
 CHUNK = Bounds(1, 1_000_000)
+
+# A resume or state file is ours (one JSON line per finished chunk or depth);
+# anything larger than this is not one, and reading it would only eat memory.
+STATE_FILE_LIMIT = 256 << 20
+
+#: --cluster: local, local:N, or a Dask scheduler's [PROTOCOL://]HOST[:PORT]
+_CLUSTER = re.compile(r"(?:(?:tcp|tls|ws|wss|ucx|inproc)://)?"
+                      r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9._-]{0,252})(?::[0-9]{1,5})?")
+
+
+def cluster_address(text: str) -> str:
+    """--cluster's ADDRESS, checked before anything connects to it."""
+    if text == "local":
+        return text
+    if text.startswith("local:"):
+        number(text[6:], JOBS, "--cluster local:N")
+        return text
+    port = re.search(r":([0-9]{1,5})$", text)
+    if not _CLUSTER.fullmatch(text) or (port and not 1 <= int(port.group(1)) <= 65535):
+        raise UsageError(f"--cluster {text[:80]!r}: 'local', 'local:N', or a Dask scheduler "
+                         "address such as tcp://HOST:8786")
+    return text
+
+
+# The names the options take, repeated from textpoke.sim._verify and
+# textpoke._core so that parsing (and --help) imports no machine: the sim
+# pulls in Unicorn and iced-x86.  tests/test_cli_startup.py checks they agree.
+SCENARIOS = ("nop2-jmp8", "nop5-jmp32", "call", "ret-jmp32", "jcc32", "xline", "multi",
+             "int3-entry", "call-xline", "jcc32-xline")
+STRATEGIES = ("int3", "naive")
+MUTATIONS = ("no-sync-1", "no-sync-2", "no-sync-3", "no-refs-wait", "unordered")
 
 NAME = "verify"
 HELP = "check the protocol under many seeded schedules"
@@ -75,18 +109,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the violation where it happened -- as FILE.svg, or as FILE.json, a "
                         "Chrome JSON trace that Perfetto's UI and chrome://tracing open; "
                         "may be given twice")
-    p.add_argument("--report", metavar="DIR",
+    p.add_argument("--report", metavar="DIR", type=output_dir(),
                    help="run every scenario x variant (int3, each mutation, naive; or int3 and "
                         "the --mutation/--strategy asked for) x --line-sizes and write "
                         "DIR/index.html, DIR/heatmap.svg, DIR/report.json and a timeline of "
                         "each variant's first violation; exit 1 only if int3 itself failed")
     p.add_argument("--line-sizes", default=None, metavar="LIST",
                    help="with --report: fetch-view line sizes, comma-separated powers of two (default 1,64)")
-    p.add_argument("--cluster", metavar="ADDRESS",
+    p.add_argument("--cluster", metavar="ADDRESS", type=checked(cluster_address, "ADDRESS"),
                    help="run the campaign on a Dask distributed scheduler (tcp://HOST:8786), "
                         "or 'local[:N]' for one started here with N (default --jobs) workers; "
                         "needs pip install 'textpoke[cluster]'")
-    p.add_argument("--resume", metavar="FILE",
+    p.add_argument("--resume", metavar="FILE", type=state_file(STATE_FILE_LIMIT),
                    help="record each finished chunk of seeds in FILE; run the same command "
                         "again to go on where it stopped (no chunk lost or run twice)")
     p.add_argument("--chunk", type=int_in(CHUNK), default=25, metavar="N",
@@ -102,7 +136,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --exhaustive: cpus=N,execs=N,refills=N,line=N (default "
                         "cpus=2,execs=1,refills=1,line=64): CPUs, site executions per CPU and "
                         "evictions per path, fetch line size")
-    p.add_argument("--state", default=None, metavar="FILE",
+    p.add_argument("--state", default=None, metavar="FILE", type=state_file(STATE_FILE_LIMIT),
                    help="with --exhaustive: save progress after every depth and resume from it")
     p.add_argument("--path", default=None, metavar="ACTIONS",
                    help="with --exhaustive: replay this path of actions (a counterexample)")
@@ -133,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report is not None or args.cluster is not None or args.resume is not None:
         return _campaign(args, names)
 
+    from ..sim._verify import VerifyReport, run_schedule, verify
     rep = VerifyReport()
     interrupted: BaseException | None = None
     try:
@@ -216,15 +251,12 @@ class _Done:
         pass
 
 
-# A resume or state file is ours (one JSON line per finished chunk or depth);
-# anything larger than this is not one, and reading it would only eat memory.
-STATE_FILE_LIMIT = 256 << 20
 
 
 def _check_files_and_modes(args: argparse.Namespace) -> None:
     """Refuse, before any work, an option given without the mode it belongs
     to and any file argument that cannot be what it should."""
-    from ._inputs import check_input, check_new_name, check_output
+    from ._inputs import check_output_dir, check_state
     for opt, val in (("--bound", args.bound), ("--state", args.state), ("--path", args.path)):
         if val is not None and not args.exhaustive:
             raise UsageError(f"{opt} belongs to --exhaustive")
@@ -233,28 +265,11 @@ def _check_files_and_modes(args: argparse.Namespace) -> None:
             raise UsageError("--line-sizes belongs to --report")
         _line_sizes(args.line_sizes)
     for opt, path in (("--resume", args.resume), ("--state", args.state)):
-        if path is None:
-            continue
-        if os.path.lexists(path):
-            check_input(path, STATE_FILE_LIMIT, opt)
-            check_output(path, opt)
-        else:
-            check_output(path, opt)
+        if path is not None:
+            check_state(path, STATE_FILE_LIMIT, opt)
+    # checked again now (parsing checked them already): the run is about to start
     if args.report is not None:
-        d = args.report
-        if not d:
-            raise UsageError("--report: an empty path")
-        if os.path.lexists(d):
-            if not os.path.isdir(d):
-                raise UsageError(f"--report: {d} exists and is not a directory")
-            if not os.access(d, os.W_OK | os.X_OK):
-                raise UsageError(f"--report: cannot write in {d}: permission denied")
-        else:
-            parent = os.path.dirname(os.path.abspath(d))
-            if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-                raise UsageError(f"--report: cannot create {d[:120]}: {parent[:120]} is not a "
-                                 "writable directory")
-            check_new_name(d, "--report")
+        check_output_dir(args.report, "--report")
 
 
 def _line_sizes(text: str) -> list[int]:
@@ -272,6 +287,7 @@ def _campaign(args: argparse.Namespace, names: list[str]) -> int:
     """--cluster / --resume / --report: the campaign in chunks of seeds on
     Dask (or this machine's pool), recorded chunk by chunk."""
     import time
+    from ..sim._verify import run_schedule
     from ..verify._cluster import Campaign, Cell, LocalBackend, ResumeMismatch, connect
     if args.report is not None:
         from ..verify._report import cells_for, variants_for
@@ -365,6 +381,7 @@ def _timelines(args: argparse.Namespace, replay) -> list[str]:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from ..sim._verify import SCENARIOS
     if args.json:
         out.emit_json({"scenarios": {k: v.description for k, v in SCENARIOS.items()},
                        "mutations": list(MUTATIONS), "strategies": list(STRATEGIES)})
@@ -383,6 +400,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace, scenario: str) -> int:
+    from ..sim._verify import format_oops, format_timeline, run_schedule
     r = run_schedule(scenario, args.replay, strategy=args.strategy, mutation=args.mutation,
                      ncpus=args.cpus, line_size=args.line_size, trace=args.trace)
     drawn = _timelines(args, r.replay)
@@ -416,6 +434,7 @@ def _replay(args: argparse.Namespace, scenario: str) -> int:
 
 def _print_report(rep: VerifyReport, first, args: argparse.Namespace) -> None:
     from rich.table import Table
+    from ..sim._verify import format_oops, format_timeline
     con = out.console()
     what = rep.strategy + (f" minus {rep.mutation}" if rep.mutation else "")
     t = Table(title=f"verify: {what}, {rep.schedules_per_scenario:,} schedules per scenario, "

@@ -30,13 +30,14 @@ import time
 from typing import Any, Callable
 
 from .._alternative._callthunks import callthunks_patch_builtin_calls
-from .._alternative._kalt import apply_alternatives_k, apply_seal_endbr_k, smp_unlock_k
+from .._alternative._kalt import apply_alternatives_k, smp_unlock_k
 from .._alternative._kboot import KernelBoot, table_bounds as _bounds
 from .._alternative._kearly import EarlyBoot, early_snapshot
 from .._alternative._kparavirt import apply_paravirt_k
-from .._alternative._kpasses import F_CALL_DEPTH, BootOptions, TableStats, apply_returns_k
-from .._alternative._kretpoline import ItsThunks, apply_retpolines_k
+from .._alternative._kpasses import F_CALL_DEPTH, BootOptions, TableStats
 from .._alternative._ktext import CpuCaps, KernelText
+from .._alternative._records import DA_ALL, DebugLog, PassLog
+from .._alternative._thunks import ItsThunks, retpolines, returns, seal_endbr
 from .._alternative._runtime_const import runtime_const_sync
 from .._ftrace import ftrace_init
 from .._jump_label import jump_label_init, jump_label_sync
@@ -62,7 +63,15 @@ def boot_kernel(kt: KernelText, caps: CpuCaps, opts: BootOptions | None = None, 
     res = KernelBoot(kt, caps, opts)
     if kt.data is None and early is not None:
         kt.data, res.early = early_snapshot(kt, caps, early)
-    dbg = res.debug.append if debug_alternative else None
+    dlog = DebugLog(DA_ALL if debug_alternative else 0)
+
+    def dbg(line: str) -> None:              # the passes not yet on PassLog
+        dlog(DA_ALL, line)
+    if not debug_alternative:
+        dbg = None                           # type: ignore[assignment]
+
+    def log(entries: int) -> PassLog:
+        return PassLog(entries, kt.describe, dlog)
     steps = ["tables", *line.passes]
     t_all = time.perf_counter()
 
@@ -114,10 +123,22 @@ def boot_kernel(kt: KernelText, caps: CpuCaps, opts: BootOptions | None = None, 
         s[".static_call_sites(sync)"] = static_call_sync(kt, t["sc"], kernel_text).as_dict()
         s["runtime_const(sync)"] = runtime_const_sync(kt).as_dict()
 
-    def retpolines() -> None:
+    def retpolines_() -> None:
         its = ItsThunks(kt, opts.its_pages)
-        s[".retpoline_sites"] = apply_retpolines_k(kt, t["rp"], caps, opts, its, dbg).as_dict()
+        lg = log(len(t["rp"]))
+        retpolines(kt, t["rp"], caps, opts, its, lg)
+        s[".retpoline_sites"] = lg.stats.as_dict()
         res.its_thunks = its.allocated
+
+    def returns_() -> None:
+        lg = log(len(t["rt"]))
+        returns(kt, t["rt"], caps, opts, lg)
+        s[".return_sites"] = lg.stats.as_dict()
+
+    def seal() -> None:
+        lg = log(len(t["ibt"]))
+        seal_endbr(kt, t["ibt"], lg)
+        s[".ibt_endbr_seal"] = lg.stats.as_dict()
 
     def callthunks() -> None:
         if t["cs"] is None:
@@ -147,19 +168,21 @@ def boot_kernel(kt: KernelText, caps: CpuCaps, opts: BootOptions | None = None, 
         "ftrace_init": put("__mcount_loc", lambda: ftrace_init(kt, t["mc"])),
         "runtime_sync": sync,
         "apply_paravirt": put(".parainstructions", lambda: apply_paravirt_k(kt, t["pv"], dbg)),
-        "apply_retpolines": retpolines,
-        "apply_returns": put(".return_sites",
-                             lambda: apply_returns_k(kt, t["rt"], caps, opts, dbg)),
+        "apply_retpolines": retpolines_,
+        "apply_returns": returns_,
         "apply_alternatives": put(".altinstructions",
                                   lambda: apply_alternatives_k(kt, t["alt"], caps, dbg)),
         "callthunks": callthunks,
-        "apply_seal_endbr": put(".ibt_endbr_seal", lambda: apply_seal_endbr_k(kt, t["ibt"], dbg)),
+        "apply_seal_endbr": seal,
         "smp_locks": smp_locks,
     }
-    for name in line.passes:
-        if name == "runtime_sync" and kt.data is None:
-            continue
-        step(name, passes[name])
+    try:
+        for name in line.passes:
+            if name == "runtime_sync" and kt.data is None:
+                continue
+            step(name, passes[name])
+    finally:
+        res.debug[:] = dlog.lines()
     res.timings["total"] = time.perf_counter() - t_all
     if progress:
         progress("done", len(steps), len(steps))

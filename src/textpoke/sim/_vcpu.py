@@ -55,12 +55,21 @@ class _Region:
         self.buf = self.mv = None
 
 
+#: Unicorn's translation buffer per vCPU.  Its default (1 GiB) is reserved
+#: address space for every CPU: an 8-CPU machine took 8.4 GB of VmSize, so
+#: `ulimit -v 4G` (or vm.overcommit_memory=2) could not build one.  The
+#: workloads' text translates into a few MB; demo and verify ran as fast
+#: with 32 MiB (when the buffer fills, Unicorn flushes it and retranslates).
+TCG_BUFFER = 32 << 20
+
+
 class VCpu:
     """One virtual CPU: a Unicorn instance with its own view of text."""
 
     def __init__(self, sim: "SimMachine", cpu_id: int) -> None:
         self.id = cpu_id
         self.uc: Uc | None = Uc(UC_ARCH_X86, UC_MODE_64)
+        self.uc.ctl_set_tcg_buffer_size(TCG_BUFFER)    # before anything else touches uc
         self.state = IDLE
         self.views: list[Any] = []
         self.stale: set[tuple[int, int]] = set()
