@@ -5,18 +5,17 @@ records, the CPU feature set, and the ``debug-alternative`` log."""
 
 from __future__ import annotations
 
-import bisect
 from typing import Callable, Iterable, Mapping, Protocol, Sequence, TypeVar
 
 from .._core import TextPoke
-from .._errors import BadAddressError, TextPokeError
-from ..images._lines import LINE_BUNDLED, KernelLine
-from ._code import FastInsn, decode_site
+from .._core._insn import Insn, insn_decode_kernel
+from .._errors import BadAddressError, BadInstructionError
+from ..images._kallsyms import Symbols as KernelSymbols
 from ..images._tables import X86_FEATURES, feature_name, feature_set   # tables own the numbering
-from ._records import DebugLog, KernelBootError
+from ._records import DebugRecord, hexbytes
 
 __all__ = ["SymbolSource", "Symbols", "symbols_of", "features_of", "has_feature", "Shadow",
-           "DebugLog", "run_pass"]
+           "DebugLog", "decode_at", "run_pass"]
 
 
 class SymbolSource(Protocol):
@@ -28,43 +27,20 @@ class SymbolSource(Protocol):
 
 
 class Symbols:
-    """Address -> "function+0xoff" for records and debug lines."""
+    """Address -> "function+0xoff" for records and debug lines: the one
+    symbolizer (:class:`~textpoke.images._kallsyms.Symbols`) over an
+    image's tables, the enclosing function first, else the nearest label."""
 
     def __init__(self, symbols: Mapping[str, int], sizes: Mapping[str, int]) -> None:
         self.by_name = dict(symbols)
-        best: dict[int, tuple[str, int]] = {}
-        for name, addr in self.by_name.items():
-            size = sizes.get(name, 0)
-            if name.startswith((".", "__start", "__stop")):
-                continue
-            cur = best.get(addr)
-            # prefer sized (function) symbols, then the shorter name
-            if cur is None or (size, -len(name)) > (cur[1], -len(cur[0])):
-                best[addr] = (name, size)
-        self._starts = sorted(best)
-        self._info = [best[a] for a in self._starts]
+        self._table = KernelSymbols.from_mapping(
+            symbols, sizes, keep=lambda n, a: not n.startswith((".", "__start", "__stop")))
 
     def get(self, name: str) -> int | None:
         return self.by_name.get(name)
 
     def __call__(self, addr: int) -> str:
-        i = bisect.bisect_right(self._starts, addr) - 1
-        label = None
-        # A sized (function) symbol that contains addr wins over a bare
-        # label that merely precedes it.
-        for j in range(i, max(-1, i - 64), -1):
-            name, size = self._info[j]
-            start = self._starts[j]
-            if size and addr < start + size:
-                label = (name, start)
-                break
-            if not size and label is None and addr - start < 4096:
-                label = (name, start)
-        if label is None:
-            return f"{addr:#x}"
-        name, start = label
-        off = addr - start
-        return f"{name}+{off:#x}" if off else name
+        return self._table.describe(addr, function=True)
 
 
 def symbols_of(image: SymbolSource | Mapping[str, int] | None) -> Symbols:
@@ -87,30 +63,19 @@ def has_feature(nums: frozenset[int], name: str) -> bool:
 
 
 class Shadow:
-    """A copy-on-first-touch image of text on which a boot pass works: the
-    :class:`~._ktext.TextBuffer` of a machine (the bundled image booting, a
-    module being loaded).
+    """A copy-on-first-touch image of text on which a boot pass works.
 
     Reads see earlier writes of the same pass (a nested alternative reads
     what the previous entry left); nothing reaches the machine until
     :meth:`commit`, so a refused site leaves the text exactly as it was.
-    *symbols* name addresses and give the passes their thunks; *line* is
-    the rule set (the bundled image's).
     """
 
-    line: KernelLine = LINE_BUNDLED
-    symbols: Symbols = Symbols({}, {})
-
-    def __init__(self, core: TextPoke, symbols: Symbols | None = None,
-                 line: KernelLine = LINE_BUNDLED) -> None:
+    def __init__(self, core: TextPoke) -> None:
         self.core = core
         self.machine = core.machine
         self._ranges: list[tuple[int, int, bytearray | None]] = [
             (r.start, r.end, None) for r in self.machine.text_ranges]
         self.writes: list[tuple[int, bytes, bytes]] = []
-        if symbols is not None:
-            self.symbols = symbols
-        self.line = line
 
     def _buf(self, addr: int, size: int) -> tuple[bytearray, int]:
         for i, (start, end, buf) in enumerate(self._ranges):
@@ -125,9 +90,8 @@ class Shadow:
         buf, off = self._buf(addr, size)
         return bytes(buf[off:off + size])
 
-    def write(self, table: str, addr: int, data: bytes) -> bool:
-        """Stage a write (for *table*); False (and nothing staged) when it
-        changes nothing."""
+    def write(self, addr: int, data: bytes) -> bool:
+        """Stage a write; False (and nothing staged) when it changes nothing."""
         buf, off = self._buf(addr, len(data))
         old = bytes(buf[off:off + len(data)])
         if old == data:
@@ -135,35 +99,6 @@ class Shadow:
         buf[off:off + len(data)] = data
         self.writes.append((addr, old, bytes(data)))
         return True
-
-    def decode(self, addr: int) -> FastInsn | None:
-        """The instruction at *addr* as the shadow holds it, None when it
-        does not decode."""
-        for n in (15, 8, 6, 5, 2, 1):      # near the end of text fewer bytes remain
-            try:
-                data = self.read(addr, n)
-            except BadAddressError:
-                continue
-            return decode_site(data, 0, addr)
-        return None
-
-    def describe(self, addr: int) -> str:
-        return self.symbols(addr)
-
-    def opt(self, name: str) -> int | None:
-        return self.symbols.get(name)
-
-    def sym(self, name: str) -> int:
-        addr = self.symbols.get(name)
-        if addr is None:
-            raise KernelBootError(f"the image has no symbol {name!r}")
-        return addr
-
-    def data_u64(self, addr: int) -> int:
-        try:
-            return int.from_bytes(self.machine.mem.read(addr, 8), "little")
-        except TextPokeError as e:
-            raise KernelBootError(f"cannot read data at {addr:#x}: {e}") from None
 
     def commit(self) -> int:
         """Write every staged change with text_poke_early, in order; undo the
@@ -180,6 +115,37 @@ class Shadow:
         n = len(self.writes)
         self.writes = []
         return n
+
+
+class DebugLog:
+    """The ``debug-alternative`` lines whose DA_* bit is in *mask*."""
+
+    def __init__(self, mask: int = 0) -> None:
+        self.mask = mask
+        self.records: list[DebugRecord] = []
+
+    def __call__(self, kind: int, message: str, addr: int | None = None) -> None:
+        if self.mask & kind:
+            self.records.append(DebugRecord(kind, message, addr))
+
+    def dump(self, kind: int, addr: int, label: str, data: bytes) -> None:
+        if self.mask & kind and data:
+            self.records.append(DebugRecord(kind, f"{addr:#x}: {label}: {hexbytes(data)}", addr))
+
+
+def decode_at(shadow: Shadow, addr: int) -> Insn | None:
+    """The instruction at *addr* as the shadow holds it, None when it does
+    not decode."""
+    for n in (15, 8, 6, 5, 2, 1):      # near the end of text fewer bytes remain
+        try:
+            data = shadow.read(addr, n)
+        except BadAddressError:
+            continue
+        try:
+            return insn_decode_kernel(data, addr)
+        except BadInstructionError:
+            return None
+    return None
 
 
 _Item = TypeVar("_Item")

@@ -51,12 +51,12 @@ from array import array
 from dataclasses import dataclass, replace
 from itertools import accumulate, compress, repeat
 from operator import itemgetter
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 from ._elf import ImageError
 
-__all__ = ["Symbols", "KallsymsLayout", "find_kallsyms", "decode_kallsyms",
-           "parse_system_map", "symbol_differences", "with_prefix"]
+__all__ = ["Symbols", "SymbolMap", "format_symbol", "KallsymsLayout", "find_kallsyms",
+           "decode_kallsyms", "parse_system_map", "symbol_differences", "with_prefix"]
 
 _KSYM_NAME_LEN = 512            # the kernel's limit is 512 since 6.1 (was 128)
 _DIGITS = b"".join(bytes((c, 0)) for c in b"0123456789")
@@ -69,6 +69,15 @@ def with_prefix(symbols, prefix: str) -> list[tuple[str, int]]:
     if isinstance(symbols, Symbols):
         return symbols.prefixed(prefix)
     return sorted((n, a) for n, a in symbols.items() if n.startswith(prefix))
+
+
+def format_symbol(name: str, off: int, size: int | None = None, *,
+                  offset0: bool = False) -> str:
+    """``name+0xoff`` (the bare name at offset 0 unless *offset0*), with
+    ``/0xsize`` when *size* is given, as the kernel's ``%pS`` prints it."""
+    if size is not None:
+        return f"{name}+{off:#x}/{size:#x}"
+    return f"{name}+{off:#x}" if off or offset0 else name
 
 
 def _provided(name: str) -> bool:
@@ -90,12 +99,24 @@ class Symbols(dict):
     Build with :meth:`from_entries` (addresses, names, types in any order)
     or :meth:`from_sorted` (already in kallsyms order).  ``types`` holds one
     type letter per entry (``"T"``, ``"t"``, ``"D"``...) or is ``""`` when
-    the source has none (an ELF symbol table)."""
+    the source has none (an ELF symbol table).  ``sizes`` maps names to
+    their sizes where the source has them; *esizes*, when given, is one
+    size per entry (a name defined twice may have two).
 
-    __slots__ = ("source", "addrs", "names", "types", "sizes", "_text")
+    Naming an address (one implementation for every caller: boot records,
+    the clients' refusals, oops reports, live processes and the CLI):
+    :meth:`index_of` finds the entry, :meth:`lookup` returns ``(name,
+    start, size)``, :meth:`describe` formats it with :func:`format_symbol`.
+    Three rules: the nearest entry at or below the address (kallsyms's
+    ``%pS``; the default), the same skipping sized entries that end before
+    it (*covering*), or the innermost sized entry that contains it
+    (*function*)."""
+
+    __slots__ = ("source", "addrs", "names", "types", "sizes", "_text", "_esizes")
 
     def __init__(self, addrs: list[int], names: list[str], types: str = "",
-                 source: str = "", sizes: dict[str, int] | None = None):
+                 source: str = "", sizes: dict[str, int] | None = None,
+                 esizes: list[int] | None = None):
         # a name defined more than once keeps its lowest address (built from
         # the top down, so the dict iterates from the highest address down)
         super().__init__(zip(reversed(names), reversed(addrs)))
@@ -105,6 +126,7 @@ class Symbols(dict):
         self.source = source
         self.sizes = sizes or {}
         self._text: str | None = None
+        self._esizes = esizes
 
     # ------------------------------------------------------------ building
     @classmethod
@@ -160,6 +182,21 @@ class Symbols(dict):
                 types = "".join(tl)
         return cls(addrs, names, types, source, sizes)
 
+    @classmethod
+    def from_mapping(cls, symbols: Mapping[str, int], sizes: Mapping[str, int] | None = None,
+                     *, source: str = "",
+                     keep: Callable[[str, int], bool] | None = None) -> "Symbols":
+        """An ELF image's or a module's ``{name: address}`` and ``{name:
+        size}`` tables (the bundled image, modules, ``ElfImage``): at one
+        address a sized entry (the function) comes before unsized ones
+        (labels at its start), then by name.  *keep* filters entries."""
+        sizes = sizes or {}
+        rows = sorted((a, not sizes.get(n), n) for n, a in symbols.items()
+                      if keep is None or keep(n, a))
+        names = [r[2] for r in rows]
+        return cls([r[0] for r in rows], names, "", source, dict(sizes),
+                    [sizes.get(n) or 0 for n in names])
+
     # ------------------------------------------------------------- queries
     def entries(self) -> Iterator[tuple[int, str, str]]:
         """(address, type, name) in address order; type "" when unknown."""
@@ -184,24 +221,65 @@ class Symbols(dict):
             return self.names[i]
         return None
 
+    def entry_sizes(self) -> list[int]:
+        """One size per entry (0 where the source gives none)."""
+        if self._esizes is None:
+            sz = self.sizes
+            self._esizes = [sz.get(n) or 0 for n in self.names] if sz else [0] * len(self.names)
+        return self._esizes
+
+    def index_of(self, addr: int, lo: int | None = None, *, function: bool = False,
+                 covering: bool = False) -> int | None:
+        """The entry that names *addr* (see the class doc for the rules),
+        ignoring entries below *lo* (e.g. per-CPU offsets for text)."""
+        addrs = self.addrs
+        i = bisect.bisect_right(addrs, addr) - 1
+        if i < 0 or (lo is not None and addrs[i] < lo):
+            return None
+        if not (function or covering):
+            return bisect.bisect_left(addrs, addrs[i], 0, i + 1)
+        es = self.entry_sizes()
+        floor = max(0 if lo is None else bisect.bisect_left(addrs, lo), i - 64)
+        while i >= floor:
+            # the entries at one address, in their order of preference
+            first = bisect.bisect_left(addrs, addrs[i], floor, i + 1)
+            for j in range(first, i + 1):
+                n = es[j]
+                if addr < addrs[j] + n or (not n and not function):
+                    return j
+            i = first - 1
+        return None
+
+    def lookup(self, addr: int, lo: int | None = None, *, function: bool = False,
+               covering: bool = False) -> tuple[str, int, int] | None:
+        """``(name, start, size)`` of the entry that names *addr* (size 0
+        when unknown), or None."""
+        j = self.index_of(addr, lo, function=function, covering=covering)
+        if j is None:
+            return None
+        return self.names[j], self.addrs[j], self.entry_sizes()[j]
+
     def symbolize(self, addr: int, lo: int | None = None) -> tuple[str, int] | None:
         """(symbol, offset) of the nearest symbol at or below *addr*
         (ignoring symbols below *lo*, e.g. per-CPU offsets for text)."""
-        i = bisect.bisect_right(self.addrs, addr) - 1
-        if i < 0:
-            return None
-        a = self.addrs[i]
-        if lo is not None and a < lo:
-            return None
-        j = bisect.bisect_left(self.addrs, a, 0, i + 1)
-        return self.names[j], addr - a
+        j = self.index_of(addr, lo)
+        return None if j is None else (self.names[j], addr - self.addrs[j])
 
-    def describe(self, addr: int, lo: int | None = None) -> str:
-        """``name+0xoff`` (``name`` at offset 0), or the bare hex address."""
-        s = self.symbolize(addr, lo)
-        if s is None:
+    def describe(self, addr: int, lo: int | None = None, *, function: bool = False,
+                 covering: bool = False, offset0: bool = False) -> str:
+        """``name+0xoff`` (``name`` at offset 0 unless *offset0*), or the
+        bare hex address."""
+        r = self.lookup(addr, lo, function=function, covering=covering)
+        if r is None and function:
+            r = self.lookup(addr, lo, covering=True)
+        if r is None:
             return f"{addr:#x}"
-        return f"{s[0]}+{s[1]:#x}" if s[1] else s[0]
+        return format_symbol(r[0], addr - r[1], offset0=offset0)
+
+    def following(self, addr: int) -> int | None:
+        """The lowest symbol address above *addr*, or None."""
+        i = bisect.bisect_right(self.addrs, addr)
+        return self.addrs[i] if i < len(self.addrs) else None
 
     def size(self, name: str) -> int:
         """The symbol's size when the source has one, else the distance to
@@ -210,8 +288,8 @@ class Symbols(dict):
         if n:
             return n
         a = self[name]
-        i = bisect.bisect_right(self.addrs, a)
-        return self.addrs[i] - a if i < len(self.addrs) else 0
+        nxt = self.following(a)
+        return nxt - a if nxt is not None else 0
 
     def prefixed(self, prefix: str) -> list[tuple[str, int]]:
         """(name, address) of every distinct name starting with *prefix*,
@@ -223,10 +301,46 @@ class Symbols(dict):
         return [(n, self[n]) for n in sorted(set(found))]
 
     def __reduce__(self):
-        return (Symbols, (self.addrs, self.names, self.types, self.source, self.sizes))
+        return (Symbols, (self.addrs, self.names, self.types, self.source, self.sizes,
+                          self._esizes))
 
     def __repr__(self) -> str:
         return f"<Symbols {len(self.addrs)} entries from {self.source or '?'}>"
+
+
+class SymbolMap:
+    """Several owners' :class:`Symbols` (the kernel as owner ``""``, then
+    modules, added and removed as they come and go), naming an address as
+    ``name+0xoff [owner]`` for the clients' refusals: the owner whose
+    entry is nearest below the address, by the *covering* rule."""
+
+    #: names that name no code: section symbols and linker-provided bounds
+    _SKIP = (".", "__start", "__stop")
+
+    def __init__(self, symbols: Mapping[str, int] | None = None,
+                 sizes: Mapping[str, int] | None = None) -> None:
+        self._tables: dict[str, Symbols] = {}
+        if symbols:
+            self.add("", symbols, sizes or {})
+
+    def add(self, owner: str, symbols: Mapping[str, int], sizes: Mapping[str, int]) -> None:
+        self._tables[owner] = Symbols.from_mapping(
+            symbols, sizes, source=owner, keep=lambda n, a: not n.startswith(self._SKIP))
+
+    def remove(self, owner: str) -> None:
+        self._tables.pop(owner, None)
+
+    def describe(self, addr: int) -> str:
+        best = None
+        for owner, table in self._tables.items():
+            r = table.lookup(addr, covering=True)
+            if r is not None and (best is None or r[1] > best[1][1]):
+                best = (owner, r)
+        if best is None:
+            return f"{addr:#x}"
+        owner, (name, start, _size) = best
+        where = format_symbol(name, addr - start, offset0=True)
+        return f"{where} [{owner}]" if owner else where
 
 
 # ================================================================= System.map

@@ -40,6 +40,8 @@ from typing import Iterable
 
 from .._core._insn import insn_decode_kernel
 from .._errors import BadAddressError, BadInstructionError, TextPokeError
+from ..images._kallsyms import Symbols as KernelSymbols
+from ..images._kallsyms import format_symbol
 
 __all__ = ["SymbolError", "Mapping", "Symbol", "Module", "Symbols", "read_maps",
            "parse_address"]
@@ -187,6 +189,9 @@ class Module:
                 self._by_name[s.name] = s
         self._funcs = [s for s in self._symbols if s.func]
         self._starts = [s.addr for s in self._funcs]
+        # named by the one symbolizer; a size-0 function covers its first byte
+        self._table = KernelSymbols(self._starts, [s.name for s in self._funcs],
+                                    source=self.path, esizes=[max(s.size, 1) for s in self._funcs])
 
     @property
     def symbols(self) -> list[Symbol]:
@@ -202,16 +207,8 @@ class Module:
         """The function containing *addr* (the last one starting at or
         before it whose size covers it; a size-0 symbol covers its start)."""
         self.symbols
-        i = bisect.bisect_right(self._starts, addr) - 1
-        if i < 0:
-            return None
-        first = self._starts[i]
-        while i >= 0 and self._starts[i] == first:
-            s = self._funcs[i]
-            if addr < s.addr + max(s.size, 1):
-                return s
-            i -= 1
-        return None
+        i = self._table.index_of(addr, function=True)
+        return None if i is None else self._funcs[i]
 
     def functions_sorted(self) -> list[Symbol]:
         """The function symbols in address order (aliases adjacent)."""
@@ -407,8 +404,8 @@ class Symbols:
             return f"{addr:#x}"
         s = mod.function_at(addr)
         if s is None:
-            return f"{mod.short}+{addr - mod.bias:#x}"
-        return f"{s.name}+{addr - s.addr:#x}" if addr != s.addr else s.name
+            return format_symbol(mod.short, addr - mod.bias, offset0=True)
+        return format_symbol(s.name, addr - s.addr)
 
     def close(self) -> None:
         for m in self._modules.values():

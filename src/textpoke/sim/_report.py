@@ -25,6 +25,8 @@ import bisect
 import weakref
 from typing import Any, Iterable
 
+from ..images._kallsyms import Symbols, format_symbol
+
 __all__ = ["oops_report", "format_oops", "timeline", "format_timeline", "symbolize"]
 
 _REG_ORDER = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
@@ -36,29 +38,28 @@ _PF_CODE = {"read-unmapped": 0x00, "write-unmapped": 0x02, "fetch-unmapped": 0x1
 
 
 # ------------------------------------------------------------------ symbols
-_SYMTABS: "weakref.WeakKeyDictionary[Any, list]" = weakref.WeakKeyDictionary()
+_SYMTABS: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _symtab(image: Any) -> list[tuple[int, int, int, str, int]]:
-    """(section start, section end, addr, name, elf size), sorted by addr."""
+def _symtab(image: Any) -> "tuple[Symbols, list[tuple[int, int]]]":
+    """The image's symbols that lie in a section (by the one symbolizer),
+    and the sections' [start, end), sorted."""
     try:
         return _SYMTABS[image]
     except (KeyError, TypeError):
         pass
     secs = sorted((s.addr, s.end) for s in image.sections.values() if s.end > s.addr)
-    tab = []
-    for name, addr in image.symbols.items():
-        for lo, hi in secs:
-            if lo <= addr < hi:
-                tab.append((lo, hi, addr, name, image.sizes.get(name, 0) or 0))
-                break
-    # at one address, prefer the symbol with a size (a function), then by name
-    tab.sort(key=lambda t: (t[2], -bool(t[4]), t[3]))
+    starts = [lo for lo, _ in secs]
+
+    def in_section(_name: str, addr: int) -> bool:
+        i = bisect.bisect_right(starts, addr) - 1
+        return i >= 0 and addr < secs[i][1]
+    got = (Symbols.from_mapping(image.symbols, image.sizes, keep=in_section), secs)
     try:
-        _SYMTABS[image] = tab
+        _SYMTABS[image] = got
     except TypeError:
         pass
-    return tab
+    return got
 
 
 def symbolize(addr: int | None, image: Any = None) -> dict | None:
@@ -68,26 +69,23 @@ def symbolize(addr: int | None, image: Any = None) -> dict | None:
     not the nearest one (a label inside a function)."""
     if addr is None or image is None:
         return None
-    tab = _symtab(image)
-    addrs = [t[2] for t in tab]
-    i = bisect.bisect_right(addrs, addr) - 1
-    # step back over symbols at the same address to the preferred one
-    while i > 0 and tab[i - 1][2] == tab[i][2]:
-        i -= 1
-    if i < 0:
+    table, secs = _symtab(image)
+    near = table.lookup(addr)
+    if near is None:
         return None
-    lo, hi, start, name, size = tab[i]
+    name, start, size = near
+    i = bisect.bisect_right(secs, (start, float("inf"))) - 1
+    lo, hi = secs[i]
     if not lo <= addr < hi:
         return None
     if not (size and addr < start + size):
-        nxt = next((t[2] for t in tab[i + 1:] if t[2] > start), hi)
-        size = min(nxt, hi) - start
+        nxt = table.following(start)
+        size = min(hi if nxt is None else nxt, hi) - start
     res = {"name": name, "offset": addr - start, "size": size,
-           "text": f"{name}+{addr - start:#x}/{size:#x}", "function": None}
-    for lo2, hi2, s2, n2, z2 in reversed(tab[:i + 1]):
-        if z2 and s2 <= addr < s2 + z2 and n2 != name:
-            res["function"] = f"{n2}+{addr - s2:#x}/{z2:#x}"
-            break
+           "text": format_symbol(name, addr - start, size), "function": None}
+    fn = table.lookup(addr, function=True)
+    if fn is not None and fn[0] != name:
+        res["function"] = format_symbol(fn[0], addr - fn[1], fn[2])
     return res
 
 
