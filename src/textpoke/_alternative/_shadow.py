@@ -8,14 +8,15 @@ from __future__ import annotations
 from typing import Callable, Iterable, Mapping, Protocol, Sequence, TypeVar
 
 from .._core import TextPoke
-from .._core._insn import Insn, insn_decode_kernel
-from .._errors import BadAddressError, BadInstructionError
+from .._errors import BadAddressError, TextPokeError
+from ..images._lines import LINE_BUNDLED, KernelLine
+from ._code import FastInsn, decode_site
 from ..images._kallsyms import Symbols as KernelSymbols
 from ..images._tables import X86_FEATURES, feature_name, feature_set   # tables own the numbering
-from ._records import DebugRecord, hexbytes
+from ._records import DebugLog, KernelBootError
 
 __all__ = ["SymbolSource", "Symbols", "symbols_of", "features_of", "has_feature", "Shadow",
-           "DebugLog", "decode_at", "run_pass"]
+           "DebugLog", "run_pass"]
 
 
 class SymbolSource(Protocol):
@@ -63,19 +64,30 @@ def has_feature(nums: frozenset[int], name: str) -> bool:
 
 
 class Shadow:
-    """A copy-on-first-touch image of text on which a boot pass works.
+    """A copy-on-first-touch image of text on which a boot pass works: the
+    :class:`~._ktext.TextBuffer` of a machine (the bundled image booting, a
+    module being loaded).
 
     Reads see earlier writes of the same pass (a nested alternative reads
     what the previous entry left); nothing reaches the machine until
     :meth:`commit`, so a refused site leaves the text exactly as it was.
+    *symbols* name addresses and give the passes their thunks; *line* is
+    the rule set (the bundled image's).
     """
 
-    def __init__(self, core: TextPoke) -> None:
+    line: KernelLine = LINE_BUNDLED
+    symbols: Symbols = Symbols({}, {})
+
+    def __init__(self, core: TextPoke, symbols: Symbols | None = None,
+                 line: KernelLine = LINE_BUNDLED) -> None:
         self.core = core
         self.machine = core.machine
         self._ranges: list[tuple[int, int, bytearray | None]] = [
             (r.start, r.end, None) for r in self.machine.text_ranges]
         self.writes: list[tuple[int, bytes, bytes]] = []
+        if symbols is not None:
+            self.symbols = symbols
+        self.line = line
 
     def _buf(self, addr: int, size: int) -> tuple[bytearray, int]:
         for i, (start, end, buf) in enumerate(self._ranges):
@@ -90,8 +102,9 @@ class Shadow:
         buf, off = self._buf(addr, size)
         return bytes(buf[off:off + size])
 
-    def write(self, addr: int, data: bytes) -> bool:
-        """Stage a write; False (and nothing staged) when it changes nothing."""
+    def write(self, table: str, addr: int, data: bytes) -> bool:
+        """Stage a write (for *table*); False (and nothing staged) when it
+        changes nothing."""
         buf, off = self._buf(addr, len(data))
         old = bytes(buf[off:off + len(data)])
         if old == data:
@@ -99,6 +112,35 @@ class Shadow:
         buf[off:off + len(data)] = data
         self.writes.append((addr, old, bytes(data)))
         return True
+
+    def decode(self, addr: int) -> FastInsn | None:
+        """The instruction at *addr* as the shadow holds it, None when it
+        does not decode."""
+        for n in (15, 8, 6, 5, 2, 1):      # near the end of text fewer bytes remain
+            try:
+                data = self.read(addr, n)
+            except BadAddressError:
+                continue
+            return decode_site(data, 0, addr)
+        return None
+
+    def describe(self, addr: int) -> str:
+        return self.symbols(addr)
+
+    def opt(self, name: str) -> int | None:
+        return self.symbols.get(name)
+
+    def sym(self, name: str) -> int:
+        addr = self.symbols.get(name)
+        if addr is None:
+            raise KernelBootError(f"the image has no symbol {name!r}")
+        return addr
+
+    def data_u64(self, addr: int) -> int:
+        try:
+            return int.from_bytes(self.machine.mem.read(addr, 8), "little")
+        except TextPokeError as e:
+            raise KernelBootError(f"cannot read data at {addr:#x}: {e}") from None
 
     def commit(self) -> int:
         """Write every staged change with text_poke_early, in order; undo the
@@ -115,37 +157,6 @@ class Shadow:
         n = len(self.writes)
         self.writes = []
         return n
-
-
-class DebugLog:
-    """The ``debug-alternative`` lines whose DA_* bit is in *mask*."""
-
-    def __init__(self, mask: int = 0) -> None:
-        self.mask = mask
-        self.records: list[DebugRecord] = []
-
-    def __call__(self, kind: int, message: str, addr: int | None = None) -> None:
-        if self.mask & kind:
-            self.records.append(DebugRecord(kind, message, addr))
-
-    def dump(self, kind: int, addr: int, label: str, data: bytes) -> None:
-        if self.mask & kind and data:
-            self.records.append(DebugRecord(kind, f"{addr:#x}: {label}: {hexbytes(data)}", addr))
-
-
-def decode_at(shadow: Shadow, addr: int) -> Insn | None:
-    """The instruction at *addr* as the shadow holds it, None when it does
-    not decode."""
-    for n in (15, 8, 6, 5, 2, 1):      # near the end of text fewer bytes remain
-        try:
-            data = shadow.read(addr, n)
-        except BadAddressError:
-            continue
-        try:
-            return insn_decode_kernel(data, addr)
-        except BadInstructionError:
-            return None
-    return None
 
 
 _Item = TypeVar("_Item")
