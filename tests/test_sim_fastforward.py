@@ -105,14 +105,14 @@ def test_interrupt_in_a_burst_leaves_a_decision_boundary(monkeypatch):
 
         def init(self, uc):
             real(self, uc)
-            run = self.run
+            run = self.run_here
 
-            def interrupted(begin, until, count):
+            def interrupted(until, count):
                 if count > 8 and not fired:    # only a burst runs more than one slice
                     fired.append(1)
                     deliver_interrupt(KeyboardInterrupt())
-                return run(begin, until, count)
-            self.run = interrupted
+                return run(until, count)
+            self.run_here = interrupted
         monkeypatch.setattr(U.FastCpu, "__init__", init)
         for c in w.sim.vcpus:
             c.__dict__.pop("_fast", None)

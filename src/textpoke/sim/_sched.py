@@ -16,10 +16,14 @@ from .._core._emulate import PtRegs
 from .._core._machine import Task, WaitUntil
 from .._core._signals import uninterruptible
 from .._errors import MachineError
-from ._ucfast import fast_cpu, read_gprs
+from ._ucfast import fast_cpu
 from ._vcpu import _GPRS, _REG_NAMES, DEAD, RUN, TRAP, VCpu, _fault_kind
 
 _RIP, _RSP, _RFLAGS = _REG_NAMES["rip"], _REG_NAMES["rsp"], _REG_NAMES["rflags"]
+_ACTIVE = (RUN, TRAP)
+#: what a trap handler's PtRegs holds, read in one go
+_TRAP_REGS = (_RIP, _RSP, _RFLAGS) + tuple(r for _n, r in _GPRS)
+_GPR_NAMES = tuple(n for n, _r in _GPRS)
 
 __all__ = ["SchedPolicy", "FINE", "COARSE", "FREE", "WRITE_GRANULARITIES", "CountingRandom"]
 
@@ -28,6 +32,18 @@ __all__ = ["SchedPolicy", "FINE", "COARSE", "FREE", "WRITE_GRANULARITIES", "Coun
 # for everyone else).
 _c_random = _random.Random.random
 _c_getrandbits = _random.Random.getrandbits
+
+
+def _below(rng: "CountingRandom", n: int) -> int:
+    """``rng._randbelow(n)``: the same draws, without the Python layers."""
+    k = n.bit_length()
+    r = _c_getrandbits(rng, k)
+    w = 1
+    while r >= n:
+        r = _c_getrandbits(rng, k)
+        w += 1
+    rng.words += w
+    return r
 
 
 class CountingRandom(random.Random):
@@ -237,22 +253,26 @@ class _Scheduler:
         if c.state != RUN:
             return
         p = self.policy
-        fast = fast_cpu(c)
-        rip = fast.rip()
+        fast = c.__dict__.get("_fast")
+        fast = fast[1] if fast is not None and fast[0]() is c.uc else fast_cpu(c)
         c.pending_intr = None
         if p.until_preempt and self.preempt_addr is not None:
             # Run to the guest's preemption point; when sitting on it, take
             # one instruction first (emu_start would stop at once).
-            until, count = (self.preempt_addr, 0) if rip != self.preempt_addr else (0, 1)
+            until, count = ((self.preempt_addr, 0) if fast.rip() != self.preempt_addr
+                            else (0, 1))
         else:
             until = 0
             # randint(min, max), drawn the same way (same rng stream)
             count = (p.slice_min if p.slice_min == p.slice_max
-                     else p.slice_min + self.rng._randbelow(p.slice_max - p.slice_min + 1))
+                     else p.slice_min + _below(self.rng, p.slice_max - p.slice_min + 1))
         c.slices += 1
+        region = c.__dict__.get("_stop_region")
+        if region is None or region[0] is not c.uc:
+            region = c._stop_region = (c.uc, uninterruptible(c.uc.emu_stop))
         try:
-            with uninterruptible(c.uc.emu_stop):
-                fast.run(rip, until, count)
+            with region[1]:
+                fast.run_here(until, count)
         except UcError as e:
             self._oops(c, _fault_kind(e), str(e))
             return
@@ -265,9 +285,9 @@ class _Scheduler:
             self._oops(c, f"trap {intno}")
             return
         c.traps += 1
-        read = fast.read
-        regs = PtRegs(ip=read(_RIP), sp=read(_RSP), flags=read(_RFLAGS),
-                      mem=self._mem, cpu=c.id, gprs=read_gprs(c, _GPRS))
+        vals = fast.read_many(_TRAP_REGS)        # one call for the lot
+        regs = PtRegs(ip=vals[0], sp=vals[1], flags=vals[2], mem=self._mem, cpu=c.id,
+                      gprs=dict(zip(_GPR_NAMES, vals[3:])))
         c.trap_regs = regs
         c.trap_task = self._run_trap_chain(regs)
         c.state = TRAP
@@ -327,28 +347,33 @@ class _Scheduler:
         rng = self.rng
         p = self.policy
         online = self._online
-        if p.refresh_prob and rng.random() < p.refresh_prob:
-            stale_cpus = [c for c in online if c.stale and c.state != DEAD]
-            if stale_cpus:
-                c = stale_cpus[rng.randrange(len(stale_cpus))]
-                lines = sorted(c.stale)
-                line = lines[rng.randrange(len(lines))]
-                c.stale.discard(line)
-                self._refill(c, line, "evict")
-                return True
-        cands: list[Any] = [c for c in online if c.state in (RUN, TRAP) or c.ipis]
-        tasks = [t for t in self._tasks if t.wait is None or t.wait.predicate()]
+        if p.refresh_prob:
+            rng.words += 2
+            if _c_random(rng) < p.refresh_prob:
+                stale_cpus = [c for c in online if c.stale and c.state != DEAD]
+                if stale_cpus:
+                    c = stale_cpus[_below(rng, len(stale_cpus))]
+                    lines = sorted(c.stale)
+                    line = lines[_below(rng, len(lines))]
+                    c.stale.discard(line)
+                    self._refill(c, line, "evict")
+                    return True
+        cands: list[Any] = [c for c in online if c.state in _ACTIVE or c.ipis]
+        if self._tasks:
+            tasks = [t for t in self._tasks if t.wait is None or t.wait.predicate()]
+        else:
+            tasks = []
         if not cands and not tasks:
             if self._tasks:
                 raise MachineError("deadlock: every task waits and no CPU can run "
                                    f"({', '.join(t.wait.reason for t in self._tasks if t.wait)})")
             return False
-        n = len(cands) + len(tasks)
-        k = rng._randbelow(n)         # randrange(n), the same draw
-        if k < len(cands):
+        nc = len(cands)
+        k = _below(rng, nc + len(tasks))         # randrange(n), the same draw
+        if k < nc:
             self._cpu_turn(cands[k])
         else:
-            self._task_turn(tasks[k - len(cands)])
+            self._task_turn(tasks[k - nc])
         return True
 
     def run(self, steps: int) -> None:
@@ -515,7 +540,7 @@ class _Scheduler:
                     c.pending_intr = None
                     current[0] = c.uc
                     try:
-                        fast.run(fast.rip(), 0, count)
+                        fast.run_here(0, count)
                     except UcError:
                         ok = False
                         break

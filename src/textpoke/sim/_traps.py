@@ -13,10 +13,12 @@ from .._core._emulate import PtRegs
 from .._core._machine import Task, WaitUntil, drive
 from .._core._signals import uninterruptible
 from .._errors import MachineError
-from ._ucfast import fast_cpu, write_gprs
+from ._ucfast import fast_cpu
 from ._vcpu import _ACCESS, _GPRS, _REG_NAMES, DEAD, RUN, VCpu, _fault_kind, _read_gprs, _write_gprs
 
 __all__ = ["Oops", "CODE_PROLOGUE", "CODE_EPILOGUE"]
+
+_RIP, _RSP, _RFLAGS = _REG_NAMES["rip"], _REG_NAMES["rsp"], _REG_NAMES["rflags"]
 
 #: Bytes of this CPU's view kept around RIP in an oops, as the kernel's
 #: ``show_opcodes`` prints them: 42 before RIP, the byte at RIP, 21 after.
@@ -110,11 +112,15 @@ class _Traps:
             c.set_reg("rip", r.ip - 1)
             self._oops(c, "int3", "unhandled INT3", rip=r.ip - 1)
             return
-        write = fast_cpu(c).write
-        write(_REG_NAMES["rip"], r.ip)
-        write(_REG_NAMES["rsp"], r.sp)
-        write(_REG_NAMES["rflags"], r.flags)
-        write_gprs(c, _GPRS, r.gprs)
+        # rip, rsp, rflags, then what the handler left in the GPRs: one call
+        g = r.gprs
+        ids, vals = [_RIP, _RSP, _RFLAGS], [r.ip, r.sp, r.flags]
+        for n, reg in _GPRS:
+            v = g.get(n)
+            if v is not None:
+                ids.append(reg)
+                vals.append(v)
+        fast_cpu(c).write_many(tuple(ids), vals)
         c.state = RUN
         if self.trace is not None:
             self.trace.append(("iret", self.steps, c.id, handler.name, r.ip))

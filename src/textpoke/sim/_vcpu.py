@@ -129,6 +129,7 @@ class VCpu:
             self._hooks = []
         del uc
         self.ctx_buf = None
+        self.__dict__.pop("_stop_region", None)     # the scheduler's, holds the engine
         self.views = []
         self.stale = set()
         self.ipis = []
