@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """The machine protocol contract: what the core relies on, run against
-every machine backend (sim, the in-memory testing machine; the live
-backend joins this list)."""
+every machine backend (sim, the in-memory testing machine, a live
+process), and each capability on every machine that declares it."""
 
 import pytest
 
@@ -165,3 +165,40 @@ def test_capabilities_are_declared_and_required(machine):
         else:
             with pytest.raises(NotSupportedError, match=m.name):
                 m.require(cap)
+
+
+def test_data_capability_maps_memory_the_host_reads_and_writes(machine):
+    from textpoke import Capability
+    m, _, _, _ = machine
+    if not m.has(Capability.DATA):
+        pytest.skip(f"{m.name} lends no data memory")
+    a = m.map_data(100, "contract-data")
+    assert m.mem.read(a, 100) == bytes(100)
+    m.mem.write(a + 8, b"textpoke")
+    assert m.mem.read(a + 8, 8) == b"textpoke"
+    assert m.map_data(100, "contract-data", a) == a        # the same region again
+
+
+def test_execmem_capability_lends_non_core_text_the_shared_allocator_fills(machine):
+    from textpoke import Capability, ExecMem
+    m, _, _, _ = machine
+    if not m.has(Capability.EXECMEM):
+        pytest.skip(f"{m.name} lends no executable memory")
+    core = TextPoke(m)
+    rng = m.execmem_range(4096)
+    assert not rng.core and rng in m.text_ranges
+    em = ExecMem(core, start=rng.start, end=rng.end)
+    a = em.alloc(32)
+    core.text_poke_copy(a, b"\x90" * 31 + b"\xc3")
+    assert m.text_read(a, 32) == b"\x90" * 31 + b"\xc3"
+    em.free(a)
+    assert m.text_read(a, 32) == b"\xcc" * 32             # a stale pointer traps
+    core.close()
+
+
+def test_quiesce_returns_once_no_cpu_is_in_an_unused_range(machine):
+    from textpoke import Capability
+    m, addr, _, _ = machine
+    if not m.has(Capability.QUIESCE):
+        pytest.skip(f"{m.name} cannot show where its CPUs are")
+    m.run_task(m.quiesce([(addr, addr + 5)], "contract"))

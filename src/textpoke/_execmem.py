@@ -1,6 +1,9 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """``execmem``: executable memory in a machine's non-core text range
-(module text), for JIT output, trampolines and modules.
+(module text), for JIT output, trampolines and modules -- the one
+allocator of it, on every machine that declares ``Capability.EXECMEM``
+(a live process lends a region injected into it; see
+``LiveMachine.execmem_range``).
 
 :class:`ExecMem` hands out aligned chunks first-fit and takes them back.
 It never writes: what goes into a chunk is written by its user with
@@ -24,15 +27,17 @@ class ExecMemError(TextPokeError, MemoryError):
 
 
 class ExecMem:
+    """Chunks of a machine's executable memory: of ``[start, end)`` if
+    given, else of the range ``machine.execmem_range(size)`` gives (the
+    sim's module text; on a live process a region mapped in it then)."""
+
     def __init__(self, core, *, start: int | None = None, end: int | None = None,
-                 align: int = 16) -> None:
+                 align: int = 16, size: int = 64 << 10) -> None:
         m = core.machine
         if Capability.EXECMEM not in m.capabilities:
             raise NotSupportedError(f"{m.name}: no executable memory outside core text (EXECMEM)")
         if start is None:
-            rng = next((r for r in m.text_ranges if not r.core), None)
-            if rng is None:
-                raise NotSupportedError(f"{m.name}: no non-core text range")
+            rng = m.execmem_range(size)
             start, end = rng.start, rng.end
         self.core, self.start, self.end, self.align = core, start, end, align
         self._free: list[tuple[int, int]] = [(start, end)]

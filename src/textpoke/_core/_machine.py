@@ -105,7 +105,9 @@ class Capability(enum.Enum):
     #: the caller may scribble on (self-tests).
     SCRATCH = "scratch"
     #: non-core executable ranges in :attr:`Machine.text_ranges` that the
-    #: caller may fill with code (execmem: trampolines, JIT, detours).
+    #: caller may fill with code (execmem: trampolines, JIT, detours);
+    #: ``machine.execmem_range(size, name) -> TextRange`` gives one (a
+    #: backend with none until asked, live, maps it then).
     EXECMEM = "execmem"
     #: ``machine.add_cpu()`` / ``machine.remove_cpu(cpu)`` (hotplug).
     HOTPLUG = "hotplug"
@@ -240,6 +242,17 @@ class Machine(abc.ABC):
         """Address of *size* bytes of data to scribble on (``Capability.SCRATCH``)."""
         self.require(Capability.SCRATCH)
         raise NotImplementedError
+
+    def execmem_range(self, size: int = 64 << 10, name: str = "execmem") -> TextRange:
+        """A non-core text range of at least *size* bytes that the caller may
+        fill with code (``Capability.EXECMEM``).  By default the first
+        non-core range of :attr:`text_ranges` (the sim's module text); a
+        backend that maps executable memory on demand overrides it."""
+        self.require(Capability.EXECMEM, name)
+        rng = next((r for r in self.text_ranges if not r.core), None)
+        if rng is None:
+            raise NotSupportedError(f"the {self.name} machine has no non-core text range")
+        return rng
 
     def map_data(self, size: int, name: str, addr: int | None = None) -> int:
         """Map *size* bytes of zeroed guest data memory called *name*, at

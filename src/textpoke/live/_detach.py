@@ -27,6 +27,9 @@ class _Detach:
         try:
             with self._signals_deferred():
                 try:
+                    if self._regions and self._threads and not self._exec_seen:
+                        with contextlib.suppress(OSError, MachineError):
+                            self._free_regions()
                     if self._guard is not None and self._threads and not self._exec_seen:
                         with contextlib.suppress(OSError, MachineError):
                             self.guard_kept = self._guard_remove()

@@ -20,11 +20,12 @@ ptrace-stop held by the caller (nobody else may wait for it meanwhile):
    is not lost: it is sent back to the thread (``tgkill``) after the
    registers are restored.
 
-:class:`ExecMem` maps a region for code and data with ``mmap`` at a chosen
+:class:`Region` maps a region for code and data with ``mmap`` at a chosen
 address (``MAP_FIXED_NOREPLACE``: it fails rather than replace anything)
 within ±2 GiB of the code that will call into it (a CALL rel32 must reach),
 writes code through /proc/PID/mem, and unmaps it with ``munmap`` only when
-:meth:`ExecMem.in_use` finds no thread that could still be inside it:
+:meth:`Region.in_use` finds no thread that could still be inside it
+(:func:`threads_inside`, which the live machine's ``quiesce`` uses too):
 
 * no thread's rip is in the region, and
 * no 8-byte word in the top of any thread's stack (from rsp - 128, the red
@@ -38,6 +39,11 @@ called into it switched back, and a sync since).  A stale word that merely
 looks like a pointer makes the check refuse; the caller then keeps the
 region (a page or two left mapped costs nothing; unmapping code a thread
 still runs would kill it).
+
+A :class:`Region` is the mapping only: handing out chunks of executable
+memory is :class:`textpoke._execmem.ExecMem`'s job on every machine (on
+live over a region that :meth:`LiveMachine.execmem_range` maps with this
+class).  ``ExecMem`` here is the old name of :class:`Region`.
 """
 
 from __future__ import annotations
@@ -52,10 +58,11 @@ from typing import Callable, Iterable, Sequence
 
 from . import _ptrace as pt
 from .._errors import MachineError
-from ._symbols import Mapping, read_maps
+from ._process import Mapping, read_maps
 
 __all__ = ["InjectError", "SYS_mmap", "SYS_mprotect", "SYS_munmap", "find_syscall_insn",
-           "inject_syscall", "ExecMem", "StoppedThread", "pick_address", "STACK_SCAN"]
+           "inject_syscall", "Region", "ExecMem", "StoppedThread", "pick_address", "STACK_SCAN",
+           "threads_inside"]
 
 SYS_mmap, SYS_mprotect, SYS_munmap = 9, 10, 11
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
@@ -295,8 +302,50 @@ def _pick(maps: Sequence[Mapping], size: int, lo_site: int, hi_site: int, floor:
     raise InjectError(f"no free {size:#x}-byte gap within ±2 GiB of {lo_site:#x}-{hi_site:#x}")
 
 
+def threads_inside(pid: int, threads: Iterable[tuple[int, pt.UserRegs]],
+                   rip_ranges: Sequence[tuple[int, int]], word_ranges: Sequence[tuple[int, int]],
+                   maps: Sequence[Mapping] | None = None,
+                   read: Callable[[int, int], bytes] | None = None) -> list[str]:
+    """Why some (stopped) thread may be inside one of the ranges: its rip in
+    a ``[lo, hi)`` of *rip_ranges*, or an 8-byte word on the top of its
+    stack (from rsp - 128, the red zone, to rsp + :data:`STACK_SCAN`, within
+    the stack's mapping) pointing into one of *word_ranges* -- a return
+    address, or the rip a signal frame saved.  Empty: none is."""
+    maps = list(maps) if maps is not None else read_maps(pid)
+    fd = -1
+    if read is None:
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        read = lambda addr, size: os.pread(fd, size, addr)   # noqa: E731
+    why = []
+    try:
+        for tid, regs in threads:
+            rip = next(((lo, hi) for lo, hi in rip_ranges if lo <= regs.rip < hi), None)
+            if rip is not None:
+                why.append(f"thread {tid} runs at {regs.rip:#x}")
+                continue
+            lo = max(regs.rsp - 128, 0)
+            stack = next((m for m in maps if m.start <= regs.rsp < m.end), None)
+            hi = min(regs.rsp + STACK_SCAN, stack.end if stack else regs.rsp + 4096)
+            try:
+                buf = read(lo, hi - lo)
+            except OSError:
+                why.append(f"thread {tid}: its stack at {regs.rsp:#x} cannot be read")
+                continue
+            words = struct.unpack_from(f"<{len(buf) // 8}Q", buf)
+            for i, w in enumerate(words):
+                if any(a <= w < b for a, b in word_ranges):
+                    why.append(f"thread {tid}: stack word at {lo + 8 * i:#x} "
+                               f"(rsp{lo + 8 * i - regs.rsp:+d}, rip {regs.rip:#x}) = {w:#x} "
+                               "points into it")
+                    break
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return why
+
+
 @dataclass
-class ExecMem:
+class Region:
     """A region of executable memory (``code_size`` bytes, r-x) followed by
     ``data_size`` bytes of data (rw-), mapped in a stopped thread's process."""
 
@@ -323,7 +372,7 @@ class ExecMem:
     def map(cls, pid: int, tid: int, code_size: int, data_size: int, *, near: tuple[int, int],
             maps: Sequence[Mapping] | None = None,
             wait: Callable[[int], tuple[int, int]] | None = None,
-            before: Callable[[int, int, int], None] | None = None) -> "ExecMem":
+            before: Callable[[int, int, int], None] | None = None) -> "Region":
         """mmap code+data (rounded to pages) within rel32 reach of every
         address in *near* = (lowest, highest) call site, in thread *tid*."""
         code_size = -(-code_size // PAGE) * PAGE
@@ -372,29 +421,10 @@ class ExecMem:
     def in_use(self, threads: Iterable[tuple[int, pt.UserRegs]],
                maps: Sequence[Mapping] | None = None) -> list[str]:
         """Reasons the region may still be in use, given the registers of
-        every (stopped) thread: rip inside, or a stack word pointing inside
-        (see the module doc).  Empty: safe to unmap."""
-        maps = list(maps) if maps is not None else read_maps(self.pid)
-        fd = self._mem()
-        why = []
-        for tid, regs in threads:
-            if regs.rip in self:
-                why.append(f"thread {tid} runs at {regs.rip:#x}")
-                continue
-            lo = max(regs.rsp - 128, 0)
-            stack = next((m for m in maps if m.start <= regs.rsp < m.end), None)
-            hi = min(regs.rsp + STACK_SCAN, stack.end if stack else regs.rsp + 4096)
-            try:
-                buf = os.pread(fd, hi - lo, lo)
-            except OSError:
-                why.append(f"thread {tid}: its stack at {regs.rsp:#x} cannot be read")
-                continue
-            words = struct.unpack_from(f"<{len(buf) // 8}Q", buf)
-            for i, w in enumerate(words):
-                if self.base <= w < self.base + self.code_size:
-                    why.append(f"thread {tid}: stack word at {lo + 8 * i:#x} (rsp{lo + 8 * i - regs.rsp:+d}, rip {regs.rip:#x}) = {w:#x} points into it")
-                    break
-        return why
+        every (stopped) thread: rip inside, or a stack word pointing into
+        its code (see the module doc).  Empty: safe to unmap."""
+        return threads_inside(self.pid, threads, [(self.base, self.end)],
+                              [(self.base, self.base + self.code_size)], maps, self.read)
 
     def unmap(self, tid: int, wait: Callable[[int], tuple[int, int]] | None = None) -> None:
         """munmap in thread *tid* (stopped).  The caller checked :meth:`in_use`."""
@@ -411,3 +441,8 @@ class ExecMem:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+#: The old name of :class:`Region` (a mapping, not the ``execmem``
+#: allocator of :mod:`textpoke._execmem`); kept for its callers in live/.
+ExecMem = Region

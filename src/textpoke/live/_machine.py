@@ -106,7 +106,9 @@ Where each concern lives (LiveMachine is assembled from one mixin each):
 :mod:`._stopmachine` (holding every thread, stepping out of a range),
 :mod:`._sigdefer` (signal deferral, the tracer thread),
 :mod:`._text` (maps, the page cache, runs of writes),
-:mod:`._survival` (journal and guard) and :mod:`._detach`; this module
+:mod:`._survival` (journal and guard), :mod:`._regions` (the
+capabilities: execmem, data, per-thread GS base, quiescence) and
+:mod:`._detach`; this module
 holds the machine: construction, the protocol, and the capabilities.
 """
 
@@ -116,12 +118,13 @@ import contextlib
 import threading
 from typing import Any, Sequence
 
-from .._core._machine import Machine, Task, TextRange, WaitUntil
+from .._core._machine import Capability, Machine, Task, TextRange, WaitUntil
 from .._errors import MachineError
 from . import _ptrace as P
 from ._detach import _Detach
 from ._journal import Journal
 from ._process import Mapping, ProcessIdentity, ProcMem
+from ._regions import _Regions
 from ._sigdefer import _SignalDeferral
 from ._stopmachine import _StopMachine
 from ._survival import _Survival
@@ -135,8 +138,8 @@ TRAP_POLICIES = ("park", "emulate")
 STRATEGIES = ("int3", "stop-machine")
 
 
-class LiveMachine(_Tracer, _Traps, _StopMachine, _SignalDeferral, _Text, _Survival, _Detach,
-                  Machine):
+class LiveMachine(_Tracer, _Traps, _StopMachine, _SignalDeferral, _Text, _Survival, _Regions,
+                  _Detach, Machine):
     """A running process as a machine (see the module docstring).
 
     ``LiveMachine(pid, trap_policy="park"|"emulate", strategy="int3"|"stop-machine")``
@@ -144,7 +147,11 @@ class LiveMachine(_Tracer, _Traps, _StopMachine, _SignalDeferral, _Text, _Surviv
 
     name = "live"
     guard_kept: list[str] = []
-    capabilities = frozenset()
+    #: what a process can lend (see :mod:`._regions`): executable and data
+    #: memory mapped in it, per-thread storage through the GS base, and
+    #: quiescence seen with every thread stopped
+    capabilities = frozenset({Capability.EXECMEM, Capability.DATA, Capability.PERCPU,
+                              Capability.QUIESCE})
     wide_text = True          # shared libraries lie far from the executable
     text_poke_array_max = 1 << 15   # a sync stops every thread: one batch for 32,768 sites
 
@@ -155,6 +162,7 @@ class LiveMachine(_Tracer, _Traps, _StopMachine, _SignalDeferral, _Text, _Surviv
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
         super().__init__()
+        self._regions_init()
         self.trap_policy = trap_policy
         self.strategy = strategy
         self.stats = LiveStats()

@@ -115,7 +115,16 @@ def recover(pid: int, *, strategy: str = "int3") -> dict:
             if why:
                 rep["kept"].append("SIGTRAP guard: " + "; ".join(why))
         # 2. stub regions
-        for r in list(d["regions"]):
+        code_kept = False
+        for r in sorted(d["regions"], key=lambda r: r["kind"] == "data"):
+            held = _still_used(m, r, code_kept)
+            if held:
+                # a machine's execmem with code in it (a chunk never freed:
+                # a site may still reach it), or data such code may use
+                code_kept = True
+                rep["kept"].append(f"{r['kind']} region {r['base']:#x}: {held}")
+                jj.drop_region(r["base"])
+                continue
             back = []
             for a, old, new in r["sites"]:
                 nb = bytes.fromhex(new)
@@ -170,3 +179,14 @@ def recover(pid: int, *, strategy: str = "int3") -> dict:
     if m.guard_kept:
         rep["kept"].append("SIGTRAP guard: " + "; ".join(m.guard_kept))
     return rep
+
+
+def _still_used(m, r: dict, code_kept: bool) -> str:
+    """Why a region a live machine mapped (``execmem``, ``data``; not a
+    ``count`` stub region, whose sites the journal lists) must stay."""
+    if r["kind"] == "execmem" and r["base"] in {mm.start for mm in read_maps(m.pid)}:
+        if m.mem.read(r["base"], r["code_size"]).strip(b"\xcc\x00"):
+            return "code still in it (a chunk never freed)"
+    if r["kind"] == "data" and code_kept:
+        return "code that may use it stays"
+    return ""

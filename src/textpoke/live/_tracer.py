@@ -52,6 +52,7 @@ class LiveStats:
     signals_passed: int = 0    # signals (SIGTRAPs included) delivered unchanged
     group_stops: int = 0
     single_steps: int = 0
+    quiesce_waits: int = 0     # looks of quiesce() that found a thread inside
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}
