@@ -87,6 +87,57 @@ def test_a_tail_call_through_the_got_is_not_a_jump_table():
     assert plan_entry(code, F).length == 5
 
 
+def test_a_tail_call_through_a_loaded_pointer_is_not_a_jump_table():
+    # push %rbx; mov 0x78(%rdi),%rax; pop %rbx; jmp *%rax
+    assert plan_entry(bytes.fromhex("53488b47785bffe0"), F).length == 5
+    # ... but a computed one is refused: lea (%rip),%rax; jmp *%rax
+    with pytest.raises(RelocError) as e:
+        plan_entry(bytes.fromhex("488d0500000000ffe0"), F)
+    assert e.value.reason == "indirect-jump" and "computed" in str(e.value)
+
+
+def _rel_table_function(entries: list[int]) -> tuple[bytes, callable]:
+    """cmp $3,%edi; ja ret; lea T(%rip),%rdx; movslq (%rdx,%rdi,4),%rax;
+    add %rdx,%rax; jmp *%rax; ret -- T at F+0x1000 holding *entries*."""
+    t = F + 0x1000
+    code = (bytes.fromhex("83ff03" "7710" "488d15") + (t - (F + 12)).to_bytes(4, "little")
+            + bytes.fromhex("486304ba" "4801d0" "ffe0" "c3"))
+    table = b"".join((x - t).to_bytes(4, "little", signed=True) for x in entries)
+    return code, (lambda a, n: (table + b"\0" * 64)[a - t:a - t + n])
+
+
+def test_a_bounded_jump_table_is_read_and_checked():
+    code, read = _rel_table_function([F + 21] * 4)
+    assert plan_entry(code, F, read=read).length == 5
+    with pytest.raises(RelocError) as e:
+        plan_entry(code, F)                         # cannot read it: refused
+    assert e.value.reason == "indirect-jump"
+    code, read = _rel_table_function([F + 21, F + 21, F + 3, F + 21])
+    with pytest.raises(RelocError) as e:
+        plan_entry(code, F, read=read)
+    assert e.value.reason == "indirect-jump" and "entry 2" in str(e.value)
+
+
+def test_a_computed_goto_table_indexed_by_a_byte():
+    # movzbl %dil,%eax; mov T(,%rax,8),%rax; jmp *%rax  (non-PIE, T absolute)
+    f, t = 0x40_1000, 0x60_0000
+    code = bytes.fromhex("0fb6c7" "488b04c5") + t.to_bytes(4, "little") + bytes.fromhex("ffe0")
+    good = b"".join((f + 11).to_bytes(8, "little") for _ in range(256))
+    assert plan_entry(code, f, read=lambda a, n: good[a - t:a - t + n]).length == 11
+    bad = good[:8 * 200] + (f + 4).to_bytes(8, "little") + good[8 * 201:]
+    with pytest.raises(RelocError) as e:
+        plan_entry(code, f, read=lambda a, n: bad[a - t:a - t + n])
+    assert "entry 200" in str(e.value)
+
+
+def test_taking_a_moved_address_is_refused():
+    # nop5; lea F+2(%rip),%rax; ret
+    code = bytes.fromhex("0f1f440000" "488d05") + (-10).to_bytes(4, "little", signed=True) + b"\xc3"
+    with pytest.raises(RelocError) as e:
+        plan_entry(code, F)
+    assert e.value.reason == "jump-into" and "address" in str(e.value)
+
+
 def test_second_entry_point_and_cold_part():
     code = bytes.fromhex("4889f84883c001c3")
     with pytest.raises(RelocError) as e:
@@ -321,8 +372,13 @@ PY = "/usr/bin/python3"
 
 @live
 @pytest.mark.skipif(not os.path.exists(PY), reason="no /usr/bin/python3")
-@pytest.mark.parametrize("pattern, must", [("libc.so.6:malloc", {"malloc"}),
-                                           ("python3:PyList_*", {"PyList_Append", "PyList_New"})])
+@pytest.mark.parametrize("pattern, must", [
+    ("libc.so.6:malloc", {"malloc"}),
+    # a tail call through tp_hash (jmp *%rax) in the body: proved a pointer
+    ("python3:PyObject_Hash", {"PyObject_Hash"}),
+    # computed gotos: every opcode_targets entry read, none into the entry
+    ("python3:_PyEval_EvalFrameDefault", {"_PyEval_EvalFrameDefault"}),
+    ("python3:PyList_*", {"PyList_Append", "PyList_New"})])
 def test_count_on_debian_python3(pattern, must):
     p = subprocess.Popen([PY, "-c", WORKLOAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          text=True, env={"PYTHONHASHSEED": "0", "PATH": os.environ.get("PATH", "")})

@@ -137,7 +137,7 @@ def entry_sites(syms: Symbols, pattern: str | None = None, *,
                                        ENTRY_REASONS["fentry"]))
                 continue
             try:
-                plan = _plan(s, mod, starts)
+                plan = _plan(s, mod, starts, read)
             except RelocError as e:
                 refused.append(Refusal(s.name, s.addr, mod.short, e.reason, str(e)))
                 continue
@@ -160,7 +160,8 @@ def entry_sites(syms: Symbols, pattern: str | None = None, *,
             os.close(fd)
 
 
-def _plan(s: Symbol, mod: Module, starts: dict[int, list[int]]) -> EntryPlan:
+def _plan(s: Symbol, mod: Module, starts: dict[int, list[int]],
+          read: Callable[[int, int], bytes]) -> EntryPlan:
     if not s.size:
         raise RelocError("no-size", REASONS["no-size"])
     try:
@@ -178,8 +179,9 @@ def _plan(s: Symbol, mod: Module, starts: dict[int, list[int]]) -> EntryPlan:
         if c is not None and c.size and c.addr != s.addr:
             with contextlib.suppress(BadAddressError):
                 extra.append((mod.file_bytes_at(c.addr, c.size), c.addr, c.name))
+    # jump tables are read from the live process (relocated, as the code sees them)
     return plan_entry(code, s.addr, others=[o for o in others if o < s.addr + 24],
-                      extra=extra)
+                      extra=extra, read=read)
 
 
 def reason_counts(refused: Iterable[Refusal]) -> dict[str, dict[str, int]]:
