@@ -19,9 +19,9 @@ at the same address), and 6.12's table layouts (``struct alt_instr``
 14 bytes packed; entries pointing into text).  Anything else raises
 :class:`ImageError` with one line.
 
-The ELF reader here is a small struct-based one rather than pyelftools:
-it only needs section and program headers and, for a vmlinux with
-symbols, ``.symtab`` -- and it reads a 60 MB image in well under a second.
+The ELF is read by the one ELF reader (``_elf.ElfFile``, struct-based):
+section and program headers and, for a vmlinux with symbols, ``.symtab``
+-- a 60 MB image in well under a second.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._bzimage import SetupHeader, extract_elf, is_bzimage
-from ._elf import ElfImage, ElfSection, ImageError
+from ._elf import (ET_EXEC, SHF_ALLOC, SHF_EXECINSTR, SHF_WRITE, SHT_NOBITS, SHT_SYMTAB, ElfFile,
+                   ElfImage, ElfSection, ImageError, Section, Segment)
 from ._kallsyms import Symbols, decode_kallsyms, parse_system_map, symbol_differences
 from ._lines import LINE_612, KernelLine, line_of
 from ._tables import Bounds, check_table
@@ -45,9 +46,6 @@ __all__ = ["RealKernelImage", "TableView", "load_kernel", "load_system_map",
 #: the kernel's virtual base of the direct kernel-text mapping (x86-64)
 START_KERNEL_MAP = 0xffffffff80000000
 
-_SHF_WRITE, _SHF_ALLOC, _SHF_EXECINSTR = 1, 2, 4
-_SHT_NOBITS, _SHT_SYMTAB = 8, 2
-_PT_LOAD = 1
 
 #: Patching tables of the 6.12 line (each line has its own: ``KernelLine.tables``):
 #: name -> (entry size, start symbol, stop symbol, section).
@@ -144,89 +142,17 @@ class RealKernelImage(ElfImage):
 
 
 # ------------------------------------------------------------------ ELF
-@dataclass(frozen=True, slots=True)
-class _Shdr:
-    name: str
-    type: int
-    flags: int
-    addr: int
-    offset: int
-    size: int
-    link: int
-    entsize: int
-
-
-def _parse_elf(raw: bytes, path: str):
-    if raw[:4] != b"\x7fELF":
-        raise ImageError(f"{path}: not an ELF file")
-    if len(raw) < 64:
-        raise ImageError(f"{path}: truncated ELF header")
-    if raw[4] != 2 or raw[5] != 1:
-        raise ImageError(f"{path}: not a little-endian ELF64 file (class {raw[4]}, data {raw[5]})")
-    e_type, e_machine = struct.unpack_from("<HH", raw, 16)
-    if e_machine != 62:
-        names = {183: "arm64 (EM_AARCH64)", 40: "arm (EM_ARM)", 243: "riscv (EM_RISCV)",
-                 3: "i386 (EM_386)", 21: "ppc64 (EM_PPC64)", 22: "s390 (EM_S390)"}
-        raise ImageError(f"{path}: an ELF for {names.get(e_machine, f'machine {e_machine}')}, "
-                         f"not x86-64")
-    if e_type != 2:
-        raise ImageError(f"{path}: not a linked executable (e_type {e_type})")
-    (e_entry, e_phoff, e_shoff) = struct.unpack_from("<QQQ", raw, 24)
-    (e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx) = \
-        struct.unpack_from("<HHHHHH", raw, 52)
-    if e_shnum == 0 or e_shentsize != 64 or e_phentsize not in (0, 56):
-        raise ImageError(f"{path}: ELF without usable section headers "
-                         f"(shnum {e_shnum}, shentsize {e_shentsize})")
-    if e_shoff + e_shnum * 64 > len(raw) or e_phoff + e_phnum * 56 > len(raw):
-        raise ImageError(f"{path}: section or program headers run past the end of the file: "
-                         f"truncated ELF")
-    raw_sh = [struct.unpack_from("<IIQQQQIIQQ", raw, e_shoff + i * 64) for i in range(e_shnum)]
-    if e_shstrndx >= e_shnum:
-        raise ImageError(f"{path}: bad section-name table index {e_shstrndx}")
-    strtab_off, strtab_size = raw_sh[e_shstrndx][4], raw_sh[e_shstrndx][5]
-    if strtab_off + strtab_size > len(raw):
-        raise ImageError(f"{path}: section-name table runs past the end of the file")
-    strtab = raw[strtab_off:strtab_off + strtab_size]
-
-    def cstr(tab: bytes, i: int) -> str:
-        j = tab.find(b"\0", i)
-        return tab[i:j if j >= 0 else len(tab)].decode("ascii", "replace")
-
-    shdrs = []
-    for (nm, typ, flags, addr, off, size, link, _info, _align, entsize) in raw_sh:
-        shdrs.append(_Shdr(cstr(strtab, nm), typ, flags, addr, off, size, link, entsize))
-    phdrs = []
-    for i in range(e_phnum):
-        p_type, _flags, p_off, p_vaddr, p_paddr, p_filesz, p_memsz, _align = \
-            struct.unpack_from("<IIQQQQQQ", raw, e_phoff + i * 56)
-        if p_type == _PT_LOAD:
-            phdrs.append((p_off, p_vaddr, p_paddr, p_filesz, p_memsz))
-    return e_entry, shdrs, phdrs
-
-
-def _elf_symbols(raw: bytes, shdrs: list[_Shdr], path: str) -> Symbols | None:
+def _elf_symbols(elf: ElfFile) -> Symbols | None:
     """The ``.symtab``'s functions, objects and untyped symbols, with the
     type letters ``nm`` would give them, or None without a ``.symtab``."""
-    symtab = next((s for s in shdrs if s.type == _SHT_SYMTAB), None)
-    if symtab is None:
+    if not any(s.type == SHT_SYMTAB for s in elf.sections):
         return None
-    if symtab.offset + symtab.size > len(raw) or symtab.link >= len(shdrs):
-        raise ImageError(f"{path}: .symtab runs past the end of the file: truncated ELF")
-    st = shdrs[symtab.link]
-    strs = raw[st.offset:st.offset + st.size]
-    letters = [("b" if s.type == _SHT_NOBITS else "t" if s.flags & _SHF_EXECINSTR
-                else "d" if s.flags & _SHF_WRITE else "r") for s in shdrs]
+    secs = elf.sections
+    letters = [("b" if s.type == SHT_NOBITS else "t" if s.flags & SHF_EXECINSTR
+                else "d" if s.flags & SHF_WRITE else "r") for s in secs]
     ents = []
     sizes: dict[str, int] = {}
-    n = symtab.size // 24
-    it = struct.iter_unpack("<IBBHQQ", raw[symtab.offset:symtab.offset + n * 24])
-    for (nm, info, _other, shndx, value, size) in it:
-        typ = info & 0xf
-        if nm == 0 or shndx == 0 or typ not in (0, 1, 2):
-            continue
-        j = strs.find(b"\0", nm)
-        name = strs[nm:j].decode("ascii", "replace")
-        bind = info >> 4
+    for (name, value, size, typ, bind, shndx) in elf.symbols():
         letter = "a" if shndx >= 0xff00 else letters[shndx] if shndx < len(letters) else "?"
         letter = ("w" if typ == 1 else "W") if bind == 2 else \
             letter.upper() if bind == 1 else letter
@@ -237,16 +163,16 @@ def _elf_symbols(raw: bytes, shdrs: list[_Shdr], path: str) -> Symbols | None:
     return Symbols.from_entries([e[:3] for e in ents], source=".symtab", sizes=sizes)
 
 
-def _kallsyms(elf: bytes, shdrs: list[_Shdr], path: str) -> Symbols | None:
+def _kallsyms(elf: ElfFile) -> Symbols | None:
     """The kernel's own symbol table (``kallsyms_*`` in ``.rodata``), or
     None when the image has none (``CONFIG_KALLSYMS=n``)."""
-    secs = [s for s in shdrs if s.name == ".rodata" and s.type != _SHT_NOBITS]
+    secs = [s for s in elf.sections if s.name == ".rodata" and s.type != SHT_NOBITS]
     for s in secs:
         try:
-            return decode_kallsyms(elf, lo=s.offset, hi=s.offset + s.size)
+            return decode_kallsyms(elf.raw, lo=s.offset, hi=s.offset + s.size)
         except ImageError as e:
             if not str(e).startswith("no kallsyms tables"):
-                raise ImageError(f"{path}: {e}") from None
+                raise ImageError(f"{elf.path}: {e}") from None
     return None
 
 
@@ -271,23 +197,15 @@ def load_system_map(source: str | Path | bytes, path: str | None = None) -> Symb
 
 
 # ------------------------------------------------------------------ loading
-def _kind(flags: int, typ: int) -> str:
-    if typ == _SHT_NOBITS:
-        return "bss"
-    if flags & _SHF_EXECINSTR:
-        return "text"
-    return "data" if flags & _SHF_WRITE else "rodata"
-
-
-def _run_addr(s: _Shdr, phdrs, path: str) -> int:
+def _run_addr(s: Section, loads: list[Segment], path: str) -> int:
     """Where the kernel runs section *s*: its link address, except for
     sections linked at small addresses (per-CPU data), which run at their
     load address in the kernel map."""
     if s.addr >= START_KERNEL_MAP:
         return s.addr
-    for (p_off, p_vaddr, p_paddr, p_filesz, p_memsz) in phdrs:
-        if p_vaddr <= s.addr < p_vaddr + max(p_memsz, 1):
-            return START_KERNEL_MAP + p_paddr + (s.addr - p_vaddr)
+    for p in loads:
+        if p.vaddr <= s.addr < p.vaddr + max(p.memsz, 1):
+            return START_KERNEL_MAP + p.paddr + (s.addr - p.vaddr)
     raise ImageError(f"{path}: section {s.name} at {s.addr:#x} is in no loadable segment")
 
 
@@ -342,13 +260,16 @@ def _load(raw: bytes, path: str, system_map) -> RealKernelImage:
         from ._bzimage import parse_setup_header
         parse_setup_header(raw, path)
         raise ImageError(f"{path}: not a kernel image")  # pragma: no cover
-    entry, shdrs, phdrs = _parse_elf(elf, path)
+    ef = ElfFile(elf, path)
+    ef.require(ET_EXEC)
+    if not ef.sections:
+        raise ImageError(f"{path}: ELF without section headers")
+    shdrs, phdrs, entry = ef.sections, ef.loads(), ef.entry
     for s in shdrs:
-        if s.type != _SHT_NOBITS and s.flags & _SHF_ALLOC and s.offset + s.size > len(elf):
-            raise ImageError(f"{path}: section {s.name} runs past the end of the ELF "
-                             f"({s.offset + s.size:#x} > {len(elf):#x}): truncated image")
+        if s.flags & SHF_ALLOC:
+            ef.check_in_file(s)
     # the image's own symbols: a vmlinux's .symtab, else its kallsyms
-    own = _elf_symbols(elf, shdrs, path) or _kallsyms(elf, shdrs, path)
+    own = _elf_symbols(ef) or _kallsyms(ef)
     map_path = ""
     if map_syms is not None:
         map_path = "<System.map>" if isinstance(system_map, (bytes, bytearray)) else str(system_map)
@@ -377,18 +298,18 @@ def _load(raw: bytes, path: str, system_map) -> RealKernelImage:
     # _text.._end is allocated below: a map whose _end lies beyond the
     # image's last section (plus 2 MiB of alignment) describes another image
     last = max((_run_addr(s, phdrs, path) + s.size for s in shdrs
-                if s.flags & _SHF_ALLOC and s.size), default=end)
+                if s.flags & SHF_ALLOC and s.size), default=end)
     if end > (last + 0x1FFFFF) & ~0x1FFFFF:
         raise ImageError(f"{map_path or path}: _end {end:#x} lies beyond the image's last "
                          f"section (which ends at {last:#x}): not this image's symbols")
     sections: dict[str, ElfSection] = {}
     pieces: list[tuple[int, bytes]] = []
     for s in shdrs:
-        if not s.flags & _SHF_ALLOC or s.size == 0:
+        if not s.flags & SHF_ALLOC or s.size == 0:
             continue
         addr = _run_addr(s, phdrs, path)
-        kind = _kind(s.flags, s.type)
-        data = bytes(s.size) if s.type == _SHT_NOBITS else elf[s.offset:s.offset + s.size]
+        kind = s.kind
+        data = ef.data(s)
         sections[s.name] = ElfSection(s.name, addr, data, kind)
         if kind != "bss" and text_start <= addr and addr + s.size <= end:
             pieces.append((addr - text_start, data))

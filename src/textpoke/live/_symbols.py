@@ -16,10 +16,9 @@ from its mapping of the lowest file offset and the ``PT_LOAD`` segment that
 covers that offset: 0 for a non-PIE (``ET_EXEC``) executable, the mapping
 base for a PIE executable or shared library.  Symbols come from ``.symtab``
 and ``.dynsym`` (the union; a stripped file still has ``.dynsym``).  The
-headers and tables are read with ``struct`` over an mmap of the file, not
-with pyelftools: pyelftools' construct parsing took ~130 ms per module just
-for the headers here, and a program of 10,000 functions must resolve in
-milliseconds (pyelftools stays the loader of the sim's images).
+headers and tables are read by the one ELF reader
+(:class:`textpoke.images._elf.ElfFile`, ``struct`` over an mmap of the
+file): a program of 10,000 functions must resolve in milliseconds.
 
 Instruction boundaries are decoded from the *file's* bytes of the function
 (with :func:`textpoke._core._insn.insn_decode_kernel`), not from the live
@@ -40,6 +39,7 @@ from typing import Iterable
 
 from .._core._insn import insn_decode_kernel
 from .._errors import BadAddressError, BadInstructionError, TextPokeError
+from ..images._elf import ET_DYN, ET_EXEC, SHT_NOBITS, ElfFile
 from ..images._kallsyms import Symbols as KernelSymbols
 from ..images._kallsyms import format_symbol
 
@@ -71,32 +71,7 @@ class Symbol:
         return f"{self.module.short}:{self.name}"
 
 
-_SYM = struct.Struct("<IBBHQQ")      # Elf64_Sym
-SHT_NOBITS = 8
-
-
-@dataclass(frozen=True, slots=True)
-class _Load:
-    offset: int
-    vaddr: int
-    filesz: int
-    memsz: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Section:
-    name: int
-    type: int
-    flags: int
-    addr: int
-    offset: int
-    size: int
-    link: int
-    info: int
-    addralign: int
-    entsize: int
 STT_OBJECT, STT_FUNC, STT_GNU_IFUNC = 1, 2, 10
-SHN_UNDEF = 0
 
 
 class Module:
@@ -119,33 +94,14 @@ class Module:
         self._starts: list[int] = []
 
     def _parse_headers(self) -> None:
-        raw = self._raw
-        if len(raw) < 64 or raw[:4] != b"\x7fELF":
-            raise SymbolError(f"{self.path}: not an ELF file")
-        if raw[4] != 2 or raw[5] != 1:
-            raise SymbolError(f"{self.path}: not a 64-bit little-endian ELF file")
-        (e_type, e_machine, _v, _entry, e_phoff, e_shoff, _fl, _ehs, e_phentsize, e_phnum,
-         e_shentsize, e_shnum, e_shstrndx) = struct.unpack_from("<HHIQQQIHHHHHH", raw, 16)
-        self.etype = {2: "ET_EXEC", 3: "ET_DYN"}.get(e_type, f"ET_{e_type}")
-        self.loads = []
+        # the one ELF reader, over the mmap: headers only, symbols on demand
         try:
-            for i in range(e_phnum):
-                p_type, _f, off, vaddr, _pa, filesz, memsz, _al = struct.unpack_from(
-                    "<IIQQQQQQ", raw, e_phoff + i * e_phentsize)
-                if p_type == 1:
-                    self.loads.append(_Load(off, vaddr, filesz, memsz))
-            self.sections: dict[str, _Section] = {}
-            secs = [struct.unpack_from("<IIQQQQIIQQ", raw, e_shoff + i * e_shentsize)
-                    for i in range(e_shnum)] if e_shoff else []
+            self._elf = ElfFile(self._raw, self.path, error=SymbolError)
         except struct.error:
             raise SymbolError(f"{self.path}: truncated ELF headers") from None
-        self._secs = [_Section(*h) for h in secs]
-        if secs and e_shstrndx < len(secs):
-            names = self._secs[e_shstrndx]
-            strtab = raw[names.offset:names.offset + names.size]
-            for sec in self._secs:
-                end = strtab.find(b"\0", sec.name)
-                self.sections.setdefault(strtab[sec.name:end].decode(errors="replace"), sec)
+        self.etype = {ET_EXEC: "ET_EXEC", ET_DYN: "ET_DYN"}.get(self._elf.type,
+                                                              f"ET_{self._elf.type}")
+        self.loads = self._elf.loads()
 
     @property
     def pie(self) -> bool:
@@ -165,20 +121,11 @@ class Module:
     # --- symbols ------------------------------------------------------------
     def _load(self) -> None:
         syms: dict[tuple[str, int], Symbol] = {}
-        for secname in (".symtab", ".dynsym"):
-            sec = self.sections.get(secname)
-            if sec is None or sec.type == SHT_NOBITS or sec.link >= len(self._secs):
+        for sec in self._elf.symbol_tables():
+            if sec.link >= len(self._elf.sections):
                 continue
-            strh = self._secs[sec.link]
-            strtab = self._raw[strh.offset:strh.offset + strh.size]
-            off, size = sec.offset, sec.size
-            for st_name, st_info, _other, shndx, value, ssize in _SYM.iter_unpack(
-                    self._raw[off:off + size - size % _SYM.size]):
-                typ = st_info & 0xF
-                if shndx == SHN_UNDEF or typ not in (STT_FUNC, STT_GNU_IFUNC, STT_OBJECT) or not st_name:
-                    continue
-                end = strtab.find(b"\0", st_name)
-                name = strtab[st_name:end].decode(errors="replace")
+            for name, value, ssize, typ, _bind, _shndx in self._elf.symbols(
+                    sec, (STT_FUNC, STT_GNU_IFUNC, STT_OBJECT)):
                 addr = value + self.bias
                 if (name, addr) not in syms:
                     syms[(name, addr)] = Symbol(name, addr, ssize, self, typ != STT_OBJECT)
@@ -236,10 +183,10 @@ class Module:
         raise BadAddressError(f"{addr:#x} is not file-backed code of {self.path}")
 
     def section_bytes(self, name: str) -> bytes | None:
-        sec = self.sections.get(name)
+        sec = self._elf.section(name)
         if sec is None or sec.type == SHT_NOBITS:
             return None
-        return bytes(self._raw[sec.offset:sec.offset + sec.size])
+        return self._elf.data(sec)
 
     def executable_ranges(self) -> list[tuple[int, int]]:
         return [(m.start, m.end) for m in self.mappings if m.executable]
