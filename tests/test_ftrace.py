@@ -423,24 +423,19 @@ def test_update_order_list_func_sites_sync_final(tracer):
 
 
 def test_ftrace_regs_call_updated_too():
+    # arch/x86/kernel/ftrace.c, ftrace_update_ftrace_func: both ftrace_call and
+    # ftrace_regs_call are re-aimed whenever the callback changes.
     with FtraceMachine(cpus=1, seed=4) as fm:
         ft = fm.ftrace
-        assert ft.regs_call_site is None          # the bundled image has no ftrace_regs_caller
-        # give it one: a second CALL to ftrace_stub (the end of ftrace_caller's CALL
-        # site is as good a place as any in a test: a copy of ftrace_call's bytes)
-        spare = fm.sym("ftrace_caller_end") - 5
-        saved = fm.sim.text_read(spare, 5)
-        fm.core.text_poke_early(spare, text_gen_insn(CALL_INSN_OPCODE, spare, fm.sym("ftrace_stub")))
-        ft.regs_call_site = spare
+        regs = ft.regs_call_site
+        assert regs == fm.sym("ftrace_regs_call")
         ft.set_ftrace_filter("ft_open")
         ft.start("function")
         want = lambda site, fn: text_gen_insn(CALL_INSN_OPCODE, site, fm.sym(fn))  # noqa: E731
-        assert fm.sim.text_read(spare, 5) == want(spare, "function_trace_call")
+        assert fm.sim.text_read(regs, 5) == want(regs, "function_trace_call")
         assert fm.sim.text_read(ft.call_site, 5) == want(ft.call_site, "function_trace_call")
         ft.stop()
-        assert fm.sim.text_read(spare, 5) == want(spare, "ftrace_stub")
-        ft.regs_call_site = None
-        fm.core.text_poke_early(spare, saved)
+        assert fm.sim.text_read(regs, 5) == want(regs, "ftrace_stub")
 
 
 def test_records_with_nothing_to_change_are_not_checked():
@@ -577,3 +572,50 @@ def test_no_execmem_no_trampoline_sites_call_ftrace_caller():
         assert not ft.trampolines and ft.tramp_errors["function"] == "no execmem"
         assert _site_targets(fm, ft.enabled_records) == {ft.trampoline}
         ft.stop()
+
+
+def test_kprobe_and_tracer_on_one_function_go_through_ftrace_regs_caller():
+    # kernel/trace/ftrace.c __ftrace_hash_rec_update: a record with two ops
+    # loses FTRACE_FL_TRAMP, and with one of them FTRACE_OPS_FL_SAVE_REGS it
+    # gets FTRACE_FL_REGS: ftrace_get_addr_new gives ftrace_regs_caller, whose
+    # ftrace_regs_call is the list function (two ops registered), which calls
+    # each ops -- the tracer's entry and the kprobe's handler on every call.
+    # The tracer's other records keep its own trampoline.  When the probe
+    # goes, the record is back on that trampoline and ftrace_call on the
+    # tracer's function.
+    with FtraceMachine(cpus=2, seed=12) as fm:
+        fm.kernel.config["KPROBES_ON_FTRACE"] = True
+        kp = fm.kernel.kprobes
+        ft = fm.ftrace
+        fm.set_work(DEMO_FUNCTIONS)
+        fm.start()
+        fm.wait_passes(1)
+        ft.set_ftrace_filter("ft_*")
+        ft.start("function")
+        tramp = ft.trampolines["function"].addr
+        traced = {r.name for r in ft.enabled_records}
+        read = ft.by_name["ft_read"]
+        others = [r for r in ft.enabled_records if r is not read]
+        hits = []
+        p = kp.register_kprobe("ft_read", lambda p, r: hits.append(r.ip))
+        assert p.addr == read.ip and read.ops == ("function", "kprobe")
+        assert _site_targets(fm, [read]) == {fm.sym("ftrace_regs_caller")}
+        assert _site_targets(fm, others) == {tramp}
+        lst = text_gen_insn(CALL_INSN_OPCODE, ft.call_site, fm.sym("ftrace_ops_list_func"))
+        assert fm.sim.text_read(ft.call_site, 5) == lst
+        fm.pause()                  # the window's own pause: no hit between it and n0
+        n0 = len(hits)
+        work, trace = fm.window(2)
+        got = Counter(ft.name(e.ip) for e in trace)
+        assert got == expected_hits(work, ft, traced) and got["ft_read"] > 0
+        assert len(hits) - n0 == got["ft_read"] and set(hits) == {read.ip + 1}
+        fm.resume()
+        kp.unregister_kprobe(p)
+        assert _site_targets(fm, [read]) == {tramp} and read.ops == ("function",)
+        assert fm.sim.text_read(ft.call_site, 5) == text_gen_insn(
+            CALL_INSN_OPCODE, ft.call_site, fm.sym("function_trace_call"))
+        work, trace = fm.window(2)
+        assert Counter(ft.name(e.ip) for e in trace) == expected_hits(work, ft, traced)
+        fm.resume()
+        ft.stop()
+        assert fm.oopses == 0 and fm.bad() == []

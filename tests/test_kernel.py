@@ -212,7 +212,8 @@ def test_kernel_config_reaches_the_clients():
     from textpoke.kernel import Kernel
     from textpoke.kernel._kernel import BUNDLED_CONFIG
     from textpoke.sim._clients_demo import ClientMachine
-    assert BUNDLED_CONFIG == {"X86_KERNEL_IBT": True, "PREEMPTION": False}
+    assert BUNDLED_CONFIG == {"X86_KERNEL_IBT": True, "PREEMPTION": False,
+                              "KPROBES_ON_FTRACE": False}
     with ClientMachine(cpus=1, seed=1) as m:
         assert m.kernel.config == BUNDLED_CONFIG and m.kernel.bpf.ibt is True
         k = Kernel(m.core, m.image, tables=m.tables, boot=m.kernel.boot,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from textpoke import KprobeError, TrapPriority
+from textpoke import KprobeError, TrapPriority, x86_nops
 from textpoke._alternative._smp_locks import SmpAltModule, SmpAlternatives
 from textpoke._kprobes._guest import DIV_FACTOR, HELPER_ADD, OPT_K, build_guest_functions
 from textpoke.sim._clients_demo import ClientMachine
@@ -562,3 +562,108 @@ def test_kprobe_optimizer_optimises_what_it_can(rig):
     assert cm.wait_passes(2)
     kp.unregister_kprobes([p, inner])
     assert not cm.expect({i: want}) and cm.oopses == 0 and cm.bad() == []
+
+
+# ------------------------------------------------------------------ KPROBES_ON_FTRACE
+@pytest.fixture
+def ftrig():
+    with ClientMachine(cpus=2, seed=5) as cm:
+        cm.kernel.config["KPROBES_ON_FTRACE"] = True     # Debian's config
+        kp = cm.kernel.kprobes
+        yield cm, kp
+        kp.close()
+        assert cm.oopses == 0
+
+
+def _call_target(cm, site):
+    b = cm.sim.text_read(site, 5)
+    assert b[0] == 0xE8, b.hex(" ")
+    return site + 5 + int.from_bytes(b[1:], "little", signed=True)
+
+
+def test_kprobe_on_fentry_is_an_ftrace_ops(ftrig):
+    # kernel/kprobes.c check_ftrace_location: with CONFIG_KPROBES_ON_FTRACE a
+    # probe on the fentry NOP gets KPROBE_FLAG_FTRACE, and arm_kprobe_ftrace
+    # adds its address to kprobe_ftrace_ops (kprobe_ipmodify_ops with a
+    # post-handler), registering that ops (FTRACE_OPS_FL_SAVE_REGS) for the
+    # first probe -- no INT3 is written.  The lone ops gets its own trampoline
+    # made from ftrace_regs_caller with the jnz NOPed (create_trampoline), and
+    # arch/x86/kernel/kprobes/ftrace.c kprobe_ftrace_handler runs the
+    # pre-handler with regs->ip = ip + 1, then the post-handler with ip + 5.
+    # A bare symbol is the entry itself (arch_adjust_kprobe_addr skips only
+    # an ENDBR), so it lands on the NOP.
+    cm, kp = ftrig
+    ft = cm.kernel.ftrace
+    a = cm.sym("sc_func_a")
+    assert a in kp.fentry
+    i = cm.add_probe("sc_func_a", arg=41, allow=[42])
+    cm.start()
+    cm.wait_passes(1)
+    nop = cm.sim.text_read(a, 5)
+    pre, post = [], []
+    p = kp.register_kprobe("sc_func_a",
+                           lambda p, r: pre.append((r.cpu, r.ip, r.gprs["rdi"] & 0xFFFFFFFF)),
+                           lambda p, r, f: post.append((r.cpu, r.ip)))
+    assert p.addr == a and cm.sim.text_read(a, 1)[0] != 0xCC
+    t = ft.trampolines["kprobe_ipmodify"]
+    assert t.save_regs and _call_target(cm, a) == t.addr
+    assert set(ft.extra_ops) == {"kprobe_ipmodify"} and ft.extra_ops["kprobe_ipmodify"].ips == {a}
+    start = cm.sym("ftrace_regs_caller")
+    size = cm.sym("ftrace_regs_caller_end") - start
+    j = cm.sym("ftrace_regs_caller_jmp") - start
+    assert cm.sim.text_read(start + j, 1) == b"\x75"
+    assert cm.sim.text_read(t.addr + j, 2) == x86_nops[2]
+    call = cm.sym("ftrace_regs_call") - start
+    assert _call_target(cm, t.addr + call) == cm.sym("kprobe_ftrace_handler")
+    assert t.size == size + 5 + 8
+    assert cm.wait_passes(3)
+    assert {c for c, _ip, _x in pre} == {0, 1} and {c for c, _ip in post} == {0, 1}
+    assert {(ip, x) for _c, ip, x in pre} == {(a + 1, 41)}
+    assert {ip for _c, ip in post} == {a + 5}
+    assert p.nhit == len(pre) == len(post) and kp.stats.hits == 0
+    assert kp.stats.ftrace_hits == len(pre)
+    # never optimised: the optimizer leaves it alone
+    assert kp.kprobe_optimizer() == []
+    kp.unregister_kprobe(p)
+    assert cm.sim.text_read(a, 5) == nop and not ft.extra_ops
+    assert not cm.expect({i: 42})
+
+
+def test_ftrace_kprobe_pre_handler_may_move_ip(ftrig):
+    # kprobe_ftrace_handler: a pre-handler that returns non-zero has changed
+    # regs->ip itself; the post-handlers are skipped and ftrace_regs_caller
+    # returns to that ip (the ops is FTRACE_OPS_FL_IPMODIFY-capable).
+    cm, kp = ftrig
+    a, b = cm.sym("sc_func_a"), cm.sym("sc_func_b")
+    i = cm.add_probe("sc_func_a", arg=41, allow=[42, 43])
+    cm.start()
+    cm.wait_passes(1)
+
+    def redirect(p, regs):
+        regs.ip = b                      # sc_func_b(x) = x + 2
+        return 1
+
+    p = kp.register_kprobe("sc_func_a", redirect)
+    assert kp._sites[a].ftrace == "kprobe"           # no post-handler: kprobe_ftrace_ops
+    cm.wait_passes(1)
+    assert not cm.expect({i: 43})                     # every call went to sc_func_b
+    kp.unregister_kprobe(p)
+    assert not cm.expect({i: 42})
+
+
+def test_kretprobe_through_an_ftrace_kprobe(ftrig):
+    # The kretprobe's entry probe lands on the fentry NOP and is an ftrace
+    # kprobe; its handler sees regs->sp at the function's entry (the slot of
+    # its return address, as ftrace_regs_caller fills pt_regs), swaps it, and
+    # the return handler sees the return value.
+    cm, kp = ftrig
+    a = cm.sym("sc_func_a")
+    i = cm.add_probe("sc_func_a", arg=41, allow=[42])
+    cm.start()
+    rv = []
+    rp = kp.register_kretprobe("sc_func_a", lambda ri, r: rv.append(r.gprs["rax"]))
+    assert rp.kp.addr == a and kp._sites[a].ftrace
+    assert cm.wait_passes(3)
+    kp.unregister_kretprobe(rp)
+    assert rv and set(rv) == {42}
+    assert not cm.expect({i: 42})

@@ -50,6 +50,18 @@ re-aims the CALL inside it when it differs (``text_poke_bp``).  Without
 execmem (a machine without ``EXECMEM``) no trampoline can be made and the
 sites call ``ftrace_caller``, as when the kernel's allocation fails.
 
+Other ops (:meth:`Ftrace.register_ftrace_ops`: kprobes on the fentry NOP,
+``kprobe_ftrace_ops`` and ``kprobe_ipmodify_ops``) trace their own set of
+addresses (``ftrace_set_filter_ip``) and may want every register
+(``FTRACE_OPS_FL_SAVE_REGS``): a record one of those is on calls
+``ftrace_regs_caller`` (``FTRACE_FL_REGS``) unless that ops alone is on it
+and has its trampoline -- made from ``ftrace_regs_caller`` .. ``_end``,
+its ``jnz`` at ``ftrace_regs_caller_jmp`` turned into a two-byte NOP.
+With two or more ops registered ``ftrace_call``/``ftrace_regs_call`` go to
+the list function; the guest's ``ftrace_list_ops`` tells it which ops are
+registered (written only when that changes: it needs the ``DATA``
+capability).
+
 Which functions are traced follows ``set_ftrace_filter`` and
 ``set_ftrace_notrace``: globs (``*``, ``?``, ``[...]``) matched against the
 function's symbol; an empty filter means every function; notrace wins.
@@ -72,7 +84,7 @@ from .._core._insn import CALL_INSN_OPCODE, JMP32_INSN_OPCODE, text_gen_insn, x8
 from .._errors import BadInstructionError, TextPokeError
 from ..images._tables_clients import SymbolMap
 
-__all__ = ["Ftrace", "DynFtrace", "FtraceBugError", "FtraceDisabledError", "FtraceUpdate",
+__all__ = ["Ftrace", "DynFtrace", "FtraceBugError", "FtraceDisabledError", "FtraceUpdate", "FtraceOps",
            "FtraceTrampoline", "MCOUNT_INSN_SIZE", "LIST_FUNC", "FTRACE_OPS", "RET_SIZE",
            "FTRACE_CALLBACKS", "parse_globs"]
 
@@ -93,6 +105,8 @@ FTRACE_OPS_OBJECTS = {"function": "global_ops", "profile": "ftrace_profile_ops"}
 RET_SIZE = 5
 _OP_REF = bytes([0x48, 0x8B, 0x15])         # movq disp32(%rip), %rdx
 _OP_REF_SIZE = 7
+# the guest's ftrace_list_ops bits (images/kernel/ftrace.c)
+_LIST_TRACE, _LIST_PROFILE, _LIST_OTHER = 1, 2, 4
 
 
 class FtraceBugError(BadInstructionError):
@@ -122,19 +136,34 @@ class DynFtrace:
     ip: int
     name: str                   # the function it belongs to
     enabled: bool = False       # the site holds the CALL
-    #: where that CALL goes: ftrace_caller, or an ops' own trampoline
-    #: (FTRACE_FL_TRAMP_EN); 0 while disabled
+    #: where that CALL goes: ftrace_caller, ftrace_regs_caller, or an
+    #: ops' own trampoline (FTRACE_FL_TRAMP_EN); 0 while disabled
     addr: int = 0
+    #: the ops tracing it (the kernel's reference count is their number)
+    ops: tuple = ()
+
+
+@dataclass(slots=True)
+class FtraceOps:
+    """An ops other than the tracers: its callback, the addresses it
+    traces, whether it wants every register."""
+
+    name: str
+    func: int
+    ips: frozenset
+    save_regs: bool = True
+    obj: str = ""               # its ftrace_ops object in the image (what ``op`` points at)
 
 
 @dataclass(slots=True)
 class FtraceTrampoline:
     """One ops' dynamic trampoline in execmem (``ops->trampoline``)."""
 
-    ops: str                    # "function" or "profile"
+    ops: str                    # "function", "profile", or another ops' name
     addr: int
     size: int                   # the whole allocation: copy + RET_SIZE + ops pointer
     call_offset: int            # of the CALL to the ops' function
+    save_regs: bool = False     # made from ftrace_regs_caller
 
 
 @dataclass(slots=True)
@@ -214,6 +243,14 @@ class Ftrace:
         self.trampolines: dict[str, FtraceTrampoline] = {}
         #: why an ops has no trampoline (its allocation or template failed)
         self.tramp_errors: dict[str, str] = {}
+        #: registered ops other than the tracers, by name
+        self.extra_ops: dict[str, FtraceOps] = {}
+        #: the ip set the tracer ops trace (what ``enable`` last gave)
+        self.tracer_ips: frozenset = frozenset()
+        self.regs_caller: int | None = self.symbols.get("ftrace_regs_caller")
+        self._known_funcs = set(self.callbacks.values())
+        #: what the guest's ftrace_list_ops holds (its initial value)
+        self._list_bits = _LIST_TRACE | _LIST_PROFILE
         thunk = self.rethunk
         if thunk is True:
             thunk = "__x86_return_thunk"
@@ -265,6 +302,8 @@ class Ftrace:
         if cur == _NOP5:
             return "nop"
         targets = [self.trampoline] + [t.addr for t in self.trampolines.values()]
+        if self.regs_caller is not None:
+            targets.append(self.regs_caller)
         if any(cur == self.call_insn(rec.ip, a) for a in targets):
             return "call"
         return None
@@ -280,23 +319,37 @@ class Ftrace:
             return None
         return thunk
 
-    def _ops_func(self, ops: str) -> int:
-        """``ftrace_ops_get_func``: the tracers here handle recursion
+    def _ops_info(self, ops: str, extra: "dict[str, FtraceOps] | None" = None
+                  ) -> tuple[int, bool, str]:
+        """(function, save_regs, ops object symbol) of *ops*.  The function
+        is ``ftrace_ops_get_func``'s: the callbacks here handle recursion
         themselves, so the ops' own function."""
-        return self.callbacks[ops]
+        o = (self.extra_ops if extra is None else extra).get(ops)
+        if o is not None:
+            return o.func, o.save_regs, o.obj
+        return self.callbacks[ops], False, FTRACE_OPS_OBJECTS.get(ops, "")
 
-    def create_trampoline(self, ops: str) -> FtraceTrampoline | None:
+    def _ops_func(self, ops: str) -> int:
+        return self._ops_info(ops)[0]
+
+    def create_trampoline(self, ops: str, extra: "dict[str, FtraceOps] | None" = None
+                          ) -> FtraceTrampoline | None:
         """Make *ops*' trampoline (``create_trampoline``), or return None
         (and say why in :attr:`tramp_errors`) when there is no execmem or
         the template is not as expected -- the sites then keep calling
-        ``ftrace_caller``."""
+        ``ftrace_caller`` (or ``ftrace_regs_caller``)."""
+        func, save_regs, obj = self._ops_info(ops, extra)
         if self.execmem is None:
             self.tramp_errors[ops] = "no execmem"
             return None
-        start, end = self.trampoline, self.symbols.get("ftrace_caller_end")
-        op_ptr = self.symbols.get("ftrace_caller_op_ptr")
-        if end is None or op_ptr is None or not start < self.call_site < end:
-            self.tramp_errors[ops] = "no ftrace_caller_end/ftrace_caller_op_ptr in the image"
+        pre = "ftrace_regs_caller" if save_regs else "ftrace_caller"
+        start, end = self.symbols.get(pre), self.symbols.get(pre + "_end")
+        op_ptr = self.symbols.get(pre + "_op_ptr")
+        call_site = self.symbols.get("ftrace_regs_call" if save_regs else "ftrace_call")
+        jmp = self.symbols.get("ftrace_regs_caller_jmp") if save_regs else None
+        if None in (start, end, op_ptr, call_site) or not start < call_site < end or \
+                (save_regs and jmp is None):
+            self.tramp_errors[ops] = f"no {pre} template (_end, _op_ptr, its CALL) in the image"
             return None
         size = end - start
         total = size + RET_SIZE + 8
@@ -311,14 +364,22 @@ class Ftrace:
         ret = text_gen_insn(JMP32_INSN_OPCODE, ip, thunk) if thunk else bytes([0xC3, 0xCC])
         op_off = op_ptr - start
         ok = bytes(buf[op_off:op_off + 3]) == _OP_REF
+        why = ""
+        if ok and save_regs:
+            # no direct calls through a trampoline: the two-byte jnz goes
+            j = jmp - start
+            if buf[j] != 0x75:
+                ok, why = False, f"ftrace_regs_caller_jmp holds {buf[j]:#04x}, not a jnz rel8"
+            else:
+                buf[j:j + 2] = x86_nops[2]
         if ok:
             try:
                 # relative operands that leave the copy keep their targets
                 text_poke_apply_relocation(buf, addr, size, start, size)
             except BadInstructionError as e:
                 ok, why = False, str(e)
-        else:
-            why = (f"ftrace_caller_op_ptr holds {bytes(buf[op_off:op_off + 3]).hex(' ')}, "
+        elif not why:
+            why = (f"{pre}_op_ptr holds {bytes(buf[op_off:op_off + 3]).hex(' ')}, "
                    "not movq disp32(%rip), %rdx")
         if not ok:
             self.execmem.free(addr, invalidate=False)
@@ -326,41 +387,115 @@ class Ftrace:
             return None
         # the ops pointer after the return slot; the load reads it
         ptr = addr + size + RET_SIZE
-        ops_obj = self.symbols.get(FTRACE_OPS_OBJECTS[ops], 0)
+        ops_obj = self.symbols.get(obj, 0)
         buf[op_off + 3:op_off + _OP_REF_SIZE] = struct.pack(
             "<i", ptr - (addr + op_off + _OP_REF_SIZE))
-        call_off = self.call_site - start
+        call_off = call_site - start
         buf[call_off:call_off + MCOUNT_INSN_SIZE] = text_gen_insn(
-            CALL_INSN_OPCODE, addr + call_off, self._ops_func(ops))
+            CALL_INSN_OPCODE, addr + call_off, func)
         # fresh memory nobody runs yet: plain copies, as the kernel's memcpy
         self.core.text_poke_copy(addr, bytes(buf) + ret)
         self.core.text_poke_copy(ptr, struct.pack("<Q", ops_obj))
-        t = FtraceTrampoline(ops, addr, total, call_off)
+        t = FtraceTrampoline(ops, addr, total, call_off, save_regs)
         self.trampolines[ops] = t
         self.tramp_errors.pop(ops, None)
         return t
 
-    def update_trampoline(self, ops: str) -> FtraceTrampoline | None:
+    def update_trampoline(self, ops: str, extra: "dict[str, FtraceOps] | None" = None
+                          ) -> FtraceTrampoline | None:
         """``arch_ftrace_update_trampoline`` at *ops*' registration: make
         its trampoline the first time; later, re-aim the CALL inside it at
         the ops' function if it differs (one ``smp_text_poke_single``, the
         trampoline may be running)."""
         t = self.trampolines.get(ops)
         if t is None:
-            return self.create_trampoline(ops)
+            return self.create_trampoline(ops, extra)
         site = t.addr + t.call_offset
-        new = text_gen_insn(CALL_INSN_OPCODE, site, self._ops_func(ops))
+        new = text_gen_insn(CALL_INSN_OPCODE, site, self._ops_info(ops, extra)[0])
         if self.machine.text_read(site, MCOUNT_INSN_SIZE) != new:
             self.core.smp_text_poke_single(site, new)
         return t
 
     def site_target(self, func: str) -> int:
-        """Where an enabled record calls when *func*'s ops trace it: the
-        one ops' trampoline (``FTRACE_FL_TRAMP``), else ``ftrace_caller``."""
-        ops = FTRACE_OPS[func]
+        """Where an enabled record calls when *func*'s ops (alone) trace
+        it: the one ops' trampoline (``FTRACE_FL_TRAMP``), else
+        ``ftrace_caller``."""
+        return self._rec_target(FTRACE_OPS[func] or ("none",), self.extra_ops)
+
+    def _rec_target(self, ops: tuple, extra: "dict[str, FtraceOps]") -> int:
+        """``ftrace_get_addr_new`` for a record the ops *ops* trace."""
         if len(ops) == 1 and ops[0] in self.trampolines:
             return self.trampolines[ops[0]].addr
+        if self.regs_caller is not None and any(o in extra and extra[o].save_regs
+                                                for o in ops):
+            return self.regs_caller
         return self.trampoline
+
+    def _call_func(self, func: str, extra: "dict[str, FtraceOps]") -> int:
+        """``update_ftrace_function``: what ftrace_call calls with the
+        tracer *func* and the ops *extra* registered -- ftrace_stub for
+        none, the one ops' function, else the list function."""
+        ops = list(FTRACE_OPS[func]) + list(extra)
+        if not ops:
+            return self.callbacks["none"]
+        if len(ops) == 1:
+            return self._ops_info(ops[0], extra)[0]
+        return self.callbacks[LIST_FUNC]
+
+    def _list_bits_for(self, func: str, extra: "dict[str, FtraceOps]") -> int:
+        """The guest's list function as it was built (both tracers) while
+        only tracers are registered -- they share their records, so it runs
+        only for records both trace --; with other ops, exactly the ops
+        registered."""
+        if not extra:
+            return _LIST_TRACE | _LIST_PROFILE
+        ops = FTRACE_OPS[func]
+        return ((_LIST_TRACE if "function" in ops else 0) |
+                (_LIST_PROFILE if "profile" in ops else 0) | (_LIST_OTHER if extra else 0))
+
+    def _set_list_bits(self, bits: int) -> None:
+        a = self.symbols.get("ftrace_list_ops")
+        if a is None or bits == self._list_bits:
+            return
+        from .._core._machine import Capability
+        self.machine.require(Capability.DATA, "ftrace's list of ops (ftrace_list_ops)")
+        self.machine.mem.write(a, struct.pack("<Q", bits))
+        self._list_bits = bits
+
+    # ------------------------------------------------------------ other ops
+    def register_ftrace_ops(self, name: str, func: int, ips: Iterable[int] = (), *,
+                            save_regs: bool = True, obj: str = "") -> FtraceUpdate:
+        """Register the ops *name* calling *func* (a guest function) on the
+        records *ips* (``register_ftrace_function`` after
+        ``ftrace_set_filter_ip``), and update the sites."""
+        if name in self.extra_ops or name in FTRACE_OPS:
+            raise ValueError(f"ftrace ops {name!r} is already registered")
+        extra = dict(self.extra_ops)
+        extra[name] = FtraceOps(name, int(func), self._check_ips(ips), save_regs, obj)
+        return self.ftrace_modify_all_code(self.tracer_ips, None, extra=extra)
+
+    def unregister_ftrace_ops(self, name: str) -> FtraceUpdate:
+        if name not in self.extra_ops:
+            raise ValueError(f"ftrace ops {name!r} is not registered")
+        extra = {k: v for k, v in self.extra_ops.items() if k != name}
+        return self.ftrace_modify_all_code(self.tracer_ips, None, extra=extra)
+
+    def ftrace_set_filter_ips(self, name: str, ips: Iterable[int]) -> FtraceUpdate:
+        """Change the records a registered ops traces (and the sites)."""
+        if name not in self.extra_ops:
+            raise ValueError(f"ftrace ops {name!r} is not registered")
+        extra = dict(self.extra_ops)
+        o = extra[name]
+        extra[name] = FtraceOps(o.name, o.func, self._check_ips(ips), o.save_regs, o.obj)
+        return self.ftrace_modify_all_code(self.tracer_ips, None, extra=extra)
+
+    def _check_ips(self, ips: Iterable[int]) -> frozenset:
+        out = frozenset(int(a) for a in ips)
+        unknown = out - self.by_ip.keys()
+        if unknown:
+            raise FtraceFilterError(
+                f"not an fentry site: {', '.join(hex(a) for a in sorted(unknown))}")
+        return out
 
     # ------------------------------------------------------------ filters
     def set_ftrace_filter(self, globs, *, append: bool = False) -> int:
@@ -414,27 +549,27 @@ class Ftrace:
         records on an ops' own trampoline do not (switch tracers with
         :meth:`start`)."""
         self._check_enabled()
+        if func not in self.callbacks:
+            raise ValueError(f"unknown ftrace callback {func!r} ({', '.join(self.callbacks)})")
         with self.core.text_mutex:
-            self._check_call_site(func)
-            changed = self._set_calls(func)
+            self._check_call_site()
+            changed = self._set_calls(self.callbacks[func])
         self.func = func
         return changed
 
-    def _set_calls(self, func: str) -> bool:
+    def _set_calls(self, dest: int) -> bool:
         changed = False
         for site in self.call_sites:
-            new = text_gen_insn(CALL_INSN_OPCODE, site, self.callbacks[func])
+            new = text_gen_insn(CALL_INSN_OPCODE, site, dest)
             if self.machine.text_read(site, MCOUNT_INSN_SIZE) != new:
                 self.core.smp_text_poke_single(site, new)
                 changed = True
         return changed
 
-    def _check_call_site(self, func: str) -> None:
-        if func not in self.callbacks:
-            raise ValueError(f"unknown ftrace callback {func!r} ({', '.join(self.callbacks)})")
+    def _check_call_site(self) -> None:
         for site in self.call_sites:
             cur = self.machine.text_read(site, MCOUNT_INSN_SIZE)
-            known = {text_gen_insn(CALL_INSN_OPCODE, site, a) for a in self.callbacks.values()}
+            known = {text_gen_insn(CALL_INSN_OPCODE, site, a) for a in self._known_funcs}
             if cur not in known:
                 raise FtraceBugError(
                     f"ftrace_bug: {self.describe(site)} holds {cur.hex(' ')}, not a call to a "
@@ -443,12 +578,14 @@ class Ftrace:
 
     # ------------------------------------------------------------ the update
     def ftrace_modify_all_code(self, enable: Iterable[DynFtrace | int] | None,
-                               func: str | None = None) -> FtraceUpdate:
+                               func: str | None = None, *,
+                               extra: "dict[str, FtraceOps] | None" = None) -> FtraceUpdate:
         """Make exactly the records in *enable* (records or addresses;
-        None: none) call the trampoline, and the callback *func* (None:
-        unchanged).  The changing records are checked first (and the
-        callback CALLs when *func* changes); on one mismatch nothing is
-        written and ftrace is killed."""
+        None: none) traced by the tracer *func* (None: unchanged), the
+        other ops being *extra* (None: unchanged), and every record call
+        what its ops need.  The changing records are checked first (and the
+        callback CALLs when the callback changes); on one mismatch nothing
+        is written and ftrace is killed."""
         self._check_enabled()
         want = set()
         for r in enable or ():
@@ -460,18 +597,23 @@ class Ftrace:
         final = self.func if func is None else func
         if final not in self.callbacks:
             raise ValueError(f"unknown ftrace callback {final!r} ({', '.join(self.callbacks)})")
+        new_extra = self.extra_ops if extra is None else extra
         with self.core.text_mutex:
             # __register_ftrace_function: each newly registered ops gets
             # (or re-aims) its trampoline before any record changes
-            if final != self.func:
-                for ops in FTRACE_OPS[final]:
-                    if ops not in FTRACE_OPS[self.func]:
-                        self.update_trampoline(ops)
-            target = self.site_target(final)
+            old_ops = set(FTRACE_OPS[self.func]) | set(self.extra_ops)
+            for ops in list(FTRACE_OPS[final]) + list(new_extra):
+                if ops not in old_ops:
+                    self.update_trampoline(ops, new_extra)
+            tracer = FTRACE_OPS[final] or ("none",)
             plan = []
             for r in self.records:
-                on = r.ip in want
+                ops = (tracer if r.ip in want else ()) + tuple(
+                    n for n, o in new_extra.items() if r.ip in o.ips)
+                on = bool(ops)
+                target = self._rec_target(ops, new_extra) if on else 0
                 if on == r.enabled and (not on or r.addr == target):
+                    r.ops = ops
                     continue                # nothing to change: not looked at
                 expect = self.expected(r)
                 cur = self.machine.text_read(r.ip, MCOUNT_INSN_SIZE)
@@ -487,33 +629,40 @@ class Ftrace:
                     self.bug = err
                     self.ftrace_kill()
                     raise err
-                plan.append((r, self.call_insn(r.ip, target) if on else _NOP5, on))
-            update = func is not None and func != self.func
+                plan.append((r, self.call_insn(r.ip, target) if on else _NOP5, on, target, ops))
+            old_call = self._call_func(self.func, self.extra_ops)
+            new_call = self._call_func(final, new_extra)
+            update = new_call != old_call
             if update:
-                self._check_call_site(func)
+                self._known_funcs.update(o.func for o in new_extra.values())
+                self._check_call_site()
+            # the list function's view of the registered ops (ftrace_ops_list)
+            self._set_list_bits(self._list_bits_for(final, new_extra))
+            if update:
                 # 1. the list function while the sites change
-                st.func_updates += self._set_calls(LIST_FUNC)
+                st.func_updates += self._set_calls(self.callbacks[LIST_FUNC])
             s0, b0 = self.core.stats.syncs, self.core.stats.batches
             if plan:
                 with self.core.batch():
-                    for r, new, _on in plan:
+                    for r, new, *_ in plan:
                         self.core.smp_text_poke_batch_add(r.ip, new)
             st.syncs = self.core.stats.syncs - s0
             st.batches = self.core.stats.batches - b0
-            for r, _new, on in plan:
+            for r, _new, on, target, ops in plan:
                 if on and r.enabled:
                     st.modified += 1
                 elif on:
                     st.enabled += 1
                 else:
                     st.disabled += 1
-                r.enabled, r.addr = on, (target if on else 0)
-            if update:
-                if func != LIST_FUNC:
-                    # every CPU past the old callback, then the final one
-                    self.core.smp_text_poke_sync_each_cpu()
-                    st.func_updates += self._set_calls(func)
-                self.func = func
+                r.enabled, r.addr, r.ops = on, target, ops
+            if update and new_call != self.callbacks[LIST_FUNC]:
+                # every CPU past the old callback, then the final one
+                self.core.smp_text_poke_sync_each_cpu()
+                st.func_updates += self._set_calls(new_call)
+            self.func = final
+            self.extra_ops = dict(new_extra)
+            self.tracer_ips = frozenset(want)
         self.updates.append(st)
         return st
 

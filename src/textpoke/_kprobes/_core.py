@@ -65,9 +65,22 @@ Probes stay INT3 probes until optimised by :meth:`optimize_kprobe` or
 :meth:`kprobe_optimizer` (``auto_optimize=True`` runs the latter after
 every registration, as the kernel's delayed optimizer does by default).
 
-**fentry**: a probe on the fentry NOP is refused (the kernel without
-``KPROBES_ON_FTRACE``); a bare symbol name means the first instruction
-after the NOP, as ``arch_adjust_kprobe_addr`` skips ENDBR.
+**fentry**: without ``KPROBES_ON_FTRACE`` (no *ftrace* given) a probe on
+the fentry NOP is refused, and a bare symbol name means the first
+instruction after the NOP.  With it (``Kprobes(ftrace=...)``, the
+kernel's ``CONFIG_KPROBES_ON_FTRACE``, Debian's): a bare symbol name means
+the function's first byte (after an ENDBR, as ``arch_adjust_kprobe_addr``),
+and a probe on the fentry NOP is no INT3 but an address in one of two
+ftrace_ops (``check_ftrace_location`` / ``arm_kprobe_ftrace``):
+``kprobe_ftrace_ops`` (every register saved), or ``kprobe_ipmodify_ops``
+when the probe has a post-handler; the first probe registers the ops,
+each later one adds its address (``ftrace_set_filter_ip``), the last one
+out unregisters it.  The site then calls that ops' own trampoline (or
+``ftrace_regs_caller``), whose callback ``kprobe_ftrace_handler`` -- an
+INT3 into the host here -- runs the probe as the kernel's does: the
+pre-handlers with ``ip`` = site + 1 (as an INT3 hit shows it); unless one
+moved ``ip``, the post-handlers with ``ip`` = site + 5 (the NOP "single-
+stepped"), then ``ip`` is put back.  Such a probe is never optimised.
 
 Learnt from ``arch/x86/kernel/kprobes/{core,opt}.c`` and
 ``kernel/kprobes.c`` (Linux 6.12); the code is our own.
@@ -97,6 +110,12 @@ __all__ = ["Kprobes", "Kprobe", "Kretprobe", "KretprobeInstance", "KprobeError",
 
 #: the top of execmem that is ours unless an allocator is given
 KPROBES_EXECMEM = 256 * 1024
+_ENDBR = (bytes.fromhex("f30f1efa"), bytes.fromhex("f30f1efb"))
+#: struct pt_regs, word by word, as ftrace_regs_caller fills it
+_PT_REGS = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
+            "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss")
+_PT = struct.Struct(f"<{len(_PT_REGS)}Q")
+_M64 = (1 << 64) - 1
 _SPEC = re.compile(r"^\s*([A-Za-z_.$][\w.$]*)\s*(?:\+\s*(0x[0-9a-fA-F]+|\d+))?\s*$")
 
 
@@ -115,8 +134,17 @@ class Kprobes(_Kretprobes, _Optprobes):
     def __init__(self, core, image=None, *, tables=None, smp=None, keys=None, calls=None,
                  execmem: ExecMem | None = None, preemption: bool = False,
                  blacklist: "Iterable[tuple[int, int] | str]" = (),
-                 auto_optimize: bool = False) -> None:
+                 auto_optimize: bool = False, ftrace=None) -> None:
         self.core = core
+        #: KPROBES_ON_FTRACE: the Ftrace whose ops probes on fentry NOPs use
+        self.ftrace = ftrace
+        self._ftrace_handler: int | None = None
+        if ftrace is not None:
+            self._ftrace_handler = (image.symbols.get("kprobe_ftrace_handler")
+                                    if image is not None else None)
+            if self._ftrace_handler is None:
+                raise KprobeError("KPROBES_ON_FTRACE needs the image's kprobe_ftrace_handler",
+                                  reason="fentry")
         self.machine = core.machine
         self.image = image
         self.preemption = preemption
@@ -252,7 +280,11 @@ class Kprobes(_Kretprobes, _Optprobes):
             raise KprobeError(f"no function {name!r}", reason="symbol")
         start, size = self.functions[name]
         if m.group(2) is None:
-            off = 5 if start in self.fentry else 0
+            if self.ftrace is not None:
+                # arch_adjust_kprobe_addr: the entry, after an ENDBR
+                off = 4 if self.machine.text_read(start, 4) in _ENDBR else 0
+            else:
+                off = 5 if start in self.fentry else 0
         else:
             off = int(m.group(2), 0)
         if not 0 <= off < size:
@@ -360,6 +392,9 @@ class Kprobes(_Kretprobes, _Optprobes):
         if self.within_kprobe_blacklist(addr):
             raise KprobeError(f"{p.name} ({addr:#x}) is blacklisted (kprobes/noinstr/entry "
                               "text or NOKPROBE_SYMBOL)", reason="blacklist", addr=addr)
+        if self.ftrace is not None and addr in self.fentry:
+            self._prepare_ftrace(p, fstart, fsize)
+            return
         insns = self._decode_function(fstart, fsize)
         insn = next((i for i in insns if i.addr == addr), None)
         if insn is None:
@@ -406,6 +441,78 @@ class Kprobes(_Kretprobes, _Optprobes):
             raise
         p.registered = True
 
+    # ------------------------------------------------------------ KPROBES_ON_FTRACE
+    @staticmethod
+    def _ftrace_ops_of(p: Kprobe) -> tuple[str, str]:
+        """arm_kprobe_ftrace: the ops (and its object) for a probe."""
+        if p.post_handler is not None:
+            return "kprobe_ipmodify", "kprobe_ipmodify_ops"
+        return "kprobe", "kprobe_ftrace_ops"
+
+    def _ftrace_ips(self, ops: str) -> set[int]:
+        return {s.addr for s in self._sites.values() if s.ftrace == ops}
+
+    def _set_ftrace_ips(self, ops: str, ips: set[int], obj: str = "") -> None:
+        ft = self.ftrace
+        if not ips:
+            if ops in ft.extra_ops:
+                ft.unregister_ftrace_ops(ops)
+        elif ops in ft.extra_ops:
+            ft.ftrace_set_filter_ips(ops, ips)
+        else:
+            ft.register_ftrace_ops(ops, self._ftrace_handler, ips, save_regs=True, obj=obj)
+
+    def _prepare_ftrace(self, p: Kprobe, fstart: int, fsize: int) -> None:
+        addr = p.addr
+        who = self.text_reserved(addr, addr)
+        if who is not None and not who.startswith("ftrace"):
+            raise KprobeError(f"{p.name} ({addr:#x}) is text reserved by {who}",
+                              reason="reserved", addr=addr)
+        nop = self.machine.text_read(addr, 5)
+        insn = insn_decode_kernel(nop + b"\xcc" * 15, addr)
+        ops, obj = self._ftrace_ops_of(p)
+        site = _Site(addr, insn, b"", (p.symbol, fstart, fsize), None, ftrace=ops)
+        site.probes.append(p)
+        ips = self._ftrace_ips(ops) | {addr}
+        self._sites[addr] = site
+        try:
+            self._set_ftrace_ips(ops, ips, obj)
+        except BaseException:
+            del self._sites[addr]
+            raise
+        p.registered = True
+
+    def _ftrace_hit(self, regs: PtRegs) -> bool:
+        """kprobe_ftrace_handler(ip, parent_ip, op, regs): the probe at ip
+        (if any: the list function calls it for every record it runs for)
+        with the pt_regs ftrace_regs_caller built."""
+        ip = regs.gprs.get("rdi", 0) & _M64
+        site = self._sites.get(ip)
+        if site is None or not site.ftrace:
+            return True                  # not a probe: back to the caller
+        ptr = regs.gprs["rcx"] & _M64
+        vals = _PT.unpack(regs.mem.read(ptr, _PT.size))
+        f = dict(zip(_PT_REGS, vals))
+        gprs = {n: f[n] for n in _PT_REGS[:15]}
+        h = PtRegs(ip=ip + 1, sp=f["rsp"], flags=f["eflags"], mem=regs.mem, cpu=regs.cpu,
+                   gprs=dict(gprs))
+        self.stats.ftrace_hits += 1
+        moved = False
+        for p in list(site.probes):
+            p.nhit += 1
+            if p.pre_handler is not None and p.pre_handler(p, h):
+                moved = True             # it changed ip: no post-handlers, ip stays
+                break
+        if not moved:
+            h.ip = ip + 5                # the NOP, single-stepped
+            self._post_handlers(site, h)
+            h.ip = f["rip"]
+        out = [h.gprs.get(n, gprs[n]) & _M64 for n in _PT_REGS[:15]]
+        out += [f["orig_rax"], h.ip & _M64, f["cs"], h.flags & _M64, f["rsp"], f["ss"]]
+        if out != list(vals):
+            regs.mem.write(ptr, _PT.pack(*out))
+        return True
+
     # ------------------------------------------------------------ unregister
     def unregister_kprobe(self, p: Kprobe) -> None:
         self.unregister_kprobes([p])
@@ -417,6 +524,7 @@ class Kprobes(_Kretprobes, _Optprobes):
         with self.core.text_mutex:
             restore_opt: list[_Site] = []
             restore_int3: list[_Site] = []
+            restore_ftrace: list[_Site] = []
             for p in probes:
                 site = self._sites.get(p.addr)
                 if site is None or p not in site.probes:
@@ -425,7 +533,18 @@ class Kprobes(_Kretprobes, _Optprobes):
                 p.registered = False
                 if site.probes:
                     continue
+                if site.ftrace:
+                    restore_ftrace.append(site)
+                    continue
                 (restore_opt if site.optimized or site.redirect else restore_int3).append(site)
+            if restore_ftrace:
+                # disarm_kprobe_ftrace: the addresses leave their ops (the
+                # last one out unregisters it)
+                gone_ips = {s.addr for s in restore_ftrace}
+                for ops in sorted({s.ftrace for s in restore_ftrace}):
+                    self._set_ftrace_ips(ops, self._ftrace_ips(ops) - gone_ips)
+                for s in restore_ftrace:
+                    del self._sites[s.addr]
             if restore_opt:
                 with self.core.batch():
                     for s in restore_opt:
@@ -483,8 +602,10 @@ class Kprobes(_Kretprobes, _Optprobes):
         if False:  # a generator, as the chain wants; nothing here sleeps
             yield
         ip = regs.ip - 1
+        if ip == self._ftrace_handler:
+            return self._ftrace_hit(regs)
         site = self._sites.get(ip)
-        if site is not None:
+        if site is not None and not site.ftrace:
             return self._hit(site, regs)
         site = self._slots.get(ip)
         if site is not None:

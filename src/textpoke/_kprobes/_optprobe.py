@@ -106,7 +106,9 @@ class _Optprobes:
         name, fstart, fsize = s.func
         addr = s.addr
         why = None
-        if any(p.post_handler is not None for p in s.probes):
+        if s.ftrace:
+            why = "a probe on the fentry NOP is an ftrace_ops (KPROBES_ON_FTRACE), not optimised"
+        elif any(p.post_handler is not None for p in s.probes):
             why = "a probe with a post-handler is not optimised (the detour has no single-step)"
         elif fstart + fsize - addr < RELATIVEJUMP_SIZE:
             why = (f"only {fstart + fsize - addr} bytes to the end of {name}: a JMP32 needs "

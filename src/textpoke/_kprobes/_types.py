@@ -79,6 +79,7 @@ class KprobeStats:
     optimized: int = 0
     unoptimized: int = 0
     quiesce_waits: int = 0
+    ftrace_hits: int = 0        # kprobe_ftrace_handler calls for one of our probes
 
 
 @dataclass(eq=False)
@@ -95,3 +96,4 @@ class _Site:
     displaced: bytes = b""      # original bytes under the JMP32 (its length: detour.length)
     optimized: bool = False
     redirect: bool = False      # INT3 hits go to the detour (while optimising)
+    ftrace: str = ""            # KPROBES_ON_FTRACE: the ftrace_ops it is on (no INT3)

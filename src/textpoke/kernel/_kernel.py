@@ -55,8 +55,12 @@ __all__ = ["Kernel", "KPROBES_EXECMEM", "BUNDLED_CONFIG"]
 #: build: it is IBT-capable like Debian's 6.12 (JIT hooks may sit after an
 #: ENDBR) but is taken as a non-preemptible build (CONFIG_PREEMPT_NONE), so
 #: kprobes may boost -- Debian's CONFIG_PREEMPTION=y never does; pass
-#: ``config={"PREEMPTION": True}`` to model that.
-BUNDLED_CONFIG: dict[str, bool] = {"X86_KERNEL_IBT": True, "PREEMPTION": False}
+#: ``config={"PREEMPTION": True}`` to model that.  Likewise it is taken as a
+#: build without KPROBES_ON_FTRACE (a probe on the fentry NOP refused, a bare
+#: symbol probing after it); ``config={"KPROBES_ON_FTRACE": True}`` (Debian's)
+#: makes such probes ftrace_ops.
+BUNDLED_CONFIG: dict[str, bool] = {"X86_KERNEL_IBT": True, "PREEMPTION": False,
+                                   "KPROBES_ON_FTRACE": False}
 
 
 _CLIENTS = ("keys", "calls", "ftrace", "kprobes", "modules", "bpf")
@@ -178,6 +182,7 @@ class Kernel:
         return Kprobes(self.core, self.image, tables=self.tables,
                        smp=getattr(self.boot, "smp", None), keys=self.keys, calls=self.calls,
                        preemption=self.config["PREEMPTION"],
+                       ftrace=self.ftrace if self.config["KPROBES_ON_FTRACE"] else None,
                        execmem=ExecMem(self.core, start=rng.end - KPROBES_EXECMEM, end=rng.end))
 
     @cached_property

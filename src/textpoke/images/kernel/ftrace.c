@@ -73,7 +73,21 @@ struct ftrace_ops {
 struct ftrace_ops ftrace_list_end;
 struct ftrace_ops global_ops;
 struct ftrace_ops ftrace_profile_ops;
+struct ftrace_ops kprobe_ftrace_ops;
+struct ftrace_ops kprobe_ipmodify_ops;
 struct ftrace_ops *function_trace_op = &ftrace_list_end;
+
+/*
+ * Which ops the list function calls (the host keeps it in step with the
+ * ops registered, as the kernel's ftrace_ops_list): the function tracer,
+ * the profiler, the kprobes' ops (whose handler checks the ip itself).
+ */
+#define LIST_TRACE	1
+#define LIST_PROFILE	2
+#define LIST_KPROBE	4
+u64 ftrace_list_ops = LIST_TRACE | LIST_PROFILE;
+
+void kprobe_ftrace_handler(u64 ip, u64 parent_ip, void *op, void *regs);
 
 struct ftrace_cpu ftrace_percpu[FTRACE_CPUS];
 u64 trace_clock_counter;
@@ -144,14 +158,20 @@ noinline __used notrace void function_profile_call(u64 ip, u64 parent_ip)
 	profile_record(c, ip);
 }
 
-/* Both at once: what the kernel's list function does for two ops. */
-noinline __used notrace void ftrace_ops_list_func(u64 ip, u64 parent_ip)
+/* Every registered ops: what the kernel's list function does for two or more. */
+noinline __used notrace void ftrace_ops_list_func(u64 ip, u64 parent_ip, void *op, void *regs)
 {
 	struct ftrace_cpu *c = this_ftrace_cpu();
+	u64 ops = READ_ONCE(ftrace_list_ops);
 
-	c->hits++;
-	trace_record(c, ip, parent_ip);
-	profile_record(c, ip);
+	if (ops & (LIST_TRACE | LIST_PROFILE))
+		c->hits++;
+	if (ops & LIST_TRACE)
+		trace_record(c, ip, parent_ip);
+	if (ops & LIST_PROFILE)
+		profile_record(c, ip);
+	if (ops & LIST_KPROBE)
+		kprobe_ftrace_handler(ip, parent_ip, op, regs);
 }
 
 /* ------------------------------------------------------------ workload */

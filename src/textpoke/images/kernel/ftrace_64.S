@@ -62,6 +62,114 @@ SYM_INNER_LABEL(ftrace_caller_end)
 	RET
 SYM_FUNC_END(ftrace_caller)
 
+/*
+ * ftrace_regs_caller: the same for ops that want every register
+ * (FTRACE_OPS_FL_SAVE_REGS, kprobes on the fentry NOP): a whole struct
+ * pt_regs on the stack (the kernel's layout, 21 words), flags saved by
+ * pushfq first, and the callback gets it as its fourth argument.  A
+ * callback may change regs->ip: the trampoline returns there.  The jnz
+ * at ftrace_regs_caller_jmp stands for the kernel's direct-call test
+ * (orig_ax set by a direct caller; never here): a dynamic trampoline made
+ * from this template has it replaced by a two-byte NOP.
+ */
+#define R15		0
+#define R14		8
+#define R13		16
+#define R12		24
+#define RBP		32
+#define RBX		40
+#define R11		48
+#define R10		56
+#define R9		64
+#define R8		72
+#define RAX		80
+#define RCX		88
+#define RDX		96
+#define RSI		104
+#define RDI		112
+#define ORIG_RAX	120
+#define RIP		128
+#define CS		136
+#define EFLAGS		144
+#define RSP		152
+#define SS		160
+#define PT_SIZE		168
+
+SYM_FUNC_START(ftrace_regs_caller)
+	pushfq
+	subq	$PT_SIZE, %rsp
+	movq	%r15, R15(%rsp)
+	movq	%r14, R14(%rsp)
+	movq	%r13, R13(%rsp)
+	movq	%r12, R12(%rsp)
+	movq	%rbp, RBP(%rsp)
+	movq	%rbx, RBX(%rsp)
+	movq	%r11, R11(%rsp)
+	movq	%r10, R10(%rsp)
+	movq	%r9, R9(%rsp)
+	movq	%r8, R8(%rsp)
+	movq	%rax, RAX(%rsp)
+	movq	%rcx, RCX(%rsp)
+	movq	%rdx, RDX(%rsp)
+	movq	%rsi, RSI(%rsp)
+	movq	%rdi, RDI(%rsp)
+	movq	$0, ORIG_RAX(%rsp)
+	movq	PT_SIZE+8(%rsp), %rdi		/* return address into the traced function */
+	movq	%rdi, RIP(%rsp)
+	subq	$MCOUNT_INSN_SIZE, %rdi		/* ip: the fentry site */
+	movq	PT_SIZE+16(%rsp), %rsi		/* parent_ip */
+	movq	PT_SIZE(%rsp), %rcx		/* the flags pushfq saved */
+	movq	%rcx, EFLAGS(%rsp)
+	movq	$0x10, CS(%rsp)
+	movq	$0x18, SS(%rsp)
+	leaq	PT_SIZE+16(%rsp), %rcx		/* the traced function's sp at its entry */
+	movq	%rcx, RSP(%rsp)
+SYM_INNER_LABEL(ftrace_regs_caller_op_ptr)
+	movq	function_trace_op(%rip), %rdx	/* op */
+	leaq	(%rsp), %rcx			/* regs */
+SYM_INNER_LABEL(ftrace_regs_call)
+	call	ftrace_stub
+	movq	EFLAGS(%rsp), %rax
+	movq	%rax, PT_SIZE(%rsp)
+	movq	RIP(%rsp), %rax			/* the callback may have moved ip */
+	movq	%rax, PT_SIZE+8(%rsp)
+	movq	R15(%rsp), %r15
+	movq	R14(%rsp), %r14
+	movq	R13(%rsp), %r13
+	movq	R12(%rsp), %r12
+	movq	RBP(%rsp), %rbp
+	movq	RBX(%rsp), %rbx
+	movq	R11(%rsp), %r11
+	movq	R10(%rsp), %r10
+	movq	R9(%rsp), %r9
+	movq	R8(%rsp), %r8
+	movq	RCX(%rsp), %rcx
+	movq	RDX(%rsp), %rdx
+	movq	RSI(%rsp), %rsi
+	movq	RDI(%rsp), %rdi
+	movq	ORIG_RAX(%rsp), %rax
+	testq	%rax, %rax
+SYM_INNER_LABEL(ftrace_regs_caller_jmp)
+	jnz	1f
+	movq	RAX(%rsp), %rax
+	addq	$PT_SIZE, %rsp
+	popfq
+SYM_INNER_LABEL(ftrace_regs_caller_end)
+	RET
+1:	ud2
+SYM_FUNC_END(ftrace_regs_caller)
+
+/*
+ * kprobe_ftrace_handler(ip, parent_ip, op, regs): the callback of the
+ * kprobes' ftrace_ops.  The handlers are host code: the INT3 is the call
+ * into the host, which finds the probe at ip and runs its handlers on
+ * regs, as the kernel's kprobe_ftrace_handler does.
+ */
+SYM_FUNC_START(kprobe_ftrace_handler)
+	int3
+	RET
+SYM_FUNC_END(kprobe_ftrace_handler)
+
 /* The callback when none is registered. */
 SYM_FUNC_START(ftrace_stub)
 	RET
