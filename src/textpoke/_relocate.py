@@ -156,9 +156,11 @@ def scan_function(code: bytes, func: int, lo: int, hi: int, *, what: str = "",
         insns = list(iced_x86.Decoder(64, code, ip=func))
         targets = sorted(i.near_branch_target for i in insns
                          if i.flow_control in _BRANCHING and i.op0_kind in _NEAR_KINDS)
+        memo: dict = {}          # a table dispatched from many places is read once
         for k, j in enumerate(insns):
             if j.flow_control == _FC.INDIRECT_BRANCH:
-                why = _check_indirect(insns, k, targets, lo, hi, (func, func + len(code)), read)
+                why = _check_indirect(insns, k, targets, lo, hi, (func, func + len(code)), read,
+                                      memo)
                 if why:
                     raise RelocError("indirect-jump", f"the indirect jump at {j.ip:#x}{where} "
                                                       f"may land inside the bytes the JMP "
@@ -267,6 +269,15 @@ class _Flow:
         return True
 
 
+def _flow_of(insns: list, memo: dict | None) -> _Flow:
+    if memo is None:
+        return _Flow(insns)
+    f = memo.get("flow")
+    if f is None:
+        f = memo["flow"] = _Flow(insns)
+    return f
+
+
 def _pointer_load(ins) -> bool:
     """``mov d(%reg),%r`` or ``mov d(%rip),%r``: a pointer read from memory."""
     return (ins.code == _C.MOV_R64_RM64 and ins.op1_kind == _MEM
@@ -318,7 +329,7 @@ def _bound(insns: list, k: int, full: int, targets: list[int]) -> int | None:
 
 
 def _check_indirect(insns: list, k: int, targets: list[int], lo: int, hi: int,
-                    body: tuple[int, int], read) -> str:
+                    body: tuple[int, int], read, memo: dict | None = None) -> str:
     """Why the indirect jump ``insns[k]`` may land in [lo, hi) ("" when it
     provably cannot).  Proved:
 
@@ -344,7 +355,7 @@ def _check_indirect(insns: list, k: int, targets: list[int], lo: int, hi: int,
             return ""                                  # *d(%reg) / *d(%rip): a pointer
         if j.memory_base == _NONE and j.memory_index_scale == 8:
             return _table(insns, k, "abs", j.memory_displacement, _full(j.memory_index),
-                          targets, lo, hi, body, read)
+                          targets, lo, hi, body, read, memo)
         return "a memory operand of an unknown form"
     if j.op0_kind != _REG:
         return "an operand of an unknown form"
@@ -352,7 +363,7 @@ def _check_indirect(insns: list, k: int, targets: list[int], lo: int, hi: int,
     m = _def_of(insns, k, reg, targets)
     if m is None:
         # paths join before it: a tail call if every path loads a pointer
-        if _Flow(insns).defs(k, reg, _pointer_load):
+        if _flow_of(insns, memo).defs(k, reg, _pointer_load):
             return ""
         return f"{_name(reg)} is not loaded from memory on every path to it"
     d = insns[m]
@@ -361,7 +372,7 @@ def _check_indirect(insns: list, k: int, targets: list[int], lo: int, hi: int,
             return ""                                  # loaded from d(%reg): a pointer
         if d.memory_base == _NONE and d.memory_index_scale == 8:
             return _table(insns, m, "abs", d.memory_displacement, _full(d.memory_index),
-                          targets, lo, hi, body, read)
+                          targets, lo, hi, body, read, memo)
         return "loaded from a table of an unknown form"
     if d.code in (_C.ADD_R64_RM64, _C.ADD_RM64_R64) and d.op0_kind == _REG \
             and d.op1_kind == _REG and _full(d.op0_register) == reg:
@@ -383,17 +394,26 @@ def _check_indirect(insns: list, k: int, targets: list[int], lo: int, hi: int,
             return "a table base of unknown provenance"
         return _table(insns, m2, "rel", f.memory_displacement if f.memory_base == _NONE
                       else f.ip_rel_memory_address, _full(e.memory_index), targets, lo, hi,
-                      body, read)
+                      body, read, memo)
     return f"{_name(reg)} is computed, not loaded"
 
 
 def _table(insns: list, k: int, kind: str, base: int, idx: int, targets: list[int],
-           lo: int, hi: int, body: tuple[int, int], read) -> str:
+           lo: int, hi: int, body: tuple[int, int], read, memo: dict | None = None) -> str:
     n = _bound(insns, k, idx, targets)
-    if n is None and _Flow(insns).defs(k, idx, _byte_index(idx)):
+    if n is None and _flow_of(insns, memo).defs(k, idx, _byte_index(idx)):
         n = 256                           # on every path a zero-extended byte
     if n is None:
         return f"a jump table at {base:#x} of unknown size"
+    if memo is None:
+        return _entries(kind, base, n, lo, hi, read)
+    key = (kind, base, n)
+    if key not in memo:
+        memo[key] = _entries(kind, base, n, lo, hi, read)
+    return memo[key]
+
+
+def _entries(kind: str, base: int, n: int, lo: int, hi: int, read) -> str:
     if read is None:
         return f"a jump table at {base:#x} that cannot be read here"
     size = 8 if kind == "abs" else 4
