@@ -106,7 +106,7 @@ def test_stdlib_formats_stream_under_the_cap_too(kind):
 # ------------------------------------------------------------- kernel lines
 from pathlib import Path  # noqa: E402
 
-from textpoke._alternative._kalt import _recompute_jump  # noqa: E402
+from textpoke._alternative._apply import recompute_jump as _recompute_jump  # noqa: E402
 from textpoke._alternative._reloc import nops_pass  # noqa: E402
 from textpoke._alternative._ktext import CpuCaps, KernelBootError  # noqa: E402
 from textpoke.images._lines import LINE_61, LINE_612, LINES, line_of  # noqa: E402

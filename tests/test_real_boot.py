@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from textpoke._alternative._kalt import smp_unlock_k
 from textpoke._alternative._kpasses import BootOptions
 from textpoke._alternative._records import PassLog
 from textpoke._alternative._reloc import nops_pass
 from textpoke.images._lines import LINE_612
+from textpoke._alternative._smp_locks import DS_PREFIX, LOCK_PREFIX, lock_prefixes
 from textpoke._alternative._thunks import ItsThunks, retpolines, returns, seal_endbr
 from textpoke._alternative._ktext import CpuCaps, KernelBootError, KernelText
 from textpoke._static_call import sc_transform
@@ -42,6 +42,12 @@ def apply_returns_k(kt, sites, caps, opts):
 def apply_seal_endbr_k(kt, sites):
     lg = PassLog(len(sites), kt.describe)
     seal_endbr(kt, sites, lg)
+    return lg.stats
+
+
+def smp_unlock_k(kt, entries, text):
+    lg = PassLog(len(entries), kt.describe)
+    lock_prefixes(kt, entries, text, DS_PREFIX, LOCK_PREFIX, lg)
     return lg.stats
 
 

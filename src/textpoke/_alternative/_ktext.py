@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from ..images._kallsyms import Symbols
 from ..images._lines import LINE_612, LINE_BUNDLED, LINES, KernelLine
 from ._code import FastInsn, decode_site
 from ._records import KernelBootError
 
-__all__ = ["TextBuffer", "KernelText", "CpuCaps", "KernelBootError", "Change", "caps_of"]
+__all__ = ["TextBuffer", "SymbolicText", "KernelText", "CpuCaps", "KernelBootError", "Change", "caps_of"]
 
 
 @dataclass
@@ -162,6 +162,26 @@ class TextBuffer(Protocol):
 
     def data_u64(self, addr: int) -> int:
         """A u64 of data as the kernel sees it when patching runs."""
+
+
+class SymbolicText:
+    """The symbol half of :class:`TextBuffer` for a buffer whose *symbols*
+    are a ``_shadow.Symbols`` (callable for ``symbol+0xoff``, ``get`` for an
+    address): a machine's shadow, a running machine."""
+
+    symbols: Any
+
+    def describe(self, addr: int) -> str:
+        return self.symbols(addr)
+
+    def opt(self, name: str) -> int | None:
+        return self.symbols.get(name)
+
+    def sym(self, name: str) -> int:
+        addr = self.symbols.get(name)
+        if addr is None:
+            raise KernelBootError(f"the image has no symbol {name!r}")
+        return addr
 
 
 @dataclass

@@ -250,10 +250,11 @@ class PassLog:
 
     def leave(self, kind: str, addr: int, raw: bytes, action: str, why: str,
               note: str | None = None, target: int | None = None) -> None:
-        """A site left as it is; *note* counts it as skipped."""
+        """A site left as it is; *note* (even empty) counts it as skipped."""
         if note is not None:
             self.stats.skipped += 1
-            self.stats.note(note)
+            if note:
+                self.stats.note(note)
         if self.records is not None:
             self.records.append(SitePatch(kind, addr, raw, raw, action, why, self.describe(addr),
                                           target))

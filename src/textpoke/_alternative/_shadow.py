@@ -11,6 +11,7 @@ from .._core import TextPoke
 from .._errors import BadAddressError, TextPokeError
 from ..images._lines import LINE_BUNDLED, KernelLine
 from ._code import FastInsn, decode_site
+from ._ktext import SymbolicText
 from ..images._kallsyms import Symbols as KernelSymbols
 from ..images._tables import X86_FEATURES, feature_name, feature_set   # tables own the numbering
 from ._records import DebugLog, KernelBootError
@@ -63,7 +64,7 @@ def has_feature(nums: frozenset[int], name: str) -> bool:
     return X86_FEATURES[name] in nums
 
 
-class Shadow:
+class Shadow(SymbolicText):
     """A copy-on-first-touch image of text on which a boot pass works: the
     :class:`~._ktext.TextBuffer` of a machine (the bundled image booting, a
     module being loaded).
@@ -123,18 +124,6 @@ class Shadow:
                 continue
             return decode_site(data, 0, addr)
         return None
-
-    def describe(self, addr: int) -> str:
-        return self.symbols(addr)
-
-    def opt(self, name: str) -> int | None:
-        return self.symbols.get(name)
-
-    def sym(self, name: str) -> int:
-        addr = self.symbols.get(name)
-        if addr is None:
-            raise KernelBootError(f"the image has no symbol {name!r}")
-        return addr
 
     def data_u64(self, addr: int) -> int:
         try:

@@ -12,17 +12,19 @@ returns the one it filled in :attr:`BootResult.smp`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from .._core import TextPoke
 from .._errors import MachineError
 from ..images._tables import SmpLock
-from ._records import DA_SMP, SitePatch
-from ._shadow import DebugLog, SymbolSource, Symbols, symbols_of
+from ._ktext import TextBuffer
+from ._livetext import LiveText
+from ._records import DA_SMP, DebugLog, PassLog, SitePatch
+from ._shadow import SymbolSource, Symbols, symbols_of
 
 __all__ = ["SmpAlternatives", "SmpAltModule", "alternatives_smp_lock", "alternatives_smp_unlock",
            "alternatives_smp_module_add", "alternatives_smp_module_del",
-           "alternatives_enable_smp", "alternatives_text_reserved"]
+           "alternatives_enable_smp", "alternatives_text_reserved", "lock_prefixes"]
 
 LOCK_PREFIX = 0xF0
 DS_PREFIX = 0x3E
@@ -45,30 +47,39 @@ def _lock_addrs(locks: LockSites) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _lock_pass(core: TextPoke, addrs: tuple[int, ...], text: tuple[int, int], want: int,
-               have: int, sym: Symbols, dbg: DebugLog | None) -> list[SitePatch]:
-    """Turn prefix *have* into *want* at every address inside *text*."""
-    core.text_mutex.assert_held("alternatives_smp_lock/unlock")
+def lock_prefixes(tb: TextBuffer, addrs: Sequence[int | None], text: tuple[int, int],
+                  want: int, have: int, log: PassLog) -> None:
+    """Turn prefix *have* into *want* at every listed address inside *text*
+    (``alternatives_smp_lock``/``_unlock``), on any text buffer; a zero
+    entry (None) or one outside *text* is skipped."""
     lo, hi = text
-    out: list[SitePatch] = []
+    dbg = log.dbg
     for addr in addrs:
-        if not lo <= addr < hi:
-            out.append(SitePatch("smp-lock", addr, b"", b"", "skipped", "outside the text range",
-                                 sym(addr)))
+        if addr is None or not lo <= addr < hi:
+            log.leave("smp-lock", addr or 0, b"", "skipped", "outside the text range", "")
             continue
-        cur = core.machine.text_read(addr, 1)
+        cur = tb.read(addr, 1)
         if cur[0] != have:
             if cur[0] == want:
-                out.append(SitePatch("smp-lock", addr, cur, cur, "unchanged", "", sym(addr)))
+                log.leave("smp-lock", addr, cur, "unchanged", "")
             else:
-                out.append(SitePatch("smp-lock", addr, cur, cur, "skipped",
-                                     f"prefix is {cur[0]:#04x}, not {have:#04x}", sym(addr)))
+                log.leave("smp-lock", addr, cur, "skipped",
+                          f"prefix is {cur[0]:#04x}, not {have:#04x}")
             continue
-        core.text_poke(addr, bytes([want]))
-        if dbg is not None:
-            dbg(DA_SMP, f"{sym(addr)} ({addr:#x}): {have:02x} -> {want:02x}", addr)
-        out.append(SitePatch("smp-lock", addr, cur, bytes([want]), "patched", "", sym(addr)))
-    if any(s.patched for s in out):
+        new = bytes([want])
+        log.done("smp-lock", addr, cur, new, tb.write(".smp_locks", addr, new))
+        if dbg.mask & DA_SMP:
+            dbg(DA_SMP, f"{tb.describe(addr)} ({addr:#x}): {have:02x} -> {want:02x}", addr)
+
+
+def _lock_pass(core: TextPoke, addrs: tuple[int, ...], text: tuple[int, int], want: int,
+               have: int, sym: Symbols, dbg: DebugLog | None) -> list[SitePatch]:
+    """:func:`lock_prefixes` on the running machine, one record a site."""
+    core.text_mutex.assert_held("alternatives_smp_lock/unlock")
+    out: list[SitePatch] = []
+    tb = LiveText(core, sym)
+    lock_prefixes(tb, addrs, text, want, have, PassLog(len(addrs), tb.describe, dbg, out))
+    if tb.written:
         # Whoever runs this code next -- the boot CPU, or a CPU coming
         # online -- must fetch the new prefix.
         core.smp_text_poke_sync_each_cpu()

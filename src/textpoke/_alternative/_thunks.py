@@ -40,7 +40,7 @@ from ._shadow import Shadow, SymbolSource, Symbols, run_pass, symbols_of
 
 __all__ = ["ItsThunks", "retpolines", "returns", "seal_endbr", "cpu_wants_rethunk_at",
            "apply_retpolines", "apply_returns", "apply_seal_endbr", "retpolines_pass",
-           "returns_pass"]
+           "returns_pass", "shadow_pass"]
 
 _REG_RSP = 4
 
@@ -289,29 +289,30 @@ def seal_endbr(tb: TextBuffer, sites: Sequence[int], log: PassLog) -> None:
 
 
 # -------------------------------------------------- on a machine's shadow
-def _on_shadow(shadow: Shadow, sym: Symbols) -> Shadow:
+def shadow_pass(run, shadow: Shadow, items: Sequence, feats: frozenset[int], sym: Symbols,
+                dbg: DebugLog) -> list:
+    """Run pass *run* (``run(tb, items, caps, log)``) on a machine's
+    *shadow* named by *sym*, for a CPU with feature numbers *feats*; its
+    records, one per site."""
+    out: list = []
     shadow.symbols = sym
-    return shadow
+    run(shadow, items, caps_of(feats, shadow.line), PassLog(len(items), shadow.describe, dbg, out))
+    return out
 
 
 def retpolines_pass(shadow: Shadow, sites: Sequence[RetpolineSite], feats: frozenset[int],
                     sym: Symbols, dbg: DebugLog) -> list[SitePatch]:
-    """The ``.retpoline_sites`` pass on a machine's *shadow*, one record a site."""
-    out: list[SitePatch] = []
-    tb = _on_shadow(shadow, sym)
-    retpolines(tb, [s.addr for s in sites], caps_of(feats, tb.line), BootOptions(),
-               ItsThunks(tb), PassLog(len(sites), tb.describe, dbg, out))
-    return out
+    """The ``.retpoline_sites`` pass on a machine's *shadow*."""
+    return shadow_pass(lambda tb, addrs, caps, log: retpolines(tb, addrs, caps, BootOptions(),
+                                                               ItsThunks(tb), log),
+                       shadow, [s.addr for s in sites], feats, sym, dbg)
 
 
 def returns_pass(shadow: Shadow, sites: Sequence[ReturnSite], feats: frozenset[int],
                  sym: Symbols, dbg: DebugLog) -> list[SitePatch]:
-    """The ``.return_sites`` pass on a machine's *shadow*, one record a site."""
-    out: list[SitePatch] = []
-    tb = _on_shadow(shadow, sym)
-    returns(tb, [s.addr for s in sites], caps_of(feats, tb.line), BootOptions(),
-            PassLog(len(sites), tb.describe, dbg, out))
-    return out
+    """The ``.return_sites`` pass on a machine's *shadow*."""
+    return shadow_pass(lambda tb, addrs, caps, log: returns(tb, addrs, caps, BootOptions(), log),
+                       shadow, [s.addr for s in sites], feats, sym, dbg)
 
 
 def apply_retpolines(core: TextPoke, sites: Iterable[RetpolineSite], features: Iterable[str | int],

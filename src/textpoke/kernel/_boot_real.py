@@ -30,13 +30,14 @@ import time
 from typing import Any, Callable
 
 from .._alternative._callthunks import callthunks_patch_builtin_calls
-from .._alternative._kalt import apply_alternatives_k, smp_unlock_k
+from .._alternative._apply import alternatives
 from .._alternative._kboot import KernelBoot, table_bounds as _bounds
 from .._alternative._kearly import EarlyBoot, early_snapshot
 from .._alternative._kparavirt import apply_paravirt_k
 from .._alternative._kpasses import F_CALL_DEPTH, BootOptions, TableStats
 from .._alternative._ktext import CpuCaps, KernelText
 from .._alternative._records import DA_ALL, DebugLog, PassLog
+from .._alternative._smp_locks import DS_PREFIX, LOCK_PREFIX, lock_prefixes
 from .._alternative._thunks import ItsThunks, retpolines, returns, seal_endbr
 from .._alternative._runtime_const import runtime_const_sync
 from .._ftrace import ftrace_init
@@ -135,6 +136,11 @@ def boot_kernel(kt: KernelText, caps: CpuCaps, opts: BootOptions | None = None, 
         returns(kt, t["rt"], caps, opts, lg)
         s[".return_sites"] = lg.stats.as_dict()
 
+    def alternatives_() -> None:
+        lg = log(len(t["alt"]))
+        alternatives(kt, t["alt"], caps, lg)
+        s[".altinstructions"] = lg.stats.as_dict()
+
     def seal() -> None:
         lg = log(len(t["ibt"]))
         seal_endbr(kt, t["ibt"], lg)
@@ -157,8 +163,10 @@ def boot_kernel(kt: KernelText, caps: CpuCaps, opts: BootOptions | None = None, 
                                                              and opts.setup_max_cpus <= 1))
         res.uniproc = up
         if up:
-            s[".smp_locks"] = smp_unlock_k(kt, t["lk"], (kt.sym("_text"), kt.sym("_etext")),
-                                           dbg).as_dict()
+            lg = log(len(t["lk"]))
+            lock_prefixes(kt, t["lk"], (kt.sym("_text"), kt.sym("_etext")), DS_PREFIX,
+                          LOCK_PREFIX, lg)
+            s[".smp_locks"] = lg.stats.as_dict()
         else:
             s[".smp_locks"] = TableStats(entries=len(t["lk"])).as_dict()
 
@@ -170,8 +178,7 @@ def boot_kernel(kt: KernelText, caps: CpuCaps, opts: BootOptions | None = None, 
         "apply_paravirt": put(".parainstructions", lambda: apply_paravirt_k(kt, t["pv"], dbg)),
         "apply_retpolines": retpolines_,
         "apply_returns": returns_,
-        "apply_alternatives": put(".altinstructions",
-                                  lambda: apply_alternatives_k(kt, t["alt"], caps, dbg)),
+        "apply_alternatives": alternatives_,
         "callthunks": callthunks,
         "apply_seal_endbr": seal,
         "smp_locks": smp_locks,
