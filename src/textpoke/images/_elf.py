@@ -181,6 +181,19 @@ class ElfFile:
                 continue
             yield _cstr(strs, nm), value, size, typ, info >> 4, shndx
 
+    def symbol_names(self, sec: Section) -> list[str]:
+        """The name of every entry of symbol table *sec*, by index ("" for
+        an unnamed one): what a relocation's symbol index refers to."""
+        self.check_in_file(sec)
+        if sec.link >= len(self.sections):
+            raise self.error(f"{self.path}: {sec.name} has no string table")
+        st = self.sections[sec.link]
+        self.check_in_file(st)
+        strs = bytes(self.raw[st.offset:st.offset + st.size])
+        n = sec.size // _SYM.size
+        return [_cstr(strs, e[0]) if e[0] else ""
+                for e in _SYM.iter_unpack(self.raw[sec.offset:sec.offset + n * _SYM.size])]
+
     def relocations(self, sec: Section) -> Iterator[tuple[int, int, int, int]]:
         """(offset, type, symbol index, addend) of a SHT_RELA section."""
         if sec.type != SHT_RELA:

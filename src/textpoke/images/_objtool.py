@@ -28,18 +28,15 @@ copied, not run in place), the thunk array and the static-call trampolines
 
 from __future__ import annotations
 
-import io
+import struct
 from dataclasses import dataclass
-
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-from elftools.elf.relocation import RelocationSection
+from typing import Iterator
 
 from .._errors import BadInstructionError
 from .._core._insn import insn_decode_kernel
-from ._elf import ImageError
+from ._elf import SHF_EXECINSTR, SHT_RELA, SHT_SYMTAB, ElfFile, ImageError, Section
 
-__all__ = ["ObjtoolSites", "StaticCallSiteRef", "objtool_scan", "sites_asm",
+__all__ = ["ObjtoolSites", "StaticCallSiteRef", "objtool_scan", "sites_asm", "branch_refs",
            "RETPOLINE_THUNK_PREFIX", "RETURN_THUNK", "STATIC_CALL_TRAMP_PREFIX",
            "STATIC_CALL_KEY_PREFIX"]
 
@@ -98,71 +95,88 @@ def _branch_at(text: bytes, base: int, r_offset: int) -> tuple[int, str] | None:
     return None
 
 
+def branch_refs(elf: ElfFile, skip_sections: tuple[str, ...] = _NOT_SITE_SECTIONS
+                ) -> Iterator[tuple[Section, int, str, str]]:
+    """(text section, r_offset, symbol, kind) of every rel32 (PC32/PLT32,
+    addend -4) in an executable section's RELA relocations that names a
+    retpoline thunk (kind "retpoline"), the return thunk ("return") or a
+    static-call trampoline ("static_call") -- a linked image with
+    ``--emit-relocs`` (r_offset an address) or a relocatable object (an
+    offset into the section) alike."""
+    for rel in elf.sections:
+        if rel.type != SHT_RELA or rel.info >= len(elf.sections):
+            continue
+        target = elf.sections[rel.info]
+        if not target.flags & SHF_EXECINSTR or target.name in skip_sections:
+            continue
+        names = elf.symbol_names(elf.sections[rel.link])
+        for off, rtype, symi, addend in elf.relocations(rel):
+            if rtype not in (_R_X86_64_PC32, _R_X86_64_PLT32) or addend != -4:
+                continue
+            name = names[symi]
+            if name.startswith(RETPOLINE_THUNK_PREFIX) and not name.endswith("_array"):
+                kind = "retpoline"
+            elif name == RETURN_THUNK:
+                kind = "return"
+            elif name.startswith(STATIC_CALL_TRAMP_PREFIX):
+                kind = "static_call"
+            else:
+                continue
+            yield target, off, name, kind
+
+
 def objtool_scan(elf_bytes: bytes, path: str = "<image>") -> ObjtoolSites:
     """Find retpoline, return and static-call sites in a linked image that
     still carries its relocations (``ld --emit-relocs``)."""
     try:
         return _scan(elf_bytes, path)
-    except ImageError:
-        raise
-    except (ELFError, ValueError, KeyError, IndexError, AssertionError, EOFError) as e:
+    except (struct.error, ValueError, KeyError, IndexError) as e:
+        if isinstance(e, ImageError):
+            raise
         raise ImageError(f"{path}: objtool-lite cannot read the image "
                          f"({type(e).__name__}: {e})") from None
 
 
 def _scan(raw: bytes, path: str) -> ObjtoolSites:
-    elf = ELFFile(io.BytesIO(raw))
-    symtab = elf.get_section_by_name(".symtab")
-    if symtab is None:
+    elf = ElfFile(raw, path)
+    if not any(s.type == SHT_SYMTAB for s in elf.sections):
         raise ImageError(f"{path}: no symbol table; objtool-lite needs one")
-    symbols = {s.name: s["st_value"] for s in symtab.iter_symbols()
-               if s.name and s["st_shndx"] != "SHN_UNDEF"}
+    symbols = {name: value for name, value, *_ in elf.symbols(types=tuple(range(16)))}
     skip = [(symbols[a], symbols[b]) for a, b in _NOT_SITE_RANGES if a in symbols and b in symbols]
     retpolines: list[int] = []
     returns: list[int] = []
     static_calls: list[StaticCallSiteRef] = []
-    saw_relocs = False
-    for rel in elf.iter_sections():
-        if not isinstance(rel, RelocationSection) or rel["sh_type"] != "SHT_RELA":
+    saw_relocs = any(r.type == SHT_RELA and r.info < len(elf.sections)
+                     and elf.sections[r.info].flags & SHF_EXECINSTR
+                     and elf.sections[r.info].name not in _NOT_SITE_SECTIONS
+                     for r in elf.sections)
+    texts: dict[int, bytes] = {}
+    for target, off, name, kind in branch_refs(elf):
+        if any(lo <= off < hi for lo, hi in skip):
             continue
-        target = elf.get_section(rel["sh_info"])
-        if not target["sh_flags"] & 0x4 or target.name in _NOT_SITE_SECTIONS:   # SHF_EXECINSTR
-            continue
-        saw_relocs = True
-        text = target.data()
-        base = target["sh_addr"]
-        syms = elf.get_section(rel["sh_link"])
-        for r in rel.iter_relocations():
-            if r["r_info_type"] not in (_R_X86_64_PC32, _R_X86_64_PLT32) or r["r_addend"] != -4:
-                continue
-            if any(lo <= r["r_offset"] < hi for lo, hi in skip):
-                continue
-            name = syms.get_symbol(r["r_info_sym"]).name
-            is_thunk = name.startswith(RETPOLINE_THUNK_PREFIX) and name != RETPOLINE_THUNK_PREFIX + "array"
-            is_return = name == RETURN_THUNK
-            is_tramp = name.startswith(STATIC_CALL_TRAMP_PREFIX)
-            if not (is_thunk or is_return or is_tramp):
-                continue
-            where = _branch_at(text, base, r["r_offset"])
-            if where is None:
-                continue        # the address is taken (LEA ...), nothing to patch
-            addr, flow = where
-            if is_thunk:
-                retpolines.append(addr)
-            elif is_return:
-                if flow == "call":
-                    raise ImageError(f"{path}: CALL to {RETURN_THUNK} at {addr:#x}")
-                returns.append(addr)
-            else:
-                call = name[len(STATIC_CALL_TRAMP_PREFIX):]
-                key = symbols.get(STATIC_CALL_KEY_PREFIX + call)
-                if key is None:
-                    raise ImageError(f"{path}: static call {call!r} has a trampoline but no "
-                                     f"{STATIC_CALL_KEY_PREFIX}{call} key")
-                if flow == "jcc":
-                    raise ImageError(f"{path}: conditional tail call to {name} at {addr:#x} "
-                                     "is not a static-call site the patcher supports")
-                static_calls.append(StaticCallSiteRef(addr, key, flow == "jmp", call))
+        text = texts.get(target.index)
+        if text is None:
+            text = texts[target.index] = elf.data(target)
+        where = _branch_at(text, target.addr, off)
+        if where is None:
+            continue        # the address is taken (LEA ...), nothing to patch
+        addr, flow = where
+        if kind == "retpoline":
+            retpolines.append(addr)
+        elif kind == "return":
+            if flow == "call":
+                raise ImageError(f"{path}: CALL to {RETURN_THUNK} at {addr:#x}")
+            returns.append(addr)
+        else:
+            call = name[len(STATIC_CALL_TRAMP_PREFIX):]
+            key = symbols.get(STATIC_CALL_KEY_PREFIX + call)
+            if key is None:
+                raise ImageError(f"{path}: static call {call!r} has a trampoline but no "
+                                 f"{STATIC_CALL_KEY_PREFIX}{call} key")
+            if flow == "jcc":
+                raise ImageError(f"{path}: conditional tail call to {name} at {addr:#x} "
+                                 "is not a static-call site the patcher supports")
+            static_calls.append(StaticCallSiteRef(addr, key, flow == "jmp", call))
     if not saw_relocs:
         raise ImageError(f"{path}: no relocations in text; link with --emit-relocs")
     return ObjtoolSites(tuple(sorted(retpolines)), tuple(sorted(returns)),

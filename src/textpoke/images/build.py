@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import io
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from ._elf import SHF_ALLOC, ElfFile
 
 HERE = Path(__file__).resolve().parent
 
@@ -81,11 +82,8 @@ def _kernel_sources() -> list[str]:
 
 
 def _alloc_sections(raw: bytes) -> dict[str, tuple[int, bytes]]:
-    from elftools.elf.elffile import ELFFile
-
-    elf = ELFFile(io.BytesIO(raw))
-    return {s.name: (s["sh_addr"], s.data() if s["sh_type"] != "SHT_NOBITS" else bytes(s["sh_size"]))
-            for s in elf.iter_sections() if s["sh_flags"] & 0x2}      # SHF_ALLOC
+    elf = ElfFile(raw, "<kernel.elf>")
+    return {s.name: (s.addr, elf.data(s)) for s in elf.sections if s.flags & SHF_ALLOC}
 
 
 def build_kernel(out: Path) -> Path:

@@ -26,19 +26,16 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import io
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from elftools.elf.elffile import ELFFile
-from elftools.elf.relocation import RelocationSection
-
 from ..build import KERNEL_CFLAGS, KERNEL_DIR, have_gcc
-from .._objtool import (RETPOLINE_THUNK_PREFIX, RETURN_THUNK, STATIC_CALL_KEY_PREFIX,
-                        STATIC_CALL_SITE_TAIL, STATIC_CALL_TRAMP_PREFIX, _branch_at)
+from .._elf import ElfFile
+from .._objtool import (STATIC_CALL_KEY_PREFIX, STATIC_CALL_SITE_TAIL, STATIC_CALL_TRAMP_PREFIX,
+                        _branch_at, branch_refs)
 
 __all__ = ["MODULE_CFLAGS", "SOURCES", "build_module", "build_all", "object_sites",
            "many_functions_source", "main"]
@@ -63,38 +60,23 @@ def object_sites(raw: bytes) -> list[tuple[str, int, str, str]]:
     """(text section, offset, kind, detail) for every site of a relocatable
     object: kind "retpoline", "return" or "static_call" (detail: the call
     name, with "+tail" for a JMP)."""
-    elf = ELFFile(io.BytesIO(raw))
+    elf = ElfFile(raw, "<object>")
     out = []
-    for rel in elf.iter_sections():
-        if not isinstance(rel, RelocationSection) or rel["sh_type"] != "SHT_RELA":
+    texts: dict[int, bytes] = {}
+    for target, r_offset, name, kind in branch_refs(elf):
+        text = texts.get(target.index)
+        if text is None:
+            text = texts[target.index] = elf.data(target)
+        where = _branch_at(text, 0, r_offset)
+        if where is None:
             continue
-        target = elf.get_section(rel["sh_info"])
-        if not target["sh_flags"] & 0x4 or target.name == ".altinstr_replacement":
-            continue
-        text = target.data()
-        syms = elf.get_section(rel["sh_link"])
-        for r in rel.iter_relocations():
-            if r["r_info_type"] not in (_PC32, _PLT32) or r["r_addend"] != -4:
-                continue
-            name = syms.get_symbol(r["r_info_sym"]).name
-            if name.startswith(RETPOLINE_THUNK_PREFIX) and not name.endswith("_array"):
-                kind = "retpoline"
-            elif name == RETURN_THUNK:
-                kind = "return"
-            elif name.startswith(STATIC_CALL_TRAMP_PREFIX):
-                kind = "static_call"
-            else:
-                continue
-            where = _branch_at(text, 0, r["r_offset"])
-            if where is None:
-                continue
-            off, flow = where
-            detail = ""
-            if kind == "static_call":
-                if flow == "jcc":
-                    raise RuntimeError(f"conditional tail call to {name} at {target.name}+{off:#x}")
-                detail = name[len(STATIC_CALL_TRAMP_PREFIX):] + ("+tail" if flow == "jmp" else "")
-            out.append((target.name, off, kind, detail))
+        off, flow = where
+        detail = ""
+        if kind == "static_call":
+            if flow == "jcc":
+                raise RuntimeError(f"conditional tail call to {name} at {target.name}+{off:#x}")
+            detail = name[len(STATIC_CALL_TRAMP_PREFIX):] + ("+tail" if flow == "jmp" else "")
+        out.append((target.name, off, kind, detail))
     return sorted(out)
 
 
