@@ -158,6 +158,17 @@ class ElfFile:
         """``.symtab`` and ``.dynsym``, in that order, where present."""
         return [s for t in (SHT_SYMTAB, SHT_DYNSYM) for s in self.sections if s.type == t]
 
+    def _entries(self, sec: Section) -> tuple[bytes, Iterator[tuple]]:
+        """A symbol table's string table and its raw ``Elf64_Sym`` entries."""
+        self.check_in_file(sec)
+        if sec.link >= len(self.sections):
+            raise self.error(f"{self.path}: {sec.name} has no string table")
+        st = self.sections[sec.link]
+        self.check_in_file(st)
+        n = sec.size // _SYM.size
+        return (bytes(self.raw[st.offset:st.offset + st.size]),
+                _SYM.iter_unpack(self.raw[sec.offset:sec.offset + n * _SYM.size]))
+
     def symbols(self, sec: Section | None = None,
                 types: tuple[int, ...] = (STT_NOTYPE, STT_OBJECT, STT_FUNC)
                 ) -> Iterator[tuple[str, int, int, int, int, int]]:
@@ -167,15 +178,8 @@ class ElfFile:
             sec = next((s for s in self.sections if s.type == SHT_SYMTAB), None)
             if sec is None:
                 return
-        self.check_in_file(sec)
-        if sec.link >= len(self.sections):
-            raise self.error(f"{self.path}: {sec.name} has no string table")
-        st = self.sections[sec.link]
-        self.check_in_file(st)
-        strs = bytes(self.raw[st.offset:st.offset + st.size])
-        n = sec.size // _SYM.size
-        for nm, info, _other, shndx, value, size in _SYM.iter_unpack(
-                self.raw[sec.offset:sec.offset + n * _SYM.size]):
+        strs, ents = self._entries(sec)
+        for nm, info, _other, shndx, value, size in ents:
             typ = info & 0xF
             if nm == 0 or shndx == 0 or typ not in types:
                 continue
@@ -184,15 +188,8 @@ class ElfFile:
     def symbol_names(self, sec: Section) -> list[str]:
         """The name of every entry of symbol table *sec*, by index ("" for
         an unnamed one): what a relocation's symbol index refers to."""
-        self.check_in_file(sec)
-        if sec.link >= len(self.sections):
-            raise self.error(f"{self.path}: {sec.name} has no string table")
-        st = self.sections[sec.link]
-        self.check_in_file(st)
-        strs = bytes(self.raw[st.offset:st.offset + st.size])
-        n = sec.size // _SYM.size
-        return [_cstr(strs, e[0]) if e[0] else ""
-                for e in _SYM.iter_unpack(self.raw[sec.offset:sec.offset + n * _SYM.size])]
+        strs, ents = self._entries(sec)
+        return [_cstr(strs, e[0]) if e[0] else "" for e in ents]
 
     def relocations(self, sec: Section) -> Iterator[tuple[int, int, int, int]]:
         """(offset, type, symbol index, addend) of a SHT_RELA section."""
@@ -229,17 +226,18 @@ class ElfImage:
     sizes: dict[str, int] = field(default_factory=dict)
     raw: bytes = b""
 
-    def sym(self, name: str) -> int:
+    def _named(self, table, what: str, name: str):
+        """``table[name]``, or one line naming what is missing."""
         try:
-            return self.symbols[name]
+            return table[name]
         except KeyError:
-            raise ImageError(f"{self.path}: no symbol {name!r}") from None
+            raise ImageError(f"{self.path}: no {what} {name!r}") from None
+
+    def sym(self, name: str) -> int:
+        return self._named(self.symbols, "symbol", name)
 
     def section(self, name: str) -> ElfSection:
-        try:
-            return self.sections[name]
-        except KeyError:
-            raise ImageError(f"{self.path}: no section {name!r}") from None
+        return self._named(self.sections, "section", name)
 
     def name_at(self, addr: int) -> str | None:
         best = None

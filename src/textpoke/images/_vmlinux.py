@@ -113,10 +113,7 @@ class RealKernelImage(ElfImage):
                       key=lambda s: s.addr)
 
     def table(self, name: str) -> TableView:
-        try:
-            return self.tables[name]
-        except KeyError:
-            raise ImageError(f"{self.path}: no table {name!r}") from None
+        return self._named(self.tables, "table", name)
 
     # ------------------------------------------------------------- symbols
     # ``symbols`` is a :class:`~textpoke.images._kallsyms.Symbols`: these
