@@ -149,6 +149,26 @@ def test_second_entry_point_and_cold_part():
     assert e.value.reason == "jump-into" and "f.cold" in str(e.value)
 
 
+def test_an_unnamed_cold_part_jumping_back_is_followed():
+    """A stripped binary names no ``.cold`` part: the code the function
+    jumps to outside its body is followed, and a branch from there into
+    the replaced bytes refused (python3.11's PyOS_strtol has one)."""
+    cold = F + 0x10_0000
+    # f: push %rbx; mov %rdi,%rbx; test %edi,%edi; je cold; pop %rbx; ret
+    je = (cold - (F + 12)).to_bytes(4, "little", signed=True)
+    code = bytes.fromhex("534889fb85ff0f84") + je + bytes.fromhex("5bc3")
+    # cold: add $1,%rdi; jmp f+1
+    back = (F + 1 - (cold + 9)).to_bytes(4, "little", signed=True)
+    blob = bytes.fromhex("4883c701e9") + back + b"\xcc" * 600
+    read = lambda a, n: blob[a - cold:a - cold + n]  # noqa: E731
+    with pytest.raises(RelocError) as e:
+        plan_entry(code, F, read=read)
+    assert e.value.reason == "jump-into" and "cold part" in str(e.value)
+    assert plan_entry(code, F).length == 6             # unseen without a reader
+    # a function's entry out there is another function: not followed
+    assert plan_entry(code, F, read=read, starts=[cold]).length == 6
+
+
 def test_targets_out_of_reach_are_refused():
     code = bytes.fromhex("f048ff0500010000c3")
     with pytest.raises(RelocError) as e:
@@ -368,6 +388,27 @@ for line in sys.stdin:
     print(" ".join(out), flush=True)
 """
 PY = "/usr/bin/python3"
+
+
+@live
+@pytest.mark.skipif(not os.path.exists(PY), reason="no /usr/bin/python3")
+def test_python3_cold_part_into_an_entry_is_refused():
+    """PyOS_strtol's cold part (unnamed: .dynsym only) jumps back to
+    PyOS_strtol+1 after skipping a space: moving its entry would break it."""
+    from textpoke.live._entry import entry_sites
+    from textpoke.live._symbols import Symbols
+    p = subprocess.Popen([PY, "-c", "import sys; print('up', flush=True); sys.stdin.read()"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "up"
+        with Symbols(p.pid) as s:
+            ok, refused = entry_sites(s, "python3:PyOS_strtol")
+        if not refused and ok and ok[0].plan.orig[:1] != b"\xf3":
+            pytest.skip("this python3 build has no cold jump into PyOS_strtol")
+        assert not ok and refused[0].reason == "jump-into" and "cold part" in refused[0].why
+    finally:
+        p.kill()
+        p.wait()
 
 
 @live

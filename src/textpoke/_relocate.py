@@ -120,15 +120,18 @@ _BRANCHING = frozenset({_FC.UNCONDITIONAL_BRANCH, _FC.CONDITIONAL_BRANCH, _FC.CA
 
 
 def scan_function(code: bytes, func: int, lo: int, hi: int, *, what: str = "",
-                  read: Callable[[int, int], bytes] | None = None) -> None:
+                  read: Callable[[int, int], bytes] | None = None,
+                  leaving: set[int] | None = None) -> None:
     """Decode *code* (a function's body at *func*) and refuse (RelocError)
     a branch into [lo, hi), an undecodable byte, or an indirect jump that
     may land there (see :func:`_check_indirect`; *read* reads the data a
-    jump table is in -- without it every table is refused)."""
+    jump table is in -- without it every table is refused).  *leaving*
+    collects the targets of JMP/Jcc that leave the body."""
     dec = iced_x86.Decoder(64, code, ip=func)
     ins = iced_x86.Instruction()
     where = f" ({what})" if what else ""
     indirect = False
+    end = func + len(code)
     while dec.can_decode:
         dec.decode_out(ins)
         if ins.code == _INVALID:
@@ -150,6 +153,8 @@ def scan_function(code: bytes, func: int, lo: int, hi: int, *, what: str = "",
                 raise RelocError("jump-into", f"the branch at {ins.ip:#x}{where} lands at "
                                               f"{t:#x}, inside the bytes the JMP replaces "
                                               f"[{lo - 1:#x}, {hi:#x})")
+            if leaving is not None and fc != _FC.CALL and not func <= t < end:
+                leaving.add(t)
         elif fc == _FC.INDIRECT_BRANCH:
             indirect = True
     if indirect:        # rare: decode again, keeping the instructions
@@ -442,14 +447,17 @@ def _name(reg: int) -> str:
 
 def plan_entry(code: bytes, func: int, *, others: Iterable[int] = (),
                extra: Iterable[tuple[bytes, int, str]] = (),
-               read: Callable[[int, int], bytes] | None = None) -> EntryPlan:
+               read: Callable[[int, int], bytes] | None = None,
+               starts: Iterable[int] = ()) -> EntryPlan:
     """The plan for moving the entry of the function whose whole body
     (``size`` bytes as its symbol says) is *code*, at address *func*.
     *others*: starts of other symbols of the module (a second entry point
     inside the moved bytes is refused); *extra*: (code, addr, name) of more
     code that may branch back into the function (its ``.cold`` part);
-    *read*: reads the process's (or image's) memory, for jump tables.
-    RelocError says why not."""
+    *read*: reads the process's (or image's) memory, for jump tables and
+    for the code the function jumps to outside its body (its unnamed cold
+    part), followed unless it starts a function of *starts*.  RelocError
+    says why not."""
     if not code:
         raise RelocError("no-size", REASONS["no-size"])
     addr = func + 4 if code[:4] == ENDBR64 else func
@@ -479,10 +487,62 @@ def plan_entry(code: bytes, func: int, *, others: Iterable[int] = (),
                                             f"JMP replaces [{addr:#x}, {end:#x})")
     # a branch to addr itself is fine (it takes the JMP, as a call would);
     # one to any later byte of the moved range is not
-    scan_function(code, func, addr + 1, end, read=read)
+    leaving: set[int] = set()
+    scan_function(code, func, addr + 1, end, read=read, leaving=leaving)
     for xcode, xaddr, name in extra:
         scan_function(xcode, xaddr, addr + 1, end, what=name, read=read)
+    if read is not None and leaving:
+        _follow_out(leaving, (func, func + len(code)), addr + 1, end, read, set(starts))
     return EntryPlan(func, addr, tuple(moved), bytes(code[off:pc]))
+
+
+#: instructions followed outside a function, at most (a cold part is short)
+_OUTSIDE_BUDGET = 2000
+_CHUNK = 512
+
+
+def _follow_out(todo: set[int], body: tuple[int, int], lo: int, hi: int, read,
+                starts: set[int]) -> None:
+    """Follow the code a function jumps to outside its body -- its cold
+    part, which a stripped binary does not name -- along its direct
+    JMP/Jcc (not into other functions' entries, not through CALLs), and
+    refuse a branch from there into [lo, hi).  Best effort: the walk stops
+    at an undecodable byte, an unreadable address, or after a budget."""
+    seen: set[int] = set()
+    work = sorted(todo - starts)
+    budget = _OUTSIDE_BUDGET
+    while work and budget > 0:
+        pc = work.pop()
+        while budget > 0 and pc not in seen:
+            try:
+                buf = read(pc, _CHUNK)
+            except (OSError, ValueError):
+                break
+            dec = iced_x86.Decoder(64, buf, ip=pc)
+            stop = False
+            for ins in dec:
+                budget -= 1
+                if ins.code == _INVALID or pc in seen or budget <= 0:
+                    stop = True
+                    break
+                seen.add(pc)
+                pc = ins.next_ip
+                fc = ins.flow_control
+                if fc in _BRANCHING and ins.op0_kind in _NEAR_KINDS and fc != _FC.CALL:
+                    t = ins.near_branch_target
+                    if lo <= t < hi:
+                        raise RelocError("jump-into", f"the branch at {ins.ip:#x}, in code the "
+                                                      f"function jumps to outside its body (a "
+                                                      f"cold part), lands at {t:#x}, inside the "
+                                                      "bytes the JMP replaces")
+                    if not body[0] <= t < body[1] and t not in seen and t not in starts:
+                        work.append(t)
+                if fc in _ENDS:
+                    stop = True
+                    break
+            if stop or dec.position == 0:
+                break
+
 
 
 def _check_moved(insn: Insn, lo: int, hi: int) -> None:

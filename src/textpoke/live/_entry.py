@@ -181,7 +181,15 @@ def _plan(s: Symbol, mod: Module, starts: dict[int, list[int]],
                 extra.append((mod.file_bytes_at(c.addr, c.size), c.addr, c.name))
     # jump tables are read from the live process (relocated, as the code sees them)
     return plan_entry(code, s.addr, others=[o for o in others if o < s.addr + 24],
-                      extra=extra, read=read)
+                      extra=extra, read=read, starts=_start_set(mod, st, starts))
+
+
+def _start_set(mod: Module, st: list[int], cache: dict) -> set[int]:
+    key = ("set", id(mod))
+    v = cache.get(key)
+    if v is None:
+        v = cache[key] = set(st)
+    return v
 
 
 def reason_counts(refused: Iterable[Refusal]) -> dict[str, dict[str, int]]:
