@@ -115,7 +115,7 @@ def test_interrupt_in_a_burst_leaves_a_decision_boundary(monkeypatch):
             self.run_here = interrupted
         monkeypatch.setattr(U.FastCpu, "__init__", init)
         for c in w.sim.vcpus:
-            c.__dict__.pop("_fast", None)
+            c.fast = U.FastCpu(c.uc)
         with pytest.raises(KeyboardInterrupt):
             w.sim.run(300)
         assert fired

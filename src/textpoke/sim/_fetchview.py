@@ -10,6 +10,7 @@ import ctypes
 
 from .._core._machine import Task
 from .._errors import BadAddressError, MachineError
+from ._ucfast import fast_cpu
 from ._vcpu import VCpu, _Region
 
 __all__: list[str] = []
@@ -174,7 +175,7 @@ class _FetchViews:
             # Only a view whose bytes change loses its translations (the
             # refill is the same event either way: counted and traced).
             ctypes.memmove(dst, ctypes.addressof(r.buf) + off, n)
-            c.uc.ctl_remove_cache(r.start + off, r.start + off + n)
+            fast_cpu(c).remove_cache(r.start + off, r.start + off + n)
         c.refreshes += nlines
         if self.trace is not None:
             self.trace.append(("refill", self.steps, c.id, r.start + off, n, why))

@@ -253,8 +253,7 @@ class _Scheduler:
         if c.state != RUN:
             return
         p = self.policy
-        fast = c.__dict__.get("_fast")
-        fast = fast[1] if fast is not None and fast[0]() is c.uc else fast_cpu(c)
+        fast = fast_cpu(c)
         c.pending_intr = None
         if p.until_preempt and self.preempt_addr is not None:
             # Run to the guest's preemption point; when sitting on it, take
@@ -267,11 +266,8 @@ class _Scheduler:
             count = (p.slice_min if p.slice_min == p.slice_max
                      else p.slice_min + _below(self.rng, p.slice_max - p.slice_min + 1))
         c.slices += 1
-        region = c.__dict__.get("_stop_region")
-        if region is None or region[0] is not c.uc:
-            region = c._stop_region = (c.uc, uninterruptible(c.uc.emu_stop))
         try:
-            with region[1]:
+            with c.stop_region:
                 fast.run_here(until, count)
         except UcError as e:
             self._oops(c, _fault_kind(e), str(e))
@@ -279,6 +275,11 @@ class _Scheduler:
         if c.pending_intr is None:
             c.instructions += count     # 0 for a run-to-preemption slice: not counted
             return
+        self._interrupted(c, fast)
+
+    def _interrupted(self, c: VCpu, fast: Any) -> None:
+        """*c* stopped on an interrupt: an INT3 enters the trap chain (one
+        step per turn from now on), anything else is an oops."""
         intno = c.pending_intr
         c.pending_intr = None
         if intno != 3:
@@ -370,10 +371,29 @@ class _Scheduler:
             return False
         nc = len(cands)
         k = _below(rng, nc + len(tasks))         # randrange(n), the same draw
-        if k < nc:
-            self._cpu_turn(cands[k])
-        else:
+        if k >= nc:
             self._task_turn(tasks[k - nc])
+            return True
+        c = cands[k]
+        if c.state != RUN or c.ipis or p.until_preempt:
+            self._cpu_turn(c)
+            return True
+        # _cpu_turn's slice of a running CPU, inline (most decisions are one)
+        c.pending_intr = None
+        smin = p.slice_min
+        count = smin if smin == p.slice_max else smin + _below(rng, p.slice_max - smin + 1)
+        c.slices += 1
+        fast = c.fast
+        try:
+            with c.stop_region:
+                fast.run_here(0, count)
+        except UcError as e:
+            self._oops(c, _fault_kind(e), str(e))
+            return True
+        if c.pending_intr is None:
+            c.instructions += count
+        else:
+            self._interrupted(c, fast)
         return True
 
     def run(self, steps: int) -> None:

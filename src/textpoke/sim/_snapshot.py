@@ -24,6 +24,7 @@ from typing import Any
 from .._core._machine import PAGE_SIZE
 from .._errors import MachineError
 from ._sched import CountingRandom
+from ._ucfast import fast_cpu
 from ._vcpu import IDLE, _close_quietly
 
 __all__ = ["SimSnapshot"]
@@ -113,7 +114,7 @@ class _Snapshots:
                     hi = min(lo + ls, off + n)
                     if ctypes.string_at(base + lo, hi - lo) != old[lo:hi]:
                         ctypes.memmove(base + lo, old[lo:hi], hi - lo)
-                        c.uc.ctl_remove_cache(r.start + lo, r.start + hi)
+                        fast_cpu(c).remove_cache(r.start + lo, r.start + hi)
         self._dirty = set()
         for r, b in zip(self._data, snap.data):
             r.mv[:] = b

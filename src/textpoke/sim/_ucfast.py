@@ -13,6 +13,7 @@ import weakref
 from typing import Any, Callable
 
 from unicorn import UcError
+from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TB_REMOVE_CACHE
 from unicorn import x86_const as X
 
 try:
@@ -36,7 +37,7 @@ def _raw_lib() -> Any:
     try:
         lib = ctypes.CDLL(_uclib._name)
         for f in ("uc_emu_start", "uc_reg_read", "uc_reg_write", "uc_reg_read_batch",
-                  "uc_reg_write_batch"):
+                  "uc_reg_write_batch", "uc_ctl"):
             getattr(lib, f).restype = ctypes.c_int
         return lib
     except (OSError, AttributeError):
@@ -51,9 +52,11 @@ class FastCpu:
     ``write(regid, value)``, ``run(begin, until, count)`` and
     ``run_here(until, count)`` (from where RIP is; both raise UcError like
     ``emu_start``, and re-raise what a Python hook raised), and
-    ``read_many(regids)``/``write_many(regids, values)`` (one call each)."""
+    ``read_many(regids)``/``write_many(regids, values)`` (one call each),
+    and ``remove_cache(begin, end)`` (``ctl_remove_cache``)."""
 
-    __slots__ = ("rip", "run", "run_here", "read", "write", "read_many", "write_many")
+    __slots__ = ("rip", "run", "run_here", "read", "write", "read_many", "write_many",
+                 "remove_cache")
 
     def __init__(self, uc: Any) -> None:
         uch = getattr(uc, "_uch", None)
@@ -71,6 +74,7 @@ class FastCpu:
                 for r, v in zip(regids, values):
                     uc.reg_write(r, v)
             self.write_many = write_many_slow
+            self.remove_cache = uc.ctl_remove_cache
             return
         # Only a weak reference to the engine: closing the machine frees it
         # by refcount, whatever still holds this object.
@@ -152,12 +156,28 @@ class FastCpu:
             if status != _OK:
                 raise UcError(status)
 
+        ctl = _RAW.uc_ctl
+        # as the binding encodes it: write, two arguments
+        rm_code = ctypes.c_int((UC_CTL_IO_WRITE << 30) | (2 << 26) | UC_CTL_TB_REMOVE_CACHE)
+        lo_b, hi_b = ctypes.c_uint64(), ctypes.c_uint64()
+
+        def remove_cache(begin: int, end: int) -> None:
+            lo_b.value = begin
+            hi_b.value = end
+            status = ctl(h, rm_code, lo_b, hi_b)
+            if status != _OK:
+                raise UcError(status)
+
+        self.remove_cache = remove_cache
         self.rip, self.run, self.run_here, self.read, self.write = rip, run, run_here, read, write
         self.read_many, self.write_many = read_many, write_many
 
 
 def fast_cpu(c: Any) -> FastCpu:
     """The FastCpu of vCPU *c* (made on first use, kept on the vCPU)."""
+    f = getattr(c, "fast", None)
+    if f is not None and c.uc is not None:
+        return f
     f = c.__dict__.get("_fast")
     if f is None or c.uc is None or f[0]() is not c.uc:
         f = c._fast = (weakref.ref(c.uc), FastCpu(c.uc))

@@ -16,7 +16,9 @@ from unicorn import x86_const as X
 
 from .._core._emulate import PtRegs
 from .._core._machine import Task
+from .._core._signals import uninterruptible
 from .._errors import MachineError
+from ._ucfast import FastCpu
 
 if TYPE_CHECKING:
     from ._machine import SimMachine
@@ -85,6 +87,10 @@ class VCpu:
         self.refreshes = 0
         #: a saved context the scheduler reuses (fast-forward's undo)
         self.ctx_buf: Any = None
+        #: the scheduler's way into the engine, and the region a slice runs in
+        #: (an interrupt delivered meanwhile stops the emulation)
+        self.fast: FastCpu | None = FastCpu(self.uc)
+        self.stop_region: uninterruptible | None = uninterruptible(self.uc.emu_stop)
         for r in sim._text:
             view = (ctypes.c_ubyte * r.size)()
             ctypes.memmove(view, r.buf, r.size)     # a new CPU comes up fully refilled
@@ -129,7 +135,7 @@ class VCpu:
             self._hooks = []
         del uc
         self.ctx_buf = None
-        self.__dict__.pop("_stop_region", None)     # the scheduler's, holds the engine
+        self.fast = self.stop_region = None        # the region holds the engine
         self.views = []
         self.stale = set()
         self.ipis = []

@@ -35,10 +35,12 @@ partial report.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import random
 import shlex
 import signal
+import struct
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -295,7 +297,8 @@ class _Schedule:
 
         sim.run(rng.randrange(20, 300))
         touched = {n for b in scn.batches for n in b}
-        before = {(c, s.name): w.counts(c, s) for c in sim.cpus for s in w.sites}
+        counts = _Counts(w)
+        before = counts.snapshot()
         core.text_mutex.acquire()
         try:
             task = sim.spawn(_patcher(core, w, scn, self.replay.strategy, rng), "patcher")
@@ -314,16 +317,11 @@ class _Schedule:
             # Let every CPU finish the iteration it was in when the patcher
             # returned (it may still record a variant it ran before), then
             # require two more complete iterations of new code.
-            it_done = {c: w.iterations(c) for c in sim.cpus}
-            sim.run_until(lambda: bool(sim.oopses) or all(
-                w.iterations(c) >= it_done[c] + 1 for c in sim.cpus
-                if sim.vcpus[c].state != "dead"), max_steps, monotone=True)
-            mid = {(c, s.name): w.counts(c, s) for c in sim.cpus for s in w.sites}
+            sim.run_until(counts.iterations_pred(1), max_steps, monotone=True)
+            mid = counts.snapshot()
             it0 = {c: w.iterations(c) for c in sim.cpus}
             hits0 = dict(hits)
-            ok = sim.run_until(lambda: bool(sim.oopses) or all(
-                w.iterations(c) >= it0[c] + 2 for c in sim.cpus if sim.vcpus[c].state != "dead"),
-                max_steps, monotone=True)
+            ok = sim.run_until(counts.iterations_pred(2), max_steps, monotone=True)
             if not ok and not sim.oopses:
                 slow = [c for c in sim.cpus if w.iterations(c) < it0[c] + 2]
                 violate("hang", f"cpu(s) {slow} made no progress after the batch")
@@ -332,7 +330,7 @@ class _Schedule:
                     for s in w.sites:
                         if s.name not in touched or s.kind == "nop5-int3":
                             continue
-                        after = w.counts(c, s)
+                        after = counts.now(c, s)
                         delta = [a - b for a, b in zip(after, mid[(c, s.name)])]
                         wrong = {i: n for i, n in enumerate(delta) if n and i not in (2, 3)}
                         if wrong or not (delta[2] or delta[3]):
@@ -347,7 +345,7 @@ class _Schedule:
         for s in w.sites:
             tot = [0] * 8
             for c in sim.cpus:
-                now = w.counts(c, s)
+                now = counts.now(c, s)
                 b0 = before[(c, s.name)]
                 for i in range(8):
                     tot[i] += now[i] - b0[i]
@@ -422,6 +420,58 @@ def run_schedule(scenario: str, seed: int, *, strategy: str = "int3", mutation: 
                    line_size=line_size, policy=policy, max_steps=max_steps, trace=trace,
                    reuse=reuse) as s:
         return s.run()
+
+
+class _Counts:
+    """The workload's per-CPU records, read straight from the data region:
+    iterations (what the oracle's waits look at after every decision) and
+    each site's variant counts (as ``Workload.iterations``/``counts``)."""
+
+    def __init__(self, w: Workload) -> None:
+        self.w, self.sim = w, w.sim
+        self.cpus = list(w.sim.cpus)
+        self.vcpus = [w.sim.vcpus[c] for c in self.cpus]
+        self.n = 1 + max(s.index for s in w.sites) + 1       # 64-byte rows: header, sites
+        self._rec = _RECORD.get(self.n) or _RECORD.setdefault(
+            self.n, struct.Struct(f"<{8 * self.n}Q"))
+        self.iters = []
+        for c in self.cpus:
+            r = self.sim._data_loc(w.percpu(c), 64 * self.n)
+            self.iters.append(ctypes.c_uint64.from_buffer(r.buf, w.percpu(c) - r.start))
+        self._now: dict[int, tuple[int, ...]] | None = None
+
+    def _read(self) -> dict[int, tuple[int, ...]]:
+        sim, w = self.sim, self.w
+        return {c: self._rec.unpack(sim.mem_read(w.percpu(c), 64 * self.n)) for c in self.cpus}
+
+    def snapshot(self) -> dict[tuple[int, str], list[int]]:
+        recs = self._read()
+        return {(c, s.name): list(recs[c][8 + 8 * s.index: 16 + 8 * s.index])
+                for c in self.cpus for s in self.w.sites}
+
+    def now(self, c: int, s: Site) -> list[int]:
+        """A site's counts now (the records are read once: call after the run)."""
+        if self._now is None:
+            self._now = self._read()
+        return list(self._now[c][8 + 8 * s.index: 16 + 8 * s.index])
+
+    def iterations_pred(self, more: int) -> Callable[[], bool]:
+        """True once an oops happened or every live CPU has completed *more*
+        iterations beyond those it had now (monotone)."""
+        sim = self.sim
+        want = [(ctr, ctr.value + more, v) for ctr, v in zip(self.iters, self.vcpus)]
+
+        def pred() -> bool:
+            if sim.oopses:
+                return True
+            for ctr, target, v in want:
+                if ctr.value < target and v.state != "dead":
+                    return False
+            return True
+        return pred
+
+
+_RECORD: dict[int, struct.Struct] = {}
 
 
 def _fmt(counts: list[int]) -> str:
