@@ -21,7 +21,7 @@ from textpoke._alternative._smp_locks import DS_PREFIX, LOCK_PREFIX, lock_prefix
 from textpoke._alternative._thunks import ItsThunks, retpolines, returns, seal_endbr
 from textpoke._alternative._ktext import CpuCaps, KernelBootError, KernelText
 from textpoke._static_call import sc_transform
-from textpoke.images._tables_real import TableError, s32_table
+from textpoke.images._tables import TableError, s32_table
 
 BASE = 0xFFFFFFFF81000000
 

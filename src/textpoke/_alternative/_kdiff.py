@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from ..images._tables_real import (alt_instr_table, jump_table, mcount_table, paravirt_table,
+from ..images._tables import (alt_instr_table, jump_table, mcount_table, paravirt_table,
                                    s32_table, static_call_table)
 from ._kboot import table_bounds
 from ._ktext import KernelText

@@ -82,7 +82,7 @@ import struct
 from .._alternative._reloc import text_poke_apply_relocation
 from .._core._insn import CALL_INSN_OPCODE, JMP32_INSN_OPCODE, text_gen_insn, x86_nops
 from .._errors import BadInstructionError, TextPokeError
-from ..images._tables_clients import SymbolMap
+from ..images._kallsyms import SymbolMap
 
 __all__ = ["Ftrace", "DynFtrace", "FtraceBugError", "FtraceDisabledError", "FtraceUpdate", "FtraceOps",
            "FtraceTrampoline", "MCOUNT_INSN_SIZE", "LIST_FUNC", "FTRACE_OPS", "RET_SIZE",

@@ -22,7 +22,7 @@ from __future__ import annotations
 from .._alternative._kpasses import JMP8, JMP32, TableStats
 from .._alternative._ktext import KernelBootError, KernelText
 from .._core._insn import x86_nops
-from ..images._tables_real import JumpEntry
+from ..images._tables import JumpEntry
 
 __all__ = ["jump_label_init", "jump_label_sync", "jump_label_code", "entry_size"]
 

@@ -58,8 +58,8 @@ from typing import Iterable, Mapping
 
 from .._core._insn import JMP8_INSN_OPCODE, JMP32_INSN_OPCODE, text_gen_insn, x86_nops
 from .._errors import BadInstructionError, TextPokeError
+from ..images._kallsyms import SymbolMap
 from ..images._tables import JumpEntry, read_tables
-from ..images._tables_clients import SymbolMap
 
 __all__ = ["StaticKeys", "StaticKey", "JumpLabelError", "StaticKeyError", "StaticKeyWarning",
            "UnknownKeyError",
