@@ -171,3 +171,73 @@ def test_its_return_thunk_only_in_the_lower_half_of_a_line(cm):
     assert other.transform(high, RET, 0, b"\xc3\xcc")[0][0] == 0xE9
     with pytest.raises(UnknownCallError):
         StaticCalls(cm.core, cm.tables.static_call_sites, syms, rethunk="srso_return_thunk")
+
+
+# ------------------------------------------------------------------ call-depth tracking
+def _target(cm, addr):
+    b = cm.sim.text_read(addr, 5)
+    return b[0], addr + 5 + int.from_bytes(b[1:], "little", signed=True)
+
+
+def test_call_depth_call_sites_go_through_the_functions_thunk():
+    # arch/x86/kernel/static_call.c __static_call_transform: a CALL site's
+    # destination passes through callthunks_translate_call_dest
+    # (arch/x86/kernel/callthunks.c): once call-depth thunks are initialised,
+    # a core-text function not on the skip list is called through its
+    # accounting thunk -- skl_call_thunk_template relocated into the padding
+    # just before it, written there by patch_dest when that still holds NOPs.
+    # Tail sites and the trampoline still jump to the function.  A function
+    # whose padding is not NOPs is called directly.
+    from textpoke._static_call._calls import StaticCalls
+    with ClientMachine(cpus=2, seed=3) as cm:
+        calls = StaticCalls.from_image(cm.core, cm.image, cm.tables, call_depth=True)
+        assert calls.thunks_initialized
+        t0 = cm.sym("skl_call_thunk_template")
+        size = cm.sym("skl_call_thunk_tail") - t0
+        sq, dbl = cm.sym("sc_square"), cm.sym("sc_double")
+        assert cm.sim.text_read(sq - size, size) == b"\x90" * size
+        depth = cm.sym("__x86_call_depth")
+        cm.sim.mem_write(depth, (1 << 60).to_bytes(8, "little"))
+        i = cm.add_probe("sc_call_op", arg=7, allow=[15, 50])    # op(7) + 1
+        cm.start()
+        cm.wait_passes(1)
+        calls.static_call_update("sc_op", "sc_square")
+        c = calls.call("sc_op")
+        tails = [s.site.addr for s in c.sites if s.site.tail]
+        plain = [s.site.addr for s in c.sites if not s.site.tail]
+        assert plain and tails
+        assert {_target(cm, a) for a in plain} == {(0xE8, sq - size)}
+        assert {_target(cm, a) for a in tails} == {(0xE9, sq)}
+        assert _target(cm, c.tramp) == (0xE9, sq)
+        # the thunk: the template's one RIP-relative instruction, moved
+        thunk = cm.sim.text_read(sq - size, size)
+        tmpl = cm.sim.text_read(t0, size)
+        assert thunk[:3] == tmpl[:3] and thunk[7:] == tmpl[7:]
+        assert sq + int.from_bytes(thunk[3:7], "little", signed=True) == depth
+        assert calls.thunks_made == {sq - size: sq}
+        assert not cm.expect({i: 50})
+        assert cm.sim.read_u64(depth) < 1 << 60          # the thunks ran
+        calls.static_call_update("sc_op", "sc_double")
+        assert {_target(cm, a) for a in plain} == {(0xE8, dbl - size)}
+        assert not cm.expect({i: 15})
+        # back to a function whose thunk is already there: not written again
+        n = len(cm.core.events)
+        calls.static_call_update("sc_op", "sc_square")
+        assert all(not (sq - size <= e.addr < sq) for e in list(cm.core.events)[n:])
+        assert not cm.expect({i: 50})
+    # no NOP padding before the function: called directly
+    with ClientMachine(cpus=1, seed=3) as cm:
+        calls = StaticCalls.from_image(cm.core, cm.image, cm.tables, call_depth=True)
+        f = cm.sym("sc_call_op_twice")
+        assert cm.sim.text_read(f - size, size) != b"\x90" * size
+        calls.static_call_update("sc_op", "sc_call_op_twice")
+        assert {_target(cm, s.site.addr) for s in calls.call("sc_op").sites
+                if not s.site.tail} == {(0xE8, f)}
+        assert calls.thunks_made == {}
+    # without call-depth tracking (the bundled boot's default): direct calls
+    with ClientMachine(cpus=1, seed=3) as cm:
+        calls = cm.kernel.calls
+        assert not calls.thunks_initialized
+        calls.static_call_update("sc_op", "sc_square")
+        assert {_target(cm, s.site.addr) for s in calls.call("sc_op").sites
+                if not s.site.tail} == {(0xE8, sq)}

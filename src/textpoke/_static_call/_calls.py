@@ -41,6 +41,17 @@ from ``static_call_init`` on; the bundled image's boot has no such pass
 counts as initialised after its first update, or when every site and the
 trampoline are found holding the key's function already.
 
+Call-depth tracking (*call_depth*: the boot ran
+``callthunks_patch_builtin_calls`` for ``X86_FEATURE_CALL_DEPTH``): a CALL
+site is aimed not at the function but at its accounting thunk
+(``callthunks_translate_call_dest``) -- the image's
+``skl_call_thunk_template`` relocated into the padding just before the
+function, written there (``text_poke_copy_locked``: nothing runs those
+bytes yet) when the padding still holds one-byte NOPs; a function in the
+skip list (``SKIP_DESTS``), outside core text, or whose padding holds
+something else is called directly.  Tail sites and the trampoline jump to
+the function itself, as in the kernel.
+
 The trampoline is a tail site.  Before anything is written the
 trampoline's signature is checked and every site validated (a CALL site
 must hold CALL, NOP5 or the 5-byte xor; a tail site JMP, RET or Jcc.d32);
@@ -130,8 +141,16 @@ class StaticCalls:
 
     def __init__(self, core, sites: Iterable[StaticCallSite], symbols: Mapping[str, int],
                  sizes: Mapping[str, int] | None = None, *,
-                 rethunk: "bool | str | int" = False) -> None:
+                 rethunk: "bool | str | int" = False, call_depth: bool = False,
+                 line=None) -> None:
         self.core = core
+        #: the kernel's thunks_initialized: CALL sites go to accounting thunks
+        self.thunks_initialized = bool(call_depth) and all(
+            n in symbols for n in ("skl_call_thunk_template", "skl_call_thunk_tail"))
+        self._line = line
+        self._tmpl: bytes | None = None
+        #: thunks this object wrote into function padding (address -> function)
+        self.thunks_made: dict[int, int] = {}
         self.machine = core.machine
         self.symbols = dict(symbols)
         self.symmap = SymbolMap(symbols, sizes)
@@ -208,6 +227,52 @@ class StaticCalls:
     def static_call_query(self, name) -> int:
         return self.call(name).func
 
+    # ----------------------------------------------------------- call depth
+    def _thunk_code(self, pad: int) -> bytes:
+        """``skl_call_thunk_template`` relocated to *pad* (patch_dest's buffer)."""
+        from .._alternative._reloc import apply_relocation
+        t0 = self.symbols["skl_call_thunk_template"]
+        size = self.symbols["skl_call_thunk_tail"] - t0
+        if self._tmpl is None:
+            self._tmpl = self.machine.text_read(t0, size)
+        b = bytearray(self._tmpl) + bytes(16)
+        if self._line is None:
+            apply_relocation(b, pad, size, t0, size)
+        else:
+            apply_relocation(b, pad, size, t0, size, self._line)
+        return bytes(b[:size])
+
+    def _skip_dest(self, dest: int) -> bool:
+        from .._alternative._callthunks import SKIP_DESTS
+        if any(self.symbols.get(n) == dest for n in SKIP_DESTS):
+            return True
+        rk = self.symbols.get("relocate_kernel")
+        return rk is not None and rk <= dest < rk + 2048    # KEXEC_CONTROL_CODE_MAX_SIZE
+
+    def _is_coretext(self, dest: int) -> bool:
+        lo, hi = self.symbols.get("_text"), self.symbols.get("_etext")
+        return lo is not None and hi is not None and lo <= dest < hi
+
+    def callthunks_translate_call_dest(self, dest: int, *, make: bool = True) -> int:
+        """Where a CALL to *dest* goes: its accounting thunk with call-depth
+        tracking, else *dest*.  With *make* false nothing is written (a
+        thunk not there yet means *dest*)."""
+        if not self.thunks_initialized or not dest or self._skip_dest(dest) or \
+                not self._is_coretext(dest):
+            return dest
+        want_size = self.symbols["skl_call_thunk_tail"] - self.symbols["skl_call_thunk_template"]
+        pad = dest - want_size
+        want = self._thunk_code(pad)
+        cur = self.machine.text_read(pad, want_size)
+        if cur == want:
+            return pad
+        if cur != b"\x90" * want_size or not make:
+            return dest                  # "Invalid padding area": call the function
+        with self.core.text_mutex:
+            self.core.text_poke_copy_locked(pad, want, core_ok=True)
+        self.thunks_made[pad] = dest
+        return pad
+
     # ----------------------------------------------------------- transform
     def _return_thunk(self) -> int | None:
         """``cpu_wants_rethunk``: the thunk, or None."""
@@ -223,9 +288,11 @@ class StaticCalls:
             return None
         return thunk
 
-    def transform(self, addr: int, type_: int, func: int, cur: bytes) -> tuple[bytes, bytes | None]:
+    def transform(self, addr: int, type_: int, func: int, cur: bytes, *, make: bool = True
+                  ) -> tuple[bytes, bytes | None]:
         """``__static_call_transform``: (code, emulate) for the site at *addr*
-        whose current bytes are *cur*."""
+        whose current bytes are *cur* (*make*: a call-depth thunk may be
+        written into the function's padding)."""
         emulate = None
         op = _is_jcc(cur) if type_ in (JMP, RET) else 0
         if op:
@@ -234,6 +301,7 @@ class StaticCalls:
                 dest = self._return_thunk() or self.symbols["__static_call_return"]
             return bytes([0x0F, op]) + struct.pack("<i", dest - (addr + 6)), None
         if type_ == CALL:
+            func = self.callthunks_translate_call_dest(func, make=make)
             code = text_gen_insn(CALL_INSN_OPCODE, addr, func)
             if func and func == self.symbols.get("__static_call_return0"):
                 emulate, code = code, XOR5RAX
@@ -272,17 +340,18 @@ class StaticCalls:
         return cur
 
     def _plan(self, c: StaticCall, func: int) -> list[tuple[int, bytes, bytes | None]]:
-        plan = []
-        hint, _ = self.transform(c.tramp, self._sc_insn(not func, True), func, b"\xe9\0")
-        cur = self._validate(c.tramp, True, True, hint)
-        plan.append((c.tramp, *self.transform(c.tramp, self._sc_insn(not func, True), func, cur)))
+        # every site validated before anything (a call-depth thunk too) is written
+        todo = []
+        hint, _ = self.transform(c.tramp, self._sc_insn(not func, True), func, b"\xe9\0",
+                                 make=False)
+        todo.append((c.tramp, self._sc_insn(not func, True),
+                     self._validate(c.tramp, True, True, hint)))
         for s in c.sites:
             addr, tail = s.site.addr, s.site.tail
             t = self._sc_insn(not func, tail)
-            hint, _ = self.transform(addr, t, func, b"\x90\x90")
-            cur = self._validate(addr, tail, False, hint)
-            plan.append((addr, *self.transform(addr, t, func, cur)))
-        return plan
+            hint, _ = self.transform(addr, t, func, b"\x90\x90", make=False)
+            todo.append((addr, t, self._validate(addr, tail, False, hint)))
+        return [(addr, *self.transform(addr, t, func, cur)) for addr, t, cur in todo]
 
     def static_call_update(self, name, func: "str | int | None") -> int:
         """Point *name* at *func* (NULL: None); return the pokes made."""
@@ -291,7 +360,8 @@ class StaticCalls:
         if f == c.func and (c.synced or self._in_sync(c)):
             c.synced = True
             return 0        # the kernel returns before touching anything
-        plan = self._plan(c, f)
+        with self.core.text_mutex:      # a call-depth thunk may be written while planning
+            plan = self._plan(c, f)
         old = c.func
         c.func = f
         try:
@@ -319,7 +389,8 @@ class StaticCalls:
         function asks for (read only, nothing validated)."""
         for addr, tail in [(c.tramp, True)] + [(s.site.addr, s.site.tail) for s in c.sites]:
             cur = self.machine.text_read(addr, 6)
-            code, _ = self.transform(addr, self._sc_insn(not c.func, tail), c.func, cur)
+            code, _ = self.transform(addr, self._sc_insn(not c.func, tail), c.func, cur,
+                                     make=False)
             if cur[:len(code)] != code:
                 return False
         return True

@@ -152,7 +152,8 @@ class Kernel:
     def calls(self) -> StaticCalls:
         self._check_open()
         return StaticCalls.from_image(self.core, self.image, self.tables,
-                                      rethunk=self.return_thunk)
+                                      rethunk=self.return_thunk,
+                                      call_depth="call_depth" in self.features)
 
     @property
     def return_thunk(self) -> "bool | str | int":

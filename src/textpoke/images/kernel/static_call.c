@@ -14,9 +14,12 @@ noinline __used long __static_call_return0(void)
 	return 0;
 }
 
-noinline __used int sc_double(int x) { return 2 * x; }
-noinline __used int sc_square(int x) { return x * x; }
-noinline __used void sc_hook_fn(int *p) { *p += 100; }
+/* 16 one-byte NOPs before the entry: room for a call-depth thunk (callthunks.S) */
+#define CALL_PADDED __attribute__((patchable_function_entry(16, 16)))
+
+noinline __used CALL_PADDED int sc_double(int x) { return 2 * x; }
+noinline __used CALL_PADDED int sc_square(int x) { return x * x; }
+noinline __used CALL_PADDED void sc_hook_fn(int *p) { *p += 100; }
 
 DEFINE_STATIC_CALL(sc_op, sc_double);
 DEFINE_STATIC_CALL_NULL(sc_hook, sc_hook_fn);
