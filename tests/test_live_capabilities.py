@@ -143,3 +143,64 @@ def test_a_thread_running_in_a_range_is_seen_there():
         assert rc == 0
     finally:
         t.kill()
+
+
+# ---------------------------------------------------------------- a dead patcher's regions
+DRIVER = """
+import sys
+from textpoke import ExecMem, TextPoke
+from textpoke.live import LiveMachine
+pid, code = int(sys.argv[1]), sys.argv[2] == "code"
+m = LiveMachine(pid)
+core = TextPoke(m)
+data = m.map_data(4096, "d")
+em = ExecMem(core, size=4096)
+if code:
+    core.text_poke_copy(em.alloc(16), b"\\xc3")
+print("mapped", em.start, data, flush=True)
+sys.stdin.readline()                      # the test kills us here
+"""
+
+
+@pytest.mark.parametrize("code", [False, True])
+def test_recover_frees_a_dead_patchers_regions_unless_code_is_in_them(tmp_path, code):
+    import json
+    import signal
+    import subprocess
+    import sys
+    from textpoke.live._journal import journal_path
+    t = Target(2)
+    try:
+        drv = tmp_path / "driver.py"
+        drv.write_text(DRIVER)
+        d = subprocess.Popen([sys.executable, str(drv), str(t.pid), "code" if code else "empty"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            word, ex, data = d.stdout.readline().split()
+            assert word == "mapped"
+            ex, data = int(ex), int(data)
+            d.send_signal(signal.SIGKILL)
+            d.wait(timeout=30)
+        finally:
+            if d.poll() is None:
+                d.kill()
+                d.wait()
+        assert journal_path(t.pid).exists() and {ex, data} <= _maps(t.pid)
+        r = subprocess.run([sys.executable, "-m", "textpoke", "live", "recover", "--pid",
+                            str(t.pid), "--json"], capture_output=True, text=True, timeout=120)
+        # exit 1 when something had to stay (the CLI's "a check found a problem")
+        assert r.returncode == (1 if code else 0), r.stdout + r.stderr
+        rep = json.loads(r.stdout)
+        if code:
+            # a site may still call that code: both stay, said so, and are no leftover
+            assert {ex, data} <= _maps(t.pid)
+            assert any("execmem" in k and "code still in it" in k for k in rep["kept"]), rep
+            assert any(k.startswith("data") for k in rep["kept"]), rep
+        else:
+            assert rep["regions_freed"] == 2 and rep["kept"] == [], rep
+            assert not ({ex, data} & _maps(t.pid))
+        assert not journal_path(t.pid).exists()
+        rc, _, _ = t.finish()
+        assert rc == 0
+    finally:
+        t.kill()

@@ -83,7 +83,7 @@ def recover(pid: int, *, strategy: str = "int3") -> dict:
     """Undo what a dead patcher left in *pid* (see the module doc); returns
     what was done.  Nothing to do without a journal."""
     from ._count import _read_and_free, switch_sites
-    from ._inject import ExecMem, find_syscall_insn
+    from ._inject import Region, find_syscall_insn
     from ._machine import LiveMachine
     rep = {"pid": pid, "journal": False, "int3_restored": 0, "calls_restored": 0,
            "regions_freed": 0, "guard_removed": False, "kept": []}
@@ -139,7 +139,7 @@ def recover(pid: int, *, strategy: str = "int3") -> dict:
                 if quiet:
                     m.write_stopped(quiet)
             rep["calls_restored"] += len(back)
-            region = ExecMem(pid, r["base"], r["code_size"], r["data_size"],
+            region = Region(pid, r["base"], r["code_size"], r["data_size"],
                              syscall_at=find_syscall_insn(pid))
             if r["base"] in {mm.start for mm in read_maps(pid)}:
                 _counters, why = _read_and_free(m, region, 0)
@@ -165,7 +165,7 @@ def recover(pid: int, *, strategy: str = "int3") -> dict:
         rep["kept"] = [k for k in rep["kept"] if not k.startswith("stub region")]
         with LiveMachine(pid, strategy=strategy, recover=True) as m2:
             for r in list(m2.journal.data["regions"]):
-                region = ExecMem(pid, r["base"], r["code_size"], r["data_size"],
+                region = Region(pid, r["base"], r["code_size"], r["data_size"],
                                  syscall_at=find_syscall_insn(pid))
                 _counters, why = _read_and_free(m2, region, 0)
                 region.close()

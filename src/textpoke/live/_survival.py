@@ -12,7 +12,7 @@ import time
 from typing import Sequence
 
 from . import _guard as G
-from ._inject import ExecMem, InjectError, find_syscall_insn, inject_syscall
+from ._inject import InjectError, Region, find_syscall_insn, inject_syscall
 from ._process import read_maps
 from ._tracer import _HELD
 
@@ -70,7 +70,7 @@ class _Survival:
                                    "syscall_at": find_syscall_insn(self.pid)}
                     self.journal.set_guard(self._guard)
                 try:
-                    r = ExecMem.map(self.pid, tid, G.CODE_SIZE, G.DATA_SIZE, near=(lo, lo),
+                    r = Region.map(self.pid, tid, G.CODE_SIZE, G.DATA_SIZE, near=(lo, lo),
                                     before=before)
                 except (InjectError, OSError) as e:
                     errors.append(f"thread {tid}: {e}")
@@ -132,7 +132,7 @@ class _Survival:
             if j is not None:
                 j.set_guard(None)
             return []
-        region = ExecMem(self.pid, base, G.CODE_SIZE, size - G.CODE_SIZE, syscall_at=g["syscall_at"])
+        region = Region(self.pid, base, G.CODE_SIZE, size - G.CODE_SIZE, syscall_at=g["syscall_at"])
         why: list[str] = []
         try:
             for attempt in range(attempts):
