@@ -56,8 +56,6 @@ the code is our own.
 
 from __future__ import annotations
 
-import io
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -67,7 +65,8 @@ from ._alternative._shadow import DebugLog, Shadow, Symbols, features_of
 from ._alternative._thunks import retpolines_pass, returns_pass
 from ._core._machine import Capability
 from ._errors import TextPokeError
-from .images._elf import ImageError
+from .images._elf import (ET_REL, SHN_ABS, SHN_COMMON, SHT_NOBITS, SHT_REL, SHT_RELA, STB_WEAK,
+                          ElfFile, ImageError)
 from ._execmem import ExecMem
 from ._jump_label._keys import StaticKeys, UnknownKeyError
 from ._static_call._calls import StaticCalls, UnknownCallError
@@ -194,12 +193,11 @@ def _align(v: int, a: int) -> int:
     return -(-v // a) * a
 
 
-def _sym_name(sym, secs) -> str:
+def _sym_name(name: str, shndx: int, secs) -> str:
     """A symbol's name, or its section's for a section symbol."""
-    if sym.name:
-        return sym.name
-    shndx = sym["st_shndx"]
-    return secs[shndx].name if isinstance(shndx, int) and shndx < len(secs) else "?"
+    if name:
+        return name
+    return secs[shndx].name if shndx < len(secs) else "?"
 
 
 def _s64(v: int) -> int:
@@ -259,16 +257,9 @@ class ModuleLoader:
         name = name or "module"
         if name in self.modules:
             raise ModuleError(f"module {name} is already loaded")
-        from elftools.common.exceptions import ELFError
-        from elftools.elf.elffile import ELFFile
-        try:
-            elf = ELFFile(io.BytesIO(bytes(obj)))
-            if elf["e_type"] != "ET_REL" or elf["e_machine"] != "EM_X86_64":
-                raise ModuleFormatError(f"module {name}: not an x86-64 relocatable object "
-                                        f"({elf['e_type']}, {elf['e_machine']})")
-            secs = list(elf.iter_sections())
-        except ELFError as e:
-            raise ModuleFormatError(f"module {name}: not an ELF object ({e})") from None
+        elf = ElfFile(bytes(obj), f"module {name}", error=ModuleFormatError)
+        elf.require(ET_REL, "an x86-64 relocatable object")
+        secs = elf.sections
 
         # 1. layout
         text_off: dict[int, int] = {}
@@ -276,18 +267,18 @@ class ModuleLoader:
         tsize = dsize = 0
         talign = dalign = 16
         for i, s in enumerate(secs):
-            if not s["sh_flags"] & _SHF_ALLOC or s["sh_size"] == 0:
+            if not s.flags & _SHF_ALLOC or s.size == 0:
                 continue
-            a = s["sh_addralign"] or 1
-            if s["sh_flags"] & _SHF_EXEC:
+            a = s.align or 1
+            if s.flags & _SHF_EXEC:
                 tsize = _align(tsize, a)
                 text_off[i] = tsize
-                tsize += s["sh_size"]
+                tsize += s.size
                 talign = max(talign, a)
             else:
                 dsize = _align(dsize, a)
                 data_off[i] = dsize
-                dsize += s["sh_size"]
+                dsize += s.size
                 dalign = max(dalign, a)
         if not tsize:
             raise ModuleFormatError(f"module {name}: no executable section")
@@ -300,11 +291,11 @@ class ModuleLoader:
             addr: dict[int, int] = {}
             for i, off in text_off.items():
                 addr[i] = tbase + off
-                text[off:off + secs[i]["sh_size"]] = secs[i].data()
+                text[off:off + secs[i].size] = elf.data(secs[i])
             for i, off in data_off.items():
                 addr[i] = dbase + off
-                if secs[i]["sh_type"] != "SHT_NOBITS":
-                    data[off:off + secs[i]["sh_size"]] = secs[i].data()
+                if secs[i].type != SHT_NOBITS:
+                    data[off:off + secs[i].size] = elf.data(secs[i])
             mod = Module(name, tbase, tsize, dbase, dsize,
                          {secs[i].name: a for i, a in addr.items()}, {}, {},
                          _text_alloc=talloc, _data_alloc=dalloc)
@@ -337,35 +328,32 @@ class ModuleLoader:
         return mod
 
     def _symbols(self, elf, secs, addr: dict[int, int], mod: Module) -> list[int]:
-        symtab = elf.get_section_by_name(".symtab")
+        symtab = elf.section(".symtab")
         if symtab is None:
             raise ModuleFormatError(f"module {mod.name}: no symbol table")
         kernel = self.image.symbols
         vals = []
         missing = []
         self._names = names = []
-        for sym in symtab.iter_symbols():
-            names.append(_sym_name(sym, secs))
-            shndx = sym["st_shndx"]
+        for sname, value, size, typ, bind, shndx in elf.symbol_table(symtab):
+            names.append(_sym_name(sname, shndx, secs))
             v = 0
-            if shndx == "SHN_UNDEF":
-                if sym.name:
-                    if sym.name in kernel:
-                        v = kernel[sym.name]
-                    elif sym["st_info"]["bind"] != "STB_WEAK" and sym.name not in _IGNORED_UNDEF:
-                        missing.append(sym.name)
-            elif shndx == "SHN_ABS":
-                v = sym["st_value"]
-            elif shndx == "SHN_COMMON":
-                raise ModuleFormatError(f"module {mod.name}: common symbol {sym.name} "
+            if shndx == 0:                              # SHN_UNDEF
+                if sname:
+                    if sname in kernel:
+                        v = kernel[sname]
+                    elif bind != STB_WEAK and sname not in _IGNORED_UNDEF:
+                        missing.append(sname)
+            elif shndx == SHN_ABS:
+                v = value
+            elif shndx == SHN_COMMON:
+                raise ModuleFormatError(f"module {mod.name}: common symbol {sname} "
                                         "(build with -fno-common)")
-            elif isinstance(shndx, int):
-                if shndx in addr:
-                    v = addr[shndx] + sym["st_value"]
-                    if sym.name and sym["st_info"]["type"] in ("STT_FUNC", "STT_OBJECT",
-                                                               "STT_NOTYPE"):
-                        mod.symbols[sym.name] = v
-                        mod.sizes[sym.name] = sym["st_size"]
+            elif shndx < 0xFF00 and shndx in addr:
+                v = addr[shndx] + value
+                if sname and typ in (0, 1, 2):          # NOTYPE, OBJECT, FUNC
+                    mod.symbols[sname] = v
+                    mod.sizes[sname] = size
             vals.append(v)
         if missing:
             raise UnknownSymbolError(f"module {mod.name}: Unknown symbol "
@@ -373,21 +361,19 @@ class ModuleLoader:
         return vals
 
     def _relocate(self, elf, secs, addr, symvals, mod, text, data, text_off, data_off) -> None:
-        from elftools.elf.relocation import RelocationSection
         for rel in secs:
-            if not isinstance(rel, RelocationSection):
+            if rel.type not in (SHT_REL, SHT_RELA):
                 continue
-            if rel["sh_type"] != "SHT_RELA":
+            if rel.type != SHT_RELA:
                 raise ModuleFormatError(f"module {mod.name}: {rel.name} is SHT_REL; x86-64 "
                                         "modules use RELA")
-            tgt = rel["sh_info"]
+            tgt = rel.info
             if tgt not in addr:         # relocations of non-allocated sections (debug info)
                 continue
             buf, base = (text, text_off[tgt]) if tgt in text_off else (data, data_off[tgt])
             tname = secs[tgt].name
             names = self._names
-            for off, info, addend in struct.iter_unpack("<QQq", rel.data()):
-                t, symi = info & 0xFFFFFFFF, info >> 32
+            for off, t, symi, addend in elf.relocations(rel):
                 if symi >= len(symvals):
                     raise ModuleFormatError(f"module {mod.name}: {rel.name} names symbol {symi} "
                                             "beyond the symbol table")
@@ -417,7 +403,7 @@ class ModuleLoader:
                         f"{sv:#x} does not fit {size} bytes; nothing written", rtype=t,
                         section=tname, offset=off, symbol=sname, value=sv)
                 at = base + off
-                if at + size > len(buf) or off + size > secs[tgt]["sh_size"]:
+                if at + size > len(buf) or off + size > secs[tgt].size:
                     raise ModuleFormatError(f"module {mod.name}: {rname} at {where} is outside "
                                             f"{tname}")
                 if any(buf[at:at + size]):
@@ -431,7 +417,7 @@ class ModuleLoader:
         for i, s in enumerate(secs):
             if s.name == name and i in data_off:
                 off = data_off[i]
-                return bytes(data[off:off + s["sh_size"]]), addr[i]
+                return bytes(data[off:off + s.size]), addr[i]
         return None
 
     def _finalize(self, secs, addr, mod: Module, text: bytearray, data: bytearray, data_off):

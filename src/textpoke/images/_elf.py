@@ -23,10 +23,13 @@ from typing import Iterator, NamedTuple
 from .._errors import TextPokeError
 
 __all__ = ["ImageError", "ElfSection", "ElfImage", "load_elf", "ElfFile", "Section",
-           "Segment", "SHT_SYMTAB", "SHT_RELA", "SHT_NOBITS", "SHT_DYNSYM", "SHF_WRITE",
+           "Segment", "SHT_SYMTAB", "SHT_RELA", "SHT_REL", "SHT_NOBITS", "SHT_DYNSYM", "SHN_ABS",
+           "SHN_COMMON", "STB_WEAK", "SHF_WRITE",
            "SHF_ALLOC", "SHF_EXECINSTR", "PT_LOAD", "ET_REL", "ET_EXEC", "ET_DYN", "EM_X86_64"]
 
 SHT_SYMTAB, SHT_RELA, SHT_NOBITS, SHT_REL, SHT_DYNSYM = 2, 4, 8, 9, 11
+SHN_ABS, SHN_COMMON = 0xFFF1, 0xFFF2
+STB_WEAK = 2
 SHF_WRITE, SHF_ALLOC, SHF_EXECINSTR = 1, 2, 4
 PT_LOAD = 1
 ET_REL, ET_EXEC, ET_DYN = 1, 2, 3
@@ -185,11 +188,17 @@ class ElfFile:
                 continue
             yield _cstr(strs, nm), value, size, typ, info >> 4, shndx
 
-    def symbol_names(self, sec: Section) -> list[str]:
-        """The name of every entry of symbol table *sec*, by index ("" for
-        an unnamed one): what a relocation's symbol index refers to."""
+    def symbol_table(self, sec: Section) -> list[tuple[str, int, int, int, int, int]]:
+        """Every entry of symbol table *sec* by index -- what a relocation's
+        symbol index refers to: (name, value, size, type, bind, shndx), name
+        "" for an unnamed one, undefined ones (shndx 0) included."""
         strs, ents = self._entries(sec)
-        return [_cstr(strs, e[0]) if e[0] else "" for e in ents]
+        return [(_cstr(strs, nm) if nm else "", value, size, info & 0xF, info >> 4, shndx)
+                for nm, info, _other, shndx, value, size in ents]
+
+    def symbol_names(self, sec: Section) -> list[str]:
+        """The name of every entry of symbol table *sec*, by index."""
+        return [e[0] for e in self.symbol_table(sec)]
 
     def relocations(self, sec: Section) -> Iterator[tuple[int, int, int, int]]:
         """(offset, type, symbol index, addend) of a SHT_RELA section."""
