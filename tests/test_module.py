@@ -201,3 +201,107 @@ def test_cli_module_usage_errors(capsys):
         main(["module", "--selftest", "--cpus", "99"])
     assert ei.value.code == 2
     assert "--cpus" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ call thunks and ENDBR
+_CT_MODULE = r"""
+	.text
+	.balign	16
+	.rept	16
+	nop
+	.endr
+	.globl	mod_ct_helper
+	.type	mod_ct_helper, @function
+mod_ct_helper:
+	endbr64
+	leal	3(%rdi), %eax
+	ret
+	.size	mod_ct_helper, . - mod_ct_helper
+	.balign	16
+	.globl	mod_ct_entry
+	.type	mod_ct_entry, @function
+mod_ct_entry:
+	endbr64
+1:	call	mod_ct_helper
+2:	call	sc_square
+3:	call	mod_ct_nopad
+	ret
+	.size	mod_ct_entry, . - mod_ct_entry
+	.globl	mod_ct_nopad
+	.type	mod_ct_nopad, @function
+mod_ct_nopad:
+	ret
+	.size	mod_ct_nopad, . - mod_ct_nopad
+
+	.section .call_sites, "a"
+	.balign	4
+	.long	1b - .
+	.long	2b - .
+	.long	3b - .
+	.section .ibt_endbr_seal, "a"
+	.balign	4
+	.long	mod_ct_helper - .
+	.long	mod_ct_entry + 9 - .
+	.section .note.GNU-stack, "", @progbits
+"""
+
+
+def _assemble(src: str) -> bytes:
+    import subprocess
+    with tempfile.TemporaryDirectory() as d:
+        s, o = Path(d) / "m.S", Path(d) / "m.o"
+        s.write_text(src)
+        subprocess.run(["as", "--64", "-o", str(o), str(s)], check=True, capture_output=True)
+        return o.read_bytes()
+
+
+@needs_gcc
+def test_module_finalize_call_thunks_and_endbr_seal():
+    # arch/x86/kernel/module.c module_finalize, after the alternatives:
+    # callthunks_patch_module_calls (arch/x86/kernel/callthunks.c patch_call)
+    # re-aims each direct call of .call_sites whose destination is the
+    # module's own text or core kernel text at the destination's accounting
+    # thunk -- written into the padding (directly for the module's function,
+    # with text_poke_copy_locked for the kernel's) when it still holds NOPs;
+    # a destination without NOP padding keeps its direct call.  Then, with
+    # CONFIG_X86_KERNEL_IBT, apply_seal_endbr turns each ENDBR listed in
+    # .ibt_endbr_seal into the 4-byte poison NOP; an entry that is no ENDBR is
+    # left alone.
+    obj = _assemble(_CT_MODULE)
+    with ClientMachine(cpus=1, seed=5) as cm:
+        loader = cm.kernel.modules
+        assert loader.ibt
+        calls = cm.kernel.calls
+        calls.thunks_initialized = True          # a boot that set up call-depth thunks
+        t0 = cm.sym("skl_call_thunk_template")
+        size = cm.sym("skl_call_thunk_tail") - t0
+        sq = cm.sym("sc_square")
+        m = loader.load(obj, "ct")
+        rd = lambda a, n: cm.sim.text_read(a, n)                 # noqa: E731
+        helper, entry, nopad = m.sym("mod_ct_helper"), m.sym("mod_ct_entry"), m.sym("mod_ct_nopad")
+
+        def target(a):
+            b = rd(a, 5)
+            assert b[0] == 0xE8
+            return a + 5 + int.from_bytes(b[1:], "little", signed=True)
+
+        c1, c2, c3 = entry + 4, entry + 9, entry + 14
+        assert target(c1) == helper - size and target(c2) == sq - size and target(c3) == nopad
+        assert rd(helper - size, size) == calls._thunk_code(helper - size)
+        assert rd(sq - size, size) == calls._thunk_code(sq - size)
+        assert m.finalize[".call_sites"] == 2
+        # ENDBR sealed at mod_ct_helper; mod_ct_entry+9 is a CALL: left
+        assert rd(helper, 4) == bytes.fromhex("66 0f 1f 00")
+        assert rd(entry, 4) == bytes.fromhex("f3 0f 1e fa")       # not listed: kept
+        assert m.finalize[".ibt_endbr_seal"] == 1
+        loader.unload(m)
+    # without call-depth thunks and without IBT: calls and ENDBRs as linked
+    with ClientMachine(cpus=1, seed=5) as cm:
+        loader = cm.kernel.modules
+        loader.ibt = False
+        m = loader.load(obj, "ct")
+        entry, helper = m.sym("mod_ct_entry"), m.sym("mod_ct_helper")
+        b = cm.sim.text_read(entry + 4, 5)
+        assert entry + 9 + int.from_bytes(b[1:], "little", signed=True) == helper
+        assert cm.sim.text_read(helper, 4) == bytes.fromhex("f3 0f 1e fa")
+        assert ".call_sites" not in m.finalize and ".ibt_endbr_seal" not in m.finalize

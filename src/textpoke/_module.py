@@ -24,7 +24,16 @@ works with the image's :class:`~textpoke._jump_label._keys.StaticKeys` and
    ``.return_sites`` and ``.altinstructions`` are applied by the boot passes
    of :mod:`textpoke._alternative`, for the features the kernel booted
    with, on a shadow of the staged text -- the text is not executable yet,
-   so nothing but the staging buffer changes;
+   so nothing but the staging buffer changes; then, when the kernel's
+   call-depth thunks are initialised (``callthunks_patch_module_calls``),
+   every direct CALL listed in ``.call_sites`` or at an ``.altinstructions``
+   site whose destination is this module's text or core kernel text is
+   aimed at the destination's accounting thunk (written into the staged
+   padding for a function of the module, into core text with
+   ``text_poke_copy_locked`` for a kernel function -- that write stays even
+   if the load is refused later, as in the kernel); and with
+   ``CONFIG_X86_KERNEL_IBT`` (*ibt*) each ENDBR listed in
+   ``.ibt_endbr_seal`` is sealed (``apply_seal_endbr``: ``66 0f 1f 00``);
 5. *coming* (``jump_label_add_module``, ``static_call_add_module``): every
    ``__jump_table`` entry and ``.static_call_sites`` site must name a key or
    call the image knows (:class:`UnknownKeyError` / :class:`UnknownCallError`
@@ -44,7 +53,10 @@ calls, fills its text with INT3 (``text_poke_set``, so a stale pointer
 traps) and frees both chunks.  The caller must first make sure no CPU is
 inside the module (the kernel's refcount and RCU grace period).
 
-Not modelled: module parameters, init sections, exports from modules,
+Not modelled: ITS thunk pages of the module's own (``its_init_mod``:
+with ``X86_FEATURE_INDIRECT_THUNK_ITS`` the kernel allocates them in
+execmem; the retpoline pass here hands out the image's static ITS array),
+FineIBT (``.cfi_sites``), module parameters, init sections, exports from modules,
 module-defined static keys and calls (refused as unknown), ``.smp_locks``
 (only applies to a uniprocessor boot) and ``__mcount_loc`` (relocated, not
 used).
@@ -63,6 +75,8 @@ from typing import Iterable
 from ._alternative._apply import alt_instructions_pass
 from ._alternative._shadow import DebugLog, Shadow, Symbols, features_of
 from ._alternative._thunks import retpolines_pass, returns_pass
+from ._alternative._kpasses import ENDBR64, ENDBR_POISON
+from ._core._insn import CALL_INSN_OPCODE, text_gen_insn
 from ._core._machine import Capability
 from ._errors import TextPokeError
 from .images._elf import (ET_REL, SHN_ABS, SHN_COMMON, SHT_NOBITS, SHT_REL, SHT_RELA, STB_WEAK,
@@ -215,8 +229,11 @@ class ModuleLoader:
 
     def __init__(self, core, image, keys: StaticKeys, calls: StaticCalls, *,
                  features: Iterable[str | int] = (), execmem: ExecMem | None = None,
-                 data_base: int = MODULE_DATA_BASE, data_size: int = MODULE_DATA_SIZE) -> None:
+                 data_base: int = MODULE_DATA_BASE, data_size: int = MODULE_DATA_SIZE,
+                 ibt: bool = False) -> None:
         self.core = core
+        #: CONFIG_X86_KERNEL_IBT: .ibt_endbr_seal is applied
+        self.ibt = ibt
         self.machine = core.machine
         self.image = image
         self.keys, self.calls = keys, calls
@@ -460,6 +477,13 @@ class ModuleLoader:
                        getattr(r, "action", "") == "patched"]
             done[label] = len(patched)
             mod.patched.extend(patched)
+        calls = read(".call_sites", s32_sites, RetpolineSite, ".call_sites")
+        if (calls or alts) and getattr(self.calls, "thunks_initialized", False):
+            done[".call_sites"] = self._callthunks(mod, text, [c.addr for c in calls] +
+                                                   [a.instr for a in alts])
+        seal = read(".ibt_endbr_seal", s32_sites, RetpolineSite, ".ibt_endbr_seal")
+        if seal and self.ibt:
+            done[".ibt_endbr_seal"] = self._seal_endbr(mod, text, [e.addr for e in seal])
         mod.finalize = done
 
         # jump labels and static calls: known keys and calls, current state
@@ -487,6 +511,66 @@ class ModuleLoader:
             code = self.calls.module_code(s, text, tbase)
             text[s.addr - tbase:s.addr - tbase + len(code)] = code
         return jump, scs
+
+    def _callthunks(self, mod: Module, text: bytearray, sites: list[int]) -> int:
+        """``callthunks_patch_module_calls`` on the staged text: returns the
+        calls re-aimed at a thunk."""
+        calls = self.calls
+        if not getattr(calls, "thunks_initialized", False):
+            return 0
+        tbase, tend = mod.text, mod.text + mod.text_size
+        t0 = calls.symbols["skl_call_thunk_template"]
+        size = calls.symbols["skl_call_thunk_tail"] - t0
+        n = 0
+        for addr in sites:
+            if not tbase <= addr < tend:
+                continue                        # not this module's core text
+            o = addr - tbase
+            if text[o] != 0xE8:
+                continue                        # patched out, or not a direct call
+            dest = addr + 5 + int.from_bytes(text[o + 1:o + 5], "little", signed=True)
+            if calls._skip_dest(dest):
+                continue
+            if tbase <= dest < tend:
+                # a function of this module: its padding is in the staging copy
+                pad = dest - size
+                if pad < tbase:
+                    continue
+                want = calls._thunk_code(pad)
+                cur = bytes(text[pad - tbase:pad - tbase + size])
+                if cur != want:
+                    if cur != b"\x90" * size:
+                        continue                # "Invalid padding area"
+                    text[pad - tbase:pad - tbase + size] = want
+                    mod.patched.append((pad, want))
+            elif calls._is_coretext(dest):
+                pad = calls.callthunks_translate_call_dest(dest)
+                if pad == dest:
+                    continue
+            else:
+                continue
+            new = text_gen_insn(CALL_INSN_OPCODE, addr, pad)
+            text[o:o + 5] = new
+            mod.patched.append((addr, new))
+            n += 1
+        return n
+
+    def _seal_endbr(self, mod: Module, text: bytearray, sites: list[int]) -> int:
+        """``apply_seal_endbr`` on the staged text (with IBT configured):
+        each listed ENDBR64/ENDBR32 becomes the 4-byte poison NOP."""
+        if not self.ibt:
+            return 0
+        poison = ENDBR_POISON.to_bytes(4, "little")
+        n = 0
+        for addr in sites:
+            o = addr - mod.text
+            v = int.from_bytes(text[o:o + 4], "little")
+            if (v & ~0x01000000) != ENDBR64:
+                continue                        # not an ENDBR: left (the kernel WARNs)
+            text[o:o + 4] = poison
+            mod.patched.append((addr, poison))
+            n += 1
+        return n
 
     # ------------------------------------------------------------ unload
     def unload(self, mod: "Module | str") -> None:

@@ -190,7 +190,8 @@ class Kernel:
     def modules(self) -> ModuleLoader:
         self._check_open()
         return ModuleLoader(self.core, self.image, self.keys, self.calls,
-                            features=self.features, execmem=self.execmem)
+                            features=self.features, execmem=self.execmem,
+                            ibt=self.config["X86_KERNEL_IBT"])
 
     @cached_property
     def bpf(self) -> BpfJit:
