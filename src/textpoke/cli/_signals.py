@@ -27,7 +27,7 @@ import signal
 import sys
 
 __all__ = ["EXIT_SIGINT", "EXIT_SIGTERM", "Terminated", "arrived", "exit_status", "install",
-           "interruptions", "reporting", "restore", "save", "status_for"]
+           "interruptions", "reporting", "restore", "resume", "save", "status_for"]
 
 EXIT_SIGINT = 128 + signal.SIGINT     # 130
 EXIT_SIGTERM = 128 + signal.SIGTERM   # 143
@@ -65,6 +65,15 @@ def reporting() -> None:
     while the command writes its report."""
     global _quiet
     _quiet = True
+
+
+def resume() -> None:
+    """After a report that ignored signals, more work follows (demo's
+    clients): signals raise again.  One that arrived meanwhile is kept --
+    the caller looks at :func:`arrived` first and stops -- never forgotten,
+    as :func:`install` (which starts afresh) would."""
+    global _quiet
+    _quiet = False
 
 
 def _handler(signum: int, _frame: object) -> None:

@@ -64,22 +64,30 @@ def run(args: argparse.Namespace) -> int:
     interrupted: BaseException | None = None
     d = None
     try:
-        from ..sim._demo import Demo
         if args.machine == "live":
             from ..live._demo import LiveDemo
             d = LiveDemo(threads=args.cpus)
+            _state(f"workload running: pid {d.pid}, {args.cpus} threads")
+            d.attach()
+            _state(f"attached to pid {d.pid}")
         else:
+            from ..sim._demo import Demo
             d = Demo(cpus=args.cpus, seed=args.seed, line_size=args.line_size,
                      boot=not args.no_boot)
-        if args.machine == "live":
-            d.attach()
-        else:
+            _state(f"machine built: {args.cpus} vCPUs")
             d.boot()
+            _state("booted" if not args.no_boot else "no boot (--no-boot)")
             if args.timeline:
                 from ..verify._timeline import watch
                 watch(d.w)
-        with out.progress(out.progress_enabled(args.json), "toggling sites") as update:
+        with out.progress(out.progress_enabled(args.json), "toggling sites") as bar:
+            def update(done: int, total: int) -> None:
+                bar(done, total)
+                if done & (done - 1) == 0 or done == total:     # 1, 2, 4, 8, ... and the last
+                    _state(f"toggled {done} of {total}")
+            _state(f"toggling every site {args.toggles} times")
             d.toggle(args.toggles, update)
+        _state("checking that every CPU runs the final text")
         d.check_final()
     except (KeyboardInterrupt, Terminated) as e:
         interrupted = e
@@ -118,6 +126,14 @@ def run(args: argparse.Namespace) -> int:
               f"INT3s of ours left in the text: {r.int3_left}", file=sys.stderr)
         return exit_status(interrupted)
     if not args.json and args.machine == "sim":
+        from ._signals import arrived, status_for
+        _state("report written; the clients next")
+        if arrived() is not None:
+            # a signal came while the report was written (signals were only
+            # recorded then): stop here, do not start the clients
+            print("textpoke demo: interrupted after the toggling report; the clients did not "
+                  "run", file=sys.stderr)
+            return status_for(1 if found else 0)
         try:
             found |= _clients(args)
         except _Interrupted as i:
@@ -179,6 +195,15 @@ def _print(r) -> None:
               "a trap is not counted)", style="dim")
 
 
+def _state(text: str) -> None:
+    """Where the demo is, a line on stderr at each step -- unless stderr is
+    a terminal, which has the progress bar instead.  Logs (``make demo >
+    log 2>&1``) show how far a run got, and tools (and the tests) wait for
+    a step instead of for time."""
+    if not sys.stderr.isatty():
+        print(f"textpoke demo: {text}", file=sys.stderr, flush=True)
+
+
 def _clients(args) -> bool:
     """The clients at work, a line each (static keys, static calls, a
     module loaded, switched and unloaded, ftrace and kprobes, each on
@@ -186,14 +211,15 @@ def _clients(args) -> bool:
     status says so.  An interrupt stops the line in progress; each line is
     printed when done, so what ran is on the screen."""
     from ._contract import interrupted_tail
-    from ._signals import install
+    from ._signals import resume
     from .keys import settle
-    install()       # the toggling part's report ignored signals; these run on
+    resume()        # the toggling part's report ignored signals; these run on
     failed = False
     cpus = min(args.cpus, CLIENT_CPUS)
     hold: list = []         # the machine of the step in progress
     try:
         for step in _CLIENT_STEPS:
+            _state(f"client {step.__name__.strip('_').replace('_', ' ')}")
             line, ok = step(cpus, args.seed, hold)
             while hold:
                 hold.pop().close()

@@ -27,7 +27,8 @@ from typing import Any
 
 from . import _output as out
 from ._args import Bounds, UsageError, choice_of, int_in
-from ._signals import exit_status, reporting, Terminated
+from . import _contract
+from ._signals import arrived as _arrived, exit_status, reporting, Terminated
 
 __all__ = ["add_arguments", "run"]
 
@@ -218,12 +219,15 @@ def _poke(args: argparse.Namespace) -> int:
         except (KeyboardInterrupt, Terminated) as e:
             interrupted = e
         finally:
+            left, why = _contract.int3_left_of(core)
             core.close()
             new = m.text_read(addr, len(args.bytes))
     reporting()
     doc = {"pid": args.pid, "addr": f"{addr:#x}", "name": name, "old": old.hex(" "),
            "new": new.hex(" "), "written": new == args.bytes, "strategy": args.strategy,
-           "interrupted": interrupted is not None}
+           "interrupted": interrupted is not None, "int3_left": left}
+    if why:
+        doc["int3_left_reason"] = why
     if args.json:
         out.emit_json(doc)
     else:
@@ -253,7 +257,9 @@ def _sites(args: argparse.Namespace) -> int:
                        "kinds": _kinds(sites), "modules": modules, "journal": left,
                        "leftovers": dead, "entries": [e.as_dict() for e in entries],
                        "refused": [r.as_dict() for r in refused],
-                       "refused_by_reason": _reasons(refused)})
+                       "refused_by_reason": _reasons(refused),
+                       # read only: a signal ends it early at most; the INT3s it saw
+                       "interrupted": _arrived() is not None, "int3_left": len(stray)})
     else:
         if not args.check or stray:
             from rich.table import Table
@@ -311,8 +317,15 @@ def _sites(args: argparse.Namespace) -> int:
 
 def _recover(args: argparse.Namespace) -> int:
     from ..live._recover import recover
-    rep = recover(args.pid)
+    try:
+        rep = recover(args.pid)
+    except (KeyboardInterrupt, Terminated) as e:    # sites written whole or not at all
+        reporting()
+        return _interrupted_report(args, "recover", e)
     reporting()
+    if args.json:
+        rep = dict(rep, interrupted=_arrived() is not None,
+                   int3_left=_int3_sites(args.pid) if rep["kept"] else 0)
     if args.json:
         out.emit_json(rep)
     elif not rep["journal"]:
@@ -325,6 +338,12 @@ def _recover(args: argparse.Namespace) -> int:
         for k in rep["kept"]:
             out.print_plain(f"kept: {k}")
     return 1 if rep["kept"] else 0
+
+
+def _int3_sites(pid: int) -> int:
+    from ..live._fentry import fentry_sites
+    with _symbols(pid) as syms:
+        return sum(1 for x in fentry_sites(syms, None) if x.kind == "int3")
 
 
 def _reasons(refused) -> dict[str, int]:
@@ -467,7 +486,8 @@ def _interrupted_report(args: argparse.Namespace, what: str, e: BaseException) -
         doc.update(sites=len(sites), kinds=kinds, int3_left=kinds.get("int3", 0),
                    journal=left)
     except Exception as err:          # the process may be gone: still valid JSON
-        doc.update(int3_left=None, error=f"{type(err).__name__}: {err}")
+        doc.update(int3_left=None, error=f"{type(err).__name__}: {err}",
+                   int3_left_reason=f"the sites could not be read back: {type(err).__name__}")
     if args.json:
         out.emit_json(doc)
     else:
