@@ -13,7 +13,7 @@ them, in this order, before any secondary CPU runs:
 3. ``apply_returns`` -- ``jmp __x86_return_thunk`` becomes ``ret; int3...``
    when no return thunk is wanted;
 4. ``apply_alternatives`` -- every ``struct alt_instr`` in table order;
-5. ``apply_seal_endbr`` -- only with IBT (see below);
+5. ``apply_seal_endbr`` -- ENDBRs listed in ``.ibt_endbr_seal`` become NOPs (IBT);
 6. SMP locks: when a single CPU is present, LOCK prefixes listed in
    ``.smp_locks`` become harmless DS prefixes (``alternatives_smp_unlock``),
    and go back (``alternatives_smp_lock``) when the machine goes SMP;
@@ -26,11 +26,10 @@ comments here are our own.  Differences, all Python manners:
 * Where the kernel would ``BUG()`` (a replacement longer than its site, a
   displacement that no longer fits, a direct-call site that is not
   ``call *disp(%rip)``, a retpoline through %rsp) we raise
-  :class:`AlternativeError` -- and nothing has been written: the three
-  patching passes (retpolines, returns, alternatives) are computed on a
-  shadow copy of text and committed with ``text_poke_early`` only when all
-  of them succeeded (a failure while committing rolls back what was
-  written).
+  :class:`AlternativeError` -- and on a machine nothing has been written:
+  the text passes are computed on a shadow copy of text and committed with
+  ``text_poke_early`` only when all of them succeeded (a failure while
+  committing rolls back what was written).
 * Where the kernel would ``WARN`` and skip a site, the site is skipped and
   the reason is kept in its record.
 * Self-test failures are recorded; ``strict=True`` (the default) turns them
@@ -46,20 +45,39 @@ comments here are our own.  Differences, all Python manners:
   kprobes passes it (``(addr, addr)`` for one byte): the kernel compares
   exclusively there, so its one-byte query never matches a LOCK prefix.
 
-Not modelled: IBT/ENDBR sealing (the image is built with
-``-fcf-protection=none``, so there are no ENDBR instructions and no
-``.ibt_endbr_seal`` table: :func:`apply_seal_endbr` accepts only an empty
-table), FineIBT/kCFI, call-depth tracking and ITS thunks, paravirt
-capability setting, and the static-call re-initialisation that
-``apply_returns`` asks for (static calls are patched by their own client).
+One pipeline: the passes are written once, over a text-buffer protocol
+(``_ktext.TextBuffer``: read, write, decode, describe, symbols, data),
+which a booting machine's shadow (``_shadow.Shadow``, committed with
+``text_poke_early``), a module's staged text (the same shadow), a running
+machine (``_livetext.LiveText``, a ``text_poke`` per site: the SMP-lock
+switch) and a real kernel's flat memory (``_ktext.KernelText``) all
+implement.  What differs between the bundled image and Debian's kernels is
+data, the buffer's :class:`~textpoke.images._lines.KernelLine`
+(``LINE_BUNDLED``, 6.12, 6.1): the passes and their order, the NOP rules,
+the nested-site and fix-up rules, the feature numbering, and one rule of the
+bundled image's own (``checked``: refuse or do right what the kernel would
+silently get wrong in a relocation).  ENDBR sealing, call-depth thunks, ITS
+thunks and paravirt run wherever the line has them; the bundled image is
+built with ``-fcf-protection=none`` and has no such tables.  Not modelled:
+FineIBT/kCFI and paravirt capability setting; the static-call
+re-initialisation ``apply_returns`` asks for is the static-call client's.
 In the kernel ``X86_FEATURE_UP`` comes from CPU setup, not from here: the
 feature set is exactly what the caller passes (plus ``always``).
 
-One private module per concern: ``_records`` (results, errors, the
-debug-alternative mask), ``_shadow`` (the shadow of text, symbols,
-features), ``_apply`` (``.altinstructions``), ``_thunks`` (retpolines,
-returns, ENDBR), ``_smp_locks``, ``_selftest``, ``_reloc`` (relocation of
-replacement code) and ``_boot`` (the sequence).
+One private module per concern: ``_code`` (opcodes, encoders, the
+memoised decoder), ``_reloc`` (relocation of replacement code, NOP
+merging), ``_thunks`` (retpolines, returns, ENDBR sealing), ``_apply``
+(``.altinstructions``), ``_callthunks`` (call-depth thunks), ``_kparavirt``
+(6.1's ``.parainstructions``), ``_smp_locks`` (LOCK <-> DS and the SMP
+state), ``_passes`` (the text passes by the line's names), ``_boot`` (the
+bundled image's sequence with its self-tests, ``_selftest``), ``_records``
+(results, counts, the debug log, errors), and the text buffers: ``_ktext``
+(the protocol, ``KernelText``, ``CpuCaps``), ``_shadow``, ``_livetext``.
+A real kernel's boot in ``start_kernel``'s order, with the clients' init
+passes, is ``textpoke.kernel.boot_kernel``, one layer up; its early-boot
+state model (``_kearly``), table bounds (``_kboot``), runtime constants
+(``_runtime_const``) and the comparison with a QEMU reference (``_kdiff``)
+are here.
 """
 
 from ._apply import apply_alternatives

@@ -11,12 +11,12 @@ from typing import Any, Iterable, Iterator
 
 from .._core import TextPoke
 from ..images._tables import KernelTables
-from ._apply import alt_instructions_pass
 from ._records import BootResult, SelfTest, SelfTestError, SitePatch
 from ._selftest import alt_reloc_selftest, int3_selftest
+from ._ktext import caps_of
+from ._passes import TEXT_PASSES, TextPasses
 from ._shadow import DebugLog, Shadow, SymbolSource, features_of, symbols_of
 from ._smp_locks import SmpAlternatives
-from ._thunks import apply_seal_endbr, retpolines_pass, returns_pass
 
 __all__ = ["DEFAULT_FEATURES", "alternative_instructions"]
 
@@ -73,17 +73,26 @@ def alternative_instructions(core: TextPoke, image: SymbolSource, tables: Kernel
     if strict and selftests and tests[-1].passed is False:
         raise SelfTestError(f"int3_selftest failed: {tests[-1].detail}", partial())
 
-    # Retpolines first: the thunks they stop using are alternative sites.
-    shadow = Shadow(core)
-    with _timed(timings, "apply_retpolines"):
-        retp = retpolines_pass(shadow, tables.retpoline_sites, feats, sym, dbg)
-    with _timed(timings, "apply_returns"):
-        rets = returns_pass(shadow, tables.return_sites, feats, sym, dbg)
-    with _timed(timings, "apply_alternatives"):
-        alts = alt_instructions_pass(shadow, tables.alt_instructions, feats, sym, dbg)
-    apply_seal_endbr(core, ())
+    # The line's text passes on one shadow (retpolines first: the thunks
+    # they stop using are alternative sites), committed only when all of
+    # them succeeded.
+    shadow = Shadow(core, sym)
+    passes = TextPasses(shadow, {".retpoline_sites": [r.addr for r in tables.retpoline_sites],
+                               ".return_sites": [r.addr for r in tables.return_sites],
+                               ".altinstructions": tables.alt_instructions},
+                      caps_of(feats, shadow.line), dbg=dbg, records=True)
+    for name in shadow.line.passes:
+        if name in TEXT_PASSES:
+            with _timed(timings, name):
+                passes.run(name)
     with _timed(timings, "commit"):
         shadow.commit()
+
+    def records(table: str) -> tuple:
+        log = passes.logs.get(table)
+        return tuple(log.records) if log is not None else ()
+    alts, retp, rets = (records(".altinstructions"), records(".retpoline_sites"),
+                        records(".return_sites"))
 
     locks: tuple[SitePatch, ...] = ()
     with _timed(timings, "smp_locks"):

@@ -12,17 +12,18 @@ code is our own.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Sequence
 
 from .._core._insn import insn_decode_kernel
 from .._errors import BadInstructionError
-from ..images._tables_real import RealAltInstr
+from ..images._tables import AltInstr
 from ._code import CALL, rel32
-from ._kpasses import F_CALL_DEPTH, TableStats
+from ._kpasses import F_CALL_DEPTH
+from ._ktext import CpuCaps, TextBuffer
+from ._records import PassLog, TableStats
 from ._reloc import apply_relocation
-from ._ktext import CpuCaps, KernelText
 
-__all__ = ["callthunks_patch_builtin_calls", "SKIP_DESTS"]
+__all__ = ["callthunks", "SKIP_DESTS"]
 
 #: Destinations that must not be redirected (they account for themselves
 #: or run before the per-CPU state exists).
@@ -36,15 +37,15 @@ _PREFIXES = frozenset([0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF
 
 
 class _Thunks:
-    def __init__(self, kt: KernelText) -> None:
-        self.kt = kt
-        t0 = kt.sym("skl_call_thunk_template")
+    def __init__(self, tb: TextBuffer) -> None:
+        self.tb = tb
+        t0 = tb.sym("skl_call_thunk_template")
         self.tmpl_addr = t0
-        self.size = kt.sym("skl_call_thunk_tail") - t0
-        self.tmpl = kt.read(t0, self.size)
-        self.lo, self.hi = kt.sym("_text"), kt.sym("_etext")
-        self.skip = {kt.symbols[n] for n in SKIP_DESTS if n in kt.symbols}
-        rk = kt.opt("relocate_kernel")
+        self.size = tb.sym("skl_call_thunk_tail") - t0
+        self.tmpl = tb.read(t0, self.size)
+        self.lo, self.hi = tb.sym("_text"), tb.sym("_etext")
+        self.skip = {a for a in map(tb.opt, SKIP_DESTS) if a is not None}
+        rk = tb.opt("relocate_kernel")
         self.kexec = (rk, rk + _KEXEC_CONTROL_CODE_MAX_SIZE) if rk is not None else (0, 0)
         self.pads: dict[int, int | None] = {}
         self.made = 0
@@ -78,33 +79,33 @@ class _Thunks:
             want = bytes(b)
         else:
             b = bytearray(self.tmpl) + bytes(16)
-            apply_relocation(b, pad, self.size, self.tmpl_addr, self.size, self.kt.line)
+            apply_relocation(b, pad, self.size, self.tmpl_addr, self.size, self.tb.line)
             want = bytes(b[:self.size])
-        cur = self.kt.read(pad, self.size)
+        cur = self.tb.read(pad, self.size)
         res: int | None = pad
         if cur != want:
             if cur != b"\x90" * self.size:
                 res = None
             else:
-                self.kt.write(".call_sites(thunk)", pad, want)
+                self.tb.write(".call_sites(thunk)", pad, want)
                 self.made += 1
         self.pads[dest] = res
         return res
 
 
-def _patch_call(kt: KernelText, th: _Thunks, addr: int, st: TableStats) -> None:
+def _patch_call(tb: TextBuffer, th: _Thunks, addr: int, st: TableStats) -> None:
     if not th.lo <= addr < th.hi:
         st.skipped += 1
         return
-    o = addr - kt.base
-    b0 = kt.buf[o]
+    cur = tb.read(addr, 5)
+    b0 = cur[0]
     if b0 == CALL:
-        dest = addr + 5 + int.from_bytes(kt.buf[o + 1:o + 5], "little", signed=True)
+        dest = addr + 5 + int.from_bytes(cur[1:5], "little", signed=True)
     elif b0 not in _PREFIXES:
         st.skipped += 1             # not a CALL (patched out, or an indirect call)
         return
     else:
-        ins = kt.decode(addr)
+        ins = tb.decode(addr)
         if ins is None or ins.op1 != CALL:
             st.skipped += 1
             return
@@ -118,26 +119,19 @@ def _patch_call(kt: KernelText, th: _Thunks, addr: int, st: TableStats) -> None:
         st.note("no NOP padding before the destination")
         return
     st.applied += 1
-    new = rel32(CALL, addr, pad)
-    if kt.record:
-        st.changed += kt.write(".call_sites", addr, new)
-    elif kt.buf[o:o + 5] != new:
-        kt.buf[o:o + 5] = new
-        st.changed += 1
+    st.changed += tb.write(".call_sites", addr, rel32(CALL, addr, pad))
 
 
-def callthunks_patch_builtin_calls(kt: KernelText, call_sites: list[int],
-                                   alts: list[RealAltInstr], caps: CpuCaps,
-                                   dbg: Callable[[str], None] | None = None
-                                   ) -> tuple[TableStats, int] | None:
-    """Redirect calls to accounting thunks; None when the CPU does not use
-    call-depth tracking.  Returns (stats over both tables, thunks written)."""
+def callthunks(tb: TextBuffer, call_sites: Sequence[int], alts: Sequence[AltInstr],
+               caps: CpuCaps, log: PassLog) -> int:
+    """Redirect calls to accounting thunks when the CPU uses call-depth
+    tracking (counts over both tables in *log*); the thunks written."""
     if not caps.has(F_CALL_DEPTH):
-        return None
-    th = _Thunks(kt)
-    st = TableStats(entries=len(call_sites) + len(alts))
+        return 0
+    th = _Thunks(tb)
+    st = log.stats
     for addr in call_sites:
-        _patch_call(kt, th, addr, st)
+        _patch_call(tb, th, addr, st)
     for a in alts:
-        _patch_call(kt, th, a.instr, st)
-    return st, th.made
+        _patch_call(tb, th, a.instr, st)
+    return th.made

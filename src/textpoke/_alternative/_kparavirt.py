@@ -14,33 +14,35 @@ the rest of the site is NOPs (the line's ``add_nops``).  Rules learnt from
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Sequence
 
-from ..images._tables_real import ParaSite
+from .._errors import BadAddressError
+from ..images._tables import ParaSite
 from ._code import CALL, rel32
-from ._kpasses import TableStats
+from ._ktext import KernelBootError, TextBuffer
+from ._records import PassLog
 from ._reloc import add_nops
-from ._ktext import KernelBootError, KernelText
 
-__all__ = ["apply_paravirt_k"]
+__all__ = ["paravirt"]
 
 MAX_PATCH_LEN = 255 - 1
 
 
-def apply_paravirt_k(kt: KernelText, sites: list[ParaSite],
-                     dbg: Callable[[str], None] | None = None) -> TableStats:
-    st = TableStats(entries=len(sites))
-    pv_ops = kt.sym("pv_ops")
-    nop = kt.opt("_paravirt_nop")
-    bug = kt.opt("paravirt_BUG")
-    lo, hi = kt.base, kt.base + len(kt.buf)
+def paravirt(tb: TextBuffer, sites: Sequence[ParaSite], log: PassLog) -> None:
+    """The ``.parainstructions`` pass over *tb*."""
+    st, dbg = log.stats, log.dbg
+    pv_ops = tb.sym("pv_ops")
+    nop = tb.opt("_paravirt_nop")
+    bug = tb.opt("paravirt_BUG")
     for p in sites:
         if p.len > MAX_PATCH_LEN:
             raise KernelBootError(f".parainstructions {p.index}: len {p.len} > {MAX_PATCH_LEN}")
-        if not lo <= p.instr < hi - p.len:
+        try:
+            tb.read(p.instr, p.len + 1)
+        except (KernelBootError, BadAddressError):
             raise KernelBootError(f".parainstructions {p.index}: site {p.instr:#x} outside "
-                                  f"_text.._end")
-        fn = kt.data_u64(pv_ops + 8 * p.type)
+                                  f"_text.._end") from None
+        fn = tb.data_u64(pv_ops + 8 * p.type)
         if fn == 0:
             if bug is None:
                 raise KernelBootError("a NULL pv_ops slot and no paravirt_BUG in the image")
@@ -50,13 +52,13 @@ def apply_paravirt_k(kt: KernelText, sites: list[ParaSite],
         else:
             code = rel32(CALL, p.instr, fn)
         if len(code) > p.len:
-            raise KernelBootError(f".parainstructions {p.index} at {kt.describe(p.instr)}: "
+            raise KernelBootError(f".parainstructions {p.index} at {tb.describe(p.instr)}: "
                                   f"a {len(code)}-byte call does not fit {p.len} bytes")
         b = bytearray(code) + bytearray(p.len - len(code))
-        add_nops(b, len(code), p.len - len(code), kt.line)
-        if dbg:
-            dbg(f"paravirt at: {kt.describe(p.instr)} ({p.instr:#x}) type {p.type} len "
-                f"{p.len} -> {kt.describe(fn) if code else 'nop'}: {bytes(b).hex(' ')}")
+        add_nops(b, len(code), p.len - len(code), tb.line)
+        if dbg.mask:
+            dbg(dbg.mask, f"paravirt at: {tb.describe(p.instr)} ({p.instr:#x}) type {p.type} "
+                          f"len {p.len} -> {tb.describe(fn) if code else 'nop'}: "
+                          f"{bytes(b).hex(' ')}", p.instr)
         st.applied += 1
-        st.changed += kt.write(".parainstructions", p.instr, bytes(b))
-    return st
+        st.changed += tb.write(".parainstructions", p.instr, bytes(b))

@@ -286,7 +286,7 @@ class BootResult:
     smp_locks: tuple[SitePatch, ...] = ()
     selftests: tuple[SelfTest, ...] = ()
     uniproc_patched: bool = False
-    seal_endbr: str = "not modelled: the image has no ENDBR (built without IBT)"
+    seal_endbr: str = "nothing to seal: the image has no .ibt_endbr_seal (built without IBT)"
     table_entries: Mapping[str, int] = field(default_factory=dict)
     debug: tuple[DebugRecord, ...] = ()
     timings: Mapping[str, float] = field(default_factory=dict)

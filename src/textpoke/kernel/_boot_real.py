@@ -29,16 +29,13 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from .._alternative._callthunks import callthunks_patch_builtin_calls
-from .._alternative._apply import alternatives
 from .._alternative._kboot import KernelBoot, table_bounds as _bounds
 from .._alternative._kearly import EarlyBoot, early_snapshot
-from .._alternative._kparavirt import apply_paravirt_k
 from .._alternative._kpasses import F_CALL_DEPTH, BootOptions, TableStats
 from .._alternative._ktext import CpuCaps, KernelText
+from .._alternative._passes import TEXT_PASSES, TextPasses
 from .._alternative._records import DA_ALL, DebugLog, PassLog
 from .._alternative._smp_locks import DS_PREFIX, LOCK_PREFIX, lock_prefixes
-from .._alternative._thunks import ItsThunks, retpolines, returns, seal_endbr
 from .._alternative._runtime_const import runtime_const_sync
 from .._ftrace import ftrace_init
 from .._jump_label import jump_label_init, jump_label_sync
@@ -65,14 +62,6 @@ def boot_kernel(kt: KernelText, caps: CpuCaps, opts: BootOptions | None = None, 
     if kt.data is None and early is not None:
         kt.data, res.early = early_snapshot(kt, caps, early)
     dlog = DebugLog(DA_ALL if debug_alternative else 0)
-
-    def dbg(line: str) -> None:              # the passes not yet on PassLog
-        dlog(DA_ALL, line)
-    if not debug_alternative:
-        dbg = None                           # type: ignore[assignment]
-
-    def log(entries: int) -> PassLog:
-        return PassLog(entries, kt.describe, dlog)
     steps = ["tables", *line.passes]
     t_all = time.perf_counter()
 
@@ -115,6 +104,11 @@ def boot_kernel(kt: KernelText, caps: CpuCaps, opts: BootOptions | None = None, 
     kernel_text = [(kt.sym("_stext"), kt.sym("_etext")),
                    (kt.sym("_sinittext"), kt.sym("_einittext"))]
     s = res.stats
+    # the text passes of alternative_instructions(), the bundled image's too
+    text = TextPasses(kt, {".parainstructions": t["pv"], ".retpoline_sites": t["rp"],
+                           ".return_sites": t["rt"], ".altinstructions": t["alt"],
+                           ".call_sites": t["cs"], ".ibt_endbr_seal": t["ibt"]},
+                      caps, opts, dlog)
 
     def put(name: str, fn: Callable[[], TableStats]) -> Callable[[], None]:
         return lambda: s.__setitem__(name, fn().as_dict())
@@ -124,63 +118,40 @@ def boot_kernel(kt: KernelText, caps: CpuCaps, opts: BootOptions | None = None, 
         s[".static_call_sites(sync)"] = static_call_sync(kt, t["sc"], kernel_text).as_dict()
         s["runtime_const(sync)"] = runtime_const_sync(kt).as_dict()
 
-    def retpolines_() -> None:
-        its = ItsThunks(kt, opts.its_pages)
-        lg = log(len(t["rp"]))
-        retpolines(kt, t["rp"], caps, opts, its, lg)
-        s[".retpoline_sites"] = lg.stats.as_dict()
-        res.its_thunks = its.allocated
+    def text_pass(name: str) -> Callable[[], None]:
+        return lambda: s.__setitem__(TEXT_PASSES[name], text.run(name).stats.as_dict())
 
-    def returns_() -> None:
-        lg = log(len(t["rt"]))
-        returns(kt, t["rt"], caps, opts, lg)
-        s[".return_sites"] = lg.stats.as_dict()
-
-    def alternatives_() -> None:
-        lg = log(len(t["alt"]))
-        alternatives(kt, t["alt"], caps, lg)
-        s[".altinstructions"] = lg.stats.as_dict()
-
-    def seal() -> None:
-        lg = log(len(t["ibt"]))
-        seal_endbr(kt, t["ibt"], lg)
-        s[".ibt_endbr_seal"] = lg.stats.as_dict()
+    def retpolines() -> None:
+        text_pass("apply_retpolines")()
+        res.its_thunks = text.its.allocated
 
     def callthunks() -> None:
-        if t["cs"] is None:
+        if t["cs"] is None:                 # no call-depth tracking: counted only
             s[".call_sites"] = TableStats(entries=t["cs_count"]).as_dict()
             return
-        ct = callthunks_patch_builtin_calls(kt, t["cs"], t["alt"], caps, dbg)
-        if ct is None:
-            s[".call_sites"] = TableStats(entries=len(t["cs"])).as_dict()
-        else:
-            d = ct[0].as_dict()
-            d["thunks"] = ct[1]
-            s[".call_sites"] = d
+        d = text.run("callthunks").stats.as_dict()
+        if caps.has(F_CALL_DEPTH):
+            d["thunks"] = text.thunks_made
+        s[".call_sites"] = d
 
     def smp_locks() -> None:
         up = not opts.noreplace_smp and (opts.ncpus == 1 or (opts.setup_max_cpus is not None
                                                              and opts.setup_max_cpus <= 1))
         res.uniproc = up
+        lg = PassLog(len(t["lk"]), kt.describe, dlog)
         if up:
-            lg = log(len(t["lk"]))
             lock_prefixes(kt, t["lk"], (kt.sym("_text"), kt.sym("_etext")), DS_PREFIX,
                           LOCK_PREFIX, lg)
-            s[".smp_locks"] = lg.stats.as_dict()
-        else:
-            s[".smp_locks"] = TableStats(entries=len(t["lk"])).as_dict()
+        s[".smp_locks"] = lg.stats.as_dict()
 
     passes: dict[str, Callable[[], None]] = {
         "jump_label_init": put("__jump_table", lambda: jump_label_init(kt, t["jl"])),
         "static_call_init": put(".static_call_sites", lambda: static_call_init(kt, t["sc"])),
         "ftrace_init": put("__mcount_loc", lambda: ftrace_init(kt, t["mc"])),
         "runtime_sync": sync,
-        "apply_paravirt": put(".parainstructions", lambda: apply_paravirt_k(kt, t["pv"], dbg)),
-        "apply_retpolines": retpolines_,
-        "apply_returns": returns_,
-        "apply_alternatives": alternatives_,
+        **{name: text_pass(name) for name in TEXT_PASSES},
+        "apply_retpolines": retpolines,
         "callthunks": callthunks,
-        "apply_seal_endbr": seal,
         "smp_locks": smp_locks,
     }
     try:
