@@ -45,11 +45,7 @@ SIM_MACHINE = {"_machine", "_vcpu", "_sched", "_traps", "_fetchview"}
 
 #: Known violations, each with why it is still here.  This list only shrinks:
 #: a fixed one must be removed (the test fails on a stale entry).
-ALLOWED: dict[tuple[str, str], str] = {
-    # boot's --image options live in _boot_real, which borrows boot's
-    # disassembler back (the CLI's own modules; not this layer work's)
-    ("textpoke.cli._boot_real", "textpoke.cli.boot"): "cli: boot <-> _boot_real",
-}
+ALLOWED: dict[tuple[str, str], str] = {}
 
 
 def _layer_of(pkg: str) -> int:

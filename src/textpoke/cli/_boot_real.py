@@ -24,7 +24,28 @@ if TYPE_CHECKING:
 # that boot, never at import time: ``textpoke boot --help`` needs none of it.
 
 __all__ = ["add_real_arguments", "run_real", "caps_from_args", "derive_return_thunk",
-           "parse_cmdline", "early_from_args"]
+           "parse_cmdline", "early_from_args", "disassemble"]
+
+
+def disassemble(data: bytes, addr: int) -> list[dict[str, Any]]:
+    """Decode *data* (at *addr*) instruction by instruction; a byte that
+    starts no valid instruction is shown as ``(bad)`` and skipped.  (Here
+    rather than in ``boot``, which imports this module: one direction.)"""
+    from .._core._insn import insn_decode_kernel
+    from .._errors import BadInstructionError
+    out = []
+    off = 0
+    while off < len(data):
+        try:
+            insn = insn_decode_kernel(data[off:], addr + off)
+            if insn.length > len(data) - off:
+                raise BadInstructionError("runs past the end")
+            raw, text = insn.raw, insn.text
+        except BadInstructionError:
+            raw, text = data[off:off + 1], "(bad)"
+        out.append({"addr": addr + off, "bytes": raw.hex(" "), "text": text})
+        off += len(raw)
+    return out
 
 
 def add_real_arguments(p: argparse.ArgumentParser) -> None:
@@ -308,7 +329,6 @@ def run_real(args: argparse.Namespace) -> int:
         doc["sites"] = [{"table": c.table, "addr": hex(c.addr), "where": kt.describe(c.addr),
                          "old": c.old.hex(" "), "new": c.new.hex(" ")} for c in kt.changes]
     if names:
-        from .boot import disassemble
         doc["disasm"] = {n: {"addr": hex(before[n][0]),
                              "before": disassemble(before[n][1], before[n][0]),
                              "after": disassemble(after[n][1], after[n][0])} for n in names}

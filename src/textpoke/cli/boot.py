@@ -18,7 +18,7 @@ from typing import Any
 
 from . import _output as out
 from ._args import CPUS, Bounds, UsageError, checked, int_in, number
-from ._boot_real import add_real_arguments, refuse_real_only, run_real
+from ._boot_real import add_real_arguments, disassemble, refuse_real_only, run_real
 from ._signals import Terminated, reporting
 
 __all__ = ["add_arguments", "disassemble", "run", "run_boot"]
@@ -92,26 +92,6 @@ def _parse_features(text: str) -> list[str] | None:
     for p in parts:
         feature_number(p)            # ValueError names the culprit
     return parts
-
-
-def disassemble(data: bytes, addr: int) -> list[dict[str, Any]]:
-    """Decode *data* (at *addr*) instruction by instruction; a byte that
-    starts no valid instruction is shown as ``(bad)`` and skipped."""
-    from .._core._insn import insn_decode_kernel
-    from .._errors import BadInstructionError
-    out = []
-    off = 0
-    while off < len(data):
-        try:
-            insn = insn_decode_kernel(data[off:], addr + off)
-            if insn.length > len(data) - off:
-                raise BadInstructionError("runs past the end")
-            raw, text = insn.raw, insn.text
-        except BadInstructionError:
-            raw, text = data[off:off + 1], "(bad)"
-        out.append({"addr": addr + off, "bytes": raw.hex(" "), "text": text})
-        off += len(raw)
-    return out
 
 
 def _function_range(image: Any, name: str) -> tuple[int, int]:
