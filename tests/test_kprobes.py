@@ -667,3 +667,75 @@ def test_kretprobe_through_an_ftrace_kprobe(ftrig):
     kp.unregister_kretprobe(rp)
     assert rv and set(rv) == {42}
     assert not cm.expect({i: 42})
+
+
+# ------------------------------------------------------------------ rethook
+def test_kretprobes_return_through_rethook(rig):
+    # kernel/kprobes.c pre_handler_kretprobe -> rethook_hook ->
+    # arch/x86/kernel/rethook.c arch_rethook_prepare: the return address on
+    # the stack becomes arch_rethook_trampoline and the instance goes on the
+    # current task's list.  The function's RET lands in that trampoline,
+    # which pushes pt_regs and calls arch_rethook_trampoline_callback ->
+    # kernel/trace/rethook.c rethook_trampoline_handler: the real return
+    # address is the first instance on the list not holding the trampoline
+    # (a second kretprobe on the same function hooked the trampoline itself),
+    # every handler of this frame runs -- newest first -- with regs->ip set
+    # to that real address, and the fake return slot gets it.  A handler's
+    # change to regs->ax reaches the caller: the trampoline restores pt_regs.
+    cm, kp, g = rig
+    i = cm.add_probe("kprobe_target", addr=g.addr("kprobe_target"), arg=RAND1,
+                     allow=[RAND1 // DIV_FACTOR, 77])
+    cm.start()
+    seen = []
+    hooked = []
+
+    def entry2(ri, regs):
+        hooked.append(ri.ret_addr)
+
+    rp1 = kp.register_kretprobe("kprobe_target",
+                                lambda ri, r: seen.append((1, r.cpu, r.ip, r.gprs["rax"])))
+
+    def h2(ri, r):
+        seen.append((2, r.cpu, r.ip, r.gprs["rax"]))
+        r.gprs["rax"] = 77
+
+    rp2 = kp.register_kretprobe("kprobe_target", h2, entry2)
+    assert kp.rethook and kp.trampoline == cm.sym("arch_rethook_trampoline")
+    assert cm.wait_passes(3)
+    loop = cm.sym("client_loop")
+    in_loop = lambda a: loop <= a < loop + cm.image.sizes["client_loop"]  # noqa: E731
+    # the second entry probe found the first's trampoline on the stack
+    assert hooked and set(hooked) == {kp.trampoline}
+    # per return: handler 2 (newest) then handler 1, both at the real address;
+    # 1 sees the value 2 left in rax
+    ones = [s for s in seen if s[0] == 1]
+    twos = [s for s in seen if s[0] == 2]
+    assert ones and twos and all(in_loop(ip) for _n, _c, ip, _ax in seen)
+    assert {ax for *_x, ax in twos} == {RAND1 // DIV_FACTOR}
+    assert {ax for *_x, ax in ones} == {77}
+    assert {c for _n, c, *_x in seen} == set(cm.sim.cpus)
+    assert not cm.expect({i: 77})          # the caller got the handler's value
+    kp.unregister_kretprobe(rp2)
+    kp.unregister_kretprobe(rp1)
+    assert cm.wait_passes(2) and kp.pending_instances() == 0
+    assert not cm.expect({i: RAND1 // DIV_FACTOR})
+    assert kp.stats.ret_hits > 0
+
+
+def test_kretprobe_maxactive_is_one_pool_for_every_cpu(rig):
+    # rethook_alloc(..., rp->maxactive): the instances come from one pool of
+    # maxactive for the kretprobe, whatever CPU or task takes them
+    # (rethook_try_get), so never more than maxactive are pending in all.
+    cm, kp, g = rig
+    cm.add_probe("kprobe_target", addr=g.addr("kprobe_target"), arg=RAND1,
+                 allow=[RAND1 // DIV_FACTOR])
+    cm.start()
+    most = []
+
+    def entry(ri, regs):
+        most.append(kp.pending_instances())
+
+    rp = kp.register_kretprobe("kprobe_target", lambda ri, r: None, entry, maxactive=1)
+    assert cm.wait_passes(3)
+    kp.unregister_kretprobe(rp)
+    assert most and max(most) <= 0 and rp.nmissed > 0 and rp.nhit > 0

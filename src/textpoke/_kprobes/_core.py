@@ -41,11 +41,12 @@ Calls are always emulated, so the return address a callee sees is the
 original one (the "fixed" return address of the old single-step model).
 
 kretprobes put an entry probe on the function (its first instruction;
-with a bare symbol name, the one after the fentry NOP) that swaps the
-return address on the stack for a trampoline in execmem -- an INT3 -- and
-remembers the real one per CPU.  The trampoline's trap runs the return
-handler with ``regs.gprs["rax"]`` (the return value) and ``ip`` = the real
-return address, and resumes there.
+with a bare symbol name, the one after the fentry NOP -- or the NOP
+itself with KPROBES_ON_FTRACE) that swaps the return address on the stack
+for rethook's ``arch_rethook_trampoline`` and puts an instance on the
+current task's list; the return handler runs with ``regs.gprs["rax"]``
+(the return value) and ``ip`` = the real return address: see
+:mod:`._kretprobe`.
 
 Optimised probes: see :mod:`._optprobe` (and :mod:`._opt` for the detour;
 kretprobes are :mod:`._kretprobe`, the records :mod:`._types`).  Optimising and unoptimising go
@@ -90,7 +91,7 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import Iterable
+from typing import Callable, Hashable, Iterable
 
 from .._core._emulate import PtRegs
 from .._core._insn import (INT3_INSN_OPCODE, JMP32_INSN_OPCODE, Insn, insn_decode_kernel,
@@ -175,6 +176,9 @@ class Kprobes(_Kretprobes, _Optprobes):
         self._detours: dict[int, _Site] = {}     # detour's handler INT3 -> site
         self._instances: dict[int, list[KretprobeInstance]] = {}
         self._tramp: int | None = None
+        self._rethook_cb: int | None = None
+        #: the task a CPU runs (rethook's per-task list): by default the CPU
+        self.current_task: Callable[[int], Hashable] = lambda cpu: cpu
         self._current: dict[int, list[Kprobe]] = {}
         self.kretprobes: list[Kretprobe] = []
         self._closed = False
@@ -203,9 +207,9 @@ class Kprobes(_Kretprobes, _Optprobes):
         if probes:
             self.unregister_kprobes(probes)
         if not any(self._instances.values()):
-            if self._tramp is not None:
+            if self._tramp is not None and self._rethook_cb is None:
                 self.execmem.free(self._tramp)
-                self._tramp = None
+            self._tramp = None
             self._handle.unregister()
 
     # ------------------------------------------------------------ blacklist
@@ -610,7 +614,9 @@ class Kprobes(_Kretprobes, _Optprobes):
         site = self._slots.get(ip)
         if site is not None:
             return self._post(site, regs)
-        if ip == self._tramp:
+        if self._rethook_cb is not None and ip == self._rethook_cb:
+            return self._rethook_hit(regs)
+        if ip == self._tramp and self._rethook_cb is None:
             return self._ret_hit(regs)
         site = self._detours.get(ip)
         if site is not None:
