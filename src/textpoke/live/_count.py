@@ -4,10 +4,13 @@
 :func:`live_count` (``textpoke live count``):
 
 1. resolves the fentry sites of the functions matching a glob
-   (:mod:`._fentry`); only NOP5 sites are patched (the others are listed as
-   skipped, with the bytes found);
-2. attaches (:class:`LiveMachine`), maps a region near the code in a
-   stopped thread (:mod:`._inject`) and writes one stub per function::
+   (:mod:`._fentry`: NOP5, five NOP1s, ``call *__fentry__@GOTPCREL``; the
+   others are listed as skipped, with the bytes found), and plans the entry
+   of every other matching function (:mod:`._entry`: the instructions a
+   5-byte JMP covers, moved to a trampoline; a function that cannot be
+   moved is listed as skipped with the reason);
+2. attaches (:class:`LiveMachine`), maps a region near each module's code
+   in a stopped thread (:mod:`._inject`) and writes one stub per function::
 
        lock incq counter_i(%rip)     f0 48 ff 05 rel32
        ret                           c3          (padded with INT3 to 16 bytes)
@@ -19,7 +22,10 @@
    flags, which no ABI preserves across a call).  Counters are 64 bytes
    apart (one cache line each: threads counting different functions do not
    share a line), in a data page separate from the code (a write into a
-   line of code being run would cost every thread a machine clear);
+   line of code being run would cost every thread a machine clear).
+   An ordinary entry's stub (64 bytes) is the same increment, then the
+   moved instructions re-encoded for their new address, then ``jmp`` back
+   to the first instruction not moved; its site becomes ``jmp stub_i``;
 3. switches every site NOP5 -> ``call stub_i`` in ONE batch of the core
    (``smp_text_poke_batch_add`` for each, then finish: INT3 protocol or
    stop-machine, as the machine's strategy says), and detaches -- the
