@@ -10,9 +10,9 @@ from ._ftrace import DEMO_FUNCTIONS, FtraceRig, FtraceSelfTest, expected_hits, f
 from ._kprobes import RAND1, kprobes_selftest
 from ._module import module_selftest
 from ._result import SelfTestResult
-from ._rig import ClientRig
+from ._rig import ClientRig, Probe
 from ._static import many_key_flip, static_call_selftest, static_keys_selftest
 
-__all__ = ["ClientRig", "SelfTestResult", "kprobes_selftest", "module_selftest", "RAND1",
+__all__ = ["ClientRig", "Probe", "SelfTestResult", "kprobes_selftest", "module_selftest", "RAND1",
            "static_keys_selftest", "static_call_selftest", "many_key_flip",
            "FtraceRig", "FtraceSelfTest", "ftrace_selftest", "expected_hits", "DEMO_FUNCTIONS"]

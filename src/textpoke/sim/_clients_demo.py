@@ -22,14 +22,12 @@ at its end.
 
 from __future__ import annotations
 
-import struct
-from dataclasses import dataclass
-from typing import Iterable
-
 from .._jump_label._keys import StaticKeys
 from .._static_call._calls import StaticCalls
 from ..kernel import Kernel
-from ..selftests import SelfTestResult, many_key_flip, static_call_selftest, static_keys_selftest
+from ..selftests import (Probe, SelfTestResult, many_key_flip, static_call_selftest,
+                         static_keys_selftest)
+from ..selftests._rig import _CALLS, CLIENT_CPUS, CLIENT_REC, CLIENT_SLOTS, ProbeLoopRig
 from ..images import load_bundled
 from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import read_tables
@@ -39,30 +37,8 @@ from ._workload import boot_workload
 __all__ = ["ClientMachine", "Probe", "SelfTestResult", "static_keys_selftest",
            "static_call_selftest", "many_key_flip", "clients_demo_lines", "CLIENT_SLOTS"]
 
-CLIENT_SLOTS = 64
-CLIENT_CPUS = 8
-_HDR = 128
-_SLOT = 128
-_REC = _HDR + CLIENT_SLOTS * _SLOT
-# slot fields (8 bytes each)
-_FN, _ARG, _A0, _A1, _LO, _HI, _LAST, _CALLS, _BAD, _BADVAL = range(10)
 
-
-def _s64(v: int) -> int:
-    v &= (1 << 64) - 1
-    return v - (1 << 64) if v >> 63 else v
-
-
-@dataclass(slots=True)
-class Probe:
-    """A guest function ``int fn(long)`` every CPU calls, and its argument."""
-
-    name: str
-    addr: int
-    arg: int = 0
-
-
-class ClientMachine:
+class ClientMachine(ProbeLoopRig):
     """The kernel image booted on *cpus* vCPUs with the client loop on each:
     a sim harness around a :class:`~textpoke.kernel.Kernel` (``.kernel``;
     its clients are ``cm.kernel.keys``, ``.calls``, ``.kprobes``,
@@ -122,108 +98,29 @@ class ClientMachine:
         finally:
             self.w.close()
 
-    # ------------------------------------------------------------ probes
+    # ------------------------------------------------------------ the rig
+    # (the records, probes and the oracle are ProbeLoopRig's, shared with live)
     def sym(self, name: str) -> int:
         return self.image.sym(name)
 
-    def _slot(self, cpu: int, i: int, f: int) -> int:
-        return self.recs + cpu * _REC + _HDR + i * _SLOT + 8 * f
+    @property
+    def mem(self):
+        return self.sim.mem
 
-    def _w(self, addr: int, v: int) -> None:
-        self.sim.mem_write(addr, struct.pack("<q", _s64(v)))
-
-    def _r(self, addr: int) -> int:
-        return _s64(self.sim.read_u64(addr))
-
-    def add_probe(self, name: str, addr: int | None = None, arg: int = 0,
-                  allow: Iterable[int] = ()) -> int:
-        """Add a probe to every CPU's table; return its slot."""
-        i = len(self.probes)
-        if i >= CLIENT_SLOTS:
-            raise ValueError(f"at most {CLIENT_SLOTS} probes")
-        p = Probe(name, self.sym(name) if addr is None else addr, arg)
-        self.probes.append(p)
-        for cpu in self.sim.cpus:
-            self.allow(i, allow, cpus=[cpu])
-            self._w(self._slot(cpu, i, _ARG), arg)
-            self._w(self._slot(cpu, i, _FN), p.addr)
-        for cpu in self.sim.cpus:
-            self._w(self.recs + cpu * _REC + 8, len(self.probes))
-        return i
-
-    def slot_of(self, name: str) -> int:
-        return next(i for i, p in enumerate(self.probes) if p.name == name)
-
-    def enable_probe(self, i: int, addr: int) -> None:
-        for cpu in self.sim.cpus:
-            self._w(self._slot(cpu, i, _FN), addr)
-
-    def disable_probe(self, i: int) -> None:
-        for cpu in self.sim.cpus:
-            self._w(self._slot(cpu, i, _FN), 0)
-
-    def allow(self, i: int, values: Iterable[int], rng: tuple[int, int] | None = None,
-              cpus: Iterable[int] | None = None) -> None:
-        """What probe *i* may return from now on: one of *values* (at most
-        two) or a value in *rng* (inclusive)."""
-        vals = list(values)[:2] or [0x7FFF_FFFF_0000]
-        a0, a1 = vals[0], vals[-1]
-        lo, hi = rng if rng else (1, 0)
-        for cpu in (self.sim.cpus if cpus is None else cpus):
-            for f, v in ((_A0, a0), (_A1, a1), (_LO, lo), (_HI, hi)):
-                self._w(self._slot(cpu, i, f), v)
-
-    def start(self) -> None:
-        for cpu in self.sim.cpus:
-            self.sim.start_cpu(cpu, self.sym("client_loop"), {"rdi": self.recs + cpu * _REC})
-        self.started = True
-
-    def passes(self, cpu: int) -> int:
-        return self.sim.read_u64(self.recs + cpu * _REC)
+    def loop_cpus(self) -> list[int]:
+        return self.sim.cpus
 
     def live_cpus(self) -> list[int]:
         dead = {o.cpu for o in self.sim.oopses}
         return [c for c in self.sim.cpus if c not in dead]
 
-    def wait_passes(self, n: int = 2, max_steps: int = 2_000_000) -> bool:
-        """Run until every live CPU has completed *n* more rounds."""
-        cpus = self.live_cpus()
-        goal = {c: self.passes(c) + n for c in cpus}
-        return self.sim.run_until(lambda: all(self.passes(c) >= goal[c] for c in cpus
-                                              if c in self.live_cpus()), max_steps)
+    def _run_until(self, pred, max_steps: int) -> bool:
+        return self.sim.run_until(pred, max_steps)
 
-    def last(self, i: int) -> list[int]:
-        return [self._r(self._slot(c, i, _LAST)) for c in self.sim.cpus]
-
-    def calls_made(self, i: int) -> int:
-        return sum(self._r(self._slot(c, i, _CALLS)) for c in self.sim.cpus)
-
-    def bad(self) -> list[dict]:
-        out = []
-        for c in self.sim.cpus:
-            for i, p in enumerate(self.probes):
-                n = self._r(self._slot(c, i, _BAD))
-                if n:
-                    out.append({"cpu": c, "probe": p.name, "count": n,
-                                "value": self._r(self._slot(c, i, _BADVAL))})
-        return out
-
-    def expect(self, want: dict[int, int]) -> dict[int, list[int]]:
-        """After an update: let every call in flight finish (one round),
-        narrow probe i to want[i], let every CPU make two more rounds and
-        return {i: last values} for the probes whose CPUs disagree
-        (key -1: a CPU that made no progress)."""
-        ok = self.wait_passes(1)
-        for i, v in want.items():
-            self.allow(i, [v])
-        ok = self.wait_passes(2) and ok
-        wrong = {i: self.last(i) for i, v in want.items() if any(x != v for x in self.last(i))}
-        if not ok:
-            wrong[-1] = [self.passes(c) for c in self.sim.cpus]
-        return wrong
-
-    def widen(self, i: int, old: int, new: int) -> None:
-        self.allow(i, [old, new])
+    def start(self) -> None:
+        for cpu in self.sim.cpus:
+            self.sim.start_cpu(cpu, self.sym("client_loop"), {"rdi": self.recs + cpu * CLIENT_REC})
+        self.started = True
 
     @property
     def oopses(self) -> int:

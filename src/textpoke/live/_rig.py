@@ -1,0 +1,246 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The clients' probe-loop rig on a live process: the same self-tests as on
+the sim (:mod:`textpoke.selftests`), run by the threads of a real process.
+
+The bundled kernel image is linked at low, fixed user-space addresses
+(0x1000000 up; the emulator cannot map the kernel's high half), and its
+``client_loop`` and probe functions touch nothing but their own memory.
+So a small loader, built with gcc at run time, maps the image's ``PT_LOAD``
+segments from the file at their link addresses (``MAP_FIXED_NOREPLACE``;
+text file-backed, so the live machine sees it as core text of
+``kernel.elf``; the .bss zeroed), starts N threads that wait for a flag,
+and then waits on stdin.  The host attaches a
+:class:`~textpoke.live.LiveMachine`, boots the image on it with
+:meth:`Kernel.start` -- the boot-time passes write the text with
+``text_poke_early`` before any thread runs it -- and the threads, once the
+flag is set, run ``client_loop`` on records of their own, which the host
+fills and reads through ``machine.mem``.
+
+:class:`LiveClientRig` answers the :class:`~textpoke.selftests.ClientRig`
+protocol as the sim's ``ClientMachine`` does; its CPUs are the loop
+threads, numbered 0..N-1.  Needs gcc and ptrace (the live tests' rule)."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .._errors import TextPokeError
+from ..images import load_bundled
+from ..images._kernel import KERNEL_IMAGE
+from ..images._tables import read_tables
+from ..kernel import Kernel
+from ..selftests._rig import CLIENT_CPUS, CLIENT_REC, ProbeLoopRig
+
+__all__ = ["LiveClientRig", "LiveRigError", "LOADER_C"]
+
+LOADER_C = r"""
+/* SPDX-License-Identifier: GPL-2.0-only */
+/* textpoke's live client rig: map an ELF's PT_LOAD segments at their link
+ * addresses, start N threads that wait for go, then run loop(rec + i * size). */
+#define _GNU_SOURCE
+#include <elf.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#ifndef MAP_FIXED_NOREPLACE
+#define MAP_FIXED_NOREPLACE 0x100000
+#endif
+#define PG 4096UL
+volatile int go;
+static uintptr_t loop_fn, recs, rec_size;
+static void *worker(void *arg)
+{
+	uintptr_t i = (uintptr_t)arg;
+	while (!__atomic_load_n(&go, __ATOMIC_ACQUIRE))
+		usleep(100);
+	((void (*)(void *))loop_fn)((void *)(recs + i * rec_size));
+	return NULL;
+}
+static void *map(void *at, size_t len, int prot, int flags, int fd, off_t off)
+{
+	void *p = mmap(at, len, prot, flags | MAP_FIXED_NOREPLACE, fd, off);
+	if (p != at) { perror("mmap"); exit(3); }
+	return p;
+}
+int main(int argc, char **argv)
+{
+	if (argc != 6) return 2;
+	int n = atoi(argv[2]);
+	loop_fn = strtoul(argv[3], 0, 0); recs = strtoul(argv[4], 0, 0);
+	rec_size = strtoul(argv[5], 0, 0);
+	int fd = open(argv[1], O_RDONLY);
+	if (fd < 0) { perror(argv[1]); return 3; }
+	Elf64_Ehdr eh;
+	if (pread(fd, &eh, sizeof eh, 0) != sizeof eh) return 3;
+	for (int k = 0; k < eh.e_phnum; k++) {
+		Elf64_Phdr ph;
+		if (pread(fd, &ph, sizeof ph, eh.e_phoff + k * sizeof ph) != sizeof ph) return 3;
+		if (ph.p_type != PT_LOAD) continue;
+		int prot = (ph.p_flags & PF_R ? PROT_READ : 0) | (ph.p_flags & PF_W ? PROT_WRITE : 0)
+			 | (ph.p_flags & PF_X ? PROT_EXEC : 0);
+		uintptr_t va = ph.p_vaddr & ~(PG - 1), off = ph.p_offset & ~(PG - 1);
+		uintptr_t fend = (ph.p_vaddr + ph.p_filesz + PG - 1) & ~(PG - 1);
+		uintptr_t mend = (ph.p_vaddr + ph.p_memsz + PG - 1) & ~(PG - 1);
+		if (ph.p_filesz)
+			map((void *)va, fend - va, prot, MAP_PRIVATE, fd, off);
+		if (ph.p_memsz > ph.p_filesz) {
+			if (ph.p_filesz)   /* the rest of the last file page is .bss */
+				memset((void *)(ph.p_vaddr + ph.p_filesz), 0, fend - (ph.p_vaddr + ph.p_filesz));
+			if (mend > fend)
+				map((void *)fend, mend - fend, prot, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		}
+	}
+	pthread_t th;
+	for (long i = 0; i < n; i++)
+		pthread_create(&th, NULL, worker, (void *)i);
+	printf("ready %p\n", (void *)&go);
+	fflush(stdout);
+	char buf[64];
+	while (read(0, buf, sizeof buf) > 0)
+		;
+	return 0;
+}
+"""
+
+
+class LiveRigError(TextPokeError):
+    """The live rig cannot run here (no gcc)."""
+
+
+def build_loader(outdir: str | Path) -> Path:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise LiveRigError("the live client rig builds its loader with gcc at run time, and gcc "
+                           "is not installed (apt install gcc)")
+    out = Path(outdir)
+    (out / "loader.c").write_text(LOADER_C)
+    exe = out / "client_loader"
+    r = subprocess.run([gcc, "-O1", "-pthread", "-o", str(exe), str(out / "loader.c")],
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise LiveRigError(f"building the live client loader failed:\n{r.stderr.strip()}")
+    return exe
+
+
+class LiveClientRig(ProbeLoopRig):
+    """The bundled image booted in a live process whose *cpus* threads run
+    its ``client_loop`` (see the module doc).  A context manager; ``close()``
+    closes the kernel (its clients), detaches, and ends the loader."""
+
+    def __init__(self, *, cpus: int = 4, strategy: str = "int3",
+                 features: tuple[str, ...] | None = None) -> None:
+        from ._machine import LiveMachine
+        if not 1 <= cpus <= CLIENT_CPUS:
+            raise ValueError(f"cpus must be 1..{CLIENT_CPUS}")
+        self.image = load_bundled(KERNEL_IMAGE)
+        self.tables = read_tables(self.image)
+        self.recs = self.image.sym("client_recs")
+        self.ncpus = cpus
+        self._tmp = tempfile.TemporaryDirectory(prefix="textpoke-live-rig-")
+        self.proc: subprocess.Popen | None = None
+        self.machine = None
+        self.kernel: Kernel | None = None
+        self.probes: list = []
+        self.started = False
+        try:
+            exe = build_loader(self._tmp.name)
+            self.proc = subprocess.Popen(
+                [str(exe), str(self.image.path), str(cpus), hex(self.image.sym("client_loop")),
+                 hex(self.recs), str(CLIENT_REC)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                text=True)
+            line = self.proc.stdout.readline().split()
+            if len(line) != 2 or line[0] != "ready":
+                raise LiveRigError(f"the live client loader did not start ({line!r})")
+            self._go = int(line[1], 16)
+            self.pid = self.proc.pid
+            self.machine = LiveMachine(self.pid, strategy=strategy)
+            self.kernel = Kernel.start(self.machine, self.image, tables=self.tables,
+                                       features=features)
+            self.kernel.keys, self.kernel.calls      # read the tables before the CPUs run
+        except BaseException:
+            self.close()
+            raise
+
+    # the ClientRig protocol ----------------------------------------------------
+    @property
+    def core(self):
+        return self.kernel.core
+
+    @property
+    def keys(self):
+        return self.kernel.keys
+
+    @property
+    def calls(self):
+        return self.kernel.calls
+
+    def sym(self, name: str) -> int:
+        return self.image.sym(name)
+
+    # the records, probes and the oracle are ProbeLoopRig's, shared with the sim
+    @property
+    def mem(self):
+        return self.machine.mem
+
+    def loop_cpus(self) -> list[int]:
+        return list(range(self.ncpus))
+
+    def live_cpus(self) -> list[int]:
+        return self.loop_cpus() if self.proc.poll() is None else []
+
+    def _run_until(self, pred, max_steps: int) -> bool:
+        """Look at the records until *pred* holds (False if the process
+        died, or after 200,000 looks); between two looks the machine
+        syncs every thread, so a stop reported meanwhile is handled."""
+        for _ in range(min(max_steps, 200_000)):
+            if self.proc.poll() is not None:
+                return False
+            if pred():
+                return True
+            self.machine.run_task(self.machine.sync_each_cpu())
+        return False
+
+    def start(self) -> None:
+        self.machine.mem.write(self._go, struct.pack("<i", 1))
+        self.started = True
+
+    @property
+    def oopses(self) -> int:
+        """1 once the process died (a crash of a loop thread kills it)."""
+        return 0 if self.proc is None or self.proc.poll() is None else 1
+
+    # lifetime -----------------------------------------------------------------
+    def close(self) -> None:
+        try:
+            if self.kernel is not None:
+                self.kernel.close()
+            if self.machine is not None:
+                self.machine.close()
+        finally:
+            if self.proc is not None:
+                if self.proc.poll() is None:
+                    self.proc.stdin.close()          # the loader returns from main
+                    try:
+                        self.proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        self.proc.kill()
+                        self.proc.wait()
+                if self.proc.stdout:
+                    self.proc.stdout.close()
+            self._tmp.cleanup()
+
+    def __enter__(self) -> "LiveClientRig":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
