@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from textpoke.selftests import static_call_selftest, static_keys_selftest
+from textpoke.selftests import many_key_flip, static_call_selftest, static_keys_selftest
 from test_live_machine import live_skip_reason
 
 pytestmark = pytest.mark.skipif(live_skip_reason() is not None, reason=live_skip_reason() or "")
@@ -41,6 +41,12 @@ def test_static_call_selftest_on_a_live_process(rig):
     r = static_call_selftest(rig)
     assert r.passed, [c for c in r.cases if not c["passed"]][:5]
     assert r.oopses == 0 and r.bad == []
+
+
+def test_a_key_of_1000_sites_flips_while_the_threads_run_them(rig):
+    r = many_key_flip(rig, 1000, flips=2)
+    assert r.passed, r.cases
+    assert [c["batches"] for c in r.cases] == [1, 1]      # live: one batch for 32,768 sites
 
 
 def test_the_oracle_has_teeth_on_live(rig):
