@@ -2,7 +2,7 @@
 """Schedules per CPU-second of ``verify`` over the eight original scenarios,
 before and after the speed-up, side by side.
 
-    python bench/bench_verify.py [--schedules 50] [--repeat 5] [--baseline REV] [--json]
+    python bench/bench_verify.py [--schedules 50] [--repeat 5] [--baseline REV] [--also REV] [--json]
 
 Each sample is one fresh process running ``verify(8 scenarios, N, seed=0,
 jobs=1)``, as ``textpoke verify --schedules N --jobs 1`` does, in one of
@@ -12,7 +12,9 @@ three ways, interleaved round by round:
 * ``no-reuse`` -- today's code with ``reuse=False`` (a machine booted per
   schedule, as before; the hot-path changes still apply);
 * ``baseline`` -- the tree at REV (default dc51117, the commit before the
-  speed-up), extracted with ``git archive`` into a temporary directory.
+  speed-up), extracted with ``git archive`` into a temporary directory;
+* ``tree REV`` -- with ``--also REV``: any other tree, the same way (an
+  intermediate step of the speed-up, say).
 
 Reported per way: schedules per CPU-second inside the library (the verify
 call's own process time), the process's CPU seconds from start to exit
@@ -56,6 +58,7 @@ print(json.dumps({"cpu": d, "schedules": r.schedules, "violating": r.violating_s
 
 
 def _extract(rev: str, into: Path) -> Path:
+    into.mkdir(parents=True, exist_ok=True)
     data = subprocess.run(["git", "-C", str(_stats.REPO), "archive", rev, "src"],
                           check=True, capture_output=True).stdout
     import io
@@ -84,6 +87,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--schedules", type=int, default=50, help="per scenario (default 50)")
     ap.add_argument("--baseline", default="dc51117", help="git revision of the 'before' tree")
+    ap.add_argument("--also", action="append", default=[], metavar="REV",
+                    help="another tree to measure side by side (e.g. an intermediate commit); "
+                         "repeatable")
     ap.add_argument("--no-baseline", action="store_true", help="measure today's tree only")
     _stats.add_common_args(ap)
     args = ap.parse_args()
@@ -93,7 +99,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ways = {"reuse": (cur, True), "no-reuse": (cur, False)}
         if not args.no_baseline:
-            ways["baseline"] = (_extract(args.baseline, Path(tmp)), None)
+            ways["baseline"] = (_extract(args.baseline, Path(tmp) / "baseline"), None)
+        for rev in args.also:
+            ways[f"tree {rev}"] = (_extract(rev, Path(tmp) / rev), None)
         raw: dict[str, list[dict]] = {k: [] for k in ways}
 
         def runner(k):

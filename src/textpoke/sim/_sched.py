@@ -375,9 +375,15 @@ class _Scheduler:
             self._task_turn(tasks[k - nc])
             return True
         c = cands[k]
-        if c.state != RUN or c.ipis or p.until_preempt:
+        if c.state != RUN or p.until_preempt:
             self._cpu_turn(c)
             return True
+        if c.ipis:
+            steps = self.steps
+            for due, _ack in c.ipis:
+                if due <= steps:            # one is delivered: taken now
+                    self._cpu_turn(c)
+                    return True
         # _cpu_turn's slice of a running CPU, inline (most decisions are one)
         c.pending_intr = None
         smin = p.slice_min
