@@ -21,13 +21,15 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from .._core._machine import PAGE_SIZE
 from .._errors import MachineError
 from ._sched import CountingRandom
 from ._ucfast import fast_cpu
 from ._vcpu import IDLE, _close_quietly
 
 __all__ = ["SimSnapshot"]
+
+#: restore compares and puts back text in spans of this many bytes
+_SPAN = 64
 
 
 @dataclass(slots=True)
@@ -51,11 +53,13 @@ class _Snapshots:
     _dirty: set[tuple[int, int]] | None = None
 
     def _mark_dirty(self, idx: int, off: int, n: int) -> None:
-        """Text pages [off, off+n) of region idx were written (restore puts them back)."""
+        """Text [off, off+n) of region idx was written: restore puts back the
+        64-byte spans it touched (a view can differ from the snapshot only
+        there: it is refilled from memory, or written with it)."""
         d = self._dirty
         if d is not None and n > 0:
-            for pg in range(off // PAGE_SIZE, (off + n - 1) // PAGE_SIZE + 1):
-                d.add((idx, pg))
+            for span in range(off // _SPAN, (off + n - 1) // _SPAN + 1):
+                d.add((idx, span))
 
     def snapshot(self) -> SimSnapshot:
         """The machine as it is now, for :meth:`restore`: only before any CPU
@@ -96,25 +100,20 @@ class _Snapshots:
             task, c.trap_task, c.trap_regs = c.trap_task, None, None
             if task is not None:
                 _close_quietly(task)
-        # text: the pages written since, in memory and in every view; a
-        # view's translations are dropped only for the lines that differ
-        ls = 64                     # compared and dropped per 64 bytes, whatever the line size
-        for idx, pg in sorted(self._dirty):
+        # text: the spans written since, in memory and in every view; a
+        # view's translations are dropped only for the spans that differ
+        views = [(c, c.views) for c in self.vcpus]
+        for idx, span in sorted(self._dirty):
             r = self._text[idx]
-            off = pg * PAGE_SIZE
-            n = min(PAGE_SIZE, r.size - off)
-            old = snap.text[idx]
-            r.mv[off:off + n] = old[off:off + n]
-            page = old[off:off + n]
-            for c in self.vcpus:
-                base = ctypes.addressof(c.views[idx])
-                if ctypes.string_at(base + off, n) == page:
-                    continue
-                for lo in range(off, off + n, ls):
-                    hi = min(lo + ls, off + n)
-                    if ctypes.string_at(base + lo, hi - lo) != old[lo:hi]:
-                        ctypes.memmove(base + lo, old[lo:hi], hi - lo)
-                        fast_cpu(c).remove_cache(r.start + lo, r.start + hi)
+            lo = span * _SPAN
+            hi = min(lo + _SPAN, r.size)
+            old = snap.text[idx][lo:hi]
+            r.mv[lo:hi] = old
+            for c, vs in views:
+                at = ctypes.addressof(vs[idx]) + lo
+                if ctypes.string_at(at, hi - lo) != old:
+                    ctypes.memmove(at, old, hi - lo)
+                    fast_cpu(c).remove_cache(r.start + lo, r.start + hi)
         self._dirty = set()
         for r, b in zip(self._data, snap.data):
             r.mv[:] = b
