@@ -36,6 +36,8 @@ _REG_NAMES = {
     "r15": X.UC_X86_REG_R15, "rip": X.UC_X86_REG_RIP, "rflags": X.UC_X86_REG_EFLAGS,
 }
 
+_REG_IDS = tuple(_REG_NAMES.values())
+
 _ACCESS = {
     UC_MEM_READ_UNMAPPED: "read-unmapped", UC_MEM_WRITE_UNMAPPED: "write-unmapped",
     UC_MEM_FETCH_UNMAPPED: "fetch-unmapped", UC_MEM_READ_PROT: "read-prot",
@@ -150,14 +152,16 @@ class VCpu:
         return self.uc
 
     def reg(self, name: str) -> int:
-        return self._engine().reg_read(_REG_NAMES[name])
+        self._engine()
+        return self.fast.read(_REG_NAMES[name])
 
     def set_reg(self, name: str, value: int) -> None:
-        self._engine().reg_write(_REG_NAMES[name], value)
+        self._engine()
+        self.fast.write(_REG_NAMES[name], value)
 
     def regs_dict(self) -> dict[str, int]:
-        uc = self._engine()
-        return {n: uc.reg_read(r) for n, r in _REG_NAMES.items()}
+        self._engine()
+        return dict(zip(_REG_NAMES, self.fast.read_many(_REG_IDS)))
 
 
 #: The general registers a trap handler sees in ``PtRegs.gprs`` (everything
