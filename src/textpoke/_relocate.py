@@ -448,7 +448,8 @@ def _name(reg: int) -> str:
 def plan_entry(code: bytes, func: int, *, others: Iterable[int] = (),
                extra: Iterable[tuple[bytes, int, str]] = (),
                read: Callable[[int, int], bytes] | None = None,
-               starts: Iterable[int] = ()) -> EntryPlan:
+               starts: Iterable[int] = (),
+               code_read: Callable[[int, int], bytes] | None = None) -> EntryPlan:
     """The plan for moving the entry of the function whose whole body
     (``size`` bytes as its symbol says) is *code*, at address *func*.
     *others*: starts of other symbols of the module (a second entry point
@@ -456,8 +457,9 @@ def plan_entry(code: bytes, func: int, *, others: Iterable[int] = (),
     code that may branch back into the function (its ``.cold`` part);
     *read*: reads the process's (or image's) memory, for jump tables and
     for the code the function jumps to outside its body (its unnamed cold
-    part), followed unless it starts a function of *starts*.  RelocError
-    says why not."""
+    part), followed unless it starts a function of *starts* (read with
+    *code_read* when given: e.g. the file, cheaper than the process).
+    RelocError says why not."""
     if not code:
         raise RelocError("no-size", REASONS["no-size"])
     addr = func + 4 if code[:4] == ENDBR64 else func
@@ -491,13 +493,14 @@ def plan_entry(code: bytes, func: int, *, others: Iterable[int] = (),
     scan_function(code, func, addr + 1, end, read=read, leaving=leaving)
     for xcode, xaddr, name in extra:
         scan_function(xcode, xaddr, addr + 1, end, what=name, read=read)
-    if read is not None and leaving:
-        _follow_out(leaving, (func, func + len(code)), addr + 1, end, read, set(starts))
+    if (code_read or read) is not None and leaving:
+        _follow_out(leaving, (func, func + len(code)), addr + 1, end, code_read or read,
+                    starts if isinstance(starts, (set, frozenset)) else set(starts))
     return EntryPlan(func, addr, tuple(moved), bytes(code[off:pc]))
 
 
 #: instructions followed outside a function, at most (a cold part is short)
-_OUTSIDE_BUDGET = 2000
+_OUTSIDE_BUDGET = 500
 _CHUNK = 512
 
 

@@ -181,7 +181,19 @@ def _plan(s: Symbol, mod: Module, starts: dict[int, list[int]],
                 extra.append((mod.file_bytes_at(c.addr, c.size), c.addr, c.name))
     # jump tables are read from the live process (relocated, as the code sees them)
     return plan_entry(code, s.addr, others=[o for o in others if o < s.addr + 24],
-                      extra=extra, read=read, starts=_start_set(mod, st, starts))
+                      extra=extra, read=read, starts=_start_set(mod, st, starts),
+                      code_read=lambda a, n: _file_code(mod, a, n))
+
+
+def _file_code(mod: Module, addr: int, n: int) -> bytes:
+    """The module file's bytes at *addr* (the code as built: what control
+    flow is read from), shortened at the end of its segment."""
+    for size in (n, 64, 16):
+        try:
+            return mod.file_bytes_at(addr, size)
+        except BadAddressError:
+            continue
+    raise ValueError(f"{addr:#x} is not in {mod.short}'s file")
 
 
 def _start_set(mod: Module, st: list[int], cache: dict) -> set[int]:
