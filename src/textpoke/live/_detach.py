@@ -15,8 +15,8 @@ import time
 from .._errors import MachineError
 from . import _ptrace as P
 from ._errors import NoSuchProcess
-from ._process import list_tids
-from ._tracer import _HELD, _ppid_of, _thread_state, _tracer_of
+from ._process import list_tids, ppid_of, state_of, tracer_of
+from ._tracer import _HELD
 
 
 class _Detach:
@@ -81,7 +81,7 @@ class _Detach:
                 pass
         self._threads.clear()
         self._detach_stragglers()
-        leader_parent = _ppid_of(self.pid)
+        leader_parent = ppid_of(self.pid)
         for tid in list(self._exiting):
             if tid == self.pid and leader_parent == os.getpid():
                 continue               # our own child: its parent (us) reaps it, not the tracer
@@ -106,7 +106,7 @@ class _Detach:
             except NoSuchProcess:
                 return
             left = [tid for tid in tids
-                    if _tracer_of(tid) == me and _thread_state(self.pid, tid) not in ("Z", "X")]
+                    if tracer_of(tid) == me and state_of(self.pid, tid) not in ("Z", "X")]
             if not left:
                 return
             for tid in left:

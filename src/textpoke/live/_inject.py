@@ -58,7 +58,7 @@ from typing import Callable, Iterable, Sequence
 
 from . import _ptrace as pt
 from .._errors import MachineError
-from ._process import Mapping, read_maps
+from ._process import Mapping, read_maps, start_time, state_of
 
 __all__ = ["InjectError", "SYS_mmap", "SYS_mprotect", "SYS_munmap", "find_syscall_insn",
            "inject_syscall", "Region", "ExecMem", "StoppedThread", "pick_address", "STACK_SCAN",
@@ -86,7 +86,7 @@ def _tgkill(pid: int, tid: int, sig: int) -> None:
             raise OSError(e, os.strerror(e))
 
 
-_syscall_cache: dict[tuple[int, float], int] = {}
+_syscall_cache: dict[tuple[int, int], int] = {}
 
 
 def find_syscall_insn(pid: int, maps: Sequence[Mapping] | None = None) -> int:
@@ -94,7 +94,7 @@ def find_syscall_insn(pid: int, maps: Sequence[Mapping] | None = None) -> int:
     executable file-backed text: libc first, then any other mapping.
     (Any 0f 05 byte pair will do: the thread executes only those two bytes
     and stops.)"""
-    key = (pid, _start_time(pid))
+    key = (pid, start_time(pid))
     hit = _syscall_cache.get(key)
     if hit is not None:
         return hit
@@ -117,14 +117,6 @@ def find_syscall_insn(pid: int, maps: Sequence[Mapping] | None = None) -> int:
     finally:
         os.close(fd)
     raise InjectError(f"no syscall instruction found in the executable mappings of process {pid}")
-
-
-def _start_time(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return float(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return -1.0
 
 
 def inject_syscall(pid: int, tid: int, nr: int, *args: int, syscall_at: int | None = None,
@@ -200,13 +192,7 @@ def _wait(tid: int) -> tuple[int, int]:
         nap = min(nap * 1.5, 1e-3)
         if waited >= look:
             look += 0.05
-            try:
-                with open(f"/proc/{tid}/stat", "rb") as f:
-                    raw = f.read()
-                st = raw[raw.rindex(b")") + 2:].split()[0]
-            except (OSError, ValueError, IndexError):
-                st = b"X"
-            if st in (b"Z", b"X"):
+            if state_of(tid) in ("", "Z", "X"):
                 raise InjectError(f"thread {tid} ended during an injected system call")
 
 

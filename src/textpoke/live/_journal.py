@@ -36,6 +36,7 @@ import os
 from pathlib import Path
 
 from ._errors import LiveError
+from ._process import start_time, state_of
 
 __all__ = ["Journal", "JournalBusy", "JournalLeftover", "journal_dir", "journal_path",
            "start_time", "alive"]
@@ -64,26 +65,9 @@ def journal_path(pid: int) -> Path:
     return journal_dir() / f"{pid}.json"
 
 
-def start_time(pid: int) -> int:
-    """The process's start time (clock ticks since boot), -1 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-        return int(raw[raw.rindex(b")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return -1
-
-
 def alive(pid: int, started: int) -> bool:
     st = start_time(pid)
-    if st < 0 or st != started:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-        return raw[raw.rindex(b")") + 2:].split()[0] not in (b"Z", b"X")
-    except (OSError, ValueError, IndexError):
-        return False
+    return st >= 0 and st == started and state_of(pid) not in ("", "Z", "X")
 
 
 class Journal:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from .._errors import BadAddressError, MachineError
 from ._errors import ACCESS_HINT, AccessDenied, NoSuchProcess, ProcessChanged
 
-__all__ = ["Mapping", "ProcessIdentity", "read_maps", "list_tids", "ProcMem", "check_not_exited"]
+__all__ = ["Mapping", "ProcessIdentity", "read_maps", "list_tids", "ProcMem", "check_not_exited",
+           "state_of", "start_time", "ppid_of", "tracer_of"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,14 +75,58 @@ def read_maps(pid: int) -> list[Mapping]:
     return out
 
 
+def _stat(path: str) -> list[bytes] | None:
+    """The fields of a /proc stat file after the comm (state first); None
+    if it cannot be read (the process or thread is gone)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        return raw[raw.rindex(b")") + 2:].split()
+    except (OSError, ValueError):
+        return None
+
+
+def state_of(pid: int, tid: int | None = None) -> str:
+    """The state letter of *pid* (or of its thread *tid*): R, S, D, t, T,
+    Z, X ...; "" if it is gone."""
+    f = _stat(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
+    return f[0].decode() if f else ""
+
+
+def start_time(pid: int) -> int:
+    """The process's start time (clock ticks since boot), -1 if it is gone."""
+    f = _stat(f"/proc/{pid}/stat")
+    try:
+        return int(f[19]) if f else -1
+    except (ValueError, IndexError):
+        return -1
+
+
+def ppid_of(pid: int) -> int:
+    f = _stat(f"/proc/{pid}/stat")
+    try:
+        return int(f[1]) if f else 0
+    except (ValueError, IndexError):
+        return 0
+
+
+def tracer_of(tid: int) -> int:
+    """The pid tracing *tid* (0: none, or gone)."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def check_not_exited(pid: int) -> None:
     """Raise :class:`NoSuchProcess` if *pid* has exited (a zombie, or
     exiting: its memory is gone, it has no mappings)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-        state = raw[raw.rindex(b")") + 2:].split()[0].decode()
-    except (OSError, ValueError, IndexError):
+    state = state_of(pid)
+    if not state:
         raise NoSuchProcess(pid, "process not found") from None
     if state in ("Z", "X"):
         raise NoSuchProcess(pid, "the process has exited (a zombie: its parent has not reaped "

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from .._errors import MachineError
 from . import _ptrace as P
 from ._errors import ACCESS_HINT, AccessDenied, NoSuchProcess
-from ._process import list_tids
+from ._process import list_tids, state_of, tracer_of
 from ._sigdefer import _DEFERRED
 
 __all__ = ["LiveStats"]
@@ -98,10 +98,10 @@ class _Tracer:
                             raise NoSuchProcess(self.pid, "process vanished while attaching",
                                                 self._ident.name) from None
                         continue                 # a thread that just exited
-                    if e.errno == errno.EPERM and self._threads and _tracer_of(tid) == me:
+                    if e.errno == errno.EPERM and self._threads and tracer_of(tid) == me:
                         pass                     # auto-attached already (a clone of a seized thread)
                     elif e.errno == errno.EPERM:
-                        other = _tracer_of(tid)
+                        other = tracer_of(tid)
                         why = (f"already traced by pid {other}" if other and other != me
                                else ACCESS_HINT)
                         raise AccessDenied(self.pid, f"PTRACE_SEIZE refused: {why}",
@@ -193,7 +193,7 @@ class _Tracer:
                 nap = min(nap * 1.5, 1e-3)
                 if waited >= next_look:
                     next_look += 0.05
-                    st = _thread_state(self.pid, tid)
+                    st = state_of(self.pid, tid)
                     if st in ("", "Z", "X"):
                         r = -errno.ECHILD
                         break
@@ -349,31 +349,3 @@ class _Tracer:
                     P.interrupt(t.tid)
 
 
-
-def _thread_state(pid: int, tid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-            raw = f.read()
-        return raw[raw.rindex(b")") + 2:].split()[0].decode()
-    except (OSError, ValueError, IndexError):
-        return ""
-
-
-def _tracer_of(tid: int) -> int:
-    try:
-        with open(f"/proc/{tid}/status") as f:
-            for line in f:
-                if line.startswith("TracerPid:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _ppid_of(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-        return int(raw[raw.rindex(b")") + 2:].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
