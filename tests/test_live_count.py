@@ -23,7 +23,7 @@ from helpers import Target, expected_window, gen, ptrace_skip_reason  # noqa: E4
 
 from textpoke._core._insn import insn_decode_kernel
 from textpoke.live._count import COUNTER_STRIDE, STUB_SIZE, stub_code
-from textpoke.live._inject import LOW_INTEGERS, ExecMem, InjectError, pick_address
+from textpoke.live._inject import LOW_INTEGERS, Region, InjectError, pick_address
 from textpoke.live._symbols import Mapping
 
 _skip = ptrace_skip_reason()
@@ -78,7 +78,7 @@ class _Regs:
 
 def test_in_use_sees_rip_and_stack_words():
     """Against this very process: a buffer plays a thread's stack."""
-    region = ExecMem(os.getpid(), 0x7000_0000_0000, 0x2000, 0x1000)
+    region = Region(os.getpid(), 0x7000_0000_0000, 0x2000, 0x1000)
     stack = (ctypes.c_uint64 * 512)()
     sp = ctypes.addressof(stack) + 1024
     my_maps = [Mapping(sp - 1024, sp + 3072, "rw-p", 0, "", 0, "")]   # exactly the buffer
@@ -116,7 +116,7 @@ def test_injected_mmap_restores_every_register(builddir):
         for tid in (t.pid, tids[-1]):
             with StoppedThread(t.pid, tid) as th:
                 before = bytes(th.regs())
-                em = ExecMem.map(t.pid, tid, 100, 5000, near=(lo, hi))
+                em = Region.map(t.pid, tid, 100, 5000, near=(lo, hi))
                 assert bytes(th.regs()) == before
                 assert em.code_size == 4096 and em.data_size == 8192
                 perms = {m.start: m.perms for m in read_maps(t.pid) if m.start in em}

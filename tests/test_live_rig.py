@@ -58,3 +58,15 @@ def test_the_oracle_has_teeth_on_live(rig):
     wrong = rig.expect({i: 4})
     assert wrong == {i: [3, 3, 3]}
     assert rig.bad() and all(b["value"] == 3 for b in rig.bad())
+
+
+def test_the_kernels_execmem_on_live_is_a_region_the_machine_maps(rig):
+    """Kernel.execmem asks the machine (EXECMEM): on live a region is mapped
+    in the process; the shared allocator hands out and invalidates chunks."""
+    em = rig.kernel.execmem
+    rng = next(r for r in rig.machine.text_ranges if r.start <= em.start < r.end)
+    assert not rng.core
+    a = em.alloc(64)
+    rig.core.text_poke_copy(a, b"\xc3")
+    em.free(a)
+    assert rig.machine.text_read(a, 64) == b"\xcc" * 64

@@ -77,8 +77,13 @@ class Kernel:
 
     def __init__(self, core: TextPoke, image: Any, *, tables: Any = None, boot: Any = None,
                  rethunk: "bool | str | int" = False,
-                 config: "dict[str, bool] | None" = None) -> None:
+                 config: "dict[str, bool] | None" = None,
+                 execmem: "dict[str, tuple[int, int]] | None" = None) -> None:
         self.core = core
+        #: executable memory given per client ("ftrace", "kprobes",
+        #: "modules": [start, end)) instead of the split of the machine's
+        #: first execmem range -- the addresses a real kernel allocated
+        self.execmem_at = dict(execmem or {})
         #: CONFIG_ options (without the prefix) the clients follow
         self.config = dict(BUNDLED_CONFIG, **(config or {}))
         self.machine: Machine = core.machine
@@ -132,13 +137,20 @@ class Kernel:
     def execmem(self) -> ExecMem:
         """The execmem that modules and BPF programs share (everything of
         the first non-core text range below kprobes' share)."""
+        if "modules" in self.execmem_at:
+            return self._given_execmem("modules")
         rng = self._execmem_range()
         return ExecMem(self.core, start=rng.start, end=rng.end - KPROBES_EXECMEM)
 
+    def _given_execmem(self, owner: str) -> ExecMem:
+        start, end = self.execmem_at[owner]
+        return ExecMem(self.core, start=start, end=end)
+
     def _execmem_range(self):
         self.machine.require(Capability.EXECMEM, "kernel clients")
-        rng = next((r for r in self.machine.text_ranges if not r.core), None)
-        if rng is None or rng.end - rng.start <= KPROBES_EXECMEM:
+        # the machine lends it (the sim's module text; live maps a region)
+        rng = self.machine.execmem_range(4 * KPROBES_EXECMEM, "kernel")
+        if rng.end - rng.start <= KPROBES_EXECMEM:
             raise NotSupportedError(f"{self.machine.name}: no execmem range larger than "
                                     f"{KPROBES_EXECMEM} bytes")
         return rng
@@ -170,7 +182,8 @@ class Kernel:
         # the ops' dynamic trampolines share execmem with modules and BPF
         # (none on a machine without EXECMEM: the sites call ftrace_caller)
         try:
-            execmem = self.execmem
+            execmem = (self._given_execmem("ftrace") if "ftrace" in self.execmem_at
+                       else self.execmem if not self.execmem_at else None)
         except NotSupportedError:
             execmem = None
         return Ftrace.from_image(self.core, self.image, self.tables, execmem=execmem,
@@ -179,12 +192,16 @@ class Kernel:
     @cached_property
     def kprobes(self) -> Kprobes:
         self._check_open()
-        rng = self._execmem_range()
+        if "kprobes" in self.execmem_at:
+            kp_mem = self._given_execmem("kprobes")
+        else:
+            rng = self._execmem_range()
+            kp_mem = ExecMem(self.core, start=rng.end - KPROBES_EXECMEM, end=rng.end)
         return Kprobes(self.core, self.image, tables=self.tables,
                        smp=getattr(self.boot, "smp", None), keys=self.keys, calls=self.calls,
                        preemption=self.config["PREEMPTION"],
                        ftrace=self.ftrace if self.config["KPROBES_ON_FTRACE"] else None,
-                       execmem=ExecMem(self.core, start=rng.end - KPROBES_EXECMEM, end=rng.end))
+                       execmem=kp_mem)
 
     @cached_property
     def modules(self) -> ModuleLoader:

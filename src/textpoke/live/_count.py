@@ -54,7 +54,7 @@ from typing import Callable, Sequence
 
 from .._core._insn import CALL_INSN_OPCODE, text_gen_insn
 from ._fentry import NOP5, PATCHABLE, QUIESCENT, FentrySite, fentry_sites, read_process
-from ._inject import ExecMem, InjectError
+from ._inject import Region, InjectError
 from ._symbols import Symbols, SymbolError, read_maps
 
 __all__ = ["CountResult", "live_count", "stub_code", "STUB_SIZE", "COUNTER_STRIDE",
@@ -152,7 +152,7 @@ class _Group:
             self.offsets.append(off)
             off += _stub_size(s)
         self.code_size = off
-        self.region: ExecMem | None = None
+        self.region: Region | None = None
 
 
 class Arming:
@@ -195,7 +195,7 @@ class Arming:
         self.dropped: set[int] = set()     # entries whose trampoline could not be made
 
     @property
-    def region(self) -> ExecMem | None:
+    def region(self) -> Region | None:
         """The first group's region (one module: the only one)."""
         return self.groups[0].region if self.groups else None
 
@@ -451,7 +451,7 @@ def _alive(pid: int) -> bool:
 
 
 # --- what needs the live machine's stopped threads ------------------------------
-def _map_region(m, code_size: int, data_size: int, near: tuple[int, int]) -> ExecMem:
+def _map_region(m, code_size: int, data_size: int, near: tuple[int, int]) -> Region:
     """mmap the region in one of the threads held by ``m.stopped()``: the
     first that takes it (a thread that cannot run the syscall is skipped).
     The journal names the region before the mmap is run."""
@@ -465,7 +465,7 @@ def _map_region(m, code_size: int, data_size: int, near: tuple[int, int]) -> Exe
     with m.stopped() as tids:
         for tid in sorted(tids, key=lambda t: t != m.pid):    # the main thread first
             try:
-                return ExecMem.map(m.pid, tid, code_size, data_size, near=near, maps=maps,
+                return Region.map(m.pid, tid, code_size, data_size, near=near, maps=maps,
                                    before=before)
             except (InjectError, OSError) as e:
                 errors.append(f"thread {tid}: {e}")
@@ -478,7 +478,7 @@ def _map_region(m, code_size: int, data_size: int, near: tuple[int, int]) -> Exe
     raise InjectError("could not map the counting stubs: " + "; ".join(errors))
 
 
-def _read_and_free(m, r: ExecMem, n: int, attempts: int = 50) -> tuple[list[int], list[str]]:
+def _read_and_free(m, r: Region, n: int, attempts: int = 50) -> tuple[list[int], list[str]]:
     """With every thread stopped: check that none can be inside the stubs,
     read the counters (final: no thread can count any more) and unmap.  A
     thread caught inside a stub (two instructions long) is let run and the

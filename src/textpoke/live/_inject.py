@@ -43,7 +43,7 @@ still runs would kill it).
 A :class:`Region` is the mapping only: handing out chunks of executable
 memory is :class:`textpoke._execmem.ExecMem`'s job on every machine (on
 live over a region that :meth:`LiveMachine.execmem_range` maps with this
-class).  ``ExecMem`` here is the old name of :class:`Region`.
+class).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from .._errors import MachineError
 from ._process import Mapping, read_maps, start_time, state_of
 
 __all__ = ["InjectError", "SYS_mmap", "SYS_mprotect", "SYS_munmap", "find_syscall_insn",
-           "inject_syscall", "Region", "ExecMem", "StoppedThread", "pick_address", "STACK_SCAN",
+           "inject_syscall", "Region", "StoppedThread", "pick_address", "STACK_SCAN",
            "threads_inside"]
 
 SYS_mmap, SYS_mprotect, SYS_munmap = 9, 10, 11
@@ -427,8 +427,3 @@ class Region:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-#: The old name of :class:`Region` (a mapping, not the ``execmem``
-#: allocator of :mod:`textpoke._execmem`); kept for its callers in live/.
-ExecMem = Region
