@@ -243,10 +243,17 @@ def _sites(args: argparse.Namespace) -> int:
     from ..live._recover import check, leftovers
     with _symbols(args.pid) as syms:
         sites = fentry_sites(syms, args.functions)
-        # every other function: can its entry take a JMP (and why not)?
-        entries, refused = entry_sites(syms, args.functions, skip={s.func_addr for s in sites})
-        refused = [r for r in refused if r.reason != "fentry"]
-        modules = module_report(syms, sites, args.functions, entries, refused)
+        if args.check:
+            # stray INT3s and a dead patcher's leftovers only: no need to plan
+            # every entry (a second on python3 and its libraries)
+            entries, refused = [], []
+            modules = module_report(syms, sites, args.functions)
+        else:
+            # every other function: can its entry take a JMP (and why not)?
+            entries, refused = entry_sites(syms, args.functions,
+                                           skip={s.func_addr for s in sites})
+            refused = [r for r in refused if r.reason != "fentry"]
+            modules = module_report(syms, sites, args.functions, entries, refused)
     left = check(args.pid)
     dead = leftovers(left)
     reporting()
