@@ -464,13 +464,8 @@ def _count(args: argparse.Namespace) -> int:
         return _interrupted_report(args, "count", e)
     reporting()
     if args.json:
-        int3_left = 0
-        if not res.restored:           # count what is left (restored: every site whole)
-            from ..live._fentry import fentry_sites
-            with _symbols(args.pid) as syms:
-                int3_left = sum(1 for x in fentry_sites(syms, args.functions) if x.kind == "int3")
-        out.emit_json(dict(res.as_dict(), pid=args.pid, interrupted=bool(interrupted),
-                           int3_left=int3_left))
+        # int3_left: every counted site read back (fentry sites and entries)
+        out.emit_json(dict(res.as_dict(), pid=args.pid, interrupted=bool(interrupted)))
     else:
         _print_count(res, args)
     if interrupted:
@@ -490,8 +485,9 @@ def _interrupted_report(args: argparse.Namespace, what: str, e: BaseException) -
             sites = fentry_sites(syms, args.functions)
         kinds = _kinds(sites)
         left = check(args.pid)
-        doc.update(sites=len(sites), kinds=kinds, int3_left=kinds.get("int3", 0),
-                   journal=left)
+        # fentry sites holding an INT3, and any journaled site (an entry's)
+        ours = {s.addr for s in sites if s.kind == "int3"} | {int(a, 16) for a in left["int3_sites"]}
+        doc.update(sites=len(sites), kinds=kinds, int3_left=len(ours), journal=left)
     except Exception as err:          # the process may be gone: still valid JSON
         doc.update(int3_left=None, error=f"{type(err).__name__}: {err}",
                    int3_left_reason=f"the sites could not be read back: {type(err).__name__}")

@@ -86,6 +86,7 @@ class CountResult:
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
     alive: bool = True
+    int3_left: int = 0                        # sites (fentry or entry) whose first byte is INT3
 
     def as_dict(self) -> dict:
         return {"pattern": self.pattern, "duration": self.duration, "strategy": self.strategy,
@@ -93,7 +94,7 @@ class CountResult:
                 "counts": [{"function": f, "count": n} for f, n in self.counts],
                 "skipped": self.skipped, "restored": self.restored, "freed": self.freed,
                 "kept_mapped": self.kept_mapped, "timings": self.timings,
-                "stats": self.stats, "alive": self.alive}
+                "stats": self.stats, "alive": self.alive, "int3_left": self.int3_left}
 
 
 def switch_sites(machine, writes: Sequence[tuple[int, bytes]],
@@ -325,6 +326,17 @@ class Arming:
         """The sites in the order of the counters :meth:`disarm` returns."""
         return [s for g in self.groups for s in g.sites]
 
+    def int3_left(self) -> int:
+        """How many sites hold an INT3 in their first byte (0 after any
+        finished or rolled-back batch)."""
+        read = read_process(self.pid)
+        try:
+            return sum(1 for s in self.sites if read(s.addr, 1) == b"\xcc")
+        except OSError:
+            return 0
+        finally:
+            read.close()  # type: ignore[attr-defined]
+
     def restored(self) -> bool:
         """Read every site back: True when each holds its original bytes."""
         read = read_process(self.pid)
@@ -376,10 +388,12 @@ def live_count(pid: int, pattern: str, duration: float = 1.0, *, strategy: str =
             counts[s.function] = counts.get(s.function, 0) + c
         ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
         timings = dict(a.timings, window=elapsed)
+        restored = a.restored()
         return CountResult(pattern, elapsed, strategy, ordered, len(a.sites) - len(a.dropped),
                            a.skipped,
-                           restored=a.restored(), freed=not why, kept_mapped=why,
-                           timings=timings, stats=a.stats, alive=_alive(pid))
+                           restored=restored, freed=not why, kept_mapped=why,
+                           timings=timings, stats=a.stats, alive=_alive(pid),
+                           int3_left=0 if restored else a.int3_left())
     finally:
         a.close()
 
