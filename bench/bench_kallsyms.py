@@ -68,9 +68,9 @@ if what == "load":
 elif what == "decode":
     from textpoke.images._bzimage import extract_elf
     from textpoke.images._kallsyms import decode_kallsyms
-    from textpoke.images._vmlinux import _parse_elf
+    from textpoke.images._elf import ElfFile
     _, elf, _ = extract_elf(open(image, "rb").read(), image)
-    ro = next(s for s in _parse_elf(elf, image)[1] if s.name == ".rodata")
+    ro = ElfFile(elf, image).section(".rodata")
     t = T(); decode_kallsyms(elf, lo=ro.offset, hi=ro.offset + ro.size)
     print(json.dumps(T() - t))
 elif what == "map":

@@ -58,6 +58,7 @@ from ._elf import ImageError
 __all__ = ["Symbols", "SymbolMap", "format_symbol", "KallsymsLayout", "find_kallsyms",
            "decode_kallsyms", "parse_system_map", "symbol_differences", "with_prefix"]
 
+_right, _left = bisect.bisect_right, bisect.bisect_left
 _KSYM_NAME_LEN = 512            # the kernel's limit is 512 since 6.1 (was 128)
 _DIGITS = b"".join(bytes((c, 0)) for c in b"0123456789")
 
@@ -233,11 +234,11 @@ class Symbols(dict):
         """The entry that names *addr* (see the class doc for the rules),
         ignoring entries below *lo* (e.g. per-CPU offsets for text)."""
         addrs = self.addrs
-        i = bisect.bisect_right(addrs, addr) - 1
+        i = _right(addrs, addr) - 1
         if i < 0 or (lo is not None and addrs[i] < lo):
             return None
         if not (function or covering):
-            return bisect.bisect_left(addrs, addrs[i], 0, i + 1)
+            return _left(addrs, addrs[i], 0, i + 1)
         es = self.entry_sizes()
         floor = max(0 if lo is None else bisect.bisect_left(addrs, lo), i - 64)
         while i >= floor:
@@ -269,12 +270,12 @@ class Symbols(dict):
                  covering: bool = False, offset0: bool = False) -> str:
         """``name+0xoff`` (``name`` at offset 0 unless *offset0*), or the
         bare hex address."""
-        r = self.lookup(addr, lo, function=function, covering=covering)
-        if r is None and function:
-            r = self.lookup(addr, lo, covering=True)
-        if r is None:
+        j = self.index_of(addr, lo, function=function, covering=covering)
+        if j is None and function:
+            j = self.index_of(addr, lo, covering=True)
+        if j is None:
             return f"{addr:#x}"
-        return format_symbol(r[0], addr - r[1], offset0=offset0)
+        return format_symbol(self.names[j], addr - self.addrs[j], offset0=offset0)
 
     def following(self, addr: int) -> int | None:
         """The lowest symbol address above *addr*, or None."""

@@ -300,7 +300,8 @@ def alt_instr_table(buf, base: int, start: int, end: int,
                 for (i, e), (io, ro, cpuid, il, rl) in
                 zip(enumerate(range(start, end, 12), first), struct.iter_unpack("<iiHBB", mv))]
     mv = _slice(buf, base, start, end, ALT_INSTR_SIZE, ".altinstructions")
-    return [AltInstr(e + io, e + 4 + ro, ft & 0xFFFF, ft >> ALT_FLAGS_SHIFT, il, rl, e, i)
+    new = tuple.__new__
+    return [new(AltInstr, (e + io, e + 4 + ro, ft & 0xFFFF, ft >> 16, il, rl, e, i))
             for (i, e), (io, ro, ft, il, rl) in
             zip(enumerate(range(start, end, ALT_INSTR_SIZE), first),
                 struct.iter_unpack("<iiIBB", mv))]
@@ -317,23 +318,21 @@ def paravirt_table(buf, base: int, start: int, end: int, first: int = 0) -> list
 def jump_table(buf, base: int, start: int, end: int) -> list[JumpEntry]:
     """Every ``struct jump_entry`` of ``[start, end)``."""
     mv = _slice(buf, base, start, end, JUMP_ENTRY_SIZE, "__jump_table")
-    out = []
-    for e, (c, t, k) in zip(range(start, end, JUMP_ENTRY_SIZE), struct.iter_unpack("<iiq", mv)):
-        key = (e + 8 + k) & _M64
-        out.append(JumpEntry(e + c, e + 4 + t, key & ~3, bool(key & JUMP_TYPE_TRUE),
-                             bool(key & JUMP_TYPE_LINKED), e))
-    return out
+    new = tuple.__new__         # the records' fields in order, without the keyword layer
+    return [new(JumpEntry, (e + c, e + 4 + t, key & ~3, key & 1 == 1, key & 2 == 2, e))
+            for e, (c, t, k) in zip(range(start, end, JUMP_ENTRY_SIZE),
+                                    struct.iter_unpack("<iiq", mv))
+            for key in ((e + 8 + k) & _M64,)]
 
 
 def static_call_table(buf, base: int, start: int, end: int) -> list[StaticCallSite]:
     """Every ``struct static_call_site`` of ``[start, end)``."""
     mv = _slice(buf, base, start, end, STATIC_CALL_SITE_SIZE, ".static_call_sites")
-    out = []
-    for e, (a, k) in zip(range(start, end, STATIC_CALL_SITE_SIZE), struct.iter_unpack("<ii", mv)):
-        key = e + 4 + k
-        out.append(StaticCallSite(e + a, key & ~3, bool(key & STATIC_CALL_SITE_TAIL),
-                                  bool(key & STATIC_CALL_SITE_INIT), e))
-    return out
+    new = tuple.__new__
+    return [new(StaticCallSite, (e + a, key & ~3, key & 1 == 1, key & 2 == 2, e))
+            for e, (a, k) in zip(range(start, end, STATIC_CALL_SITE_SIZE),
+                                 struct.iter_unpack("<ii", mv))
+            for key in (e + 4 + k,)]
 
 
 def mcount_table(buf, base: int, start: int, end: int) -> list[int]:
