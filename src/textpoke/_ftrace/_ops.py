@@ -263,7 +263,10 @@ class Ftrace:
     @classmethod
     def from_image(cls, core, image, tables, *, execmem=None,
                    rethunk: "bool | str | int" = False) -> "Ftrace":
-        cbs = {k: image.sym(v) for k, v in FTRACE_CALLBACKS.items()}
+        # a build without a tracer (Debian's has no FUNCTION_PROFILER) has
+        # no callback for it: that tracer is refused, the others work
+        cbs = {k: image.sym(v) for k, v in FTRACE_CALLBACKS.items()
+               if k in ("function", "none", LIST_FUNC) or v in image.symbols}
         return cls(core, [m.addr for m in tables.mcount_loc], dict(image.symbols),
                    image.sym("ftrace_caller"), image.sym("ftrace_call"), cbs, dict(image.sizes),
                    regs_call_site=image.symbols.get("ftrace_regs_call"), execmem=execmem,
@@ -272,12 +275,16 @@ class Ftrace:
     def _func_of(self, ip: int, funcs: list[tuple[int, str]]) -> str:
         import bisect
         i = bisect.bisect_right(funcs, (ip, "\U0010ffff")) - 1
-        while i >= 0:
-            a, n = funcs[i]
+        # a few sized symbols may nest (labels inside a function); looking
+        # further back only finds functions that ended long ago (and made
+        # this quadratic on a real image, whose kallsyms repeats names)
+        for j in range(i, max(i - 16, -1), -1):
+            a, n = funcs[j]
             if a <= ip < a + self.sizes[n]:
                 return n
-            i -= 1
-        return self.symmap.describe(ip)
+        # no sized symbol covers it (a second static function of one name):
+        # the nearest name below, as available_filter_functions shows it
+        return self.name(ip)
 
     # ------------------------------------------------------------ naming
     def describe(self, addr: int) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 
 from ._args import SEED, Bounds, UsageError, int_in, power_of_two
+from ._real_clients import add_image_arguments, refuse_image_only, run_on_image
 from .keys import on_clients
 
 __all__ = ["add_arguments", "run", "NAME", "HELP", "DESCRIPTION"]
@@ -66,6 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int_in(SEED), default=0, metavar="N",
                    help=f"scheduler seed, {SEED} (default 0)")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    add_image_arguments(p, ("ftrace",))
 
 
 def _profile_lines(prof: dict[str, int]) -> list[str]:
@@ -95,8 +97,45 @@ def _check(args: argparse.Namespace) -> None:
                 raise UsageError(f"{opt}: a glob of {len(g):,} characters; at most {GLOB_MAX}")
 
 
+def run_image(args: argparse.Namespace) -> int:
+    """``ftrace --image``: the tracer started on the selected functions of
+    the real image, offline (no CPU runs; nothing is traced)."""
+    if args.selftest:
+        raise UsageError("--selftest runs on the sim's CPUs: not with --image")
+
+    def step(ok, d: dict, lines: list[str]) -> bool:
+        from .._ftrace._ops import FtraceFilterError
+        ft = ok.kernel.ftrace
+        try:
+            ft.set_ftrace_filter(args.functions or None)
+            ft.set_ftrace_notrace(args.notrace or None)
+        except FtraceFilterError as e:
+            raise UsageError(str(e)) from None
+        tracer = "profile" if args.profile else "function"
+        if tracer not in ft.callbacks:
+            raise UsageError(f"{args.image}: no {tracer} tracer in this build (its callback "
+                             f"{'function_profile_call' if args.profile else ''} is absent)")
+        sel = len(ft.selected())
+        up = ft.start(tracer)
+        d.update(tracer=tracer, functions=sel, records=len(ft.records), enable=up.as_dict(),
+                 trampolines={o: {"addr": hex(t.addr), "size": t.size}
+                              for o, t in ft.trampolines.items()},
+                 trampoline_errors=dict(ft.tramp_errors))
+        where = ", ".join(f"{o}'s trampoline at {t.addr:#x}" for o, t in ft.trampolines.items())
+        lines.append(f"# {tracer} tracer on {sel} of {len(ft.records)} fentry sites: "
+                     f"{up.enabled} enabled in {up.batches} batches ({up.syncs} syncs), "
+                     f"{up.func_updates} ftrace_call updates; sites call "
+                     f"{where or 'ftrace_caller (no --trampoline)'}")
+        return False
+
+    return run_on_image(args, ("ftrace",), step)
+
+
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    if getattr(args, "image", None):
+        return run_image(args)
+    refuse_image_only(args, ("ftrace",))
     from ..sim._ftrace_work import DEMO_FUNCTIONS, FtraceMachine, ftrace_selftest
 
     def body(fm, d: dict, lines: list[str]) -> bool:

@@ -15,6 +15,7 @@ from typing import Callable
 
 from . import _contract
 from ._args import SEED, Bounds, UsageError, checked, int_in
+from ._real_clients import add_image_arguments, refuse_image_only, run_on_image
 from ._signals import Terminated
 
 __all__ = ["add_arguments", "run", "NAME", "HELP", "DESCRIPTION", "on_clients", "settle",
@@ -61,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--selftest", action="store_true",
                    help="lib/test_static_keys.c and a 1,000-site key on the running CPUs")
     add_common(p)
+    add_image_arguments(p, ())
 
 
 def start_workload(cm) -> None:
@@ -124,7 +126,50 @@ def _figures(cm, d: dict, lines: list[str], s0: int, b0: int, prefix: str) -> No
     lines.append(f"{prefix}{d['syncs']} syncs, {d['batches']} batches, {d['oopses']} oopses")
 
 
+def run_image(args: argparse.Namespace) -> int:
+    """``keys --image``: the keys of the real image switched offline."""
+    if args.selftest:
+        raise UsageError("--selftest runs on the sim's CPUs: not with --image")
+
+    def step(ok, d: dict, lines: list[str]) -> bool:
+        from .._jump_label import UnknownKeyError
+        keys = ok.kernel.keys
+        try:
+            for k in args.enable + args.disable:
+                keys.key(k)
+        except UnknownKeyError as e:
+            raise UsageError(str(e)) from None
+        acts: list[dict] = []
+        for op, names in (("enable", args.enable), ("disable", args.disable)):
+            for k in names:
+                core = ok.kernel.core
+                sb, ss = core.stats.batches, core.stats.syncs
+                getattr(keys, f"static_key_{op}")(k)
+                key = keys.key(k)
+                acts.append({"op": op, "key": k, "enabled": key.enabled,
+                             "entries": len(key.sites), "batches": core.stats.batches - sb,
+                             "syncs": core.stats.syncs - ss})
+                lines.append(f"static_key_{op}({k}): {len(key.sites)} entries, "
+                             f"{acts[-1]['batches']} batches, {acts[-1]['syncs']} syncs; "
+                             f"count now {key.enabled}")
+        d["actions"] = acts
+        if keys.warnings:
+            d["warnings"] = list(keys.warnings)
+        if args.list or not acts:
+            d["keys"] = keys.as_list()
+            lines.append(f"{'key':40} {'count':>5} {'sites':>6}  initial")
+            for k in d["keys"]:
+                lines.append(f"{k['name']:40} {k['enabled']:>5} {k['entries']:>6}  "
+                             f"{'true' if k['initial'] else 'false'}")
+        return False
+
+    return run_on_image(args, (), step)
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "image", None):
+        return run_image(args)
+    refuse_image_only(args, ())
     from ..sim._clients_demo import ClientMachine, many_key_flip, static_keys_selftest
 
     def body(cm, d: dict, lines: list[str]) -> bool:

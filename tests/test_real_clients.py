@@ -1,0 +1,176 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The run-time clients over Debian's real 6.12 image, offline
+(``textpoke.kernel._offline``): ftrace and static keys read the image's
+own tables and patch its booted memory; the CLI's ``--image`` path writes
+that memory and compares it.  Skips where the image is not cached."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from textpoke._core._insn import x86_nops
+
+NOP5 = x86_nops[5]
+TRAMP = 0xFFFFFFFFC0000000
+
+
+def _image_dir() -> Path | None:
+    cached = sorted((Path.home() / ".cache/textpoke/kernel").glob("6.12.*-cloud-amd64"))
+    for d in (os.environ.get("TEXTPOKE_KERNEL_DIR"), *[str(c) for c in cached[::-1]]):
+        if d and (Path(d) / "vmlinuz").is_file():
+            return Path(d)
+    return None
+
+
+@pytest.fixture(scope="module")
+def booted():
+    d = _image_dir()
+    if d is None:
+        pytest.skip("Debian's 6.12 cloud kernel is not cached (make test-kernel fetches it)")
+    from textpoke._alternative._kearly import read_config
+    from textpoke._alternative._kpasses import BootOptions
+    from textpoke._alternative._ktext import CpuCaps
+    from textpoke.images._vmlinux import load_kernel
+    from textpoke.kernel._offline import ExecRegion, offline_kernel
+    img = load_kernel(str(d / "vmlinuz"))
+    cfg = read_config(d / "config") if (d / "config").is_file() else None
+    ok = offline_kernel(img, CpuCaps.from_names(["always"]), BootOptions(ncpus=1), config=cfg,
+                        regions=[ExecRegion(TRAMP, 4096, "ftrace")])
+    core = ok.machine.core
+    ok.booted_text = bytes(ok.machine.text_read(core.start, core.end - core.start))
+    yield d, ok
+    ok.close()
+
+
+def _text(ok) -> bytes:
+    c = ok.machine.core
+    return ok.machine.text_read(c.start, c.end - c.start)
+
+
+def _call_target(site: int, insn: bytes) -> int:
+    assert insn[0] == 0xE8, insn.hex()
+    return site + 5 + struct.unpack("<i", insn[1:5])[0]
+
+
+def test_the_kernel_object_follows_the_images_config(booted):
+    d, ok = booted
+    k = ok.kernel
+    if (d / "config").is_file():
+        # Debian's: preemptible (no kprobe boosting), kprobes on ftrace, IBT
+        assert k.config == {"X86_KERNEL_IBT": True, "PREEMPTION": True,
+                            "KPROBES_ON_FTRACE": True}
+    assert "offline" in repr(k)
+
+
+def test_ftrace_records_are_the_core_texts_mcount_sites(booted):
+    _d, ok = booted
+    ft = ok.kernel.ftrace
+    lo, hi = ok.machine.core.start, ok.machine.core.end
+    assert len(ft.records) > 40000
+    assert all(lo <= r.ip < hi for r in ft.records)
+    # every record holds the NOP5 that ftrace_init left, none is enabled
+    assert all(ok.machine.text_read(r.ip, 5) == NOP5 for r in ft.records[::97])
+    # records are named by their function, as available_filter_functions
+    assert "vfs_read" in ft.by_name and ft.by_name["vfs_read"].ip in range(
+        ok.image.sym("vfs_read"), ok.image.sym("vfs_read") + 16)
+
+
+def test_ftrace_enables_the_filtered_sites_through_the_trampoline_and_restores(booted):
+    _d, ok = booted
+    ft = ok.kernel.ftrace
+    img = ok.image
+    n = ft.set_ftrace_filter("vfs_*")
+    assert 10 < n < 500
+    up = ft.start("function")
+    try:
+        assert up.enabled == n and up.batches == -(-n // 256)
+        t = ft.trampolines["function"]
+        assert t.addr == TRAMP            # the address given, as the kernel allocated it
+        sel = {r.ip for r in ft.selected()}
+        for r in ft.records:
+            insn = ok.machine.text_read(r.ip, 5)
+            if r.ip in sel:
+                assert _call_target(r.ip, insn) == TRAMP, r.name
+            else:
+                assert insn == NOP5, r.name
+        tb = ok.machine.text_read(TRAMP, t.size)
+        # the copy of ftrace_caller calls the tracer, and its op load reads
+        # the pointer after the return slot: global_ops
+        call = t.call_offset
+        assert _call_target(TRAMP + call, tb[call:call + 5]) == img.sym("function_trace_call")
+        assert struct.unpack("<Q", tb[-8:])[0] == img.sym("global_ops")
+    finally:
+        dn = ft.stop()
+    assert dn.disabled == n
+    assert ok.kernel.core.int3_left() == 0
+    # ftrace_call and every site back as boot left them
+    assert _text(ok) == ok.booted_text
+
+
+def test_a_static_key_switches_its_run_time_entries_and_back(booted):
+    _d, ok = booted
+    keys = ok.kernel.keys
+    key = keys.key("sched_schedstats")
+    assert key.enabled == 0 and len(key.sites) >= 50
+    keys.static_key_enable("sched_schedstats")
+    try:
+        m = ok.machine
+        live = [s for s in key.sites if not s.entry.init and m.is_text(s.entry.code, s.size)]
+        assert live
+        for s in live:
+            b = m.text_read(s.entry.code, s.size)
+            # the key is on and the entry is "unlikely": a jump to its target
+            if not s.entry.branch:
+                assert b[0] in (0xEB, 0xE9)
+                rel = b[1] if s.size == 2 else struct.unpack("<i", b[1:5])[0]
+                if s.size == 2 and rel > 127:
+                    rel -= 256
+                assert s.entry.code + s.size + rel == s.entry.target
+        # the count is mirrored into the kernel's struct static_key
+        assert struct.unpack("<i", m.mem.read(key.addr, 4))[0] == 1
+    finally:
+        keys.static_key_disable("sched_schedstats")
+    assert _text(ok) == ok.booted_text
+
+
+@pytest.mark.skipif(not os.environ.get("TEXTPOKE_KERNEL_TESTS"),
+                    reason="a second boot of the real image (set TEXTPOKE_KERNEL_TESTS=1)")
+def test_cli_keys_image_dumps_the_step_and_names_what_differs(booted, tmp_path):
+    d, ok = booted
+    keys = ok.kernel.keys
+    off = tmp_path / "off.bin"
+    off.write_bytes(bytes(ok.kt.buf))
+    keys.static_key_enable("sched_schedstats")
+    try:
+        on = bytes(ok.kt.buf)
+    finally:
+        keys.static_key_disable("sched_schedstats")
+    dump = tmp_path / "ours.bin"
+    # one CPU: boot's default, what the library fixture booted
+    argv = [sys.executable, "-m", "textpoke", "keys", "--image", str(d / "vmlinuz"), "--cpus", "1",
+            "--no-early", "--enable", "sched_schedstats", "--dump", str(dump), "--reference", str(off),
+            "--json"]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr         # it differs from the key-off memory
+    doc = json.loads(p.stdout)
+    assert doc["int3_left"] == 0 and doc["actions"][0]["enabled"] == 1 and doc["sites"] > 0
+    assert dump.read_bytes() == on              # the same bytes as the library's step
+    assert list(doc["differing_bytes"]) == [".text"] and doc["differing_bytes"][".text"] > 0
+    assert doc["differing_ranges"] and all("+0x" in r["where"] for r in doc["differing_ranges"])
+
+
+def test_real_image_options_are_refused_without_image():
+    for argv in (["ftrace", "--trampoline", "0xffffffffc0000000"], ["keys", "--dump", "x.bin"]):
+        p = subprocess.run([sys.executable, "-m", "textpoke", *argv], capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 2 and "give --image" in p.stderr, (argv, p.stderr)
+    p = subprocess.run([sys.executable, "-m", "textpoke", "ftrace", "--trampoline",
+                        "0xffffffffc0000010"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "page-aligned" in p.stderr
