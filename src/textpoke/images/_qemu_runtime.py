@@ -1,0 +1,714 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The run-time reference: a real kernel patching its own text at run time,
+observed under QEMU step by step.
+
+:func:`runtime_reference` boots Debian's kernel (the bzImage of a
+:class:`~textpoke.images._vmlinux.DebianKernel`) under ``qemu-system-x86_64``
+(TCG, ``nokaslr``) with a tiny initramfs: ``busybox-static`` and an init
+script that drives the kernel's own interfaces, one *step* at a time
+(:data:`STEPS`): tracefs (``set_ftrace_filter`` with a small glob, the
+``function`` tracer on and off, ``function_graph`` on and off),
+``kprobe_events`` (a kprobe past a function's fentry site, waited for until
+``/sys/kernel/debug/kprobes/list`` says ``[OPTIMIZED]``; a kretprobe on a
+function's entry, which ``KPROBES_ON_FTRACE`` puts on the fentry site),
+a sysctl backed by a static key (``kernel.sched_schedstats`` 1, then 0), and
+``insmod``/``rmmod`` of real modules of the same ``linux-image`` package
+(``bfq``: alternatives, static keys, static calls, retpolines, ENDBR seal,
+LOCK prefixes; ``kyber-iosched``: static keys and calls, retpolines).
+
+After each step the script prints what the kernel allocated (lines
+``RTREF <step> <key> ...`` written to ``/dev/kmsg``, so they are on the
+serial console before the write returns), sets the host name to
+``rt-<index>`` and calls ``sync(2)``.  The host has a **hardware
+breakpoint** on ``__x64_sys_sync`` (gdbstub ``Z1``; nothing is written to
+guest memory): at each stop it checks the stop is the script's (RIP, and
+``init_uts_ns``'s nodename is ``rt-<index>``), saves guest-physical
+``_text.._end`` (QMP ``pmemsave``, as the boot reference does) and every
+run-time region by its virtual address (QMP ``memsave``), then lets the
+guest go on.  ``rt-fail`` (a command of the script failed) ends the run
+with a :class:`~textpoke.images._qemu.ReferenceError` carrying the
+console's tail.
+
+Manifest (``manifest.json`` in the reference directory; format 1)
+================================================================
+
+All addresses are JSON integers (kernel virtual addresses); every dump is
+a file in the same directory, named by the first 16 hex digits of the
+sha256 of its (uncompressed) bytes, so identical dumps are stored once::
+
+  {
+   "format": "textpoke-runtime-reference", "format_version": 1,
+   "harness_version": N,
+   "kernel": {"release": "6.12.118+deb12-cloud-amd64", "package_version": ...,
+              "image_sha256": ..., "text_start": _text, "end": _end},
+   "setup":  {"cpu": "qemu64", "cmdline": "mitigations=off", "smp": 1, "memory": "1G",
+              "kernel_cmdline": the whole command line},
+   "qemu":   {"version": ..., "argv": [...]},
+   "caps":   [24 u32: boot_cpu_data.x86_capability at the first stop],
+   "return_thunk": address in x86_return_thunk, "return_thunk_sym": its symbol,
+   "probes": {"ftrace_glob": "vfs_read*", "kprobe": "vfs_statx+5",
+              "kprobe_addr": address, "kretprobe": "do_sys_openat2"},
+   "modules": {"bfq": {"file": "modules/bfq.ko" (in the reference dir; decompressed),
+                       "sha256": ..., "source": "kernel/block/bfq.ko.xz" (in the .deb)}},
+   "seconds": {"wall": QEMU start -> last stop, "qemu_cpu": QEMU's user+system CPU},
+   "steps": [
+     {"index": 0, "name": "boot",
+      "did": ["shell command", ...]      -- what the script ran for this step,
+      "text": {"addr": _text, "size": _end - _text, "file": "text-<sha16>.bin.zst",
+               "sha256": sha256 of the uncompressed dump},
+      "regions": [                        -- run-time text (vmalloc/execmem), dumped here
+         {"kind": "module" | "ftrace_trampoline" | "kprobe_insn_page" |
+                  "kprobe_optinsn_page",
+          "name": "bfq .text" | symbol name, "addr": A, "size": N,
+          "file": "region-<sha16>.bin", "sha256": ...}],
+      "allocated": {                      -- what the kernel said it allocated
+         "kallsyms_builtin": [[addr, type, name, "[__builtin__ftrace]"], ...],
+         "ftrace_trampolines": [addr, ...], "kprobe_insn_pages": [addr, ...],
+         "kprobe_optinsn_pages": [addr, ...],
+         "modules": {"bfq": {".text": addr, "__jump_table": addr, ...}}  -- every
+                     section /sys/module/<name>/sections lists, while loaded},
+      "tracefs": {"set_ftrace_filter": [names], "enabled_functions": [lines],
+                  "kprobes_list": [lines of /sys/kernel/debug/kprobes/list]},
+      "sysctl": {"kernel.sched_schedstats": "0"}
+     }, ...]
+  }
+
+Regions: a module's region is one executable section (``SHF_ALLOC|SHF_EXECINSTR``
+in its ``.ko``, init sections excepted -- they are freed once the module's
+init has run) at the address ``/sys/module/<name>/sections`` gives, its size
+the section's in the ``.ko``; trampolines and kprobe instruction pages are
+dumped as the whole page (4096 bytes) from the address ``/proc/kallsyms``
+gives (``[__builtin__ftrace]`` / ``[__builtin__kprobes]``): the kernel's
+code is at its start, the rest of the page is whatever the allocator left.
+A step lists the regions alive at its stop (a module from its insmod step
+to the step before its rmmod).
+
+References are cached under ``$TEXTPOKE_CACHE`` (or ``~/.cache/textpoke``)
+``/reference/<release>/runtime-<cpu>-smp<N>-<cmdline>-<key>/``, the key a
+hash of (harness version, image sha256, setup, the modules' sha256, the
+script, QEMU's version).  The command is ``tools/kernel_runtime_reference.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._elf import SHF_ALLOC, SHF_EXECINSTR, ElfFile, ImageError
+from ._lines import LINE_612
+from ._qemu import (BASE_CMDLINE, QEMU, ReferenceError, Setup, _connect, _Gdb, _Qmp, _tail,
+                    cache_root, qemu_version)
+from ._vmlinux import START_KERNEL_MAP, RealKernelImage
+
+__all__ = ["RuntimeReference", "runtime_reference", "runtime_reference_dir", "RUNTIME_SETUPS",
+           "STEPS", "DEFAULT_MODULES", "FORMAT_VERSION", "module_file", "load_manifest",
+           "kprobe_target", "main"]
+
+FORMAT_VERSION = 1
+#: bump when what a run-time reference contains or how it is taken changes
+RUNTIME_HARNESS_VERSION = 1
+PAGE = 4096
+#: the modules loaded and unloaded, in order: (module name, path in the package)
+DEFAULT_MODULES: tuple[tuple[str, str], ...] = (
+    ("bfq", "kernel/block/bfq.ko.xz"),
+    ("kyber_iosched", "kernel/block/kyber-iosched.ko.xz"),
+)
+FTRACE_GLOB = "vfs_read*"
+#: functions tried in order for the optimised kprobe (the first instruction
+#: after the fentry site: pushes and register moves the optimiser relocates)
+KPROBE_CANDIDATES = ("vfs_statx", "ksys_write", "vfs_fstat")
+KRETPROBE_FUNCTION = "do_sys_openat2"
+#: "no mitigations", "retpolines + return thunks", "call-depth tracking"
+RUNTIME_SETUPS: tuple[Setup, ...] = (
+    Setup("qemu64", "mitigations=off"),
+    Setup("Skylake-Client-v4", "spectre_v2=retpoline,lfence"),
+    Setup("Skylake-Client-v4", "retbleed=stuff"),
+)
+#: /dev/kmsg is rate-limited by default: the script's lines must all arrive
+EXTRA_CMDLINE = "printk.devkmsg=on rdinit=/init"
+T = "/sys/kernel/tracing"
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    did: tuple[str, ...]              # shell commands (templates: {glob} {kprobe} {kretprobe})
+    collect: tuple[str, ...] = ()     # builtins filter enabled kprobes sysctl sections:<mod>
+
+
+#: what the init script does, in order (module steps are added per module)
+STEPS: tuple[Step, ...] = (
+    Step("boot", (), ("builtins", "enabled", "sysctl")),
+    Step("ftrace-function-on", (f"echo '{{glob}}' > {T}/set_ftrace_filter",
+                                f"echo function > {T}/current_tracer"),
+         ("filter", "enabled", "builtins")),
+    Step("ftrace-function-off", (f"echo nop > {T}/current_tracer",), ("enabled", "builtins")),
+    Step("ftrace-graph-on", (f"echo function_graph > {T}/current_tracer",),
+         ("filter", "enabled", "builtins")),
+    Step("ftrace-graph-off", (f"echo nop > {T}/current_tracer", f"echo > {T}/set_ftrace_filter"),
+         ("filter", "enabled", "builtins")),
+    Step("kprobe-optimized-on", (f"echo 'p:rtref/opt {{kprobe}}' >> {T}/kprobe_events",
+                                 f"echo 1 > {T}/events/rtref/opt/enable",
+                                 "wait_optimized"),
+         ("kprobes", "builtins")),
+    Step("kretprobe-on", (f"echo 'r:rtref/ret {{kretprobe}}' >> {T}/kprobe_events",
+                          f"echo 1 > {T}/events/rtref/ret/enable"),
+         ("kprobes", "enabled", "builtins")),
+    Step("kprobes-off", (f"echo 0 > {T}/events/rtref/opt/enable",
+                         f"echo 0 > {T}/events/rtref/ret/enable",
+                         # unoptimising is deferred to the optimiser's work; turning
+                         # optimisation off waits for it (and on again optimises nothing:
+                         # no probe is enabled)
+                         "echo 0 > /proc/sys/debug/kprobes-optimization",
+                         "echo 1 > /proc/sys/debug/kprobes-optimization",
+                         f"echo > {T}/kprobe_events"),
+         ("kprobes", "enabled", "builtins")),
+    Step("schedstats-on", ("echo 1 > /proc/sys/kernel/sched_schedstats",), ("sysctl",)),
+    Step("schedstats-off", ("echo 0 > /proc/sys/kernel/sched_schedstats",), ("sysctl",)),
+)
+
+
+def _steps(modules: tuple[tuple[str, str], ...]) -> list[Step]:
+    out = list(STEPS)
+    for name, _ in modules:
+        out.append(Step(f"insmod-{name}", (f"insmod /m/{name}.ko",), (f"sections:{name}",)))
+    for name, _ in reversed(modules):
+        out.append(Step(f"rmmod-{name}", (f"rmmod {name}",), ()))
+    return out
+
+
+# ---------------------------------------------------------------- modules
+def _deb_of(release: str) -> Path:
+    debs = cache_root() / "kernel" / "debs"
+    found = sorted(debs.glob(f"linux-image-{release}-unsigned_*_amd64.deb"))
+    if not found:
+        raise ReferenceError(f"no linux-image-{release}-unsigned .deb in {debs} "
+                             f"(tools/kernel_reference.py --kernel {release} --fetch-only)")
+    return found[-1]
+
+
+def module_file(release: str, name: str, source: str) -> Path:
+    """The decompressed ``.ko`` of module *name* (``source``: its path under
+    ``/lib/modules/<release>/`` in the image package), extracted once."""
+    d = cache_root() / "modules" / release
+    out = d / f"{name}.ko"
+    if out.exists():
+        return out
+    d.mkdir(parents=True, exist_ok=True)
+    member = f"./lib/modules/{release}/{source}"
+    with tempfile.TemporaryDirectory(prefix="textpoke-ko-") as td:
+        deb = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(_deb_of(release))],
+                               stdout=subprocess.PIPE)
+        r = subprocess.run(["tar", "-x", "-C", td, member], stdin=deb.stdout,
+                           capture_output=True, text=True, check=False)
+        deb.stdout.close()
+        deb.wait()
+        got = Path(td) / member
+        if r.returncode or not got.exists():
+            raise ReferenceError(f"{member} is not in {_deb_of(release).name}: "
+                                 f"{r.stderr.strip()[-200:]}")
+        data = got.read_bytes()
+    if source.endswith(".xz"):
+        data = lzma.decompress(data)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.rename(out)
+    return out
+
+
+def module_exec_sections(path: Path) -> dict[str, int]:
+    """name -> size of a ``.ko``'s executable sections that stay after init."""
+    elf = ElfFile(path.read_bytes(), str(path))
+    return {s.name: s.size for s in elf.sections
+            if s.flags & SHF_ALLOC and s.flags & SHF_EXECINSTR and s.size
+            and not s.name.startswith(".init")}
+
+
+# ------------------------------------------------------------ the probes
+def kprobe_target(image: RealKernelImage) -> tuple[str, int]:
+    """(``func+off``, address): the first candidate whose instructions right
+    after its fentry site are at least 5 bytes of pushes and register moves
+    with no branch of the function into them (what the optimiser can move)."""
+    import iced_x86
+    from ._tables import mcount_table
+    mc = image.table("__mcount_loc")
+    fentry = set(mcount_table(mc.data, mc.start, mc.start, mc.stop))
+    ok = {iced_x86.Mnemonic.PUSH, iced_x86.Mnemonic.MOV}
+    for name in KPROBE_CANDIDATES:
+        if name not in image.symbols:
+            continue
+        fn, code = image.sym(name), image.function_bytes(name)
+        insns = list(iced_x86.Decoder(64, code, ip=fn))
+        sites = [i.ip for i in insns if i.ip in fentry]
+        if not sites:
+            continue
+        start = sites[0] + 5
+        covered, i = 0, next(k for k, x in enumerate(insns) if x.ip == start)
+        while covered < 5 and i < len(insns):
+            ins = insns[i]
+            if ins.mnemonic not in ok or ins.is_ip_rel_memory_operand:
+                break
+            covered += ins.len
+            i += 1
+        if covered < 5:
+            continue
+        targets = {x.near_branch_target for x in insns if x.flow_control in (
+            iced_x86.FlowControl.UNCONDITIONAL_BRANCH, iced_x86.FlowControl.CONDITIONAL_BRANCH)}
+        if any(start < t < start + covered for t in targets):
+            continue
+        return f"{name}+{start - fn}", start
+    raise ImageError(f"{image.path}: none of {', '.join(KPROBE_CANDIDATES)} can take an "
+                     f"optimised kprobe after its fentry site")
+
+
+# ------------------------------------------------------------- the script
+def _script(steps: list[Step], subst: dict[str, str]) -> str:
+    lines = [
+        "#!/bin/busybox sh",
+        "/bin/busybox --install -s /bin",
+        "export PATH=/bin",
+        "mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs dev /dev",
+        "mount -t debugfs debugfs /sys/kernel/debug; mount -t tracefs tracefs " + T,
+        "echo 0 > /proc/sys/kernel/kptr_restrict",
+        'say() { echo "RTREF $STEP $*" > /dev/kmsg; }',
+        'fail() { echo "RTREF $STEP fail $*" > /dev/kmsg; hostname rt-fail; sync; '
+        'while :; do sleep 1000; done; }',
+        'run() { eval "$1" || fail "$1"; }',
+        'mark() { say end; hostname "rt-$1"; sync; }',
+        'lines() { while IFS= read -r l; do say "$1" "$l"; done < "$2"; }',
+        'builtins() { grep __builtin__ /proc/kallsyms > /tmp/b; lines kallsyms /tmp/b; }',
+        'sections() { for f in /sys/module/$1/sections/* /sys/module/$1/sections/.*; do '
+        '[ -f "$f" ] && say sect $1 "${f##*/}" "$(cat $f)"; done; }',
+        # the optimiser runs from a delayed work: wait for it (at most ~30 s)
+        'wait_optimized() { n=0; while ! grep -q OPTIMIZED /sys/kernel/debug/kprobes/list; do '
+        'n=$((n+1)); [ $n -gt 300 ] && fail "kprobe not optimized"; usleep 100000; done; }',
+    ]
+    for i, st in enumerate(steps):
+        lines.append(f"STEP={i}-{st.name}")
+        for cmd in st.did:
+            c = cmd.format(**subst)
+            lines.append(c if c == "wait_optimized" else f"run {_sh_quote(c)}")
+        for what in st.collect:
+            if what == "builtins":
+                lines.append("builtins")
+            elif what == "filter":
+                lines.append(f"lines filter {T}/set_ftrace_filter")
+            elif what == "enabled":
+                lines.append(f"lines enabled {T}/enabled_functions")
+            elif what == "kprobes":
+                lines.append("lines kprobes /sys/kernel/debug/kprobes/list")
+            elif what == "sysctl":
+                lines.append('say sysctl kernel.sched_schedstats '
+                             '"$(cat /proc/sys/kernel/sched_schedstats)"')
+            elif what.startswith("sections:"):
+                lines.append(f"sections {what.split(':', 1)[1]}")
+        lines.append(f"mark {i}")
+    lines += ['echo "RTREF done" > /dev/kmsg', "while :; do sleep 1000; done", ""]
+    return "\n".join(lines)
+
+
+def _sh_quote(s: str) -> str:
+    return "'" + s.replace("'", "'\\''") + "'"
+
+
+def _cpio(entries: list[tuple[str, int, bytes]]) -> bytes:
+    """A newc cpio archive of (name, mode, data); char devices as
+    (name, mode, b'major,minor')."""
+    out = bytearray()
+
+    def pad():
+        out.extend(b"\0" * (-len(out) % 4))
+    for ino, (name, mode, data) in enumerate(entries + [("TRAILER!!!", 0, b"")], 1):
+        rmaj = rmin = 0
+        if mode & 0o170000 == 0o020000:
+            rmaj, rmin = map(int, data.decode().split(","))
+            data = b""
+        nb = name.encode() + b"\0"
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, rmaj, rmin, len(nb), 0]
+        out += b"070701" + "".join(f"{f:08x}" for f in fields).encode() + nb
+        pad()
+        out += data
+        pad()
+    return bytes(out)
+
+
+def build_initramfs(script: str, modules: dict[str, Path]) -> bytes:
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    bb = Path(busybox).read_bytes()
+    ents: list[tuple[str, int, bytes]] = [(d, 0o040755, b"") for d in
+                                           ("bin", "dev", "proc", "sys", "tmp", "m")]
+    ents += [("dev/console", 0o020600, b"5,1"), ("bin/busybox", 0o100755, bb),
+             ("init", 0o100755, script.encode())]
+    ents += [(f"m/{n}.ko", 0o100644, p.read_bytes()) for n, p in modules.items()]
+    return _cpio(ents)
+
+
+# ------------------------------------------------------------- the record
+@dataclass
+class RuntimeReference:
+    path: Path
+    manifest: dict
+
+    @property
+    def steps(self) -> list[dict]:
+        return self.manifest["steps"]
+
+    def step(self, name: str) -> dict:
+        for s in self.steps:
+            if s["name"] == name:
+                return s
+        raise KeyError(name)
+
+    def text(self, step: dict | str) -> bytes:
+        import zstandard
+        st = self.step(step) if isinstance(step, str) else step
+        return zstandard.ZstdDecompressor().decompress((self.path / st["text"]["file"]).read_bytes())
+
+    def region(self, reg: dict) -> bytes:
+        return (self.path / reg["file"]).read_bytes()
+
+
+def load_manifest(d: Path) -> RuntimeReference:
+    m = json.loads((d / "manifest.json").read_text())
+    if m.get("format") != "textpoke-runtime-reference" or m.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{d}: not a format-{FORMAT_VERSION} run-time reference")
+    return RuntimeReference(d, m)
+
+
+def runtime_reference_dir(image: RealKernelImage, setup: Setup, key: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9.=,_-]+", "_", setup.cmdline).strip("_") or "default"
+    return (cache_root() / "reference" / image.version /
+            f"runtime-{setup.cpu}-smp{setup.smp}-{slug[:60]}-{key}")
+
+
+def runtime_reference(kernel, setup: Setup = RUNTIME_SETUPS[0], *, memory: str = "1G",
+                      modules: tuple[tuple[str, str], ...] = DEFAULT_MODULES,
+                      timeout: float = 900.0, use_cache: bool = True,
+                      progress=None) -> RuntimeReference:
+    """The run-time reference of *kernel* (a DebianKernel) in *setup*: built
+    (one QEMU boot) or taken from the cache."""
+    image = kernel.load()
+    kos = {n: module_file(image.version, n, src) for n, src in modules}
+    kprobe, kprobe_addr = kprobe_target(image)
+    subst = {"glob": FTRACE_GLOB, "kprobe": kprobe, "kretprobe": KRETPROBE_FUNCTION}
+    steps = _steps(modules)
+    script = _script(steps, subst)
+    ko_sha = {n: hashlib.sha256(p.read_bytes()).hexdigest() for n, p in kos.items()}
+    key = hashlib.sha256(json.dumps([RUNTIME_HARNESS_VERSION, image.sha256, setup.cpu,
+                                     setup.cmdline, setup.smp, memory, ko_sha, script,
+                                     qemu_version()]).encode()).hexdigest()[:12]
+    d = runtime_reference_dir(image, setup, key)
+    if use_cache and (d / "manifest.json").exists():
+        try:
+            return load_manifest(d)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"textpoke: ignoring a damaged cached run-time reference {d}: {e}")
+    tmp = d.with_name(d.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for n, p in kos.items():
+            (tmp / "modules").mkdir(exist_ok=True)
+            shutil.copyfile(p, tmp / "modules" / f"{n}.ko")
+        manifest = _run(kernel, image, setup, memory, steps, subst, script, kos, tmp, timeout,
+                        progress)
+        manifest["probes"] = {"ftrace_glob": FTRACE_GLOB, "kprobe": kprobe,
+                              "kprobe_addr": kprobe_addr, "kretprobe": KRETPROBE_FUNCTION}
+        manifest["modules"] = {n: {"file": f"modules/{n}.ko", "sha256": ko_sha[n], "source": src}
+                               for n, src in modules}
+        (tmp / "init.sh").write_text(script)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        shutil.rmtree(d, ignore_errors=True)
+        tmp.rename(d)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_manifest(d)
+
+
+_LINE = re.compile(r"RTREF (\d+)-(\S+) (\S+) ?(.*)$")
+
+
+def _parse(serial: str, index: int) -> dict:
+    """The script's lines of step *index*: {key: [values]}."""
+    out: dict[str, list[str]] = {}
+    for line in serial.splitlines():
+        m = _LINE.search(line)
+        if m and int(m.group(1)) == index:
+            out.setdefault(m.group(3), []).append(m.group(4).rstrip("\r"))
+    return out
+
+
+def _qemu_cpu_seconds(pid: int) -> float:
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _run(kernel, image, setup, memory, steps, subst, script, kos, out: Path, timeout,
+         progress) -> dict:
+    import zstandard
+    exe = shutil.which(QEMU)
+    if exe is None:
+        raise ReferenceError(f"{QEMU} not found (apt-get install qemu-system-x86)")
+    if not (shutil.which("busybox") or Path("/bin/busybox").exists()):
+        raise ReferenceError("busybox not found (apt-get install busybox-static)")
+    kcmd = f"{BASE_CMDLINE} {EXTRA_CMDLINE} {setup.cmdline}".strip()
+    work = Path(tempfile.mkdtemp(prefix="textpoke-rtref-"))
+    initrd = work / "initrd.cpio"
+    initrd.write_bytes(build_initramfs(script, kos))
+    gdb_sock, qmp_sock, serial = work / "gdb.sock", work / "qmp.sock", work / "serial.log"
+    argv = [exe, "-machine", "pc,accel=tcg", "-cpu", setup.cpu, "-smp", str(setup.smp),
+            "-m", memory, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd), "-append", kcmd,
+            "-serial", f"file:{serial}",
+            "-chardev", f"socket,id=gdb0,path={gdb_sock},server=on,wait=off",
+            "-gdb", "chardev:gdb0", "-qmp", f"unix:{qmp_sock},server=on,wait=off", "-S"]
+    shown = [a if a != str(initrd) else "initrd.cpio" for a in argv]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, cwd=work)
+    gsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    qmp = None
+    comp = zstandard.ZstdCompressor(level=3, threads=-1)
+    size = image.end - image.text_start
+    line = image.line or LINE_612
+    sync_fn = image.sym("__x64_sys_sync")
+    uts = image.sym("init_uts_ns")
+    ko_exec = {n: module_exec_sections(p) for n, p in kos.items()}
+    try:
+        _connect(gsock, str(gdb_sock), 30, proc)
+        gdb = _Gdb(gsock)
+        gdb.start()
+        qmp = _Qmp(str(qmp_sock))
+        gdb.hbreak(sync_fn)
+        t0 = time.monotonic()
+        phys_base = None
+        manifest_steps = []
+        caps: list[int] = []
+        rthunk = 0
+        loaded: dict[str, dict[str, int]] = {}
+
+        def store(data: bytes, prefix: str, compress: bool) -> tuple[str, str]:
+            sha = hashlib.sha256(data).hexdigest()
+            name = f"{prefix}-{sha[:16]}.bin" + (".zst" if compress else "")
+            if not (out / name).exists():
+                (out / name).write_bytes(comp.compress(data) if compress else data)
+            return name, sha
+
+        def vdump(addr: int, n: int) -> bytes:
+            f = work / "v.bin"
+            # QMP's "int" is signed 64-bit: a kernel address is negative there
+            sval = addr - (1 << 64) if addr >= 1 << 63 else addr
+            qmp.run("memsave", val=sval, size=n, filename=str(f), **{"cpu-index": 0})
+            data = f.read_bytes()
+            f.unlink()
+            if len(data) != n:
+                raise ReferenceError(f"memsave wrote {len(data)} bytes at {addr:#x}, wanted {n}")
+            return data
+
+        for i, st in enumerate(steps):
+            if i:
+                # step over the breakpoint (else continuing stops at it again)
+                gdb.hbreak(sync_fn, on=False)
+                r = gdb.cmd("s", timeout=60)
+                if not r.startswith(("T", "S")):
+                    raise ReferenceError(f"unexpected reply {r!r} to a single step")
+                gdb.hbreak(sync_fn)
+            left = timeout - (time.monotonic() - t0)
+            try:
+                r = gdb.cont(max(left, 1.0))
+            except TimeoutError:
+                gdb.interrupt()
+                raise ReferenceError(f"the init script did not reach step {i} ({st.name}) within "
+                                     f"{timeout:.0f} s; serial: {_tail(serial, 2000)}") from None
+            if not r.startswith(("T", "S")):
+                raise ReferenceError(f"unexpected stop reply {r!r} at step {st.name}; "
+                                     f"serial: {_tail(serial, 2000)}")
+            pc = gdb.rip()
+            if pc != sync_fn:
+                raise ReferenceError(f"stopped at {pc:#x} ({image.describe(pc)}), not at "
+                                     f"__x64_sys_sync")
+            name = gdb.read(uts, 130)
+            if not name.startswith(b"Linux\0"):
+                raise ReferenceError("init_uts_ns does not start with 'Linux': not this kernel?")
+            node = name[65:130].split(b"\0")[0].decode(errors="replace")
+            if node == "rt-fail":
+                raise ReferenceError(f"the init script failed at step {i} ({st.name}): "
+                                     f"{_tail(serial, 3000)}")
+            if node != f"rt-{i}":
+                raise ReferenceError(f"sync(2) with host name {node!r}, expected 'rt-{i}' "
+                                     f"(step {st.name})")
+            if phys_base is None:
+                phys_base = int.from_bytes(gdb.read(image.sym("phys_base"), 8), "little")
+                raw = gdb.read(image.sym("boot_cpu_data") + line.caps_offset, 4 * line.ncaps)
+                caps = [int.from_bytes(raw[k:k + 4], "little") for k in range(0, len(raw), 4)]
+                rthunk = int.from_bytes(gdb.read(image.sym("x86_return_thunk"), 8), "little")
+            info = _parse(serial.read_text(errors="replace"), i)
+            if "end" not in info:
+                raise ReferenceError(f"step {st.name}: the script's lines are not on the console")
+            phys = image.text_start - START_KERNEL_MAP + phys_base
+            f = work / "text.bin"
+            qmp.run("pmemsave", val=phys, size=size, filename=str(f))
+            text = f.read_bytes()
+            f.unlink()
+            if len(text) != size:
+                raise ReferenceError(f"pmemsave wrote {len(text)} bytes, wanted {size}")
+            banner = image.sym("linux_banner")
+            if text[banner - image.text_start:banner - image.text_start + 64] != \
+                    image.read(banner, 64):
+                raise ReferenceError("the dump does not hold linux_banner at its address")
+            tfile, tsha = store(text, "text", True)
+            # what the kernel allocated
+            builtin = []
+            for v in info.get("kallsyms", []):
+                p = v.split()
+                if len(p) >= 4:
+                    builtin.append([int(p[0], 16), p[1], p[2], p[3]])
+            for v in info.get("sect", []):
+                mod, sec, addr = v.split()
+                loaded.setdefault(mod, {})[sec] = int(addr, 16)
+            if st.name.startswith("rmmod-"):
+                loaded.pop(st.name[len("rmmod-"):], None)
+            allocated = {
+                "kallsyms_builtin": builtin,
+                "ftrace_trampolines": [b[0] for b in builtin if b[2] == "ftrace_trampoline"],
+                "kprobe_insn_pages": [b[0] for b in builtin if b[2] == "kprobe_insn_page"],
+                "kprobe_optinsn_pages": [b[0] for b in builtin if b[2] == "kprobe_optinsn_page"],
+                "modules": {m: dict(s) for m, s in loaded.items()},
+            }
+            regions = []
+            for m, secs in loaded.items():
+                for sec, n in ko_exec[m].items():
+                    if sec not in secs:
+                        continue
+                    data = vdump(secs[sec], n)
+                    fname, sha = store(data, "region", False)
+                    regions.append({"kind": "module", "name": f"{m} {sec}", "addr": secs[sec],
+                                    "size": n, "file": fname, "sha256": sha})
+            for b in builtin:
+                kind = b[2]
+                if kind in ("ftrace_trampoline", "kprobe_insn_page", "kprobe_optinsn_page"):
+                    base = b[0] & ~(PAGE - 1)
+                    data = vdump(base, PAGE)
+                    fname, sha = store(data, "region", False)
+                    regions.append({"kind": kind, "name": kind, "addr": base, "size": PAGE,
+                                    "symbol_addr": b[0], "file": fname, "sha256": sha})
+            rec = {"index": i, "name": st.name,
+                   "did": [c.format(**subst) for c in st.did],
+                   "text": {"addr": image.text_start, "size": size, "file": tfile, "sha256": tsha},
+                   "regions": regions, "allocated": allocated,
+                   "seconds": round(time.monotonic() - t0, 3)}
+            tfs = {}
+            if "filter" in st.collect:
+                tfs["set_ftrace_filter"] = [v for v in info.get("filter", []) if v
+                                            and not v.startswith("#")]
+            if "enabled" in st.collect:
+                tfs["enabled_functions"] = info.get("enabled", [])
+            if "kprobes" in st.collect:
+                tfs["kprobes_list"] = info.get("kprobes", [])
+            if tfs:
+                rec["tracefs"] = tfs
+            if "sysctl" in info:
+                rec["sysctl"] = dict(v.split(None, 1) for v in info["sysctl"])
+            manifest_steps.append(rec)
+            if progress:
+                progress(f"step {i} {st.name}: {time.monotonic() - t0:.1f} s")
+        wall = time.monotonic() - t0
+        cpu = _qemu_cpu_seconds(proc.pid)
+        return {
+            "format": "textpoke-runtime-reference", "format_version": FORMAT_VERSION,
+            "harness_version": RUNTIME_HARNESS_VERSION,
+            "kernel": {"release": image.version, "package_version": kernel.package_version,
+                       "image_sha256": image.sha256, "text_start": image.text_start,
+                       "end": image.end},
+            "setup": {"cpu": setup.cpu, "cmdline": setup.cmdline, "smp": setup.smp,
+                      "memory": memory, "kernel_cmdline": kcmd},
+            "qemu": {"version": qemu_version(), "argv": shown},
+            "caps": caps, "return_thunk": rthunk, "return_thunk_sym": image.describe(rthunk),
+            "phys_base": phys_base,
+            "seconds": {"wall": round(wall, 3), "qemu_cpu": round(cpu, 3)},
+            "steps": manifest_steps,
+            "serial": serial.read_text(errors="replace")[-(1 << 20):],
+        }
+    except OSError as e:
+        try:
+            txt = proc.communicate(timeout=10)[0].decode(errors="replace").strip()
+        except subprocess.TimeoutExpired:
+            txt = ""
+        last = txt.splitlines()[-1] if txt else f"{type(e).__name__}: {e}"
+        raise ReferenceError(f"QEMU failed: {last}") from None
+    finally:
+        if qmp is not None:
+            try:
+                qmp.run("quit")
+            except (ReferenceError, OSError, ValueError):
+                pass
+            qmp.close()
+        gsock.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ------------------------------------------------------------ the command
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+    from ._qemu import resolve_kernel
+    from ._vmlinux import KernelUnavailable, ensure_debian_kernel
+    p = argparse.ArgumentParser(
+        prog="kernel_runtime_reference",
+        description="Run-time reference of a Debian kernel under QEMU: ftrace, kprobes, a "
+                    "static-key sysctl, insmod/rmmod driven by an init script, the kernel's "
+                    "text and run-time regions saved after each step, with a JSON manifest.")
+    p.add_argument("--kernel", default="6.12-cloud",
+                   help="6.12-cloud (default), another name tools/kernel_reference.py takes, "
+                        "or a release")
+    p.add_argument("--setup", action="append", choices=["nomit", "retpoline", "calldepth", "all"],
+                   help="CPU setup(s): nomit = qemu64 mitigations=off (default), retpoline = "
+                        "Skylake-Client-v4 spectre_v2=retpoline,lfence, calldepth = "
+                        "Skylake-Client-v4 retbleed=stuff; repeat, or 'all'")
+    p.add_argument("--cpu", help="a setup of your own: QEMU CPU model (with --cmdline)")
+    p.add_argument("--cmdline", default="", help="with --cpu: added kernel command line")
+    p.add_argument("--no-cache", action="store_true", help="boot again even when cached")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    a = p.parse_args(argv)
+    try:
+        kernel = ensure_debian_kernel(resolve_kernel(a.kernel))
+    except (ValueError, KernelUnavailable) as e:
+        print(f"kernel_runtime_reference: {e}", file=sys.stderr)
+        return 2
+    names = {"nomit": 0, "retpoline": 1, "calldepth": 2}
+    if a.cpu:
+        setups = [Setup(a.cpu, a.cmdline)]
+    else:
+        chosen = a.setup or ["nomit"]
+        setups = list(RUNTIME_SETUPS) if "all" in chosen else \
+            [RUNTIME_SETUPS[names[c]] for c in dict.fromkeys(chosen)]
+    prog = None if a.quiet else (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+    for st in setups:
+        try:
+            t = time.monotonic()
+            ref = runtime_reference(kernel, st, use_cache=not a.no_cache, progress=prog)
+        except (ReferenceError, ImageError) as e:
+            print(f"kernel_runtime_reference: {st.label()}: {e}", file=sys.stderr)
+            return 1
+        m = ref.manifest
+        print(f"{m['kernel']['release']} {st.label()}: {len(m['steps'])} steps, "
+              f"QEMU {m['seconds']['wall']:.1f} s wall / {m['seconds']['qemu_cpu']:.1f} s CPU "
+              f"(this call {time.monotonic() - t:.1f} s) -> {ref.path / 'manifest.json'}")
+    return 0
