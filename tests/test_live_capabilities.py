@@ -46,7 +46,8 @@ def test_per_thread_counters_through_execmem_data_and_gs_then_everything_goes():
                 m.set_percpu_base(tid, a)
             em = ExecMem(core, size=4096)                          # the shared allocator
             rng = m.execmem_range(4096)
-            assert not rng.core and rng in m.text_ranges and em.start == rng.start
+            assert not rng.core and em.start == rng.start and rng.end - rng.start >= 4096
+            assert not m.text_range_of(rng.start, rng.end - rng.start).core
             assert rng.start in _maps(t.pid) and data in _maps(t.pid)
             stub = em.alloc(16)
             code = bytes.fromhex("65 48 ff 04 25 00 00 00 00 c3")  # incq %gs:0; ret
@@ -200,6 +201,25 @@ def test_recover_frees_a_dead_patchers_regions_unless_code_is_in_them(tmp_path, 
             assert rep["regions_freed"] == 2 and rep["kept"] == [], rep
             assert not ({ex, data} & _maps(t.pid))
         assert not journal_path(t.pid).exists()
+        rc, _, _ = t.finish()
+        assert rc == 0
+    finally:
+        t.kill()
+
+
+def test_each_execmem_name_is_its_own_region_and_a_name_again_the_same():
+    from textpoke.live import LiveMachine
+    t = Target(1)
+    try:
+        with LiveMachine(t.pid) as m:
+            a, b = m.execmem_range(4096, "a"), m.execmem_range(8192, "b")
+            assert a.end <= b.start or b.end <= a.start
+            assert m.execmem_range(4096, "a") == a
+            with pytest.raises(Exception, match="already mapped"):
+                m.execmem_range(1 << 20, "a")               # bigger than what "a" is
+            with pytest.raises(Exception, match="already mapped"):
+                m.map_data(4096, "a")                      # "a" is code
+        assert m.regions_kept == [] and not ({a.start, b.start} & _maps(t.pid))
         rc, _, _ = t.finish()
         assert rc == 0
     finally:

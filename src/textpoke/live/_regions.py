@@ -80,7 +80,8 @@ class _Regions:
                 raise MachineError(f"region {name!r} is already mapped ({kind}, {r.code_size} bytes)")
         else:
             r = self._map_region("execmem", name, size, 0, None)
-        return next(t for t in self._ranges if t.start == r.base)
+        # the region itself (the mapping may have been merged with a neighbour)
+        return TextRange(r.base, r.base + r.code_size, f"[execmem:{name}]", core=False)
 
     def map_data(self, size: int, name: str, addr: int | None = None) -> int:
         """``Capability.DATA``: *size* bytes of zeroed data memory in the
