@@ -122,3 +122,42 @@ def test_interrupt_in_a_burst_leaves_a_decision_boundary(monkeypatch):
         after = (w.sim.steps, w.sim.rng.words, [c.regs_dict() for c in w.sim.vcpus],
                  [w.counts(c, s) for c in w.sim.cpus for s in w.sites])
         assert after == before
+
+
+def test_interrupt_while_drawing_a_burst_puts_it_all_back(monkeypatch):
+    from textpoke._core._signals import deliver_interrupt
+    import textpoke.sim._sched as S
+
+    with boot_workload(ncpus=3, seed=4, policy=FINE) as w:
+        w.sim.fast_forward = True
+        w.start()
+        w.sim.run(40)
+        before = (w.sim.steps, w.sim.rng.words, w.sim.rng.getstate(),
+                  [c.regs_dict() for c in w.sim.vcpus])
+        real = S._draw_slices
+        fired = []
+
+        def draws(*a):
+            out = real(*a)
+            if not fired:                      # mid-burst, before any CPU ran
+                fired.append(1)
+                deliver_interrupt(KeyboardInterrupt())
+            return out
+        monkeypatch.setattr(S, "_draw_slices", draws)
+        with pytest.raises(KeyboardInterrupt):
+            w.sim.run(200)
+        assert fired
+        assert (w.sim.steps, w.sim.rng.words, w.sim.rng.getstate(),
+                [c.regs_dict() for c in w.sim.vcpus]) == before
+        # and the machine goes on as if nothing happened
+        monkeypatch.setattr(S, "_draw_slices", real)
+        w.sim.run(200)
+        after = (w.sim.steps, [c.regs_dict() for c in w.sim.vcpus],
+                 [w.counts(c, s) for c in w.sim.cpus for s in w.sites])
+    with boot_workload(ncpus=3, seed=4, policy=FINE) as ref:
+        ref.sim.fast_forward = True
+        ref.start()
+        ref.sim.run(40)
+        ref.sim.run(200)
+        assert after == (ref.sim.steps, [c.regs_dict() for c in ref.sim.vcpus],
+                         [ref.counts(c, s) for c in ref.sim.cpus for s in ref.sites])

@@ -509,50 +509,26 @@ class _Scheduler:
         everything back, then propagates.  Otherwise the burst stands; with
         *keep* its undo record is returned for :meth:`_burst_rollback`."""
         rng = self.rng
-        p = self.policy
         runs = [c for c in self._online if c.state == RUN]
         n = len(runs)
         w0, s0 = rng.words, self.steps
         saved: list[VCpu] = []          # CPUs whose registers were saved (and may have run)
         undo = (w0, s0, [r.mv.tobytes() for r in self._data if r.writable], runs,
                 [(c.slices, c.instructions) for c in runs], saved)
-        debt = [0] * n
-        nsl = [0] * n
-        words = 0
-        kb = n.bit_length()
-        smin = p.slice_min
-        span = p.slice_max - smin + 1
-        sb = span.bit_length()
-        refresh = bool(p.refresh_prob)
-        for _ in range(k):
-            if refresh:
-                _c_random(rng)          # < refresh_prob or not: no stale line to refill
-                words += 2
-            r = _c_getrandbits(rng, kb)
-            words += 1
-            while r >= n:
-                r = _c_getrandbits(rng, kb)
-                words += 1
-            if span > 1:
-                x = _c_getrandbits(rng, sb)
-                words += 1
-                while x >= span:
-                    x = _c_getrandbits(rng, sb)
-                    words += 1
-                debt[r] += smin + x
-            else:
-                debt[r] += smin
-            nsl[r] += 1
-        rng.words = w0 + words
-        self.steps = s0 + k
         ok = True
         current: list[Any] = [None]
 
         def stop() -> None:
             if current[0] is not None:
                 current[0].emu_stop()
+        debt: list[int] = []
         try:
+            # An interrupt delivered from here on (while drawing, or while a
+            # CPU runs) is raised once everything is put back.
             with uninterruptible(stop):
+                debt, nsl, words = _draw_slices(rng, self.policy, n, k)
+                rng.words = w0 + words
+                self.steps = s0 + k
                 for c, count, sl in zip(runs, debt, nsl):
                     if not count:
                         continue
@@ -599,6 +575,41 @@ class _Scheduler:
         if not self.rng.rewind(w0):
             raise MachineError("fast-forward: the scheduler's random generator cannot go back")
         self.steps = s0
+
+
+def _draw_slices(rng: CountingRandom, p: SchedPolicy, n: int, k: int) -> tuple[list[int], list[int], int]:
+    """The draws of *k* decisions of a quiet machine with *n* running CPUs,
+    as ``_step`` makes them: the refresh draw (no stale line: never a
+    refill), the CPU, its slice.  Instructions and slices per CPU, and the
+    words drawn (not yet added to ``rng.words``)."""
+    debt = [0] * n
+    nsl = [0] * n
+    words = 0
+    kb = n.bit_length()
+    smin = p.slice_min
+    span = p.slice_max - smin + 1
+    sb = span.bit_length()
+    refresh = bool(p.refresh_prob)
+    for _ in range(k):
+        if refresh:
+            _c_random(rng)
+            words += 2
+        r = _c_getrandbits(rng, kb)
+        words += 1
+        while r >= n:
+            r = _c_getrandbits(rng, kb)
+            words += 1
+        if span > 1:
+            x = _c_getrandbits(rng, sb)
+            words += 1
+            while x >= span:
+                x = _c_getrandbits(rng, sb)
+                words += 1
+            debt[r] += smin + x
+        else:
+            debt[r] += smin
+        nsl[r] += 1
+    return debt, nsl, words
 
 
 #: decisions made at once by run() on a quiet machine, and between two
