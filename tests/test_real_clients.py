@@ -19,6 +19,7 @@ from textpoke._core._insn import x86_nops
 
 NOP5 = x86_nops[5]
 TRAMP = 0xFFFFFFFFC0000000
+SLOTS = 0xFFFFFFFFC0200000
 
 
 def _image_dir() -> Path | None:
@@ -42,7 +43,8 @@ def booted():
     img = load_kernel(str(d / "vmlinuz"))
     cfg = read_config(d / "config") if (d / "config").is_file() else None
     ok = offline_kernel(img, CpuCaps.from_names(["always"]), BootOptions(ncpus=1), config=cfg,
-                        regions=[ExecRegion(TRAMP, 4096, "ftrace")])
+                        regions=[ExecRegion(TRAMP, 4096, "ftrace"),
+                                 ExecRegion(SLOTS, 64 * 4096, "kprobes")])
     core = ok.machine.core
     ok.booted_text = bytes(ok.machine.text_read(core.start, core.end - core.start))
     yield d, ok
@@ -142,6 +144,39 @@ def test_a_static_key_switches_its_run_time_entries_and_back(booted):
 
 @pytest.mark.skipif(not os.environ.get("TEXTPOKE_KERNEL_TESTS"),
                     reason="a second boot of the real image (set TEXTPOKE_KERNEL_TESTS=1)")
+def test_kprobes_follow_the_images_config_on_its_own_instructions(booted):
+    _d, ok = booted
+    k = ok.kernel
+    if not k.config["KPROBES_ON_FTRACE"]:
+        pytest.skip("the image's config is not cached next to it")
+    kp = k.kprobes
+    img = ok.image
+    m = ok.machine
+    start = img.sym("vfs_read")
+    # a sealed ENDBR (66 0f 1f 00) is still an ENDBR to arch_adjust_kprobe_addr:
+    # the bare symbol is the fentry NOP after it, probed through ftrace
+    assert m.text_read(start, 4) == bytes.fromhex("660f1f00")
+    p = kp.register_kprobe("vfs_read")
+    q = kp.register_kprobe("vfs_read+0x13")
+    try:
+        assert p.addr == start + 4 and kp.site_info(p)["how"].startswith("ftrace")
+        tramp = k.ftrace.trampolines[kp.site_info(p)["how"][8:-1]]
+        assert _call_target(p.addr, m.text_read(p.addr, 5)) == tramp.addr
+        assert TRAMP <= tramp.addr < TRAMP + 4096 and tramp.save_regs  # from ftrace_regs_caller
+        # an INT3 probe elsewhere; PREEMPTION=y: never boosted
+        assert m.text_read(q.addr, 1) == b"\xcc" and kp.site_info(q)["how"] == "single-step"
+        kp.optimize_kprobe(q)
+        b = m.text_read(q.addr, 5)
+        assert b[0] == 0xE9
+        detour = q.addr + 5 + struct.unpack("<i", b[1:5])[0]
+        assert SLOTS <= detour < SLOTS + 64 * 4096
+    finally:
+        kp.unregister_kprobe(q)
+        kp.unregister_kprobe(p)
+    assert k.core.int3_left() == 0
+    assert _text(ok) == ok.booted_text
+
+
 def test_cli_keys_image_dumps_the_step_and_names_what_differs(booted, tmp_path):
     d, ok = booted
     keys = ok.kernel.keys

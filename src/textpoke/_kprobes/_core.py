@@ -111,7 +111,10 @@ __all__ = ["Kprobes", "Kprobe", "Kretprobe", "KretprobeInstance", "KprobeError",
 
 #: the top of execmem that is ours unless an allocator is given
 KPROBES_EXECMEM = 256 * 1024
-_ENDBR = (bytes.fromhex("f30f1efa"), bytes.fromhex("f30f1efb"))
+#: what ``is_endbr`` takes for an ENDBR: ENDBR64, ENDBR32, and the poison
+#: ``apply_seal_endbr`` leaves in a sealed one (``66 0f 1f 00``) -- a
+#: function never called indirectly still has its entry after those 4 bytes
+_ENDBR = (bytes.fromhex("f30f1efa"), bytes.fromhex("f30f1efb"), bytes.fromhex("660f1f00"))
 #: struct pt_regs, word by word, as ftrace_regs_caller fills it
 _PT_REGS = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
             "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss")

@@ -203,6 +203,8 @@ class _Optprobes:
             return {}
         how = "optimized" if s.optimized else ("emulated" if s.emulate is not None else
                                                ("boosted" if s.boosted else "single-step"))
+        if s.ftrace:
+            how = f"ftrace ({s.ftrace})"        # KPROBES_ON_FTRACE: no INT3 at all
         return {"addr": s.addr, "insn": s.insn.text, "how": how, "slot": s.slot,
                 "detour": s.detour.addr if s.detour else None,
                 "displaced": len(s.displaced) if s.detour else 0}

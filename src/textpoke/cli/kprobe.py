@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from ._args import Bounds, UsageError, int_in
+from ._real_clients import add_image_arguments, refuse_image_only, run_on_image
 from .keys import add_common, on_clients, start_workload
 
 __all__ = ["add_arguments", "run", "NAME", "HELP", "DESCRIPTION"]
@@ -43,6 +44,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show", type=int_in(SHOW), default=8, metavar="N",
                    help=f"hits to print, {SHOW} (default 8)")
     add_common(p)
+    add_image_arguments(p, ("kprobes", "ftrace"))
+
+
+def run_image(args: argparse.Namespace) -> int:
+    """``kprobe --image``: the probe registered (and optimised) on the real
+    image offline -- the text as the kernel leaves it with the probe armed."""
+    if args.selftest or not args.symbol:
+        raise UsageError("with --image: give SYMBOL[+OFF] (--selftest runs on the sim's CPUs)")
+
+    def step(ok, d: dict, lines: list[str]) -> bool:
+        from .._errors import NotSupportedError
+        from .._kprobes import KprobeError
+        try:
+            kp = ok.kernel.kprobes
+            if args.retprobe:
+                probe = kp.register_kretprobe(args.symbol).kp
+            else:
+                probe = kp.register_kprobe(args.symbol)
+        except NotSupportedError as e:
+            raise UsageError(f"{e}: give --kprobe-slots ADDR (the kernel's insn-slot "
+                             "page)") from None
+        except KprobeError as e:
+            raise UsageError(f"cannot probe {args.symbol}: {e}") from None
+        info = kp.site_info(probe)
+        d["probe"] = {"symbol": probe.symbol, "offset": probe.offset, "addr": hex(probe.addr),
+                      "insn": info["insn"], "how": info["how"], "retprobe": args.retprobe,
+                      "preemption": ok.kernel.config["PREEMPTION"],
+                      "kprobes_on_ftrace": ok.kernel.config["KPROBES_ON_FTRACE"]}
+        if args.optimize:
+            try:
+                kp.optimize_kprobe(probe)
+                d["probe"]["how"] = "optimized"
+            except KprobeError as e:
+                d["probe"]["optimize_refused"] = str(e)
+                lines.append(f"not optimised: {e}")
+        lines.append(f"{'kretprobe' if args.retprobe else 'kprobe'} {probe.name} "
+                     f"({probe.addr:#x}: {info['insn']}): {d['probe']['how']}")
+        return False
+
+    return run_on_image(args, ("kprobes", "ftrace"), step)
 
 
 def _probe_call(cm, kp, addr: int, name: str) -> int | None:
@@ -56,6 +97,9 @@ def _probe_call(cm, kp, addr: int, name: str) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "image", None):
+        return run_image(args)
+    refuse_image_only(args, ("kprobes", "ftrace"))
     if not args.symbol and not args.selftest:
         raise UsageError("give SYMBOL[+OFF] or --selftest")
     from .._kprobes import KprobeError

@@ -1,0 +1,232 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""ftrace over every traceable function of Debian's real 6.12 image, offline.
+
+    python bench/bench_real_clients.py [--repeat R] [--quick] [--json] [--clock cpu]
+                                       [--image VMLINUZ] [--no-process]
+
+The image (the cached ``linux-image-6.12.*-cloud-amd64``, or ``--image``)
+is booted once as ``boot --image`` boots it (one CPU, the default CPU
+model), then wrapped in an offline machine (``textpoke.kernel._offline``)
+with the tracer's trampoline page given.  One sample of each:
+
+* **ftrace enable** -- ``Ftrace.start("function")`` with an empty filter:
+  every record of core text (~40,000 fentry sites) checked and switched
+  NOP5 -> CALL to the ops' trampoline through the SMP batch, plus the two
+  ``ftrace_call``/``ftrace_regs_call`` updates around it;
+* **ftrace disable** -- ``Ftrace.stop()``: every site back to NOP5;
+* **baseline: the core's batch alone** -- the same sites switched NOP5 ->
+  the same CALLs and back with ``smp_text_poke_batch_add`` in one ``with
+  core.batch()``: the work the batch protocol does with nothing of ftrace
+  (no records, no verification, no callback updates) -- the floor ftrace
+  stands on.
+
+Figures are sites/s (median, min-max of ``--repeat`` >= 5, interleaved
+round by round).  Exact counts: batches and syncs of each enable/disable
+(a batch per 256 sites, at most three syncs each), checked, and the text
+must read exactly as booted after every round.
+
+What the user sees, process start to exit (``--no-process`` skips it):
+``textpoke ftrace --image IMG --functions '*' --trampoline ADDR --cpus 1
+--no-early`` against ``textpoke boot --image IMG --cpus 1 --no-early``
+(the same load and boot without the tracer), wall and CPU time
+(user+sys of the child), interleaved.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from _stats import REPO, Series, fmt, fmt_range, interleaved, now, script_main, table  # noqa: E402
+
+TRAMP = 0xFFFFFFFFC0000000
+
+
+def _image(args) -> Path:
+    if args.image:
+        return Path(args.image)
+    cached = sorted((Path.home() / ".cache/textpoke/kernel").glob("6.12.*-cloud-amd64"))
+    for d in cached[::-1]:
+        if (d / "vmlinuz").is_file():
+            return d / "vmlinuz"
+    raise SystemExit("bench_real_clients: Debian's 6.12 cloud image is not cached "
+                     "(make test-kernel fetches it) and no --image given")
+
+
+def _boot(path: Path):
+    from textpoke._alternative._kearly import read_config
+    from textpoke._alternative._kpasses import BootOptions
+    from textpoke._alternative._ktext import CpuCaps
+    from textpoke.images._vmlinux import load_kernel
+    from textpoke.kernel._offline import ExecRegion, offline_kernel
+    img = load_kernel(str(path))
+    cfgp = path.parent / "config"
+    cfg = read_config(cfgp) if cfgp.is_file() else None
+    return offline_kernel(img, CpuCaps.from_names(["always"]), BootOptions(ncpus=1), config=cfg,
+                          regions=[ExecRegion(TRAMP, 4096, "ftrace")])
+
+
+def library(args) -> tuple[dict[str, Series], dict]:
+    ok = _boot(_image(args))
+    try:
+        core = ok.kernel.core
+        ft = ok.kernel.ftrace
+        m = ok.machine
+        c = m.core
+        booted = m.text_read(c.start, c.end - c.start)
+        n = len(ft.records)
+        ups, dns, base = [], [], []
+
+        def restored() -> None:
+            if m.text_read(c.start, c.end - c.start) != booted:
+                raise SystemExit("bench_real_clients: the text is not as booted after a round")
+
+        state = {"on": False}
+
+        def off() -> None:
+            if state["on"]:
+                ft.stop()                       # untimed: back to the booted text
+                state["on"] = False
+                restored()
+
+        def enable() -> float:
+            off()
+            t0 = now()
+            up = ft.start("function")
+            dt = now() - t0
+            ups.append(up.as_dict())
+            state["on"] = True
+            return n / dt
+
+        def disable() -> float:
+            if not state["on"]:
+                ft.start("function")            # untimed: something to disable
+            t0 = now()
+            dn = ft.stop()
+            dt = now() - t0
+            dns.append(dn.as_dict())
+            state["on"] = False
+            restored()
+            return n / dt
+
+        tramp = None
+
+        def batch_only() -> float:
+            nonlocal tramp
+            off()
+            if tramp is None:
+                ft.start("function")
+                tramp = ft.trampolines["function"].addr
+                ft.stop()
+            calls = [(r.ip, ft.call_insn(r.ip, tramp)) for r in ft.records]
+            s0, b0 = core.stats.syncs, core.stats.batches
+            t0 = now()
+            with core.batch():
+                for ip, new in calls:
+                    core.smp_text_poke_batch_add(ip, new)
+            with core.batch():
+                for ip, _new in calls:
+                    core.smp_text_poke_batch_add(ip, b"\x0f\x1f\x44\x00\x00")
+            dt = now() - t0
+            base.append({"syncs": core.stats.syncs - s0, "batches": core.stats.batches - b0})
+            restored()
+            return 2 * n / dt
+
+        res = interleaved({"ftrace enable": enable, "ftrace disable": disable,
+                           "baseline: core batch alone (both ways)": batch_only},
+                          args.repeat, units={k: "sites/s" for k in
+                                              ("ftrace enable", "ftrace disable",
+                                               "baseline: core batch alone (both ways)")})
+        want = -(-n // 256)
+        bad = [u for u in ups + dns if u["batches"] != want or u["syncs"] > 3 * u["batches"]]
+        if bad:
+            raise SystemExit(f"bench_real_clients: unexpected batches/syncs: {bad[:3]}")
+        checks = {"records": n, "batches_per_update": want,
+                  "enable": ups[-1], "disable": dns[-1], "baseline": base[-1],
+                  "version": ok.image.version}
+        off()
+        return res, checks
+    finally:
+        ok.close()
+
+
+def _child(argv: list[str]) -> tuple[float, float]:
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if p.returncode != 0:
+        raise SystemExit(f"bench_real_clients: {' '.join(argv)} exited {p.returncode}: "
+                         f"{p.stderr[-300:]}")
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+
+
+def processes(args) -> dict[str, Series]:
+    img = str(_image(args))
+    common = ["--image", img, "--cpus", "1", "--no-early", "--json"]
+    cmds = {"textpoke ftrace --image --functions '*'":
+            [sys.executable, "-m", "textpoke", "ftrace", "--functions", "*", "--trampoline",
+             hex(TRAMP), *common],
+            "baseline: textpoke boot --image": [sys.executable, "-m", "textpoke", "boot",
+                                                *common]}
+    cpu: dict[str, list[float]] = {k: [] for k in cmds}
+
+    def run(k: str) -> float:
+        wall, c = _child(cmds[k])
+        cpu[k].append(c)
+        return wall
+    walls = interleaved({k: (lambda k=k: run(k)) for k in cmds}, args.repeat,
+                        units={k: "s" for k in cmds})
+    out = {}
+    for k, s in walls.items():
+        out[f"{k} (wall)"] = s
+        c = Series(f"{k} (CPU)", "s", cpu[k][-s.n:], cpu[k][:-s.n])
+        out[c.name] = c
+    return out
+
+
+def run(args):
+    res, checks = library(args)
+    if not args.no_process:
+        res.update(processes(args))
+    return res, checks
+
+
+def report(r) -> str:
+    res, checks = r
+    rows = []
+    for k, s in res.items():
+        digits = 0 if s.unit == "sites/s" else 2
+        rows.append([k, f"{fmt_range(s, digits)} {s.unit}"])
+    lines = [table(["what", "median (min-max)"], rows),
+             f"  {checks['version']}: {checks['records']:,} fentry sites of core text; "
+             f"{checks['batches_per_update']} batches per update",
+             f"  enable: {checks['enable']}",
+             f"  disable: {checks['disable']}",
+             f"  baseline (both ways): {checks['baseline']}"]
+    return "\n".join(lines)
+
+
+def add_args(ap) -> None:
+    ap.add_argument("--image", help="a 6.12 bzImage (default: the cached Debian cloud image)")
+    ap.add_argument("--no-process", action="store_true",
+                    help="skip the process start-to-exit figures")
+
+
+def main(argv=None) -> int:
+    return script_main(argv, __doc__, "real_clients", run, report,
+                       lambda r: {"series": {k: s.as_dict() for k, s in r[0].items()},
+                                  "checks": r[1]}, add_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
