@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -151,3 +152,25 @@ def test_verify_interrupted_in_process():
     assert p.returncode == 130, err
     d = json.loads(out)
     assert d["interrupted"] is True and d["int3_left"] == 0 and 0 < d["schedules"] < d["planned"]
+
+
+def test_a_signal_while_a_report_is_written_is_not_forgotten_when_work_resumes():
+    """demo writes its toggling report with signals only recorded, then runs
+    its clients: the recorded signal must stop them (it used to be reset
+    by re-installing the handlers, and the clients ran on to exit 0)."""
+    code = textwrap.dedent("""
+        import os, signal
+        from textpoke.cli import _signals
+        _signals.install()
+        _signals.reporting()
+        os.kill(os.getpid(), signal.SIGTERM)      # recorded, not raised
+        assert _signals.arrived() == signal.SIGTERM
+        try:
+            _signals.resume()
+        except _signals.Terminated:
+            print("raised")
+        else:
+            print("forgotten")
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.stdout.strip() == "raised", (p.stdout, p.stderr)

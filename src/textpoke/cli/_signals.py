@@ -69,11 +69,14 @@ def reporting() -> None:
 
 def resume() -> None:
     """After a report that ignored signals, more work follows (demo's
-    clients): signals raise again.  One that arrived meanwhile is kept --
-    the caller looks at :func:`arrived` first and stops -- never forgotten,
-    as :func:`install` (which starts afresh) would."""
+    clients): signals raise again, and one that arrived meanwhile raises
+    here -- never forgotten, as :func:`install` (which starts afresh)
+    would."""
     global _quiet
-    _quiet = False
+    _quiet = False          # first: a signal from now on raises in the handler
+    if _arrived is not None:
+        _quiet = True
+        raise Terminated() if _arrived == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _handler(signum: int, _frame: object) -> None:

@@ -213,11 +213,11 @@ def _clients(args) -> bool:
     from ._contract import interrupted_tail
     from ._signals import resume
     from .keys import settle
-    resume()        # the toggling part's report ignored signals; these run on
     failed = False
     cpus = min(args.cpus, CLIENT_CPUS)
     hold: list = []         # the machine of the step in progress
     try:
+        resume()    # the toggling part's report ignored signals; these run on
         for step in _CLIENT_STEPS:
             _state(f"client {step.__name__.strip('_').replace('_', ' ')}")
             line, ok = step(cpus, args.seed, hold)
