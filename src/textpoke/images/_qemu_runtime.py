@@ -50,12 +50,16 @@ sha256 of its (uncompressed) bytes, so identical dumps are stored once::
               "kprobe_addr": address, "kretprobe": "do_sys_openat2"},
    "modules": {"bfq": {"file": "modules/bfq.ko" (in the reference dir; decompressed),
                        "sha256": ..., "source": "kernel/block/bfq.ko.xz" (in the .deb)}},
+   "phys_base": the kernel's phys_base (the text dumps are guest-physical memory),
    "seconds": {"wall": QEMU start -> last stop, "qemu_cpu": QEMU's user+system CPU},
+   "serial": the console (its last MiB),
    "steps": [
      {"index": 0, "name": "boot",
       "did": ["shell command", ...]      -- what the script ran for this step,
-      "text": {"addr": _text, "size": _end - _text, "file": "text-<sha16>.bin.zst",
-               "sha256": sha256 of the uncompressed dump},
+      "seconds": QEMU start -> this stop,
+      "text": {"addr": _text, "size": _end - _text, "file": "text-<sha16>.bin.zst"
+               (zstd), "sha256": sha256 of the uncompressed dump -- all of _text.._end,
+               data and bss included: compare the executable sections},
       "regions": [                        -- run-time text (vmalloc/execmem), dumped here
          {"kind": "module" | "ftrace_trampoline" | "kprobe_insn_page" |
                   "kprobe_optinsn_page",
@@ -107,12 +111,12 @@ from pathlib import Path
 from ._elf import SHF_ALLOC, SHF_EXECINSTR, ElfFile, ImageError
 from ._lines import LINE_612
 from ._qemu import (BASE_CMDLINE, QEMU, ReferenceError, Setup, _connect, _Gdb, _Qmp, _tail,
-                    cache_root, qemu_version)
+                    cache_root, diff_count, qemu_version)
 from ._vmlinux import START_KERNEL_MAP, RealKernelImage
 
 __all__ = ["RuntimeReference", "runtime_reference", "runtime_reference_dir", "RUNTIME_SETUPS",
            "STEPS", "DEFAULT_MODULES", "FORMAT_VERSION", "module_file", "load_manifest",
-           "kprobe_target", "main"]
+           "kprobe_target", "print_steps", "main"]
 
 FORMAT_VERSION = 1
 #: bump when what a run-time reference contains or how it is taken changes
@@ -143,27 +147,27 @@ T = "/sys/kernel/tracing"
 class Step:
     name: str
     did: tuple[str, ...]              # shell commands (templates: {glob} {kprobe} {kretprobe})
-    collect: tuple[str, ...] = ()     # builtins filter enabled kprobes sysctl sections:<mod>
+    collect: tuple[str, ...] = ()     # filter enabled kprobes sysctl sections:<mod>
 
 
 #: what the init script does, in order (module steps are added per module)
 STEPS: tuple[Step, ...] = (
-    Step("boot", (), ("builtins", "enabled", "sysctl")),
+    Step("boot", (), ("enabled", "sysctl")),
     Step("ftrace-function-on", (f"echo '{{glob}}' > {T}/set_ftrace_filter",
                                 f"echo function > {T}/current_tracer"),
-         ("filter", "enabled", "builtins")),
-    Step("ftrace-function-off", (f"echo nop > {T}/current_tracer",), ("enabled", "builtins")),
+         ("filter", "enabled")),
+    Step("ftrace-function-off", (f"echo nop > {T}/current_tracer",), ("enabled")),
     Step("ftrace-graph-on", (f"echo function_graph > {T}/current_tracer",),
-         ("filter", "enabled", "builtins")),
+         ("filter", "enabled")),
     Step("ftrace-graph-off", (f"echo nop > {T}/current_tracer", f"echo > {T}/set_ftrace_filter"),
-         ("filter", "enabled", "builtins")),
+         ("filter", "enabled")),
     Step("kprobe-optimized-on", (f"echo 'p:rtref/opt {{kprobe}}' >> {T}/kprobe_events",
                                  f"echo 1 > {T}/events/rtref/opt/enable",
                                  "wait_optimized"),
-         ("kprobes", "builtins")),
+         ("kprobes")),
     Step("kretprobe-on", (f"echo 'r:rtref/ret {{kretprobe}}' >> {T}/kprobe_events",
                           f"echo 1 > {T}/events/rtref/ret/enable"),
-         ("kprobes", "enabled", "builtins")),
+         ("kprobes", "enabled")),
     Step("kprobes-off", (f"echo 0 > {T}/events/rtref/opt/enable",
                          f"echo 0 > {T}/events/rtref/ret/enable",
                          # unoptimising is deferred to the optimiser's work; turning
@@ -172,7 +176,7 @@ STEPS: tuple[Step, ...] = (
                          "echo 0 > /proc/sys/debug/kprobes-optimization",
                          "echo 1 > /proc/sys/debug/kprobes-optimization",
                          f"echo > {T}/kprobe_events"),
-         ("kprobes", "enabled", "builtins")),
+         ("kprobes", "enabled")),
     Step("schedstats-on", ("echo 1 > /proc/sys/kernel/sched_schedstats",), ("sysctl",)),
     Step("schedstats-off", ("echo 0 > /proc/sys/kernel/sched_schedstats",), ("sysctl",)),
 )
@@ -298,10 +302,11 @@ def _script(steps: list[Step], subst: dict[str, str]) -> str:
         for cmd in st.did:
             c = cmd.format(**subst)
             lines.append(c if c == "wait_optimized" else f"run {_sh_quote(c)}")
+        # what the kernel allocated is listed after every step (so a step's
+        # regions are what is alive at its stop)
+        lines.append("builtins")
         for what in st.collect:
-            if what == "builtins":
-                lines.append("builtins")
-            elif what == "filter":
+            if what == "filter":
                 lines.append(f"lines filter {T}/set_ftrace_filter")
             elif what == "enabled":
                 lines.append(f"lines enabled {T}/enabled_functions")
@@ -456,6 +461,16 @@ def _qemu_cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def _die_with_parent() -> None:
+    """In QEMU's child before exec: SIGKILL it when this process dies
+    (a killed harness leaves no QEMU running)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)     # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
+
+
 def _run(kernel, image, setup, memory, steps, subst, script, kos, out: Path, timeout,
          progress) -> dict:
     import zstandard
@@ -477,7 +492,7 @@ def _run(kernel, image, setup, memory, steps, subst, script, kos, out: Path, tim
             "-gdb", "chardev:gdb0", "-qmp", f"unix:{qmp_sock},server=on,wait=off", "-S"]
     shown = [a if a != str(initrd) else "initrd.cpio" for a in argv]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, cwd=work)
+                            stderr=subprocess.STDOUT, cwd=work, preexec_fn=_die_with_parent)
     gsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     qmp = None
     comp = zstandard.ZstdCompressor(level=3, threads=-1)
@@ -699,6 +714,9 @@ def main(argv: list[str] | None = None) -> int:
         chosen = a.setup or ["nomit"]
         setups = list(RUNTIME_SETUPS) if "all" in chosen else \
             [RUNTIME_SETUPS[names[c]] for c in dict.fromkeys(chosen)]
+    import signal
+    # SIGTERM unwinds like Ctrl-C: QEMU is quit and the partial directory removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     prog = None if a.quiet else (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     for st in setups:
         try:
@@ -707,8 +725,31 @@ def main(argv: list[str] | None = None) -> int:
         except (ReferenceError, ImageError) as e:
             print(f"kernel_runtime_reference: {st.label()}: {e}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print(f"kernel_runtime_reference: interrupted ({st.label()} not built)",
+                  file=sys.stderr)
+            return 130
         m = ref.manifest
         print(f"{m['kernel']['release']} {st.label()}: {len(m['steps'])} steps, "
               f"QEMU {m['seconds']['wall']:.1f} s wall / {m['seconds']['qemu_cpu']:.1f} s CPU "
               f"(this call {time.monotonic() - t:.1f} s) -> {ref.path / 'manifest.json'}")
+        print_steps(kernel.load(), ref)
     return 0
+
+
+def print_steps(image: RealKernelImage, ref: RuntimeReference, out=print) -> None:
+    """One line per step: bytes of the core kernel's executable sections
+    the step changed (against the step before), and the run-time regions."""
+    execs = [(s.addr - image.text_start, s.end - image.text_start)
+             for s in image.executable_sections()]
+    prev = None
+    out(f"  {'step':<28} {'changed':>7}  run-time regions")
+    for st in ref.steps:
+        text = ref.text(st)
+        changed = 0 if prev is None else diff_count(prev, text, 0, execs)
+        kinds: dict[str, int] = {}
+        for r in st["regions"]:
+            kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+        regs = ", ".join(f"{k} x{n}" for k, n in kinds.items()) or "-"
+        out(f"  {st['name']:<28} {changed if prev is not None else '':>7}  {regs}")
+        prev = text
