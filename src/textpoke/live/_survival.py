@@ -153,10 +153,24 @@ class _Survival:
                         # replaced; any other (we were killed before installing,
                         # or the target installed its own since) is left alone
                         self._mem.write(data + G.CUR_OFF, bytes(32))
-                        inject_syscall(self.pid, tid, G.SYS_rt_sigaction, G.SIGTRAP,
-                                       0, data + G.CUR_OFF, 8, syscall_at=g["syscall_at"])
+                        r = inject_syscall(self.pid, tid, G.SYS_rt_sigaction, G.SIGTRAP,
+                                           0, data + G.CUR_OFF, 8, syscall_at=g["syscall_at"])
+                        if r < 0:
+                            # the call failed: nothing was read (an empty
+                            # buffer must not read as "not ours"); try again
+                            why = [f"reading the SIGTRAP action in thread {tid} failed: "
+                                   f"{os.strerror(-r)}"]
+                            continue
                         cur = self._mem.read(data + G.CUR_OFF, 32)
-                        ours = int.from_bytes(cur[:8], "little") == base
+                        handler = int.from_bytes(cur[:8], "little")
+                        restorer = int.from_bytes(cur[16:24], "little")
+                        # ours, or ours reset to SIG_DFL by the kernel: an INT3
+                        # hit by a thread with SIGTRAP blocked (glibc blocks
+                        # every signal in a thread being created or exiting)
+                        # forces the signal and resets the handler, keeping
+                        # our flags and restorer
+                        ours = handler == base or (handler == 0 and
+                                                   base <= restorer < base + G.CODE_SIZE)
                         if ours:
                             inject_syscall(self.pid, tid, G.SYS_rt_sigaction, G.SIGTRAP,
                                            data + G.ACT_OFF, 0, 8, syscall_at=g["syscall_at"])
