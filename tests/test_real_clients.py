@@ -20,6 +20,7 @@ from textpoke._core._insn import x86_nops
 NOP5 = x86_nops[5]
 TRAMP = 0xFFFFFFFFC0000000
 SLOTS = 0xFFFFFFFFC0200000
+MODS = 0xFFFFFFFFC0400000
 
 
 def _image_dir() -> Path | None:
@@ -44,7 +45,8 @@ def booted():
     cfg = read_config(d / "config") if (d / "config").is_file() else None
     ok = offline_kernel(img, CpuCaps.from_names(["always"]), BootOptions(ncpus=1), config=cfg,
                         regions=[ExecRegion(TRAMP, 4096, "ftrace"),
-                                 ExecRegion(SLOTS, 64 * 4096, "kprobes")])
+                                 ExecRegion(SLOTS, 64 * 4096, "kprobes"),
+                                 ExecRegion(MODS, 256 * 4096, "modules")])
     core = ok.machine.core
     ok.booted_text = bytes(ok.machine.text_read(core.start, core.end - core.start))
     yield d, ok
@@ -174,6 +176,50 @@ def test_kprobes_follow_the_images_config_on_its_own_instructions(booted):
         kp.unregister_kprobe(q)
         kp.unregister_kprobe(p)
     assert k.core.int3_left() == 0
+    assert _text(ok) == ok.booted_text
+
+
+def _package_module(d: Path, tmp: Path, rel: str) -> bytes | None:
+    """A module of the image's own package (the cached -unsigned .deb)."""
+    import lzma
+    import shutil
+    debs = sorted((d.parent / "debs").glob(f"linux-image-{d.name}-unsigned_*.deb"))
+    if not debs or not shutil.which("dpkg-deb"):
+        return None
+    tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(debs[-1])], capture_output=True,
+                         check=True).stdout
+    import io
+    import tarfile
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        for m in t:
+            if m.name.endswith(rel + ".ko.xz"):
+                return lzma.decompress(t.extractfile(m).read())
+    return None
+
+
+def test_a_module_of_the_images_package_is_linked_and_placed(booted, tmp_path):
+    d, ok = booted
+    raw = _package_module(d, tmp_path, "drivers/net/dummy")
+    if raw is None:
+        pytest.skip("the image's package (.deb with its modules) is not cached")
+    k = ok.kernel
+    mod = k.modules.load(raw, "dummy")
+    try:
+        m = ok.machine
+        assert mod.text == MODS and mod.text_size > 0
+        # ftrace_module_init: no fentry call is left in the module's text
+        fentry = ok.image.sym("__fentry__")
+        text = m.text_read(mod.text, mod.text_size)
+        calls = [i for i in range(len(text) - 4) if text[i] == 0xE8 and
+                 mod.text + i + 5 + struct.unpack("<i", text[i + 1:i + 5])[0] == fentry]
+        assert calls == [] and mod.finalize["__mcount_loc"] >= 5
+        # its static calls (cond_resched's trampoline, whose key is not
+        # exported) are registered with the kernel's calls
+        assert mod.static_call_sites == 3
+        assert any(s.owner == "dummy" for c in k.calls.calls.values() for s in c.sites)
+    finally:
+        k.modules.unload("dummy")
+    assert m.text_read(MODS, mod.text_size) == b"\xcc" * mod.text_size
     assert _text(ok) == ok.booted_text
 
 

@@ -85,7 +85,7 @@ from ._execmem import ExecMem
 from ._jump_label._keys import StaticKeys, UnknownKeyError
 from ._static_call._calls import StaticCalls, UnknownCallError
 from .images._tables import (Bounds, RetpolineSite, ReturnSite, alt_instr_table, check_entries,
-                             jump_table, s32_sites, static_call_table)
+                             jump_table, mcount_sites, s32_sites, static_call_table)
 
 __all__ = ["ModuleLoader", "Module", "ModuleError", "ModuleFormatError", "ModuleRelocationError",
            "UnknownSymbolError", "MODULE_DATA_BASE", "MODULE_DATA_SIZE", "RELOCATION_TYPES"]
@@ -484,11 +484,19 @@ class ModuleLoader:
         seal = read(".ibt_endbr_seal", s32_sites, RetpolineSite, ".ibt_endbr_seal")
         if seal and self.ibt:
             done[".ibt_endbr_seal"] = self._seal_endbr(mod, text, [e.addr for e in seal])
+        # ftrace_module_init: every fentry call of the module becomes NOP5
+        # (the kernel's records are made then; here only the bytes)
+        mc = read("__mcount_loc", mcount_sites)
+        if mc:
+            done["__mcount_loc"] = self._fentry_nops(mod, text, [m.addr for m in mc if m.addr])
         mod.finalize = done
 
         # jump labels and static calls: known keys and calls, current state
         jump = read("__jump_table", jump_table)
         scs = read(".static_call_sites", static_call_table)
+        # a site whose key is a trampoline (the key is not exported) gets
+        # the key the kernel's static_call_tramp_key table pairs with it
+        scs = [s._replace(key=self._tramp_key(s.key)) for s in scs]
         desc = sym
         for e in jump:
             try:
@@ -511,6 +519,24 @@ class ModuleLoader:
             code = self.calls.module_code(s, text, tbase)
             text[s.addr - tbase:s.addr - tbase + len(code)] = code
         return jump, scs
+
+    def _tramp_key(self, addr: int) -> int:
+        """``tramp_key_lookup``: the key of the exported trampoline at
+        *addr* from the image's ``.static_call_tramp_key`` (pairs of s32
+        offsets, each from its own field), else *addr* unchanged."""
+        pairs = getattr(self, "_tramp_keys", None)
+        if pairs is None:
+            pairs = self._tramp_keys = {}
+            syms = self.image.symbols
+            lo = syms.get("__start_static_call_tramp_key")
+            hi = syms.get("__stop_static_call_tramp_key")
+            if lo is not None and hi is not None and 0 < hi - lo <= 1 << 20:
+                import struct
+                raw = self.machine.mem.read(lo, hi - lo)
+                for i in range(0, len(raw) - 7, 8):
+                    t, k = struct.unpack_from("<ii", raw, i)
+                    pairs[lo + i + t] = lo + i + 4 + k
+        return pairs.get(addr, addr)
 
     def _callthunks(self, mod: Module, text: bytearray, sites: list[int]) -> int:
         """``callthunks_patch_module_calls`` on the staged text: returns the
@@ -553,6 +579,23 @@ class ModuleLoader:
             text[o:o + 5] = new
             mod.patched.append((addr, new))
             n += 1
+        return n
+
+    def _fentry_nops(self, mod: Module, text: bytearray, sites: list[int]) -> int:
+        """``ftrace_module_init`` on the staged text: each site holding a
+        CALL to the kernel's ``__fentry__`` becomes the ideal NOP5; a site
+        holding anything else is left (the kernel's ftrace_bug)."""
+        fentry = self.image.symbols.get("__fentry__")
+        if fentry is None:
+            return 0
+        nop5 = bytes.fromhex("0f1f440000")
+        n = 0
+        for addr in sites:
+            o = addr - mod.text
+            if text[o:o + 5] == text_gen_insn(CALL_INSN_OPCODE, addr, fentry):
+                text[o:o + 5] = nop5
+                mod.patched.append((addr, nop5))
+                n += 1
         return n
 
     def _seal_endbr(self, mod: Module, text: bytearray, sites: list[int]) -> int:

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 
+from ._args import UsageError
+from ._inputs import input_file
+from ._real_clients import add_image_arguments, refuse_image_only, run_on_image
 from .keys import add_common, on_clients
 
 __all__ = ["add_arguments", "run", "NAME", "HELP", "DESCRIPTION"]
@@ -29,9 +32,56 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--selftest", action="store_true",
                    help="load, switch, unload and refuse on the running CPUs (the default action)")
     add_common(p)
+    add_image_arguments(p, ("modules",))
+    p.add_argument("--load", metavar="FILE.ko", type=input_file(64 << 20),
+                   help="with --image: load this module of the image's package (.ko or .ko.xz)")
+
+
+def run_image(args: argparse.Namespace) -> int:
+    """``module --image --load``: the module linked against the real image
+    and placed at --module-base, offline."""
+    if not args.load:
+        raise UsageError("with --image: give --load FILE.ko (--selftest runs on the sim's CPUs)")
+
+    def step(ok, d: dict, lines: list[str]) -> bool:
+        import lzma
+        from pathlib import Path
+
+        from .._errors import NotSupportedError, TextPokeError
+        path = Path(args.load)
+        raw = path.read_bytes()
+        name = path.name.split(".ko")[0]
+        if path.suffix == ".xz":
+            try:
+                raw = lzma.decompress(raw)
+            except lzma.LZMAError as e:
+                raise UsageError(f"--load: {path}: not xz data ({e})") from None
+        try:
+            mod = ok.kernel.modules.load(raw, name)
+        except NotSupportedError as e:
+            raise UsageError(f"{e}: give --module-base ADDR") from None
+        except TextPokeError as e:
+            raise UsageError(f"--load: {e}") from None
+        d["module"] = {"name": name, "text": hex(mod.text), "text_size": mod.text_size,
+                       "data": hex(mod.data), "data_size": mod.data_size,
+                       "finalize": dict(mod.finalize), "jump_entries": mod.jump_entries,
+                       "static_call_sites": mod.static_call_sites}
+        lines.append(f"module {name}: text {mod.text:#x} (+{mod.text_size:#x}), data "
+                     f"{mod.data:#x} (+{mod.data_size:#x}); "
+                     + ", ".join(f"{k} {v}" for k, v in mod.finalize.items())
+                     + f"; {mod.jump_entries} jump entries, {mod.static_call_sites} static-call "
+                       "sites")
+        return False
+
+    return run_on_image(args, ("modules",), step)
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "image", None):
+        return run_image(args)
+    refuse_image_only(args, ("modules",))
+    if args.load:
+        raise UsageError("--load applies to a real kernel image: give --image too")
     from ..sim._clients_demo import ClientMachine
     from ..sim._module_selftest import module_selftest
 

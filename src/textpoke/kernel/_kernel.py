@@ -206,9 +206,12 @@ class Kernel:
     @cached_property
     def modules(self) -> ModuleLoader:
         self._check_open()
+        # module data where it was given (a real kernel's module area)
+        data = self.execmem_at.get("module_data")
+        extra = {"data_base": data[0], "data_size": data[1] - data[0]} if data else {}
         return ModuleLoader(self.core, self.image, self.keys, self.calls,
                             features=self.features, execmem=self.execmem,
-                            ibt=self.config["X86_KERNEL_IBT"])
+                            ibt=self.config["X86_KERNEL_IBT"], **extra)
 
     @cached_property
     def bpf(self) -> BpfJit:

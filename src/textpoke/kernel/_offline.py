@@ -320,7 +320,7 @@ class OfflineKernel:
 def offline_kernel(image: Any, caps: Any, opts: Any = None, *, data: bytes | None = None,
                    early: Any = None, config: Mapping[str, str] | None = None,
                    regions: Iterable[ExecRegion] = (), ncpus: int | None = None,
-                   progress: Any = None) -> OfflineKernel:
+                   progress: Any = None, data_size: int = 2 << 20) -> OfflineKernel:
     """Boot *image* (a loaded real kernel) for *caps* as ``boot --image``
     does (``boot_kernel``: *opts*, *data* or *early*), then wrap the booted
     memory in an :class:`OfflineMachine` and a :class:`Kernel` whose
@@ -340,8 +340,13 @@ def offline_kernel(image: Any, caps: Any, opts: Any = None, *, data: bytes | Non
         img = OfflineImage(image)
         tables = real_tables(kt, core)
         rethunk = opts.return_thunk if caps.has("rethunk") else False
+        at = {r.owner: (r.start, r.end) for r in machine.regions}
+        mod = machine.region("modules")
+        if mod is not None and data_size:
+            # module data after its text's region, in the module area
+            at["module_data"] = (mod.end, mod.end + data_size)
         k = Kernel(tp, img, tables=tables, boot=_BootView(caps, res), rethunk=rethunk,
-                   config=cfg, execmem={r.owner: (r.start, r.end) for r in machine.regions})
+                   config=cfg, execmem=at)
         k._own_core = True
     except BaseException:
         machine.close()
