@@ -69,10 +69,12 @@ def _lengths(entries: Sequence[AltInstr], shared: bool) -> list[int]:
 def _site(tb: TextBuffer, addr: int, n: int) -> bytearray:
     """The site's bytes and, where the buffer has them, the bytes after it
     that the kernel's decoder may look at."""
-    try:
-        return bytearray(tb.read(addr, n + _LOOKAHEAD))
-    except (KernelBootError, BadAddressError):
-        return bytearray(tb.read(addr, n))
+    b = tb.peek(addr, n + _LOOKAHEAD)
+    if not isinstance(b, bytearray):
+        b = bytearray(b)
+    if len(b) < n:
+        tb.read(addr, n)            # raises: the site is not all in the buffer
+    return b
 
 
 def _direct_call(tb: TextBuffer, a: AltInstr, instrlen: int, buf: bytearray) -> tuple[int, int]:
@@ -164,8 +166,9 @@ def alternatives(tb: TextBuffer, entries: Sequence[AltInstr], caps: CpuCaps,
             raise _refuse(tb, a, f"feature {a.cpuid} is past the {line.ncaps} capability words")
         taken = caps.has_bit(a.cpuid) != bool(a.flags & ALT_FLAG_NOT)
         try:
-            old = tb.read(a.instr, instrlen)
-            replacement = tb.read(a.repl, a.replacementlen) if a.replacementlen else b""
+            old = tb.read(a.instr, instrlen) if records is not None or debug else b""
+            replacement = (tb.read(a.repl, a.replacementlen)
+                           if a.replacementlen and (taken or records is not None) else b"")
         except BadAddressError as e:
             raise _refuse(tb, a, str(e)) from None
         target = None

@@ -97,7 +97,7 @@ def _patch_call(tb: TextBuffer, th: _Thunks, addr: int, st: TableStats) -> None:
     if not th.lo <= addr < th.hi:
         st.skipped += 1
         return
-    cur = tb.read(addr, 5)
+    cur = tb.peek(addr, 5)
     b0 = cur[0]
     if b0 == CALL:
         dest = addr + 5 + int.from_bytes(cur[1:5], "little", signed=True)
@@ -119,7 +119,9 @@ def _patch_call(tb: TextBuffer, th: _Thunks, addr: int, st: TableStats) -> None:
         st.note("no NOP padding before the destination")
         return
     st.applied += 1
-    st.changed += tb.write(".call_sites", addr, rel32(CALL, addr, pad))
+    new = rel32(CALL, addr, pad)
+    if cur != new:
+        st.changed += tb.write(".call_sites", addr, new)
 
 
 def callthunks(tb: TextBuffer, call_sites: Sequence[int], alts: Sequence[AltInstr],

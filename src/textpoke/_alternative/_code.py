@@ -52,38 +52,7 @@ def emit_indirect(op: int, reg: int) -> bytes:
 _DECODE_CACHE: dict[bytes, Insn | None] = {}
 _BY_RAW: dict[bytes, Insn] = {}
 _RAW_LENS: list[int] = []
-
-
-def _decode(buf: bytes | bytearray, i: int) -> Insn | None:
-    key = bytes(buf[i:i + 15])
-    try:
-        return _DECODE_CACHE[key]
-    except KeyError:
-        pass
-    b0 = key[0] if key else -1
-    if (b0 == 0xE8 or b0 == 0xE9) and len(key) >= 5:
-        # CALL/JMP rel32: most of what the passes decode (a relocated
-        # replacement's displacement is new at every site), built here the
-        # way insn_decode_kernel reports it at address 0
-        imm = int.from_bytes(key[1:5], "little", signed=True)
-        call = b0 == 0xE8
-        return Insn(0, 5, key[:5], key[:1], "call" if call else "jmp", 1, 4, imm, 0, 0, 0,
-                    False, "call" if call else "jmp", (5 + imm) & 0xFFFFFFFFFFFFFFFF)
-    for n in _RAW_LENS:
-        ins = _BY_RAW.get(key[:n])
-        if ins is not None:
-            return ins
-    try:
-        ins = insn_decode_kernel(key, 0)
-    except BadInstructionError:
-        ins = None
-    if len(_DECODE_CACHE) < 200_000:
-        _DECODE_CACHE[key] = ins
-        if ins is not None and ins.raw not in _BY_RAW:
-            _BY_RAW[ins.raw] = ins
-            if ins.length not in _RAW_LENS:
-                _RAW_LENS.append(ins.length)
-    return ins
+_MISS = object()
 
 
 def decode_buf(buf: bytes | bytearray, i: int, limit: int | None = None) -> Insn | None:
@@ -94,7 +63,35 @@ def decode_buf(buf: bytes | bytearray, i: int, limit: int | None = None) -> Insn
     another's, so an instruction seen once is found again by its bytes
     whatever follows it.  With *limit*, an instruction that would end past
     ``buf[limit]`` does not decode (the kernel's own decoder has no limit)."""
-    ins = _decode(buf, i)
+    key = bytes(buf[i:i + 15])
+    ins = _DECODE_CACHE.get(key, _MISS)
+    if ins is _MISS:
+        b0 = key[0] if key else -1
+        if (b0 == 0xE8 or b0 == 0xE9) and len(key) >= 5:
+            # CALL/JMP rel32: most of what the passes decode (a relocated
+            # replacement's displacement is new at every site), built here
+            # the way insn_decode_kernel reports it at address 0
+            imm = int.from_bytes(key[1:5], "little", signed=True)
+            call = b0 == 0xE8
+            ins = Insn(0, 5, key[:5], key[:1], "call" if call else "jmp", 1, 4, imm, 0, 0, 0,
+                       False, "call" if call else "jmp", (5 + imm) & 0xFFFFFFFFFFFFFFFF)
+        else:
+            ins = None
+            for n in _RAW_LENS:
+                ins = _BY_RAW.get(key[:n])
+                if ins is not None:
+                    break
+            else:
+                try:
+                    ins = insn_decode_kernel(key, 0)
+                except BadInstructionError:
+                    ins = None
+                if len(_DECODE_CACHE) < 200_000:
+                    _DECODE_CACHE[key] = ins
+                    if ins is not None and ins.raw not in _BY_RAW:
+                        _BY_RAW[ins.raw] = ins
+                        if ins.length not in _RAW_LENS:
+                            _RAW_LENS.append(ins.length)
     if limit is not None and ins is not None and i + ins.length > limit:
         return None
     return ins

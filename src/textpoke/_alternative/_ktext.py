@@ -147,6 +147,10 @@ class TextBuffer(Protocol):
 
     def read(self, addr: int, n: int) -> bytes: ...
 
+    def peek(self, addr: int, n: int) -> bytes | bytearray:
+        """Up to *n* bytes at *addr*, fewer at the end of the buffer; never
+        raises (what a decoder looks at)."""
+
     def write(self, table: str, addr: int, data: bytes) -> bool:
         """``text_poke_early``; False when the bytes were already there."""
 
@@ -218,6 +222,10 @@ class KernelText:
         if o < 0 or o + n > len(self.buf):
             raise KernelBootError(f"read [{addr:#x}, +{n}) outside _text.._end")
         return bytes(self.buf[o:o + n])
+
+    def peek(self, addr: int, n: int) -> bytearray:
+        o = addr - self.base
+        return self.buf[o:o + n] if o >= 0 else bytearray()
 
     def decode(self, addr: int) -> FastInsn | None:
         return decode_site(self.buf, addr - self.base, addr)

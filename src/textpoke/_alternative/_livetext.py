@@ -9,6 +9,7 @@ kernel through ``_ktext.KernelText``)."""
 from __future__ import annotations
 
 from .._core import TextPoke
+from .._errors import TextPokeError
 from ..images._lines import LINE_BUNDLED, KernelLine
 from ._code import FastInsn, decode_site
 from ._ktext import SymbolicText
@@ -36,8 +37,18 @@ class LiveText(SymbolicText):
         self.written += 1
         return True
 
+    def peek(self, addr: int, n: int) -> bytes:
+        for k in sorted({n, 8, 6, 5, 2, 1}, reverse=True):   # fewer at the end of text
+            if k <= n:
+                try:
+                    return self.read(addr, k)
+                except TextPokeError:
+                    continue
+        return b""
+
     def decode(self, addr: int) -> FastInsn | None:
-        return decode_site(self.read(addr, 15), 0, addr)
+        data = self.peek(addr, 15)
+        return decode_site(data, 0, addr) if data else None
 
     def data_u64(self, addr: int) -> int:
         return int.from_bytes(self.core.machine.mem.read(addr, 8), "little")

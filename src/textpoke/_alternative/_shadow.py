@@ -114,16 +114,19 @@ class Shadow(SymbolicText):
         self.writes.append((addr, old, bytes(data)))
         return True
 
+    def peek(self, addr: int, n: int) -> bytes:
+        """Up to *n* bytes at *addr*, fewer at the end of its text range."""
+        for start, end, _buf in self._ranges:
+            if start <= addr < end:
+                buf, off = self._buf(addr, 1)
+                return bytes(buf[off:off + min(n, end - addr)])
+        return b""
+
     def decode(self, addr: int) -> FastInsn | None:
         """The instruction at *addr* as the shadow holds it, None when it
         does not decode."""
-        for n in (15, 8, 6, 5, 2, 1):      # near the end of text fewer bytes remain
-            try:
-                data = self.read(addr, n)
-            except BadAddressError:
-                continue
-            return decode_site(data, 0, addr)
-        return None
+        data = self.peek(addr, 15)
+        return decode_site(data, 0, addr) if data else None
 
     def data_u64(self, addr: int) -> int:
         try:

@@ -54,19 +54,20 @@ def lock_prefixes(tb: TextBuffer, addrs: Sequence[int | None], text: tuple[int, 
     entry (None) or one outside *text* is skipped."""
     lo, hi = text
     dbg = log.dbg
+    have_b, new = bytes([have]), bytes([want])
     for addr in addrs:
         if addr is None or not lo <= addr < hi:
             log.leave("smp-lock", addr or 0, b"", "skipped", "outside the text range", "")
             continue
-        cur = tb.read(addr, 1)
-        if cur[0] != have:
-            if cur[0] == want:
+        cur = bytes(tb.peek(addr, 1))
+        if cur != have_b:
+            if cur == new:
                 log.leave("smp-lock", addr, cur, "unchanged", "")
             else:
                 log.leave("smp-lock", addr, cur, "skipped",
-                          f"prefix is {cur[0]:#04x}, not {have:#04x}")
+                          f"prefix is {cur[0]:#04x}, not {have:#04x}" if cur else
+                          "outside the text")
             continue
-        new = bytes([want])
         log.done("smp-lock", addr, cur, new, tb.write(".smp_locks", addr, new))
         if dbg.mask & DA_SMP:
             dbg(DA_SMP, f"{tb.describe(addr)} ({addr:#x}): {have:02x} -> {want:02x}", addr)
