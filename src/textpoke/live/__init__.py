@@ -9,7 +9,10 @@
 
 See :mod:`textpoke.live._machine` for what serialises a thread, the trap
 policies (``park`` / ``emulate``), the strategies (``int3`` /
-``stop-machine``) and what is left behind if the patcher is SIGKILLed.
+``stop-machine``) and what is left behind if the patcher is SIGKILLed;
+:mod:`textpoke.live._regions` for what a process lends the clients
+(``EXECMEM``, ``DATA``, ``PERCPU``, ``QUIESCE``), and
+:mod:`textpoke.live._rig` for the clients' self-tests run on a process.
 """
 
 from ._errors import AccessDenied, LiveError, NoSuchProcess, ProcessChanged
