@@ -72,8 +72,8 @@ from typing import Iterable, Mapping
 from .._core._insn import (CALL_INSN_OPCODE, INT3_INSN_OPCODE, JMP32_INSN_OPCODE, RET_INSN_OPCODE,
                            text_gen_insn, x86_nops)
 from .._errors import BadInstructionError, TextPokeError
+from ..images._kallsyms import SymbolMap
 from ..images._tables import StaticCallSite, read_tables
-from ..images._tables_clients import SymbolMap
 
 __all__ = ["StaticCalls", "StaticCall", "StaticCallError", "UnknownCallError",
            "TRAMP_UD", "XOR5RAX", "RETINSN"]

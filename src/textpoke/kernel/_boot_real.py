@@ -40,7 +40,7 @@ from .._alternative._runtime_const import runtime_const_sync
 from .._ftrace import ftrace_init
 from .._jump_label import jump_label_init, jump_label_sync
 from .._static_call import static_call_init, static_call_sync
-from ..images._tables_real import (alt_instr_table, jump_table, mcount_table, paravirt_table,
+from ..images._tables import (alt_instr_table, jump_table, mcount_table, paravirt_table,
                                    s32_count, s32_table, static_call_table)
 
 __all__ = ["boot_kernel"]
