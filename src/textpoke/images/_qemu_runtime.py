@@ -66,7 +66,9 @@ sha256 of its (uncompressed) bytes, so identical dumps are stored once::
           "name": "bfq .text" | symbol name, "addr": A, "size": N,
           "file": "region-<sha16>.bin", "sha256": ...}],
       "allocated": {                      -- what the kernel said it allocated
-         "kallsyms_builtin": [[addr, type, name, "[__builtin__ftrace]"], ...],
+         "kallsyms_builtin": [[addr, type, name, "[__builtin__ftrace]"], ...]
+                              (a trampoline enabled_functions names but /proc/kallsyms
+                              did not list has module "[enabled_functions]"),
          "ftrace_trampolines": [addr, ...], "kprobe_insn_pages": [addr, ...],
          "kprobe_optinsn_pages": [addr, ...],
          "modules": {"bfq": {".text": addr, "__jump_table": addr, ...}}  -- every
@@ -156,7 +158,7 @@ STEPS: tuple[Step, ...] = (
     Step("ftrace-function-on", (f"echo '{{glob}}' > {T}/set_ftrace_filter",
                                 f"echo function > {T}/current_tracer"),
          ("filter", "enabled")),
-    Step("ftrace-function-off", (f"echo nop > {T}/current_tracer",), ("enabled")),
+    Step("ftrace-function-off", (f"echo nop > {T}/current_tracer",), ("enabled",)),
     Step("ftrace-graph-on", (f"echo function_graph > {T}/current_tracer",),
          ("filter", "enabled")),
     Step("ftrace-graph-off", (f"echo nop > {T}/current_tracer", f"echo > {T}/set_ftrace_filter"),
@@ -164,7 +166,7 @@ STEPS: tuple[Step, ...] = (
     Step("kprobe-optimized-on", (f"echo 'p:rtref/opt {{kprobe}}' >> {T}/kprobe_events",
                                  f"echo 1 > {T}/events/rtref/opt/enable",
                                  "wait_optimized"),
-         ("kprobes")),
+         ("kprobes",)),
     Step("kretprobe-on", (f"echo 'r:rtref/ret {{kretprobe}}' >> {T}/kprobe_events",
                           f"echo 1 > {T}/events/rtref/ret/enable"),
          ("kprobes", "enabled")),
@@ -289,7 +291,9 @@ def _script(steps: list[Step], subst: dict[str, str]) -> str:
         'while :; do sleep 1000; done; }',
         'run() { eval "$1" || fail "$1"; }',
         'mark() { say end; hostname "rt-$1"; sync; }',
-        'lines() { while IFS= read -r l; do say "$1" "$l"; done < "$2"; }',
+        # copy first, with read(2) in pages: the shell's read reads a byte at a
+        # time, and busybox cat's sendfile(2) gets nothing from debugfs files
+        'lines() { grep "" "$2" > /tmp/l; while IFS= read -r l; do say "$1" "$l"; done < /tmp/l; }',
         'builtins() { grep __builtin__ /proc/kallsyms > /tmp/b; lines kallsyms /tmp/b; }',
         'sections() { for f in /sys/module/$1/sections/* /sys/module/$1/sections/.*; do '
         '[ -f "$f" ] && say sect $1 "${f##*/}" "$(cat $f)"; done; }',
@@ -302,9 +306,6 @@ def _script(steps: list[Step], subst: dict[str, str]) -> str:
         for cmd in st.did:
             c = cmd.format(**subst)
             lines.append(c if c == "wait_optimized" else f"run {_sh_quote(c)}")
-        # what the kernel allocated is listed after every step (so a step's
-        # regions are what is alive at its stop)
-        lines.append("builtins")
         for what in st.collect:
             if what == "filter":
                 lines.append(f"lines filter {T}/set_ftrace_filter")
@@ -317,6 +318,11 @@ def _script(steps: list[Step], subst: dict[str, str]) -> str:
                              '"$(cat /proc/sys/kernel/sched_schedstats)"')
             elif what.startswith("sections:"):
                 lines.append(f"sections {what.split(':', 1)[1]}")
+            else:
+                raise ValueError(f"step {st.name}: nothing to collect called {what!r}")
+        # what the kernel allocated is listed after every step (so a step's
+        # regions are what is alive at its stop)
+        lines.append("builtins")
         lines.append(f"mark {i}")
     lines += ['echo "RTREF done" > /dev/kmsg', "while :; do sleep 1000; done", ""]
     return "\n".join(lines)
@@ -595,9 +601,22 @@ def _run(kernel, image, setup, memory, steps, subst, script, kos, out: Path, tim
                 loaded.setdefault(mod, {})[sec] = int(addr, 16)
             if st.name.startswith("rmmod-"):
                 loaded.pop(st.name[len("rmmod-"):], None)
+            # the trampolines enabled_functions names are in use: listed even if
+            # /proc/kallsyms did not show them
+            used = [int(x, 16) for v in info.get("enabled", [])
+                    for x in re.findall(r"tramp: (0x[0-9a-f]+)", v)]
+            tramps = [b[0] for b in builtin if b[2] == "ftrace_trampoline"]
+            for t_ in used:
+                if t_ not in tramps:
+                    tramps.append(t_)
+                    builtin.append([t_, "t", "ftrace_trampoline", "[enabled_functions]"])
+            if st.name == "kprobe-optimized-on" and not any(
+                    "[OPTIMIZED]" in v for v in info.get("kprobes", [])):
+                raise ReferenceError("kprobes/list as listed by the script shows no optimized "
+                                     f"probe: {info.get('kprobes')}")
             allocated = {
                 "kallsyms_builtin": builtin,
-                "ftrace_trampolines": [b[0] for b in builtin if b[2] == "ftrace_trampoline"],
+                "ftrace_trampolines": tramps,
                 "kprobe_insn_pages": [b[0] for b in builtin if b[2] == "kprobe_insn_page"],
                 "kprobe_optinsn_pages": [b[0] for b in builtin if b[2] == "kprobe_optinsn_page"],
                 "modules": {m: dict(s) for m, s in loaded.items()},
