@@ -445,74 +445,49 @@ def test_count_on_debian_python3(pattern, must):
 
 
 # --- the quiescence between the INT3 and the tail, on a stand-in machine ------------
-class _Regs:
-    def __init__(self, rip: int, rsp: int) -> None:
-        self.rip, self.rsp = rip, rsp
-
-
 class _FakeMachine:
-    """Threads as (rip); one stack (a buffer of this process) for all."""
+    """Records the quiescence asked for and the writes, in order."""
 
-    def __init__(self, rips: dict[int, int], rsp: int) -> None:
-        self.pid = os.getpid()
-        self.rips, self.rsp = dict(rips), rsp
-        self.holds, self.stepped, self.written = 0, [], []
+    def __init__(self, stays: bool = False) -> None:
+        self.log: list = []
+        self.stays = stays
 
-    def stopped(self):
-        import contextlib
-
-        @contextlib.contextmanager
-        def cm():
-            self.holds += 1
-            yield list(self.rips)
-        return cm()
-
-    def get_regs(self, tid: int) -> _Regs:
-        return _Regs(self.rips[tid], self.rsp)
-
-    def step_out_of_range(self, lo: int, hi: int) -> None:
-        for t, r in self.rips.items():
-            if lo <= r < hi:
-                self.rips[t] = hi               # ran the moved instructions
-                self.stepped.append((lo, hi))
+    def quiesce(self, ranges, why=""):
+        from textpoke.live._regions import QuiesceTimeout
+        self.log.append(("quiesce", sorted(ranges)))
+        if self.stays:
+            raise QuiesceTimeout("a thread stays inside")
+        yield
 
     def text_poke_write_many(self, writes):
-        self.written.append([(a, bytes(d)) for a, d in writes])
+        self.log.append(("write", [(a, bytes(d)) for a, d in writes]))
         yield
 
 
-def test_tails_wait_for_threads_inside_the_moved_bytes():
-    import ctypes
-
+def test_tails_wait_for_quiescence_of_the_moved_bytes():
     from textpoke._errors import MachineError
     from textpoke.live._entry import EntrySite, quiescent_tails
     addr = 0x7000_0000_1000
     code = bytes.fromhex("f048ff0500010000c3")               # lock incq; ret: 8 moved
-    plan = plan_entry(code, addr)
-    site = EntrySite(addr, "f", addr, "m", code[:5], plan)
+    site = EntrySite(addr, "f", addr, "m", code[:5], plan_entry(code, addr))
     jmp_tail = bytes.fromhex("00100000")
-    stack = (ctypes.c_uint64 * 9000)()
-    rsp = ctypes.addressof(stack) + 1024
-    # a thread between two moved instructions is stepped out before the tail
-    m = _FakeMachine({1: addr + 3, 2: 0x1234}, rsp)
+    # the JMP's tail: no thread inside [addr+1, addr+8) first, then written
+    m = _FakeMachine()
     with quiescent_tails(m, [site]):
+        list(m.text_poke_write_many([(addr, b"\xcc")]))            # the INT3: no wait
         list(m.text_poke_write_many([(addr + 1, jmp_tail)]))
-    assert m.stepped == [(addr + 1, addr + 8)] and m.rips[1] == addr + 8
-    assert m.holds == 1 and m.written == [[(addr + 1, jmp_tail)]]
+    assert m.log == [("write", [(addr, b"\xcc")]),
+                     ("quiesce", [(addr + 1, addr + 8)]),
+                     ("write", [(addr + 1, jmp_tail)])]
     assert "text_poke_write_many" not in vars(m)               # the machine's own again
-    # putting the original bytes back needs no stop
-    m = _FakeMachine({1: addr + 3}, rsp)
+    # putting the original bytes back needs no wait
+    m = _FakeMachine()
     with quiescent_tails(m, [site]):
         list(m.text_poke_write_many([(addr + 1, code[1:5])]))
-    assert m.holds == 0 and m.stepped == [] and len(m.written) == 1
-    # a stack word inside (a signal frame's saved rip): waited for, then refused
-    stack[300] = addr + 2
-    m = _FakeMachine({1: 0x1234}, rsp)
-    with pytest.raises(MachineError, match="on its stack"):
-        with quiescent_tails(m, [site], attempts=2):
+    assert m.log == [("write", [(addr + 1, code[1:5])])]
+    # a thread that stays: nothing written, the batch fails (the core rolls back)
+    m = _FakeMachine(stays=True)
+    with pytest.raises(MachineError, match="stays"):
+        with quiescent_tails(m, [site]):
             list(m.text_poke_write_many([(addr + 1, jmp_tail)]))
-    assert m.holds == 2 and m.written == []
-    stack[300] = addr + 8          # the first byte not moved: no obstacle
-    with quiescent_tails(m, [site]):
-        list(m.text_poke_write_many([(addr + 1, jmp_tail)]))
-    assert m.written == [[(addr + 1, jmp_tail)]]
+    assert [k for k, _ in m.log] == ["quiesce"]

@@ -33,15 +33,11 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import fnmatch
 import os
-import re
-import struct
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
-from .._errors import BadAddressError, MachineError
+from .._errors import BadAddressError
 from .._relocate import JMP_SIZE, REASONS, EntryPlan, RelocError, plan_entry
 from ._symbols import Module, Symbol, Symbols
 
@@ -214,49 +210,28 @@ def reason_counts(refused: Iterable[Refusal]) -> dict[str, dict[str, int]]:
 
 
 # --- the write: quiescence between the INT3 and the tail ----------------------
-_STACK_BELOW = 128
-_STACK_SCAN = 64 * 1024
-
-
 @contextlib.contextmanager
-def quiescent_tails(m, sites: Sequence[EntrySite], *, attempts: int = 20) -> Iterator[None]:
+def quiescent_tails(m, sites: Sequence[EntrySite]) -> Iterator[None]:
     """While active, a tail write of the core's batch at one of *sites*
-    (the JMP's bytes after its first, replacing moved instructions) is made
-    with every thread stopped, none with its RIP strictly inside the
-    replaced bytes (single-stepped out), none with a stack word pointing
-    strictly inside them (waited for, then MachineError: the core rolls
-    the batch back).  Writes that put the original bytes back need none of
-    this and go through unchanged."""
+    (the JMP's bytes after its first, replacing moved instructions) waits
+    first, through the machine's ``quiesce`` (``Capability.QUIESCE``), until
+    no thread has its RIP strictly inside the replaced bytes and none has a
+    stack word pointing inside them (a signal frame; no CALL is moved, so no
+    return address can).  The INT3s stand by then (the batch's first phase,
+    synced): no thread can enter after the look, so the tails may be
+    written once it passes.  A thread that stays (``QuiesceTimeout``) makes
+    the batch fail, and the core rolls it back.  Writes that put the
+    original bytes back need none of this and go through unchanged."""
     orig_tail = {s.addr + 1: s.plan.orig[1:JMP_SIZE] for s in sites}
-    ranges = sorted((s.addr + 1, s.addr + s.plan.length) for s in sites)
-    los = [r[0] for r in ranges]
+    moved = {s.addr + 1: (s.addr + 1, s.addr + s.plan.length) for s in sites}
     plain = m.text_poke_write_many
 
-    def inside(v: int) -> bool:
-        i = bisect.bisect_right(los, v) - 1
-        return i >= 0 and v < ranges[i][1]
-
     def write_many(writes):
-        if not any(a in orig_tail and bytes(d) != orig_tail[a][:len(d)] for a, d in writes):
-            yield from plain(writes)
-            return
-        why = ""
-        for attempt in range(attempts):
-            with m.stopped() as tids:
-                for tid in tids:
-                    rip = m.get_regs(tid).rip
-                    if inside(rip):
-                        i = bisect.bisect_right(los, rip) - 1
-                        m.step_out_of_range(*ranges[i])
-                why = _stack_hit(m, tids, inside)
-                if not why:
-                    # the tails land while every thread is held: each
-                    # returns to user mode through the kernel (serialising)
-                    yield from plain(writes)
-                    return
-            time.sleep(0.0005 * (attempt + 1))       # a signal handler returns meanwhile
-        raise MachineError(f"a thread keeps an address inside a function entry being "
-                           f"patched on its stack ({why}): not patched")
+        ranges = [moved[a] for a, d in writes
+                  if a in orig_tail and bytes(d) != orig_tail[a][:len(d)]]
+        if ranges:
+            yield from m.quiesce(ranges, "the instructions moved out of function entries")
+        yield from plain(writes)
 
     m.text_poke_write_many = write_many
     try:
@@ -264,24 +239,3 @@ def quiescent_tails(m, sites: Sequence[EntrySite], *, attempts: int = 20) -> Ite
     finally:
         with contextlib.suppress(AttributeError):
             del m.text_poke_write_many
-
-
-def _stack_hit(m, tids: Sequence[int], inside: Callable[[int], bool]) -> str:
-    fd = os.open(f"/proc/{m.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        for tid in tids:
-            rsp = m.get_regs(tid).rsp
-            lo = max(rsp - _STACK_BELOW, 0)
-            buf = b""
-            for size in (_STACK_SCAN, 4096):          # the stack's end may be nearer
-                try:
-                    buf = os.pread(fd, size, lo)
-                    break
-                except OSError:
-                    continue
-            for i, w in enumerate(struct.unpack_from(f"<{len(buf) // 8}Q", buf)):
-                if inside(w):
-                    return f"thread {tid}, stack word at {lo + 8 * i:#x} = {w:#x}"
-        return ""
-    finally:
-        os.close(fd)
