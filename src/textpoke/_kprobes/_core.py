@@ -430,7 +430,9 @@ class Kprobes(_Kretprobes, _Optprobes):
                 boost = not self.preemption and p.post_handler is None and can_boost(insn)
                 tail = text_gen_insn(JMP32_INSN_OPCODE, slot + insn.length, addr + insn.length) \
                     if boost else b"\xcc"
-                self.core.text_poke_copy(slot, (code + tail).ljust(_SLOT_SIZE, b"\xcc"))
+                # only the copy and its tail, as arch_copy_kprobe writes them:
+                # the rest of the slot keeps what execmem holds (never run)
+                self.core.text_poke_copy(slot, code + tail)
             except (ValueError, BadInstructionError) as e:
                 self.execmem.free(slot)
                 raise KprobeError(f"{p.name}: cannot copy the instruction out of line: {e}",
@@ -586,7 +588,7 @@ class Kprobes(_Kretprobes, _Optprobes):
                 self.execmem.free(s.slot)
             if s.detour is not None:
                 self._detours.pop(s.detour.call_int3, None)
-                self.execmem.free(s.detour.addr)
+                self.detour_mem.free(s.detour.addr)
 
     # ------------------------------------------------------------ quiescence
     def _wait_quiescent(self, ranges: list[tuple[int, int]], why: str) -> None:

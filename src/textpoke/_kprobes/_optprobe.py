@@ -45,7 +45,7 @@ class _Optprobes:
             except BaseException:
                 for s in new_detours:
                     self._detours.pop(s.detour.call_int3, None)
-                    self.execmem.free(s.detour.addr)
+                    self.detour_mem.free(s.detour.addr)
                     s.detour, s.displaced = None, b""
                 raise
             if not sites:
@@ -144,7 +144,7 @@ class _Optprobes:
                 det = detour_code(buf, addr, disp)
                 self.core.text_poke_copy(buf, det.code.ljust(DETOUR_SIZE, b"\xcc"))
             except BaseException:
-                self.execmem.free(buf, invalidate=False)
+                self.detour_mem.free(buf, invalidate=False)
                 raise
         except OptError as e:
             raise KprobeError(f"cannot optimise {name}+{addr - fstart:#x}: {e}",
@@ -153,8 +153,15 @@ class _Optprobes:
         s.displaced = self._recovered(addr, n)
         self._detours[det.call_int3] = s
 
+    @property
+    def detour_mem(self):
+        """Where detours come from: ``opt_execmem`` when given (the kernel's
+        ``kprobe_optinsn_slots``, a page apart from the instruction slots),
+        else the probes' execmem."""
+        return getattr(self, "opt_execmem", None) or self.execmem
+
     def _alloc_detour(self) -> int:
-        return self.execmem.alloc(DETOUR_SIZE)
+        return self.detour_mem.alloc(DETOUR_SIZE)
 
     def unoptimize_kprobe(self, p: Kprobe) -> None:
         self.unoptimize_kprobes([p])

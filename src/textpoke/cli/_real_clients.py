@@ -25,7 +25,8 @@ import time
 from typing import Any, Callable
 
 from ._args import U64, UsageError, checked, number
-from ._boot_real import REAL_ONLY, add_real_arguments, refuse_real_only
+from ._boot_real import REAL_ONLY, SPAN_MAX, add_real_arguments, refuse_real_only
+from ._inputs import input_file
 
 __all__ = ["add_image_arguments", "refuse_image_only", "run_on_image", "REGIONS"]
 
@@ -35,9 +36,12 @@ REGIONS = {
                "the page the kernel allocated for the tracer's dynamic trampoline "
                "(create_trampoline; from the run-time reference); without it the sites call "
                "ftrace_caller"),
-    "kprobes": ("kprobe_slots", "--kprobe-slots", "kprobes", 64,
-                "the first of 64 pages kprobes' instruction slots and optprobe detours come "
-                "from (from the run-time reference)"),
+    "kprobes": ("kprobe_slots", "--kprobe-slots", "kprobes", 1,
+                "the page kprobes' instruction slots come from (kprobe_insn_slots' first page; "
+                "from the run-time reference)"),
+    "optprobes": ("optprobe_slots", "--optprobe-slots", "optprobes", 1,
+                  "the page optimised kprobes' detours come from (kprobe_optinsn_slots' first "
+                  "page; from the run-time reference); without it they share --kprobe-slots"),
     "modules": ("module_base", "--module-base", "modules", 1024,
                 "where the kernel placed the module's text (its base, page-aligned; from the "
                 "run-time reference); 4 MiB from there are the module's"),
@@ -57,6 +61,11 @@ def add_image_arguments(p: argparse.ArgumentParser, clients: tuple[str, ...]) ->
     """``boot --image``'s options, and the run-time allocations of *clients*."""
     add_real_arguments(p)
     g = p.add_argument_group("run-time allocations of the real kernel (with --image)")
+    g.add_argument("--before", metavar="FILE", type=input_file(SPAN_MAX),
+                   help="the kernel's own memory (_text.._end) when the step starts -- the "
+                        "run-time reference's previous stop: text and data start from it "
+                        "instead of from the modelled boot (what the kernel changed by "
+                        "itself since boot is then not counted as a difference)")
     for c in clients:
         dest, opt, _owner, _pages, hlp = REGIONS[c]
         g.add_argument(opt, dest=dest, metavar="ADDR", type=checked(page_addr, "ADDR"),
@@ -65,6 +74,8 @@ def add_image_arguments(p: argparse.ArgumentParser, clients: tuple[str, ...]) ->
 
 def refuse_image_only(args: argparse.Namespace, clients: tuple[str, ...]) -> None:
     refuse_real_only(args)
+    if getattr(args, "before", None):
+        raise UsageError("--before applies to a real kernel image: give --image too")
     for c in clients:
         dest, opt = REGIONS[c][:2]
         if getattr(args, dest, None):
@@ -92,6 +103,16 @@ def _boot(args: argparse.Namespace, clients: tuple[str, ...]) -> Any:
     except TextPokeError as e:
         raise UsageError(str(e)) from None
     check_spans(args, len(img.memory))
+    before = None
+    if args.before:
+        size = check_input(args.before, SPAN_MAX, "--before")
+        if size != len(img.memory):
+            raise UsageError(f"--before: {args.before} is {size:,} bytes but the image's "
+                             f"_text.._end is {len(img.memory):,}")
+        try:
+            before = read_bounded(args.before, SPAN_MAX, "--before")
+        except OSError as e:
+            raise UsageError(f"--before: cannot read {args.before}: {e.strerror}") from None
     data = None
     if args.data:
         try:
@@ -124,7 +145,8 @@ def _boot(args: argparse.Namespace, clients: tuple[str, ...]) -> Any:
                            setup_max_cpus=cmd.get("setup_max_cpus"),
                            its_pages=[its_page(x) for x in args.its_page])
         return offline_kernel(img, caps, opts, data=data, early=early_from_args(args),
-                              config=cfg, regions=regions, ncpus=args.cpus), cfg is not None
+                              config=cfg, regions=regions, ncpus=args.cpus,
+                              before=before), cfg is not None
     except (KernelBootError, ValueError) as e:
         raise UsageError(str(e)) from None
     except TextPokeError as e:
@@ -192,7 +214,7 @@ def _dump_and_compare(args: argparse.Namespace, ok: Any, d: dict, lines: list[st
     from ._boot_real import SPAN_MAX
     from ._inputs import read_bounded
     m = ok.machine
-    written = [r for r in m.regions if m.region_bytes(r) != b"\xcc" * r.size]
+    written = [r for r in m.regions if any(m.region_bytes(r))]
     d["execmem"] = [{"owner": r.owner, "start": hex(r.start), "size": r.size,
                      "used": r in written} for r in m.regions]
     if args.dump:

@@ -117,6 +117,13 @@ def run_image(args: argparse.Namespace) -> int:
                              f"{'function_profile_call' if args.profile else ''} is absent)")
         sel = len(ft.selected())
         up = ft.start(tracer)
+        # as `echo function > current_tracer`: the tracer also records
+        # command lines, through probes on the scheduler's tracepoints
+        from ..kernel._offline import tracing_cmdline_record
+        try:
+            d["tracepoints"] = tracing_cmdline_record(ok.kernel, True)
+        except ValueError as e:
+            d["tracepoints_refused"] = str(e)
         d.update(tracer=tracer, functions=sel, records=len(ft.records), enable=up.as_dict(),
                  trampolines={o: {"addr": hex(t.addr), "size": t.size}
                               for o, t in ft.trampolines.items()},

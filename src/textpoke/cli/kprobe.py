@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show", type=int_in(SHOW), default=8, metavar="N",
                    help=f"hits to print, {SHOW} (default 8)")
     add_common(p)
-    add_image_arguments(p, ("kprobes", "ftrace"))
+    add_image_arguments(p, ("kprobes", "optprobes", "ftrace"))
 
 
 def run_image(args: argparse.Namespace) -> int:
@@ -72,6 +72,13 @@ def run_image(args: argparse.Namespace) -> int:
                       "insn": info["insn"], "how": info["how"], "retprobe": args.retprobe,
                       "preemption": ok.kernel.config["PREEMPTION"],
                       "kprobes_on_ftrace": ok.kernel.config["KPROBES_ON_FTRACE"]}
+        # as kprobe_events does: the probe is a trace event, and enabling an
+        # event starts the tracers' cmdline recording (scheduler tracepoints)
+        from ..kernel._offline import tracing_cmdline_record
+        try:
+            d["tracepoints"] = tracing_cmdline_record(ok.kernel, True)
+        except ValueError as e:
+            d["tracepoints_refused"] = str(e)
         if args.optimize:
             try:
                 kp.optimize_kprobe(probe)
@@ -83,7 +90,7 @@ def run_image(args: argparse.Namespace) -> int:
                      f"({probe.addr:#x}: {info['insn']}): {d['probe']['how']}")
         return False
 
-    return run_on_image(args, ("kprobes", "ftrace"), step)
+    return run_on_image(args, ("kprobes", "optprobes", "ftrace"), step)
 
 
 def _probe_call(cm, kp, addr: int, name: str) -> int | None:
@@ -99,7 +106,7 @@ def _probe_call(cm, kp, addr: int, name: str) -> int | None:
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "image", None):
         return run_image(args)
-    refuse_image_only(args, ("kprobes", "ftrace"))
+    refuse_image_only(args, ("kprobes", "optprobes", "ftrace"))
     if not args.symbol and not args.selftest:
         raise UsageError("give SYMBOL[+OFF] or --selftest")
     from .._kprobes import KprobeError

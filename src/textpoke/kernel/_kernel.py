@@ -197,11 +197,14 @@ class Kernel:
         else:
             rng = self._execmem_range()
             kp_mem = ExecMem(self.core, start=rng.end - KPROBES_EXECMEM, end=rng.end)
-        return Kprobes(self.core, self.image, tables=self.tables,
+        kp = Kprobes(self.core, self.image, tables=self.tables,
                        smp=getattr(self.boot, "smp", None), keys=self.keys, calls=self.calls,
                        preemption=self.config["PREEMPTION"],
                        ftrace=self.ftrace if self.config["KPROBES_ON_FTRACE"] else None,
                        execmem=kp_mem)
+        if "optprobes" in self.execmem_at:       # the optinsn slots' page, given
+            kp.opt_execmem = self._given_execmem("optprobes")
+        return kp
 
     @cached_property
     def modules(self) -> ModuleLoader:

@@ -43,7 +43,7 @@ from ..images._tables import KernelTables, jump_table, mcount_sites, static_call
 from ._kernel import Kernel
 
 __all__ = ["OfflineMachine", "OfflineImage", "ExecRegion", "offline_kernel", "real_tables",
-           "config_options", "CLIENT_CONFIG"]
+           "config_options", "CLIENT_CONFIG", "tracing_cmdline_record", "user_ptr_max_init"]
 
 #: the kernel config options the clients follow, as read from an image's config
 CLIENT_CONFIG = ("X86_KERNEL_IBT", "PREEMPTION", "KPROBES_ON_FTRACE")
@@ -127,14 +127,17 @@ class OfflineMachine(Machine):
     never run.  *buf* is ``_text.._end`` at *base* (written in place: the
     dump is *buf*); *core* is ``(_stext, _etext)``; *data* is what data
     reads see (default: a copy of *buf*); *regions* are the executable
-    memory allocated at run time, each filled with INT3 until written."""
+    memory allocated at run time, zero-filled until written."""
 
     name = "offline"
 
     def __init__(self, buf: bytearray, base: int, core: tuple[int, int], *,
                  data: "bytes | bytearray | None" = None, regions: Iterable[ExecRegion] = (),
-                 ncpus: int = 1) -> None:
+                 ncpus: int = 1, booted: "bytes | None" = None) -> None:
         super().__init__()
+        #: the memory as boot left it, where *buf* starts from a later state
+        #: (what non-core text reads: freed at run time, it holds poison)
+        self.booted = booted
         if ncpus < 1:
             raise ValueError("need at least one CPU")
         self.buf = buf
@@ -163,7 +166,9 @@ class OfflineMachine(Machine):
         if self.base <= r.end and r.start < self.base + len(self.buf):
             raise ValueError(f"{r.owner}: execmem at {r.start:#x} lies inside the image")
         self.regions.append(r)
-        self._rbufs.append((r.start, bytearray(b"\xcc" * r.size)))
+        # fresh pages: the kernel's run-time reference finds them zeroed
+        # around what it writes (a trampoline's unused return-slot bytes)
+        self._rbufs.append((r.start, bytearray(r.size)))
         self._ranges.append(TextRange(r.start, r.end, r.owner, False))
 
     @property
@@ -199,11 +204,14 @@ class OfflineMachine(Machine):
 
     def text_read(self, addr: int, size: int) -> bytes:
         # the image's other text (init, exit: freed at run time) can still
-        # be read -- a client sizes a jump entry there before leaving it
-        # alone -- but only text ranges are written
+        # be read, as boot left it -- a client sizes a jump entry there
+        # before leaving it alone -- but only text ranges are written
         o = addr - self.base
         if 0 <= o and o + size <= len(self.buf):
-            return bytes(self.buf[o:o + size])
+            if self.core.start <= addr and addr + size <= self.core.end:
+                return bytes(self.buf[o:o + size])
+            src = self.booted if self.booted is not None else self.buf
+            return bytes(src[o:o + size])
         b, o = self._span(addr, size)
         return bytes(b[o:o + size])
 
@@ -288,8 +296,14 @@ def real_tables(kt: Any, core: tuple[int, int]) -> KernelTables:
         return reader(kt.buf, kt.base, *b) if b else []
     lo, hi = core
     mc = tuple(m for m in read("__mcount_loc", mcount_sites) if m.addr and lo <= m.addr < hi)
+    # bit 1 of a built image's jump entry is objtool's "NOP this JMP" mark
+    # (HAVE_JUMP_LABEL_HACK); jump_label_init makes it "in init memory"
+    # (init_section_contains), which is what the clients read
+    ib, ie = kt.opt("__init_begin"), kt.opt("__init_end")
+    jt = tuple(e._replace(init=ib is not None and ie is not None and ib <= e.code < ie)
+               for e in read("__jump_table", jump_table))
     return KernelTables(path=str(getattr(kt, "path", "")), text=core, replacement=(0, 0),
-                        mcount_loc=mc, jump_table=tuple(read("__jump_table", jump_table)),
+                        mcount_loc=mc, jump_table=jt,
                         static_call_sites=tuple(read(".static_call_sites", static_call_table)))
 
 
@@ -320,25 +334,44 @@ class OfflineKernel:
 def offline_kernel(image: Any, caps: Any, opts: Any = None, *, data: bytes | None = None,
                    early: Any = None, config: Mapping[str, str] | None = None,
                    regions: Iterable[ExecRegion] = (), ncpus: int | None = None,
-                   progress: Any = None, data_size: int = 2 << 20) -> OfflineKernel:
+                   progress: Any = None, data_size: int = 2 << 20,
+                   before: "bytes | None" = None) -> OfflineKernel:
     """Boot *image* (a loaded real kernel) for *caps* as ``boot --image``
     does (``boot_kernel``: *opts*, *data* or *early*), then wrap the booted
     memory in an :class:`OfflineMachine` and a :class:`Kernel` whose
-    clients follow *config* (a kernel config as ``read_config`` reads it)."""
+    clients follow *config* (a kernel config as ``read_config`` reads it).
+
+    *before*, when given, is the kernel's own memory (``_text.._end``) at
+    the moment the step starts -- a run-time reference's previous stop --:
+    text and data then start from it rather than from the modelled boot
+    (what the kernel changed on its own since boot -- static keys it
+    flipped, tracepoints it enabled -- is not the clients' doing), as
+    ``boot --data`` starts the boot passes from the kernel's data."""
     from .._alternative._kboot import kernel_text_of
     from .._alternative._kpasses import BootOptions
     from ._boot_real import boot_kernel
     opts = opts or BootOptions()
     kt = kernel_text_of(image, data=data)
     res = boot_kernel(kt, caps, opts, early=early, progress=progress)
+    res.stats["runtime_ptr_USER_PTR_MAX"] = user_ptr_max_init(kt, caps, config).as_dict()
     core = (kt.sym("_stext"), kt.sym("_etext"))
+    # the tables as boot read them: at run time __mcount_loc (init data)
+    # is freed, and the rest does not change
+    tables = real_tables(kt, core)
+    booted = None
+    if before is not None:
+        booted = bytes(kt.buf)
+        if len(before) != len(kt.buf):
+            raise ValueError(f"the memory before the step is {len(before):,} bytes; the image's "
+                             f"_text.._end is {len(kt.buf):,}")
+        kt.buf[:] = before
+        kt.data = before
     machine = OfflineMachine(kt.buf, kt.base, core, data=kt.data, regions=regions,
-                             ncpus=ncpus or opts.ncpus or 1)
+                             ncpus=ncpus or opts.ncpus or 1, booted=booted)
     cfg = config_options(config)
     try:
         tp = TextPoke(machine)
         img = OfflineImage(image)
-        tables = real_tables(kt, core)
         rethunk = opts.return_thunk if caps.has("rethunk") else False
         at = {r.owner: (r.start, r.end) for r in machine.regions}
         mod = machine.region("modules")
@@ -352,6 +385,66 @@ def offline_kernel(image: Any, caps: Any, opts: Any = None, *, data: bytes | Non
         machine.close()
         raise
     return OfflineKernel(k, machine, kt, res, image, cfg)
+
+
+#: the tracepoints the tracers' cmdline/tgid recording hooks, and its probes
+#: (kernel/trace/trace_sched_switch.c: tracing_sched_register)
+CMDLINE_RECORD = (("sched_wakeup", "probe_sched_wakeup"),
+                  ("sched_wakeup_new", "probe_sched_wakeup"),
+                  ("sched_switch", "probe_sched_switch"))
+
+
+def tracing_cmdline_record(kernel: Kernel, on: bool) -> list[str]:
+    """What a tracer's start (and stop) does besides ftrace in the real
+    kernel: ``tracing_start_cmdline_record`` registers one probe on each of
+    :data:`CMDLINE_RECORD`'s tracepoints -- its static call goes from the
+    iterator ``__traceiter_X`` to the probe, then its key is enabled
+    (``tracepoint_add_func``, 0 -> 1 function); stopping disables the key,
+    then puts the iterator back (1 -> 0).  Returns the tracepoints changed.
+    With another probe already on a tracepoint (a key counted above 0
+    before) the kernel goes through its iterator instead: refused here."""
+    sym = kernel.image.symbols
+    done = []
+    for tp, probe in CMDLINE_RECORD:
+        key = sym.get(f"__tracepoint_{tp}")
+        call = f"tp_func_{tp}"
+        if key is None or call not in kernel.calls.calls or probe not in sym:
+            continue
+        key += 8                                # struct tracepoint: name, then key
+        k = kernel.keys.key(key)
+        if on:
+            if k.enabled:
+                raise ValueError(f"tracepoint {tp} already has a probe (the kernel would "
+                                 "call its iterator): not modelled")
+            kernel.calls.static_call_update(call, probe)
+            kernel.keys.static_key_enable(key)
+        else:
+            kernel.keys.static_key_disable(key)
+            kernel.calls.static_call_update(call, f"__traceiter_{tp}")
+        done.append(tp)
+    return done
+
+
+def user_ptr_max_init(kt: Any, caps: Any, config: Mapping[str, str] | None) -> Any:
+    """What ``arch_cpu_finalize_init`` does right after
+    ``alternative_instructions()`` (so after the boot passes, but before
+    anything runs at run time): ``runtime_const_init(ptr, USER_PTR_MAX)``,
+    USER_PTR_MAX being ``TASK_SIZE_MAX`` -- one page below 2^47, or 2^56
+    with 5-level paging (a CPU with LA57 and a kernel built for it)."""
+    from .._alternative._kpasses import TableStats
+    from ..images._tables import s32_table
+    st = TableStats()
+    lo = kt.opt("__start_runtime_ptr_USER_PTR_MAX")
+    hi = kt.opt("__stop_runtime_ptr_USER_PTR_MAX")
+    if lo is None or hi is None:
+        return st
+    la57 = caps.has("la57") and (config or {}).get("CONFIG_X86_5LEVEL") == "y"
+    val = (1 << (56 if la57 else 47)) - PAGE_SIZE
+    for a in s32_table(kt.buf, kt.base, lo, hi, "runtime_ptr_USER_PTR_MAX"):
+        st.entries += 1
+        st.applied += 1
+        st.changed += kt.write("runtime_ptr_USER_PTR_MAX", a, val.to_bytes(8, "little"))
+    return st
 
 
 class _BootView:
