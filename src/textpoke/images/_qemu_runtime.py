@@ -538,38 +538,50 @@ def _run(kernel, image, setup, memory, steps, subst, script, kos, out: Path, tim
                 raise ReferenceError(f"memsave wrote {len(data)} bytes at {addr:#x}, wanted {n}")
             return data
 
+        at_break = False
         for i, st in enumerate(steps):
-            if i:
-                # step over the breakpoint (else continuing stops at it again)
-                gdb.hbreak(sync_fn, on=False)
-                r = gdb.cmd("s", timeout=60)
+            again = 0
+            while True:
+                if at_break:
+                    # step over the breakpoint (else continuing stops at it again)
+                    gdb.hbreak(sync_fn, on=False)
+                    r = gdb.cmd("s", timeout=60)
+                    if not r.startswith(("T", "S")):
+                        raise ReferenceError(f"unexpected reply {r!r} to a single step")
+                    gdb.hbreak(sync_fn)
+                left = timeout - (time.monotonic() - t0)
+                try:
+                    r = gdb.cont(max(left, 1.0))
+                except TimeoutError:
+                    gdb.interrupt()
+                    raise ReferenceError(f"the init script did not reach step {i} ({st.name}) "
+                                         f"within {timeout:.0f} s; serial: "
+                                         f"{_tail(serial, 2000)}") from None
                 if not r.startswith(("T", "S")):
-                    raise ReferenceError(f"unexpected reply {r!r} to a single step")
-                gdb.hbreak(sync_fn)
-            left = timeout - (time.monotonic() - t0)
-            try:
-                r = gdb.cont(max(left, 1.0))
-            except TimeoutError:
-                gdb.interrupt()
-                raise ReferenceError(f"the init script did not reach step {i} ({st.name}) within "
-                                     f"{timeout:.0f} s; serial: {_tail(serial, 2000)}") from None
-            if not r.startswith(("T", "S")):
-                raise ReferenceError(f"unexpected stop reply {r!r} at step {st.name}; "
-                                     f"serial: {_tail(serial, 2000)}")
-            pc = gdb.rip()
-            if pc != sync_fn:
-                raise ReferenceError(f"stopped at {pc:#x} ({image.describe(pc)}), not at "
-                                     f"__x64_sys_sync")
-            name = gdb.read(uts, 130)
-            if not name.startswith(b"Linux\0"):
-                raise ReferenceError("init_uts_ns does not start with 'Linux': not this kernel?")
-            node = name[65:130].split(b"\0")[0].decode(errors="replace")
-            if node == "rt-fail":
-                raise ReferenceError(f"the init script failed at step {i} ({st.name}): "
-                                     f"{_tail(serial, 3000)}")
-            if node != f"rt-{i}":
-                raise ReferenceError(f"sync(2) with host name {node!r}, expected 'rt-{i}' "
-                                     f"(step {st.name})")
+                    raise ReferenceError(f"unexpected stop reply {r!r} at step {st.name}; "
+                                         f"serial: {_tail(serial, 2000)}")
+                at_break = True
+                pc = gdb.rip()
+                if pc != sync_fn:
+                    raise ReferenceError(f"stopped at {pc:#x} ({image.describe(pc)}), not at "
+                                         f"__x64_sys_sync")
+                name = gdb.read(uts, 130)
+                if not name.startswith(b"Linux\0"):
+                    raise ReferenceError("init_uts_ns does not start with 'Linux': "
+                                         "not this kernel?")
+                node = name[65:130].split(b"\0")[0].decode(errors="replace")
+                if node == "rt-fail":
+                    raise ReferenceError(f"the init script failed at step {i} ({st.name}): "
+                                         f"{_tail(serial, 3000)}")
+                if i and node == f"rt-{i - 1}" and again < 3:
+                    # the previous step's sync(2) stopped again (the single step
+                    # did not leave the breakpoint's instruction): go on
+                    again += 1
+                    continue
+                if node != f"rt-{i}":
+                    raise ReferenceError(f"sync(2) with host name {node!r}, expected "
+                                         f"'rt-{i}' (step {st.name})")
+                break
             if phys_base is None:
                 phys_base = int.from_bytes(gdb.read(image.sym("phys_base"), 8), "little")
                 raw = gdb.read(image.sym("boot_cpu_data") + line.caps_offset, 4 * line.ncaps)
