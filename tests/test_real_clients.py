@@ -255,3 +255,92 @@ def test_real_image_options_are_refused_without_image():
     p = subprocess.run([sys.executable, "-m", "textpoke", "ftrace", "--trampoline",
                         "0xffffffffc0000010"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "page-aligned" in p.stderr
+
+
+# ------------------------------------------- against the kernel at run time
+def _runtime_refs() -> list[Path]:
+    root = Path(os.environ.get("TEXTPOKE_CACHE", Path.home() / ".cache/textpoke")) / "reference"
+    return sorted(root.glob("6.12.*-cloud-amd64/runtime-*/manifest.json"))
+
+
+@pytest.mark.skipif(not os.environ.get("TEXTPOKE_KERNEL_TESTS"),
+                    reason="boots the real image once per step group (set TEXTPOKE_KERNEL_TESTS=1)")
+@pytest.mark.parametrize("manifest", _runtime_refs() or [None],
+                         ids=lambda p: p.parent.name if p else "none")
+def test_the_clients_equal_the_kernels_own_run_time_text(manifest):
+    """Each step of the QEMU run-time reference, redone by the clients from
+    the kernel's memory at the stop before it: 0 differing bytes in .text
+    and in the run-time pages the step wrote."""
+    if manifest is None:
+        pytest.skip("no run-time reference cached (tools/kernel_runtime_reference.py)")
+    import dataclasses
+    import zstandard
+    from textpoke._alternative._kdiff import diff_sections
+    from textpoke._alternative._kearly import EarlyBoot, read_config
+    from textpoke._alternative._kpasses import BootOptions
+    from textpoke._alternative._ktext import CpuCaps
+    from textpoke.images._vmlinux import load_kernel
+    from textpoke.kernel._offline import ExecRegion, offline_kernel, tracing_cmdline_record
+    ref = manifest.parent
+    m = json.loads(manifest.read_text())
+    d = ref.parent.parent.parent / "kernel" / m["kernel"]["release"]
+    if not (d / "vmlinuz").is_file():
+        pytest.skip(f"{d}/vmlinuz is not cached")
+    img = load_kernel(str(d / "vmlinuz"))
+    cfg = read_config(d / "config")
+    steps = {s["name"]: s for s in m["steps"]}
+    index = [s["name"] for s in m["steps"]]
+
+    def text(name: str) -> bytes:
+        f = ref / steps[name]["text"]["file"]
+        return zstandard.ZstdDecompressor().decompress(f.read_bytes(), max_output_size=1 << 27)
+
+    def session(start: str, regions=()):
+        mem = int(m["setup"]["memory"].rstrip("G")) << 30
+        return offline_kernel(
+            img, CpuCaps(m["caps"]), BootOptions(return_thunk=m["return_thunk_sym"],
+                                                 ncpus=m["setup"]["smp"]),
+            early=EarlyBoot(cmdline=m["setup"]["cmdline"], ncpus=m["setup"]["smp"], mem=mem,
+                            config=cfg),
+            config=cfg, regions=regions, before=text(start))
+
+    def check(ok, name: str) -> None:
+        live = dataclasses.replace(ok.kt, exec_ranges=[r for r in ok.kt.exec_ranges
+                                                       if r[0] == ".text"], changes=[])
+        assert diff_sections(live, text(name)) == {".text": 0}, name
+        for r in steps[name]["regions"]:
+            mine = [x for x in ok.machine.regions if x.start == r["addr"]]
+            if mine:
+                got = ok.machine.region_bytes(mine[0])[:r["size"]]
+                assert got == (ref / r["file"]).read_bytes()[:len(got)], (name, r["kind"])
+
+    on = steps["ftrace-function-on"]["allocated"]["ftrace_trampolines"]
+    with session(index[index.index("ftrace-function-on") - 1],
+                 [ExecRegion(on[0], 4096, "ftrace")]) as ok:
+        ft = ok.kernel.ftrace
+        ft.set_ftrace_filter(m["probes"]["ftrace_glob"])
+        ft.start("function")
+        tracing_cmdline_record(ok.kernel, True)
+        check(ok, "ftrace-function-on")
+        ft.stop()
+        tracing_cmdline_record(ok.kernel, False)
+        check(ok, "ftrace-function-off")
+
+    al = steps["kprobe-optimized-on"]["allocated"]
+    with session(index[index.index("kprobe-optimized-on") - 1],
+                 [ExecRegion(al["kprobe_insn_pages"][0], 4096, "kprobes"),
+                  ExecRegion(al["kprobe_optinsn_pages"][0], 4096, "optprobes")]) as ok:
+        kp = ok.kernel.kprobes
+        p = kp.register_kprobe(m["probes"]["kprobe"])
+        tracing_cmdline_record(ok.kernel, True)
+        kp.optimize_kprobe(p)
+        # the detour is our own code, not the kernel's optprobe template:
+        # its page is not compared (README)
+        ok.machine.regions[:] = [r for r in ok.machine.regions if r.owner != "optprobes"]
+        check(ok, "kprobe-optimized-on")
+
+    with session(index[index.index("schedstats-on") - 1]) as ok:
+        ok.kernel.keys.static_key_enable("sched_schedstats")
+        check(ok, "schedstats-on")
+        ok.kernel.keys.static_key_disable("sched_schedstats")
+        check(ok, "schedstats-off")
