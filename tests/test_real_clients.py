@@ -339,6 +339,18 @@ def test_the_clients_equal_the_kernels_own_run_time_text(manifest):
         ok.machine.regions[:] = [r for r in ok.machine.regions if r.owner != "optprobes"]
         check(ok, "kprobe-optimized-on")
 
+    # a kretprobe on a function's entry: KPROBES_ON_FTRACE puts it on the
+    # fentry NOP through kprobe_ftrace_ops' own trampoline (a new page)
+    tr = [a for a in steps["kretprobe-on"]["allocated"]["ftrace_trampolines"]
+          if a not in steps[index[index.index("kretprobe-on") - 1]]["allocated"][
+              "ftrace_trampolines"]]
+    # (kprobes want slots somewhere: a page the reference does not list)
+    with session(index[index.index("kretprobe-on") - 1],
+                 [ExecRegion(tr[0], 4096, "ftrace"),
+                  ExecRegion(0xFFFFFFFFC1000000, 4096, "kprobes")]) as ok:
+        ok.kernel.kprobes.register_kretprobe(m["probes"]["kretprobe"])
+        check(ok, "kretprobe-on")
+
     with session(index[index.index("schedstats-on") - 1]) as ok:
         ok.kernel.keys.static_key_enable("sched_schedstats")
         check(ok, "schedstats-on")
