@@ -287,8 +287,8 @@ def test_module_finalize_call_thunks_and_endbr_seal():
 
         c1, c2, c3 = entry + 4, entry + 9, entry + 14
         assert target(c1) == helper - size and target(c2) == sq - size and target(c3) == nopad
-        assert rd(helper - size, size) == calls._thunk_code(helper - size)
-        assert rd(sq - size, size) == calls._thunk_code(sq - size)
+        assert rd(helper - size, size) == calls._callthunks().code_at(helper - size)
+        assert rd(sq - size, size) == calls._callthunks().code_at(sq - size)
         assert m.finalize[".call_sites"] == 2
         # ENDBR sealed at mod_ct_helper; mod_ct_entry+9 is a CALL: left
         assert rd(helper, 4) == bytes.fromhex("66 0f 1f 00")

@@ -74,8 +74,8 @@ from typing import Iterable
 
 from ._alternative._apply import alt_instructions_pass
 from ._alternative._shadow import DebugLog, Shadow, Symbols, features_of
-from ._alternative._thunks import retpolines_pass, returns_pass
-from ._alternative._kpasses import ENDBR64, ENDBR_POISON
+from ._alternative._records import PassLog
+from ._alternative._thunks import retpolines_pass, returns_pass, seal_endbr
 from ._core._insn import CALL_INSN_OPCODE, text_gen_insn
 from ._core._machine import Capability
 from ._errors import TextPokeError
@@ -202,6 +202,26 @@ class _ModuleShadow(Shadow):
         self.writes = []
 
 
+def _placed(secs, at: "dict[str, int]", name: str):
+    """(text_off, data_off, tbase, tsize, dbase, dsize) of *secs* placed
+    at the addresses *at* gives by section name."""
+    text, data = {}, {}
+    for i, s in enumerate(secs):
+        if not s.flags & _SHF_ALLOC or s.size == 0:
+            continue
+        if s.name not in at and s.name in (".modinfo", "__versions"):
+            continue            # the loader drops these (no SHF_ALLOC once loaded)
+        if s.name not in at:
+            raise ModuleFormatError(f"module {name}: no address given for section {s.name}")
+        (text if s.flags & _SHF_EXEC else data)[i] = (at[s.name], s.size)
+    tbase = min(a for a, _ in text.values())
+    tsize = max(a + n for a, n in text.values()) - tbase
+    dbase = min((a for a, _ in data.values()), default=0)
+    dsize = max((a + n for a, n in data.values()), default=dbase) - dbase
+    return ({i: a - tbase for i, (a, _n) in text.items()},
+            {i: a - dbase for i, (a, _n) in data.items()}, tbase, tsize, dbase, dsize)
+
+
 def _align(v: int, a: int) -> int:
     a = max(a, 1)
     return -(-v // a) * a
@@ -245,7 +265,13 @@ class ModuleLoader:
         self.loads = self.unloads = 0
 
     # ------------------------------------------------------------ memory
-    def _data_alloc(self, size: int) -> int:
+    def _data_alloc(self, size: int, *, at: int | None = None, **kw: int) -> int:
+        if at is not None:
+            # data where a real kernel put it: outside our data range
+            self.machine.require(Capability.DATA, "module data")
+            self._placed_data = getattr(self, "_placed_data", {})
+            self._placed_data[at] = kw["size"]
+            return at
         if self._data_mem is None:
             if not self.machine.has(Capability.DATA):
                 raise ModuleError(f"{self.machine.name}: cannot map module data (no DATA capability)")
@@ -257,16 +283,26 @@ class ModuleLoader:
         return self._data_mem.alloc(max(size, 1))
 
     def _data_free(self, addr: int) -> None:
+        placed = getattr(self, "_placed_data", {})
+        if addr in placed:
+            self.machine.mem.write(addr, bytes(placed.pop(addr)))
+            return
         size = self._data_mem.used[addr]
         self.machine.mem.write(addr, bytes(size))
         self._data_mem.free(addr, invalidate=False)
 
     # ------------------------------------------------------------ load
-    def load(self, obj: "bytes | str | Path", name: str | None = None) -> Module:
+    def load(self, obj: "bytes | str | Path", name: str | None = None, *,
+             at: "dict[str, int] | None" = None) -> Module:
         """Load a relocatable object (its bytes or a path); return the
         :class:`Module`.  Refusals raise :class:`ModuleError` (or the keys'
         and calls' :class:`UnknownKeyError` / :class:`UnknownCallError`)
-        with nothing written."""
+        with nothing written.
+
+        *at* places every allocated section at the address given by name
+        (what a real kernel chose: ``/sys/module/NAME/sections``) instead
+        of laying them out here; executable sections must fall in execmem,
+        the others are data."""
         if not isinstance(obj, (bytes, bytearray)):
             path = Path(obj)
             name = name or path.stem
@@ -299,11 +335,18 @@ class ModuleLoader:
                 dalign = max(dalign, a)
         if not tsize:
             raise ModuleFormatError(f"module {name}: no executable section")
-        talloc = self.execmem.alloc(tsize + talign - 16 if talign > 16 else tsize)
+        if at is not None:
+            text_off, data_off, tbase, tsize, dbase, dsize = _placed(secs, at, name)
+            talloc = self.execmem.alloc_at(tbase, tsize)
+        else:
+            talloc = self.execmem.alloc(tsize + talign - 16 if talign > 16 else tsize)
         dalloc = 0
         try:
-            dalloc = self._data_alloc(dsize + dalign)
-            tbase, dbase = _align(talloc, talign), _align(dalloc, dalign)
+            if at is not None:
+                dalloc = self._data_alloc(0, at=dbase, size=dsize) if dsize else 0
+            else:
+                dalloc = self._data_alloc(dsize + dalign)
+                tbase, dbase = _align(talloc, talign), _align(dalloc, dalign)
             text, data = bytearray(tsize), bytearray(dsize)
             addr: dict[int, int] = {}
             for i, off in text_off.items():
@@ -324,7 +367,7 @@ class ModuleLoader:
         except BaseException:
             self.execmem.free(talloc, invalidate=False)
             if dalloc:
-                self._data_mem.free(dalloc, invalidate=False)
+                self._data_free(dalloc)
             raise
         # 6. place, serialise, register
         try:
@@ -483,7 +526,13 @@ class ModuleLoader:
                                                    [a.instr for a in alts])
         seal = read(".ibt_endbr_seal", s32_sites, RetpolineSite, ".ibt_endbr_seal")
         if seal and self.ibt:
-            done[".ibt_endbr_seal"] = self._seal_endbr(mod, text, [e.addr for e in seal])
+            # the boot's own .ibt_endbr_seal pass, on the staging copy
+            recs: list = []
+            seal_endbr(shadow, [e.addr for e in seal],
+                       PassLog(len(seal), shadow.describe, dbg, recs))
+            sealed = [(r.addr, r.new) for r in recs if r.action == "patched"]
+            done[".ibt_endbr_seal"] = len(sealed)
+            mod.patched.extend(sealed)
         # ftrace_module_init: every fentry call of the module becomes NOP5
         # (the kernel's records are made then; here only the bytes)
         mc = read("__mcount_loc", mcount_sites)
@@ -545,8 +594,8 @@ class ModuleLoader:
         if not getattr(calls, "thunks_initialized", False):
             return 0
         tbase, tend = mod.text, mod.text + mod.text_size
-        t0 = calls.symbols["skl_call_thunk_template"]
-        size = calls.symbols["skl_call_thunk_tail"] - t0
+        th = calls._callthunks()                # the boot's model of the thunks
+        size = th.size
         n = 0
         for addr in sites:
             if not tbase <= addr < tend:
@@ -555,21 +604,21 @@ class ModuleLoader:
             if text[o] != 0xE8:
                 continue                        # patched out, or not a direct call
             dest = addr + 5 + int.from_bytes(text[o + 1:o + 5], "little", signed=True)
-            if calls._skip_dest(dest):
+            if th.skip_addr(dest):
                 continue
             if tbase <= dest < tend:
                 # a function of this module: its padding is in the staging copy
                 pad = dest - size
                 if pad < tbase:
                     continue
-                want = calls._thunk_code(pad)
+                want = th.code_at(pad)
                 cur = bytes(text[pad - tbase:pad - tbase + size])
                 if cur != want:
                     if cur != b"\x90" * size:
                         continue                # "Invalid padding area"
                     text[pad - tbase:pad - tbase + size] = want
                     mod.patched.append((pad, want))
-            elif calls._is_coretext(dest):
+            elif th.in_core(dest):
                 pad = calls.callthunks_translate_call_dest(dest)
                 if pad == dest:
                     continue
@@ -596,23 +645,6 @@ class ModuleLoader:
                 text[o:o + 5] = nop5
                 mod.patched.append((addr, nop5))
                 n += 1
-        return n
-
-    def _seal_endbr(self, mod: Module, text: bytearray, sites: list[int]) -> int:
-        """``apply_seal_endbr`` on the staged text (with IBT configured):
-        each listed ENDBR64/ENDBR32 becomes the 4-byte poison NOP."""
-        if not self.ibt:
-            return 0
-        poison = ENDBR_POISON.to_bytes(4, "little")
-        n = 0
-        for addr in sites:
-            o = addr - mod.text
-            v = int.from_bytes(text[o:o + 4], "little")
-            if (v & ~0x01000000) != ENDBR64:
-                continue                        # not an ENDBR: left (the kernel WARNs)
-            text[o:o + 4] = poison
-            mod.patched.append((addr, poison))
-            n += 1
         return n
 
     # ------------------------------------------------------------ unload

@@ -23,7 +23,7 @@ from ._ktext import CpuCaps, TextBuffer
 from ._records import PassLog, TableStats
 from ._reloc import apply_relocation
 
-__all__ = ["callthunks", "SKIP_DESTS"]
+__all__ = ["callthunks", "CallThunks", "SKIP_DESTS"]
 
 #: Destinations that must not be redirected (they account for themselves
 #: or run before the per-CPU state exists).
@@ -36,7 +36,10 @@ _PREFIXES = frozenset([0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF
                        *range(0x40, 0x50)])
 
 
-class _Thunks:
+class CallThunks:
+    """The call-depth accounting thunks of a text: where one goes, its
+    code, and (:meth:`patch_dest`) writing it into a function's padding."""
+
     def __init__(self, tb: TextBuffer) -> None:
         self.tb = tb
         t0 = tb.sym("skl_call_thunk_template")
@@ -66,21 +69,27 @@ class _Thunks:
     def skip_addr(self, dest: int) -> bool:
         return dest in self.skip or self.kexec[0] <= dest < self.kexec[1]
 
-    def patch_dest(self, dest: int) -> int | None:
-        """The thunk before *dest*, written there if the padding is NOPs."""
-        if dest in self.pads:
-            return self.pads[dest]
-        pad = dest - self.size
+    def code_at(self, pad: int) -> bytes:
+        """The template relocated to run at *pad*."""
         if self.rip_field is not None:
             off, disp, target = self.rip_field
             b = bytearray(self.tmpl)
             if target < self.tmpl_addr or target > self.tmpl_addr + self.size:
                 b[off:off + 4] = ((disp + self.tmpl_addr - pad) & 0xFFFFFFFF).to_bytes(4, "little")
-            want = bytes(b)
-        else:
-            b = bytearray(self.tmpl) + bytes(16)
-            apply_relocation(b, pad, self.size, self.tmpl_addr, self.size, self.tb.line)
-            want = bytes(b[:self.size])
+            return bytes(b)
+        b = bytearray(self.tmpl) + bytes(16)
+        apply_relocation(b, pad, self.size, self.tmpl_addr, self.size, self.tb.line)
+        return bytes(b[:self.size])
+
+    def in_core(self, dest: int) -> bool:
+        return self.lo <= dest < self.hi
+
+    def patch_dest(self, dest: int) -> int | None:
+        """The thunk before *dest*, written there if the padding is NOPs."""
+        if dest in self.pads:
+            return self.pads[dest]
+        pad = dest - self.size
+        want = self.code_at(pad)
         cur = self.tb.read(pad, self.size)
         res: int | None = pad
         if cur != want:
@@ -93,7 +102,7 @@ class _Thunks:
         return res
 
 
-def _patch_call(tb: TextBuffer, th: _Thunks, addr: int, st: TableStats) -> None:
+def _patch_call(tb: TextBuffer, th: CallThunks, addr: int, st: TableStats) -> None:
     if not th.lo <= addr < th.hi:
         st.skipped += 1
         return
@@ -130,7 +139,7 @@ def callthunks(tb: TextBuffer, call_sites: Sequence[int], alts: Sequence[AltInst
     tracking (counts over both tables in *log*); the thunks written."""
     if not caps.has(F_CALL_DEPTH):
         return 0
-    th = _Thunks(tb)
+    th = CallThunks(tb)
     st = log.stats
     for addr in call_sites:
         _patch_call(tb, th, addr, st)

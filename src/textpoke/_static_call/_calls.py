@@ -72,6 +72,9 @@ from typing import Iterable, Mapping
 from .._core._insn import (CALL_INSN_OPCODE, INT3_INSN_OPCODE, JMP32_INSN_OPCODE, RET_INSN_OPCODE,
                            text_gen_insn, x86_nops)
 from .._errors import BadInstructionError, TextPokeError
+from .._alternative._callthunks import CallThunks
+from .._alternative._livetext import LiveText
+from .._alternative._shadow import Symbols
 from ..images._kallsyms import SymbolMap
 from ..images._tables import StaticCallSite, read_tables
 
@@ -148,12 +151,13 @@ class StaticCalls:
         self.thunks_initialized = bool(call_depth) and all(
             n in symbols for n in ("skl_call_thunk_template", "skl_call_thunk_tail"))
         self._line = line
-        self._tmpl: bytes | None = None
+        self._thunks: CallThunks | None = None
         #: thunks this object wrote into function padding (address -> function)
         self.thunks_made: dict[int, int] = {}
         self.machine = core.machine
         self.symbols = dict(symbols)
         self.symmap = SymbolMap(symbols, sizes)
+        self._sizes = dict(sizes or {})
         self.rethunk = bool(rethunk)
         #: the address of the boot's x86_return_thunk (None: no rethunk)
         self.return_thunk: int | None = None
@@ -228,41 +232,26 @@ class StaticCalls:
         return self.call(name).func
 
     # ----------------------------------------------------------- call depth
-    def _thunk_code(self, pad: int) -> bytes:
-        """``skl_call_thunk_template`` relocated to *pad* (patch_dest's buffer)."""
-        from .._alternative._reloc import apply_relocation
-        t0 = self.symbols["skl_call_thunk_template"]
-        size = self.symbols["skl_call_thunk_tail"] - t0
-        if self._tmpl is None:
-            self._tmpl = self.machine.text_read(t0, size)
-        b = bytearray(self._tmpl) + bytes(16)
-        if self._line is None:
-            apply_relocation(b, pad, size, t0, size)
-        else:
-            apply_relocation(b, pad, size, t0, size, self._line)
-        return bytes(b[:size])
-
-    def _skip_dest(self, dest: int) -> bool:
-        from .._alternative._callthunks import SKIP_DESTS
-        if any(self.symbols.get(n) == dest for n in SKIP_DESTS):
-            return True
-        rk = self.symbols.get("relocate_kernel")
-        return rk is not None and rk <= dest < rk + 2048    # KEXEC_CONTROL_CODE_MAX_SIZE
-
-    def _is_coretext(self, dest: int) -> bool:
-        lo, hi = self.symbols.get("_text"), self.symbols.get("_etext")
-        return lo is not None and hi is not None and lo <= dest < hi
+    def _callthunks(self) -> CallThunks:
+        """The boot's call-thunk model over the running text (built once)."""
+        if self._thunks is None:
+            text = LiveText(self.core, Symbols(self.symbols, self._sizes),
+                            *(() if self._line is None else (self._line,)))
+            self._thunks = CallThunks(text)
+        return self._thunks
 
     def callthunks_translate_call_dest(self, dest: int, *, make: bool = True) -> int:
         """Where a CALL to *dest* goes: its accounting thunk with call-depth
         tracking, else *dest*.  With *make* false nothing is written (a
         thunk not there yet means *dest*)."""
-        if not self.thunks_initialized or not dest or self._skip_dest(dest) or \
-                not self._is_coretext(dest):
+        if not self.thunks_initialized or not dest:
             return dest
-        want_size = self.symbols["skl_call_thunk_tail"] - self.symbols["skl_call_thunk_template"]
+        th = self._callthunks()
+        if th.skip_addr(dest) or not th.in_core(dest):
+            return dest
+        want_size = th.size
         pad = dest - want_size
-        want = self._thunk_code(pad)
+        want = th.code_at(pad)
         cur = self.machine.text_read(pad, want_size)
         if cur == want:
             return pad
