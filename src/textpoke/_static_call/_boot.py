@@ -17,6 +17,7 @@ chosen, so RET-type sites become ``ret; int3 x4`` whatever the CPU.
 
 from __future__ import annotations
 
+from .._alternative._code import rel32
 from .._alternative._kpasses import CALL, INT3, JMP32, RET, TableStats
 from .._alternative._ktext import KernelBootError, KernelText
 from .._core._insn import x86_nops
@@ -28,10 +29,6 @@ __all__ = ["static_call_init", "static_call_sync", "sc_transform"]
 _XOR5RAX = b"\x2e\x2e\x2e\x31\xc0"
 _RETINSN = bytes([RET, INT3, INT3, INT3, INT3])
 _NOP5 = x86_nops[5]
-
-
-def _rel32(op: int, addr: int, dest: int) -> bytes:
-    return bytes([op]) + ((dest - (addr + 5)) & 0xFFFFFFFF).to_bytes(4, "little")
 
 
 def _validate(kt: KernelText, addr: int, tail: bool) -> None:
@@ -60,13 +57,13 @@ def sc_transform(kt: KernelText, addr: int, func: int, tail: bool, *,
     if kind == 0:
         if func == kt.opt("__static_call_return0"):
             return _XOR5RAX
-        return _rel32(CALL, addr, func)
+        return rel32(CALL, addr, func)
     if kind == 1:
         return _NOP5
     if kind == 2:
-        return _rel32(JMP32, addr, func)
+        return rel32(JMP32, addr, func)
     if rethunk_at and return_thunk:
-        return _rel32(JMP32, addr, return_thunk)
+        return rel32(JMP32, addr, return_thunk)
     return _RETINSN
 
 
@@ -105,6 +102,6 @@ def static_call_sync(kt: KernelText, sites: list[StaticCallSite],
         if kt.read(tramp + 5, 3) != b"\x0f\xb9\xcc":
             continue
         func = kt.data_u64(key)
-        new = _rel32(JMP32, tramp, func) if func else _RETINSN
+        new = rel32(JMP32, tramp, func) if func else _RETINSN
         st.changed += kt.write(".static_call_sites(tramp)", tramp, new)
     return st
