@@ -178,8 +178,8 @@ class Arming:
             except SymbolError:
                 funcs = []
             covered = {s.func_addr for s in found}
-            ents, refused = entry_sites(self.syms, functions=[f for f in funcs
-                                                              if f.addr not in covered])
+            ents, refused = entry_sites(self.syms, pattern,
+                                        functions=[f for f in funcs if f.addr not in covered])
             self.refused = refused
             self.skipped += [dict(r.as_dict(), kind=r.reason) for r in refused]
         self.sites: list = sorted(fent + ents, key=lambda s: s.addr)

@@ -116,6 +116,7 @@ def entry_sites(syms: Symbols, pattern: str | None = None, *,
     function addresses handled otherwise (fentry sites).  *read* reads live
     memory (default: /proc/PID/mem)."""
     funcs = list(functions) if functions is not None else _functions(syms, pattern)
+    name_of = _namer(pattern)
     skip = set(skip)
     own = read is None
     fd = -1
@@ -149,11 +150,27 @@ def entry_sites(syms: Symbols, pattern: str | None = None, *,
                                        f"{ENTRY_REASONS[reason]}: reads {live.hex(' ')}, the "
                                        f"file has {plan.orig.hex(' ')}"))
                 continue
-            sites.append(EntrySite(plan.addr, s.name, s.addr, mod.short, live[:JMP_SIZE], plan))
+            sites.append(EntrySite(plan.addr, name_of(s), s.addr, mod.short, live[:JMP_SIZE],
+                                   plan))
         return sites, refused
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def _namer(pattern: str | None) -> Callable[[Symbol], str]:
+    """The name to show for a function with aliases (libc's malloc is also
+    __libc_malloc and __malloc): of those matching *pattern*, the public one
+    (no leading underscore), then the shortest."""
+    import fnmatch
+    import re
+    glob = pattern.split(":", 1)[1] if pattern and ":" in pattern else pattern
+    rx = re.compile(fnmatch.translate(glob)) if glob else None
+
+    def name_of(s: Symbol) -> str:
+        names = [n for n in s.module.names_at(s.addr) if rx is None or rx.match(n)]
+        return min(names, key=lambda n: (n.startswith("_"), len(n), n)) if names else s.name
+    return name_of
 
 
 def _plan(s: Symbol, mod: Module, starts: dict[int, list[int]],
