@@ -126,6 +126,25 @@ def test_manifest_is_whole_and_its_files_check(ref, kernel):
         assert hashlib.sha256((ref.path / info["file"]).read_bytes()).hexdigest() == info["sha256"]
 
 
+def test_setup_is_the_one_asked_for(ref, kernel):
+    """The CPU setups are what they are named: no mitigations; retpolines
+    with return thunks; call-depth tracking."""
+    caps, f = ref.manifest["caps"], kernel.line.features
+
+    def has(name: str) -> bool:
+        return bool(caps[f[name] // 32] >> (f[name] % 32) & 1)
+    setup = ref.manifest["setup"]
+    if "mitigations=off" in setup["cmdline"]:
+        assert not has("retpoline") and not has("rethunk")
+        assert ref.manifest["return_thunk_sym"] == "__x86_return_thunk"
+    elif "retbleed=stuff" in setup["cmdline"]:
+        assert has("call_depth") and has("rethunk")
+        assert ref.manifest["return_thunk_sym"] == "call_depth_return_thunk"
+    else:
+        assert has("retpoline") and has("rethunk")
+        assert ref.manifest["return_thunk_sym"] != "__x86_return_thunk"
+
+
 def test_function_tracer_calls_the_trampoline_then_nops(ref, kernel, texts):
     sites = fentry_sites(kernel)
     on = ref.step("ftrace-function-on")
@@ -150,10 +169,19 @@ def test_function_tracer_calls_the_trampoline_then_nops(ref, kernel, texts):
         said = int(re.search(r"tramp: (0x[0-9a-f]+)", enabled[fn]).group(1), 16)
         assert target == said
         assert at(kernel, texts["ftrace-function-off"], a, 5) == NOP5, fn
-    # the tracer's own call sites in ftrace_caller/ftrace_regs_caller changed and came back
+    # the tracer's call sites in ftrace_caller/ftrace_regs_caller call the
+    # tracer while on, and ftrace_stub again once off (with call-depth
+    # tracking the boot aimed them at ftrace_stub's accounting thunk, in the
+    # padding before it; the kernel's update aims at ftrace_stub itself)
+    stub = kernel.sym("ftrace_stub")
     for sym in ("ftrace_call", "ftrace_regs_call"):
         a = kernel.sym(sym)
-        assert at(kernel, texts["ftrace-function-off"], a, 5) == at(kernel, texts["boot"], a, 5)
+        assert call_target(at(kernel, texts["ftrace-function-on"], a, 5), a) == \
+            kernel.sym("function_trace_call")
+        for step in ("boot", "ftrace-function-off"):
+            t = call_target(at(kernel, texts[step], a, 5), a)
+            assert t is not None and stub - 16 <= t <= stub, (sym, step, hex(t or 0))
+        assert call_target(at(kernel, texts["ftrace-function-off"], a, 5), a) == stub
 
 
 def test_function_graph_calls_its_own_trampoline(ref, kernel, texts):
@@ -267,10 +295,24 @@ def test_modules_text_is_saved_while_loaded(ref, kernel, texts):
         rm = ref.step(f"rmmod-{name}")
         assert name not in rm["allocated"]["modules"]
         assert not any(r["name"].startswith(f"{name} ") for r in rm["regions"])
-    # insmod/rmmod leave the core kernel's executable text alone
-    for s in kernel.executable_sections():
-        if s.name == ".init.text":
-            continue
-        lo, hi = s.addr - kernel.text_start, s.end - kernel.text_start
-        first = texts[f"insmod-{DEFAULT_MODULES[0][0]}"][lo:hi]
-        assert texts[f"rmmod-{DEFAULT_MODULES[0][0]}"][lo:hi] == first, s.name
+    # rmmod leaves the core kernel's executable text alone; insmod too, but
+    # for call-depth tracking's accounting thunks, written into the NOP
+    # padding before the kernel functions the module calls
+    caps, f = ref.manifest["caps"], kernel.line.features
+    depth = bool(caps[f["call_depth"] // 32] >> (f["call_depth"] % 32) & 1)
+    names = [st["name"] for st in ref.steps]
+    first = names.index(f"insmod-{DEFAULT_MODULES[0][0]}")
+    for prev, name in zip(names[first - 1:], names[first:]):
+        for s in kernel.executable_sections():
+            if s.name == ".init.text":
+                continue
+            lo, hi = s.addr - kernel.text_start, s.end - kernel.text_start
+            x, y = texts[prev][lo:hi], texts[name][lo:hi]
+            if name.startswith("rmmod-") or not depth:
+                assert x == y, (name, s.name)
+                continue
+            changed = [i for i in range(0, len(x), 4096) if x[i:i + 4096] != y[i:i + 4096]]
+            for blk in changed:
+                for i in range(blk, min(blk + 4096, len(x))):
+                    if x[i] != y[i]:
+                        assert x[i] == 0x90, (name, hex(s.addr + i), kernel.describe(s.addr + i))

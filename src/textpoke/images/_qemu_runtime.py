@@ -137,7 +137,7 @@ KRETPROBE_FUNCTION = "do_sys_openat2"
 #: "no mitigations", "retpolines + return thunks", "call-depth tracking"
 RUNTIME_SETUPS: tuple[Setup, ...] = (
     Setup("qemu64", "mitigations=off"),
-    Setup("Skylake-Client-v4", "spectre_v2=retpoline,lfence"),
+    Setup("EPYC"),              # retpolines, return thunk (srso_return_thunk), untrain_ret
     Setup("Skylake-Client-v4", "retbleed=stuff"),
 )
 #: /dev/kmsg is rate-limited by default: the script's lines must all arrive
@@ -726,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
                         "or a release")
     p.add_argument("--setup", action="append", choices=["nomit", "retpoline", "calldepth", "all"],
                    help="CPU setup(s): nomit = qemu64 mitigations=off (default), retpoline = "
-                        "Skylake-Client-v4 spectre_v2=retpoline,lfence, calldepth = "
+                        "EPYC (retpolines and return thunks), calldepth = "
                         "Skylake-Client-v4 retbleed=stuff; repeat, or 'all'")
     p.add_argument("--cpu", help="a setup of your own: QEMU CPU model (with --cmdline)")
     p.add_argument("--cmdline", default="", help="with --cpu: added kernel command line")
