@@ -392,6 +392,25 @@ PY = "/usr/bin/python3"
 
 @live
 @pytest.mark.skipif(not os.path.exists(PY), reason="no /usr/bin/python3")
+def test_an_ifunc_is_refused_with_the_reason():
+    """libc's memcpy is an IFUNC: its symbol is the resolver, not what the
+    calls reach; counting it would print 0, so it is refused, saying why."""
+    from textpoke.live._entry import entry_sites
+    from textpoke.live._symbols import Symbols
+    p = subprocess.Popen([PY, "-c", "import sys; print('up', flush=True); sys.stdin.read()"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "up"
+        with Symbols(p.pid) as s:
+            ok, refused = entry_sites(s, "libc.so.6:memcpy")
+        assert not ok and refused[0].reason == "ifunc" and "resolver" in refused[0].why
+    finally:
+        p.kill()
+        p.wait()
+
+
+@live
+@pytest.mark.skipif(not os.path.exists(PY), reason="no /usr/bin/python3")
 def test_python3_cold_part_into_an_entry_is_refused():
     """PyOS_strtol's cold part (unnamed: .dynsym only) jumps back to
     PyOS_strtol+1 after skipping a space: moving its entry would break it."""

@@ -51,6 +51,8 @@ ENTRY_REASONS = dict(REASONS, **{
     "patched": "the text differs from the file (already patched: a JMP or CALL of a "
                "killed 'live count'? see 'live sites --check')",
     "fentry": "it has an fentry site (patched there instead)",
+    "ifunc": "an IFUNC symbol: its address is the resolver, run once when the program "
+             "loads; the calls go to the implementation it picked, which has its own name",
 })
 
 
@@ -132,6 +134,10 @@ def entry_sites(syms: Symbols, pattern: str | None = None, *,
             if s.addr in skip:
                 refused.append(Refusal(s.name, s.addr, mod.short, "fentry",
                                        ENTRY_REASONS["fentry"]))
+                continue
+            if getattr(s, "ifunc", False):
+                refused.append(Refusal(s.name, s.addr, mod.short, "ifunc",
+                                       ENTRY_REASONS["ifunc"]))
                 continue
             try:
                 plan = _plan(s, mod, starts, read)

@@ -62,6 +62,7 @@ class Symbol:
     size: int
     module: "Module" = field(compare=False, repr=False)
     func: bool = True
+    ifunc: bool = field(default=False, compare=False)   # STT_GNU_IFUNC: the resolver
 
     @property
     def end(self) -> int:
@@ -128,7 +129,8 @@ class Module:
                     sec, (STT_FUNC, STT_GNU_IFUNC, STT_OBJECT)):
                 addr = value + self.bias
                 if (name, addr) not in syms:
-                    syms[(name, addr)] = Symbol(name, addr, ssize, self, typ != STT_OBJECT)
+                    syms[(name, addr)] = Symbol(name, addr, ssize, self, typ != STT_OBJECT,
+                                                typ == STT_GNU_IFUNC)
         self._symbols = sorted(syms.values(), key=lambda s: (s.addr, not s.func, s.name))
         for s in self._symbols:
             prev = self._by_name.get(s.name)
