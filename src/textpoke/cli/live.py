@@ -14,6 +14,8 @@ Subcommands (each takes ``--pid``; those that patch take ``--strategy``):
           funccount, with stubs injected into the process (no trap per hit):
           fentry sites, and any other function's entry through a trampoline
   recover undo what a patcher killed with SIGKILL left (from its journal)
+  probe   a kprobe on SYMBOL[+OFF] (the kernel's client, as uprobes are):
+          one trace line per hit with fetch-args (%di, +8(%sp), $arg2 ...)
 
 On SIGINT/SIGTERM the batch in flight is finished or rolled back, the
 process is detached and keeps running, and the exit status is 130 (143).
@@ -171,6 +173,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "to stay (said why).")
     _common(r, False)
     r.set_defaults(live_run=_recover, strategy="int3")
+
+    pr = sub.add_parser("probe", help="a kprobe on a function of the process: one line per hit",
+                        formatter_class=HelpFormatter,
+                        description="Put a kprobe on SYMBOL[+OFF] (lib:SYMBOL for one module) "
+                                    "through the kernel's kprobes client, as uprobes do: an INT3 "
+                                    "at the probe point, the probed instruction emulated or run "
+                                    "out of line (boosted: a JMP back, one trap per hit); each "
+                                    "hit prints a trace_pipe-like line 'comm-tid [cpu] timestamp: "
+                                    "p_SYMBOL_OFF: (SYMBOL+OFF) name=value ...'.  FETCHARGs in "
+                                    "kprobe_events syntax: [NAME=]%REG (%di, %rsi, %ax, %sp, %ip, "
+                                    "%flags, %r8..%r15), @ADDR, @SYM[+OFF], $stack, $stackN, $argN "
+                                    "(at a function's entry), $comm, \\IMM, +|-OFF(FETCHARG); "
+                                    "each with an optional :TYPE (x64 default; u8..u64, s8..s64, "
+                                    "x8..x64, string, symbol).  A FETCHARG starting with '-' goes "
+                                    "after '--'.  Ends after --duration, --max-hits, or Ctrl-C: the "
+                                    "original byte is put back and the process runs on.")
+    _common(pr, True)
+    pr.add_argument("point", metavar="SYMBOL[+OFF]",
+                    help="the probe point: symbol, symbol+off (an instruction boundary), "
+                         "lib:symbol[+off]")
+    pr.add_argument("fetchargs", nargs="*", metavar="FETCHARG", help="values to print per hit")
+    pr.add_argument("--duration", type=_duration, default=None, metavar="S",
+                    help=f"seconds to probe, 0..{DURATION_MAX:g} (default: until Ctrl-C)")
+    pr.add_argument("--max-hits", type=int_in(Bounds(1, 10**12)), default=None, metavar="N",
+                    help="stop after N hits")
+    pr.set_defaults(live_run=_probe)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -522,3 +550,106 @@ def _print_count(res, args: argparse.Namespace) -> None:
         out.print_plain(f"not counted: {len(res.skipped)} function(s) ("
                         + ", ".join(f"{k} {n}" for k, n in sorted(by.items(), key=lambda kv: -kv[1]))
                         + f"); first: {res.skipped[0]['function']}: {res.skipped[0]['why']}")
+
+
+# --- live probe ------------------------------------------------------------------
+#: hit records kept for --json (the count goes on beyond)
+PROBE_JSON_EVENTS = 100_000
+
+
+def _probe(args: argparse.Namespace) -> int:
+    import time
+    from ..live._probe import FetchArgError, LiveProbe, alive
+    try:
+        lp = LiveProbe(args.pid, args.point, args.fetchargs)
+    except FetchArgError as e:
+        raise UsageError(str(e)) from None
+    interrupted: BaseException | None = None
+    events: list[dict] = []
+    how = ""
+    err: str | None = None
+    nhit = 0
+    emit = None
+    cap = args.max_hits
+    t0 = time.monotonic()
+    try:
+        lp.arm(strategy=args.strategy)
+        how = lp.how()
+        # said once the INT3 is in and every thread synced: tools (and the
+        # tests) wait for this line, not for the byte in the target
+        print(f"textpoke live probe: {lp.event} at {lp.symbol}+{lp.offset:#x} ({lp.addr:#x}, "
+              f"{how}); " + (f"for {args.duration:g} s" if args.duration is not None
+                             else "Ctrl-C ends"), file=sys.stderr, flush=True)
+        end = None if args.duration is None else time.monotonic() + args.duration
+
+        def emit(hits) -> None:
+            nonlocal nhit
+            for h in hits:
+                if cap is not None and nhit >= cap:
+                    break
+                if args.json:
+                    if len(events) < PROBE_JSON_EVENTS:
+                        events.append({"comm": h.comm, "tid": h.tid, "cpu": h.cpu,
+                                       "timestamp": round(h.ts, 6),
+                                       "args": {a.name: v for a, v in zip(lp.args, h.values)}})
+                    nhit += 1
+                    if nhit == 1:       # stdout holds the JSON only: say it on stderr
+                        print(f"textpoke live probe: first hit (thread {h.tid})",
+                              file=sys.stderr, flush=True)
+                else:
+                    nhit += 1
+                    out.print_plain(lp.line(h))
+
+        def enough() -> bool:
+            return (cap is not None and lp.nhit >= cap) or (end is not None and
+                                                            time.monotonic() >= end)
+        while True:
+            slice_end = time.monotonic() + 0.02
+            lp.pump(lambda: len(lp.hits) >= 64 or time.monotonic() >= slice_end or enough())
+            emit(lp.take())
+            if enough() or not lp.machine.threads or not alive(args.pid):
+                break
+    except (KeyboardInterrupt, Terminated) as e:
+        interrupted = e
+    except Exception as e:
+        from .._errors import TextPokeError
+        if not isinstance(e, TextPokeError):
+            raise
+        err = f"{type(e).__name__}: {e}"
+    finally:
+        try:
+            left = lp.close()
+        except Exception as e:          # the process went away under us
+            left = {"int3_left": lp.int3_left(), "regions_kept": [],
+                    "close_error": f"{type(e).__name__}: {e}"}
+    reporting()
+    if emit is not None:
+        emit(lp.take())             # hits the handler saw before the end
+    gone = not alive(args.pid)
+    if err is not None and not gone and lp.probe is None:
+        # refused before anything stayed written (a kprobe rule): one line, exit 2
+        raise UsageError(err.split(": ", 1)[1])
+    doc = {"pid": args.pid, "event": lp.event, "symbol": lp.symbol, "offset": lp.offset,
+           "addr": f"{lp.addr:#x}", "how": how, "fetchargs": [a.name + "=" + a.text
+                                                              for a in lp.args],
+           "hits": nhit, "seconds": round(time.monotonic() - t0, 3), "strategy": args.strategy,
+           "target_alive": not gone, "interrupted": interrupted is not None,
+           "int3_left": left["int3_left"] if not gone else 0, "regions_kept": left["regions_kept"]}
+    if gone:
+        doc["int3_left_reason"] = "the process has exited: no text left to hold an INT3"
+    if err is not None:
+        doc["error"] = err
+    if "close_error" in left:
+        doc["close_error"] = left["close_error"]
+    if args.json:
+        doc["events"] = events
+        doc["events_dropped"] = max(0, nhit - len(events))
+        out.emit_json(doc)
+    else:
+        print(f"textpoke live probe: {nhit} hit(s) of {lp.event}; probe point restored: "
+              + ("yes" if doc["int3_left"] == 0 else "NO")
+              + ("" if not gone else "; the process exited") + (f"; {err}" if err else ""),
+              file=sys.stderr)
+    if interrupted is not None:
+        return exit_status(interrupted)
+    return 0 if doc["int3_left"] == 0 and err is None else 1

@@ -68,10 +68,12 @@ class _Regions:
         self.regions_kept: list[str] = []
 
     # ------------------------------------------------------------- EXECMEM, DATA
-    def execmem_range(self, size: int = 64 << 10, name: str = "execmem") -> TextRange:
+    def execmem_range(self, size: int = 64 << 10, name: str = "execmem", *,
+                      near: "tuple[int, int] | None" = None) -> TextRange:
         """``Capability.EXECMEM``: a non-core text range of at least *size*
-        bytes (mapped now, r-x, within rel32 reach of the main executable);
-        the same *name* again returns the same range."""
+        bytes (mapped now, r-x, within rel32 reach of the main executable,
+        or of every address in *near* = (lowest, highest): a shared
+        library's code); the same *name* again returns the same range."""
         self._check_open()
         have = self._regions.get(name)
         if have is not None:
@@ -79,7 +81,7 @@ class _Regions:
             if kind != "execmem" or r.code_size < size:
                 raise MachineError(f"region {name!r} is already mapped ({kind}, {r.code_size} bytes)")
         else:
-            r = self._map_region("execmem", name, size, 0, None)
+            r = self._map_region("execmem", name, size, 0, None, near=near)
         # the region itself (the mapping may have been merged with a neighbour)
         return TextRange(r.base, r.base + r.code_size, f"[execmem:{name}]", core=False)
 
@@ -98,11 +100,12 @@ class _Regions:
             raise MachineError(f"region {name!r} is already mapped ({kind} at {r.base:#x})")
         return self._map_region("data", name, 0, size, addr).base
 
-    def _map_region(self, kind: str, name: str, code: int, data: int, addr: int | None) -> Region:
+    def _map_region(self, kind: str, name: str, code: int, data: int, addr: int | None, *,
+                    near: "tuple[int, int] | None" = None) -> Region:
         self._check_write()
         self._check_tracer()
-        lo = self._ranges[0].start
-        near = (lo, self._ranges[0].end)
+        if near is None:
+            near = (self._ranges[0].start, self._ranges[0].end)
         maps = read_maps(self.pid)
         if addr is not None:
             if addr % PAGE_SIZE:

@@ -80,10 +80,28 @@ class _Traps:
                         return
                     self._resume(t)
                     return
+        elif any(h.priority > TrapPriority.TEXT_POKE for h in self._trap_order) \
+                and self._client_int3(tid, site):
+            # an INT3 a client wrote among larger text (a kprobe slot's
+            # second INT3): offered to the chain; unclaimed, it is the
+            # process's own
+            if self._run_chain(t, regs, site):
+                return
         if t.want_hold:
             t.hold_sig = signal.SIGTRAP
             return
         self._resume(t, signal.SIGTRAP)    # not ours: the process gets it unchanged
+
+    def _client_int3(self, tid: int, site: int) -> bool:
+        """Whether the SIGTRAP of *tid* is an INT3 at *site* (0xcc there,
+        the kernel's SI_KERNEL) in text of ours (injected execmem)."""
+        try:
+            if P.getsiginfo(tid).si_code != P.SI_KERNEL:
+                return False
+            r = self.text_range_of(site, 1)
+            return not r.core and self.text_read(site, 1)[0] == _INT3
+        except Exception:
+            return False
 
     def _run_chain(self, t: _Thread, regs: P.UserRegs, site: int) -> bool:
         park = self.trap_policy == "park"

@@ -1,0 +1,449 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""``live probe``: kprobes on a running process, as uprobes are -- through
+the very client the sim uses (:class:`textpoke._kprobes.Kprobes`, made by
+:class:`textpoke.kernel.Kernel` over a :class:`LiveMachine`).
+
+Nothing of kprobes is copied here.  This module only
+
+* describes the process to the client as a kernel image would: the probed
+  function's symbol and size (:class:`ProcessImage`) and empty patching
+  tables (a process has no ``__jump_table`` or static calls; its fentry
+  NOP, if any, is an ordinary instruction to kprobes, copied out of line
+  like any other);
+* gives the client executable memory within rel32 reach of the probed
+  module (``execmem_range(near=...)``: a slot's RIP-relative operand and
+  its boosted JMP back must reach), asked of the machine's ``EXECMEM``
+  capability;
+* parses fetch-args in the kernel's ``kprobe_events`` syntax (a subset,
+  :func:`parse_fetchargs`) and evaluates them in the pre-handler, on the
+  registers and memory the trap shows;
+* pumps the machine while the window is open (a thread that hits the
+  INT3 stops in the tracer until it is serviced) and formats one
+  trace_pipe-like line per hit.
+
+The client does the rest as on the sim: the INT3 at the probe point, its
+handler on the machine's trap chain (``Machine.walk_trap_chain``), the
+probed instruction emulated (CALL/JMP/Jcc/RET...) or run out of line from
+a slot -- boosted (a JMP back, one trap per hit) where the kernel's
+non-preemptible build would boost, else followed by a second INT3 -- and,
+at close, the original byte back, every thread seen outside the slot
+(``QUIESCE``) before the slot is freed.  The live machine's own rules hold:
+SIGINT/SIGTERM surface between protocol steps, a thread parked or stopped
+is resumed at an instruction boundary, and no INT3 is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .._core._machine import Capability, WaitUntil
+from .._errors import TextPokeError
+from ..images._tables import KernelTables
+
+__all__ = ["FetchArg", "FetchArgError", "parse_fetchargs", "ProcessImage", "LiveProbe", "Hit"]
+
+_M64 = (1 << 64) - 1
+
+
+class FetchArgError(TextPokeError, ValueError):
+    """A fetch-arg that does not parse (one line, exit 2 in the CLI)."""
+
+
+# ------------------------------------------------------------------ fetch-args
+#: the kernel's x86 register names (``%di``) and the full ones (``%rdi``)
+_REGS = {"ax": "rax", "bx": "rbx", "cx": "rcx", "dx": "rdx", "si": "rsi", "di": "rdi",
+         "bp": "rbp", "sp": "rsp", "ip": "rip", "flags": "eflags",
+         **{f"r{i}": f"r{i}" for i in range(8, 16)}}
+_REGS.update({v: v for v in list(_REGS.values())})
+_REGS.update({"eflags": "eflags", "rflags": "eflags"})
+#: SysV x86-64: the first six integer arguments
+_ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+_TYPES = {f"{k}{n}": (k, n) for k in "usx" for n in (8, 16, 32, 64)}
+_TYPES.update({"string": ("string", 0), "ustring": ("string", 0), "symbol": ("symbol", 64)})
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DEREF = re.compile(r"^([+-])(u?)(0x[0-9a-fA-F]+|\d+)\((.*)\)$")
+_MEMSYM = re.compile(r"^@([A-Za-z_.$][\w.$]*(?::[A-Za-z_.$][\w.$]*)?)([+-](?:0x[0-9a-fA-F]+|\d+))?$")
+STRING_MAX = 256
+
+
+@dataclass
+class FetchArg:
+    """One ``[NAME=]FETCHARG[:TYPE]``: *fetch* computes the value from
+    (regs, memory, symbol resolver)."""
+
+    name: str
+    text: str
+    kind: str                # u / s / x / string / symbol
+    bits: int
+    fetch: Callable[[Any], int] = field(repr=False)
+    needs_entry: bool = False
+
+
+def _num(t: str) -> int:
+    return int(t, 0)
+
+
+def _compile(expr: str, spec: str, resolve: Callable[[str], int] | None) -> tuple[Callable, bool]:
+    """The value of a FETCHARG (without NAME= and :TYPE), as a function of
+    the hit's registers."""
+    if expr.startswith("%"):
+        r = _REGS.get(expr[1:].lower())
+        if r is None:
+            raise FetchArgError(f"fetch-arg {spec!r}: unknown register {expr!r} (x86-64: %ax %bx "
+                                "%cx %dx %si %di %bp %sp %ip %flags %r8..%r15, or %rdi ...)")
+        if r == "rip":
+            return (lambda h: h.ip), False
+        if r == "rsp":
+            return (lambda h: h.sp), False
+        if r == "eflags":
+            return (lambda h: h.flags), False
+        return (lambda h: h.gprs.get(r, 0)), False
+    if expr == "$stack":
+        return (lambda h: h.sp), False
+    m = re.fullmatch(r"\$stack(\d+)", expr)
+    if m:
+        n = int(m.group(1))
+        return (lambda h: _read_word(h, h.sp + 8 * n)), False
+    m = re.fullmatch(r"\$arg(\d+)", expr)
+    if m:
+        n = int(m.group(1))
+        if not 1 <= n <= 32:
+            raise FetchArgError(f"fetch-arg {spec!r}: $argN needs 1 <= N <= 32")
+        if n <= 6:
+            r = _ARG_REGS[n - 1]
+            return (lambda h: h.gprs.get(r, 0)), True
+        # at the entry the return address is at sp; the 7th argument above it
+        return (lambda h: _read_word(h, h.sp + 8 * (n - 6))), True
+    if expr in ("$comm", "$COMM"):
+        return (lambda h: 0), False           # printed from the thread's name
+    if expr.startswith("$"):
+        raise FetchArgError(f"fetch-arg {spec!r}: unknown variable {expr!r} (known: $stack, "
+                            "$stackN, $argN, $comm; $retval needs a return probe)")
+    if expr.startswith("\\"):
+        try:
+            v = _num(expr[1:])
+        except ValueError:
+            raise FetchArgError(f"fetch-arg {spec!r}: bad immediate {expr!r}") from None
+        return (lambda h: v & _M64), False
+    if expr.startswith("@"):
+        try:
+            a = _num(expr[1:])
+            return (lambda h: _read_word(h, a)), False
+        except ValueError:
+            pass
+        m = _MEMSYM.match(expr)
+        if not m:
+            raise FetchArgError(f"fetch-arg {spec!r}: bad memory reference {expr!r} "
+                                "(@ADDR or @SYM[+|-OFF])")
+        if resolve is None:
+            raise FetchArgError(f"fetch-arg {spec!r}: no symbols to resolve {m.group(1)!r}")
+        try:
+            a = resolve(m.group(1)) + (_num(m.group(2)) if m.group(2) else 0)
+        except (TextPokeError, ValueError) as e:
+            raise FetchArgError(f"fetch-arg {spec!r}: {e}") from None
+        return (lambda h: _read_word(h, a)), False
+    m = _DEREF.match(expr)
+    if m:
+        off = _num(m.group(3)) * (-1 if m.group(1) == "-" else 1)
+        inner, entry = _compile(m.group(4), spec, resolve)
+        return (lambda h: _read_word(h, (inner(h) + off) & _M64)), entry
+    raise FetchArgError(f"fetch-arg {spec!r}: cannot parse {expr!r} (want %REG, @ADDR, @SYM[+OFF], "
+                        "$stackN, $stack, $argN, $comm, \\IMM or +|-OFF(FETCHARG))")
+
+
+def _read_word(h, addr: int) -> int:
+    return struct.unpack("<Q", h.mem.read(addr & _M64, 8))[0]
+
+
+def parse_fetchargs(specs: list[str], resolve: Callable[[str], int] | None = None) -> list[FetchArg]:
+    """``[NAME=]FETCHARG[:TYPE]`` each, as ``kprobe_events`` takes them:
+    unnamed ones are ``arg1``, ``arg2``... by position; the default type
+    is ``x64`` (hex).  FetchArgError, one line, on the first bad one."""
+    out: list[FetchArg] = []
+    seen: set[str] = set()
+    for i, spec in enumerate(specs, 1):
+        s = spec.strip()
+        name = f"arg{i}"
+        m = re.match(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", s)
+        if m:
+            name, s = m.group(1), m.group(2)
+        elif "=" in s.split("(")[0]:
+            raise FetchArgError(f"fetch-arg {spec!r}: bad name (want a C identifier before '=')")
+        if not s:
+            raise FetchArgError(f"fetch-arg {spec!r}: nothing to fetch")
+        kind, bits = "x", 64
+        tm = re.search(r":(\w+)$", s)
+        if tm and (tm.group(1) in _TYPES or not s.startswith("@")):
+            head, _, typ = s.rpartition(":")
+            if typ not in _TYPES:
+                raise FetchArgError(f"fetch-arg {spec!r}: unknown type {typ!r} (u8..u64, s8..s64, "
+                                    "x8..x64, string, symbol)")
+            kind, bits = _TYPES[typ]
+            s = head
+        if name in seen:
+            raise FetchArgError(f"fetch-arg {spec!r}: the name {name!r} is used twice")
+        if name in ("common_pid", "common_type", "common_flags", "common_preempt_count"):
+            raise FetchArgError(f"fetch-arg {spec!r}: {name!r} is reserved")
+        seen.add(name)
+        fetch, entry = _compile(s, spec, resolve)
+        if s in ("$comm", "$COMM"):
+            kind = "comm"
+        out.append(FetchArg(name, s, kind, bits, fetch, entry))
+    return out
+
+
+def format_value(a: FetchArg, h, value: int, comm: str, symbolize: Callable[[int], str]) -> str:
+    if a.kind == "comm":
+        return f'"{comm}"'
+    if a.kind == "string":
+        try:
+            raw = h.mem.read(value & _M64, STRING_MAX)
+            txt = raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+            return '"' + txt.replace('"', '\\"') + '"'
+        except Exception:
+            return "(fault)"
+    if a.kind == "symbol":
+        return symbolize(value)
+    v = value & ((1 << a.bits) - 1)
+    if a.kind == "x":
+        return f"{v:#x}"
+    if a.kind == "s" and v >> (a.bits - 1):
+        v -= 1 << a.bits
+    return str(v)
+
+
+# ------------------------------------------------------------------ the image
+class ProcessImage:
+    """What the kprobes client reads of an image, for a process: the symbols
+    (with sizes) of the functions probed, and empty tables."""
+
+    def __init__(self, path: str, functions: dict[str, tuple[int, int]]) -> None:
+        self.path = path
+        self.symbols = {n: a for n, (a, _s) in functions.items()}
+        self.sizes = {n: s for n, (_a, s) in functions.items()}
+
+    def sym(self, name: str) -> int:
+        return self.symbols[name]
+
+    def tables(self, text: tuple[int, int]) -> KernelTables:
+        return KernelTables(path=self.path, text=text, replacement=(0, 0))
+
+
+# ------------------------------------------------------------------ probing
+@dataclass
+class Hit:
+    tid: int
+    cpu: int
+    ts: float
+    values: list[str]
+    comm: str
+
+
+class LiveProbe:
+    """One kprobe on process *pid* at *spec* (``[lib:]symbol[+off]``) with
+    *fetchargs*; ``arm()``, ``pump(until)`` to service hits, ``close()``.
+
+    Hits are formatted in the pre-handler (while the thread is stopped:
+    its memory is what the function sees) and queued on :attr:`hits`."""
+
+    def __init__(self, pid: int, spec: str, fetchargs: list[str]) -> None:
+        from ._symbols import Symbols, check_boundary, parse_address
+        self.pid = pid
+        self.spec = spec
+        self.syms = Symbols(pid)
+        self.machine = None
+        self.kernel = None
+        self.core = None
+        self.probe = None
+        self.hits: list[Hit] = []
+        self.nhit = 0
+        self._comm: dict[int, str] = {}
+        try:
+            lib, name, off = parse_address(spec)
+            if name is None:
+                raise FetchArgError(f"probe point {spec!r}: give a symbol (SYMBOL[+OFF] or "
+                                    "lib:SYMBOL[+OFF]), not a number")
+            s = self.syms.lookup(name, lib)
+            if not s.func or s.size <= 0:
+                raise FetchArgError(f"probe point {spec!r}: {s.name} is not a function with a size")
+            if off:
+                check_boundary(s, off)
+            self.symbol, self.offset, self.addr, self.size = s.name, off, s.addr + off, s.size
+            self.module = s.module
+            self.event = f"p_{s.name}_{off}"
+            self.args = parse_fetchargs(fetchargs, self.syms.resolve)
+            if off and any(a.needs_entry for a in self.args):
+                raise FetchArgError(f"$argN is only for a probe on a function's entry "
+                                    f"({s.name}, not {s.name}+{off:#x})")
+        except BaseException:
+            self.syms.close()
+            raise
+
+    # ------------------------------------------------------------ lifetime
+    def arm(self, *, strategy: str = "int3") -> None:
+        """Attach, map execmem near the module, register the kprobe through
+        the kernel's client.  On any error everything is undone."""
+        from .._core import TextPoke
+        from ..kernel import Kernel
+        from ._machine import LiveMachine
+        self.machine = m = LiveMachine(self.pid, strategy=strategy)
+        try:
+            m.require(Capability.EXECMEM, "kprobes")
+            m.require(Capability.QUIESCE, "kprobes")
+            ranges = self.module.executable_ranges()
+            lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+            from .._kprobes._core import KPROBES_EXECMEM
+            rng = m.execmem_range(KPROBES_EXECMEM // 4, "kprobes",
+                                  near=(min(lo, self.addr), max(hi, self.addr + 1)))
+            self.core = TextPoke(m)
+            image = ProcessImage(self.module.path, {self.symbol: (self.addr - self.offset,
+                                                                  self.size)})
+            self.kernel = Kernel(self.core, image, tables=image.tables((lo, hi)),
+                                 config={"PREEMPTION": False, "KPROBES_ON_FTRACE": False},
+                                 execmem={"kprobes": (rng.start, rng.end)})
+            kp = self.kernel.kprobes
+            # the symbol as given: a process has no __mcount_loc, so offset 0
+            # is the function's first byte (the fentry NOP, if any)
+            self.probe = kp.register_kprobe(self.symbol if not self.offset
+                                            else f"{self.symbol}+{self.offset:#x}",
+                                            pre_handler=self._pre)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def boosted(self) -> bool | None:
+        kp = self.kernel.kprobes if self.kernel is not None else None
+        if kp is None or self.probe is None:
+            return None
+        site = kp._sites.get(self.addr)
+        return None if site is None else (site.emulate is None and site.boosted)
+
+    def how(self) -> str:
+        kp = self.kernel.kprobes
+        site = kp._sites.get(self.addr)
+        if site is None:
+            return "gone"
+        if site.emulate is not None:
+            return f"emulated ({site.insn.text})"
+        return ("boosted" if site.boosted else "single-stepped out of line") + \
+            f" ({site.insn.text})"
+
+    def close(self) -> dict:
+        """Unregister (the original byte back, the slot freed once no thread
+        is in it), detach.  Returns what is left: ``int3_left`` read back
+        from the process (0 or 1), ``regions_kept``."""
+        left = {"int3_left": 0, "regions_kept": []}
+        try:
+            if self.kernel is not None:
+                self.kernel.close()
+            if self.core is not None:
+                self.core.close()
+        finally:
+            self.kernel = self.core = None
+            if self.machine is not None:
+                m, self.machine = self.machine, None
+                try:
+                    m.close()
+                finally:
+                    left["regions_kept"] = list(m.regions_kept)
+            self.syms.close()
+        left["int3_left"] = self.int3_left()
+        return left
+
+    def int3_left(self) -> int | None:
+        """0 or 1: whether the probe point reads INT3 now (None: the process
+        is gone, nothing to read)."""
+        try:
+            with open(f"/proc/{self.pid}/mem", "rb", buffering=0) as f:
+                f.seek(self.addr)
+                return int(f.read(1) == b"\xcc")
+        except OSError:
+            return None
+
+    # ------------------------------------------------------------ hits
+    def _thread_comm(self, tid: int) -> str:
+        c = self._comm.get(tid)
+        if c is None:
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/comm") as f:
+                    c = f.read().strip()
+            except OSError:
+                c = "<...>"
+            self._comm[tid] = c
+        return c
+
+    def _cpu(self, tid: int) -> int:
+        try:
+            with open(f"/proc/{self.pid}/task/{tid}/stat", "rb") as f:
+                st = f.read()
+            return int(st[st.rindex(b")") + 2:].split()[36])
+        except (OSError, ValueError, IndexError):
+            return -1
+
+    def _pre(self, p, regs) -> bool:
+        ts = time.clock_gettime(time.CLOCK_MONOTONIC)
+        self.nhit += 1
+        tid = regs.cpu
+        comm = self._thread_comm(tid)
+        # the registers as the probed instruction sees them: ip is the probe
+        # point (the trap leaves it after the INT3)
+        vals = []
+        for a in self.args:
+            try:
+                v = a.fetch(_AtProbe(regs, self.addr))
+                vals.append(format_value(a, regs, v, comm, self._symbolize))
+            except (OSError, TextPokeError, struct.error):
+                vals.append("(fault)")
+        self.hits.append(Hit(tid, self._cpu(tid), ts, vals, comm))
+        return False
+
+    def _symbolize(self, v: int) -> str:
+        try:
+            return self.syms.symbolize(v & _M64)
+        except Exception:
+            return f"{v & _M64:#x}"
+
+    def line(self, h: Hit) -> str:
+        args = "".join(f" {a.name}={v}" for a, v in zip(self.args, h.values))
+        return (f"{h.comm:>16}-{h.tid:<7} [{h.cpu:03d}] {h.ts:.6f}: {self.event}: "
+                f"({self.symbol}+{self.offset:#x}){args}")
+
+    def pump(self, until: Callable[[], bool]) -> None:
+        """Service the process's stops (hits among them) until *until()*."""
+        m = self.machine
+
+        def task():
+            yield WaitUntil(lambda: until() or not m.threads, "probe hits")
+        m.run_task(task())
+
+    def take(self) -> list[Hit]:
+        out, self.hits = self.hits, []
+        return out
+
+
+class _AtProbe:
+    """The registers of a hit with ``ip`` at the probe point."""
+
+    __slots__ = ("ip", "sp", "flags", "gprs", "mem")
+
+    def __init__(self, regs, addr: int) -> None:
+        self.ip, self.sp, self.flags, self.gprs, self.mem = addr, regs.sp, regs.flags, regs.gprs, regs.mem
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            st = f.read()
+        return st[st.rindex(b")") + 2:][:1] not in (b"Z", b"X")
+    except OSError:
+        return False
+
+
+__all__ += ["alive", "format_value"]
+_ = os
