@@ -1,0 +1,246 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The cost of a kprobe hit on a live process (``textpoke live probe``),
+next to a bpftrace uprobe on the same function, in the same run.
+
+    python bench/bench_live_probe.py [--repeat R] [--quick] [--json] [--no-bpftrace]
+
+Every run starts a fresh copy of a small C program (built with gcc) that,
+for each number N it reads on stdin, calls ``probed(i, 0x1234, 0xabcdef)``
+N times in a loop and prints the loop's own time (CLOCK_MONOTONIC, ns).
+Per run, in this order:
+
+* **plain**: the loop without any probe (N = 1,000,000 calls);
+* **textpoke**: a kprobe on ``probed`` through :class:`LiveProbe` (the
+  kprobes client over a LiveMachine, as ``live probe`` uses it), fetching
+  ``%di`` and formatting the hit as ``live probe`` does (thread name, CPU,
+  the value), while the loop runs N = 2,000 calls (--quick: 500); the
+  tracer services the stops until the program prints its time;
+* **bpftrace**: ``uprobe:EXE:probed { printf("%lx\\n", arg0) }`` on the same
+  program (a per-hit line with one argument, as ours), and the same with
+  ``@n = count()`` (the bare uprobe), N = 10,000 calls (--quick: 2,000);
+  the loop starts once bpftrace's BEGIN probe printed (every probe
+  attached).  Needs root and tracefs (mount -t tracefs nodev
+  /sys/kernel/tracing).
+
+ns per hit = (loop ns with the probe / N) - (plain loop ns / N), per run.
+Also the probe's attach-to-detach time (arm + close) inside the library,
+and what the user sees: ``textpoke live probe --duration 0`` from process
+start to exit.
+Figures: median (min-max) of --repeat >= 5 runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import _stats                                                          # noqa: E402
+
+TARGET_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+volatile long sink;
+__attribute__((noinline)) long probed(long a, long b, long c)
+{
+	sink += a ^ b;
+	return a + b + c;
+}
+int main(void)
+{
+	char line[64];
+	printf("ready\n");
+	fflush(stdout);
+	while (fgets(line, sizeof line, stdin)) {
+		long n = atol(line);
+		struct timespec t0, t1;
+		clock_gettime(CLOCK_MONOTONIC, &t0);
+		for (long i = 0; i < n; i++)
+			probed(i, 0x1234, 0xabcdef);
+		clock_gettime(CLOCK_MONOTONIC, &t1);
+		printf("%ld\n", (t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec));
+		fflush(stdout);
+	}
+	return 0;
+}
+"""
+
+PLAIN_N = 1_000_000
+
+
+def build(d: Path) -> Path:
+    (d / "t.c").write_text(TARGET_C)
+    subprocess.run(["gcc", "-O1", "-o", str(d / "t"), str(d / "t.c")], check=True)
+    return d / "t"
+
+
+class Target:
+    def __init__(self, exe: Path) -> None:
+        self.p = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True, bufsize=1)
+        assert self.p.stdout.readline().strip() == "ready"
+        self.pid = self.p.pid
+
+    def start(self, n: int) -> None:
+        self.p.stdin.write(f"{n}\n")
+        self.p.stdin.flush()
+
+    def ready(self) -> bool:
+        return bool(select.select([self.p.stdout], [], [], 0)[0])
+
+    def result(self) -> int:
+        return int(self.p.stdout.readline())
+
+    def loop(self, n: int) -> int:
+        self.start(n)
+        return self.result()
+
+    def close(self) -> None:
+        self.p.stdin.close()
+        self.p.wait(timeout=30)
+        self.p.stdout.close()
+
+
+def ours(t: Target, n: int) -> tuple[float, float, int]:
+    """(loop ns, attach-to-detach s, hits) with our kprobe."""
+    from textpoke.live._probe import LiveProbe
+    t0 = time.perf_counter()
+    lp = LiveProbe(t.pid, "probed", ["%di"])
+    try:
+        lp.arm()
+        arm = time.perf_counter() - t0
+        t.start(n)
+        while not t.ready():
+            lp.pump(lambda: len(lp.hits) >= 256 or t.ready())
+            lp.take()
+    finally:
+        t1 = time.perf_counter()
+        left = lp.close()
+        close = time.perf_counter() - t1
+    assert left["int3_left"] == 0, left
+    ns = t.result()
+    assert lp.nhit == n, (lp.nhit, n)
+    return ns, arm + close, lp.nhit
+
+
+def cli(t: Target) -> float:
+    """``textpoke live probe --duration 0``: process start to exit (attach,
+    arm, disarm, detach, the import of the package)."""
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "textpoke", "live", "probe", "--pid", str(t.pid),
+                        "probed", "%di", "--duration", "0", "--json"], capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+    dt = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr
+    return dt
+
+
+def bpftrace(t: Target, exe: Path, n: int, action: str) -> float:
+    # BEGIN runs once every probe is attached ("Attaching N probes..." is
+    # printed before): the loop starts after its line
+    bt = subprocess.Popen(["bpftrace", "-e", f'BEGIN {{ printf("go\\n"); }} '
+                           f'uprobe:{exe}:probed {{ {action} }}'],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = bt.stdout.readline()
+        if line.startswith("Attaching"):
+            line = bt.stdout.readline()
+        if line.strip() != "go":
+            raise RuntimeError(f"bpftrace did not attach: {line!r}")
+        # drain its per-hit lines while the loop runs (a full pipe would
+        # stall bpftrace, not the probe)
+        import threading
+        got = [0]
+
+        def drain() -> None:
+            for _ in bt.stdout:
+                got[0] += 1
+        th = threading.Thread(target=drain, daemon=True)
+        th.start()
+        ns = t.loop(n)
+    finally:
+        bt.send_signal(2)
+        bt.wait(timeout=60)
+    th.join(timeout=30)
+    return ns
+
+
+def run(args: argparse.Namespace) -> dict:
+    n_ours = 500 if args.quick else 2_000
+    n_bt = 2_000 if args.quick else 10_000
+    use_bt = not args.no_bpftrace and shutil.which("bpftrace") is not None and os.geteuid() == 0
+    with tempfile.TemporaryDirectory(prefix="bench-live-probe-") as d:
+        exe = build(Path(d))
+        s = {k: _stats.Series(k, u) for k, u in (("plain", "ns/call"), ("textpoke", "ns/hit"),
+                                                 ("bpftrace", "ns/hit"),
+                                                 ("bpftrace_count", "ns/hit"),
+                                                 ("attach", "s"), ("cli", "s"))}
+        for r in range(args.repeat + 1):          # the first run is a warm-up
+            t = Target(exe)
+            try:
+                plain = t.loop(PLAIN_N) / PLAIN_N
+                ns, att, _ = ours(t, n_ours)
+                vals = {"plain": plain, "textpoke": ns / n_ours - plain, "attach": att,
+                        "cli": cli(t)}
+                if use_bt:
+                    vals["bpftrace"] = bpftrace(t, exe, n_bt, 'printf("%lx\\n", arg0);') \
+                        / n_bt - plain
+                    vals["bpftrace_count"] = bpftrace(t, exe, n_bt, "@n = count();") / n_bt - plain
+                assert t.p.poll() is None
+            finally:
+                t.close()
+            for k, v in vals.items():
+                (s[k].warmup if r == 0 else s[k].samples).append(v)
+            print(f"run {r}{' (warm-up)' if r == 0 else ''}: "
+                  + ", ".join(f"{k} {v:,.1f}" for k, v in vals.items()), file=sys.stderr)
+    if not use_bt:
+        del s["bpftrace"], s["bpftrace_count"]
+    return {"series": s, "n": {"plain": PLAIN_N, "textpoke": n_ours, "bpftrace": n_bt},
+            "bpftrace": use_bt}
+
+
+def report(res: dict) -> str:
+    s = res["series"]
+    rows = [["a call, no probe (ns)", _stats.fmt_range(s["plain"], 2)],
+            [f"textpoke live probe hit, +ns (N={res['n']['textpoke']:,})",
+             _stats.fmt_range(s["textpoke"], 0)]]
+    if "bpftrace" in s:
+        rows.append([f"bpftrace uprobe hit (printf arg0), +ns (N={res['n']['bpftrace']:,})",
+                     _stats.fmt_range(s["bpftrace"], 0)])
+        rows.append([f"bpftrace uprobe hit (@n = count()), +ns (N={res['n']['bpftrace']:,})",
+                     _stats.fmt_range(s["bpftrace_count"], 0)])
+        rows.append(["ratio textpoke / bpftrace printf (medians)",
+                     f"{s['textpoke'].median / s['bpftrace'].median:,.1f}x"])
+    else:
+        rows.append(["bpftrace", "not run (absent, not root, or --no-bpftrace)"])
+    rows.append(["textpoke probe arm + close, in the library (s)",
+                 _stats.fmt_range(s["attach"], 3)])
+    rows.append(["textpoke live probe --duration 0, process start to exit (s)",
+                 _stats.fmt_range(s["cli"], 3)])
+    return _stats.table(["figure", "median (min-max, n)"], rows)
+
+
+def to_json(res: dict) -> dict:
+    return {"n": res["n"], "bpftrace": res["bpftrace"],
+            "series": {k: v.as_dict() for k, v in res["series"].items()}}
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--no-bpftrace", action="store_true", help="skip the bpftrace baseline")
+
+
+if __name__ == "__main__":
+    if shutil.which("gcc") is None:
+        sys.exit("bench_live_probe: needs gcc")
+    sys.exit(_stats.script_main(None, __doc__, "live_probe", run, report, to_json, add_args))
