@@ -309,10 +309,10 @@ def test_the_clients_equal_the_kernels_own_run_time_text(manifest):
                                                        if r[0] == ".text"], changes=[])
         assert diff_sections(live, text(name)) == {".text": 0}, name
         for r in steps[name]["regions"]:
-            mine = [x for x in ok.machine.regions if x.start == r["addr"]]
-            if mine:
-                got = ok.machine.region_bytes(mine[0])[:r["size"]]
-                assert got == (ref / r["file"]).read_bytes()[:len(got)], (name, r["kind"])
+            mine = [x for x in ok.machine.regions if x.start <= r["addr"] < x.end]
+            if mine and (r["kind"] == "module" or mine[0].start == r["addr"]):
+                got = ok.machine.text_read(r["addr"], r["size"])
+                assert got == (ref / r["file"]).read_bytes()[:len(got)], (name, r["name"])
 
     on = steps["ftrace-function-on"]["allocated"]["ftrace_trampolines"]
     with session(index[index.index("ftrace-function-on") - 1],
@@ -350,6 +350,30 @@ def test_the_clients_equal_the_kernels_own_run_time_text(manifest):
                   ExecRegion(0xFFFFFFFFC1000000, 4096, "kprobes")]) as ok:
         ok.kernel.kprobes.register_kretprobe(m["probes"]["kretprobe"])
         check(ok, "kretprobe-on")
+
+    # modules of the image's own package, each section where the kernel put it
+    from textpoke._jump_label import UnknownKeyError
+    loaded = []
+    for mname in m.get("modules", {}):
+        step = f"insmod-{mname}"
+        if step not in steps:
+            continue
+        at = steps[step]["allocated"]["modules"][mname]
+        base = min(a for a in at.values()) & ~0xFFF
+        with session(index[index.index(step) - 1],
+                     [ExecRegion(base, 1024 * 4096, "modules")]) as ok:
+            try:
+                ok.kernel.modules.load((ref / m["modules"][mname]["file"]).read_bytes(),
+                                       mname, at=at)
+            except UnknownKeyError as e:
+                # a module defining keys of its own (kyber's tracepoints):
+                # not supported by the loader yet (README)
+                assert "not a static key of the kernel" in str(e)
+                continue
+            check(ok, step)
+            assert [r for r in steps[step]["regions"] if r["kind"] == "module"]
+            loaded.append(mname)
+    assert "bfq" in loaded or "bfq" not in m.get("modules", {})
 
     with session(index[index.index("schedstats-on") - 1]) as ok:
         ok.kernel.keys.static_key_enable("sched_schedstats")

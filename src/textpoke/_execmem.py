@@ -56,6 +56,20 @@ class ExecMem:
                 return lo
         raise ExecMemError(f"execmem: no {size} bytes free in [{self.start:#x}, {self.end:#x})")
 
+    def alloc_at(self, addr: int, size: int) -> int:
+        """Take ``[addr, addr + size)`` -- where another allocator (a real
+        kernel's, read from a reference) put something -- if it is free."""
+        if size <= 0:
+            raise ValueError("size must be positive")
+        size = -(-size // self.align) * self.align
+        for i, (lo, hi) in enumerate(self._free):
+            if lo <= addr and addr + size <= hi:
+                self._free[i:i + 1] = [r for r in ((lo, addr), (addr + size, hi)) if r[0] < r[1]]
+                self.used[addr] = size
+                return addr
+        raise ExecMemError(f"execmem: [{addr:#x}, +{size:#x}) is not free in "
+                           f"[{self.start:#x}, {self.end:#x})")
+
     def free(self, addr: int, *, invalidate: bool = True) -> None:
         size = self.used.get(addr)
         if size is None:

@@ -265,12 +265,12 @@ class ModuleLoader:
         self.loads = self.unloads = 0
 
     # ------------------------------------------------------------ memory
-    def _data_alloc(self, size: int, *, at: int | None = None, **kw: int) -> int:
+    def _data_alloc(self, size: int, *, at: int | None = None) -> int:
         if at is not None:
             # data where a real kernel put it: outside our data range
             self.machine.require(Capability.DATA, "module data")
             self._placed_data = getattr(self, "_placed_data", {})
-            self._placed_data[at] = kw["size"]
+            self._placed_data[at] = size
             return at
         if self._data_mem is None:
             if not self.machine.has(Capability.DATA):
@@ -343,7 +343,7 @@ class ModuleLoader:
         dalloc = 0
         try:
             if at is not None:
-                dalloc = self._data_alloc(0, at=dbase, size=dsize) if dsize else 0
+                dalloc = self._data_alloc(dsize, at=dbase) if dsize else 0
             else:
                 dalloc = self._data_alloc(dsize + dalign)
                 tbase, dbase = _align(talloc, talign), _align(dalloc, dalign)
@@ -509,10 +509,26 @@ class ModuleLoader:
         sizes.update(mod.sizes)
         sym = Symbols(syms, sizes)
         shadow = _ModuleShadow(self.core, (tbase, text), (mod.data, data))
+        line = getattr(self.image, "line", None)
+        if line is not None:
+            shadow.line = line          # a real kernel's feature numbering and rules
         dbg = DebugLog(0)
         done = {}
+        rt = getattr(self, "return_thunk", None)
+        if rt:
+            # the boot's x86_return_thunk (a real kernel's: call_depth_,
+            # srso_, its_return_thunk...), not the default one
+            from ._alternative._kpasses import BootOptions
+            from ._alternative._thunks import returns, shadow_pass
+
+            def ret_pass(shadow, sites, feats, sym, dbg):
+                return shadow_pass(lambda tb, addrs, caps, log: returns(
+                    tb, addrs, caps, BootOptions(return_thunk=rt), log),
+                    shadow, [x.addr for x in sites], feats, sym, dbg)
+        else:
+            ret_pass = returns_pass
         for label, fn, items in ((".retpoline_sites", retpolines_pass, retp),
-                                 (".return_sites", returns_pass, rets),
+                                 (".return_sites", ret_pass, rets),
                                  (".altinstructions", alt_instructions_pass, alts)):
             recs = fn(shadow, items, self.feats, sym, dbg) if items else []
             patched = [(r.instr, r.final) if label == ".altinstructions" else (r.addr, r.new)
@@ -522,8 +538,12 @@ class ModuleLoader:
             mod.patched.extend(patched)
         calls = read(".call_sites", s32_sites, RetpolineSite, ".call_sites")
         if (calls or alts) and getattr(self.calls, "thunks_initialized", False):
+            # only calls from, and thunks for, the module's core text: its
+            # init text is freed after init (within_coretext)
+            init = [(addr[i], addr[i] + x.size) for i, x in enumerate(secs)
+                    if i in addr and x.name.startswith(".init")]
             done[".call_sites"] = self._callthunks(mod, text, [c.addr for c in calls] +
-                                                   [a.instr for a in alts])
+                                                   [a.instr for a in alts], init)
         seal = read(".ibt_endbr_seal", s32_sites, RetpolineSite, ".ibt_endbr_seal")
         if seal and self.ibt:
             # the boot's own .ibt_endbr_seal pass, on the staging copy
@@ -533,6 +553,21 @@ class ModuleLoader:
             sealed = [(r.addr, r.new) for r in recs if r.action == "patched"]
             done[".ibt_endbr_seal"] = len(sealed)
             mod.patched.extend(sealed)
+        # alternatives_smp_module_add: after a uniprocessor boot the
+        # module's LOCK prefixes in its .text become DS, as the kernel's did
+        if getattr(self, "uniproc", False):
+            locks = read(".smp_locks", s32_sites, RetpolineSite, ".smp_locks")
+            ts = addr.get(next((i for i, x in enumerate(secs) if x.name == ".text"), -1))
+            if locks and ts is not None:
+                tn = secs[[x.name for x in secs].index(".text")].size
+                n = 0
+                for e in locks:
+                    o = e.addr - mod.text
+                    if ts <= e.addr < ts + tn and text[o] == 0xF0:
+                        text[o] = 0x3E
+                        mod.patched.append((e.addr, b"\x3e"))
+                        n += 1
+                done[".smp_locks"] = n
         # ftrace_module_init: every fentry call of the module becomes NOP5
         # (the kernel's records are made then; here only the bytes)
         mc = read("__mcount_loc", mcount_sites)
@@ -587,7 +622,8 @@ class ModuleLoader:
                     pairs[lo + i + t] = lo + i + 4 + k
         return pairs.get(addr, addr)
 
-    def _callthunks(self, mod: Module, text: bytearray, sites: list[int]) -> int:
+    def _callthunks(self, mod: Module, text: bytearray, sites: list[int],
+                    init: "list[tuple[int, int]]" = ()) -> int:
         """``callthunks_patch_module_calls`` on the staged text: returns the
         calls re-aimed at a thunk."""
         calls = self.calls
@@ -598,7 +634,7 @@ class ModuleLoader:
         size = th.size
         n = 0
         for addr in sites:
-            if not tbase <= addr < tend:
+            if not tbase <= addr < tend or any(lo <= addr < hi for lo, hi in init):
                 continue                        # not this module's core text
             o = addr - tbase
             if text[o] != 0xE8:
@@ -606,6 +642,8 @@ class ModuleLoader:
             dest = addr + 5 + int.from_bytes(text[o + 1:o + 5], "little", signed=True)
             if th.skip_addr(dest):
                 continue
+            if any(lo <= dest < hi for lo, hi in init):
+                continue                        # its init text: not core text
             if tbase <= dest < tend:
                 # a function of this module: its padding is in the staging copy
                 pad = dest - size

@@ -35,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_image_arguments(p, ("modules",))
     p.add_argument("--load", metavar="FILE.ko", type=input_file(64 << 20),
                    help="with --image: load this module of the image's package (.ko or .ko.xz)")
+    p.add_argument("--module-sections", metavar="FILE.json", type=input_file(1 << 20),
+                   help="with --image --load: where the kernel put each section (a JSON object "
+                        "name -> address, as /sys/module/NAME/sections or the run-time "
+                        "reference's manifest lists them) instead of our own layout")
 
 
 def run_image(args: argparse.Namespace) -> int:
@@ -56,8 +60,17 @@ def run_image(args: argparse.Namespace) -> int:
                 raw = lzma.decompress(raw)
             except lzma.LZMAError as e:
                 raise UsageError(f"--load: {path}: not xz data ({e})") from None
+        at = None
+        if args.module_sections:
+            import json
+            try:
+                at = {str(k): int(v, 0) if isinstance(v, str) else int(v)
+                      for k, v in json.loads(Path(args.module_sections).read_text()).items()}
+            except (ValueError, TypeError, AttributeError) as e:
+                raise UsageError(f"--module-sections: not a JSON object of section -> "
+                                 f"address: {e}") from None
         try:
-            mod = ok.kernel.modules.load(raw, name)
+            mod = ok.kernel.modules.load(raw, name, at=at)
         except NotSupportedError as e:
             raise UsageError(f"{e}: give --module-base ADDR") from None
         except TextPokeError as e:
@@ -80,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "image", None):
         return run_image(args)
     refuse_image_only(args, ("modules",))
-    if args.load:
-        raise UsageError("--load applies to a real kernel image: give --image too")
+    if args.load or args.module_sections:
+        raise UsageError("--load/--module-sections apply to a real kernel image: give --image "
+                         "too")
     from ..sim._clients_demo import ClientMachine
     from ..sim._module_selftest import module_selftest
 

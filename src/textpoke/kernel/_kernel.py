@@ -212,9 +212,16 @@ class Kernel:
         # module data where it was given (a real kernel's module area)
         data = self.execmem_at.get("module_data")
         extra = {"data_base": data[0], "data_size": data[1] - data[0]} if data else {}
-        return ModuleLoader(self.core, self.image, self.keys, self.calls,
-                            features=self.features, execmem=self.execmem,
-                            ibt=self.config["X86_KERNEL_IBT"], **extra)
+        # a real kernel's boot gives its features as its line's numbers
+        feats = getattr(self.boot, "feature_numbers", None) or self.features
+        ml = ModuleLoader(self.core, self.image, self.keys, self.calls,
+                          features=feats, execmem=self.execmem,
+                          ibt=self.config["X86_KERNEL_IBT"], **extra)
+        # a uniprocessor boot patched LOCK to DS: modules get the same
+        ml.uniproc = bool(getattr(self.boot, "uniproc", False))
+        if isinstance(self.rethunk, (str, int)) and not isinstance(self.rethunk, bool):
+            ml.return_thunk = self.rethunk      # the boot's x86_return_thunk
+        return ml
 
     @cached_property
     def bpf(self) -> BpfJit:

@@ -265,6 +265,8 @@ class OfflineImage:
         self.path = image.path
         self.symbols = image.symbols
         self.version = getattr(image, "version", "")
+        #: the kernel line (feature numbering, table layouts) a module follows
+        self.line = getattr(image, "line", None)
         syms = image.symbols
         addrs, names = getattr(syms, "addrs", None), getattr(syms, "names", None)
         types = getattr(syms, "types", "")
@@ -455,6 +457,15 @@ class _BootView:
         self.caps = caps
         self.result = res
         self.smp = None
+        #: the boot patched the SMP locks for one CPU (LOCK -> DS)
+        self.uniproc = bool(getattr(res, "uniproc", False))
+
+    @property
+    def feature_numbers(self) -> tuple:
+        """The CPU's features as bit numbers of the image's kernel line
+        (what a module's .altinstructions test)."""
+        bits = self.caps.bits
+        return tuple(n for n in range(bits.bit_length()) if bits >> n & 1)
 
     @property
     def features(self) -> tuple:
