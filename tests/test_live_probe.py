@@ -245,3 +245,25 @@ def test_debian_python3(point, fetch):
         p.kill()
         p.wait()
         p.stdout.close()
+
+
+def test_sigkill_of_the_prober_leaves_the_target_alive(target):
+    """SIGKILL cannot be caught: the probe's INT3 was guarded and journaled
+    before it was written, so the thread that reaches it waits at the site
+    (instead of dying of SIGTRAP) until 'live recover' puts the byte back;
+    the target then runs on (a new probe sees its calls)."""
+    p = subprocess.Popen([sys.executable, "-m", "textpoke", "live", "probe", "--pid",
+                          str(target.pid), "probed", "%di", "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stderr.readline().startswith("textpoke live probe: p_probed_0")
+    assert p.stderr.readline().startswith("textpoke live probe: first hit")
+    p.kill()
+    p.communicate(timeout=60)
+    assert target.alive() and target.read(target.probed, 1) == b"\xcc"
+    r = tp("recover", "--pid", str(target.pid), "--json")
+    assert r.returncode in (0, 1), r.stderr            # 1: the slot's region is kept mapped
+    doc = json.loads(r.stdout)
+    assert doc["int3_restored"] == 1 and doc["guard_removed"]
+    assert target.alive() and target.read(target.probed) == NOP5
+    r = tp("probe", "--pid", str(target.pid), "probed", "%di", "--max-hits", "2")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 2, r.stderr

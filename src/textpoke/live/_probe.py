@@ -307,6 +307,10 @@ class LiveProbe:
                                  config={"PREEMPTION": False, "KPROBES_ON_FTRACE": False},
                                  execmem={"kprobes": (rng.start, rng.end)})
             kp = self.kernel.kprobes
+            # the INT3 stands in the text while the threads run: guarded and
+            # journaled first, so a SIGKILL of this patcher leaves a thread on
+            # it waiting at the site for 'live recover' instead of dying
+            m.guard_int3_sites([self.addr])
             # the symbol as given: a process has no __mcount_loc, so offset 0
             # is the function's first byte (the fentry NOP, if any)
             self.probe = kp.register_kprobe(self.symbol if not self.offset

@@ -33,20 +33,7 @@ class _Survival:
         in_batch = getattr(self.owner, "_inflight", None) is not None
         int3s = [a for a, d in writes if len(d) == 1 and d[0] == _INT3] if in_batch else []
         if int3s:
-            if self._guard is None:
-                self._guard_install()
-            sites = j.data["sites"]
-            for a in [a for a in sites if self.text_read(int(a), 1)[0] != _INT3]:
-                del sites[a]                   # whole again: an earlier batch's
-            olds = {}
-            for a in int3s:
-                b = self.text_read(a, 1)
-                if b[0] != _INT3:
-                    olds[a] = b
-            if olds:
-                self._mem.write(self._guard["base"] + G.CODE_SIZE + G.COUNT_OFF,
-                                G.table_bytes(set(int3s) | {int(a) for a in sites}))
-                j.sites_int3(olds)
+            self._journal_int3s(int3s)
             return
         sites = j.data["sites"]
         if sites:
@@ -55,6 +42,34 @@ class _Survival:
                      and self.text_read(a - 1, 1)[0] == _INT3]
             if tails:
                 j.sites_tails(tails)
+
+    def guard_int3_sites(self, addrs: Sequence[int]) -> None:
+        """Before a client writes INT3s that stand in the text while the
+        threads run (kprobes): the guard in the target and the old bytes in
+        the journal, as for a batch's INT3s -- so a SIGKILL of the patcher
+        leaves a thread on one waiting at the site (``live recover`` puts
+        the byte back) instead of dying of SIGTRAP."""
+        self._check_open()
+        if self.journal is not None and addrs:
+            with self._signals_deferred():
+                self._journal_int3s(list(addrs))
+
+    def _journal_int3s(self, int3s: list[int]) -> None:
+        j = self.journal
+        if self._guard is None:
+            self._guard_install()
+        sites = j.data["sites"]
+        for a in [a for a in sites if self.text_read(int(a), 1)[0] != _INT3]:
+            del sites[a]                   # whole again: an earlier batch's
+        olds = {}
+        for a in int3s:
+            b = self.text_read(a, 1)
+            if b[0] != _INT3:
+                olds[a] = b
+        if olds:
+            self._mem.write(self._guard["base"] + G.CODE_SIZE + G.COUNT_OFF,
+                            G.table_bytes(set(int3s) | {int(a) for a in sites}))
+            j.sites_int3(olds)
 
     def _guard_install(self) -> None:
         lo = self._ranges[0].start
