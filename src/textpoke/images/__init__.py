@@ -2,7 +2,6 @@
 """Guest images: sources, the committed builds, and the loader."""
 
 import functools
-from importlib import resources
 from pathlib import Path
 
 from ._elf import ElfImage, ElfSection, ImageError, load_elf
@@ -12,7 +11,7 @@ __all__ = ["ElfImage", "ElfSection", "ImageError", "load_elf", "image_path", "lo
 
 def image_path(name: str) -> Path:
     """Path of a bundled, prebuilt image (e.g. ``"workload.elf"``)."""
-    return Path(str(resources.files(__name__).joinpath(name)))
+    return Path(__file__).resolve().parent / name     # a plain directory: no importlib.resources
 
 
 @functools.cache

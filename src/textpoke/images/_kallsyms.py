@@ -45,6 +45,7 @@ the markers and the addresses come out in ascending order.
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 import struct
 from array import array
@@ -692,7 +693,7 @@ def _entries_of(text: str, n: int, markers: tuple[int, ...]) -> list[str]:
     its length), checked against ``kallsyms_markers``."""
     # one regex pass when every length fits one byte (of the alternatives,
     # only the one whose length byte matches is tried past its first char)
-    ents = _ENTRY_RE.findall(text)
+    ents = _entry_re().findall(text)
     if len(ents) == n and sum(map(len, ents)) == len(text):
         starts = [0, *accumulate(map(len, ents[:n - 1]))][::256]
         if tuple(starts) != markers:
@@ -720,7 +721,11 @@ def _entries_of(text: str, n: int, markers: tuple[int, ...]) -> list[str]:
     return ents
 
 
-_ENTRY_RE = re.compile("(?s)" + "|".join(re.escape(chr(k)) + ".{%d}" % k for k in range(1, 128)))
+@functools.cache
+def _entry_re() -> re.Pattern:
+    """One length-prefixed kallsyms name (compiled on first use: 127
+    alternatives take tens of ms, which every command would pay at import)."""
+    return re.compile("(?s)" + "|".join(re.escape(chr(k)) + ".{%d}" % k for k in range(1, 128)))
 _BODY = itemgetter(slice(1, None))
 _FIRST = itemgetter(0)
 

@@ -111,8 +111,9 @@ def switch_sites(machine, writes: Sequence[tuple[int, bytes]],
     :class:`EntrySite` among the sites switched to their JMP, whose tails
     are written only once no thread is inside (:func:`quiescent_tails`)."""
     from .._core import TextPoke
-    from ._entry import quiescent_tails
     core = TextPoke(machine)
+    if entries:      # the relocator and its decoder only when entries are switched
+        from ._entry import quiescent_tails
     try:
         with quiescent_tails(machine, entries) if entries else contextlib.nullcontext():
             with core.batch():

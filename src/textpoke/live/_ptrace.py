@@ -15,7 +15,6 @@ ESRCH / EPERM to the typed errors of :mod:`textpoke.live`).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 __all__ = ["UserRegs", "SigInfo", "ptrace", "seize", "interrupt", "cont", "listen", "detach",
@@ -57,7 +56,10 @@ CLD_EXITED, CLD_KILLED, CLD_DUMPED, CLD_TRAPPED, CLD_STOPPED, CLD_CONTINUED = ra
 SI_USER = 0
 SI_KERNEL = 0x80
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The live machine is x86-64 Linux with glibc, whose C library is always
+# libc.so.6; ctypes.util.find_library would run ``ldconfig -p`` in a child
+# process on every command just to say so.
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _ptrace = _libc.ptrace
 _ptrace.restype = ctypes.c_long
 _ptrace.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p)
