@@ -290,6 +290,8 @@ def test_the_clients_equal_the_kernels_own_run_time_text(manifest):
     cfg = read_config(d / "config")
     steps = {s["name"]: s for s in m["steps"]}
     index = [s["name"] for s in m["steps"]]
+    if any(not (ref / s["text"]["file"]).is_file() for s in m["steps"]):
+        pytest.skip(f"{ref.name}: incomplete (being retaken?)")
 
     def text(name: str) -> bytes:
         f = ref / steps[name]["text"]["file"]
