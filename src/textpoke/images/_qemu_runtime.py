@@ -25,9 +25,19 @@ guest memory): at each stop it checks the stop is the script's (RIP, and
 ``init_uts_ns``'s nodename is ``rt-<index>``), saves guest-physical
 ``_text.._end`` (QMP ``pmemsave``, as the boot reference does) and every
 run-time region by its virtual address (QMP ``memsave``), then lets the
-guest go on.  ``rt-fail`` (a command of the script failed) ends the run
-with a :class:`~textpoke.images._qemu.ReferenceError` carrying the
-console's tail.
+guest go on (a stop whose host name is still the previous step's -- the
+single step over the breakpoint did not leave it -- is let go on).
+``rt-fail`` (a command of the script failed) ends the run with a
+:class:`~textpoke.images._qemu.ReferenceError` carrying the console's tail.
+
+A step changes more than its command names, as the kernel does: starting
+the function tracer or enabling a kprobe event also turns on the
+``sched_switch``/``sched_wakeup`` tracepoints the comm cache uses (their
+static calls ``__SCT__tp_func_*`` and static-key sites in ``__schedule``,
+``try_to_wake_up``...), and ``ftrace_call``/``ftrace_regs_call`` change
+with the tracer; with call-depth tracking, ``insmod`` writes accounting
+thunks into the core kernel's NOP padding.  The text is the kernel's, all
+of it: compare the executable sections.
 
 Manifest (``manifest.json`` in the reference directory; format 1)
 ================================================================
@@ -55,7 +65,9 @@ sha256 of its (uncompressed) bytes, so identical dumps are stored once::
    "serial": the console (its last MiB),
    "steps": [
      {"index": 0, "name": "boot",
-      "did": ["shell command", ...]      -- what the script ran for this step,
+      "did": ["shell command", ...]      -- what the script ran for this step
+                                          ("wait_optimized": poll kprobes/list every
+                                          0.1 s until a probe is [OPTIMIZED]),
       "seconds": QEMU start -> this stop,
       "text": {"addr": _text, "size": _end - _text, "file": "text-<sha16>.bin.zst"
                (zstd), "sha256": sha256 of the uncompressed dump -- all of _text.._end,
