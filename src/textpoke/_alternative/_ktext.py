@@ -15,7 +15,6 @@ run time before ``alternative_instructions()``.
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
@@ -204,7 +203,7 @@ class KernelText:
     data: bytes | bytearray | None = None
     record: bool = False
     changes: list[Change] = field(default_factory=list)
-    _sorted: tuple[list[int], list[str]] | None = None
+    _sorted: Symbols | None = None      # a plain mapping's symbolizer, made once
     line: KernelLine = LINE_612         # the kernel line: layouts, passes, rules
 
     # ------------------------------------------------------------- access
@@ -261,17 +260,13 @@ class KernelText:
 
     # ------------------------------------------------------------ symbols
     def describe(self, addr: int) -> str:
-        if isinstance(self.symbols, Symbols):
-            # a real image's table: named as the kernel names it (%pS)
-            return self.symbols.describe(addr, lo=self.base)
-        if self._sorted is None:
-            items = sorted((a, n) for n, a in self.symbols.items()
-                           if self.base <= a < self.base + len(self.buf))
-            self._sorted = ([a for a, _ in items], [n for _, n in items])
-        addrs, names = self._sorted
-        i = bisect.bisect_right(addrs, addr) - 1
-        if i < 0:
-            return f"{addr:#x}"
-        j = bisect.bisect_left(addrs, addrs[i])
-        off = addr - addrs[i]
-        return f"{names[j]}+{off:#x}" if off else names[j]
+        """*addr* named as the kernel's ``%pS`` names it, by the one
+        symbolizer (a plain mapping is made into one, once, keeping the
+        names inside this buffer)."""
+        if not isinstance(self.symbols, Symbols):
+            if self._sorted is None:
+                lo, hi = self.base, self.base + len(self.buf)
+                self._sorted = Symbols.from_mapping(self.symbols,
+                                                    keep=lambda n, a: lo <= a < hi)
+            return self._sorted.describe(addr, lo=self.base)
+        return self.symbols.describe(addr, lo=self.base)
