@@ -267,3 +267,16 @@ def test_sigkill_of_the_prober_leaves_the_target_alive(target):
     assert target.alive() and target.read(target.probed) == NOP5
     r = tp("probe", "--pid", str(target.pid), "probed", "%di", "--max-hits", "2")
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 2, r.stderr
+
+
+def test_fetcharg_kinds(target):
+    """The other fetch-arg forms and types, and a leading '-' after '--'."""
+    r = tp("probe", "--pid", str(target.pid), "--max-hits", "1", "probed", "--",
+           "-8(%sp)", "$stack0", "$comm", "sym=+0(%sp):symbol", "b=%si:s16", "lo=%si:u8",
+           "\\-5:s64", "@sink", "k=@t:sink", "ip=%ip")
+    assert r.returncode == 0, r.stderr
+    a = _parse(r.stdout.splitlines()[0])["args"]
+    assert a["arg3"] == '"t"' and a["sym"].startswith("main+")
+    assert a["b"] == str(0x1234) and a["lo"] == str(0x34) and a["arg7"] == "-5"
+    assert a["arg8"] == a["k"] and a["ip"] == hex(target.probed)
+    assert int(a["arg2"], 16) > target.probed       # $stack0: the return address, into main

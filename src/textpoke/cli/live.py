@@ -186,8 +186,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                     "%flags, %r8..%r15), @ADDR, @SYM[+OFF], $stack, $stackN, $argN "
                                     "(at a function's entry), $comm, \\IMM, +|-OFF(FETCHARG); "
                                     "each with an optional :TYPE (x64 default; u8..u64, s8..s64, "
-                                    "x8..x64, string, symbol).  A FETCHARG starting with '-' goes "
-                                    "after '--'.  Ends after --duration, --max-hits, or Ctrl-C: the "
+                                    "x8..x64, string, symbol).  A FETCHARG starting with '-' "
+                                    "(-8(%sp)) goes after '--', every option before it.  Ends after --duration, --max-hits, or Ctrl-C: the "
                                     "original byte is put back and the process runs on.")
     _common(pr, True)
     pr.add_argument("point", metavar="SYMBOL[+OFF]",
