@@ -617,12 +617,14 @@ def _probe(args: argparse.Namespace) -> int:
             raise
         err = f"{type(e).__name__}: {e}"
     finally:
+        # the disarm runs to its end: a signal from now on is only recorded
+        # (and still gives 130/143)
+        reporting()
         try:
             left = lp.close()
         except Exception as e:          # the process went away under us
             left = {"int3_left": lp.int3_left(), "regions_kept": [],
                     "close_error": f"{type(e).__name__}: {e}"}
-    reporting()
     if emit is not None:
         emit(lp.take())             # hits the handler saw before the end
     gone = not alive(args.pid)
@@ -633,7 +635,8 @@ def _probe(args: argparse.Namespace) -> int:
            "addr": f"{lp.addr:#x}", "how": how, "fetchargs": [a.name + "=" + a.text
                                                               for a in lp.args],
            "hits": nhit, "seconds": round(time.monotonic() - t0, 3), "strategy": args.strategy,
-           "target_alive": not gone, "interrupted": interrupted is not None,
+           "target_alive": not gone,
+           "interrupted": interrupted is not None or _arrived() is not None,
            "int3_left": left["int3_left"] if not gone else 0, "regions_kept": left["regions_kept"]}
     if gone:
         doc["int3_left_reason"] = "the process has exited: no text left to hold an INT3"
@@ -652,4 +655,5 @@ def _probe(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if interrupted is not None:
         return exit_status(interrupted)
-    return 0 if doc["int3_left"] == 0 and err is None else 1
+    from ._signals import status_for
+    return status_for(0 if doc["int3_left"] == 0 and err is None else 1)
