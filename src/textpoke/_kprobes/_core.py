@@ -99,6 +99,7 @@ from .._core._insn import (INT3_INSN_OPCODE, JMP32_INSN_OPCODE, Insn, insn_decod
 from .._core._machine import Capability, TrapPriority
 from .._errors import BadInstructionError, TextPokeError
 from .._execmem import ExecMem
+from ..images._kallsyms import Symbols
 from ..images._tables import read_tables
 from ._insn import can_boost, is_exception_insn, prepare_emulation, relocate
 from ._kretprobe import _Kretprobes
@@ -156,6 +157,8 @@ class Kprobes(_Kretprobes, _Optprobes):
         self.auto_optimize = auto_optimize
         self.smp, self.keys, self.calls = smp, keys, calls
         self.functions: dict[str, tuple[int, int]] = {}
+        self._fsyms: Symbols | None = None
+        self._fsyms_n = 0
         if image is not None:
             for n, a in image.symbols.items():
                 sz = image.sizes.get(n, 0)
@@ -259,14 +262,18 @@ class Kprobes(_Kretprobes, _Optprobes):
         """Make generated code (execmem) probe-able by name."""
         self.machine.text_range_of(addr, size)
         self.functions[name] = (addr, size)
+        self._fsyms = None
 
     # ------------------------------------------------------------ lookup
     def function_at(self, addr: int) -> tuple[str, int, int] | None:
-        best = None
-        for n, (a, sz) in self.functions.items():
-            if a <= addr < a + sz and (best is None or a > best[1]):
-                best = (n, a, sz)
-        return best
+        """(name, start, size) of the function covering *addr*, by the one
+        symbolizer over :attr:`functions` (remade when a function is added)."""
+        if self._fsyms is None or self._fsyms_n != len(self.functions):
+            fs = self.functions
+            self._fsyms = Symbols.from_mapping({n: a for n, (a, _) in fs.items()},
+                                               {n: sz for n, (_, sz) in fs.items()})
+            self._fsyms_n = len(fs)
+        return self._fsyms.lookup(addr, covering=True)
 
     def resolve(self, spec: "str | int") -> tuple[str, int, int, int]:
         """``symbol[+off]`` or an address -> (symbol, offset, addr, size of
