@@ -38,7 +38,7 @@ from ._records import (DA_ENDBR, DA_RET, DA_RETPOLINE, AlternativeError, DebugLo
 from ._reloc import nops_pass
 from ._shadow import Shadow, SymbolSource, Symbols, run_pass, symbols_of
 
-__all__ = ["ItsThunks", "retpolines", "returns", "seal_endbr", "cpu_wants_rethunk_at",
+__all__ = ["ItsThunks", "retpolines", "returns", "seal_endbr", "cpu_wants_rethunk_at", "return_thunk_at",
            "apply_retpolines", "apply_returns", "apply_seal_endbr", "retpolines_pass",
            "returns_pass", "shadow_pass"]
 
@@ -194,6 +194,15 @@ def retpolines(tb: TextBuffer, sites: Sequence[int], caps: CpuCaps, opts: BootOp
 def _return_thunk(tb: TextBuffer, opts: BootOptions) -> int:
     rt = opts.return_thunk
     return rt if isinstance(rt, int) else tb.sym(rt)
+
+
+def return_thunk_at(thunk: int | None, its_thunk: int | None, addr: int) -> int | None:
+    """Where a return at *addr* goes at run time when the boot chose
+    *thunk* (None: plain returns): the thunk, except ITS's where bit 5 of
+    the address is set -- the clients' side of :func:`cpu_wants_rethunk_at`."""
+    if thunk is None or (thunk == its_thunk and addr & 0x20):
+        return None
+    return thunk
 
 
 def cpu_wants_rethunk_at(tb: TextBuffer, caps: CpuCaps, opts: BootOptions, addr: int) -> bool:

@@ -80,6 +80,7 @@ from typing import Iterable
 import struct
 
 from .._alternative._reloc import text_poke_apply_relocation
+from .._alternative._thunks import return_thunk_at
 from .._core._insn import CALL_INSN_OPCODE, JMP32_INSN_OPCODE, text_gen_insn, x86_nops
 from .._errors import BadInstructionError, TextPokeError
 from ..images._kallsyms import SymbolMap
@@ -317,14 +318,8 @@ class Ftrace:
 
     # ------------------------------------------------------------ dynamic trampolines
     def _return_thunk_at(self, addr: int) -> int | None:
-        """``cpu_wants_rethunk_at``: the boot's return thunk, except the
-        ITS thunk where a return would sit in the upper half of its line."""
-        thunk = self.return_thunk
-        if thunk is None:
-            return None
-        if thunk == self.symbols.get("its_return_thunk") and addr & 0x20:
-            return None
-        return thunk
+        """``cpu_wants_rethunk_at`` for a return written at *addr*."""
+        return return_thunk_at(self.return_thunk, self.symbols.get("its_return_thunk"), addr)
 
     def _ops_info(self, ops: str, extra: "dict[str, FtraceOps] | None" = None
                   ) -> tuple[int, bool, str]:

@@ -75,6 +75,7 @@ from .._errors import BadInstructionError, TextPokeError
 from .._alternative._callthunks import CallThunks
 from .._alternative._livetext import LiveText
 from .._alternative._shadow import Symbols
+from .._alternative._thunks import return_thunk_at
 from ..images._kallsyms import SymbolMap
 from ..images._tables import StaticCallSite, read_tables
 
@@ -268,14 +269,8 @@ class StaticCalls:
         return self.return_thunk
 
     def _return_thunk_at(self, addr: int) -> int | None:
-        """``cpu_wants_rethunk_at``: with the ITS thunk, only where a
-        return would sit in the lower half of its cache line."""
-        thunk = self.return_thunk
-        if thunk is None:
-            return None
-        if thunk == self.symbols.get("its_return_thunk") and addr & 0x20:
-            return None
-        return thunk
+        """``cpu_wants_rethunk_at`` for a return written at *addr*."""
+        return return_thunk_at(self.return_thunk, self.symbols.get("its_return_thunk"), addr)
 
     def transform(self, addr: int, type_: int, func: int, cur: bytes, *, make: bool = True
                   ) -> tuple[bytes, bytes | None]:
