@@ -74,7 +74,7 @@ elif what == "decode":
     t = T(); decode_kallsyms(elf, lo=ro.offset, hi=ro.offset + ro.size)
     print(json.dumps(T() - t))
 elif what == "map":
-    from textpoke.images._kallsyms import parse_system_map
+    from textpoke.images._system_map import parse_system_map
     raw = open(smap, "rb").read()
     t = T(); parse_system_map(raw, smap); print(json.dumps(T() - t))
 """

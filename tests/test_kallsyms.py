@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 
 from textpoke.images import ImageError
-from textpoke.images._kallsyms import (Symbols, decode_kallsyms, find_kallsyms,
-                                       parse_system_map, symbol_differences, with_prefix)
+from textpoke.images._kallsyms import decode_kallsyms, find_kallsyms
+from textpoke.images._symbols import Symbols, with_prefix
+from textpoke.images._system_map import parse_system_map, symbol_differences
 
 KERNEL_BASE = 0xffffffff81000000
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
-from ..images._kallsyms import Symbols
+from ..images._symbols import Symbols
 from ..images._lines import LINE_612, LINE_BUNDLED, LINES, KernelLine
 from ._code import FastInsn, decode_site
 from ._records import KernelBootError
@@ -191,7 +191,7 @@ class SymbolicText:
 class KernelText:
     """The kernel's memory from *base* (``_text``) on, rewritten in place.
 
-    *symbols* are the image's (a :class:`~textpoke.images._kallsyms.Symbols`,
+    *symbols* are the image's (a :class:`~textpoke.images._symbols.Symbols`,
     or any name -> address mapping); *exec_ranges* the executable sections
     (name, start, end).  *data* is what data reads see (default: the
     buffer itself, i.e. the image's initial data)."""

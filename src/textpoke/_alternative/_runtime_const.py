@@ -13,7 +13,7 @@ and a variable still 0 there has not been initialised yet (its
 
 from __future__ import annotations
 
-from ..images._kallsyms import with_prefix
+from ..images._symbols import with_prefix
 from ..images._tables import s32_table
 from ._kpasses import TableStats
 from ._ktext import KernelText

@@ -12,7 +12,7 @@ from .._errors import BadAddressError, TextPokeError
 from ..images._lines import LINE_BUNDLED, KernelLine
 from ._code import FastInsn, decode_site
 from ._ktext import SymbolicText
-from ..images._kallsyms import Symbols as KernelSymbols
+from ..images._symbols import Symbols as KernelSymbols
 from ..images._tables import X86_FEATURES, feature_name, feature_set   # tables own the numbering
 from ._records import DebugLog, KernelBootError
 
@@ -30,7 +30,7 @@ class SymbolSource(Protocol):
 
 class Symbols:
     """Address -> "function+0xoff" for records and debug lines: the one
-    symbolizer (:class:`~textpoke.images._kallsyms.Symbols`) over an
+    symbolizer (:class:`~textpoke.images._symbols.Symbols`) over an
     image's tables, the enclosing function first, else the nearest label."""
 
     def __init__(self, symbols: Mapping[str, int], sizes: Mapping[str, int]) -> None:

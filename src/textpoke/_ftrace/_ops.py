@@ -83,7 +83,7 @@ from .._alternative._reloc import text_poke_apply_relocation
 from .._alternative._thunks import return_thunk_at
 from .._core._insn import CALL_INSN_OPCODE, JMP32_INSN_OPCODE, text_gen_insn, x86_nops
 from .._errors import BadInstructionError, TextPokeError
-from ..images._kallsyms import SymbolMap
+from ..images._symbols import SymbolMap
 
 __all__ = ["Ftrace", "DynFtrace", "FtraceBugError", "FtraceDisabledError", "FtraceUpdate", "FtraceOps",
            "FtraceTrampoline", "MCOUNT_INSN_SIZE", "LIST_FUNC", "FTRACE_OPS", "RET_SIZE",

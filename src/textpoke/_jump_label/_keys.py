@@ -58,7 +58,7 @@ from typing import Iterable, Mapping
 
 from .._core._insn import JMP8_INSN_OPCODE, JMP32_INSN_OPCODE, text_gen_insn, x86_nops
 from .._errors import BadInstructionError, TextPokeError
-from ..images._kallsyms import SymbolMap
+from ..images._symbols import SymbolMap
 from ..images._tables import JumpEntry, read_tables
 
 __all__ = ["StaticKeys", "StaticKey", "JumpLabelError", "StaticKeyError", "StaticKeyWarning",

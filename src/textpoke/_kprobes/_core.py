@@ -99,7 +99,7 @@ from .._core._insn import (INT3_INSN_OPCODE, JMP32_INSN_OPCODE, Insn, insn_decod
 from .._core._machine import Capability, TrapPriority
 from .._errors import BadInstructionError, TextPokeError
 from .._execmem import ExecMem
-from ..images._kallsyms import Symbols
+from ..images._symbols import Symbols
 from ..images._tables import read_tables
 from ._insn import can_boost, is_exception_insn, prepare_emulation, relocate
 from ._kretprobe import _Kretprobes

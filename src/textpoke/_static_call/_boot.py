@@ -21,7 +21,7 @@ from .._alternative._code import rel32
 from .._alternative._kpasses import CALL, INT3, JMP32, RET, TableStats
 from .._alternative._ktext import KernelBootError, KernelText
 from .._core._insn import x86_nops
-from ..images._kallsyms import with_prefix
+from ..images._symbols import with_prefix
 from ..images._tables import StaticCallSite
 
 __all__ = ["static_call_init", "static_call_sync", "sc_transform"]

@@ -76,7 +76,7 @@ from .._alternative._callthunks import CallThunks
 from .._alternative._livetext import LiveText
 from .._alternative._shadow import Symbols
 from .._alternative._thunks import return_thunk_at
-from ..images._kallsyms import SymbolMap
+from ..images._symbols import SymbolMap
 from ..images._tables import StaticCallSite, read_tables
 
 __all__ = ["StaticCalls", "StaticCall", "StaticCallError", "UnknownCallError",

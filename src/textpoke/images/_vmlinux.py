@@ -35,7 +35,9 @@ from pathlib import Path
 from ._bzimage import SetupHeader, extract_elf, is_bzimage
 from ._elf import (ET_EXEC, SHF_ALLOC, SHF_EXECINSTR, SHF_WRITE, SHT_NOBITS, SHT_SYMTAB, ElfFile,
                    ElfImage, ElfSection, ImageError, Section, Segment)
-from ._kallsyms import Symbols, decode_kallsyms, parse_system_map, symbol_differences
+from ._kallsyms import decode_kallsyms
+from ._symbols import Symbols
+from ._system_map import parse_system_map, symbol_differences
 from ._lines import LINE_612, KernelLine, line_of
 from ._tables import Bounds, check_table
 
@@ -116,7 +118,7 @@ class RealKernelImage(ElfImage):
         return self._named(self.tables, "table", name)
 
     # ------------------------------------------------------------- symbols
-    # ``symbols`` is a :class:`~textpoke.images._kallsyms.Symbols`: these
+    # ``symbols`` is a :class:`~textpoke.images._symbols.Symbols`: these
     # name addresses the way the kernel does (its preferred name first)
     def name_at(self, addr: int) -> str | None:
         """The symbol exactly at *addr*, or None."""

@@ -40,8 +40,8 @@ from typing import Iterable
 from .._core._insn import insn_decode_kernel
 from .._errors import BadAddressError, BadInstructionError, TextPokeError
 from ..images._elf import ET_DYN, ET_EXEC, SHT_NOBITS, ElfFile
-from ..images._kallsyms import Symbols as KernelSymbols
-from ..images._kallsyms import format_symbol
+from ..images._symbols import Symbols as KernelSymbols
+from ..images._symbols import format_symbol
 
 __all__ = ["SymbolError", "Mapping", "Symbol", "Module", "Symbols", "read_maps",
            "parse_address"]

@@ -25,7 +25,7 @@ import bisect
 import weakref
 from typing import Any, Iterable
 
-from ..images._kallsyms import Symbols, format_symbol
+from ..images._symbols import Symbols, format_symbol
 
 __all__ = ["oops_report", "format_oops", "timeline", "format_timeline", "symbolize"]
 
