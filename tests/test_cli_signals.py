@@ -174,3 +174,23 @@ def test_a_signal_while_a_report_is_written_is_not_forgotten_when_work_resumes()
     """)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.stdout.strip() == "raised", (p.stdout, p.stderr)
+
+
+def test_ctrl_c_while_the_handlers_go_in_is_reported_not_a_traceback(monkeypatch, capsys):
+    """A SIGINT that lands while main() is still installing its handlers
+    (Python's own KeyboardInterrupt, before ours exist) keeps the contract:
+    130, and the fallback document under --json."""
+    import json as _json
+
+    from textpoke import cli
+    from textpoke.cli import _signals
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+    monkeypatch.setattr(_signals, "install", interrupted)
+    code = cli.main(["boot", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 130
+    doc = _json.loads(out)
+    assert doc["interrupted"] is True and doc["int3_left"] is None and doc["int3_left_reason"]
+    assert "Traceback" not in err and "interrupted before any work was done" in err

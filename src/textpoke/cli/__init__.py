@@ -112,10 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     return; as the console script (no *argv*) the process ends here, with
     the exit status, so that a signal arriving at any moment up to the end
     still makes it 130/143."""
-    from . import _signals
-    saved = _signals.save() if argv is not None else None
-    _signals.install()
     args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        from . import _signals
+        saved = _signals.save() if argv is not None else None
+        _signals.install()
+    except KeyboardInterrupt as e:  # Ctrl-C while the handlers were going in
+        return _interrupted_early(args, e)
     try:
         try:
             code = _main(args)
