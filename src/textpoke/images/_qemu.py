@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -40,7 +39,8 @@ from pathlib import Path
 
 from ._elf import ImageError
 from ._lines import LINE_612
-from ._vmlinux import START_KERNEL_MAP, RealKernelImage
+from ._qemu_vm import BASE_CMDLINE, QEMU, ReferenceError, guest, qemu_version
+from ._vmlinux import RealKernelImage
 
 __all__ = ["Reference", "ReferenceError", "reference", "find_alternatives_call",
            "cache_root", "QEMU", "HARNESS_VERSION", "CAPS_OFFSET", "NCAPS", "run_matrix",
@@ -48,16 +48,11 @@ __all__ = ["Reference", "ReferenceError", "reference", "find_alternatives_call",
 
 #: bump when what a reference contains or how it is taken changes
 HARNESS_VERSION = 2
-QEMU = "qemu-system-x86_64"
 #: struct cpuinfo_x86: x86_capability[NCAPINTS + NBUGINTS] at offset 48 (6.12,
 #: checked with the -dbg package's DWARF: ptype /o struct cpuinfo_x86); each
 #: kernel line has its own (KernelLine.caps_offset: 40 in 6.1)
 CAPS_OFFSET = LINE_612.caps_offset
 NCAPS = LINE_612.ncaps
-
-
-class ReferenceError(RuntimeError):
-    """The reference boot did not reach its stops or its dumps do not check."""
 
 
 def cache_root() -> Path:
@@ -156,152 +151,7 @@ def find_alternatives_call(image: RealKernelImage) -> tuple[int, int]:
     raise ImageError(f"{image.path}: no call to alternative_instructions in arch_cpu_finalize_init")
 
 
-# ------------------------------------------------------ gdb remote protocol
-class _Gdb:
-    """A minimal gdb-remote client: enough for Z1/z1, c, m, p and ?."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.s = sock
-        self.buf = b""
-        self.noack = False
-
-    def _recv(self, timeout: float) -> bytes:
-        self.s.settimeout(timeout)
-        chunk = self.s.recv(65536)
-        if not chunk:
-            raise ReferenceError("gdbstub closed the connection (QEMU exited?)")
-        return chunk
-
-    def send(self, payload: str) -> None:
-        cs = sum(payload.encode()) & 0xff
-        self.s.sendall(f"${payload}#{cs:02x}".encode())
-
-    def packet(self, timeout: float = 30.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            # drop acks / stray bytes before '$'
-            i = self.buf.find(b"$")
-            if i >= 0:
-                j = self.buf.find(b"#", i)
-                if j >= 0 and len(self.buf) >= j + 3:
-                    payload = self.buf[i + 1:j]
-                    self.buf = self.buf[j + 3:]
-                    if not self.noack:
-                        self.s.sendall(b"+")
-                    return _unescape(payload).decode("latin-1")
-            else:
-                self.buf = b""
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            try:
-                self.buf += self._recv(left)
-            except socket.timeout:
-                raise TimeoutError from None
-
-    def cmd(self, payload: str, timeout: float = 30.0) -> str:
-        self.send(payload)
-        return self.packet(timeout)
-
-    def start(self) -> None:
-        self.cmd("qSupported:hwbreak+")
-        if self.cmd("QStartNoAckMode") == "OK":
-            self.noack = True
-        self.cmd("?")
-
-    def hbreak(self, addr: int, on: bool = True) -> None:
-        r = self.cmd(f"{'Z' if on else 'z'}1,{addr:x},1")
-        if r != "OK":
-            raise ReferenceError(f"gdbstub refused hardware breakpoint at {addr:#x}: {r!r}")
-
-    def cont(self, timeout: float) -> str:
-        self.send("c")
-        return self.packet(timeout)
-
-    def interrupt(self) -> None:
-        self.s.sendall(b"\x03")
-
-    def read(self, addr: int, n: int) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            k = min(2048, n - len(out))
-            r = self.cmd(f"m{addr + len(out):x},{k:x}")
-            if not r or r.startswith("E"):
-                raise ReferenceError(f"gdbstub cannot read {addr + len(out):#x}: {r!r}")
-            out += bytes.fromhex(r)
-        return bytes(out)
-
-    def rip(self) -> int:
-        """RIP from a 'g' packet (QEMU answers 'p' only to clients that read
-        its target XML; in 64-bit mode 'g' is 16 GPRs of 8 bytes, then RIP)."""
-        r = self.cmd("g")
-        if len(r) < 2 * 136 or r.startswith("E"):
-            raise ReferenceError(f"gdbstub cannot read registers: {r[:40]!r}")
-        return int.from_bytes(bytes.fromhex(r[256:272]), "little")
-
-
-def _unescape(p: bytes) -> bytes:
-    if b"}" not in p:
-        return p
-    out = bytearray()
-    it = iter(p)
-    for c in it:
-        out.append(next(it) ^ 0x20 if c == 0x7d else c)
-    return bytes(out)
-
-
-class _Qmp:
-    def __init__(self, path: str, timeout: float = 30.0) -> None:
-        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        _connect(self.s, path, timeout)
-        self.f = self.s.makefile("rwb")
-        self.s.settimeout(timeout)
-        json.loads(self.f.readline())           # greeting
-        self.run("qmp_capabilities")
-
-    def run(self, cmd: str, **args) -> object:
-        self.f.write(json.dumps({"execute": cmd, "arguments": args}).encode() + b"\n")
-        self.f.flush()
-        while True:
-            line = self.f.readline()
-            if not line:
-                raise ReferenceError("QMP connection closed")
-            msg = json.loads(line)
-            if "event" in msg:
-                continue
-            if "error" in msg:
-                raise ReferenceError(f"QMP {cmd}: {msg['error'].get('desc')}")
-            return msg.get("return")
-
-    def close(self) -> None:
-        try:
-            self.s.close()
-        except OSError:
-            pass
-
-
-def _connect(s: socket.socket, path: str, timeout: float, proc=None) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            s.connect(path)
-            return
-        except (FileNotFoundError, ConnectionRefusedError):
-            if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
-                raise ConnectionRefusedError(f"QEMU did not open {path}") from None
-            time.sleep(0.02)
-
-
 # ----------------------------------------------------------------- the boot
-BASE_CMDLINE = "console=ttyS0 nokaslr"
-
-
-def qemu_version() -> str:
-    exe = shutil.which(QEMU)
-    if exe is None:
-        return ""
-    r = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
-    return r.stdout.splitlines()[0] if r.stdout else ""
 
 
 def _key(image: RealKernelImage, cpu: str, cmdline: str, smp: int) -> str:
@@ -361,134 +211,42 @@ def load_reference(d: Path) -> Reference:
 
 def _boot(image: RealKernelImage, bzimage: Path, *, cpu: str, cmdline: str, smp: int,
           memory: str, timeout: float) -> Reference:
-    exe = shutil.which(QEMU)
-    if exe is None:
-        raise ReferenceError(f"{QEMU} not found (apt-get install qemu-system-x86)")
     call_site, ret_site = find_alternatives_call(image)
     kcmd = f"{BASE_CMDLINE} {cmdline}".strip()
-    work = Path(tempfile.mkdtemp(prefix="textpoke-qemu-"))
-    gdb_sock, qmp_sock, serial = work / "gdb.sock", work / "qmp.sock", work / "serial.log"
-    argv = [exe, "-machine", "pc,accel=tcg", "-cpu", cpu, "-smp", str(smp), "-m", memory,
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", str(bzimage), "-append", kcmd,
-            "-serial", f"file:{serial}",
-            "-chardev", f"socket,id=gdb0,path={gdb_sock},server=on,wait=off",
-            "-gdb", "chardev:gdb0",
-            "-qmp", f"unix:{qmp_sock},server=on,wait=off",
-            "-S"]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, cwd=work)
-    gsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        return _drive(image, proc, gsock, work, argv, kcmd, call_site, ret_site, cpu, cmdline, smp,
-                      timeout)
-    except OSError as e:
-        # QEMU went away (a bad -cpu, -m, ...): say what it said
-        try:
-            out = proc.communicate(timeout=10)[0].decode(errors="replace").strip()
-        except subprocess.TimeoutExpired:
-            out = ""
-        last = out.splitlines()[-1] if out else f"{type(e).__name__}: {e}"
-        raise ReferenceError(f"QEMU failed: {last}") from None
-    finally:
-        gsock.close()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _drive(image, proc, gsock, work, argv, kcmd, call_site, ret_site, cpu, cmdline, smp, timeout):
-    gdb_sock, qmp_sock, serial = work / "gdb.sock", work / "qmp.sock", work / "serial.log"
-    size = image.end - image.text_start
-    qmp = None
-    try:
-        _connect(gsock, str(gdb_sock), 30, proc)
-        gdb = _Gdb(gsock)
-        gdb.start()
-        qmp = _Qmp(str(qmp_sock))
-        gdb.hbreak(call_site)
+    with guest(bzimage, cpu=cpu, smp=smp, memory=memory, append=kcmd) as g:
+        g.gdb.hbreak(call_site)
         t0 = time.monotonic()
+        deadline = t0 + timeout
 
         def stop_at(addr: int, what: str) -> None:
-            left = timeout - (time.monotonic() - t0)
-            try:
-                r = gdb.cont(max(left, 1.0))
-            except TimeoutError:
-                gdb.interrupt()
-                raise ReferenceError(f"the kernel did not reach {what} within {timeout:.0f} s; "
-                                     f"serial: {_tail(serial)}") from None
-            if not r.startswith(("T", "S")):
-                raise ReferenceError(f"unexpected stop reply {r!r} waiting for {what}; "
-                                     f"serial: {_tail(serial)}")
-            pc = gdb.rip()
-            if pc != addr:
-                raise ReferenceError(f"stopped at {pc:#x} ({image.describe(pc)}), not at "
-                                     f"{what} {addr:#x}")
-
-        def dump(name: str) -> bytes:
-            phys = image.text_start - START_KERNEL_MAP + phys_base
-            out = work / f"{name}.bin"
-            qmp.run("pmemsave", val=phys, size=size, filename=str(out))
-            data = out.read_bytes()
-            out.unlink()
-            if len(data) != size:
-                raise ReferenceError(f"pmemsave wrote {len(data)} bytes, wanted {size}")
-            return data
-
-        line = image.line or LINE_612
-        def caps() -> list[int]:
-            raw = gdb.read(image.sym("boot_cpu_data") + line.caps_offset, 4 * line.ncaps)
-            return [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
+            g.run_to(image, addr, what, deadline,
+                     f"the kernel did not reach {what} within {timeout:.0f} s")
 
         stop_at(call_site, "the call of alternative_instructions")
         t1 = time.monotonic()
-        phys_base = int.from_bytes(gdb.read(image.sym("phys_base"), 8), "little")
+        phys_base = g.u64(image.sym("phys_base"))
         banner_addr = image.sym("linux_banner")
-        vbanner = gdb.read(banner_addr, 64)
-        if vbanner != image.read(banner_addr, 64):
+        if g.gdb.read(banner_addr, 64) != image.read(banner_addr, 64):
             raise ReferenceError("linux_banner read from the guest differs from the image's: "
                                  "not the same kernel, or not at its link address (KASLR?)")
-        before = dump("before")
-        off = banner_addr - image.text_start
-        if before[off:off + 64] != vbanner:
-            raise ReferenceError(f"the physical dump does not hold linux_banner where phys_base "
-                                 f"{phys_base:#x} says it should")
-        caps_before = caps()
-        gdb.hbreak(call_site, on=False)
-        gdb.hbreak(ret_site)
+        before = g.text(image, phys_base)
+        caps_before = g.caps(image)
+        g.gdb.hbreak(call_site, on=False)
+        g.gdb.hbreak(ret_site)
         stop_at(ret_site, "the return from alternative_instructions")
         t2 = time.monotonic()
-        after = dump("after")
-        caps_after = caps()
-        rthunk = int.from_bytes(gdb.read(image.sym("x86_return_thunk"), 8), "little")
-        gdb.hbreak(ret_site, on=False)
+        after = g.text(image, phys_base)
+        caps_after = g.caps(image)
+        rthunk = g.u64(image.sym("x86_return_thunk"))
+        g.gdb.hbreak(ret_site, on=False)
         return Reference(
             version=image.version, image_sha256=image.sha256, cpu=cpu, smp=smp, cmdline=cmdline,
-            kernel_cmdline=kcmd, qemu_argv=argv, text_start=image.text_start, end=image.end,
+            kernel_cmdline=kcmd, qemu_argv=g.argv, text_start=image.text_start, end=image.end,
             phys_base=phys_base, call_site=call_site, return_site=ret_site,
             caps_before=caps_before, caps_after=caps_after, return_thunk=rthunk,
             return_thunk_sym=image.describe(rthunk), seconds_to_call=round(t1 - t0, 3),
             seconds_in_alternatives=round(t2 - t1, 3), qemu_version=qemu_version(),
-            serial=_tail(serial, 1 << 20), before=before, after=after)
-    finally:
-        if qmp is not None:
-            try:
-                qmp.run("quit")
-            except (ReferenceError, OSError, ValueError):
-                pass
-            qmp.close()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def _tail(path: Path, n: int = 300) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return ""
+            serial=g.tail(1 << 20), before=before, after=after)
 
 
 # ------------------------------------------------------------ the matrix

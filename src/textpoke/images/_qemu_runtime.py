@@ -112,10 +112,8 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
-import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -123,10 +121,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._elf import SHF_ALLOC, SHF_EXECINSTR, ElfFile, ImageError
-from ._lines import LINE_612
-from ._qemu import (BASE_CMDLINE, QEMU, ReferenceError, Setup, _connect, _Gdb, _Qmp, _tail,
-                    cache_root, diff_count, qemu_version)
-from ._vmlinux import START_KERNEL_MAP, RealKernelImage
+from ._qemu import Setup, cache_root, diff_count
+from ._qemu_vm import BASE_CMDLINE, ReferenceError, guest, qemu_version
+from ._vmlinux import RealKernelImage
 
 __all__ = ["RuntimeReference", "runtime_reference", "runtime_reference_dir", "RUNTIME_SETUPS",
            "STEPS", "DEFAULT_MODULES", "FORMAT_VERSION", "module_file", "load_manifest",
@@ -471,61 +468,24 @@ def _parse(serial: str, index: int) -> dict:
     return out
 
 
-def _qemu_cpu_seconds(pid: int) -> float:
-    try:
-        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def _die_with_parent() -> None:
-    """In QEMU's child before exec: SIGKILL it when this process dies
-    (a killed harness leaves no QEMU running)."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, 9)     # PR_SET_PDEATHSIG, SIGKILL
-    except (OSError, AttributeError):
-        pass
-
-
 def _run(kernel, image, setup, memory, steps, subst, script, kos, out: Path, timeout,
          progress) -> dict:
     import zstandard
-    exe = shutil.which(QEMU)
-    if exe is None:
-        raise ReferenceError(f"{QEMU} not found (apt-get install qemu-system-x86)")
     if not (shutil.which("busybox") or Path("/bin/busybox").exists()):
         raise ReferenceError("busybox not found (apt-get install busybox-static)")
     kcmd = f"{BASE_CMDLINE} {EXTRA_CMDLINE} {setup.cmdline}".strip()
-    work = Path(tempfile.mkdtemp(prefix="textpoke-rtref-"))
-    initrd = work / "initrd.cpio"
-    initrd.write_bytes(build_initramfs(script, kos))
-    gdb_sock, qmp_sock, serial = work / "gdb.sock", work / "qmp.sock", work / "serial.log"
-    argv = [exe, "-machine", "pc,accel=tcg", "-cpu", setup.cpu, "-smp", str(setup.smp),
-            "-m", memory, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd), "-append", kcmd,
-            "-serial", f"file:{serial}",
-            "-chardev", f"socket,id=gdb0,path={gdb_sock},server=on,wait=off",
-            "-gdb", "chardev:gdb0", "-qmp", f"unix:{qmp_sock},server=on,wait=off", "-S"]
-    shown = [a if a != str(initrd) else "initrd.cpio" for a in argv]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, cwd=work, preexec_fn=_die_with_parent)
-    gsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    qmp = None
     comp = zstandard.ZstdCompressor(level=3, threads=-1)
     size = image.end - image.text_start
-    line = image.line or LINE_612
     sync_fn = image.sym("__x64_sys_sync")
     uts = image.sym("init_uts_ns")
     ko_exec = {n: module_exec_sections(p) for n, p in kos.items()}
-    try:
-        _connect(gsock, str(gdb_sock), 30, proc)
-        gdb = _Gdb(gsock)
-        gdb.start()
-        qmp = _Qmp(str(qmp_sock))
+    with guest(kernel.vmlinuz, cpu=setup.cpu, smp=setup.smp, memory=memory, append=kcmd,
+               initrd=build_initramfs(script, kos), prefix="textpoke-rtref-",
+               die_with_parent=True) as g:
+        gdb = g.gdb
         gdb.hbreak(sync_fn)
         t0 = time.monotonic()
+        deadline = t0 + timeout
         phys_base = None
         manifest_steps = []
         caps: list[int] = []
@@ -539,17 +499,6 @@ def _run(kernel, image, setup, memory, steps, subst, script, kos, out: Path, tim
                 (out / name).write_bytes(comp.compress(data) if compress else data)
             return name, sha
 
-        def vdump(addr: int, n: int) -> bytes:
-            f = work / "v.bin"
-            # QMP's "int" is signed 64-bit: a kernel address is negative there
-            sval = addr - (1 << 64) if addr >= 1 << 63 else addr
-            qmp.run("memsave", val=sval, size=n, filename=str(f), **{"cpu-index": 0})
-            data = f.read_bytes()
-            f.unlink()
-            if len(data) != n:
-                raise ReferenceError(f"memsave wrote {len(data)} bytes at {addr:#x}, wanted {n}")
-            return data
-
         at_break = False
         for i, st in enumerate(steps):
             again = 0
@@ -561,22 +510,10 @@ def _run(kernel, image, setup, memory, steps, subst, script, kos, out: Path, tim
                     if not r.startswith(("T", "S")):
                         raise ReferenceError(f"unexpected reply {r!r} to a single step")
                     gdb.hbreak(sync_fn)
-                left = timeout - (time.monotonic() - t0)
-                try:
-                    r = gdb.cont(max(left, 1.0))
-                except TimeoutError:
-                    gdb.interrupt()
-                    raise ReferenceError(f"the init script did not reach step {i} ({st.name}) "
-                                         f"within {timeout:.0f} s; serial: "
-                                         f"{_tail(serial, 2000)}") from None
-                if not r.startswith(("T", "S")):
-                    raise ReferenceError(f"unexpected stop reply {r!r} at step {st.name}; "
-                                         f"serial: {_tail(serial, 2000)}")
+                g.run_to(image, sync_fn, f"__x64_sys_sync (step {st.name})", deadline,
+                         f"the init script did not reach step {i} ({st.name}) "
+                         f"within {timeout:.0f} s", tail=2000)
                 at_break = True
-                pc = gdb.rip()
-                if pc != sync_fn:
-                    raise ReferenceError(f"stopped at {pc:#x} ({image.describe(pc)}), not at "
-                                         f"__x64_sys_sync")
                 name = gdb.read(uts, 130)
                 if not name.startswith(b"Linux\0"):
                     raise ReferenceError("init_uts_ns does not start with 'Linux': "
@@ -584,7 +521,7 @@ def _run(kernel, image, setup, memory, steps, subst, script, kos, out: Path, tim
                 node = name[65:130].split(b"\0")[0].decode(errors="replace")
                 if node == "rt-fail":
                     raise ReferenceError(f"the init script failed at step {i} ({st.name}): "
-                                         f"{_tail(serial, 3000)}")
+                                         f"{g.tail(3000)}")
                 if i and node == f"rt-{i - 1}" and again < 3:
                     # the previous step's sync(2) stopped again (the single step
                     # did not leave the breakpoint's instruction): go on
@@ -595,24 +532,13 @@ def _run(kernel, image, setup, memory, steps, subst, script, kos, out: Path, tim
                                          f"'rt-{i}' (step {st.name})")
                 break
             if phys_base is None:
-                phys_base = int.from_bytes(gdb.read(image.sym("phys_base"), 8), "little")
-                raw = gdb.read(image.sym("boot_cpu_data") + line.caps_offset, 4 * line.ncaps)
-                caps = [int.from_bytes(raw[k:k + 4], "little") for k in range(0, len(raw), 4)]
-                rthunk = int.from_bytes(gdb.read(image.sym("x86_return_thunk"), 8), "little")
-            info = _parse(serial.read_text(errors="replace"), i)
+                phys_base = g.u64(image.sym("phys_base"))
+                caps = g.caps(image)
+                rthunk = g.u64(image.sym("x86_return_thunk"))
+            info = _parse(g.serial.read_text(errors="replace"), i)
             if "end" not in info:
                 raise ReferenceError(f"step {st.name}: the script's lines are not on the console")
-            phys = image.text_start - START_KERNEL_MAP + phys_base
-            f = work / "text.bin"
-            qmp.run("pmemsave", val=phys, size=size, filename=str(f))
-            text = f.read_bytes()
-            f.unlink()
-            if len(text) != size:
-                raise ReferenceError(f"pmemsave wrote {len(text)} bytes, wanted {size}")
-            banner = image.sym("linux_banner")
-            if text[banner - image.text_start:banner - image.text_start + 64] != \
-                    image.read(banner, 64):
-                raise ReferenceError("the dump does not hold linux_banner at its address")
+            text = g.text(image, phys_base)
             tfile, tsha = store(text, "text", True)
             # what the kernel allocated
             builtin = []
@@ -650,7 +576,7 @@ def _run(kernel, image, setup, memory, steps, subst, script, kos, out: Path, tim
                 for sec, n in ko_exec[m].items():
                     if sec not in secs:
                         continue
-                    data = vdump(secs[sec], n)
+                    data = g.vdump(secs[sec], n)
                     fname, sha = store(data, "region", False)
                     regions.append({"kind": "module", "name": f"{m} {sec}", "addr": secs[sec],
                                     "size": n, "file": fname, "sha256": sha})
@@ -658,7 +584,7 @@ def _run(kernel, image, setup, memory, steps, subst, script, kos, out: Path, tim
                 kind = b[2]
                 if kind in ("ftrace_trampoline", "kprobe_insn_page", "kprobe_optinsn_page"):
                     base = b[0] & ~(PAGE - 1)
-                    data = vdump(base, PAGE)
+                    data = g.vdump(base, PAGE)
                     fname, sha = store(data, "region", False)
                     regions.append({"kind": kind, "name": kind, "addr": base, "size": PAGE,
                                     "symbol_addr": b[0], "file": fname, "sha256": sha})
@@ -683,7 +609,7 @@ def _run(kernel, image, setup, memory, steps, subst, script, kos, out: Path, tim
             if progress:
                 progress(f"step {i} {st.name}: {time.monotonic() - t0:.1f} s")
         wall = time.monotonic() - t0
-        cpu = _qemu_cpu_seconds(proc.pid)
+        cpu = g.cpu_seconds()
         return {
             "format": "textpoke-runtime-reference", "format_version": FORMAT_VERSION,
             "harness_version": RUNTIME_HARNESS_VERSION,
@@ -692,34 +618,13 @@ def _run(kernel, image, setup, memory, steps, subst, script, kos, out: Path, tim
                        "end": image.end},
             "setup": {"cpu": setup.cpu, "cmdline": setup.cmdline, "smp": setup.smp,
                       "memory": memory, "kernel_cmdline": kcmd},
-            "qemu": {"version": qemu_version(), "argv": shown},
+            "qemu": {"version": qemu_version(), "argv": g.shown},
             "caps": caps, "return_thunk": rthunk, "return_thunk_sym": image.describe(rthunk),
             "phys_base": phys_base,
             "seconds": {"wall": round(wall, 3), "qemu_cpu": round(cpu, 3)},
             "steps": manifest_steps,
-            "serial": serial.read_text(errors="replace")[-(1 << 20):],
+            "serial": g.tail(1 << 20),
         }
-    except OSError as e:
-        try:
-            txt = proc.communicate(timeout=10)[0].decode(errors="replace").strip()
-        except subprocess.TimeoutExpired:
-            txt = ""
-        last = txt.splitlines()[-1] if txt else f"{type(e).__name__}: {e}"
-        raise ReferenceError(f"QEMU failed: {last}") from None
-    finally:
-        if qmp is not None:
-            try:
-                qmp.run("quit")
-            except (ReferenceError, OSError, ValueError):
-                pass
-            qmp.close()
-        gsock.close()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 # ------------------------------------------------------------ the command
