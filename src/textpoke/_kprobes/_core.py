@@ -78,13 +78,11 @@ Learnt from ``arch/x86/kernel/kprobes/{core,opt}.c`` and
 
 from __future__ import annotations
 
-import re
 import struct
 from typing import Callable, Hashable, Iterable
 
 from .._core._emulate import PtRegs
-from .._core._insn import (INT3_INSN_OPCODE, JMP32_INSN_OPCODE, Insn, insn_decode_kernel,
-                           text_gen_insn)
+from .._core._insn import INT3_INSN_OPCODE, JMP32_INSN_OPCODE, text_gen_insn
 from .._core._machine import Capability, TrapPriority
 from .._errors import BadInstructionError, TextPokeError
 from .._execmem import ExecMem
@@ -92,6 +90,7 @@ from ..images._symbols import Symbols
 from ..images._tables import read_tables
 from ._insn import can_boost, is_exception_insn, prepare_emulation, relocate
 from ._kretprobe import _Kretprobes
+from ._lookup import _Lookup
 from ._onftrace import _FtraceProbes
 from ._opt import DETOUR_SIZE, FRAME_REGS, RELATIVEJUMP_SIZE
 from ._optprobe import _Optprobes
@@ -102,18 +101,13 @@ __all__ = ["Kprobes", "Kprobe", "Kretprobe", "KretprobeInstance", "KprobeError",
 
 #: the top of execmem that is ours unless an allocator is given
 KPROBES_EXECMEM = 256 * 1024
-#: what ``is_endbr`` takes for an ENDBR: ENDBR64, ENDBR32, and the poison
-#: ``apply_seal_endbr`` leaves in a sealed one (``66 0f 1f 00``) -- a
-#: function never called indirectly still has its entry after those 4 bytes
-_ENDBR = (bytes.fromhex("f30f1efa"), bytes.fromhex("f30f1efb"), bytes.fromhex("660f1f00"))
-_SPEC = re.compile(r"^\s*([A-Za-z_.$][\w.$]*)\s*(?:\+\s*(0x[0-9a-fA-F]+|\d+))?\s*$")
 
 
 def _s64(v: int) -> int:
     return v - (1 << 64) if v >> 63 else v
 
 
-class Kprobes(_Kretprobes, _Optprobes, _FtraceProbes):
+class Kprobes(_Lookup, _Kretprobes, _Optprobes, _FtraceProbes):
     """The probes of one machine.  ``Kprobes(core, image)``; optional
     reservation sources: *smp* (``BootResult.smp``: alternatives), *keys*
     (:class:`StaticKeys`), *calls* (:class:`StaticCalls`), *tables* (for
@@ -203,144 +197,9 @@ class Kprobes(_Kretprobes, _Optprobes, _FtraceProbes):
             self._tramp = None
             self._handle.unregister()
 
-    # ------------------------------------------------------------ blacklist
-    def _blacklist_range(self, b: "tuple[int, int] | str") -> tuple[int, int]:
-        if isinstance(b, str):
-            if b not in self.functions:
-                raise KprobeError(f"blacklist: no function {b!r}", reason="symbol")
-            a, sz = self.functions[b]
-            return a, a + sz
-        return int(b[0]), int(b[1])
-
-    def _image_blacklist(self, image) -> list[tuple[int, int]]:
-        """What the image's symbols say: the text areas ``populate_kprobe_
-        blacklist`` adds and each ``_kbl_addr_NAME`` (NOKPROBE_SYMBOL)."""
-        if image is None:
-            return []
-        sym = image.symbols
-        out = []
-        for area in ("__kprobes_text", "__noinstr_text", "__entry_text"):
-            lo, hi = sym.get(area + "_start"), sym.get(area + "_end")
-            if lo is not None and hi is not None and lo < hi:
-                out.append((lo, hi))
-        for n in sym:
-            if n.startswith("_kbl_addr_") and n[len("_kbl_addr_"):] in self.functions:
-                a, sz = self.functions[n[len("_kbl_addr_"):]]
-                out.append((a, a + sz))
-        return out
-
-    def within_kprobe_blacklist(self, addr: int) -> bool:
-        if any(lo <= addr < hi for lo, hi in self.blacklist):
-            return True
-        f = self.function_at(addr)
-        if f is not None and "." in f[0]:          # foo.cold, foo.part.0: ask for foo
-            base = self.functions.get(f[0].split(".", 1)[0])
-            if base is not None:
-                return any(lo <= base[0] < hi for lo, hi in self.blacklist)
-        return False
-
     @property
     def probes(self) -> list[Kprobe]:
         return [p for s in self._sites.values() for p in s.probes]
-
-    def add_function(self, name: str, addr: int, size: int) -> None:
-        """Make generated code (execmem) probe-able by name."""
-        self.machine.text_range_of(addr, size)
-        self.functions[name] = (addr, size)
-        self._fsyms = None
-
-    # ------------------------------------------------------------ lookup
-    def function_at(self, addr: int) -> tuple[str, int, int] | None:
-        """(name, start, size) of the function covering *addr*, by the one
-        symbolizer over :attr:`functions` (remade when a function is added)."""
-        if self._fsyms is None or self._fsyms_n != len(self.functions):
-            fs = self.functions
-            self._fsyms = Symbols.from_mapping({n: a for n, (a, _) in fs.items()},
-                                               {n: sz for n, (_, sz) in fs.items()})
-            self._fsyms_n = len(fs)
-        return self._fsyms.lookup(addr, covering=True)
-
-    def resolve(self, spec: "str | int") -> tuple[str, int, int, int]:
-        """``symbol[+off]`` or an address -> (symbol, offset, addr, size of
-        the function).  A bare symbol whose first instruction is the fentry
-        NOP means the instruction after it."""
-        if isinstance(spec, int):
-            f = self.function_at(spec)
-            if f is None:
-                raise KprobeError(f"{spec:#x} is not inside a known function", reason="symbol",
-                                  addr=spec)
-            return f[0], spec - f[1], spec, f[2]
-        m = _SPEC.match(spec)
-        if not m:
-            raise KprobeError(f"cannot parse probe point {spec!r} (want SYMBOL[+OFFSET])",
-                              reason="symbol")
-        name = m.group(1)
-        if name not in self.functions:
-            raise KprobeError(f"no function {name!r}", reason="symbol")
-        start, size = self.functions[name]
-        if m.group(2) is None:
-            if self.ftrace is not None:
-                # arch_adjust_kprobe_addr: the entry, after an ENDBR
-                off = 4 if self.machine.text_read(start, 4) in _ENDBR else 0
-            else:
-                off = 5 if start in self.fentry else 0
-        else:
-            off = int(m.group(2), 0)
-        if not 0 <= off < size:
-            raise KprobeError(f"{name}+{off:#x} is outside {name} (size {size:#x})",
-                              reason="symbol", addr=start + off)
-        return name, off, start + off, size
-
-    def _recovered(self, addr: int, size: int) -> bytes:
-        """Text as it was before our probes (``recover_probed_instruction``)."""
-        buf = bytearray(self.machine.text_read(addr, size))
-        for s in self._sites.values():
-            orig = s.displaced if s.optimized else s.orig
-            for i, b in enumerate(orig):
-                if addr <= s.addr + i < addr + size:
-                    buf[s.addr + i - addr] = b
-        return bytes(buf)
-
-    def _decode_function(self, start: int, size: int) -> list[Insn]:
-        code = self._recovered(start, size)
-        out, off = [], 0
-        while off < size:
-            try:
-                ins = insn_decode_kernel(code[off:off + 15] + b"\xcc" * 15, start + off)
-            except BadInstructionError as e:
-                raise KprobeError(f"cannot decode {start + off:#x}: {e}", reason="boundary",
-                                  addr=start + off) from None
-            out.append(ins)
-            off += ins.length
-        return out
-
-    # ------------------------------------------------------------ reservations
-    def text_reserved(self, start: int, end: int) -> str | None:
-        """Who reserves any byte of [start, end] (inclusive): alternatives,
-        jump_label, static_call, ftrace -- or None."""
-        if self.smp is not None:
-            # the kernel compares with the end exclusively: a one-byte
-            # query (a probe) never matches, a detour's range does
-            with self.core.text_mutex:
-                if self.smp.text_reserved(start, end - 1):
-                    return "alternatives (LOCK prefix)"
-        if self.keys is not None:
-            for k in self.keys.keys.values():
-                for s in k.sites:
-                    c = s.entry.code
-                    if c <= end and start < c + s.size:
-                        return f"jump_label ({k.name})"
-        if self.calls is not None:
-            for c in self.calls.calls.values():
-                for s in c.sites:
-                    if s.site.addr <= end and start < s.site.addr + 5:
-                        return f"static_call ({c.name} site)"
-                if c.tramp <= end and start < c.tramp + 5:
-                    return f"static_call ({c.name} trampoline)"
-        for a in self.fentry:
-            if a <= end and start < a + 5:
-                return "ftrace (fentry site)"
-        return None
 
     # ------------------------------------------------------------ register
     def register_kprobe(self, spec: "str | int", pre_handler: PreHandler | None = None,
