@@ -58,8 +58,9 @@ _lazy("._jump_label", "StaticKeys", "StaticKey", "JumpLabelError", "StaticKeyErr
 _lazy("._static_call", "StaticCalls", "StaticCall", "StaticCallError", "UnknownCallError")
 _lazy("._ftrace", "Ftrace", "RingBuffer", "TraceEntry", "FtraceBugError", "FtraceFilterError")
 _lazy("._kprobes", "Kprobes", "Kprobe", "Kretprobe", "KprobeError")
-_lazy("._module", "ModuleLoader", "Module", "ModuleError", "ModuleFormatError",
-      "ModuleRelocationError", "UnknownSymbolError")
+_lazy("._module", "ModuleLoader", "Module")
+_lazy("._module_link", "ModuleError", "ModuleFormatError", "ModuleRelocationError",
+      "UnknownSymbolError")
 _lazy("._bpf", "BpfJit", "BpfProg", "BpfTextPokeBusy")
 _lazy("._execmem", "ExecMem", "ExecMemError")
 

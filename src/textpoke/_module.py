@@ -78,58 +78,19 @@ from ._alternative._records import PassLog
 from ._alternative._thunks import retpolines_pass, returns_pass, seal_endbr
 from ._core._insn import CALL_INSN_OPCODE, text_gen_insn
 from ._core._machine import Capability
-from ._errors import TextPokeError
-from .images._elf import (ET_REL, SHN_ABS, SHN_COMMON, SHT_NOBITS, SHT_REL, SHT_RELA, STB_WEAK,
-                          ElfFile, ImageError)
+from .images._elf import ET_REL, SHT_NOBITS, ElfFile, ImageError
 from ._execmem import ExecMem
 from ._jump_label._keys import StaticKeys, UnknownKeyError
+from ._module_link import (ModuleError, ModuleFormatError, UnknownSymbolError, align, layout,
+                           placed, relocate, resolve_symbols)
 from ._static_call._calls import StaticCalls, UnknownCallError
 from .images._tables import (Bounds, RetpolineSite, ReturnSite, alt_instr_table, check_entries,
                              jump_table, mcount_sites, s32_sites, static_call_table)
 
-__all__ = ["ModuleLoader", "Module", "ModuleError", "ModuleFormatError", "ModuleRelocationError",
-           "UnknownSymbolError", "MODULE_DATA_BASE", "MODULE_DATA_SIZE", "RELOCATION_TYPES"]
+__all__ = ["ModuleLoader", "Module", "MODULE_DATA_BASE", "MODULE_DATA_SIZE"]
 
 MODULE_DATA_BASE = 0x0580_0000
 MODULE_DATA_SIZE = 0x20_0000
-
-R_X86_64_NONE, R_X86_64_64, R_X86_64_PC32, R_X86_64_PLT32 = 0, 1, 2, 4
-R_X86_64_32, R_X86_64_32S, R_X86_64_PC64 = 10, 11, 24
-#: type -> (name, field size)
-RELOCATION_TYPES = {R_X86_64_NONE: ("R_X86_64_NONE", 0), R_X86_64_64: ("R_X86_64_64", 8),
-                    R_X86_64_PC32: ("R_X86_64_PC32", 4), R_X86_64_PLT32: ("R_X86_64_PLT32", 4),
-                    R_X86_64_32: ("R_X86_64_32", 4), R_X86_64_32S: ("R_X86_64_32S", 4),
-                    R_X86_64_PC64: ("R_X86_64_PC64", 8)}
-_SHF_ALLOC, _SHF_EXEC = 0x2, 0x4
-#: undefined symbols the x86-64 loader lets pass (GOT-relative code names it)
-_IGNORED_UNDEF = frozenset({"_GLOBAL_OFFSET_TABLE_"})
-_M64 = (1 << 64) - 1
-
-
-class ModuleError(TextPokeError):
-    """A module the loader refuses; nothing was written."""
-
-
-class ModuleFormatError(ModuleError, ValueError):
-    """Not an x86-64 ELF relocatable object, or a malformed one."""
-
-
-class ModuleRelocationError(ModuleError):
-    """An unknown relocation type, a value that does not fit its field, or
-    a field that is not zero before relocation (``-ENOEXEC``)."""
-
-    def __init__(self, msg: str, *, rtype: int = 0, section: str = "", offset: int = 0,
-                 symbol: str = "", value: int = 0) -> None:
-        super().__init__(msg)
-        self.rtype, self.section, self.offset, self.symbol, self.value = \
-            rtype, section, offset, symbol, value
-
-
-class UnknownSymbolError(ModuleError, LookupError):
-    """An undefined symbol the kernel image does not have."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(eq=False)
@@ -200,43 +161,6 @@ class _ModuleShadow(Shadow):
         base, buf = text
         self._ranges = [(base, base + len(buf), buf)]
         self.writes = []
-
-
-def _placed(secs, at: "dict[str, int]", name: str):
-    """(text_off, data_off, tbase, tsize, dbase, dsize) of *secs* placed
-    at the addresses *at* gives by section name."""
-    text, data = {}, {}
-    for i, s in enumerate(secs):
-        if not s.flags & _SHF_ALLOC or s.size == 0:
-            continue
-        if s.name not in at and s.name in (".modinfo", "__versions"):
-            continue            # the loader drops these (no SHF_ALLOC once loaded)
-        if s.name not in at:
-            raise ModuleFormatError(f"module {name}: no address given for section {s.name}")
-        (text if s.flags & _SHF_EXEC else data)[i] = (at[s.name], s.size)
-    tbase = min(a for a, _ in text.values())
-    tsize = max(a + n for a, n in text.values()) - tbase
-    dbase = min((a for a, _ in data.values()), default=0)
-    dsize = max((a + n for a, n in data.values()), default=dbase) - dbase
-    return ({i: a - tbase for i, (a, _n) in text.items()},
-            {i: a - dbase for i, (a, _n) in data.items()}, tbase, tsize, dbase, dsize)
-
-
-def _align(v: int, a: int) -> int:
-    a = max(a, 1)
-    return -(-v // a) * a
-
-
-def _sym_name(name: str, shndx: int, secs) -> str:
-    """A symbol's name, or its section's for a section symbol."""
-    if name:
-        return name
-    return secs[shndx].name if shndx < len(secs) else "?"
-
-
-def _s64(v: int) -> int:
-    v &= _M64
-    return v - (1 << 64) if v >> 63 else v
 
 
 class ModuleLoader:
@@ -315,28 +239,9 @@ class ModuleLoader:
         secs = elf.sections
 
         # 1. layout
-        text_off: dict[int, int] = {}
-        data_off: dict[int, int] = {}
-        tsize = dsize = 0
-        talign = dalign = 16
-        for i, s in enumerate(secs):
-            if not s.flags & _SHF_ALLOC or s.size == 0:
-                continue
-            a = s.align or 1
-            if s.flags & _SHF_EXEC:
-                tsize = _align(tsize, a)
-                text_off[i] = tsize
-                tsize += s.size
-                talign = max(talign, a)
-            else:
-                dsize = _align(dsize, a)
-                data_off[i] = dsize
-                dsize += s.size
-                dalign = max(dalign, a)
-        if not tsize:
-            raise ModuleFormatError(f"module {name}: no executable section")
+        text_off, data_off, tsize, dsize, talign, dalign = layout(secs, name)
         if at is not None:
-            text_off, data_off, tbase, tsize, dbase, dsize = _placed(secs, at, name)
+            text_off, data_off, tbase, tsize, dbase, dsize = placed(secs, at, name)
             talloc = self.execmem.alloc_at(tbase, tsize)
         else:
             talloc = self.execmem.alloc(tsize + talign - 16 if talign > 16 else tsize)
@@ -346,7 +251,7 @@ class ModuleLoader:
                 dalloc = self._data_alloc(dsize, at=dbase) if dsize else 0
             else:
                 dalloc = self._data_alloc(dsize + dalign)
-                tbase, dbase = _align(talloc, talign), _align(dalloc, dalign)
+                tbase, dbase = align(talloc, talign), align(dalloc, dalign)
             text, data = bytearray(tsize), bytearray(dsize)
             addr: dict[int, int] = {}
             for i, off in text_off.items():
@@ -360,8 +265,8 @@ class ModuleLoader:
                          {secs[i].name: a for i, a in addr.items()}, {}, {},
                          _text_alloc=talloc, _data_alloc=dalloc)
             # 2. symbols, 3. relocations
-            symvals = self._symbols(elf, secs, addr, mod)
-            self._relocate(elf, secs, addr, symvals, mod, text, data, text_off, data_off)
+            symvals, names = resolve_symbols(elf, secs, addr, mod, self.image.symbols)
+            relocate(elf, secs, addr, symvals, names, mod, text, data, text_off, data_off)
             # 4. module_finalize, 5. jump labels and static calls
             jump, scs = self._finalize(secs, addr, mod, text, data, data_off)
         except BaseException:
@@ -386,92 +291,6 @@ class ModuleLoader:
         self.modules[name] = mod
         self.loads += 1
         return mod
-
-    def _symbols(self, elf, secs, addr: dict[int, int], mod: Module) -> list[int]:
-        symtab = elf.section(".symtab")
-        if symtab is None:
-            raise ModuleFormatError(f"module {mod.name}: no symbol table")
-        kernel = self.image.symbols
-        vals = []
-        missing = []
-        self._names = names = []
-        for sname, value, size, typ, bind, shndx in elf.symbol_table(symtab):
-            names.append(_sym_name(sname, shndx, secs))
-            v = 0
-            if shndx == 0:                              # SHN_UNDEF
-                if sname:
-                    if sname in kernel:
-                        v = kernel[sname]
-                    elif bind != STB_WEAK and sname not in _IGNORED_UNDEF:
-                        missing.append(sname)
-            elif shndx == SHN_ABS:
-                v = value
-            elif shndx == SHN_COMMON:
-                raise ModuleFormatError(f"module {mod.name}: common symbol {sname} "
-                                        "(build with -fno-common)")
-            elif shndx < 0xFF00 and shndx in addr:
-                v = addr[shndx] + value
-                if sname and typ in (0, 1, 2):          # NOTYPE, OBJECT, FUNC
-                    mod.symbols[sname] = v
-                    mod.sizes[sname] = size
-            vals.append(v)
-        if missing:
-            raise UnknownSymbolError(f"module {mod.name}: Unknown symbol "
-                                     f"{', '.join(sorted(set(missing)))} (not in the kernel image)")
-        return vals
-
-    def _relocate(self, elf, secs, addr, symvals, mod, text, data, text_off, data_off) -> None:
-        for rel in secs:
-            if rel.type not in (SHT_REL, SHT_RELA):
-                continue
-            if rel.type != SHT_RELA:
-                raise ModuleFormatError(f"module {mod.name}: {rel.name} is SHT_REL; x86-64 "
-                                        "modules use RELA")
-            tgt = rel.info
-            if tgt not in addr:         # relocations of non-allocated sections (debug info)
-                continue
-            buf, base = (text, text_off[tgt]) if tgt in text_off else (data, data_off[tgt])
-            tname = secs[tgt].name
-            names = self._names
-            for off, t, symi, addend in elf.relocations(rel):
-                if symi >= len(symvals):
-                    raise ModuleFormatError(f"module {mod.name}: {rel.name} names symbol {symi} "
-                                            "beyond the symbol table")
-                sname = names[symi]
-                where = f"{tname}+{off:#x}"
-                if t not in RELOCATION_TYPES:
-                    raise ModuleRelocationError(
-                        f"module {mod.name}: unknown relocation type {t} at {where} against "
-                        f"{sname}; nothing written", rtype=t, section=tname, offset=off,
-                        symbol=sname)
-                rname, size = RELOCATION_TYPES[t]
-                if not size:
-                    continue
-                loc = addr[tgt] + off
-                val = (symvals[symi] + addend) & _M64
-                if t in (R_X86_64_PC32, R_X86_64_PLT32, R_X86_64_PC64):
-                    val = (val - loc) & _M64
-                sv = _s64(val)
-                ok = {R_X86_64_64: True, R_X86_64_PC64: True,
-                      R_X86_64_32: 0 <= val < (1 << 32),
-                      R_X86_64_32S: -(1 << 31) <= sv < (1 << 31),
-                      R_X86_64_PC32: -(1 << 31) <= sv < (1 << 31),
-                      R_X86_64_PLT32: -(1 << 31) <= sv < (1 << 31)}[t]
-                if not ok:
-                    raise ModuleRelocationError(
-                        f"module {mod.name}: {rname} at {where} against {sname}: value "
-                        f"{sv:#x} does not fit {size} bytes; nothing written", rtype=t,
-                        section=tname, offset=off, symbol=sname, value=sv)
-                at = base + off
-                if at + size > len(buf) or off + size > secs[tgt].size:
-                    raise ModuleFormatError(f"module {mod.name}: {rname} at {where} is outside "
-                                            f"{tname}")
-                if any(buf[at:at + size]):
-                    raise ModuleRelocationError(
-                        f"module {mod.name}: {rname} at {where}: the field is not zero "
-                        f"({bytes(buf[at:at + size]).hex(' ')}) before relocation; nothing "
-                        "written", rtype=t, section=tname, offset=off, symbol=sname, value=sv)
-                buf[at:at + size] = (val & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
 
     def _table(self, secs, addr, data, data_off, name: str) -> tuple[bytes, int] | None:
         for i, s in enumerate(secs):

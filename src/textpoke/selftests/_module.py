@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from .._errors import TextPokeError
 from .._jump_label._keys import UnknownKeyError
-from .._module import Module, ModuleLoader, ModuleRelocationError, UnknownSymbolError
+from .._module import Module, ModuleLoader
+from .._module_link import ModuleRelocationError, UnknownSymbolError
 from .._static_call._calls import UnknownCallError
 from ..images.modules import module_path
 from ._result import SelfTestResult
