@@ -122,7 +122,7 @@ from pathlib import Path
 
 from ._elf import SHF_ALLOC, SHF_EXECINSTR, ElfFile, ImageError
 from ._qemu import Setup, cache_root, diff_count
-from ._qemu_vm import BASE_CMDLINE, ReferenceError, guest, qemu_version
+from ._qemu_vm import BASE_CMDLINE, ReferenceError, build_initramfs, guest, qemu_version
 from ._vmlinux import RealKernelImage
 
 __all__ = ["RuntimeReference", "runtime_reference", "runtime_reference_dir", "RUNTIME_SETUPS",
@@ -341,38 +341,6 @@ def _sh_quote(s: str) -> str:
     return "'" + s.replace("'", "'\\''") + "'"
 
 
-def _cpio(entries: list[tuple[str, int, bytes]]) -> bytes:
-    """A newc cpio archive of (name, mode, data); char devices as
-    (name, mode, b'major,minor')."""
-    out = bytearray()
-
-    def pad():
-        out.extend(b"\0" * (-len(out) % 4))
-    for ino, (name, mode, data) in enumerate(entries + [("TRAILER!!!", 0, b"")], 1):
-        rmaj = rmin = 0
-        if mode & 0o170000 == 0o020000:
-            rmaj, rmin = map(int, data.decode().split(","))
-            data = b""
-        nb = name.encode() + b"\0"
-        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, rmaj, rmin, len(nb), 0]
-        out += b"070701" + "".join(f"{f:08x}" for f in fields).encode() + nb
-        pad()
-        out += data
-        pad()
-    return bytes(out)
-
-
-def build_initramfs(script: str, modules: dict[str, Path]) -> bytes:
-    busybox = shutil.which("busybox") or "/bin/busybox"
-    bb = Path(busybox).read_bytes()
-    ents: list[tuple[str, int, bytes]] = [(d, 0o040755, b"") for d in
-                                           ("bin", "dev", "proc", "sys", "tmp", "m")]
-    ents += [("dev/console", 0o020600, b"5,1"), ("bin/busybox", 0o100755, bb),
-             ("init", 0o100755, script.encode())]
-    ents += [(f"m/{n}.ko", 0o100644, p.read_bytes()) for n, p in modules.items()]
-    return _cpio(ents)
-
-
 # ------------------------------------------------------------- the record
 @dataclass
 class RuntimeReference:
@@ -471,8 +439,6 @@ def _parse(serial: str, index: int) -> dict:
 def _run(kernel, image, setup, memory, steps, subst, script, kos, out: Path, timeout,
          progress) -> dict:
     import zstandard
-    if not (shutil.which("busybox") or Path("/bin/busybox").exists()):
-        raise ReferenceError("busybox not found (apt-get install busybox-static)")
     kcmd = f"{BASE_CMDLINE} {EXTRA_CMDLINE} {setup.cmdline}".strip()
     comp = zstandard.ZstdCompressor(level=3, threads=-1)
     size = image.end - image.text_start

@@ -3,7 +3,8 @@
 reference (:mod:`._qemu`) and the run-time one (:mod:`._qemu_runtime`).
 
 :func:`guest` starts ``qemu-system-x86_64`` (TCG, no KVM, ``-S``: stopped at
-reset, serial console to a file, optionally an initramfs), attaches to its
+reset, serial console to a file, optionally an initramfs:
+:func:`build_initramfs` makes a busybox one), attaches to its
 gdbstub (a minimal gdb-remote client speaking over a unix socket, hardware
 breakpoints only -- nothing is ever written to guest memory) and to QMP,
 and always tears it down: QMP ``quit``, then SIGKILL if QEMU lingers, and
@@ -31,7 +32,8 @@ from typing import Iterator
 from ._lines import LINE_612
 from ._vmlinux import START_KERNEL_MAP, RealKernelImage
 
-__all__ = ["ReferenceError", "QEMU", "BASE_CMDLINE", "qemu_version", "Guest", "guest"]
+__all__ = ["ReferenceError", "QEMU", "BASE_CMDLINE", "qemu_version", "Guest", "guest",
+           "build_initramfs"]
 
 QEMU = "qemu-system-x86_64"
 BASE_CMDLINE = "console=ttyS0 nokaslr"
@@ -200,6 +202,43 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, 9)     # PR_SET_PDEATHSIG, SIGKILL
     except (OSError, AttributeError):
         pass
+
+
+# ------------------------------------------------------------- initramfs
+def _cpio(entries: list[tuple[str, int, bytes]]) -> bytes:
+    """A newc cpio archive of (name, mode, data); char devices as
+    (name, mode, b'major,minor')."""
+    out = bytearray()
+
+    def pad():
+        out.extend(b"\0" * (-len(out) % 4))
+    for ino, (name, mode, data) in enumerate(entries + [("TRAILER!!!", 0, b"")], 1):
+        rmaj = rmin = 0
+        if mode & 0o170000 == 0o020000:
+            rmaj, rmin = map(int, data.decode().split(","))
+            data = b""
+        nb = name.encode() + b"\0"
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, rmaj, rmin, len(nb), 0]
+        out += b"070701" + "".join(f"{f:08x}" for f in fields).encode() + nb
+        pad()
+        out += data
+        pad()
+    return bytes(out)
+
+
+def build_initramfs(script: str, modules: dict[str, Path]) -> bytes:
+    """A busybox initramfs: *script* as ``/init``, each module as
+    ``/m/NAME.ko``."""
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    if not Path(busybox).exists():
+        raise ReferenceError("busybox not found (apt-get install busybox-static)")
+    bb = Path(busybox).read_bytes()
+    ents: list[tuple[str, int, bytes]] = [(d, 0o040755, b"") for d in
+                                           ("bin", "dev", "proc", "sys", "tmp", "m")]
+    ents += [("dev/console", 0o020600, b"5,1"), ("bin/busybox", 0o100755, bb),
+             ("init", 0o100755, script.encode())]
+    ents += [(f"m/{n}.ko", 0o100644, p.read_bytes()) for n, p in modules.items()]
+    return _cpio(ents)
 
 
 # ---------------------------------------------------------------- the guest
