@@ -71,6 +71,11 @@ def _one_line_2(rc, out, err, needle):
     (("verify", "--path", "x"), "--path belongs to --exhaustive"),
     (("verify", "--exhaustive", "--scenario", "xline", "--state", "/dev/zero"),
      "character device"),
+    # the first GLOB would be dropped without a word: refused, nothing attached
+    (("live", "count", "--pid", "1", "--functions", "a", "--functions", "b"),
+     "--functions given twice"),
+    (("live", "toggle", "--pid", "1", "--functions", "a", "--functions", "b", "--to", "nop"),
+     "--functions given twice"),
 ])
 def test_refused_before_any_work(capsys, argv, needle):
     _one_line_2(*_main(capsys, *argv), needle)

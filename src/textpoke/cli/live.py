@@ -72,6 +72,18 @@ def _to(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected call:SYMBOL or nop, got {text!r}")
 
 
+class _Once(argparse.Action):
+    """An option that takes one value: given twice, the first would be
+    dropped without a word (``--functions A --functions B`` counted only
+    B), so the second is refused instead."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice: give one GLOB (a glob such as "
+                         "'Py*' or 'lib:m*' matches many functions)")
+        setattr(namespace, self.dest, values)
+
+
 def _common(p: argparse.ArgumentParser, patches: bool) -> None:
     p.add_argument("--pid", type=int_in(PID), required=True, metavar="PID",
                    help="the process to patch (any of its threads' ids works)")
@@ -117,7 +129,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                     "if any holds a stray INT3, listing them; restore each with "
                                     "'textpoke live poke --pid P ADDR 0f1f440000'."))
     _common(s, False)
-    s.add_argument("--functions", metavar="GLOB", default=None,
+    s.add_argument("--functions", metavar="GLOB", default=None, action=_Once,
                    help="only the sites of functions matching GLOB (lib:GLOB for one module)")
     s.add_argument("--check", action="store_true",
                    help="exit 1 if any site holds a stray INT3 (e.g. after a SIGKILL of the "
@@ -130,7 +142,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "'call SYMBOL' (--to call:SYMBOL) or to NOP5 (--to nop), in one "
                                    "batch of the INT3 protocol, while the process runs.")
     _common(t, True)
-    t.add_argument("--functions", metavar="GLOB", required=True,
+    t.add_argument("--functions", metavar="GLOB", required=True, action=_Once,
                    help="functions whose fentry sites to switch (lib:GLOB for one module)")
     t.add_argument("--to", type=_to, required=True, metavar="call:SYMBOL|nop",
                    help="call:SYMBOL (a number or name; must be within ±2 GiB) or nop")
@@ -149,7 +161,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "counts are printed, most first, like bcc's funccount.  "
                                    "Ctrl-C ends the window early.")
     _common(c, True)
-    c.add_argument("--functions", metavar="GLOB", required=True,
+    c.add_argument("--functions", metavar="GLOB", required=True, action=_Once,
                    help="functions to count (lib:GLOB for one module)")
     c.add_argument("--duration", type=_duration, default=1.0, metavar="S",
                    help=f"seconds to count, 0..{DURATION_MAX:g} (default 1)")
