@@ -81,8 +81,9 @@ def run(args: argparse.Namespace) -> int:
                 if len(refused) > 20:
                     out.print_plain(f"  ... {len(refused) - 20} more refused (--json lists all)")
         summary = ", ".join(f"{k} {n}" for k, n in site_kinds(sites).items()) or "no sites"
-        out.print_plain(f"{len(sites)} sites: {summary}; ordinary entries: "
-                        f"{len(entries)} can take a JMP, {len(refused)} refused")
+        out.print_plain(f"{len(sites)} sites: {summary}" + (
+            "" if args.check else      # --check plans no entries: it would say 0 of 0
+            f"; ordinary entries: {len(entries)} can take a JMP, {len(refused)} refused"))
         if args.check:
             out.print_plain(f"stray INT3s: {len(stray)}" + (
                 f" -- run 'textpoke live recover --pid {args.pid}'" if stray else ""))
