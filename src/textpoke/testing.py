@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from ._core._machine import PAGE_SIZE, Capability, Machine, Task, TextRange, drive
+from ._core._machine import PAGE_SIZE, Capability, Machine, StillCpus, Task, TextRange
 from ._errors import BadAddressError, MachineError
 
 __all__ = ["MemoryMachine"]
@@ -46,7 +46,7 @@ class _Memory:
             self._bytes[addr + i] = b
 
 
-class MemoryMachine(Machine):
+class MemoryMachine(StillCpus, Machine):
     """Text ranges held in bytearrays; *ncpus* CPUs that never run.
 
     *text* maps a start address to the initial bytes of a range (the first
@@ -105,6 +105,8 @@ class MemoryMachine(Machine):
                 return buf, off
         raise BadAddressError(f"[{addr:#x}, +{size}) is not mapped text")
 
+    _text_span = _buf        # StillCpus' early writes go here
+
     def text_read(self, addr: int, size: int) -> bytes:
         start, buf = self._bufs[0]
         off = addr - start
@@ -126,23 +128,6 @@ class MemoryMachine(Machine):
             self.on_write(addr, bytes(data))
         return
         yield  # a task: nothing else runs here, so there is nothing to wait for
-
-    def text_write_early(self, addr: int, data: bytes) -> None:
-        buf, off = self._buf(addr, len(data))
-        buf[off:off + len(data)] = data
-
-    def sync_each_cpu(self) -> Task:
-        self.syncs += 1
-        return
-        yield
-
-    def run_task(self, task: Task) -> Any:
-        self._check_open()
-        try:
-            return drive(task)
-        except BaseException:
-            task.close()       # let go of it: nothing will resume it here
-            raise
 
     # hotplug, for tests of code that must follow the set of CPUs
     def add_cpu(self) -> int:

@@ -31,7 +31,7 @@ from ._emulate import DataMemory, PtRegs
 from .._errors import BadAddressError, MachineClosedError, MachineError, NotSupportedError
 
 __all__ = ["WaitUntil", "Task", "TrapHandler", "TrapPriority", "TrapHandle", "TextRange",
-           "Capability", "Machine", "PAGE_SIZE", "drive"]
+           "Capability", "Machine", "StillCpus", "PAGE_SIZE", "drive"]
 
 PAGE_SIZE = 4096
 
@@ -441,3 +441,33 @@ def drive(task: Task, service: Callable[[], None] | None = None, *, max_spins: i
             item = task.send(None)
     except StopIteration as stop:
         return stop.value
+
+
+class StillCpus:
+    """What a machine whose CPUs never run does (a memory machine, an
+    offline kernel image): a sync is counted and returns at once, a task
+    is driven to its end right here, and an early write goes straight into
+    the buffer that holds the address (``_text_span(addr, size)`` -> the
+    buffer and the offset, given by the machine)."""
+
+    syncs: int
+
+    def _text_span(self, addr: int, size: int) -> tuple[bytearray, int]:
+        raise NotImplementedError
+
+    def text_write_early(self, addr: int, data: bytes) -> None:
+        buf, off = self._text_span(addr, len(data))
+        buf[off:off + len(data)] = data
+
+    def sync_each_cpu(self) -> Task:
+        self.syncs += 1
+        return
+        yield       # a task with nothing to wait for: no CPU runs
+
+    def run_task(self, task: Task) -> Any:
+        self._check_open()  # type: ignore[attr-defined]
+        try:
+            return drive(task)
+        except BaseException:
+            task.close()    # let go of it: nothing will resume it here
+            raise

@@ -36,7 +36,7 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from .._core._machine import PAGE_SIZE, Capability, Machine, Task, TextRange, drive
+from .._core._machine import PAGE_SIZE, Capability, Machine, StillCpus, Task, TextRange
 from .._core._textpoke import TextPoke
 from .._errors import BadAddressError, MachineError
 from ..images._tables import KernelTables, jump_table, mcount_sites, static_call_table
@@ -122,7 +122,7 @@ class _Data:
             pos += n
 
 
-class OfflineMachine(Machine):
+class OfflineMachine(StillCpus, Machine):
     """A booted real image's memory as a machine with *ncpus* CPUs that
     never run.  *buf* is ``_text.._end`` at *base* (written in place: the
     dump is *buf*); *core* is ``(_stext, _etext)``; *data* is what data
@@ -202,6 +202,8 @@ class OfflineMachine(Machine):
                 return b, o
         raise BadAddressError(f"[{addr:#x}, +{size}) is not mapped text")
 
+    _text_span = _span        # StillCpus' early writes go here
+
     def text_read(self, addr: int, size: int) -> bytes:
         # the image's other text (init, exit: freed at run time) can still
         # be read, as boot left it -- a client sizes a jump entry there
@@ -222,23 +224,6 @@ class OfflineMachine(Machine):
         self.writes += 1
         return
         yield       # a task with nothing to wait for: no CPU runs here
-
-    def text_write_early(self, addr: int, data: bytes) -> None:
-        b, o = self._span(addr, len(data))
-        b[o:o + len(data)] = data
-
-    def sync_each_cpu(self) -> Task:
-        self.syncs += 1
-        return
-        yield
-
-    def run_task(self, task: Task) -> Any:
-        self._check_open()
-        try:
-            return drive(task)
-        except BaseException:
-            task.close()
-            raise
 
     def map_data(self, size: int, name: str, addr: int | None = None) -> int:
         # data the clients map (module data, rings) lives in sparse pages
