@@ -23,7 +23,7 @@ store different bytes (so its read-back does not verify).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 from ._core._machine import PAGE_SIZE, Capability, Machine, StillCpus, Task, TextRange
 from ._errors import BadAddressError, MachineError
