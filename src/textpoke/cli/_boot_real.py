@@ -258,6 +258,23 @@ def _progress_cb(enabled: bool):
     return cb, prog.stop
 
 
+def boot_options(args, caps, cmd: dict, sym) -> "BootOptions":
+    """The boot's options from ``boot --image``'s arguments (shared by the
+    clients' ``--image`` commands): the return thunk the command line and
+    CPU choose, or ``--return-thunk`` (a symbol checked with *sym*), CPUs,
+    SMP choices and ITS pages."""
+    from .._alternative._kpasses import BootOptions
+    rt: str | int = derive_return_thunk(caps, cmd)
+    if args.return_thunk:
+        rt = _symbol_or_addr(args.return_thunk)
+        if isinstance(rt, str):
+            sym(rt)
+    return BootOptions(return_thunk=rt, ncpus=args.cpus,
+                       noreplace_smp=cmd.get("noreplace_smp", False),
+                       setup_max_cpus=cmd.get("setup_max_cpus"),
+                       its_pages=[its_page(x) for x in args.its_page])
+
+
 def run_real(args: argparse.Namespace) -> int:
     from .._alternative._kboot import kernel_text_of
     from .._alternative._kdiff import SiteIndex, diff_ranges, diff_sections
@@ -282,15 +299,7 @@ def run_real(args: argparse.Namespace) -> int:
         kt = kernel_text_of(img, data=data, record=bool(args.sites))
         check_spans(args, len(kt.buf))
         caps = caps.for_line(kt.line)       # the image's kernel line numbers the features
-        rt: str | int = derive_return_thunk(caps, cmd)
-        if args.return_thunk:
-            rt = _symbol_or_addr(args.return_thunk)
-            if isinstance(rt, str):
-                kt.sym(rt)
-        opts = BootOptions(return_thunk=rt, ncpus=args.cpus,
-                           noreplace_smp=cmd.get("noreplace_smp", False),
-                           setup_max_cpus=cmd.get("setup_max_cpus"),
-                           its_pages=[its_page(x) for x in args.its_page])
+        opts = boot_options(args, caps, cmd, kt.sym)
         names = args.disasm or []
         before = {n: _fn(kt, img, n) for n in names}
         show = sys.stderr.isatty() and not args.no_progress and not args.json

@@ -85,14 +85,12 @@ def refuse_image_only(args: argparse.Namespace, clients: tuple[str, ...]) -> Non
 def _boot(args: argparse.Namespace, clients: tuple[str, ...]) -> Any:
     """The image booted as ``boot --image`` boots it, on an offline machine."""
     from .._alternative._kearly import read_config
-    from .._alternative._kpasses import BootOptions
     from .._alternative._ktext import KernelBootError
     from .._errors import TextPokeError
     from ..images._vmlinux import load_kernel
     from ..kernel._offline import ExecRegion, offline_kernel
-    from ._boot_real import (SPAN_MAX, TEXT_MAX, _find_config, _symbol_or_addr, caps_from_args,
-                             check_spans, derive_return_thunk, early_from_args, its_page,
-                             parse_cmdline)
+    from ._boot_real import (SPAN_MAX, TEXT_MAX, _find_config, boot_options, caps_from_args,
+                             check_spans, early_from_args, parse_cmdline)
     from ._inputs import check_input, read_bounded
     if not hasattr(args, "cpu_features"):
         args.cpu_features, args.cpu_features_given = "", False
@@ -135,15 +133,7 @@ def _boot(args: argparse.Namespace, clients: tuple[str, ...]) -> Any:
             regions.append(ExecRegion(page_addr(a), pages * 4096, owner))
     try:
         caps = caps.for_line(img.line)
-        rt: str | int = derive_return_thunk(caps, cmd)
-        if args.return_thunk:
-            rt = _symbol_or_addr(args.return_thunk)
-            if isinstance(rt, str):
-                img.sym(rt)
-        opts = BootOptions(return_thunk=rt, ncpus=args.cpus,
-                           noreplace_smp=cmd.get("noreplace_smp", False),
-                           setup_max_cpus=cmd.get("setup_max_cpus"),
-                           its_pages=[its_page(x) for x in args.its_page])
+        opts = boot_options(args, caps, cmd, img.sym)
         return offline_kernel(img, caps, opts, data=data, early=early_from_args(args),
                               config=cfg, regions=regions, ncpus=args.cpus,
                               before=before), cfg is not None
