@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-only
 import os
+import signal
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -23,6 +24,13 @@ def core(workload):
 
 
 def pytest_configure(config):
+    # A shell without job control starts a background job (`make test &`,
+    # some CI runners) with SIGINT ignored, and an ignored signal stays
+    # ignored in every process the tests start: the tests that send SIGINT
+    # to a patcher would see it do nothing.  A handler, unlike SIG_IGN, is
+    # reset by exec, so the children start with Python's own Ctrl-C again.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line(
         "markers", "kernel: boots Debian's kernel under QEMU (make test-kernel; "
                    "set TEXTPOKE_KERNEL_TESTS=1 to run them)")

@@ -32,6 +32,10 @@ DRIVER = textwrap.dedent("""
         raise Terminated()
 
     signal.signal(signal.SIGTERM, on_term)
+    # Ctrl-C as an interactive user's: a shell without job control starts
+    # background jobs (a CI runner's, `make test &`) with SIGINT ignored,
+    # and Python then leaves it ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     pid, phase, policy, sites = int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
     m = LiveMachine(pid, trap_policy=policy)
     core = TextPoke(m)
