@@ -18,6 +18,7 @@ from ._inputs import GiB, MiB, check_input, input_file, output_file, read_bounde
 
 if TYPE_CHECKING:
     from .._alternative._kearly import EarlyBoot
+    from .._alternative._kpasses import BootOptions
     from .._alternative._ktext import CpuCaps
 
 # The patcher (iced-x86, the kernel's tables) is imported by the functions
@@ -275,20 +276,27 @@ def boot_options(args, caps, cmd: dict, sym) -> "BootOptions":
                        its_pages=[its_page(x) for x in args.its_page])
 
 
-def run_real(args: argparse.Namespace) -> int:
-    from .._alternative._kboot import kernel_text_of
-    from .._alternative._kdiff import SiteIndex, diff_ranges, diff_sections
-    from .._alternative._kpasses import BootOptions
-    from .._alternative._ktext import KernelBootError
+def load_image(args: argparse.Namespace) -> tuple[dict, Any, list[str], Any]:
+    """What every ``--image`` command reads first: the kernel command line,
+    the CPU's capabilities (and the cpuinfo names skipped), and the image
+    (with its System.map when given); a bad image is a usage error."""
     from .._errors import TextPokeError
     from ..images._vmlinux import load_kernel
-    from ..kernel import boot_kernel
     cmd = parse_cmdline(args.cmdline or "")
     caps, unknown = caps_from_args(args)
     try:
         img = load_kernel(args.image, args.system_map)
     except TextPokeError as e:
         raise UsageError(str(e)) from None
+    return cmd, caps, unknown, img
+
+
+def run_real(args: argparse.Namespace) -> int:
+    from .._alternative._kboot import kernel_text_of
+    from .._alternative._kdiff import SiteIndex, diff_ranges, diff_sections
+    from .._alternative._ktext import KernelBootError
+    from ..kernel import boot_kernel
+    cmd, caps, unknown, img = load_image(args)
     data = None
     if args.data:
         try:

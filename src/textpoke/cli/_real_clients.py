@@ -87,19 +87,13 @@ def _boot(args: argparse.Namespace, clients: tuple[str, ...]) -> Any:
     from .._alternative._kearly import read_config
     from .._alternative._ktext import KernelBootError
     from .._errors import TextPokeError
-    from ..images._vmlinux import load_kernel
     from ..kernel._offline import ExecRegion, offline_kernel
-    from ._boot_real import (SPAN_MAX, TEXT_MAX, _find_config, boot_options, caps_from_args,
-                             check_spans, early_from_args, parse_cmdline)
+    from ._boot_real import (SPAN_MAX, TEXT_MAX, _find_config, boot_options, check_spans,
+                             early_from_args, load_image)
     from ._inputs import check_input, read_bounded
     if not hasattr(args, "cpu_features"):
         args.cpu_features, args.cpu_features_given = "", False
-    cmd = parse_cmdline(args.cmdline or "")
-    caps, _unknown = caps_from_args(args)
-    try:
-        img = load_kernel(args.image, args.system_map)
-    except TextPokeError as e:
-        raise UsageError(str(e)) from None
+    cmd, caps, _unknown, img = load_image(args)
     check_spans(args, len(img.memory))
     before = None
     if args.before:

@@ -80,17 +80,23 @@ def run_image(args: argparse.Namespace) -> int:
         except ValueError as e:
             d["tracepoints_refused"] = str(e)
         if args.optimize:
-            try:
-                kp.optimize_kprobe(probe)
-                d["probe"]["how"] = "optimized"
-            except KprobeError as e:
-                d["probe"]["optimize_refused"] = str(e)
-                lines.append(f"not optimised: {e}")
+            _optimize(kp, probe, d, lines)
         lines.append(f"{'kretprobe' if args.retprobe else 'kprobe'} {probe.name} "
                      f"({probe.addr:#x}: {info['insn']}): {d['probe']['how']}")
         return False
 
     return run_on_image(args, ("kprobes", "optprobes", "ftrace"), step)
+
+
+def _optimize(kp, probe, d: dict, lines: list[str]) -> None:
+    """--optimize: the probe becomes a JMP, or the report says why not."""
+    from .._kprobes import KprobeError
+    try:
+        kp.optimize_kprobe(probe)
+        d["probe"]["how"] = "optimized"
+    except KprobeError as e:
+        d["probe"]["optimize_refused"] = str(e)
+        lines.append(f"not optimised: {e}")
 
 
 def _probe_call(cm, kp, addr: int, name: str) -> int | None:
@@ -111,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give SYMBOL[+OFF] or --selftest")
     from .._kprobes import KprobeError
     from .._kprobes._guest import build_guest_functions
-    from ..sim._clients_demo import _CALLS, ClientMachine
+    from ..selftests._rig import _CALLS
+    from ..sim._clients_demo import ClientMachine
     from ..selftests import kprobes_selftest
 
     def body(cm, d: dict, lines: list[str]) -> bool:
@@ -167,12 +174,7 @@ def run(args: argparse.Namespace) -> int:
                           "insn": info["insn"], "how": info["how"], "retprobe": args.retprobe}
             d["hits"], d["nhit"] = hits, 0
             if args.optimize:
-                try:
-                    kp.optimize_kprobe(probe)
-                    d["probe"]["how"] = "optimized"
-                except KprobeError as e:
-                    d["probe"]["optimize_refused"] = str(e)
-                    lines.append(f"not optimised: {e}")
+                _optimize(kp, probe, d, lines)
             try:
                 cm.wait_passes(args.passes)
                 calls1 = calls()        # before unregistering: every one armed

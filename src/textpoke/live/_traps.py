@@ -50,6 +50,17 @@ class _Traps:
             return False
         return any(s.si_signo == signal.SIGTRAP and s.si_code == P.SI_KERNEL for s in pend)
 
+    def _rewind(self, t: _Thread, regs, site: int) -> None:
+        """Put *t* back at *site* (the trap is not delivered) and let it run
+        on -- or keep it stopped, its SIGTRAP consumed, if it is being held."""
+        regs.rip = site
+        P.setregs(t.tid, regs)
+        self.stats.traps_rewound += 1
+        if t.want_hold:
+            t.hold_sig = 0
+            return
+        self._resume(t)
+
     def _on_sigtrap(self, t: _Thread) -> None:
         tid = t.tid
         regs = P.getregs(tid, self._regs)
@@ -59,26 +70,14 @@ class _Traps:
             if si.si_code == P.SI_KERNEL:
                 self.stats.traps += 1
                 if self.text_read(site, 1)[0] != _INT3:
-                    regs.rip = site            # our INT3 is gone: run what is there now
-                    P.setregs(tid, regs)
-                    self.stats.traps_rewound += 1
-                    if t.want_hold:
-                        t.hold_sig = 0
-                        return
-                    self._resume(t)
+                    self._rewind(t, regs, site)     # our INT3 is gone: run what is there now
                     return
                 if self._run_chain(t, regs, site):
                     return
                 if site in self._adopted:
                     # a dead patcher's INT3, not repaired yet: back to the
                     # site, to trap again until it is (never to the target)
-                    regs.rip = site
-                    P.setregs(tid, regs)
-                    self.stats.traps_rewound += 1
-                    if t.want_hold:
-                        t.hold_sig = 0
-                        return
-                    self._resume(t)
+                    self._rewind(t, regs, site)
                     return
         elif any(h.priority > TrapPriority.TEXT_POKE for h in self._trap_order) \
                 and self._client_int3(tid, site):

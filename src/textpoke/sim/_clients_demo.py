@@ -27,7 +27,7 @@ from .._static_call._calls import StaticCalls
 from ..kernel import Kernel
 from ..selftests import (Probe, SelfTestResult, many_key_flip, static_call_selftest,
                          static_keys_selftest)
-from ..selftests._rig import _CALLS, CLIENT_CPUS, CLIENT_REC, CLIENT_SLOTS, ProbeLoopRig
+from ..selftests._rig import CLIENT_CPUS, CLIENT_REC, CLIENT_SLOTS, ProbeLoopRig
 from ..images import load_bundled
 from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import read_tables

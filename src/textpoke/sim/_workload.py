@@ -10,7 +10,7 @@ import struct
 from .._errors import BadAddressError
 from ..images import ElfImage, load_bundled
 from ..images._kernel import kernel_regions
-from ..images._workload import KIND_NAMES, VARIANTS, Site, read_sites   # shared with live
+from ..images._workload import VARIANTS, Site, read_sites   # shared with live
 from ._machine import COARSE, SchedPolicy, SimMachine
 
 __all__ = ["Site", "Workload", "boot_workload", "PERCPU_BASE", "PERCPU_STRIDE", "VARIANTS",
