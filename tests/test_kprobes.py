@@ -262,6 +262,40 @@ def test_optimized_handler_changes_registers(rig):
     assert not cm.expect({i: 3 + OPT_K + HELPER_ADD})
 
 
+def test_optprobe_buffer_is_the_kernels_template_layout(rig):
+    """The out-of-line buffer is laid out as arch_prepare_optimized_kprobe
+    lays it: optprobe_template (pt_regs pushed, NOP3 without SMAP), the op
+    pointer into rdi, a call of optimized_callback, the displaced copies,
+    the JMP back; in consecutive MAX_OPTINSN_SIZE slots of one page."""
+    import struct
+
+    from textpoke._kprobes._opt import (MAX_OPTINSN_SIZE, TMPL_CALL_IDX, TMPL_END_IDX,
+                                        TMPL_MOVE_IDX, optprobe_template)
+    cm, kp, g = rig
+    cm.start()
+    p = kp.register_kprobe("kp_opt_target", lambda p, r: None)
+    q = kp.register_kprobe("kprobe_target", lambda p, r: None)
+    kp.optimize_kprobes([p, q])
+    dp, dq = kp.site_info(p)["detour"], kp.site_info(q)["detour"]
+    assert dq - dp == MAX_OPTINSN_SIZE                 # slot 1 after slot 0 of the page
+    n = kp.site_info(p)["displaced"]
+    b = cm.sim.text_read(dp, TMPL_END_IDX + n + 5)
+    tmpl = optprobe_template()
+    assert b[:TMPL_MOVE_IDX] == tmpl[:TMPL_MOVE_IDX]
+    # push $__KERNEL_DS; push %rsp; pushfq; NOP3; sub $24, %rsp; push %rdi
+    assert b[:12] == bytes.fromhex("6a18549c0f1f004883ec1857")
+    assert b[TMPL_MOVE_IDX:TMPL_MOVE_IDX + 2] == b"\x48\xbf"        # movabs $op, %rdi
+    call = TMPL_CALL_IDX
+    assert b[call] == 0xE8 and \
+        dp + call + 5 + struct.unpack("<i", b[call + 1:call + 5])[0] == kp._opt_stub
+    assert b[call + 5:TMPL_END_IDX] == tmpl[call + 5:]
+    # the copies (xor; the RIP-relative mov re-targeted) and the JMP back
+    assert b[TMPL_END_IDX:TMPL_END_IDX + 2] == bytes.fromhex("31c0")
+    j = TMPL_END_IDX + n
+    assert b[j] == 0xE9 and dp + j + 5 + struct.unpack("<i", b[j + 1:j + 5])[0] == p.addr + n
+    assert not cm.bad() and cm.oopses == 0
+
+
 # ---------------------------------------------------------------- refusals
 def _refused(cm, kp, spec, reason, span, *, post=None, match=None):
     a, n = span
@@ -332,6 +366,10 @@ def test_optimize_refusals(rig, monkeypatch):
     cm, kp, g = rig
     cm.start()
     cm.wait_passes(1)
+    # the bundled image's config has IBT (no jump tables: indirect jumps are
+    # taken, as can_optimize does); a kernel that may have jump tables refuses
+    assert kp.jump_tables is False
+    kp.jump_tables = True
     cases = [("kp_jump_in", "jumps into the range"),
              ("kp_indirect", "indirect jump"),
              ("kp_int3_range", "INT3"),
@@ -347,11 +385,17 @@ def test_optimize_refusals(rig, monkeypatch):
     # a detour beyond +-2 GiB
     p = kp.register_kprobe("kp_opt_target", lambda p, r: None)
     monkeypatch.setattr(kp, "_alloc_detour", lambda: p.addr + (3 << 30))
-    monkeypatch.setattr(kp.execmem, "free", lambda *a, **k: None)
+    monkeypatch.setattr(kp, "_free_detour", lambda a: None)
     _opt_refused(cm, kp, p, g.funcs["kp_opt_target"], "2 GiB")
     monkeypatch.undo()
     kp.unregister_kprobe(p)
     assert cm.sim.text_read(*g.funcs["kp_opt_target"]) == _text(cm, g, "kp_opt_target")
+    # an IBT kernel (no jump tables) optimises a function with an indirect jump
+    kp.jump_tables = False
+    p = kp.register_kprobe("kp_indirect", lambda p, r: None)
+    kp.optimize_kprobe(p)
+    assert kp.is_optimized(p)
+    kp.unregister_kprobe(p)
     assert cm.oopses == 0
 
 

@@ -179,6 +179,19 @@ def test_kprobes_follow_the_images_config_on_its_own_instructions(booted):
     assert _text(ok) == ok.booted_text
 
 
+def test_the_optprobe_template_is_the_images_own(booted):
+    """The buffer an optimised probe gets starts with the kernel's
+    optprobe_template (``.rodata``, read from the image): the same bytes."""
+    from textpoke._kprobes._opt import TMPL_END_IDX, optprobe_template
+    _d, ok = booted
+    img = ok.image
+    lo, hi = img.symbols.get("optprobe_template_entry"), img.symbols.get("optprobe_template_end")
+    if lo is None or hi is None:
+        pytest.skip("the image's kallsyms has no optprobe_template_* (no KALLSYMS_ALL)")
+    assert hi - lo == TMPL_END_IDX
+    assert ok.machine.mem.read(lo, hi - lo) == optprobe_template()
+
+
 def _package_module(d: Path, tmp: Path, rel: str) -> bytes | None:
     """A module of the image's own package (the cached -unsigned .deb)."""
     import lzma
@@ -332,14 +345,19 @@ def test_the_clients_equal_the_kernels_own_run_time_text(manifest):
     with session(index[index.index("kprobe-optimized-on") - 1],
                  [ExecRegion(al["kprobe_insn_pages"][0], 4096, "kprobes"),
                   ExecRegion(al["kprobe_optinsn_pages"][0], 4096, "optprobes")]) as ok:
+        from textpoke._kprobes._opt import buffer_op
         kp = ok.kernel.kprobes
         p = kp.register_kprobe(m["probes"]["kprobe"])
         tracing_cmdline_record(ok.kernel, True)
+        # the buffer's first argument is a kmalloc address (struct
+        # optimized_kprobe): an input, read from the kernel's own buffer
+        page = next(r for r in steps["kprobe-optimized-on"]["regions"]
+                    if r["kind"] == "kprobe_optinsn_page")
+        kp.optprobe_ops[p.addr] = buffer_op((ref / page["file"]).read_bytes())
         kp.optimize_kprobe(p)
-        # the detour is our own code, not the kernel's optprobe template:
-        # its page is not compared (README)
-        ok.machine.regions[:] = [r for r in ok.machine.regions if r.owner != "optprobes"]
-        check(ok, "kprobe-optimized-on")
+        assert kp.site_info(p)["detour"] == page["addr"]      # the page's first slot
+        check(ok, "kprobe-optimized-on")        # the optinsn page compared too
+        assert any(r.owner == "optprobes" for r in ok.machine.regions)
 
     # a kretprobe on a function's entry: KPROBES_ON_FTRACE puts it on the
     # fentry NOP through kprobe_ftrace_ops' own trampoline (a new page)

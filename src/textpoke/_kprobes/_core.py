@@ -92,7 +92,7 @@ from ._insn import can_boost, is_exception_insn, prepare_emulation, relocate
 from ._kretprobe import _Kretprobes
 from ._lookup import _Lookup
 from ._onftrace import _FtraceProbes
-from ._opt import DETOUR_SIZE, FRAME_REGS, RELATIVEJUMP_SIZE
+from ._opt import KERNEL_CS, MAX_OPTINSN_SIZE, PT_REGS, RELATIVEJUMP_SIZE
 from ._optprobe import _Optprobes
 from ._types import (_SLOT_SIZE, Kprobe, KprobeError, KprobeStats, Kretprobe, KretprobeInstance,
                      PostHandler, PreHandler, _Site)
@@ -118,7 +118,8 @@ class Kprobes(_Lookup, _Kretprobes, _Optprobes, _FtraceProbes):
     def __init__(self, core, image=None, *, tables=None, smp=None, keys=None, calls=None,
                  execmem: ExecMem | None = None, preemption: bool = False,
                  blacklist: "Iterable[tuple[int, int] | str]" = (),
-                 auto_optimize: bool = False, ftrace=None) -> None:
+                 auto_optimize: bool = False, ftrace=None, smap: bool = False,
+                 jump_tables: bool = True) -> None:
         self.core = core
         #: KPROBES_ON_FTRACE: the Ftrace whose ops probes on fentry NOPs use
         self.ftrace = ftrace
@@ -132,6 +133,16 @@ class Kprobes(_Lookup, _Kretprobes, _Optprobes, _FtraceProbes):
         self.machine = core.machine
         self.image = image
         self.preemption = preemption
+        #: the CPU has SMAP: optimised probes' buffers start with CLAC
+        self.smap = smap
+        #: the kernel may have jump tables (neither retpolines nor IBT): a
+        #: function with an indirect jump is not optimised
+        self.jump_tables = jump_tables
+        #: probe address -> the kernel's struct optimized_kprobe for it (the
+        #: optprobe buffer's first argument; from a run-time reference)
+        self.optprobe_ops: dict[int, int] = {}
+        self._opt_callback: int | None = None
+        self._opt_stub: int | None = None
         #: run kprobe_optimizer after every registration (the kernel's default)
         self.auto_optimize = auto_optimize
         self.smp, self.keys, self.calls = smp, keys, calls
@@ -158,7 +169,7 @@ class Kprobes(_Lookup, _Kretprobes, _Optprobes, _FtraceProbes):
         self.stats = KprobeStats()
         self._sites: dict[int, _Site] = {}
         self._slots: dict[int, _Site] = {}       # second-INT3 address -> site
-        self._detours: dict[int, _Site] = {}     # detour's handler INT3 -> site
+        self._detours: dict[int, _Site] = {}     # buffer's callback return address -> site
         self._instances: dict[int, list[KretprobeInstance]] = {}
         self._tramp: int | None = None
         self._rethook_cb: int | None = None
@@ -195,6 +206,9 @@ class Kprobes(_Lookup, _Kretprobes, _Optprobes, _FtraceProbes):
             if self._tramp is not None and self._rethook_cb is None:
                 self.execmem.free(self._tramp)
             self._tramp = None
+            if self._opt_stub is not None:
+                self.execmem.free(self._opt_stub)
+            self._opt_stub = self._opt_callback = None
             self._handle.unregister()
 
     @property
@@ -358,7 +372,7 @@ class Kprobes(_Lookup, _Kretprobes, _Optprobes, _FtraceProbes):
             if s.slot is not None:
                 ranges.append((s.slot, s.slot + _SLOT_SIZE))
             if s.detour is not None:
-                ranges.append((s.detour.addr, s.detour.addr + DETOUR_SIZE))
+                ranges.append((s.detour.addr, s.detour.addr + MAX_OPTINSN_SIZE))
         if ranges:
             self._wait_quiescent(ranges, "freeing kprobe slots")
         for s in gone:
@@ -366,8 +380,8 @@ class Kprobes(_Lookup, _Kretprobes, _Optprobes, _FtraceProbes):
                 self._slots.pop(s.slot + s.insn.length, None)
                 self.execmem.free(s.slot)
             if s.detour is not None:
-                self._detours.pop(s.detour.call_int3, None)
-                self.detour_mem.free(s.detour.addr)
+                self._detours.pop(s.detour.call_ret, None)
+                self._free_detour(s.detour.addr)
 
     # ------------------------------------------------------------ quiescence
     def _wait_quiescent(self, ranges: list[tuple[int, int]], why: str) -> None:
@@ -402,9 +416,10 @@ class Kprobes(_Lookup, _Kretprobes, _Optprobes, _FtraceProbes):
             return self._rethook_hit(regs)
         if ip == self._tramp and self._rethook_cb is None:
             return self._ret_hit(regs)
-        site = self._detours.get(ip)
-        if site is not None:
-            return self._opt_hit(site, regs)
+        if ip == self._opt_stub:
+            site = self._detours.get(int.from_bytes(regs.mem.read(regs.sp, 8), "little"))
+            if site is not None:
+                return self._opt_hit(site, regs)
         return False
 
     def _hit(self, site: _Site, regs: PtRegs) -> bool:
@@ -445,21 +460,31 @@ class Kprobes(_Lookup, _Kretprobes, _Optprobes, _FtraceProbes):
                 p.post_handler(p, regs, 0)
 
     def _opt_hit(self, site: _Site, regs: PtRegs) -> bool:
-        n = len(FRAME_REGS)
-        frame = regs.mem.read(regs.sp, 8 * (n + 1))
-        vals = struct.unpack(f"<{n + 1}Q", frame)
-        gprs = {r: vals[n - 1 - i] for i, r in enumerate(FRAME_REGS)}
-        hregs = PtRegs(ip=site.addr + 1, sp=regs.sp + 8 * (n + 1), flags=vals[n],
+        # optimized_callback(op, regs): the buffer built a struct pt_regs
+        # right above the return address of its call
+        n = len(PT_REGS)
+        frame = regs.sp + 8
+        vals = list(struct.unpack(f"<{n}Q", regs.mem.read(frame, 8 * n)))
+        at = {r: i for i, r in enumerate(PT_REGS)}
+        gprs = {r: vals[at[r]] for r in PT_REGS[:15]}
+        # what the kernel's callback fixes in the frame before the handlers
+        vals[at["sp"]] = (vals[at["sp"]] + 8) & ((1 << 64) - 1)
+        vals[at["cs"]] = KERNEL_CS
+        vals[at["ip"]] = site.addr + 1
+        vals[at["orig_ax"]] = (1 << 64) - 1
+        hregs = PtRegs(ip=site.addr + 1, sp=vals[at["sp"]], flags=vals[at["flags"]],
                        mem=regs.mem, cpu=regs.cpu, gprs=dict(gprs))
         self.stats.detour_hits += 1
         for p in list(site.probes):
             p.nhit += 1
             if p.pre_handler is not None:
                 p.pre_handler(p, hregs)
-        out = [hregs.gprs.get(r, gprs[r]) & ((1 << 64) - 1) for r in reversed(FRAME_REGS)]
-        out.append(hregs.flags & ((1 << 64) - 1))
-        if out != list(vals):
-            regs.mem.write(regs.sp, struct.pack(f"<{n + 1}Q", *out))
+        # the template restores the registers and the flags from the frame
+        # (ip and sp are not restored: the copies run next, then the JMP back)
+        for r in PT_REGS[:15]:
+            vals[at[r]] = hregs.gprs.get(r, gprs[r]) & ((1 << 64) - 1)
+        vals[at["flags"]] = hregs.flags & ((1 << 64) - 1)
+        regs.mem.write(frame, struct.pack(f"<{n}Q", *vals))
         return True
 
     def _check_open(self) -> None:

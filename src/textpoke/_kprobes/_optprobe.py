@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Iterable
 
 from .._core._insn import INT3_INSN_OPCODE, JMP32_INSN_OPCODE, Insn, text_gen_insn
-from ._opt import (DETOUR_SIZE, RELATIVEJUMP_SIZE, OptError, check_displaced, check_function,
-                   check_reach, detour_code)
+from ._opt import (MAX_OPTINSN_SIZE, RELATIVEJUMP_SIZE, OptError, OptinsnSlots,
+                   check_displaced, check_function, check_reach, detour_code)
 from ._types import _SLOT_SIZE, Kprobe, KprobeError, _Site
 
 __all__: list[str] = []
@@ -44,8 +44,8 @@ class _Optprobes:
                         new_detours.append(s)
             except BaseException:
                 for s in new_detours:
-                    self._detours.pop(s.detour.call_int3, None)
-                    self.detour_mem.free(s.detour.addr)
+                    self._detours.pop(s.detour.call_ret, None)
+                    self._free_detour(s.detour.addr)
                     s.detour, s.displaced = None, b""
                 raise
             if not sites:
@@ -118,7 +118,7 @@ class _Optprobes:
                               reason="optimize", addr=addr)
         insns = self._decode_function(fstart, fsize)
         try:
-            check_function(insns, addr)
+            check_function(insns, addr, jump_tables=self.jump_tables)
             disp: list[Insn] = []
             n = 0
             for ins in insns:
@@ -141,27 +141,63 @@ class _Optprobes:
             buf = self._alloc_detour()
             try:
                 check_reach(addr, buf)
-                det = detour_code(buf, addr, disp)
-                self.core.text_poke_copy(buf, det.code.ljust(DETOUR_SIZE, b"\xcc"))
+                det = detour_code(buf, addr, disp, op=self._optprobe_op(addr, buf),
+                                  callback=self._optimized_callback(), smap=self.smap)
+                # only the buffer's own bytes, as arch_prepare_optimized_kprobe
+                # writes them: the rest of the slot keeps what the page held
+                self.core.text_poke_copy(buf, det.code)
             except BaseException:
-                self.detour_mem.free(buf, invalidate=False)
+                self._free_detour(buf)
                 raise
         except OptError as e:
             raise KprobeError(f"cannot optimise {name}+{addr - fstart:#x}: {e}",
                               reason="optimize", addr=addr) from None
         s.detour = det
         s.displaced = self._recovered(addr, n)
-        self._detours[det.call_int3] = s
+        self._detours[det.call_ret] = s
 
     @property
     def detour_mem(self):
-        """Where detours come from: ``opt_execmem`` when given (the kernel's
-        ``kprobe_optinsn_slots``, a page apart from the instruction slots),
+        """Where the optinsn slots' pages come from: ``opt_execmem`` when
+        given (on a real kernel, the page its ``kprobe_optinsn_slots`` got),
         else the probes' execmem."""
         return getattr(self, "opt_execmem", None) or self.execmem
 
+    @property
+    def optinsn_slots(self) -> OptinsnSlots:
+        mem = self.detour_mem
+        slots = self.__dict__.get("_optinsn_slots")
+        if slots is None or slots.mem is not mem:
+            slots = self.__dict__["_optinsn_slots"] = OptinsnSlots(mem)
+        return slots
+
     def _alloc_detour(self) -> int:
-        return self.detour_mem.alloc(DETOUR_SIZE)
+        return self.optinsn_slots.alloc()
+
+    def _free_detour(self, addr: int) -> None:
+        self.optinsn_slots.free(addr)
+
+    def _optprobe_op(self, addr: int, buf: int) -> int:
+        """The first argument the buffer passes to ``optimized_callback``:
+        the kernel's ``struct optimized_kprobe`` -- a kmalloc address only a
+        run of the kernel tells, so given per probe address in
+        ``optprobe_ops`` (read from a run-time reference); otherwise the
+        slot's own address stands for it (our callback finds the probe by
+        its return address and never reads it)."""
+        return self.optprobe_ops.get(addr, buf)
+
+    def _optimized_callback(self) -> int:
+        """The image's ``optimized_callback`` when it has one (a real
+        kernel), else our stub ``int3; ret`` in execmem, whose INT3 is the
+        call into the host (see :mod:`._opt`)."""
+        if self._opt_callback is None:
+            a = self.image.symbols.get("optimized_callback") if self.image is not None else None
+            if a is None:
+                a = self.execmem.alloc(16)
+                self.core.text_poke_copy(a, b"\xcc\xc3")
+                self._opt_stub = a
+            self._opt_callback = a
+        return self._opt_callback
 
     def unoptimize_kprobe(self, p: Kprobe) -> None:
         self.unoptimize_kprobes([p])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import Bounds, UsageError, int_in
+from ._args import U64, Bounds, UsageError, checked, int_in, number
 from ._real_clients import add_image_arguments, refuse_image_only, run_on_image
 from .keys import add_common, on_clients, start_workload
 
@@ -45,6 +45,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"hits to print, {SHOW} (default 8)")
     add_common(p)
     add_image_arguments(p, ("kprobes", "optprobes", "ftrace"))
+    p.add_argument("--optprobe-op", metavar="ADDR", type=checked(kernel_addr, "ADDR"),
+                   help="with --image --optimize: the address of the kernel's struct "
+                        "optimized_kprobe for the probe (kmalloc'ed; the optprobe buffer "
+                        "loads it into rdi -- read it from the run-time reference's optinsn "
+                        "page); without it the buffer's own address stands for it")
+
+
+def kernel_addr(text: str) -> int:
+    v = number(text, U64, "address")
+    if v < 1 << 63:
+        raise UsageError(f"{text} is not a kernel address (0xffff...)")
+    return v
 
 
 def run_image(args: argparse.Namespace) -> int:
@@ -52,6 +64,8 @@ def run_image(args: argparse.Namespace) -> int:
     image offline -- the text as the kernel leaves it with the probe armed."""
     if args.selftest or not args.symbol:
         raise UsageError("with --image: give SYMBOL[+OFF] (--selftest runs on the sim's CPUs)")
+    if args.optprobe_op is not None and not args.optimize:
+        raise UsageError("--optprobe-op applies to an optimised probe: give --optimize too")
 
     def step(ok, d: dict, lines: list[str]) -> bool:
         from .._errors import NotSupportedError
@@ -80,6 +94,8 @@ def run_image(args: argparse.Namespace) -> int:
         except ValueError as e:
             d["tracepoints_refused"] = str(e)
         if args.optimize:
+            if args.optprobe_op is not None:
+                kp.optprobe_ops[probe.addr] = kernel_addr(args.optprobe_op)
             _optimize(kp, probe, d, lines)
         lines.append(f"{'kretprobe' if args.retprobe else 'kprobe'} {probe.name} "
                      f"({probe.addr:#x}: {info['insn']}): {d['probe']['how']}")
@@ -113,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "image", None):
         return run_image(args)
     refuse_image_only(args, ("kprobes", "optprobes", "ftrace"))
+    if args.optprobe_op is not None:
+        raise UsageError("--optprobe-op applies to a real kernel image: give --image too")
     if not args.symbol and not args.selftest:
         raise UsageError("give SYMBOL[+OFF] or --selftest")
     from .._kprobes import KprobeError

@@ -201,7 +201,12 @@ class Kernel:
                        smp=getattr(self.boot, "smp", None), keys=self.keys, calls=self.calls,
                        preemption=self.config["PREEMPTION"],
                        ftrace=self.ftrace if self.config["KPROBES_ON_FTRACE"] else None,
-                       execmem=kp_mem)
+                       # (the sim's Unicorn vCPUs have no SMAP: a CLAC would #UD
+                       # there, whatever the boot's feature list claims)
+                       execmem=kp_mem,
+                       smap="smap" in self.features and self.core.machine.name != "sim",
+                       # an IBT (or retpoline) build has no jump tables
+                       jump_tables=not self.config["X86_KERNEL_IBT"])
         if "optprobes" in self.execmem_at:       # the optinsn slots' page, given
             kp.opt_execmem = self._given_execmem("optprobes")
         return kp
