@@ -84,51 +84,119 @@ class RingBuffer:
 
     def __init__(self, machine, image, *, size: int = 4096, nprof: int = 0,
                  tasks: dict[int, tuple[str, int]] | None = None,
-                 base: int = FTRACE_DATA_BASE, overwrite: bool = True) -> None:
+                 base: int | None = FTRACE_DATA_BASE, overwrite: bool = True,
+                 slots: int | None = None, mapped_at: int | None = None) -> None:
         if size < 1 or size & (size - 1):
             raise ValueError(f"ring size must be a power of two, not {size}")
         machine.require(Capability.DATA, "ftrace ring buffers")
         machine.require(Capability.PERCPU, "ftrace per-CPU records")
         cpus = list(machine.cpus)
-        if any(c >= FTRACE_CPUS for c in cpus):
-            raise ValueError(f"the image has ftrace records for {FTRACE_CPUS} CPUs")
+        #: the image's ``struct ftrace_cpu`` records (the bundled kernel has 8)
+        nrec = getattr(image, "sizes", {}).get("ftrace_percpu", FTRACE_CPUS * _CPU_REC) // _CPU_REC
+        if slots is None:
+            # a CPU's ring is its number's: CPU ids are small
+            if any(c >= nrec for c in cpus):
+                raise ValueError(f"the image has ftrace records for {nrec} CPUs")
+            nslots = max(cpus) + 1
+            self.slot = {c: c for c in cpus}
+        else:
+            # CPU ids that are not small numbers (a process's thread ids): each
+            # gets the next free ring, and CPUs that come later (add_cpu) too
+            if not len(cpus) <= slots <= nrec:
+                raise ValueError(f"{slots} rings for {len(cpus)} CPUs: want from {len(cpus)} "
+                                 f"to the image's {nrec} records")
+            nslots = slots
+            self.slot = {c: i for i, c in enumerate(cpus)}
         self.machine, self.image, self.size = machine, image, size
         self._mem = machine.mem
         self.cpus = cpus
+        self.nslots = nslots
         self.percpu = image.sym("ftrace_percpu")
         self.clock = image.sym("trace_clock_counter")
         self.nprof = nprof
-        self.ips_addr = base
-        prof0 = base + _page_up(8 * max(nprof, 1))
         self.prof_stride = _page_up(8 * max(nprof, 1))
-        slots = max(cpus) + 1
-        ring0 = prof0 + self.prof_stride * slots
         self.ring_stride = size * TRACE_ENTRY_SIZE
-        total = ring0 - base + self.ring_stride * slots
-        base = machine.map_data(_page_up(total), "ftrace", base)
+        total = self.region_bytes(size, nprof, nslots)
+        if mapped_at is not None:
+            # memory the caller mapped (and frees) with its own: region_bytes() long
+            base = mapped_at
+        else:
+            # base None: wherever the machine puts it
+            base = machine.map_data(_page_up(total), "ftrace", base)
         self.base, self.region_size = base, _page_up(total)
-        self.prof0, self.ring0 = prof0, ring0
+        self.ips_addr = base
+        self.prof0 = base + _page_up(8 * max(nprof, 1))
+        self.ring0 = self.prof0 + self.prof_stride * nslots
         self.tasks = dict(tasks or {})
+        self._overwrite = bool(overwrite)
         for cpu in cpus:
-            comm, pid = self.tasks.setdefault(cpu, (f"ftrace_work/{cpu}", 1000 + cpu))
-            rec = self._rec(cpu)
-            for f, v in ((_SELF, rec), (_CPU, cpu), (_PID, pid), (_BUF, self._ring(cpu)),
-                         (_MASK, size - 1), (_HEAD, 0), (_TAIL, 0), (_OVERRUNS, 0), (_HITS, 0),
-                         (_PROF, self.prof0 + cpu * self.prof_stride),
-                         (_OVERWRITE, int(overwrite)), (_DROPPED, 0)):
-                self._w(rec + 8 * f, v)
-            # this_cpu_ptr(): the guest reads its record at %gs:0
-            machine.set_percpu_base(cpu, rec)
+            self._init_cpu(cpu)
         self.comms = {pid: comm for comm, pid in self.tasks.values()}
         self.drained = 0
-        self._overwrite = bool(overwrite)
+
+    @staticmethod
+    def region_bytes(size: int, nprof: int, slots: int) -> int:
+        """The data the rings and the profiler's tables take (page-rounded)."""
+        prof = _page_up(8 * max(nprof, 1))
+        return _page_up(prof + prof * slots + size * TRACE_ENTRY_SIZE * slots)
+
+    def _init_cpu(self, cpu: int) -> None:
+        comm, pid = self.tasks.setdefault(cpu, (f"ftrace_work/{cpu}", 1000 + cpu))
+        rec = self._rec(cpu)
+        s = self.slot[cpu]
+        for f, v in ((_SELF, rec), (_CPU, cpu), (_PID, pid), (_BUF, self._ring(cpu)),
+                     (_MASK, self.size - 1), (_HEAD, 0), (_TAIL, 0), (_OVERRUNS, 0), (_HITS, 0),
+                     (_PROF, self.prof0 + s * self.prof_stride),
+                     (_OVERWRITE, int(self._overwrite)), (_DROPPED, 0)):
+            self._w(rec + 8 * f, v)
+        # this_cpu_ptr(): the guest reads its record at %gs:0
+        self.machine.set_percpu_base(cpu, rec)
+
+    def add_cpu(self, cpu: int, comm: str, pid: int) -> bool:
+        """Give a CPU that came after the start (a new thread) a ring of its
+        own: a free record, zeroed, and its per-CPU base pointed at it.
+        False when every ring is taken (the CPU keeps the base it has)."""
+        if cpu in self.slot:
+            return True
+        free = sorted(set(range(self.nslots)) - set(self.slot.values()))
+        if not free:
+            return False
+        self.slot[cpu] = free[0]
+        self.tasks[cpu] = (comm, pid)
+        self.comms[pid] = comm
+        self.cpus.append(cpu)
+        if getattr(self, "prof_ips", None):
+            self._mem.write(self.prof0 + free[0] * self.prof_stride, bytes(8 * self.nprof))
+        self._init_cpu(cpu)
+        return True
+
+    def remove_cpu(self, cpu: int) -> tuple[list[TraceEntry], dict[str, int]]:
+        """A CPU that is gone (a thread that exited: it runs nothing any
+        more): its unread entries and its counts (``overruns``,
+        ``dropped``, ``hits``, ``prof``: per-function hits), and its ring
+        free for the next CPU."""
+        if cpu not in self.slot:
+            return [], {}
+        entries = self.drain_cpu(cpu)
+        counts = {"overruns": self.field(cpu, _OVERRUNS), "dropped": self.field(cpu, _DROPPED),
+                  "hits": self.field(cpu, _HITS)}
+        table = getattr(self, "prof_ips", [])
+        if table:
+            raw = self._mem.read(self._prof(cpu), 8 * len(table))
+            counts["prof"] = dict(zip(table, struct.unpack(f"<{len(table)}Q", raw)))
+        self.cpus.remove(cpu)
+        del self.slot[cpu]
+        return entries, counts
 
     # ------------------------------------------------------------ layout
     def _rec(self, cpu: int) -> int:
-        return self.percpu + cpu * _CPU_REC
+        return self.percpu + self.slot[cpu] * _CPU_REC
 
     def _ring(self, cpu: int) -> int:
-        return self.ring0 + cpu * self.ring_stride
+        return self.ring0 + self.slot[cpu] * self.ring_stride
+
+    def _prof(self, cpu: int) -> int:
+        return self.prof0 + self.slot[cpu] * self.prof_stride
 
     def _w(self, addr: int, v: int) -> None:
         self._mem.write(addr, struct.pack("<Q", v & ((1 << 64) - 1)))
@@ -155,14 +223,14 @@ class RingBuffer:
 
     def reset_profile(self) -> None:
         for cpu in self.cpus:
-            self._mem.write(self.prof0 + cpu * self.prof_stride, bytes(8 * self.nprof))
+            self._mem.write(self._prof(cpu), bytes(8 * self.nprof))
 
     def profile(self) -> dict[int, int]:
         """Hits per function address, summed over CPUs (the guest's counts)."""
         table = getattr(self, "prof_ips", [])
         out = dict.fromkeys(table, 0)
         for cpu in self.cpus:
-            raw = self._mem.read(self.prof0 + cpu * self.prof_stride, 8 * len(table))
+            raw = self._mem.read(self._prof(cpu), 8 * len(table))
             for a, n in zip(table, struct.unpack(f"<{len(table)}Q", raw)):
                 out[a] += n
         return out
@@ -234,6 +302,13 @@ class RingBuffer:
             for ts, ip, parent, pid in _ENTRY.iter_unpack(raw):
                 out.append(TraceEntry(ts, cpu, ip, parent, pid))
             tail += run
+        # a producer that runs while we read (a process's threads do; a
+        # vCPU does not) may have wrapped onto the oldest slots read: those
+        # may be torn, and are dropped as the overruns they are (the
+        # producer counted them when it overwrote them)
+        now = self.field(cpu, _HEAD)
+        if now - self.size > head - len(out):
+            out = out[max(0, now - self.size - (head - len(out))):]
         self._w(self._rec(cpu) + 8 * _TAIL, head)
         self.drained += len(out)
         return out

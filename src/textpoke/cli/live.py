@@ -9,13 +9,16 @@ Subcommands (each takes ``--pid``; those that patch take ``--strategy``):
           with the bytes found at each, and which ordinary function entries
           can take a JMP (and why the others cannot); ``--check`` exits 1 if
           any holds a stray INT3 (what a SIGKILLed patcher may leave)
-  toggle  switch fentry sites to ``call SYMBOL`` or back to NOP5, in one batch
+  toggle  switch functions to ``call SYMBOL`` / ``jmp SYMBOL`` or back, in one
+          batch: at their fentry site, or at any other function's entry
   count   count calls of the matching functions for a while, like bcc's
           funccount, with stubs injected into the process (no trap per hit):
           fentry sites, and any other function's entry through a trampoline
   recover undo what a patcher killed with SIGKILL left (from its journal)
   probe   a kprobe on SYMBOL[+OFF] (the kernel's client, as uprobes are):
           one trace line per hit with fetch-args (%di, +8(%sp), $arg2 ...)
+  trace   the ftrace function tracer (the kernel's client, its runtime
+          injected): per-thread rings in the process, trace_pipe lines
 
 On SIGINT/SIGTERM the batch in flight is finished or rolled back, the
 process is detached and keeps running, and the exit status is 130 (143).
@@ -67,9 +70,9 @@ def _hex(text: str) -> bytes:
 
 
 def _to(text: str) -> str:
-    if text == "nop" or (text.startswith("call:") and len(text) > 5):
+    if text == "nop" or (text.startswith(("call:", "jmp:")) and len(text.split(":", 1)[1]) > 0):
         return text
-    raise argparse.ArgumentTypeError(f"expected call:SYMBOL or nop, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected call:SYMBOL, jmp:SYMBOL or nop, got {text!r}")
 
 
 class _Once(argparse.Action):
@@ -136,16 +139,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "patcher), 0 if none")
     s.set_defaults(live_run=_sites)
 
-    t = sub.add_parser("toggle", help="switch fentry sites to a CALL or back to NOP5, in one batch",
+    t = sub.add_parser("toggle", help="switch functions to a CALL or JMP, or back, in one batch",
                        formatter_class=HelpFormatter,
-                       description="Switch every fentry site of the matching functions to "
-                                   "'call SYMBOL' (--to call:SYMBOL) or to NOP5 (--to nop), in one "
-                                   "batch of the INT3 protocol, while the process runs.")
+                       description="Switch every matching function to call SYMBOL first "
+                                   "(--to call:SYMBOL), to run SYMBOL instead (--to jmp:SYMBOL), "
+                                   "or back (--to nop), in one batch of the INT3 protocol, while "
+                                   "the process runs.  A function with an fentry site (gcc -pg "
+                                   "-mfentry) is switched there (NOP5 <-> CALL/JMP); any other "
+                                   "function at its entry: a JMP over its first instructions, "
+                                   "which call: moves to a trampoline mapped in the process "
+                                   "(call *SYMBOL, the moved instructions, jmp back) that stays "
+                                   "until the function is switched back.  SYMBOL runs as from an "
+                                   "fentry call: before the function's prologue, the stack 8 bytes "
+                                   "off the ABI's alignment, the arguments in their registers.  A "
+                                   "function whose entry cannot be moved is refused with the "
+                                   "reason, and nothing is written.")
     _common(t, True)
     t.add_argument("--functions", metavar="GLOB", required=True, action=_Once,
-                   help="functions whose fentry sites to switch (lib:GLOB for one module)")
-    t.add_argument("--to", type=_to, required=True, metavar="call:SYMBOL|nop",
-                   help="call:SYMBOL (a number or name; must be within ±2 GiB) or nop")
+                   help="functions to switch (lib:GLOB for one module)")
+    t.add_argument("--to", type=_to, required=True, metavar="call:SYMBOL|jmp:SYMBOL|nop",
+                   help="call:SYMBOL or jmp:SYMBOL (a number or name of executable code; at an "
+                        "fentry site, and for jmp: at an entry, within ±2 GiB of it), or nop "
+                        "(back: NOP5 at an fentry site, the original instructions at an entry)")
     t.set_defaults(live_run=_toggle)
 
     c = sub.add_parser("count", help="count calls of the matching functions for a while",
@@ -207,6 +222,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="stop after N hits")
     pr.set_defaults(live_run=_probe)
 
+    tr = sub.add_parser("trace", help="the ftrace function tracer on a process: trace_pipe lines",
+                        formatter_class=HelpFormatter,
+                        description="Trace every call of the functions matching GLOB with the "
+                                    "kernel's ftrace client: its runtime (ftrace_caller, the "
+                                    "tracer callbacks) is injected into the process and records "
+                                    "each call into a ring of the calling thread, in the process, "
+                                    "with no stop per call; fentry sites become CALLs, any other "
+                                    "function's entry a JMP to a pad whose NOP5 the client "
+                                    "switches.  Lines as trace_pipe prints them: 'comm-tid [ring] "
+                                    "timestamp: func <-parent'.  A full ring overwrites its oldest "
+                                    "event (counted as an overrun).  --profile counts hits per "
+                                    "function instead (the function profiler).  Ends after "
+                                    "--duration or Ctrl-C: every site is switched back, the "
+                                    "runtime freed, and the process runs on.")
+    _common(tr, True)
+    tr.add_argument("--functions", metavar="GLOB", required=True, action=_Once,
+                    help="functions to trace (lib:GLOB for one module)")
+    tr.add_argument("--duration", type=_duration, default=None, metavar="S",
+                    help=f"seconds to trace, 0..{DURATION_MAX:g} (default: until Ctrl-C)")
+    tr.add_argument("--profile", action="store_true",
+                    help="the function profiler: hits per function, printed at the end")
+    tr.add_argument("--buffer-size", type=_pow2, default=4096, metavar="N",
+                    help="events per thread's ring, a power of two (default 4096)")
+    tr.set_defaults(live_run=_trace)
+
 
 def run(args: argparse.Namespace) -> int:
     try:
@@ -243,6 +283,21 @@ def _count(args: argparse.Namespace) -> int:
 def _recover(args: argparse.Namespace) -> int:
     from ._live_recover import run as run_recover
     return run_recover(args)
+
+
+def _pow2(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a power of two, got {text!r}") from None
+    if v < 2 or v > 1 << 20 or v & (v - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two from 2 to {1 << 20}, got {text}")
+    return v
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from ._live_trace import run as run_trace
+    return run_trace(args)
 
 
 def _probe(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ leftover)."""
 
 from __future__ import annotations
 
+import errno
 import time
 from typing import Sequence
 
@@ -65,6 +66,7 @@ class _Regions:
     def _regions_init(self) -> None:
         self._regions: dict[str, tuple[str, Region]] = {}    # name -> (kind, region)
         self._gs_orig: dict[int, int] = {}
+        self._gs_given: set[int] = set()
         self.regions_kept: list[str] = []
 
     # ------------------------------------------------------------- EXECMEM, DATA
@@ -150,7 +152,22 @@ class _Regions:
         if t is None:
             raise MachineError(f"thread {cpu} is not attached to the {self.name} machine")
         if t.state in (_HELD, _PARK):
-            self._set_gs(t, addr)
+            try:
+                self._set_gs(t, addr)
+            except OSError as e:
+                # a new thread its parent's clone event announced, not in its
+                # first stop yet (a CPU-set listener's "add"): hold it there
+                if e.errno != errno.ESRCH or t.stops:
+                    raise
+                t.want_hold = True
+                while self._threads.get(cpu) is t and not t.stops:
+                    self._wait(cpu, True)
+                if self._threads.get(cpu) is t:
+                    self._set_gs(t, addr)
+                    t.want_hold = self._holding
+                    if not self._holding and t.state == _HELD:
+                        sig, t.hold_sig = t.hold_sig, 0
+                        self._resume(t, max(sig, 0))
             return
         with self.stopped():
             t = self._threads.get(cpu)
@@ -161,11 +178,18 @@ class _Regions:
     def _set_gs(self, t, addr: int) -> None:
         regs = P.getregs(t.tid, P.UserRegs())
         if t.tid not in self._gs_orig:
-            if regs.gs_base:
+            # a base we gave (a new thread inherits its parent's), or one
+            # that points at nothing mapped (a killed patcher's, after
+            # 'live recover' freed its records), is not the program's own
+            ours = not regs.gs_base or regs.gs_base in self._gs_given or not any(
+                m.start <= regs.gs_base < m.end for m in read_maps(self.pid))
+            if not ours:
                 raise NotSupportedError(f"thread {t.tid} of process {self.pid} uses its GS base "
                                         f"({regs.gs_base:#x}) itself")
-            self._gs_orig[t.tid] = regs.gs_base
+            self._gs_orig[t.tid] = 0
         regs.gs_base = addr
+        if addr:
+            self._gs_given.add(addr)
         P.setregs(t.tid, regs)
         if t.park_regs is not None:       # restored when it is let go: keep the new base
             t.park_regs.gs_base = addr

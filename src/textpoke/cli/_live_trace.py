@@ -1,0 +1,132 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""``textpoke live trace``: the ftrace function tracer (or its profiler) on
+a running process, trace_pipe-style lines as the rings fill."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import _output as out
+from ._args import UsageError
+from ._signals import Terminated, arrived as _arrived, exit_status, reporting
+
+__all__ = ["TRACE_JSON_EVENTS", "run"]
+
+#: event records kept for --json (the count goes on beyond)
+TRACE_JSON_EVENTS = 100_000
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+    from ..live._trace import LiveTrace, TraceError, alive
+    try:
+        lt = LiveTrace(args.pid, args.functions, ring=args.buffer_size, profile=args.profile,
+                       strategy=args.strategy)
+    except TraceError as e:
+        raise UsageError(str(e)) from None
+    interrupted: BaseException | None = None
+    events: list[dict] = []
+    err: str | None = None
+    nev = 0
+    t0 = time.monotonic()
+
+    def emit(evs) -> None:
+        nonlocal nev
+        for e in evs:
+            nev += 1
+            if args.json:
+                if len(events) < TRACE_JSON_EVENTS:
+                    events.append({"comm": lt._comm.get(e.pid, "<...>"), "tid": e.pid,
+                                   "ring": lt.ring.slot.get(e.cpu, 0) if lt.ring else 0,
+                                   "timestamp": e.ts, "function": lt.func_name(e.ip),
+                                   "parent": lt.parent_name(e.parent_ip)})
+            else:
+                out.print_plain(lt.line(e))
+
+    try:
+        lt.arm()
+        n_ent = sum(1 for s in lt.sites if s.kind != "nop5")
+        print(f"textpoke live trace: {'profiling' if args.profile else 'tracing'} "
+              f"{len(lt.sites)} function(s) of process {args.pid} ({len(lt.sites) - n_ent} fentry "
+              f"site(s), {n_ent} entr{'y' if n_ent == 1 else 'ies'} through a pad; "
+              f"{len(lt.skipped)} refused); "
+              + (f"for {args.duration:g} s" if args.duration is not None else "Ctrl-C ends"),
+              file=sys.stderr, flush=True)
+        end = None if args.duration is None else time.monotonic() + args.duration
+        while True:
+            slice_end = time.monotonic() + 0.02
+            if end is not None:
+                slice_end = min(slice_end, end)
+            lt.pump(lambda: time.monotonic() >= slice_end)
+            if not args.profile:
+                emit(lt.take())
+            if (end is not None and time.monotonic() >= end) or not lt.machine.threads \
+                    or not alive(args.pid):
+                break
+    except (KeyboardInterrupt, Terminated) as e:
+        interrupted = e
+    except Exception as e:
+        from .._errors import TextPokeError
+        if not isinstance(e, TextPokeError):
+            raise
+        err = f"{type(e).__name__}: {e}"
+    finally:
+        # the disarm runs to its end: a signal from now on is only recorded
+        reporting()
+        try:
+            left = lt.close()
+        except Exception as e:          # the process went away under us
+            left = {"int3_left": lt.int3_left(), "restored": lt.restored(), "regions_kept": [],
+                    "close_error": f"{type(e).__name__}: {e}"}
+    if not args.profile:
+        emit(lt.final_events)
+    gone = not alive(args.pid)
+    if err is not None and not gone and not lt.armed:
+        raise UsageError(err.split(": ", 1)[1])
+    counts = lt.final_counts or {"overruns": 0, "dropped": 0, "hits": 0}
+    doc = {"pid": args.pid, "functions": args.functions,
+           "tracer": "profile" if args.profile else "function",
+           "sites": len(lt.sites), "entries": sum(1 for s in lt.sites if s.kind != "nop5"),
+           "skipped": len(lt.skipped),
+           "events_read": nev, "overruns": counts["overruns"], "dropped": counts["dropped"],
+           "hits": counts["hits"], "buffer_size": args.buffer_size,
+           "threads": lt.stats.threads_seen,
+           "threads_without_ring": lt.stats.threads_without_ring,
+           "seconds": round(time.monotonic() - t0, 3), "strategy": args.strategy,
+           "target_alive": not gone,
+           "interrupted": interrupted is not None or _arrived() is not None,
+           "int3_left": left["int3_left"] if not gone else 0,
+           "restored": bool(left["restored"]) if not gone else None,
+           "regions_kept": left["regions_kept"]}
+    if args.profile:
+        doc["profile"] = [{"function": f, "hits": n} for f, n in lt.final_profile]
+    if err is not None:
+        doc["error"] = err
+    if "close_error" in left:
+        doc["close_error"] = left["close_error"]
+    if args.json:
+        if not args.profile:
+            doc["events"] = events
+            doc["events_dropped"] = max(0, nev - len(events))
+        out.emit_json(doc)
+    else:
+        if args.profile:
+            w = max([len("Function")] + [len(f) for f, _ in lt.final_profile])
+            out.print_plain(f"  {'Function':<{w}}    {'Hit':>10}")
+            out.print_plain(f"  {'--------':<{w}}    {'---':>10}")
+            for f, n in lt.final_profile:
+                out.print_plain(f"  {f:<{w}}    {n:>10}")
+        print(f"textpoke live trace: {nev if not args.profile else counts['hits']} "
+              f"{'event(s) read' if not args.profile else 'hit(s)'}, {counts['overruns']} "
+              f"overrun(s), {counts['dropped']} dropped; sites restored: "
+              + ("yes" if doc["restored"] and doc["int3_left"] == 0 else
+                 ("the process exited" if gone else "NO"))
+              + (f"; {err}" if err else "")
+              + (f"; kept mapped: {'; '.join(doc['regions_kept'])}" if doc["regions_kept"] else ""),
+              file=sys.stderr)
+    if interrupted is not None:
+        return exit_status(interrupted)
+    from ._signals import status_for
+    ok = gone or (doc["int3_left"] == 0 and doc["restored"])
+    return status_for(0 if ok and err is None else 1)

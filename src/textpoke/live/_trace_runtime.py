@@ -1,0 +1,248 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The bundled kernel's function-tracer runtime, moved into a process.
+
+``live trace`` runs the very guest code the sim runs -- ``ftrace_caller``
+(the trampoline a traced site calls), its callbacks ``function_trace_call``,
+``function_profile_call`` and ``ftrace_ops_list_func`` (per-CPU rings found
+through ``%gs:0``, the profiler's binary search), ``ftrace_stub`` -- and no
+copy of it: the bytes are taken from ``kernel.elf`` and relocated to where
+the process has room.
+
+The image is linked at fixed low addresses, but it keeps its relocations
+(``.rela.text``, ``ld --emit-relocs``), so moving is exact: two pieces of
+``.text`` (``function_trace_call`` up to ``ftrace_work_loop``, and
+``ftrace_caller`` to the end of ``ftrace_stub``) are copied into executable
+memory of the process, the data they use (the trace clock, the profiler's
+table, the list function's ops bits, ``function_trace_op``, the ops
+objects, the per-CPU records ``ftrace_percpu``) is laid out afresh in its
+data memory, and every relocation that lands in a copied piece is applied
+again for the new addresses (``R_X86_64_PC32``/``PLT32``: S + A - P).
+A ``jmp __x86_return_thunk`` becomes ``ret; int3 x4``, what the boot's
+``apply_returns`` writes on a CPU without the return-thunk mitigation.
+Before anything is written, each piece is decoded and every branch or
+RIP-relative operand that leaves its piece must have been relocated
+(otherwise the build changed under us: refused).
+
+What comes out is a :class:`ProcessFtraceImage`: the runtime's symbols at
+their new addresses, as :class:`textpoke.kernel.Kernel` and the
+:class:`~textpoke._ftrace.Ftrace` client read them from an image, with
+``ftrace_percpu`` sized for as many rings as the process is given.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from ..images import load_bundled
+from ..images._elf import ElfFile
+from ..images._kernel import KERNEL_IMAGE
+from ..images._tables import KernelTables, McountLoc
+
+__all__ = ["Runtime", "ProcessFtraceImage", "runtime_layout", "RuntimeError_", "REC_SIZE"]
+
+REC_SIZE = 128                    # struct ftrace_cpu
+_R_PC32, _R_PLT32 = 2, 4
+#: [first symbol, end symbol) of each piece of .text copied; None: the
+#: piece ends with that symbol's own end
+_PIECES = (("function_trace_call", "ftrace_work_loop"), ("ftrace_caller", None))
+_PIECE_END_SYM = "ftrace_stub"
+#: the data the pieces use: name -> size (ftrace_percpu is sized per process)
+_DATA = {"trace_clock_counter": 8, "ftrace_prof_ips": 8, "ftrace_prof_n": 8,
+         "ftrace_list_ops": 8, "function_trace_op": 8, "ftrace_list_end": 32,
+         "global_ops": 32, "ftrace_profile_ops": 32, "kprobe_ftrace_ops": 32,
+         "kprobe_ipmodify_ops": 32}
+#: the list function's ops bits at start (images/kernel/ftrace.c)
+_LIST_TRACE_PROFILE = 3
+
+
+class RuntimeError_(ValueError):
+    """The bundled runtime cannot be moved (an image built otherwise)."""
+
+
+@dataclass
+class Runtime:
+    """The relocated runtime: *code* for ``code_at``, *data* for ``data_at``."""
+
+    code_at: int
+    code: bytes
+    data_at: int
+    data: bytes
+    symbols: dict[str, int]
+    sizes: dict[str, int]
+
+
+def runtime_layout(nrec: int) -> tuple[int, int]:
+    """(code size, data size) of the runtime with *nrec* per-CPU records."""
+    img = load_bundled(KERNEL_IMAGE)
+    code = sum(hi - lo for lo, hi in _piece_ranges(img))
+    return _align(code, 64), _data_size(nrec)
+
+
+def _align(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+def _data_size(nrec: int) -> int:
+    return _align(sum(_align(v, 64) for v in _DATA.values()), 4096) + nrec * REC_SIZE
+
+
+def _piece_ranges(img) -> list[tuple[int, int]]:
+    out = []
+    for first, end in _PIECES:
+        lo = img.sym(first)
+        hi = img.sym(end) if end else img.sym(_PIECE_END_SYM) + img.sizes[_PIECE_END_SYM]
+        if not lo < hi:
+            raise RuntimeError_(f"{img.path}: the runtime piece {first} is empty")
+        out.append((lo, hi))
+    return out
+
+
+def build_runtime(code_at: int, data_at: int, nrec: int) -> Runtime:
+    """The runtime relocated to run at *code_at* with its data at *data_at*
+    (*nrec* per-CPU records)."""
+    img = load_bundled(KERNEL_IMAGE)
+    text = img.section(".text")
+    pieces = _piece_ranges(img)
+    # where each piece goes
+    moved: list[tuple[int, int, int]] = []        # (old lo, old hi, new lo)
+    at = code_at
+    for lo, hi in pieces:
+        moved.append((lo, hi, at))
+        at += hi - lo
+
+    def new_text(old: int) -> int | None:
+        for lo, hi, nlo in moved:
+            if lo <= old < hi or old == hi:
+                return nlo + old - lo
+        return None
+
+    data_new: dict[str, int] = {}
+    off = 0
+    for name, size in _DATA.items():
+        data_new[name] = data_at + off
+        off += _align(size, 64)
+    off = _align(off, 4096)
+    data_new["ftrace_percpu"] = data_at + off
+    code = bytearray()
+    for lo, hi in pieces:
+        code += text.data[lo - text.addr:hi - text.addr]
+    # the relocations of .text that land in a piece, applied for the new place
+    elf = ElfFile(img.raw, img.path)
+    rela = elf.section(".rela.text")
+    if rela is None:
+        raise RuntimeError_(f"{img.path}: no .rela.text (the image must be linked "
+                            "with --emit-relocs)")
+    symtab = elf.symbol_table(elf.sections[rela.link])
+    done: set[int] = set()
+    for r_off, typ, si, addend in elf.relocations(rela):
+        p_new = new_text(r_off)
+        if p_new is None or not any(lo <= r_off < hi for lo, hi in pieces):
+            continue
+        name = symtab[si][0]
+        if typ not in (_R_PC32, _R_PLT32):
+            raise RuntimeError_(f"relocation type {typ} at {r_off:#x} ({name}): only PC32/PLT32 "
+                                "are moved")
+        o = p_new - code_at
+        if name == "__x86_return_thunk":
+            if code[o - 1] != 0xE9:
+                raise RuntimeError_(f"a reference to __x86_return_thunk at {r_off:#x} that is "
+                                    "not a jmp")
+            code[o - 1:o + 4] = b"\xc3\xcc\xcc\xcc\xcc"      # apply_returns: ret; int3
+            done.add(r_off)
+            continue
+        if name == "kprobe_ftrace_handler":
+            # the kprobes' ops is never registered here: its handler (an
+            # INT3 into the host on the sim) becomes the stub
+            name = "ftrace_stub"
+        if name in data_new:
+            s = data_new[name]
+        else:
+            s = new_text(img.sym(name)) if name in img.symbols else None
+            if s is None:
+                raise RuntimeError_(f"the runtime refers to {name!r} at {r_off:#x}, which is "
+                                    "not moved with it")
+        v = s + addend - p_new
+        if not -(1 << 31) <= v < (1 << 31):
+            raise RuntimeError_(f"{name} out of rel32 reach of {p_new:#x}")
+        code[o:o + 4] = struct.pack("<i", v)
+        done.add(r_off)
+    _check_pieces(bytes(code), code_at, moved, done)
+    symbols: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for name, addr in img.symbols.items():
+        if name.startswith("ftrace_regs_") or name in ("ftrace_work_loop",):
+            continue       # regs caller not offered to the client (no SAVE_REGS ops here)
+        if any(lo <= addr < hi for lo, hi in pieces) or (name == "ftrace_caller_end"):
+            n = new_text(addr)
+            if n is not None:
+                symbols[name] = n
+                sizes[name] = img.sizes.get(name, 0)
+    symbols.update(data_new)
+    sizes.update(_DATA)
+    sizes["ftrace_percpu"] = nrec * REC_SIZE
+    data = bytearray(_data_size(nrec))
+    struct.pack_into("<Q", data, data_new["ftrace_list_ops"] - data_at, _LIST_TRACE_PROFILE)
+    struct.pack_into("<Q", data, data_new["function_trace_op"] - data_at,
+                     data_new["ftrace_list_end"])
+    return Runtime(code_at, bytes(code), data_at, bytes(data), symbols, sizes)
+
+
+def _check_pieces(code: bytes, code_at: int, moved, relocated: set[int]) -> None:
+    """Every branch and RIP-relative operand that leaves its piece was
+    relocated (its displacement lies at a relocated offset)."""
+    import iced_x86
+    reloc_new = set()
+    for lo, hi, nlo in moved:
+        reloc_new |= {nlo + r - lo for r in relocated if lo <= r < hi}
+    for lo, hi, nlo in moved:
+        n = hi - lo
+        buf = code[nlo - code_at:nlo - code_at + n]
+        dec = iced_x86.Decoder(64, buf, ip=nlo)
+        for ins in dec:
+            if ins.code == iced_x86.Code.INVALID:
+                continue
+            tgt = None
+            if ins.is_ip_rel_memory_operand:
+                tgt = ins.ip_rel_memory_address
+            elif ins.op_count and ins.op0_kind in (iced_x86.OpKind.NEAR_BRANCH64,):
+                tgt = ins.near_branch_target
+            if tgt is None or nlo <= tgt <= nlo + n:
+                continue
+            if not any(ins.ip <= a < ins.ip + ins.len for a in reloc_new):
+                raise RuntimeError_(f"the runtime's instruction at {ins.ip:#x} ({ins}) reaches "
+                                    f"{tgt:#x}, outside its piece, without a relocation")
+
+
+@dataclass
+class ProcessFtraceImage:
+    """What :class:`~textpoke.kernel.Kernel` and the ftrace client read of an
+    image, for a process: the runtime's symbols, one sized symbol per traced
+    function at its fentry site (``records``: site address -> name), and
+    the sites as ``__mcount_loc``."""
+
+    path: str
+    runtime: Runtime
+    records: dict[int, str]
+    record_sizes: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.symbols = dict(self.runtime.symbols)
+        self.sizes = dict(self.runtime.sizes)
+        taken = set(self.symbols)
+        self.names: dict[int, str] = {}
+        for addr, name in sorted(self.records.items()):
+            key = name
+            if key in taken:            # a second static function of that name
+                key = f"{name}@{addr:#x}"
+            taken.add(key)
+            self.symbols[key] = addr
+            self.sizes[key] = max(1, self.record_sizes.get(addr, 5))
+            self.names[addr] = name
+
+    def sym(self, name: str) -> int:
+        return self.symbols[name]
+
+    def tables(self, text: tuple[int, int]) -> KernelTables:
+        return KernelTables(path=self.path, text=text, replacement=(0, 0),
+                            mcount_loc=tuple(McountLoc(a) for a in sorted(self.records)))
