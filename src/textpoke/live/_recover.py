@@ -82,7 +82,7 @@ def leftovers(c: dict) -> bool:
 def recover(pid: int, *, strategy: str = "int3") -> dict:
     """Undo what a dead patcher left in *pid* (see the module doc); returns
     what was done.  Nothing to do without a journal."""
-    from ._count import _read_and_free, switch_sites
+    from ._count import switch_sites
     from ._inject import Region, find_syscall_insn
     from ._machine import LiveMachine
     rep = {"pid": pid, "journal": False, "int3_restored": 0, "calls_restored": 0,
@@ -142,7 +142,7 @@ def recover(pid: int, *, strategy: str = "int3") -> dict:
             region = Region(pid, r["base"], r["code_size"], r["data_size"],
                              syscall_at=find_syscall_insn(pid))
             if r["base"] in {mm.start for mm in read_maps(pid)}:
-                _counters, why = _read_and_free(m, region, 0)
+                why = _free(m, region, r["kind"])
             else:
                 why = []
             region.close()
@@ -167,7 +167,7 @@ def recover(pid: int, *, strategy: str = "int3") -> dict:
             for r in list(m2.journal.data["regions"]):
                 region = Region(pid, r["base"], r["code_size"], r["data_size"],
                                  syscall_at=find_syscall_insn(pid))
-                _counters, why = _read_and_free(m2, region, 0)
+                why = _free(m2, region, r["kind"])
                 region.close()
                 if why:
                     rep["kept"].append(f"stub region {r['base']:#x}: " + "; ".join(why))
@@ -179,6 +179,17 @@ def recover(pid: int, *, strategy: str = "int3") -> dict:
     if m.guard_kept:
         rep["kept"].append("SIGTRAP guard: " + "; ".join(m.guard_kept))
     return rep
+
+
+def _free(m, region, kind: str) -> list[str]:
+    """Unmap a stub region once no thread can be in it.  ``live trace``'s
+    runtime makes CALLs of its own (dead return addresses stay on stacks):
+    its own check tells those from a thread really inside."""
+    if kind == "trace":
+        from ._trace import free_region
+        return free_region(m, region)
+    from ._count import _read_and_free
+    return _read_and_free(m, region, 0)[1]
 
 
 def _still_used(m, r: dict, code_kept: bool) -> str:

@@ -207,6 +207,12 @@ class LiveTrace:
         from ._trace_runtime import ProcessFtraceImage, build_runtime, runtime_layout
         self.machine = m = LiveMachine(self.pid, strategy=self.strategy)
         try:
+            # every thread's GS base claimed first (refused, before anything
+            # is mapped, for a program that uses it; a base a killed tracer
+            # left pointing at memory recover freed is taken back to 0)
+            with m.stopped() as tids:
+                for tid in tids:
+                    m.set_percpu_base(tid, 0)
             nrec = min(MAX_RINGS, max(64, 4 * len(m.threads)))
             rt_code, rt_data = runtime_layout(nrec)
             pads = [s for s in self.sites if s.kind != "nop5"]

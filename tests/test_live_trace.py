@@ -1,0 +1,318 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""``textpoke live trace`` on real processes: the ftrace client's function
+tracer (and profiler) with its runtime injected, per-thread rings written
+inside the target.  A C target whose threads call known functions a known
+number of times gives exact counts; Debian's python3 shows it on ordinary
+entries; SIGTERM/SIGINT give 143/130 with JSON; SIGKILL of the tracer leaves
+the target alive, and ``live recover`` puts it back."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
+from helpers import ptrace_skip_reason  # noqa: E402
+
+_skip = ptrace_skip_reason()
+pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
+
+NT, K = 4, 1000
+#: leaf and mid (not main)
+LM = "[lm][ei][ad]*"
+
+#: each "go" line: every worker calls top() K times (top -> mid -> leaf x2),
+#: then the program prints "done"
+TARGET_C = r"""
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#define NT 4
+volatile long sink;
+__attribute__((noinline)) long leaf(long a) { sink += a; return a * 3; }
+__attribute__((noinline)) long mid(long a) { return leaf(a) + leaf(a + 1); }
+__attribute__((noinline)) long top(long a) { return mid(a) ^ a; }
+static long K;
+static pthread_barrier_t bar;
+static void *worker(void *arg)
+{
+	for (;;) {
+		pthread_barrier_wait(&bar);
+		for (long i = 0; i < K; i++)
+			top(i);
+		pthread_barrier_wait(&bar);
+	}
+	return NULL;
+}
+int main(int argc, char **argv)
+{
+	pthread_t t[NT];
+	char buf[64];
+	K = atol(argv[1]);
+	pthread_barrier_init(&bar, NULL, NT + 1);
+	for (int i = 0; i < NT; i++)
+		pthread_create(&t[i], NULL, worker, NULL);
+	printf("ready\n");
+	fflush(stdout);
+	while (fgets(buf, sizeof buf, stdin)) {
+		pthread_barrier_wait(&bar);
+		pthread_barrier_wait(&bar);
+		printf("done\n");
+		fflush(stdout);
+	}
+	return 0;
+}
+"""
+
+PY_WORK = r"""
+import hashlib, json, sys, threading, time
+def work(i):
+    while True:
+        d = {str(k): [k, k * 2] for k in range(50)}
+        s = json.dumps(d, sort_keys=True)
+        hash(s)
+        sorted(d.items())
+        time.sleep(0.001)
+for i in range(4):
+    threading.Thread(target=work, args=(i,), daemon=True).start()
+print("ready", flush=True)
+for line in sys.stdin:
+    print(hashlib.sha256(json.dumps({str(k): k for k in range(100)}).encode()).hexdigest(),
+          flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def exes(tmp_path_factory):
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the targets")
+    d = tmp_path_factory.mktemp("live_trace")
+    (d / "t.c").write_text(TARGET_C)
+    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(d / "plain"), str(d / "t.c")], check=True)
+    subprocess.run(["gcc", "-O1", "-pthread", "-fno-pie", "-no-pie", "-pg", "-mfentry",
+                    "-mnop-mcount", "-mrecord-mcount", "-o", str(d / "fentry"), str(d / "t.c")],
+                   check=True)
+    return d
+
+
+class _Target:
+    def __init__(self, argv: list[str]) -> None:
+        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.p.stdout.readline().strip() == "ready"
+        self.pid = self.p.pid
+
+    def go(self) -> str:
+        self.p.stdin.write("go\n")
+        self.p.stdin.flush()
+        return self.p.stdout.readline().strip()
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def close(self) -> None:
+        self.p.kill()
+        self.p.wait()
+
+
+def _tracer(pid: int, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "textpoke", "live", "trace", "--pid", str(pid),
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _armed(tr: subprocess.Popen) -> str:
+    """The tracer's first stderr line: said once every site is switched on."""
+    line = tr.stderr.readline()
+    assert "live trace: tracing" in line or "live trace: profiling" in line, \
+        line + tr.stderr.read()
+    return line
+
+
+def tp(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "textpoke", "live", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _window(exe: Path, pattern: str, *extra: str, sig=signal.SIGINT):
+    """Arm, run one round of the workload, end the tracer with *sig*."""
+    t = _Target([str(exe), str(K)])
+    try:
+        tr = _tracer(t.pid, "--functions", pattern, "--json", *extra)
+        first = _armed(tr)
+        assert t.go() == "done"
+        tr.send_signal(sig)
+        out, err = tr.communicate(timeout=120)
+        err = first + err
+        doc = json.loads(out)
+        assert t.alive()
+        assert t.go() == "done"            # and it still works
+        return tr.returncode, doc, err
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("form", ["fentry", "plain"])
+def test_exact_counts_and_parents(exes, form):
+    rc, doc, err = _window(exes / form, f"{form}:{LM}")
+    assert rc == 130, err
+    assert doc["interrupted"] is True and doc["int3_left"] == 0 and doc["restored"] is True
+    assert doc["regions_kept"] == [] and doc["overruns"] == 0 and doc["dropped"] == 0
+    ev = doc["events"]
+    assert Counter(e["function"] for e in ev) == {"leaf": 2 * K * NT, "mid": K * NT}
+    assert doc["hits"] == doc["events_read"] == 3 * K * NT
+    assert {e["parent"] for e in ev if e["function"] == "leaf"} == {"mid"}
+    assert {e["parent"] for e in ev if e["function"] == "mid"} == {"top"}
+    # one ring per worker thread, timestamps (the counter clock) all distinct
+    assert len({e["tid"] for e in ev}) == NT and len({e["ring"] for e in ev}) == NT
+    assert len({e["timestamp"] for e in ev}) == len(ev)
+    assert ("(2 fentry site(s), 0 entries" if form == "fentry" else
+            "(0 fentry site(s), 2 entries") in err
+
+
+def test_profile_hits_and_sigterm(exes):
+    rc, doc, _err = _window(exes / "plain", f"plain:{LM}", "--profile", sig=signal.SIGTERM)
+    assert rc == 143 and doc["interrupted"] is True and doc["int3_left"] == 0
+    assert {p["function"]: p["hits"] for p in doc["profile"]} == {"leaf": 2 * K * NT,
+                                                                   "mid": K * NT}
+
+
+def test_overruns_counted(exes):
+    rc, doc, err = _window(exes / "plain", "plain:leaf", "--buffer-size", "4")
+    assert rc == 130, err
+    assert doc["hits"] == 2 * K * NT
+    # a ring of 4 per thread: most events are overwritten before they are read
+    assert doc["overruns"] > 0 and doc["events_read"] < doc["hits"]
+    assert doc["events_read"] + doc["overruns"] >= doc["hits"]
+
+
+def test_text_lines_and_refusals(exes):
+    t = _Target([str(exes / "plain"), str(K)])
+    try:
+        tr = _tracer(t.pid, "--functions", "plain:mid", "--duration", "60")
+        _armed(tr)
+        assert t.go() == "done"
+        tr.send_signal(signal.SIGINT)
+        out, err = tr.communicate(timeout=60)
+        assert tr.returncode == 130
+        lines = out.splitlines()
+        assert len(lines) == K * NT
+        # trace_pipe's layout: comm-tid [ring] flags timestamp: func <-parent
+        head, _, tail = lines[0].partition(": ")
+        assert tail == "mid <-top" and head.split()[-2] == "....."
+        assert "-" in head.split()[0] and head.split()[1].startswith("[")
+        # refusals: one line, exit 2, nothing attached
+        r = tp("trace", "--pid", str(t.pid), "--functions", "no_such_function_*")
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+        r = tp("trace", "--pid", str(t.pid), "--functions", "*")
+        assert r.returncode == 2 and "2 GiB" in r.stderr
+        r = tp("trace", "--pid", str(t.pid), "--functions", "leaf", "--buffer-size", "3")
+        assert r.returncode == 2
+        assert tp("sites", "--pid", str(t.pid), "--check").returncode == 0
+    finally:
+        t.close()
+
+
+def test_sigkill_then_recover(exes):
+    t = _Target([str(exes / "plain"), str(50 * K)])
+    try:
+        tr = _tracer(t.pid, "--functions", f"plain:{LM}")
+        _armed(tr)
+        assert t.go() == "done"            # traced calls ran, rings written
+        tr.kill()
+        tr.wait()
+        # the target lives on with the tracer inside it (rings overwrite)
+        assert t.go() == "done"
+        r = tp("sites", "--pid", str(t.pid), "--check")
+        assert r.returncode == 1 and "trace stub region" in r.stdout + r.stderr
+        r = tp("recover", "--pid", str(t.pid))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "stub regions freed: 1" in r.stdout + r.stderr
+        assert tp("sites", "--pid", str(t.pid), "--check").returncode == 0
+        assert t.go() == "done"
+        # and it can be traced again (the dead tracer's GS bases taken back)
+        rc, _ = tp("trace", "--pid", str(t.pid), "--functions", "plain:leaf", "--duration",
+                   "0").returncode, None
+        assert rc == 0
+    finally:
+        t.close()
+
+
+def test_python3_threads(tmp_path):
+    py = "/usr/bin/python3"
+    if not os.path.exists(py):
+        pytest.skip("no /usr/bin/python3")
+    (tmp_path / "w.py").write_text(PY_WORK)
+    ref = subprocess.run([py, "-c", "import hashlib, json; print(hashlib.sha256(json.dumps("
+                          "{str(k): k for k in range(100)}).encode()).hexdigest())"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    t = _Target([py, str(tmp_path / "w.py")])
+    try:
+        tr = _tracer(t.pid, "--functions", "python3:PyObject_Hash", "--json", "--duration",
+                     "0.5", "--buffer-size", "65536")
+        _armed(tr)
+        out, err = tr.communicate(timeout=120)
+        assert tr.returncode == 0, err
+        doc = json.loads(out)
+        assert doc["entries"] == 1 and doc["int3_left"] == 0 and doc["restored"] is True
+        ev = doc["events"]
+        assert ev and {e["function"] for e in ev} == {"PyObject_Hash"}
+        tids = {int(x) for x in os.listdir(f"/proc/{t.pid}/task")}
+        assert {e["tid"] for e in ev} <= tids and len({e["tid"] for e in ev}) >= 2
+        assert doc["hits"] >= doc["events_read"] > 0
+        assert t.go() == ref                 # the workload's output unchanged
+        assert tp("sites", "--pid", str(t.pid), "--check").returncode == 0
+    finally:
+        t.close()
+
+
+def test_new_threads_get_rings(tmp_path):
+    """Threads started while tracing get their own ring before they run."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc")
+    src = tmp_path / "n.c"
+    src.write_text(r"""
+#include <pthread.h>
+#include <stdio.h>
+volatile long sink;
+__attribute__((noinline)) long leaf(long a) { sink += a; return a; }
+static void *w(void *a) { for (long i = 0; i < 1000; i++) leaf(i); return NULL; }
+int main(void)
+{
+	char buf[16];
+	printf("ready\n"); fflush(stdout);
+	while (fgets(buf, sizeof buf, stdin)) {
+		pthread_t t[3];
+		for (int i = 0; i < 3; i++) pthread_create(&t[i], NULL, w, NULL);
+		for (int i = 0; i < 3; i++) pthread_join(t[i], NULL);
+		printf("done\n"); fflush(stdout);
+	}
+}
+""")
+    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(tmp_path / "n"), str(src)], check=True)
+    t = _Target([str(tmp_path / "n")])
+    try:
+        tr = _tracer(t.pid, "--functions", "n:leaf", "--json")
+        _armed(tr)
+        assert t.go() == "done" and t.go() == "done"
+        tr.send_signal(signal.SIGINT)
+        out, err = tr.communicate(timeout=60)
+        doc = json.loads(out)
+        assert tr.returncode == 130, err
+        assert doc["hits"] == doc["events_read"] == 6000 and doc["overruns"] == 0
+        assert doc["threads_without_ring"] == 0 and doc["threads"] == 7
+        per = Counter(e["tid"] for e in doc["events"])
+        assert sorted(per.values()) == [1000] * 6
+        assert t.alive() and tp("sites", "--pid", str(t.pid), "--check").returncode == 0
+    finally:
+        t.close()
+
+
+_ = time
