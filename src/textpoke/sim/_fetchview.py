@@ -10,7 +10,7 @@ import ctypes
 
 from .._core._machine import Task
 from .._errors import BadAddressError, MachineError
-from ._ucfast import fast_cpu
+from ._ucfast import changed_span, fast_cpu
 from ._vcpu import VCpu, _Region
 
 __all__: list[str] = []
@@ -171,11 +171,13 @@ class _FetchViews:
         off = first * self.line_size
         n = min(nlines * self.line_size, r.size - off)
         dst = ctypes.addressof(c.views[idx]) + off
-        if ctypes.string_at(dst, n) != r.mv[off:off + n]:
-            # Only a view whose bytes change loses its translations (the
-            # refill is the same event either way: counted and traced).
-            ctypes.memmove(dst, ctypes.addressof(r.buf) + off, n)
-            fast_cpu(c).remove_cache(r.start + off, r.start + off + n)
+        lo, hi = changed_span(ctypes.string_at(dst, n), r.mv[off:off + n])
+        if hi:
+            # Only the translations over bytes that change are dropped (the
+            # refill is the same event either way: counted and traced): a
+            # block over the rest of the line was made from the same bytes.
+            ctypes.memmove(dst + lo, ctypes.addressof(r.buf) + off + lo, hi - lo)
+            fast_cpu(c).remove_cache(r.start + off + lo, r.start + off + hi)
         c.refreshes += nlines
         if self.trace is not None:
             self.trace.append(("refill", self.steps, c.id, r.start + off, n, why))

@@ -23,7 +23,7 @@ from typing import Any
 
 from .._errors import MachineError
 from ._sched import CountingRandom
-from ._ucfast import fast_cpu
+from ._ucfast import changed_span, fast_cpu
 from ._vcpu import IDLE, _close_quietly
 
 __all__ = ["SimSnapshot"]
@@ -111,9 +111,11 @@ class _Snapshots:
             r.mv[lo:hi] = old
             for c, vs in views:
                 at = ctypes.addressof(vs[idx]) + lo
-                if ctypes.string_at(at, hi - lo) != old:
-                    ctypes.memmove(at, old, hi - lo)
-                    fast_cpu(c).remove_cache(r.start + lo, r.start + hi)
+                a, b = changed_span(ctypes.string_at(at, hi - lo), old)
+                if b:
+                    # translations over the bytes that differ, no more
+                    ctypes.memmove(at + a, old[a:b], b - a)
+                    fast_cpu(c).remove_cache(r.start + lo + a, r.start + lo + b)
         self._dirty = set()
         for r, b in zip(self._data, snap.data):
             r.mv[:] = b

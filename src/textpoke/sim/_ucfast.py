@@ -194,3 +194,13 @@ def write_gprs(c: Any, gprs: tuple[tuple[str, int], ...], values: dict[str, int]
     """Write back what a trap handler left in *values*, as ``_write_gprs``."""
     pairs = [(r, values[n]) for n, r in gprs if values.get(n) is not None]
     fast_cpu(c).write_many(tuple(r for r, _v in pairs), [v for _r, v in pairs])
+
+
+def changed_span(old: bytes, new: Any) -> tuple[int, int]:
+    """``(lo, hi)``: the smallest range of offsets outside which *old* and
+    *new* (byte strings of one length) agree, ``(0, 0)`` when they are
+    equal -- the bytes whose translations a rewrite must drop."""
+    x = int.from_bytes(old, "little") ^ int.from_bytes(new, "little")
+    if not x:
+        return 0, 0
+    return ((x & -x).bit_length() - 1) >> 3, (x.bit_length() + 7) >> 3
