@@ -305,3 +305,85 @@ def test_module_finalize_call_thunks_and_endbr_seal():
         assert entry + 9 + int.from_bytes(b[1:], "little", signed=True) == helper
         assert cm.sim.text_read(helper, 4) == bytes.fromhex("f3 0f 1e fa")
         assert ".call_sites" not in m.finalize and ".ibt_endbr_seal" not in m.finalize
+
+
+_OWN_KEYS_S = r"""
+	.text
+	.globl	own_false
+	.type	own_false, @function
+own_false:
+1:	.byte	0x0f, 0x1f, 0x44, 0x00, 0x00
+	xorl	%eax, %eax
+	ret
+2:	movl	$1, %eax
+	ret
+	.size	own_false, . - own_false
+	.globl	own_true
+	.type	own_true, @function
+own_true:
+3:	.byte	0x66, 0x90
+	xorl	%eax, %eax
+	ret
+4:	movl	$2, %eax
+	ret
+	.size	own_true, . - own_true
+
+	.data
+	.balign	8
+	.globl	own_key_false
+own_key_false:				/* struct static_key: enabled, type */
+	.long	0, 0
+	.quad	0
+	.globl	own_key_true
+own_key_true:
+	.long	1, 0
+	.quad	1
+
+	.section __jump_table, "aw"
+	.balign	8
+	.long	1b - .
+	.long	2b - .
+	.quad	own_key_false - .
+	.long	3b - .
+	.long	4b - .
+	.quad	own_key_true - .
+	.section .note.GNU-stack, "", @progbits
+"""
+
+
+@needs_gcc
+def test_a_modules_own_static_keys(cm, loader, tmp_path):
+    """jump_label_add_module: __jump_table entries whose key lies in the
+    module (a DEFINE_STATIC_KEY of its own, its tracepoints' keys) get the
+    state the key's initialiser gives at load, switch with the key, and
+    the keys go with the module."""
+    import subprocess
+    src = tmp_path / "own_keys.S"
+    src.write_text(_OWN_KEYS_S)
+    subprocess.run(["gcc", "-c", str(src), "-o", str(tmp_path / "own_keys.o")], check=True)
+    m = loader.load(tmp_path / "own_keys.o")
+    keys = cm.keys
+    kf, kt = keys.key(m.sym("own_key_false")), keys.key(m.sym("own_key_true"))
+    assert kf.name == "own_keys:own_key_false" and m.own_keys == sorted([kf.addr, kt.addr])
+    assert (kf.enabled, kt.enabled) == (0, 1)
+    # the true key's entry (compiled as a NOP2) is a JMP8 to its target from the start
+    assert cm.sim.text_read(m.sym("own_true"), 2) == bytes([0xEB, 3])
+    assert cm.sim.text_read(m.sym("own_false"), 5) == bytes.fromhex("0f1f440000")
+    i = cm.add_probe("own_false", m.sym("own_false"), arg=0, allow=[0, 1])
+    j = cm.add_probe("own_true", m.sym("own_true"), arg=0, allow=[0, 2])
+    assert cm.expect({i: 0, j: 2}) == {}
+    cm.widen(i, 0, 1)
+    cm.widen(j, 2, 0)
+    keys.static_key_enable("own_keys:own_key_false")
+    keys.static_key_disable(kt)
+    assert cm.expect({i: 1, j: 0}) == {}
+    # the count is mirrored into the module's own data
+    assert struct.unpack("<i", cm.sim.mem_read(kf.addr, 4))[0] == 1
+    cm.disable_probe(i)
+    cm.disable_probe(j)
+    cm.wait_passes(1)
+    loader.unload(m)
+    assert "own_keys:own_key_false" not in keys.keys
+    with pytest.raises(UnknownKeyError):
+        keys.key(kf.addr)
+    assert cm.oopses == 0 and cm.bad() == []

@@ -36,9 +36,15 @@ works with the image's :class:`~textpoke._jump_label._keys.StaticKeys` and
    ``.ibt_endbr_seal`` is sealed (``apply_seal_endbr``: ``66 0f 1f 00``);
 5. *coming* (``jump_label_add_module``, ``static_call_add_module``): every
    ``__jump_table`` entry and ``.static_call_sites`` site must name a key or
-   call the image knows (:class:`UnknownKeyError` / :class:`UnknownCallError`
-   otherwise) and gets, in the staging buffer, the code for the key's or
-   call's *current* state;
+   call the image knows, or one the module defines in its own data (a
+   tracepoint's key and ``tp_func_*`` call, a ``DEFINE_STATIC_KEY`` of its
+   own: made with the module, in the state its initialiser gives, and
+   dropped at unload) -- :class:`UnknownKeyError` / :class:`UnknownCallError`
+   otherwise -- and gets, in the staging buffer, the code for the key's or
+   call's *current* state (a CALL to a module function through its
+   call-depth thunk, as ``callthunks_translate_call_dest`` takes module
+   text); an entry's "init" bit is whether it lies in the module's init
+   text;
 6. the data is written, the text placed with ``text_poke_copy`` (the
    execmem read-only path of 6.12), every CPU is serialised once (so no CPU
    runs stale bytes of the range when it first calls in), and only then the
@@ -57,7 +63,7 @@ Not modelled: ITS thunk pages of the module's own (``its_init_mod``:
 with ``X86_FEATURE_INDIRECT_THUNK_ITS`` the kernel allocates them in
 execmem; the retpoline pass here hands out the image's static ITS array),
 FineIBT (``.cfi_sites``), module parameters, init sections, exports from modules,
-module-defined static keys and calls (refused as unknown), ``.smp_locks``
+``.smp_locks``
 (only applies to a uniprocessor boot) and ``__mcount_loc`` (relocated, not
 used).
 
@@ -83,7 +89,7 @@ from ._execmem import ExecMem
 from ._jump_label._keys import StaticKeys, UnknownKeyError
 from ._module_link import (ModuleError, ModuleFormatError, UnknownSymbolError, align, layout,
                            placed, relocate, resolve_symbols)
-from ._static_call._calls import StaticCalls, UnknownCallError
+from ._static_call._calls import StaticCall, StaticCalls, UnknownCallError
 from .images._tables import (Bounds, RetpolineSite, ReturnSite, alt_instr_table, check_entries,
                              jump_table, mcount_sites, s32_sites, static_call_table)
 
@@ -107,6 +113,10 @@ class Module:
     sizes: dict[str, int]
     jump_entries: int = 0
     static_call_sites: int = 0
+    #: static keys the module defines itself (addresses in its data)
+    own_keys: list[int] = field(default_factory=list)
+    #: static calls the module defines itself (keys in its data)
+    own_calls: list = field(default_factory=list)
     finalize: dict[str, int] = field(default_factory=dict)   # patched sites per table
     patched: list[tuple[int, bytes]] = field(default_factory=list)  # (site, bytes) finalize wrote
     live: bool = True
@@ -279,8 +289,10 @@ class ModuleLoader:
             self.machine.mem.write(dbase, bytes(data)) if dsize else None
             self.core.text_poke_copy(tbase, bytes(text))
             self.core.smp_text_poke_sync_each_cpu()
-            self.keys.add_module_entries(name, jump, mod.symbols, mod.sizes)
-            self.calls.add_module_sites(name, scs, mod.symbols, mod.sizes)
+            self.keys.add_module_entries(name, jump, mod.symbols, mod.sizes,
+                                         own_keys=mod.own_keys)
+            self.calls.add_module_sites(name, scs, mod.symbols, mod.sizes,
+                                        own_calls=mod.own_calls)
         except BaseException:
             self.keys.remove_module_entries(name)
             self.calls.remove_module_sites(name)
@@ -396,19 +408,54 @@ class ModuleLoader:
 
         # jump labels and static calls: known keys and calls, current state
         jump = read("__jump_table", jump_table)
+        # jump_entry_set_init: bit 1 of a built entry is objtool's mark;
+        # for the kernel it says "in the module's init text"
+        init_text = [(addr[i], addr[i] + x.size) for i, x in enumerate(secs)
+                     if i in addr and x.name.startswith(".init")]
+        jump = [e._replace(init=any(lo <= e.code < hi for lo, hi in init_text)) for e in jump]
         scs = read(".static_call_sites", static_call_table)
         # a site whose key is a trampoline (the key is not exported) gets
         # the key the kernel's static_call_tramp_key table pairs with it
         scs = [s._replace(key=self._tramp_key(s.key)) for s in scs]
         desc = sym
+        # jump_label_add_module: a key inside the module (its tracepoints'
+        # keys, a DEFINE_STATIC_KEY of its own) gets the module's entries,
+        # which take the state the key's initialiser gives it
+        own: dict[int, bool] = {}
         for e in jump:
+            if e.key in own or not (mod.data <= e.key < mod.data + mod.data_size):
+                continue
+            o = e.key - mod.data
+            own[e.key] = int.from_bytes(data[o:o + 4], "little", signed=True) > 0
+        mod.own_keys = sorted(own)
+        for e in jump:
+            if e.key in own:
+                continue
             try:
                 self.keys.key(e.key)
             except UnknownKeyError:
                 raise UnknownKeyError(f"module {mod.name}: jump label at {desc(e.code)} uses "
                                       f"{desc(e.key)} [{e.key:#x}], which is not a static key "
                                       "of the kernel; nothing written") from None
+        # static_call_add_module: likewise a key in the module (its
+        # tracepoints' tp_func_* calls): its sites call the key's function
+        calls: dict[int, StaticCall] = {}
         for s in scs:
+            if s.key in calls or not (mod.data <= s.key < mod.data + mod.data_size):
+                continue
+            o = s.key - mod.data
+            sck = next((n for n, a in mod.symbols.items()
+                        if a == s.key and n.startswith("__SCK__")), f"__SCK__{s.key:#x}")
+            cname = sck[len("__SCK__"):]
+            if cname in self.calls.calls:
+                cname = f"{mod.name}:{cname}"
+            calls[s.key] = StaticCall(cname, s.key, mod.symbols.get("__SCT__" + sck[7:], 0),
+                                      int.from_bytes(data[o:o + 8], "little"))
+        mod.own_calls = list(calls.values())
+        stand: dict[int, StaticCall] = {}
+        for s in scs:
+            if s.key in calls:
+                continue
             try:
                 self.calls.call_of_key(s.key)
             except UnknownCallError:
@@ -416,10 +463,26 @@ class ModuleLoader:
                                        f"uses {desc(s.key)} [{s.key:#x}], which is no static "
                                        "call's key in the kernel; nothing written") from None
         for e in jump:
-            size, code = self.keys.module_code(e, text, tbase)
+            size, code = self.keys.module_code(e, text, tbase, own.get(e.key))
             text[e.code - tbase:e.code - tbase + size] = code
+        if calls and getattr(self.calls, "thunks_initialized", False):
+            # a CALL site of a module's own call goes to its function's
+            # accounting thunk too (callthunks_translate_call_dest takes
+            # module core text): a stand-in with the thunk's address makes
+            # the code; the call keeps its function
+            th = self.calls._callthunks()
+            init = [(addr[i], addr[i] + x.size) for i, x in enumerate(secs)
+                    if i in addr and x.name.startswith(".init")]
+            for k, c in calls.items():
+                f = c.func
+                if not (tbase <= f < tend) or th.skip_addr(f) or \
+                        any(lo <= f < hi for lo, hi in init):
+                    continue
+                pad = self._module_thunk(mod, text, f, th)
+                if pad is not None:
+                    stand[k] = StaticCall(c.name, c.key, c.tramp, pad)
         for s in scs:
-            code = self.calls.module_code(s, text, tbase)
+            code = self.calls.module_code(s, text, tbase, stand.get(s.key, calls.get(s.key)))
             text[s.addr - tbase:s.addr - tbase + len(code)] = code
         return jump, scs
 
@@ -464,17 +527,9 @@ class ModuleLoader:
             if any(lo <= dest < hi for lo, hi in init):
                 continue                        # its init text: not core text
             if tbase <= dest < tend:
-                # a function of this module: its padding is in the staging copy
-                pad = dest - size
-                if pad < tbase:
+                pad = self._module_thunk(mod, text, dest, th)
+                if pad is None:
                     continue
-                want = th.code_at(pad)
-                cur = bytes(text[pad - tbase:pad - tbase + size])
-                if cur != want:
-                    if cur != b"\x90" * size:
-                        continue                # "Invalid padding area"
-                    text[pad - tbase:pad - tbase + size] = want
-                    mod.patched.append((pad, want))
             elif th.in_core(dest):
                 pad = calls.callthunks_translate_call_dest(dest)
                 if pad == dest:
@@ -486,6 +541,25 @@ class ModuleLoader:
             mod.patched.append((addr, new))
             n += 1
         return n
+
+    @staticmethod
+    def _module_thunk(mod: Module, text: bytearray, dest: int, th) -> int | None:
+        """The accounting thunk of the module's function at *dest*, in its
+        padding in the staging copy (written there if the padding is
+        NOPs): its address, or None ("Invalid padding area")."""
+        size = th.size
+        pad = dest - size
+        if pad < mod.text:
+            return None
+        o = pad - mod.text
+        want = th.code_at(pad)
+        cur = bytes(text[o:o + size])
+        if cur != want:
+            if cur != b"\x90" * size:
+                return None
+            text[o:o + size] = want
+            mod.patched.append((pad, want))
+        return pad
 
     def _fentry_nops(self, mod: Module, text: bytearray, sites: list[int]) -> int:
         """``ftrace_module_init`` on the staged text: each site holding a

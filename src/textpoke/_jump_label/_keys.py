@@ -144,6 +144,8 @@ class StaticKeys:
         #: the kernel's WARNs, in order (each also a StaticKeyWarning)
         self.warnings: list[str] = []
         self.entries_patched = 0
+        #: keys a module defines (its own data), by module
+        self._module_keys: dict[str, list[StaticKey]] = {}
         for e in entries:
             self._key_at(e.key).sites.append(_Site(e, self._entry_size(e.code), ""))
 
@@ -375,10 +377,13 @@ class StaticKeys:
         return None
 
     # ----------------------------------------------------------- modules
-    def module_code(self, e: JumpEntry, text: bytes | bytearray, base: int) -> tuple[int, bytes]:
+    def module_code(self, e: JumpEntry, text: bytes | bytearray, base: int,
+                    enabled: bool | None = None) -> tuple[int, bytes]:
         """For the module loader: (size, code) an entry of a module whose text
-        is *text* (not yet live, at *base*) must hold for its key's state."""
-        k = self.key(e.key)
+        is *text* (not yet live, at *base*) must hold for its key's state
+        (*enabled*: the state of a key the module defines itself)."""
+        k = self.key(e.key) if enabled is None else StaticKey(f"key@{e.key:#x}", e.key,
+                                                              int(enabled), False)
         off = e.code - base
         b = bytes(text[off:off + 5])
         if b[:2] == _NOP2 or b[:1] == bytes([JMP8_INSN_OPCODE]):
@@ -392,18 +397,32 @@ class StaticKeys:
 
     def add_module_entries(self, owner: str, entries: Iterable[JumpEntry],
                            symbols: Mapping[str, int] | None = None,
-                           sizes: Mapping[str, int] | None = None) -> None:
+                           sizes: Mapping[str, int] | None = None,
+                           own_keys: Iterable[int] = ()) -> None:
         """Register a module's entries (its text must already hold each
-        entry in its key's current state).  Every key must be known."""
+        entry in its key's current state).  Every key must be known, or
+        be one of *own_keys*: keys in the module's own data (already
+        written), made here and dropped with the module."""
         entries = list(entries)
+        own = set(own_keys)
         for e in entries:
-            self.key(e.key)         # UnknownKeyError before anything changes
+            if e.key not in own:
+                self.key(e.key)     # UnknownKeyError before anything changes
         if symbols:
             self.symbols.add(owner, symbols, sizes or {})
+        mine = self._module_keys.setdefault(owner, [])
+        for a in sorted(own - set(self._by_addr)):
+            names = sorted(n for n, v in (symbols or {}).items() if v == a)
+            self._names.setdefault(a, [f"{owner}:{n}" for n in names])
+            mine.append(self._key_at(a))
         for e in entries:
             self._key_at(e.key).sites.append(_Site(e, self._entry_size(e.code), owner))
 
     def remove_module_entries(self, owner: str) -> int:
+        for k in self._module_keys.pop(owner, []):
+            self.keys.pop(k.name, None)
+            self._by_addr.pop(k.addr, None)
+            self._names.pop(k.addr, None)
         n = 0
         for k in self.keys.values():
             before = len(k.sites)

@@ -173,6 +173,8 @@ class StaticCalls:
             self.return_thunk = int(rethunk)
         self.calls: dict[str, StaticCall] = {}
         self._by_key: dict[int, StaticCall] = {}
+        #: static calls a module defines (key in its data), by module
+        self._module_calls: dict[str, list[StaticCall]] = {}
         self.updates = 0
         self.pokes = 0
         for name, tramp in symbols.items():
@@ -380,10 +382,12 @@ class StaticCalls:
         return True
 
     # ----------------------------------------------------------- modules
-    def module_code(self, s: StaticCallSite, text: bytes | bytearray, base: int) -> bytes:
+    def module_code(self, s: StaticCallSite, text: bytes | bytearray, base: int,
+                    call: StaticCall | None = None) -> bytes:
         """For the module loader: what a module site must hold for its
-        call's current function (*text* is the module text, at *base*)."""
-        c = self._by_key.get(s.key)
+        call's current function (*text* is the module text, at *base*;
+        *call*: a static call the module defines itself)."""
+        c = call or self._by_key.get(s.key)
         if c is None:
             raise UnknownCallError(f"module static-call site at {s.addr:#x} uses an unknown key "
                                    f"{s.key:#x}")
@@ -407,16 +411,27 @@ class StaticCalls:
 
     def add_module_sites(self, owner: str, sites: Iterable[StaticCallSite],
                          symbols: Mapping[str, int] | None = None,
-                         sizes: Mapping[str, int] | None = None) -> None:
+                         sizes: Mapping[str, int] | None = None,
+                         own_calls: Iterable[StaticCall] = ()) -> None:
+        """Register a module's sites; *own_calls* are static calls whose key
+        is in the module (made here, dropped with the module)."""
         sites = list(sites)
+        own = {c.key: c for c in own_calls}
         for s in sites:
-            self.call_of_key(s.key)
+            if s.key not in own:
+                self.call_of_key(s.key)
         if symbols:
             self.symmap.add(owner, symbols, sizes or {})
+        for c in own.values():
+            self.calls[c.name] = self._by_key[c.key] = c
+            self._module_calls.setdefault(owner, []).append(c)
         for s in sites:
             self._by_key[s.key].sites.append(_Site(s, owner))
 
     def remove_module_sites(self, owner: str) -> int:
+        for c in self._module_calls.pop(owner, []):
+            self.calls.pop(c.name, None)
+            self._by_key.pop(c.key, None)
         n = 0
         for c in self.calls.values():
             before = len(c.sites)
