@@ -87,14 +87,18 @@ MCOUNT_INSN_SIZE = 5
 _NOP5 = x86_nops[5]
 #: what ftrace_call may call: the name of the tracer -> the guest function
 FTRACE_CALLBACKS = {"function": "function_trace_call", "profile": "function_profile_call",
-                    "function+profile": "ftrace_ops_list_func", "none": "ftrace_stub"}
+                    "function+profile": "ftrace_ops_list_func", "none": "ftrace_stub",
+                    # fgraph's manager ops (graph_ops): see _graph.py
+                    "function_graph": "ftrace_graph_func"}
 #: the callback that is the kernel's ftrace_ops_list_func
 LIST_FUNC = "function+profile"
 #: the ftrace_ops registered for each callback setting
 FTRACE_OPS = {"function": ("function",), "profile": ("profile",),
-              "function+profile": ("function", "profile"), "none": ()}
+              "function+profile": ("function", "profile"), "none": (),
+              "function_graph": ("function_graph",)}
 #: each ops' object in the image (what its trampoline passes as ``op``)
-FTRACE_OPS_OBJECTS = {"function": "global_ops", "profile": "ftrace_profile_ops"}
+FTRACE_OPS_OBJECTS = {"function": "global_ops", "profile": "ftrace_profile_ops",
+                      "function_graph": "graph_ops"}
 # the guest's ftrace_list_ops bits (images/kernel/ftrace.c)
 _LIST_TRACE, _LIST_PROFILE, _LIST_OTHER = 1, 2, 4
 

@@ -45,6 +45,9 @@ BUFFER_TOTAL = 2_000_000
 #: matching (fnmatch compiles a glob to a regex: 50,000 '[' took 79 s)
 GLOB_MAX = 256
 GLOBS_MAX = 1024
+#: scheduler steps --tracer function_graph waits, after the stop, for the
+#: frames it hooked to return
+GRAPH_DRAIN_STEPS = 200_000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="set_ftrace_notrace: never trace functions matching GLOB (repeatable)")
     p.add_argument("--duration", type=int_in(DURATION), default=1000, metavar="STEPS",
                    help=f"scheduler steps to trace for, {DURATION} (default 1000)")
+    p.add_argument("--tracer", choices=("function", "function_graph"), default="function",
+                   help="current_tracer: function (default; entries as trace_pipe prints them) "
+                        "or function_graph (entries and returns with their durations, the "
+                        "return addresses hooked through return_to_handler)")
     p.add_argument("--profile", action="store_true",
                    help="the function profiler: print hits per function instead of the trace")
     p.add_argument("--selftest", action="store_true",
@@ -81,6 +88,9 @@ def _profile_lines(prof: dict[str, int]) -> list[str]:
 def _check(args: argparse.Namespace) -> None:
     """Refusals before anything is built: the rings must fit, globs must be
     globs of a sane size."""
+    if args.profile and args.tracer != "function":
+        raise UsageError("--profile is the function profiler: not with --tracer "
+                         f"{args.tracer}")
     if args.buffer_size * args.cpus > BUFFER_TOTAL:
         most = 1 << ((BUFFER_TOTAL // args.cpus).bit_length() - 1)
         raise UsageError(f"--buffer-size {args.buffer_size} x --cpus {args.cpus} entries do not "
@@ -111,6 +121,8 @@ def run_image(args: argparse.Namespace) -> int:
             ft.set_ftrace_notrace(args.notrace or None)
         except FtraceFilterError as e:
             raise UsageError(str(e)) from None
+        if args.tracer == "function_graph":
+            return _graph_image(args, ok, d, lines)
         tracer = "profile" if args.profile else "function"
         if tracer not in ft.callbacks:
             raise UsageError(f"{args.image}: no {tracer} tracer in this build (its callback "
@@ -138,11 +150,39 @@ def run_image(args: argparse.Namespace) -> int:
     return run_on_image(args, ("ftrace",), step)
 
 
+def _graph_image(args: argparse.Namespace, ok, d: dict, lines: list[str]) -> bool:
+    """``--tracer function_graph --image``: graph_trace_init on the
+    selected functions (fgraph's static calls, its sched_switch probe, the
+    sites through graph_ops' trampoline, the cmdline probes)."""
+    from .._ftrace._graph import FunctionGraph, GraphError
+    ft = ok.kernel.ftrace
+    g = FunctionGraph(ok.kernel)
+    try:
+        up = g.start()
+    except (GraphError, ValueError) as e:
+        raise UsageError(f"{args.image}: {e}") from None
+    sel = len(ft.selected())
+    d.update(tracer="function_graph", functions=sel, records=len(ft.records),
+             enable=up.as_dict(), tracepoints=g.tracepoints,
+             trampolines={o: {"addr": hex(t.addr), "size": t.size}
+                          for o, t in ft.trampolines.items()},
+             trampoline_errors=dict(ft.tramp_errors))
+    where = ", ".join(f"{o}'s trampoline at {t.addr:#x}" for o, t in ft.trampolines.items())
+    lines.append(f"# function_graph tracer on {sel} of {len(ft.records)} fentry sites: "
+                 f"{up.enabled} enabled in {up.batches} batches ({up.syncs} syncs), "
+                 f"{up.func_updates} ftrace_call updates; sites call "
+                 f"{where or 'ftrace_caller (no --trampoline)'}; probes on "
+                 f"{', '.join(dict.fromkeys(g.tracepoints)) or 'no tracepoint'}")
+    return False
+
+
 def run(args: argparse.Namespace) -> int:
     _check(args)
     if getattr(args, "image", None):
         return run_image(args)
     refuse_image_only(args, ("ftrace",))
+    if args.tracer == "function_graph":
+        return _run_graph(args)
     from ..sim._ftrace_work import DEMO_FUNCTIONS, FtraceMachine, ftrace_selftest
 
     def body(fm, d: dict, lines: list[str]) -> bool:
@@ -218,6 +258,62 @@ def run(args: argparse.Namespace) -> int:
         for b in bad:
             lines.append(f"# WRONG RESULT: cpu{b['cpu']} {b['function']} ({b['count']} times)")
         return failed or bool(bad)
+
+    return on_clients(args, lambda: FtraceMachine(cpus=args.cpus, seed=args.seed,
+                                                  ring_size=args.buffer_size), body,
+                      prefix="# ")
+
+
+def _run_graph(args: argparse.Namespace) -> int:
+    """``--tracer function_graph`` on the sim's running vCPUs."""
+    from .._ftrace._graph import FunctionGraph, format_graph
+    from ..sim._ftrace_work import DEMO_FUNCTIONS, FtraceMachine
+
+    def body(fm, d: dict, lines: list[str]) -> bool:
+        ft = fm.ftrace
+        ft.set_ftrace_filter(args.functions or None)
+        ft.set_ftrace_notrace(args.notrace or None)
+        fm.set_work(DEMO_FUNCTIONS)
+        fm.start()
+        fm.wait_passes(1)
+        g = FunctionGraph(fm.kernel)
+        d["tracer"] = "function_graph"
+        d["functions"] = len(ft.selected())
+        up = g.start()
+        d["enable"] = up.as_dict()
+        try:
+            fm.run(args.duration)
+        finally:
+            if g.active:
+                dn = g.stop()
+                d["disable"] = dn.as_dict()
+            # frames hooked before the stop still return through
+            # return_to_handler: wait for them, then leave the trap chain
+            # (a bounded wait: a function that never returns -- a CPU's
+            # loop -- stays hooked, and is reported)
+            fm.run_until(lambda: g.in_flight == 0 or g.dead, GRAPH_DRAIN_STEPS, read=False)
+            g.close()
+        ev = g.drain()
+        entries = sum(e.kind == "entry" for e in ev)
+        returns = len(ev) - entries
+        d.update(entries=entries, returns=returns, overruns=g.overruns, dead=g.why_dead,
+                 in_flight=g.in_flight)
+        d["events"] = [{"kind": e.kind, "cpu": e.cpu, "depth": e.depth,
+                        "function": ft.name(e.func), "ts": e.ts,
+                        **({"duration": e.duration, "retval": e.retval}
+                           if e.kind == "return" else {})} for e in ev]
+        lines.append("# tracer: function_graph (times: the tracer's event counter)")
+        lines += format_graph(ev, ft.name)
+        bad = fm.bad()
+        d["bad"] = bad
+        lines.append(f"# {d['functions']} functions traced: {entries} entries, {returns} "
+                     f"returns, {g.overruns} not hooked (return stack full), "
+                     f"{g.in_flight} still hooked")
+        if g.dead:
+            lines.append(f"# GRAPH TRACING STOPPED: {g.why_dead}")
+        for b in bad:
+            lines.append(f"# WRONG RESULT: cpu{b['cpu']} {b['function']} ({b['count']} times)")
+        return bool(bad) or g.dead
 
     return on_clients(args, lambda: FtraceMachine(cpus=args.cpus, seed=args.seed,
                                                   ring_size=args.buffer_size), body,

@@ -39,11 +39,15 @@ from typing import Any, Iterable, Mapping
 from .._core._machine import PAGE_SIZE, Capability, Machine, StillCpus, Task, TextRange
 from .._core._textpoke import TextPoke
 from .._errors import BadAddressError, MachineError
+from .._ftrace._graph_tp import (CMDLINE_RECORD, tracepoint_probe_register,  # noqa: F401
+                                 tracepoint_probe_unregister, tracepoint_probes,
+                                 tracing_cmdline_record)
 from ..images._tables import KernelTables, jump_table, mcount_sites, static_call_table
 from ._kernel import Kernel
 
 __all__ = ["OfflineMachine", "OfflineImage", "ExecRegion", "offline_kernel", "real_tables",
-           "config_options", "CLIENT_CONFIG", "tracing_cmdline_record", "user_ptr_max_init"]
+           "config_options", "CLIENT_CONFIG", "tracing_cmdline_record", "user_ptr_max_init",
+           "tracepoint_probe_register", "tracepoint_probe_unregister", "tracepoint_probes"]
 
 #: the kernel config options the clients follow, as read from an image's config
 CLIENT_CONFIG = ("X86_KERNEL_IBT", "PREEMPTION", "KPROBES_ON_FTRACE")
@@ -372,44 +376,6 @@ def offline_kernel(image: Any, caps: Any, opts: Any = None, *, data: bytes | Non
         machine.close()
         raise
     return OfflineKernel(k, machine, kt, res, image, cfg)
-
-
-#: the tracepoints the tracers' cmdline/tgid recording hooks, and its probes
-#: (kernel/trace/trace_sched_switch.c: tracing_sched_register)
-CMDLINE_RECORD = (("sched_wakeup", "probe_sched_wakeup"),
-                  ("sched_wakeup_new", "probe_sched_wakeup"),
-                  ("sched_switch", "probe_sched_switch"))
-
-
-def tracing_cmdline_record(kernel: Kernel, on: bool) -> list[str]:
-    """What a tracer's start (and stop) does besides ftrace in the real
-    kernel: ``tracing_start_cmdline_record`` registers one probe on each of
-    :data:`CMDLINE_RECORD`'s tracepoints -- its static call goes from the
-    iterator ``__traceiter_X`` to the probe, then its key is enabled
-    (``tracepoint_add_func``, 0 -> 1 function); stopping disables the key,
-    then puts the iterator back (1 -> 0).  Returns the tracepoints changed.
-    With another probe already on a tracepoint (a key counted above 0
-    before) the kernel goes through its iterator instead: refused here."""
-    sym = kernel.image.symbols
-    done = []
-    for tp, probe in CMDLINE_RECORD:
-        key = sym.get(f"__tracepoint_{tp}")
-        call = f"tp_func_{tp}"
-        if key is None or call not in kernel.calls.calls or probe not in sym:
-            continue
-        key += 8                                # struct tracepoint: name, then key
-        k = kernel.keys.key(key)
-        if on:
-            if k.enabled:
-                raise ValueError(f"tracepoint {tp} already has a probe (the kernel would "
-                                 "call its iterator): not modelled")
-            kernel.calls.static_call_update(call, probe)
-            kernel.keys.static_key_enable(key)
-        else:
-            kernel.keys.static_key_disable(key)
-            kernel.calls.static_call_update(call, f"__traceiter_{tp}")
-        done.append(tp)
-    return done
 
 
 def user_ptr_max_init(kt: Any, caps: Any, config: Mapping[str, str] | None) -> Any:

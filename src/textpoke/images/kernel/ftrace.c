@@ -75,6 +75,7 @@ struct ftrace_ops global_ops;
 struct ftrace_ops ftrace_profile_ops;
 struct ftrace_ops kprobe_ftrace_ops;
 struct ftrace_ops kprobe_ipmodify_ops;
+struct ftrace_ops graph_ops;		/* fgraph's ops (ftrace_graph_func) */
 struct ftrace_ops *function_trace_op = &ftrace_list_end;
 
 /*

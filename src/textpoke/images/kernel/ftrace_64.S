@@ -174,3 +174,40 @@ SYM_FUNC_END(kprobe_ftrace_handler)
 SYM_FUNC_START(ftrace_stub)
 	RET
 SYM_FUNC_END(ftrace_stub)
+
+/*
+ * The function graph tracer (the host's textpoke._ftrace._graph).
+ *
+ * ftrace_graph_func(ip, parent_ip, op) is the callback of fgraph's ops
+ * (graph_ops), called from ftrace_caller or a copy of it (its dynamic
+ * trampoline) -- never from ftrace_regs_caller, whose frame differs.  It
+ * hands the host the address of the traced function's return-address
+ * slot (what the kernel's ftrace_graph_func takes from the saved stack
+ * pointer): above this call's own return address, the trampoline's FRAME
+ * and the return address into the traced function.  The INT3 is the call
+ * into the host (function_graph_enter): it pushes the return address on
+ * this CPU's return stack and puts return_to_handler in the slot.
+ *
+ * return_to_handler is where a hooked function returns: the slot it
+ * popped is taken back for the real return address, the return values
+ * are saved, and the INT3 is the host's ftrace_return_to_handler (which
+ * pops the return stack, records the return and writes the real address
+ * into the slot); then the registers come back and RET goes there.
+ */
+SYM_FUNC_START(ftrace_graph_func)
+	leaq	FRAME+16(%rsp), %rcx		/* the traced function's return slot */
+SYM_INNER_LABEL(ftrace_graph_func_trap)
+	int3
+	RET
+SYM_FUNC_END(ftrace_graph_func)
+
+SYM_FUNC_START(return_to_handler)
+	subq	$8, %rsp			/* the slot the hooked RET popped */
+	pushq	%rax
+	pushq	%rdx
+SYM_INNER_LABEL(return_to_handler_trap)
+	int3
+	popq	%rdx
+	popq	%rax
+	RET
+SYM_FUNC_END(return_to_handler)

@@ -1,0 +1,301 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The function graph tracer: :class:`FunctionGraph`.
+
+What ``echo function_graph > current_tracer`` changes in a 6.12 x86-64
+kernel's text, in the kernel's order (``graph_trace_init`` ->
+``register_ftrace_graph``, then ``tracing_start_cmdline_record``):
+
+1. ``ftrace_graph_enable_direct``: with one graph user the static calls
+   ``fgraph_func`` and ``fgraph_retfunc`` (their trampolines and inline
+   sites in ``function_graph_enter`` / ``ftrace_return_to_handler``) go
+   from ``ftrace_graph_entry_stub`` / ``ftrace_graph_ret_stub`` to the
+   tracer's ``trace_graph_entry`` / ``trace_graph_return``; the key
+   ``fgraph_do_direct`` is left on, as boot set it;
+2. ``start_graph_tracing``: a probe on ``sched_switch``
+   (``ftrace_graph_probe_sched_switch``: its static call, then its key);
+3. ``ftrace_startup_subops``: fgraph's manager ops ``graph_ops``, whose
+   callback is ``ftrace_graph_func``, is registered on the selected
+   records like any ops -- its own dynamic trampoline (a copy of
+   ``ftrace_caller`` calling ``ftrace_graph_func``, ``&graph_ops`` after
+   it), every selected fentry NOP5 -> CALL of that trampoline, and
+   ``ftrace_call``/``ftrace_regs_call`` -> ``ftrace_graph_func``, through
+   :class:`~._ops.Ftrace`'s update (the tracer ``function_graph``).  On
+   x86-64 with ``DYNAMIC_FTRACE_WITH_ARGS`` there is no
+   ``ftrace_graph_call`` JMP to patch, and ``return_to_handler`` is
+   never written: the return hook is data (the return address on the
+   stack);
+4. the cmdline recording's probes on ``sched_switch`` (now two probes: its
+   static call goes back to the iterator), ``sched_wakeup`` and
+   ``sched_wakeup_new``.
+
+``echo nop`` undoes it in the kernel's order (``graph_trace_reset``): the
+cmdline probes, the sites and ``ftrace_call`` (``ftrace_stub``), the
+static calls back to the stubs (``ftrace_graph_disable_direct``), the
+``sched_switch`` probe.  The ops' trampoline is kept (``graph_ops`` is
+static).  Whatever the image lacks (the bundled image has no static calls
+or tracepoints for fgraph) is skipped.
+
+On a machine whose CPUs run (the sim), the tracing itself: the image's
+``ftrace_graph_func`` and ``return_to_handler`` are guest stubs whose
+INT3 is the call into the host (see the bundled ``ftrace_64.S``).  At a
+traced function's entry the host (``function_graph_enter``) pushes
+(function, return address, slot, entry time) on the CPU's return stack
+and writes ``return_to_handler`` into the return-address slot; at its
+return it pops the stack, checks the slot is the one hooked (else, as
+the kernel's "Bad frame pointer", graph tracing stops for good:
+:attr:`FunctionGraph.dead`, and the CPU is left to oops), writes the
+real return address back and records the return with its duration.
+Times are the tracer's own event counter (the kernel's ``counter`` trace
+clock: one tick per event on any CPU), so a duration counts the graph
+events in between.  The return stack holds :data:`FTRACE_RETFUNC_DEPTH`
+frames; deeper entries are not hooked and counted in
+:attr:`FunctionGraph.overruns` (the kernel's ``trace_overrun``).  Tasks
+never migrate on the sim: a CPU's return stack is its task's.
+
+Rules learnt from ``kernel/trace/fgraph.c``, ``trace_functions_graph.c``,
+``arch/x86/kernel/ftrace.c`` and ``ftrace_64.S`` (Linux 6.12); the code
+is our own.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from .._core._machine import Capability, TrapPriority
+from ._ops import FtraceUpdate
+
+__all__ = ["FunctionGraph", "GraphEvent", "GraphError", "FTRACE_RETFUNC_DEPTH",
+           "format_graph"]
+
+#: the return stack's depth (the kernel's FTRACE_RETFUNC_DEPTH)
+FTRACE_RETFUNC_DEPTH = 50
+TRACER = "function_graph"
+#: (static call, the tracer's function, the stub) -- ftrace_graph_enable_direct
+DIRECT_CALLS = (("fgraph_func", "trace_graph_entry", "ftrace_graph_entry_stub"),
+                ("fgraph_retfunc", "trace_graph_return", "ftrace_graph_ret_stub"))
+SCHED_PROBE = ("sched_switch", "ftrace_graph_probe_sched_switch")
+_M64 = (1 << 64) - 1
+
+
+class GraphError(RuntimeError):
+    """The graph tracer cannot start (another tracer is on, no callback)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GraphEvent:
+    """One entry (``ftrace_graph_ent``) or return (``ftrace_graph_ret``)."""
+
+    kind: str                   # "entry" or "return"
+    cpu: int
+    depth: int
+    func: int                   # the fentry site
+    ts: int                     # entry: calltime; return: rettime
+    calltime: int = 0
+    retval: int = 0
+
+    @property
+    def duration(self) -> int:
+        return self.ts - self.calltime if self.kind == "return" else 0
+
+
+@dataclass(slots=True)
+class _Frame:
+    func: int
+    ret: int
+    slot: int
+    calltime: int
+
+
+@dataclass
+class FunctionGraph:
+    """The function_graph tracer of *kernel* (a :class:`~textpoke.kernel.Kernel`)."""
+
+    kernel: object
+    depth_max: int = FTRACE_RETFUNC_DEPTH
+    events: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        k = self.kernel
+        self.ft = k.ftrace
+        self.machine = k.core.machine
+        self.symbols = k.image.symbols
+        #: the return stack of each CPU's task
+        self.stacks: dict[int, list[_Frame]] = {}
+        self.clock = 0
+        self.overruns = 0
+        #: graph tracing stopped for good (ftrace_graph_stop), and why
+        self.dead = False
+        self.why_dead = ""
+        #: the tracer is registered (entries are recorded)
+        self.active = False
+        self._trap = None
+        self.tracepoints: list[str] = []
+
+    # ------------------------------------------------------------ the tracer
+    def start(self) -> FtraceUpdate:
+        """``graph_trace_init``: register the tracer on the functions the
+        filter selects."""
+        ft = self.ft
+        if TRACER not in ft.callbacks:
+            raise GraphError("this image has no function graph tracer (ftrace_graph_func)")
+        if ft.func != "none":
+            raise GraphError(f"the {ft.func} tracer is on: stop it first (current_tracer "
+                             "takes one tracer)")
+        if self.active:
+            raise GraphError("the function graph tracer is already on")
+        self._hook_traps()
+        self._direct(True)
+        from ._graph_tp import tracepoint_probe_register, tracing_cmdline_record
+        done = []
+        if tracepoint_probe_register(self.kernel, *SCHED_PROBE):
+            done.append(SCHED_PROBE[0])
+        self.active = True
+        try:
+            up = ft.start(TRACER)
+        except BaseException:
+            self.active = False
+            raise
+        self.tracepoints = done + tracing_cmdline_record(self.kernel, True)
+        return up
+
+    def stop(self) -> FtraceUpdate:
+        """``graph_trace_reset``: every site back to its NOP, the static
+        calls to their stubs, the probes off.  Frames still hooked return
+        through ``return_to_handler`` as before."""
+        if not self.active:
+            raise GraphError("the function graph tracer is not on")
+        from ._graph_tp import tracepoint_probe_unregister, tracing_cmdline_record
+        tracing_cmdline_record(self.kernel, False)
+        up = self.ft.stop()
+        self.active = False
+        self._direct(False)
+        tracepoint_probe_unregister(self.kernel, *SCHED_PROBE)
+        return up
+
+    def _direct(self, on: bool) -> None:
+        calls = self.kernel.calls
+        for call, func, stub in DIRECT_CALLS:
+            if call in calls.calls and func in self.symbols and stub in self.symbols:
+                calls.static_call_update(call, func if on else stub)
+
+    # ------------------------------------------------------------ the host halves
+    def _hook_traps(self) -> None:
+        """On an image whose graph callbacks are INT3 stubs (the sim's),
+        put the host halves on the machine's trap chain (once)."""
+        if self._trap is not None:
+            return
+        s = self.symbols
+        need = ("ftrace_graph_func_trap", "return_to_handler_trap", "return_to_handler")
+        if any(n not in s for n in need):
+            return
+        if self.machine.text_read(s["ftrace_graph_func_trap"], 1) != b"\xcc":
+            return
+        self.machine.require(Capability.DATA, "the function graph tracer's return hook")
+        self._entry_trap = s["ftrace_graph_func_trap"]
+        self._ret_trap = s["return_to_handler_trap"]
+        self._hooker = s["return_to_handler"]
+        self._trap = self.machine.register_trap_handler(
+            self._int3, priority=TrapPriority.KPROBES, name="function_graph")
+
+    def close(self) -> None:
+        """Take the host halves off the trap chain (every frame must have
+        returned: a hooked frame left would return into an INT3 nobody
+        handles)."""
+        if self._trap is not None and not any(self.stacks.values()):
+            self._trap.unregister()
+            self._trap = None
+
+    @property
+    def in_flight(self) -> int:
+        """Frames hooked and not yet returned, on every CPU."""
+        return sum(len(v) for v in self.stacks.values())
+
+    def _int3(self, regs):
+        ip = regs.ip - 1
+        if ip == self._entry_trap:
+            return self._enter(regs)
+        if ip == self._ret_trap:
+            return self._return(regs)
+        return False
+        yield       # a trap handler is a task
+
+    def _tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    def _enter(self, regs) -> bool:
+        """function_graph_enter (prepare_ftrace_return): hook the return."""
+        g = regs.gprs
+        func, parent, slot = g["rdi"] & _M64, g["rsi"] & _M64, g["rcx"] & _M64
+        if self.dead or not self.active:
+            return True                 # ftrace_graph_is_dead: nothing hooked
+        stack = self.stacks.setdefault(regs.cpu, [])
+        if len(stack) >= self.depth_max:
+            self.overruns += 1          # trace_overrun: this call is not hooked
+            return True
+        mem = regs.mem
+        if int.from_bytes(mem.read(slot, 8), "little") != parent:
+            self._die(f"cpu{regs.cpu}: the return slot {slot:#x} of {func:#x} does not hold "
+                      f"its caller {parent:#x}")
+            return True
+        t = self._tick()
+        self.events.append(GraphEvent("entry", regs.cpu, len(stack), func, t))
+        stack.append(_Frame(func, parent, slot, t))
+        mem.write(slot, struct.pack("<Q", self._hooker))
+        return True
+
+    def _return(self, regs) -> bool:
+        """ftrace_return_to_handler: pop the frame, record the return,
+        give the real return address back (in the slot above the saved
+        rax and rdx)."""
+        mem = regs.mem
+        slot = (regs.sp + 16) & _M64
+        stack = self.stacks.get(regs.cpu) or []
+        if not stack or stack[-1].slot != slot:
+            # the kernel's "Bad frame pointer": ftrace_graph_stop, then panic
+            self._die(f"cpu{regs.cpu}: return through {slot:#x} matches no hooked frame "
+                      f"({stack[-1].slot:#x} expected)" if stack else
+                      f"cpu{regs.cpu}: a return with no hooked frame")
+            return False                # unhandled: the CPU oopses
+        fr = stack.pop()
+        rax = int.from_bytes(mem.read(regs.sp + 8, 8), "little")
+        self.events.append(GraphEvent("return", regs.cpu, len(stack), fr.func, self._tick(),
+                                      fr.calltime, rax))
+        mem.write(slot, struct.pack("<Q", fr.ret))
+        return True
+
+    def _die(self, why: str) -> None:
+        self.dead = True
+        self.why_dead = why
+
+    # ------------------------------------------------------------ reading
+    def drain(self) -> list[GraphEvent]:
+        out, self.events = self.events, []
+        return out
+
+
+def format_graph(events, name, *, cpus: bool = True) -> list[str]:
+    """The function_graph tracer's default output: ``CPU) DURATION |
+    FUNCTION``, a call with nothing in between as ``func();`` with its
+    duration, others as ``func() {`` ... ``}`` (indented by depth)."""
+    out = ["# CPU  DURATION                  FUNCTION CALLS",
+           "# |     |   |                     |   |   |   |"]
+    ev = list(events)
+    i = 0
+    while i < len(ev):
+        e = ev[i]
+        pre = f"{e.cpu:>2}) " if cpus else ""
+        ind = "  " * e.depth
+        if e.kind == "entry":
+            nxt = next((x for x in ev[i + 1:] if x.cpu == e.cpu), None)
+            if nxt is not None and nxt.kind == "return" and nxt.func == e.func and \
+                    nxt.calltime == e.ts:
+                out.append(f"{pre}{nxt.duration:>10}  |  {ind}{name(e.func)}();")
+                ev.remove(nxt)
+            else:
+                out.append(f"{pre}{'':>10}  |  {ind}{name(e.func)}() {{")
+        else:
+            out.append(f"{pre}{e.duration:>10}  |  {ind}}} /* {name(e.func)} */")
+        i += 1
+    return out
