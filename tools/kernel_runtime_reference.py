@@ -13,7 +13,7 @@ The manifest's format: textpoke.images._qemu_runtime's docstring."""
 
 import sys
 
-from textpoke.images._qemu_runtime import main
+from textpoke.images._qemu_runtime_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())
