@@ -387,3 +387,28 @@ def test_a_modules_own_static_keys(cm, loader, tmp_path):
     with pytest.raises(UnknownKeyError):
         keys.key(kf.addr)
     assert cm.oopses == 0 and cm.bad() == []
+
+
+@needs_gcc
+def test_a_module_with_cfi_sites_is_refused(cm, loader, tmp_path):
+    """kCFI/FineIBT (.cfi_sites, a clang CONFIG_CFI_CLANG build) is not
+    modelled: such a module is refused with nothing written, not loaded
+    with its preambles left as compiled."""
+    import subprocess
+    src = tmp_path / "cfi.S"
+    src.write_text("""
+	.text
+	.globl	cfi_fn
+cfi_fn:
+1:	movl	$0x12345678, %eax
+	ret
+	.section .cfi_sites, "a"
+	.long	1b - .
+	.section .note.GNU-stack, "", @progbits
+""")
+    subprocess.run(["gcc", "-c", str(src), "-o", str(tmp_path / "cfi.o")], check=True)
+    from textpoke import ModuleError
+    before = _module_text(cm)
+    with pytest.raises(ModuleError, match="cfi_sites.*nothing written"):
+        loader.load(tmp_path / "cfi.o")
+    assert _module_text(cm) == before and loader.execmem.used == {} and loader.modules == {}

@@ -271,6 +271,52 @@ def test_a_module_with_its_own_keys_and_calls(booted, tmp_path):
     assert _text(ok) == ok.booted_text
 
 
+def test_module_its_thunks_go_to_pages_of_its_own(tmp_path):
+    """With X86_FEATURE_INDIRECT_THUNK_ITS (no run-time reference setup has
+    it: TCG's CPU models never get there) a module's indirect branches that
+    would end in the lower half of a cache line go to ``jmp *%reg; int3``
+    thunks in an execmem page of the module's own (its_init_mod: a fresh
+    page, thunks from offset 32, upper line halves), freed with it."""
+    from textpoke._alternative._kearly import read_config
+    from textpoke._alternative._kpasses import BootOptions
+    from textpoke._alternative._ktext import CpuCaps
+    from textpoke.images._vmlinux import load_kernel
+    from textpoke.kernel._offline import ExecRegion, offline_kernel
+    d = _image_dir()
+    if d is None:
+        pytest.skip("Debian's 6.12 cloud kernel is not cached (make test-kernel fetches it)")
+    raw = _package_module(d, tmp_path, "block/kyber-iosched")
+    if raw is None:
+        pytest.skip("the image's package (.deb with its modules) is not cached")
+    cfg = read_config(d / "config") if (d / "config").is_file() else None
+    with offline_kernel(load_kernel(str(d / "vmlinuz")),
+                        CpuCaps.from_names(["always", "indirect_thunk_its"]),
+                        BootOptions(ncpus=1), config=cfg,
+                        regions=[ExecRegion(MODS, 256 * 4096, "modules")]) as ok:
+        m = ok.machine
+        loader = ok.kernel.modules
+        mod = loader.load(raw, "kyber_iosched")
+        assert len(mod.its_pages) == 1
+        (page, thunks), = mod.its_pages.items()
+        assert page % 4096 == 0 and page >= mod.text + mod.text_size
+        assert thunks and thunks[0][0] == page + 32
+        body = m.text_read(page, 4096)
+        targets = set()
+        for a, reg in thunks:
+            code = (b"\x41" if reg >= 8 else b"") + bytes([0xFF, 0xE0 + reg % 8, 0xCC])
+            assert body[a - page:a - page + len(code)] == code
+            assert (a - page + len(code) - 2) % 64 >= 32        # the branch ends high
+            targets.add(a)
+        assert body.count(0xCC) == 4096 - sum(2 + (r >= 8) for _a, r in thunks)
+        # each of them is the target of one of the module's former retpoline sites
+        text = m.text_read(mod.text, mod.text_size)
+        hits = {mod.text + i + 5 + struct.unpack("<i", text[i + 1:i + 5])[0]
+                for i in range(len(text) - 5) if text[i] in (0xE8, 0xE9)}
+        assert targets <= hits
+        loader.unload(mod)
+        assert m.text_read(page, 4096) == b"\xcc" * 4096 and loader.execmem.used == {}
+
+
 def test_cli_keys_image_dumps_the_step_and_names_what_differs(booted, tmp_path):
     d, ok = booted
     keys = ok.kernel.keys

@@ -59,13 +59,15 @@ calls, fills its text with INT3 (``text_poke_set``, so a stale pointer
 traps) and frees both chunks.  The caller must first make sure no CPU is
 inside the module (the kernel's refcount and RCU grace period).
 
-Not modelled: ITS thunk pages of the module's own (``its_init_mod``:
-with ``X86_FEATURE_INDIRECT_THUNK_ITS`` the kernel allocates them in
-execmem; the retpoline pass here hands out the image's static ITS array),
-FineIBT (``.cfi_sites``), module parameters, init sections, exports from modules,
-``.smp_locks``
-(only applies to a uniprocessor boot) and ``__mcount_loc`` (relocated, not
-used).
+With ``X86_FEATURE_INDIRECT_THUNK_ITS`` the retpoline pass hands out the
+module's ITS thunks (``jmp *%reg; int3``) from pages of its own, as
+``its_init_mod``/``its_alloc`` do: a fresh execmem page for the first
+(:attr:`ModuleLoader.its_pages` gives their addresses where a real kernel
+chose them), INT3 around the thunks, freed at unload (``its_free_mod``).
+
+Not modelled: kCFI/FineIBT (a module with ``.cfi_sites``, from a clang
+``CONFIG_CFI_CLANG`` build, is refused), module parameters, init sections
+(kept, never freed) and exports from modules.
 
 Rules learnt from ``arch/x86/kernel/module.c``, ``kernel/module/main.c``,
 ``kernel/jump_label.c`` and ``kernel/static_call_inline.c`` (Linux 6.12);
@@ -81,7 +83,8 @@ from typing import Iterable
 from ._alternative._apply import alt_instructions_pass
 from ._alternative._shadow import DebugLog, Shadow, Symbols, features_of
 from ._alternative._records import PassLog
-from ._alternative._thunks import retpolines_pass, returns_pass, seal_endbr
+from ._alternative._kpasses import F_INDIRECT_THUNK_ITS, BootOptions
+from ._alternative._thunks import ItsThunks, retpolines, returns_pass, seal_endbr, shadow_pass
 from ._core._insn import CALL_INSN_OPCODE, text_gen_insn
 from ._core._machine import Capability
 from .images._elf import ET_REL, SHT_NOBITS, ElfFile, ImageError
@@ -120,8 +123,11 @@ class Module:
     finalize: dict[str, int] = field(default_factory=dict)   # patched sites per table
     patched: list[tuple[int, bytes]] = field(default_factory=list)  # (site, bytes) finalize wrote
     live: bool = True
+    #: ITS thunk pages of the module's own (its_init_mod): page -> thunks (addr, reg)
+    its_pages: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     _text_alloc: int = 0
     _data_alloc: int = 0
+    _its_allocs: list[int] = field(default_factory=list)
 
     def sym(self, name: str) -> int:
         try:
@@ -173,6 +179,35 @@ class _ModuleShadow(Shadow):
         self.writes = []
 
 
+PAGE_SIZE = 4096
+
+
+class _ModuleIts(ItsThunks):
+    """``its_allocate_thunk`` while a module is finalised: when the page in
+    use is full -- or none was taken for this module yet -- a new one comes
+    from *alloc*, never the image's static thunk array."""
+
+    def __init__(self, tb, alloc) -> None:
+        super().__init__(tb)
+        self._alloc = alloc
+
+    def get(self, reg: int) -> int:
+        size = 3 + reg // 8
+        if (self.page is None or self.off + size - 1 >= PAGE_SIZE) and not self.pages:
+            self.pages.append(self._alloc())
+        return super().get(reg)
+
+
+def its_page_bytes(thunks: "list[tuple[int, int]]", page: int) -> bytes:
+    """An ITS thunk page as the kernel leaves it: INT3 everywhere but the
+    thunks, ``jmp *%reg; int3`` each (REX.B for r8-r15)."""
+    out = bytearray(b"\xcc" * PAGE_SIZE)
+    for a, reg in thunks:
+        code = (b"\x41" if reg >= 8 else b"") + bytes([0xFF, 0xE0 + reg % 8, 0xCC])
+        out[a - page:a - page + len(code)] = code
+    return bytes(out)
+
+
 class ModuleLoader:
     """Loads and unloads modules for one kernel image on one TextPoke.
 
@@ -197,6 +232,9 @@ class ModuleLoader:
         self._data_mem: ExecMem | None = None
         self.modules: dict[str, Module] = {}
         self.loads = self.unloads = 0
+        #: where the next ITS thunk pages go (a real kernel's execmem_alloc
+        #: answers, read from a run-time reference); empty: taken from execmem
+        self.its_pages: list[int] = []
 
     # ------------------------------------------------------------ memory
     def _data_alloc(self, size: int, *, at: int | None = None) -> int:
@@ -283,10 +321,14 @@ class ModuleLoader:
             self.execmem.free(talloc, invalidate=False)
             if dalloc:
                 self._data_free(dalloc)
+            if "mod" in locals():
+                self._free_its(mod, invalidate=False)
             raise
         # 6. place, serialise, register
         try:
             self.machine.mem.write(dbase, bytes(data)) if dsize else None
+            for page, thunks in mod.its_pages.items():
+                self.core.text_poke_copy(page, its_page_bytes(thunks, page))
             self.core.text_poke_copy(tbase, bytes(text))
             self.core.smp_text_poke_sync_each_cpu()
             self.keys.add_module_entries(name, jump, mod.symbols, mod.sizes,
@@ -298,6 +340,7 @@ class ModuleLoader:
             self.calls.remove_module_sites(name)
             self.execmem.free(talloc)
             self._data_free(dalloc)
+            self._free_its(mod)
             raise
         mod.jump_entries, mod.static_call_sites = len(jump), len(scs)
         self.modules[name] = mod
@@ -349,8 +392,7 @@ class ModuleLoader:
         if rt:
             # the boot's x86_return_thunk (a real kernel's: call_depth_,
             # srso_, its_return_thunk...), not the default one
-            from ._alternative._kpasses import BootOptions
-            from ._alternative._thunks import returns, shadow_pass
+            from ._alternative._thunks import returns
 
             def ret_pass(shadow, sites, feats, sym, dbg):
                 return shadow_pass(lambda tb, addrs, caps, log: returns(
@@ -358,7 +400,24 @@ class ModuleLoader:
                     shadow, [x.addr for x in sites], feats, sym, dbg)
         else:
             ret_pass = returns_pass
-        for label, fn, items in ((".retpoline_sites", retpolines_pass, retp),
+        if read(".cfi_sites", s32_sites, RetpolineSite, ".cfi_sites"):
+            # kCFI/FineIBT (CONFIG_CFI_CLANG): not modelled -- refused rather
+            # than loaded with its preambles and callers left as compiled
+            raise ModuleError(f"module {mod.name}: .cfi_sites (kCFI/FineIBT, a clang "
+                              "CONFIG_CFI_CLANG build) is not supported; nothing written")
+
+        def retp_pass(shadow, sites, feats, sym, dbg):
+            # its_init_mod: with X86_FEATURE_INDIRECT_THUNK_ITS the module's
+            # ITS thunks go to pages of its own, the first one fresh
+            def run(tb, addrs, caps, log):
+                its = _ModuleIts(tb, lambda: self._its_page(mod)) \
+                    if caps.has(F_INDIRECT_THUNK_ITS) else ItsThunks(tb)
+                retpolines(tb, addrs, caps, BootOptions(), its, log)
+                for a, reg in its.allocated:
+                    mod.its_pages[a & ~0xFFF].append((a, reg))
+            return shadow_pass(run, shadow, [x.addr for x in sites], feats, sym, dbg)
+
+        for label, fn, items in ((".retpoline_sites", retp_pass, retp),
                                  (".return_sites", ret_pass, rets),
                                  (".altinstructions", alt_instructions_pass, alts)):
             recs = fn(shadow, items, self.feats, sym, dbg) if items else []
@@ -542,6 +601,25 @@ class ModuleLoader:
             n += 1
         return n
 
+    def _its_page(self, mod: Module) -> int:
+        """``its_alloc`` for *mod*: a page of module execmem (the next of
+        :attr:`its_pages` when given)."""
+        if self.its_pages:
+            a = self.execmem.alloc_at(self.its_pages.pop(0), PAGE_SIZE)
+            page = a
+        else:
+            a = self.execmem.alloc(2 * PAGE_SIZE)          # one whole page inside
+            page = -(-a // PAGE_SIZE) * PAGE_SIZE
+        mod._its_allocs.append(a)
+        mod.its_pages[page] = []
+        return page
+
+    def _free_its(self, mod: Module, *, invalidate: bool = True) -> None:
+        for a in mod._its_allocs:
+            self.execmem.free(a, invalidate=invalidate)
+        mod._its_allocs.clear()
+        mod.its_pages.clear()
+
     @staticmethod
     def _module_thunk(mod: Module, text: bytearray, dest: int, th) -> int | None:
         """The accounting thunk of the module's function at *dest*, in its
@@ -589,6 +667,7 @@ class ModuleLoader:
         self.calls.remove_module_sites(m.name)
         self.execmem.free(m._text_alloc)            # text_poke_set(INT3) first
         self._data_free(m._data_alloc)
+        self._free_its(m)                           # its_free_mod
         m.live = False
         del self.modules[m.name]
         self.unloads += 1
