@@ -413,7 +413,7 @@ class _Scheduler:
         end = self.steps + steps
         slow_until = 0
         while self.steps < end:
-            if self.steps >= slow_until:
+            if self.steps >= slow_until and not self._tasks:
                 n = self._burstable()
                 if n:
                     k = min(end - self.steps, _BURST_MAX)
@@ -447,7 +447,8 @@ class _Scheduler:
         while self.steps < end:
             if pred():
                 return True
-            if self.steps >= slow_until:
+            # (a task in flight: never quiet, no need to ask)
+            if self.steps >= slow_until and not self._tasks:
                 if self._burstable():
                     k = min(end - self.steps, _BURST_WINDOW)
                     done = self._burst(k, keep=True)
