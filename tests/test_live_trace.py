@@ -43,14 +43,18 @@ __attribute__((noinline)) long mid(long a) { return leaf(a) + leaf(a + 1); }
 __attribute__((noinline)) long top(long a) { return mid(a) ^ a; }
 static long K;
 static pthread_barrier_t bar;
+/* a round waits inside: a profiled round_ has its return hooked while it waits */
+__attribute__((noinline)) void round_(void)
+{
+	pthread_barrier_wait(&bar);
+	for (long i = 0; i < K; i++)
+		top(i);
+	pthread_barrier_wait(&bar);
+}
 static void *worker(void *arg)
 {
-	for (;;) {
-		pthread_barrier_wait(&bar);
-		for (long i = 0; i < K; i++)
-			top(i);
-		pthread_barrier_wait(&bar);
-	}
+	for (;;)
+		round_();
 	return NULL;
 }
 int main(int argc, char **argv)
@@ -178,10 +182,21 @@ def test_exact_counts_and_parents(exes, form):
 
 
 def test_profile_hits_and_sigterm(exes):
-    rc, doc, _err = _window(exes / "plain", f"plain:{LM}", "--profile", sig=signal.SIGTERM)
+    # round_: entered once per worker in the window (after the round that was
+    # waiting when the tracer came), and still waiting inside when it ends:
+    # its hooked return addresses must be put back (_window runs one more
+    # round after the tracer is gone)
+    rc, doc, _err = _window(exes / "plain", "plain:[lmr][eio][adu]*", "--profile",
+                            sig=signal.SIGTERM)
     assert rc == 143 and doc["interrupted"] is True and doc["int3_left"] == 0
-    assert {p["function"]: p["hits"] for p in doc["profile"]} == {"leaf": 2 * K * NT,
-                                                                   "mid": K * NT}
+    prof = {p["function"]: p for p in doc["profile"]}
+    assert {f: p["hits"] for f, p in prof.items()} == {"leaf": 2 * K * NT, "mid": K * NT,
+                                                       "round_": NT}
+    assert prof["round_"]["time_ns"] == 0          # none returned yet
+    # the time, from the return hook: every leaf call lies inside a mid call
+    # of its thread, so mid's total holds all of leaf's
+    assert 0 < prof["leaf"]["time_ns"] <= prof["mid"]["time_ns"]
+    assert prof["mid"]["avg_ns"] == round(prof["mid"]["time_ns"] / (K * NT), 1)
 
 
 def test_overruns_counted(exes):
@@ -223,12 +238,14 @@ def test_text_lines_and_refusals(exes):
 def test_sigkill_then_recover(exes):
     t = _Target([str(exes / "plain"), str(50 * K)])
     try:
-        tr = _tracer(t.pid, "--functions", f"plain:{LM}")
+        tr = _tracer(t.pid, "--functions", "plain:[lmr][eio][adu]*", "--profile")
         _armed(tr)
-        assert t.go() == "done"            # traced calls ran, rings written
+        # profiled calls ran; each worker waits inside round_ with its return hooked
+        assert t.go() == "done"
         tr.kill()
         tr.wait()
-        # the target lives on with the tracer inside it (rings overwrite)
+        # the target lives on with the tracer inside it (the hooks return
+        # through the injected handler, which hooks again)
         assert t.go() == "done"
         r = tp("sites", "--pid", str(t.pid), "--check")
         assert r.returncode == 1 and "trace stub region" in r.stdout + r.stderr
@@ -236,7 +253,7 @@ def test_sigkill_then_recover(exes):
         assert r.returncode == 0, r.stdout + r.stderr
         assert "stub regions freed: 1" in r.stdout + r.stderr
         assert tp("sites", "--pid", str(t.pid), "--check").returncode == 0
-        assert t.go() == "done"
+        assert t.go() == "done" and t.go() == "done"   # the hooked returns were put back
         # and it can be traced again (the dead tracer's GS bases taken back)
         rc, _ = tp("trace", "--pid", str(t.pid), "--functions", "plain:leaf", "--duration",
                    "0").returncode, None

@@ -100,7 +100,9 @@ def run(args: argparse.Namespace) -> int:
            "restored": bool(left["restored"]) if not gone else None,
            "regions_kept": left["regions_kept"]}
     if args.profile:
-        doc["profile"] = [{"function": f, "hits": n} for f, n in lt.final_profile]
+        doc["profile"] = [{"function": f, "hits": n, "time_ns": t,
+                           "avg_ns": round(t / n, 1) if n else 0.0}
+                          for f, n, t in lt.final_profile]
     if err is not None:
         doc["error"] = err
     if "close_error" in left:
@@ -112,11 +114,14 @@ def run(args: argparse.Namespace) -> int:
         out.emit_json(doc)
     else:
         if args.profile:
-            w = max([len("Function")] + [len(f) for f, _ in lt.final_profile])
-            out.print_plain(f"  {'Function':<{w}}    {'Hit':>10}")
-            out.print_plain(f"  {'--------':<{w}}    {'---':>10}")
-            for f, n in lt.final_profile:
-                out.print_plain(f"  {f:<{w}}    {n:>10}")
+            # trace_stat/function0's columns (the kernel prints times in us)
+            w = max([len("Function")] + [len(f) for f, _n, _t in lt.final_profile])
+            out.print_plain(f"  {'Function':<{w}}  {'Hit':>10}    {'Time':>14}    {'Avg':>12}")
+            out.print_plain(f"  {'--------':<{w}}  {'---':>10}    {'----':>14}    {'---':>12}")
+            for f, n, t in lt.final_profile:
+                avg = t / n / 1000 if n else 0.0
+                out.print_plain(f"  {f:<{w}}  {n:>10}    {t / 1000:>11.3f} us    "
+                                f"{avg:>9.3f} us")
         print(f"textpoke live trace: {nev if not args.profile else counts['hits']} "
               f"{'event(s) read' if not args.profile else 'hit(s)'}, {counts['overruns']} "
               f"overrun(s), {counts['dropped']} dropped; sites restored: "

@@ -142,7 +142,7 @@ def recover(pid: int, *, strategy: str = "int3") -> dict:
             region = Region(pid, r["base"], r["code_size"], r["data_size"],
                              syscall_at=find_syscall_insn(pid))
             if r["base"] in {mm.start for mm in read_maps(pid)}:
-                why = _free(m, region, r["kind"])
+                why = _free(m, region, r)
             else:
                 why = []
             region.close()
@@ -167,7 +167,7 @@ def recover(pid: int, *, strategy: str = "int3") -> dict:
             for r in list(m2.journal.data["regions"]):
                 region = Region(pid, r["base"], r["code_size"], r["data_size"],
                                  syscall_at=find_syscall_insn(pid))
-                why = _free(m2, region, r["kind"])
+                why = _free(m2, region, r)
                 region.close()
                 if why:
                     rep["kept"].append(f"stub region {r['base']:#x}: " + "; ".join(why))
@@ -181,13 +181,14 @@ def recover(pid: int, *, strategy: str = "int3") -> dict:
     return rep
 
 
-def _free(m, region, kind: str) -> list[str]:
+def _free(m, region, r: dict) -> list[str]:
     """Unmap a stub region once no thread can be in it.  ``live trace``'s
     runtime makes CALLs of its own (dead return addresses stay on stacks):
-    its own check tells those from a thread really inside."""
-    if kind == "trace":
+    its own check tells those from a thread really inside, after putting
+    back the return addresses its profiler hooked."""
+    if r["kind"] == "trace":
         from ._trace import free_region
-        return free_region(m, region)
+        return free_region(m, region, unhook=r.get("unhook"))
     from ._count import _read_and_free
     return _read_and_free(m, region, 0)[1]
 

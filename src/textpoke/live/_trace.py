@@ -137,6 +137,10 @@ class LiveTrace:
         self._comm: dict[int, str] = {}
         self._removed: list = []
         self.armed = False
+        self._unhook: dict | None = None
+        self._pareas = (0, 0, 0)
+        self._times: dict[int, int] = {}      # prof index -> cycles, threads gone
+        self._tsc = None
         self.final_events: list = []
         self.final_counts: dict | None = None
         self.final_profile: list = []
@@ -216,13 +220,28 @@ class LiveTrace:
             nrec = min(MAX_RINGS, max(64, 4 * len(m.threads)))
             rt_code, rt_data = runtime_layout(nrec)
             pads = [s for s in self.sites if s.kind != "nop5"]
-            code_size = rt_code + PAD_SIZE * len(pads) + _TRAMP_SHARE
+            prof_code = -(-len(PROFILE_CODE) // 64) * 64 if self.profile else 0
+            code_size = rt_code + prof_code + PAD_SIZE * len(pads) + _TRAMP_SHARE
             nprof = len(self.sites) if self.profile else 0
             ring_bytes = RingBuffer.region_bytes(self.ring_size, nprof, nrec)
-            self.region = r = self._map(m, code_size, rt_data + ring_bytes)
+            # the profiler's return stacks and cycle tables, one per ring
+            pstride = (SHADOW_N * 32 + -(-8 * nprof // 64) * 64) if self.profile else 0
+            self.region = r = self._map(m, code_size, rt_data + ring_bytes + pstride * nrec)
             rt = build_runtime(r.base, r.data, nrec)
             code = bytearray(rt.code.ljust(rt_code, b"\xcc"))
-            self._fill_pads(r.base + rt_code, pads, code)
+            if self.profile:
+                # the image's profile callback: function_profile_call (the
+                # hit), then the return hook (the time)
+                blob = bytearray(PROFILE_CODE)
+                struct.pack_into("<QQQ", blob, _P_FPC, rt.symbols["function_profile_call"],
+                                 rt.symbols["ftrace_prof_ips"], rt.symbols["ftrace_prof_n"])
+                at = r.base + len(code)
+                rt.symbols["function_profile_call"] = at
+                code += bytes(blob).ljust(prof_code, b"\xcc")
+                self._unhook = {"handler": at + _P_HANDLER, "percpu": rt.symbols["ftrace_percpu"],
+                                "nrec": nrec}
+                self._pareas = (r.data + rt_data + ring_bytes, pstride, nprof)
+            self._fill_pads(r.base + len(code), pads, code)
             tramp_lo = r.base + len(code)
             code += b"\xcc" * _TRAMP_SHARE
             image = ProcessFtraceImage(f"process {self.pid}", rt, {s.record: s.function for s in self.sites})
@@ -231,6 +250,9 @@ class LiveTrace:
             r.write(r.base, bytes(code))
             r.write(r.data, rt.data)
             m.refresh_maps()
+            if self.profile:
+                for i in range(nrec):
+                    self._reset_shadow(i, times=False)
             self.core = core = TextPoke(m)
             lo = min(x.start for x in m.text_ranges)
             self.kernel = Kernel(core, image, tables=image.tables((lo, lo + 1)),
@@ -247,6 +269,9 @@ class LiveTrace:
             self._switch_pads(on=True)
             self.armed = True
             ft.start("profile" if self.profile else "function")
+            if self.profile:
+                self._tsc = host_tsc()
+                self._tsc0 = (self._tsc(), time.perf_counter_ns())
         except BaseException:
             with contextlib.suppress(Exception):
                 self.close()
@@ -324,6 +349,10 @@ class LiveTrace:
                 sites.append((s.addr, s.found, s.jmp))
         j.drop_region(r.base, flush=False)
         j.add_region("trace", r.base, r.code_size, r.data_size, sites)
+        if self._unhook:
+            # what 'live recover' needs to put hooked return addresses back
+            j.data["regions"][-1]["unhook"] = dict(self._unhook)
+            j.flush()
 
     def _switch_pads(self, on: bool) -> None:
         """Entries (and the other fentry forms) to ``jmp pad`` or back."""
@@ -361,14 +390,37 @@ class LiveTrace:
             comm = self._thread_comm(tid)
             try:
                 ok = ring.add_cpu(tid, comm, tid)
+                if ok and self._unhook:
+                    self._reset_shadow(ring.slot[tid], times=True)
             except (TextPokeError, OSError):
                 ok = False
             if not ok:
                 # it keeps its parent's ring: events still land, two writers
                 self.stats.threads_without_ring += 1
         elif event == "remove":
+            if self._unhook and tid in ring.slot:
+                for i, c in enumerate(self._read_times(ring.slot[tid])):
+                    self._times[i] = self._times.get(i, 0) + c
             entries, counts = ring.remove_cpu(tid)
             self._removed.append((entries, counts))
+
+    def _reset_shadow(self, slot: int, *, times: bool) -> None:
+        """Ring *slot*'s return stack emptied (and its cycle table zeroed)."""
+        base0, stride, nprof = self._pareas
+        area = base0 + slot * stride
+        rec = self._unhook["percpu"] + slot * 128
+        mem = self.machine.mem
+        mem.write(rec + _F_SP, struct.pack("<QQQQ", area, area + SHADOW_N * 32, area,
+                                           area + SHADOW_N * 32))
+        if times and nprof:
+            mem.write(area + SHADOW_N * 32, bytes(8 * nprof))
+
+    def _read_times(self, slot: int) -> list[int]:
+        base0, stride, nprof = self._pareas
+        if not nprof:
+            return []
+        raw = self.machine.mem.read(base0 + slot * stride + SHADOW_N * 32, 8 * nprof)
+        return list(struct.unpack(f"<{nprof}Q", raw))
 
     def _thread_comm(self, tid: int) -> str:
         c = self._comm.get(tid)
@@ -423,18 +475,36 @@ class LiveTrace:
                 "dropped": st.dropped + live.get("dropped", 0),
                 "hits": st.hits + live.get("hits", 0)}
 
-    def profile_counts(self) -> list[tuple[str, int]]:
-        """(function, hits), most first (the profiler's per-thread counters
-        summed, threads gone included)."""
+    def profile_counts(self) -> list[tuple[str, int, int]]:
+        """(function, hits, time in ns), most hits first: the profiler's
+        per-thread counters summed, threads gone included; the time is the
+        return hook's cycles (call to return, children included: the
+        kernel's graph-time), at the TSC rate measured over the session."""
         per = dict(self.stats.prof)
-        if self.ring is not None and getattr(self.ring, "prof_ips", None):
+        table = getattr(self.ring, "prof_ips", None) if self.ring is not None else None
+        if table:
             for a, n in self.ring.profile().items():
                 per[a] = per.get(a, 0) + n
-        out: dict[str, int] = {}
-        for a, n in per.items():
+        cyc = dict(self._times)
+        if table and self._unhook:
+            for s in self.ring.slot.values():
+                for i, c in enumerate(self._read_times(s)):
+                    cyc[i] = cyc.get(i, 0) + c
+        ns_per = self._ns_per_cycle()
+        out: dict[str, list[int]] = {}
+        for i, a in enumerate(table or sorted(per)):
             name = self._names.get(a, f"{a:#x}")
-            out[name] = out.get(name, 0) + n
-        return sorted(out.items(), key=lambda kv: (-kv[1], kv[0]))
+            o = out.setdefault(name, [0, 0])
+            o[0] += per.get(a, 0)
+            o[1] += round(cyc.get(i, 0) * ns_per)
+        return sorted(((k, h, t) for k, (h, t) in out.items()), key=lambda x: (-x[1], x[0]))
+
+    def _ns_per_cycle(self) -> float:
+        if self._tsc is None:
+            return 0.0
+        c0, n0 = self._tsc0
+        c1, n1 = self._tsc(), time.perf_counter_ns()
+        return (n1 - n0) / (c1 - c0) if c1 > c0 else 0.0
 
     def func_name(self, ip: int) -> str:
         return self._names.get(ip) or self.parent_name(ip)
@@ -510,7 +580,7 @@ class LiveTrace:
         # the last events and counts (nothing writes them any more once no
         # thread can be in the region; what a thread still finishing
         # function_trace_call writes is read after the look below)
-        why = free_region(m, r, unmap=False)
+        why = free_region(m, r, unmap=False, unhook=self._unhook)
         if self.ring is not None:
             tail += self.take()
             self.final_counts = self.counts()
@@ -523,7 +593,7 @@ class LiveTrace:
                 with contextlib.suppress(TextPokeError, OSError):
                     if tid in m.threads:
                         m.set_percpu_base(tid, 0)
-        why = free_region(m, r)
+        why = free_region(m, r, unhook=self._unhook)
         if why:
             self.kept += [f"trace region {r.base:#x}: " + "; ".join(why)]
         else:
@@ -610,17 +680,27 @@ def threads_in_region(m, r, tids) -> list[str]:
     return why
 
 
-def free_region(m, r, *, unmap: bool = True, attempts: int = 50) -> list[str]:
+def free_region(m, r, *, unmap: bool = True, attempts: int = 50,
+                unhook: dict | None = None) -> list[str]:
     """Wait (every thread stopped and looked at, a thread inside stepped
     out, then let run) until no thread is in the tracer's code
     (:func:`threads_in_region`); then unmap *r* in a stopped thread unless
-    *unmap* is false.  Returns why it is still in use (empty: done)."""
+    *unmap* is false.  *unhook* (the profiler's return hooks, see
+    :func:`unhook_returns`) is undone first, with the threads stopped.
+    Returns why it is still in use (empty: done)."""
+    from .._errors import MachineError
     from ._inject import InjectError, find_syscall_insn
     why: list[str] = []
     for attempt in range(attempts):
         with m.stopped() as tids:
-            m.step_out_of_range(r.base, r.base + r.code_size)
-            why = threads_in_region(m, r, tids)
+            try:
+                m.step_out_of_range(r.base, r.base + r.code_size)
+            except MachineError as e:       # a long way out: let it run on
+                why = [str(e)]
+            else:
+                if unhook:
+                    unhook_returns(m.mem, unhook)
+                why = threads_in_region(m, r, tids)
             if not why:
                 if not unmap:
                     return []
@@ -636,6 +716,95 @@ def free_region(m, r, *, unmap: bool = True, attempts: int = 50) -> list[str]:
                 return errs
         time.sleep(0.0005 * (attempt + 1))
     return why
+
+
+# --- the profiler's time: a return hook (the kernel's profiler uses fgraph) ----
+#: ``live_profile_call`` and ``live_return_handler``, position-independent,
+#: hand-written (GNU as, then the bytes; no code of the kernel's):
+#:
+#:   live_profile_call:                  # (ip, parent_ip, op), from ftrace_caller
+#:     push %rdi; push %rsi; sub $8,%rsp
+#:     call *T_FPC(%rip)                 # function_profile_call: the hit
+#:     add $8,%rsp; pop %rsi; pop %rdi
+#:     lea 96(%rsp),%r9                  # the traced function's return address
+#:     cmp %rsi,(%r9); jne 9f            #   (only in ftrace_caller's frame)
+#:     mov %gs:0,%r8                     # this thread's ftrace_cpu
+#:     mov 96(%r8),%rcx; cmp 104(%r8),%rcx; jae 9f   # its return stack full
+#:     (binary search of ip in *T_IPS[0..*T_N) -> %rax; jne 9f if absent)
+#:     mov %rsi,0(%rcx); mov %r9,8(%rcx); mov %rax,16(%rcx)
+#:     rdtsc; shl $32,%rdx; or %rdx,%rax; mov %rax,24(%rcx)
+#:     add $32,%rcx; mov %rcx,96(%r8)    # pushed
+#:     lea live_return_handler(%rip),%rax; mov %rax,(%r9)   # hooked
+#:   9: ret
+#:   live_return_handler:                # the hooked function returned here
+#:     push %rax (room for the return); push %rax,%rdx,%rcx,%r8,%r9
+#:     mov %gs:0,%r8; mov 96(%r8),%rcx; lea 40(%rsp),%r9    # the slot it came from
+#:   4: sub $32,%rcx; cmp 112(%r8),%rcx; jb 8f  # the entry of that slot (deeper
+#:     cmp %r9,8(%rcx); jne 4b           #   ones were left by a longjmp)
+#:     mov %rcx,96(%r8)                  # popped
+#:     rdtsc; ...; sub 24(%rcx),%rax     # cycles in the function
+#:     mov 16(%rcx),%rdx; mov 120(%r8),%r9; add %rax,(%r9,%rdx,8)
+#:     mov 0(%rcx),%rax; mov %rax,40(%rsp)                  # the real return
+#:     pop %r9,%r8,%rcx,%rdx,%rax; ret
+#:   8: ud2
+#:   T_FPC, T_IPS, T_N: .quad (the host fills them)
+#:
+#: Per thread, in the pad words of its ftrace_cpu: 96 the return stack's
+#: top, 104 its limit, 112 its base, 120 the per-function cycle table.
+PROFILE_CODE = bytes.fromhex(
+    "57564883ec08ff15040100004883c4085e5f4c8d4c24604939310f8582000000654c8b04250000"
+    "0000498b4860493b4868736f4c8b15de0000004d8b124c8b1ddc0000004d8b1b31c04c39d87318"
+    "4a8d141848d1ea49393cd27306488d4201ebe84989d3ebe34c8b1db3000000493b03733049393c"
+    "c2752a4889314c894908488941100f3148c1e2204809d0488941184883c12049894860488d0511"
+    "000000498901c3cc66662e0f1f840000000000905050525141504151654c8b042500000000498b"
+    "48604c8d4c24284883e920493b487072334c39490875f0498948600f3148c1e2204809d0482b41"
+    "18488b51104d8b4878490104d1488b01488944242841594158595a58c30f0b0f1f800000000000"
+    "0000000000000000000000000000000000000000000000")
+_P_HANDLER, _P_FPC, _P_IPS, _P_N = 0xB0, 0x110, 0x118, 0x120
+#: return-stack entries per thread (32 bytes each): deeper calls are counted, not timed
+SHADOW_N = 512
+_F_SP, _F_LIMIT, _F_BASE, _F_TIMES = 96, 104, 112, 120
+
+
+def unhook_returns(mem, info: dict) -> int:
+    """With every thread stopped and none inside the tracer's code: put
+    back every return address the profiler hooked and still stands on a
+    stack, and empty the return stacks.  *info*: ``handler``, ``percpu``,
+    ``nrec``.  Returns how many were put back."""
+    handler, percpu, nrec = info["handler"], info["percpu"], info["nrec"]
+    n = 0
+
+    def rd(a: int) -> int:
+        return struct.unpack("<Q", mem.read(a, 8))[0]
+
+    for i in range(nrec):
+        rec = percpu + i * 128
+        top, base = rd(rec + _F_SP), rd(rec + _F_BASE)
+        if not base or top <= base:
+            continue
+        raw = mem.read(base, top - base)
+        for ret, slot, _idx, _t in struct.iter_unpack("<QQQQ", raw):
+            try:
+                if rd(slot) == handler:
+                    mem.write(slot, struct.pack("<Q", ret))
+                    n += 1
+            except (OSError, TextPokeError):
+                continue            # a stack that went away with its thread
+        mem.write(rec + _F_SP, struct.pack("<Q", base))
+    return n
+
+
+def host_tsc() -> Callable[[], int]:
+    """The host's own RDTSC (the traced threads' clock: the TSC is one
+    clock on every CPU where it is invariant), as a callable."""
+    import ctypes
+    import mmap
+    buf = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    buf.write(bytes.fromhex("0f3148c1e2204809d0c3"))     # rdtsc; shl; or; ret
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    fn = ctypes.CFUNCTYPE(ctypes.c_uint64)(addr)
+    fn._buf = buf                   # keep the page
+    return fn
 
 
 class _EntryView:
