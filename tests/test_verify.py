@@ -116,7 +116,7 @@ def test_traced_replay_has_a_timeline_and_a_kernel_style_oops():
 
 
 def test_each_schedule_releases_its_machine(monkeypatch):
-    import textpoke.sim._verify as V
+    import textpoke.sim._schedule as V
     closed = []
     real = V.boot_workload
 
@@ -179,7 +179,7 @@ def test_reused_machines_give_the_same_reports():
 
 
 def test_a_pooled_machine_that_changed_shape_is_booted_anew():
-    import textpoke.sim._verify as V
+    import textpoke.sim._schedule as V
     from textpoke.sim._machine import FINE
 
     V.release_pool()

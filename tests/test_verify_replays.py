@@ -95,7 +95,7 @@ def test_fast_forward_changes_no_schedule(monkeypatch):
     # other CPU counts and line sizes: one by one or fast-forwarded, the
     # same verdict, counters and timeline.
     from textpoke._core import MUTATIONS
-    from textpoke.sim import _verify as V
+    from textpoke.sim import _schedule as V
 
     ways = [("int3", None), ("naive", None)] + [("int3", m) for m in MUTATIONS]
     out = []

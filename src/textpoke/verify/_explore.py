@@ -62,7 +62,8 @@ from ..sim._teeth import _sites as teeth_sites
 from ..sim._teeth import install_teeth
 from ..sim._ucfast import fast_cpu, read_gprs
 from ..sim._vcpu import _GPRS, _REG_NAMES, DEAD, RUN, TRAP, _fault_kind
-from ..sim._verify import SCENARIOS, _probe_handler, check_arguments
+from ..sim._scenarios import SCENARIOS, check_arguments
+from ..sim._schedule import _probe_handler
 from ..sim._workload import Workload, boot_workload
 
 __all__ = ["Bound", "ExploreResult", "explore", "replay_path", "parse_bound", "parse_path"]

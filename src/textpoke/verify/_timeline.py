@@ -71,7 +71,8 @@ def record_schedule(scenario: str, seed: int, *, strategy: str = "int3",
                     mutation: str | None = None, ncpus: int = 3,
                     line_size: int = 64) -> Recording:
     """Replay one schedule, traced and watched, and return its recording."""
-    from ..sim._verify import SCENARIOS, _Schedule
+    from ..sim._scenarios import SCENARIOS
+    from ..sim._schedule import _Schedule
     with _Schedule(scenario, seed, strategy=strategy, mutation=mutation, ncpus=ncpus,
                    line_size=line_size, trace=True) as s:
         s.w.watch_sites()
