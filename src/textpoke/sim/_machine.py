@@ -38,8 +38,9 @@ from .._core._machine import PAGE_SIZE, Capability, Machine, Task, TextRange, Wa
 from .._errors import BadAddressError, MachineClosedError, MachineError
 from ._fetchview import _FetchViews
 from ._snapshot import SimSnapshot, _Snapshots
-from ._sched import (COARSE, FINE, FREE, WRITE_GRANULARITIES, CountingRandom, SchedPolicy, _Scheduler,
-                     _SimTask)
+from ._policy import COARSE, FINE, FREE, WRITE_GRANULARITIES, SchedPolicy
+from ._rng import CountingRandom
+from ._sched import _Scheduler, _SimTask
 from ._traps import CODE_EPILOGUE, CODE_PROLOGUE, Oops, _Traps
 from ._vcpu import DEAD, IDLE, OFFLINE, RUN, TRAP, VCpu, _close_quietly, _Region
 

@@ -1,13 +1,13 @@
 # SPDX-License-Identifier: GPL-2.0-only
-"""The sim machine's seeded scheduler: policies, tasks, one decision at a
-time (a CPU slice, a task turn, a trap-handler step, an IPI taken, or a
-stale line refilled), and the sync IPI."""
+"""The sim machine's seeded scheduler: tasks, one decision at a time (a
+CPU slice, a task turn, a trap-handler step, an IPI taken, or a stale
+line refilled), runs of decisions made at once on a quiet machine
+(fast-forward), and the sync IPI.  Its policy is in :mod:`._policy`, its
+random generator in :mod:`._rng`."""
 
 from __future__ import annotations
 
-import _random
 import random
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from unicorn import UcError
@@ -16,6 +16,8 @@ from .._core._emulate import PtRegs
 from .._core._machine import Task, WaitUntil
 from .._core._signals import uninterruptible
 from .._errors import MachineError
+from ._policy import COARSE, FINE, FREE, WRITE_GRANULARITIES, SchedPolicy
+from ._rng import CountingRandom, _below, _c_getrandbits, _c_random
 from ._ucfast import fast_cpu
 from ._vcpu import _GPRS, _REG_NAMES, DEAD, RUN, TRAP, VCpu, _fault_kind
 
@@ -25,127 +27,8 @@ _ACTIVE = (RUN, TRAP)
 _TRAP_REGS = (_RIP, _RSP, _RFLAGS) + tuple(r for _n, r in _GPRS)
 _GPR_NAMES = tuple(n for n, _r in _GPRS)
 
+# (the policy and the generator keep being importable from here)
 __all__ = ["SchedPolicy", "FINE", "COARSE", "FREE", "WRITE_GRANULARITIES", "CountingRandom"]
-
-# The C generator's own methods: the scheduler's hot loops draw through
-# them and count the words themselves (CountingRandom's overrides count
-# for everyone else).
-_c_random = _random.Random.random
-_c_getrandbits = _random.Random.getrandbits
-
-
-def _below(rng: "CountingRandom", n: int) -> int:
-    """``rng._randbelow(n)``: the same draws, without the Python layers."""
-    k = n.bit_length()
-    r = _c_getrandbits(rng, k)
-    w = 1
-    while r >= n:
-        r = _c_getrandbits(rng, k)
-        w += 1
-    rng.words += w
-    return r
-
-
-class CountingRandom(random.Random):
-    """``random.Random`` that counts the 32-bit words of the Mersenne
-    Twister it has used, and can go back to any earlier count (the
-    scheduler rolls a fast-forward back with it).  Every draw is the one
-    ``random.Random(seed)`` makes: ``random()`` takes two words,
-    ``getrandbits(k)`` ceil(k/32), and everything else goes through those
-    two (``_randbelow`` is the getrandbits one, as in the base class)."""
-
-    def __init__(self, x: Any = None) -> None:
-        self.words = 0
-        self._shadow: tuple[random.Random, int] | None = None
-        super().__init__(x)
-
-    def seed(self, a: Any = None, version: int = 2) -> None:
-        super().seed(a, version)
-        self.words = 0
-        # Only an int seed can be replayed from scratch.
-        self._seed0 = a if isinstance(a, int) else None
-        self._shadow = None
-
-    def random(self) -> float:
-        self.words += 2
-        return _c_random(self)
-
-    def getrandbits(self, k: int) -> int:
-        self.words += (k + 31) >> 5
-        return _c_getrandbits(self, k)
-
-    def setstate(self, state: Any) -> None:
-        super().setstate(state)
-        self._seed0 = None       # where it is now no longer follows from the seed
-
-    def rewind(self, words: int) -> bool:
-        """Back to the state after *words* words (<= ``self.words``); False
-        (and nothing changed) when that cannot be done."""
-        if self._seed0 is None or not 0 <= words <= self.words:
-            return False
-        sh = self._shadow
-        if sh is None or sh[1] > words:
-            sh = (random.Random(self._seed0), 0)
-        gen, at = sh
-        while at < words:                 # a word per 32 bits, in big steps
-            m = min(words - at, 4096)
-            _c_getrandbits(gen, 32 * m)
-            at += m
-        self._shadow = (gen, at)
-        seed0 = self._seed0
-        random.Random.setstate(self, gen.getstate())
-        self._seed0 = seed0
-        self.words = words
-        return True
-
-
-#: one byte and yields (every byte-granular interleaving is reachable: the
-#: verification default); ``"poke"`` stores the whole write with one memmove,
-#: marks the lines it touched stale, and yields once (throughput).
-WRITE_GRANULARITIES = ("byte", "poke")
-
-
-@dataclass(frozen=True, slots=True)
-class SchedPolicy:
-    """How the scheduler interleaves vCPUs, tasks and line refreshes.
-
-    ``slice_min/max``: guest instructions per vCPU slice (count mode), or,
-    with ``until_preempt``, run until the guest's preemption point.
-    ``refresh_prob``: chance per decision that one stale line of one vCPU's
-    view is refilled.  ``task_burst``: steps a task may take per turn.
-    ``ipi_latency``: an IPI is delivered up to this many scheduler decisions
-    after it is sent (drawn per IPI); the CPU takes it at its first
-    instruction boundary after delivery.  ``write_granularity``: see
-    :data:`WRITE_GRANULARITIES`.  ``pokes_per_step``: with "poke"
-    granularity, how many pokes of one ``text_poke_write_many`` are stored
-    in one scheduler step (others look between steps, not between those
-    pokes: a batch phase's independent sites, written while the patcher
-    keeps its turn).
-    """
-
-    slice_min: int = 1
-    slice_max: int = 8
-    refresh_prob: float = 0.25
-    task_burst: int = 1
-    until_preempt: bool = False
-    ipi_latency: int = 0
-    cpu_weight: float = 1.0
-    write_granularity: str = "byte"
-    pokes_per_step: int = 1
-
-    def __post_init__(self) -> None:
-        if self.pokes_per_step < 1:
-            raise ValueError(f"pokes_per_step must be >= 1, not {self.pokes_per_step}")
-        if self.write_granularity not in WRITE_GRANULARITIES:
-            raise ValueError(f"write_granularity must be one of {WRITE_GRANULARITIES}, "
-                             f"not {self.write_granularity!r}")
-
-
-FINE = SchedPolicy(ipi_latency=48)
-COARSE = SchedPolicy(slice_min=20, slice_max=400, refresh_prob=0.2, task_burst=16, ipi_latency=4,
-                     write_granularity="poke")
-FREE = SchedPolicy(slice_min=1, slice_max=1, refresh_prob=0.0, task_burst=1 << 30, until_preempt=True,
-                   write_granularity="poke")
 
 
 class _SimTask:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._errors import MachineError
-from ._sched import CountingRandom
+from ._rng import CountingRandom
 from ._ucfast import changed_span, fast_cpu
 from ._vcpu import IDLE, _close_quietly
 
