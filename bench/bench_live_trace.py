@@ -10,17 +10,18 @@ through a moved-instruction pad as on /usr/bin/python3) waits for a number
 N on stdin, calls ``probed`` N times in a loop and prints the loop's own
 time (CLOCK_MONOTONIC, ns).  Per run, on one target:
 
-* **plain**: the loop untouched, N = 1,000,000;
+* **plain**: the loop untouched, N = 10,000,000, run again before each
+  variant (each is paired with the plain loop just before it);
 * **trace**: ``LiveTrace`` armed in the library (the ftrace client's
   function tracer, per-thread rings in the target), the host draining the
-  ring while the loop runs, N = 1,000,000;
-* **count**: ``live count``'s stubs armed (``Arming``), N = 1,000,000;
+  ring while the loop runs, N = 10,000,000;
+* **count**: ``live count``'s stubs armed (``Arming``), N = 10,000,000;
 * **bpftrace**: ``uprobe:EXE:probed { @n = count(); }``, N = 20,000
   (--quick: 5,000): a trap into the kernel per hit.
 
 ns per call = (loop ns / N) - plain's, per run.  And ``textpoke live trace
---pid PY --functions python3:PyObject_Hash --duration 0 --json`` from
-process start to exit, PY a /usr/bin/python3 running 4 busy threads.
+--pid PY --functions python3:PyObject_Hash --duration 0`` (its lines to
+/dev/null) from process start to exit, PY a /usr/bin/python3 running 4 busy threads.
 Figures: median (min-max) of --repeat >= 5 runs (one warm-up first).
 """
 
@@ -84,7 +85,7 @@ print("ready", flush=True)
 time.sleep(3600)
 """
 
-N = 1_000_000
+N = 10_000_000
 
 
 def build(d: Path) -> Path:
@@ -170,8 +171,8 @@ def bpftrace(t: Target, exe: Path, n: int) -> float:
 def cli_python3(py: Target) -> float:
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "textpoke", "live", "trace", "--pid", str(py.pid),
-                        "--functions", "python3:PyObject_Hash", "--duration", "0", "--json"],
-                       capture_output=True, text=True,
+                        "--functions", "python3:PyObject_Hash", "--duration", "0"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
     dt = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr
@@ -193,13 +194,17 @@ def run(args: argparse.Namespace) -> dict:
             for r in range(args.repeat + 1):          # the first run is a warm-up
                 t = Target([str(exe)])
                 try:
-                    t.loop(N)                  # warm: page faults, frequency
+                    t.loop(N // 10)            # warm: page faults, frequency
+                    # each variant against an untouched loop just before it
+                    # (paired: the box's load drifts between them)
                     plain = t.loop(N) / N
                     vals = {"plain": plain}
                     vals["trace"] = traced(t, N)[0] / N - plain
-                    vals["count"] = counted(t, N) / N - plain
+                    plain2 = t.loop(N) / N
+                    vals["count"] = counted(t, N) / N - plain2
                     if use_bt:
-                        vals["bpftrace"] = bpftrace(t, exe, n_bt) / n_bt - plain
+                        plain3 = t.loop(N) / N
+                        vals["bpftrace"] = bpftrace(t, exe, n_bt) / n_bt - plain3
                     assert t.p.poll() is None
                 finally:
                     t.close()

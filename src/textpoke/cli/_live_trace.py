@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 
 from . import _output as out
 from ._args import UsageError
@@ -46,10 +47,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         lt.arm()
-        n_ent = sum(1 for s in lt.sites if s.kind != "nop5")
+        n_ent = sum(1 for s in lt.sites if s.kind == "entry")
+        n_pad = sum(1 for s in lt.sites if s.kind != "nop5")
         print(f"textpoke live trace: {'profiling' if args.profile else 'tracing'} "
               f"{len(lt.sites)} function(s) of process {args.pid} ({len(lt.sites) - n_ent} fentry "
-              f"site(s), {n_ent} entr{'y' if n_ent == 1 else 'ies'} through a pad; "
+              f"site(s), {n_ent} entr{'y' if n_ent == 1 else 'ies'}; {n_pad} through a pad; "
               f"{len(lt.skipped)} refused); "
               + (f"for {args.duration:g} s" if args.duration is not None else "Ctrl-C ends"),
               file=sys.stderr, flush=True)
@@ -87,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     counts = lt.final_counts or {"overruns": 0, "dropped": 0, "hits": 0}
     doc = {"pid": args.pid, "functions": args.functions,
            "tracer": "profile" if args.profile else "function",
-           "sites": len(lt.sites), "entries": sum(1 for s in lt.sites if s.kind != "nop5"),
+           "sites": len(lt.sites), "entries": sum(1 for s in lt.sites if s.kind == "entry"),
+           "kinds": dict(Counter(s.kind for s in lt.sites)),
            "skipped": len(lt.skipped),
            "events_read": nev, "overruns": counts["overruns"], "dropped": counts["dropped"],
            "hits": counts["hits"], "buffer_size": args.buffer_size,
