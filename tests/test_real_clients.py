@@ -179,6 +179,26 @@ def test_kprobes_follow_the_images_config_on_its_own_instructions(booted):
     assert _text(ok) == ok.booted_text
 
 
+def test_a_function_with_an_exception_table_entry_is_not_optimised(booted):
+    """can_optimize: fixup code may jump into a function with an
+    ``__ex_table`` entry, so its probes stay INT3 probes."""
+    from textpoke._kprobes import KprobeError
+    _d, ok = booted
+    kp = ok.kernel.kprobes
+    start = ok.image.sym("strncpy_from_user")
+    p = kp.register_kprobe("strncpy_from_user")       # notrace: after its ENDBR
+    assert p.symbol == "strncpy_from_user" and not kp.site_info(p)["how"].startswith("ftrace")
+    try:
+        assert kp._extable_in(start, start + kp.functions["strncpy_from_user"][1])
+        with pytest.raises(KprobeError, match="exception-table") as ei:
+            kp.optimize_kprobe(p)
+        assert ei.value.reason == "optimize" and not kp.is_optimized(p)
+        assert kp.kprobe_optimizer() == []
+    finally:
+        kp.unregister_kprobe(p)
+    assert _text(ok) == ok.booted_text
+
+
 def test_the_optprobe_template_is_the_images_own(booted):
     """The buffer an optimised probe gets starts with the kernel's
     optprobe_template (``.rodata``, read from the image): the same bytes."""

@@ -12,6 +12,8 @@ Linux 6.12; the code is our own.
 
 from __future__ import annotations
 
+import bisect
+
 import re
 
 from .._core._insn import Insn, insn_decode_kernel
@@ -119,6 +121,8 @@ class _Lookup:
         """Text as it was before our probes (``recover_probed_instruction``)."""
         buf = bytearray(self.machine.text_read(addr, size))
         for s in self._sites.values():
+            if not addr - 16 < s.addr < addr + size:
+                continue                    # (what a site covers is < 16 bytes)
             orig = s.displaced if s.optimized else s.orig
             for i, b in enumerate(orig):
                 if addr <= s.addr + i < addr + size:
@@ -127,6 +131,19 @@ class _Lookup:
 
     def _decode_function(self, start: int, size: int) -> list[Insn]:
         code = self._recovered(start, size)
+        # registering decodes the function, optimising decodes it again:
+        # the same bytes decode the same (a few thousand functions kept)
+        cache = self.__dict__.setdefault("_decoded", {})
+        hit = cache.get((start, code))
+        if hit is not None:
+            return list(hit)
+        out = self._decode(start, size, code)
+        if len(cache) >= 4096:
+            cache.pop(next(iter(cache)))
+        cache[(start, code)] = tuple(out)
+        return out
+
+    def _decode(self, start: int, size: int, code: bytes) -> list[Insn]:
         out, off = [], 0
         while off < size:
             try:
@@ -139,6 +156,37 @@ class _Lookup:
         return out
 
     # ------------------------------------------------------------ reservations
+    def _reserved_index(self) -> list:
+        """Sorted (starts, ends, who) of the jump-label sites, the static-call
+        sites and trampolines, and the fentry sites, in the order
+        ``text_reserved`` asks them; rebuilt when keys or calls gain or lose
+        sites (a module loaded or unloaded)."""
+        keys = self.keys.keys.values() if self.keys is not None else ()
+        calls = self.calls.calls.values() if self.calls is not None else ()
+        # sites change only when a module comes or goes, which adds or drops
+        # its symbol table in the keys' and calls' maps: their identities
+        # (and the counts) tell when to rebuild, without walking every site
+        sig = (len(keys), len(calls), len(self.fentry),
+               *(tuple(map(id, getattr(getattr(o, a, None), "_tables", {}).values()))
+                 for o, a in ((self.keys, "symbols"), (self.calls, "symmap"))))
+        cache = self.__dict__.get("_res_index")
+        if cache is not None and cache[0] == sig:
+            return cache[1]
+
+        def index(items) -> tuple:
+            items = sorted(items)
+            return ([a for a, _e, _w in items], [e for _a, e, _w in items],
+                    [w for _a, _e, w in items])
+        out = [("jump_label", index((s.entry.code, s.entry.code + s.size, f"jump_label ({k.name})")
+                                    for k in keys for s in k.sites)),
+               ("static_call", index([(s.site.addr, s.site.addr + 5, f"static_call ({c.name} site)")
+                                      for c in calls for s in c.sites] +
+                                     [(c.tramp, c.tramp + 5, f"static_call ({c.name} trampoline)")
+                                      for c in calls])),
+               ("ftrace", index((a, a + 5, "ftrace (fentry site)") for a in self.fentry))]
+        self.__dict__["_res_index"] = (sig, out)
+        return out
+
     def text_reserved(self, start: int, end: int) -> str | None:
         """Who reserves any byte of [start, end] (inclusive): alternatives,
         jump_label, static_call, ftrace -- or None."""
@@ -148,20 +196,12 @@ class _Lookup:
             with self.core.text_mutex:
                 if self.smp.text_reserved(start, end - 1):
                     return "alternatives (LOCK prefix)"
-        if self.keys is not None:
-            for k in self.keys.keys.values():
-                for s in k.sites:
-                    c = s.entry.code
-                    if c <= end and start < c + s.size:
-                        return f"jump_label ({k.name})"
-        if self.calls is not None:
-            for c in self.calls.calls.values():
-                for s in c.sites:
-                    if s.site.addr <= end and start < s.site.addr + 5:
-                        return f"static_call ({c.name} site)"
-                if c.tramp <= end and start < c.tramp + 5:
-                    return f"static_call ({c.name} trampoline)"
-        for a in self.fentry:
-            if a <= end and start < a + 5:
-                return "ftrace (fentry site)"
+        for who, idx in self._reserved_index():
+            starts, ends, names = idx
+            # every reserved range is at most 5 bytes long
+            i = bisect.bisect_left(starts, start - 5)
+            j = bisect.bisect_right(starts, end)
+            for x in range(i, j):
+                if starts[x] <= end and start < ends[x]:
+                    return names[x]
         return None

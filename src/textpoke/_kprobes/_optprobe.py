@@ -119,6 +119,10 @@ class _Optprobes:
         insns = self._decode_function(fstart, fsize)
         try:
             check_function(insns, addr, jump_tables=self.jump_tables)
+            ext = self._extable_in(fstart, fstart + fsize)
+            if ext & {i.addr for i in insns}:
+                raise OptError(f"{name} has an exception-table entry at "
+                               f"{min(ext):#x} (its fixup code may jump into the function)")
             disp: list[Insn] = []
             n = 0
             for ins in insns:
@@ -155,6 +159,29 @@ class _Optprobes:
         s.detour = det
         s.displaced = self._recovered(addr, n)
         self._detours[det.call_ret] = s
+
+    def _extable_in(self, lo: int, hi: int) -> set[int]:
+        """Instruction addresses in [lo, hi) with an entry in the image's
+        ``__ex_table`` (``search_exception_tables``; entries are three s32
+        fields, each relative to itself, the first the instruction)."""
+        tab = self.__dict__.get("_extable")
+        if tab is None:
+            import bisect
+            import struct
+            tab = []
+            syms = self.image.symbols if self.image is not None else {}
+            a, b = syms.get("__start___ex_table"), syms.get("__stop___ex_table")
+            if a is not None and b is not None and 0 < b - a <= 1 << 24:
+                try:
+                    raw = self.machine.mem.read(a, b - a)
+                except Exception:
+                    raw = b""
+                tab = sorted(a + o + struct.unpack_from("<i", raw, o)[0]
+                             for o in range(0, len(raw) - 11, 12))
+            self.__dict__["_extable"] = tab
+            self.__dict__["_extable_bisect"] = bisect.bisect_left
+        bl = self.__dict__["_extable_bisect"]
+        return set(tab[bl(tab, lo):bl(tab, hi)])
 
     @property
     def detour_mem(self):
