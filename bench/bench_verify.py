@@ -19,7 +19,8 @@ three ways, interleaved round by round:
 Reported per way: schedules per CPU-second inside the library (the verify
 call's own process time), the process's CPU seconds from start to exit
 (``os.wait4``: what the user pays, imports included), its wall seconds and
-its peak RSS (the worker's ru_maxrss).  Every way must report the same
+its peak RSS (the worker's ru_maxrss); and the machine's load average as
+each run started (the box may be shared).  Every way must report the same
 verdicts (checked: violating schedules and INT3s emulated agree).
 """
 
@@ -69,6 +70,7 @@ def _extract(rev: str, into: Path) -> Path:
 
 def _one(src: Path, n: int, reuse: bool | None) -> dict:
     env = dict(os.environ, PYTHONPATH=str(src))
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps([SCENARIOS, n, reuse])],
                          stdout=subprocess.PIPE, env=env)
@@ -79,7 +81,8 @@ def _one(src: Path, n: int, reuse: bool | None) -> dict:
     if p.returncode:
         raise SystemExit(f"child failed ({p.returncode})")
     d = json.loads(out)
-    d.update(proc_cpu=ru.ru_utime + ru.ru_stime, wall=wall, rss_mb=ru.ru_maxrss / 1024)
+    d.update(proc_cpu=ru.ru_utime + ru.ru_stime, wall=wall, rss_mb=ru.ru_maxrss / 1024,
+             load=load)
     return d
 
 
@@ -131,6 +134,9 @@ def main() -> int:
         print(f"speed-up reuse/baseline per round: {_stats.fmt_range(r, 2)}")
     print("verdicts (violating, INT3s emulated) across every run: "
           + ", ".join(map(str, sorted(verdicts))) + ("" if len(verdicts) == 1 else "  MISMATCH"))
+    loads = [d["load"] for v in raw.values() for d in v]
+    print(f"1-minute load average as each run started: {min(loads):.1f}\u2013{max(loads):.1f} "
+          f"(median {sorted(loads)[len(loads) // 2]:.1f}) on {os.cpu_count()} CPUs")
     print(_stats.meta_line(_stats.meta(args)))
     if args.json:
         print(json.dumps({"series": {k: s.as_dict() for k, s in series.items()}, "raw": raw,

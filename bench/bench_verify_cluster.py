@@ -14,7 +14,8 @@ strategy, chunks of ``--chunk``); figures: schedules per second (wall) and
 per CPU-second (every process of the run: this one -- which hosts the Dask
 scheduler -- plus its pool or cluster processes, read with psutil or
 getrusage).  The box has 2 cores shared with other work, so 4 and 8
-workers oversubscribe: that is measured as it is, not extrapolated.
+workers oversubscribe: that is measured as it is, not extrapolated; the
+1-minute load average as each run started is printed next to each row.
 
 Then what the user sees: ``textpoke verify`` vs ``textpoke verify --cluster
 local:2``, process start to exit.
@@ -119,9 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         pool_run(n)
         sr = {k: Series(f"{k} {n}", "schedules/s") for k in ("pool", "dask")}
         sc = {k: Series(f"{k} {n}", "schedules/CPU-s") for k in ("pool", "dask")}
+        loads: list[float] = []
         for r in range(args.repeat):
             order = ("pool", "dask") if r % 2 == 0 else ("dask", "pool")
             for k in order:
+                loads.append(os.getloadavg()[0])
                 if k == "pool":
                     wall, cpu = pool_run(n)
                 else:
@@ -169,12 +172,13 @@ def main(argv: list[str] | None = None) -> int:
             res["scheduler_cpu_per_task_s"] = Series("CPU/task", "s", per_task).as_dict()
             res["task_round_trip_s"] = Series("round trip", "s", rtt).as_dict()
         be.close()
-        res["configs"][n] = {"startup_s": startup,
+        res["configs"][n] = {"startup_s": startup, "load": [min(loads), max(loads)],
                              **{f"{k}_rate": sr[k].as_dict() for k in sr},
                              **{f"{k}_per_cpu": sc[k].as_dict() for k in sc}}
         print(f"n={n}: pool {fmt_range(sr['pool'])} /s, {fmt_range(sc['pool'])} /CPU-s; "
               f"dask {fmt_range(sr['dask'])} /s, {fmt_range(sc['dask'])} /CPU-s; "
-              f"cluster start {startup:.1f} s", file=sys.stderr, flush=True)
+              f"cluster start {startup:.1f} s; load {min(loads):.1f}-{max(loads):.1f}",
+              file=sys.stderr, flush=True)
 
     # fsync of one resume-file line
     with tempfile.NamedTemporaryFile("a", dir=str(REPO), delete=True) as fh:
@@ -236,10 +240,11 @@ def _human(res: dict, args: argparse.Namespace, scn: list[str], total: int) -> N
     for n, c in res["configs"].items():
         def f(d: dict) -> str:
             return f"{d['median']:,.0f} ({d['min']:,.0f}-{d['max']:,.0f})"
+        lo, hi = c.get("load", (float("nan"),) * 2)
         rows.append([str(n), f(c["pool_rate"]), f(c["dask_rate"]), f(c["pool_per_cpu"]),
-                     f(c["dask_per_cpu"]), f"{c['startup_s']:.1f}"])
+                     f(c["dask_per_cpu"]), f"{c['startup_s']:.1f}", f"{lo:.1f}-{hi:.1f}"])
     print(table(["workers", "pool sched/s", "dask sched/s", "pool sched/CPU-s",
-                 "dask sched/CPU-s", "dask start s"], rows))
+                 "dask sched/CPU-s", "dask start s", "load (1 min)"], rows))
     u = res["user_view"]
     print(f"user view, {args.schedules} schedules of {scn[0]}: textpoke verify --jobs 2 "
           f"{u['pool']['median']:.2f} s ({u['pool']['min']:.2f}-{u['pool']['max']:.2f}); "
