@@ -193,3 +193,25 @@ def test_a_pooled_machine_that_changed_shape_is_booted_anew():
         assert w3 is w2 and w3.sim.seed == 3 and w3.sim.steps == 0
     finally:
         V.release_pool()
+
+
+def test_changed_span_is_the_smallest_range_of_differing_bytes():
+    # A refill or a restore drops the translations over exactly these bytes:
+    # too small a range would leave a CPU running a block made from old bytes.
+    import random as _r
+    from textpoke.sim._ucfast import changed_span
+    assert changed_span(b"", b"") == (0, 0)
+    assert changed_span(b"\x90" * 64, b"\x90" * 64) == (0, 0)
+    assert changed_span(b"\x00" * 8, b"\x01" + b"\x00" * 7) == (0, 1)
+    assert changed_span(b"\x00" * 8, b"\x00" * 7 + b"\x80") == (7, 8)
+    assert changed_span(b"ab\xcccdef", b"ab\x0fcdXf") == (2, 6)
+    rng = _r.Random(5)
+    for _ in range(500):
+        n = rng.randrange(1, 80)
+        old = bytes(rng.randrange(256) for _ in range(n))
+        new = bytearray(old)
+        for _ in range(rng.randrange(0, 4)):
+            new[rng.randrange(n)] = rng.randrange(256)
+        diff = [i for i in range(n) if old[i] != new[i]]
+        want = (diff[0], diff[-1] + 1) if diff else (0, 0)
+        assert changed_span(old, memoryview(bytes(new))) == want
