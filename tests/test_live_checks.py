@@ -115,11 +115,13 @@ def test_functions_without_an_entry_form_are_refused_with_the_reason():
                          stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "up"
-        # an ordinary entry: count moves its first instructions to a
-        # trampoline (tests/test_live_entries.py); toggle is for fentry sites
+        # an ordinary entry: toggled at its entry (tests/test_live_toggle_entries.py);
+        # a glob matching nothing is one line, exit 2
         r = tp("toggle", "--pid", str(p.pid), "--functions", "PyObject_Hash", "--to", "nop")
-        assert r.returncode == 2 and "fentry sites only" in r.stderr, r.stderr
-        assert "1 function(s) match" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert r.returncode == 0 and "1 already were; at function entries" in r.stdout, r.stderr
+        r = tp("toggle", "--pid", str(p.pid), "--functions", "NoSuchFunc*", "--to", "nop")
+        assert r.returncode == 2 and "no function matching" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
         r = tp("sites", "--pid", str(p.pid))
         assert r.returncode == 0 and "libc.so.6:" in r.stdout and "can take a JMP" in r.stdout
     finally:

@@ -103,7 +103,7 @@ def test_help_says_what_check_is_for():
 @pytest.mark.parametrize("args, message", [
     (["sites", "--pid", "0"], "--pid"),
     (["poke", "--pid", "1", "f00001", "zz"], "hex"),
-    (["toggle", "--pid", "1", "--functions", "f*", "--to", "jmp:x"], "call:SYMBOL or nop"),
+    (["toggle", "--pid", "1", "--functions", "f*", "--to", "ret:x"], "jmp:SYMBOL or nop"),
     (["count", "--pid", "1", "--functions", "f*", "--strategy", "naive"], "strategy"),
     (["count", "--pid", "1", "--functions", "f*", "--duration", "-1"], "--duration"),
 ])

@@ -32,6 +32,7 @@ the stubs, once no thread's RIP or stack points into them.
 from __future__ import annotations
 
 import bisect
+import struct
 import contextlib
 import os
 from dataclasses import dataclass
@@ -41,7 +42,8 @@ from .._errors import BadAddressError
 from .._relocate import JMP_SIZE, REASONS, EntryPlan, RelocError, plan_entry
 from ._symbols import Module, Symbol, Symbols
 
-__all__ = ["EntrySite", "Refusal", "entry_sites", "ENTRY_REASONS", "quiescent_tails",
+__all__ = ["EntrySite", "EntryState", "Refusal", "entry_sites", "ENTRY_REASONS", "quiescent_tails",
+           "toggle_sites", "toggle_slot_code", "read_toggle_header", "threads_in_region",
            "reason_counts"]
 
 #: the relocator's reasons, and what the live text adds
@@ -262,3 +264,205 @@ def quiescent_tails(m, sites: Sequence[EntrySite]) -> Iterator[None]:
     finally:
         with contextlib.suppress(AttributeError):
             del m.text_poke_write_many
+
+
+# --- live toggle on ordinary entries ------------------------------------------
+# ``live toggle`` leaves its change in place when it exits, so an entry
+# switched to ``call:FUNC`` keeps a trampoline that outlives the command:
+# ``call FUNC``, the moved instructions, ``jmp`` back.  Nothing on disk
+# says where it is -- the process itself does: the trampolines of one
+# command and module share a region whose data page starts with a header
+# (:data:`TOGGLE_MAGIC`, the region's base and code size, then one
+# (site, FUNC) pair per slot).  A later toggle follows the site's JMP to its
+# slot, checks the header and the slot's code (regenerated from the entry's
+# plan: it must be byte for byte what we would write), and frees the region
+# once no slot of it is jumped to any more and no thread is in it or has a
+# return address into it (the CALL in a slot pushes one: FUNC may be
+# running or asleep) -- the whole stack of every thread is read, from its
+# RSP to the top of its mapping, not only the top that a count stub needs.
+TOGGLE_MAGIC = b"textpoke-toggle1"
+TOGGLE_SLOT = 64
+_HEAD = struct.Struct("<16sQQQQ")         # magic, base, code size, data size, slots
+_PAIR = struct.Struct("<QQ")              # site, FUNC
+
+
+@dataclass(slots=True)
+class EntryState:
+    """What an entry holds now: its original bytes (``orig``), a JMP to a
+    function (``jmp``, *to*), or a JMP to a toggle trampoline calling *to*
+    (``call``; *slot* its address, *region* the region's base)."""
+
+    kind: str
+    to: int = 0
+    slot: int = 0
+    region: int = 0
+
+
+def toggle_sites(syms: Symbols, functions: Sequence[Symbol], pattern: str | None
+                 ) -> tuple[list[EntrySite], list[EntryState], list[Refusal]]:
+    """The entries of *functions* for ``live toggle``: as :func:`entry_sites`,
+    but an entry switched by an earlier toggle (a JMP at the site, the rest
+    of the moved bytes as the file has them) is a site too, with its state;
+    a JMP of anyone else (into memory that is not a function's code or a
+    toggle trampoline of ours) is refused."""
+    fd = os.open(f"/proc/{syms.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    read = lambda a, n: os.pread(fd, n, a)  # noqa: E731
+    try:
+        maps = None
+        sites: list[EntrySite] = []
+        states: list[EntryState] = []
+        refused: list[Refusal] = []
+        name_of = _namer(pattern)
+        starts: dict = {}
+        for s in functions:
+            mod: Module = s.module
+            if getattr(s, "ifunc", False):
+                refused.append(Refusal(s.name, s.addr, mod.short, "ifunc", ENTRY_REASONS["ifunc"]))
+                continue
+            try:
+                plan = _plan(s, mod, starts, read)
+            except RelocError as e:
+                refused.append(Refusal(s.name, s.addr, mod.short, e.reason, str(e)))
+                continue
+            try:
+                live = read(plan.addr, plan.length)
+            except OSError as e:
+                refused.append(Refusal(s.name, s.addr, mod.short, "not-file",
+                                       f"cannot read {plan.addr:#x}: {e.strerror}"))
+                continue
+            state = None
+            if live == plan.orig:
+                state = EntryState("orig")
+            elif live[:1] == b"\xe9" and live[JMP_SIZE:] == plan.orig[JMP_SIZE:]:
+                if maps is None:
+                    from ._process import read_maps
+                    maps = read_maps(syms.pid)
+                to = (plan.addr + JMP_SIZE + struct.unpack_from("<i", live, 1)[0]) & (2**64 - 1)
+                state = _jmp_state(syms, maps, read, plan, to)
+            if state is None:
+                reason = "int3" if live[:1] == b"\xcc" else "patched"
+                refused.append(Refusal(s.name, s.addr, mod.short, reason,
+                                       f"{ENTRY_REASONS[reason]}: reads {live.hex(' ')}, the "
+                                       f"file has {plan.orig.hex(' ')}"))
+                continue
+            sites.append(EntrySite(plan.addr, name_of(s), s.addr, mod.short,
+                                   live[:JMP_SIZE], plan))
+            states.append(state)
+        return sites, states, refused
+    finally:
+        os.close(fd)
+
+
+def _jmp_state(syms: Symbols, maps, read, plan: EntryPlan, to: int) -> EntryState | None:
+    """The state of an entry that JMPs to *to*: a function's code (a toggle
+    ``jmp:FUNC``), a slot of a toggle region whose header names this site
+    and whose code is what we write, or None (someone else's JMP)."""
+    m = next((m for m in maps if m.start <= to < m.end), None)
+    if m is None or not m.executable:
+        return None
+    if m.path and not m.path.startswith("["):
+        return EntryState("jmp", to)                 # into a module's code
+    r = read_toggle_header(read, m.end)
+    if r is None:
+        return None
+    i, off = divmod(to - r.base, TOGGLE_SLOT)
+    if not (0 <= to - r.base < r.code_size) or off or i >= len(r.pairs) or r.pairs[i][0] != plan.addr:
+        return None
+    func = r.pairs[i][1]
+    try:
+        want = toggle_slot_code(plan, to, func)
+        if read(to, len(want)) != want:
+            return None
+    except (RelocError, OSError):
+        return None
+    return EntryState("call", func, to, r.base)
+
+
+@dataclass(slots=True)
+class ToggleRegion:
+    """A region of toggle trampolines, as its header says."""
+
+    base: int
+    code_size: int
+    data_size: int
+    pairs: list[tuple[int, int]]          # (site, FUNC) per slot
+
+    @property
+    def data(self) -> int:
+        return self.base + self.code_size
+
+    def slot(self, i: int) -> int:
+        return self.base + i * TOGGLE_SLOT
+
+
+def read_toggle_header(read, data: int) -> ToggleRegion | None:
+    """The toggle region whose data starts at *data*, or None if no header
+    of ours is there."""
+    try:
+        magic, base, code_size, data_size, n = _HEAD.unpack(read(data, _HEAD.size))
+        if (magic != TOGGLE_MAGIC or base + code_size != data or n > code_size // TOGGLE_SLOT
+                or toggle_data_size(n) > data_size):
+            return None
+        raw = read(data + _HEAD.size, n * _PAIR.size)
+    except (OSError, struct.error):
+        return None
+    return ToggleRegion(base, code_size, data_size,
+                        [_PAIR.unpack_from(raw, i * _PAIR.size) for i in range(n)])
+
+
+def toggle_header(r: ToggleRegion) -> bytes:
+    return _HEAD.pack(TOGGLE_MAGIC, r.base, r.code_size, r.data_size, len(r.pairs)) + b"".join(
+        _PAIR.pack(a, f) for a, f in r.pairs)
+
+
+def toggle_data_size(n: int) -> int:
+    return _HEAD.size + n * _PAIR.size
+
+
+def toggle_slot_code(plan: EntryPlan, slot: int, func: int) -> bytes:
+    """``call *FUNC(%rip)`` (through a pointer after the code: FUNC may be
+    in any module, beyond rel32 reach of the slot), the moved instructions,
+    ``jmp`` back, the pointer; RelocError if the moved instructions cannot
+    reach from *slot* or do not fit."""
+    from .._relocate import trampoline
+    n = len(trampoline(plan, slot, head=b"\xff\x15\0\0\0\0"))
+    ptr = -(-n // 8) * 8
+    head = b"\xff\x15" + struct.pack("<i", ptr - 6)
+    body = trampoline(plan, slot, head=head)
+    body = body.ljust(ptr, b"\xcc") + struct.pack("<Q", func)
+    if len(body) > TOGGLE_SLOT:
+        raise RelocError("reach", f"the trampoline of {plan.addr:#x} is {len(body)} bytes, "
+                                  f"over its {TOGGLE_SLOT}-byte slot")
+    return body
+
+
+def threads_in_region(m, tids: Sequence[int], lo: int, hi: int) -> list[str]:
+    """Why some stopped thread may still be in [lo, hi): its RIP there, or
+    any word of its whole stack (RSP to the top of the stack's mapping)
+    pointing there -- a return address pushed by a slot's
+    CALL may lie under any depth of FUNC's frames."""
+    from ._process import read_maps
+    maps = read_maps(m.pid)
+    why = []
+    for tid in tids:
+        r = m.get_regs(tid)
+        if lo <= r.rip < hi:
+            why.append(f"thread {tid} runs at {r.rip:#x}")
+            continue
+        st = next((x for x in maps if x.start <= r.rsp < x.end), None)
+        if st is None:
+            why.append(f"thread {tid}: no mapping holds its stack pointer {r.rsp:#x}")
+            continue
+        a = r.rsp & ~7          # the red zone below holds no return address
+        try:
+            buf = m.mem.read(a, st.end - a)
+        except Exception:
+            why.append(f"thread {tid}: its stack at {r.rsp:#x} cannot be read")
+            continue
+        for i, w in enumerate(struct.unpack_from(f"<{len(buf) // 8}Q", buf)):
+            if lo <= w < hi:
+                why.append(f"thread {tid}: stack word at {a + 8 * i:#x} = {w:#x} points into "
+                           "it (the return address of a call from it: the callee still "
+                           "running, or a stale copy)")
+                break
+    return why
