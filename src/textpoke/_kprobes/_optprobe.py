@@ -6,6 +6,8 @@ function, with the kernel's refusals.  The detour's code and checks are in
 
 from __future__ import annotations
 
+import bisect
+import struct
 from typing import Iterable
 
 from .._core._insn import INT3_INSN_OPCODE, JMP32_INSN_OPCODE, Insn, text_gen_insn
@@ -119,8 +121,8 @@ class _Optprobes:
         insns = self._decode_function(fstart, fsize)
         try:
             check_function(insns, addr, jump_tables=self.jump_tables)
-            ext = self._extable_in(fstart, fstart + fsize)
-            if ext & {i.addr for i in insns}:
+            ext = self._extable_in(fstart, fstart + fsize) & {i.addr for i in insns}
+            if ext:
                 raise OptError(f"{name} has an exception-table entry at "
                                f"{min(ext):#x} (its fixup code may jump into the function)")
             disp: list[Insn] = []
@@ -166,8 +168,6 @@ class _Optprobes:
         fields, each relative to itself, the first the instruction)."""
         tab = self.__dict__.get("_extable")
         if tab is None:
-            import bisect
-            import struct
             tab = []
             syms = self.image.symbols if self.image is not None else {}
             a, b = syms.get("__start___ex_table"), syms.get("__stop___ex_table")
@@ -179,9 +179,7 @@ class _Optprobes:
                 tab = sorted(a + o + struct.unpack_from("<i", raw, o)[0]
                              for o in range(0, len(raw) - 11, 12))
             self.__dict__["_extable"] = tab
-            self.__dict__["_extable_bisect"] = bisect.bisect_left
-        bl = self.__dict__["_extable_bisect"]
-        return set(tab[bl(tab, lo):bl(tab, hi)])
+        return set(tab[bisect.bisect_left(tab, lo):bisect.bisect_left(tab, hi)])
 
     @property
     def detour_mem(self):
