@@ -41,9 +41,26 @@ stray breakpoint kills the process exactly as it would have.
 
 Limits: a thread waiting at a site spins (trap, yield, trap) until the site
 is repaired; a ``fork`` while a batch is in flight gives a child that waits
-at the site forever (it is not traced and nobody repairs its copy); a
-target that installs its own SIGTRAP handler while we patch replaces ours
-(we find that out at removal and leave its handler in place).
+at the site forever (it is not traced and nobody repairs its copy).
+
+The action can be replaced while INT3s of ours stand in the text: by the
+target (``signal(SIGTRAP, SIG_DFL)``, its own ``sigaction``) or by the
+kernel (an INT3 hit by a thread with SIGTRAP blocked resets it to
+SIG_DFL).  The patcher looks again before each phase of a batch
+(``_Survival._guard_verify``: before the INT3s of a later batch it reads
+the action with an injected ``rt_sigaction``; before the tails and the
+first bytes a look at /proc/PID/status's SigCgt, which costs no stop, says
+whether SIGTRAP is caught at all) and installs the guard again, chaining
+to what the target asked for last and giving that back at removal.  What
+is left: a target that replaces the action *during* a phase, with the
+patcher killed before the next look (within that phase: milliseconds to
+about 0.2 s for 10,000 sites), dies at the next INT3; a handler of its
+own (SigCgt still says "caught") installed after a batch's INT3s were
+written is seen only at the next batch or at removal (then both stay:
+its handler may chain to ours).  Catching every
+``rt_sigaction`` as it happens would take stopping the target at system
+calls (``PTRACE_SYSCALL``: two stops for every call of every thread) or a
+seccomp filter, which cannot be removed from the target afterwards.
 """
 
 from __future__ import annotations

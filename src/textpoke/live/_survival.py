@@ -33,10 +33,18 @@ class _Survival:
         in_batch = getattr(self.owner, "_inflight", None) is not None
         int3s = [a for a, d in writes if len(d) == 1 and d[0] == _INT3] if in_batch else []
         if int3s:
+            self._note_wanted_int3s()
+            if self._guard is not None:
+                # a later batch: the action may have changed since the last one
+                self._guard_verify(exact=True)
             self._journal_int3s(int3s)
             return
         sites = j.data["sites"]
         if sites:
+            if self._guard is not None:
+                # tails or first bytes: INT3s of ours stand in the text until
+                # these land; the target may have replaced the action meanwhile
+                self._guard_verify()
             tails = [(a - 1, self.text_read(a, len(d)), bytes(d)) for a, d in writes
                      if len(d) > 0 and str(a - 1) in sites and str(a) not in sites
                      and self.text_read(a - 1, 1)[0] == _INT3]
@@ -70,6 +78,78 @@ class _Survival:
             self._mem.write(self._guard["base"] + G.CODE_SIZE + G.COUNT_OFF,
                             G.table_bytes(set(int3s) | {int(a) for a in sites}))
             j.sites_int3(olds)
+
+    def _note_wanted_int3s(self) -> None:
+        """The sites of the batch in flight whose NEW first byte is an INT3
+        (``poke --force ... cc``): once the batch is done the INT3 there is
+        the user's, not one in flight -- it must not keep the guard (the
+        target dies of it as it would without us)."""
+        st = getattr(self.owner, "_inflight", None)
+        if st is None:
+            return
+        stext = self.owner._stext
+        wanted = {stext + t.rel_addr for t in st.vec if t.len != 6 and t.text[:1] == b"\xcc"}
+        if wanted:
+            self._int3_wanted = self._int3_wanted | wanted
+
+    _int3_wanted: frozenset | set = frozenset()
+    #: times the guard's SIGTRAP action was found replaced while INT3s of
+    #: ours stood in the text, and put back
+    guard_reinstalled = 0
+
+    def _guard_verify(self, exact: bool = False) -> bool:
+        """While INT3s of ours may stand in the text: is the process's
+        SIGTRAP action still the guard?  The target may have replaced it
+        (``signal(SIGTRAP, ...)``, ``sigaction``), and so may the kernel (an
+        INT3 hit by a thread with SIGTRAP blocked resets the action to
+        SIG_DFL).  A SIGKILL of the patcher from then on would leave the
+        INT3s without a handler.  If it is not ours, the guard is installed
+        again; what the target asked for (not a reset of ours by the kernel)
+        becomes the action the guard chains to and the one given back at
+        removal.  Without *exact*, only a cheap look that needs no stop
+        (/proc/PID/status: is SIGTRAP caught at all?) decides whether to
+        read the action; with it, the action is read (every thread held
+        for one injected ``rt_sigaction``).  Returns True if it was put back."""
+        g = self._guard
+        if g is None or not g.get("installed") or g.get("restored"):
+            return False
+        if not exact and _sigtrap_caught(self.pid) is not False:
+            return False
+        base = g["base"]
+        data = base + G.CODE_SIZE
+        self._hold_all()
+        try:
+            held = sorted((t for t, th in self._threads.items() if th.state == _HELD),
+                          key=lambda t: t != self.pid)
+            if not held:
+                return False
+            tid = held[0]
+            self._mem.write(data + G.CUR_OFF, bytes(32))
+            r = inject_syscall(self.pid, tid, G.SYS_rt_sigaction, G.SIGTRAP, 0, data + G.CUR_OFF,
+                               8, syscall_at=g["syscall_at"])
+            if r < 0:
+                return False
+            cur = self._mem.read(data + G.CUR_OFF, 32)
+            handler = int.from_bytes(cur[:8], "little")
+            if handler == base:
+                return False
+            restorer = int.from_bytes(cur[16:24], "little")
+            if not (handler == 0 and base <= restorer < base + G.CODE_SIZE):
+                # the target's own choice: chained to while we patch, and
+                # given back when the guard goes
+                self._mem.write(data + G.ACT_OFF, cur)
+                g["old"] = cur.hex()
+            r = inject_syscall(self.pid, tid, G.SYS_rt_sigaction, G.SIGTRAP,
+                               base + G.NEW_ACT_OFF, 0, 8, syscall_at=g["syscall_at"])
+            if r < 0:
+                raise InjectError(f"putting the SIGTRAP guard back in process {self.pid} "
+                                  f"failed: {os.strerror(-r)}")
+            self.guard_reinstalled += 1
+            if self.journal is not None:
+                self.journal.set_guard(g)
+            return True
+        finally:
+            self._release_held()
 
     def _guard_install(self) -> None:
         lo = self._ranges[0].start
@@ -135,6 +215,9 @@ class _Survival:
         if g is None:
             return []
         j = self.journal
+        if j is not None and self._int3_wanted:
+            for a in [a for a in j.data["sites"] if int(a) in self._int3_wanted]:
+                del j.data["sites"][a]     # an INT3 written on purpose: the user's now
         left = [int(a) for a in (j.data["sites"] if j else ())
                 if self._mem.read(int(a), 1)[0] == _INT3]
         if left:
@@ -190,9 +273,10 @@ class _Survival:
                             inject_syscall(self.pid, tid, G.SYS_rt_sigaction, G.SIGTRAP,
                                            data + G.ACT_OFF, 0, 8, syscall_at=g["syscall_at"])
                         g["restored"] = True
-                        if not ours and g.get("installed", True):
+                        if not ours and g.get("installed", True) and handler > 1:
                             # the target installed a handler of its own since:
-                            # it stays, and so does ours (it may chain to it)
+                            # it stays, and so does ours (it may chain to it);
+                            # SIG_DFL or SIG_IGN set since chain to nothing
                             g["kept"] = "the target replaced its SIGTRAP handler"
                             return [g["kept"]]
                     why = region.in_use([(t, self.get_regs(t)) for t in held])
@@ -210,3 +294,16 @@ class _Survival:
             return why
         finally:
             region.close()
+
+
+def _sigtrap_caught(pid: int) -> bool | None:
+    """Whether process *pid* catches SIGTRAP (a handler, ours or another),
+    from /proc/PID/status without stopping it; None if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"SigCgt:"):
+                    return bool(int(line.split()[1], 16) & (1 << (G.SIGTRAP - 1)))
+    except (OSError, ValueError):
+        pass
+    return None
