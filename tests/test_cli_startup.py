@@ -13,6 +13,7 @@ bench/bench_startup.py's).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -80,3 +81,50 @@ def test_names_repeated_for_fast_parsing_agree():
     assert verify.MUTATIONS == tuple(MUTATIONS)
     assert boot.DEFAULT_FEATURES == tuple(DEFAULT_FEATURES)
     assert boot.DA_ALL == DA_ALL and boot.KERNEL_IMAGE == KERNEL_IMAGE
+
+
+# --- live toggle of one fentry site: only the batch and the machine --------------
+#: what a one-site fentry toggle never needs: the relocator and its decoder, the
+#: counting stubs, the entry planner, the sim and the kernel images' machinery
+TOGGLE_NEVER = ("unicorn", "textpoke.sim", "elftools", "zstandard", "textpoke._alternative",
+                "textpoke.kernel", "iced_x86", "textpoke._relocate", "textpoke.live._count",
+                "textpoke.live._entry", "textpoke.live._toggle", "rich")
+
+
+@pytest.fixture(scope="module")
+def count_target(tmp_path_factory):
+    sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
+    from helpers import Target, gen, ptrace_skip_reason
+    why = ptrace_skip_reason()
+    if why:
+        pytest.skip(why)
+    d = tmp_path_factory.mktemp("startup")
+    t = Target(gen.build(200, d), d / "counts", mode="busy", threads=4)
+    yield t
+    t.close()
+
+
+def test_a_one_site_toggle_loads_no_decoder_and_no_relocator(count_target):
+    pid = str(count_target.pid)
+    for to in ("call:fentry_ret", "nop"):
+        mods = _imported("live", "toggle", "--pid", pid, "--functions", "f00007", "--to", to)
+        assert "textpoke.live._machine" in mods and "textpoke.live._switch" in mods
+        assert _loaded(mods, TOGGLE_NEVER) == []
+
+
+def test_one_name_is_found_without_reading_every_symbol(count_target):
+    """A toggle of one function (and its call target) looks the names up in
+    the string tables: no module's whole symbol table is read."""
+    from textpoke.live._fentry import fentry_sites
+    from textpoke.live._symbols import Symbols
+    with Symbols(count_target.pid) as s:
+        sites = fentry_sites(s, "f00007")
+        target = s.resolve("fentry_ret")
+        assert [x.function for x in sites] == ["f00007"] and sites[0].kind == "nop5"
+        assert all(m._symbols is None for m in s.modules())
+        # the same answers as the whole table gives
+        main = s.main
+        assert main.lookup("f00007").addr == sites[0].func_addr
+        main.symbols
+        assert main.lookup("fentry_ret").addr == target
+        assert [x.as_dict() for x in fentry_sites(s, "f0000[7]")] == [x.as_dict() for x in sites]

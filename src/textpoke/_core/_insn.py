@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import iced_x86
-
 from .._errors import BadInstructionError
 
 __all__ = [
@@ -85,7 +83,8 @@ class Insn:
     def text(self) -> str:
         """iced-x86's GAS formatting, for humans (made on demand: it costs
         more than the decode)."""
-        ins = iced_x86.Decoder(64, self.raw, ip=self.addr).decode()
+        ic = _iced()
+        ins = ic.Decoder(64, self.raw, ip=self.addr).decode()
         return _FORMATTER.format(ins)
 
 
@@ -95,29 +94,38 @@ def _sext(value: int, size: int) -> int:
     return value - (1 << bits) if value >> (bits - 1) else value
 
 
-_FLOW = {
-    iced_x86.FlowControl.NEXT: "next",
-    iced_x86.FlowControl.UNCONDITIONAL_BRANCH: "jmp",
-    iced_x86.FlowControl.CONDITIONAL_BRANCH: "jcc",
-    iced_x86.FlowControl.CALL: "call",
-    iced_x86.FlowControl.RETURN: "ret",
-    iced_x86.FlowControl.INTERRUPT: "int",
-    iced_x86.FlowControl.INDIRECT_BRANCH: "indirect",
-    iced_x86.FlowControl.INDIRECT_CALL: "indirect",
-    iced_x86.FlowControl.EXCEPTION: "other",
-    iced_x86.FlowControl.XBEGIN_XABORT_XEND: "other",
-}
-
-_FORMATTER = iced_x86.Formatter(iced_x86.FormatterSyntax.GAS)
-_TABLE_ESCAPE = {
-    iced_x86.OpCodeTableKind.NORMAL: b"",
-    iced_x86.OpCodeTableKind.T0F: b"\x0f",
-    iced_x86.OpCodeTableKind.T0F38: b"\x0f\x38",
-    iced_x86.OpCodeTableKind.T0F3A: b"\x0f\x3a",
-}
+# iced-x86 is imported at the first decode, not with the core: a batch of
+# the patterns the core's own table knows (CALL/JMP rel32, NOP5, INT3: all
+# that 'live toggle' writes) never needs it, and importing it costs more
+# than the rest of a one-site toggle's start-up.
+_ic = None
+_FLOW: dict = {}
+_FORMATTER = None
+_TABLE_ESCAPE: dict = {}
+_MNEMONIC_NAMES: dict = {}
 
 
-def _opcode_bytes(ins: "iced_x86.Instruction") -> bytes:
+def _iced():
+    global _ic, _FORMATTER
+    if _ic is None:
+        import iced_x86 as ic
+        fc = ic.FlowControl
+        _FLOW.update({fc.NEXT: "next", fc.UNCONDITIONAL_BRANCH: "jmp",
+                      fc.CONDITIONAL_BRANCH: "jcc", fc.CALL: "call", fc.RETURN: "ret",
+                      fc.INTERRUPT: "int", fc.INDIRECT_BRANCH: "indirect",
+                      fc.INDIRECT_CALL: "indirect", fc.EXCEPTION: "other",
+                      fc.XBEGIN_XABORT_XEND: "other"})
+        _FORMATTER = ic.Formatter(ic.FormatterSyntax.GAS)
+        t = ic.OpCodeTableKind
+        _TABLE_ESCAPE.update({t.NORMAL: b"", t.T0F: b"\x0f", t.T0F38: b"\x0f\x38",
+                              t.T0F3A: b"\x0f\x3a"})
+        _MNEMONIC_NAMES.update({v: k.lower() for k, v in vars(ic.Mnemonic).items()
+                                if k.isupper()})
+        _ic = ic
+    return _ic
+
+
+def _opcode_bytes(ins) -> bytes:          # an iced_x86.Instruction
     info = ins.op_code()
     esc = _TABLE_ESCAPE.get(info.table)
     if esc is None:  # VEX/EVEX/XOP: the map is implied; report the opcode byte only
@@ -134,9 +142,10 @@ def insn_decode_kernel(buf: bytes | bytearray | memoryview, addr: int = 0) -> In
     data = bytes(buf[:_MAX_INSN])
     if not data:
         raise BadInstructionError("cannot decode an empty buffer")
-    dec = iced_x86.Decoder(64, data, ip=addr)
+    ic = _iced()
+    dec = ic.Decoder(64, data, ip=addr)
     ins = dec.decode()
-    if ins.code == iced_x86.Code.INVALID:
+    if ins.code == ic.Code.INVALID:
         raise BadInstructionError(f"invalid instruction bytes {data.hex(' ')} at {addr:#x}")
     co = dec.get_constant_offsets(ins)
     raw = data[: ins.len]
@@ -171,10 +180,7 @@ def insn_decode_kernel(buf: bytes | bytearray | memoryview, addr: int = 0) -> In
     )
 
 
-_MNEMONIC_NAMES = {v: k.lower() for k, v in vars(iced_x86.Mnemonic).items() if k.isupper()}
-
-
-def _mnemonic(ins: "iced_x86.Instruction") -> str:
+def _mnemonic(ins) -> str:          # an iced_x86.Instruction
     return _MNEMONIC_NAMES.get(ins.mnemonic, "?")
 
 

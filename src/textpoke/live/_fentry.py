@@ -136,7 +136,8 @@ def fentry_sites(syms: Symbols, pattern: str | None = None, *,
         lib, pattern = pattern.split(":", 1)
     if modules is None:
         modules = [syms.module(lib)] if lib else list(syms.modules())
-    rx = re.compile(fnmatch.translate(pattern)) if pattern else None
+    exact = pattern is not None and not any(c in pattern for c in "*?[")
+    rx = re.compile(fnmatch.translate(pattern)) if pattern and not exact else None
     own = read is None
     if own:
         read = read_process(syms.pid)
@@ -144,6 +145,23 @@ def fentry_sites(syms: Symbols, pattern: str | None = None, *,
         out: dict[int, FentrySite] = {}
         for mod in modules:
             ranges = mod.executable_ranges()
+            if exact:
+                # one name: its function looked up alone, not every symbol
+                # of the module read to name every site
+                secs = [(raw, src) for raw, src in ((mod.section_bytes(sec), src)
+                                                    for sec, src in SECTIONS.items()) if raw]
+                f = mod.lookup(pattern) if secs else None
+                if f is None or not f.func:
+                    continue
+                lo, hi = f.addr - mod.bias, f.addr + max(f.size, 1) - mod.bias
+                found = set()
+                for raw, src in secs:
+                    vals = memoryview(raw[:len(raw) - len(raw) % 8]).cast("Q").tolist()
+                    found.update((v + mod.bias, src) for v in vals if lo <= v < hi)
+                for addr, src in sorted(found):
+                    if addr not in out and any(a <= addr and addr + 5 <= b for a, b in ranges):
+                        out[addr] = FentrySite(addr, f.name, f.addr, mod.short, src, b"", "")
+                continue
             entries = sorted(set(_entries(mod)))
             if not entries:
                 continue

@@ -39,7 +39,7 @@ from typing import Iterable
 
 from .._core._insn import insn_decode_kernel
 from .._errors import BadAddressError, BadInstructionError, TextPokeError
-from ..images._elf import ET_DYN, ET_EXEC, SHT_NOBITS, ElfFile
+from ..images._elf import _SYM, ET_DYN, ET_EXEC, SHT_NOBITS, ElfFile
 from ..images._symbols import Symbols as KernelSymbols
 from ..images._symbols import format_symbol
 
@@ -149,8 +149,46 @@ class Module:
         return self._symbols  # type: ignore[return-value]
 
     def lookup(self, name: str) -> Symbol | None:
-        self.symbols
+        if self._symbols is None:
+            # one name (a toggle of one function, a call target): found
+            # without reading every symbol of the file -- 10,000 of a big
+            # program cost more than the rest of a one-site toggle
+            return self._by_name.get(name) if name in self._by_name else self._find(name)
         return self._by_name.get(name)
+
+    def _find(self, name: str) -> Symbol | None:
+        """What :meth:`lookup` gives for *name*, from the string tables: the
+        offsets where *name* + NUL sits (a name may be the tail of a longer
+        string), then the entries naming one of them; the same choice as
+        the full table (the lowest-addressed function, else object)."""
+        key = name.encode() + b"\0"
+        elf, raw = self._elf, self._raw
+        found: dict[tuple[str, int], Symbol] = {}
+        for sec in elf.symbol_tables():
+            if sec.link >= len(elf.sections):
+                continue
+            st = elf.sections[sec.link]
+            strs = raw[st.offset:st.offset + st.size]
+            offs = set()
+            i = strs.find(key, 1)
+            while i >= 0:
+                offs.add(i)
+                i = strs.find(key, i + 1)
+            if not offs:
+                continue
+            for nm, info, _o, shndx, value, size in _SYM.iter_unpack(
+                    raw[sec.offset:sec.offset + sec.size // _SYM.size * _SYM.size]):
+                typ = info & 0xF
+                if nm in offs and shndx != 0 and typ in (STT_FUNC, STT_GNU_IFUNC, STT_OBJECT):
+                    addr = value + self.bias
+                    found.setdefault((name, addr), Symbol(name, addr, size, self, typ != STT_OBJECT,
+                                                          typ == STT_GNU_IFUNC))
+        best = None
+        for sym in sorted(found.values(), key=lambda x: (x.addr, not x.func)):
+            if best is None or (sym.func and not best.func):
+                best = sym
+        self._by_name[name] = best          # None too: not looked for twice
+        return best
 
     def function_at(self, addr: int) -> Symbol | None:
         """The function containing *addr* (the last one starting at or
