@@ -275,8 +275,18 @@ class _Regions:
         self._regions.clear()
         self.regions_kept = kept
 
-    def _unmap(self, r: Region) -> list[str]:
-        for attempt in range(20):
+    def _unmap(self, r: Region, ready=None, attempts: int = 20) -> list[str]:
+        """Unmap *r* once, with every thread held, no thread can be in it
+        (:meth:`Region.in_use`: no rip inside, no stack word pointing in);
+        the threads run a little longer between two looks.  *ready(tids,
+        tid)*, called with the threads held before each look (*tids*: the
+        held ones, *tid*: the one the ``munmap`` would run in), may say why
+        not yet: ``(reasons, final)`` -- final, the region stays for good.
+        Returns why it stays (empty: unmapped).  The one unmap loop of the
+        live machine: regions at close and in ``live recover``, the SIGTRAP
+        guard (:meth:`_Survival._guard_remove`)."""
+        why: list[str] = []
+        for attempt in range(attempts):
             with self._signals_deferred():
                 self._hold_all()
                 try:
@@ -284,12 +294,17 @@ class _Regions:
                             for tid, t in list(self._threads.items()) if t.state in (_HELD, _PARK)]
                     if not held:
                         return ["no thread could be stopped"]
-                    why = r.in_use(held)
-                    if not why:
-                        tid = next((t for t, _ in held if self._threads[t].state == _HELD), None)
-                        if tid is None:
-                            why = ["every thread is parked"]
-                        else:
+                    tids = [t for t, _ in held if self._threads[t].state == _HELD]
+                    if not tids:
+                        why = ["every thread is parked"]
+                    else:
+                        tid = self.pid if self.pid in tids else tids[0]
+                        why, final = ready(tids, tid) if ready is not None else ([], False)
+                        if final:
+                            return why
+                        if not why:
+                            why = r.in_use(held)
+                        if not why:
                             if not r.syscall_at:
                                 r.syscall_at = find_syscall_insn(self.pid)
                             r.unmap(tid)

@@ -8,7 +8,6 @@ left and no thread is inside it.  A mixin of LiveMachine."""
 from __future__ import annotations
 
 import os
-import time
 from typing import Sequence
 
 from . import _guard as G
@@ -231,69 +230,56 @@ class _Survival:
                 j.set_guard(None)
             return []
         region = Region(self.pid, base, G.CODE_SIZE, size - G.CODE_SIZE, syscall_at=g["syscall_at"])
-        why: list[str] = []
+
+        def ready(tids: list[int], tid: int) -> tuple[list[str], bool]:
+            if any(self._trap_queued(t) for t in tids):
+                # an INT3 of ours taken before the site was repaired, not
+                # reported yet: let it come to us (rewound) first, never to
+                # the target's own action
+                return ["a thread has a SIGTRAP of ours queued"], False
+            if g.get("restored"):
+                return [], False
+            # read the action first: ours is put back to what it replaced;
+            # any other (we were killed before installing, or the target
+            # set its own since) is left alone
+            self._mem.write(data + G.CUR_OFF, bytes(32))
+            r = inject_syscall(self.pid, tid, G.SYS_rt_sigaction, G.SIGTRAP,
+                               0, data + G.CUR_OFF, 8, syscall_at=g["syscall_at"])
+            if r < 0:
+                # the call failed: nothing was read (an empty buffer must not
+                # read as "not ours"); try again
+                return [f"reading the SIGTRAP action in thread {tid} failed: "
+                        f"{os.strerror(-r)}"], False
+            cur = self._mem.read(data + G.CUR_OFF, 32)
+            handler = int.from_bytes(cur[:8], "little")
+            restorer = int.from_bytes(cur[16:24], "little")
+            # ours, or ours reset to SIG_DFL by the kernel: an INT3 hit by a
+            # thread with SIGTRAP blocked (glibc blocks every signal in a
+            # thread being created or exiting) forces the signal and resets
+            # the handler, keeping our flags and restorer
+            ours = handler == base or (handler == 0 and base <= restorer < base + G.CODE_SIZE)
+            if ours:
+                inject_syscall(self.pid, tid, G.SYS_rt_sigaction, G.SIGTRAP,
+                               data + G.ACT_OFF, 0, 8, syscall_at=g["syscall_at"])
+            g["restored"] = True
+            if not ours and g.get("installed", True) and handler > 1:
+                # the target installed a handler of its own since: it stays,
+                # and so does ours (it may chain to it); SIG_DFL or SIG_IGN
+                # set since chain to nothing
+                g["kept"] = "the target replaced its SIGTRAP handler"
+                return [g["kept"]], True
+            return [], False
+
         try:
-            for attempt in range(attempts):
-                self._hold_all()
-                try:
-                    held = [t for t, th in self._threads.items() if th.state == _HELD]
-                    if not held:
-                        return ["no thread could be stopped"]
-                    if any(self._trap_queued(t) for t in held):
-                        # an INT3 of ours taken before the site was repaired,
-                        # not reported yet: let it come to us (rewound) first,
-                        # never to the target's own action
-                        why = ["a thread has a SIGTRAP of ours queued"]
-                        continue
-                    tid = self.pid if self.pid in held else held[0]
-                    if not g.get("restored"):
-                        # read the action first: ours is put back to what it
-                        # replaced; any other (we were killed before installing,
-                        # or the target installed its own since) is left alone
-                        self._mem.write(data + G.CUR_OFF, bytes(32))
-                        r = inject_syscall(self.pid, tid, G.SYS_rt_sigaction, G.SIGTRAP,
-                                           0, data + G.CUR_OFF, 8, syscall_at=g["syscall_at"])
-                        if r < 0:
-                            # the call failed: nothing was read (an empty
-                            # buffer must not read as "not ours"); try again
-                            why = [f"reading the SIGTRAP action in thread {tid} failed: "
-                                   f"{os.strerror(-r)}"]
-                            continue
-                        cur = self._mem.read(data + G.CUR_OFF, 32)
-                        handler = int.from_bytes(cur[:8], "little")
-                        restorer = int.from_bytes(cur[16:24], "little")
-                        # ours, or ours reset to SIG_DFL by the kernel: an INT3
-                        # hit by a thread with SIGTRAP blocked (glibc blocks
-                        # every signal in a thread being created or exiting)
-                        # forces the signal and resets the handler, keeping
-                        # our flags and restorer
-                        ours = handler == base or (handler == 0 and
-                                                   base <= restorer < base + G.CODE_SIZE)
-                        if ours:
-                            inject_syscall(self.pid, tid, G.SYS_rt_sigaction, G.SIGTRAP,
-                                           data + G.ACT_OFF, 0, 8, syscall_at=g["syscall_at"])
-                        g["restored"] = True
-                        if not ours and g.get("installed", True) and handler > 1:
-                            # the target installed a handler of its own since:
-                            # it stays, and so does ours (it may chain to it);
-                            # SIG_DFL or SIG_IGN set since chain to nothing
-                            g["kept"] = "the target replaced its SIGTRAP handler"
-                            return [g["kept"]]
-                    why = region.in_use([(t, self.get_regs(t)) for t in held])
-                    if not why:
-                        region.unmap(tid)
-                        self._guard = None
-                        if j is not None:
-                            j.data["sites"] = {}
-                            j.set_guard(None)
-                        self.refresh_maps()
-                        return []
-                finally:
-                    self._release_held()
-                time.sleep(0.0005 * (attempt + 1))
-            return why
+            why = self._unmap(region, ready, attempts)
         finally:
             region.close()
+        if not why:
+            self._guard = None
+            if j is not None:
+                j.data["sites"] = {}
+                j.set_guard(None)
+        return why
 
 
 def _sigtrap_caught(pid: int) -> bool | None:
