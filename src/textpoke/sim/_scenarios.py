@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .._core import MUTATIONS
-from ._workload import Workload
+
+if TYPE_CHECKING:                 # the data alone loads no machine
+    from ._workload import Workload
 
 __all__ = ["Scenario", "SCENARIOS", "STRATEGIES", "Replay", "Violation", "ScheduleResult",
            "check_arguments", "stray_int3s"]

@@ -39,7 +39,6 @@ report); the scenarios and the records of a schedule are in
 always found them.
 """
 
-
 from __future__ import annotations
 
 import itertools
