@@ -123,6 +123,12 @@ class Capability(enum.Enum):
     #: handler (``synchronize_rcu_tasks``).  Without it a client can only
     #: sync every CPU, which does not show where a CPU is.
     QUIESCE = "quiesce"
+    #: the CPUs run the kernel's supervisor-only instructions as the kernel
+    #: has them (CLAC/STAC under SMAP), or -- a machine whose CPUs never run,
+    #: offline -- the text must hold what the kernel writes.  Without it
+    #: (live: threads in user mode; the sim: Unicorn has no SMAP) a client
+    #: writes the forms its CPUs can run (NOP3 for CLAC).
+    SUPERVISOR = "supervisor"
 
 
 #: A CPU-set listener gets ``("add" | "remove", cpu)``.
@@ -419,6 +425,7 @@ _CAP_VERB = {
     Capability.DATA: "map guest data memory",
     Capability.PERCPU: "set a CPU's per-CPU base",
     Capability.QUIESCE: "show where its CPUs are (quiescence)",
+    Capability.SUPERVISOR: "run supervisor-only instructions (CLAC/STAC)",
 }
 
 

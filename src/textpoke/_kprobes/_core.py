@@ -464,7 +464,8 @@ class Kprobes(_Lookup, _Kretprobes, _Optprobes, _FtraceProbes):
         # right above the return address of its call
         n = len(PT_REGS)
         frame = regs.sp + 8
-        vals = list(struct.unpack(f"<{n}Q", regs.mem.read(frame, 8 * n)))
+        raw = regs.mem.read(frame, 8 * n)
+        vals = list(struct.unpack(f"<{n}Q", raw))
         at = {r: i for i, r in enumerate(PT_REGS)}
         gprs = {r: vals[at[r]] for r in PT_REGS[:15]}
         # what the kernel's callback fixes in the frame before the handlers
@@ -480,11 +481,16 @@ class Kprobes(_Lookup, _Kretprobes, _Optprobes, _FtraceProbes):
             if p.pre_handler is not None:
                 p.pre_handler(p, hregs)
         # the template restores the registers and the flags from the frame
-        # (ip and sp are not restored: the copies run next, then the JMP back)
+        # (ip and sp are not restored: the copies run next, then the JMP back),
+        # so only those are written back: a probe address + 1 left in the ip
+        # slot would read, to a machine that looks for return addresses on
+        # stacks (live's QUIESCE), as a thread inside the bytes an optimise
+        # waits for every thread to leave
+        out = list(struct.unpack(f"<{n}Q", raw))
         for r in PT_REGS[:15]:
-            vals[at[r]] = hregs.gprs.get(r, gprs[r]) & ((1 << 64) - 1)
-        vals[at["flags"]] = hregs.flags & ((1 << 64) - 1)
-        regs.mem.write(frame, struct.pack(f"<{n}Q", *vals))
+            out[at[r]] = hregs.gprs.get(r, gprs[r]) & ((1 << 64) - 1)
+        out[at["flags"]] = hregs.flags & ((1 << 64) - 1)
+        regs.mem.write(frame, struct.pack(f"<{n}Q", *out))
         return True
 
     def _check_open(self) -> None:

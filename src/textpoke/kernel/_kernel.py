@@ -201,10 +201,12 @@ class Kernel:
                        smp=getattr(self.boot, "smp", None), keys=self.keys, calls=self.calls,
                        preemption=self.config["PREEMPTION"],
                        ftrace=self.ftrace if self.config["KPROBES_ON_FTRACE"] else None,
-                       # (the sim's Unicorn vCPUs have no SMAP: a CLAC would #UD
-                       # there, whatever the boot's feature list claims)
+                       # a CLAC only where the CPUs can run it (SUPERVISOR: not
+                       # the sim's Unicorn, not a live process's user mode),
+                       # whatever the boot's feature list claims
                        execmem=kp_mem,
-                       smap="smap" in self.features and self.core.machine.name != "sim",
+                       smap="smap" in self.features
+                       and self.machine.has(Capability.SUPERVISOR),
                        # an IBT (or retpoline) build has no jump tables
                        jump_tables=not self.config["X86_KERNEL_IBT"])
         if "optprobes" in self.execmem_at:       # the optinsn slots' page, given

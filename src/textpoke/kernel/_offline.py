@@ -177,7 +177,7 @@ class OfflineMachine(StillCpus, Machine):
 
     @property
     def capabilities(self) -> frozenset:          # type: ignore[override]
-        caps = {Capability.DATA}
+        caps = {Capability.DATA, Capability.SUPERVISOR}     # the kernel's own bytes
         if self.regions:
             caps.add(Capability.EXECMEM)
         return frozenset(caps)

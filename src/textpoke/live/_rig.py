@@ -32,7 +32,7 @@ from .._errors import TextPokeError
 from ..images import load_bundled
 from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import read_tables
-from ..kernel import Kernel
+from ..kernel import KPROBES_EXECMEM, Kernel
 from ..selftests._rig import CLIENT_CPUS, CLIENT_REC, ProbeLoopRig
 
 __all__ = ["LiveClientRig", "LiveRigError", "LOADER_C"]
@@ -163,12 +163,24 @@ class LiveClientRig(ProbeLoopRig):
             self._go = int(line[1], 16)
             self.pid = self.proc.pid
             self.machine = LiveMachine(self.pid, strategy=strategy)
+            self._map_kernel_execmem()
             self.kernel = Kernel.start(self.machine, self.image, tables=self.tables,
                                        features=features)
             self.kernel.keys, self.kernel.calls      # read the tables before the CPUs run
         except BaseException:
             self.close()
             raise
+
+    def _map_kernel_execmem(self) -> None:
+        """Map the kernel's execmem within rel32 reach of the image rather
+        than of the process's main executable (the loader, far away in the
+        PIE range): a module's PC32 relocations, kprobes' detours and
+        the guest functions' RIP-relative data must reach the image as
+        they reach ``_stext`` in a kernel.  :class:`Kernel` asks the
+        machine for the range named "kernel" (EXECMEM) and gets this one."""
+        placed = [s for s in self.image.sections.values() if s.addr]
+        near = (min(s.addr for s in placed), max(s.end for s in placed))
+        self.machine.execmem_range(4 * KPROBES_EXECMEM, "kernel", near=near)
 
     # the ClientRig protocol ----------------------------------------------------
     @property
@@ -221,10 +233,14 @@ class LiveClientRig(ProbeLoopRig):
     # lifetime -----------------------------------------------------------------
     def close(self) -> None:
         try:
-            if self.kernel is not None:
-                self.kernel.close()
-            if self.machine is not None:
-                self.machine.close()
+            try:
+                if self.kernel is not None:
+                    self.kernel.close()
+            finally:
+                # always: a machine left attached keeps the threads of a
+                # dead loader unreaped, and the wait below would never end
+                if self.machine is not None:
+                    self.machine.close()
         finally:
             if self.proc is not None:
                 if self.proc.poll() is None:

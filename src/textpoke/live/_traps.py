@@ -82,8 +82,9 @@ class _Traps:
         elif any(h.priority > TrapPriority.TEXT_POKE for h in self._trap_order) \
                 and self._client_int3(tid, site):
             # an INT3 a client wrote among larger text (a kprobe slot's
-            # second INT3): offered to the chain; unclaimed, it is the
-            # process's own
+            # second INT3) or one the text holds by design (a rethook
+            # trampoline's call into the host): offered to the chain, as
+            # every machine does; unclaimed, it is the process's own
             if self._run_chain(t, regs, site):
                 return
         if t.want_hold:
@@ -93,12 +94,12 @@ class _Traps:
 
     def _client_int3(self, tid: int, site: int) -> bool:
         """Whether the SIGTRAP of *tid* is an INT3 at *site* (0xcc there,
-        the kernel's SI_KERNEL) in text of ours (injected execmem)."""
+        the kernel's SI_KERNEL) in the machine's text (core or execmem)."""
         try:
             if P.getsiginfo(tid).si_code != P.SI_KERNEL:
                 return False
-            r = self.text_range_of(site, 1)
-            return not r.core and self.text_read(site, 1)[0] == _INT3
+            self.text_range_of(site, 1)
+            return self.text_read(site, 1)[0] == _INT3
         except Exception:
             return False
 

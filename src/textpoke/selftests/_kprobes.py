@@ -7,8 +7,9 @@ backend."""
 
 from __future__ import annotations
 
+from .._core._machine import Capability
 from .._kprobes._core import KprobeError, Kprobes
-from .._kprobes._guest import DIV_FACTOR, HELPER_ADD, OPT_K, GuestFunctions
+from .._kprobes._guest import DIV_FACTOR, HELPER_ADD, OPT_K, GuestFunctions, build_guest_functions
 from ._result import SelfTestResult
 from ._rig import ClientRig
 
@@ -17,8 +18,20 @@ __all__ = ["kprobes_selftest", "RAND1"]
 RAND1 = 0x2F5A_1C37
 
 
-def kprobes_selftest(cm: ClientRig, kp: Kprobes, g: GuestFunctions) -> SelfTestResult:
+def kprobes_selftest(cm: ClientRig, kp: Kprobes | None = None,
+                     g: GuestFunctions | None = None) -> SelfTestResult:
+    """Run on *cm*'s CPUs with *kp* (default: ``cm.kernel.kprobes``) and
+    the guest functions *g* (default: built now into *kp*'s execmem, their
+    counter in a data region).  A machine without ``EXECMEM`` or ``DATA``
+    refuses with :class:`~textpoke.NotSupportedError` before any text
+    changes."""
     m = cm.kernel.machine
+    for cap in (Capability.EXECMEM, Capability.DATA):
+        m.require(cap, "the kprobes self-test")
+    if kp is None:
+        kp = cm.kernel.kprobes
+    if g is None:
+        g = build_guest_functions(kp, m)
     st0 = cm.core.stats.syncs, cm.core.stats.batches
     r = SelfTestResult("kprobes")
     q1, q2 = RAND1 // DIV_FACTOR, RAND1 // DIV_FACTOR + 1

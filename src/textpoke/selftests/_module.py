@@ -6,6 +6,7 @@ CPUs of a :class:`ClientRig` run.  It needs the machine's ``EXECMEM``
 
 from __future__ import annotations
 
+from .._core._machine import Capability
 from .._errors import TextPokeError
 from .._jump_label._keys import UnknownKeyError
 from .._module import Module, ModuleLoader
@@ -40,6 +41,8 @@ def module_selftest(cm: ClientRig, loader: ModuleLoader | None = None) -> SelfTe
 
     r = SelfTestResult("module")
     machine = cm.kernel.machine
+    for cap in (Capability.EXECMEM, Capability.DATA):      # module text, module data
+        machine.require(cap, "the module loader's self-test")
     st0 = cm.core.stats.syncs, cm.core.stats.batches
     L = loader or cm.kernel.modules
     keys, calls = cm.keys, cm.calls
