@@ -273,7 +273,7 @@ def test_python3_threads(tmp_path):
     t = _Target([py, str(tmp_path / "w.py")])
     try:
         tr = _tracer(t.pid, "--functions", "python3:PyObject_Hash", "--json", "--duration",
-                     "0.5", "--buffer-size", "65536")
+                     "0.5", "--buffer-size", "256")
         _armed(tr)
         out, err = tr.communicate(timeout=120)
         assert tr.returncode == 0, err
@@ -332,4 +332,20 @@ int main(void)
         t.close()
 
 
-_ = time
+
+
+
+def test_ftrace_selftest_on_a_live_process():
+    """The kernel's function-tracer startup test (the very function the sim
+    runs) on the bundled image mapped into a real process: its threads run
+    ftrace_work_loop, each with a ring of its own (thread ids for CPUs)."""
+    if shutil.which("gcc") is None:
+        pytest.skip("the rig's loader is built with gcc")
+    from textpoke.live._trace_rig import LiveFtraceRig
+    from textpoke.selftests import ftrace_selftest
+    with LiveFtraceRig(cpus=3) as rig:
+        r = ftrace_selftest(rig)
+        assert r.passed, [c for c in r.cases if not c["passed"]]
+        assert len(r.cases) == 13 and r.oopses == 0 and r.bad == [] and r.overruns > 0
+        assert {e.cpu for e in rig.trace} == set(rig.cpus)      # the rings' CPUs: thread ids
+        assert rig.sites_now() == rig.sites_at_boot

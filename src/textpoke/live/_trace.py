@@ -217,7 +217,7 @@ class LiveTrace:
             with m.stopped() as tids:
                 for tid in tids:
                     m.set_percpu_base(tid, 0)
-            nrec = min(MAX_RINGS, max(64, 4 * len(m.threads)))
+            nrec = min(MAX_RINGS, max(16, 4 * len(m.threads)))
             rt_code, rt_data = runtime_layout(nrec)
             pads = [s for s in self.sites if s.kind != "nop5"]
             prof_code = -(-len(PROFILE_CODE) // 64) * 64 if self.profile else 0
