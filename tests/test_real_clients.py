@@ -495,3 +495,21 @@ def test_the_clients_equal_the_kernels_own_run_time_text(manifest):
         check(ok, "schedstats-on")
         ok.kernel.keys.static_key_disable("sched_schedstats")
         check(ok, "schedstats-off")
+
+
+@pytest.mark.skipif(not os.environ.get("TEXTPOKE_KERNEL_TESTS"),
+                    reason="unpacks a kernel package twice (set TEXTPOKE_KERNEL_TESTS=1)")
+def test_package_modules_are_found_compressed_or_not(tmp_path, monkeypatch):
+    """6.12's packages ship ``.ko.xz``, 6.1's plain ``.ko``: the run-time
+    reference's module extraction takes either for the same name."""
+    from textpoke.images._kmodules import module_file
+    debs = Path.home() / ".cache/textpoke/kernel/debs"
+    found = sorted(debs.glob("linux-image-6.1.*-cloud-amd64-unsigned_*.deb"))
+    if not found or not __import__("shutil").which("dpkg-deb"):
+        pytest.skip("Debian's 6.1 cloud image package is not cached")
+    release = found[-1].name.removeprefix("linux-image-").split("-unsigned_")[0]
+    (tmp_path / "kernel").mkdir()
+    (tmp_path / "kernel" / "debs").symlink_to(debs)
+    monkeypatch.setenv("TEXTPOKE_CACHE", str(tmp_path))
+    ko = module_file(release, "kyber_iosched", "kernel/block/kyber-iosched.ko.xz")
+    assert ko.read_bytes()[:4] == b"\x7fELF"

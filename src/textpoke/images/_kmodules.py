@@ -2,7 +2,7 @@
 """Modules of a Debian kernel package, for the run-time reference
 (:mod:`._qemu_runtime`) to load in its guest: a ``.ko`` extracted once from
 the cached ``linux-image-<release>-unsigned`` package (decompressed when it
-is ``.ko.xz``), and the executable sections that stay once it is loaded."""
+is ``.ko.xz``, as 6.12's are; 6.1's are plain ``.ko``), and the executable sections that stay once it is loaded."""
 
 from __future__ import annotations
 
@@ -35,21 +35,29 @@ def module_file(release: str, name: str, source: str) -> Path:
     if out.exists():
         return out
     d.mkdir(parents=True, exist_ok=True)
-    member = f"./lib/modules/{release}/{source}"
-    with tempfile.TemporaryDirectory(prefix="textpoke-ko-") as td:
-        deb = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(_deb_of(release))],
-                               stdout=subprocess.PIPE)
-        r = subprocess.run(["tar", "-x", "-C", td, member], stdin=deb.stdout,
-                           capture_output=True, text=True, check=False)
-        deb.stdout.close()
-        deb.wait()
-        got = Path(td) / member
-        if r.returncode or not got.exists():
-            raise ReferenceError(f"{member} is not in {_deb_of(release).name}: "
-                                 f"{r.stderr.strip()[-200:]}")
-        data = got.read_bytes()
-    if source.endswith(".xz"):
-        data = lzma.decompress(data)
+    # 6.12's packages compress their modules (.ko.xz), 6.1's do not (.ko)
+    alt = source.removesuffix(".xz") if source.endswith(".xz") else source + ".xz"
+    data = err = None
+    for src in (source, alt):
+        member = f"./lib/modules/{release}/{src}"
+        with tempfile.TemporaryDirectory(prefix="textpoke-ko-") as td:
+            deb = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(_deb_of(release))],
+                                   stdout=subprocess.PIPE)
+            r = subprocess.run(["tar", "-x", "-C", td, member], stdin=deb.stdout,
+                               capture_output=True, text=True, check=False)
+            deb.stdout.close()
+            deb.wait()
+            got = Path(td) / member
+            if r.returncode or not got.exists():
+                err = err or (f"./lib/modules/{release}/{source} is not in "
+                              f"{_deb_of(release).name}: {r.stderr.strip()[-200:]}")
+                continue
+            data = got.read_bytes()
+        if src.endswith(".xz"):
+            data = lzma.decompress(data)
+        break
+    if data is None:
+        raise ReferenceError(err)
     tmp = out.with_suffix(".tmp")
     tmp.write_bytes(data)
     tmp.rename(out)
