@@ -37,6 +37,12 @@ process's threads for CPUs:
   (five NOP1s, ``call *__fentry__@GOTPCREL``) are pads too, reached by a
   ``jmp`` written with every thread stopped.
 
+``--profile`` is the client's ``profile`` tracer: the image it is given
+names, as its profile callback, ``function_profile_call`` followed by a
+small return hook of ours (:data:`PROFILE_CODE`): the kernel's profiler gets
+its times from fgraph's return hook, this one keeps a per-thread return
+stack and the TSC at entry and return.
+
 So the kernel's two-level design holds: sites are switched once by the
 client's batch (the INT3 protocol, or stop-machine), and the tracer runs in
 the traced program at the cost of a CALL and a ring write.  The README
@@ -826,4 +832,3 @@ def alive(pid: int) -> bool:
 
 
 __all__ += ["alive", "TraceStats", "free_region", "threads_in_region"]
-_ = struct
