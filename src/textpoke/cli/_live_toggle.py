@@ -28,6 +28,8 @@ def _rel32(op: int, at: int, to: int) -> bytes | None:
 
 def run(args: argparse.Namespace) -> int:
     from ..live._fentry import NOP5, QUIESCENT, fentry_sites
+    import time
+    t0 = time.perf_counter()
     kind, _, name = args.to.partition(":")
     syms = None
     entries = None
@@ -85,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
                 raise UsageError(str(e)) from None
             finally:
                 os.close(fd)
-        return _apply(args, syms, fsites, esites, writes, quiet, entries)
+        return _apply(args, syms, fsites, esites, writes, quiet, entries,
+                      {"resolve": time.perf_counter() - t0})
     finally:
         if syms is not None:
             syms.close()
@@ -110,7 +113,9 @@ def _entries(syms, pattern: str, fsites):
     return toggle_sites(syms, rest, pattern)
 
 
-def _apply(args, syms, fsites, esites, writes, quiet, entries) -> int:
+def _apply(args, syms, fsites, esites, writes, quiet, entries, timings) -> int:
+    import time
+    t0 = time.perf_counter()
     from ..live._switch import switch_sites
     interrupted: BaseException | None = None
     stats: dict[str, Any] = {}
@@ -139,13 +144,17 @@ def _apply(args, syms, fsites, esites, writes, quiet, entries) -> int:
         sites = list(fsites) + list(esites)
         after = [m.text_read(s.addr, len(s.found)) for s in sites]
     reporting()
+    # what the command does inside: names and sites resolved, then attached
+    # (every thread seized, the batch, detached)
+    timings["attached"] = time.perf_counter() - t0
     switched = len(want)
     int3_left = sum(1 for b in after if b[:1] == b"\xcc")
     done = sum(1 for s, b in zip(sites, after) if b == want.get(s.addr, s.found))
     doc = {"pid": args.pid, "functions": args.functions, "to": args.to, "sites": len(sites),
            "fentry_sites": len(fsites), "entries": len(esites),
            "switched": switched, "now_as_asked": done, "strategy": args.strategy,
-           "stats": stats, "interrupted": interrupted is not None, "int3_left": int3_left}
+           "stats": stats, "interrupted": interrupted is not None, "int3_left": int3_left,
+           "timings": {k: round(v, 6) for k, v in timings.items()}}
     if entries is not None:
         doc.update(trampoline_regions_mapped=[f"{r.base:#x}" for r in entries.new_regions
                                               if r.base not in entries.freed],

@@ -167,13 +167,30 @@ def fentry_sites(syms: Symbols, pattern: str | None = None, *,
                 continue
             funcs = mod.functions_sorted()
             starts = [f.addr for f in funcs]
+            if rx is not None:
+                # only the entries inside a function whose name matches (each
+                # still checked below against the functions that own it)
+                eaddrs = [a for a, _src in entries]
+                keep: set[int] = set()
+                for f in funcs:
+                    if rx.match(f.name):
+                        keep.update(range(bisect.bisect_left(eaddrs, f.addr),
+                                          bisect.bisect_left(eaddrs, f.addr + max(f.size, 1))))
+                entries = [entries[k] for k in sorted(keep)]
+            one = ranges[0] if len(ranges) == 1 else None
             for addr, src in entries:
-                if addr in out or not any(a <= addr and addr + 5 <= b for a, b in ranges):
+                if addr in out:
                     continue
-                i = bisect.bisect_right(starts, addr) - 1
+                if one is not None:
+                    if not (one[0] <= addr and addr + 5 <= one[1]):
+                        continue
+                elif not any(a <= addr and addr + 5 <= b for a, b in ranges):
+                    continue
+                j = bisect.bisect_right(starts, addr) - 1
                 fn = None
                 names: list[str] = []
-                while i >= 0 and starts[i] == starts[bisect.bisect_right(starts, addr) - 1]:
+                i = j
+                while i >= 0 and starts[i] == starts[j]:
                     f = funcs[i]
                     if addr < f.addr + max(f.size, 1):
                         fn = fn or f
