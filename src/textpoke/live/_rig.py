@@ -35,7 +35,7 @@ from ..images._tables import read_tables
 from ..kernel import KPROBES_EXECMEM, Kernel
 from ..selftests._rig import CLIENT_CPUS, CLIENT_REC, ProbeLoopRig
 
-__all__ = ["LiveClientRig", "LiveRigError", "LOADER_C"]
+__all__ = ["LiveClientRig", "LiveRigError", "LOADER_C", "start_loader", "boot_in_process"]
 
 LOADER_C = r"""
 /* SPDX-License-Identifier: GPL-2.0-only */
@@ -131,6 +131,38 @@ def build_loader(outdir: str | Path) -> Path:
     return exe
 
 
+def start_loader(outdir: str | Path, image, cpus: int, loop: str, recs: int,
+                 rec_size: int) -> tuple[subprocess.Popen, int]:
+    """Build the loader in *outdir* and start it on *image*: *cpus* threads
+    that will run the image's function *loop* on the records at *recs*
+    (*rec_size* bytes each), once the flag is set.  Returns the process
+    (stdin and stdout pipes: closing stdin ends it) and the flag's address."""
+    exe = build_loader(outdir)
+    proc = subprocess.Popen([str(exe), str(image.path), str(cpus), hex(image.sym(loop)),
+                             hex(recs), str(rec_size)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().split()
+    if len(line) != 2 or line[0] != "ready":
+        proc.kill()
+        proc.wait()
+        raise LiveRigError(f"the live client loader did not start ({line!r})")
+    return proc, int(line[1], 16)
+
+
+def boot_in_process(machine, image, tables, *, features: tuple[str, ...] | None = None) -> Kernel:
+    """:meth:`Kernel.start` of *image* mapped in *machine*'s process, with
+    the kernel's execmem mapped first within rel32 reach of the image
+    rather than of the process's main executable (the loader, far away in
+    the PIE range): a module's PC32 relocations, kprobes' detours and the
+    guest functions' RIP-relative data must reach the image as they reach
+    ``_stext`` in a kernel.  :class:`Kernel` asks the machine for the range
+    named "kernel" (EXECMEM) and gets this one."""
+    placed = [s for s in image.sections.values() if s.addr]
+    machine.execmem_range(4 * KPROBES_EXECMEM, "kernel",
+                          near=(min(s.addr for s in placed), max(s.end for s in placed)))
+    return Kernel.start(machine, image, tables=tables, features=features)
+
+
 class LiveClientRig(ProbeLoopRig):
     """The bundled image booted in a live process whose *cpus* threads run
     its ``client_loop`` (see the module doc).  A context manager; ``close()``
@@ -152,35 +184,16 @@ class LiveClientRig(ProbeLoopRig):
         self.probes: list = []
         self.started = False
         try:
-            exe = build_loader(self._tmp.name)
-            self.proc = subprocess.Popen(
-                [str(exe), str(self.image.path), str(cpus), hex(self.image.sym("client_loop")),
-                 hex(self.recs), str(CLIENT_REC)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                text=True)
-            line = self.proc.stdout.readline().split()
-            if len(line) != 2 or line[0] != "ready":
-                raise LiveRigError(f"the live client loader did not start ({line!r})")
-            self._go = int(line[1], 16)
+            self.proc, self._go = start_loader(self._tmp.name, self.image, cpus, "client_loop",
+                                               self.recs, CLIENT_REC)
             self.pid = self.proc.pid
             self.machine = LiveMachine(self.pid, strategy=strategy)
-            self._map_kernel_execmem()
-            self.kernel = Kernel.start(self.machine, self.image, tables=self.tables,
-                                       features=features)
+            self.kernel = boot_in_process(self.machine, self.image, self.tables,
+                                          features=features)
             self.kernel.keys, self.kernel.calls      # read the tables before the CPUs run
         except BaseException:
             self.close()
             raise
-
-    def _map_kernel_execmem(self) -> None:
-        """Map the kernel's execmem within rel32 reach of the image rather
-        than of the process's main executable (the loader, far away in the
-        PIE range): a module's PC32 relocations, kprobes' detours and
-        the guest functions' RIP-relative data must reach the image as
-        they reach ``_stext`` in a kernel.  :class:`Kernel` asks the
-        machine for the range named "kernel" (EXECMEM) and gets this one."""
-        placed = [s for s in self.image.sections.values() if s.addr]
-        near = (min(s.addr for s in placed), max(s.end for s in placed))
-        self.machine.execmem_range(4 * KPROBES_EXECMEM, "kernel", near=near)
 
     # the ClientRig protocol ----------------------------------------------------
     @property

@@ -28,8 +28,8 @@ from .._ftrace._ring import FTRACE_CPUS, RingBuffer, TraceEntry, format_trace_li
 from ..images import load_bundled
 from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import read_tables
-from ..kernel import KPROBES_EXECMEM, Kernel
-from ._rig import LiveRigError, build_loader
+from ..kernel import Kernel
+from ._rig import LiveRigError, boot_in_process, start_loader
 
 __all__ = ["LiveFtraceRig"]
 
@@ -65,15 +65,8 @@ class LiveFtraceRig:
         self.trace: list[TraceEntry] = []
         self.work: list[int] = []
         try:
-            exe = build_loader(self._tmp.name)
-            self.proc = subprocess.Popen(
-                [str(exe), str(self.image.path), str(cpus), hex(self.image.sym("ftrace_work_loop")),
-                 hex(self.recs), str(_WREC)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                text=True)
-            line = self.proc.stdout.readline().split()
-            if len(line) != 2 or line[0] != "ready":
-                raise LiveRigError(f"the live client loader did not start ({line!r})")
-            self._go = int(line[1], 16)
+            self.proc, self._go = start_loader(self._tmp.name, self.image, cpus,
+                                               "ftrace_work_loop", self.recs, _WREC)
             self.pid = self.proc.pid
             # the loop threads, in the order the loader made them (worker i
             # runs on record i): thread ids rise as threads are created
@@ -82,10 +75,7 @@ class LiveFtraceRig:
             if len(self.cpus) != cpus:
                 raise LiveRigError(f"the loader has {len(self.cpus)} threads, not {cpus}")
             self.machine = m = LiveMachine(self.pid, strategy=strategy)
-            placed = [s for s in self.image.sections.values() if s.addr]
-            m.execmem_range(4 * KPROBES_EXECMEM, "kernel",
-                            near=(min(s.addr for s in placed), max(s.end for s in placed)))
-            self.kernel = Kernel.start(m, self.image, tables=self.tables)
+            self.kernel = boot_in_process(m, self.image, self.tables)
             self.core = self.kernel.core
             self.ftrace: Ftrace = self.kernel.ftrace
             tasks = {t: (self._comm(t), t) for t in m.cpus}
