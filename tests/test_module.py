@@ -412,3 +412,9 @@ cfi_fn:
     with pytest.raises(ModuleError, match="cfi_sites.*nothing written"):
         loader.load(tmp_path / "cfi.o")
     assert _module_text(cm) == before and loader.execmem.used == {} and loader.modules == {}
+    # likewise 6.1's paravirt patch sites (module_finalize's apply_paravirt)
+    src.write_text(src.read_text().replace(".cfi_sites", ".parainstructions"))
+    subprocess.run(["gcc", "-c", str(src), "-o", str(tmp_path / "pv.o")], check=True)
+    with pytest.raises(ModuleError, match="parainstructions.*nothing written"):
+        loader.load(tmp_path / "pv.o")
+    assert _module_text(cm) == before and loader.execmem.used == {} and loader.modules == {}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from textpoke._core._insn import x86_nops
+from textpoke import x86_nops
 
 NOP5 = x86_nops[5]
 TRAMP = 0xFFFFFFFFC0000000
@@ -182,7 +182,7 @@ def test_kprobes_follow_the_images_config_on_its_own_instructions(booted):
 def test_a_function_with_an_exception_table_entry_is_not_optimised(booted):
     """can_optimize: fixup code may jump into a function with an
     ``__ex_table`` entry, so its probes stay INT3 probes."""
-    from textpoke._kprobes import KprobeError
+    from textpoke import KprobeError
     _d, ok = booted
     kp = ok.kernel.kprobes
     start = ok.image.sym("strncpy_from_user")
@@ -374,7 +374,7 @@ def test_real_image_options_are_refused_without_image():
 # ------------------------------------------- against the kernel at run time
 def _runtime_refs() -> list[Path]:
     root = Path(os.environ.get("TEXTPOKE_CACHE", Path.home() / ".cache/textpoke")) / "reference"
-    return sorted(root.glob("6.12.*/runtime-*/manifest.json"))
+    return sorted(root.glob("6.*/runtime-*/manifest.json"))
 
 
 @pytest.mark.skipif(not os.environ.get("TEXTPOKE_KERNEL_TESTS"),

@@ -373,7 +373,10 @@ class ModuleLoader:
             check_entries(name, enumerate(recs), bounds)
             return recs
 
-        alts = read(".altinstructions", alt_instr_table)
+        line = getattr(self.image, "line", None)
+        # struct alt_instr as the kernel line has it (6.1: 12 bytes, u16 cpuid)
+        alts = read(".altinstructions", alt_instr_table,
+                    getattr(line, "alt_layout", "ft_flags"))
         retp = read(".retpoline_sites", s32_sites, RetpolineSite, ".retpoline_sites")
         rets = read(".return_sites", s32_sites, ReturnSite, ".return_sites")
 
@@ -383,7 +386,6 @@ class ModuleLoader:
         sizes.update(mod.sizes)
         sym = Symbols(syms, sizes)
         shadow = _ModuleShadow(self.core, (tbase, text), (mod.data, data))
-        line = getattr(self.image, "line", None)
         if line is not None:
             shadow.line = line          # a real kernel's feature numbering and rules
         dbg = DebugLog(0)
@@ -400,6 +402,10 @@ class ModuleLoader:
                     shadow, [x.addr for x in sites], feats, sym, dbg)
         else:
             ret_pass = returns_pass
+        if any(x.name == ".parainstructions" and x.size for x in secs):
+            # 6.1's module_finalize runs apply_paravirt over them first
+            raise ModuleError(f"module {mod.name}: .parainstructions (6.1's paravirt patch "
+                              "sites) are not supported for modules; nothing written")
         if read(".cfi_sites", s32_sites, RetpolineSite, ".cfi_sites"):
             # kCFI/FineIBT (CONFIG_CFI_CLANG): not modelled -- refused rather
             # than loaded with its preambles and callers left as compiled
