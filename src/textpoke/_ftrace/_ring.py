@@ -53,6 +53,8 @@ FTRACE_DATA_BASE = 0x0800_0000
 FTRACE_CPUS = 8
 TRACE_ENTRY_SIZE = 32
 _ENTRY = struct.Struct("<QQQQ")
+#: entries read at a time from a ring whose producer runs meanwhile
+_CHUNK = 256
 _CPU_REC = 128
 # struct ftrace_cpu field offsets (8 bytes each)
 (_SELF, _CPU, _PID, _BUF, _MASK, _HEAD, _TAIL, _OVERRUNS, _HITS, _PROF, _OVERWRITE,
@@ -133,6 +135,9 @@ class RingBuffer:
             self._init_cpu(cpu)
         self.comms = {pid: comm for comm, pid in self.tasks.values()}
         self.drained = 0
+        #: producers run while the host reads (a process's threads; not a
+        #: vCPU between two host steps): see drain_cpu
+        self.concurrent = False
 
     @staticmethod
     def region_bytes(size: int, nprof: int, slots: int) -> int:
@@ -178,7 +183,8 @@ class RingBuffer:
         if cpu not in self.slot:
             return [], {}
         entries = self.drain_cpu(cpu)
-        counts = {"overruns": self.field(cpu, _OVERRUNS), "dropped": self.field(cpu, _DROPPED),
+        counts = {"overruns": self.field(cpu, _OVERRUNS),
+                  "dropped": self.field(cpu, _DROPPED),
                   "hits": self.field(cpu, _HITS)}
         table = getattr(self, "prof_ips", [])
         if table:
@@ -294,21 +300,30 @@ class RingBuffer:
         ring = self._ring(cpu)
         out = []
         mask = self.size - 1
-        # one read per contiguous stretch of the ring
+        # one read per contiguous stretch of the ring -- in short chunks when
+        # the producer runs while we read (a process's threads do; a vCPU
+        # between two host steps does not): after each, the entries the
+        # producer has lapped meanwhile (index < its head - size) may be
+        # torn and are dropped -- it counted them as overruns when it
+        # overwrote them -- and reading goes on past them
+        chunk = _CHUNK if self.concurrent else self.size
         while tail < head:
             i = tail & mask
-            run = min(head - tail, self.size - i)
+            run = min(head - tail, self.size - i, chunk)
             raw = self._mem.read(ring + i * TRACE_ENTRY_SIZE, run * TRACE_ENTRY_SIZE)
+            first = tail
+            if self.concurrent:
+                gone = self.field(cpu, _HEAD) - self.size
+                if gone > tail:
+                    k = min(gone - tail, run)
+                    raw = raw[k * TRACE_ENTRY_SIZE:]
+                    first = tail + k
+                    if gone >= tail + run:
+                        tail = min(max(gone, tail + run), head)
+                        continue
             for ts, ip, parent, pid in _ENTRY.iter_unpack(raw):
                 out.append(TraceEntry(ts, cpu, ip, parent, pid))
-            tail += run
-        # a producer that runs while we read (a process's threads do; a
-        # vCPU does not) may have wrapped onto the oldest slots read: those
-        # may be torn, and are dropped as the overruns they are (the
-        # producer counted them when it overwrote them)
-        now = self.field(cpu, _HEAD)
-        if now - self.size > head - len(out):
-            out = out[max(0, now - self.size - (head - len(out))):]
+            tail = first + len(raw) // TRACE_ENTRY_SIZE
         self._w(self._rec(cpu) + 8 * _TAIL, head)
         self.drained += len(out)
         return out

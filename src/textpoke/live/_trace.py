@@ -223,7 +223,7 @@ class LiveTrace:
             with m.stopped() as tids:
                 for tid in tids:
                     m.set_percpu_base(tid, 0)
-            nrec = min(MAX_RINGS, max(16, 4 * len(m.threads)))
+            nrec = min(MAX_RINGS, max(16, 2 * len(m.threads) + 8))
             rt_code, rt_data = runtime_layout(nrec)
             pads = [s for s in self.sites if s.kind != "nop5"]
             prof_code = -(-len(PROFILE_CODE) // 64) * 64 if self.profile else 0
@@ -268,6 +268,7 @@ class LiveTrace:
             tasks = {tid: (self._thread_comm(tid), tid) for tid in m.threads}
             self.ring = RingBuffer(m, image, size=self.ring_size, nprof=nprof, tasks=tasks,
                                    slots=nrec, mapped_at=r.data + rt_data)
+            self.ring.concurrent = True
             self.stats.threads_seen = len(tasks)
             m.subscribe_cpus(self._on_cpu)
             if self.profile:
