@@ -36,12 +36,12 @@ kernel-images: $(STAMP)
 
 # Opt-in: boots QEMU.  Each kernel's own patching around alternative_instructions()
 # for several CPU models and command lines, and textpoke's dump against it: one table.
-# Then the run-time reference (6.12 cloud; ftrace, kprobes, static keys, modules, step
-# by step, three CPU setups) and its table.
+# The run-time references (6.12 cloud; ftrace, kprobes, static keys, modules, step by
+# step, three CPU setups) are built first: their column sits on the same rows.
 test-kernel: kernel-images
 	TEXTPOKE_KERNEL_TESTS=1 TEXTPOKE_KERNELS=$(KERNELS) $(PY) -m pytest -q tests/test_real_image.py tests/test_kallsyms.py tests/test_qemu_reference.py tests/test_runtime_reference.py
+	$(PY) tools/kernel_runtime_reference.py --setup all --quiet --no-table
 	$(PY) tools/kernel_reference.py --kernel $(KERNELS) --no-data
-	$(PY) tools/kernel_runtime_reference.py --setup all --quiet
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -2,7 +2,7 @@
 """ftrace over every traceable function of Debian's real 6.12 image, offline.
 
     python bench/bench_real_clients.py [--repeat R] [--quick] [--json] [--clock cpu]
-                                       [--image VMLINUZ] [--no-process]
+                                       [--image VMLINUZ] [--no-process] [--qemu-rounds R]
 
 The image (the cached ``linux-image-6.12.*-cloud-amd64``, or ``--image``)
 is booted once as ``boot --image`` boots it (one CPU, the default CPU
@@ -24,6 +24,18 @@ Figures are sites/s (median, min-max of ``--repeat`` >= 5, interleaved
 round by round).  Exact counts: batches and syncs of each enable/disable
 (a batch per 256 sites, at most three syncs each), checked, and the text
 must read exactly as booted after every round.
+
+**The kernel's own time for the same step** (``--qemu-rounds R``, R >= 5;
+one QEMU boot, ``images/_qemu_runtime_timing.py``): Debian's kernel under
+QEMU/TCG (qemu64, ``mitigations=off``: the run-time reference's first
+setup) times ``echo function > current_tracer`` with an empty filter and
+``echo nop > current_tracer``, R rounds each, by its own clock (printk
+timestamps of kmsg markers around each ``echo``); sites/s is the number
+``enabled_functions`` lists over that time.  That time is the whole
+write (the tracer's init, its trampoline, every site through
+``text_poke_bp_batch``, the ``ftrace_call`` updates, the RCU waits) on an
+emulated CPU: TCG is much slower than hardware, so it bounds the
+kernel's time on hardware from above.
 
 What the user sees, process start to exit (``--no-process`` skips it):
 ``textpoke ftrace --image IMG --functions '*' --trampoline ADDR --cpus 1
@@ -194,10 +206,33 @@ def processes(args) -> dict[str, Series]:
     return out
 
 
+def kernel_under_qemu(args) -> tuple[dict[str, Series], dict]:
+    """The kernel's own time for the same step, under QEMU/TCG (one boot)."""
+    from textpoke.images._qemu import resolve_kernel
+    from textpoke.images._qemu_runtime_timing import ftrace_timing
+    from textpoke.images._vmlinux import ensure_debian_kernel
+    kernel = ensure_debian_kernel(resolve_kernel("6.12-cloud"))
+    t = ftrace_timing(kernel, reps=args.qemu_rounds,
+                      progress=lambda m: print(f"  qemu: {m}", file=sys.stderr, flush=True))
+    if any(n != t.sites for n in t.enabled):
+        raise SystemExit(f"bench_real_clients: the guest enabled {t.enabled} of {t.sites} "
+                         "functions")
+    k = "kernel under QEMU/TCG: echo function > current_tracer"
+    j = "kernel under QEMU/TCG: echo nop > current_tracer"
+    out = {k: Series(k, "sites/s", [t.sites / x for x in t.on]),
+           j: Series(j, "sites/s", [t.sites / x for x in t.off]),
+           f"{k} (guest clock)": Series(f"{k} (guest clock)", "s", list(t.on)),
+           f"{j} (guest clock)": Series(f"{j} (guest clock)", "s", list(t.off))}
+    return out, t.as_dict()
+
+
 def run(args):
     res, checks = library(args)
     if not args.no_process:
         res.update(processes(args))
+    if args.qemu_rounds:
+        q, checks["qemu"] = kernel_under_qemu(args)
+        res.update(q)
     return res, checks
 
 
@@ -213,6 +248,11 @@ def report(r) -> str:
              f"  enable: {checks['enable']}",
              f"  disable: {checks['disable']}",
              f"  baseline (both ways): {checks['baseline']}"]
+    q = checks.get("qemu")
+    if q:
+        lines.append(f"  kernel: {q['release']}, {q['setup']}, {q['qemu']}; {q['sites']:,} "
+                     f"functions enabled per round; one boot of {q['wall']:.0f} s (TCG: an "
+                     "emulated CPU, slower than hardware)")
     return "\n".join(lines)
 
 
@@ -220,6 +260,9 @@ def add_args(ap) -> None:
     ap.add_argument("--image", help="a 6.12 bzImage (default: the cached Debian cloud image)")
     ap.add_argument("--no-process", action="store_true",
                     help="skip the process start-to-exit figures")
+    ap.add_argument("--qemu-rounds", type=int, default=0, metavar="R",
+                    help="also time the kernel's own step under QEMU/TCG, R rounds in one boot "
+                         "(R >= 5 for a figure; needs qemu-system-x86_64 and busybox-static)")
 
 
 def main(argv=None) -> int:

@@ -4,16 +4,19 @@
 cache each kernel's own text before and after alternative_instructions(),
 and print ONE table: per kernel x setup, textpoke's differing bytes in the
 executable sections, with the kernel's memory (--data) and, with --no-data,
-without it.
+without it -- and beside it, on the same rows, the run-time column: where
+the setup has a cached run-time reference (tools/kernel_runtime_reference.py
+builds them), textpoke's differing bytes after each client step
+(--no-runtime leaves the column out).
 
     tools/kernel_reference.py [--kernel 6.12-cloud,6.12-rt,6.1-cloud | all | RELEASE]
-                              [--no-data] [--cpu MODEL --cmdline ... --smp N]
+                              [--no-data] [--no-runtime] [--cpu MODEL --cmdline ... --smp N]
 
-See textpoke.images._qemu."""
+See textpoke.images._qemu and textpoke.kernel._runtime_table."""
 
 import sys
 
-from textpoke.images._qemu import main
+from textpoke.kernel._runtime_table import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -389,10 +389,16 @@ def resolve_kernel(name: str) -> str:
     return max(rels, key=functools.cmp_to_key(cmp))
 
 
+#: the run-time column's width in the one table
+RUNTIME_WIDTH = 46
+
+
 def run_matrix(kernels, setups=SETUPS, *, use_cache: bool = True, compare: bool | None = None,
-               out=print, no_data: bool = False) -> list[dict]:
+               out=print, no_data: bool = False, runtime=None) -> list[dict]:
     """Boot every kernel in every setup (or take it from the cache), print
-    ONE table and return its rows.  *kernels*: DebianKernel objects (or one)."""
+    ONE table and return its rows.  *kernels*: DebianKernel objects (or one).
+    *runtime(kernel, image, setup) -> (cell, legend)*, when given, fills a
+    run-time column on the same rows (``textpoke.kernel._runtime_table``)."""
     if not isinstance(kernels, (list, tuple)):
         kernels = [kernels]
     if compare is None:
@@ -408,14 +414,16 @@ def run_matrix(kernels, setups=SETUPS, *, use_cache: bool = True, compare: bool 
             f"{image.compression or 'ELF'}): "
             + ", ".join(f"{n} {t.count}" for n, t in image.tables.items()))
     out("")
+    rt = f"{'run time: textpoke vs kernel':<{RUNTIME_WIDTH}}  " if runtime else ""
     hdr = (f"{'kernel':<27} {'setup':<44} {'boot s':>6} {'alt s':>5} {'return thunk':<24} "
-           f"{'changed':>7}  {'textpoke vs kernel: differing bytes (executable sections)'}")
+           f"{'changed':>7}  {rt}{'textpoke vs kernel: differing bytes (executable sections)'}")
     out(hdr)
     out("-" * len(hdr))
     rows = []
     for kernel, image, execs in loaded:
         for st in setups:
-            rows.append(_row(kernel, image, execs, st, use_cache, compare, no_data, out))
+            rows.append(_row(kernel, image, execs, st, use_cache, compare, no_data, out,
+                             runtime))
     out("")
     out("changed: bytes of executable sections that differ between the kernel's memory at the")
     out("call of alternative_instructions() and right after it returns; boot s / alt s: seconds")
@@ -426,7 +434,7 @@ def run_matrix(kernels, setups=SETUPS, *, use_cache: bool = True, compare: bool 
     return rows
 
 
-def _row(kernel, image, execs, st, use_cache, compare, no_data, out) -> dict:
+def _row(kernel, image, execs, st, use_cache, compare, no_data, out, runtime=None) -> dict:
     cached = (reference_dir(image, st.cpu, st.cmdline, st.smp) / "meta.json").exists()
     ref = reference(image, kernel.vmlinuz, cpu=st.cpu, cmdline=st.cmdline, smp=st.smp,
                     use_cache=use_cache)
@@ -463,13 +471,19 @@ def _row(kernel, image, execs, st, use_cache, compare, no_data, out) -> dict:
     else:
         row["textpoke"] = "(not compared)"
     note = " (cached)" if row["cached"] else ""
+    rt = ""
+    if runtime is not None:
+        row["runtime"] = runtime(kernel, image, st)
+        rt = f"{row['runtime']:<{RUNTIME_WIDTH}}  "
     out(f"{image.version:<27} {st.label():<44} {ref.seconds_to_call:>6.2f} "
         f"{ref.seconds_in_alternatives:>5.2f} {ref.return_thunk_sym:<24} {changed:>7}  "
-        f"{row['textpoke']}{note}")
+        f"{rt}{row['textpoke']}{note}")
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, runtime=None) -> int:
+    """The tool; *runtime* as :func:`run_matrix` takes it (the run-time
+    column, given by a caller that can run the clients)."""
     import argparse
     import sys
     from ._vmlinux import KernelUnavailable, ensure_debian_kernel
@@ -518,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     setups = (Setup(a.cpu, a.cmdline, a.smp),) if a.cpu else SETUPS
     try:
         rows = run_matrix(kernels, setups, use_cache=not a.no_cache,
-                          compare=False if a.no_compare else None, no_data=a.no_data)
+                          compare=False if a.no_compare else None, no_data=a.no_data,
+                          runtime=runtime)
     except (ReferenceError, ImageError) as e:
         print(f"kernel_reference: {e}", file=sys.stderr)
         return 1

@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cmdline", default="", help="with --cpu: added kernel command line")
     p.add_argument("--no-cache", action="store_true", help="boot again even when cached")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--no-table", action="store_true",
+                   help="no per-step table (make test-kernel prints the run-time results "
+                        "beside the boot table: tools/kernel_reference.py)")
     a = p.parse_args(argv)
     try:
         kernel = ensure_debian_kernel(resolve_kernel(a.kernel))
@@ -70,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{m['kernel']['release']} {st.label()}: {len(m['steps'])} steps, "
               f"QEMU {m['seconds']['wall']:.1f} s wall / {m['seconds']['qemu_cpu']:.1f} s CPU "
               f"(this call {time.monotonic() - t:.1f} s) -> {ref.path / 'manifest.json'}")
-        print_steps(kernel.load(), ref)
+        if not a.no_table:
+            print_steps(kernel.load(), ref)
     return 0
 
 
