@@ -156,6 +156,52 @@ def test_glob(nonpie):
         assert s.symbolize(s.resolve("f00005") + 5) == "f00005+0x5"
 
 
+def test_module_part_may_be_a_glob(nonpie):
+    """``libc*:mall*``, ``*:f0001?``: the module part is a glob over the
+    modules' file names (and paths); a glob naming no module, or a symbol
+    found at two addresses in the modules a glob names, is refused."""
+    from textpoke.live._symbols import SymbolError, Symbols
+    with Symbols(nonpie.pid) as s:
+        libc = s.module("libc")
+        nm = _nm(libc.path, dynamic=True)
+        base = _first_mapping(nonpie.pid, libc.path)
+        got = s.functions("libc*:mall*")
+        assert got and {f.module.path for f in got} == {libc.path}
+        assert {f.name for f in got} == {n for n in nm if n.startswith("mall")}
+        assert s.resolve("libc*:malloc") == base + nm["malloc"]
+        assert s.resolve("*:malloc") == base + nm["malloc"]
+        # '*' is every module: the same as no module part
+        assert [f.addr for f in s.functions("*:f0001?")] == [f.addr for f in s.functions("f0001?")]
+        main = os.path.basename(s.main.path)
+        assert len(s.functions(main[:3] + "*:f0*")) == N
+        assert len(s.functions("*/" + main + ":f0*")) == N          # the path matches too
+        with pytest.raises(SymbolError, match="no module matching 'nothere\\*'"):
+            s.functions("nothere*:f0*")
+        with pytest.raises(SymbolError, match="no module matching"):
+            s.resolve("nothere*:malloc")
+        assert s.functions("libc*:no_such_fn*") == []
+
+
+def test_symbol_refusals_are_one_plain_line(nonpie):
+    """Every refusal of a name or a write: exit 2, one line, no class name,
+    no traceback -- also for a module glob."""
+    pid = str(nonpie.pid)
+    cases = [("sites", "--pid", pid, "--functions", "nothere*:f0*"),
+             ("count", "--pid", pid, "--functions", "nothere*:f0*", "--duration", "0.1"),
+             ("toggle", "--pid", pid, "--functions", "nothere*:f0*", "--to", "nop"),
+             ("poke", "--pid", pid, "nothere*:malloc", "90"),
+             ("poke", "--pid", pid, "no_such_function", "90"),
+             ("poke", "--pid", pid, "f00003+2", "90"),
+             ("poke", "--pid", pid, "f00003", "cc")]
+    for args in cases:
+        r = subprocess.run([sys.executable, "-m", "textpoke", "live", *args],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        err = r.stderr.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, (args, err)
+        assert "Error:" not in err and "Refused:" not in err, (args, err)
+
+
 def test_mcount_sites(nonpie):
     from textpoke.live._fentry import NOP5, fentry_sites
     from textpoke.live._symbols import Symbols

@@ -183,7 +183,9 @@ def _dispatch(args) -> int:
     except UsageError as e:
         return usage_error(f"{args.parser.prog}: error: {e} (see '{args.parser.prog} --help')")
     except TextPokeError as e:
-        return usage_error(f"textpoke {args.command}: {type(e).__name__}: {e}")
+        # a refusal of what the user typed says it all; other errors are named
+        kind = "" if getattr(e, "plain", False) else f"{type(e).__name__}: "
+        return usage_error(f"textpoke {args.command}: {kind}{e}")
 
 
 if __name__ == "__main__":

@@ -38,8 +38,9 @@ DESCRIPTION = (
     "Patch a running Linux x86-64 process from outside, through ptrace and\n"
     "/proc/PID/mem, with the same INT3 batch protocol as the kernel: its threads\n"
     "keep running.  ADDR is a number or a name: symbol, symbol+off (an\n"
-    "instruction boundary), lib:symbol.  Needs ptrace permission over the\n"
-    "process (same user and kernel.yama.ptrace_scope 0, or CAP_SYS_PTRACE / root).")
+    "instruction boundary), lib:symbol (lib may be a glob: libc*).  Needs ptrace\n"
+    "permission over the process (same user and kernel.yama.ptrace_scope 0, or\n"
+    "CAP_SYS_PTRACE / root).")
 
 PID = Bounds(1, 2**22)
 STRATEGIES = ("int3", "stop-machine")
@@ -133,7 +134,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                     "'textpoke live poke --pid P ADDR 0f1f440000'."))
     _common(s, False)
     s.add_argument("--functions", metavar="GLOB", default=None, action=_Once,
-                   help="only the sites of functions matching GLOB (lib:GLOB for one module)")
+                   help="only the sites of functions matching GLOB (LIB:GLOB for some modules: LIB a name or a glob, libc*)")
     s.add_argument("--check", action="store_true",
                    help="exit 1 if any site holds a stray INT3 (e.g. after a SIGKILL of the "
                         "patcher), 0 if none")
@@ -156,7 +157,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "reason, and nothing is written.")
     _common(t, True)
     t.add_argument("--functions", metavar="GLOB", required=True, action=_Once,
-                   help="functions to switch (lib:GLOB for one module)")
+                   help="functions to switch (LIB:GLOB for some modules: LIB a name or a glob, libc*)")
     t.add_argument("--to", type=_to, required=True, metavar="call:SYMBOL|jmp:SYMBOL|nop",
                    help="call:SYMBOL or jmp:SYMBOL (a number or name of executable code; at an "
                         "fentry site, and for jmp: at an entry, within ±2 GiB of it), or nop "
@@ -177,7 +178,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "Ctrl-C ends the window early.")
     _common(c, True)
     c.add_argument("--functions", metavar="GLOB", required=True, action=_Once,
-                   help="functions to count (lib:GLOB for one module)")
+                   help="functions to count (LIB:GLOB for some modules: LIB a name or a glob, libc*)")
     c.add_argument("--duration", type=_duration, default=1.0, metavar="S",
                    help=f"seconds to count, 0..{DURATION_MAX:g} (default 1)")
     c.add_argument("--top", type=int_in(Bounds(0, 10**9)), default=0, metavar="N",
@@ -238,7 +239,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                     "runtime freed, and the process runs on.")
     _common(tr, True)
     tr.add_argument("--functions", metavar="GLOB", required=True, action=_Once,
-                    help="functions to trace (lib:GLOB for one module)")
+                    help="functions to trace (LIB:GLOB for some modules: LIB a name or a glob, libc*)")
     tr.add_argument("--duration", type=_duration, default=None, metavar="S",
                     help=f"seconds to trace, 0..{DURATION_MAX:g} (default: until Ctrl-C)")
     tr.add_argument("--profile", action="store_true",

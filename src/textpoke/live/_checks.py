@@ -40,6 +40,8 @@ __all__ = ["WriteRefused", "check_poke", "check_branch_target", "decode_whole"]
 class WriteRefused(TextPokeError, ValueError):
     """A write that would break the target: nothing was written."""
 
+    plain = True        # the CLI prints the reason alone (see SymbolError)
+
 
 def decode_whole(code: bytes, addr: int) -> list:
     """Decode *code* at *addr* as whole instructions covering it exactly;

@@ -135,7 +135,7 @@ def fentry_sites(syms: Symbols, pattern: str | None = None, *,
     if pattern and ":" in pattern:
         lib, pattern = pattern.split(":", 1)
     if modules is None:
-        modules = [syms.module(lib)] if lib else list(syms.modules())
+        modules = syms.modules_named(lib)
     exact = pattern is not None and not any(c in pattern for c in "*?[")
     rx = re.compile(fnmatch.translate(pattern)) if pattern and not exact else None
     own = read is None
@@ -218,7 +218,7 @@ def module_report(syms: Symbols, sites: list[FentrySite], pattern: str | None = 
     *refused* (:func:`._entry.entry_sites`), the ordinary entries that can
     take a JMP and the refusals counted by reason."""
     lib = pattern.split(":", 1)[0] if pattern and ":" in pattern else None
-    mods = [syms.module(lib)] if lib else list(syms.modules())
+    mods = syms.modules_named(lib)
     by_mod: dict[str, list[FentrySite]] = {}
     for s in sites:
         by_mod.setdefault(s.module, []).append(s)

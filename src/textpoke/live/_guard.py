@@ -48,8 +48,9 @@ target (``signal(SIGTRAP, SIG_DFL)``, its own ``sigaction``) or by the
 kernel (an INT3 hit by a thread with SIGTRAP blocked resets it to
 SIG_DFL).  The patcher looks again before each phase of a batch
 (``_Survival._guard_verify``: before the INT3s of a later batch it reads
-the action with an injected ``rt_sigaction``; before the tails and the
-first bytes a look at /proc/PID/status's SigCgt, which costs no stop, says
+the action with an injected ``rt_sigaction``, at most every 0.25 s -- the
+read stops every thread; otherwise, and before the tails and the first
+bytes, a look at /proc/PID/status's SigCgt, which costs no stop, says
 whether SIGTRAP is caught at all) and installs the guard again, chaining
 to what the target asked for last and giving that back at removal.  What
 is left: a target that replaces the action *during* a phase, with the

@@ -8,6 +8,7 @@ left and no thread is inside it.  A mixin of LiveMachine."""
 from __future__ import annotations
 
 import os
+import time
 from typing import Sequence
 
 from . import _guard as G
@@ -16,6 +17,9 @@ from ._process import read_maps
 from ._tracer import _HELD
 
 _INT3 = 0xCC
+#: seconds between two reads of the SIGTRAP action before a batch (see
+#: _guard_verify; the cheap look at SigCgt is made before every phase)
+EXACT_EVERY = 0.25
 
 
 class _Survival:
@@ -34,8 +38,15 @@ class _Survival:
         if int3s:
             self._note_wanted_int3s()
             if self._guard is not None:
-                # a later batch: the action may have changed since the last one
-                self._guard_verify(exact=True)
+                # a later batch: the action may have changed since the last
+                # one (read, not only looked at, every EXACT_EVERY seconds:
+                # the read stops every thread, 2-10 ms, and a session may run
+                # a thousand small batches)
+                now = time.monotonic()
+                exact = now - self._guard_read_at >= EXACT_EVERY
+                if exact:
+                    self._guard_read_at = now
+                self._guard_verify(exact=exact)
             self._journal_int3s(int3s)
             return
         sites = j.data["sites"]
@@ -92,6 +103,7 @@ class _Survival:
             self._int3_wanted = self._int3_wanted | wanted
 
     _int3_wanted: frozenset | set = frozenset()
+    _guard_read_at = float("-inf")
     #: times the guard's SIGTRAP action was found replaced while INT3s of
     #: ours stood in the text, and put back
     guard_reinstalled = 0

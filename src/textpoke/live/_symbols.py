@@ -51,6 +51,10 @@ class SymbolError(TextPokeError, ValueError):
     """A name that does not resolve, or an offset that is not an
     instruction boundary of its function."""
 
+    #: the CLI prints the message alone (one line, exit 2): it says what
+    #: was refused and why, a class name adds nothing for the user
+    plain = True
+
 
 from ._process import Mapping, read_maps   # the one /proc/PID/maps parser
 
@@ -350,8 +354,46 @@ class Symbols:
         raise SymbolError(f"no module {name!r} in process {self.pid} (have: "
                           + ", ".join(os.path.basename(p) for p in self.paths) + ")")
 
+    def modules_named(self, lib: str | None) -> list[Module]:
+        """The modules *lib* names: every module (None, or ``*``), the one
+        :meth:`module` finds by name, or -- a glob (``libc*``, ``*python*``)
+        -- every module whose file name or path matches it (SymbolError if
+        none does)."""
+        if not lib or lib == "*":
+            return list(self.modules())
+        if not _is_glob(lib):
+            return [self.module(lib)]
+        try:
+            rx = re.compile(fnmatch.translate(lib))
+        except re.error as e:
+            raise SymbolError(f"bad module pattern {lib!r}: {e}") from None
+        out = []
+        for p in self.paths:
+            if rx.match(os.path.basename(p)) or rx.match(p):
+                try:
+                    out.append(self.module_by_path(p))
+                except SymbolError:
+                    continue
+        if not out:
+            raise SymbolError(f"no module matching {lib!r} in process {self.pid} (have: "
+                              + ", ".join(os.path.basename(p) for p in self.paths) + ")")
+        return out
+
     def lookup(self, name: str, lib: str | None = None) -> Symbol:
-        mods = [self.module(lib)] if lib else list(self.modules())
+        mods = self.modules_named(lib)
+        if lib and _is_glob(lib):
+            # a glob may name several modules: the symbol must be in one
+            found = {}
+            for mod in mods:
+                s = mod.lookup(name)
+                if s is not None:
+                    found.setdefault(s.addr, s)
+            if len(found) > 1:
+                raise SymbolError(f"{name!r} is in several modules matching {lib!r}: "
+                                  + ", ".join(f"{s.module.short} at {a:#x}"
+                                              for a, s in sorted(found.items())))
+            if found:
+                return next(iter(found.values()))
         for mod in mods:
             s = mod.lookup(name)
             if s is not None:
@@ -375,15 +417,19 @@ class Symbols:
         limits the search to a module), one per address, in address order."""
         if lib is None and ":" in pattern:
             lib, pattern = pattern.split(":", 1)
-        mods = [self.module(lib)] if lib else list(self.modules())
+        mods = self.modules_named(lib)
         out: dict[int, Symbol] = {}
-        exact = not any(c in pattern for c in "*?[")
+        exact = not _is_glob(pattern)
+        if not exact:
+            try:
+                rx = re.compile(fnmatch.translate(pattern))
+            except re.error as e:
+                raise SymbolError(f"bad pattern {pattern!r}: {e}") from None
         for mod in mods:
             if exact:
                 s = mod.lookup(pattern)
                 cands = [s] if s is not None and s.func else []
             else:
-                rx = re.compile(fnmatch.translate(pattern))
                 cands = [s for s in mod.symbols if s.func and rx.match(s.name)]
             for s in cands:
                 out.setdefault(s.addr, s)
@@ -415,6 +461,10 @@ class Symbols:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _is_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
 
 
 def check_boundary(s: Symbol, off: int) -> None:
