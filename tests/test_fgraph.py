@@ -137,7 +137,7 @@ def test_one_tracer_at_a_time(graphed):
 def test_a_return_through_a_frame_not_hooked_stops_graph_tracing():
     """The kernel's "Bad frame pointer": a return whose slot is not the
     hooked one stops graph tracing for good and leaves the INT3 unhandled."""
-    from textpoke._core._emulate import PtRegs
+    from textpoke import PtRegs
     with FtraceMachine(cpus=1, seed=0) as fm:
         g = FunctionGraph(fm.kernel)
         fm.ftrace.set_ftrace_filter("ft_hash")
@@ -225,7 +225,7 @@ def test_graph_on_the_real_image_writes_what_the_kernel_does():
 # ------------------------------------------- against the kernel at run time
 def _runtime_refs() -> list[Path]:
     root = Path(os.environ.get("TEXTPOKE_CACHE", Path.home() / ".cache/textpoke")) / "reference"
-    return sorted(root.glob("6.12.*-cloud-amd64/runtime-*/manifest.json"))
+    return sorted(root.glob("*/runtime-*/manifest.json"))
 
 
 @pytest.mark.skipif(not os.environ.get("TEXTPOKE_KERNEL_TESTS"),
