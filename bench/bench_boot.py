@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _stats                                                          # noqa: E402
 
 from textpoke import TextPoke                                          # noqa: E402
-from textpoke._alternative import alternative_instructions, apply_alternatives  # noqa: E402
+from textpoke import alternative_instructions, apply_alternatives  # noqa: E402
 from textpoke.images._elf import load_elf                              # noqa: E402
 from textpoke.images._kernel import alt_probes                         # noqa: E402
 from textpoke.sim._boot import boot_kernel_image                      # noqa: E402

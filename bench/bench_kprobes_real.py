@@ -97,7 +97,7 @@ def library(args) -> tuple[dict[str, Series], dict]:
     n = args.probes if not args.quick else min(args.probes, 200)
     ok = _boot(_image(args), n)
     try:
-        from textpoke._core._insn import JMP32_INSN_OPCODE, text_gen_insn
+        from textpoke import JMP32_INSN_OPCODE, text_gen_insn
         kp = ok.kernel.kprobes
         core = ok.kernel.core
         m = ok.machine
@@ -166,7 +166,7 @@ def library(args) -> tuple[dict[str, Series], dict]:
             restored()
             return 2 * n / dt
 
-        from textpoke._core._insn import x86_nops
+        from textpoke import x86_nops
         x86_nop5 = x86_nops[5]
         names = {"register + optimise": register_optimise,
                  "baseline: register only (INT3 probes)": register_only,

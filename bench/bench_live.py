@@ -74,7 +74,7 @@ __attribute__((no_instrument_function)) int main(void)
 
 
 def _switch_once(pid: int, addrs: list[int], target: int, strategy: str) -> float:
-    from textpoke._core._insn import CALL_INSN_OPCODE, text_gen_insn
+    from textpoke import CALL_INSN_OPCODE, text_gen_insn
     from textpoke.live._count import switch_sites
     from textpoke.live._fentry import NOP5
     from textpoke.live._machine import LiveMachine

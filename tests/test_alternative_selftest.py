@@ -9,8 +9,8 @@ import pytest
 
 from textpoke import TextPoke
 from textpoke._alternative import alt_reloc_selftest, alternative_instructions, int3_selftest
-from textpoke._core._emulate import int3_emulate_call
-from textpoke._core._machine import Capability, TrapPriority
+from textpoke.lowlevel import int3_emulate_call
+from textpoke import Capability, TrapPriority
 from textpoke.sim._boot import boot_kernel_image
 
 MODERN = ["xmm2", "popcnt", "erms"]

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 from textpoke import TextMutexError, TextPoke
-from textpoke._alternative import (SmpAlternatives, alternative_instructions,
-                                   alternatives_enable_smp, alternatives_smp_module_add,
-                                   alternatives_smp_module_del, alternatives_text_reserved)
+from textpoke import (SmpAlternatives, alternative_instructions, alternatives_enable_smp,
+                      alternatives_smp_module_add, alternatives_smp_module_del,
+                      alternatives_text_reserved)
 from textpoke.images._tables import SmpLock
 from textpoke.sim._boot import boot_kernel_image
 

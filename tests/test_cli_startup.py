@@ -72,7 +72,7 @@ def test_names_repeated_for_fast_parsing_agree():
     """verify's and boot's option values are repeated in the CLI so that
     parsing imports no machine; they must be the machine's own."""
     from textpoke._alternative import DA_ALL, DEFAULT_FEATURES
-    from textpoke._core import MUTATIONS
+    from textpoke.lowlevel import MUTATIONS
     from textpoke.cli import boot, verify
     from textpoke.images._kernel import KERNEL_IMAGE
     from textpoke.sim._verify import SCENARIOS, STRATEGIES

@@ -9,8 +9,8 @@ import pytest
 
 from textpoke import (CALL_INSN_OPCODE, Capability, MachineClosedError, NotSupportedError, TextPoke,
                       text_gen_insn)
-from textpoke._core._machine import drive
-from textpoke._ftrace import RingBuffer
+from textpoke.lowlevel import drive
+from textpoke import RingBuffer
 from textpoke.images import load_bundled
 from textpoke.images._kernel import KERNEL_IMAGE, kernel_regions
 from textpoke.kernel import KPROBES_EXECMEM, Kernel

@@ -444,7 +444,7 @@ def test_cli_exit_codes(capsys):
 
 
 def _decoded(hexbytes):
-    from textpoke._core._insn import insn_decode_kernel
+    from textpoke import insn_decode_kernel
     return insn_decode_kernel(bytes.fromhex(hexbytes) + b"\xcc" * 15, 0x1000000)
 
 

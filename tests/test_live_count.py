@@ -21,7 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
 from helpers import Target, expected_window, gen, ptrace_skip_reason  # noqa: E402
 
-from textpoke._core._insn import insn_decode_kernel
+from textpoke import insn_decode_kernel
 from textpoke.live._count import COUNTER_STRIDE, STUB_SIZE, stub_code
 from textpoke.live._inject import LOW_INTEGERS, Region, InjectError, pick_address
 from textpoke.live._symbols import Mapping

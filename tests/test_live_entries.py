@@ -484,7 +484,7 @@ class _FakeMachine:
 
 
 def test_tails_wait_for_quiescence_of_the_moved_bytes():
-    from textpoke._errors import MachineError
+    from textpoke import MachineError
     from textpoke.live._entry import EntrySite, quiescent_tails
     addr = 0x7000_0000_1000
     code = bytes.fromhex("f048ff0500010000c3")               # lock incq; ret: 8 moved

@@ -364,7 +364,7 @@ def test_pass_decoder_shortcuts_match_iced():
     what iced-x86 decodes, whatever bytes follow the instruction."""
     import random
     from textpoke._alternative._code import decode_buf as _decode_buf
-    from textpoke._core._insn import insn_decode_kernel
+    from textpoke import insn_decode_kernel
     rng = random.Random(17)
     samples = [bytes([op]) + (d & 0xFFFFFFFF).to_bytes(4, "little")
                for op in (0xE8, 0xE9)

@@ -212,10 +212,17 @@ def test_the_optprobe_template_is_the_images_own(booted):
     assert ok.machine.mem.read(lo, hi - lo) == optprobe_template()
 
 
+_PACKAGE_MODULES: dict = {}
+
+
 def _package_module(d: Path, tmp: Path, rel: str) -> bytes | None:
-    """A module of the image's own package (the cached -unsigned .deb)."""
+    """A module of the image's own package (the cached -unsigned .deb); the
+    package is unpacked once per session for every module the tests use."""
     import lzma
     import shutil
+    key = (str(d), rel)
+    if key in _PACKAGE_MODULES:
+        return _PACKAGE_MODULES[key]
     debs = sorted((d.parent / "debs").glob(f"linux-image-{d.name}-unsigned_*.deb"))
     if not debs or not shutil.which("dpkg-deb"):
         return None
@@ -223,11 +230,13 @@ def _package_module(d: Path, tmp: Path, rel: str) -> bytes | None:
                          check=True).stdout
     import io
     import tarfile
+    wanted = {"drivers/net/dummy", "block/kyber-iosched", "block/bfq", rel}
     with tarfile.open(fileobj=io.BytesIO(tar)) as t:
         for m in t:
-            if m.name.endswith(rel + ".ko.xz"):
-                return lzma.decompress(t.extractfile(m).read())
-    return None
+            for w in wanted:
+                if m.name.endswith(w + ".ko.xz"):
+                    _PACKAGE_MODULES[(str(d), w)] = lzma.decompress(t.extractfile(m).read())
+    return _PACKAGE_MODULES.setdefault(key, None)
 
 
 def test_a_module_of_the_images_package_is_linked_and_placed(booted, tmp_path):

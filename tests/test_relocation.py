@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_MODE_64, Uc, UcError
 from unicorn import x86_const as X
 
-from textpoke._alternative._reloc import add_nop, optimize_nops, text_poke_apply_relocation
-from textpoke._errors import BadInstructionError
-from textpoke._core._insn import (CALL_INSN_OPCODE, JMP8_INSN_OPCODE, JMP32_INSN_OPCODE,
-                            insn_decode_kernel, text_gen_insn, x86_nops)
+from textpoke import add_nop, optimize_nops, text_poke_apply_relocation
+from textpoke import BadInstructionError
+from textpoke import (CALL_INSN_OPCODE, JMP8_INSN_OPCODE, JMP32_INSN_OPCODE,
+                      insn_decode_kernel, text_gen_insn, x86_nops)
 
 _ENC = I.Encoder(64)
 

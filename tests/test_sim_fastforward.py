@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from textpoke._core._machine import drive
+from textpoke.lowlevel import drive
 from textpoke.sim import FINE, boot_workload
 from textpoke.sim._sched import CountingRandom, _Scheduler
 
@@ -91,7 +91,7 @@ def test_fast_forward_runs_the_same_schedule(poison, monkeypatch):
 
 
 def test_interrupt_in_a_burst_leaves_a_decision_boundary(monkeypatch):
-    from textpoke._core._signals import deliver_interrupt
+    from textpoke.lowlevel import deliver_interrupt
     import textpoke.sim._ucfast as U
 
     with boot_workload(ncpus=3, seed=9, policy=FINE) as w:
@@ -125,7 +125,7 @@ def test_interrupt_in_a_burst_leaves_a_decision_boundary(monkeypatch):
 
 
 def test_interrupt_while_drawing_a_burst_puts_it_all_back(monkeypatch):
-    from textpoke._core._signals import deliver_interrupt
+    from textpoke.lowlevel import deliver_interrupt
     import textpoke.sim._sched as S
 
     with boot_workload(ncpus=3, seed=4, policy=FINE) as w:

@@ -9,8 +9,8 @@ import weakref
 import pytest
 
 from textpoke import TextPoke
-from textpoke._core._machine import Capability
-from textpoke._errors import MachineClosedError, MachineError
+from textpoke import Capability
+from textpoke import MachineClosedError, MachineError
 from textpoke.sim import FINE, boot_workload
 
 

@@ -188,7 +188,7 @@ def test_call_depth_call_sites_go_through_the_functions_thunk():
     # just before it, written there by patch_dest when that still holds NOPs.
     # Tail sites and the trampoline still jump to the function.  A function
     # whose padding is not NOPs is called directly.
-    from textpoke._static_call._calls import StaticCalls
+    from textpoke import StaticCalls
     with ClientMachine(cpus=2, seed=3) as cm:
         calls = StaticCalls.from_image(cm.core, cm.image, cm.tables, call_depth=True)
         assert calls.thunks_initialized

@@ -94,7 +94,7 @@ def test_fast_forward_changes_no_schedule(monkeypatch):
     # Seeds not in the fixture, every scenario, strategy and mutation, and
     # other CPU counts and line sizes: one by one or fast-forwarded, the
     # same verdict, counters and timeline.
-    from textpoke._core import MUTATIONS
+    from textpoke.lowlevel import MUTATIONS
     from textpoke.sim import _schedule as V
 
     ways = [("int3", None), ("naive", None)] + [("int3", m) for m in MUTATIONS]
