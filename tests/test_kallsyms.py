@@ -320,7 +320,7 @@ def test_fetching_a_kernel_takes_only_its_image_package(debian, tmp_path, monkey
     """What make test fetches: the -unsigned image package (34 MB), never the
     -dbg one (318 MB) unless a System.map or vmlinux is asked for."""
     import textpoke.images._vmlinux as V
-    debs = sorted((V._cache_root() / "kernel" / "debs").glob(
+    debs = sorted((V.cache_root() / "kernel" / "debs").glob(
         f"linux-image-{debian.release}-unsigned_*_amd64.deb"))
     if not debs:
         pytest.skip("the image package is not in the cache")

@@ -27,6 +27,7 @@ section and program headers and, for a vmlinux with symbols, ``.symtab``
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from ._tables import Bounds, check_table
 
 __all__ = ["RealKernelImage", "TableView", "load_kernel", "load_system_map",
            "DebianKernel", "KernelUnavailable", "ensure_debian_kernel", "newest_cloud_release",
-           "START_KERNEL_MAP", "TABLES"]
+           "START_KERNEL_MAP", "TABLES", "cache_root"]
 
 #: the kernel's virtual base of the direct kernel-text mapping (x86-64)
 START_KERNEL_MAP = 0xffffffff80000000
@@ -413,8 +414,9 @@ class KernelUnavailable(RuntimeError):
     """The Debian kernel cannot be fetched here (the reason is the message)."""
 
 
-def _cache_root() -> Path:
-    import os
+def cache_root() -> Path:
+    """Where downloaded kernels, QEMU references and module files are kept:
+    ``$TEXTPOKE_CACHE``, else ``~/.cache/textpoke``."""
     env = os.environ.get("TEXTPOKE_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "textpoke"
 
@@ -463,7 +465,7 @@ def ensure_debian_kernel(release: str | None = None, *, with_system_map: bool = 
     import shutil
     import subprocess
     import tempfile
-    root = (cache or _cache_root()) / "kernel"
+    root = (cache or cache_root()) / "kernel"
     release = release or os.environ.get("TEXTPOKE_KERNEL_RELEASE")
     if release is None:
         # the newest release already cached, unless asked to look again
