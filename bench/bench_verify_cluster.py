@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                     wall, cpu = pool_run(n)
                 else:
                     wall, cpu, camp = dask_run(be, n)
-                    if n == 1:
+                    if n == ns[0]:      # a worker's cost per chunk, fewest workers
                         chunk_cpu += [c for c, _w in camp.chunk_costs]
                 sr[k].samples.append(total / wall)
                 sc[k].samples.append(total / cpu)
