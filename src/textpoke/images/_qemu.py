@@ -40,7 +40,7 @@ from pathlib import Path
 from ._elf import ImageError
 from ._lines import LINE_612
 from ._qemu_vm import BASE_CMDLINE, QEMU, ReferenceError, guest, qemu_version
-from ._vmlinux import RealKernelImage
+from ._vmlinux import RealKernelImage, cache_root
 
 __all__ = ["Reference", "ReferenceError", "reference", "find_alternatives_call",
            "cache_root", "QEMU", "HARNESS_VERSION", "CAPS_OFFSET", "NCAPS", "run_matrix",
@@ -53,11 +53,6 @@ HARNESS_VERSION = 2
 #: kernel line has its own (KernelLine.caps_offset: 40 in 6.1)
 CAPS_OFFSET = LINE_612.caps_offset
 NCAPS = LINE_612.ncaps
-
-
-def cache_root() -> Path:
-    env = os.environ.get("TEXTPOKE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "textpoke"
 
 
 @dataclass
