@@ -84,7 +84,8 @@ from ._alternative._apply import alt_instructions_pass
 from ._alternative._shadow import DebugLog, Shadow, Symbols, features_of
 from ._alternative._records import PassLog
 from ._alternative._kpasses import F_INDIRECT_THUNK_ITS, BootOptions
-from ._alternative._thunks import ItsThunks, retpolines, returns_pass, seal_endbr, shadow_pass
+from ._alternative._thunks import (ItsThunks, retpolines_pass, returns_pass, seal_endbr,
+                                   shadow_pass)
 from ._core._insn import CALL_INSN_OPCODE, text_gen_insn
 from ._core._machine import Capability
 from .images._elf import ET_REL, SHT_NOBITS, ElfFile, ImageError
@@ -415,13 +416,16 @@ class ModuleLoader:
         def retp_pass(shadow, sites, feats, sym, dbg):
             # its_init_mod: with X86_FEATURE_INDIRECT_THUNK_ITS the module's
             # ITS thunks go to pages of its own, the first one fresh
-            def run(tb, addrs, caps, log):
-                its = _ModuleIts(tb, lambda: self._its_page(mod)) \
-                    if caps.has(F_INDIRECT_THUNK_ITS) else ItsThunks(tb)
-                retpolines(tb, addrs, caps, BootOptions(), its, log)
-                for a, reg in its.allocated:
-                    mod.its_pages[a & ~0xFFF].append((a, reg))
-            return shadow_pass(run, shadow, [x.addr for x in sites], feats, sym, dbg)
+            made: list[ItsThunks] = []
+
+            def its(tb, caps):
+                made.append(_ModuleIts(tb, lambda: self._its_page(mod))
+                            if caps.has(F_INDIRECT_THUNK_ITS) else ItsThunks(tb))
+                return made[-1]
+            recs = retpolines_pass(shadow, sites, feats, sym, dbg, its=its)
+            for a, reg in (t for m in made for t in m.allocated):
+                mod.its_pages[a & ~0xFFF].append((a, reg))
+            return recs
 
         for label, fn, items in ((".retpoline_sites", retp_pass, retp),
                                  (".return_sites", ret_pass, rets),

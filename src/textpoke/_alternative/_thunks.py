@@ -319,11 +319,13 @@ def shadow_pass(run, shadow: Shadow, items: Sequence, feats: frozenset[int], sym
 
 
 def retpolines_pass(shadow: Shadow, sites: Sequence[RetpolineSite], feats: frozenset[int],
-                    sym: Symbols, dbg: DebugLog) -> list[SitePatch]:
-    """The ``.retpoline_sites`` pass on a machine's *shadow*."""
-    return shadow_pass(lambda tb, addrs, caps, log: retpolines(tb, addrs, caps, BootOptions(),
-                                                               ItsThunks(tb), log),
-                       shadow, [s.addr for s in sites], feats, sym, dbg)
+                    sym: Symbols, dbg: DebugLog, its=None) -> list[SitePatch]:
+    """The ``.retpoline_sites`` pass on a machine's *shadow*; *its*, given
+    the buffer and the CPU's caps, makes where ITS thunks come from (a
+    module's own pages; default: the image's static array)."""
+    return shadow_pass(lambda tb, addrs, caps, log: retpolines(
+        tb, addrs, caps, BootOptions(), ItsThunks(tb) if its is None else its(tb, caps), log),
+        shadow, [s.addr for s in sites], feats, sym, dbg)
 
 
 def returns_pass(shadow: Shadow, sites: Sequence[ReturnSite], feats: frozenset[int],
