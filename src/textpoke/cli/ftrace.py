@@ -283,16 +283,21 @@ def _run_graph(args: argparse.Namespace) -> int:
         d["enable"] = up.as_dict()
         try:
             fm.run(args.duration)
-        finally:
-            if g.active:
-                dn = g.stop()
-                d["disable"] = dn.as_dict()
-            # frames hooked before the stop still return through
-            # return_to_handler: wait for them, then leave the trap chain
-            # (a bounded wait: a function that never returns -- a CPU's
-            # loop -- stays hooked, and is reported)
-            fm.run_until(lambda: g.in_flight == 0 or g.dead, GRAPH_DRAIN_STEPS, read=False)
-            g.close()
+        except BaseException:
+            # interrupted: every site back to its NOP before the partial
+            # report (frames still hooked are data, not text: no INT3 left)
+            try:
+                g.stop()
+            except Exception:
+                pass
+            raise
+        dn = g.stop()
+        d["disable"] = dn.as_dict()
+        # frames hooked before the stop still return through return_to_handler:
+        # wait for them, then leave the trap chain (a bounded wait: a function
+        # that never returns -- a CPU's loop -- stays hooked, and is reported)
+        fm.run_until(lambda: g.in_flight == 0 or g.dead, GRAPH_DRAIN_STEPS, read=False)
+        g.close()
         ev = g.drain()
         entries = sum(e.kind == "entry" for e in ev)
         returns = len(ev) - entries
