@@ -291,3 +291,16 @@ def test_guard_put_back_after_the_target_reset_it_then_sigkill(exe, tmp_path):
         assert not journal_path(t.pid).exists()
         # what the target asked for last is its action again
         assert not _caught(t.pid) and t.alive()
+
+
+def test_an_int3_written_on_purpose_keeps_no_guard(exe):
+    """``poke --force ... cc`` on a hot function: the INT3 is the user's
+    once the batch is done -- no guard keeps the threads waiting at it and
+    no journal reads as a dead patcher's; the target dies of SIGTRAP as it
+    would without textpoke."""
+    from textpoke.live._journal import journal_path
+    with _Target(exe, "ask") as t:
+        r = tp("poke", "--pid", str(t.pid), "g005", "cc", "--force")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert t.proc.wait(timeout=60) == -signal.SIGTRAP
+        assert not journal_path(t.pid).exists()
