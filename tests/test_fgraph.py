@@ -303,3 +303,16 @@ def test_function_graph_equals_the_kernels_own_run_time_text(manifest, tmp_path)
     doc = json.loads(p.stdout)
     assert doc["differing_bytes"] == {".text": 0} and doc["int3_left"] == 0
     assert doc["tracer"] == "function_graph" and doc["functions"] == 3
+    # and off again (echo nop): --then-stop against the kernel's next stop
+    after.write_bytes(text("ftrace-graph-off"))
+    p = subprocess.run(p.args[:-1] + ["--then-stop", "--json"], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr + p.stdout[-2000:]
+    doc = json.loads(p.stdout)
+    assert doc["differing_bytes"] == {".text": 0} and doc["disable"]["disabled"] == 3
+
+
+def test_then_stop_is_refused_without_image():
+    p = subprocess.run([sys.executable, "-m", "textpoke", "ftrace", "--then-stop"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "give --image" in p.stderr

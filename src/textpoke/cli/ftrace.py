@@ -64,6 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "return addresses hooked through return_to_handler)")
     p.add_argument("--profile", action="store_true",
                    help="the function profiler: print hits per function instead of the trace")
+    p.add_argument("--then-stop", action="store_true",
+                   help="with --image: stop the tracer again after starting it (the step "
+                        "'echo nop > current_tracer'), so --dump/--reference see the text after "
+                        "both")
     p.add_argument("--selftest", action="store_true",
                    help="the kernel's function-tracer startup test on the running CPUs first")
     p.add_argument("--buffer-size", type=power_of_two(BUFFER), default=4096, metavar="ENTRIES",
@@ -112,6 +116,8 @@ def run_image(args: argparse.Namespace) -> int:
     the real image, offline (no CPU runs; nothing is traced)."""
     if args.selftest:
         raise UsageError("--selftest runs on the sim's CPUs: not with --image")
+    if args.then_stop and args.profile:
+        raise UsageError("--then-stop: the profiler has no stop step here")
 
     def step(ok, d: dict, lines: list[str]) -> bool:
         from .._ftrace._ops import FtraceFilterError
@@ -136,6 +142,14 @@ def run_image(args: argparse.Namespace) -> int:
             d["tracepoints"] = tracing_cmdline_record(ok.kernel, True)
         except ValueError as e:
             d["tracepoints_refused"] = str(e)
+        if args.then_stop:
+            # `echo nop > current_tracer`: the tracer's reset, then ftrace's
+            dn = ft.stop()
+            if "tracepoints" in d:
+                tracing_cmdline_record(ok.kernel, False)
+            d["disable"] = dn.as_dict()
+            lines.append(f"# stopped: {dn.disabled} sites back to NOP5 in {dn.batches} batches "
+                         f"({dn.syncs} syncs)")
         d.update(tracer=tracer, functions=sel, records=len(ft.records), enable=up.as_dict(),
                  trampolines={o: {"addr": hex(t.addr), "size": t.size}
                               for o, t in ft.trampolines.items()},
@@ -167,12 +181,18 @@ def _graph_image(args: argparse.Namespace, ok, d: dict, lines: list[str]) -> boo
              trampolines={o: {"addr": hex(t.addr), "size": t.size}
                           for o, t in ft.trampolines.items()},
              trampoline_errors=dict(ft.tramp_errors))
+    if args.then_stop:
+        dn = g.stop()
+        d["disable"] = dn.as_dict()
     where = ", ".join(f"{o}'s trampoline at {t.addr:#x}" for o, t in ft.trampolines.items())
     lines.append(f"# function_graph tracer on {sel} of {len(ft.records)} fentry sites: "
                  f"{up.enabled} enabled in {up.batches} batches ({up.syncs} syncs), "
                  f"{up.func_updates} ftrace_call updates; sites call "
                  f"{where or 'ftrace_caller (no --trampoline)'}; probes on "
                  f"{', '.join(dict.fromkeys(g.tracepoints)) or 'no tracepoint'}")
+    if args.then_stop:
+        lines.append(f"# stopped: {d['disable']['disabled']} sites back to NOP5, fgraph's "
+                     "static calls and probes off")
     return False
 
 
@@ -181,6 +201,9 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "image", None):
         return run_image(args)
     refuse_image_only(args, ("ftrace",))
+    if args.then_stop:
+        raise UsageError("--then-stop applies to a real kernel image: give --image too "
+                         "(on the sim the tracer always stops at the end)")
     if args.tracer == "function_graph":
         return _run_graph(args)
     from ..sim._ftrace_work import DEMO_FUNCTIONS, FtraceMachine, ftrace_selftest
