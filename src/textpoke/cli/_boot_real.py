@@ -144,20 +144,28 @@ def _find_config(image: str | None) -> str | None:
     return next((c for c in cands if os.path.isfile(c)), None)
 
 
+def config_from_args(args: argparse.Namespace) -> dict | None:
+    """The kernel's .config as ``--config`` names it, or as found beside
+    ``--image`` (None: neither); a file that cannot be read is a usage
+    error, as for every input."""
+    from .._alternative._kearly import read_config
+    path = getattr(args, "config", None) or _find_config(getattr(args, "image", None))
+    if not path:
+        return None
+    check_input(path, TEXT_MAX, "--config")
+    try:
+        return read_config(path)
+    except OSError as e:
+        raise UsageError(f"--config: cannot read {path}: {e.strerror}") from None
+
+
 def early_from_args(args: argparse.Namespace) -> EarlyBoot | None:
     """The early-boot model's inputs (None with --data or --no-early)."""
-    from .._alternative._kearly import EarlyBoot, read_config
+    from .._alternative._kearly import EarlyBoot
     from .._alternative._ktext import KernelBootError
     if getattr(args, "data", None) or getattr(args, "no_early", False):
         return None
-    cfg = None
-    path = getattr(args, "config", None) or _find_config(getattr(args, "image", None))
-    if path:
-        check_input(path, TEXT_MAX, "--config")
-        try:
-            cfg = read_config(path)
-        except OSError as e:
-            raise UsageError(f"--config: cannot read {path}: {e.strerror}") from None
+    cfg = config_from_args(args)
     try:
         mem = mem_size(args.mem) if getattr(args, "mem", None) else None
         dh = getattr(args, "dentry_hashtable", None)

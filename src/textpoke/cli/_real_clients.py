@@ -84,11 +84,10 @@ def refuse_image_only(args: argparse.Namespace, clients: tuple[str, ...]) -> Non
 
 def _boot(args: argparse.Namespace, clients: tuple[str, ...]) -> Any:
     """The image booted as ``boot --image`` boots it, on an offline machine."""
-    from .._alternative._kearly import read_config
     from .._alternative._ktext import KernelBootError
     from .._errors import TextPokeError
     from ..kernel._offline import ExecRegion, offline_kernel
-    from ._boot_real import (SPAN_MAX, TEXT_MAX, _find_config, boot_options, check_spans,
+    from ._boot_real import (SPAN_MAX, boot_options, check_spans, config_from_args,
                              early_from_args, load_image)
     from ._inputs import check_input, read_bounded
     if not hasattr(args, "cpu_features"):
@@ -111,14 +110,7 @@ def _boot(args: argparse.Namespace, clients: tuple[str, ...]) -> Any:
             data = read_bounded(args.data, SPAN_MAX, "--data")
         except OSError as e:
             raise UsageError(f"--data: cannot read {args.data}: {e.strerror}") from None
-    cfg = None
-    path = args.config or _find_config(args.image)
-    if path:
-        check_input(path, TEXT_MAX, "--config")
-        try:
-            cfg = read_config(path)
-        except OSError as e:
-            raise UsageError(f"--config: cannot read {path}: {e.strerror}") from None
+    cfg = config_from_args(args)
     regions = []
     for c in clients:
         dest, _opt, owner, pages, _h = REGIONS[c]
