@@ -142,14 +142,6 @@ def run_image(args: argparse.Namespace) -> int:
             d["tracepoints"] = tracing_cmdline_record(ok.kernel, True)
         except ValueError as e:
             d["tracepoints_refused"] = str(e)
-        if args.then_stop:
-            # `echo nop > current_tracer`: the tracer's reset, then ftrace's
-            dn = ft.stop()
-            if "tracepoints" in d:
-                tracing_cmdline_record(ok.kernel, False)
-            d["disable"] = dn.as_dict()
-            lines.append(f"# stopped: {dn.disabled} sites back to NOP5 in {dn.batches} batches "
-                         f"({dn.syncs} syncs)")
         d.update(tracer=tracer, functions=sel, records=len(ft.records), enable=up.as_dict(),
                  trampolines={o: {"addr": hex(t.addr), "size": t.size}
                               for o, t in ft.trampolines.items()},
@@ -159,6 +151,15 @@ def run_image(args: argparse.Namespace) -> int:
                      f"{up.enabled} enabled in {up.batches} batches ({up.syncs} syncs), "
                      f"{up.func_updates} ftrace_call updates; sites call "
                      f"{where or 'ftrace_caller (no --trampoline)'}")
+        if args.then_stop:
+            # `echo nop > current_tracer` (function_trace_reset): the sites, then
+            # the cmdline probes
+            dn = ft.stop()
+            if "tracepoints" in d:
+                tracing_cmdline_record(ok.kernel, False)
+            d["disable"] = dn.as_dict()
+            lines.append(f"# stopped: {dn.disabled} sites back to NOP5 in {dn.batches} batches "
+                         f"({dn.syncs} syncs)")
         return False
 
     return run_on_image(args, ("ftrace",), step)
