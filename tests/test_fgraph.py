@@ -316,3 +316,41 @@ def test_then_stop_is_refused_without_image():
     p = subprocess.run([sys.executable, "-m", "textpoke", "ftrace", "--then-stop"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "give --image" in p.stderr
+
+
+# ------------------------------------------------------------ the self-test
+def test_the_graph_selftest_passes_on_running_cpus():
+    from textpoke.selftests._fgraph import graph_selftest
+    with FtraceMachine(cpus=3, seed=5) as fm:
+        r = graph_selftest(fm)
+        assert r.passed, [c for c in r.cases if not c["passed"]]
+        assert len(r.cases) == 8 and r.entries == r.returns > 0
+        assert fm.kernel.core.int3_left() == 0 and fm.sites_now() == fm.sites_at_boot
+
+
+def test_the_graph_selftest_catches_calls_that_were_not_hooked(monkeypatch):
+    """Teeth: a host half that lets every ft_hash call through unhooked
+    (no entry, no return) fails the counting case, and only what it broke."""
+    from textpoke._ftrace import _graph
+    from textpoke.selftests._fgraph import graph_selftest
+    real = _graph.FunctionGraph._enter
+
+    def lossy(self, regs):
+        if self.ft.name(regs.gprs["rdi"]) == "ft_hash":
+            return True
+        return real(self, regs)
+    monkeypatch.setattr(_graph.FunctionGraph, "_enter", lossy)
+    with FtraceMachine(cpus=2, seed=1) as fm:
+        r = graph_selftest(fm)
+    failed = [c["name"] for c in r.cases if not c["passed"]]
+    assert not r.passed and failed == ["every call of every traced function hooked once"]
+
+
+def test_cli_graph_selftest():
+    p = subprocess.run([sys.executable, "-m", "textpoke", "ftrace", "--tracer", "function_graph",
+                        "--selftest", "--functions", "ft_*", "--cpus", "2", "--duration", "200",
+                        "--json"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert d["selftest"]["passed"] and len(d["selftest"]["cases"]) == 8
+    assert d["entries"] == d["returns"] > 0 and d["int3_left"] == 0

@@ -60,6 +60,7 @@ is our own.
 from __future__ import annotations
 
 import struct
+import weakref
 from dataclasses import dataclass, field
 
 from .._core._machine import Capability, TrapPriority
@@ -76,6 +77,8 @@ DIRECT_CALLS = (("fgraph_func", "trace_graph_entry", "ftrace_graph_entry_stub"),
                 ("fgraph_retfunc", "trace_graph_return", "ftrace_graph_ret_stub"))
 SCHED_PROBE = ("sched_switch", "ftrace_graph_probe_sched_switch")
 _M64 = (1 << 64) - 1
+#: machine -> its one trap handler and the FunctionGraph objects it serves
+_TRAPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class GraphError(RuntimeError):
@@ -182,7 +185,9 @@ class FunctionGraph:
     # ------------------------------------------------------------ the host halves
     def _hook_traps(self) -> None:
         """On an image whose graph callbacks are INT3 stubs (the sim's),
-        put the host halves on the machine's trap chain (once)."""
+        put the host halves on the machine's trap chain: one handler per
+        machine, serving every FunctionGraph made on it (an entry goes to
+        the one that is on, a return to the one whose frame it is)."""
         if self._trap is not None:
             return
         s = self.symbols
@@ -195,16 +200,27 @@ class FunctionGraph:
         self._entry_trap = s["ftrace_graph_func_trap"]
         self._ret_trap = s["return_to_handler_trap"]
         self._hooker = s["return_to_handler"]
-        self._trap = self.machine.register_trap_handler(
-            self._int3, priority=TrapPriority.KPROBES, name="function_graph")
+        t = _TRAPS.get(self.machine)
+        if t is None:
+            t = _TRAPS[self.machine] = {"graphs": [], "handle": None,
+                                        "entry": self._entry_trap, "ret": self._ret_trap}
+            t["handle"] = self.machine.register_trap_handler(
+                lambda regs, t=t: _dispatch(t, regs), priority=TrapPriority.KPROBES,
+                name="function_graph")
+        t["graphs"].append(self)
+        self._trap = t
 
     def close(self) -> None:
         """Take the host halves off the trap chain (every frame must have
         returned: a hooked frame left would return into an INT3 nobody
         handles)."""
-        if self._trap is not None and not any(self.stacks.values()):
-            self._trap.unregister()
+        t = self._trap
+        if t is not None and not any(self.stacks.values()):
+            t["graphs"].remove(self)
             self._trap = None
+            if not t["graphs"]:
+                t["handle"].unregister()
+                _TRAPS.pop(self.machine, None)
 
     @property
     def in_flight(self) -> int:
@@ -212,6 +228,7 @@ class FunctionGraph:
         return sum(len(v) for v in self.stacks.values())
 
     def _int3(self, regs):
+        """This object's halves alone (what the machine's handler calls)."""
         ip = regs.ip - 1
         if ip == self._entry_trap:
             return self._enter(regs)
@@ -273,6 +290,26 @@ class FunctionGraph:
     def drain(self) -> list[GraphEvent]:
         out, self.events = self.events, []
         return out
+
+
+def _dispatch(t: dict, regs):
+    """The machine's one handler: an entry to the tracer that is on (none:
+    nothing hooked, as after ``ftrace_graph_stop``), a return to the
+    object whose frame the slot is (none: the newest, which reports the
+    bad frame)."""
+    ip = regs.ip - 1
+    graphs = t["graphs"]
+    if ip == t["entry"]:
+        on = [g for g in graphs if g.active]
+        if not on:
+            return True             # a CPU still in the trampoline after a stop
+        return (yield from on[-1]._int3(regs))
+    if ip == t["ret"]:
+        slot = (regs.sp + 16) & _M64
+        mine = [g for g in graphs if (g.stacks.get(regs.cpu) or [None])[-1] is not None
+                and g.stacks[regs.cpu][-1].slot == slot]
+        return (yield from (mine or graphs)[-1]._int3(regs))
+    return False
 
 
 def format_graph(events, name, *, cpus: bool = True) -> list[str]:

@@ -297,9 +297,22 @@ def _run_graph(args: argparse.Namespace) -> int:
         ft = fm.ftrace
         ft.set_ftrace_filter(args.functions or None)
         ft.set_ftrace_notrace(args.notrace or None)
+        filt, notrace = list(ft.filter), list(ft.notrace)
         fm.set_work(DEMO_FUNCTIONS)
         fm.start()
         fm.wait_passes(1)
+        failed = False
+        if args.selftest:
+            from ..selftests._fgraph import graph_selftest
+            r = graph_selftest(fm)
+            d["selftest"] = {"passed": r.passed, "cases": r.cases, "bad": r.bad}
+            lines.append(f"# function_graph startup self-test on {args.cpus} running vCPUs: "
+                         f"{sum(c['passed'] for c in r.cases)}/{len(r.cases)} checks passed")
+            lines += [f"#   FAILED {c['name']}" for c in r.cases if not c["passed"]]
+            failed |= not r.passed
+            ft.set_ftrace_filter(filt or None)
+            ft.set_ftrace_notrace(notrace or None)
+            fm.resume()
         g = FunctionGraph(fm.kernel)
         d["tracer"] = "function_graph"
         d["functions"] = len(ft.selected())
@@ -342,7 +355,7 @@ def _run_graph(args: argparse.Namespace) -> int:
             lines.append(f"# GRAPH TRACING STOPPED: {g.why_dead}")
         for b in bad:
             lines.append(f"# WRONG RESULT: cpu{b['cpu']} {b['function']} ({b['count']} times)")
-        return bool(bad) or g.dead
+        return failed or bool(bad) or g.dead
 
     return on_clients(args, lambda: FtraceMachine(cpus=args.cpus, seed=args.seed,
                                                   ring_size=args.buffer_size), body,
