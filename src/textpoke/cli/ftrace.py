@@ -69,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "'echo nop > current_tracer'), so --dump/--reference see the text after "
                         "both")
     p.add_argument("--selftest", action="store_true",
-                   help="the kernel's function-tracer startup test on the running CPUs first")
+                   help="the kernel's startup test of the --tracer (function or "
+                        "function_graph) on the running CPUs first")
     p.add_argument("--buffer-size", type=power_of_two(BUFFER), default=4096, metavar="ENTRIES",
                    help=f"ring-buffer entries per CPU, a power of two from {BUFFER}, with "
                         f"ENTRIES x --cpus at most {BUFFER_TOTAL:,} (default 4096)")
