@@ -47,6 +47,8 @@ COMMANDS = {
     "module": ["module", "--json", "--cpus", "2"],
     "kprobe": ["kprobe", "--selftest", "--json", "--cpus", "2"],
     "ftrace": ["ftrace", "--selftest", "--json", "--cpus", "2", "--duration", "10000000"],
+    "ftrace-graph": ["ftrace", "--tracer", "function_graph", "--selftest", "--json", "--cpus",
+                     "2", "--duration", "10000000"],
 }
 
 
