@@ -6,8 +6,9 @@ observed under QEMU step by step.
 :class:`~textpoke.images._vmlinux.DebianKernel`) under ``qemu-system-x86_64``
 (TCG, ``nokaslr``) with a tiny initramfs: ``busybox-static`` and an init
 script that drives the kernel's own interfaces, one *step* at a time
-(:data:`~._qemu_runtime_steps.STEPS`, with the init script made there): tracefs (``set_ftrace_filter`` with a small glob, the
-``function`` tracer on and off, ``function_graph`` on and off),
+(:data:`~._qemu_runtime_steps.STEPS`, with the init script made there):
+tracefs (``set_ftrace_filter`` with a small glob, the ``function`` tracer
+on and off, ``function_graph`` on and off),
 ``kprobe_events`` (a kprobe past a function's fentry site, waited for until
 ``/sys/kernel/debug/kprobes/list`` says ``[OPTIMIZED]``; a kretprobe on a
 function's entry, which ``KPROBES_ON_FTRACE`` puts on the fentry site),
