@@ -185,8 +185,9 @@ def test_switching_while_four_threads_run_through_the_entries(target):
     text = _text(t.pid)
     maps0 = _anon_exec(t.pid)
     assert t.ask("busy") == ["busy"]
-    for strategy in ("int3", "stop-machine"):
-        for to in ("call:e_inner", "jmp:e_inner", "call:e_spare", "nop"):
+    for strategy, tos in (("int3", ("call:e_inner", "call:e_spare", "jmp:e_inner", "nop")),
+                          ("stop-machine", ("call:e_inner", "nop"))):
+        for to in tos:
             doc = json.loads(_toggle(t.pid, "e_[rej]*[pcr]", to, "--strategy", strategy,
                                      "--json").stdout)
             assert doc["now_as_asked"] == doc["sites"] == 4 and doc["int3_left"] == 0, doc
@@ -286,7 +287,7 @@ def test_a_killed_toggle_is_recovered(target, tmp_path):
             else:                               # killed just after it was done
                 _toggle(t.pid, "e_[rej]*[pcr]", "nop")
                 assert _text(t.pid) == text and _anon_exec(t.pid) == maps0
-            if caught >= 2:
+            if caught:
                 break
         else:
             # finished before the kill: a toggle that is done is the state asked

@@ -125,7 +125,11 @@ def _apply(args, syms, fsites, esites, writes, quiet, entries, timings) -> int:
         try:
             try:
                 if entries is not None:
-                    entries.map_slots(m, syms)
+                    from .._relocate import RelocError
+                    try:
+                        entries.map_slots(m, syms)
+                    except RelocError as e:     # a slot that cannot be written: nothing was
+                        raise UsageError(f"cannot build the trampoline: {e}") from None
                     entries.journal_old(m)
                     writes = writes + entries.writes
                     want.update(entries.writes)
