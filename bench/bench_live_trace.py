@@ -14,7 +14,9 @@ time (CLOCK_MONOTONIC, ns).  Per run, on one target:
   variant (each is paired with the plain loop just before it);
 * **trace**: ``LiveTrace`` armed in the library (the ftrace client's
   function tracer, per-thread rings in the target), the host draining the
-  ring while the loop runs, N = 10,000,000;
+  ring while the loop runs, N = 10,000,000; the rings' clock the TSC;
+* **trace_counter**: the same with the bundled runtime's counter clock
+  (a ``lock xadd`` on one shared word), N = 10,000,000;
 * **count**: ``live count``'s stubs armed (``Arming``), N = 10,000,000;
 * **bpftrace**: ``uprobe:EXE:probed { @n = count(); }``, N = 20,000
   (--quick: 5,000): a trap into the kernel per hit.
@@ -120,10 +122,11 @@ class Target:
         self.p.wait(timeout=30)
 
 
-def traced(t: Target, n: int) -> tuple[float, int]:
-    """(loop ns, callbacks run) with the function tracer on ``probed``."""
+def traced(t: Target, n: int, clock: str | None = None) -> tuple[float, int]:
+    """(loop ns, callbacks run) with the function tracer on ``probed``
+    (*clock*: the rings' trace clock, None: live trace's own choice)."""
     from textpoke.live._trace import LiveTrace
-    lt = LiveTrace(t.pid, "t:probed", ring=4096)
+    lt = LiveTrace(t.pid, "t:probed", ring=4096, clock=clock)
     try:
         lt.arm()
         t.start(n)
@@ -183,7 +186,8 @@ def run(args: argparse.Namespace) -> dict:
     n_bt = 5_000 if args.quick else 20_000
     use_bt = not args.no_bpftrace and shutil.which("bpftrace") is not None and os.geteuid() == 0
     have_py = os.path.exists("/usr/bin/python3")
-    keys = [("plain", "ns/call"), ("trace", "ns/call"), ("count", "ns/call"),
+    keys = [("plain", "ns/call"), ("trace", "ns/call"), ("trace_counter", "ns/call"),
+            ("count", "ns/call"),
             ("bpftrace", "ns/hit"), ("cli_python3", "s")]
     s = {k: _stats.Series(k, u) for k, u in keys}
     with tempfile.TemporaryDirectory(prefix="bench-live-trace-") as d:
@@ -200,6 +204,8 @@ def run(args: argparse.Namespace) -> dict:
                     plain = t.loop(N) / N
                     vals = {"plain": plain}
                     vals["trace"] = traced(t, N)[0] / N - plain
+                    plain1 = t.loop(N) / N
+                    vals["trace_counter"] = traced(t, N, "counter")[0] / N - plain1
                     plain2 = t.loop(N) / N
                     vals["count"] = counted(t, N) / N - plain2
                     if use_bt:
@@ -227,6 +233,8 @@ def report(res: dict) -> str:
     rows = [["a call, untouched (ns)", _stats.fmt_range(s["plain"], 2)],
             [f"live trace: a traced call, +ns (N={res['n']['loop']:,})",
              _stats.fmt_range(s["trace"], 1)],
+            [f"live trace, the counter clock: a traced call, +ns (N={res['n']['loop']:,})",
+             _stats.fmt_range(s["trace_counter"], 1)],
             [f"live count: a counted call, +ns (N={res['n']['loop']:,})",
              _stats.fmt_range(s["count"], 1)]]
     if "bpftrace" in s:

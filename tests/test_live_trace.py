@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,11 @@ _skip = ptrace_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
 
 NT, K = 4, 1000
+#: the rings' clock here (the TSC where it is invariant)
+from textpoke.live._trace import tsc_variant_reason  # noqa: E402
+_CLOCK = "counter" if tsc_variant_reason() else "tsc"
+#: trace_pipe's timestamp: %5lu.%06lu seconds (or the counter's integer)
+_STAMP = re.compile(r"^ *\d+\.\d{6}$" if _CLOCK == "tsc" else r"^ *\d+$")
 #: leaf and mid (not main)
 LM = "[lm][ei][ad]*"
 
@@ -173,9 +179,19 @@ def test_exact_counts_and_parents(exes, form):
     assert doc["hits"] == doc["events_read"] == 3 * K * NT
     assert {e["parent"] for e in ev if e["function"] == "leaf"} == {"mid"}
     assert {e["parent"] for e in ev if e["function"] == "mid"} == {"top"}
-    # one ring per worker thread, timestamps (the counter clock) all distinct
+    # one ring per worker thread; its timestamps (the TSC, and the seconds
+    # made of it) never go back, and the seconds keep the TSC's order
     assert len({e["tid"] for e in ev}) == NT and len({e["ring"] for e in ev}) == NT
-    assert len({e["timestamp"] for e in ev}) == len(ev)
+    assert doc["trace_clock"] == _CLOCK
+    for ring in {e["ring"] for e in ev}:
+        mine = [e for e in ev if e["ring"] == ring]
+        assert [e["timestamp"] for e in mine] == sorted(e["timestamp"] for e in mine)
+        if _CLOCK == "tsc":
+            assert [e["ts"] for e in mine] == sorted(e["ts"] for e in mine)
+    if _CLOCK == "tsc":
+        by_raw = sorted(ev, key=lambda e: e["timestamp"])
+        assert [e["ts"] for e in by_raw] == sorted(e["ts"] for e in ev)
+        assert doc["tsc_hz"] > 0
     assert ("(2 fentry site(s), 0 entries" if form == "fentry" else
             "(0 fentry site(s), 2 entries") in err
 
@@ -221,6 +237,7 @@ def test_text_lines_and_refusals(exes):
         # trace_pipe's layout: comm-tid [ring] flags timestamp: func <-parent
         head, _, tail = lines[0].partition(": ")
         assert tail == "mid <-top" and head.split()[-2] == "....."
+        assert _STAMP.match(head.split()[-1]), lines[0]
         assert "-" in head.split()[0] and head.split()[1].startswith("[")
         # refusals: one line, exit 2, nothing attached
         r = tp("trace", "--pid", str(t.pid), "--functions", "no_such_function_*")
@@ -332,6 +349,93 @@ int main(void)
 
 
 
+
+
+SLEEP_C = r"""
+#include <stdio.h>
+#include <time.h>
+volatile long sink;
+__attribute__((noinline)) long f(long a) { sink += a; return a; }
+__attribute__((noinline)) long g(long a) { sink -= a; return a; }
+static void now(struct timespec *t) { clock_gettime(CLOCK_MONOTONIC, t); }
+int main(void)
+{
+	char buf[16];
+	struct timespec nap = {0, 200000000}, a, b;
+	printf("ready\n"); fflush(stdout);
+	while (fgets(buf, sizeof buf, stdin)) {
+		now(&a);
+		f(1);
+		nanosleep(&nap, NULL);
+		g(2);
+		now(&b);
+		printf("%ld %ld\n", (long)a.tv_sec * 1000000000L + a.tv_nsec,
+		       (long)b.tv_sec * 1000000000L + b.tv_nsec);
+		fflush(stdout);
+	}
+}
+"""
+
+
+@pytest.mark.skipif(_CLOCK != "tsc", reason="the TSC is not invariant here: counter clock")
+def test_timestamps_are_the_process_clock(tmp_path):
+    """f, a 200 ms nanosleep, g: the events' seconds are the process's own
+    CLOCK_MONOTONIC (it reads it before f and after g), g - f >= 0.2 s."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc")
+    (tmp_path / "s.c").write_text(SLEEP_C)
+    subprocess.run(["gcc", "-O1", "-o", str(tmp_path / "s"), str(tmp_path / "s.c")], check=True)
+    t = _Target([str(tmp_path / "s")])
+    try:
+        tr = _tracer(t.pid, "--functions", "s:[fg]", "--json")
+        _armed(tr)
+        a, b = (int(x) / 1e9 for x in t.go().split())
+        tr.send_signal(signal.SIGINT)
+        out, err = tr.communicate(timeout=60)
+        assert tr.returncode == 130, err
+        doc = json.loads(out)
+        assert doc["trace_clock"] == "tsc" and doc["int3_left"] == 0 and doc["restored"]
+        ev = {e["function"]: e for e in doc["events"]}
+        assert len(doc["events"]) == 2 and set(ev) == {"f", "g"}
+        f, g = ev["f"]["ts"], ev["g"]["ts"]
+        assert 0.2 <= g - f < 60
+        # between the process's own readings (the host's (TSC, clock) pairs
+        # are exact to a fraction of a microsecond; 10 ms of slack for NTP's
+        # slew over a long stretch between two pairs)
+        assert a - 0.01 <= f and g <= b + 0.01, (a, f, g, b)
+        assert ev["g"]["timestamp"] - ev["f"]["timestamp"] >= 0.2 * doc["tsc_hz"] * 0.99
+    finally:
+        t.close()
+
+
+def test_tsc_clock_in_the_runtime_copy(tmp_path):
+    """The copy's clock sites call a stub that loads the TSC into the
+    register the counter's xadd loaded; the counter copy is the image's."""
+    import iced_x86 as I
+    from textpoke.live._trace import tsc_variant_reason
+    from textpoke.live._trace_runtime import build_runtime
+    base, data = 0x7f0000000000, 0x7f0000100000
+    cnt = build_runtime(base, data, 4)
+    tsc = build_runtime(base, data, 4, clock="tsc")
+    stubs = {int(k.rsplit("_", 1)[1]): v for k, v in tsc.symbols.items()
+             if k.startswith("trace_clock_tsc_")}
+    assert stubs and not any(k.startswith("trace_clock_tsc_") for k in cnt.symbols)
+    regs = set()
+    for ins in I.Decoder(64, cnt.code, ip=base):
+        if ins.has_lock_prefix and ins.code == I.Code.XADD_RM64_R64:
+            assert ins.ip_rel_memory_address == cnt.symbols["trace_clock_counter"]
+            reg = ins.op1_register - I.Register.RAX
+            new = next(iter(I.Decoder(64, tsc.code[ins.ip - base:], ip=ins.ip)))
+            assert new.mnemonic == I.Mnemonic.CALL and new.near_branch_target == stubs[reg]
+            body = [str(x) for x in I.Decoder(64, tsc.code[stubs[reg] - base:][:24],
+                                                ip=stubs[reg])]
+            assert "rdtsc" in body and body[body.index("ret") - 1].startswith("pop")
+            regs.add(reg)
+    assert len(regs) >= 2 and regs == set(stubs)      # function_trace_call, the list func
+    (tmp_path / "ci").write_text("processor: 0\nflags\t\t: fpu tsc constant_tsc\n")
+    assert tsc_variant_reason(str(tmp_path / "ci")) == f"no nonstop_tsc in {tmp_path / 'ci'}"
+    (tmp_path / "ci").write_text("flags\t\t: tsc constant_tsc nonstop_tsc\n")
+    assert tsc_variant_reason(str(tmp_path / "ci")) is None
 
 
 def test_ftrace_selftest_on_a_live_process():

@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
                 if len(events) < TRACE_JSON_EVENTS:
                     events.append({"comm": lt._comm.get(e.pid, "<...>"), "tid": e.pid,
                                    "ring": lt.ring.slot.get(e.cpu, 0) if lt.ring else 0,
-                                   "timestamp": e.ts, "function": lt.func_name(e.ip),
+                                   "ts": lt.seconds(e), "timestamp": e.ts,
+                                   "function": lt.func_name(e.ip),
                                    "parent": lt.parent_name(e.parent_ip)})
             else:
                 out.print_plain(lt.line(e))
@@ -53,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
               f"{len(lt.sites)} function(s) of process {args.pid} ({len(lt.sites) - n_ent} fentry "
               f"site(s), {n_ent} entr{'y' if n_ent == 1 else 'ies'}; {n_pad} through a pad; "
               f"{len(lt.skipped)} refused); "
-              + (f"for {args.duration:g} s" if args.duration is not None else "Ctrl-C ends"),
+              + (f"for {args.duration:g} s" if args.duration is not None else "Ctrl-C ends")
+              + (f"; timestamps: the event counter ({lt.clock_note})"
+                 if lt.clock_note and not args.profile else ""),
               file=sys.stderr, flush=True)
         end = None if args.duration is None else time.monotonic() + args.duration
         while True:
@@ -94,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
            "skipped": len(lt.skipped),
            "events_read": nev, "overruns": counts["overruns"], "dropped": counts["dropped"],
            "hits": counts["hits"], "buffer_size": args.buffer_size,
+           "trace_clock": lt.clock,
+           "tsc_hz": round(lt.time.hz()) if lt.time is not None else None,
            "threads": lt.stats.threads_seen,
            "threads_without_ring": lt.stats.threads_without_ring,
            "seconds": round(time.monotonic() - t0, 3), "strategy": args.strategy,

@@ -43,6 +43,21 @@ small return hook of ours (:data:`PROFILE_CODE`): the kernel's profiler gets
 its times from fgraph's return hook, this one keeps a per-thread return
 stack and the TSC at entry and return.
 
+The trace clock: the runtime's rings are stamped with the TSC (the bundled
+runtime's ``counter`` clock replaced by ``rdtsc`` in the copy, see
+:mod:`._trace_runtime`), which orders events across threads where the TSC
+is invariant (``constant_tsc`` and ``nonstop_tsc`` in ``/proc/cpuinfo``;
+elsewhere the counter clock is kept, and said).  :class:`TscTime` turns a
+reading into the target's ``CLOCK_MONOTONIC``: the host samples
+(TSC, ``CLOCK_MONOTONIC``) pairs -- one before the tracer starts, one after
+each read of the rings -- and an event is placed by linear interpolation
+between the two pairs around it, so each timestamp is as exact as a pair
+(a fraction of a microsecond) however long the session, and the mapping is
+monotonic.  The kernel's ``tsc_khz`` is not readable from user space (and
+``cpu MHz`` in ``/proc/cpuinfo`` is the core's current frequency, not the
+TSC's), hence the measurement; ``/proc/PID/timens_offsets`` is added so the
+times are the process's own ``CLOCK_MONOTONIC`` in a time namespace too.
+
 So the kernel's two-level design holds: sites are switched once by the
 client's batch (the INT3 protocol, or stop-machine), and the tracer runs in
 the traced program at the cost of a CALL and a ring write.  The README
@@ -126,11 +141,21 @@ class LiveTrace:
     ``take`` while the window is open, then ``close()``."""
 
     def __init__(self, pid: int, pattern: str, *, ring: int = DEFAULT_RING,
-                 profile: bool = False, strategy: str = "int3") -> None:
+                 profile: bool = False, strategy: str = "int3",
+                 clock: str | None = None) -> None:
         if ring < 2 or ring & (ring - 1):
             raise TraceError(f"--buffer-size must be a power of two >= 2, not {ring}")
         self.pid, self.pattern, self.ring_size = pid, pattern, ring
         self.profile, self.strategy = profile, strategy
+        #: the rings' clock: "tsc" where it is invariant, else "counter"
+        #: (clock_note says why)
+        self.clock_note = tsc_variant_reason() if clock in (None, "tsc") else None
+        self.clock = clock or ("counter" if self.clock_note else "tsc")
+        if self.clock not in ("tsc", "counter"):
+            raise TraceError(f"trace clock {clock!r}: tsc or counter")
+        if self.clock == "counter" and clock == "tsc":
+            raise TraceError(f"the TSC cannot be the trace clock here: {self.clock_note}")
+        self.time: TscTime | None = None
         self.syms = Symbols(pid)
         self.machine = self.core = self.kernel = self.ft = self.ring = None
         self.region = None
@@ -224,7 +249,10 @@ class LiveTrace:
                 for tid in tids:
                     m.set_percpu_base(tid, 0)
             nrec = min(MAX_RINGS, max(16, 2 * len(m.threads) + 8))
-            rt_code, rt_data = runtime_layout(nrec)
+            if self.clock == "tsc":
+                # the first pair, before any event can be stamped
+                self.time = TscTime(self.pid)
+            rt_code, rt_data = runtime_layout(nrec, self.clock)
             pads = [s for s in self.sites if s.kind != "nop5"]
             prof_code = -(-len(PROFILE_CODE) // 64) * 64 if self.profile else 0
             code_size = rt_code + prof_code + PAD_SIZE * len(pads) + _TRAMP_SHARE
@@ -233,7 +261,7 @@ class LiveTrace:
             # the profiler's return stacks and cycle tables, one per ring
             pstride = (SHADOW_N * 32 + -(-8 * nprof // 64) * 64) if self.profile else 0
             self.region = r = self._map(m, code_size, rt_data + ring_bytes + pstride * nrec)
-            rt = build_runtime(r.base, r.data, nrec)
+            rt = build_runtime(r.base, r.data, nrec, clock=self.clock)
             code = bytearray(rt.code.ljust(rt_code, b"\xcc"))
             if self.profile:
                 # the image's profile callback: function_profile_call (the
@@ -455,6 +483,9 @@ class LiveTrace:
         timestamp order (trace_pipe: consumed)."""
         import heapq
         out = self.ring.drain() if self.ring is not None else []
+        if self.time is not None:
+            # after the read: every event read lies before this pair
+            self.time.sample()
         if self._removed:
             per = [e for e, _c in self._removed] + [out]
             for _e, c in self._removed:
@@ -528,14 +559,32 @@ class LiveTrace:
                 self._parents[ip] = n
         return n
 
+    def ns(self, e) -> int | None:
+        """Event *e*'s time: the target's ``CLOCK_MONOTONIC`` in ns (None
+        on the counter clock)."""
+        return self.time.ns(e.ts) if self.time is not None else None
+
+    def seconds(self, e) -> float | None:
+        ns = self.ns(e)
+        return None if ns is None else ns / 1e9
+
+    def stamp(self, e) -> str:
+        """The timestamp as trace_pipe prints it: ``%5lu.%06lu`` seconds
+        (truncated to the microsecond), or the counter's integer."""
+        ns = self.ns(e)
+        if ns is None:
+            return f"{e.ts:>12}"
+        return f"{ns // 1_000_000_000:5d}.{ns // 1000 % 1_000_000:06d}"
+
     def line(self, e) -> str:
         """trace_pipe's function-tracer line.  ``[NNN]`` is the thread's
         ring (the per-thread ring stands for the per-CPU one); the
-        timestamp is the runtime's ``counter`` trace clock."""
+        timestamp is seconds of the target's ``CLOCK_MONOTONIC`` (the
+        counter's integer where the TSC is not the clock)."""
         comm = self._comm.get(e.pid) or self._thread_comm(e.pid)
         slot = self.ring.slot.get(e.cpu, 0) if self.ring is not None else 0
-        return (f"{comm:>16}-{e.pid:<7} [{slot:03d}] ..... {e.ts:>12}: {self.func_name(e.ip)} "
-                f"<-{self.parent_name(e.parent_ip)}")
+        return (f"{comm:>16}-{e.pid:<7} [{slot:03d}] ..... {self.stamp(e)}: "
+                f"{self.func_name(e.ip)} <-{self.parent_name(e.parent_ip)}")
 
     # ------------------------------------------------------------ the end
     def close(self) -> dict:
@@ -814,6 +863,85 @@ def host_tsc() -> Callable[[], int]:
     return fn
 
 
+def tsc_variant_reason(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """None when the TSC is one clock for every thread (invariant: it runs
+    at a constant rate, in every C-state, synchronised across CPUs --
+    ``constant_tsc`` and ``nonstop_tsc`` on every CPU), else why not."""
+    try:
+        with open(cpuinfo) as f:
+            flags = [set(line.split(":", 1)[1].split()) for line in f
+                     if line.startswith("flags")]
+    except OSError as e:
+        return f"{cpuinfo}: {e.strerror}"
+    if not flags:
+        return f"no CPU flags in {cpuinfo}"
+    missing = sorted({w for fl in flags for w in ("tsc", "constant_tsc", "nonstop_tsc")
+                      if w not in fl})
+    return f"no {', '.join(missing)} in {cpuinfo}" if missing else None
+
+
+def _timens_monotonic(pid: int | str) -> int:
+    """The monotonic offset (ns) of *pid*'s time namespace (0 if none)."""
+    try:
+        with open(f"/proc/{pid}/timens_offsets") as f:
+            for line in f:
+                w = line.split()
+                if w and w[0] in ("monotonic", "1"):
+                    return int(w[1]) * 1_000_000_000 + int(w[2])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class TscTime:
+    """TSC readings of the target's threads -> the target's
+    ``CLOCK_MONOTONIC`` (ns): (TSC, CLOCK_MONOTONIC) pairs sampled on the
+    host (:meth:`sample`; the TSC is the same on every CPU where it is
+    invariant), a reading placed by linear interpolation between the pairs
+    around it (past the last, the last two pairs' rate goes on)."""
+
+    def __init__(self, pid: int) -> None:
+        self._rdtsc = host_tsc()
+        self.offset = _timens_monotonic(pid) - _timens_monotonic("self")
+        self.c: list[int] = []
+        self.t: list[int] = []
+        self.sample()
+
+    def sample(self) -> None:
+        """One more pair: CLOCK_MONOTONIC between two RDTSCs, the tightest
+        of a few tries, its TSC the middle of the two."""
+        rd, now = self._rdtsc, time.clock_gettime_ns
+        best = None
+        for _ in range(5):
+            a = rd()
+            t = now(time.CLOCK_MONOTONIC)
+            b = rd()
+            if b >= a and (best is None or b - a < best[0]):
+                best = (b - a, (a + b) // 2, t)
+        if best is None:
+            return
+        _w, c, t = best
+        if not self.c or (c > self.c[-1] and t > self.t[-1]):
+            self.c.append(c)
+            self.t.append(t + self.offset)
+
+    def ns(self, c: int) -> int:
+        import bisect
+        cs, ts = self.c, self.t
+        if len(cs) < 2:
+            self.sample()
+            if len(cs) < 2:
+                return ts[0]
+        j = min(max(bisect.bisect_right(cs, c) - 1, 0), len(cs) - 2)
+        return ts[j] + (c - cs[j]) * (ts[j + 1] - ts[j]) // (cs[j + 1] - cs[j])
+
+    def hz(self) -> float:
+        """The TSC's rate over the session (cycles per second)."""
+        if len(self.c) < 2:
+            return 0.0
+        return (self.c[-1] - self.c[0]) * 1e9 / (self.t[-1] - self.t[0])
+
+
 class _EntryView:
     """What :func:`quiescent_tails` reads of an entry site."""
 
@@ -832,4 +960,5 @@ def alive(pid: int) -> bool:
         return False
 
 
-__all__ += ["alive", "TraceStats", "free_region", "threads_in_region"]
+__all__ += ["alive", "TraceStats", "free_region", "threads_in_region", "TscTime",
+            "tsc_variant_reason"]

@@ -19,6 +19,19 @@ data memory, and every relocation that lands in a copied piece is applied
 again for the new addresses (``R_X86_64_PC32``/``PLT32``: S + A - P).
 A ``jmp __x86_return_thunk`` becomes ``ret; int3 x4``, what the boot's
 ``apply_returns`` writes on a CPU without the return-thunk mitigation.
+
+The trace clock: the image's rings are stamped by the ``counter`` clock (a
+``lock xadd`` on ``trace_clock_counter``, inlined where an event is
+written), which orders events but says nothing of time.  With
+``clock="tsc"`` each of those instructions is replaced, in the copy, by a
+CALL to a small hand-assembled stub of ours after the pieces that puts the
+TSC (``rdtsc``) in the register the ``xadd`` would have loaded, saving
+whatever else it touches -- the kernel's ``local`` / ``x86-tsc`` clocks read
+the same counter.  Each site is checked first: a locked ``xadd`` of a
+64-bit register into ``trace_clock_counter(%rip)``, whose flags nothing
+reads before they are written again (the stub's ``shl``/``or`` leave other
+flags than the ``xadd``), in code built ``-mno-red-zone`` (the CALL's push
+lands below %rsp).  The sim keeps the counter clock.
 Before anything is written, each piece is decoded and every branch or
 RIP-relative operand that leaves its piece must have been relocated
 (otherwise the build changed under us: refused).
@@ -38,8 +51,10 @@ from ..images import load_bundled
 from ..images._elf import ElfFile
 from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import KernelTables, McountLoc
+from .._core._insn import x86_nops
 
-__all__ = ["Runtime", "ProcessFtraceImage", "runtime_layout", "RuntimeError_", "REC_SIZE"]
+__all__ = ["Runtime", "ProcessFtraceImage", "runtime_layout", "RuntimeError_", "REC_SIZE",
+           "CLOCKS", "clock_stub"]
 
 REC_SIZE = 128                    # struct ftrace_cpu
 _R_PC32, _R_PLT32 = 2, 4
@@ -54,6 +69,11 @@ _DATA = {"trace_clock_counter": 8, "ftrace_prof_ips": 8, "ftrace_prof_n": 8,
          "kprobe_ipmodify_ops": 32}
 #: the list function's ops bits at start (images/kernel/ftrace.c)
 _LIST_TRACE_PROFILE = 3
+#: the trace clock the pieces read (inlined ``lock xadd`` sites)
+_CLOCK_SYM = "trace_clock_counter"
+#: room for one clock stub (the longest: push push rdtsc shl or mov pop pop ret = 21)
+_STUB = 32
+CLOCKS = ("counter", "tsc")
 
 
 class RuntimeError_(ValueError):
@@ -72,11 +92,58 @@ class Runtime:
     sizes: dict[str, int]
 
 
-def runtime_layout(nrec: int) -> tuple[int, int]:
+def runtime_layout(nrec: int, clock: str = "counter") -> tuple[int, int]:
     """(code size, data size) of the runtime with *nrec* per-CPU records."""
     img = load_bundled(KERNEL_IMAGE)
     code = sum(hi - lo for lo, hi in _piece_ranges(img))
+    if clock == "tsc":
+        code += _STUB * len({reg for _ip, _n, reg in _clock_sites(img)})
     return _align(code, 64), _data_size(nrec)
+
+
+def _clock_sites(img) -> list[tuple[int, int, int]]:
+    """The trace clock's sites in the pieces: (address, length, register
+    number) of each ``lock xadd %reg, trace_clock_counter(%rip)``; refused
+    (:class:`RuntimeError_`) if one is anything else or its flags are read."""
+    import iced_x86 as I
+    text = img.section(".text")
+    want = img.sym(_CLOCK_SYM)
+    arith = (I.RflagsBits.OF | I.RflagsBits.SF | I.RflagsBits.ZF | I.RflagsBits.AF
+             | I.RflagsBits.CF | I.RflagsBits.PF)
+    out = []
+    for lo, hi in _piece_ranges(img):
+        insns = list(I.Decoder(64, text.data[lo - text.addr:hi - text.addr], ip=lo))
+        for k, ins in enumerate(insns):
+            if not (ins.is_ip_rel_memory_operand and ins.ip_rel_memory_address == want):
+                continue
+            reg = ins.op1_register - I.Register.RAX if ins.op_count == 2 else -1
+            if not (ins.code == I.Code.XADD_RM64_R64 and ins.has_lock_prefix
+                    and 0 <= reg < 16 and reg != 4 and ins.len >= 5):
+                raise RuntimeError_(f"the trace clock at {ins.ip:#x} is {ins}, not a locked "
+                                    "xadd of a 64-bit register: the image changed")
+            live = arith
+            for nxt in insns[k + 1:]:
+                if nxt.rflags_read & live or nxt.flow_control != I.FlowControl.NEXT:
+                    raise RuntimeError_(f"the trace clock's flags at {ins.ip:#x} are read "
+                                        f"({nxt}): the image changed")
+                live &= ~nxt.rflags_modified
+                if not live:
+                    break
+            out.append((ins.ip, ins.len, reg))
+    return out
+
+
+def clock_stub(reg: int) -> bytes:
+    """``rdtsc`` into 64-bit register *reg* (0 rax .. 15 r15), every other
+    register kept: ``push``, ``rdtsc; shl $32,%rdx; or %rdx,%rax``, ``mov``,
+    ``pop``, ``ret`` (hand-assembled)."""
+    tsc = b"\x0f\x31\x48\xc1\xe2\x20"
+    if reg == 0:                                   # rax: keep rdx
+        return b"\x52" + tsc + b"\x48\x09\xd0" + b"\x5a\xc3"
+    if reg == 2:                                   # rdx: keep rax; or %rax,%rdx
+        return b"\x50" + tsc + b"\x48\x09\xc2" + b"\x58\xc3"
+    mov = bytes((0x48 | reg >> 3, 0x89, 0xC0 | reg & 7))        # mov %rax,%reg
+    return b"\x50\x52" + tsc + b"\x48\x09\xd0" + mov + b"\x5a\x58\xc3"
 
 
 def _align(n: int, a: int) -> int:
@@ -98,9 +165,12 @@ def _piece_ranges(img) -> list[tuple[int, int]]:
     return out
 
 
-def build_runtime(code_at: int, data_at: int, nrec: int) -> Runtime:
+def build_runtime(code_at: int, data_at: int, nrec: int, clock: str = "counter") -> Runtime:
     """The runtime relocated to run at *code_at* with its data at *data_at*
-    (*nrec* per-CPU records)."""
+    (*nrec* per-CPU records); *clock* ``"tsc"``: the rings stamped with the
+    TSC instead of the counter."""
+    if clock not in CLOCKS:
+        raise ValueError(f"trace clock {clock!r}: one of {', '.join(CLOCKS)}")
     img = load_bundled(KERNEL_IMAGE)
     text = img.section(".text")
     pieces = _piece_ranges(img)
@@ -167,6 +237,20 @@ def build_runtime(code_at: int, data_at: int, nrec: int) -> Runtime:
             raise RuntimeError_(f"{name} out of rel32 reach of {p_new:#x}")
         code[o:o + 4] = struct.pack("<i", v)
         done.add(r_off)
+    if clock == "tsc":
+        # each clock site: CALL its register's stub (after the pieces), NOPs
+        stubs: dict[int, int] = {}
+        for ip, n, reg in _clock_sites(img):
+            if reg not in stubs:
+                stubs[reg] = code_at + len(code)
+                code += clock_stub(reg).ljust(_STUB, b"\xcc")
+            at = new_text(ip)
+            o = at - code_at
+            code[o:o + n] = b"\xe8" + struct.pack("<i", stubs[reg] - (at + 5)) + x86_nops[n - 5]
+            done.add(ip + 1)             # the CALL leaves its piece: on purpose
+        symbols_extra = {f"trace_clock_tsc_{r}": a for r, a in stubs.items()}
+    else:
+        symbols_extra = {}
     _check_pieces(bytes(code), code_at, moved, done)
     symbols: dict[str, int] = {}
     sizes: dict[str, int] = {}
@@ -179,7 +263,9 @@ def build_runtime(code_at: int, data_at: int, nrec: int) -> Runtime:
                 symbols[name] = n
                 sizes[name] = img.sizes.get(name, 0)
     symbols.update(data_new)
+    symbols.update(symbols_extra)
     sizes.update(_DATA)
+    sizes.update(dict.fromkeys(symbols_extra, _STUB))
     sizes["ftrace_percpu"] = nrec * REC_SIZE
     data = bytearray(_data_size(nrec))
     struct.pack_into("<Q", data, data_new["ftrace_list_ops"] - data_at, _LIST_TRACE_PROFILE)
