@@ -118,9 +118,10 @@ def test_injected_mmap_restores_every_register(builddir):
                 before = bytes(th.regs())
                 em = Region.map(t.pid, tid, 100, 5000, near=(lo, hi))
                 assert bytes(th.regs()) == before
-                assert em.code_size == 4096 and em.data_size == 8192
+                # data: 2 pages asked, then the rescue's data and code pages
+                assert em.code_size == 4096 and em.data_size == 8192 + 8192
                 perms = {m.start: m.perms for m in read_maps(t.pid) if m.start in em}
-                assert perms == {em.base: "r-xp", em.data: "rw-p"}
+                assert perms == {em.base: "r-xp", em.data: "rw-p", em.end - 4096: "r-xp"}
                 assert abs(em.end - (lo + 5)) < 2**31 and abs(em.base - (hi + 5)) < 2**31
                 em.write(em.base, b"\xc3\xcc")
                 assert em.read(em.base, 2) == b"\xc3\xcc"

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 from . import _ptrace as pt
+from . import _rescue
 from .._errors import MachineError
 from ._process import Mapping, read_maps, start_time, state_of
 
@@ -120,19 +121,67 @@ def find_syscall_insn(pid: int, maps: Sequence[Mapping] | None = None) -> int:
     raise InjectError(f"no syscall instruction found in the executable mappings of process {pid}")
 
 
+#: The rescues (see :mod:`._rescue`) of the regions we mapped, per process:
+#: ``pid -> [(start_time, Rescue)]``.
+_rescues: dict[int, list] = {}
+#: system calls that may unmap or change the rescue they would run from
+_RANGE_CALLS = (SYS_mmap, SYS_mprotect, SYS_munmap, 25, 28)     # + mremap, madvise
+
+
+def register_rescue(rescue) -> None:
+    _rescues.setdefault(rescue.pid, []).append((start_time(rescue.pid), rescue))
+
+
+def forget_rescues(pid: int, lo: int, hi: int) -> None:
+    """Forget every rescue of *pid* that overlaps [lo, hi) (being unmapped)."""
+    left = [(st, r) for st, r in _rescues.get(pid, ()) if not (r.span[0] < hi and lo < r.span[1])]
+    if left:
+        _rescues[pid] = left
+    else:
+        _rescues.pop(pid, None)
+
+
+def _pick_rescue(pid: int, nr: int, args: Sequence[int], fd: int):
+    entries = _rescues.get(pid)
+    if not entries:
+        return None
+    st = start_time(pid)
+    for when, r in list(entries):
+        if when != st or not r.intact(fd):        # another process, an exec, unmapped
+            entries.remove((when, r))
+            continue
+        if nr in _RANGE_CALLS and len(args) >= 2:
+            lo, hi = args[0], args[0] + max(args[1], 1)
+            if nr == SYS_mmap and not (len(args) > 3 and args[3] & 0x10):   # not MAP_FIXED
+                return r
+            # mprotect may make the data page writable, never touch the code page
+            a = r.code_page if nr == SYS_mprotect else r.span[0]
+            if a < hi and lo < r.span[1]:
+                continue
+        return r
+    return None
+
+
 def inject_syscall(pid: int, tid: int, nr: int, *args: int, syscall_at: int | None = None,
-                   wait: Callable[[int], tuple[int, int]] | None = None) -> int:
+                   wait: Callable[[int], tuple[int, int]] | None = None,
+                   rescue: bool = True) -> int:
     """Run system call *nr*(*args*) in thread *tid* of *pid*, which must be in
     a ptrace-stop owned by the caller; return its result (a negative errno
     is returned as is: the caller decides).  Every register is restored
     afterwards and the thread is left in a ptrace-stop again.
 
+    When the process has a region of ours with a rescue (every
+    :meth:`Region.map` since the rescue exists), the call runs from the
+    rescue's slot for the thread (:mod:`._rescue`): the patcher can be
+    SIGKILLed at any moment and the thread still goes on exactly where it
+    was stopped.  Otherwise (the first mmap of a command, the munmap of
+    the last region) it single-steps a ``syscall`` of libc, and a kill
+    during that one instruction can still kill the target.
+
     *wait(tid)* waits for the thread's next stop and returns
     ``(si_code, si_status)`` (default: ``waitid`` on the thread)."""
     if len(args) > 6:
         raise ValueError("a system call takes at most 6 arguments")
-    if syscall_at is None:
-        syscall_at = find_syscall_insn(pid)
     wait = wait or _wait
     saved = pt.getregs(tid, pt.UserRegs())
     regs = pt.UserRegs.from_buffer_copy(saved)
@@ -140,8 +189,41 @@ def inject_syscall(pid: int, tid: int, nr: int, *args: int, syscall_at: int | No
     regs.rax = nr
     regs.orig_rax = _MASK                       # -1: no restart of anything
     regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9 = (x & _MASK for x in a)
-    regs.rip = syscall_at
     deferred: list[int] = []
+    if rescue and _rescues.get(pid):
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            resc = _pick_rescue(pid, nr, [x & _MASK for x in args], fd)
+            if resc is not None:
+                def write(addr: int, data: bytes) -> None:
+                    if os.pwrite(fd, data, addr) != len(data) or os.pread(fd, len(data), addr) != data:
+                        raise InjectError(f"write at {addr:#x} in process {pid} did not verify")
+                try:
+                    result = _rescue.run_syscall(pid, tid, resc, regs, saved, wait, write, deferred)
+                except _rescue.InjectFailed as e:
+                    try:
+                        pt.setregs(tid, saved)
+                    except OSError:
+                        pass
+                    raise InjectError(str(e)) from None
+                except BaseException:
+                    try:
+                        pt.setregs(tid, saved)
+                    except OSError:
+                        pass
+                    raise
+                finally:
+                    for sig in deferred:
+                        _tgkill(pid, tid, sig)
+                if nr in (SYS_munmap, 25) or (nr == SYS_mmap and len(args) > 3 and args[3] & 0x10):
+                    if not result >> 63:
+                        forget_rescues(pid, args[0], args[0] + max(args[1], 1))
+                return result - (1 << 64) if result >> 63 else result
+        finally:
+            os.close(fd)
+    if syscall_at is None:
+        syscall_at = find_syscall_insn(pid)
+    regs.rip = syscall_at
     try:
         pt.setregs(tid, regs)
         while True:
@@ -169,6 +251,8 @@ def inject_syscall(pid: int, tid: int, nr: int, *args: int, syscall_at: int | No
         finally:
             for sig in deferred:
                 _tgkill(pid, tid, sig)
+    if nr == SYS_munmap and len(args) >= 2 and not result >> 63:
+        forget_rescues(pid, args[0], args[0] + max(args[1], 1))
     return result - (1 << 64) if result >> 63 else result
 
 
@@ -358,6 +442,7 @@ class Region:
     data_size: int
     mapped: bool = True
     syscall_at: int = 0
+    rescue: object = field(default=None, repr=False)
     _fd: int = field(default=-1, repr=False)
 
     @property
@@ -380,13 +465,21 @@ class Region:
         address in *near* = (lowest, highest) call site, in thread *tid*."""
         code_size = -(-code_size // PAGE) * PAGE
         data_size = -(-data_size // PAGE) * PAGE if data_size else 0
+        # the rescue (see ._rescue): its data page, then its code page, after
+        # the data; they count as data for everybody else (journal, unmap)
+        rescue_at = code_size + data_size
+        data_size += _rescue.RESCUE_PAGES * PAGE
         maps = list(maps) if maps is not None else read_maps(pid)
         syscall_at = find_syscall_insn(pid, maps)
         total = code_size + data_size
         want = pick_address(maps, total, *near)
         if before is not None:          # e.g. a journal: written before the region exists
             before(want, code_size, data_size)
-        got = inject_syscall(pid, tid, SYS_mmap, want, total, PROT_READ | PROT_WRITE,
+        # mapped r-x as a whole: the code and the rescue code are final at
+        # once, and this mmap is the one call of the region that runs
+        # without a rescue (unless another region of ours has one);
+        # /proc/PID/mem writes through the protection
+        got = inject_syscall(pid, tid, SYS_mmap, want, total, PROT_READ | PROT_EXEC,
                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1 & _MASK, 0,
                              syscall_at=syscall_at, wait=wait)
         if got < 0:
@@ -395,12 +488,24 @@ class Region:
         if got != want:              # a kernel without MAP_FIXED_NOREPLACE took it as a hint
             inject_syscall(pid, tid, SYS_munmap, got, total, syscall_at=syscall_at, wait=wait)
             raise InjectError(f"mmap placed the region at {got:#x}, not at {want:#x}")
-        r = inject_syscall(pid, tid, SYS_mprotect, got, code_size, PROT_READ | PROT_EXEC,
-                           syscall_at=syscall_at, wait=wait)
+        region = cls(pid, got, code_size, data_size, syscall_at=syscall_at)
+        resc = _rescue.Rescue(pid, got + rescue_at)
+        try:
+            region.write(resc.code_page, resc.code())
+        except BaseException:
+            inject_syscall(pid, tid, SYS_munmap, got, total, syscall_at=syscall_at, wait=wait)
+            region.close()
+            raise
+        register_rescue(resc)
+        region.rescue = resc
+        # the data (and the rescue's slots) writable: through the rescue
+        r = inject_syscall(pid, tid, SYS_mprotect, got + code_size, rescue_at - code_size + PAGE,
+                           PROT_READ | PROT_WRITE, syscall_at=syscall_at, wait=wait)
         if r < 0:
             inject_syscall(pid, tid, SYS_munmap, got, total, syscall_at=syscall_at, wait=wait)
-            raise InjectError(f"mprotect(r-x) in process {pid} failed: {os.strerror(-r)}")
-        return cls(pid, got, code_size, data_size, syscall_at=syscall_at)
+            region.close()
+            raise InjectError(f"mprotect(rw-) in process {pid} failed: {os.strerror(-r)}")
+        return region
 
     # --- contents ---------------------------------------------------------
     def _mem(self) -> int:

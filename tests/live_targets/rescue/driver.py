@@ -1,0 +1,48 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The patcher the rescue tests SIGKILL: stops one thread of the target,
+maps a region of ours there (which brings a rescue), then injects a system
+call and announces on stdout each point where it may be killed.
+
+    driver.py PID TID MODE POINT
+      MODE  rescue | libc   (libc: the old single-step over libc's syscall)
+      POINT syscall: inject read(FD) on a pipe nobody writes yet (the test
+                     kills us while the thread is inside it);
+            exit | final: inject getpid and block at that stop.
+"""
+import os
+import signal
+import sys
+
+from textpoke.live import _rescue
+from textpoke.live._inject import Region, StoppedThread, inject_syscall
+from textpoke.live._process import read_maps
+
+pid, tid, mode, point = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+fd = int(sys.argv[5]) if len(sys.argv) > 5 else -1
+
+
+def say(what: str) -> None:
+    os.write(1, (what + "\n").encode())
+
+
+def hook(where: str) -> None:
+    say(where)
+    if where == point:
+        while True:
+            signal.pause()
+
+
+exe = os.readlink(f"/proc/{pid}/exe")
+lo = min(m.start for m in read_maps(pid) if m.executable and m.path == exe)
+with StoppedThread(pid, tid):
+    region = Region.map(pid, tid, 4096, 4096, near=(lo, lo))
+    say(f"mapped {region.base:#x}")
+    _rescue.stop_hook = hook
+    if point == "none":
+        r = inject_syscall(pid, tid, 8, fd, 0, 1)      # lseek on a pipe: -ESPIPE
+        r = 0 if r == -29 else r
+    elif point == "syscall":
+        r = inject_syscall(pid, tid, 0, fd, region.data, 1, rescue=(mode == "rescue"))
+    else:
+        r = inject_syscall(pid, tid, 39, rescue=(mode == "rescue"))
+    say(f"result {r}")
