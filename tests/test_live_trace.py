@@ -32,6 +32,7 @@ from textpoke.live._trace import tsc_variant_reason  # noqa: E402
 _CLOCK = "counter" if tsc_variant_reason() else "tsc"
 #: trace_pipe's timestamp: %5lu.%06lu seconds (or the counter's integer)
 _STAMP = re.compile(r"^ *\d+\.\d{6}$" if _CLOCK == "tsc" else r"^ *\d+$")
+_STAMP_COUNTER = re.compile(r"^ *\d+$")
 #: leaf and mid (not main)
 LM = "[lm][ei][ad]*"
 
@@ -404,6 +405,30 @@ def test_timestamps_are_the_process_clock(tmp_path):
         # slew over a long stretch between two pairs)
         assert a - 0.01 <= f and g <= b + 0.01, (a, f, g, b)
         assert ev["g"]["timestamp"] - ev["f"]["timestamp"] >= 0.2 * doc["tsc_hz"] * 0.99
+    finally:
+        t.close()
+
+
+def test_counter_clock_kept_on_request(exes):
+    """clock="counter" (what a box without an invariant TSC gets): the
+    bundled runtime's own clock, one tick per event across every thread."""
+    from textpoke.live._trace import LiveTrace
+    t = _Target([str(exes / "plain"), str(K)])
+    try:
+        lt = LiveTrace(t.pid, "plain:leaf", clock="counter")
+        evs = []
+        try:
+            lt.arm()
+            assert t.go() == "done"
+            lt.pump(lambda: True)
+            evs += lt.take()
+        finally:
+            lt.close()
+        evs += lt.final_events
+        assert lt.time is None and lt.clock == "counter"
+        assert sorted(e.ts for e in evs) == list(range(2 * K * NT))
+        assert lt.seconds(evs[0]) is None and _STAMP_COUNTER.match(lt.stamp(evs[0]))
+        assert t.go() == "done"
     finally:
         t.close()
 
