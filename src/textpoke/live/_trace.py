@@ -898,13 +898,18 @@ class TscTime:
     ``CLOCK_MONOTONIC`` (ns): (TSC, CLOCK_MONOTONIC) pairs sampled on the
     host (:meth:`sample`; the TSC is the same on every CPU where it is
     invariant), a reading placed by linear interpolation between the pairs
-    around it (past the last, the last two pairs' rate goes on)."""
+    around it (past the last, the last two pairs' rate goes on).  The last
+    :attr:`KEEP` pairs at least are kept (a sample per read of the rings,
+    every 20 ms: the list would grow without end)."""
+
+    KEEP = 256
 
     def __init__(self, pid: int) -> None:
         self._rdtsc = host_tsc()
         self.offset = _timens_monotonic(pid) - _timens_monotonic("self")
         self.c: list[int] = []
         self.t: list[int] = []
+        self._first: tuple[int, int] | None = None
         self.sample()
 
     def sample(self) -> None:
@@ -924,6 +929,12 @@ class TscTime:
         if not self.c or (c > self.c[-1] and t > self.t[-1]):
             self.c.append(c)
             self.t.append(t + self.offset)
+            if self._first is None:
+                self._first = (c, t + self.offset)
+            if len(self.c) > 2 * self.KEEP:
+                # an event is read at most a read or two after the pair
+                # that follows it: the oldest pairs are no longer needed
+                del self.c[:-self.KEEP], self.t[:-self.KEEP]
 
     def ns(self, c: int) -> int:
         import bisect
@@ -937,9 +948,10 @@ class TscTime:
 
     def hz(self) -> float:
         """The TSC's rate over the session (cycles per second)."""
-        if len(self.c) < 2:
+        if len(self.c) < 2 or self._first is None:
             return 0.0
-        return (self.c[-1] - self.c[0]) * 1e9 / (self.t[-1] - self.t[0])
+        c0, t0 = self._first
+        return (self.c[-1] - c0) * 1e9 / (self.t[-1] - t0)
 
 
 class _EntryView:
