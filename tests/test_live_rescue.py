@@ -90,7 +90,7 @@ def in_syscall(tid_path: str, nr: int, arg0: int) -> bool:
 
 def drive(t: Target, tid: int, mode: str, point: str):
     d = subprocess.Popen([sys.executable, str(HERE / "driver.py"), str(t.p.pid), str(tid), mode,
-                          point, str(t.pi_r)], stdout=subprocess.PIPE,
+                          point, str(t.pi_r)], stdout=subprocess.PIPE, bufsize=0,  # unbuffered: select sees every line
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
     return d
 

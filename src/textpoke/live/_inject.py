@@ -190,7 +190,8 @@ def inject_syscall(pid: int, tid: int, nr: int, *args: int, syscall_at: int | No
     regs.orig_rax = _MASK                       # -1: no restart of anything
     regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9 = (x & _MASK for x in a)
     deferred: list[int] = []
-    if rescue and _rescues.get(pid):
+    at_event = _interrupt_stop(tid)
+    if rescue and _rescues.get(pid) and at_event:
         fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
         try:
             resc = _pick_rescue(pid, nr, [x & _MASK for x in args], fd)
@@ -251,9 +252,43 @@ def inject_syscall(pid: int, tid: int, nr: int, *args: int, syscall_at: int | No
         finally:
             for sig in deferred:
                 _tgkill(pid, tid, sig)
+    if at_event:
+        _back_to_event_stop(tid, wait)
     if nr == SYS_munmap and len(args) >= 2 and not result >> 63:
         forget_rescues(pid, args[0], args[0] + max(args[1], 1))
     return result - (1 << 64) if result >> 63 else result
+
+
+def _interrupt_stop(tid: int) -> bool:
+    """Is *tid* in a PTRACE_EVENT_STOP (an interrupt or a group stop)?  The
+    rescue path leaves the thread in one; a thread in a signal-delivery-stop
+    keeps the single step, which leaves it in a (SIGTRAP) signal-delivery-
+    stop, so that the signal its tracer resumes it with is still delivered
+    (at an event stop the kernel drops it)."""
+    try:
+        si = pt.getsiginfo(tid)
+    except OSError:         # a group stop of a seized thread has no siginfo
+        return True
+    return (si.si_code >> 8) == pt.PTRACE_EVENT_STOP
+
+
+def _back_to_event_stop(tid: int, wait: Callable[[int], tuple[int, int]]) -> None:
+    """From the SIGTRAP stop the single step ended in (registers already
+    restored) back to an event stop, as the thread was: get_signal takes
+    the interrupt in the same loop, before any restart of the thread's own
+    system call, so nothing runs in user mode in between."""
+    pt.interrupt(tid)
+    sig = 0
+    while True:
+        pt.cont(tid, sig)
+        code, status = wait(tid)
+        if code in (pt.CLD_EXITED, pt.CLD_KILLED, pt.CLD_DUMPED):
+            raise InjectError(f"thread {tid} ended after an injected system call")
+        if code == pt.CLD_TRAPPED and (status >> 8) == pt.PTRACE_EVENT_STOP:
+            return
+        # a signal on the way: it must not be lost, nor delivered while we
+        # still look for our stop -- give it back at the next resume
+        sig = status & 0xFF if (code == pt.CLD_TRAPPED and not status >> 8) else 0
 
 
 def _wait(tid: int) -> tuple[int, int]:

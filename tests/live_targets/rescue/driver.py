@@ -32,6 +32,18 @@ def hook(where: str) -> None:
             signal.pause()
 
 
+if os.environ.get("RESCUE_DEBUG"):
+    from textpoke.live import _ptrace as pt
+    _op, _w = _rescue._syscall_op, None
+
+    def op(t):
+        r = _op(t)
+        si = pt.getsiginfo(t)
+        sys.stderr.write(f"op {r} signo {si.si_signo} code {si.si_code:#x} "
+                         f"rip {pt.getregs(t, pt.UserRegs()).rip:#x}\n")
+        return r
+    _rescue._syscall_op = op
+
 exe = os.readlink(f"/proc/{pid}/exe")
 lo = min(m.start for m in read_maps(pid) if m.executable and m.path == exe)
 with StoppedThread(pid, tid):
