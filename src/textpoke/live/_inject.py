@@ -20,6 +20,14 @@ ptrace-stop held by the caller (nobody else may wait for it meanwhile):
    is not lost: it is sent back to the thread (``tgkill``) after the
    registers are restored.
 
+Once the process has a region of ours, the call runs instead from that
+region's *rescue* (:mod:`._rescue`: ``PTRACE_SYSCALL``, no trap flag, and
+code that puts every register back by itself if the patcher dies in the
+middle); steps 3-4 above remain for the first ``mmap`` of a command, the
+``munmap`` of the last region, and a thread held in a signal-delivery-stop.
+Either way a thread that was in an event stop (interrupt, group stop) is
+left in one again.
+
 :class:`Region` maps a region for code and data with ``mmap`` at a chosen
 address (``MAP_FIXED_NOREPLACE``: it fails rather than replace anything)
 within ±2 GiB of the code that will call into it (a CALL rel32 must reach),
@@ -469,7 +477,9 @@ def threads_inside(pid: int, threads: Iterable[tuple[int, pt.UserRegs]],
 @dataclass
 class Region:
     """A region of executable memory (``code_size`` bytes, r-x) followed by
-    ``data_size`` bytes of data (rw-), mapped in a stopped thread's process."""
+    ``data_size`` bytes of data (rw-), mapped in a stopped thread's process.
+    A region from :meth:`map` counts its rescue's two pages (rw-, then r-x)
+    as the last of ``data_size``: its user asked for two pages less."""
 
     pid: int
     base: int
