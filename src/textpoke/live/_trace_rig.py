@@ -195,6 +195,7 @@ class LiveFtraceRig:
         reported meanwhile is handled) and, unless *read* is false, the
         rings are read."""
         m = self.machine
+        nap = 0.0
         for _ in range(min(max_steps, 200_000)):
             if self.proc.poll() is not None:
                 return False
@@ -203,6 +204,12 @@ class LiveFtraceRig:
             m.run_task(m.sync_each_cpu())
             if read:
                 self.read_trace()
+            # let the threads run between two looks: each look stops them
+            # all, and on a loaded box back-to-back looks left them almost
+            # no time to make the progress looked for (minutes, not seconds)
+            if nap:
+                time.sleep(nap)
+            nap = min(nap * 2 or 50e-6, 5e-3)
         return pred()
 
     def wait_passes(self, n: int = 1, max_steps: int = 5_000_000) -> bool:
