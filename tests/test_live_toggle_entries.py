@@ -95,13 +95,21 @@ def _text(pid: int) -> dict[str, bytes]:
 
 
 def _anon_exec(pid: int) -> set[str]:
-    """Anonymous executable mappings (a trampoline region is one)."""
-    out = set()
+    """Runs of contiguous anonymous mappings holding executable code: a
+    trampoline region is one run (its code, its data, and the pages of the
+    injected-syscall rescue at its end), whatever its pages' permissions."""
+    runs: list[list] = []
     for ln in Path(f"/proc/{pid}/maps").read_text().splitlines():
         f = ln.split()
-        if "x" in f[1] and len(f) < 6:
-            out.add(f[0])
-    return out
+        if len(f) >= 6:
+            continue
+        lo, hi = (int(x, 16) for x in f[0].split("-"))
+        if runs and runs[-1][1] == lo:
+            runs[-1][1] = hi
+            runs[-1][2] |= "x" in f[1]
+        else:
+            runs.append([lo, hi, "x" in f[1]])
+    return {f"{lo:x}-{hi:x}" for lo, hi, x in runs if x}
 
 
 def _delta(a: list[int], b: list[int]) -> dict[str, int]:
