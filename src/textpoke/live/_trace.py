@@ -71,6 +71,12 @@ switches the sites back and frees the region.  At a clean end: the client
 stops (every record NOP5 again), the entries get their bytes back, every
 thread is seen outside the region (``QUIESCE``), the rings are read a last
 time, the region is unmapped and the GS bases put back.
+
+The pieces: :mod:`._trace_sites` (which functions, their pads, the switch
+to them), :mod:`._trace_runtime` (the runtime's copy), :mod:`._trace_clock`
+(the TSC and the process's clock), :mod:`._trace_profile` (the profiler's
+return hook), :mod:`._trace_free` (the region freed once no thread is in
+it); this module puts them together (:class:`LiveTrace`).
 """
 
 from __future__ import annotations
@@ -82,46 +88,26 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .._core._insn import CALL_INSN_OPCODE, JMP32_INSN_OPCODE, text_gen_insn, x86_nops
+from .._core._insn import CALL_INSN_OPCODE, text_gen_insn
 from .._core._machine import WaitUntil
 from .._errors import TextPokeError
-from ._symbols import SymbolError, Symbols
+from ._symbols import Symbols
+from ._trace_clock import TscTime, host_tsc, tsc_variant_reason
+from ._trace_free import alive, free_region, threads_in_region
+from ._trace_profile import _F_SP, _P_FPC, _P_HANDLER, PROFILE_CODE, SHADOW_N
+from ._trace_sites import (NOP5, PAD_SIZE, TraceError, TraceSite, fill_pads, plan_sites,
+                           reach_of, switch_pads)
 
-__all__ = ["LiveTrace", "TraceSite", "TraceError", "PAD_SIZE", "DEFAULT_RING"]
+__all__ = ["LiveTrace", "TraceSite", "TraceError", "PAD_SIZE", "DEFAULT_RING", "NOP5",
+           "alive", "TraceStats", "free_region", "threads_in_region", "TscTime",
+           "tsc_variant_reason"]
 
-NOP5 = x86_nops[5]
-PAD_SIZE = 64
 #: entries per thread's ring (the kernel's buffer_size_kb is per CPU too)
 DEFAULT_RING = 4096
 #: the execmem share for the client's dynamic trampolines
 _TRAMP_SHARE = 1024
 #: rings at most (threads alive at once)
 MAX_RINGS = 1024
-#: a trace cannot call across more than this (rel32 from any site to the runtime)
-_REACH = (1 << 31) - (64 << 20)
-
-
-class TraceError(TextPokeError, ValueError):
-    """Nothing to trace, or the functions cannot be traced (one line)."""
-
-
-@dataclass(slots=True)
-class TraceSite:
-    """One traced function: where the tracer enters it."""
-
-    function: str
-    module: str
-    kind: str                 # "nop5", "entry", "5xnop1", "call-got"
-    addr: int                 # the site in the function
-    found: bytes              # its bytes now (what goes back at the end)
-    plan: object = None       # EntryPlan (entries)
-    record: int = 0           # the NOP5 the client switches (addr, or the pad's)
-    pad: int = 0              # the pad (not nop5)
-    jmp: bytes = b""          # what the site holds while traced (not nop5)
-
-    def as_dict(self) -> dict:
-        return {"function": self.function, "module": self.module, "kind": self.kind,
-                "addr": f"{self.addr:#x}", "record": f"{self.record:#x}"}
 
 
 @dataclass
@@ -183,52 +169,11 @@ class LiveTrace:
 
     # ------------------------------------------------------------ planning
     def _plan(self) -> list[TraceSite]:
-        from ._entry import entry_sites
-        from ._fentry import fentry_sites
-        pattern = self.pattern
-        try:
-            funcs = self.syms.functions(pattern)
-        except SymbolError as e:
-            raise TraceError(str(e)) from None
-        found = fentry_sites(self.syms, pattern)
-        sites: list[TraceSite] = []
-        for s in found:
-            if s.kind in ("nop5", "5xnop1", "call-got"):
-                sites.append(TraceSite(s.function, s.module, s.kind, s.addr, bytes(s.found)))
-            else:
-                self.skipped.append(dict(s.as_dict(), why=f"fentry site holds {s.kind}"))
-        covered = {s.func_addr for s in found}
-        ents, refused = entry_sites(self.syms, pattern,
-                                    functions=[f for f in funcs if f.addr not in covered])
-        for e in ents:
-            # the JMP covers 5 bytes: what goes back (the rest of the moved
-            # instructions stays as it is)
-            sites.append(TraceSite(e.function, e.module, "entry", e.addr, bytes(e.found),
-                                   plan=e.plan))
-        self.skipped += [dict(r.as_dict(), kind=r.reason) for r in refused]
-        if not sites:
-            if not funcs and not found:
-                raise TraceError(f"no function matching {pattern!r} in process {self.pid}")
-            why = "; ".join(f"{d.get('function')}: {d.get('why')}" for d in self.skipped[:3])
-            raise TraceError(f"nothing matching {pattern!r} can be traced ({len(self.skipped)} "
-                             f"refused; {why})")
-        sites.sort(key=lambda s: s.addr)
-        lo, hi = self._reach_of(sites)
-        if hi - lo > _REACH:
-            mods = sorted({s.module for s in sites})
-            raise TraceError(f"the functions matching {pattern!r} lie in modules more than 2 GiB "
-                             f"apart ({', '.join(mods[:4])}): the sites call one runtime in rel32 "
-                             "reach -- trace one module at a time (lib:GLOB)")
-        return sites
+        return plan_sites(self.syms, self.pattern, self.pid, self.skipped)
 
     def _reach_of(self, sites) -> tuple[int, int]:
-        lo, hi = sites[0].addr, sites[-1].addr + 8
-        for mod in {s.module for s in sites if s.kind != "nop5"}:
-            with contextlib.suppress(SymbolError):
-                m = self.syms.module(mod)
-                lo = min(lo, min(x.start for x in m.mappings))
-                hi = max(hi, max(x.end for x in m.mappings))
-        return lo, hi
+        return reach_of(self.syms, sites)
+
 
     # ------------------------------------------------------------ arming
     def arm(self) -> None:
@@ -337,32 +282,8 @@ class LiveTrace:
         raise TraceError("could not map the tracer's region: " + "; ".join(errors))
 
     def _fill_pads(self, at: int, pads: list[TraceSite], code: bytearray) -> None:
-        from .._relocate import RelocError, trampoline
-        keep = []
-        for s in pads:
-            pad = at + PAD_SIZE * len(keep)
-            try:
-                if s.kind == "entry":
-                    body = trampoline(s.plan, pad, head=NOP5)
-                else:       # an fentry form: nothing to move, the pad goes back after it
-                    body = NOP5 + text_gen_insn(JMP32_INSN_OPCODE, pad + 5, s.addr + len(s.found))
-            except RelocError as e:
-                self.skipped.append({"function": s.function, "addr": f"{s.addr:#x}",
-                                     "module": s.module, "kind": e.reason, "why": str(e)})
-                self.sites.remove(s)
-                continue
-            assert len(body) <= PAD_SIZE, len(body)
-            code += body.ljust(PAD_SIZE, b"\xcc")
-            s.pad = s.record = pad
-            s.jmp = text_gen_insn(JMP32_INSN_OPCODE, s.addr, pad) + b"\x90" * (len(s.found) - 5
-                                                                               if s.kind != "entry" else 0)
-            keep.append(s)
-        for s in self.sites:
-            if s.kind == "nop5":
-                s.record = s.addr
-        if not self.sites:
-            raise TraceError(f"nothing matching {self.pattern!r} can be traced: every entry's "
-                             "instructions are out of reach of the tracer's region")
+        fill_pads(at, pads, code, self.sites, self.skipped, self.pattern)
+
 
     def _journal(self, m, r, rt, tramp_lo: int) -> None:
         """The region with every site that will jump or call into it, before
@@ -391,29 +312,8 @@ class LiveTrace:
 
     def _switch_pads(self, on: bool) -> None:
         """Entries (and the other fentry forms) to ``jmp pad`` or back."""
-        from ._entry import quiescent_tails
-        from ._fentry import QUIESCENT
-        m, core = self.machine, self.core
-        pads = [s for s in self.sites if s.kind != "nop5"]
-        todo = []
-        for s in pads:
-            want = s.jmp if on else s.found
-            if m.text_read(s.addr, len(want)) != want:
-                todo.append((s, want))
-        quiet = [(s.addr, w) for s, w in todo if s.kind in QUIESCENT]
-        batch = [(s, w) for s, w in todo if s.kind not in QUIESCENT]
-        if batch:
-            entries = [s for s, _ in batch if on]
-            tails = quiescent_tails(m, [_EntryView(s) for s in entries]) if entries \
-                else contextlib.nullcontext()
-            with tails:
-                with core.batch():
-                    for s, w in batch:
-                        # going back: while the INT3 stands the old JMP is emulated
-                        # (the pad runs the same instructions)
-                        core.smp_text_poke_batch_add(s.addr, w, emulate=None if on else s.jmp)
-        if quiet:
-            m.write_stopped(quiet)
+        switch_pads(self.machine, self.core, self.sites, on)
+
 
     # ------------------------------------------------------------ threads
     def _on_cpu(self, event: str, tid: int) -> None:
@@ -684,293 +584,3 @@ class LiveTrace:
             return False
         finally:
             os.close(fd)
-
-
-#: what a signal frame's return address (``pretcode``) points at: glibc's
-#: ``__restore_rt``, ``mov $15, %rax; syscall`` (rt_sigreturn)
-_RESTORER = bytes.fromhex("48c7c00f0000000f05")
-#: where ``uc_mcontext.rip`` lies in an x86-64 ``rt_sigframe`` (pretcode 8,
-#: ucontext's flags, link and stack 40, then r8..rcx and rsp: 16 words)
-_SIGFRAME_RIP = 8 + 40 + 16 * 8
-
-
-def threads_in_region(m, r, tids) -> list[str]:
-    """With *tids* stopped: why a thread may still be in the tracer's code
-    -- its rip there, or a signal frame (delivered while it ran there) that
-    will return there.  Other words on a stack that point into the code are
-    dead: the runtime's only CALLs are ftrace_caller's into its callbacks,
-    which call nothing, so a live return address into it exists only while
-    the thread's rip is there or a signal interrupted it there; what else
-    is found (the return address of an earlier call, left in the red zone
-    or in a frame's slot not written since) is never run."""
-    from ._inject import STACK_SCAN
-    from ._symbols import read_maps
-    lo, hi = r.base, r.base + r.code_size
-    maps = read_maps(m.pid)
-    why = []
-    for tid in tids:
-        regs = m.get_regs(tid)
-        if r.base <= regs.rip < r.end:
-            why.append(f"thread {tid} runs at {regs.rip:#x}")
-            continue
-        stack = next((x for x in maps if x.start <= regs.rsp < x.end), None)
-        top = min(regs.rsp + STACK_SCAN, stack.end if stack else regs.rsp + 4096)
-        try:
-            buf = m.mem.read(regs.rsp, top - regs.rsp)
-        except OSError:
-            why.append(f"thread {tid}: its stack at {regs.rsp:#x} cannot be read")
-            continue
-        for i, (w,) in enumerate(struct.iter_unpack("<Q", buf[:len(buf) // 8 * 8])):
-            if not lo <= w < hi:
-                continue
-            at = regs.rsp + 8 * i
-            frame = at - _SIGFRAME_RIP
-            try:
-                pret = struct.unpack("<Q", m.mem.read(frame, 8))[0]
-                if m.mem.read(pret, len(_RESTORER)) == _RESTORER:
-                    why.append(f"thread {tid}: a signal frame at {frame:#x} returns to "
-                               f"{w:#x}")
-                    break
-            except (OSError, TextPokeError, struct.error):
-                continue
-    return why
-
-
-def free_region(m, r, *, unmap: bool = True, attempts: int = 50,
-                unhook: dict | None = None) -> list[str]:
-    """Wait (every thread stopped and looked at, a thread inside stepped
-    out, then let run) until no thread is in the tracer's code
-    (:func:`threads_in_region`); then unmap *r* in a stopped thread unless
-    *unmap* is false.  *unhook* (the profiler's return hooks, see
-    :func:`unhook_returns`) is undone first, with the threads stopped.
-    Returns why it is still in use (empty: done)."""
-    from .._errors import MachineError
-    from ._inject import InjectError, find_syscall_insn
-    why: list[str] = []
-    for attempt in range(attempts):
-        with m.stopped() as tids:
-            try:
-                m.step_out_of_range(r.base, r.base + r.code_size)
-            except MachineError as e:       # a long way out: let it run on
-                why = [str(e)]
-            else:
-                if unhook:
-                    unhook_returns(m.mem, unhook)
-                why = threads_in_region(m, r, tids)
-            if not why:
-                if not unmap:
-                    return []
-                errs = []
-                if not r.syscall_at:
-                    r.syscall_at = find_syscall_insn(m.pid)
-                for tid in sorted(tids, key=lambda t: t != m.pid):
-                    try:
-                        r.unmap(tid)
-                        return []
-                    except (InjectError, OSError) as e:
-                        errs.append(f"munmap in thread {tid} failed: {e}")
-                return errs
-        time.sleep(0.0005 * (attempt + 1))
-    return why
-
-
-# --- the profiler's time: a return hook (the kernel's profiler uses fgraph) ----
-#: ``live_profile_call`` and ``live_return_handler``, position-independent,
-#: hand-written (GNU as, then the bytes; no code of the kernel's):
-#:
-#:   live_profile_call:                  # (ip, parent_ip, op), from ftrace_caller
-#:     push %rdi; push %rsi; sub $8,%rsp
-#:     call *T_FPC(%rip)                 # function_profile_call: the hit
-#:     add $8,%rsp; pop %rsi; pop %rdi
-#:     lea 96(%rsp),%r9                  # the traced function's return address
-#:     cmp %rsi,(%r9); jne 9f            #   (only in ftrace_caller's frame)
-#:     mov %gs:0,%r8                     # this thread's ftrace_cpu
-#:     mov 96(%r8),%rcx; cmp 104(%r8),%rcx; jae 9f   # its return stack full
-#:     (binary search of ip in *T_IPS[0..*T_N) -> %rax; jne 9f if absent)
-#:     mov %rsi,0(%rcx); mov %r9,8(%rcx); mov %rax,16(%rcx)
-#:     rdtsc; shl $32,%rdx; or %rdx,%rax; mov %rax,24(%rcx)
-#:     add $32,%rcx; mov %rcx,96(%r8)    # pushed
-#:     lea live_return_handler(%rip),%rax; mov %rax,(%r9)   # hooked
-#:   9: ret
-#:   live_return_handler:                # the hooked function returned here
-#:     push %rax (room for the return); push %rax,%rdx,%rcx,%r8,%r9
-#:     mov %gs:0,%r8; mov 96(%r8),%rcx; lea 40(%rsp),%r9    # the slot it came from
-#:   4: sub $32,%rcx; cmp 112(%r8),%rcx; jb 8f  # the entry of that slot (deeper
-#:     cmp %r9,8(%rcx); jne 4b           #   ones were left by a longjmp)
-#:     mov %rcx,96(%r8)                  # popped
-#:     rdtsc; ...; sub 24(%rcx),%rax     # cycles in the function
-#:     mov 16(%rcx),%rdx; mov 120(%r8),%r9; add %rax,(%r9,%rdx,8)
-#:     mov 0(%rcx),%rax; mov %rax,40(%rsp)                  # the real return
-#:     pop %r9,%r8,%rcx,%rdx,%rax; ret
-#:   8: ud2
-#:   T_FPC, T_IPS, T_N: .quad (the host fills them)
-#:
-#: Per thread, in the pad words of its ftrace_cpu: 96 the return stack's
-#: top, 104 its limit, 112 its base, 120 the per-function cycle table.
-PROFILE_CODE = bytes.fromhex(
-    "57564883ec08ff15040100004883c4085e5f4c8d4c24604939310f8582000000654c8b04250000"
-    "0000498b4860493b4868736f4c8b15de0000004d8b124c8b1ddc0000004d8b1b31c04c39d87318"
-    "4a8d141848d1ea49393cd27306488d4201ebe84989d3ebe34c8b1db3000000493b03733049393c"
-    "c2752a4889314c894908488941100f3148c1e2204809d0488941184883c12049894860488d0511"
-    "000000498901c3cc66662e0f1f840000000000905050525141504151654c8b042500000000498b"
-    "48604c8d4c24284883e920493b487072334c39490875f0498948600f3148c1e2204809d0482b41"
-    "18488b51104d8b4878490104d1488b01488944242841594158595a58c30f0b0f1f800000000000"
-    "0000000000000000000000000000000000000000000000")
-_P_HANDLER, _P_FPC, _P_IPS, _P_N = 0xB0, 0x110, 0x118, 0x120
-#: return-stack entries per thread (32 bytes each): deeper calls are counted, not timed
-SHADOW_N = 512
-_F_SP, _F_LIMIT, _F_BASE, _F_TIMES = 96, 104, 112, 120
-
-
-def unhook_returns(mem, info: dict) -> int:
-    """With every thread stopped and none inside the tracer's code: put
-    back every return address the profiler hooked and still stands on a
-    stack, and empty the return stacks.  *info*: ``handler``, ``percpu``,
-    ``nrec``.  Returns how many were put back."""
-    handler, percpu, nrec = info["handler"], info["percpu"], info["nrec"]
-    n = 0
-
-    def rd(a: int) -> int:
-        return struct.unpack("<Q", mem.read(a, 8))[0]
-
-    for i in range(nrec):
-        rec = percpu + i * 128
-        top, base = rd(rec + _F_SP), rd(rec + _F_BASE)
-        if not base or top <= base:
-            continue
-        raw = mem.read(base, top - base)
-        for ret, slot, _idx, _t in struct.iter_unpack("<QQQQ", raw):
-            try:
-                if rd(slot) == handler:
-                    mem.write(slot, struct.pack("<Q", ret))
-                    n += 1
-            except (OSError, TextPokeError):
-                continue            # a stack that went away with its thread
-        mem.write(rec + _F_SP, struct.pack("<Q", base))
-    return n
-
-
-def host_tsc() -> Callable[[], int]:
-    """The host's own RDTSC (the traced threads' clock: the TSC is one
-    clock on every CPU where it is invariant), as a callable."""
-    import ctypes
-    import mmap
-    buf = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-    buf.write(bytes.fromhex("0f3148c1e2204809d0c3"))     # rdtsc; shl; or; ret
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    fn = ctypes.CFUNCTYPE(ctypes.c_uint64)(addr)
-    fn._buf = buf                   # keep the page
-    return fn
-
-
-def tsc_variant_reason(cpuinfo: str = "/proc/cpuinfo") -> str | None:
-    """None when the TSC is one clock for every thread (invariant: it runs
-    at a constant rate, in every C-state, synchronised across CPUs --
-    ``constant_tsc`` and ``nonstop_tsc`` on every CPU), else why not."""
-    try:
-        with open(cpuinfo) as f:
-            flags = [set(line.split(":", 1)[1].split()) for line in f
-                     if line.startswith("flags")]
-    except OSError as e:
-        return f"{cpuinfo}: {e.strerror}"
-    if not flags:
-        return f"no CPU flags in {cpuinfo}"
-    missing = sorted({w for fl in flags for w in ("tsc", "constant_tsc", "nonstop_tsc")
-                      if w not in fl})
-    return f"no {', '.join(missing)} in {cpuinfo}" if missing else None
-
-
-def _timens_monotonic(pid: int | str) -> int:
-    """The monotonic offset (ns) of *pid*'s time namespace (0 if none)."""
-    try:
-        with open(f"/proc/{pid}/timens_offsets") as f:
-            for line in f:
-                w = line.split()
-                if w and w[0] in ("monotonic", "1"):
-                    return int(w[1]) * 1_000_000_000 + int(w[2])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-class TscTime:
-    """TSC readings of the target's threads -> the target's
-    ``CLOCK_MONOTONIC`` (ns): (TSC, CLOCK_MONOTONIC) pairs sampled on the
-    host (:meth:`sample`; the TSC is the same on every CPU where it is
-    invariant), a reading placed by linear interpolation between the pairs
-    around it (past the last, the last two pairs' rate goes on).  The last
-    :attr:`KEEP` pairs at least are kept (a sample per read of the rings,
-    every 20 ms: the list would grow without end)."""
-
-    KEEP = 256
-
-    def __init__(self, pid: int) -> None:
-        self._rdtsc = host_tsc()
-        self.offset = _timens_monotonic(pid) - _timens_monotonic("self")
-        self.c: list[int] = []
-        self.t: list[int] = []
-        self._first: tuple[int, int] | None = None
-        self.sample()
-
-    def sample(self) -> None:
-        """One more pair: CLOCK_MONOTONIC between two RDTSCs, the tightest
-        of a few tries, its TSC the middle of the two."""
-        rd, now = self._rdtsc, time.clock_gettime_ns
-        best = None
-        for _ in range(5):
-            a = rd()
-            t = now(time.CLOCK_MONOTONIC)
-            b = rd()
-            if b >= a and (best is None or b - a < best[0]):
-                best = (b - a, (a + b) // 2, t)
-        if best is None:
-            return
-        _w, c, t = best
-        if not self.c or (c > self.c[-1] and t > self.t[-1]):
-            self.c.append(c)
-            self.t.append(t + self.offset)
-            if self._first is None:
-                self._first = (c, t + self.offset)
-            if len(self.c) > 2 * self.KEEP:
-                # an event is read at most a read or two after the pair
-                # that follows it: the oldest pairs are no longer needed
-                del self.c[:-self.KEEP], self.t[:-self.KEEP]
-
-    def ns(self, c: int) -> int:
-        import bisect
-        cs, ts = self.c, self.t
-        if len(cs) < 2:
-            self.sample()
-            if len(cs) < 2:
-                return ts[0]
-        j = min(max(bisect.bisect_right(cs, c) - 1, 0), len(cs) - 2)
-        return ts[j] + (c - cs[j]) * (ts[j + 1] - ts[j]) // (cs[j + 1] - cs[j])
-
-    def hz(self) -> float:
-        """The TSC's rate over the session (cycles per second)."""
-        if len(self.c) < 2 or self._first is None:
-            return 0.0
-        c0, t0 = self._first
-        return (self.c[-1] - c0) * 1e9 / (self.t[-1] - t0)
-
-
-class _EntryView:
-    """What :func:`quiescent_tails` reads of an entry site."""
-
-    __slots__ = ("addr", "plan")
-
-    def __init__(self, s: TraceSite) -> None:
-        self.addr, self.plan = s.addr, s.plan
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            st = f.read()
-        return st[st.rindex(b")") + 2:][:1] not in (b"Z", b"X")
-    except OSError:
-        return False
-
-
-__all__ += ["alive", "TraceStats", "free_region", "threads_in_region", "TscTime",
-            "tsc_variant_reason"]
