@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("kernel data", {"images"}),
     ("boot passes", {"_alternative"}),
     ("clients", {"_execmem", "_jump_label", "_static_call", "_ftrace", "_kprobes", "_module",
-                 "_module_link", "_relocate", "_indirect_jumps", "_bpf"}),
+                 "_relocate", "_indirect_jumps", "_bpf"}),
     ("kernel", {"kernel", "selftests"}),
     ("backends", {"sim", "live"}),
     ("tools", {"verify"}),

@@ -59,7 +59,7 @@ _lazy("._static_call", "StaticCalls", "StaticCall", "StaticCallError", "UnknownC
 _lazy("._ftrace", "Ftrace", "RingBuffer", "TraceEntry", "FtraceBugError", "FtraceFilterError")
 _lazy("._kprobes", "Kprobes", "Kprobe", "Kretprobe", "KprobeError")
 _lazy("._module", "ModuleLoader", "Module")
-_lazy("._module_link", "ModuleError", "ModuleFormatError", "ModuleRelocationError",
+_lazy("._module._link", "ModuleError", "ModuleFormatError", "ModuleRelocationError",
       "UnknownSymbolError")
 _lazy("._bpf", "BpfJit", "BpfProg", "BpfTextPokeBusy")
 _lazy("._execmem", "ExecMem", "ExecMemError")

@@ -10,7 +10,7 @@ from .._core._machine import Capability
 from .._errors import TextPokeError
 from .._jump_label._keys import UnknownKeyError
 from .._module import Module, ModuleLoader
-from .._module_link import ModuleRelocationError, UnknownSymbolError
+from .._module._link import ModuleRelocationError, UnknownSymbolError
 from .._static_call._calls import UnknownCallError
 from ..images.modules import module_path
 from ._result import SelfTestResult

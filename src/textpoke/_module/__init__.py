@@ -80,21 +80,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from ._alternative._apply import alt_instructions_pass
-from ._alternative._shadow import DebugLog, Shadow, Symbols, features_of
-from ._alternative._records import PassLog
-from ._alternative._kpasses import F_INDIRECT_THUNK_ITS, BootOptions
-from ._alternative._thunks import (ItsThunks, retpolines_pass, returns_pass, seal_endbr,
+from .._alternative._apply import alt_instructions_pass
+from .._alternative._shadow import DebugLog, Shadow, Symbols, features_of
+from .._alternative._records import PassLog
+from .._alternative._kpasses import F_INDIRECT_THUNK_ITS, BootOptions
+from .._alternative._thunks import (ItsThunks, retpolines_pass, returns_pass, seal_endbr,
                                    shadow_pass)
-from ._core._insn import CALL_INSN_OPCODE, text_gen_insn
-from ._core._machine import Capability
-from .images._elf import ET_REL, SHT_NOBITS, ElfFile, ImageError
-from ._execmem import ExecMem
-from ._jump_label._keys import StaticKeys, UnknownKeyError
-from ._module_link import (ModuleError, ModuleFormatError, UnknownSymbolError, align, layout,
+from .._core._insn import CALL_INSN_OPCODE, text_gen_insn
+from .._core._machine import Capability
+from ..images._elf import ET_REL, SHT_NOBITS, ElfFile, ImageError
+from .._execmem import ExecMem
+from .._jump_label._keys import StaticKeys, UnknownKeyError
+from ._link import (ModuleError, ModuleFormatError, UnknownSymbolError, align, layout,
                            placed, relocate, resolve_symbols)
-from ._static_call._calls import StaticCall, StaticCalls, UnknownCallError
-from .images._tables import (Bounds, RetpolineSite, ReturnSite, alt_instr_table, check_entries,
+from .._static_call._calls import StaticCall, StaticCalls, UnknownCallError
+from ..images._tables import (Bounds, RetpolineSite, ReturnSite, alt_instr_table, check_entries,
                              jump_table, mcount_sites, s32_sites, static_call_table)
 
 __all__ = ["ModuleLoader", "Module", "MODULE_DATA_BASE", "MODULE_DATA_SIZE"]
@@ -395,7 +395,7 @@ class ModuleLoader:
         if rt:
             # the boot's x86_return_thunk (a real kernel's: call_depth_,
             # srso_, its_return_thunk...), not the default one
-            from ._alternative._thunks import returns
+            from .._alternative._thunks import returns
 
             def ret_pass(shadow, sites, feats, sym, dbg):
                 return shadow_pass(lambda tb, addrs, caps, log: returns(

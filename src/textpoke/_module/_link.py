@@ -12,8 +12,8 @@ Rules learnt from ``kernel/module/main.c`` and ``arch/x86/kernel/module.c``
 
 from __future__ import annotations
 
-from ._errors import TextPokeError
-from .images._elf import SHN_ABS, SHN_COMMON, SHT_REL, SHT_RELA, STB_WEAK
+from .._errors import TextPokeError
+from ..images._elf import SHN_ABS, SHN_COMMON, SHT_REL, SHT_RELA, STB_WEAK
 
 __all__ = ["ModuleError", "ModuleFormatError", "ModuleRelocationError", "UnknownSymbolError",
            "RELOCATION_TYPES", "layout", "placed", "align", "resolve_symbols", "relocate"]
