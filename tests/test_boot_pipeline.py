@@ -131,8 +131,8 @@ def test_a_module_is_patched_by_the_same_passes():
     """The module loader imports the machine wrappers of the boot's passes,
     and each wrapper hands its shadow to the one pass."""
     from textpoke._alternative import _apply, _thunks
-    tree = ast.parse((ALT.parent / "_module" / "__init__.py").read_text())
-    imported = {(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+    imported = {(n.module, a.name) for p in (ALT.parent / "_module").glob("*.py")
+                for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.ImportFrom)
                 for a in n.names}
     assert ("_alternative._apply", "alt_instructions_pass") in imported
     assert ("_alternative._thunks", "retpolines_pass") in imported
