@@ -54,27 +54,54 @@ class _StopMachine:
                     self._resume(t, sig)
 
     def _step_out_of(self, runs: list[tuple[int, bytearray]]) -> None:
-        for tid, t in list(self._threads.items()):
-            if t.state != _HELD:
-                continue
-            for _ in range(64):
-                rip = P.getregs(tid, self._regs).rip
-                if not any(s < rip < s + len(b) for s, b in runs):
-                    break
-                P.singlestep(tid)
-                self.stats.single_steps += 1
-                si = P.SigInfo()
-                for _spin in range(100000):
-                    si.si_pid = 0
-                    if P.waitid(tid, si, False) == 0 and si.si_pid:
-                        break
-                    time.sleep(20e-6)
-            else:
-                raise MachineError(f"thread {tid} stays inside a range being written")
+        """Get every held thread out of the ranges (strictly inside one) by
+        letting it run a moment and stopping it again -- never by a single
+        step: the kernel does not clear the trap flag (nor the syscall-exit
+        trap) when the tracer dies, and a thread left in a step's SIGTRAP
+        stop gets that SIGTRAP delivered, so a patcher SIGKILLed around a
+        step killed the target.  A thread run out is stopped again by an
+        interrupt (an event stop, nothing pending); a signal it was held
+        with stays held, to be delivered when it is let go."""
+        def inside(tid: int) -> bool:
+            rip = P.getregs(tid, self._regs).rip
+            return any(s < rip < s + len(b) for s, b in runs)
+
+        nap = 50e-6
+        for _ in range(64):
+            out = [t for tid, t in list(self._threads.items())
+                   if t.state == _HELD and inside(tid)]
+            if not out:
+                return
+            kept = {}
+            for t in out:
+                if t.hold_sig < 0:          # group-stopped: it cannot run now
+                    continue
+                kept[t.tid], t.hold_sig = t.hold_sig, 0
+                self._resume(t, 0)
+            time.sleep(nap)
+            nap = min(nap * 2, 5e-3)
+            for tid, sig in kept.items():
+                t = self._threads.get(tid)
+                if t is None:
+                    continue
+                if t.state == _RUN and not t.pending_int:
+                    self._interrupt(t)
+                while self._threads.get(tid) is t and t.state == _RUN:
+                    self._wait(tid, True)
+                if sig and self._threads.get(tid) is t:
+                    if t.state == _HELD and t.hold_sig == 0:
+                        t.hold_sig = sig
+                    else:                   # a second signal came: queue the first again
+                        from ._inject import _tgkill
+                        with contextlib.suppress(OSError):
+                            _tgkill(self.pid, tid, sig)
+        stuck = [tid for tid, t in self._threads.items() if t.state == _HELD and inside(tid)]
+        if stuck:
+            raise MachineError(f"thread {stuck[0]} stays inside a range being written")
 
     def step_out_of_range(self, lo: int, hi: int) -> None:
-        """Single-step every held thread whose RIP is in [lo, hi) until it
-        is not (inside :meth:`stopped`)."""
+        """Get every held thread whose RIP is in [lo, hi) out of it (inside
+        :meth:`stopped`): run a moment and stopped again, see :meth:`_step_out_of`."""
         self._step_out_of([(lo - 1, bytearray(hi - lo + 1))])
 
     @contextlib.contextmanager
