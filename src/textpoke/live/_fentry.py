@@ -124,6 +124,22 @@ def _entries(mod: Module) -> Iterable[tuple[int, str]]:
                 yield v + mod.bias, src
 
 
+def _sorted_entries(mod: Module) -> list[tuple[int, str]]:
+    """The (runtime address, source) of every recorded site of *mod*, in
+    order, without duplicates."""
+    per = []
+    for sec, src in SECTIONS.items():
+        raw = mod.section_bytes(sec)
+        if raw:
+            vals = memoryview(raw[:len(raw) - len(raw) % 8]).cast("Q").tolist()
+            per.append((src, vals))
+    if len(per) == 1:
+        src, vals = per[0]
+        bias = mod.bias
+        return [(v + bias, src) for v in sorted(set(vals)) if v]
+    return sorted(set(_entries(mod)))
+
+
 def fentry_sites(syms: Symbols, pattern: str | None = None, *,
                  read: Callable[[int, int], bytes] | None = None,
                  modules: Iterable[Module] | None = None) -> list[FentrySite]:
@@ -162,20 +178,21 @@ def fentry_sites(syms: Symbols, pattern: str | None = None, *,
                     if addr not in out and any(a <= addr and addr + 5 <= b for a, b in ranges):
                         out[addr] = FentrySite(addr, f.name, f.addr, mod.short, src, b"", "")
                 continue
-            entries = sorted(set(_entries(mod)))
+            entries = _sorted_entries(mod)
             if not entries:
                 continue
-            funcs = mod.functions_sorted()
-            starts = [f.addr for f in funcs]
+            # names, starts and sizes only: no Symbol made for 10,000 functions
+            fnames, starts, fsizes = mod.function_table()
             if rx is not None:
                 # only the entries inside a function whose name matches (each
                 # still checked below against the functions that own it)
                 eaddrs = [a for a, _src in entries]
                 keep: set[int] = set()
-                for f in funcs:
-                    if rx.match(f.name):
-                        keep.update(range(bisect.bisect_left(eaddrs, f.addr),
-                                          bisect.bisect_left(eaddrs, f.addr + max(f.size, 1))))
+                for k, n in enumerate(fnames):
+                    if rx.match(n):
+                        a = starts[k]
+                        keep.update(range(bisect.bisect_left(eaddrs, a),
+                                          bisect.bisect_left(eaddrs, a + max(fsizes[k], 1))))
                 entries = [entries[k] for k in sorted(keep)]
             one = ranges[0] if len(ranges) == 1 else None
             for addr, src in entries:
@@ -191,15 +208,14 @@ def fentry_sites(syms: Symbols, pattern: str | None = None, *,
                 names: list[str] = []
                 i = j
                 while i >= 0 and starts[i] == starts[j]:
-                    f = funcs[i]
-                    if addr < f.addr + max(f.size, 1):
-                        fn = fn or f
-                        names.append(f.name)
+                    if addr < starts[i] + max(fsizes[i], 1):
+                        fn = i if fn is None else fn
+                        names.append(fnames[i])
                     i -= 1
                 if fn is None:
                     names, name, faddr = [], "?", addr
                 else:
-                    name, faddr = fn.name, fn.addr
+                    name, faddr = fnames[fn], starts[fn]
                 if rx is not None and not any(rx.match(n) for n in names):
                     continue
                 out[addr] = FentrySite(addr, name, faddr, mod.short, src, b"", "")

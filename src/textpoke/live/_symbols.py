@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import fnmatch
+from itertools import accumulate
 import mmap
 import os
 import re
@@ -95,6 +96,8 @@ class Module:
         self._parse_headers()
         self.bias = self._bias()
         self._symbols: list[Symbol] | None = None
+        self._rows_: "_symcache.Rows | None" = None
+        self._ftab: tuple[list[str], list[int], list[int], list[bool]] | None = None
         self._by_name: dict[str, Symbol] = {}
         self._starts: list[int] = []
 
@@ -124,29 +127,92 @@ class Module:
         raise SymbolError(f"{self.path}: no PT_LOAD segment covers file offset {m.offset:#x}")
 
     # --- symbols ------------------------------------------------------------
-    def _load(self) -> None:
-        syms: dict[tuple[str, int], Symbol] = {}
-        elf, bias, kinds = self._elf, self.bias, (STT_FUNC, STT_GNU_IFUNC, STT_OBJECT)
+    def _rows(self) -> "_symcache.Rows":
+        """Every defined function, ifunc and object symbol of the file, one
+        per (name, value): parallel lists of names, link-time values,
+        sizes and types, in (value, not function, name) order -- from the
+        cache (:mod:`._symcache`) when it holds this very file."""
+        if self._rows_ is not None:
+            return self._rows_
+        from . import _symcache
+        k = None
+        if _symcache.enabled():
+            import zlib
+            crc, elf, raw = 0, self._elf, self._raw
+            for sec in elf.symbol_tables():
+                for t in (sec, elf.sections[sec.link] if sec.link < len(elf.sections) else sec):
+                    crc = zlib.crc32(raw[t.offset:t.offset + t.size], crc)
+            k = _symcache.key(os.fstat(self._file.fileno()), crc)
+        rows = _symcache.load(k) if k is not None else None
+        if rows is None:
+            rows = self._parse_rows()
+            if k is not None:
+                _symcache.store(k, rows)
+        self._rows_ = rows
+        return rows
+
+    def _parse_rows(self) -> "_symcache.Rows":
+        found: dict[tuple[str, int], tuple[int, int]] = {}
+        elf, raw, kinds = self._elf, self._raw, (STT_FUNC, STT_GNU_IFUNC, STT_OBJECT)
         for sec in elf.symbol_tables():
             if sec.link >= len(elf.sections):
                 continue
-            # the ElfFile's entries, named from the string table decoded once
-            # (ascii with one U+FFFD per bad byte: offsets are kept), not one
-            # decode per symbol -- a third of the load for 10,000 symbols
-            strs, ents = elf._entries(sec)
+            # the fields of every entry sliced out at once (Elf64_Sym: name
+            # u32 at 0, info u8 at 4, shndx u16 at 6, value u64 at 8, size
+            # u64 at 16), and the names of the string table split once (a
+            # name may also start inside another: then looked for); ascii
+            # with one U+FFFD per bad byte, so offsets are kept
+            strs, _ents = elf._entries(sec)           # checks both lie in the file
+            n = sec.size // _SYM.size
+            mv = memoryview(bytes(raw[sec.offset:sec.offset + n * _SYM.size]))
+            q, w = mv.cast("Q"), mv.cast("I")
+            nms, infos = w[0::6].tolist(), mv[4::24].tolist()
+            shndx, vals, sizes = mv.cast("H")[3::12].tolist(), q[1::3].tolist(), q[2::3].tolist()
             text = strs.decode("ascii", "replace")
-            find = text.find
-            for nm, info, _other, shndx, value, ssize in ents:
-                typ = info & 0xF
-                if nm == 0 or shndx == 0 or typ not in kinds:
+            parts = text.split("\0")
+            at = dict(zip(accumulate([len(x) + 1 for x in parts], initial=0), parts))
+            for k, nm in enumerate(nms):
+                typ = infos[k] & 0xF
+                if nm == 0 or shndx[k] == 0 or typ not in kinds:
                     continue
-                j = find("\0", nm)
-                name = text[nm:j] if j >= 0 else text[nm:]
-                addr = value + bias
-                if (name, addr) not in syms:
-                    syms[(name, addr)] = Symbol(name, addr, ssize, self, typ != STT_OBJECT,
-                                                typ == STT_GNU_IFUNC)
-        self._symbols = sorted(syms.values(), key=lambda s: (s.addr, not s.func, s.name))
+                name = at.get(nm)
+                if name is None:
+                    j = text.find("\0", nm)
+                    name = text[nm:j] if j >= 0 else text[nm:]
+                key = (name, vals[k])
+                if key not in found:
+                    found[key] = (sizes[k], typ)
+        order = sorted(found, key=lambda k: (k[1], found[k][1] == STT_OBJECT, k[0]))
+        return ([k[0] for k in order], [k[1] for k in order], [found[k][0] for k in order],
+                [found[k][1] for k in order])
+
+    def function_table(self) -> tuple[list[str], list[int], list[int]]:
+        """(names, runtime start addresses, sizes) of the function symbols
+        (ifuncs too) in address order, aliases adjacent -- what
+        :meth:`functions_sorted` holds, without a :class:`Symbol` each."""
+        if self._ftab is None:
+            names, vals, sizes, types = self._rows()
+            bias = self.bias
+            keep = [i for i, t in enumerate(types) if t != STT_OBJECT]
+            self._ftab = ([names[i] for i in keep], [vals[i] + bias for i in keep],
+                          [sizes[i] for i in keep], [types[i] == STT_GNU_IFUNC for i in keep])
+        return self._ftab[:3]
+
+    def functions_matching(self, rx: "re.Pattern[str]") -> list[Symbol]:
+        """The function symbols whose name *rx* matches, in address order
+        (a :class:`Symbol` made for these only)."""
+        if self._symbols is not None:
+            return [s for s in self._funcs if rx.match(s.name)]
+        self.function_table()
+        names, starts, sizes, ifunc = self._ftab      # type: ignore[misc]
+        return [Symbol(names[i], starts[i], sizes[i], self, True, ifunc[i])
+                for i, n in enumerate(names) if rx.match(n)]
+
+    def _load(self) -> None:
+        names, vals, sizes, types = self._rows()
+        bias = self.bias
+        self._symbols = [Symbol(n, v + bias, z, self, t != STT_OBJECT, t == STT_GNU_IFUNC)
+                         for n, v, z, t in zip(names, vals, sizes, types)]
         for s in self._symbols:
             prev = self._by_name.get(s.name)
             if prev is None or (s.func and not prev.func):
@@ -430,7 +496,7 @@ class Symbols:
                 s = mod.lookup(pattern)
                 cands = [s] if s is not None and s.func else []
             else:
-                cands = [s for s in mod.symbols if s.func and rx.match(s.name)]
+                cands = mod.functions_matching(rx)
             for s in cands:
                 out.setdefault(s.addr, s)
         return [out[a] for a in sorted(out)]
