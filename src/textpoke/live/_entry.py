@@ -137,26 +137,12 @@ def entry_sites(syms: Symbols, pattern: str | None = None, *,
                 refused.append(Refusal(s.name, s.addr, mod.short, "fentry",
                                        ENTRY_REASONS["fentry"]))
                 continue
-            if getattr(s, "ifunc", False):
-                refused.append(Refusal(s.name, s.addr, mod.short, "ifunc",
-                                       ENTRY_REASONS["ifunc"]))
+            got = _planned(s, starts, read, refused)
+            if got is None:
                 continue
-            try:
-                plan = _plan(s, mod, starts, read)
-            except RelocError as e:
-                refused.append(Refusal(s.name, s.addr, mod.short, e.reason, str(e)))
-                continue
-            try:
-                live = read(plan.addr, plan.length)
-            except OSError as e:
-                refused.append(Refusal(s.name, s.addr, mod.short, "not-file",
-                                       f"cannot read {plan.addr:#x}: {e.strerror}"))
-                continue
+            plan, live = got
             if live != plan.orig:
-                reason = "int3" if b"\xcc" in live[:1] else "patched"
-                refused.append(Refusal(s.name, s.addr, mod.short, reason,
-                                       f"{ENTRY_REASONS[reason]}: reads {live.hex(' ')}, the "
-                                       f"file has {plan.orig.hex(' ')}"))
+                refused.append(_differs(s, plan, live))
                 continue
             sites.append(EntrySite(plan.addr, name_of(s), s.addr, mod.short, live[:JMP_SIZE],
                                    plan))
@@ -179,6 +165,38 @@ def _namer(pattern: str | None) -> Callable[[Symbol], str]:
         names = [n for n in s.module.names_at(s.addr) if rx is None or rx.match(n)]
         return min(names, key=lambda n: (n.startswith("_"), len(n), n)) if names else s.name
     return name_of
+
+
+def _planned(s: Symbol, starts: dict, read: Callable[[int, int], bytes],
+             refused: list[Refusal]) -> tuple[EntryPlan, bytes] | None:
+    """The entry plan of function *s* and the bytes its planned range holds
+    in the live process; None, with the refusal appended to *refused*, for
+    an IFUNC, an entry the relocator refuses or bytes that cannot be read."""
+    mod: Module = s.module
+    if getattr(s, "ifunc", False):
+        refused.append(Refusal(s.name, s.addr, mod.short, "ifunc", ENTRY_REASONS["ifunc"]))
+        return None
+    try:
+        plan = _plan(s, mod, starts, read)
+    except RelocError as e:
+        refused.append(Refusal(s.name, s.addr, mod.short, e.reason, str(e)))
+        return None
+    try:
+        live = read(plan.addr, plan.length)
+    except OSError as e:
+        refused.append(Refusal(s.name, s.addr, mod.short, "not-file",
+                               f"cannot read {plan.addr:#x}: {e.strerror}"))
+        return None
+    return plan, live
+
+
+def _differs(s: Symbol, plan: EntryPlan, live: bytes) -> Refusal:
+    """The refusal of an entry whose live bytes are not the file's (and
+    not a state of ours): an INT3 at the site, or some other patch."""
+    reason = "int3" if live[:1] == b"\xcc" else "patched"
+    return Refusal(s.name, s.addr, s.module.short, reason,
+                   f"{ENTRY_REASONS[reason]}: reads {live.hex(' ')}, the "
+                   f"file has {plan.orig.hex(' ')}")
 
 
 def _plan(s: Symbol, mod: Module, starts: dict[int, list[int]],
@@ -315,21 +333,10 @@ def toggle_sites(syms: Symbols, functions: Sequence[Symbol], pattern: str | None
         name_of = _namer(pattern)
         starts: dict = {}
         for s in functions:
-            mod: Module = s.module
-            if getattr(s, "ifunc", False):
-                refused.append(Refusal(s.name, s.addr, mod.short, "ifunc", ENTRY_REASONS["ifunc"]))
+            got = _planned(s, starts, read, refused)
+            if got is None:
                 continue
-            try:
-                plan = _plan(s, mod, starts, read)
-            except RelocError as e:
-                refused.append(Refusal(s.name, s.addr, mod.short, e.reason, str(e)))
-                continue
-            try:
-                live = read(plan.addr, plan.length)
-            except OSError as e:
-                refused.append(Refusal(s.name, s.addr, mod.short, "not-file",
-                                       f"cannot read {plan.addr:#x}: {e.strerror}"))
-                continue
+            plan, live = got
             state = None
             if live == plan.orig:
                 state = EntryState("orig")
@@ -340,12 +347,9 @@ def toggle_sites(syms: Symbols, functions: Sequence[Symbol], pattern: str | None
                 to = (plan.addr + JMP_SIZE + struct.unpack_from("<i", live, 1)[0]) & (2**64 - 1)
                 state = _jmp_state(syms, maps, read, plan, to)
             if state is None:
-                reason = "int3" if live[:1] == b"\xcc" else "patched"
-                refused.append(Refusal(s.name, s.addr, mod.short, reason,
-                                       f"{ENTRY_REASONS[reason]}: reads {live.hex(' ')}, the "
-                                       f"file has {plan.orig.hex(' ')}"))
+                refused.append(_differs(s, plan, live))
                 continue
-            sites.append(EntrySite(plan.addr, name_of(s), s.addr, mod.short,
+            sites.append(EntrySite(plan.addr, name_of(s), s.addr, s.module.short,
                                    live[:JMP_SIZE], plan))
             states.append(state)
         return sites, states, refused
