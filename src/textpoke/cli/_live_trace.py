@@ -10,7 +10,7 @@ from collections import Counter
 
 from . import _output as out
 from ._args import UsageError
-from ._signals import Terminated, arrived as _arrived, exit_status, reporting
+from ._live_session import run_session
 
 __all__ = ["TRACE_JSON_EVENTS", "run"]
 
@@ -26,11 +26,8 @@ def run(args: argparse.Namespace) -> int:
                        strategy=args.strategy)
     except TraceError as e:
         raise UsageError(str(e)) from None
-    interrupted: BaseException | None = None
     events: list[dict] = []
-    err: str | None = None
     nev = 0
-    t0 = time.monotonic()
 
     def emit(evs) -> None:
         nonlocal nev
@@ -46,7 +43,10 @@ def run(args: argparse.Namespace) -> int:
             else:
                 out.print_plain(lt.line(e))
 
-    try:
+    end: float | None = None
+
+    def arm() -> None:
+        nonlocal end
         lt.arm()
         n_ent = sum(1 for s in lt.sites if s.kind == "entry")
         n_pad = sum(1 for s in lt.sites if s.kind != "nop5")
@@ -59,36 +59,25 @@ def run(args: argparse.Namespace) -> int:
                  if lt.clock_note and not args.profile else ""),
               file=sys.stderr, flush=True)
         end = None if args.duration is None else time.monotonic() + args.duration
-        while True:
-            slice_end = time.monotonic() + 0.02
-            if end is not None:
-                slice_end = min(slice_end, end)
-            lt.pump(lambda: time.monotonic() >= slice_end)
-            if not args.profile:
-                emit(lt.take())
-            if (end is not None and time.monotonic() >= end) or not lt.machine.threads \
-                    or not alive(args.pid):
-                break
-    except (KeyboardInterrupt, Terminated) as e:
-        interrupted = e
-    except Exception as e:
-        from .._errors import TextPokeError
-        if not isinstance(e, TextPokeError):
-            raise
-        err = f"{type(e).__name__}: {e}"
-    finally:
-        # the disarm runs to its end: a signal from now on is only recorded
-        reporting()
-        try:
-            left = lt.close()
-        except Exception as e:          # the process went away under us
-            left = {"int3_left": lt.int3_left(), "restored": lt.restored(), "regions_kept": [],
-                    "close_error": f"{type(e).__name__}: {e}"}
+
+    def step() -> bool:
+        slice_end = time.monotonic() + 0.02
+        if end is not None:
+            slice_end = min(slice_end, end)
+        lt.pump(lambda: time.monotonic() >= slice_end)
+        if not args.profile:
+            emit(lt.take())
+        return end is not None and time.monotonic() >= end
+
+    s = run_session(lt, args.pid, arm=arm, step=step, alive=alive,
+                    fallback=lambda e: {"int3_left": lt.int3_left(), "restored": lt.restored(),
+                                        "regions_kept": [],
+                                        "close_error": f"{type(e).__name__}: {e}"})
+    left, err = s.left, s.err
     if not args.profile:
         emit(lt.final_events)
     gone = not alive(args.pid)
-    if err is not None and not gone and not lt.armed:
-        raise UsageError(err.split(": ", 1)[1])
+    s.refuse(gone, nothing_written=not lt.armed)
     counts = lt.final_counts or {"overruns": 0, "dropped": 0, "hits": 0}
     doc = {"pid": args.pid, "functions": args.functions,
            "tracer": "profile" if args.profile else "function",
@@ -101,9 +90,9 @@ def run(args: argparse.Namespace) -> int:
            "tsc_hz": round(lt.time.hz()) if lt.time is not None else None,
            "threads": lt.stats.threads_seen,
            "threads_without_ring": lt.stats.threads_without_ring,
-           "seconds": round(time.monotonic() - t0, 3), "strategy": args.strategy,
+           "seconds": s.seconds(), "strategy": args.strategy,
            "target_alive": not gone,
-           "interrupted": interrupted is not None or _arrived() is not None,
+           "interrupted": s.was_interrupted,
            "int3_left": left["int3_left"] if not gone else 0,
            "restored": bool(left["restored"]) if not gone else None,
            "regions_kept": left["regions_kept"]}
@@ -138,8 +127,4 @@ def run(args: argparse.Namespace) -> int:
               + (f"; {err}" if err else "")
               + (f"; kept mapped: {'; '.join(doc['regions_kept'])}" if doc["regions_kept"] else ""),
               file=sys.stderr)
-    if interrupted is not None:
-        return exit_status(interrupted)
-    from ._signals import status_for
-    ok = gone or (doc["int3_left"] == 0 and doc["restored"])
-    return status_for(0 if ok and err is None else 1)
+    return s.status(gone or (doc["int3_left"] == 0 and bool(doc["restored"])))
