@@ -208,28 +208,13 @@ def run(args: argparse.Namespace) -> int:
                          "(on the sim the tracer always stops at the end)")
     if args.tracer == "function_graph":
         return _run_graph(args)
-    from ..sim._ftrace_work import DEMO_FUNCTIONS, FtraceMachine, ftrace_selftest
+    from ..sim._ftrace_work import ftrace_selftest
 
     def body(fm, d: dict, lines: list[str]) -> bool:
         ft = fm.ftrace
-        # globs first: one that matches nothing is a usage error before anything runs
-        ft.set_ftrace_filter(args.functions or None)
-        ft.set_ftrace_notrace(args.notrace or None)
-        filt, notrace = list(ft.filter), list(ft.notrace)
-        fm.set_work(DEMO_FUNCTIONS)
-        fm.start()
-        fm.wait_passes(1)
-        failed = False
+        failed = _start_work(args, fm, d, lines, ftrace_selftest, "ftrace")
         if args.selftest:
-            r = ftrace_selftest(fm)
-            d["selftest"] = {"passed": r.passed, "cases": r.cases, "bad": r.bad}
-            lines.append(f"# ftrace startup self-test on {args.cpus} running vCPUs: "
-                         f"{sum(c['passed'] for c in r.cases)}/{len(r.cases)} checks passed")
-            lines += [f"#   FAILED {c['name']}" for c in r.cases if not c["passed"]]
-            failed |= not r.passed
             # the self-test overran a ring on purpose; this run starts afresh
-            ft.set_ftrace_filter(filt or None)
-            ft.set_ftrace_notrace(notrace or None)
             fm.pause()
             fm.read_trace()
             fm.ring.reset()
@@ -242,17 +227,7 @@ def run(args: argparse.Namespace) -> int:
         d["functions"] = selected
         up = ft.start("profile" if args.profile else "function")
         d["enable"] = up.as_dict()
-        try:
-            fm.run(args.duration)
-        except BaseException:
-            # interrupted: the tracer is switched off (every CALL back to its
-            # NOP) before the partial report; int3_left is read after that
-            try:
-                ft.stop()
-            except Exception:
-                pass
-            raise
-        dn = ft.stop()
+        dn = _run_then_stop(fm, args.duration, ft.stop)
         d["disable"] = dn.as_dict()
         fm.read_trace()
         trace = fm.trace[mark:]
@@ -280,56 +255,29 @@ def run(args: argparse.Namespace) -> int:
             lines.append(f"# WARNING: {overruns} oldest events overwritten (a ring buffer was "
                          "full); "
                          "try a larger --buffer-size")
-        for b in bad:
-            lines.append(f"# WRONG RESULT: cpu{b['cpu']} {b['function']} ({b['count']} times)")
+        lines += _wrong_results(bad)
         return failed or bool(bad)
 
-    return on_clients(args, lambda: FtraceMachine(cpus=args.cpus, seed=args.seed,
-                                                  ring_size=args.buffer_size), body,
-                      prefix="# ")
+    return _on_ftrace_machine(args, body)
 
 
 def _run_graph(args: argparse.Namespace) -> int:
     """``--tracer function_graph`` on the sim's running vCPUs."""
     from .._ftrace._graph import FunctionGraph, format_graph
-    from ..sim._ftrace_work import DEMO_FUNCTIONS, FtraceMachine
+    from ..selftests._fgraph import graph_selftest
 
     def body(fm, d: dict, lines: list[str]) -> bool:
         ft = fm.ftrace
-        ft.set_ftrace_filter(args.functions or None)
-        ft.set_ftrace_notrace(args.notrace or None)
-        filt, notrace = list(ft.filter), list(ft.notrace)
-        fm.set_work(DEMO_FUNCTIONS)
-        fm.start()
-        fm.wait_passes(1)
-        failed = False
+        failed = _start_work(args, fm, d, lines, graph_selftest, "function_graph")
         if args.selftest:
-            from ..selftests._fgraph import graph_selftest
-            r = graph_selftest(fm)
-            d["selftest"] = {"passed": r.passed, "cases": r.cases, "bad": r.bad}
-            lines.append(f"# function_graph startup self-test on {args.cpus} running vCPUs: "
-                         f"{sum(c['passed'] for c in r.cases)}/{len(r.cases)} checks passed")
-            lines += [f"#   FAILED {c['name']}" for c in r.cases if not c["passed"]]
-            failed |= not r.passed
-            ft.set_ftrace_filter(filt or None)
-            ft.set_ftrace_notrace(notrace or None)
             fm.resume()
         g = FunctionGraph(fm.kernel)
         d["tracer"] = "function_graph"
         d["functions"] = len(ft.selected())
         up = g.start()
         d["enable"] = up.as_dict()
-        try:
-            fm.run(args.duration)
-        except BaseException:
-            # interrupted: every site back to its NOP before the partial
-            # report (frames still hooked are data, not text: no INT3 left)
-            try:
-                g.stop()
-            except Exception:
-                pass
-            raise
-        dn = g.stop()
+        # (interrupted, frames still hooked are data, not text: no INT3 left)
+        dn = _run_then_stop(fm, args.duration, g.stop)
         d["disable"] = dn.as_dict()
         # frames hooked before the stop still return through return_to_handler:
         # wait for them, then leave the trap chain (a bounded wait: a function
@@ -354,10 +302,60 @@ def _run_graph(args: argparse.Namespace) -> int:
                      f"{g.in_flight} still hooked")
         if g.dead:
             lines.append(f"# GRAPH TRACING STOPPED: {g.why_dead}")
-        for b in bad:
-            lines.append(f"# WRONG RESULT: cpu{b['cpu']} {b['function']} ({b['count']} times)")
+        lines += _wrong_results(bad)
         return failed or bool(bad) or g.dead
 
+    return _on_ftrace_machine(args, body)
+
+
+# -- what the function and function_graph tracers on the sim share ------------
+def _on_ftrace_machine(args: argparse.Namespace, body) -> int:
+    from ..sim._ftrace_work import FtraceMachine
     return on_clients(args, lambda: FtraceMachine(cpus=args.cpus, seed=args.seed,
                                                   ring_size=args.buffer_size), body,
                       prefix="# ")
+
+
+def _start_work(args: argparse.Namespace, fm, d: dict, lines: list[str], selftest,
+                tracer: str) -> bool:
+    """Set the filters (globs first: one that matches nothing is a usage
+    error before anything runs), start the workload on every vCPU and, with
+    --selftest, run *selftest* and set the filters again; the vCPUs are left
+    paused after a self-test.  Returns whether the self-test failed."""
+    from ..sim._ftrace_work import DEMO_FUNCTIONS
+    ft = fm.ftrace
+    ft.set_ftrace_filter(args.functions or None)
+    ft.set_ftrace_notrace(args.notrace or None)
+    filt, notrace = list(ft.filter), list(ft.notrace)
+    fm.set_work(DEMO_FUNCTIONS)
+    fm.start()
+    fm.wait_passes(1)
+    if not args.selftest:
+        return False
+    r = selftest(fm)
+    d["selftest"] = {"passed": r.passed, "cases": r.cases, "bad": r.bad}
+    lines.append(f"# {tracer} startup self-test on {args.cpus} running vCPUs: "
+                 f"{sum(c['passed'] for c in r.cases)}/{len(r.cases)} checks passed")
+    lines += [f"#   FAILED {c['name']}" for c in r.cases if not c["passed"]]
+    ft.set_ftrace_filter(filt or None)
+    ft.set_ftrace_notrace(notrace or None)
+    return not r.passed
+
+
+def _run_then_stop(fm, duration: float, stop):
+    """Run the vCPUs for *duration*, then *stop* the tracer and return its
+    report.  Interrupted, the tracer is stopped first (every CALL back to
+    its NOP) before the partial report, so int3_left is read after that."""
+    try:
+        fm.run(duration)
+    except BaseException:
+        try:
+            stop()
+        except Exception:
+            pass
+        raise
+    return stop()
+
+
+def _wrong_results(bad: list[dict]) -> list[str]:
+    return [f"# WRONG RESULT: cpu{b['cpu']} {b['function']} ({b['count']} times)" for b in bad]
