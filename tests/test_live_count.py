@@ -20,6 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
 from helpers import Target, expected_window, gen, ptrace_skip_reason  # noqa: E402
+from livetest import site_bytes as _site_bytes  # noqa: E402
 
 from textpoke import insn_decode_kernel
 from textpoke.live._count import COUNTER_STRIDE, STUB_SIZE, stub_code
@@ -143,15 +144,6 @@ NBIG, THREADS, ROUNDS = 10_000, 4, 3
 @pytest.fixture(scope="module")
 def big_exe(builddir):
     return gen.build(NBIG, builddir)
-
-
-def _site_bytes(pid: int, addrs: list[int]) -> list[bytes]:
-    with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
-        out = []
-        for a in addrs:
-            f.seek(a)
-            out.append(f.read(5))
-        return out
 
 
 @needs_ptrace

@@ -35,6 +35,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
 from helpers import ptrace_skip_reason  # noqa: E402
+from livetest import (live_cli as tp, peek_u64, proc_state, sigtrap_caught,  # noqa: E402
+                      site_bytes)
 
 _skip = ptrace_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
@@ -140,48 +142,13 @@ class _Target:
         self.proc.stdout.close()
 
     def alive(self) -> bool:
-        return self.proc.poll() is None and _state(self.pid) not in ("Z", "X", "")
-
-
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return ""
-
-
-def _caught(pid: int) -> bool:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigCgt:"):
-            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTRAP - 1)))
-    raise AssertionError("no SigCgt line")
-
-
-def _read(pid: int, addrs: list[int]) -> list[bytes]:
-    with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
-        out = []
-        for a in addrs:
-            f.seek(a)
-            out.append(f.read(5))
-        return out
+        return self.proc.poll() is None and proc_state(self.pid) not in ("Z", "X", "")
 
 
 def _hits_addr(pid: int) -> int:
     from textpoke.live._symbols import Symbols
     with Symbols(pid) as s:
         return s.lookup("hits").addr
-
-
-def _peek(pid: int, addr: int) -> int:
-    with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
-        f.seek(addr)
-        return int.from_bytes(f.read(8), "little")
-
-
-def tp(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "textpoke", "live", *args], capture_output=True,
-                          text=True, timeout=120)
 
 
 def _sites(pid: int) -> list[int]:
@@ -203,14 +170,14 @@ def test_target_resetting_sigtrap_in_a_loop_is_patched_cleanly(exe):
             assert not journal_path(t.pid).exists(), journal_path(t.pid).read_text()
             assert Path(f"/proc/{t.pid}/maps").read_text() == maps0
             assert t.alive()
-        assert _read(t.pid, addrs) == [NOP5] * N
+        assert site_bytes(t.pid, addrs) == [NOP5] * N
         r = tp("count", "--pid", str(t.pid), "--functions", "g0*", "--duration", "0.1", "--json")
         assert r.returncode == 0, r.stdout + r.stderr
         assert json.loads(r.stdout)["freed"]
         assert not journal_path(t.pid).exists()
         assert Path(f"/proc/{t.pid}/maps").read_text() == maps0
         # the target's own SIG_DFL is its action (nothing caught), as it asked
-        assert not _caught(t.pid) and t.alive()
+        assert not sigtrap_caught(t.pid) and t.alive()
 
 
 DRIVER = textwrap.dedent("""
@@ -250,17 +217,17 @@ def test_guard_put_back_after_the_target_reset_it_then_sigkill(exe, tmp_path):
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert d.stdout.readline().split()[:2] == ["phase", "int3"]
-            assert all(b[:1] == b"\xcc" for b in _read(t.pid, addrs))
-            assert _caught(t.pid)                              # the guard
+            assert all(b[:1] == b"\xcc" for b in site_bytes(t.pid, addrs))
+            assert sigtrap_caught(t.pid)                       # the guard
             trigger.touch()
             assert t.proc.stdout.readline().strip() == "reset 1"
-            assert not _caught(t.pid)                          # the target's SIG_DFL
+            assert not sigtrap_caught(t.pid)                   # the target's SIG_DFL
             d.stdin.write("\n")
             d.stdin.flush()
             # the tails are written: before them the guard was found gone and put back
             said = d.stdout.readline().split()
             assert said[:2] == ["phase", "tail"]
-            caught = _caught(t.pid)
+            caught = sigtrap_caught(t.pid)
             d.send_signal(signal.SIGKILL)
             d.wait(timeout=30)
         finally:
@@ -269,12 +236,12 @@ def test_guard_put_back_after_the_target_reset_it_then_sigkill(exe, tmp_path):
                 d.wait()
         # detached: the workers run into the INT3s and wait there in the
         # guard -- the calls counted stop -- and the process lives on
-        last, still = _peek(t.pid, hits), 0
+        last, still = peek_u64(t.pid, hits), 0
         for _ in range(500):
             if not t.alive():
                 break
             time.sleep(0.01)
-            now = _peek(t.pid, hits)
+            now = peek_u64(t.pid, hits)
             still = still + 1 if now == last else 0
             last = now
             if still >= 5:
@@ -286,11 +253,11 @@ def test_guard_put_back_after_the_target_reset_it_then_sigkill(exe, tmp_path):
         assert rec.returncode == 0, rec.stdout + rec.stderr
         j = json.loads(rec.stdout)
         assert j["int3_restored"] == N and j["guard_removed"] and j["kept"] == []
-        assert all(b in (NOP5, bytes.fromhex("e900000000")) for b in _read(t.pid, addrs))
+        assert all(b in (NOP5, bytes.fromhex("e900000000")) for b in site_bytes(t.pid, addrs))
         assert Path(f"/proc/{t.pid}/maps").read_text() == maps0
         assert not journal_path(t.pid).exists()
         # what the target asked for last is its action again
-        assert not _caught(t.pid) and t.alive()
+        assert not sigtrap_caught(t.pid) and t.alive()
 
 
 def test_an_int3_written_on_purpose_keeps_no_guard(exe):

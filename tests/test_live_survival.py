@@ -24,6 +24,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
 from helpers import Target, gen, ptrace_skip_reason  # noqa: E402
+from livetest import live_cli as tp, proc_state, site_bytes  # noqa: E402
 
 _skip = ptrace_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
@@ -56,25 +57,6 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def tp(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "textpoke", "live", *args], capture_output=True,
-                          text=True, timeout=120)
-
-
-def _read(pid: int, addrs: list[int]) -> list[bytes]:
-    with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
-        out = []
-        for a in addrs:
-            f.seek(a)
-            out.append(f.read(5))
-        return out
-
-
-def _state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
-
-
 @pytest.fixture(scope="module")
 def exe(tmp_path_factory):
     return gen.build(N, tmp_path_factory.mktemp("live_survival"))
@@ -95,7 +77,7 @@ def test_sigkill_mid_batch_then_recover(exe, tmp_path, phase, policy):
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert d.stdout.readline().strip() == f"phase {phase}"
-            now = _read(t.pid, addrs)
+            now = site_bytes(t.pid, addrs)
             assert all(b[:1] == b"\xcc" for b in now)          # every site in flight
             d.send_signal(signal.SIGKILL)
             d.wait(timeout=30)
@@ -106,7 +88,7 @@ def test_sigkill_mid_batch_then_recover(exe, tmp_path, phase, policy):
         # the kernel detached every thread; they run on into the INT3s and wait there
         assert journal_path(t.pid).exists()
         time.sleep(0.2)
-        assert t.alive() and _state(t.pid) not in ("Z", "X")
+        assert t.alive() and proc_state(t.pid) not in ("Z", "X", "")
         chk = tp("sites", "--pid", str(t.pid), "--check")
         assert chk.returncode == 1, chk.stdout + chk.stderr
         assert f"stray INT3s: {N}" in chk.stdout and "dead patcher" in chk.stdout
@@ -119,7 +101,7 @@ def test_sigkill_mid_batch_then_recover(exe, tmp_path, phase, policy):
         j = json.loads(rec.stdout)
         assert j["int3_restored"] == N and j["guard_removed"] and j["kept"] == []
         # whole old instructions (recover rolls back), nothing injected left
-        assert _read(t.pid, addrs) == [NOP5] * N
+        assert site_bytes(t.pid, addrs) == [NOP5] * N
         assert Path(f"/proc/{t.pid}/maps").read_text() == maps0
         assert not journal_path(t.pid).exists()
         assert tp("sites", "--pid", str(t.pid), "--check").returncode == 0

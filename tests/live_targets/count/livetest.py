@@ -1,0 +1,53 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Shared by the live tests (tests/test_live_*.py) and benches: a target's
+text and state as /proc shows them -- read directly, not through textpoke,
+so a check does not trust the code it checks -- and the live CLI run as a
+user runs it (a new process)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["site_bytes", "peek_u64", "proc_state", "sigtrap_caught", "live_cli"]
+
+
+def site_bytes(pid: int, addrs: list[int], n: int = 5) -> list[bytes]:
+    """The *n* bytes at each of *addrs* in process *pid* (/proc/PID/mem)."""
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
+        out = []
+        for a in addrs:
+            f.seek(a)
+            out.append(f.read(n))
+        return out
+
+
+def peek_u64(pid: int, addr: int) -> int:
+    """The little-endian 64-bit word at *addr* in process *pid*."""
+    return int.from_bytes(site_bytes(pid, [addr], 8)[0], "little")
+
+
+def proc_state(pid: int) -> str:
+    """The state letter of process *pid* (R, S, T, t, Z, X...) from
+    /proc/PID/stat, or "" once it is gone (reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
+def sigtrap_caught(pid: int) -> bool:
+    """Whether process *pid* has a handler of its own for SIGTRAP (SigCgt)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTRAP - 1)))
+    raise AssertionError("no SigCgt line")
+
+
+def live_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``textpoke live ARGS...`` in a new process, its output captured."""
+    return subprocess.run([sys.executable, "-m", "textpoke", "live", *args],
+                          capture_output=True, text=True, timeout=timeout)
