@@ -334,7 +334,7 @@ class StoppedThread:
         self.pid, self.tid = pid, tid or pid
 
     def __enter__(self) -> "StoppedThread":
-        pt.seize(self.tid, 0)
+        pt.seize(self.tid, _rescue.SEIZE_OPTIONS)
         try:
             pt.interrupt(self.tid)
             while True:

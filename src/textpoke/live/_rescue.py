@@ -79,6 +79,17 @@ _SCRATCH_TOP = 224               # 16-byte aligned, below the end of the slot
 SYSCALL_LEN = 2
 
 PTRACE_SYSCALL = 24
+#: Every seize of a thread we may run a system call in must ask for
+#: ``PTRACE_O_TRACESYSGOOD``.  A thread that reached a syscall stop the
+#: tracer has not yet reaped (waited for) keeps the stop's code as its
+#: exit_code; if the tracer dies then, the kernel's ptrace_report_syscall
+#: sends that code back to the thread as a signal (``send_sig``, si_code
+#: SI_KERNEL).  Without the option it is SIGTRAP -- the target dies of it
+#: (the guard takes an SI_KERNEL SIGTRAP for an INT3, finds no site and
+#: chains to the default); with it, SIGTRAP|0x80 is no valid signal and
+#: nothing is sent.  A reaped stop has exit_code 0 (the wait cleared it).
+PTRACE_O_TRACESYSGOOD = 0x01
+SEIZE_OPTIONS = PTRACE_O_TRACESYSGOOD
 PTRACE_GET_SYSCALL_INFO = 0x420E
 _OP_ENTRY, _OP_EXIT = 1, 2
 

@@ -27,7 +27,10 @@ from ._sigdefer import _DEFERRED
 
 __all__ = ["LiveStats"]
 
-_OPTIONS = P.PTRACE_O_TRACECLONE | P.PTRACE_O_TRACEEXIT | P.PTRACE_O_TRACEEXEC
+# + PTRACE_O_TRACESYSGOOD (0x01): a thread in a syscall stop of an injected
+# system call (live/_rescue.py) when the patcher dies must not be sent the
+# stop's SIGTRAP (see _rescue.SEIZE_OPTIONS)
+_OPTIONS = P.PTRACE_O_TRACECLONE | P.PTRACE_O_TRACEEXIT | P.PTRACE_O_TRACEEXEC | 0x01
 _GROUP_STOP_SIGS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 
 # thread states

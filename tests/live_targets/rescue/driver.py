@@ -8,6 +8,10 @@ call and announces on stdout each point where it may be killed.
       POINT syscall: inject read(FD) on a pipe nobody writes yet (the test
                      kills us while the thread is inside it);
             exit | final: inject getpid and block at that stop.
+            unreaped-entry | unreaped-exit: inject getpid and block once the
+                     thread sits in that syscall stop, before it is reaped
+                     (waitid WNOWAIT: the stop keeps its exit_code, which
+                     the kernel turns into a signal if we die now).
 """
 import os
 import signal
@@ -55,6 +59,17 @@ with StoppedThread(pid, tid):
         r = 0 if r == -29 else r
     elif point == "syscall":
         r = inject_syscall(pid, tid, 0, fd, region.data, 1, rescue=(mode == "rescue"))
+    elif point.startswith("unreaped-"):
+        from textpoke.live._inject import _wait
+        calls = []
+
+        def wait(t):
+            calls.append(t)
+            if len(calls) == (1 if point == "unreaped-entry" else 2):
+                os.waitid(os.P_PID, t, os.WSTOPPED | os.WNOWAIT | 0x40000000)   # __WALL
+                hook(point)
+            return _wait(t)
+        r = inject_syscall(pid, tid, 39, rescue=(mode == "rescue"), wait=wait)
     else:
         r = inject_syscall(pid, tid, 39, rescue=(mode == "rescue"))
     say(f"result {r}")
