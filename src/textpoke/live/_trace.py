@@ -95,8 +95,8 @@ from ._symbols import Symbols
 from ._trace_clock import TscTime, host_tsc, tsc_variant_reason
 from ._trace_free import alive, free_region, threads_in_region
 from ._trace_profile import _F_SP, _P_FPC, _P_HANDLER, PROFILE_CODE, SHADOW_N
-from ._trace_sites import (NOP5, PAD_SIZE, TraceError, TraceSite, fill_pads, plan_sites,
-                           reach_of, switch_pads)
+from ._trace_sites import (BRIDGE_SLOT, NOP5, PAD_SIZE, TraceError, TraceSite, fill_pads,
+                           group_sites, plan_sites, reach_of, switch_pads)
 
 __all__ = ["LiveTrace", "TraceSite", "TraceError", "PAD_SIZE", "DEFAULT_RING", "NOP5",
            "alive", "TraceStats", "free_region", "threads_in_region", "TscTime",
@@ -156,6 +156,7 @@ class LiveTrace:
         self.armed = False
         self._unhook: dict | None = None
         self._pareas = (0, 0, 0)
+        self._bridges: list = []
         self._times: dict[int, int] = {}      # prof index -> cycles, threads gone
         self._tsc = None
         self.final_events: list = []
@@ -169,7 +170,10 @@ class LiveTrace:
 
     # ------------------------------------------------------------ planning
     def _plan(self) -> list[TraceSite]:
-        return plan_sites(self.syms, self.pattern, self.pid, self.skipped)
+        sites = plan_sites(self.syms, self.pattern, self.pid, self.skipped)
+        #: the span each bridge must reach (sites out of the runtime's reach)
+        self._spans = group_sites(self.syms, sites)
+        return sites
 
     def _reach_of(self, sites) -> tuple[int, int]:
         return reach_of(self.syms, sites)
@@ -198,7 +202,7 @@ class LiveTrace:
                 # the first pair, before any event can be stamped
                 self.time = TscTime(self.pid)
             rt_code, rt_data = runtime_layout(nrec, self.clock)
-            pads = [s for s in self.sites if s.kind != "nop5"]
+            pads = [s for s in self.sites if s.padded]
             prof_code = -(-len(PROFILE_CODE) // 64) * 64 if self.profile else 0
             code_size = rt_code + prof_code + PAD_SIZE * len(pads) + _TRAMP_SHARE
             nprof = len(self.sites) if self.profile else 0
@@ -206,6 +210,13 @@ class LiveTrace:
             # the profiler's return stacks and cycle tables, one per ring
             pstride = (SHADOW_N * 32 + -(-8 * nprof // 64) * 64) if self.profile else 0
             self.region = r = self._map(m, code_size, rt_data + ring_bytes + pstride * nrec)
+            # a bridge near each group of modules out of the runtime's reach
+            bridges = []
+            for i, span in enumerate(self._spans):
+                n = max(s.slot for s in self.sites if s.bridge == i) + 1
+                b = self._map(m, BRIDGE_SLOT * n, 0, near=span, group=r.base)
+                self._bridges.append(b)
+                bridges.append((b.base, bytearray(b"\xcc" * (BRIDGE_SLOT * n))))
             rt = build_runtime(r.base, r.data, nrec, clock=self.clock)
             code = bytearray(rt.code.ljust(rt_code, b"\xcc"))
             if self.profile:
@@ -220,12 +231,14 @@ class LiveTrace:
                 self._unhook = {"handler": at + _P_HANDLER, "percpu": rt.symbols["ftrace_percpu"],
                                 "nrec": nrec}
                 self._pareas = (r.data + rt_data + ring_bytes, pstride, nprof)
-            self._fill_pads(r.base + len(code), pads, code)
+            self._fill_pads(r.base + len(code), pads, code, bridges)
             tramp_lo = r.base + len(code)
             code += b"\xcc" * _TRAMP_SHARE
             image = ProcessFtraceImage(f"process {self.pid}", rt, {s.record: s.function for s in self.sites})
             self._names = dict(image.names)
             self._journal(m, r, rt, tramp_lo)
+            for b, (_base, bcode) in zip(self._bridges, bridges):
+                b.write(b.base, bytes(bcode))
             r.write(r.base, bytes(code))
             r.write(r.data, rt.data)
             m.refresh_maps()
@@ -257,14 +270,23 @@ class LiveTrace:
                 self.close()
             raise
 
-    def _map(self, m, code_size: int, data_size: int):
+    def _map(self, m, code_size: int, data_size: int, *, near: tuple[int, int] | None = None,
+             group: int | None = None):
+        """The runtime's region (near the sites of the main group), or a
+        bridge (near *near*, linked to the runtime's region *group* in the
+        journal)."""
         from ._inject import InjectError, Region
         from ._symbols import read_maps
-        lo, hi = self._reach_of(self.sites)
+        lo, hi = near or self._reach_of([s for s in self.sites if s.bridge < 0])
         j = m.journal
+        tried = []
 
         def before(base: int, code: int, data: int) -> None:
             j.add_region("trace", base, code, data, [])
+            tried.append(base)
+            if group is not None:
+                j.data["regions"][-1]["group"] = group
+                j.flush()
 
         errors = []
         with m.stopped() as tids:
@@ -274,15 +296,16 @@ class LiveTrace:
                                       maps=read_maps(m.pid), before=before)
                 except (InjectError, OSError) as e:
                     errors.append(f"thread {tid}: {e}")
-                    j.data["regions"] = [x for x in j.data["regions"] if x["sites"]
-                                         or x["kind"] != "trace"]
+                    for base in tried:
+                        j.drop_region(base, flush=False)
+                    tried.clear()
                     j.flush()
                     if isinstance(e, InjectError) and "failed:" in str(e):
                         break
         raise TraceError("could not map the tracer's region: " + "; ".join(errors))
 
-    def _fill_pads(self, at: int, pads: list[TraceSite], code: bytearray) -> None:
-        fill_pads(at, pads, code, self.sites, self.skipped, self.pattern)
+    def _fill_pads(self, at: int, pads: list[TraceSite], code: bytearray, bridges=()) -> None:
+        fill_pads(at, pads, code, self.sites, self.skipped, self.pattern, bridges)
 
 
     def _journal(self, m, r, rt, tramp_lo: int) -> None:
@@ -298,17 +321,22 @@ class LiveTrace:
         targets += [tramp_lo + i * step for i in range(_TRAMP_SHARE // step)]
         sites = []
         for s in self.sites:
-            if s.kind == "nop5":
+            if not s.padded:
                 sites += [(s.addr, s.found, text_gen_insn(CALL_INSN_OPCODE, s.addr, t))
                           for t in targets]
             else:
                 sites.append((s.addr, s.found, s.jmp))
-        j.drop_region(r.base, flush=False)
-        j.add_region("trace", r.base, r.code_size, r.data_size, sites)
-        if self._unhook:
-            # what 'live recover' needs to put hooked return addresses back
-            j.data["regions"][-1]["unhook"] = dict(self._unhook)
-            j.flush()
+        # in place: the runtime's region stays before its bridges (live
+        # recover takes them in order, and frees a group with its first);
+        # every site is listed with the runtime's region, a bridge's too
+        regs = j.data["regions"]
+        for e in regs:
+            if e["base"] == r.base:
+                e["sites"] = [[a, o.hex(), n.hex()] for a, o, n in sites]
+                if self._unhook:
+                    # what 'live recover' needs to put hooked return addresses back
+                    e["unhook"] = dict(self._unhook)
+        j.flush()
 
     def _switch_pads(self, on: bool) -> None:
         """Entries (and the other fentry forms) to ``jmp pad`` or back."""
@@ -560,6 +588,9 @@ class LiveTrace:
                                if not r.base <= int(a) < r.end}
             j.drop_region(r.base)
             self.region = None
+            for b in self._bridges:
+                b.close()
+            self._bridges = []
 
     def int3_left(self) -> int:
         try:
