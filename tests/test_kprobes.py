@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from textpoke import KprobeError, TrapPriority, x86_nops
+from textpoke import Capability, KprobeError, TrapPriority, x86_nops
 from textpoke._alternative._smp_locks import SmpAltModule, SmpAlternatives
 from textpoke._kprobes._guest import DIV_FACTOR, HELPER_ADD, OPT_K, build_guest_functions
 from textpoke.sim._clients_demo import ClientMachine
@@ -294,6 +294,53 @@ def test_optprobe_buffer_is_the_kernels_template_layout(rig):
     j = TMPL_END_IDX + n
     assert b[j] == 0xE9 and dp + j + 5 + struct.unpack("<i", b[j + 1:j + 5])[0] == p.addr + n
     assert not cm.bad() and cm.oopses == 0
+
+
+def test_instruction_slots_are_the_kernels_cache(rig):
+    """kprobe_insn_slots: every probe, emulated or not, gets a 16-byte slot
+    (MAX_INSN_SIZE) of one page with its copy and tail, as arch_copy_kprobe
+    writes them; unregistering only marks the slot free (its bytes stay,
+    as in the kernel's page), and the next probe takes it again."""
+    cm, kp, g = rig
+    cm.start()
+    call = cm.sim.text_read(g.addr("kp_opt_target") + 9, 5)
+    # a RIP-relative mov, single-stepped (a post-handler: never boosted)
+    a = kp.register_kprobe("kp_opt_target+2", lambda p, r: None, lambda p, r, f: None)
+    b = kp.register_kprobe("kp_opt_target+9", lambda p, r: None)       # CALL: emulated
+    sa, sb = kp.site_info(a)["slot"], kp.site_info(b)["slot"]
+    assert kp.insn_slots.pages[0][0] == sa and sb == sa + 16      # slots 0 and 1 of a page
+    assert kp.site_info(b)["how"] == "emulated"
+    assert call[0] == 0xE8 and cm.sim.text_read(sb, 6) == call + b"\xcc"     # the copy, never run, and its INT3
+    held = cm.sim.text_read(sa, 16)
+    kp.unregister_kprobe(a)
+    assert cm.sim.text_read(sa, 16) == held             # not cleared (was INT3-filled)
+    c = kp.register_kprobe("kprobe_target", lambda p, r: None)
+    assert kp.site_info(c)["slot"] == sa                # the clean slot is reused
+    kp.unregister_kprobes([b, c])
+    assert len(kp.insn_slots.pages) == 1 and 1 not in kp.insn_slots.pages[0][1]   # none in use
+
+
+def test_a_boosted_slot_is_dirty_until_collected(rig):
+    """A boosted copy may still be run by a preempted task: its slot is
+    freed dirty (free_insn_slot(.., boostable)) and is not handed out again
+    until a garbage collection, which runs when no clean slot is left."""
+    from textpoke._kprobes._opt import InsnSlots
+    cm, kp, _g = rig
+    cm.start()
+    p = kp.register_kprobe("kp_opt_target")                            # xor: boosted
+    assert kp.site_info(p)["how"] == "boosted"
+    s = kp.site_info(p)["slot"]
+    kp.unregister_kprobe(p)
+    q = kp.register_kprobe("kp_opt_target")
+    assert kp.site_info(q)["slot"] == s + 16            # the dirty one is skipped
+    kp.unregister_kprobe(q)
+    # the cache alone: a full page of dirty slots is collected on the next alloc
+    slots = InsnSlots(kp.execmem)
+    got = [slots.alloc() for _ in range(slots.per_page)]
+    for a in got:
+        slots.free(a, dirty=True)
+    assert slots.nr_garbage == slots.per_page
+    assert slots.alloc() == got[0] and slots.nr_garbage == 0 and len(slots.pages) == 1
 
 
 # ---------------------------------------------------------------- refusals
@@ -606,6 +653,31 @@ def test_kprobe_optimizer_optimises_what_it_can(rig):
     assert cm.wait_passes(2)
     kp.unregister_kprobes([p, inner])
     assert not cm.expect({i: want}) and cm.oopses == 0 and cm.bad() == []
+
+
+def test_each_probe_is_optimised_with_its_own_text_poke_bp(rig):
+    """6.12's arch_optimize_kprobes writes each probe's JMP32 with its own
+    text_poke_bp: one batch and three syncs a probe, not one batch for the
+    optimizer's pass (same bytes); unregistering an optimised probe is
+    arch_unoptimize_kprobe (INT3, sync, tail, sync) then arch_disarm_kprobe
+    (the original byte, sync): three syncs a probe, no batch."""
+    cm, kp, g = rig
+    cm.start()
+    before = {n: _text(cm, g, n) for n in ("kp_opt_target", "kprobe_target", "kp_jump_in")}
+    ps = [kp.register_kprobe(n, lambda p, r: None) for n in ("kp_opt_target", "kprobe_target")]
+    b0, s0 = cm.core.stats.batches, cm.core.stats.syncs
+    q0 = kp.stats.quiesce_waits
+    assert kp.kprobe_optimizer() == ps
+    assert all(kp.is_optimized(p) for p in ps)
+    assert cm.core.stats.batches - b0 == 2
+    # (a machine that cannot show where its CPUs are syncs for the wait too)
+    wait = 0 if cm.sim.has(Capability.QUIESCE) else 1
+    assert cm.core.stats.syncs - s0 == 3 * 2 + (kp.stats.quiesce_waits - q0) * wait
+    b0, s0 = cm.core.stats.batches, cm.core.stats.syncs
+    kp.unregister_kprobes(ps)
+    assert cm.core.stats.batches == b0 and cm.core.stats.syncs - s0 == 3 * 2 + wait
+    assert {n: _text(cm, g, n) for n in before} == before
+    assert cm.oopses == 0 and cm.bad() == []
 
 
 # ------------------------------------------------------------------ KPROBES_ON_FTRACE

@@ -49,12 +49,14 @@ current task's list; the return handler runs with ``regs.gprs["rax"]``
 :mod:`._kretprobe`.
 
 Optimised probes: see :mod:`._optprobe` (and :mod:`._opt` for the detour;
-kretprobes are :mod:`._kretprobe`, the records :mod:`._types`).  Optimising and unoptimising go
-through the SMP batch; while a site is in flux the text-poke handler
-emulates the JMP32 to the detour (an unoptimise passes that JMP as the
-instruction to emulate, as 5.5's ``arch_unoptimize_kprobe`` did with
-``text_poke_bp``'s *emulate*), so every call runs the handler exactly once
-whichever way it goes.
+kretprobes are :mod:`._kretprobe`, the records :mod:`._types`).  As in
+6.12, optimising writes each probe's JMP32 with its own ``text_poke_bp``
+(three syncs a probe; while the site is in flux the text-poke handler
+emulates the JMP32 to the detour); unoptimising writes the probe's INT3,
+syncs, puts the displaced tail back and syncs again, one probe after the
+other, and an INT3 hit meanwhile is sent to the detour; unregistering an
+optimised probe unoptimises it, then disarms it (the original byte, a
+sync).  Every call runs the handler exactly once whichever way it goes.
 
 Before the JMP32 is written, INT3 hits are sent to the detour and the
 machine runs until every CPU has been seen outside the bytes about to be
@@ -82,7 +84,7 @@ import struct
 from typing import Callable, Hashable, Iterable
 
 from .._core._emulate import PtRegs
-from .._core._insn import INT3_INSN_OPCODE, JMP32_INSN_OPCODE, text_gen_insn
+from .._core._insn import INT3_INSN_OPCODE, JMP32_INSN_OPCODE, JMP32_INSN_SIZE, text_gen_insn
 from .._core._machine import Capability, TrapPriority
 from .._errors import BadInstructionError, TextPokeError
 from .._execmem import ExecMem
@@ -92,9 +94,9 @@ from ._insn import can_boost, is_exception_insn, prepare_emulation, relocate
 from ._kretprobe import _Kretprobes
 from ._lookup import _Lookup
 from ._onftrace import _FtraceProbes
-from ._opt import KERNEL_CS, MAX_OPTINSN_SIZE, PT_REGS, RELATIVEJUMP_SIZE
+from ._opt import KERNEL_CS, MAX_INSN_SIZE, MAX_OPTINSN_SIZE, PT_REGS
 from ._optprobe import _Optprobes
-from ._types import (_SLOT_SIZE, Kprobe, KprobeError, KprobeStats, Kretprobe, KretprobeInstance,
+from ._types import (Kprobe, KprobeError, KprobeStats, Kretprobe, KretprobeInstance,
                      PostHandler, PreHandler, _Site)
 
 __all__ = ["Kprobes", "Kprobe", "Kretprobe", "KretprobeInstance", "KprobeError", "KprobeStats"]
@@ -288,22 +290,24 @@ class Kprobes(_Lookup, _Kretprobes, _Optprobes, _FtraceProbes):
         if isinstance(em, str):
             raise KprobeError(f"{p.name}: {em} ({insn.text})", reason="unsupported", addr=addr)
         site = _Site(addr, insn, self.machine.text_read(addr, 1), (p.symbol, fstart, fsize), em)
-        if em is None:
-            slot = self.execmem.alloc(_SLOT_SIZE)
-            try:
-                code = relocate(insn, slot)
-                boost = not self.preemption and p.post_handler is None and can_boost(insn)
-                tail = text_gen_insn(JMP32_INSN_OPCODE, slot + insn.length, addr + insn.length) \
-                    if boost else b"\xcc"
-                # only the copy and its tail, as arch_copy_kprobe writes them:
-                # the rest of the slot keeps what execmem holds (never run)
-                self.core.text_poke_copy(slot, code + tail)
-            except (ValueError, BadInstructionError) as e:
-                self.execmem.free(slot)
-                raise KprobeError(f"{p.name}: cannot copy the instruction out of line: {e}",
-                                  reason="unsupported", addr=addr) from None
-            site.slot, site.boosted = slot, boost
-            self._slots[slot + insn.length] = site
+        # arch_copy_kprobe: every probe gets a slot with the copy and its
+        # tail, emulated or not (an emulated one's copy is never run)
+        slot = self.insn_slots.alloc()
+        try:
+            code = relocate(insn, slot)
+            boost = not self.preemption and p.post_handler is None and can_boost(insn) and \
+                MAX_INSN_SIZE - insn.length >= JMP32_INSN_SIZE
+            tail = text_gen_insn(JMP32_INSN_OPCODE, slot + insn.length, addr + insn.length) \
+                if boost else b"\xcc"
+            # only the copy and its tail, as arch_copy_kprobe writes them:
+            # the rest of the slot keeps what the page holds
+            self.core.text_poke_copy(slot, code + tail)
+        except (ValueError, BadInstructionError) as e:
+            self.insn_slots.free(slot)
+            raise KprobeError(f"{p.name}: cannot copy the instruction out of line: {e}",
+                              reason="unsupported", addr=addr) from None
+        site.slot, site.boosted = slot, boost
+        self._slots[slot + insn.length] = site
         site.probes.append(p)
         self._sites[addr] = site
         try:
@@ -347,20 +351,15 @@ class Kprobes(_Lookup, _Kretprobes, _Optprobes, _FtraceProbes):
                     self._set_ftrace_ips(ops, self._ftrace_ips(ops) - gone_ips)
                 for s in restore_ftrace:
                     del self._sites[s.addr]
-            if restore_opt:
-                with self.core.batch():
-                    for s in restore_opt:
-                        jmp = text_gen_insn(JMP32_INSN_OPCODE, s.addr, s.detour.addr)
-                        if s.optimized:
-                            self.core.smp_text_poke_batch_add(s.addr, s.displaced[:RELATIVEJUMP_SIZE],
-                                                              emulate=jmp)
-                for s in restore_opt:
-                    if not s.optimized:
-                        self.core.text_poke(s.addr, s.orig)
-                    s.optimized = s.redirect = False
-            for s in restore_int3:
+            # the kernel, probe by probe: an optimised one is unoptimised
+            # (INT3, sync, the displaced tail, sync: a CPU at the INT3 is
+            # still sent to the detour) and then disarmed like any other
+            # (arch_disarm_kprobe: the original byte, sync)
+            for s in restore_opt:
+                self._unoptimize([s] if s.optimized else [])
+                s.optimized = s.redirect = False
+            for s in restore_opt + restore_int3:
                 self.core.text_poke(s.addr, s.orig)
-            if restore_int3 or restore_opt:
                 self.core.smp_text_poke_sync_each_cpu()
             for s in restore_opt + restore_int3:
                 del self._sites[s.addr]
@@ -370,18 +369,20 @@ class Kprobes(_Lookup, _Kretprobes, _Optprobes, _FtraceProbes):
         ranges = []
         for s in gone:
             if s.slot is not None:
-                ranges.append((s.slot, s.slot + _SLOT_SIZE))
+                ranges.append((s.slot, s.slot + MAX_INSN_SIZE))
             if s.detour is not None:
                 ranges.append((s.detour.addr, s.detour.addr + MAX_OPTINSN_SIZE))
         if ranges:
             self._wait_quiescent(ranges, "freeing kprobe slots")
         for s in gone:
             if s.slot is not None:
+                # arch_remove_kprobe: a boosted copy may still be run by a
+                # task preempted in it: dirty, reused after a collection
                 self._slots.pop(s.slot + s.insn.length, None)
-                self.execmem.free(s.slot)
+                self.insn_slots.free(s.slot, dirty=s.boosted)
             if s.detour is not None:
                 self._detours.pop(s.detour.call_ret, None)
-                self._free_detour(s.detour.addr)
+                self._free_detour(s.detour.addr, dirty=True)
 
     # ------------------------------------------------------------ quiescence
     def _wait_quiescent(self, ranges: list[tuple[int, int]], why: str) -> None:

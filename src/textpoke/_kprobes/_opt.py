@@ -45,7 +45,8 @@ from .._core._insn import CALL_INSN_OPCODE, JMP32_INSN_OPCODE, JMP32_INSN_SIZE, 
 from ._insn import can_boost, relocate
 
 __all__ = ["PT_REGS", "OptError", "detour_code", "optprobe_template", "Detour", "buffer_op",
-           "OptinsnSlots", "RELATIVEJUMP_SIZE", "MAX_OPTINSN_SIZE", "TMPL_CLAC_IDX",
+           "OptinsnSlots", "InsnSlots", "MAX_INSN_SIZE", "RELATIVEJUMP_SIZE", "MAX_OPTINSN_SIZE",
+           "TMPL_CLAC_IDX",
            "TMPL_MOVE_IDX", "TMPL_CALL_IDX", "TMPL_END_IDX", "KERNEL_CS"]
 
 RELATIVEJUMP_SIZE = JMP32_INSN_SIZE
@@ -65,6 +66,9 @@ _CLAC = bytes.fromhex("0f01ca")
 #: the longest run of instructions a JMP32 can displace: up to 4 bytes of
 #: whole instructions and one more of at most 16 (MAX_INSN_SIZE + 4)
 MAX_OPTIMIZED_LENGTH = 16 + DISP32_SIZE
+#: x86's MAX_INSN_SIZE: a kprobe instruction slot's size, and the longest
+#: copy and tail it holds
+MAX_INSN_SIZE = 16
 
 
 class OptError(ValueError):
@@ -177,40 +181,83 @@ def buffer_op(code: bytes) -> int | None:
 
 
 class OptinsnSlots:
-    """``kprobe_optinsn_slots``: pages of :data:`MAX_OPTINSN_SIZE`-byte
-    slots, taken from *mem* (an :class:`~textpoke.ExecMem`) a page at a
-    time.  A slot is the first free one of the newest page with room (the
-    kernel puts a new page at the head of its list); a page left empty is
-    given back unless it is the last one.  Freeing a slot does not clear
-    it (the kernel's slots are only marked free)."""
+    """A ``struct kprobe_insn_cache``: pages of *slot_size*-byte slots taken
+    from *mem* (an :class:`~textpoke.ExecMem`) a page at a time --
+    ``kprobe_optinsn_slots`` (:data:`MAX_OPTINSN_SIZE`, the default) and
+    ``kprobe_insn_slots`` (:class:`InsnSlots`, 16 bytes).  A slot is the
+    first clean one of the newest page with room (the kernel puts a new
+    page at the head of its list).  Freeing a slot never clears it (the
+    kernel's slots are only marked): a clean free makes it reusable at
+    once; a *dirty* one (a boosted copy, an optimised buffer: a task may
+    still be running in it) waits for a garbage collection, run when more
+    slots than a page holds are dirty or when no clean slot is left.  A page
+    left with no slot in use is given back unless it is the last one."""
 
     def __init__(self, mem, slot_size: int = MAX_OPTINSN_SIZE) -> None:
         self.mem, self.slot_size = mem, slot_size
         self.per_page = PAGE_SIZE // slot_size
-        self.pages: list[tuple[int, list[bool]]] = []      # newest first
+        #: newest first: (page, state of each slot: 0 clean, 1 used, 2 dirty)
+        self.pages: list[tuple[int, list[int]]] = []
+        self.nr_garbage = 0
 
     def alloc(self) -> int:
-        for base, used in self.pages:
-            for i, u in enumerate(used):
-                if not u:
-                    used[i] = True
-                    return base + i * self.slot_size
+        for _retry in range(2):
+            for base, used in self.pages:
+                for i, u in enumerate(used):
+                    if u == 0:
+                        used[i] = 1
+                        return base + i * self.slot_size
+            if not self.nr_garbage:
+                break
+            self.collect_garbage()
         base = self.mem.alloc(PAGE_SIZE)
-        used = [False] * self.per_page
-        used[0] = True
+        used = [0] * self.per_page
+        used[0] = 1
         self.pages.insert(0, (base, used))
         return base
 
-    def free(self, addr: int) -> None:
-        for n, (base, used) in enumerate(self.pages):
+    def free(self, addr: int, dirty: bool = False) -> None:
+        for base, used in self.pages:
             i, r = divmod(addr - base, self.slot_size)
-            if 0 <= i < self.per_page and not r and used[i]:
-                used[i] = False
-                if not any(used) and len(self.pages) > 1:
-                    del self.pages[n]
-                    self.mem.free(base)
+            if 0 <= i < self.per_page and not r and used[i] == 1:
+                if dirty:
+                    used[i] = 2
+                    self.nr_garbage += 1
+                    if self.nr_garbage > self.per_page:
+                        self.collect_garbage()
+                else:
+                    self._collect_one(base, used, i)
                 return
-        raise ValueError(f"optinsn slot {addr:#x} was not allocated")
+        raise ValueError(f"instruction slot {addr:#x} was not allocated")
+
+    def _collect_one(self, base: int, used: list[int], i: int) -> bool:
+        used[i] = 0
+        if any(used):
+            return False
+        if len(self.pages) > 1:
+            self.pages = [pg for pg in self.pages if pg[0] != base]
+            self.mem.free(base)
+        return True
+
+    def collect_garbage(self) -> None:
+        """``collect_garbage_slots``: every dirty slot clean again (the
+        kernel waits for an RCU grace period first)."""
+        for base, used in list(self.pages):
+            for i, u in enumerate(used):
+                if u == 2 and self._collect_one(base, used, i):
+                    break
+        self.nr_garbage = 0
+
+    def is_slot_addr(self, addr: int) -> bool:
+        return any(base <= addr < base + PAGE_SIZE for base, _u in self.pages)
+
+
+class InsnSlots(OptinsnSlots):
+    """``kprobe_insn_slots``: the out-of-line copies of probed instructions,
+    :data:`MAX_INSN_SIZE` bytes each (256 a page)."""
+
+    def __init__(self, mem) -> None:
+        super().__init__(mem, MAX_INSN_SIZE)
 
 
 def check_displaced(insns: list[Insn]) -> None:

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """Optimised kprobes: replacing >= 5 bytes of whole instructions with a
-JMP32 to a detour (and back) through the SMP batch while CPUs run the
-function, with the kernel's refusals.  The detour's code and checks are in
+JMP32 to a detour (and back) through the INT3 protocol while CPUs run
+the function, with the kernel's refusals.  The detour's code and checks are in
 :mod:`._opt`.  A part of :class:`~._core.Kprobes`."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import struct
 from typing import Iterable
 
 from .._core._insn import INT3_INSN_OPCODE, JMP32_INSN_OPCODE, Insn, text_gen_insn
-from ._opt import (MAX_OPTINSN_SIZE, RELATIVEJUMP_SIZE, OptError, OptinsnSlots,
-                   check_displaced, check_function, check_reach, detour_code)
-from ._types import _SLOT_SIZE, Kprobe, KprobeError, _Site
+from ._opt import (MAX_INSN_SIZE, RELATIVEJUMP_SIZE, InsnSlots, OptError,
+                   OptinsnSlots, check_displaced, check_function, check_reach, detour_code)
+from ._types import Kprobe, KprobeError, _Site
 
 __all__: list[str] = []
 
@@ -26,9 +26,11 @@ class _Optprobes:
         self.optimize_kprobes([p])
 
     def optimize_kprobes(self, probes: Iterable[Kprobe]) -> None:
-        """Turn the INT3 of each probe into a JMP32 to a detour buffer, all
-        in one batch.  KprobeError (reason ``optimize``) when one cannot
-        be, with nothing changed."""
+        """Turn the INT3 of each probe into a JMP32 to a detour buffer, one
+        probe at a time through the INT3 protocol (6.12's
+        ``arch_optimize_kprobes``: a ``text_poke_bp`` each, so three syncs a
+        probe).  KprobeError (reason ``optimize``) when one cannot be, with
+        nothing changed."""
         self._check_open()
         with self.core.text_mutex:
             sites: list[_Site] = []
@@ -58,26 +60,26 @@ class _Optprobes:
             for s in sites:
                 ranges.append((s.addr + 1, s.addr + len(s.displaced)))
                 if s.slot is not None:
-                    ranges.append((s.slot, s.slot + _SLOT_SIZE))
+                    ranges.append((s.slot, s.slot + MAX_INSN_SIZE))
             try:
                 self._wait_quiescent(ranges, "optimising kprobes")
-                with self.core.batch():
-                    for s in sites:
-                        self.core.smp_text_poke_batch_add(
-                            s.addr, text_gen_insn(JMP32_INSN_OPCODE, s.addr, s.detour.addr))
+                # arch_optimize_kprobes: each probe its own text_poke_bp
+                # (three syncs a probe), not one batch for the pass
+                for s in sites:
+                    self.core.smp_text_poke_single(
+                        s.addr, text_gen_insn(JMP32_INSN_OPCODE, s.addr, s.detour.addr))
+                    s.optimized, s.redirect = True, False
+                    self.stats.optimized += 1
             except BaseException:
                 for s in sites:
                     s.redirect = False
                     s.optimized = self.machine.text_read(s.addr, 1)[0] == JMP32_INSN_OPCODE
                 raise
-            for s in sites:
-                s.optimized, s.redirect = True, False
-                self.stats.optimized += 1
 
     def kprobe_optimizer(self) -> list[Kprobe]:
         """What the kernel's delayed optimizer work does after probes are
         registered (``kprobe_optimizer``): every probe site not optimised
-        yet that can be is optimised, all in one batch; a site that cannot
+        yet that can be is optimised, one after the other; a site that cannot
         be (a post-handler, a jump into the range, too short...) stays an
         INT3 probe, without an error.  Returns one probe per site
         optimised.  :class:`Kprobes` with ``auto_optimize=True`` runs it
@@ -196,11 +198,21 @@ class _Optprobes:
             slots = self.__dict__["_optinsn_slots"] = OptinsnSlots(mem)
         return slots
 
+    @property
+    def insn_slots(self) -> InsnSlots:
+        """``kprobe_insn_slots``: pages of the probes' instruction copies,
+        from :attr:`execmem` (on a real kernel, the page its
+        ``kprobe_insn_slots`` got)."""
+        slots = self.__dict__.get("_insn_slots")
+        if slots is None or slots.mem is not self.execmem:
+            slots = self.__dict__["_insn_slots"] = InsnSlots(self.execmem)
+        return slots
+
     def _alloc_detour(self) -> int:
         return self.optinsn_slots.alloc()
 
-    def _free_detour(self, addr: int) -> None:
-        self.optinsn_slots.free(addr)
+    def _free_detour(self, addr: int, dirty: bool = False) -> None:
+        self.optinsn_slots.free(addr, dirty)
 
     def _optprobe_op(self, addr: int, buf: int) -> int:
         """The first argument the buffer passes to ``optimized_callback``:
@@ -249,15 +261,12 @@ class _Optprobes:
         # an INT3 hit goes to the detour.  Interrupted in between, a site
         # holds INT3 + the JMP's old displacement and is still handled as
         # optimised; unregistering or unoptimising again completes it.
-        if not sites:
-            return
+        # arch_unoptimize_kprobes: one probe after the other, two syncs each
         for s in sites:
             self.core.text_poke(s.addr, bytes([INT3_INSN_OPCODE]))
-        self.core.smp_text_poke_sync_each_cpu()
-        for s in sites:
+            self.core.smp_text_poke_sync_each_cpu()
             self.core.text_poke(s.addr + 1, s.displaced[1:RELATIVEJUMP_SIZE])
-        self.core.smp_text_poke_sync_each_cpu()
-        for s in sites:
+            self.core.smp_text_poke_sync_each_cpu()
             s.optimized = False
             self.stats.unoptimized += 1
 

@@ -16,7 +16,6 @@ from ._opt import Detour
 __all__ = ["Kprobe", "Kretprobe", "KretprobeInstance", "KprobeError", "KprobeStats",
            "PreHandler", "PostHandler"]
 
-_SLOT_SIZE = 32
 _TRAMP_SIZE = 16
 
 PreHandler = Callable[["Kprobe", PtRegs], Any]
