@@ -134,6 +134,96 @@ def test_one_tracer_at_a_time(graphed):
         fm.ftrace.stop()
 
 
+def _graph_window(setup, passes: int = 3, cpus: int = 2):
+    """The graph tracer on the ft_* functions for an exact window of
+    passes on *cpus* vCPUs, after *setup(g)*; (events, the workload's
+    counts of the window, the tracer)."""
+    with FtraceMachine(cpus=cpus, seed=3) as fm:
+        fm.set_work(DEMO_FUNCTIONS)
+        fm.start()
+        fm.wait_passes(1)
+        fm.ftrace.set_ftrace_filter(" ".join(FT))
+        g = FunctionGraph(fm.kernel)
+        setup(g)
+        fm.pause()
+        g.start()
+        counts, _ = fm.window(passes)
+        g.stop()
+        assert fm.bad() == [] and fm.oopses == 0 and g.in_flight == 0 and not g.dead
+        made = {fm.ftrace.name(a): n for a, n in counts.items()}
+        ev = [(e.kind, fm.ftrace.name(e.func), e.depth, e.duration) for e in g.drain()]
+        g.close()
+        return ev, made, g
+
+
+def _entries(ev) -> Counter:
+    return Counter(n for k, n, _d, _t in ev if k == "entry")
+
+
+def test_set_graph_function_traces_it_and_what_it_calls():
+    """set_graph_function ft_lookup: ft_lookup (at depth 0: its caller
+    ft_open is not hooked) and the ft_hash it calls, nothing else --
+    not ft_open, not ft_permission, not an ft_hash called straight from
+    the loop."""
+    ev, made, g = _graph_window(lambda g: g.set_graph_function("ft_lookup"))
+    e = _entries(ev)
+    assert g.graph_hash and set(e) == {"ft_lookup", "ft_hash"}
+    calls = e["ft_lookup"]
+    assert calls == made["ft_open"] + made.get("ft_lookup", 0) > 0
+    assert e["ft_hash"] == calls                     # one ft_hash per ft_lookup
+    assert {d for k, n, d, _t in ev if n == "ft_lookup"} == {0}
+    assert {d for k, n, d, _t in ev if n == "ft_hash"} == {1}
+    assert Counter(n for k, n, _d, _t in ev if k == "return") == e
+
+
+def test_set_graph_notrace_hides_it_and_what_it_calls():
+    """set_graph_notrace ft_lookup: neither it nor the ft_hash under it;
+    ft_open and ft_permission still, and an ft_hash from the loop."""
+    ev, made, _g = _graph_window(lambda g: g.set_graph_notrace("ft_lookup"))
+    e = _entries(ev)
+    assert "ft_lookup" not in e
+    assert e["ft_open"] == e["ft_permission"] == made["ft_open"] > 0
+    assert e["ft_hash"] == made["ft_hash"] > 0       # only the loop's own calls
+    # ft_lookup's frame was hooked (notrace), so ft_permission stays at depth 1
+    assert {d for k, n, d, _t in ev if n == "ft_permission"} == {1}
+
+
+def test_max_graph_depth_stops_hooking_deeper_calls():
+    ev, made, _g = _graph_window(lambda g: setattr(g, "max_graph_depth", 1))
+    e = _entries(ev)
+    assert {d for _k, _n, d, _t in ev} == {0}
+    assert e["ft_open"] == made["ft_open"] > 0 and "ft_permission" not in e
+    # ft_lookup and ft_hash only where the loop calls them itself
+    assert e["ft_hash"] == made["ft_hash"] and e.get("ft_lookup", 0) == made.get("ft_lookup", 0)
+
+
+def test_tracing_thresh_records_only_long_enough_returns():
+    """tracing_thresh: no entries, and a return only when the call lasted
+    at least that long (ticks of the tracer's clock here: one CPU, so that
+    no other CPU's events tick it meanwhile).  Every hooked call still
+    ticks the clock, so ft_open lasts 7 (its three callees' entries and
+    returns and its own return): a threshold of 3 keeps ft_open and
+    ft_lookup (3: ft_hash's entry and return, its own)."""
+    ev, made, g = _graph_window(lambda g: g.set_tracing_thresh(3), cpus=1)
+    assert [x for x in ev if x[0] == "entry"] == []
+    r = Counter(n for _k, n, _d, _t in ev)
+    assert set(r) == {"ft_open", "ft_lookup"} and r["ft_open"] == made["ft_open"] > 0
+    assert all(t >= 3 for _k, _n, _d, t in ev)
+    assert {t for _k, n, _d, t in ev if n == "ft_open"} == {7}
+
+
+def test_graph_function_globs_that_match_nothing_are_refused():
+    from textpoke._ftrace._ops import FtraceFilterError
+    with FtraceMachine(cpus=1, seed=0) as fm:
+        g = FunctionGraph(fm.kernel)
+        assert g.set_graph_function("ft_hash") == 1
+        with pytest.raises(FtraceFilterError, match="matches no traceable function"):
+            g.set_graph_function("no_such_function*")
+        assert g.graph_hash == frozenset({fm.ftrace.by_name["ft_hash"].ip})
+        with pytest.raises(ValueError):
+            g.set_tracing_thresh(-1)
+
+
 def test_a_return_through_a_frame_not_hooked_stops_graph_tracing():
     """The kernel's "Bad frame pointer": a return whose slot is not the
     hooked one stops graph tracing for good and leaves the INT3 unhandled."""
@@ -220,6 +310,20 @@ def test_graph_on_the_real_image_writes_what_the_kernel_does():
         assert k.core.int3_left() == 0
         assert m.text_read(core.start, core.end - core.start) == before
         assert tracepoint_probes(k, "sched_switch") == []
+        # tracing_thresh: graph_trace_init makes trace_graph_thresh_return the
+        # return function, so fgraph_retfunc's sites go there; a write of the
+        # file on the running tracer restarts it (graph_trace_update_thresh)
+        ret = k.calls.calls["fgraph_retfunc"]
+        g.tracing_thresh = 10
+        g.start()
+        assert ret.func == img.sym("trace_graph_thresh_return")
+        tr = img.sym("__SCT__fgraph_retfunc")
+        jmp = m.text_read(tr, 5)
+        assert tr + 5 + struct.unpack("<i", jmp[1:])[0] == img.sym("trace_graph_thresh_return")
+        g.set_tracing_thresh(0)
+        assert g.active and ret.func == img.sym("trace_graph_return")
+        g.stop()
+        assert m.text_read(core.start, core.end - core.start) == before
 
 
 # ------------------------------------------- against the kernel at run time

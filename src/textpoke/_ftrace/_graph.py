@@ -52,6 +52,32 @@ frames; deeper entries are not hooked and counted in
 :attr:`FunctionGraph.overruns` (the kernel's ``trace_overrun``).  Tasks
 never migrate on the sim: a CPU's return stack is its task's.
 
+What is traced follows ``trace_graph_entry`` / ``trace_graph_return``
+(per CPU: the sim's tasks never migrate, so a CPU's flags are its task's
+``fgraph_get_task_var``):
+
+* :meth:`FunctionGraph.set_graph_function` (``set_graph_function``): only
+  those functions and what they call, at any depth, are traced; the first
+  one entered sets the task's flag and its depth (two bits: the kernel
+  keeps ``depth & 3``), whose return at that same depth clears it;
+* :meth:`FunctionGraph.set_graph_notrace` (``set_graph_notrace``): the
+  function's return is still hooked (it clears the task's flag) but
+  neither it nor anything it calls is recorded;
+* :attr:`FunctionGraph.max_graph_depth` (``max_graph_depth``, 0: no
+  limit): a call at that depth or deeper is not hooked at all;
+* :attr:`FunctionGraph.tracing_thresh` (``tracing_thresh``, here in the
+  clock's ticks, 0: off): entries are not recorded, and a return only when
+  the call lasted at least that long.  It is read when the tracer starts
+  (``graph_trace_init`` then makes ``trace_graph_thresh_return`` the
+  return function, and the ``fgraph_retfunc`` static call goes there
+  instead of ``trace_graph_return``); :meth:`FunctionGraph.set_tracing_thresh`
+  on a running tracer stops and starts it again, as a write of the file
+  does (``graph_trace_update_thresh``).
+
+A call that is not hooked (filtered out, too deep, under a notrace
+function) leaves its return address alone and does not count in the
+depth of what it calls, as ``function_graph_enter``'s ``-EBUSY``.
+
 Rules learnt from ``kernel/trace/fgraph.c``, ``trace_functions_graph.c``,
 ``arch/x86/kernel/ftrace.c`` and ``ftrace_64.S`` (Linux 6.12); the code
 is our own.
@@ -75,6 +101,11 @@ TRACER = "function_graph"
 #: (static call, the tracer's function, the stub) -- ftrace_graph_enable_direct
 DIRECT_CALLS = (("fgraph_func", "trace_graph_entry", "ftrace_graph_entry_stub"),
                 ("fgraph_retfunc", "trace_graph_return", "ftrace_graph_ret_stub"))
+#: the return function graph_trace_init picks when tracing_thresh is set
+THRESH_RETURN = "trace_graph_thresh_return"
+#: the per-task flags of trace_functions_graph.c (TRACE_GRAPH_FL, the
+#: two depth bits, TRACE_GRAPH_NOTRACE)
+_FL, _DEPTH_SHIFT, _NOTRACE = 1, 1, 1 << 3
 SCHED_PROBE = ("sched_switch", "ftrace_graph_probe_sched_switch")
 _M64 = (1 << 64) - 1
 #: machine -> its one trap handler and the FunctionGraph objects it serves
@@ -117,6 +148,10 @@ class FunctionGraph:
     kernel: object
     depth_max: int = FTRACE_RETFUNC_DEPTH
     events: list = field(default_factory=list)
+    #: ``max_graph_depth``: calls at this depth or deeper are not hooked (0: no limit)
+    max_graph_depth: int = 0
+    #: ``tracing_thresh`` in the clock's ticks (0: off); read at start()
+    tracing_thresh: int = 0
 
     def __post_init__(self) -> None:
         k = self.kernel
@@ -134,6 +169,85 @@ class FunctionGraph:
         self.active = False
         self._trap = None
         self.tracepoints: list[str] = []
+        #: set_graph_function / set_graph_notrace: fentry sites (ftrace_graph_hash)
+        self.graph_hash: frozenset[int] = frozenset()
+        self.notrace_hash: frozenset[int] = frozenset()
+        #: each CPU's task's flags (fgraph_get_task_var)
+        self._task_var: dict[int, int] = {}
+        #: the tracing_thresh the running tracer was started with
+        self._thresh = 0
+
+    # ------------------------------------------------------------ the filters
+    def _hash(self, globs) -> frozenset[int]:
+        from ._ops import FtraceFilterError, _match, parse_globs
+        g = parse_globs(globs)
+        recs = self.ft.records
+        for gl in g:
+            if not any(_match(r.name, [gl]) for r in recs):
+                raise FtraceFilterError(f"{gl!r} matches no traceable function")
+        return frozenset(r.ip for r in recs if _match(r.name, g))
+
+    def set_graph_function(self, globs, *, append: bool = False) -> int:
+        """``set_graph_function``: trace only these functions and what they
+        call (empty: every function the filter selects).  A glob matching
+        no traceable function is refused, nothing changed.  Returns how many
+        functions the list holds."""
+        h = self._hash(globs)
+        self.graph_hash = (self.graph_hash | h) if append else h
+        return len(self.graph_hash)
+
+    def set_graph_notrace(self, globs, *, append: bool = False) -> int:
+        """``set_graph_notrace``: these functions and what they call are not
+        traced."""
+        h = self._hash(globs)
+        self.notrace_hash = (self.notrace_hash | h) if append else h
+        return len(self.notrace_hash)
+
+    def set_tracing_thresh(self, ticks: int) -> None:
+        """A write of ``tracing_thresh``: on a running tracer, stop and
+        start again (``graph_trace_update_thresh``), so that the return
+        function follows."""
+        if ticks < 0:
+            raise ValueError("tracing_thresh cannot be negative")
+        self.tracing_thresh = ticks
+        if self.active:
+            self.stop()
+            self.start()
+
+    def _graph_entry(self, cpu: int, func: int, depth: int) -> tuple[bool, bool]:
+        """trace_graph_entry: (hook the return, record the entry)."""
+        tv = self._task_var.get(cpu, 0)
+        if tv & _NOTRACE:
+            return False, False
+        if func in self.notrace_hash:
+            self._task_var[cpu] = tv | _NOTRACE
+            return True, False          # its return clears the flag
+        # ftrace_graph_ignore_func: nested in a set_graph_function one, or
+        # one itself (ftrace_graph_addr sets the flag and keeps depth & 3)
+        ok = bool(tv & _FL)
+        if not ok:
+            if not self.graph_hash:
+                ok = True
+            elif func in self.graph_hash:
+                tv = (tv & ~(3 << _DEPTH_SHIFT)) | _FL | ((depth & 3) << _DEPTH_SHIFT)
+                self._task_var[cpu] = tv
+                ok = True
+        if not ok or (self.max_graph_depth and depth >= self.max_graph_depth):
+            return False, False
+        return True, not self._thresh
+
+    def _graph_return(self, cpu: int, depth: int, duration: int) -> bool:
+        """trace_graph_return / trace_graph_thresh_return: record it?"""
+        tv = self._task_var.get(cpu, 0)
+        # ftrace_graph_addr_finish: the flag goes with the return at the
+        # depth it was set at (the unmasked depth against the two bits kept)
+        if tv & _FL and depth == (tv >> _DEPTH_SHIFT) & 3:
+            tv &= ~_FL
+        if tv & _NOTRACE:
+            self._task_var[cpu] = tv & ~_NOTRACE
+            return False
+        self._task_var[cpu] = tv
+        return not (self._thresh and duration < self._thresh)
 
     # ------------------------------------------------------------ the tracer
     def start(self) -> FtraceUpdate:
@@ -147,7 +261,11 @@ class FunctionGraph:
                              "takes one tracer)")
         if self.active:
             raise GraphError("the function graph tracer is already on")
+        if self.tracing_thresh < 0 or self.max_graph_depth < 0:
+            raise GraphError("tracing_thresh and max_graph_depth cannot be negative")
         self._hook_traps()
+        self._thresh = self.tracing_thresh
+        self._task_var = {}             # a new user's task storage starts zeroed
         self._direct(True)
         from ._graph_tp import tracepoint_probe_register, tracing_cmdline_record
         done = []
@@ -179,6 +297,8 @@ class FunctionGraph:
     def _direct(self, on: bool) -> None:
         calls = self.kernel.calls
         for call, func, stub in DIRECT_CALLS:
+            if call == "fgraph_retfunc" and self._thresh:
+                func = THRESH_RETURN         # graph_trace_init's choice with tracing_thresh
             if call in calls.calls and func in self.symbols and stub in self.symbols:
                 calls.static_call_update(call, func if on else stub)
 
@@ -256,8 +376,12 @@ class FunctionGraph:
             self._die(f"cpu{regs.cpu}: the return slot {slot:#x} of {func:#x} does not hold "
                       f"its caller {parent:#x}")
             return True
+        hook, record = self._graph_entry(regs.cpu, func, len(stack))
+        if not hook:
+            return True                 # -EBUSY: the return is left alone
         t = self._tick()
-        self.events.append(GraphEvent("entry", regs.cpu, len(stack), func, t))
+        if record:
+            self.events.append(GraphEvent("entry", regs.cpu, len(stack), func, t))
         stack.append(_Frame(func, parent, slot, t))
         mem.write(slot, struct.pack("<Q", self._hooker))
         return True
@@ -277,8 +401,10 @@ class FunctionGraph:
             return False                # unhandled: the CPU oopses
         fr = stack.pop()
         rax = int.from_bytes(mem.read(regs.sp + 8, 8), "little")
-        self.events.append(GraphEvent("return", regs.cpu, len(stack), fr.func, self._tick(),
-                                      fr.calltime, rax))
+        t = self._tick()
+        if self._graph_return(regs.cpu, len(stack), t - fr.calltime):
+            self.events.append(GraphEvent("return", regs.cpu, len(stack), fr.func, t,
+                                          fr.calltime, rax))
         mem.write(slot, struct.pack("<Q", fr.ret))
         return True
 
