@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     def arm() -> None:
         nonlocal how, end
-        lp.arm(strategy=args.strategy)
+        lp.arm(strategy=args.strategy, optimize=getattr(args, "optimize", False))
         how = lp.how()
         # said once the probe is in and every thread synced: tools (and the
         # tests) wait for this line, not for the byte in the target
@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     doc = {"pid": args.pid, "event": lp.event, "symbol": lp.symbol, "offset": lp.offset,
            "addr": f"{lp.addr:#x}", "how": how, "fetchargs": [a.name + "=" + a.text
                                                               for a in lp.args],
+           "optimized": bool(how.startswith("optimised")), "not_optimized_reason": lp.opt_reason,
            "hits": nhit, "seconds": s.seconds(), "strategy": args.strategy,
            "target_alive": not gone,
            "interrupted": s.was_interrupted,

@@ -221,6 +221,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help=f"seconds to probe, 0..{DURATION_MAX:g} (default: until Ctrl-C)")
     pr.add_argument("--max-hits", type=int_in(Bounds(1, 10**12)), default=None, metavar="N",
                     help="stop after N hits")
+    pr.add_argument("--optimize", action="store_true",
+                    help="at a function's entry, turn the INT3 into a JMP to an out-of-line "
+                         "buffer that records each hit in the process (no stop of the thread; "
+                         "the kernel's optprobe rules); where refused, the INT3 probe stays and "
+                         "the start line says why")
     pr.set_defaults(live_run=_probe)
 
     tr = sub.add_parser("trace", help="the ftrace function tracer on a process: trace_pipe lines",

@@ -264,6 +264,13 @@ class LiveProbe:
         self.nhit = 0
         self._comm: dict[int, str] = {}
         self._stat_fds: dict[int, int] = {}
+        #: the optimised path (see :mod:`._probe_opt`): its ring, clock and
+        #: recorder once the client has put the JMP in; else why not
+        self.ring = None
+        self.time = None
+        self.recorder: int | None = None
+        self.opt_reason: str | None = None
+        self._exec: tuple[int, int] | None = None
         try:
             lib, name, off = parse_address(spec)
             if name is None:
@@ -286,9 +293,14 @@ class LiveProbe:
             raise
 
     # ------------------------------------------------------------ lifetime
-    def arm(self, *, strategy: str = "int3") -> None:
+    def arm(self, *, strategy: str = "int3", optimize: bool = False,
+            ring_size: int = 4096) -> None:
         """Attach, map execmem near the module, register the kprobe through
-        the kernel's client.  On any error everything is undone."""
+        the kernel's client; with *optimize*, then ask the client to
+        optimise it (:mod:`._probe_opt`: a JMP to a buffer whose callback
+        records the hit in a ring of *ring_size* entries in the target),
+        keeping the INT3 probe, with :attr:`opt_reason`, where that is
+        refused.  On any error everything is undone."""
         from .._core import TextPoke
         from ..kernel import Kernel
         from ._machine import LiveMachine
@@ -304,9 +316,16 @@ class LiveProbe:
             self.core = TextPoke(m)
             image = ProcessImage(self.module.path, {self.symbol: (self.addr - self.offset,
                                                                   self.size)})
+            start = rng.start
+            if optimize:
+                self.opt_reason = self._opt_refusal()
+            if optimize and self.opt_reason is None:
+                start = self._put_recorder(m, rng.start, ring_size)
+                self._exec = (rng.start, rng.end)
+                image.symbols["optimized_callback"] = self.recorder
             self.kernel = Kernel(self.core, image, tables=image.tables((lo, hi)),
                                  config={"PREEMPTION": False, "KPROBES_ON_FTRACE": False},
-                                 execmem={"kprobes": (rng.start, rng.end)})
+                                 execmem={"kprobes": (start, rng.end)})
             kp = self.kernel.kprobes
             # the INT3 stands in the text while the threads run: guarded and
             # journaled first, so a SIGKILL of this patcher leaves a thread on
@@ -317,9 +336,92 @@ class LiveProbe:
             self.probe = kp.register_kprobe(self.symbol if not self.offset
                                             else f"{self.symbol}+{self.offset:#x}",
                                             pre_handler=self._pre)
+            if self.recorder is not None:
+                self._optimize(kp)
         except BaseException:
             self.close()
             raise
+
+    # ------------------------------------------------------------ optimised
+    def _opt_refusal(self) -> str | None:
+        from ._probe_opt import cpu_refusal, fetch_refusal
+        if self.offset:
+            return (f"{self.symbol}+{self.offset:#x} is past the function's entry: code there "
+                    "may keep data in the 128-byte red zone below %rsp, which the detour's "
+                    "pushes would overwrite (only an entry is optimised)")
+        return fetch_refusal(self.args) or cpu_refusal() or _shadow_stack(self.pid)
+
+    def _put_recorder(self, m, at: int, ring_size: int) -> int:
+        """The recorder at *at* (the start of the probes' execmem) and its
+        ring in data memory; returns where the client's execmem starts."""
+        from ._probe_opt import RECORDER_SIZE, ProbeRing, recorder_code
+        data = m.map_data(ProbeRing.data_bytes(ring_size), "probe-ring")
+        self.ring = ProbeRing(m.mem, data, ring_size)
+        m.mem.write(data, self.ring.header())
+        self.core.text_poke_copy(at, recorder_code(data))
+        self.recorder = at
+        return at + RECORDER_SIZE
+
+    def _optimize(self, kp) -> None:
+        from .._kprobes._types import KprobeError
+        from ._trace_clock import TscTime
+        self.time = TscTime(self.pid)           # the first pair before any hit
+        try:
+            kp.optimize_kprobe(self.probe)
+        except KprobeError as e:
+            self.opt_reason = str(e)
+            self.ring = self.time = None
+
+    @property
+    def optimized(self) -> bool:
+        kp = self.kernel.kprobes if self.kernel is not None else None
+        site = kp._sites.get(self.addr) if kp is not None else None
+        return bool(site is not None and site.optimized and self.ring is not None)
+
+    def _drain(self, *, final: bool = False) -> None:
+        """The hits the recorder committed since the last drain, as the
+        INT3 path's pre-handler would have made them."""
+        from ._probe_opt import Recorded
+        ring = self.ring
+        if ring is None:
+            return
+        raws = ring.drain(final=final)
+        t = self.time
+        for raw in raws:
+            rec = Recorded(raw, self.addr)
+            self.nhit += 1
+            comm = self._thread_comm(rec.tid)
+            vals = []
+            for a in self.args:
+                try:
+                    vals.append(format_value(a, rec, a.fetch(rec), comm, self._symbolize))
+                except (OSError, TextPokeError, struct.error):
+                    vals.append("(fault)")
+            self.hits.append(Hit(rec.tid, rec.cpu, t.ns(rec.tsc) / 1e9, vals, comm))
+        if raws:
+            t.sample()              # after the read: every hit read lies before it
+
+    def _finish_ring(self) -> None:
+        """After the client's close (the JMP gone, the probe unregistered):
+        once no thread is in the probes' execmem (the recorder, the
+        client's buffer and slots: no RIP there, no stack word pointing
+        there), the last hits are read and the whole range is cleared --
+        the client leaves a freed slot's bytes in place, as the kernel
+        does -- so that the machine unmaps it at close.  A thread that
+        stays keeps the range (and the ring) mapped; regions_kept says why."""
+        m, rng = self.machine, self._exec
+        if rng is None or m is None:
+            return
+        try:
+            if m.text_read(self.addr, 1) == b"\xe9":
+                raise TextPokeError("the probe's JMP is still in place")
+            m.run_task(m.quiesce([rng], "the probe's buffer and recorder"))
+        except TextPokeError:
+            self._drain()
+            return
+        self._drain(final=True)
+        self.core.text_poke_copy(rng[0], b"\xcc" * (rng[1] - rng[0]))
+        self.recorder = self._exec = None
 
     @property
     def boosted(self) -> bool | None:
@@ -334,10 +436,15 @@ class LiveProbe:
         site = kp._sites.get(self.addr)
         if site is None:
             return "gone"
+        if self.optimized:
+            return (f"optimised: a JMP to an out-of-line buffer, hits recorded in the process "
+                    f"({site.insn.text})")
         if site.emulate is not None:
-            return f"emulated ({site.insn.text})"
-        return ("boosted" if site.boosted else "single-stepped out of line") + \
-            f" ({site.insn.text})"
+            how = f"emulated ({site.insn.text})"
+        else:
+            how = ("boosted" if site.boosted else "single-stepped out of line") + \
+                f" ({site.insn.text})"
+        return how + (f"; not optimised: {self.opt_reason}" if self.opt_reason else "")
 
     def close(self) -> dict:
         """Unregister (the original byte back, the slot freed once no thread
@@ -347,6 +454,7 @@ class LiveProbe:
         try:
             if self.kernel is not None:
                 self.kernel.close()
+            self._finish_ring()
             if self.core is not None:
                 self.core.close()
         finally:
@@ -437,14 +545,39 @@ class LiveProbe:
     def pump(self, until: Callable[[], bool]) -> None:
         """Service the process's stops (hits among them) until *until()*."""
         m = self.machine
+        if self.ring is None:
+            def task():
+                yield WaitUntil(lambda: until() or not m.threads, "probe hits")
+            m.run_task(task())
+            return
+        # optimised: the threads do not stop at a hit; the ring is read
+        # every few milliseconds while the machine services other stops
+        while True:
+            self._drain()
+            if until() or not m.threads:
+                return
+            end = time.monotonic() + 0.005
 
-        def task():
-            yield WaitUntil(lambda: until() or not m.threads, "probe hits")
-        m.run_task(task())
+            def task():
+                yield WaitUntil(lambda: time.monotonic() >= end or not m.threads, "probe hits")
+            m.run_task(task())
 
     def take(self) -> list[Hit]:
         out, self.hits = self.hits, []
         return out
+
+
+def _shadow_stack(pid: int) -> str | None:
+    """Why not, when the process runs with a CET shadow stack (the
+    recorder's return is not a RET: see :mod:`._probe_opt`)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for ln in f:
+                if ln.startswith("x86_Thread_features:") and "shstk" in ln.split():
+                    return "the process runs with a CET shadow stack"
+    except OSError:
+        pass
+    return None
 
 
 class _AtProbe:

@@ -1,0 +1,266 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Optimised ``live probe``: the probe's INT3 becomes a JMP to an
+out-of-line buffer, and a hit is recorded in the target's memory without
+stopping the thread.
+
+The JMP and the buffer are the kprobes client's own optimisation
+(:meth:`textpoke._kprobes.Kprobes.optimize_kprobe`: ``can_optimize``'s scan
+of the function, the displaced instructions' copy rules, quiescence before
+the write, the kernel's ``optprobe_template``: a ``struct pt_regs`` pushed
+on the stack, ``call optimized_callback(op, regs)``, the registers popped,
+the displaced instructions, a JMP back).  What a process adds is the
+callback: where the kernel runs the handlers in ``optimized_callback``,
+the image this module describes names as ``optimized_callback`` a small
+recorder of ours in the target (:data:`RECORDER`), which copies the
+``pt_regs``, the top :data:`STACK_WORDS` words of the stack at the probe
+point, the TSC, the CPU and the thread id into a ring in the target's
+data memory (:class:`ProbeRing`) and returns.  The thread never stops; the
+host drains the ring and evaluates the fetch-args on what was recorded.
+
+The ring is one for all threads (not per thread as ``live trace``'s
+rings, which claim every thread's GS base): a hit claims its entry with
+one ``lock xadd`` on the ring's head, writes it, then commits it by
+storing its sequence number (index + 1) in the entry's first word, after
+having zeroed that word first.  The host reads a batch of entries, then
+their first words again, and takes an entry only if both reads show its
+own sequence number (x86 keeps stores in order, so a half-written or
+overwritten entry shows another number in one of the two reads).  An
+entry the ring's writers have lapped is an overrun (counted); one not yet
+committed stops the read there until it is.
+
+What is not optimised, and stays an INT3 probe (said with the reason):
+
+* a probe point past a function's first instruction: user code may keep
+  data in the 128 bytes below ``%rsp`` (the red zone), which the
+  template's pushes would overwrite (the kernel, built without a red zone,
+  has no such rule); at a function's entry the red zone holds nothing;
+* a fetch-arg that reads memory other than the recorded stack words (a
+  string, ``@SYM``, ``+8(%di)``...): it must be read at the hit, which
+  only a stopped thread allows;
+* a TSC that is not one clock for every CPU, or no RDTSCP;
+* whatever the client's own rules refuse (a jump into the displaced
+  bytes, a CALL among them, a function too short...).
+"""
+
+from __future__ import annotations
+
+import struct
+
+__all__ = ["RECORDER", "RECORDER_SIZE", "ENTRY_SIZE", "STACK_WORDS", "ProbeRing",
+           "fetch_refusal", "cpu_refusal", "Recorded"]
+
+#: ``optimized_callback(op, regs)`` for a process, position-independent,
+#: hand-written (GNU as, then the bytes; no code of the kernel's):
+#:
+#:   rec:  cld                                  # rep movsq forwards
+#:         mov %rdi,%r8; mov %rsi,%r9           # op, &pt_regs
+#:         mov T_RING(%rip),%r10                # the ring: head, mask, entries at +64
+#:         mov $1,%eax; lock xadd %rax,(%r10)   # this hit's index
+#:         mov %rax,%r11
+#:         and 8(%r10),%rax; imul $320,%rax,%rax; lea 64(%r10,%rax),%r10   # its entry
+#:         movq $0,(%r10)                       # seq 0: being written
+#:         mov %r8,32(%r10)                     # op
+#:         lea 40(%r10),%rdi; mov %r9,%rsi; mov $21,%ecx; rep movsq        # pt_regs
+#:         mov 152(%r9),%rsi; add $8,%rsi       # pt_regs.sp + 8: %rsp at the probe
+#:         mov $14,%ecx; rep movsq              # the top 14 stack words
+#:         mov %r11,%r9
+#:         rdtscp; shl $32,%rdx; or %rdx,%rax   # TSC; %ecx = TSC_AUX (node << 12 | cpu)
+#:         mov %rax,8(%r10); mov %rcx,16(%r10)
+#:         mov $186,%eax; syscall               # gettid
+#:         mov %rax,24(%r10)
+#:         lea 1(%r9),%rax; mov %rax,(%r10)     # seq = index + 1: committed
+#:         pop %rcx; movq $0,-8(%rsp); jmp *%rcx   # a RET that leaves no copy of
+#:                                              # the return address (into the
+#:                                              # buffer) below %rsp
+#:         nopl 0(%rax,%rax)
+#:   T_RING: .quad (the host fills it)
+#:
+#: Every register it uses is caller-saved (the template saved them all in
+#: the pt_regs and pops them after the call, flags included).  The return
+#: is not a RET: a RET would leave the return address into the client's
+#: buffer in the dead stack below %rsp, where a thread that then sleeps
+#: keeps it, and the live machine, which scans that red zone too, would
+#: never see the buffer free (its slot could not be freed at the end).
+#: (So a process running with a CET shadow stack must not be optimised:
+#: the CALL's shadow entry is never popped.  Linux enables user shadow
+#: stacks only on request, which Debian's glibc does not make.)
+RECORDER = bytes.fromhex(
+    "fc4989f84989f14c8b1582000000b801000000f0490fc1024989c3492342084869c0400100004d8d"
+    "54024049c702000000004d894220498d7a284c89ceb915000000f348a5498bb1980000004883c608"
+    "b90e000000f348a54d89d90f01f948c1e2204809d04989420849894a10b8ba0000000f0549894218"
+    "498d41014989025948c74424f800000000ffe10f1f440000")
+REC_T_RING = 0x90
+#: bytes of execmem the recorder takes (the client's allocator gets the rest)
+RECORDER_SIZE = 256
+ENTRY_SIZE = 320
+STACK_WORDS = 14
+_HDR = 64
+_PT_REGS = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
+            "rdx", "rsi", "rdi", "orig_ax", "ip", "cs", "flags", "sp", "ss")
+_ENTRY = struct.Struct(f"<QQQQQ{len(_PT_REGS)}Q{STACK_WORDS}Q")
+assert _ENTRY.size == ENTRY_SIZE
+assert len(RECORDER) == REC_T_RING
+_M64 = (1 << 64) - 1
+
+
+def recorder_code(ring: int) -> bytes:
+    """The recorder with its ring's address filled in."""
+    return RECORDER + struct.pack("<Q", ring)
+
+
+class _StackWindow:
+    """Memory as a hit recorded it: the stack words at the probe point's
+    %rsp, nothing else (a read elsewhere is an error)."""
+
+    __slots__ = ("sp", "raw")
+
+    def __init__(self, sp: int, raw: bytes) -> None:
+        self.sp, self.raw = sp, raw
+
+    def read(self, addr: int, n: int) -> bytes:
+        off = (addr - self.sp) & _M64
+        if off + n > len(self.raw):
+            raise OSError(f"{addr:#x} was not recorded")
+        return self.raw[off:off + n]
+
+
+class Recorded:
+    """One hit as the recorder wrote it, shaped as the registers the INT3
+    path's pre-handler sees (``ip`` at the probe point)."""
+
+    __slots__ = ("seq", "tsc", "cpu", "tid", "op", "gprs", "ip", "sp", "flags", "mem")
+
+    def __init__(self, vals: tuple, addr: int) -> None:
+        self.seq, self.tsc, aux, self.tid, self.op = vals[:5]
+        self.cpu = aux & 0xFFF
+        regs = dict(zip(_PT_REGS, vals[5:5 + len(_PT_REGS)]))
+        self.gprs = {r: regs[r] for r in _PT_REGS[:15]}
+        self.ip = addr
+        self.sp = (regs["sp"] + 8) & _M64           # the template pushed it 8 low
+        self.flags = regs["flags"]
+        self.mem = _StackWindow(self.sp, struct.pack(f"<{STACK_WORDS}Q",
+                                                     *vals[5 + len(_PT_REGS):]))
+
+
+class _Probe:
+    """Registers and memory made up to see what a fetch-arg reads."""
+
+    __slots__ = ("ip", "sp", "flags", "gprs", "mem", "reads")
+
+    def __init__(self, seed: int) -> None:
+        import random
+        rnd = random.Random(seed)
+        self.gprs = {r: rnd.getrandbits(47) << 4 for r in _PT_REGS[:15]}
+        self.sp = rnd.getrandbits(47) << 4
+        self.ip = rnd.getrandbits(47)
+        self.flags = 0x246
+        self.reads: list[tuple[int, int]] = []
+        self.mem = self
+
+    def read(self, addr: int, n: int) -> bytes:
+        self.reads.append((addr & _M64, n))
+        return ((addr * 0x9E3779B97F4A7C15) & _M64).to_bytes(8, "little")[:n].ljust(n, b"\0")
+
+
+def fetch_refusal(args) -> str | None:
+    """Why these fetch-args cannot be evaluated on a recorded hit (they read
+    memory other than the top :data:`STACK_WORDS` stack words), or None."""
+    for a in args:
+        if a.kind == "string":
+            return (f"the fetch-arg {a.name}={a.text} reads a string, which only a stopped "
+                    "thread's memory shows as it is at the hit")
+        for seed in (1, 2):
+            p = _Probe(seed)
+            try:
+                a.fetch(p)
+            except Exception:
+                return f"the fetch-arg {a.name}={a.text} cannot be evaluated on a record"
+            for addr, n in p.reads:
+                if not 0 <= addr - p.sp <= 8 * STACK_WORDS - n:
+                    return (f"the fetch-arg {a.name}={a.text} reads memory other than the top "
+                            f"{STACK_WORDS} stack words the recorder copies (from +0 to "
+                            f"+{8 * STACK_WORDS - 8}(%sp)); it must be read at the hit")
+    return None
+
+
+def cpu_refusal() -> str | None:
+    """Why the recorder cannot run here (it stamps hits with RDTSCP)."""
+    from ._trace_clock import tsc_variant_reason
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    if "rdtscp" not in flags.split():
+        return "the CPU has no RDTSCP (the recorder's clock and CPU number)"
+    why = tsc_variant_reason()
+    return None if why is None else f"the TSC is not one clock for every CPU: {why}"
+
+
+class ProbeRing:
+    """The ring of recorded hits at *addr* in the target (*size* entries, a
+    power of two): the header (head, mask) then the entries.  The host
+    keeps the tail; see the module doc for the commit protocol."""
+
+    #: drains an uncommitted entry may hold the read up before it is dropped
+    #: (a thread killed between its claim and its commit never commits)
+    STALL_LIMIT = 200
+
+    def __init__(self, mem, addr: int, size: int) -> None:
+        if size < 2 or size & (size - 1):
+            raise ValueError(f"ring size {size}: a power of two >= 2")
+        self.mem, self.addr, self.size = mem, addr, size
+        self.tail = 0
+        self.overruns = 0
+        self.dropped = 0
+        self._stall = (0, 0)
+
+    @staticmethod
+    def data_bytes(size: int) -> int:
+        return _HDR + size * ENTRY_SIZE
+
+    def header(self) -> bytes:
+        return struct.pack("<QQ", 0, self.size - 1)
+
+    def head(self) -> int:
+        return struct.unpack("<Q", self.mem.read(self.addr, 8))[0]
+
+    def drain(self, *, final: bool = False) -> list[tuple]:
+        """The committed entries since the last drain, in claim order (raw
+        tuples).  *final*: no writer is left, an uncommitted entry is
+        dropped (counted) rather than waited for."""
+        head = self.head()
+        out: list[tuple] = []
+        if head - self.tail > self.size:
+            self.overruns += head - self.tail - self.size
+            self.tail = head - self.size
+        while self.tail < head:
+            i0 = self.tail
+            n = min(head - i0, self.size - (i0 & (self.size - 1)), 256)
+            at = self.addr + _HDR + (i0 & (self.size - 1)) * ENTRY_SIZE
+            raw = self.mem.read(at, n * ENTRY_SIZE)
+            again = self.mem.read(at, n * ENTRY_SIZE)
+            stop = False
+            for k in range(n):
+                i = i0 + k
+                s1 = struct.unpack_from("<Q", raw, k * ENTRY_SIZE)[0]
+                s2 = struct.unpack_from("<Q", again, k * ENTRY_SIZE)[0]
+                if s1 == s2 == i + 1:
+                    out.append(_ENTRY.unpack_from(raw, k * ENTRY_SIZE))
+                elif max(s1, s2) > i + 1:
+                    self.overruns += 1          # a later lap took its place
+                elif final or self._stalled(i):
+                    self.dropped += 1           # claimed, never committed
+                else:
+                    stop = True
+                    break
+                self.tail = i + 1
+            if stop:
+                break
+        return out
+
+    def _stalled(self, i: int) -> bool:
+        idx, n = self._stall
+        n = n + 1 if idx == i else 1
+        self._stall = (i, n)
+        return n > self.STALL_LIMIT
