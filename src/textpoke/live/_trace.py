@@ -92,7 +92,7 @@ from .._core._insn import CALL_INSN_OPCODE, text_gen_insn
 from .._core._machine import WaitUntil
 from .._errors import TextPokeError
 from ._symbols import Symbols
-from ._trace_clock import TscTime, host_tsc, tsc_variant_reason
+from ._trace_clock import TscTime, host_tsc, tsc_disabled, tsc_variant_reason
 from ._trace_free import alive, free_region, threads_in_region
 from ._trace_profile import _F_SP, _P_FPC, _P_HANDLER, PROFILE_CODE, SHADOW_N
 from ._trace_sites import (BRIDGE_SLOT, NOP5, PAD_SIZE, TraceError, TraceSite, fill_pads,
@@ -137,6 +137,7 @@ class LiveTrace:
         #: (clock_note says why)
         self.clock_note = tsc_variant_reason() if clock in (None, "tsc") else None
         self.clock = clock or ("counter" if self.clock_note else "tsc")
+        self._clock_asked = clock
         if self.clock not in ("tsc", "counter"):
             raise TraceError(f"trace clock {clock!r}: tsc or counter")
         if self.clock == "counter" and clock == "tsc":
@@ -197,6 +198,15 @@ class LiveTrace:
             with m.stopped() as tids:
                 for tid in tids:
                     m.set_percpu_base(tid, 0)
+                # an RDTSC (the TSC clock's, the profiler's return hook)
+                # in a thread that turned it off is a SIGSEGV: asked first
+                notsc = tsc_disabled(m, tids) if self.profile or self.clock == "tsc" else None
+            if notsc:
+                if self.profile or self._clock_asked == "tsc":
+                    what = "--profile times calls with RDTSC" if self.profile else \
+                        "the TSC clock reads RDTSC"
+                    raise TraceError(f"{what}, which would kill process {self.pid}: {notsc}")
+                self.clock, self.clock_note = "counter", notsc
             nrec = min(MAX_RINGS, max(16, 2 * len(m.threads) + 8))
             if self.clock == "tsc":
                 # the first pair, before any event can be stamped

@@ -5,10 +5,11 @@ See :mod:`._trace` for the design."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
-__all__ = ["host_tsc", "tsc_variant_reason", "TscTime"]
+__all__ = ["host_tsc", "tsc_disabled", "tsc_variant_reason", "TscTime"]
 
 
 def host_tsc() -> Callable[[], int]:
@@ -113,3 +114,40 @@ class TscTime:
             return 0.0
         c0, t0 = self._first
         return (self.c[-1] - c0) * 1e9 / (self.t[-1] - t0)
+
+
+#: prctl(2): PR_GET_TSC and what it stores (PR_TSC_ENABLE, PR_TSC_SIGSEGV)
+SYS_prctl, PR_GET_TSC, PR_TSC_ENABLE, PR_TSC_SIGSEGV = 157, 25, 1, 2
+#: where the answer is stored: below the stopped thread's red zone (128
+#: bytes under rsp, the ABI's), where a signal frame would go -- nothing
+#: of the thread's lives there
+_SCRATCH = 512
+
+
+def tsc_disabled(m, tids) -> str | None:
+    """With *tids* stopped (a :class:`LiveMachine`'s ``stopped()``): why an
+    RDTSC in one of them would not run -- a thread that made
+    ``prctl(PR_SET_TSC, PR_TSC_SIGSEGV)`` gets SIGSEGV for it (the flag is
+    per thread, and a new thread inherits its creator's) -- or None.  Asked
+    of every thread with an injected ``prctl(PR_GET_TSC, scratch)``."""
+    import struct
+
+    from .._errors import TextPokeError
+    from ._inject import find_syscall_insn, inject_syscall
+    at = find_syscall_insn(m.pid)
+    for tid in tids:
+        slot = (m.get_regs(tid).rsp - _SCRATCH) & ~7
+        try:
+            old = m.mem.read(slot, 4)
+            m.mem.write(slot, b"\xff\xff\xff\xff")
+            rc = inject_syscall(m.pid, tid, SYS_prctl, PR_GET_TSC, slot, syscall_at=at)
+            mode = struct.unpack("<i", m.mem.read(slot, 4))[0]
+            m.mem.write(slot, old)
+        except (OSError, TextPokeError) as e:
+            return f"thread {tid}: its TSC mode cannot be read ({e})"
+        if rc < 0:
+            return f"thread {tid}: prctl(PR_GET_TSC) failed: {os.strerror(-rc)}"
+        if mode != PR_TSC_ENABLE:
+            return (f"thread {tid} has RDTSC disabled (prctl PR_SET_TSC, "
+                    f"{'PR_TSC_SIGSEGV' if mode == PR_TSC_SIGSEGV else mode})")
+    return None
