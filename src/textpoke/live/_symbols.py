@@ -235,8 +235,32 @@ class Module:
             # one name (a toggle of one function, a call target): found
             # without reading every symbol of the file -- 10,000 of a big
             # program cost more than the rest of a one-site toggle
-            return self._by_name.get(name) if name in self._by_name else self._find(name)
+            if name in self._by_name:
+                return self._by_name[name]
+            return self._find_in_rows(name) if self._rows_ is not None else self._find(name)
         return self._by_name.get(name)
+
+    def _find_in_rows(self, name: str) -> Symbol | None:
+        """:meth:`_find` from the rows already read (a glob's table): every
+        entry of *name*, found by list.index (in C), the same choice."""
+        names, vals, sizes, types = self._rows_        # type: ignore[misc]
+        best = None
+        i = -1
+        while True:
+            try:
+                i = names.index(name, i + 1)
+            except ValueError:
+                break
+            typ = types[i]
+            # in (value, not function, name) order: the first function is the
+            # lowest-addressed one; an object only while no function is seen
+            if best is None or (typ != STT_OBJECT and not best.func):
+                best = Symbol(name, vals[i] + self.bias, sizes[i], self, typ != STT_OBJECT,
+                              typ == STT_GNU_IFUNC)
+                if best.func:
+                    break
+        self._by_name[name] = best
+        return best
 
     def _find(self, name: str) -> Symbol | None:
         """What :meth:`lookup` gives for *name*, from the string tables: the
