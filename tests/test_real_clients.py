@@ -451,10 +451,18 @@ def test_the_clients_equal_the_kernels_own_run_time_text(manifest):
         tracing_cmdline_record(ok.kernel, False)
         check(ok, "ftrace-function-off")
 
-    al = steps["kprobe-optimized-on"]["allocated"]
+    # the optimised kprobe, then the kretprobe (KPROBES_ON_FTRACE puts it on
+    # the fentry NOP through kprobe_ftrace_ops' own trampoline, a new page),
+    # then both gone (kprobes-off): one session from the stop before the
+    # first, each step compared
+    al = steps["kretprobe-on"]["allocated"]
+    tr = [a for a in al["ftrace_trampolines"]
+          if a not in steps[index[index.index("kretprobe-on") - 1]]["allocated"][
+              "ftrace_trampolines"]]
     with session(index[index.index("kprobe-optimized-on") - 1],
                  [ExecRegion(al["kprobe_insn_pages"][0], 4096, "kprobes"),
-                  ExecRegion(al["kprobe_optinsn_pages"][0], 4096, "optprobes")]) as ok:
+                  ExecRegion(al["kprobe_optinsn_pages"][0], 4096, "optprobes"),
+                  ExecRegion(tr[0], 4096, "ftrace")]) as ok:
         from textpoke._kprobes._opt import buffer_op
         kp = ok.kernel.kprobes
         p = kp.register_kprobe(m["probes"]["kprobe"])
@@ -468,36 +476,45 @@ def test_the_clients_equal_the_kernels_own_run_time_text(manifest):
         assert kp.site_info(p)["detour"] == page["addr"]      # the page's first slot
         check(ok, "kprobe-optimized-on")        # the optinsn page compared too
         assert any(r.owner == "optprobes" for r in ok.machine.regions)
-
-    # a kretprobe on a function's entry: KPROBES_ON_FTRACE puts it on the
-    # fentry NOP through kprobe_ftrace_ops' own trampoline (a new page)
-    tr = [a for a in steps["kretprobe-on"]["allocated"]["ftrace_trampolines"]
-          if a not in steps[index[index.index("kretprobe-on") - 1]]["allocated"][
-              "ftrace_trampolines"]]
-    # (kprobes want slots somewhere: a page the reference does not list)
-    with session(index[index.index("kretprobe-on") - 1],
-                 [ExecRegion(tr[0], 4096, "ftrace"),
-                  ExecRegion(0xFFFFFFFFC1000000, 4096, "kprobes")]) as ok:
-        ok.kernel.kprobes.register_kretprobe(m["probes"]["kretprobe"])
+        rp = kp.register_kretprobe(m["probes"]["kretprobe"])
         check(ok, "kretprobe-on")
+        # the events disabled, kprobe_events cleared: the probe's bytes back,
+        # the ftrace site a NOP again, the cmdline probes gone -- and the
+        # slot pages as the kernel leaves them (a freed slot is only marked)
+        kp.unregister_kprobe(p)
+        kp.unregister_kretprobe(rp)
+        tracing_cmdline_record(ok.kernel, False)
+        check(ok, "kprobes-off")
+        compared = {r["name"] for r in steps["kprobes-off"]["regions"]
+                    if any(x.start == r["addr"] for x in ok.machine.regions)}
+        assert {"kprobe_insn_page", "kprobe_optinsn_page", "ftrace_trampoline"} <= compared
 
     # modules of the image's own package, each section where the kernel put it
-    # (kyber_iosched defines static keys and calls of its own: its tracepoints)
+    # (kyber_iosched defines static keys and calls of its own: its
+    # tracepoints); then each rmmod: from the kernel's memory at the stop
+    # before it (what the other module's load left in .text included: its
+    # call-depth thunks), the module loaded where it is, then unloaded
     loaded = []
     for mname in m.get("modules", {}):
-        step = f"insmod-{mname}"
-        if step not in steps:
-            continue
-        at = steps[step]["allocated"]["modules"][mname]
-        base = min(a for a in at.values()) & ~0xFFF
-        with session(index[index.index(step) - 1],
-                     [ExecRegion(base, 1024 * 4096, "modules")]) as ok:
-            ok.kernel.modules.load((ref / m["modules"][mname]["file"]).read_bytes(),
-                                   mname, at=at)
-            check(ok, step)
-            assert [r for r in steps[step]["regions"] if r["kind"] == "module"]
-            loaded.append(mname)
-    assert loaded == [n for n in m.get("modules", {}) if f"insmod-{n}" in steps]
+        for step in (f"insmod-{mname}", f"rmmod-{mname}"):
+            if step not in steps:
+                continue
+            at = steps[f"insmod-{mname}"]["allocated"]["modules"][mname]
+            base = min(a for a in at.values()) & ~0xFFF
+            with session(index[index.index(step) - 1],
+                         [ExecRegion(base, 1024 * 4096, "modules")]) as ok:
+                ok.kernel.modules.load((ref / m["modules"][mname]["file"]).read_bytes(),
+                                       mname, at=at)
+                if step.startswith("insmod-"):
+                    assert [r for r in steps[step]["regions"] if r["kind"] == "module"]
+                else:
+                    ok.kernel.modules.unload(mname)
+                    assert not [r for r in steps[step]["regions"]
+                                if r["name"].startswith(f"{mname} ")]
+                check(ok, step)
+                loaded.append(step)
+    mods = [n for n in m.get("modules", {}) if f"insmod-{n}" in steps]
+    assert loaded == [x for n in mods for x in (f"insmod-{n}", f"rmmod-{n}")]
 
     with session(index[index.index("schedstats-on") - 1]) as ok:
         ok.kernel.keys.static_key_enable("sched_schedstats")

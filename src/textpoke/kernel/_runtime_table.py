@@ -13,8 +13,9 @@ wrote (a trampoline, a kprobe slot page, a module's sections).
 
 ``fn`` function tracer on/off, ``fg`` function_graph on/off, ``kp`` the
 optimised kprobe (its slot and detour pages included), ``krp`` the
-kretprobe, ``ss`` ``sched_schedstats`` on/off, then each module's
-``insmod`` (``refused``: the loader refuses it).  ``-``: the setup has no
+kretprobe, ``off`` both gone (``kprobes-off``), ``ss`` ``sched_schedstats``
+on/off, then each module's ``insmod``/``rmmod`` (``refused``: the loader
+refuses it).  ``-``: the setup has no
 run-time reference.
 """
 
@@ -31,8 +32,9 @@ __all__ = ["compare_reference", "runtime_cell", "find_reference", "main", "LEGEN
 LEGEND = ("run time: bytes differing from the kernel's memory after each step (.text and the "
           "pages it wrote), each step redone from the kernel's memory before it -- fn function "
           "tracer on/off, fg function_graph on/off, kp optimised kprobe (with its slot and "
-          "detour pages), krp kretprobe, ss sched_schedstats on/off, then each "
-          "module's insmod ('refused': not loadable yet); '-': no run-time reference for the "
+          "detour pages), krp kretprobe, off both removed, ss sched_schedstats on/off, "
+          "then each module's insmod/rmmod ('refused': not loadable yet); '-': no run-time "
+          "reference for the "
           "setup (tools/kernel_runtime_reference.py takes qemu64 mitigations=off, EPYC, "
           "Skylake-Client-v4 retbleed=stuff)")
 
@@ -119,10 +121,16 @@ def compare_reference(ref: Path, image: Any, config: Any = None) -> dict[str, An
             if "ftrace-graph-off" in steps:
                 out["ftrace-graph-off"] = differ(ok, "ftrace-graph-off")
     if "kprobe-optimized-on" in steps:
-        al = steps["kprobe-optimized-on"]["allocated"]
-        with session("kprobe-optimized-on",
-                     [ExecRegion(al["kprobe_insn_pages"][0], 4096, "kprobes"),
-                      ExecRegion(al["kprobe_optinsn_pages"][0], 4096, "optprobes")]) as ok:
+        # the optimised kprobe, the kretprobe (on the fentry NOP through
+        # kprobe_ftrace_ops' own trampoline page), then both gone: one session
+        last = "kretprobe-on" if "kretprobe-on" in steps else "kprobe-optimized-on"
+        al = steps[last]["allocated"]
+        pages = [ExecRegion(al["kprobe_insn_pages"][0], 4096, "kprobes"),
+                 ExecRegion(al["kprobe_optinsn_pages"][0], 4096, "optprobes")]
+        if last == "kretprobe-on":
+            pages.append(ExecRegion(new_pages("kretprobe-on", "ftrace_trampolines")[0], 4096,
+                                    "ftrace"))
+        with session("kprobe-optimized-on", pages) as ok:
             from .._kprobes._opt import buffer_op
             kp = ok.kernel.kprobes
             p = kp.register_kprobe(m["probes"]["kprobe"])
@@ -134,14 +142,14 @@ def compare_reference(ref: Path, image: Any, config: Any = None) -> dict[str, An
             kp.optprobe_ops[p.addr] = buffer_op((ref / page["file"]).read_bytes())
             kp.optimize_kprobe(p)
             out["kprobe-optimized-on"] = differ(ok, "kprobe-optimized-on")
-    if "kretprobe-on" in steps:
-        # kprobes want slots somewhere: a page the reference does not list
-        with session("kretprobe-on",
-                     [ExecRegion(new_pages("kretprobe-on", "ftrace_trampolines")[0], 4096,
-                                 "ftrace"),
-                      ExecRegion(0xFFFFFFFFC1000000, 4096, "kprobes")]) as ok:
-            ok.kernel.kprobes.register_kretprobe(m["probes"]["kretprobe"])
-            out["kretprobe-on"] = differ(ok, "kretprobe-on")
+            if last == "kretprobe-on":
+                rp = kp.register_kretprobe(m["probes"]["kretprobe"])
+                out["kretprobe-on"] = differ(ok, "kretprobe-on")
+                if "kprobes-off" in steps:
+                    kp.unregister_kprobe(p)
+                    kp.unregister_kretprobe(rp)
+                    tracing_cmdline_record(ok.kernel, False)
+                    out["kprobes-off"] = differ(ok, "kprobes-off")
     if "schedstats-on" in steps:
         with session("schedstats-on") as ok:
             ok.kernel.keys.static_key_enable("sched_schedstats")
@@ -165,6 +173,14 @@ def compare_reference(ref: Path, image: Any, config: Any = None) -> dict[str, An
                 out[f"{step}:why"] = str(e)
                 continue
             out[step] = differ(ok, step)
+        # rmmod: from the kernel's memory before it, the module loaded where
+        # it is and unloaded (what other modules left in .text included)
+        if f"rmmod-{mname}" in steps:
+            with session(f"rmmod-{mname}", [ExecRegion(base, 1024 * 4096, "modules")]) as ok:
+                ok.kernel.modules.load((ref / m["modules"][mname]["file"]).read_bytes(),
+                                       mname, at=at)
+                ok.kernel.modules.unload(mname)
+                out[f"rmmod-{mname}"] = differ(ok, f"rmmod-{mname}")
     return out
 
 
@@ -188,9 +204,10 @@ def runtime_cell(kernel: Any, image: Any, setup: Any) -> str:
     parts = [f"fn {pair('ftrace-function-on', 'ftrace-function-off')}",
              f"fg {pair('ftrace-graph-on', 'ftrace-graph-off')}",
              f"kp {r.get('kprobe-optimized-on', '?')}", f"krp {r.get('kretprobe-on', '?')}",
+             f"off {r.get('kprobes-off', '?')}",
              f"ss {pair('schedstats-on', 'schedstats-off')}"]
-    parts += [f"{k[len('insmod-'):].split('_')[0]} {v}" for k, v in r.items()
-              if k.startswith("insmod-") and ":" not in k]
+    parts += [f"{k[len('insmod-'):].split('_')[0]} {v}/{r.get('rmmod-' + k[len('insmod-'):], '?')}"
+              for k, v in r.items() if k.startswith("insmod-") and ":" not in k]
     return " ".join(parts)
 
 
