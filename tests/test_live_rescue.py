@@ -182,3 +182,48 @@ def test_without_rescue_a_kill_mid_syscall_kills_the_target(exe):
         assert t.p.returncode == -signal.SIGTRAP
     finally:
         t.close()
+
+
+def _file_bytes_at(pid: int, addr: int, n: int) -> bytes:
+    """What the file mapped at *addr* holds there (the slack the bootstrap
+    borrows must read as the file again afterwards)."""
+    for line in open(f"/proc/{pid}/maps"):
+        f = line.split()
+        lo, hi = (int(x, 16) for x in f[0].split("-"))
+        if lo <= addr < hi and len(f) > 5:
+            with open(f[5], "rb") as fh:
+                fh.seek(int(f[2], 16) + addr - lo)
+                return fh.read(n)
+    raise AssertionError(f"{addr:#x} is in no file mapping")
+
+
+@pytest.mark.parametrize("point", ["none", "entry", "exit", "final"])
+def test_first_mmap_runs_from_the_bootstrap(exe, point):
+    """The first mmap of a process with no region of ours used to single-
+    step libc's syscall (a kill there: SIGTRAP, see the test above); it
+    runs from a one-slot rescue in a segment's slack now, and the slack
+    reads as the file again once the call is done."""
+    t = Target(exe)
+    try:
+        d = drive(t, t.spinner, "boot", point)
+        try:
+            seen = wait_line(d, "result 0" if point == "none" else f"{point} nr 9")
+            boot = next(x for x in seen if x.startswith("boot "))
+            assert boot != "boot none", "no slack found in the target's executable segments"
+            at = int(boot.split()[1], 16)
+            if point != "none":
+                d.kill()
+            d.wait()
+        finally:
+            if d.poll() is None:
+                d.kill()
+                d.wait()
+            d.stdout.close()
+        spinner_goes_on(t)
+        reader_goes_on(t)
+        assert t.alive()
+        if point == "none":
+            from textpoke.live._rescue import Bootstrap
+            assert os.pread(t.mem, Bootstrap.SIZE, at) == _file_bytes_at(t.p.pid, at, Bootstrap.SIZE)
+    finally:
+        t.close()

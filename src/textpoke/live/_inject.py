@@ -23,8 +23,13 @@ ptrace-stop held by the caller (nobody else may wait for it meanwhile):
 Once the process has a region of ours, the call runs instead from that
 region's *rescue* (:mod:`._rescue`: ``PTRACE_SYSCALL``, no trap flag, and
 code that puts every register back by itself if the patcher dies in the
-middle); steps 3-4 above remain for the first ``mmap`` of a command, the
-``munmap`` of the last region, and a thread held in a signal-delivery-stop.
+middle).  With no region of ours to run from (the first ``mmap`` of a
+command, the ``munmap`` of the last region, every call of ``live
+recover``) the same routine runs from a one-slot *bootstrap* written for
+the call into the slack after an executable segment of a mapped file
+(:class:`._rescue.Bootstrap`), its bytes put back after.  Steps 3-4 above
+remain only for a thread held in a signal-delivery-stop, a process with
+no such slack, and ``rescue=False``.
 Either way a thread that was in an event stop (interrupt, group stop) is
 left in one again.
 
@@ -57,6 +62,7 @@ class).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import errno
 import os
@@ -170,6 +176,23 @@ def _pick_rescue(pid: int, nr: int, args: Sequence[int], fd: int):
     return None
 
 
+_boot_cache: dict[tuple[int, int], int | None] = {}
+
+
+def _bootstrap(pid: int, fd: int):
+    """The process's :class:`._rescue.Bootstrap` (a slack found once per
+    process), or None when no executable segment has room."""
+    key = (pid, start_time(pid))
+    if key not in _boot_cache:
+        try:
+            at = _rescue.find_slack(pid, read_maps(pid), fd, _rescue.Bootstrap.SIZE)
+        except OSError:
+            at = None
+        _boot_cache[key] = at
+    at = _boot_cache[key]
+    return None if at is None else _rescue.Bootstrap(pid, at)
+
+
 def inject_syscall(pid: int, tid: int, nr: int, *args: int, syscall_at: int | None = None,
                    wait: Callable[[int], tuple[int, int]] | None = None,
                    rescue: bool = True) -> int:
@@ -182,9 +205,11 @@ def inject_syscall(pid: int, tid: int, nr: int, *args: int, syscall_at: int | No
     :meth:`Region.map` since the rescue exists), the call runs from the
     rescue's slot for the thread (:mod:`._rescue`): the patcher can be
     SIGKILLed at any moment and the thread still goes on exactly where it
-    was stopped.  Otherwise (the first mmap of a command, the munmap of
-    the last region) it single-steps a ``syscall`` of libc, and a kill
-    during that one instruction can still kill the target.
+    was stopped.  Without such a region (the first mmap of a command, the
+    munmap of the last region) it runs from a bootstrap in a segment's
+    slack the same way.  Only a thread in a signal-delivery-stop (or no
+    slack, or *rescue* False) single-steps a ``syscall`` of libc, where a
+    kill during that one instruction can still kill the target.
 
     *wait(tid)* waits for the thread's next stop and returns
     ``(si_code, si_status)`` (default: ``waitid`` on the thread)."""
@@ -199,29 +224,55 @@ def inject_syscall(pid: int, tid: int, nr: int, *args: int, syscall_at: int | No
     regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9 = (x & _MASK for x in a)
     deferred: list[int] = []
     at_event = _interrupt_stop(tid)
-    if rescue and _rescues.get(pid) and at_event:
+    if rescue and at_event:
         fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
         try:
-            resc = _pick_rescue(pid, nr, [x & _MASK for x in args], fd)
+            resc = _pick_rescue(pid, nr, [x & _MASK for x in args], fd) if _rescues.get(pid) else None
+            old = None
+            if resc is None:
+                # no region of ours to run from (the first mmap, the last
+                # munmap, live recover): a one-slot rescue in a segment's slack
+                resc = _bootstrap(pid, fd)
+                if resc is not None:
+                    try:
+                        old = os.pread(fd, resc.SIZE, resc.at)
+                        code = resc.code()
+                        if (len(old) != resc.SIZE or os.pwrite(fd, code, resc.at) != len(code)
+                                or os.pread(fd, len(code), resc.at) != code):
+                            raise OSError(errno.EIO, "the bootstrap did not verify")
+                    except OSError:
+                        if old is not None and len(old) == resc.SIZE:
+                            with contextlib.suppress(OSError):
+                                os.pwrite(fd, old, resc.at)
+                        resc = old = None            # the single step below
             if resc is not None:
                 def write(addr: int, data: bytes) -> None:
                     if os.pwrite(fd, data, addr) != len(data) or os.pread(fd, len(data), addr) != data:
                         raise InjectError(f"write at {addr:#x} in process {pid} did not verify")
+                back = False                 # the thread stopped with its registers back
                 try:
                     result = _rescue.run_syscall(pid, tid, resc, regs, saved, wait, write, deferred)
+                    back = True
                 except _rescue.InjectFailed as e:
                     try:
                         pt.setregs(tid, saved)
+                        back = True
                     except OSError:
                         pass
                     raise InjectError(str(e)) from None
                 except BaseException:
                     try:
                         pt.setregs(tid, saved)
+                        back = True
                     except OSError:
                         pass
                     raise
                 finally:
+                    # the slack's bytes back once the thread cannot run the
+                    # routine any more (else they stay: unused bytes)
+                    if old is not None and back:
+                        with contextlib.suppress(OSError):
+                            os.pwrite(fd, old, resc.at)
                     for sig in deferred:
                         _tgkill(pid, tid, sig)
                 if nr in (SYS_munmap, 25) or (nr == SYS_mmap and len(args) > 3 and args[3] & 0x10):
@@ -522,7 +573,7 @@ class Region:
             before(want, code_size, data_size)
         # mapped r-x as a whole: the code and the rescue code are final at
         # once, and this mmap is the one call of the region that runs
-        # without a rescue (unless another region of ours has one);
+        # without its own rescue (from another region's, or the bootstrap);
         # /proc/PID/mem writes through the protection
         got = inject_syscall(pid, tid, SYS_mmap, want, total, PROT_READ | PROT_EXEC,
                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1 & _MASK, 0,

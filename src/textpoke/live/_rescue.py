@@ -60,7 +60,7 @@ from typing import Callable
 from . import _ptrace as pt
 
 __all__ = ["NSLOTS", "SLOT", "RESCUE_PAGES", "rescue_code", "slot_image", "run_syscall",
-           "Rescue"]
+           "Rescue", "Bootstrap", "find_slack"]
 
 PAGE = 4096
 RESCUE_PAGES = 2                 # the data page, then the code page
@@ -76,6 +76,10 @@ _REGS = (("rax", 0), ("rbx", 3), ("rcx", 1), ("rdx", 2), ("rsi", 6), ("rdi", 7),
          ("rbp", 5), ("r8", 8), ("r9", 9), ("r10", 10), ("r11", 11), ("r12", 12),
          ("r13", 13), ("r14", 14), ("r15", 15))
 _SCRATCH_TOP = 224               # 16-byte aligned, below the end of the slot
+_STACK = _GPR + 8 * len(_REGS)   # own_stack: where the thread's rsp goes for popfq
+#: below the thread's rsp: past its red zone (128 bytes), 16-byte aligned --
+#: memory a signal frame may overwrite at any time, so nobody keeps data there
+_BELOW_RED_ZONE = 256
 SYSCALL_LEN = 2
 
 PTRACE_SYSCALL = 24
@@ -102,13 +106,19 @@ def _rel(target: int, end: int) -> bytes:
     return struct.pack("<i", target - end)
 
 
-def slot_code(code_at: int, data_at: int) -> bytes:
-    """The routine of one slot at *code_at* whose data is at *data_at*."""
+def slot_code(code_at: int, data_at: int, own_stack: bool = False) -> bytes:
+    """The routine of one slot at *code_at* whose data is at *data_at*.
+    *own_stack*: popfq through the thread's own stack below its red zone
+    (the slot's word at ``_STACK``), for a slot in memory the thread cannot
+    write (:class:`Bootstrap`); else through the slot's scratch words."""
     out = bytearray(b"\x0f\x05")                                  # syscall
     def emit(prefix: bytes, target: int) -> None:
         at = code_at + len(out) + len(prefix) + 4
         out.extend(prefix + _rel(target, at))
-    emit(b"\x48\x8d\x25", data_at + _SCRATCH_TOP)                # lea rsp, [rip+d]
+    if own_stack:
+        emit(b"\x48\x8b\x25", data_at + _STACK)                  # mov rsp, [rip+d]
+    else:
+        emit(b"\x48\x8d\x25", data_at + _SCRATCH_TOP)            # lea rsp, [rip+d]
     emit(b"\xff\x35", data_at + _RFLAGS)                          # push qword [rip+d]
     out.append(0x9D)                                               # popfq
     for i, (_name, n) in enumerate(_REGS):                         # mov reg, [rip+d]
@@ -145,10 +155,12 @@ def resume_regs(saved: pt.UserRegs) -> dict[str, int]:
     return r
 
 
-def slot_image(saved: pt.UserRegs) -> bytes:
+def slot_image(saved: pt.UserRegs, own_stack: bool = False) -> bytes:
     r = resume_regs(saved)
     head = struct.pack("<3Q", r["eflags"] & _MASK, r["rip"] & _MASK, r["rsp"] & _MASK)
     regs = struct.pack(f"<{len(_REGS)}Q", *(r[n] & _MASK for n, _ in _REGS))
+    if own_stack:
+        regs += struct.pack("<Q", ((r["rsp"] - _BELOW_RED_ZONE) & ~15) & _MASK)
     return head + regs
 
 
@@ -177,6 +189,91 @@ class Rescue:
             return os.pread(fd, len(want), self.code_page) == want
         except OSError:
             return False
+
+
+class Bootstrap:
+    """A one-slot rescue for a process with no region of ours (the first
+    ``mmap`` of a command, ``live recover``) or whose last region is being
+    unmapped: written for the one call into the slack of an executable
+    file mapping -- the bytes between the end of an executable PT_LOAD
+    segment and the end of its last page, which belong to no section and
+    which nothing executes or reads -- and the old bytes put back after.
+    The write makes a private copy of that page (``/proc/PID/mem``, as a
+    debugger's breakpoint does).  The slot's data is there too (read only:
+    the routine pops the flags through the thread's own stack, below its
+    red zone).  If the patcher dies in the middle, the routine's bytes stay
+    in that slack, unused.  ``live recover`` runs its calls the same way."""
+
+    own_stack = True
+
+    CODE = 136                   # the routine's bytes (134), then its data
+    SIZE = CODE + 8 * (3 + len(_REGS) + 1)
+
+    def __init__(self, pid: int, at: int) -> None:
+        self.pid, self.at = pid, at
+
+    def slot_of(self, tid: int) -> tuple[int, int]:
+        return self.at, self.at + self.CODE
+
+    def code(self) -> bytes:
+        c = slot_code(self.at, self.at + self.CODE, own_stack=True)
+        assert len(c) <= self.CODE
+        return c
+
+
+def find_slack(pid: int, maps, fd: int, need: int) -> int | None:
+    """An address with *need* bytes of slack after an executable PT_LOAD
+    segment in one of the process's file mappings (see :class:`Bootstrap`),
+    or None.  The ELF headers are read from the process's memory (the
+    mapping of the file at offset 0)."""
+    by_path: dict[str, list] = {}
+    for m in maps:
+        if m.path and not m.path.startswith("[") and m.inode:
+            by_path.setdefault(m.path, []).append(m)
+    order = sorted(by_path, key=lambda p: ("libc" not in os.path.basename(p), p))
+    for path in order:
+        ms = by_path[path]
+        head = next((m for m in ms if m.offset == 0), None)
+        if head is None:
+            continue
+        try:
+            eh = os.pread(fd, 64, head.start)
+            if len(eh) < 64 or eh[:4] != b"\x7fELF" or eh[4] != 2:
+                continue
+            phoff, = struct.unpack_from("<Q", eh, 32)
+            phentsize, phnum = struct.unpack_from("<HH", eh, 54)
+            ph = os.pread(fd, phentsize * phnum, head.start + phoff)
+        except OSError:
+            continue
+        if len(ph) < phentsize * phnum or phentsize < 56:
+            continue
+        loads = []
+        for i in range(phnum):
+            p_type, p_flags, p_off, p_vaddr, _pa, p_filesz, p_memsz, _al = struct.unpack_from(
+                "<IIQQQQQQ", ph, i * phentsize)
+            if p_type == 1:
+                loads.append((p_flags, p_off, p_vaddr, p_filesz, p_memsz))
+        if not loads:
+            continue
+        # the load bias: the mapping at offset 0 holds the lowest segment
+        first = min(loads, key=lambda x: x[2])
+        bias = head.start - (first[2] & ~(PAGE - 1))
+        for p_flags, p_off, p_vaddr, p_filesz, p_memsz in loads:
+            if not p_flags & 1 or p_filesz != p_memsz:
+                continue
+            end = bias + p_vaddr + p_memsz
+            m = next((m for m in ms if m.start < end <= m.end and m.executable), None)
+            if m is None:
+                continue
+            # no other segment may lie in the same page past the end
+            page_end = (end + PAGE - 1) & ~(PAGE - 1)
+            if any(bias + v < page_end and bias + v + ms_ > end
+                   for _f, _o, v, _fs, ms_ in loads if bias + v >= end):
+                continue
+            at = (end + 63) & ~63
+            if at + need <= min(page_end, m.end):
+                return at
+    return None
 
 
 def _syscall_op(tid: int) -> int:
@@ -211,7 +308,7 @@ def run_syscall(pid: int, tid: int, rescue: Rescue, regs: pt.UserRegs, saved: pt
     kernel left it (unsigned).  Signals that arrive meanwhile are appended
     to *deferred* (suppressed; the caller sends them back)."""
     code_at, data_at = rescue.slot_of(tid)
-    write(data_at, slot_image(saved))          # before rip points at the slot
+    write(data_at, slot_image(saved, getattr(rescue, "own_stack", False)))   # before rip points at it
     regs.rip = code_at
     regs.orig_rax = _MASK
     pt.setregs(tid, regs)

@@ -5,6 +5,9 @@ call and announces on stdout each point where it may be killed.
 
     driver.py PID TID MODE POINT
       MODE  rescue | libc   (libc: the old single-step over libc's syscall)
+            boot: POINT (entry | exit | final | none) is a stop of the
+                  region's first mmap, run from the bootstrap (no region
+                  of ours yet); "boot AT" is said first, the slack used
       POINT syscall: inject read(FD) on a pipe nobody writes yet (the test
                      kills us while the thread is inside it);
             exit | final: inject getpid and block at that stop.
@@ -30,8 +33,11 @@ def say(what: str) -> None:
 
 
 def hook(where: str) -> None:
+    if mode == "boot":          # which call: the mmap (9) is the bootstrap's
+        from textpoke.live import _ptrace as pt
+        where = f"{where} nr {pt.getregs(tid, pt.UserRegs()).orig_rax}"
     say(where)
-    if where == point:
+    if where == point or (mode == "boot" and where == f"{point} nr 9"):
         while True:
             signal.pause()
 
@@ -51,10 +57,19 @@ if os.environ.get("RESCUE_DEBUG"):
 exe = os.readlink(f"/proc/{pid}/exe")
 lo = min(m.start for m in read_maps(pid) if m.executable and m.path == exe)
 with StoppedThread(pid, tid):
+    if mode == "boot":
+        from textpoke.live._inject import _bootstrap
+        mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+        b = _bootstrap(pid, mem)
+        os.close(mem)
+        say(f"boot {b.at:#x}" if b is not None else "boot none")
+        _rescue.stop_hook = hook
     region = Region.map(pid, tid, 4096, 4096, near=(lo, lo))
     say(f"mapped {region.base:#x}")
     _rescue.stop_hook = hook
-    if point == "none":
+    if mode == "boot":
+        r = 0
+    elif point == "none":
         r = inject_syscall(pid, tid, 8, fd, 0, 1)      # lseek on a pipe: -ESPIPE
         r = 0 if r == -29 else r
     elif point == "syscall":
