@@ -195,7 +195,12 @@ def main() -> int:
     alive = sum(r["alive"] for r in runs)
     killed = sum(r["killed"] for r in runs)
     inflight = sum(bool(r["left"]) and r["left"] != "nothing" for r in runs)
-    print(f"survival: {a.sites} sites, 4 busy threads, seed {a.seed}, load {load0:.1f} -> "
+    try:
+        commit = subprocess.run(["git", "-C", str(HERE.parent), "describe", "--always", "--dirty"],
+                                capture_output=True, text=True).stdout.strip() or "?"
+    except OSError:
+        commit = "?"
+    print(f"survival at {commit}: {a.sites} sites, 4 busy threads, seed {a.seed}, load {load0:.1f} -> "
           f"{os.getloadavg()[0]:.1f}; {n} runs ({sum(r['cmd'] == 'toggle' for r in runs)} toggle, "
           f"{sum(r['cmd'] == 'count' for r in runs)} count), {killed} killed mid-command, "
           f"{inflight} leaving work in flight (INT3s, stubs or the guard)")
@@ -208,7 +213,8 @@ def main() -> int:
           f"targets answering SIGUSR1: {sum(r['answers'] for r in runs)}/{alive}")
     print(f"  runs passing every check: {good}/{n}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"sites": a.sites, "seed": a.seed, "runs": runs}, indent=1))
+        Path(a.json).write_text(json.dumps({"sites": a.sites, "seed": a.seed, "commit": commit,
+                                            "runs": runs}, indent=1))
     return 0 if good == n else 1
 
 
