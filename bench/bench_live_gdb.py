@@ -17,6 +17,11 @@ process from start to exit:
   the sites, attach every thread, one batch of the INT3 protocol while the
   threads run, detach; its JSON's ``timings.attached`` is the part inside
   the attach (quoted next to the process's figure);
+* **textpoke, no symbol cache**: the same with
+  ``TEXTPOKE_LIVE_SYMBOL_CACHE=0`` -- every run parses the symbol tables
+  of the program and its libraries, as the first run after a binary
+  changed does (the plain runs find them in the cache under
+  ``cache_root()/live-symbols``, filled by the warm-up round);
 * **gdb**: ``gdb -nx -q -p P -batch -x FILE`` where FILE writes the same
   bytes at the same N addresses, ``set {unsigned char[5]}ADDR = {...}``
   per site, then ``detach`` -- gdb stops every thread (all-stop), reads the
@@ -71,16 +76,17 @@ class Side:
     def __init__(self, pid: int, addrs: list[int], target: int, glob: str, tmp: Path) -> None:
         self.pid, self.addrs, self.target, self.glob, self.tmp = pid, addrs, target, glob, tmp
         self.on = False                       # the sites hold CALLs now
-        self.cpu: dict[str, list[float]] = {"textpoke": [], "gdb": []}
+        self.cpu: dict[str, list[float]] = {"textpoke": [], "textpoke_nocache": [], "gdb": []}
         self.inside: list[float] = []
 
     def _call(self, a: int) -> bytes:
         return b"\xe8" + (self.target - (a + 5)).to_bytes(4, "little", signed=True)
 
-    def _run(self, name: str, argv: list[str]) -> tuple[float, str]:
+    def _run(self, name: str, argv: list[str], env: dict | None = None) -> tuple[float, str]:
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=env)
         wall = time.perf_counter() - t0
         r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         if p.returncode != 0:
@@ -88,16 +94,20 @@ class Side:
         self.cpu[name].append((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime))
         return wall, p.stdout
 
-    def textpoke(self) -> float:
+    def textpoke(self, name: str = "textpoke", env: dict | None = None) -> float:
         to = "nop" if self.on else "call:fentry_ret"
-        wall, out = self._run("textpoke", [TEXTPOKE, "live", "toggle", "--pid", str(self.pid),
-                                           "--functions", self.glob, "--to", to, "--json"])
+        wall, out = self._run(name, [TEXTPOKE, "live", "toggle", "--pid", str(self.pid),
+                                     "--functions", self.glob, "--to", to, "--json"], env)
         doc = json.loads(out)
         if doc["switched"] != len(self.addrs) or doc["now_as_asked"] != len(self.addrs):
             raise RuntimeError(f"textpoke switched {doc['switched']} of {len(self.addrs)}")
-        self.inside.append(doc["timings"]["attached"])
+        if name == "textpoke":
+            self.inside.append(doc["timings"]["attached"])
         self._flip()
         return wall
+
+    def textpoke_nocache(self) -> float:
+        return self.textpoke("textpoke_nocache", {**os.environ, "TEXTPOKE_LIVE_SYMBOL_CACHE": "0"})
 
     def gdb(self) -> float:
         cmd = self.tmp / "gdb.cmd"
@@ -143,19 +153,23 @@ def run(args: argparse.Namespace) -> dict:
                 if len(sites) != n or any(x.kind != "nop5" for x in sites):
                     raise RuntimeError(f"{_glob(n)}: {len(sites)} sites, not {n} NOP5s")
                 side = Side(t.pid, [x.addr for x in sites], target, _glob(n), tmp)
-                walls = _stats.interleaved({"textpoke": side.textpoke, "gdb": side.gdb},
-                                           args.repeat, units={"textpoke": "s", "gdb": "s"})
+                walls = _stats.interleaved({"textpoke": side.textpoke,
+                                            "textpoke_nocache": side.textpoke_nocache,
+                                            "gdb": side.gdb}, args.repeat,
+                                           units=dict.fromkeys(side.cpu, "s"))
                 if side.on:                    # leave the sites as found
                     side.textpoke()
                 if not t.alive():
                     raise RuntimeError("the target died")
                 row = {k: walls[k] for k in walls}
-                for k in ("textpoke", "gdb"):
+                for k in side.cpu:
                     c = side.cpu[k][1:1 + args.repeat]        # the warm-up round's first
                     row[f"{k}_cpu"] = _stats.Series(f"{k} cpu", "s", c)
                 row["textpoke_inside"] = _stats.Series("textpoke attached", "s",
                                                        side.inside[1:1 + args.repeat])
                 row["ratio"] = _stats.paired_ratios("gdb/textpoke", walls["gdb"], walls["textpoke"])
+                row["ratio_nocache"] = _stats.paired_ratios("gdb/textpoke no cache", walls["gdb"],
+                                                            walls["textpoke_nocache"])
                 out["sizes"][n] = row
             if not t.alive():
                 raise RuntimeError("the target died")
@@ -167,10 +181,15 @@ def report(res: dict) -> str:
     rows = [[f"{n:,}", f(r["textpoke"], 3), f(r["textpoke_cpu"], 3), f(r["textpoke_inside"], 3),
              f(r["gdb"], 3), f(r["gdb_cpu"], 3), f(r["ratio"], 2)]
             for n, r in res["sizes"].items()]
+    cold = [[f"{n:,}", f(r["textpoke_nocache"], 3), f(r["textpoke_nocache_cpu"], 3),
+             f(r["ratio_nocache"], 2)] for n, r in res["sizes"].items()]
     return (f"== toggling N fentry sites of a busy 4-thread process through the command line, "
             f"process start to exit, s ({res['cpus']} CPUs)\n"
             + _stats.table(["sites", "textpoke live toggle", "its CPU", "its attached part",
-                            "gdb -p -batch (set x N)", "gdb CPU", "gdb / textpoke (wall)"], rows))
+                            "gdb -p -batch (set x N)", "gdb CPU", "gdb / textpoke (wall)"], rows)
+            + "\n== the same runs of textpoke with the symbol cache off "
+              "(TEXTPOKE_LIVE_SYMBOL_CACHE=0: every run parses the tables)\n"
+            + _stats.table(["sites", "textpoke, no cache", "its CPU", "gdb / it (wall)"], cold))
 
 
 def to_json(res: dict):
