@@ -180,3 +180,25 @@ def test_ring_protocol_on_a_fake_memory():
     put(10, committed=False)
     assert ring.drain() == [] and ring.dropped == 0
     assert ring.drain(final=True) == [] and ring.dropped == 1
+
+
+def test_sigkill_leaves_the_target_running_and_recover_undoes_it(target):
+    """SIGKILL of the prober while optimised: nothing traps (the JMP, the
+    buffer and the recorder need no patcher), the hits go on into the
+    ring; the JMP is journaled with its region, so 'live recover' puts the
+    original bytes back and unmaps the buffer and the ring."""
+    p = subprocess.Popen([sys.executable, "-m", "textpoke", "live", "probe", "--pid",
+                          str(target.pid), "probed", "%di", "--json", "--optimize"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "optimised" in p.stderr.readline()
+    assert p.stderr.readline().startswith("textpoke live probe: first hit")
+    p.kill()
+    p.communicate(timeout=60)
+    assert target.alive() and target.read(target.probed, 1) == b"\xe9"
+    r = tp("recover", "--pid", str(target.pid), "--json")
+    assert r.returncode == 0, r.stderr + r.stdout
+    doc = json.loads(r.stdout)
+    assert doc["calls_restored"] == 1 and doc["regions_freed"] == 2 and doc["kept"] == []
+    assert target.alive() and target.read(target.probed) == NOP5
+    r = tp("probe", "--pid", str(target.pid), "probed", "%di", "--max-hits", "2", "--optimize")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 2, r.stderr

@@ -331,13 +331,14 @@ class LiveProbe:
             # journaled first, so a SIGKILL of this patcher leaves a thread on
             # it waiting at the site for 'live recover' instead of dying
             m.guard_int3_sites([self.addr])
+            orig = m.text_read(self.addr, 5)
             # the symbol as given: a process has no __mcount_loc, so offset 0
             # is the function's first byte (the fentry NOP, if any)
             self.probe = kp.register_kprobe(self.symbol if not self.offset
                                             else f"{self.symbol}+{self.offset:#x}",
                                             pre_handler=self._pre)
             if self.recorder is not None:
-                self._optimize(kp)
+                self._optimize(kp, orig)
         except BaseException:
             self.close()
             raise
@@ -362,7 +363,7 @@ class LiveProbe:
         self.recorder = at
         return at + RECORDER_SIZE
 
-    def _optimize(self, kp) -> None:
+    def _optimize(self, kp, orig: bytes) -> None:
         from .._kprobes._types import KprobeError
         from ._trace_clock import TscTime
         self.time = TscTime(self.pid)           # the first pair before any hit
@@ -371,6 +372,18 @@ class LiveProbe:
         except KprobeError as e:
             self.opt_reason = str(e)
             self.ring = self.time = None
+            return
+        # the JMP into the probes' execmem, journaled with it as a stub
+        # region's site: a SIGKILL of this patcher leaves the target running
+        # the buffer and the recorder (no trap), and 'live recover' puts the
+        # original bytes back and unmaps the region once no thread is in it
+        m = self.machine
+        jmp = m.text_read(self.addr, 5)
+        lo, hi = self._exec
+        j = m.journal
+        if j is not None and jmp[:1] == b"\xe9":
+            j.drop_region(lo, flush=False)
+            j.add_region("probe", lo, hi - lo, 0, [(self.addr, orig, jmp)])
 
     @property
     def optimized(self) -> bool:
