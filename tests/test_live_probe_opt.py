@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: GPL-2.0-only
-"""``live probe --optimize`` on real processes: the kprobes client's
+"""``live probe`` optimised (the default; ``--optimize``) on real processes: the kprobes client's
 optimisation (a JMP to its buffer) with the recorder of
 :mod:`textpoke.live._probe_opt` as ``optimized_callback``.  The optimised
 path must be the one taken (the command says so, and the site reads a JMP
@@ -38,7 +38,7 @@ def _events(pid: int, *extra: str, n: int = 5) -> dict:
 
 def test_optimised_path_taken_and_prints_what_the_int3_path_prints(target):
     maps = _maps(target.pid)
-    int3 = _events(target.pid)
+    int3 = _events(target.pid, "--no-optimize")
     opt = _events(target.pid, "--optimize")
     assert int3["optimized"] is False and "boosted" in int3["how"]
     assert opt["optimized"] is True and opt["how"].startswith("optimised"), opt["how"]
@@ -202,3 +202,18 @@ def test_sigkill_leaves_the_target_running_and_recover_undoes_it(target):
     assert target.alive() and target.read(target.probed) == NOP5
     r = tp("probe", "--pid", str(target.pid), "probed", "%di", "--max-hits", "2", "--optimize")
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 2, r.stderr
+
+
+def test_stack_words_copied_are_only_those_read():
+    """The recorder copies only the stack words the fetch-args read (a word
+    past the stack's mapping would fault in the target)."""
+    from textpoke.live._probe import parse_fetchargs
+    from textpoke.live._probe_opt import fetch_refusal, recorder_code, stack_words
+    cases = {("%di",): 0, ("+8(%sp)",): 2, ("$stack0",): 1, ("$arg7", "%si"): 2,
+             ("$stack13",): 14, ("+4(%sp):u32",): 2}
+    for args, n in cases.items():
+        fa = parse_fetchargs(list(args))
+        assert fetch_refusal(fa) is None and stack_words(fa) == n, args
+        assert recorder_code(0, n)[0x50:0x55] == bytes([0xB9, n, 0, 0, 0])
+    for bad in ("-8(%sp)", "$stack14", "+108(%sp)", "+0(%di)", "@0x1000"):
+        assert fetch_refusal(parse_fetchargs([bad])) is not None, bad

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     def arm() -> None:
         nonlocal how, end
-        lp.arm(strategy=args.strategy, optimize=getattr(args, "optimize", False))
+        lp.arm(strategy=args.strategy, optimize=getattr(args, "optimize", True))
         how = lp.how()
         # said once the probe is in and every thread synced: tools (and the
         # tests) wait for this line, not for the byte in the target

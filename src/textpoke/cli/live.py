@@ -202,7 +202,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         description="Put a kprobe on SYMBOL[+OFF] (lib:SYMBOL for one module) "
                                     "through the kernel's kprobes client, as uprobes do: an INT3 "
                                     "at the probe point, the probed instruction emulated or run "
-                                    "out of line (boosted: a JMP back, one trap per hit); each "
+                                    "out of line (boosted: a JMP back, one trap per hit), then, "
+                                    "at a function's entry, optimised into a JMP to a buffer "
+                                    "that records hits in the process (no trap); each "
                                     "hit prints a trace_pipe-like line 'comm-tid [cpu] timestamp: "
                                     "p_SYMBOL_OFF: (SYMBOL+OFF) name=value ...'.  FETCHARGs in "
                                     "kprobe_events syntax: [NAME=]%REG (%di, %rsi, %ax, %sp, %ip, "
@@ -221,11 +223,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help=f"seconds to probe, 0..{DURATION_MAX:g} (default: until Ctrl-C)")
     pr.add_argument("--max-hits", type=int_in(Bounds(1, 10**12)), default=None, metavar="N",
                     help="stop after N hits")
-    pr.add_argument("--optimize", action="store_true",
+    pr.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,
                     help="at a function's entry, turn the INT3 into a JMP to an out-of-line "
                          "buffer that records each hit in the process (no stop of the thread; "
-                         "the kernel's optprobe rules); where refused, the INT3 probe stays and "
-                         "the start line says why")
+                         "the kernel's optprobe rules), as the kernel does by default; where "
+                         "refused, the INT3 probe stays and the start line says why "
+                         "(default: on; --no-optimize keeps the INT3 probe)")
     pr.set_defaults(live_run=_probe)
 
     tr = sub.add_parser("trace", help="the ftrace function tracer on a process: trace_pipe lines",

@@ -355,11 +355,11 @@ class LiveProbe:
     def _put_recorder(self, m, at: int, ring_size: int) -> int:
         """The recorder at *at* (the start of the probes' execmem) and its
         ring in data memory; returns where the client's execmem starts."""
-        from ._probe_opt import RECORDER_SIZE, ProbeRing, recorder_code
+        from ._probe_opt import RECORDER_SIZE, ProbeRing, recorder_code, stack_words
         data = m.map_data(ProbeRing.data_bytes(ring_size), "probe-ring")
         self.ring = ProbeRing(m.mem, data, ring_size)
         m.mem.write(data, self.ring.header())
-        self.core.text_poke_copy(at, recorder_code(data))
+        self.core.text_poke_copy(at, recorder_code(data, stack_words(self.args)))
         self.recorder = at
         return at + RECORDER_SIZE
 

@@ -103,9 +103,21 @@ assert len(RECORDER) == REC_T_RING
 _M64 = (1 << 64) - 1
 
 
-def recorder_code(ring: int) -> bytes:
-    """The recorder with its ring's address filled in."""
-    return RECORDER + struct.pack("<Q", ring)
+#: where the recorder's ``mov $14,%ecx`` keeps its count of stack words
+_REC_WORDS = 0x51
+
+
+def recorder_code(ring: int, words: int = STACK_WORDS) -> bytes:
+    """The recorder with its ring's address filled in, copying *words*
+    stack words (only what the fetch-args read: a word above the stack's
+    mapping would fault in the target, where the kernel's fetch would only
+    fail)."""
+    if not 0 <= words <= STACK_WORDS:
+        raise ValueError(f"{words} stack words: 0..{STACK_WORDS}")
+    code = bytearray(RECORDER)
+    assert code[_REC_WORDS - 1] == 0xB9 and code[_REC_WORDS] == STACK_WORDS
+    struct.pack_into("<I", code, _REC_WORDS, words)
+    return bytes(code) + struct.pack("<Q", ring)
 
 
 class _StackWindow:
@@ -160,6 +172,22 @@ class _Probe:
     def read(self, addr: int, n: int) -> bytes:
         self.reads.append((addr & _M64, n))
         return ((addr * 0x9E3779B97F4A7C15) & _M64).to_bytes(8, "little")[:n].ljust(n, b"\0")
+
+
+def stack_words(args) -> int:
+    """How many stack words (from %rsp up) the fetch-args read, at most
+    :data:`STACK_WORDS` (see :func:`fetch_refusal` for the others)."""
+    most = 0
+    for a in args:
+        p = _Probe(1)
+        try:
+            a.fetch(p)
+        except Exception:
+            continue
+        for addr, n in p.reads:
+            if 0 <= addr - p.sp <= 8 * STACK_WORDS - n:
+                most = max(most, -(-(addr - p.sp + n) // 8))
+    return most
 
 
 def fetch_refusal(args) -> str | None:
