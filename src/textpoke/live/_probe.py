@@ -271,6 +271,7 @@ class LiveProbe:
         self.recorder: int | None = None
         self.opt_reason: str | None = None
         self._exec: tuple[int, int] | None = None
+        self._orig: bytes | None = None
         try:
             lib, name, off = parse_address(spec)
             if name is None:
@@ -321,8 +322,9 @@ class LiveProbe:
                 self.opt_reason = self._opt_refusal()
             if optimize and self.opt_reason is None:
                 start = self._put_recorder(m, rng.start, ring_size)
-                self._exec = (rng.start, rng.end)
                 image.symbols["optimized_callback"] = self.recorder
+            self._exec = (rng.start, rng.end)
+            self._journal_exec([])
             self.kernel = Kernel(self.core, image, tables=image.tables((lo, hi)),
                                  config={"PREEMPTION": False, "KPROBES_ON_FTRACE": False},
                                  execmem={"kprobes": (start, rng.end)})
@@ -331,7 +333,7 @@ class LiveProbe:
             # journaled first, so a SIGKILL of this patcher leaves a thread on
             # it waiting at the site for 'live recover' instead of dying
             m.guard_int3_sites([self.addr])
-            orig = m.text_read(self.addr, 5)
+            orig = self._orig = m.text_read(self.addr, 5)
             # the symbol as given: a process has no __mcount_loc, so offset 0
             # is the function's first byte (the fentry NOP, if any)
             self.probe = kp.register_kprobe(self.symbol if not self.offset
@@ -377,13 +379,23 @@ class LiveProbe:
         # region's site: a SIGKILL of this patcher leaves the target running
         # the buffer and the recorder (no trap), and 'live recover' puts the
         # original bytes back and unmaps the region once no thread is in it
-        m = self.machine
-        jmp = m.text_read(self.addr, 5)
+        jmp = self.machine.text_read(self.addr, 5)
+        if jmp[:1] == b"\xe9":
+            self._journal_exec([(self.addr, orig, jmp)])
+
+    def _journal_exec(self, sites: list) -> None:
+        """The probes' execmem in the journal as a stub region (kind
+        ``probe``) with the *sites* that jump into it: ``live recover``
+        switches those back and unmaps it once no thread is in it or has a
+        return address into it (the machine's plain ``execmem`` kind stays
+        mapped for good while code is in it; the client's freed slots keep
+        their bytes)."""
+        j = self.machine.journal
+        if j is None or self._exec is None:
+            return
         lo, hi = self._exec
-        j = m.journal
-        if j is not None and jmp[:1] == b"\xe9":
-            j.drop_region(lo, flush=False)
-            j.add_region("probe", lo, hi - lo, 0, [(self.addr, orig, jmp)])
+        j.drop_region(lo, flush=False)
+        j.add_region("probe", lo, hi - lo, 0, sites)
 
     @property
     def optimized(self) -> bool:
@@ -415,20 +427,21 @@ class LiveProbe:
             t.sample()              # after the read: every hit read lies before it
 
     def _finish_ring(self) -> None:
-        """After the client's close (the JMP gone, the probe unregistered):
-        once no thread is in the probes' execmem (the recorder, the
-        client's buffer and slots: no RIP there, no stack word pointing
-        there), the last hits are read and the whole range is cleared --
-        the client leaves a freed slot's bytes in place, as the kernel
-        does -- so that the machine unmaps it at close.  A thread that
-        stays keeps the range (and the ring) mapped; regions_kept says why."""
+        """After the client's close (the probe unregistered: the probe
+        point's bytes as they were): once no thread is in the probes'
+        execmem (the client's slots and buffer, the recorder: no RIP there,
+        no stack word pointing there), the last recorded hits are read and
+        the whole range is cleared -- the client, as the kernel, leaves a
+        freed slot's bytes in place (only marked free) -- so that the
+        machine unmaps it at close.  A thread that stays keeps the range
+        (and the ring) mapped; regions_kept says why."""
         m, rng = self.machine, self._exec
         if rng is None or m is None:
             return
         try:
-            if m.text_read(self.addr, 1) == b"\xe9":
-                raise TextPokeError("the probe's JMP is still in place")
-            m.run_task(m.quiesce([rng], "the probe's buffer and recorder"))
+            if self._orig is not None and m.text_read(self.addr, len(self._orig)) != self._orig:
+                raise TextPokeError("the probe point does not read its original bytes")
+            m.run_task(m.quiesce([rng], "the probe's slots, buffer and recorder"))
         except TextPokeError:
             self._drain()
             return
