@@ -217,3 +217,27 @@ def test_stack_words_copied_are_only_those_read():
         assert recorder_code(0, n)[0x50:0x55] == bytes([0xB9, n, 0, 0, 0])
     for bad in ("-8(%sp)", "$stack14", "+108(%sp)", "+0(%di)", "@0x1000"):
         assert fetch_refusal(parse_fetchargs([bad])) is not None, bad
+
+
+def test_a_lapped_ring_counts_what_it_lost(target):
+    """A ring of 2 entries read every 5 ms while the target calls every
+    0.5 ms: the writers lap it, and every claim is either a hit read or an
+    overrun counted (hits + lost == the ring's head, the claims); the hits
+    read are in call order."""
+    from textpoke.live._probe import LiveProbe
+    lp = LiveProbe(target.pid, "probed", ["%di"])
+    try:
+        lp.arm(optimize=True, ring_size=2)
+        assert lp.optimized, lp.how()
+        lp.pump(lambda: lp.ring.overruns >= 20 and lp.nhit >= 3)
+    finally:
+        left = lp.close()
+    assert left["int3_left"] == 0 and left["regions_kept"] == []
+    hits = lp.take()
+    assert lp.nhit == len(hits) and lp.ring.overruns >= 20
+    assert lp.ring.tail == lp.nhit + lp.ring.overruns + lp.ring.dropped
+    firsts = [int(h.values[0], 16) for h in hits]
+    assert firsts == sorted(firsts) and len(set(firsts)) == len(firsts)
+    # one thread, one call per claim: the span of what was read fits the claims
+    assert firsts[-1] - firsts[0] + 1 <= lp.ring.tail
+    assert target.alive() and target.read(target.probed) == NOP5

@@ -86,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
            "target_alive": not gone,
            "interrupted": s.was_interrupted,
            "int3_left": left["int3_left"] if not gone else 0, "regions_kept": left["regions_kept"]}
+    if lp.ring is not None:
+        # optimised: hits the ring's writers lapped before a read (overruns)
+        # or that never committed (a thread killed mid-write): counted
+        doc["hits_lost"] = lp.ring.overruns + lp.ring.dropped
     if gone:
         doc["int3_left_reason"] = "the process has exited: no text left to hold an INT3"
     if err is not None:
@@ -97,7 +101,10 @@ def run(args: argparse.Namespace) -> int:
         doc["events_dropped"] = max(0, nhit - len(events))
         out.emit_json(doc)
     else:
-        print(f"textpoke live probe: {nhit} hit(s) of {lp.event}; probe point restored: "
+        lost = doc.get("hits_lost", 0)
+        print(f"textpoke live probe: {nhit} hit(s) of {lp.event}"
+              + (f" ({lost} more lost: the ring overran before it was read)" if lost else "")
+              + "; probe point restored: "
               + ("yes" if doc["int3_left"] == 0 else "NO")
               + ("" if not gone else "; the process exited") + (f"; {err}" if err else ""),
               file=sys.stderr)
