@@ -253,6 +253,8 @@ def test_sigkill_of_the_prober_leaves_the_target_alive(target):
     (instead of dying of SIGTRAP) until 'live recover' puts the byte back;
     the target then runs on (a new probe sees its calls).  (The INT3 probe:
     the optimised one's SIGKILL is in test_live_probe_opt.py.)"""
+    with open(f"/proc/{target.pid}/maps") as f:
+        maps = f.read()
     p = subprocess.Popen([sys.executable, "-m", "textpoke", "live", "probe", "--pid",
                           str(target.pid), "probed", "%di", "--json", "--no-optimize"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -268,6 +270,8 @@ def test_sigkill_of_the_prober_leaves_the_target_alive(target):
     # the probes' execmem is journaled as a stub region: unmapped once no
     # thread is in its slot (it was kept mapped for good before)
     assert doc["regions_freed"] == 1 and doc["kept"] == []
+    with open(f"/proc/{target.pid}/maps") as f:
+        assert f.read() == maps                # every page of it (the rescue's too)
     assert target.alive() and target.read(target.probed) == NOP5
     r = tp("probe", "--pid", str(target.pid), "probed", "%di", "--max-hits", "2")
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 2, r.stderr

@@ -186,7 +186,9 @@ def test_sigkill_leaves_the_target_running_and_recover_undoes_it(target):
     """SIGKILL of the prober while optimised: nothing traps (the JMP, the
     buffer and the recorder need no patcher), the hits go on into the
     ring; the JMP is journaled with its region, so 'live recover' puts the
-    original bytes back and unmaps the buffer and the ring."""
+    original bytes back and unmaps the buffer and the ring (every page of
+    them: the map is as before)."""
+    maps = _maps(target.pid)
     p = subprocess.Popen([sys.executable, "-m", "textpoke", "live", "probe", "--pid",
                           str(target.pid), "probed", "%di", "--json", "--optimize"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -199,7 +201,7 @@ def test_sigkill_leaves_the_target_running_and_recover_undoes_it(target):
     assert r.returncode == 0, r.stderr + r.stdout
     doc = json.loads(r.stdout)
     assert doc["calls_restored"] == 1 and doc["regions_freed"] == 2 and doc["kept"] == []
-    assert target.alive() and target.read(target.probed) == NOP5
+    assert target.alive() and target.read(target.probed) == NOP5 and _maps(target.pid) == maps
     r = tp("probe", "--pid", str(target.pid), "probed", "%di", "--max-hits", "2", "--optimize")
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 2, r.stderr
 

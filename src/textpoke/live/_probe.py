@@ -394,7 +394,14 @@ class LiveProbe:
         if j is None or self._exec is None:
             return
         lo, hi = self._exec
-        j.drop_region(lo, flush=False)
+        for r in j.data["regions"]:
+            if r["base"] == lo:
+                # the machine's own entry, re-kinded: its sizes cover the
+                # injected-syscall rescue's pages at the region's end too
+                r["kind"] = "probe"
+                r["sites"] = [[a, o.hex(), n.hex()] for a, o, n in sites]
+                j.flush()
+                return
         j.add_region("probe", lo, hi - lo, 0, sites)
 
     @property
