@@ -324,7 +324,6 @@ class LiveProbe:
                 start = self._put_recorder(m, rng.start, ring_size)
                 image.symbols["optimized_callback"] = self.recorder
             self._exec = (rng.start, rng.end)
-            self._journal_exec([])
             self.kernel = Kernel(self.core, image, tables=image.tables((lo, hi)),
                                  config={"PREEMPTION": False, "KPROBES_ON_FTRACE": False},
                                  execmem={"kprobes": (start, rng.end)})
@@ -341,6 +340,11 @@ class LiveProbe:
                                             pre_handler=self._pre)
             if self.recorder is not None:
                 self._optimize(kp, orig)
+            else:
+                # nothing jumps into the execmem: only the INT3's handler
+                # sends threads to a slot, and 'live recover' puts the INT3
+                # sites back before it frees regions
+                self._journal_exec([])
         except BaseException:
             self.close()
             raise
@@ -369,19 +373,22 @@ class LiveProbe:
         from .._kprobes._types import KprobeError
         from ._trace_clock import TscTime
         self.time = TscTime(self.pid)           # the first pair before any hit
+        # until the JMP is journaled as its site, the execmem stays the
+        # machine's plain 'execmem' kind, which 'live recover' never frees
+        # while code is in it: a SIGKILL between the JMP's write and the
+        # journal leaves the target running through it (and the region
+        # mapped), never a JMP into freed memory
         try:
             kp.optimize_kprobe(self.probe)
         except KprobeError as e:
             self.opt_reason = str(e)
             self.ring = self.time = None
-            return
         # the JMP into the probes' execmem, journaled with it as a stub
         # region's site: a SIGKILL of this patcher leaves the target running
         # the buffer and the recorder (no trap), and 'live recover' puts the
         # original bytes back and unmaps the region once no thread is in it
         jmp = self.machine.text_read(self.addr, 5)
-        if jmp[:1] == b"\xe9":
-            self._journal_exec([(self.addr, orig, jmp)])
+        self._journal_exec([(self.addr, orig, jmp)] if jmp[:1] == b"\xe9" else [])
 
     def _journal_exec(self, sites: list) -> None:
         """The probes' execmem in the journal as a stub region (kind
