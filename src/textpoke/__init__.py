@@ -54,14 +54,17 @@ _lazy("._errors", "BadAddressError", "BadInstructionError", "MachineClosedError"
 # the clients and the Kernel object that creates them
 _lazy(".kernel", "Kernel")
 _lazy("._jump_label", "StaticKeys", "StaticKey", "JumpLabelError", "StaticKeyError",
-      "UnknownKeyError")
+      "StaticKeyWarning", "UnknownKeyError")
 _lazy("._static_call", "StaticCalls", "StaticCall", "StaticCallError", "UnknownCallError")
-_lazy("._ftrace", "Ftrace", "RingBuffer", "TraceEntry", "FtraceBugError", "FtraceFilterError")
+_lazy("._ftrace", "Ftrace", "RingBuffer", "TraceEntry", "FtraceBugError", "FtraceDisabledError",
+      "FtraceFilterError")
+_lazy("._ftrace._graph", "FunctionGraph", "GraphError")
 _lazy("._kprobes", "Kprobes", "Kprobe", "Kretprobe", "KprobeError")
 _lazy("._module", "ModuleLoader", "Module")
 _lazy("._module._link", "ModuleError", "ModuleFormatError", "ModuleRelocationError",
       "UnknownSymbolError")
-_lazy("._bpf", "BpfJit", "BpfProg", "BpfTextPokeBusy")
+_lazy("._bpf", "BpfJit", "BpfProg", "BpfTextPokeBusy", "BpfTextPokeInvalid", "bpf_arch_text_poke",
+      "BPF_MOD_CALL", "BPF_MOD_JUMP")
 _lazy("._execmem", "ExecMem", "ExecMemError")
 
 
@@ -99,12 +102,12 @@ __all__ = [
     "text_poke_apply_relocation", "optimize_nops", "add_nop",
     # the clients, and a booted kernel that creates them (kernel.keys, .calls, ...)
     "Kernel", "StaticKeys", "StaticKey", "StaticCalls", "StaticCall", "Ftrace", "RingBuffer",
-    "TraceEntry", "Kprobes", "Kprobe", "Kretprobe", "ModuleLoader", "Module", "BpfJit",
-    "BpfProg", "ExecMem",
-    "JumpLabelError", "StaticKeyError", "UnknownKeyError", "StaticCallError",
-    "UnknownCallError", "FtraceBugError", "FtraceFilterError", "KprobeError", "ModuleError",
-    "ModuleFormatError", "ModuleRelocationError", "UnknownSymbolError", "BpfTextPokeBusy",
-    "ExecMemError",
+    "TraceEntry", "FunctionGraph", "Kprobes", "Kprobe", "Kretprobe", "ModuleLoader", "Module",
+    "BpfJit", "BpfProg", "bpf_arch_text_poke", "BPF_MOD_CALL", "BPF_MOD_JUMP", "ExecMem",
+    "JumpLabelError", "StaticKeyError", "StaticKeyWarning", "UnknownKeyError", "StaticCallError",
+    "UnknownCallError", "FtraceBugError", "FtraceDisabledError", "FtraceFilterError",
+    "GraphError", "KprobeError", "ModuleError", "ModuleFormatError", "ModuleRelocationError",
+    "UnknownSymbolError", "BpfTextPokeBusy", "BpfTextPokeInvalid", "ExecMemError",
     # errors
     "TextPokeError", "BadInstructionError", "BadAddressError", "OverlapError",
     "TextMutexError", "VerifyMismatchError", "MachineError", "MachineClosedError",
