@@ -45,7 +45,6 @@ import bisect
 import fnmatch
 import re
 import struct
-from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from .._core._insn import x86_nops
@@ -64,8 +63,13 @@ PATCHABLE = frozenset({"nop5"}) | QUIESCENT
 SECTIONS = {"__mcount_loc": "mcount", "__patchable_function_entries": "patchable"}
 
 
-@dataclass(slots=True)
 class FentrySite:
+    """One site (a slotted dataclass, written out: the dataclass machinery
+    cost a millisecond of every command's start)."""
+
+    __slots__ = ("addr", "function", "func_addr", "module", "source", "found", "kind")
+    __match_args__ = __slots__
+
     addr: int
     function: str          # name of the function it belongs to ("?" if none)
     func_addr: int
@@ -73,6 +77,31 @@ class FentrySite:
     source: str            # "mcount" or "patchable"
     found: bytes           # the bytes of the site read from the live process (5, or 6)
     kind: str              # see classify()
+
+    def __init__(self, addr: int, function: str, func_addr: int, module: str, source: str,
+                 found: bytes, kind: str) -> None:
+        self.addr = addr
+        self.function = function
+        self.func_addr = func_addr
+        self.module = module
+        self.source = source
+        self.found = found
+        self.kind = kind
+
+    def _key(self) -> tuple:
+        return (self.addr, self.function, self.func_addr, self.module, self.source, self.found,
+                self.kind)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._key() == other._key()         # type: ignore[attr-defined]
+
+    __hash__ = None                                # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return ("FentrySite(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
+                + ")")
 
     @property
     def patchable(self) -> bool:

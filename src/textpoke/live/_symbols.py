@@ -35,7 +35,6 @@ import mmap
 import os
 import re
 import struct
-from dataclasses import dataclass, field
 from typing import Iterable
 
 from .._core._insn import insn_decode_kernel
@@ -60,14 +59,53 @@ class SymbolError(TextPokeError, ValueError):
 from ._process import Mapping, read_maps   # the one /proc/PID/maps parser
 
 
-@dataclass(frozen=True, slots=True)
 class Symbol:
+    """A symbol of a module, at its runtime address.  Immutable, compared
+    and hashed by (name, addr, size, func) -- a frozen dataclass written
+    out: the dataclass machinery cost a millisecond of every command's
+    start."""
+
+    __slots__ = ("name", "addr", "size", "module", "func", "ifunc")
+    __match_args__ = __slots__
+
     name: str
     addr: int          # runtime address
     size: int
-    module: "Module" = field(compare=False, repr=False)
-    func: bool = True
-    ifunc: bool = field(default=False, compare=False)   # STT_GNU_IFUNC: the resolver
+    module: "Module"
+    func: bool
+    ifunc: bool        # STT_GNU_IFUNC: the resolver
+
+    def __init__(self, name: str, addr: int, size: int, module: "Module", func: bool = True,
+                 ifunc: bool = False) -> None:
+        st = object.__setattr__
+        st(self, "name", name)
+        st(self, "addr", addr)
+        st(self, "size", size)
+        st(self, "module", module)
+        st(self, "func", func)
+        st(self, "ifunc", ifunc)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}: a Symbol is immutable")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}: a Symbol is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return (self.name, self.addr, self.size, self.func) == (
+            other.name, other.addr, other.size, other.func)   # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.addr, self.size, self.func))
+
+    def __reduce__(self):                      # copy and pickle: rebuilt, not assigned
+        return (Symbol, (self.name, self.addr, self.size, self.module, self.func, self.ifunc))
+
+    def __repr__(self) -> str:
+        return (f"Symbol(name={self.name!r}, addr={self.addr!r}, size={self.size!r}, "
+                f"func={self.func!r}, ifunc={self.ifunc!r})")
 
     @property
     def end(self) -> int:
@@ -282,10 +320,16 @@ class Module:
                 i = strs.find(key, i + 1)
             if not offs:
                 continue
-            for nm, info, _o, shndx, value, size in _SYM.iter_unpack(
-                    raw[sec.offset:sec.offset + sec.size // _SYM.size * _SYM.size]):
+            # the entries whose st_name is one of them: the names column
+            # sliced out and tested in C, only those entries unpacked
+            n = sec.size // _SYM.size
+            tab = raw[sec.offset:sec.offset + n * _SYM.size]
+            with memoryview(tab) as mv, mv.cast("I") as words:
+                nms = words[0::6].tolist()
+            for k in compress(range(n), map(offs.__contains__, nms)):
+                nm, info, _o, shndx, value, size = _SYM.unpack_from(tab, k * _SYM.size)
                 typ = info & 0xF
-                if nm in offs and shndx != 0 and typ in (STT_FUNC, STT_GNU_IFUNC, STT_OBJECT):
+                if shndx != 0 and typ in (STT_FUNC, STT_GNU_IFUNC, STT_OBJECT):
                     addr = value + self.bias
                     found.setdefault((name, addr), Symbol(name, addr, size, self, typ != STT_OBJECT,
                                                           typ == STT_GNU_IFUNC))

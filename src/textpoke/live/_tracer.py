@@ -17,10 +17,9 @@ import errno
 import os
 import signal
 import time
-from dataclasses import dataclass
 
 from .._errors import MachineError
-from . import _ptrace as P
+from . import _fork, _ptrace as P
 from ._errors import ACCESS_HINT, AccessDenied, NoSuchProcess
 from ._process import list_tids, state_of, tracer_of
 from ._sigdefer import _DEFERRED
@@ -30,32 +29,55 @@ __all__ = ["LiveStats"]
 # + PTRACE_O_TRACESYSGOOD (0x01): a thread in a syscall stop of an injected
 # system call (live/_rescue.py) when the patcher dies must not be sent the
 # stop's SIGTRAP (see _rescue.SEIZE_OPTIONS)
-_OPTIONS = P.PTRACE_O_TRACECLONE | P.PTRACE_O_TRACEEXIT | P.PTRACE_O_TRACEEXEC | 0x01
+# TRACEFORK: a forked child's copy of sites in flight is put back (._fork)
+_OPTIONS = P.PTRACE_O_TRACECLONE | P.PTRACE_O_TRACEEXIT | P.PTRACE_O_TRACEEXEC | 0x01 \
+    | _fork.PTRACE_O_TRACEFORK
 _GROUP_STOP_SIGS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 
 # thread states
 _RUN, _HELD, _PARK, _LISTEN = "run", "held", "park", "listen"
 
 
-@dataclass(slots=True)
 class LiveStats:
     """What the machine did (the core keeps its own ``TextPoke.stats``)."""
 
-    attached: int = 0
-    threads_added: int = 0
-    threads_removed: int = 0
-    syncs: int = 0
-    interrupts: int = 0
-    writes: int = 0            # pwrite calls on /proc/PID/mem (text)
-    pokes: int = 0             # (addr, bytes) pokes asked for
-    traps: int = 0             # SIGTRAP stops at one of our INT3 sites
-    traps_emulated: int = 0
-    traps_parked: int = 0
-    traps_rewound: int = 0     # our INT3 was already gone: resumed at the site
-    signals_passed: int = 0    # signals (SIGTRAPs included) delivered unchanged
-    group_stops: int = 0
-    single_steps: int = 0
-    quiesce_waits: int = 0     # looks of quiesce() that found a thread inside
+    # counters, each 0 unless given (a slotted dataclass, written out: the
+    # dataclass machinery cost a millisecond of every command's start)
+    __slots__ = ("attached", "threads_added", "threads_removed", "syncs", "interrupts", "writes",
+                 "pokes", "traps", "traps_emulated", "traps_parked", "traps_rewound",
+                 "signals_passed", "group_stops", "single_steps", "quiesce_waits")
+
+    attached: int
+    threads_added: int
+    threads_removed: int
+    syncs: int
+    interrupts: int
+    writes: int            # pwrite calls on /proc/PID/mem (text)
+    pokes: int             # (addr, bytes) pokes asked for
+    traps: int             # SIGTRAP stops at one of our INT3 sites
+    traps_emulated: int
+    traps_parked: int
+    traps_rewound: int     # our INT3 was already gone: resumed at the site
+    signals_passed: int    # signals (SIGTRAPs included) delivered unchanged
+    group_stops: int
+    single_steps: int
+    quiesce_waits: int     # looks of quiesce() that found a thread inside
+
+    def __init__(self, **counts: int) -> None:
+        for k in self.__slots__:
+            setattr(self, k, counts.pop(k, 0))
+        if counts:
+            raise TypeError(f"LiveStats has no counter {next(iter(counts))!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self.as_dict() == other.as_dict()    # type: ignore[attr-defined]
+
+    __hash__ = None                                  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "LiveStats(" + ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items()) + ")"
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -305,6 +327,14 @@ class _Tracer:
                 P.cont(tid, 0)
         elif event == P.PTRACE_EVENT_EXEC:
             self._exec_seen = True
+            self._resume(t)
+        elif event == _fork.PTRACE_EVENT_FORK:
+            try:
+                child = P.geteventmsg(tid)
+            except OSError:
+                child = 0
+            if child:
+                _fork.release_child(self, child)
             self._resume(t)
         elif event:
             self._resume(t)
