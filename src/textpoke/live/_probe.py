@@ -324,6 +324,8 @@ class LiveProbe:
                 start = self._put_recorder(m, rng.start, ring_size)
                 image.symbols["optimized_callback"] = self.recorder
             self._exec = (rng.start, rng.end)
+            # freeable by 'live recover' while nothing jumps into it
+            self._journal_exec([])
             self.kernel = Kernel(self.core, image, tables=image.tables((lo, hi)),
                                  config={"PREEMPTION": False, "KPROBES_ON_FTRACE": False},
                                  execmem={"kprobes": (start, rng.end)})
@@ -340,11 +342,6 @@ class LiveProbe:
                                             pre_handler=self._pre)
             if self.recorder is not None:
                 self._optimize(kp, orig)
-            else:
-                # nothing jumps into the execmem: only the INT3's handler
-                # sends threads to a slot, and 'live recover' puts the INT3
-                # sites back before it frees regions
-                self._journal_exec([])
         except BaseException:
             self.close()
             raise
@@ -373,11 +370,12 @@ class LiveProbe:
         from .._kprobes._types import KprobeError
         from ._trace_clock import TscTime
         self.time = TscTime(self.pid)           # the first pair before any hit
-        # until the JMP is journaled as its site, the execmem stays the
+        # until the JMP is journaled as its site, the execmem is the
         # machine's plain 'execmem' kind, which 'live recover' never frees
         # while code is in it: a SIGKILL between the JMP's write and the
         # journal leaves the target running through it (and the region
         # mapped), never a JMP into freed memory
+        self._journal_exec([], kind="execmem")
         try:
             kp.optimize_kprobe(self.probe)
         except KprobeError as e:
@@ -390,7 +388,7 @@ class LiveProbe:
         jmp = self.machine.text_read(self.addr, 5)
         self._journal_exec([(self.addr, orig, jmp)] if jmp[:1] == b"\xe9" else [])
 
-    def _journal_exec(self, sites: list) -> None:
+    def _journal_exec(self, sites: list, kind: str = "probe") -> None:
         """The probes' execmem in the journal as a stub region (kind
         ``probe``) with the *sites* that jump into it: ``live recover``
         switches those back and unmaps it once no thread is in it or has a
@@ -405,11 +403,11 @@ class LiveProbe:
             if r["base"] == lo:
                 # the machine's own entry, re-kinded: its sizes cover the
                 # injected-syscall rescue's pages at the region's end too
-                r["kind"] = "probe"
+                r["kind"] = kind
                 r["sites"] = [[a, o.hex(), n.hex()] for a, o, n in sites]
                 j.flush()
                 return
-        j.add_region("probe", lo, hi - lo, 0, sites)
+        j.add_region(kind, lo, hi - lo, 0, sites)
 
     @property
     def optimized(self) -> bool:
