@@ -193,6 +193,34 @@ def _bootstrap(pid: int, fd: int):
     return None if at is None else _rescue.Bootstrap(pid, at)
 
 
+def clean_bootstrap(pid: int) -> bool:
+    """Put the file's bytes back where a patcher killed during a bootstrap
+    call left the routine (see :class:`._rescue.Bootstrap`): only when the
+    slack holds exactly our code.  Call it with no call in flight in the
+    process (``live recover``, once done).  True if something was put back."""
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        b = _bootstrap(pid, fd)
+        if b is None:
+            return False
+        code = b.code()
+        if os.pread(fd, len(code), b.at) != code:
+            return False
+        m = next((m for m in read_maps(pid) if m.start <= b.at < m.end), None)
+        if m is None or not m.path.startswith("/"):
+            return False
+        with open(m.path, "rb") as f:
+            f.seek(m.offset + b.at - m.start)
+            orig = f.read(b.SIZE)
+        if len(orig) != b.SIZE:
+            return False
+        return os.pwrite(fd, orig, b.at) == len(orig)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def inject_syscall(pid: int, tid: int, nr: int, *args: int, syscall_at: int | None = None,
                    wait: Callable[[int], tuple[int, int]] | None = None,
                    rescue: bool = True) -> int:

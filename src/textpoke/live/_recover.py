@@ -19,7 +19,9 @@ undoes them, in this order:
    is unmapped once no thread is in it or has a return address into it
    (as ``live count`` frees it);
 3. the guard: the target's own SIGTRAP action is put back and the handler
-   unmapped once no thread is in it; the journal is removed.
+   unmapped once no thread is in it; the journal is removed;
+4. a bootstrap routine left in a segment's slack (a patcher killed inside
+   its first mmap or last munmap) is overwritten with the file's bytes.
 """
 
 from __future__ import annotations
@@ -178,6 +180,10 @@ def recover(pid: int, *, strategy: str = "int3") -> dict:
     rep["guard_removed"] = had_guard and not m.guard_kept
     if m.guard_kept:
         rep["kept"].append("SIGTRAP guard: " + "; ".join(m.guard_kept))
+    # a patcher killed inside a call run from the bootstrap left its routine
+    # in a segment's slack (unused bytes): the file's bytes back
+    from ._inject import clean_bootstrap
+    rep["bootstrap_cleaned"] = clean_bootstrap(pid)
     return rep
 
 
