@@ -19,7 +19,7 @@ import signal
 import time
 
 from .._errors import MachineError
-from . import _ptrace as P
+from . import _fork, _ptrace as P
 from ._errors import ACCESS_HINT, AccessDenied, NoSuchProcess
 from ._process import list_tids, state_of, tracer_of
 from ._sigdefer import _DEFERRED
@@ -29,7 +29,9 @@ __all__ = ["LiveStats"]
 # + PTRACE_O_TRACESYSGOOD (0x01): a thread in a syscall stop of an injected
 # system call (live/_rescue.py) when the patcher dies must not be sent the
 # stop's SIGTRAP (see _rescue.SEIZE_OPTIONS)
-_OPTIONS = P.PTRACE_O_TRACECLONE | P.PTRACE_O_TRACEEXIT | P.PTRACE_O_TRACEEXEC | 0x01
+# TRACEFORK: a forked child's copy of sites in flight is put back (._fork)
+_OPTIONS = P.PTRACE_O_TRACECLONE | P.PTRACE_O_TRACEEXIT | P.PTRACE_O_TRACEEXEC | 0x01 \
+    | _fork.PTRACE_O_TRACEFORK
 _GROUP_STOP_SIGS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 
 # thread states
@@ -325,6 +327,14 @@ class _Tracer:
                 P.cont(tid, 0)
         elif event == P.PTRACE_EVENT_EXEC:
             self._exec_seen = True
+            self._resume(t)
+        elif event == _fork.PTRACE_EVENT_FORK:
+            try:
+                child = P.geteventmsg(tid)
+            except OSError:
+                child = 0
+            if child:
+                _fork.release_child(self, child)
             self._resume(t)
         elif event:
             self._resume(t)
