@@ -14,11 +14,10 @@ import pytest
 
 from textpoke import (CALL_INSN_OPCODE, MachineError, TextMutexError, TextPoke, insn_decode_kernel,
                       text_gen_insn, x86_nops)
-from textpoke._alternative import (DA_ALL, DA_ALT, DA_RETPOLINE, DA_SMP, AlternativeError,
-                                   SelfTestError, alt_reloc_selftest, alternative_instructions,
-                                   alternatives_enable_smp, alternatives_smp_unlock,
-                                   alternatives_text_reserved, apply_alternatives,
-                                   apply_retpolines, apply_returns, apply_seal_endbr,
+from textpoke import (AlternativeError, SelfTestError, alternative_instructions,
+                      alternatives_enable_smp, alternatives_smp_unlock, alternatives_text_reserved,
+                      apply_alternatives, apply_retpolines, apply_returns, apply_seal_endbr)
+from textpoke._alternative import (DA_ALL, DA_ALT, DA_RETPOLINE, DA_SMP, alt_reloc_selftest,
                                    int3_selftest, parse_debug_alternative)
 from textpoke.images._kernel import alt_probes
 from textpoke.sim._boot import boot_kernel_image

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from textpoke import TextPoke
-from textpoke._alternative import alt_reloc_selftest, alternative_instructions, int3_selftest
+from textpoke import Capability, TextPoke, TrapPriority, alternative_instructions
+from textpoke._alternative import alt_reloc_selftest, int3_selftest
 from textpoke.lowlevel import int3_emulate_call
-from textpoke import Capability, TrapPriority
 from textpoke.sim._boot import boot_kernel_image
 
 MODERN = ["xmm2", "popcnt", "erms"]

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from textpoke import TextPoke
-from textpoke._alternative import DEFAULT_FEATURES, alternative_instructions
-from textpoke._alternative._kpasses import BootOptions
-from textpoke._alternative._ktext import KernelText, TextBuffer, caps_of
+from textpoke import TextPoke, alternative_instructions
+from textpoke._alternative import DEFAULT_FEATURES
+from textpoke.kernel import BootOptions, KernelText
+from textpoke._alternative._ktext import TextBuffer, caps_of
 from textpoke._alternative._livetext import LiveText
 from textpoke._alternative._passes import TEXT_PASSES, TextPasses
 from textpoke._alternative._records import DebugLog

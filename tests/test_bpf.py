@@ -11,7 +11,8 @@ import pytest
 
 from textpoke import (BadAddressError, BpfJit, BpfTextPokeBusy, ExecMem, ExecMemError,
                       x86_nops)
-from textpoke._bpf import BPF_MOD_CALL, BPF_MOD_JUMP, bpf_arch_text_poke, jit_add_const
+from textpoke._bpf import jit_add_const
+from textpoke import BPF_MOD_CALL, BPF_MOD_JUMP, bpf_arch_text_poke
 from textpoke.sim._clients_demo import ClientMachine
 
 
@@ -103,7 +104,7 @@ def test_endbr_before_the_hook_is_stepped_over_with_ibt(cm):
 
 
 def test_address_outside_kernel_and_bpf_text_is_invalid(cm):
-    from textpoke._bpf import BpfTextPokeInvalid
+    from textpoke import BpfTextPokeInvalid
     jit = cm.kernel.bpf
     p1 = jit.load(jit_add_const(3))
     # execmem that is no BPF program (module text, say), and guest data

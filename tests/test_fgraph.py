@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from textpoke._ftrace._graph import FunctionGraph, GraphError, format_graph
-from textpoke.sim._ftrace_work import DEMO_FUNCTIONS, FtraceMachine
+from textpoke._ftrace._graph import format_graph
+from textpoke import FunctionGraph, GraphError
+from textpoke.sim._ftrace_work import FtraceMachine
+from textpoke.selftests import DEMO_FUNCTIONS
 
 FT = ("ft_open", "ft_lookup", "ft_hash", "ft_permission", "ft_read")
 
@@ -213,7 +215,7 @@ def test_tracing_thresh_records_only_long_enough_returns():
 
 
 def test_graph_function_globs_that_match_nothing_are_refused():
-    from textpoke._ftrace._ops import FtraceFilterError
+    from textpoke import FtraceFilterError
     with FtraceMachine(cpus=1, seed=0) as fm:
         g = FunctionGraph(fm.kernel)
         assert g.set_graph_function("ft_hash") == 1
@@ -270,10 +272,8 @@ def test_graph_on_the_real_image_writes_what_the_kernel_does():
     if d is None:
         pytest.skip("Debian's 6.12 cloud kernel is not cached (make test-kernel fetches it)")
     from textpoke._alternative._kearly import read_config
-    from textpoke._alternative._kpasses import BootOptions
-    from textpoke._alternative._ktext import CpuCaps
-    from textpoke.images._vmlinux import load_kernel
-    from textpoke.kernel._offline import ExecRegion, offline_kernel, tracepoint_probes
+    from textpoke.kernel import BootOptions, CpuCaps, ExecRegion, load_kernel, offline_kernel
+    from textpoke.kernel._offline import tracepoint_probes
     tramp = 0xFFFFFFFFC0000000
     img = load_kernel(str(d / "vmlinuz"))
     cfg = read_config(d / "config") if (d / "config").is_file() else None
@@ -347,10 +347,7 @@ def test_function_graph_equals_the_kernels_own_run_time_text(manifest, tmp_path)
     import zstandard
     from textpoke._alternative._kdiff import diff_sections
     from textpoke._alternative._kearly import EarlyBoot, read_config
-    from textpoke._alternative._kpasses import BootOptions
-    from textpoke._alternative._ktext import CpuCaps
-    from textpoke.images._vmlinux import load_kernel
-    from textpoke.kernel._offline import ExecRegion, offline_kernel
+    from textpoke.kernel import BootOptions, CpuCaps, ExecRegion, load_kernel, offline_kernel
     ref = manifest.parent
     m = json.loads(manifest.read_text())
     d = ref.parent.parent.parent / "kernel" / m["kernel"]["release"]

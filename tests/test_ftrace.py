@@ -11,9 +11,8 @@ from collections import Counter
 
 import pytest
 
-from textpoke import CALL_INSN_OPCODE, text_gen_insn, x86_nops
-from textpoke import FtraceBugError, FtraceFilterError, TraceEntry
-from textpoke._ftrace import FtraceDisabledError
+from textpoke import (CALL_INSN_OPCODE, FtraceBugError, FtraceDisabledError, FtraceFilterError,
+                      TraceEntry, text_gen_insn, x86_nops)
 from textpoke._ftrace import format_trace_line
 from textpoke.selftests import DEMO_FUNCTIONS, expected_hits, ftrace_selftest
 from textpoke.sim._ftrace_work import FtraceMachine

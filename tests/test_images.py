@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from textpoke._core._insn import MAX_PATCH_LEN, insn_decode_kernel, is_nop
+from textpoke import MAX_PATCH_LEN, insn_decode_kernel
+from textpoke.lowlevel import is_nop
 from textpoke.images import ImageError, image_path, load_elf
 from textpoke.images._kernel import alt_probes, kernel_regions
 from textpoke.sim._boot import boot_kernel_image
@@ -290,7 +291,7 @@ def test_unpatched_functions_behave(booted):
 
 def test_regions_refuse_shared_pages(image):
     import dataclasses
-    from textpoke.images._elf import ElfSection
+    from textpoke.images import ElfSection
     secs = dict(image.sections)
     text = secs[".text"]
     secs["bad"] = ElfSection("bad", text.end, b"\0" * 8, "data")

@@ -8,8 +8,7 @@ import pytest
 
 import dataclasses
 
-from textpoke import JumpLabelError, StaticKeys, UnknownKeyError, x86_nops
-from textpoke._jump_label import StaticKeyWarning
+from textpoke import JumpLabelError, StaticKeyWarning, StaticKeys, UnknownKeyError, x86_nops
 from textpoke.images._tables import jump_table
 from textpoke.selftests import many_key_flip, static_keys_selftest
 from textpoke.sim._clients_demo import ClientMachine

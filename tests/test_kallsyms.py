@@ -276,7 +276,7 @@ def test_the_image_alone_has_its_symbols(kernel, debian):
 
 
 def test_a_map_is_checked_against_the_image(kernel, debian, tmp_path):
-    from textpoke.images._vmlinux import load_kernel
+    from textpoke.kernel import load_kernel
     lines = _map_of(kernel.symbols)
     ok = load_kernel(debian.vmlinuz, "\n".join(lines).encode())
     assert list(ok.symbols.entries()) == list(kernel.symbols.entries())
@@ -372,6 +372,6 @@ def test_every_image_symbol_equals_the_system_map(name):
     kept = [(a, n) for a, t, n in smap.entries() if n in syms]
     assert kept == list(zip(syms.addrs, syms.names))
     # and the image loads with no map, naming addresses the same way
-    from textpoke.images._vmlinux import load_kernel
+    from textpoke.kernel import load_kernel
     img = load_kernel(k.vmlinuz)
     assert img.symbol_source == "kallsyms" and img.sym("_text") == smap["_text"]

@@ -11,8 +11,7 @@ import lz4.block
 import pytest
 import zstandard
 
-from textpoke.images import ImageError
-from textpoke.images import _bzimage
+from textpoke.images import ImageError, _bzimage
 from textpoke.images._bzimage import LZ4_LEGACY_BLOCK, LZ4_LEGACY_MAGIC, decompress_payload
 
 
@@ -108,7 +107,7 @@ from pathlib import Path  # noqa: E402
 
 from textpoke._alternative._apply import recompute_jump as _recompute_jump  # noqa: E402
 from textpoke._alternative._reloc import nops_pass  # noqa: E402
-from textpoke._alternative._ktext import CpuCaps, KernelBootError  # noqa: E402
+from textpoke.kernel import CpuCaps, KernelBootError  # noqa: E402
 from textpoke.images._lines import LINE_61, LINE_612, LINES, line_of  # noqa: E402
 
 
@@ -196,7 +195,7 @@ def test_debians_61_image_loads_as_the_61_line():
     img = _cached("6.1.0-")
     if img is None or not (img.parent / "System.map").exists():
         pytest.skip("Debian's 6.1 cloud kernel is not cached (make kernel-images fetches it)")
-    from textpoke.images._vmlinux import load_kernel
+    from textpoke.kernel import load_kernel
     k = load_kernel(img, img.parent / "System.map")
     assert k.compression == "lz4" and k.line is LINE_61
     assert k.table(".altinstructions").entry_size == 12

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from textpoke import Capability, KprobeError, TrapPriority, x86_nops
-from textpoke._alternative._smp_locks import SmpAltModule, SmpAlternatives
+from textpoke import Capability, KprobeError, SmpAlternatives, TrapPriority, x86_nops
+from textpoke._alternative._smp_locks import SmpAltModule
 from textpoke._kprobes._guest import DIV_FACTOR, HELPER_ADD, OPT_K, build_guest_functions
 from textpoke.sim._clients_demo import ClientMachine
 

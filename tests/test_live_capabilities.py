@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(live_skip_reason() is not None, reason=live_skip
 
 
 def _maps(pid: int) -> set[int]:
-    from textpoke.live._process import read_maps
+    from textpoke.live import read_maps
     return {m.start for m in read_maps(pid)}
 
 

@@ -25,7 +25,7 @@ from livetest import site_bytes as _site_bytes  # noqa: E402
 from textpoke import insn_decode_kernel
 from textpoke.live._count import COUNTER_STRIDE, STUB_SIZE, stub_code
 from textpoke.live._inject import LOW_INTEGERS, Region, InjectError, pick_address
-from textpoke.live._symbols import Mapping
+from textpoke.live import Mapping
 
 _skip = ptrace_skip_reason()
 needs_machine = pytest.mark.skipif(importlib.util.find_spec("textpoke.live._machine") is None,
@@ -106,7 +106,8 @@ def test_injected_mmap_restores_every_register(builddir):
     from textpoke import live  # noqa: F401  (the package imports)
     from textpoke.live import _ptrace as pt
     from textpoke.live._inject import StoppedThread
-    from textpoke.live._symbols import Symbols, read_maps
+    from textpoke.live._symbols import Symbols
+    from textpoke.live import read_maps
     n, threads, rounds = 30, 4, 5
     exe = gen.build(n, builddir)
     with Target(exe, builddir / "inj.out", threads=threads, rounds=rounds) as t, Symbols(t.pid) as s:

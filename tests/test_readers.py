@@ -13,7 +13,8 @@ import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
 
-from textpoke.images._elf import ElfFile, ImageError, load_elf
+from textpoke.images._elf import ElfFile
+from textpoke.images import ImageError, load_elf
 from textpoke.images._symbols import SymbolMap, Symbols, format_symbol
 from textpoke.images._tables import (ALT_FLAG_NOT, AltInstr, Bounds, JumpEntry, TableError,
                                      alt_instr_table, check_entries, check_table, jump_table,

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from textpoke._alternative._kpasses import BootOptions
+from textpoke.kernel import BootOptions, CpuCaps, KernelBootError, KernelText
 from textpoke._alternative._records import PassLog
 from textpoke._alternative._reloc import nops_pass
 from textpoke.images._lines import LINE_612
 from textpoke._alternative._smp_locks import DS_PREFIX, LOCK_PREFIX, lock_prefixes
 from textpoke._alternative._thunks import ItsThunks, retpolines, returns, seal_endbr
-from textpoke._alternative._ktext import CpuCaps, KernelBootError, KernelText
 from textpoke._static_call import sc_transform
 from textpoke.images._tables import TableError, s32_table
 
@@ -188,7 +187,7 @@ def real_image():
     p = _image_path()
     if p is None:
         pytest.skip("Debian's 6.12 cloud kernel is not cached (make test-kernel fetches it)")
-    from textpoke.images._vmlinux import load_kernel
+    from textpoke.kernel import load_kernel
     return load_kernel(str(p))
 
 
@@ -232,7 +231,7 @@ def test_real_image_equals_the_kernels_own_text(real_image):
 
 
 def test_return_thunk_follows_the_its_selection_that_runs_last():
-    from textpoke._alternative._ktext import CpuCaps
+    from textpoke.kernel import CpuCaps
     from textpoke.cli._boot_real import derive_return_thunk, parse_cmdline
 
     def caps(*names):

@@ -37,10 +37,7 @@ def booted():
     if d is None:
         pytest.skip("Debian's 6.12 cloud kernel is not cached (make test-kernel fetches it)")
     from textpoke._alternative._kearly import read_config
-    from textpoke._alternative._kpasses import BootOptions
-    from textpoke._alternative._ktext import CpuCaps
-    from textpoke.images._vmlinux import load_kernel
-    from textpoke.kernel._offline import ExecRegion, offline_kernel
+    from textpoke.kernel import BootOptions, CpuCaps, ExecRegion, load_kernel, offline_kernel
     img = load_kernel(str(d / "vmlinuz"))
     cfg = read_config(d / "config") if (d / "config").is_file() else None
     ok = offline_kernel(img, CpuCaps.from_names(["always"]), BootOptions(ncpus=1), config=cfg,
@@ -307,10 +304,7 @@ def test_module_its_thunks_go_to_pages_of_its_own(tmp_path):
     thunks in an execmem page of the module's own (its_init_mod: a fresh
     page, thunks from offset 32, upper line halves), freed with it."""
     from textpoke._alternative._kearly import read_config
-    from textpoke._alternative._kpasses import BootOptions
-    from textpoke._alternative._ktext import CpuCaps
-    from textpoke.images._vmlinux import load_kernel
-    from textpoke.kernel._offline import ExecRegion, offline_kernel
+    from textpoke.kernel import BootOptions, CpuCaps, ExecRegion, load_kernel, offline_kernel
     d = _image_dir()
     if d is None:
         pytest.skip("Debian's 6.12 cloud kernel is not cached (make test-kernel fetches it)")
@@ -400,10 +394,8 @@ def test_the_clients_equal_the_kernels_own_run_time_text(manifest):
     import zstandard
     from textpoke._alternative._kdiff import diff_sections
     from textpoke._alternative._kearly import EarlyBoot, read_config
-    from textpoke._alternative._kpasses import BootOptions
-    from textpoke._alternative._ktext import CpuCaps
-    from textpoke.images._vmlinux import load_kernel
-    from textpoke.kernel._offline import ExecRegion, offline_kernel, tracing_cmdline_record
+    from textpoke.kernel import BootOptions, CpuCaps, ExecRegion, load_kernel, offline_kernel
+    from textpoke.kernel._offline import tracing_cmdline_record
     ref = manifest.parent
     m = json.loads(manifest.read_text())
     d = ref.parent.parent.parent / "kernel" / m["kernel"]["release"]

@@ -22,7 +22,8 @@ import pytest
 from textpoke.images import ImageError
 from textpoke.images._bzimage import compression_of, decompress_payload, parse_setup_header
 from textpoke.images._vmlinux import (START_KERNEL_MAP, KernelUnavailable, RealKernelImage,
-                                      ensure_debian_kernel, load_kernel)
+                                      ensure_debian_kernel)
+from textpoke.kernel import load_kernel
 
 #: figures of the exact releases we know (REFERENCE.md's are 6.12.117's;
 #: .call_sites is 229,791 there, not "~180,000"; .smp_locks has 9,954 entries

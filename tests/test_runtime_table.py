@@ -66,7 +66,7 @@ def test_the_run_time_column_counts_zero_for_every_step(manifest):
         pytest.skip("no run-time reference cached (tools/kernel_runtime_reference.py)")
     import json
     from textpoke._alternative._kearly import read_config
-    from textpoke.images._vmlinux import load_kernel
+    from textpoke.kernel import load_kernel
     m = json.loads(manifest.read_text())
     d = manifest.parents[3] / "kernel" / m["kernel"]["release"]
     if not (d / "vmlinuz").is_file():

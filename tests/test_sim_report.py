@@ -6,8 +6,8 @@ timeline of a traced run."""
 import iced_x86 as I
 
 from textpoke import TextPoke
-from textpoke.sim import FINE, boot_workload
-from textpoke.sim._report import format_oops, format_timeline, oops_report, symbolize, timeline
+from textpoke.sim import FINE, boot_workload, format_oops, format_timeline, oops_report, timeline
+from textpoke.sim._report import symbolize
 from textpoke.sim._workload import MODULE_BASE
 
 

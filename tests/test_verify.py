@@ -159,7 +159,7 @@ def test_wide_call_and_jcc_retargets_have_teeth():
 
 def test_teeth_sites_differ_in_every_displacement_byte_across_a_line():
     from textpoke.sim._teeth import install_teeth
-    from textpoke.sim._workload import boot_workload
+    from textpoke.sim import boot_workload
 
     with boot_workload(ncpus=1) as w:
         for s in install_teeth(w):
@@ -180,7 +180,7 @@ def test_reused_machines_give_the_same_reports():
 
 def test_a_pooled_machine_that_changed_shape_is_booted_anew():
     import textpoke.sim._schedule as V
-    from textpoke.sim._machine import FINE
+    from textpoke.sim import FINE
 
     V.release_pool()
     try:

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from textpoke.verify._explore import Bound, explore, parse_bound, replay_path
+from textpoke.verify._explore import parse_bound
+from textpoke.verify import Bound, explore, replay_path
 
 ONE = Bound(cpus=2, execs=1, refills=1)
 NO_EVICT = Bound(cpus=2, execs=1, refills=0)

@@ -22,7 +22,7 @@ import sys
 
 from textpoke.live import _rescue
 from textpoke.live._inject import Region, StoppedThread, inject_syscall
-from textpoke.live._process import read_maps
+from textpoke.live import read_maps
 
 pid, tid, mode, point = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 fd = int(sys.argv[5]) if len(sys.argv) > 5 else -1
