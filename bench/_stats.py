@@ -13,6 +13,10 @@ hits both alike.
 * :class:`Series` is one named list of samples: median, min, max, n.
 * :func:`paired_ratios` gives the per-round ratio A/B of two interleaved
   series (the figure to quote for "A is x times B"), itself a Series.
+* :func:`child_times` runs one command as a user runs it (wall and CPU
+  time of the process, start to exit); :func:`command_series` measures
+  several such commands interleaved.
+* :func:`as_json` turns a result holding Series into plain JSON.
 * :func:`add_common_args` gives every benchmark the same ``--repeat``
   (default 5, never fewer), ``--quick`` (less work per run, never fewer
   runs) and ``--json`` (every raw sample) options.
@@ -24,6 +28,7 @@ import argparse
 import gc
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -32,8 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-__all__ = ["MIN_RUNS", "Series", "interleaved", "interleaved_rates", "repeated", "paired_ratios", "add_common_args",
-           "timed", "now", "set_clock", "setup", "clock_name", "fmt", "fmt_range", "table", "meta", "meta_line", "REPO"]
+__all__ = ["MIN_RUNS", "Series", "interleaved", "interleaved_rates", "repeated", "paired_ratios",
+           "add_common_args", "child_times", "command_series", "as_json", "timed", "now",
+           "set_clock", "setup", "clock_name", "fmt", "fmt_range", "table", "meta", "meta_line",
+           "REPO"]
 
 #: never report a figure from fewer runs than this
 MIN_RUNS = 5
@@ -129,6 +136,51 @@ def repeated(name: str, fn: Callable[[], float], repeat: int, *, unit: str = "",
              warmup: int = 1) -> Series:
     """One measurement, *repeat* times after *warmup* untimed runs."""
     return interleaved({name: fn}, repeat, units={name: unit}, warmup=warmup)[name]
+
+
+def child_times(argv: list[str], **kw) -> tuple[float, float, subprocess.CompletedProcess]:
+    """Run *argv* to its exit (*kw* go to :func:`subprocess.run`): the wall
+    time, the CPU time (user + system) of the process and its children, and
+    the result, whose return code the caller checks."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    p = subprocess.run(argv, **kw)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), p
+
+
+def command_series(cmds: dict[str, Callable[[], tuple[float, float]]],
+                   repeat: int) -> dict[str, Series]:
+    """Commands as the user sees them, interleaved round by round: each of
+    *cmds* runs one command to its exit and returns (wall s, CPU s).
+    Returns a "NAME (wall)" and a "NAME (CPU)" Series for each."""
+    cpu: dict[str, list[float]] = {k: [] for k in cmds}
+
+    def one(k: str) -> float:
+        wall, c = cmds[k]()
+        cpu[k].append(c)
+        return wall
+    walls = interleaved({k: (lambda k=k: one(k)) for k in cmds}, repeat,
+                        units={k: "s" for k in cmds})
+    out = {}
+    for k, s in walls.items():
+        out[f"{k} (wall)"] = s
+        c = Series(f"{k} (CPU)", "s", cpu[k][-s.n:], cpu[k][:-s.n])
+        out[c.name] = c
+    return out
+
+
+def as_json(v):
+    """*v* with every Series as its :meth:`Series.as_dict` and every dict's
+    keys as strings, through dicts, lists and tuples."""
+    if isinstance(v, Series):
+        return v.as_dict()
+    if isinstance(v, dict):
+        return {str(k): as_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [as_json(x) for x in v]
+    return v
 
 
 def paired_ratios(name: str, a: Series, b: Series) -> Series:

@@ -40,7 +40,7 @@ import _stats                                                          # noqa: E
 
 from textpoke import TextPoke                                          # noqa: E402
 from textpoke import alternative_instructions, apply_alternatives  # noqa: E402
-from textpoke.images._elf import load_elf                              # noqa: E402
+from textpoke.images import load_elf  # noqa: E402
 from textpoke.images._kernel import alt_probes                         # noqa: E402
 from textpoke.sim._boot import boot_kernel_image                      # noqa: E402
 from textpoke.images._tables import feature_set                        # noqa: E402

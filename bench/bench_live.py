@@ -77,7 +77,7 @@ def _switch_once(pid: int, addrs: list[int], target: int, strategy: str) -> floa
     from textpoke import CALL_INSN_OPCODE, text_gen_insn
     from textpoke.live._count import switch_sites
     from textpoke.live._fentry import NOP5
-    from textpoke.live._machine import LiveMachine
+    from textpoke.live import LiveMachine
     on = [(a, text_gen_insn(CALL_INSN_OPCODE, a, target)) for a in addrs]
     off = [(a, NOP5) for a in addrs]
     t0 = time.perf_counter()
@@ -230,13 +230,7 @@ def report(res: dict) -> str:
 
 
 def to_json(res: dict):
-    def conv(v):
-        if isinstance(v, _stats.Series):
-            return v.as_dict()
-        if isinstance(v, dict):
-            return {str(k): conv(x) for k, x in v.items()}
-        return v
-    return conv(res)
+    return _stats.as_json(res)
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:

@@ -28,10 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from textpoke._alternative._kboot import kernel_text_of                # noqa: E402
-from textpoke.kernel import boot_kernel                                 # noqa: E402
-from textpoke._alternative._kpasses import BootOptions                 # noqa: E402
-from textpoke._alternative._ktext import CpuCaps                       # noqa: E402
-from textpoke.images._vmlinux import ensure_debian_kernel, load_kernel  # noqa: E402
+from textpoke.kernel import BootOptions, CpuCaps, boot_kernel, load_kernel  # noqa: E402
+from textpoke.images._vmlinux import ensure_debian_kernel  # noqa: E402
 
 SETUPS = {
     "no mitigations, 1 CPU": (["always"], "__x86_return_thunk", 1),

@@ -47,16 +47,15 @@ What the user sees, process start to exit (``--no-process`` skips it):
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from _stats import REPO, Series, fmt, fmt_range, interleaved, now, script_main, table  # noqa: E402
+from _stats import (REPO, Series, child_times, command_series, fmt_range,  # noqa: E402
+                    interleaved, now, script_main, table)
 
 TRAMP = 0xFFFFFFFFC0000000
 
@@ -74,10 +73,7 @@ def _image(args) -> Path:
 
 def _boot(path: Path):
     from textpoke._alternative._kearly import read_config
-    from textpoke._alternative._kpasses import BootOptions
-    from textpoke._alternative._ktext import CpuCaps
-    from textpoke.images._vmlinux import load_kernel
-    from textpoke.kernel._offline import ExecRegion, offline_kernel
+    from textpoke.kernel import BootOptions, CpuCaps, ExecRegion, load_kernel, offline_kernel
     img = load_kernel(str(path))
     cfgp = path.parent / "config"
     cfg = read_config(cfgp) if cfgp.is_file() else None
@@ -170,16 +166,13 @@ def library(args) -> tuple[dict[str, Series], dict]:
 
 
 def _child(argv: list[str]) -> tuple[float, float]:
-    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
-    wall = time.perf_counter() - t0
-    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall, cpu, p = child_times(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     if p.returncode != 0:
         raise SystemExit(f"bench_real_clients: {' '.join(argv)} exited {p.returncode}: "
                          f"{p.stderr[-300:]}")
-    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return wall, cpu
 
 
 def processes(args) -> dict[str, Series]:
@@ -190,20 +183,7 @@ def processes(args) -> dict[str, Series]:
              hex(TRAMP), *common],
             "baseline: textpoke boot --image": [sys.executable, "-m", "textpoke", "boot",
                                                 *common]}
-    cpu: dict[str, list[float]] = {k: [] for k in cmds}
-
-    def run(k: str) -> float:
-        wall, c = _child(cmds[k])
-        cpu[k].append(c)
-        return wall
-    walls = interleaved({k: (lambda k=k: run(k)) for k in cmds}, args.repeat,
-                        units={k: "s" for k in cmds})
-    out = {}
-    for k, s in walls.items():
-        out[f"{k} (wall)"] = s
-        c = Series(f"{k} (CPU)", "s", cpu[k][-s.n:], cpu[k][:-s.n])
-        out[c.name] = c
-    return out
+    return command_series({k: (lambda a=a: _child(a)) for k, a in cmds.items()}, args.repeat)
 
 
 def kernel_under_qemu(args) -> tuple[dict[str, Series], dict]:

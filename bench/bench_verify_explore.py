@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import _stats                                                          # noqa: E402
 
-from textpoke.verify._explore import Bound, explore                    # noqa: E402
+from textpoke.verify import Bound, explore  # noqa: E402
 
 ONE = Bound(cpus=2, execs=1, refills=1)
 NO_EVICT = Bound(cpus=2, execs=1, refills=0)
