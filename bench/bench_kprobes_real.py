@@ -47,7 +47,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from _stats import Series, fmt_range, interleaved, now, script_main, table  # noqa: E402
+from _stats import (Series, command_series, fmt_range, interleaved, now,  # noqa: E402
+                    script_main, table)
 from bench_real_clients import _child, _image  # noqa: E402
 
 SLOTS = 0xFFFFFFFFC0200000          # kprobe_insn_slots' pages
@@ -56,11 +57,8 @@ OPT = 0xFFFFFFFFC0400000            # kprobe_optinsn_slots' pages
 
 def _boot(path: Path, n: int):
     from textpoke._alternative._kearly import read_config
-    from textpoke._alternative._kpasses import BootOptions
-    from textpoke._alternative._ktext import CpuCaps
+    from textpoke.kernel import BootOptions, CpuCaps, ExecRegion, load_kernel, offline_kernel
     from textpoke._kprobes._opt import MAX_OPTINSN_SIZE
-    from textpoke.images._vmlinux import load_kernel
-    from textpoke.kernel._offline import ExecRegion, offline_kernel
     img = load_kernel(str(path))
     cfgp = path.parent / "config"
     cfg = read_config(cfgp) if cfgp.is_file() else None
@@ -194,20 +192,7 @@ def processes(args) -> dict[str, Series]:
              "--kprobe-slots", hex(SLOTS), "--optprobe-slots", hex(OPT), *common],
             "baseline: textpoke boot --image": [sys.executable, "-m", "textpoke", "boot",
                                                 *common]}
-    cpu: dict[str, list[float]] = {k: [] for k in cmds}
-
-    def run(k: str) -> float:
-        wall, t = _child(cmds[k])
-        cpu[k].append(t)
-        return wall
-    walls = interleaved({k: (lambda k=k: run(k)) for k in cmds}, args.repeat,
-                        units={k: "s" for k in cmds})
-    out = {}
-    for k, s in walls.items():
-        out[f"{k} (wall)"] = s
-        cs = Series(f"{k} (CPU)", "s", cpu[k][-s.n:], cpu[k][:-s.n])
-        out[cs.name] = cs
-    return out
+    return command_series({k: (lambda a=a: _child(a)) for k, a in cmds.items()}, args.repeat)
 
 
 def run(args):
