@@ -73,9 +73,13 @@ def command_module(name: str):
     return importlib.import_module(f".{COMMANDS[name][0]}", __name__)
 
 
-def build_parser(only: str | None = "*"):
+def build_parser(only: str | None = "*", argv: list[str] | None = None):
     """The argument parser.  *only*: the command whose options are added
-    (its module imported); ``"*"`` for every command, None for none."""
+    (its module imported) -- then the other commands are left out too: a
+    command line naming one never reaches them --; ``"*"`` for every
+    command, None for none (the names only, for the top-level help).
+    *argv*, with *only*: a command with subcommands (``SUBCOMMANDS``) builds
+    only the options of the one *argv* names."""
     from ._args import HelpFormatter, Parser
     ap = Parser(prog="textpoke", epilog=EPILOG, formatter_class=HelpFormatter,
                 description=("The Linux kernel's x86 text-patching machinery (text_poke, INT3 SMP\n"
@@ -88,11 +92,28 @@ def build_parser(only: str | None = "*"):
             mod = command_module(name)
             p = sub.add_parser(name, help=help_, description=mod.DESCRIPTION, epilog=EPILOG,
                                formatter_class=HelpFormatter)
-            mod.add_arguments(p)
+            word = _subcommand_in(argv, name, getattr(mod, "SUBCOMMANDS", ()))
+            if word is not None:
+                mod.add_arguments(p, only=word)
+            else:
+                mod.add_arguments(p)
             p.set_defaults(run=mod.run, parser=p)
-        else:
+        elif only is None:
             sub.add_parser(name, help=help_, add_help=False)
     return ap
+
+
+def _subcommand_in(argv: list[str] | None, command: str, names) -> str | None:
+    """The subcommand of *command* that *argv* names (the first word after
+    the command, options having none before it), if it is one of *names*."""
+    if not argv or not names or command not in argv:
+        return None
+    for a in argv[argv.index(command) + 1:]:
+        if a == "--":
+            return None
+        if not a.startswith("-"):
+            return a if a in names else None
+    return None
 
 
 def _command_in(argv: list[str]) -> str | None:
@@ -150,7 +171,7 @@ def _main(argv: list[str]) -> int:
     try:
         try:
             cmd = _command_in(argv)
-            args = build_parser(cmd).parse_args(argv)
+            args = build_parser(cmd, argv).parse_args(argv)
             run.command = args.command
             return _dispatch(args)
         except (KeyboardInterrupt, Terminated) as e:

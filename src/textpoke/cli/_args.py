@@ -15,6 +15,22 @@ __all__ = ["Bounds", "HelpFormatter", "CPUS", "JOBS", "LINE_SIZE", "Parser", "SC
            "U32", "U64", "UsageError", "checked", "choice_of", "int_in", "number", "power_of_two"]
 
 
+def _catalog_once() -> None:
+    """argparse looks every message up in the gettext catalogs each time it
+    builds one (``_("usage: ")``...): a few ``stat()`` of catalog paths per
+    message, ~80 per command line parsed (a millisecond).  The answer
+    cannot change within a process (nothing here binds a text domain), so
+    the catalog is found once and argparse asks it: the same translations,
+    or none, as before."""
+    import gettext
+    t = gettext.translation(gettext.textdomain(), fallback=True)
+    argparse._ = t.gettext               # type: ignore[attr-defined]
+    argparse.ngettext = t.ngettext       # type: ignore[attr-defined]
+
+
+_catalog_once()
+
+
 class UsageError(Exception):
     """A combination of options the command cannot run with (found after
     parsing); reported like an argparse error, exit status 2."""

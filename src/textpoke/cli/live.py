@@ -99,9 +99,40 @@ def _common(p: argparse.ArgumentParser, patches: bool) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+#: the subcommands, in the order their options are added below
+SUBCOMMANDS = ("poke", "sites", "toggle", "count", "recover", "probe", "trace")
+
+
+class _Skipped:
+    """What a subcommand not on the command line gets instead of its parser:
+    its options are not built (a dozen parsers' worth of start-up)."""
+
+    def add_argument(self, *args, **kw) -> None:
+        pass
+
+    def set_defaults(self, **kw) -> None:
+        pass
+
+
+class _Only:
+    """``add_subparsers()``'s action, adding every subcommand's name but the
+    parser (options, help) of *only* alone; None: every one."""
+
+    def __init__(self, sub, only: str | None) -> None:
+        self.sub, self.only = sub, only
+
+    def add_parser(self, name: str, **kw):
+        if self.only is None or name == self.only:
+            return self.sub.add_parser(name, **kw)
+        self.sub.add_parser(name, add_help=False)
+        return _Skipped()
+
+
+def add_arguments(p: argparse.ArgumentParser, only: str | None = None) -> None:
+    """The subcommands' options; *only*: the one the command line names
+    (the others are names only)."""
     from ._args import HelpFormatter
-    sub = p.add_subparsers(dest="live_command", required=True, metavar="SUBCOMMAND")
+    sub = _Only(p.add_subparsers(dest="live_command", required=True, metavar="SUBCOMMAND"), only)
 
     q = sub.add_parser("poke", help="write one instruction at ADDR with the INT3 batch protocol",
                        formatter_class=HelpFormatter,
