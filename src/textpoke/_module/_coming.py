@@ -49,15 +49,9 @@ def module_coming(loader, st: Staged, sym: Symbols) -> tuple[list, list]:
         o = e.key - mod.data
         own[e.key] = int.from_bytes(data[o:o + 4], "little", signed=True) > 0
     mod.own_keys = sorted(own)
-    for e in jump:
-        if e.key in own:
-            continue
-        try:
-            loader.keys.key(e.key)
-        except UnknownKeyError:
-            raise UnknownKeyError(f"module {mod.name}: jump label at {desc(e.code)} uses "
-                                  f"{desc(e.key)} [{e.key:#x}], which is not a static key "
-                                  "of the kernel; nothing written") from None
+    _known(jump, own, loader.keys.key, UnknownKeyError,
+           lambda e: f"module {mod.name}: jump label at {desc(e.code)} uses {desc(e.key)} "
+                     f"[{e.key:#x}], which is not a static key of the kernel; nothing written")
     # static_call_add_module: likewise a key in the module (its
     # tracepoints' tp_func_* calls): its sites call the key's function
     calls: dict[int, StaticCall] = {}
@@ -74,15 +68,10 @@ def module_coming(loader, st: Staged, sym: Symbols) -> tuple[list, list]:
                                   int.from_bytes(data[o:o + 8], "little"))
     mod.own_calls = list(calls.values())
     stand: dict[int, StaticCall] = {}
-    for s in scs:
-        if s.key in calls:
-            continue
-        try:
-            loader.calls.call_of_key(s.key)
-        except UnknownCallError:
-            raise UnknownCallError(f"module {mod.name}: static-call site at {desc(s.addr)} "
-                                   f"uses {desc(s.key)} [{s.key:#x}], which is no static "
-                                   "call's key in the kernel; nothing written") from None
+    _known(scs, calls, loader.calls.call_of_key, UnknownCallError,
+           lambda s: f"module {mod.name}: static-call site at {desc(s.addr)} uses "
+                     f"{desc(s.key)} [{s.key:#x}], which is no static call's key in the "
+                     "kernel; nothing written")
     for e in jump:
         size, code = loader.keys.module_code(e, text, tbase, own.get(e.key))
         text[e.code - tbase:e.code - tbase + size] = code
@@ -104,6 +93,18 @@ def module_coming(loader, st: Staged, sym: Symbols) -> tuple[list, list]:
         code = loader.calls.module_code(s, text, tbase, stand.get(s.key, calls.get(s.key)))
         text[s.addr - tbase:s.addr - tbase + len(code)] = code
     return jump, scs
+
+
+def _known(entries, own, lookup, error: type[Exception], why) -> None:
+    """Every entry's key is the module's own (in *own*) or one *lookup*
+    knows; else *error* with the sentence ``why(entry)``."""
+    for e in entries:
+        if e.key in own:
+            continue
+        try:
+            lookup(e.key)
+        except error:
+            raise error(why(e)) from None
 
 
 def tramp_key_pairs(symbols, mem) -> dict[int, int]:
