@@ -243,3 +243,50 @@ def test_a_lapped_ring_counts_what_it_lost(target):
     # one thread, one call per claim: the span of what was read fits the claims
     assert firsts[-1] - firsts[0] + 1 <= lp.ring.tail
     assert target.alive() and target.read(target.probed) == NOP5
+
+
+FORK_WORK = ("import json, os, sys, time\nprint('ready', flush=True)\nsys.stdin.readline()\n"
+             "for k in range(3):\n  pid = os.fork()\n  if pid == 0:\n"
+             "    for _ in range(2000):\n      json.dumps([1, 'x', {'a': 1}]); hash(object())\n"
+             "    os._exit(7)\n  print('child', os.waitpid(pid, 0)[1] >> 8, flush=True)\n"
+             "while True:\n  json.dumps([1]); hash(object()); time.sleep(0.001)\n")
+
+
+@pytest.mark.parametrize("mode", ["--optimize", "--no-optimize"])
+def test_children_forked_under_the_probe_run_on(mode):
+    """A python3 that forks while the probe is in (its children call the
+    probed function): optimised, each child runs on through its copy of the
+    JMP, buffer and ring; with the INT3 probe, the machine puts the child's
+    INT3 back at the fork event. Every child exits with its own status."""
+    py = "/usr/bin/python3"
+    if not Path(py).exists():
+        pytest.skip("no /usr/bin/python3")
+    t = subprocess.Popen([py, "-c", FORK_WORK], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    p = None
+    try:
+        assert t.stdout.readline().strip() == "ready"
+        p = subprocess.Popen([sys.executable, "-m", "textpoke", "live", "probe", "--pid",
+                              str(t.pid), "PyObject_Hash", "%di", "--json", mode],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        said = p.stderr.readline()
+        if "no symbol" in said:
+            pytest.skip("this python3 has no PyObject_Hash")
+        assert ("optimised" in said) == (mode == "--optimize"), said + p.stderr.read()
+        t.stdin.write("go\n")
+        t.stdin.flush()
+        assert [t.stdout.readline().strip() for _ in range(3)] == ["child 7"] * 3
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 130, err
+        doc = json.loads(out)
+        assert doc["hits"] >= 1 and doc["int3_left"] == 0 and doc["regions_kept"] == []
+        assert t.poll() is None
+    finally:
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.communicate()
+        t.kill()
+        t.wait()
+        t.stdout.close()
+        t.stdin.close()
