@@ -78,3 +78,17 @@ def test_a_damaged_entry_is_ignored(tmp_path, monkeypatch, damage):
         data = data[:-1] + b"\0"
     entry.write_bytes(data)
     assert _symcache.load(_key()) is None
+
+
+def test_the_cache_keeps_the_newest_entries(tmp_path, monkeypatch):
+    from textpoke.live import _symcache
+    monkeypatch.setenv("TEXTPOKE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(_symcache, "MAX_ENTRIES", 4)
+    rows = (["x"], [1], [1], [2])
+    keys = [(1, ino, 10, 20, 30, 40) for ino in range(7)]
+    d = tmp_path / "cache" / "live-symbols"
+    for i, k in enumerate(keys):
+        _symcache.store(k, rows)
+        os.utime(d / f"1-{k[1]:x}.syms", ns=(i * 10**9, i * 10**9))   # written in this order
+    assert len(list(d.iterdir())) == 4
+    assert [_symcache.load(k) is not None for k in keys] == [False] * 3 + [True] * 4

@@ -17,7 +17,8 @@ clock, an inode number reused for a file of the same size), so an entry
 never describes other symbols than the file's.  A stale, truncated or
 foreign cache file is ignored and rewritten; a cache that cannot be
 written (a read-only home) costs nothing but the saving.
-``TEXTPOKE_LIVE_SYMBOL_CACHE=0`` turns it off.
+At most :data:`MAX_ENTRIES` entries are kept, the oldest written
+dropped first.  ``TEXTPOKE_LIVE_SYMBOL_CACHE=0`` turns it off.
 
 What is kept is the file's own data, link-time values (the load bias is
 the process's, added by the caller): parallel lists of name, value, size
@@ -38,6 +39,9 @@ __all__ = ["Key", "Rows", "cache_dir", "enabled", "key", "load", "store"]
 
 #: names, link-time values, sizes, st_info types
 Rows = tuple[list[str], list[int], list[int], list[int]]
+
+#: entries kept (the newest written); a new entry beyond drops the oldest
+MAX_ENTRIES = 256
 
 _MAGIC = b"textpoke live-symbols v1\n"
 #: dev, ino, size, mtime_ns, ctime_ns, crc; n, bytes of the names
@@ -115,8 +119,30 @@ def store(k: Key, rows: Rows) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
+        _prune(d, path)
     except (OSError, ValueError, OverflowError, UnicodeEncodeError):
         try:
             os.unlink(tmp)           # type: ignore[possibly-undefined]
         except (OSError, NameError):
             pass
+
+
+def _prune(d: str, keep: str) -> None:
+    """At most :data:`MAX_ENTRIES` entries: the oldest written go (each
+    entry is one file's table, a few hundred KiB for a big program)."""
+    try:
+        names = [n for n in os.listdir(d) if n.endswith(".syms")]
+        if len(names) <= MAX_ENTRIES:
+            return
+        paths = [os.path.join(d, n) for n in names]
+        ages = {}
+        for p in paths:
+            try:
+                ages[p] = os.stat(p).st_mtime_ns
+            except OSError:
+                pass
+        for p in sorted(ages, key=ages.__getitem__)[:len(ages) - MAX_ENTRIES]:
+            if p != keep:
+                os.unlink(p)
+    except OSError:
+        pass
