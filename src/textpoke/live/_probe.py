@@ -262,6 +262,9 @@ class LiveProbe:
         self.probe = None
         self.hits: list[Hit] = []
         self.nhit = 0
+        #: of nhit, the hits read from the optimised probe's ring (the
+        #: others went through the INT3 before the JMP was in)
+        self.nrecorded = 0
         self._comm: dict[int, str] = {}
         self._stat_fds: dict[int, int] = {}
         #: the optimised path (see :mod:`._probe_opt`): its ring, clock and
@@ -427,6 +430,7 @@ class LiveProbe:
         for raw in raws:
             rec = Recorded(raw, self.addr)
             self.nhit += 1
+            self.nrecorded += 1
             comm = self._thread_comm(rec.tid)
             vals = []
             for a in self.args:
