@@ -19,19 +19,20 @@ interleaved round by round:
   armed, every CPU synced: what ``echo p:... >> kprobe_events`` then
   ``enable`` does per probe) and one ``kprobe_optimizer()`` pass over all
   of them (each point's out-of-line buffer built in its optinsn slot, then
-  the JMP32s through the SMP batch): probes/s of the whole;
+  each JMP32 with its own text_poke_bp, as 6.12's arch_optimize_kprobes):
+  probes/s of the whole;
 * **baseline: register only** -- the same registrations left as INT3
   probes (``Kprobes(auto_optimize=False)``, no optimizer pass);
 * **baseline: the core's batch alone** -- the same N JMP32s written by
   ``smp_text_poke_batch_add`` in one ``with core.batch()`` and the
-  original bytes put back the same way: the floor the optimizer's batch
-  stands on (no decoding, no checks, no buffers).
+  original bytes put back the same way: the floor of writing those bytes
+  (no decoding, no checks, no buffers, and 3 syncs a batch of 256 where
+  the kernel's optimizer syncs 3 times a probe).
 
 After every round the probes are unregistered (untimed) and the text must
 read exactly as booted.  Batches and syncs of each part are counted and
-reported (the kernel's own ``arch_optimize_kprobes`` uses one
-``text_poke_bp`` per probe -- N batches of three syncs -- where the
-optimizer here puts every site of a pass in one batch run).
+reported (the optimizer, as the kernel's ``arch_optimize_kprobes``, uses
+one ``text_poke_bp`` per probe: N batches of three syncs).
 
 What the user sees, process start to exit (``--no-process`` skips it):
 ``textpoke kprobe --image IMG vfs_statx+5 --optimize --kprobe-slots ADDR
