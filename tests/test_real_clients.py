@@ -531,3 +531,42 @@ def test_package_modules_are_found_compressed_or_not(tmp_path, monkeypatch):
     monkeypatch.setenv("TEXTPOKE_CACHE", str(tmp_path))
     ko = module_file(release, "kyber_iosched", "kernel/block/kyber-iosched.ko.xz")
     assert ko.read_bytes()[:4] == b"\x7fELF"
+
+
+@pytest.mark.skipif(not os.environ.get("TEXTPOKE_KERNEL_TESTS"),
+                    reason="boots Debian's 6.1 image offline (set TEXTPOKE_KERNEL_TESTS=1)")
+def test_a_61_kernel_with_return_thunks_does_not_optimise_a_returning_function():
+    """6.1's can_optimize (CONFIG_RETPOLINE) counts a jump into
+    __indirect_thunk_start.._end as an indirect jump; 6.1 links the return
+    thunks there, so with return thunks on (EPYC's default: SRSO) a
+    function's ``jmp srso_return_thunk`` keeps its probes INT3 probes --
+    the kernel under QEMU never optimised vfs_statx+5 in that setup."""
+    from textpoke import KprobeError
+    from textpoke._alternative._kearly import read_config
+    from textpoke._alternative._kpasses import BootOptions
+    from textpoke._alternative._ktext import CpuCaps
+    from textpoke.images._vmlinux import load_kernel
+    from textpoke.kernel._offline import ExecRegion, offline_kernel
+    root = Path.home() / ".cache/textpoke"
+    kdirs = sorted((root / "kernel").glob("6.1.*-cloud-amd64"))
+    metas = sorted((root / "reference").glob("6.1.*-cloud-amd64/EPYC-smp1-default-*/meta.json"))
+    if not kdirs or not metas or not (kdirs[-1] / "vmlinuz").is_file():
+        pytest.skip("Debian's 6.1 cloud kernel or its EPYC boot reference is not cached")
+    d, meta = kdirs[-1], json.loads(metas[-1].read_text())
+    img = load_kernel(str(d / "vmlinuz"))
+    cfg = read_config(d / "config")
+    lo, hi = img.sym("__indirect_thunk_start"), img.sym("__indirect_thunk_end")
+    assert lo <= img.sym(meta["return_thunk_sym"]) < hi
+    with offline_kernel(img, CpuCaps(meta["caps_after"]),
+                        BootOptions(return_thunk=meta["return_thunk_sym"], ncpus=1), config=cfg,
+                        regions=[ExecRegion(SLOTS, 4096, "kprobes"),
+                                 ExecRegion(SLOTS + 0x10000, 4096, "optprobes")]) as ok:
+        kp = ok.kernel.kprobes
+        assert kp.thunk_range == (lo, hi)
+        p = kp.register_kprobe("vfs_statx+5")
+        try:
+            with pytest.raises(KprobeError, match="jumps into the thunks"):
+                kp.optimize_kprobe(p)
+            assert kp.kprobe_optimizer() == [] and not kp.is_optimized(p)
+        finally:
+            kp.unregister_kprobe(p)

@@ -140,6 +140,18 @@ class Kprobes(_Lookup, _Kretprobes, _Optprobes, _FtraceProbes):
         #: the kernel may have jump tables (neither retpolines nor IBT): a
         #: function with an indirect jump is not optimised
         self.jump_tables = jump_tables
+        #: 6.1's can_optimize (CONFIG_RETPOLINE): a jump into
+        #: [__indirect_thunk_start, __indirect_thunk_end) -- the retpoline
+        #: thunks and, in 6.1's layout, the return thunks too -- counts as an
+        #: indirect jump, and an indirect jump refuses whatever the build
+        #: (6.12 dropped both: it trusts IBT/retpoline builds to have no jump
+        #: tables).  Only a 6.1 image is known to follow it.
+        self.thunk_range: tuple[int, int] | None = None
+        if image is not None and str(getattr(image, "version", "")).startswith("6.1."):
+            lo = image.symbols.get("__indirect_thunk_start")
+            hi = image.symbols.get("__indirect_thunk_end")
+            if lo is not None and hi is not None and lo < hi:
+                self.thunk_range = (lo, hi)
         #: probe address -> the kernel's struct optimized_kprobe for it (the
         #: optprobe buffer's first argument; from a run-time reference)
         self.optprobe_ops: dict[int, int] = {}

@@ -271,18 +271,26 @@ def check_displaced(insns: list[Insn]) -> None:
                            "(not boostable: branches, calls, LOCK/REP, ...)")
 
 
-def check_function(func_insns: list[Insn], addr: int, *, jump_tables: bool = True) -> None:
+def check_function(func_insns: list[Insn], addr: int, *, jump_tables: bool = True,
+                   thunks: "tuple[int, int] | None" = None) -> None:
     """No instruction of the function may jump into the bytes the JMP32
     overwrites after its first -- the kernel's test takes the byte after
     the JMP32 too --, nor, in a kernel that may have jump tables, jump
     indirectly (``can_optimize``: a kernel built with retpolines or IBT
-    has none, and takes indirect jumps; *jump_tables* False)."""
+    has none, and takes indirect jumps; *jump_tables* False).  *thunks*
+    (6.1's rule): a jump (not a call) into ``[start, end)`` counts as an
+    indirect jump too."""
     lo, hi = addr + 1, addr + RELATIVEJUMP_SIZE
     for ins in func_insns:
         if jump_tables and ins.flow == "indirect" and ins.mnemonic == "jmp":
             raise OptError(f"indirect jump {ins.text!r} at {ins.addr:#x} in the function "
                            "(it may target the range)")
         t = ins.branch_target
+        if thunks is not None and t is not None and ins.flow in ("jmp", "jcc") and \
+                thunks[0] <= t < thunks[1]:
+            raise OptError(f"{ins.text!r} at {ins.addr:#x} jumps into the thunks "
+                           f"[{thunks[0]:#x}, {thunks[1]:#x}): an indirect jump to 6.1's "
+                           "can_optimize")
         if t is not None and lo <= t <= hi:
             raise OptError(f"{ins.text!r} at {ins.addr:#x} jumps into the range "
                            f"[{lo:#x}, {hi:#x}] the JMP32 would overwrite")

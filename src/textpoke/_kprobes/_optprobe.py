@@ -122,7 +122,8 @@ class _Optprobes:
                               reason="optimize", addr=addr)
         insns = self._decode_function(fstart, fsize)
         try:
-            check_function(insns, addr, jump_tables=self.jump_tables)
+            check_function(insns, addr, jump_tables=self.jump_tables or bool(self.thunk_range),
+                           thunks=self.thunk_range)
             ext = self._extable_in(fstart, fstart + fsize) & {i.addr for i in insns}
             if ext:
                 raise OptError(f"{name} has an exception-table entry at "
