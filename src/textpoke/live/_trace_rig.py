@@ -224,9 +224,13 @@ class LiveFtraceRig:
                               max_steps, read=read)
 
     def resume(self) -> None:
+        # only the flag the threads read: each clears its own `paused` when
+        # it leaves the spin.  Clearing it here too lost a thread whenever a
+        # pause() followed before that thread had run (a loaded box): it
+        # never saw pause go to 0, stayed in its spin with paused 0, and the
+        # pause waited for it for ever
         for c in self.cpus:
             self._setf(c, _PAUSE, 0)
-            self._setf(c, _PAUSED, 0)
 
     def call_once(self, cpu: int, func, max_steps: int = 1_000_000) -> bool:
         before = self.oneshot_calls(cpu)
