@@ -75,9 +75,9 @@ def test_the_run_time_column_counts_zero_for_every_step(manifest):
     r = compare_reference(manifest.parent, img, read_config(d / "config"))
     steps = {k: v for k, v in r.items() if ":" not in k}
     assert {"ftrace-function-on", "ftrace-function-off", "ftrace-graph-on", "ftrace-graph-off",
-            "kprobe-optimized-on", "kretprobe-on", "schedstats-on", "schedstats-off",
-            "insmod-bfq"} <= steps.keys()
+            "kprobe-optimized-on", "kretprobe-on", "kprobes-off", "schedstats-on",
+            "schedstats-off", "insmod-bfq", "rmmod-bfq"} <= steps.keys()
     assert all(v == 0 for v in steps.values()), r
     st = Setup(m["setup"]["cpu"], m["setup"]["cmdline"], m["setup"]["smp"])
     cell = runtime_cell(SimpleNamespace(vmlinuz=str(d / "vmlinuz")), img, st)
-    assert cell.startswith("fn 0/0 fg 0/0 kp 0 krp 0 ss 0/0 bfq 0"), cell
+    assert cell.startswith("fn 0/0 fg 0/0 kp 0 krp 0 off 0 ss 0/0 bfq 0/0"), cell
