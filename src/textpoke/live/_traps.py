@@ -72,8 +72,18 @@ class _Traps:
                 if self.text_read(site, 1)[0] != _INT3:
                     self._rewind(t, regs, site)     # our INT3 is gone: run what is there now
                     return
+                # at the site at once, before the handler chain runs: the stop
+                # is reaped (its SIGTRAP consumed), so a patcher killed from
+                # here on has the kernel resume the thread where its rip
+                # points -- at site+1 that is the middle of an instruction
+                # (the tail's bytes: SIGILL, SIGSEGV, or SIGTRAP from a 0xcc
+                # among them); at the site, the guard takes the INT3 again
+                at_site = P.UserRegs.from_buffer_copy(regs)
+                at_site.rip = site
+                P.setregs(tid, at_site)
                 if self._run_chain(t, regs, site):
                     return
+                P.setregs(tid, regs)                # unclaimed: as it trapped
                 if site in self._adopted:
                     # a dead patcher's INT3, not repaired yet: back to the
                     # site, to trap again until it is (never to the target)
