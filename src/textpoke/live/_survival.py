@@ -242,6 +242,14 @@ class _Survival:
                 j.set_guard(None)
             return []
         region = Region(self.pid, base, G.CODE_SIZE, size - G.CODE_SIZE, syscall_at=g["syscall_at"])
+        cur_map = next((m for m in read_maps(self.pid) if m.start <= data + G.CUR_OFF < m.end),
+                       None)
+        if cur_map is not None and "w" not in cur_map.perms:
+            # a patcher killed between the region's mmap (r-x as a whole) and
+            # the mprotect that makes its data writable: the action, installed
+            # only after that, was never ours (and the read below would fail
+            # with EFAULT writing into the page)
+            g["restored"] = True
 
         def ready(tids: list[int], tid: int) -> tuple[list[str], bool]:
             if any(self._trap_queued(t) for t in tids):

@@ -1,0 +1,71 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""``live recover`` after a patcher killed between the guard region's mmap
+and the mprotect that makes its data writable.
+
+The region is mapped r-x as a whole (its code and its rescue final at
+once), then its data made writable through its own rescue.  A kill in
+between left a guard region whose data page cannot be written: recover's
+read of the SIGTRAP action into it failed (EFAULT: "Bad address"), the
+guard and the journal stayed and recover exited 1 -- 3 runs of 100 in the
+survival campaign.  The action is installed only after the mprotect, so
+such a guard was never the process's action: recover unmaps it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
+from helpers import Target, gen, ptrace_skip_reason  # noqa: E402
+
+_skip = ptrace_skip_reason()
+pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
+
+N = 50
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+
+DRIVER = textwrap.dedent("""
+    import os, signal, sys
+    from textpoke.live import _inject
+    orig = _inject.inject_syscall
+
+    def inject(pid, tid, nr, *args, **kw):
+        if nr == _inject.SYS_mprotect:        # the guard's data: never made writable
+            print("mapped", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig(pid, tid, nr, *args, **kw)
+
+    _inject.inject_syscall = inject
+    from textpoke.cli import main
+    sys.exit(main(["live", "toggle", "--pid", sys.argv[1], "--functions", "f0*",
+                   "--to", "call:fentry_ret"]))
+""")
+
+
+@pytest.fixture(scope="module")
+def exe(tmp_path_factory):
+    return gen.build(N, tmp_path_factory.mktemp("live_survival_guardmap"))
+
+
+def test_recover_frees_a_guard_killed_before_its_data_was_writable(exe, tmp_path):
+    with Target(exe, tmp_path / "snap", mode="busy", threads=4) as t:
+        maps0 = set(Path(f"/proc/{t.pid}/maps").read_text().splitlines())
+        d = subprocess.run([sys.executable, "-c", DRIVER, str(t.pid)], capture_output=True,
+                           text=True, env=ENV, timeout=300)
+        assert d.stdout.split() == ["mapped"] and d.returncode == -signal.SIGKILL, d.stderr
+        extra = set(Path(f"/proc/{t.pid}/maps").read_text().splitlines()) - maps0
+        assert [x for x in extra if "r-xp" in x], "the guard region is not left mapped r-x"
+        rec = subprocess.run([sys.executable, "-m", "textpoke", "live", "recover", "--pid",
+                              str(t.pid)], capture_output=True, text=True, timeout=300, env=ENV)
+        assert rec.returncode == 0, rec.stdout + rec.stderr
+        assert set(Path(f"/proc/{t.pid}/maps").read_text().splitlines()) == maps0
+        from textpoke.live._journal import journal_path
+        assert not journal_path(t.pid).exists()
+        answer, _ = t.signal_and_read(signal.SIGUSR1)
+        assert answer.startswith("snapshot") and t.alive()
