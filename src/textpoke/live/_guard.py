@@ -40,8 +40,10 @@ none, the default action is restored and the signal raised again, so a
 stray breakpoint kills the process exactly as it would have.
 
 Limits: a thread waiting at a site spins (trap, yield, trap) until the site
-is repaired; a ``fork`` while a batch is in flight gives a child that waits
-at the site forever (it is not traced and nobody repairs its copy).
+is repaired; a child forked while a batch is in flight gets its copy of
+the sites put back by the patcher at the fork event (:mod:`._fork`), but
+one forked after the patcher died waits at the site forever (nobody
+repairs its copy).
 
 The action can be replaced while INT3s of ours stand in the text: by the
 target (``signal(SIGTRAP, SIG_DFL)``, its own ``sigaction``) or by the
