@@ -105,9 +105,10 @@ class _Text:
     def _runs(self, writes: Sequence[tuple[int, bytes]]) -> list[tuple[int, bytearray]]:
         """Group writes into runs: nearby writes (less than a page apart, in
         one read-only mapping) share one pwrite, the bytes between them
-        taken from the text as it is."""
-        runs: list[tuple[int, bytearray]] = []
-        cur_start, cur, cur_map = -1, None, None
+        taken from the text as it is (read once per run, then each write
+        laid over it in order: not one read per gap -- 10,000 sites)."""
+        groups: list[tuple[int, int, list[tuple[int, bytes]]]] = []
+        cur_start, cur_end, cur, cur_map = -1, -1, None, None
         int3_sites = self._int3_sites
         count = 0
         for addr, data in writes:
@@ -126,22 +127,28 @@ class _Text:
                 if m is None or not m.executable or addr + n > m.end:
                     raise BadAddressError(f"[{addr:#x}, +{n}) is not in an executable mapping "
                                           f"of pid {self.pid}")
-            if cur is not None and m is cur_map and not m.writable:
-                end = cur_start + len(cur)
-                if cur_start <= addr and addr - end < PAGE_SIZE:
-                    if addr > end:
-                        cur += self.text_read(end, addr - end)
-                    off = addr - cur_start
-                    if off + n > len(cur):
-                        cur.extend(bytes(off + n - len(cur)))
-                    cur[off:off + n] = data
-                    continue
+            if (cur is not None and m is cur_map and not m.writable and cur_start <= addr
+                    and addr - cur_end < PAGE_SIZE):
+                cur.append((addr, data))
+                if addr + n > cur_end:
+                    cur_end = addr + n
+                continue
             if cur is not None:
-                runs.append((cur_start, cur))
-            cur_start, cur, cur_map = addr, bytearray(data), m
+                groups.append((cur_start, cur_end, cur))
+            cur_start, cur_end, cur, cur_map = addr, addr + n, [(addr, data)], m
         if cur is not None:
-            runs.append((cur_start, cur))
+            groups.append((cur_start, cur_end, cur))
         self.stats.pokes += count
+        runs: list[tuple[int, bytearray]] = []
+        for start, end, ws in groups:
+            if len(ws) == 1:
+                runs.append((start, bytearray(ws[0][1])))
+                continue
+            buf = bytearray(self.text_read(start, end - start))
+            for a, d in ws:
+                off = a - start
+                buf[off:off + len(d)] = d
+            runs.append((start, buf))
         return runs
 
     def _write_runs(self, runs: list[tuple[int, bytearray]]) -> None:
