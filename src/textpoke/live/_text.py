@@ -140,11 +140,20 @@ class _Text:
             groups.append((cur_start, cur_end, cur))
         self.stats.pokes += count
         runs: list[tuple[int, bytearray]] = []
-        for start, end, ws in groups:
+        for k, (start, end, ws) in enumerate(groups):
             if len(ws) == 1:
                 runs.append((start, bytearray(ws[0][1])))
                 continue
             buf = bytearray(self.text_read(start, end - start))
+            # the runs are written in order: an earlier run's bytes inside
+            # this one's span (writes out of address order) are what the
+            # text will hold by then, not what it holds now
+            for s0, e0, ws0 in groups[:k]:
+                if s0 < end and start < e0:
+                    for a, d in ws0:
+                        lo, hi = max(a, start), min(a + len(d), end)
+                        if lo < hi:
+                            buf[lo - start:hi - start] = d[lo - a:hi - a]
             for a, d in ws:
                 off = a - start
                 buf[off:off + len(d)] = d
