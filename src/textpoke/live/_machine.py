@@ -239,7 +239,10 @@ class LiveMachine(_Tracer, _Traps, _StopMachine, _SignalDeferral, _Text, _Surviv
         if self.strategy == "stop-machine":
             self._hold_all()
             try:
-                self._step_out_of(runs)
+                # a thread may stand in the code between two sites of a run
+                # (the run is one pwrite of them and the bytes between, as
+                # they are); it must only not stand strictly inside a write
+                self._step_out_of(writes)
                 self._write_runs(runs)
             finally:
                 self._release_held()
