@@ -179,7 +179,7 @@ def early_from_args(args: argparse.Namespace) -> EarlyBoot | None:
 
 
 def _cpuinfo_names(path: str) -> list[str]:
-    from ..images._features612 import CPUINFO_NAMES_612
+    from ..images._lines import LINE_612
     try:
         text = read_bounded(path, TEXT_MAX, "--cpuinfo").decode("utf-8", "replace")
     except OSError as e:
@@ -193,7 +193,7 @@ def _cpuinfo_names(path: str) -> list[str]:
             names += ["bug_" + b for b in v.split()]
     if not names:
         raise UsageError(f"--cpuinfo: no 'flags' line in {path}")
-    return [CPUINFO_NAMES_612.get(n, n) for n in names]
+    return [LINE_612.cpuinfo_names.get(n, n) for n in names]
 
 
 def caps_from_args(args: argparse.Namespace) -> tuple[CpuCaps, list[str]]:

@@ -45,12 +45,23 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from ._elf import ImageError
-from ._features61 import CPUINFO_NAMES_61, X86_FEATURES_61
-from ._features612 import CPUINFO_NAMES_612, X86_FEATURES_612
+from . import _features
 from ._tables import X86_FEATURES
 
 __all__ = ["KernelLine", "LINES", "LINE_612", "LINE_61", "LINE_BUNDLED", "line_of", "line_named",
-           "known_lines"]
+           "known_lines", "feature_table", "cpuinfo_table"]
+
+
+def feature_table(line: str) -> dict[str, int]:
+    """Feature/bug name -> ``word*32 + bit`` in kernel line *line* ("6.1",
+    "6.12"): the numbers the lines share with the line's own, in number order."""
+    own = _features.OWN[line]
+    return dict(sorted({**_features.SHARED, **own}.items(), key=lambda kv: kv[1]))
+
+
+def cpuinfo_table(line: str) -> dict[str, str]:
+    """/proc/cpuinfo name -> feature name, where they differ, in line *line*."""
+    return {**_features.CPUINFO_SHARED, **_features.CPUINFO_OWN[line]}
 
 
 @dataclass(frozen=True)
@@ -131,8 +142,9 @@ _APIC_SLOTS_612 = {"eoi": 0, "native_eoi": 8, "write": 16, "read": 24, "wait_icr
                    "wakeup_secondary_cpu_64": 184}
 
 LINE_612 = KernelLine(
-    name="6.12", series=(6, 12), features=X86_FEATURES_612, cpuinfo_names=CPUINFO_NAMES_612,
-    ncapints=22, nbugints=2, caps_offset=48, alt_layout="ft_flags", alt_instr_size=14,
+    name="6.12", series=(6, 12), features=feature_table("6.12"),
+    cpuinfo_names=cpuinfo_table("6.12"), ncapints=_features.WORDS["6.12"][0],
+    nbugints=_features.WORDS["6.12"][1], caps_offset=48, alt_layout="ft_flags", alt_instr_size=14,
     passes=("jump_label_init", "static_call_init", "ftrace_init", "runtime_sync",
             "apply_retpolines", "apply_returns", "apply_alternatives", "callthunks",
             "apply_seal_endbr", "smp_locks"),
@@ -141,8 +153,9 @@ LINE_612 = KernelLine(
     apic_slots=_APIC_SLOTS_612, apic_name_offset=192)
 
 LINE_61 = KernelLine(
-    name="6.1", series=(6, 1), features=X86_FEATURES_61, cpuinfo_names=CPUINFO_NAMES_61,
-    ncapints=22, nbugints=2, caps_offset=40, alt_layout="cpuid", alt_instr_size=12,
+    name="6.1", series=(6, 1), features=feature_table("6.1"),
+    cpuinfo_names=cpuinfo_table("6.1"), ncapints=_features.WORDS["6.1"][0],
+    nbugints=_features.WORDS["6.1"][1], caps_offset=40, alt_layout="cpuid", alt_instr_size=12,
     passes=("jump_label_init", "static_call_init", "ftrace_init", "runtime_sync",
             "apply_paravirt", "apply_retpolines", "apply_returns", "apply_alternatives",
             "apply_seal_endbr", "smp_locks"),
