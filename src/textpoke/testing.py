@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Callable, Mapping
 
 from ._core._machine import PAGE_SIZE, Capability, Machine, StillCpus, Task, TextRange
-from ._errors import BadAddressError, MachineError
+from ._errors import MachineError
 
 __all__ = ["MemoryMachine"]
 
@@ -82,28 +82,8 @@ class MemoryMachine(StillCpus, Machine):
         #: called with (addr, data) after every write through the alias
         self.on_write: Callable[[int, bytes], None] | None = None
 
-    @property
-    def cpus(self) -> list[int]:
-        return self._cpus
-
-    @property
-    def text_ranges(self) -> list[TextRange]:
-        return self._ranges
-
-    @property
-    def mem(self) -> _Memory:
-        return self._mem
-
     def _buf(self, addr: int, size: int) -> tuple[bytearray, int]:
-        start, buf = self._bufs[0]
-        off = addr - start
-        if 0 <= off and off + size <= len(buf):
-            return buf, off
-        for start, buf in self._bufs:
-            off = addr - start
-            if 0 <= off and off + size <= len(buf):
-                return buf, off
-        raise BadAddressError(f"[{addr:#x}, +{size}) is not mapped text")
+        return self._span_in(self._bufs, addr, size)
 
     _text_span = _buf        # StillCpus' early writes go here
 

@@ -455,12 +455,40 @@ class StillCpus:
     offline kernel image): a sync is counted and returns at once, a task
     is driven to its end right here, and an early write goes straight into
     the buffer that holds the address (``_text_span(addr, size)`` -> the
-    buffer and the offset, given by the machine)."""
+    buffer and the offset, given by the machine).  Its CPUs, text ranges
+    and data memory are the lists and object the machine keeps in
+    ``_cpus``, ``_ranges`` and ``_mem``."""
 
     syncs: int
+    _cpus: list[int]
+    _ranges: list[TextRange]
+    _mem: Any
+
+    @property
+    def cpus(self) -> list[int]:
+        return self._cpus
+
+    @property
+    def text_ranges(self) -> list[TextRange]:
+        return self._ranges
+
+    @property
+    def mem(self) -> Any:
+        return self._mem
 
     def _text_span(self, addr: int, size: int) -> tuple[bytearray, int]:
         raise NotImplementedError
+
+    @staticmethod
+    def _span_in(bufs: Sequence[tuple[int, bytearray]], addr: int,
+                 size: int) -> tuple[bytearray, int]:
+        """The buffer of *bufs* (start address, bytes) that holds all of
+        [addr, addr+size), and the offset there; BadAddressError if none."""
+        for start, buf in bufs:
+            off = addr - start
+            if 0 <= off and off + size <= len(buf):
+                return buf, off
+        raise BadAddressError(f"[{addr:#x}, +{size}) is not mapped text")
 
     def text_write_early(self, addr: int, data: bytes) -> None:
         buf, off = self._text_span(addr, len(data))

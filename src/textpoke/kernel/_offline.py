@@ -185,26 +185,10 @@ class OfflineMachine(StillCpus, Machine):
     def region(self, owner: str) -> ExecRegion | None:
         return next((r for r in self.regions if r.owner == owner), None)
 
-    @property
-    def cpus(self) -> list[int]:
-        return self._cpus
-
-    @property
-    def text_ranges(self) -> list[TextRange]:
-        return self._ranges
-
-    @property
-    def mem(self) -> _Data:
-        return self._mem
-
     def _span(self, addr: int, size: int) -> tuple[bytearray, int]:
         if self.core.start <= addr and addr + size <= self.core.end:
             return self.buf, addr - self.base
-        for start, b in self._rbufs:
-            o = addr - start
-            if 0 <= o and o + size <= len(b):
-                return b, o
-        raise BadAddressError(f"[{addr:#x}, +{size}) is not mapped text")
+        return self._span_in(self._rbufs, addr, size)
 
     _text_span = _span        # StillCpus' early writes go here
 
