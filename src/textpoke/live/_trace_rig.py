@@ -24,11 +24,12 @@ import time
 from collections import Counter
 
 from .._ftrace._ops import MCOUNT_INSN_SIZE, Ftrace
-from .._ftrace._ring import FTRACE_CPUS, RingBuffer, TraceEntry, format_trace_line
+from .._ftrace._ring import FTRACE_CPUS, RingBuffer, TraceEntry
 from ..images import load_bundled
 from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import read_tables
 from ..kernel import Kernel
+from ..selftests._ftrace import FtraceRigViews
 from ._rig import LiveRigError, boot_in_process, start_loader
 
 __all__ = ["LiveFtraceRig"]
@@ -42,7 +43,7 @@ def _page_up(n: int) -> int:
     return (n + 0xFFF) & ~0xFFF
 
 
-class LiveFtraceRig:
+class LiveFtraceRig(FtraceRigViews):
     """The bundled kernel booted in a live process with *cpus* threads
     running ``ftrace_work_loop``; :attr:`ftrace` (the kernel's client),
     :attr:`ring` (one ring of *ring_size* entries per thread).  A context
@@ -279,15 +280,3 @@ class LiveFtraceRig:
                     raise MachineError(f"thread {c} stays in its pause spin")
                 self._setf(c, _PAUSE, 1)    # it pauses again after this pass
         self.run_until(lambda: all(self._f(c, _PAUSED) for c in self.live_cpus()))
-
-    def hit_counts(self, entries) -> Counter:
-        return Counter(e.ip for e in entries)
-
-    def lines(self, entries) -> list[str]:
-        return [format_trace_line(e, self.ftrace.name, self.ring.comms) for e in entries]
-
-    def sites_now(self) -> dict[int, bytes]:
-        return {r.ip: self.machine.text_read(r.ip, MCOUNT_INSN_SIZE) for r in self.ftrace.records}
-
-    def call_sites(self) -> int:
-        return sum(self.ftrace.site_state(r) == "call" for r in self.ftrace.records)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from .._ftrace._ops import Ftrace
+from .._ftrace._ops import MCOUNT_INSN_SIZE, Ftrace
+from .._ftrace._ring import format_trace_line
 from ._result import SelfTestResult
 
-__all__ = ["FtraceRig", "FtraceSelfTest", "ftrace_selftest", "expected_hits", "DEMO_FUNCTIONS",
+__all__ = ["FtraceRig", "FtraceRigViews", "FtraceSelfTest", "ftrace_selftest", "expected_hits", "DEMO_FUNCTIONS",
            "CALLEES", "DYN_FTRACE_TEST_NAME", "DYN_FTRACE_TEST_NAME2"]
 
 DYN_FTRACE_TEST_NAME = "trace_selftest_dynamic_test_func"
@@ -59,6 +60,29 @@ class FtraceRig(Protocol):
     def sites_now(self) -> dict[int, bytes]: ...
     def call_sites(self) -> int: ...
     def bad(self) -> list[dict]: ...
+
+
+class FtraceRigViews:
+    """The views of an :class:`FtraceRig` that only read its tracer
+    (``ftrace``) and rings (``ring``): the same on every backend."""
+
+    ftrace: Ftrace
+    ring: Any
+
+    def hit_counts(self, entries) -> Counter:
+        """Trace entries per function address."""
+        return Counter(e.ip for e in entries)
+
+    def lines(self, entries) -> list[str]:
+        return [format_trace_line(e, self.ftrace.name, self.ring.comms) for e in entries]
+
+    def sites_now(self) -> dict[int, bytes]:
+        return {r.ip: self.ftrace.machine.text_read(r.ip, MCOUNT_INSN_SIZE)
+                for r in self.ftrace.records}
+
+    def call_sites(self) -> int:
+        """fentry sites holding the CALL now, read from the text."""
+        return sum(self.ftrace.site_state(r) == "call" for r in self.ftrace.records)
 
 
 def expected_hits(work_counts: Counter, ftrace: Ftrace, traced: set[str]) -> Counter:

@@ -24,21 +24,17 @@ from __future__ import annotations
 
 from .._jump_label._keys import StaticKeys
 from .._static_call._calls import StaticCalls
-from ..kernel import Kernel
 from ..selftests import (Probe, SelfTestResult, many_key_flip, static_call_selftest,
                          static_keys_selftest)
 from ..selftests._rig import CLIENT_CPUS, CLIENT_REC, CLIENT_SLOTS, ProbeLoopRig
-from ..images import load_bundled
-from ..images._kernel import KERNEL_IMAGE
-from ..images._tables import read_tables
+from ._kernel_rig import SimKernelRig
 from ._machine import COARSE, SchedPolicy
-from ._workload import boot_workload
 
 __all__ = ["ClientMachine", "Probe", "SelfTestResult", "static_keys_selftest",
            "static_call_selftest", "many_key_flip", "clients_demo_lines", "CLIENT_SLOTS"]
 
 
-class ClientMachine(ProbeLoopRig):
+class ClientMachine(SimKernelRig, ProbeLoopRig):
     """The kernel image booted on *cpus* vCPUs with the client loop on each:
     a sim harness around a :class:`~textpoke.kernel.Kernel` (``.kernel``;
     its clients are ``cm.kernel.keys``, ``.calls``, ``.kprobes``,
@@ -51,19 +47,10 @@ class ClientMachine(ProbeLoopRig):
         if not 1 <= cpus <= CLIENT_CPUS:
             raise ValueError(f"cpus must be 1..{CLIENT_CPUS} (the image has {CLIENT_CPUS} "
                              "client records)")
-        self.image = load_bundled(KERNEL_IMAGE)
-        self.tables = read_tables(self.image)
-        self.w = boot_workload(ncpus=cpus, seed=seed, line_size=line_size, policy=policy,
-                               image=self.image)
-        self.sim = self.w.sim
-        self.kernel: Kernel | None = None
-        try:
-            self.kernel = Kernel.start(self.sim, self.image, tables=self.tables,
-                                       features=features, rethunk=rethunk)
+        self._start(cpus=cpus, seed=seed, line_size=line_size, policy=policy,
+                    features=features, rethunk=rethunk)
+        with self._closing_on_error():
             self.kernel.keys, self.kernel.calls      # read the tables before the CPUs run
-        except BaseException:
-            self.close()
-            raise
         self.recs = self.image.sym("client_recs")
         self.probes: list[Probe] = []
         self.started = False
@@ -84,19 +71,6 @@ class ClientMachine(ProbeLoopRig):
     @property
     def calls(self) -> StaticCalls:
         return self.kernel.calls
-
-    def __enter__(self) -> "ClientMachine":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        try:
-            if self.kernel is not None:
-                self.kernel.close()
-        finally:
-            self.w.close()
 
     # ------------------------------------------------------------ the rig
     # (the records, probes and the oracle are ProbeLoopRig's, shared with live)

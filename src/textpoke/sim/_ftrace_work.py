@@ -24,16 +24,12 @@ from __future__ import annotations
 import struct
 from collections import Counter
 
-from ..images import load_bundled
-from ..images._kernel import KERNEL_IMAGE
-from ..images._tables import read_tables
+from ._kernel_rig import SimKernelRig
 from ._machine import COARSE, SchedPolicy
-from ._workload import boot_workload
 from .._ftrace._ops import MCOUNT_INSN_SIZE, Ftrace
-from .._ftrace._ring import FTRACE_CPUS, RingBuffer, TraceEntry, format_trace_line
-from ..kernel import Kernel
+from .._ftrace._ring import FTRACE_CPUS, RingBuffer, TraceEntry
 from ..selftests._ftrace import (CALLEES, DEMO_FUNCTIONS, DYN_FTRACE_TEST_NAME,
-                                 DYN_FTRACE_TEST_NAME2, FtraceSelfTest, expected_hits,
+                                 DYN_FTRACE_TEST_NAME2, FtraceRigViews, FtraceSelfTest, expected_hits,
                                  ftrace_selftest)
 
 # the self-test itself needs only the rig and lives in textpoke.selftests; its
@@ -51,7 +47,7 @@ def _page_up(n: int) -> int:
     return (n + 0xFFF) & ~0xFFF
 
 
-class FtraceMachine:
+class FtraceMachine(SimKernelRig, FtraceRigViews):
     """*image* (default: the bundled kernel) booted on *cpus* vCPUs, with
     :attr:`ftrace` (the sites), :attr:`ring` (the guest's rings of
     *ring_size* entries per CPU) and the workload records.  A context
@@ -63,15 +59,9 @@ class FtraceMachine:
         if not 1 <= cpus <= FTRACE_CPUS:
             raise ValueError(f"cpus must be 1..{FTRACE_CPUS} (the image has {FTRACE_CPUS} "
                              "per-CPU ftrace records)")
-        self.image = image or load_bundled(KERNEL_IMAGE)
-        self.tables = read_tables(self.image)
-        self.w = boot_workload(ncpus=cpus, seed=seed, line_size=line_size, policy=policy,
-                               image=self.image)
-        self.sim = self.w.sim
-        self.kernel: Kernel | None = None
-        try:
-            self.kernel = Kernel.start(self.sim, self.image, tables=self.tables,
-                                       features=features)
+        self._start(cpus=cpus, seed=seed, line_size=line_size, policy=policy, image=image,
+                    features=features)
+        with self._closing_on_error():
             self.core, self.boot = self.kernel.core, self.kernel.boot
             self.ftrace: Ftrace = self.kernel.ftrace
             self.ring = RingBuffer(self.sim, self.image, size=ring_size,
@@ -86,26 +76,10 @@ class FtraceMachine:
             # the text as boot left it: what disabling must give back
             self.sites_at_boot = {r.ip: self.sim.text_read(r.ip, MCOUNT_INSN_SIZE)
                                   for r in self.ftrace.records}
-        except BaseException:
-            self.close()
-            raise
         self.recs = self.image.sym("ft_work_recs")
         self.work: list[int] = []
         self.started = False
         self.trace: list[TraceEntry] = []     # what the host has read so far
-
-    def __enter__(self) -> "FtraceMachine":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        try:
-            if self.kernel is not None:
-                self.kernel.close()
-        finally:
-            self.w.close()
 
     # ------------------------------------------------------------ guest records
     def _rec(self, cpu: int) -> int:
@@ -248,17 +222,3 @@ class FtraceMachine:
         self.read_trace()
         return self.counts(), self.trace[mark:]
 
-    # ------------------------------------------------------------ views
-    def hit_counts(self, entries) -> Counter:
-        """Trace entries per function address."""
-        return Counter(e.ip for e in entries)
-
-    def lines(self, entries) -> list[str]:
-        return [format_trace_line(e, self.ftrace.name, self.ring.comms) for e in entries]
-
-    def sites_now(self) -> dict[int, bytes]:
-        return {r.ip: self.sim.text_read(r.ip, MCOUNT_INSN_SIZE) for r in self.ftrace.records}
-
-    def call_sites(self) -> int:
-        """fentry sites holding the CALL now, read from the text."""
-        return sum(self.ftrace.site_state(r) == "call" for r in self.ftrace.records)
