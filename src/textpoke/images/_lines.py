@@ -141,10 +141,16 @@ _APIC_SLOTS_612 = {"eoi": 0, "native_eoi": 8, "write": 16, "read": 24, "wait_icr
                    "icr_read": 112, "icr_write": 120, "wakeup_secondary_cpu": 176,
                    "wakeup_secondary_cpu_64": 184}
 
-LINE_612 = KernelLine(
-    name="6.12", series=(6, 12), features=feature_table("6.12"),
-    cpuinfo_names=cpuinfo_table("6.12"), ncapints=_features.WORDS["6.12"][0],
-    nbugints=_features.WORDS["6.12"][1], caps_offset=48, alt_layout="ft_flags", alt_instr_size=14,
+def _real_line(name: str, series: tuple[int, int], **rules) -> KernelLine:
+    """A real kernel line: its feature numbering and capability words from
+    the generated tables (:mod:`._features`), the rest as given."""
+    ncap, nbug = _features.WORDS[name]
+    return KernelLine(name=name, series=series, features=feature_table(name),
+                      cpuinfo_names=cpuinfo_table(name), ncapints=ncap, nbugints=nbug, **rules)
+
+
+LINE_612 = _real_line(
+    "6.12", (6, 12), caps_offset=48, alt_layout="ft_flags", alt_instr_size=14,
     passes=("jump_label_init", "static_call_init", "ftrace_init", "runtime_sync",
             "apply_retpolines", "apply_returns", "apply_alternatives", "callthunks",
             "apply_seal_endbr", "smp_locks"),
@@ -152,10 +158,8 @@ LINE_612 = KernelLine(
     tables=_tables(14), signature=("__alt_instructions",), foreign=("__parainstructions",),
     apic_slots=_APIC_SLOTS_612, apic_name_offset=192)
 
-LINE_61 = KernelLine(
-    name="6.1", series=(6, 1), features=feature_table("6.1"),
-    cpuinfo_names=cpuinfo_table("6.1"), ncapints=_features.WORDS["6.1"][0],
-    nbugints=_features.WORDS["6.1"][1], caps_offset=40, alt_layout="cpuid", alt_instr_size=12,
+LINE_61 = _real_line(
+    "6.1", (6, 1), caps_offset=40, alt_layout="cpuid", alt_instr_size=12,
     passes=("jump_label_init", "static_call_init", "ftrace_init", "runtime_sync",
             "apply_paravirt", "apply_retpolines", "apply_returns", "apply_alternatives",
             "apply_seal_endbr", "smp_locks"),
