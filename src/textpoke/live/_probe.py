@@ -312,6 +312,10 @@ class LiveProbe:
         try:
             m.require(Capability.EXECMEM, "kprobes")
             m.require(Capability.QUIESCE, "kprobes")
+            if optimize:
+                # asked before anything is mapped: the TSC check injects a
+                # system call in every thread
+                self.opt_reason = self._opt_refusal() or self._tsc_refusal(m)
             ranges = self.module.executable_ranges()
             lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
             from .._kprobes._core import KPROBES_EXECMEM
@@ -321,8 +325,6 @@ class LiveProbe:
             image = ProcessImage(self.module.path, {self.symbol: (self.addr - self.offset,
                                                                   self.size)})
             start = rng.start
-            if optimize:
-                self.opt_reason = self._opt_refusal()
             if optimize and self.opt_reason is None:
                 start = self._put_recorder(m, rng.start, ring_size)
                 image.symbols["optimized_callback"] = self.recorder
@@ -357,6 +359,19 @@ class LiveProbe:
                     "may keep data in the 128-byte red zone below %rsp, which the detour's "
                     "pushes would overwrite (only an entry is optimised)")
         return fetch_refusal(self.args) or cpu_refusal() or _shadow_stack(self.pid)
+
+    def _tsc_refusal(self, m) -> str | None:
+        """Why the recorder's ``rdtscp`` would not run in some thread: one
+        that made ``prctl(PR_SET_TSC, PR_TSC_SIGSEGV)`` (per thread, and
+        inherited by the threads it makes) gets SIGSEGV for it, at its
+        first hit.  Every thread is asked -- ``live trace``'s own check,
+        :func:`._trace_clock.tsc_disabled` -- before anything is mapped.
+        A thread made later inherits its (asked) creator's mode; one that
+        turns RDTSC off after the question is not seen."""
+        from ._trace_clock import tsc_disabled
+        with m.stopped() as tids:
+            why = tsc_disabled(m, tids)
+        return None if why is None else f"the recorder reads the TSC (rdtscp): {why}"
 
     def _put_recorder(self, m, at: int, ring_size: int) -> int:
         """The recorder at *at* (the start of the probes' execmem) and its

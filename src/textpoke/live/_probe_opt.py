@@ -38,6 +38,9 @@ What is not optimised, and stays an INT3 probe (said with the reason):
   string, ``@SYM``, ``+8(%di)``...): it must be read at the hit, which
   only a stopped thread allows;
 * a TSC that is not one clock for every CPU, or no RDTSCP;
+* a thread that turned RDTSC off (``prctl(PR_SET_TSC, PR_TSC_SIGSEGV)``:
+  the recorder's ``rdtscp`` would be its SIGSEGV), asked of every thread
+  before anything is mapped (``live trace``'s check, in ``_trace_clock``);
 * whatever the client's own rules refuse (a jump into the displaced
   bytes, a CALL among them, a function too short...).
 """

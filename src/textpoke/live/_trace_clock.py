@@ -129,7 +129,9 @@ def tsc_disabled(m, tids) -> str | None:
     RDTSC in one of them would not run -- a thread that made
     ``prctl(PR_SET_TSC, PR_TSC_SIGSEGV)`` gets SIGSEGV for it (the flag is
     per thread, and a new thread inherits its creator's) -- or None.  Asked
-    of every thread with an injected ``prctl(PR_GET_TSC, scratch)``."""
+    of every thread with an injected ``prctl(PR_GET_TSC, scratch)``.
+    Shared: ``live trace`` (its TSC clock, ``--profile``) and ``live
+    probe``'s optimised recorder (``rdtscp``) ask it before mapping."""
     import struct
 
     from .._errors import TextPokeError
