@@ -252,6 +252,14 @@ def inject_syscall(pid: int, tid: int, nr: int, *args: int, syscall_at: int | No
     regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9 = (x & _MASK for x in a)
     deferred: list[int] = []
     at_event = _interrupt_stop(tid)
+    held_sig = 0
+    if rescue and not at_event:
+        # a signal-delivery-stop (a signal on its way -- a -pg program's
+        # SIGPROF held every thread this way): the signal aside, an event
+        # stop, so the call runs from a rescue; the signal is queued again
+        # after, and the thread left in its delivery stop as it was
+        held_sig = _to_event_stop(tid, wait, deferred)
+        at_event = bool(held_sig)
     if rescue and at_event:
         fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
         try:
@@ -301,6 +309,8 @@ def inject_syscall(pid: int, tid: int, nr: int, *args: int, syscall_at: int | No
                     if old is not None and back:
                         with contextlib.suppress(OSError):
                             os.pwrite(fd, old, resc.at)
+                    if held_sig and back:
+                        _back_to_signal_stop(pid, tid, held_sig, wait, deferred)
                     for sig in deferred:
                         _tgkill(pid, tid, sig)
                 if nr in (SYS_munmap, 25) or (nr == SYS_mmap and len(args) > 3 and args[3] & 0x10):
@@ -357,6 +367,50 @@ def _interrupt_stop(tid: int) -> bool:
     except OSError:         # a group stop of a seized thread has no siginfo
         return True
     return (si.si_code >> 8) == pt.PTRACE_EVENT_STOP
+
+
+def _to_event_stop(tid: int, wait: Callable[[int], tuple[int, int]], deferred: list[int]) -> int:
+    """From a signal-delivery-stop to an event stop: its signal suppressed
+    (returned, for :func:`_back_to_signal_stop`), an interrupt taken in the
+    same pass of the kernel's signal loop (no user code runs).  Another
+    signal met on the way goes to *deferred*.  0 if *tid* is in no
+    signal-delivery-stop."""
+    try:
+        si = pt.getsiginfo(tid)
+    except OSError:
+        return 0
+    sig = si.si_signo
+    if not sig or (si.si_code > 0 and si.si_code >> 8):     # an event stop's code
+        return 0
+    pt.interrupt(tid)
+    pt.cont(tid, 0)
+    while True:
+        code, status = wait(tid)
+        if code in (pt.CLD_EXITED, pt.CLD_KILLED, pt.CLD_DUMPED):
+            raise InjectError(f"thread {tid} ended before an injected system call")
+        if code == pt.CLD_TRAPPED and (status >> 8) == pt.PTRACE_EVENT_STOP:
+            return sig
+        if code == pt.CLD_TRAPPED and not status >> 8 and status & 0xFF:
+            deferred.append(status & 0xFF)
+        pt.cont(tid, 0)
+
+
+def _back_to_signal_stop(pid: int, tid: int, sig: int, wait: Callable[[int], tuple[int, int]],
+                         deferred: list[int]) -> None:
+    """From the event stop an injected call ended in, back to a delivery
+    stop of *sig* (queued again with tgkill: si_code SI_TKILL now), where
+    the tracer resumes the thread with the signal as it meant to."""
+    _tgkill(pid, tid, sig)
+    pt.cont(tid, 0)
+    while True:
+        code, status = wait(tid)
+        if code in (pt.CLD_EXITED, pt.CLD_KILLED, pt.CLD_DUMPED):
+            raise InjectError(f"thread {tid} ended after an injected system call")
+        if code == pt.CLD_TRAPPED and not status >> 8 and (status & 0xFF) == sig:
+            return
+        if code == pt.CLD_TRAPPED and not status >> 8 and status & 0xFF:
+            deferred.append(status & 0xFF)
+        pt.cont(tid, 0)
 
 
 def _back_to_event_stop(tid: int, wait: Callable[[int], tuple[int, int]]) -> None:

@@ -130,8 +130,12 @@ class _Survival:
         data = base + G.CODE_SIZE
         self._hold_all()
         try:
+            # a thread in an event stop first: one held in a signal-delivery-
+            # stop (a signal on its way, e.g. a -pg program's SIGPROF) runs an
+            # injected call by single-stepping libc (see _inject), which a
+            # SIGKILL of the patcher turns into the target's death
             held = sorted((t for t, th in self._threads.items() if th.state == _HELD),
-                          key=lambda t: t != self.pid)
+                          key=lambda t: (self._threads[t].hold_sig != 0, t != self.pid))
             if not held:
                 return False
             tid = held[0]
@@ -167,8 +171,9 @@ class _Survival:
         self._hold_all()
         try:
             errors = []
+            # a thread in an event stop first (see _guard_verify)
             for tid in sorted((t for t, th in self._threads.items() if th.state == _HELD),
-                              key=lambda t: t != self.pid):
+                              key=lambda t: (self._threads[t].hold_sig != 0, t != self.pid)):
                 def before(base: int, code: int, data: int) -> None:
                     # named before the mmap runs: a kill inside it leaves
                     # nothing 'live recover' does not know of
