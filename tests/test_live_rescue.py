@@ -233,3 +233,31 @@ def test_first_mmap_runs_from_the_bootstrap(exe, point):
         assert os.pread(t.mem, Bootstrap.SIZE, at) == _file_bytes_at(t.p.pid, at, Bootstrap.SIZE)
     finally:
         t.close()
+
+
+@pytest.mark.parametrize("point", ["none", "exit"])
+def test_a_thread_in_a_signal_delivery_stop_runs_from_the_rescue(exe, point):
+    """A thread held in a signal-delivery-stop (a signal on its way) used to
+    run an injected call by single-stepping libc, which a kill turned into
+    a SIGTRAP (a -pg program's SIGPROF held every thread this way in the
+    survival campaign); its signal is set aside now, the call runs from the
+    bootstrap or a rescue, and the signal is queued again after."""
+    t = Target(exe)
+    try:
+        d = drive(t, t.spinner, "sigstop", point)
+        try:
+            seen = wait_line(d, "result 0" if point == "none" else f"{point} nr 9")
+            assert "sigstop" in seen
+            if point != "none":
+                d.kill()
+            d.wait()
+        finally:
+            if d.poll() is None:
+                d.kill()
+                d.wait()
+            d.stdout.close()
+        spinner_goes_on(t)
+        reader_goes_on(t)
+        assert t.alive()
+    finally:
+        t.close()

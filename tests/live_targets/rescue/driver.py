@@ -57,6 +57,18 @@ if os.environ.get("RESCUE_DEBUG"):
 exe = os.readlink(f"/proc/{pid}/exe")
 lo = min(m.start for m in read_maps(pid) if m.executable and m.path == exe)
 with StoppedThread(pid, tid):
+    if mode == "sigstop":
+        # held in a signal-delivery-stop (SIGWINCH: ignored by default, so
+        # delivering it later changes nothing), as a -pg program's SIGPROF
+        # holds threads; then the same as boot
+        from textpoke.live import _ptrace as pt
+        from textpoke.live._inject import _tgkill, _wait
+        _tgkill(pid, tid, signal.SIGWINCH)
+        pt.cont(tid, 0)
+        code, status = _wait(tid)
+        assert status & 0xFF == signal.SIGWINCH and not status >> 8, (code, status)
+        say("sigstop")
+        mode = "boot"
     if mode == "boot":
         from textpoke.live._inject import _bootstrap
         mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
