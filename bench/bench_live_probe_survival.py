@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from textpoke.live._process import alive as process_alive  # noqa: E402
 
 TARGET_C = r"""
 #include <stdio.h>
@@ -54,15 +57,6 @@ def _exec_maps(pid: int) -> list[str]:
         return [ln.split()[0] for ln in f if "x" in ln.split()[1]]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            st = f.read()
-        return st[st.rindex(b")") + 2:][:1] not in (b"Z", b"X")
-    except OSError:
-        return False
-
-
 def one(exe: Path, delay: float, optimize: bool) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     t = subprocess.Popen([str(exe)], stdout=subprocess.PIPE, text=True)
@@ -84,7 +78,7 @@ def one(exe: Path, delay: float, optimize: bool) -> dict:
         except ValueError:
             rec = {"error": r.stderr.strip().splitlines()[-1:] or ["?"]}
         time.sleep(0.05)            # a thread sent back through a freed page dies now
-        alive = _alive(t.pid)
+        alive = process_alive(t.pid)
         clean = alive and _read(t.pid, addr, 8) == before and _exec_maps(t.pid) == maps
         return {"delay": round(delay, 3), "alive": alive, "clean": clean, "recover_rc": r.returncode,
                 "jmp_back": rec.get("calls_restored", 0), "int3_back": rec.get("int3_restored", 0),

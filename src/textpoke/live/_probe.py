@@ -44,6 +44,7 @@ from typing import Any, Callable
 from .._core._machine import Capability, WaitUntil
 from .._errors import TextPokeError
 from ..images._tables import KernelTables
+from ._process import alive
 
 __all__ = ["FetchArg", "FetchArgError", "parse_fetchargs", "ProcessImage", "LiveProbe", "Hit"]
 
@@ -646,13 +647,6 @@ class _AtProbe:
         self.ip, self.sp, self.flags, self.gprs, self.mem = addr, regs.sp, regs.flags, regs.gprs, regs.mem
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            st = f.read()
-        return st[st.rindex(b")") + 2:][:1] not in (b"Z", b"X")
-    except OSError:
-        return False
 
 
 __all__ += ["alive", "format_value"]

@@ -131,6 +131,11 @@ def state_of(pid: int, tid: int | None = None) -> str:
     return f[0].decode() if f else ""
 
 
+def alive(pid: int) -> bool:
+    """*pid* exists and is neither a zombie nor dead."""
+    return state_of(pid) not in ("", "Z", "X")
+
+
 def start_time(pid: int) -> int:
     """The process's start time (clock ticks since boot), -1 if it is gone."""
     f = _stat(f"/proc/{pid}/stat")

@@ -10,6 +10,7 @@ import struct
 import time
 
 from .._errors import TextPokeError
+from ._process import alive
 from ._trace_profile import unhook_returns
 
 __all__ = ["alive", "free_region", "group_of", "threads_in_region", "threads_in_regions"]
@@ -157,10 +158,3 @@ def let_run(m, seconds: float) -> None:
     m.run_task(task())
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            st = f.read()
-        return st[st.rindex(b")") + 2:][:1] not in (b"Z", b"X")
-    except OSError:
-        return False
