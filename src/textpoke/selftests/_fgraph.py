@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .._ftrace._graph import FunctionGraph
-from ._ftrace import CALLEES, DEMO_FUNCTIONS, FtraceRig, expected_hits
+from ._ftrace import CALLEES, FtraceRig, expected_hits, start_demo_work
 from ._result import SelfTestResult
 
 __all__ = ["GraphSelfTest", "graph_selftest", "GRAPH_FUNCTIONS"]
@@ -36,11 +36,7 @@ def graph_selftest(fm: FtraceRig, passes: int = 3) -> GraphSelfTest:
     off and the CPUs paused."""
     r = GraphSelfTest()
     ft, core = fm.ftrace, fm.core
-    s0, b0 = core.stats.syncs, core.stats.batches
-    fm.set_work(DEMO_FUNCTIONS)
-    if not fm.started:
-        fm.start()
-    fm.wait_passes(1)
+    s0, b0 = start_demo_work(fm)
     ft.set_ftrace_filter(" ".join(GRAPH_FUNCTIONS))
     ft.set_ftrace_notrace(None)
     g = FunctionGraph(fm.kernel)

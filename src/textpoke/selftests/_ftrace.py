@@ -21,6 +21,7 @@ from .._ftrace._ring import format_trace_line
 from ._result import SelfTestResult
 
 __all__ = ["FtraceRig", "FtraceRigViews", "FtraceSelfTest", "ftrace_selftest", "expected_hits", "DEMO_FUNCTIONS",
+           "start_demo_work",
            "CALLEES", "DYN_FTRACE_TEST_NAME", "DYN_FTRACE_TEST_NAME2"]
 
 DYN_FTRACE_TEST_NAME = "trace_selftest_dynamic_test_func"
@@ -108,15 +109,24 @@ class FtraceSelfTest(SelfTestResult):
     overruns: int = 0
 
 
-def ftrace_selftest(fm: FtraceRig) -> FtraceSelfTest:
-    """The kernel's function-tracer startup test on the running CPUs."""
-    r = FtraceSelfTest()
-    ft, core = fm.ftrace, fm.core
+def start_demo_work(fm: FtraceRig) -> tuple[int, int]:
+    """Set *fm*'s CPUs to the demo functions' loop, start them if they are
+    not running and wait for one pass; the core's sync and batch counts
+    before (a self-test reports what it added to them)."""
+    core = fm.core
     s0, b0 = core.stats.syncs, core.stats.batches
     fm.set_work(DEMO_FUNCTIONS)
     if not fm.started:
         fm.start()
     fm.wait_passes(1)
+    return s0, b0
+
+
+def ftrace_selftest(fm: FtraceRig) -> FtraceSelfTest:
+    """The kernel's function-tracer startup test on the running CPUs."""
+    r = FtraceSelfTest()
+    ft, core = fm.ftrace, fm.core
+    s0, b0 = start_demo_work(fm)
     cpus = fm.live_cpus()
 
     def names(counter: Counter) -> Counter:

@@ -37,21 +37,27 @@ def _probe_handler(site: Site, hits: dict[int, int]) -> Callable:
     return handler
 
 
+def poke_batch_task(core: TextPoke, sites: list[Site], strategy: str) -> Task:
+    """One batch of the scenario as the patcher task writes it: through the
+    INT3 protocol, or (``naive``) the new bytes stored over the live code,
+    then a serialise.  ``verify``'s explorer drives the same task."""
+    if strategy == "int3":
+        for s in sites:
+            yield from core.smp_text_poke_batch_add_task(s.addr, s.new)
+        yield from core.smp_text_poke_batch_finish_task()
+    else:
+        for s in sites:
+            yield from core._poke(s.addr, s.new, "poke")
+        yield from core._sync()
+
+
 def _patcher(core: TextPoke, w: Workload, scn: Scenario, strategy: str,
              rng: random.Random) -> Task:
     for batch in scn.batches:
         sites = [w.by_name[n] for n in batch]
         if scn.shuffle:
             rng.shuffle(sites)
-        if strategy == "int3":
-            for s in sites:
-                yield from core.smp_text_poke_batch_add_task(s.addr, s.new)
-            yield from core.smp_text_poke_batch_finish_task()
-        else:
-            # naive: store the new bytes over the live code, then serialise
-            for s in sites:
-                yield from core._poke(s.addr, s.new, "poke")
-            yield from core._sync()
+        yield from poke_batch_task(core, sites, strategy)
 
 
 class _Schedule:

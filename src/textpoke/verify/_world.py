@@ -21,7 +21,7 @@ from ..sim._teeth import install_teeth
 from ..sim._ucfast import fast_cpu, read_gprs
 from ..sim._vcpu import _GPRS, _REG_NAMES, DEAD, RUN, TRAP, _fault_kind
 from ..sim._scenarios import SCENARIOS
-from ..sim._schedule import _probe_handler
+from ..sim._schedule import _probe_handler, poke_batch_task
 from ..sim._workload import Workload, boot_workload
 
 __all__ = ["Bound", "parse_bound", "parse_path", "Violation"]
@@ -327,14 +327,7 @@ def _patcher(core: TextPoke, w: Workload, scn, strategy: str, order: tuple[int, 
         if len(sites) > 1 and not ordered and order:
             sites = [sites[i] for i in order]
             ordered = True
-        if strategy == "int3":
-            for s in sites:
-                yield from core.smp_text_poke_batch_add_task(s.addr, s.new)
-            yield from core.smp_text_poke_batch_finish_task()
-        else:
-            for s in sites:
-                yield from core._poke(s.addr, s.new, "poke")
-            yield from core._sync()
+        yield from poke_batch_task(core, sites, strategy)
 
 
 class _Machines:
