@@ -180,10 +180,7 @@ def early_from_args(args: argparse.Namespace) -> EarlyBoot | None:
 
 def _cpuinfo_names(path: str) -> list[str]:
     from ..images._lines import LINE_612
-    try:
-        text = read_bounded(path, TEXT_MAX, "--cpuinfo").decode("utf-8", "replace")
-    except OSError as e:
-        raise UsageError(f"--cpuinfo: cannot read {path}: {e.strerror}") from None
+    text = read_bounded(path, TEXT_MAX, "--cpuinfo").decode("utf-8", "replace")
     names: list[str] = []
     for line in text.splitlines():
         k, _, v = line.partition(":")
@@ -307,10 +304,7 @@ def run_real(args: argparse.Namespace) -> int:
     cmd, caps, unknown, img = load_image(args)
     data = None
     if args.data:
-        try:
-            data = read_bounded(args.data, SPAN_MAX, "--data")
-        except OSError as e:
-            raise UsageError(f"--data: cannot read {args.data}: {e.strerror}") from None
+        data = read_bounded(args.data, SPAN_MAX, "--data")
     try:
         kt = kernel_text_of(img, data=data, record=bool(args.sites))
         check_spans(args, len(kt.buf))
@@ -343,10 +337,7 @@ def run_real(args: argparse.Namespace) -> int:
     if unknown:
         doc["cpuinfo_unknown"] = unknown
     if args.reference:
-        try:
-            ref = read_bounded(args.reference, SPAN_MAX, "--reference")
-        except OSError as e:
-            raise UsageError(f"--reference: cannot read {args.reference}: {e.strerror}") from None
+        ref = read_bounded(args.reference, SPAN_MAX, "--reference")
         doc["differing_bytes"] = diff_sections(kt, ref)
         doc["differing_ranges"] = [r.as_dict() for r in
                                    diff_ranges(kt, ref, SiteIndex(kernel_text_of(img)), limit=200)]
