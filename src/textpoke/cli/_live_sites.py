@@ -14,7 +14,7 @@ __all__ = ["run"]
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..live._entry import entry_sites
+    from ..live._entry import entry_sites, refused_by_reason
     from ..live._fentry import fentry_sites, module_report
     from ..live._recover import check, leftovers
     with symbols(args.pid) as syms:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
                        "kinds": site_kinds(sites), "modules": modules, "journal": left,
                        "leftovers": dead, "entries": [e.as_dict() for e in entries],
                        "refused": [r.as_dict() for r in refused],
-                       "refused_by_reason": _reasons(refused),
+                       "refused_by_reason": refused_by_reason(refused),
                        # read only: a signal ends it early at most; the INT3s it saw
                        "interrupted": _arrived() is not None, "int3_left": len(stray)})
     else:
@@ -97,10 +97,3 @@ def run(args: argparse.Namespace) -> int:
                             + ("mapped" if left["guard_mapped"] else "gone")
                             + (f" -- run 'textpoke live recover --pid {args.pid}'" if dead else ""))
     return 1 if (args.check and (stray or dead)) else 0
-
-
-def _reasons(refused) -> dict[str, int]:
-    d: dict[str, int] = {}
-    for r in refused:
-        d[r.reason] = d.get(r.reason, 0) + 1
-    return dict(sorted(d.items(), key=lambda kv: -kv[1]))

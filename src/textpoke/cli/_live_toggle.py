@@ -55,10 +55,8 @@ def run(args: argparse.Namespace) -> int:
                              f"see 'textpoke live sites --check --pid {args.pid}' and 'textpoke "
                              f"live recover --pid {args.pid}'")
         if refused:
-            by: dict[str, int] = {}
-            for r in refused:
-                by[r.reason] = by.get(r.reason, 0) + 1
-            what = ", ".join(f"{k} {n}" for k, n in sorted(by.items(), key=lambda kv: -kv[1]))
+            from ..live._entry import reasons_text
+            what = reasons_text(refused)
             raise UsageError(f"{len(refused)} function(s) matching {args.functions!r} cannot take "
                              f"a JMP at their entry ({what}), e.g. {refused[0].function}: "
                              f"{refused[0].why}; nothing written (see 'textpoke live sites "

@@ -44,7 +44,7 @@ from ._symbols import Module, Symbol, Symbols
 
 __all__ = ["EntrySite", "EntryState", "Refusal", "entry_sites", "ENTRY_REASONS", "quiescent_tails",
            "toggle_sites", "toggle_slot_code", "read_toggle_header", "threads_in_region",
-           "reason_counts"]
+           "reason_counts", "refused_by_reason", "reasons_text"]
 
 #: the relocator's reasons, and what the live text adds
 ENTRY_REASONS = dict(REASONS, **{
@@ -241,6 +241,19 @@ def _start_set(mod: Module, st: list[int], cache: dict) -> set[int]:
     if v is None:
         v = cache[key] = set(st)
     return v
+
+
+def refused_by_reason(refused: Iterable[Refusal]) -> dict[str, int]:
+    """{reason: functions}, the most common reason first."""
+    d: dict[str, int] = {}
+    for r in refused:
+        d[r.reason] = d.get(r.reason, 0) + 1
+    return dict(sorted(d.items(), key=lambda kv: -kv[1]))
+
+
+def reasons_text(refused: Iterable[Refusal]) -> str:
+    """``reason n, reason n``, the most common first (for a refusal line)."""
+    return ", ".join(f"{k} {n}" for k, n in refused_by_reason(refused).items())
 
 
 def reason_counts(refused: Iterable[Refusal]) -> dict[str, dict[str, int]]:
