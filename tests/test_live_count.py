@@ -24,7 +24,8 @@ from livetest import site_bytes as _site_bytes  # noqa: E402
 
 from textpoke import insn_decode_kernel
 from textpoke.live._count import COUNTER_STRIDE, STUB_SIZE, stub_code
-from textpoke.live._inject import LOW_INTEGERS, Region, InjectError, pick_address
+from textpoke.live._inject import InjectError
+from textpoke.live._region import LOW_INTEGERS, Region, pick_address
 from textpoke.live import Mapping
 
 _skip = ptrace_skip_reason()

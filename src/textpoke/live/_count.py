@@ -53,8 +53,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .._core._insn import CALL_INSN_OPCODE, text_gen_insn
+from ._entry import reasons_text
 from ._fentry import PATCHABLE, QUIESCENT, FentrySite, fentry_sites, read_process
-from ._inject import Region, InjectError
+from ._inject import InjectError
+from ._region import Region
 from ._switch import switch_sites  # re-exported: recover and the benches use it from here
 from ._symbols import Symbols, SymbolError, read_maps
 
@@ -402,10 +404,7 @@ def _why_none(syms: Symbols, pattern: str, pid: int, found: list, refused: list)
         parts.append(f"{len(found)} fentry site(s) not switchable ({', '.join(kinds)}: "
                      f"{_why_not(found[0])})")
     if refused:
-        by: dict[str, int] = {}
-        for r in refused:
-            by[r.reason] = by.get(r.reason, 0) + 1
-        what = ", ".join(f"{k} {n}" for k, n in sorted(by.items(), key=lambda kv: -kv[1]))
+        what = reasons_text(refused)
         first = refused[0]
         parts.append(f"{len(refused)} entr{'y' if len(refused) == 1 else 'ies'} refused "
                      f"({what}; e.g. {first.function}: {first.why})")

@@ -85,7 +85,8 @@ def recover(pid: int, *, strategy: str = "int3") -> dict:
     """Undo what a dead patcher left in *pid* (see the module doc); returns
     what was done.  Nothing to do without a journal."""
     from ._count import switch_sites
-    from ._inject import Region, find_syscall_insn
+    from ._inject import find_syscall_insn
+    from ._region import Region
     from ._machine import LiveMachine
     rep = {"pid": pid, "journal": False, "int3_restored": 0, "calls_restored": 0,
            "regions_freed": 0, "guard_removed": False, "kept": []}

@@ -44,8 +44,9 @@ from .._core._machine import PAGE_SIZE, Task, TextRange, WaitUntil
 from .._errors import MachineError, NotSupportedError
 from . import _ptrace as P
 from ._inject import (_MASK, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PROT_READ,
-                      PROT_WRITE, SYS_mmap, SYS_munmap, InjectError, Region, find_syscall_insn,
-                      inject_syscall, threads_inside)
+                      PROT_WRITE, SYS_mmap, SYS_munmap, InjectError, find_syscall_insn,
+                      inject_syscall)
+from ._region import Region, threads_inside
 from ._process import read_maps
 from ._tracer import _HELD, _PARK
 

@@ -15,7 +15,7 @@ if the tracer is SIGKILLed in the middle:
   with garbage.
 
 A *rescue* is two pages at the end of an injected region of ours
-(:meth:`textpoke.live._inject.Region.map` adds them): a data page of
+(:meth:`textpoke.live._region.Region.map` adds them): a data page of
 :data:`NSLOTS` slots and a code page with one small routine per slot::
 
     syscall                         ; the injected system call

@@ -12,7 +12,8 @@ import time
 from typing import Sequence
 
 from . import _guard as G
-from ._inject import InjectError, Region, find_syscall_insn, inject_syscall
+from ._inject import InjectError, find_syscall_insn, inject_syscall
+from ._region import Region
 from ._process import read_maps
 from ._tracer import _HELD
 

@@ -200,7 +200,8 @@ class EntryToggle:
             m.journal.drop_region(r.base)
 
     def _free(self, m, r: ToggleRegion, attempts: int = 20) -> list[str]:
-        from ._inject import Region, find_syscall_insn
+        from ._inject import find_syscall_insn
+        from ._region import Region
         region = Region(self.pid, r.base, r.code_size, r.data_size,
                         syscall_at=find_syscall_insn(self.pid))
         why: list[str] = []

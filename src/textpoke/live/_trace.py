@@ -287,7 +287,8 @@ class LiveTrace(TraceView):
         """The runtime's region (near the sites of the main group), or a
         bridge (near *near*, linked to the runtime's region *group* in the
         journal)."""
-        from ._inject import InjectError, Region
+        from ._inject import InjectError
+        from ._region import Region
         from ._symbols import read_maps
         lo, hi = near or self._reach_of([s for s in self.sites if s.bridge < 0])
         j = m.journal

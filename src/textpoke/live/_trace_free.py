@@ -38,7 +38,7 @@ def threads_in_regions(m, regions, tids) -> list[str]:
     the thread's rip is there or a signal interrupted it there; what else
     is found (the return address of an earlier call, left in the red zone
     or in a frame's slot not written since) is never run."""
-    from ._inject import STACK_SCAN
+    from ._region import STACK_SCAN
     from ._symbols import read_maps
     codes = [(r.base, r.base + r.code_size) for r in regions]
     maps = read_maps(m.pid)
@@ -75,7 +75,7 @@ def group_of(m, r) -> list:
     """The regions of *r*'s trace session besides *r* (its bridges, or the
     runtime's region and the other bridges of a bridge), as the journal
     links them (``group``: the runtime region's base), still mapped."""
-    from ._inject import Region
+    from ._region import Region
     from ._symbols import read_maps
     regions = m.journal.data.get("regions", [])
     me = next((e for e in regions if e["base"] == r.base), None)

@@ -21,7 +21,8 @@ import signal
 import sys
 
 from textpoke.live import _rescue
-from textpoke.live._inject import Region, StoppedThread, inject_syscall
+from textpoke.live._inject import StoppedThread, inject_syscall
+from textpoke.live._region import Region
 from textpoke.live import read_maps
 
 pid, tid, mode, point = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
