@@ -140,6 +140,12 @@ class Kprobes(_Lookup, _Kretprobes, _Optprobes, _FtraceProbes):
         #: the kernel may have jump tables (neither retpolines nor IBT): a
         #: function with an indirect jump is not optimised
         self.jump_tables = jump_tables
+        #: called with ``[(addr, old bytes, JMP32)]`` for the sites about to
+        #: be optimised, after their quiescence and before the first JMP is
+        #: written: a machine that must be undoable after its patcher dies
+        #: (live: a journal) records what will be written.  It may raise:
+        #: nothing is written then.
+        self.before_optimize: Callable[[list[tuple[int, bytes, bytes]]], None] | None = None
         #: 6.1's can_optimize (CONFIG_RETPOLINE): a jump into
         #: [__indirect_thunk_start, __indirect_thunk_end) -- the retpoline
         #: thunks and, in 6.1's layout, the return thunks too -- counts as an

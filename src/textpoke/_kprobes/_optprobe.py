@@ -63,6 +63,10 @@ class _Optprobes:
                     ranges.append((s.slot, s.slot + MAX_INSN_SIZE))
             try:
                 self._wait_quiescent(ranges, "optimising kprobes")
+                if self.before_optimize is not None:
+                    self.before_optimize(
+                        [(s.addr, s.displaced[:RELATIVEJUMP_SIZE],
+                          text_gen_insn(JMP32_INSN_OPCODE, s.addr, s.detour.addr)) for s in sites])
                 # arch_optimize_kprobes: each probe its own text_poke_bp
                 # (three syncs a probe), not one batch for the pass
                 for s in sites:

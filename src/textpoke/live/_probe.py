@@ -222,31 +222,37 @@ class LiveProbe:
         from .._kprobes._types import KprobeError
         from ._trace_clock import TscTime
         self.time = TscTime(self.pid)           # the first pair before any hit
-        # until the JMP is journaled as its site, the execmem is the
-        # machine's plain 'execmem' kind, which 'live recover' never frees
-        # while code is in it: a SIGKILL between the JMP's write and the
-        # journal leaves the target running through it (and the region
-        # mapped), never a JMP into freed memory
-        self._journal_exec([], kind="execmem")
+        # the client tells what it will write before the JMP goes in: the
+        # JMP and the bytes it replaces are journaled as the probes'
+        # execmem's site first, so a SIGKILL of this patcher at any moment
+        # of the write leaves 'live recover' able to put the original
+        # bytes back (an INT3 left, or a JMP) and unmap the execmem once no
+        # thread is in it
+        kp.before_optimize = self._journal_jmps
         try:
             kp.optimize_kprobe(self.probe)
         except KprobeError as e:
             self.opt_reason = str(e)
             self.ring = self.time = None
-        # the JMP into the probes' execmem, journaled with it as a stub
-        # region's site: a SIGKILL of this patcher leaves the target running
-        # the buffer and the recorder (no trap), and 'live recover' puts the
-        # original bytes back and unmaps the region once no thread is in it
+        finally:
+            kp.before_optimize = None
+        # what the text reads now: the JMP, or (refused, failed) nothing
         jmp = self.machine.text_read(self.addr, 5)
         self._journal_exec([(self.addr, orig, jmp)] if jmp[:1] == b"\xe9" else [])
 
+    def _journal_jmps(self, sites: list[tuple[int, bytes, bytes]]) -> None:
+        """The client's ``before_optimize``: the JMPs about to be written,
+        journaled as the probes' execmem's sites."""
+        self._journal_exec(sites)
+
     def _journal_exec(self, sites: list, kind: str = "probe") -> None:
         """The probes' execmem in the journal as a stub region (kind
-        ``probe``) with the *sites* that jump into it: ``live recover``
-        switches those back and unmaps it once no thread is in it or has a
-        return address into it (the machine's plain ``execmem`` kind stays
-        mapped for good while code is in it; the client's freed slots keep
-        their bytes)."""
+        ``probe``) with the *sites* that jump (or are about to jump) into
+        it: ``live recover`` switches those that read the JMP back, puts
+        back the INT3 probe's byte (a site in flight), and unmaps the
+        region once no thread is in it or has a return address into it
+        (the machine's plain ``execmem`` kind stays mapped for good while
+        code is in it; the client's freed slots keep their bytes)."""
         j = self.machine.journal
         if j is None or self._exec is None:
             return
