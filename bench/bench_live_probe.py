@@ -16,7 +16,7 @@ Per run, in this order:
   the value), while the loop runs N = 2,000 calls (--quick: 500); the
   tracer services the stops until the program prints its time;
 * **textpoke --optimize**: the same with ``arm(optimize=True)`` (the JMP
-  to the client's buffer, hits recorded in the target's ring and drained
+  to the client's buffer, hits recorded in the thread's ring in the target, drained
   every 5 ms), N = 200,000 calls (--quick: 20,000); hits the loop's
   writers lapped before a read count as hits (overruns), not formatted;
 * **bpftrace**: ``uprobe:EXE:probed { printf("%lx\\n", arg0) }`` on the same
@@ -119,7 +119,7 @@ class Target:
 def ours(t: Target, n: int, optimize: bool = False) -> tuple[float, float, int]:
     """(loop ns, attach-to-detach s, hits) with our kprobe (*optimize*: the
     JMP to the client's buffer and the recorder, ``--optimize``)."""
-    from textpoke.live._probe import LiveProbe
+    from textpoke.live import LiveProbe
     t0 = time.perf_counter()
     lp = LiveProbe(t.pid, "probed", ["%di"])
     try:

@@ -152,7 +152,8 @@ def test_ring_protocol_on_a_fake_memory():
     being written stops the read there, a lapped one is an overrun, and at
     the end an uncommitted one is dropped (counted), never returned."""
     import struct
-    from textpoke.live._probe_opt import ENTRY_SIZE, ProbeRing
+    from textpoke.live._probe_opt import ENTRY_SIZE
+    from textpoke.live._probe_rings import ProbeRing
 
     class Mem:
         def __init__(self) -> None:
@@ -165,7 +166,8 @@ def test_ring_protocol_on_a_fake_memory():
     ring = ProbeRing(m, 0, 4)
 
     def put(i: int, committed: bool = True) -> None:
-        struct.pack_into("<QQ", m.b, 0, max(struct.unpack_from("<Q", m.b, 0)[0], i + 1), 3)
+        # the header: self, tid, head, mask
+        struct.pack_into("<QQ", m.b, 16, max(struct.unpack_from("<Q", m.b, 16)[0], i + 1), 3)
         at = 64 + (i & 3) * ENTRY_SIZE
         struct.pack_into("<QQ", m.b, at, i + 1 if committed else 0, 1000 + i)
 
@@ -216,7 +218,7 @@ def test_stack_words_copied_are_only_those_read():
     for args, n in cases.items():
         fa = parse_fetchargs(list(args))
         assert fetch_refusal(fa) is None and stack_words(fa) == n, args
-        assert recorder_code(0, n)[0x50:0x55] == bytes([0xB9, n, 0, 0, 0])
+        assert recorder_code(n)[0x6A:0x6F] == bytes([0xB9, n, 0, 0, 0])
     for bad in ("-8(%sp)", "$stack14", "+108(%sp)", "+0(%di)", "@0x1000"):
         assert fetch_refusal(parse_fetchargs([bad])) is not None, bad
 

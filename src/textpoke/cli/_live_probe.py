@@ -19,14 +19,23 @@ PROBE_JSON_EVENTS = 100_000
 
 def run(args: argparse.Namespace) -> int:
     import time
-    from ..live._probe import FetchArgError, LiveProbe, alive
+    from ..live._probe import FetchArgError, LiveProbe, alive, split_probe_def
     from ._live_session import run_session
     try:
-        lp = LiveProbe(args.pid, args.point, args.fetchargs)
+        defs = [split_probe_def(d) for d in getattr(args, "add", None) or []]
+        if getattr(args, "point", None) is None:
+            if args.fetchargs or not defs:
+                raise FetchArgError("give a probe point: SYMBOL[+OFF] [FETCHARG...], or "
+                                    "-a 'SYMBOL[+OFF] [FETCHARG...]'")
+            (point, fetchargs), defs = defs[0], defs[1:]
+        else:
+            point, fetchargs = args.point, args.fetchargs
+        lp = LiveProbe(args.pid, point, fetchargs, more=defs)
     except FetchArgError as e:
         raise UsageError(str(e)) from None
     events: list[dict] = []
     how = ""
+    hows: dict[str, str] = {}
     nhit = 0
     cap = args.max_hits
     end: float | None = None
@@ -38,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
                 break
             if args.json:
                 if len(events) < PROBE_JSON_EVENTS:
-                    events.append({"comm": h.comm, "tid": h.tid, "cpu": h.cpu,
-                                   "timestamp": round(h.ts, 6),
-                                   "args": {a.name: v for a, v in zip(lp.args, h.values)}})
+                    events.append({"event": h.point.event, "comm": h.comm, "tid": h.tid,
+                                   "cpu": h.cpu, "timestamp": round(h.ts, 6),
+                                   "args": {a.name: v for a, v in zip(h.point.args, h.values)}})
                 nhit += 1
                 if nhit == 1:       # stdout holds the JSON only: say it on stderr
                     print(f"textpoke live probe: first hit (thread {h.tid})",
@@ -57,11 +66,15 @@ def run(args: argparse.Namespace) -> int:
         nonlocal how, end
         lp.arm(strategy=args.strategy, optimize=getattr(args, "optimize", True))
         how = lp.how()
-        # said once the probe is in and every thread synced: tools (and the
-        # tests) wait for this line, not for the byte in the target
-        print(f"textpoke live probe: {lp.event} at {lp.symbol}+{lp.offset:#x} ({lp.addr:#x}, "
-              f"{how}); " + (f"for {args.duration:g} s" if args.duration is not None
-                             else "Ctrl-C ends"), file=sys.stderr, flush=True)
+        hows.update({p.event: lp.how(p) for p in lp.points})
+        # said once the probes are in and every thread synced: tools (and
+        # the tests) wait for this line, not for the bytes in the target
+        # (one line per probe, the last says how long)
+        for i, p in enumerate(lp.points, 1):
+            tail = ((f"for {args.duration:g} s" if args.duration is not None else "Ctrl-C ends")
+                    if i == len(lp.points) else f"probe {i} of {len(lp.points)}")
+            print(f"textpoke live probe: {p.event} at {p.symbol}+{p.offset:#x} ({p.addr:#x}, "
+                  f"{hows[p.event]}); {tail}", file=sys.stderr, flush=True)
         end = None if args.duration is None else time.monotonic() + args.duration
 
     def step() -> bool:
@@ -77,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     emit(lp.take())                 # hits the handler saw before the end
     gone = not alive(args.pid)
     # refused before anything stayed written (a kprobe rule): one line, exit 2
-    s.refuse(gone, nothing_written=lp.probe is None)
+    s.refuse(gone, nothing_written=all(p.probe is None for p in lp.points))
     doc = {"pid": args.pid, "event": lp.event, "symbol": lp.symbol, "offset": lp.offset,
            "addr": f"{lp.addr:#x}", "how": how, "fetchargs": [a.name + "=" + a.text
                                                               for a in lp.args],
@@ -85,7 +98,13 @@ def run(args: argparse.Namespace) -> int:
            "hits": nhit, "seconds": s.seconds(), "strategy": args.strategy,
            "target_alive": not gone,
            "interrupted": s.was_interrupted,
-           "int3_left": left["int3_left"] if not gone else 0, "regions_kept": left["regions_kept"]}
+           "int3_left": left["int3_left"] if not gone else 0, "regions_kept": left["regions_kept"],
+           "probes": [{"event": p.event, "symbol": p.symbol, "offset": p.offset,
+                       "addr": f"{p.addr:#x}", "how": hows.get(p.event, ""),
+                       "fetchargs": [a.name + "=" + a.text for a in p.args],
+                       "optimized": hows.get(p.event, "").startswith("optimised"),
+                       "not_optimized_reason": p.opt_reason, "hits": p.nhit}
+                      for p in lp.points]}
     if lp.ring is not None:
         # optimised: hits the ring's writers lapped before a read (overruns)
         # or that never committed (a thread killed mid-write): counted
@@ -102,9 +121,11 @@ def run(args: argparse.Namespace) -> int:
         out.emit_json(doc)
     else:
         lost = doc.get("hits_lost", 0)
-        print(f"textpoke live probe: {nhit} hit(s) of {lp.event}"
+        print(f"textpoke live probe: {nhit} hit(s) of "
+              + ", ".join(p.event for p in lp.points)
               + (f" ({lost} more lost: the ring overran before it was read)" if lost else "")
-              + "; probe point restored: "
+              + ("; probe point restored: " if len(lp.points) == 1
+                 else "; probe points restored: ")
               + ("yes" if doc["int3_left"] == 0 else "NO")
               + ("" if not gone else "; the process exited") + (f"; {err}" if err else ""),
               file=sys.stderr)

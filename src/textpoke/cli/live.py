@@ -243,13 +243,23 @@ def add_arguments(p: argparse.ArgumentParser, only: str | None = None) -> None:
                                     "(at a function's entry), $comm, \\IMM, +|-OFF(FETCHARG); "
                                     "each with an optional :TYPE (x64 default; u8..u64, s8..s64, "
                                     "x8..x64, string, symbol).  A FETCHARG starting with '-' "
-                                    "(-8(%sp)) goes after '--', every option before it.  Ends after --duration, --max-hits, or Ctrl-C: the "
-                                    "original byte is put back and the process runs on.")
+                                    "(-8(%sp)) goes after '--', every option before it.  More "
+                                    "probes in the same command, as with perf probe: -a "
+                                    "'SYMBOL[+OFF] [FETCHARG...]' (quoted, repeatable; e.g. "
+                                    "live probe --pid P malloc %di -a 'free %di' -a "
+                                    "'realloc %di %si'): one line per hit of any, named by its "
+                                    "event (p_SYMBOL_OFF); the points must lie within 2 GiB of "
+                                    "each other (one module, or shared libraries).  Ends after "
+                                    "--duration, --max-hits (hits of all probes), or Ctrl-C: the "
+                                    "original bytes are put back and the process runs on.")
     _common(pr, True)
-    pr.add_argument("point", metavar="SYMBOL[+OFF]",
+    pr.add_argument("point", metavar="SYMBOL[+OFF]", nargs="?",
                     help="the probe point: symbol, symbol+off (an instruction boundary), "
-                         "lib:symbol[+off]")
+                         "lib:symbol[+off] (may be left out when -a gives the probes)")
     pr.add_argument("fetchargs", nargs="*", metavar="FETCHARG", help="values to print per hit")
+    pr.add_argument("-a", "--add", action="append", default=[], metavar="PROBEDEF",
+                    help="one more probe: 'SYMBOL[+OFF] [FETCHARG...]' in one quoted "
+                         "argument (perf probe's -a); repeatable")
     pr.add_argument("--duration", type=_duration, default=None, metavar="S",
                     help=f"seconds to probe, 0..{DURATION_MAX:g} (default: until Ctrl-C)")
     pr.add_argument("--max-hits", type=int_in(Bounds(1, 10**12)), default=None, metavar="N",

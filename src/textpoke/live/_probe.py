@@ -14,9 +14,14 @@ Nothing of kprobes is copied here.  This module only
   module (``execmem_range(near=...)``: a slot's RIP-relative operand and
   its boosted JMP back must reach), asked of the machine's ``EXECMEM``
   capability;
-* parses fetch-args in the kernel's ``kprobe_events`` syntax (a subset,
-  :func:`parse_fetchargs`) and evaluates them in the pre-handler, on the
-  registers and memory the trap shows;
+* parses each probe point and its fetch-args in the kernel's
+  ``kprobe_events`` syntax (:mod:`._probe_point`, :mod:`._fetchargs`) and
+  evaluates them in the pre-handler, on the registers and memory the trap
+  shows -- several points per command, one machine and one client for
+  all (their execmem must reach every point with a rel32: one module, or
+  modules mapped within 2 GiB of each other, as shared libraries are);
+* optimised, gives the recorder a ring per thread (:mod:`._probe_rings`)
+  and reads them;
 * pumps the machine while the window is open (a thread that hits the
   INT3 stops in the tracer until it is serviced) and formats one
   trace_pipe-like line per hit.
@@ -37,18 +42,24 @@ from __future__ import annotations
 import os
 import struct
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 from .._core._machine import Capability, WaitUntil
-from .._errors import TextPokeError
+from .._errors import NotSupportedError, TextPokeError
 from ..images._tables import KernelTables
 from ._fetchargs import FetchArg, FetchArgError, format_value, parse_fetchargs
+from ._probe_point import Hit, ProbePoint, split_probe_def
 from ._process import alive
 
-__all__ = ["FetchArg", "FetchArgError", "parse_fetchargs", "ProcessImage", "LiveProbe", "Hit"]
+__all__ = ["FetchArg", "FetchArgError", "parse_fetchargs", "ProcessImage", "LiveProbe", "Hit",
+           "ProbePoint", "split_probe_def", "RING_SIZE"]
 
 _M64 = (1 << 64) - 1
+#: entries of each thread's ring (320 bytes each)
+RING_SIZE = 1024
+#: how far apart a command's probe points may lie: their one execmem must
+#: reach each of them (and their module's code) with a rel32
+_REACH = (1 << 31) - (64 << 20)
 
 
 # ------------------------------------------------------------------ the image
@@ -69,77 +80,85 @@ class ProcessImage:
 
 
 # ------------------------------------------------------------------ probing
-@dataclass
-class Hit:
-    tid: int
-    cpu: int
-    ts: float
-    values: list[str]
-    comm: str
-
-
 class LiveProbe:
-    """One kprobe on process *pid* at *spec* (``[lib:]symbol[+off]``) with
-    *fetchargs*; ``arm()``, ``pump(until)`` to service hits, ``close()``.
+    """Kprobes on process *pid*: *spec* (``[lib:]symbol[+off]``) with
+    *fetchargs*, and each ``(spec, fetchargs)`` of *more*; ``arm()``,
+    ``pump(until)`` to service hits, ``close()``.
 
     Hits are formatted in the pre-handler (while the thread is stopped:
-    its memory is what the function sees) and queued on :attr:`hits`."""
+    its memory is what the function sees) or from the rings, and queued
+    on :attr:`hits`, each naming its point."""
 
-    def __init__(self, pid: int, spec: str, fetchargs: list[str]) -> None:
-        from ._symbols import Symbols, check_boundary, parse_address
+    def __init__(self, pid: int, spec: str, fetchargs: list[str] = (), *,
+                 more: list[tuple[str, list[str]]] = ()) -> None:
+        from ._symbols import Symbols
         self.pid = pid
-        self.spec = spec
         self.syms = Symbols(pid)
         self.machine = None
         self.kernel = None
         self.core = None
-        self.probe = None
         self.hits: list[Hit] = []
         self.nhit = 0
-        #: of nhit, the hits read from the optimised probe's ring (the
-        #: others went through the INT3 before the JMP was in)
-        self.nrecorded = 0
         self._comm: dict[int, str] = {}
         self._stat_fds: dict[int, int] = {}
-        #: the optimised path (see :mod:`._probe_opt`): its ring, clock and
-        #: recorder once the client has put the JMP in; else why not
+        #: the optimised path (see :mod:`._probe_opt`): the threads' rings,
+        #: the clock and the recorder once the client has put a JMP in
         self.ring = None
         self.time = None
         self.recorder: int | None = None
-        self.opt_reason: str | None = None
         self._exec: tuple[int, int] | None = None
-        self._orig: bytes | None = None
+        self._by_op: dict[int, ProbePoint] = {}
         try:
-            lib, name, off = parse_address(spec)
-            if name is None:
-                raise FetchArgError(f"probe point {spec!r}: give a symbol (SYMBOL[+OFF] or "
-                                    "lib:SYMBOL[+OFF]), not a number")
-            s = self.syms.lookup(name, lib)
-            if not s.func or s.size <= 0:
-                raise FetchArgError(f"probe point {spec!r}: {s.name} is not a function with a size")
-            if off:
-                check_boundary(s, off)
-            self.symbol, self.offset, self.addr, self.size = s.name, off, s.addr + off, s.size
-            self.module = s.module
-            self.event = f"p_{s.name}_{off}"
-            self.args = parse_fetchargs(fetchargs, self.syms.resolve)
-            if off and any(a.needs_entry for a in self.args):
-                raise FetchArgError(f"$argN is only for a probe on a function's entry "
-                                    f"({s.name}, not {s.name}+{off:#x})")
+            self.points = [ProbePoint(self.syms, spec, list(fetchargs))]
+            for sp, fa in more:
+                self.points.append(ProbePoint(self.syms, sp, list(fa)))
+            seen: dict[int, ProbePoint] = {}
+            for p in self.points:
+                o = seen.setdefault(p.addr, p)
+                if o is not p:
+                    raise FetchArgError(f"probe point {p.spec!r} is {o.spec!r} again "
+                                        f"({p.addr:#x}): one probe per address")
+            lo = min(min(r[0] for r in p.module.executable_ranges()) for p in self.points)
+            hi = max(max(r[1] for r in p.module.executable_ranges()) for p in self.points)
+            if hi - lo > _REACH:
+                raise FetchArgError(
+                    "probe points " + ", ".join(p.spec for p in self.points) + " lie in modules "
+                    f"{(hi - lo) / (1 << 30):.1f} GiB apart: one command's probes share one "
+                    "execmem, which must reach each with a rel32 (give one command per module)")
+            self._span = (lo, hi)
         except BaseException:
             self.syms.close()
             raise
 
+    # ------------------------------------------------------------ the first point
+    # (what a one-probe caller reads: the CLI's start line, tests, benches)
+    def __getattr__(self, name: str):
+        pts = self.__dict__.get("points")
+        if pts and name in ("args", "event", "symbol", "offset", "addr", "size", "module",
+                            "probe", "spec"):
+            return getattr(pts[0], name)
+        raise AttributeError(name)
+
+    @property
+    def opt_reason(self) -> str | None:
+        return self.points[0].opt_reason
+
+    @property
+    def nrecorded(self) -> int:
+        return sum(p.nrecorded for p in self.points)
+
     # ------------------------------------------------------------ lifetime
     def arm(self, *, strategy: str = "int3", optimize: bool = False,
-            ring_size: int = 4096) -> None:
-        """Attach, map execmem near the module, register the kprobe through
-        the kernel's client; with *optimize*, then ask the client to
-        optimise it (:mod:`._probe_opt`: a JMP to a buffer whose callback
-        records the hit in a ring of *ring_size* entries in the target),
-        keeping the INT3 probe, with :attr:`opt_reason`, where that is
-        refused.  On any error everything is undone."""
+            ring_size: int = RING_SIZE) -> None:
+        """Attach, map execmem near the modules, register a kprobe per point
+        through the kernel's client; with *optimize*, then ask the client
+        to optimise each (:mod:`._probe_opt`: a JMP to a buffer whose
+        callback records the hit in the thread's ring of *ring_size*
+        entries in the target), keeping the INT3 probe, with its
+        ``opt_reason``, where that is refused.  On any error everything is
+        undone."""
         from .._core import TextPoke
+        from .._kprobes._core import KPROBES_EXECMEM
         from ..kernel import Kernel
         from ._machine import LiveMachine
         self.machine = m = LiveMachine(self.pid, strategy=strategy)
@@ -149,50 +168,46 @@ class LiveProbe:
             if optimize:
                 # asked before anything is mapped: the TSC check injects a
                 # system call in every thread
-                self.opt_reason = self._opt_refusal() or self._tsc_refusal(m)
-            ranges = self.module.executable_ranges()
-            lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
-            from .._kprobes._core import KPROBES_EXECMEM
+                why = self._opt_refusal() or self._tsc_refusal(m)
+                for p in self.points:
+                    p.opt_reason = why or p.entry_refusal()
+            lo, hi = self._span
             rng = m.execmem_range(KPROBES_EXECMEM // 4, "kprobes",
-                                  near=(min(lo, self.addr), max(hi, self.addr + 1)))
+                                  near=(min(lo, *(p.addr for p in self.points)),
+                                        max(hi, *(p.addr + 1 for p in self.points))))
             self.core = TextPoke(m)
-            image = ProcessImage(self.module.path, {self.symbol: (self.addr - self.offset,
-                                                                  self.size)})
+            image = ProcessImage(self.points[0].module.path,
+                                 {p.symbol: (p.addr - p.offset, p.size) for p in self.points})
             start = rng.start
-            if optimize and self.opt_reason is None:
-                start = self._put_recorder(m, rng.start, ring_size)
-                image.symbols["optimized_callback"] = self.recorder
             self._exec = (rng.start, rng.end)
             # freeable by 'live recover' while nothing jumps into it
             self._journal_exec([])
+            if optimize and any(p.opt_reason is None for p in self.points):
+                start = self._put_recorder(m, rng.start, ring_size)
+                if self.recorder is not None:
+                    image.symbols["optimized_callback"] = self.recorder
             self.kernel = Kernel(self.core, image, tables=image.tables((lo, hi)),
                                  config={"PREEMPTION": False, "KPROBES_ON_FTRACE": False},
                                  execmem={"kprobes": (start, rng.end)})
             kp = self.kernel.kprobes
-            # the INT3 stands in the text while the threads run: guarded and
+            # the INT3s stand in the text while the threads run: guarded and
             # journaled first, so a SIGKILL of this patcher leaves a thread on
-            # it waiting at the site for 'live recover' instead of dying
-            m.guard_int3_sites([self.addr])
-            orig = self._orig = m.text_read(self.addr, 5)
-            # the symbol as given: a process has no __mcount_loc, so offset 0
-            # is the function's first byte (the fentry NOP, if any)
-            self.probe = kp.register_kprobe(self.symbol if not self.offset
-                                            else f"{self.symbol}+{self.offset:#x}",
-                                            pre_handler=self._pre)
+            # one waiting at the site for 'live recover' instead of dying
+            m.guard_int3_sites([p.addr for p in self.points])
+            for p in self.points:
+                p.orig = m.text_read(p.addr, 5)
+            for p in self.points:
+                p.probe = kp.register_kprobe(p.name, pre_handler=self._pre_for(p))
             if self.recorder is not None:
-                self._optimize(kp, orig)
+                self._optimize(kp)
         except BaseException:
             self.close()
             raise
 
     # ------------------------------------------------------------ optimised
     def _opt_refusal(self) -> str | None:
-        from ._probe_opt import cpu_refusal, fetch_refusal
-        if self.offset:
-            return (f"{self.symbol}+{self.offset:#x} is past the function's entry: code there "
-                    "may keep data in the 128-byte red zone below %rsp, which the detour's "
-                    "pushes would overwrite (only an entry is optimised)")
-        return fetch_refusal(self.args) or cpu_refusal() or _shadow_stack(self.pid)
+        from ._probe_opt import cpu_refusal
+        return cpu_refusal() or _shadow_stack(self.pid)
 
     def _tsc_refusal(self, m) -> str | None:
         """Why the recorder's ``rdtscp`` would not run in some thread: one
@@ -208,48 +223,79 @@ class LiveProbe:
         return None if why is None else f"the recorder reads the TSC (rdtscp): {why}"
 
     def _put_recorder(self, m, at: int, ring_size: int) -> int:
-        """The recorder at *at* (the start of the probes' execmem) and its
-        ring in data memory; returns where the client's execmem starts."""
-        from ._probe_opt import RECORDER_SIZE, ProbeRing, recorder_code, stack_words
-        data = m.map_data(ProbeRing.data_bytes(ring_size), "probe-ring")
-        self.ring = ProbeRing(m.mem, data, ring_size)
-        m.mem.write(data, self.ring.header())
-        self.core.text_poke_copy(at, recorder_code(data, stack_words(self.args)))
+        """The threads' rings (every thread's GS base on its own) and the
+        recorder at *at* (the start of the probes' execmem); returns where
+        the client's execmem starts.  A thread that uses its GS base itself
+        leaves every point an INT3 probe, said."""
+        from ._probe_opt import RECORDER_SIZE, recorder_code, stack_words
+        from ._probe_rings import RING_SLOTS_SPARE, ThreadRings
+        self.ring = ThreadRings(m, ring_size, len(m.cpus) + RING_SLOTS_SPARE)
+        try:
+            self.ring.start()
+        except NotSupportedError as e:
+            self.ring.stop()
+            self.ring = None
+            for p in self.points:
+                if p.opt_reason is None:
+                    p.opt_reason = f"the recorder finds its thread's ring through %gs: {e}"
+            return at
+        words = max(stack_words(p.args) for p in self.points if p.opt_reason is None)
+        self.core.text_poke_copy(at, recorder_code(words))
         self.recorder = at
         return at + RECORDER_SIZE
 
-    def _optimize(self, kp, orig: bytes) -> None:
+    def _optimize(self, kp) -> None:
         from .._kprobes._types import KprobeError
         from ._trace_clock import TscTime
         self.time = TscTime(self.pid)           # the first pair before any hit
-        # the client tells what it will write before the JMP goes in: the
-        # JMP and the bytes it replaces are journaled as the probes'
-        # execmem's site first, so a SIGKILL of this patcher at any moment
-        # of the write leaves 'live recover' able to put the original
-        # bytes back (an INT3 left, or a JMP) and unmap the execmem once no
-        # thread is in it
+        # the client tells what it will write before a JMP goes in: the JMP
+        # and the bytes it replaces are journaled as the probes' execmem's
+        # site first, so a SIGKILL of this patcher at any moment of the
+        # write leaves 'live recover' able to put the original bytes back
+        # (an INT3 left, or a JMP) and unmap the execmem once no thread is
+        # in it
         kp.before_optimize = self._journal_jmps
         try:
-            kp.optimize_kprobe(self.probe)
-        except KprobeError as e:
-            self.opt_reason = str(e)
-            self.ring = self.time = None
+            for p in self.points:
+                if p.opt_reason is not None:
+                    continue
+                try:
+                    kp.optimize_kprobe(p.probe)
+                except KprobeError as e:
+                    p.opt_reason = str(e)
+                finally:
+                    # what the text reads now: the JMPs in, none for a refusal
+                    self._journal_exec(self._jmp_sites())
+                site = kp._sites.get(p.addr)
+                if site is not None and site.optimized:
+                    p.op = site.detour.op
+                    self._by_op[p.op] = p
         finally:
             kp.before_optimize = None
-        # what the text reads now: the JMP, or (refused, failed) nothing
-        jmp = self.machine.text_read(self.addr, 5)
-        self._journal_exec([(self.addr, orig, jmp)] if jmp[:1] == b"\xe9" else [])
+        if not self._by_op:
+            self.time = None
+
+    def _jmp_sites(self) -> list[tuple[int, bytes, bytes]]:
+        m = self.machine
+        out = []
+        for p in self.points:
+            if p.orig is not None:
+                now = m.text_read(p.addr, 5)
+                if now[:1] == b"\xe9":
+                    out.append((p.addr, p.orig, now))
+        return out
 
     def _journal_jmps(self, sites: list[tuple[int, bytes, bytes]]) -> None:
         """The client's ``before_optimize``: the JMPs about to be written,
-        journaled as the probes' execmem's sites."""
-        self._journal_exec(sites)
+        journaled with those already in as the probes' execmem's sites."""
+        have = self._jmp_sites()
+        self._journal_exec(have + [x for x in sites if x[0] not in {a for a, _o, _n in have}])
 
     def _journal_exec(self, sites: list, kind: str = "probe") -> None:
         """The probes' execmem in the journal as a stub region (kind
         ``probe``) with the *sites* that jump (or are about to jump) into
         it: ``live recover`` switches those that read the JMP back, puts
-        back the INT3 probe's byte (a site in flight), and unmaps the
+        back the INT3 probes' bytes (sites in flight), and unmaps the
         region once no thread is in it or has a return address into it
         (the machine's plain ``execmem`` kind stays mapped for good while
         code is in it; the client's freed slots keep their bytes)."""
@@ -267,51 +313,60 @@ class LiveProbe:
                 return
         j.add_region(kind, lo, hi - lo, 0, sites)
 
+    def point_optimized(self, p: ProbePoint) -> bool:
+        kp = self.kernel.kprobes if self.kernel is not None else None
+        site = kp._sites.get(p.addr) if kp is not None else None
+        return bool(site is not None and site.optimized and self.ring is not None)
+
     @property
     def optimized(self) -> bool:
-        kp = self.kernel.kprobes if self.kernel is not None else None
-        site = kp._sites.get(self.addr) if kp is not None else None
-        return bool(site is not None and site.optimized and self.ring is not None)
+        """The (first) point is optimised."""
+        return self.point_optimized(self.points[0])
 
     def _drain(self, *, final: bool = False) -> None:
         """The hits the recorder committed since the last drain, as the
         INT3 path's pre-handler would have made them."""
         from ._probe_opt import Recorded
         ring = self.ring
-        if ring is None:
+        if ring is None or self.time is None:
             return
         raws = ring.drain(final=final)
         t = self.time
         for raw in raws:
-            rec = Recorded(raw, self.addr)
+            p = self._by_op.get(raw[4])
+            if p is None:
+                continue
+            rec = Recorded(raw, p.addr)
             self.nhit += 1
-            self.nrecorded += 1
+            p.nhit += 1
+            p.nrecorded += 1
             comm = self._thread_comm(rec.tid)
             vals = []
-            for a in self.args:
+            for a in p.args:
                 try:
                     vals.append(format_value(a, rec, a.fetch(rec), comm, self._symbolize))
                 except (OSError, TextPokeError, struct.error):
                     vals.append("(fault)")
-            self.hits.append(Hit(rec.tid, rec.cpu, t.ns(rec.tsc) / 1e9, vals, comm))
+            self.hits.append(Hit(rec.tid, rec.cpu, t.ns(rec.tsc) / 1e9, vals, comm, p))
         if raws:
             t.sample()              # after the read: every hit read lies before it
 
     def _finish_ring(self) -> None:
-        """After the client's close (the probe unregistered: the probe
-        point's bytes as they were): once no thread is in the probes'
-        execmem (the client's slots and buffer, the recorder: no RIP there,
-        no stack word pointing there), the last recorded hits are read and
-        the whole range is cleared -- the client, as the kernel, leaves a
-        freed slot's bytes in place (only marked free) -- so that the
-        machine unmaps it at close.  A thread that stays keeps the range
-        (and the ring) mapped; regions_kept says why."""
+        """After the client's close (the probes unregistered: the points'
+        bytes as they were): once no thread is in the probes' execmem (the
+        client's slots and buffers, the recorder: no RIP there, no stack
+        word pointing there), the last recorded hits are read and the whole
+        range is cleared -- the client, as the kernel, leaves a freed
+        slot's bytes in place (only marked free) -- so that the machine
+        unmaps it at close.  A thread that stays keeps the range (and the
+        rings) mapped; regions_kept says why."""
         m, rng = self.machine, self._exec
         if rng is None or m is None:
             return
         try:
-            if self._orig is not None and m.text_read(self.addr, len(self._orig)) != self._orig:
-                raise TextPokeError("the probe point does not read its original bytes")
+            for p in self.points:
+                if p.orig is not None and m.text_read(p.addr, len(p.orig)) != p.orig:
+                    raise TextPokeError(f"{p.spec} does not read its original bytes")
             m.run_task(m.quiesce([rng], "the probe's slots, buffer and recorder"))
         except TextPokeError:
             self._drain()
@@ -320,20 +375,13 @@ class LiveProbe:
         self.core.text_poke_copy(rng[0], b"\xcc" * (rng[1] - rng[0]))
         self.recorder = self._exec = None
 
-    @property
-    def boosted(self) -> bool | None:
-        kp = self.kernel.kprobes if self.kernel is not None else None
-        if kp is None or self.probe is None:
-            return None
-        site = kp._sites.get(self.addr)
-        return None if site is None else (site.emulate is None and site.boosted)
-
-    def how(self) -> str:
+    def how(self, p: ProbePoint | None = None) -> str:
+        p = p or self.points[0]
         kp = self.kernel.kprobes
-        site = kp._sites.get(self.addr)
+        site = kp._sites.get(p.addr)
         if site is None:
             return "gone"
-        if self.optimized:
+        if self.point_optimized(p):
             return (f"optimised: a JMP to an out-of-line buffer, hits recorded in the process "
                     f"({site.insn.text})")
         if site.emulate is not None:
@@ -341,12 +389,21 @@ class LiveProbe:
         else:
             how = ("boosted" if site.boosted else "single-stepped out of line") + \
                 f" ({site.insn.text})"
-        return how + (f"; not optimised: {self.opt_reason}" if self.opt_reason else "")
+        return how + (f"; not optimised: {p.opt_reason}" if p.opt_reason else "")
+
+    @property
+    def boosted(self) -> bool | None:
+        kp = self.kernel.kprobes if self.kernel is not None else None
+        if kp is None or self.points[0].probe is None:
+            return None
+        site = kp._sites.get(self.points[0].addr)
+        return None if site is None else (site.emulate is None and site.boosted)
 
     def close(self) -> dict:
-        """Unregister (the original byte back, the slot freed once no thread
-        is in it), detach.  Returns what is left: ``int3_left`` read back
-        from the process (0 or 1), ``regions_kept``."""
+        """Unregister (the original bytes back, the slots freed once no
+        thread is in them), detach.  Returns what is left: ``int3_left``
+        read back from the process (how many points read INT3),
+        ``regions_kept``."""
         left = {"int3_left": 0, "regions_kept": []}
         try:
             if self.kernel is not None:
@@ -356,6 +413,8 @@ class LiveProbe:
                 self.core.close()
         finally:
             self.kernel = self.core = None
+            if self.ring is not None:
+                self.ring.stop()
             if self.machine is not None:
                 m, self.machine = self.machine, None
                 try:
@@ -368,12 +427,15 @@ class LiveProbe:
         return left
 
     def int3_left(self) -> int | None:
-        """0 or 1: whether the probe point reads INT3 now (None: the process
-        is gone, nothing to read)."""
+        """How many probe points read INT3 now (None: the process is gone,
+        nothing to read)."""
         try:
             with open(f"/proc/{self.pid}/mem", "rb", buffering=0) as f:
-                f.seek(self.addr)
-                return int(f.read(1) == b"\xcc")
+                n = 0
+                for p in self.points:
+                    f.seek(p.addr)
+                    n += f.read(1) == b"\xcc"
+                return n
         except OSError:
             return None
 
@@ -411,21 +473,25 @@ class LiveProbe:
                 pass
         self._stat_fds.clear()
 
-    def _pre(self, p, regs) -> bool:
+    def _pre_for(self, p: ProbePoint) -> Callable:
+        return lambda kp, regs: self._pre(p, regs)
+
+    def _pre(self, p: ProbePoint, regs) -> bool:
         ts = time.clock_gettime(time.CLOCK_MONOTONIC)
         self.nhit += 1
+        p.nhit += 1
         tid = regs.cpu
         comm = self._thread_comm(tid)
         # the registers as the probed instruction sees them: ip is the probe
         # point (the trap leaves it after the INT3)
         vals = []
-        for a in self.args:
+        for a in p.args:
             try:
-                v = a.fetch(_AtProbe(regs, self.addr))
+                v = a.fetch(_AtProbe(regs, p.addr))
                 vals.append(format_value(a, regs, v, comm, self._symbolize))
             except (OSError, TextPokeError, struct.error):
                 vals.append("(fault)")
-        self.hits.append(Hit(tid, self._cpu(tid), ts, vals, comm))
+        self.hits.append(Hit(tid, self._cpu(tid), ts, vals, comm, p))
         return False
 
     def _symbolize(self, v: int) -> str:
@@ -435,20 +501,19 @@ class LiveProbe:
             return f"{v & _M64:#x}"
 
     def line(self, h: Hit) -> str:
-        args = "".join(f" {a.name}={v}" for a, v in zip(self.args, h.values))
-        return (f"{h.comm:>16}-{h.tid:<7} [{h.cpu:03d}] {h.ts:.6f}: {self.event}: "
-                f"({self.symbol}+{self.offset:#x}){args}")
+        return (h.point or self.points[0]).line(h)
 
     def pump(self, until: Callable[[], bool]) -> None:
         """Service the process's stops (hits among them) until *until()*."""
         m = self.machine
-        if self.ring is None:
+        if self.time is None:
             def task():
                 yield WaitUntil(lambda: until() or not m.threads, "probe hits")
             m.run_task(task())
             return
-        # optimised: the threads do not stop at a hit; the ring is read
+        # optimised: the threads do not stop at a hit; the rings are read
         # every few milliseconds while the machine services other stops
+        # (INT3 hits of points not optimised among them)
         while True:
             self._drain()
             if until() or not m.threads:
@@ -484,8 +549,6 @@ class _AtProbe:
 
     def __init__(self, regs, addr: int) -> None:
         self.ip, self.sp, self.flags, self.gprs, self.mem = addr, regs.sp, regs.flags, regs.gprs, regs.mem
-
-
 
 
 __all__ += ["alive", "format_value"]

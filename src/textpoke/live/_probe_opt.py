@@ -14,19 +14,35 @@ the image this module describes names as ``optimized_callback`` a small
 recorder of ours in the target (:data:`RECORDER`), which copies the
 ``pt_regs``, the top :data:`STACK_WORDS` words of the stack at the probe
 point, the TSC, the CPU and the thread id into a ring in the target's
-data memory (:class:`ProbeRing`) and returns.  The thread never stops; the
+data memory (:mod:`._probe_rings`) and returns.  The thread never stops; the
 host drains the ring and evaluates the fetch-args on what was recorded.
 
-The ring is one for all threads (not per thread as ``live trace``'s
-rings, which claim every thread's GS base): a hit claims its entry with
-one ``lock xadd`` on the ring's head, writes it, then commits it by
-storing its sequence number (index + 1) in the entry's first word, after
-having zeroed that word first.  The host reads a batch of entries, then
-their first words again, and takes an entry only if both reads show its
-own sequence number (x86 keeps stores in order, so a half-written or
-overwritten entry shows another number in one of the two reads).  An
-entry the ring's writers have lapped is an overrun (counted); one not yet
-committed stops the read there until it is.
+Each thread has a ring of its own (:mod:`._probe_rings`): its GS base
+(the machine's ``PERCPU``: x86-64 user code leaves %gs to whoever wants
+it; glibc's TLS is %fs) points at its ring's header, whose first word is
+the header's own address and whose second is the thread's id, written by
+the host when it gives the ring (it knows every thread from ptrace's
+clone events).  So the recorder neither shares a cache line with other
+threads' hits nor makes a ``gettid`` system call per hit.  A hit claims
+its entry with one ``lock xadd`` on its ring's head (uncontended: one
+thread per ring; still atomic where threads beyond the rings share the
+spare ring, whose thread id reads 0 and makes the recorder ask
+``gettid``), writes it, then commits it by storing its sequence number
+(index + 1) in the entry's first word, after having zeroed that word
+first.  The host reads a batch of entries, then their first words again,
+and takes an entry only if both reads show its own sequence number (x86
+keeps stores in order, so a half-written or overwritten entry shows
+another number in one of the two reads).  An entry the ring's writer has
+lapped is an overrun (counted); one not yet committed stops the read
+there until it is.
+
+Why not the thread id from the thread's own memory: glibc keeps it in
+``struct pthread`` at an offset from %fs that changes between versions,
+and a thread made by a raw ``clone`` (or another libc, or Go) has no such
+structure; a value cached in a TLS slot needs a slot we do not own.  The
+GS record is written by the host for every thread it sees, whatever made
+it; the cost is that a program that sets its own GS base is not optimised
+(said, the INT3 probe stays).
 
 What is not optimised, and stays an INT3 probe (said with the reason):
 
@@ -49,34 +65,32 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["RECORDER", "RECORDER_SIZE", "ENTRY_SIZE", "STACK_WORDS", "ProbeRing",
-           "fetch_refusal", "cpu_refusal", "Recorded"]
+__all__ = ["RECORDER", "RECORDER_SIZE", "ENTRY_SIZE", "STACK_WORDS", "RING_HDR", "ENTRY",
+           "fetch_refusal", "cpu_refusal", "Recorded", "recorder_code", "stack_words"]
 
 #: ``optimized_callback(op, regs)`` for a process, position-independent,
 #: hand-written (GNU as, then the bytes; no code of the kernel's):
 #:
 #:   rec:  cld                                  # rep movsq forwards
 #:         mov %rdi,%r8; mov %rsi,%r9           # op, &pt_regs
-#:         mov T_RING(%rip),%r10                # the ring: head, mask, entries at +64
-#:         mov $1,%eax; lock xadd %rax,(%r10)   # this hit's index
+#:         mov %gs:0,%r10                       # this thread's ring: self, tid, head, mask
+#:         mov 8(%r10),%rdx                     # the thread id the host wrote
+#:         test %rdx,%rdx; jnz 1f               # 0: the spare ring, shared --
+#:         mov $186,%eax; syscall; mov %rax,%rdx   # then gettid
+#:   1:    mov $1,%eax; lock xadd %rax,16(%r10) # this hit's index
 #:         mov %rax,%r11
-#:         and 8(%r10),%rax; imul $320,%rax,%rax; lea 64(%r10,%rax),%r10   # its entry
+#:         and 24(%r10),%rax; imul $320,%rax,%rax; lea 64(%r10,%rax),%r10   # its entry
 #:         movq $0,(%r10)                       # seq 0: being written
-#:         mov %r8,32(%r10)                     # op
+#:         mov %rdx,24(%r10); mov %r8,32(%r10)  # tid, op
 #:         lea 40(%r10),%rdi; mov %r9,%rsi; mov $21,%ecx; rep movsq        # pt_regs
 #:         mov 152(%r9),%rsi; add $8,%rsi       # pt_regs.sp + 8: %rsp at the probe
 #:         mov $14,%ecx; rep movsq              # the top 14 stack words
-#:         mov %r11,%r9
 #:         rdtscp; shl $32,%rdx; or %rdx,%rax   # TSC; %ecx = TSC_AUX (node << 12 | cpu)
 #:         mov %rax,8(%r10); mov %rcx,16(%r10)
-#:         mov $186,%eax; syscall               # gettid
-#:         mov %rax,24(%r10)
-#:         lea 1(%r9),%rax; mov %rax,(%r10)     # seq = index + 1: committed
+#:         lea 1(%r11),%rax; mov %rax,(%r10)    # seq = index + 1: committed
 #:         pop %rcx; movq $0,-8(%rsp); jmp *%rcx   # a RET that leaves no copy of
 #:                                              # the return address (into the
 #:                                              # buffer) below %rsp
-#:         nopl 0(%rax,%rax)
-#:   T_RING: .quad (the host fills it)
 #:
 #: Every register it uses is caller-saved (the template saved them all in
 #: the pt_regs and pops them after the call, flags included).  The return
@@ -88,31 +102,30 @@ __all__ = ["RECORDER", "RECORDER_SIZE", "ENTRY_SIZE", "STACK_WORDS", "ProbeRing"
 #: the CALL's shadow entry is never popped.  Linux enables user shadow
 #: stacks only on request, which Debian's glibc does not make.)
 RECORDER = bytes.fromhex(
-    "fc4989f84989f14c8b1582000000b801000000f0490fc1024989c3492342084869c0400100004d8d"
-    "54024049c702000000004d894220498d7a284c89ceb915000000f348a5498bb1980000004883c608"
-    "b90e000000f348a54d89d90f01f948c1e2204809d04989420849894a10b8ba0000000f0549894218"
-    "498d41014989025948c74424f800000000ffe10f1f440000")
-REC_T_RING = 0x90
+    "fc4989f84989f1654c8b142500000000498b52084885d2750ab8ba0000000f054889c2b801000000f0"
+    "490fc142104989c3492342184869c0400100004d8d54024049c70200000000498952184d894220498d"
+    "7a284c89ceb915000000f348a5498bb1980000004883c608b90e000000f348a50f01f948c1e220480"
+    "9d04989420849894a10498d43014989025948c74424f800000000ffe1")
 #: bytes of execmem the recorder takes (the client's allocator gets the rest)
 RECORDER_SIZE = 256
 ENTRY_SIZE = 320
 STACK_WORDS = 14
-_HDR = 64
+#: a ring's header: self, tid, head, mask (then padding to a cache line)
+RING_HDR = 64
 _PT_REGS = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
             "rdx", "rsi", "rdi", "orig_ax", "ip", "cs", "flags", "sp", "ss")
-_ENTRY = struct.Struct(f"<QQQQQ{len(_PT_REGS)}Q{STACK_WORDS}Q")
-assert _ENTRY.size == ENTRY_SIZE
-assert len(RECORDER) == REC_T_RING
+ENTRY = struct.Struct(f"<QQQQQ{len(_PT_REGS)}Q{STACK_WORDS}Q")
+assert ENTRY.size == ENTRY_SIZE
+assert len(RECORDER) <= RECORDER_SIZE
 _M64 = (1 << 64) - 1
 
 
 #: where the recorder's ``mov $14,%ecx`` keeps its count of stack words
-_REC_WORDS = 0x51
+_REC_WORDS = 0x6B
 
 
-def recorder_code(ring: int, words: int = STACK_WORDS) -> bytes:
-    """The recorder with its ring's address filled in, copying *words*
-    stack words (only what the fetch-args read: a word above the stack's
+def recorder_code(words: int = STACK_WORDS) -> bytes:
+    """The recorder copying *words* stack words (only what the fetch-args read: a word above the stack's
     mapping would fault in the target, where the kernel's fetch would only
     fail)."""
     if not 0 <= words <= STACK_WORDS:
@@ -120,7 +133,7 @@ def recorder_code(ring: int, words: int = STACK_WORDS) -> bytes:
     code = bytearray(RECORDER)
     assert code[_REC_WORDS - 1] == 0xB9 and code[_REC_WORDS] == STACK_WORDS
     struct.pack_into("<I", code, _REC_WORDS, words)
-    return bytes(code) + struct.pack("<Q", ring)
+    return bytes(code)
 
 
 class _StackWindow:
@@ -226,72 +239,3 @@ def cpu_refusal() -> str | None:
         return "the CPU has no RDTSCP (the recorder's clock and CPU number)"
     why = tsc_variant_reason()
     return None if why is None else f"the TSC is not one clock for every CPU: {why}"
-
-
-class ProbeRing:
-    """The ring of recorded hits at *addr* in the target (*size* entries, a
-    power of two): the header (head, mask) then the entries.  The host
-    keeps the tail; see the module doc for the commit protocol."""
-
-    #: drains an uncommitted entry may hold the read up before it is dropped
-    #: (a thread killed between its claim and its commit never commits)
-    STALL_LIMIT = 200
-
-    def __init__(self, mem, addr: int, size: int) -> None:
-        if size < 2 or size & (size - 1):
-            raise ValueError(f"ring size {size}: a power of two >= 2")
-        self.mem, self.addr, self.size = mem, addr, size
-        self.tail = 0
-        self.overruns = 0
-        self.dropped = 0
-        self._stall = (0, 0)
-
-    @staticmethod
-    def data_bytes(size: int) -> int:
-        return _HDR + size * ENTRY_SIZE
-
-    def header(self) -> bytes:
-        return struct.pack("<QQ", 0, self.size - 1)
-
-    def head(self) -> int:
-        return struct.unpack("<Q", self.mem.read(self.addr, 8))[0]
-
-    def drain(self, *, final: bool = False) -> list[tuple]:
-        """The committed entries since the last drain, in claim order (raw
-        tuples).  *final*: no writer is left, an uncommitted entry is
-        dropped (counted) rather than waited for."""
-        head = self.head()
-        out: list[tuple] = []
-        if head - self.tail > self.size:
-            self.overruns += head - self.tail - self.size
-            self.tail = head - self.size
-        while self.tail < head:
-            i0 = self.tail
-            n = min(head - i0, self.size - (i0 & (self.size - 1)), 256)
-            at = self.addr + _HDR + (i0 & (self.size - 1)) * ENTRY_SIZE
-            raw = self.mem.read(at, n * ENTRY_SIZE)
-            again = self.mem.read(at, n * ENTRY_SIZE)
-            stop = False
-            for k in range(n):
-                i = i0 + k
-                s1 = struct.unpack_from("<Q", raw, k * ENTRY_SIZE)[0]
-                s2 = struct.unpack_from("<Q", again, k * ENTRY_SIZE)[0]
-                if s1 == s2 == i + 1:
-                    out.append(_ENTRY.unpack_from(raw, k * ENTRY_SIZE))
-                elif max(s1, s2) > i + 1:
-                    self.overruns += 1          # a later lap took its place
-                elif final or self._stalled(i):
-                    self.dropped += 1           # claimed, never committed
-                else:
-                    stop = True
-                    break
-                self.tail = i + 1
-            if stop:
-                break
-        return out
-
-    def _stalled(self, i: int) -> bool:
-        idx, n = self._stall
-        n = n + 1 if idx == i else 1
-        self._stall = (i, n)
-        return n > self.STALL_LIMIT
