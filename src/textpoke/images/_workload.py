@@ -15,7 +15,8 @@ from .._core._insn import (CALL_INSN_OPCODE, INT3_INSN_OPCODE, JMP8_INSN_OPCODE,
                            text_gen_insn)
 from ._elf import ElfImage, ImageError
 
-__all__ = ["Site", "read_sites", "KIND_NAMES", "VARIANTS", "variant_name", "DemoResult"]
+__all__ = ["Site", "read_sites", "KIND_NAMES", "VARIANTS", "variant_name", "DemoResult",
+           "flip_sites"]
 
 KIND_NAMES = {1: "nop2-jmp8", 2: "nop5-jmp32", 3: "call", 4: "ret-jmp32", 5: "jcc32", 6: "nop5-int3"}
 #: what the variant slots mean (see workload.S)
@@ -61,6 +62,17 @@ def _new_bytes(kind: int, addr: int, length: int, target: int, old: bytes) -> by
     if kind == 6:
         return bytes([INT3_INSN_OPCODE])
     raise ImageError(f"unknown site kind {kind}")
+
+
+def flip_sites(core, sites: list[Site], flipped: dict[str, bool]) -> None:
+    """One toggle of the demo: a batch of *core* writes every site's other
+    form (its new bytes, or its old ones where *flipped*); only once the
+    batch is committed do the sites read flipped."""
+    with core.batch():
+        for s in sites:
+            core.smp_text_poke_batch_add(s.addr, s.old if flipped[s.name] else s.new)
+    for s in sites:
+        flipped[s.name] = not flipped[s.name]
 
 
 def read_sites(image: ElfImage) -> list[Site]:

@@ -133,16 +133,13 @@ class LiveDemo:
     def toggle(self, toggles: int, progress: Callable[[int, int], None] | None = None) -> None:
         if self.machine is None:
             self.attach()
+        from ..images._workload import flip_sites
         core = self.core
         self.toggles = toggles
         for i in range(toggles):
             if not self._alive():
                 break
-            with core.batch():
-                for s in self.sites:
-                    core.smp_text_poke_batch_add(s.addr, s.old if self.flipped[s.name] else s.new)
-            for s in self.sites:
-                self.flipped[s.name] = not self.flipped[s.name]
+            flip_sites(core, self.sites, self.flipped)
             self.toggles_done = i + 1
             if progress:
                 progress(i + 1, toggles)

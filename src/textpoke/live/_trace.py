@@ -96,7 +96,7 @@ from ._symbols import Symbols
 from ._trace_clock import TscTime, host_tsc, tsc_disabled, tsc_variant_reason
 from ._trace_free import alive, free_region, threads_in_region
 from ._trace_profile import _P_FPC, _P_HANDLER, PROFILE_CODE, SHADOW_N
-from ._trace_view import TraceView
+from ._trace_view import TraceView, thread_comm
 from ._trace_sites import (BRIDGE_SLOT, NOP5, PAD_SIZE, TraceError, TraceSite, fill_pads,
                            group_sites, plan_sites, reach_of, switch_pads)
 
@@ -381,15 +381,7 @@ class LiveTrace(TraceView):
             self._removed.append((entries, counts))
 
     def _thread_comm(self, tid: int) -> str:
-        c = self._comm.get(tid)
-        if c is None:
-            try:
-                with open(f"/proc/{self.pid}/task/{tid}/comm") as f:
-                    c = f.read().strip()
-            except OSError:
-                c = "<...>"
-            self._comm[tid] = c
-        return c
+        return thread_comm(self.pid, tid, self._comm)
 
     # ------------------------------------------------------------ the window
     def pump(self, until: Callable[[], bool]) -> None:

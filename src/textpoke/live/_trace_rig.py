@@ -30,7 +30,9 @@ from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import read_tables
 from ..kernel import Kernel
 from ..selftests._ftrace import FtraceRigViews
+from ..selftests._rig import KernelRig
 from ._rig import LiveRigError, boot_in_process, start_loader
+from ._trace_view import thread_comm
 
 __all__ = ["LiveFtraceRig"]
 
@@ -43,7 +45,7 @@ def _page_up(n: int) -> int:
     return (n + 0xFFF) & ~0xFFF
 
 
-class LiveFtraceRig(FtraceRigViews):
+class LiveFtraceRig(KernelRig, FtraceRigViews):
     """The bundled kernel booted in a live process with *cpus* threads
     running ``ftrace_work_loop``; :attr:`ftrace` (the kernel's client),
     :attr:`ring` (one ring of *ring_size* entries per thread).  A context
@@ -65,7 +67,7 @@ class LiveFtraceRig(FtraceRigViews):
         self.started = False
         self.trace: list[TraceEntry] = []
         self.work: list[int] = []
-        try:
+        with self._closing_on_error():
             self.proc, self._go = start_loader(self._tmp.name, self.image, cpus,
                                                "ftrace_work_loop", self.recs, _WREC)
             self.pid = self.proc.pid
@@ -79,7 +81,7 @@ class LiveFtraceRig(FtraceRigViews):
             self.kernel = boot_in_process(m, self.image, self.tables)
             self.core = self.kernel.core
             self.ftrace: Ftrace = self.kernel.ftrace
-            tasks = {t: (self._comm(t), t) for t in m.cpus}
+            tasks = {t: (thread_comm(self.pid, t), t) for t in m.cpus}
             self.ring = RingBuffer(m, self.image, size=ring_size,
                                    nprof=len(self.ftrace.records), tasks=tasks,
                                    slots=len(m.cpus), base=None)
@@ -90,27 +92,11 @@ class LiveFtraceRig(FtraceRigViews):
             self._fns, self._counts0 = base, base + self._cstride
             self.sites_at_boot = {r.ip: m.text_read(r.ip, MCOUNT_INSN_SIZE)
                                   for r in self.ftrace.records}
-        except BaseException:
-            self.close()
-            raise
 
-    def _comm(self, tid: int) -> str:
+    def _free(self) -> None:
+        """After the kernel (:class:`KernelRig`'s close): the machine, then
+        the loader process and its directory, whatever the first raised."""
         try:
-            with open(f"/proc/{self.pid}/task/{tid}/comm") as f:
-                return f.read().strip()
-        except OSError:
-            return "<...>"
-
-    def __enter__(self) -> "LiveFtraceRig":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        try:
-            if self.kernel is not None:
-                self.kernel.close()
             if self.machine is not None:
                 self.machine.close()
         finally:

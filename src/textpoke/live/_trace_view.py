@@ -10,7 +10,23 @@ import time
 
 from ._trace_profile import _F_SP, SHADOW_N
 
-__all__ = ["TraceView"]
+__all__ = ["TraceView", "thread_comm"]
+
+
+def thread_comm(pid: int, tid: int, cache: dict[int, str] | None = None) -> str:
+    """Thread *tid*'s name (``/proc/PID/task/TID/comm``), ``<...>`` once it
+    is gone (trace_pipe's name for a task it no longer knows); kept in
+    *cache* when one is given (live trace and live probe print it per hit)."""
+    if cache is not None and tid in cache:
+        return cache[tid]
+    try:
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            c = f.read().strip()
+    except OSError:
+        c = "<...>"
+    if cache is not None:
+        cache[tid] = c
+    return c
 
 
 class TraceView:

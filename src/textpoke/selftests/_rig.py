@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
-__all__ = ["ClientRig", "Probe", "ProbeLoopRig", "CLIENT_SLOTS", "CLIENT_CPUS", "CLIENT_REC"]
+__all__ = ["ClientRig", "Probe", "ProbeLoopRig", "KernelRig", "CLIENT_SLOTS", "CLIENT_CPUS", "CLIENT_REC"]
 
 #: the image's client_loop records (images/kernel/clients.c): a header of
 #: 128 bytes (passes, nslots), then 64 slots of 128 bytes
@@ -89,6 +90,41 @@ class ClientRig(Protocol):
 def _s64(v: int) -> int:
     v &= (1 << 64) - 1
     return v - (1 << 64) if v >> 63 else v
+
+
+class KernelRig:
+    """The lifetime every backend's rig shares: a context manager whose
+    :meth:`close` stops the kernel (``kernel``, its clients and core) first
+    and then, whatever that raised, frees the rest (:meth:`_free`: the
+    machine, a process); :meth:`_closing_on_error` wraps the rig's set-up
+    so that whatever fails while it is built frees what was made."""
+
+    kernel: Any = None
+
+    def _free(self) -> None:
+        """Free what the rig holds besides the kernel."""
+        raise NotImplementedError
+
+    @contextmanager
+    def _closing_on_error(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            if self.kernel is not None:
+                self.kernel.close()
+        finally:
+            self._free()
 
 
 class ProbeLoopRig:

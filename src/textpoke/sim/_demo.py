@@ -19,7 +19,7 @@ from .._core import TextPoke
 from ..images import load_bundled
 from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import read_tables
-from ..images._workload import DemoResult   # the report live prints too
+from ..images._workload import DemoResult, flip_sites   # shared with live
 from ._machine import COARSE, SchedPolicy
 from ._verify import oops_report, stray_int3s, variant_name
 from ._workload import Workload, boot_workload
@@ -114,12 +114,7 @@ class Demo:
         for i in range(toggles):
             if sim.oopses:
                 break
-            with core.batch():
-                for s in self.sites:
-                    core.smp_text_poke_batch_add(s.addr, s.old if self.flipped[s.name] else s.new)
-            # The batch is committed: only now do the sites read flipped.
-            for s in self.sites:
-                self.flipped[s.name] = not self.flipped[s.name]
+            flip_sites(core, self.sites, self.flipped)
             self.toggles_done = i + 1
             sim.run(self.gap_steps)
             if progress:

@@ -14,20 +14,23 @@ machine.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from ..images import load_bundled
 from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import read_tables
 from ..kernel import Kernel
+from ..selftests._rig import KernelRig
 from ._machine import SchedPolicy
 from ._workload import boot_workload
 
 __all__ = ["SimKernelRig"]
 
 
-class SimKernelRig:
+class SimKernelRig(KernelRig):
+    """The context manager, :meth:`close` and :meth:`_closing_on_error` are
+    :class:`~textpoke.selftests._rig.KernelRig`'s, as live's rigs."""
+
     kernel: Kernel | None = None
 
     def _start(self, *, cpus: int, seed: int, line_size: int, policy: SchedPolicy,
@@ -44,23 +47,5 @@ class SimKernelRig:
         with self._closing_on_error():
             self.kernel = Kernel.start(self.sim, self.image, tables=self.tables, **kernel_args)
 
-    @contextmanager
-    def _closing_on_error(self) -> Iterator[None]:
-        try:
-            yield
-        except BaseException:
-            self.close()
-            raise
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        try:
-            if self.kernel is not None:
-                self.kernel.close()
-        finally:
-            self.w.close()
+    def _free(self) -> None:
+        self.w.close()
