@@ -16,9 +16,12 @@ Per run, in this order:
   the value), while the loop runs N = 2,000 calls (--quick: 500); the
   tracer services the stops until the program prints its time;
 * **textpoke --optimize**: the same with ``arm(optimize=True)`` (the JMP
-  to the client's buffer, hits recorded in the thread's ring in the target, drained
-  every 5 ms), N = 200,000 calls (--quick: 20,000); hits the loop's
+  to the client's buffer, hits recorded in the thread's ring in the target,
+  drained every 5 ms), N = 200,000 calls (--quick: 20,000); hits the loop's
   writers lapped before a read count as hits (overruns), not formatted;
+  then the same with ``ring_slots=0``: every thread on the one shared
+  ring, whose thread id 0 makes the recorder call ``gettid`` per hit (the
+  recorder's path before per-thread rings: the baseline for them);
 * **bpftrace**: ``uprobe:EXE:probed { printf("%lx\\n", arg0) }`` on the same
   program (a per-hit line with one argument, as ours), and the same with
   ``@n = count()`` (the bare uprobe), N = 10,000 calls (--quick: 2,000);
@@ -116,14 +119,17 @@ class Target:
         self.p.stdout.close()
 
 
-def ours(t: Target, n: int, optimize: bool = False) -> tuple[float, float, int]:
+def ours(t: Target, n: int, optimize: bool = False,
+         ring_slots: int | None = None) -> tuple[float, float, int]:
     """(loop ns, attach-to-detach s, hits) with our kprobe (*optimize*: the
-    JMP to the client's buffer and the recorder, ``--optimize``)."""
+    JMP to the client's buffer and the recorder, ``--optimize``;
+    *ring_slots* 0: every thread on the one shared ring, a ``gettid`` per
+    hit -- the recorder's path before per-thread rings)."""
     from textpoke.live import LiveProbe
     t0 = time.perf_counter()
     lp = LiveProbe(t.pid, "probed", ["%di"])
     try:
-        lp.arm(optimize=optimize)
+        lp.arm(optimize=optimize, ring_slots=ring_slots)
         arm = time.perf_counter() - t0
         assert lp.optimized == optimize, lp.how()
         t.start(n)
@@ -195,6 +201,7 @@ def run(args: argparse.Namespace) -> dict:
         exe = build(Path(d))
         s = {k: _stats.Series(k, u) for k, u in (("plain", "ns/call"), ("textpoke", "ns/hit"),
                                                  ("textpoke_opt", "ns/hit"),
+                                                 ("textpoke_opt_shared", "ns/hit"),
                                                  ("bpftrace", "ns/hit"),
                                                  ("bpftrace_count", "ns/hit"),
                                                  ("attach", "s"), ("attach_opt", "s"),
@@ -205,8 +212,10 @@ def run(args: argparse.Namespace) -> dict:
                 plain = t.loop(PLAIN_N) / PLAIN_N
                 ns, att, _ = ours(t, n_ours)
                 ns_o, att_o, _ = ours(t, n_opt, optimize=True)
+                ns_s, _att, _ = ours(t, n_opt, optimize=True, ring_slots=0)
                 vals = {"plain": plain, "textpoke": ns / n_ours - plain,
-                        "textpoke_opt": ns_o / n_opt - plain, "attach": att,
+                        "textpoke_opt": ns_o / n_opt - plain,
+                        "textpoke_opt_shared": ns_s / n_opt - plain, "attach": att,
                         "attach_opt": att_o, "cli": cli(t, "--no-optimize"), "cli_opt": cli(t)}
                 if use_bt:
                     vals["bpftrace"] = bpftrace(t, exe, n_bt, 'printf("%lx\\n", arg0);') \
@@ -232,7 +241,10 @@ def report(res: dict) -> str:
             [f"textpoke live probe hit, +ns (N={res['n']['textpoke']:,})",
              _stats.fmt_range(s["textpoke"], 0)],
             [f"textpoke live probe --optimize hit, +ns (N={res['n']['textpoke_opt']:,})",
-             _stats.fmt_range(s["textpoke_opt"], 0)]]
+             _stats.fmt_range(s["textpoke_opt"], 0)],
+            [f"  the same, one shared ring + gettid per hit (the recorder before per-thread "
+             f"rings), +ns (N={res['n']['textpoke_opt']:,})",
+             _stats.fmt_range(s["textpoke_opt_shared"], 0)]]
     if "bpftrace" in s:
         rows.append([f"bpftrace uprobe hit (printf arg0), +ns (N={res['n']['bpftrace']:,})",
                      _stats.fmt_range(s["bpftrace"], 0)])

@@ -149,14 +149,17 @@ class LiveProbe:
 
     # ------------------------------------------------------------ lifetime
     def arm(self, *, strategy: str = "int3", optimize: bool = False,
-            ring_size: int = RING_SIZE) -> None:
+            ring_size: int = RING_SIZE, ring_slots: int | None = None) -> None:
         """Attach, map execmem near the modules, register a kprobe per point
         through the kernel's client; with *optimize*, then ask the client
         to optimise each (:mod:`._probe_opt`: a JMP to a buffer whose
         callback records the hit in the thread's ring of *ring_size*
         entries in the target), keeping the INT3 probe, with its
-        ``opt_reason``, where that is refused.  On any error everything is
-        undone."""
+        ``opt_reason``, where that is refused.  *ring_slots*: rings for
+        threads (default: the threads there and :data:`RING_SLOTS_SPARE`
+        more; 0: every thread on the shared spare ring, which asks
+        ``gettid`` per hit -- a bench's baseline).  On any error everything
+        is undone."""
         from .._core import TextPoke
         from .._kprobes._core import KPROBES_EXECMEM
         from ..kernel import Kernel
@@ -183,7 +186,7 @@ class LiveProbe:
             # freeable by 'live recover' while nothing jumps into it
             self._journal_exec([])
             if optimize and any(p.opt_reason is None for p in self.points):
-                start = self._put_recorder(m, rng.start, ring_size)
+                start = self._put_recorder(m, rng.start, ring_size, ring_slots)
                 if self.recorder is not None:
                     image.symbols["optimized_callback"] = self.recorder
             self.kernel = Kernel(self.core, image, tables=image.tables((lo, hi)),
@@ -222,14 +225,16 @@ class LiveProbe:
             why = tsc_disabled(m, tids)
         return None if why is None else f"the recorder reads the TSC (rdtscp): {why}"
 
-    def _put_recorder(self, m, at: int, ring_size: int) -> int:
+    def _put_recorder(self, m, at: int, ring_size: int, slots: int | None) -> int:
         """The threads' rings (every thread's GS base on its own) and the
         recorder at *at* (the start of the probes' execmem); returns where
         the client's execmem starts.  A thread that uses its GS base itself
         leaves every point an INT3 probe, said."""
         from ._probe_opt import RECORDER_SIZE, recorder_code, stack_words
         from ._probe_rings import RING_SLOTS_SPARE, ThreadRings
-        self.ring = ThreadRings(m, ring_size, len(m.cpus) + RING_SLOTS_SPARE)
+        if slots is None:
+            slots = len(m.cpus) + RING_SLOTS_SPARE
+        self.ring = ThreadRings(m, ring_size, slots)
         try:
             self.ring.start()
         except NotSupportedError as e:

@@ -117,7 +117,7 @@ class ThreadRings:
         machine.require(Capability.DATA, "live probe's rings")
         machine.require(Capability.PERCPU, "live probe's per-thread rings")
         self.machine, self.size = machine, size
-        self.slots = max(1, min(slots, RING_SLOTS_MAX))
+        self.slots = max(0, min(slots, RING_SLOTS_MAX))
         stride = -(-ProbeRing.data_bytes(size) // 64) * 64
         self.base = machine.map_data(stride * (self.slots + 1), "probe-rings")
         self.rings = [ProbeRing(machine.mem, self.base + i * stride, size)
