@@ -204,3 +204,25 @@ def test_a_thread_made_while_probed_gets_its_ring(target, spare, monkeypatch):
     for h in hits:
         assert int(h.values[0], 16) == h.tid, h
     assert target.p.poll() is None and target.read(target.sym("f1"), 8) == target.text["f1"]
+
+
+def test_optimised_and_int3_probes_in_one_command(target):
+    """f1 optimised, f2 kept an INT3 probe (``@sink`` reads memory only a
+    stopped thread shows): hits of both, each with its own
+    thread's id, the start lines saying which is which."""
+    _optimisable()
+    r = subprocess.run([sys.executable, "-m", "textpoke", "live", "probe", "--pid",
+                        str(target.pid), "f1", "tid=%di", "-a", "f2 tid=%di s=@sink",
+                        "--max-hits", "300", "--json"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    p1, p2 = doc["probes"]
+    assert p1["optimized"] and not p2["optimized"], doc["probes"]
+    assert "reads memory other than" in p2["not_optimized_reason"]
+    ev = doc["events"]
+    assert {e["event"] for e in ev} == {"p_f1_0", "p_f2_0"}
+    for e in ev:
+        assert int(e["args"]["tid"], 16) == e["tid"], e
+    assert doc["int3_left"] == 0 and target.p.poll() is None
+    assert {f: target.read(target.sym(f), 8) for f in ("f1", "f2")} == target.text

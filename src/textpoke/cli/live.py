@@ -15,8 +15,9 @@ Subcommands (each takes ``--pid``; those that patch take ``--strategy``):
           funccount, with stubs injected into the process (no trap per hit):
           fentry sites, and any other function's entry through a trampoline
   recover undo what a patcher killed with SIGKILL left (from its journal)
-  probe   a kprobe on SYMBOL[+OFF] (the kernel's client, as uprobes are):
-          one trace line per hit with fetch-args (%di, +8(%sp), $arg2 ...)
+  probe   kprobes on SYMBOL[+OFF] (the kernel's client, as uprobes are; more
+          with -a 'SYMBOL[+OFF] FETCHARGS', as perf probe takes them): one
+          trace line per hit with fetch-args (%di, +8(%sp), $arg2 ...)
   trace   the ftrace function tracer (the kernel's client, its runtime
           injected): per-thread rings in the process, trace_pipe lines
 
@@ -246,8 +247,8 @@ def add_arguments(p: argparse.ArgumentParser, only: str | None = None) -> None:
                                     "(-8(%sp)) goes after '--', every option before it.  More "
                                     "probes in the same command, as with perf probe: -a "
                                     "'SYMBOL[+OFF] [FETCHARG...]' (quoted, repeatable; e.g. "
-                                    "live probe --pid P malloc %di -a 'free %di' -a "
-                                    "'realloc %di %si'): one line per hit of any, named by its "
+                                    "live probe --pid P libc.so.6:malloc size=%di:u64 -a 'libc.so.6:free %di' -a "
+                                    "'libc.so.6:realloc %di %si'): one line per hit of any, named by its "
                                     "event (p_SYMBOL_OFF); the points must lie within 2 GiB of "
                                     "each other (one module, or shared libraries).  Ends after "
                                     "--duration, --max-hits (hits of all probes), or Ctrl-C: the "
