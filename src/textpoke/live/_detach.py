@@ -81,6 +81,7 @@ class _Detach:
                 pass
         self._threads.clear()
         self._detach_stragglers()
+        self._detach_children()
         leader_parent = ppid_of(self.pid)
         for tid in list(self._exiting):
             if tid == self.pid and leader_parent == os.getpid():

@@ -171,6 +171,8 @@ class LiveMachine(_Tracer, _Traps, _StopMachine, _SignalDeferral, _Text, _Surviv
         self.pid = pid
         self._threads: dict[int, _Thread] = {}
         self._exiting: set[int] = set()
+        self._children: set[int] = set()     # vfork children traced (see _tracer)
+        self._children_gone: set[int] = set()    # ... and those let go since
         self._si = P.SigInfo()
         self._regs = P.UserRegs()
         self._int3_sites: set[int] = set()
@@ -216,8 +218,17 @@ class LiveMachine(_Tracer, _Traps, _StopMachine, _SignalDeferral, _Text, _Surviv
 
     @property
     def threads(self) -> list[int]:
-        """The thread ids attached now (the machine's CPUs)."""
+        """The thread ids attached now (the machine's CPUs), vfork children
+        included while they share the process's memory (see _tracer)."""
         return list(self._threads)
+
+    def set_percpu_base(self, cpu: int, addr: int) -> None:
+        """``Capability.PERCPU`` (see :mod:`._regions`); a vfork child that
+        has exec'd or exited since the caller listed the CPUs is skipped:
+        it runs none of this process's code any more."""
+        if cpu not in self._threads and cpu in self._children_gone:
+            return
+        super().set_percpu_base(cpu, addr)
 
     @property
     def text_ranges(self) -> list[TextRange]:

@@ -20,7 +20,7 @@ from .._errors import BadAddressError, MachineError
 from ._errors import ACCESS_HINT, AccessDenied, NoSuchProcess, ProcessChanged
 
 __all__ = ["Mapping", "ProcessIdentity", "read_maps", "list_tids", "ProcMem", "check_not_exited",
-           "state_of", "start_time", "ppid_of", "tracer_of"]
+           "state_of", "start_time", "ppid_of", "tracer_of", "shares_memory"]
 
 
 class Mapping:
@@ -163,6 +163,20 @@ def tracer_of(tid: int) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+_SYS_KCMP, _KCMP_VM = 312, 1
+
+
+def shares_memory(pid: int, other: int) -> bool:
+    """Whether processes *pid* and *other* run on one address space
+    (``kcmp(KCMP_VM)``: a vfork child, a ``clone(CLONE_VM)`` child); False
+    if the kernel cannot say (no kcmp, no access, either gone)."""
+    import ctypes
+
+    from ._ptrace import _libc
+    return _libc.syscall(ctypes.c_long(_SYS_KCMP), ctypes.c_long(pid), ctypes.c_long(other),
+                         ctypes.c_long(_KCMP_VM), ctypes.c_long(0), ctypes.c_long(0)) == 0
 
 
 def check_not_exited(pid: int) -> None:

@@ -123,7 +123,8 @@ class _Regions:
         with self._signals_deferred():
             self._hold_all()
             try:
-                held = sorted((t for t, th in self._threads.items() if th.state == _HELD),
+                held = sorted((t for t, th in self._threads.items()
+                               if th.state == _HELD and not th.child_of),
                               key=lambda t: t != self.pid)
                 if not held:
                     raise MachineError(f"no thread of process {self.pid} could be stopped")

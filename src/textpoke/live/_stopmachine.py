@@ -114,7 +114,9 @@ class _StopMachine:
         with self._signals_deferred():
             self._hold_all()
             try:
-                yield [tid for tid, t in self._threads.items() if t.state == _HELD]
+                # a vfork child last: callers inject into the first that works
+                yield sorted((tid for tid, t in self._threads.items() if t.state == _HELD),
+                             key=lambda tid: self._threads[tid].child_of != 0)
             finally:
                 self._release_held()
 

@@ -135,7 +135,8 @@ class _Survival:
             # stop (a signal on its way, e.g. a -pg program's SIGPROF) runs an
             # injected call by single-stepping libc (see _inject), which a
             # SIGKILL of the patcher turns into the target's death
-            held = sorted((t for t, th in self._threads.items() if th.state == _HELD),
+            held = sorted((t for t, th in self._threads.items()
+                           if th.state == _HELD and not th.child_of),
                           key=lambda t: (self._threads[t].hold_sig != 0, t != self.pid))
             if not held:
                 return False
@@ -173,7 +174,8 @@ class _Survival:
         try:
             errors = []
             # a thread in an event stop first (see _guard_verify)
-            for tid in sorted((t for t, th in self._threads.items() if th.state == _HELD),
+            for tid in sorted((t for t, th in self._threads.items()
+                               if th.state == _HELD and not th.child_of),
                               key=lambda t: (self._threads[t].hold_sig != 0, t != self.pid)):
                 def before(base: int, code: int, data: int) -> None:
                     # named before the mmap runs: a kill inside it leaves

@@ -16,12 +16,14 @@ import contextlib
 import errno
 import os
 import signal
+import threading
 import time
 
 from .._errors import MachineError
 from . import _fork, _ptrace as P
 from ._errors import ACCESS_HINT, AccessDenied, NoSuchProcess
-from ._process import list_tids, state_of, tracer_of
+from ._process import list_tids, shares_memory, state_of, tracer_of
+from ._process import ppid_of
 from ._sigdefer import _DEFERRED
 
 __all__ = ["LiveStats"]
@@ -30,12 +32,17 @@ __all__ = ["LiveStats"]
 # system call (live/_rescue.py) when the patcher dies must not be sent the
 # stop's SIGTRAP (see _rescue.SEIZE_OPTIONS)
 # TRACEFORK: a forked child's copy of sites in flight is put back (._fork)
+# TRACEVFORK: a vfork child (posix_spawn, subprocess) shares the text; it is
+# followed until its exec or exit (see _Thread.child_of)
+PTRACE_O_TRACEVFORK = 0x04
+PTRACE_EVENT_VFORK = 2
 _OPTIONS = P.PTRACE_O_TRACECLONE | P.PTRACE_O_TRACEEXIT | P.PTRACE_O_TRACEEXEC | 0x01 \
-    | _fork.PTRACE_O_TRACEFORK
+    | _fork.PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK
 _GROUP_STOP_SIGS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 
-# thread states
-_RUN, _HELD, _PARK, _LISTEN = "run", "held", "park", "listen"
+# thread states; _VFORK: a thread that vforked, kept in its PTRACE_EVENT_VFORK
+# stop until its child has exec'd or exited (see _Thread.child_of)
+_RUN, _HELD, _PARK, _LISTEN, _VFORK = "run", "held", "park", "listen", "vfork"
 
 
 class LiveStats:
@@ -45,7 +52,8 @@ class LiveStats:
     # dataclass machinery cost a millisecond of every command's start)
     __slots__ = ("attached", "threads_added", "threads_removed", "syncs", "interrupts", "writes",
                  "pokes", "traps", "traps_emulated", "traps_parked", "traps_rewound",
-                 "signals_passed", "group_stops", "single_steps", "quiesce_waits")
+                 "signals_passed", "group_stops", "single_steps", "quiesce_waits",
+                 "children_followed", "children_released")
 
     attached: int
     threads_added: int
@@ -62,6 +70,8 @@ class LiveStats:
     group_stops: int
     single_steps: int
     quiesce_waits: int     # looks of quiesce() that found a thread inside
+    children_followed: int   # vfork (or CLONE_VM) children traced while they share the text
+    children_released: int   # of them, detached at their exec or exit stop
 
     def __init__(self, **counts: int) -> None:
         for k in self.__slots__:
@@ -85,7 +95,7 @@ class LiveStats:
 
 class _Thread:
     __slots__ = ("tid", "state", "stops", "park_site", "park_regs", "hold_sig", "want_hold",
-                 "pending_int")
+                 "pending_int", "child_of", "vchild")
 
     def __init__(self, tid: int) -> None:
         self.tid = tid
@@ -101,7 +111,15 @@ class _Thread:
         # so before resuming a thread from any other stop while one is due,
         # the interrupt is sent again: exactly one interrupt stop follows.
         self.pending_int = 0
-
+        # A child that shares the process's memory but is another process
+        # (vfork, posix_spawn; clone(CLONE_VM) without CLONE_THREAD): the id
+        # of the thread that made it, 0 for the process's own threads.  It
+        # runs the same text, so it is a CPU of the machine like a thread
+        # (announced, synced, held, its traps handled -- the core's INT3
+        # handler claims a trap only on a CPU it knows) until its exec or
+        # exit stop, where it is detached.
+        self.child_of = 0
+        self.vchild = 0             # _VFORK: the child it waits for
 
 
 class _Tracer:
@@ -162,7 +180,7 @@ class _Tracer:
         except OSError as e:
             if e.errno != errno.ESRCH:
                 raise MachineError(f"PTRACE_CONT of thread {t.tid} failed: {e}") from None
-            self._vanished(t.tid)
+            self._lost(t)          # killed in its stop: its exit stop and death are to come
 
     def _add_thread(self, tid: int) -> _Thread:
         t = self._threads.get(tid)
@@ -179,8 +197,129 @@ class _Tracer:
         t = self._threads.pop(tid, None)
         self._sync_wait.pop(tid, None)
         if t is not None:
+            if t.child_of:
+                self._child_gone(t)
+                return
             self.stats.threads_removed += 1
             self._cpus_changed("remove", tid)
+
+    # ------------------------------------------------------------- children
+    # A vfork child runs on the parent's memory, text included, until it
+    # execs or exits: it can reach an INT3 of a batch in flight, a site
+    # being switched back, a trampoline being freed.  Not traced, it met
+    # them alone (posix_spawn's child resets every signal handler, the
+    # guard's included, so an INT3 killed it).  So it is traced
+    # (PTRACE_O_TRACEVFORK: the kernel attaches it, stopped before its
+    # first instruction) and is one more thread of the table -- synced,
+    # held, its traps handled -- until its exec or exit stop, where it is
+    # detached.  Its parent is kept in its PTRACE_EVENT_VFORK stop
+    # meanwhile (_VFORK): resumed, it would sleep in the kernel until the
+    # child is done (a killable wait: no interrupt stop until then), and
+    # a sync waiting for that stop would wait on the child; kept in the
+    # event stop it is a thread in the kernel that returns only through
+    # it, which is all a sync asks.  If the patcher dies there, the
+    # kernel resumes it into that wait (an event stop delivers no signal).
+
+    def _add_child(self, child: int, parent: int) -> _Thread:
+        t = self._threads.get(child)
+        if t is None:
+            t = _Thread(child)
+            t.state = _HELD         # in its first stop until we see and resume it
+            t.want_hold = self._holding
+            t.child_of = parent
+            self._threads[child] = t
+            self._children.add(child)
+            self.stats.children_followed += 1
+            # (a tracer gives it a ring of its own, as to a new thread: its
+            # events carry its own id, as the kernel's would)
+            self._cpus_changed("add", child)
+        return t
+
+    def _child_gone(self, t: _Thread) -> None:
+        """*t*, a child, left the table (exec, exit, killed): its parent,
+        kept in its vfork stop for it, goes on."""
+        self._children.discard(t.tid)
+        self._children_gone.add(t.tid)
+        self._cpus_changed("remove", t.tid)
+        p = self._threads.get(t.child_of)
+        if p is None or p.state != _VFORK or p.vchild != t.tid:
+            return
+        p.vchild = 0
+        p.state = _HELD
+        if p.want_hold:
+            p.hold_sig = 0          # let go with the others (its event stop: no signal)
+        else:
+            self._resume(p)
+
+    def _release_child(self, t: _Thread) -> None:
+        """Detach the child *t* at its exec stop (its memory is a new
+        program's now) or its exit stop (it runs no user code again)."""
+        self._threads.pop(t.tid, None)
+        self._sync_wait.pop(t.tid, None)
+        try:
+            P.detach(t.tid, 0)
+            self.stats.children_released += 1
+        except OSError:
+            pass                    # gone meanwhile (killed)
+        self._child_gone(t)
+
+    def _child_to_event_stop(self, t: _Thread) -> None:
+        """A child stopped for our SIGTRAP and kept stopped (parked, or held
+        with the trap consumed) is moved from that signal-delivery-stop to
+        an interrupt stop, with no user instruction in between (the kernel
+        takes a due interrupt trap before it looks for the next signal).
+        If the patcher dies, the kernel resumes a tracee in a signal stop
+        by delivering its signal: a thread of the process gets the guard's
+        handler, but posix_spawn's child has reset every handler to
+        SIG_DFL and would die of the SIGTRAP; from an event stop it just
+        goes on (at the site, where its rip was set)."""
+        tid = t.tid
+        try:
+            P.interrupt(tid)
+            P.cont(tid, 0)
+        except OSError:
+            self._vanished(tid)
+            return
+        si = P.SigInfo()
+        while True:
+            si.si_pid = 0
+            r = P.waitid(tid, si, True)
+            if r != -errno.EINTR:
+                break
+        if r < 0 or not si.si_pid:
+            self._vanished(tid)
+            return
+        code, status = si.si_code, si.si_status
+        if code == P.CLD_TRAPPED and status >> 8 == P.PTRACE_EVENT_STOP:
+            t.stops += 1
+            t.pending_int = 0
+            return                  # still parked / held, now in an event stop
+        self._handle(tid, code, status)     # (killed meanwhile)
+
+    def _detach_children(self) -> None:
+        """Detach any child still traced by us that the table lost (a failed
+        detach, a child born while the others were detached): left traced,
+        it would stop for a tracer that no longer waits, its parent asleep
+        in vfork behind it."""
+        me = threading.get_native_id()
+        for pid in list(self._children):
+            if tracer_of(pid) != me or state_of(pid) in ("", "Z", "X"):
+                self._children.discard(pid)
+                continue
+            try:
+                P.detach(pid, 0)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    P.interrupt(pid)
+                si = P.SigInfo()
+                for _ in range(200):        # its interrupt stop, if it can still stop
+                    si.si_pid = 0
+                    if P.waitid(pid, si, False) < 0 or si.si_pid:
+                        break
+                    time.sleep(0.001)
+                with contextlib.suppress(OSError):
+                    P.detach(pid, 0)
+            self._children.discard(pid)
 
     def _drain(self) -> None:
         """Handle a status a previous wait reaped but could not handle."""
@@ -218,7 +357,9 @@ class _Tracer:
                 nap = min(nap * 1.5, 1e-3)
                 if waited >= next_look:
                     next_look += 0.05
-                    st = state_of(self.pid, tid)
+                    t = self._threads.get(tid)
+                    # (a vfork child is a process of its own, not in our task list)
+                    st = state_of(tid) if t is not None and t.child_of else state_of(self.pid, tid)
                     if st in ("", "Z", "X"):
                         r = -errno.ECHILD
                         break
@@ -263,6 +404,8 @@ class _Tracer:
                 return
         got = False
         for tid in list(self._threads) + list(self._exiting):
+            if tid == self.pid and tid in self._exiting and ppid_of(tid) == os.getpid():
+                continue           # our own child: its death is its parent's (our) to reap
             got |= self._wait(tid, False)
         if not got:
             time.sleep(0.0002)
@@ -317,6 +460,22 @@ class _Tracer:
                 if nt.stops == 0:
                     self._wait(new, True)         # its first stop comes at once
             self._resume(t)
+        elif t.child_of and event in (P.PTRACE_EVENT_EXIT, P.PTRACE_EVENT_EXEC):
+            self._release_child(t)
+        elif event == PTRACE_EVENT_VFORK:
+            try:
+                child = P.geteventmsg(tid)
+            except OSError:
+                child = 0
+            if not child or t.child_of:
+                # (a child's own vfork: its child is not followed -- a child
+                # execs or exits, it does not spawn)
+                self._resume(t)
+                return
+            ct = self._add_child(child, tid)
+            t.state, t.vchild = _VFORK, child
+            if ct.stops == 0:
+                self._wait(child, True)           # its first stop comes at once
         elif event == P.PTRACE_EVENT_EXIT:
             self._threads.pop(tid, None)
             self._exiting.add(tid)
@@ -333,13 +492,23 @@ class _Tracer:
                 child = P.geteventmsg(tid)
             except OSError:
                 child = 0
-            if child:
+            if child and not t.child_of and shares_memory(self.pid, child):
+                # clone(CLONE_VM) with SIGCHLD: not a copy but the same
+                # memory (putting the copy's sites back would tear the
+                # parent's): followed like a vfork child, parent running
+                ct = self._add_child(child, tid)
+                if ct.stops == 0:
+                    self._wait(child, True)
+            elif child:
                 _fork.release_child(self, child)
             self._resume(t)
         elif event:
             self._resume(t)
         elif sig == signal.SIGTRAP:
             self._on_sigtrap(t)
+            if t.child_of and self._threads.get(tid) is t and (
+                    t.state == _PARK or (t.state == _HELD and t.hold_sig == 0)):
+                self._child_to_event_stop(t)
         else:
             if t.want_hold:
                 t.hold_sig = sig       # delivered when let go
