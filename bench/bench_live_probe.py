@@ -5,8 +5,9 @@ next to a bpftrace uprobe on the same function, in the same run.
     python bench/bench_live_probe.py [--repeat R] [--quick] [--json] [--no-bpftrace]
 
 Every run starts a fresh copy of a small C program (built with gcc) that,
-for each number N it reads on stdin, calls ``probed(i, 0x1234, 0xabcdef)``
-N times in a loop and prints the loop's own time (CLOCK_MONOTONIC, ns).
+for each line "N [T]" it reads on stdin, calls ``probed(i, 0x1234, 0xabcdef)``
+N times in a loop (over T threads made for it, N / T each) and prints the
+loop's own time (CLOCK_MONOTONIC, ns).
 Per run, in this order:
 
 * **plain**: the loop without any probe (N = 1,000,000 calls);
@@ -21,7 +22,10 @@ Per run, in this order:
   writers lapped before a read count as hits (overruns), not formatted;
   then the same with ``ring_slots=0``: every thread on the one shared
   ring, whose thread id 0 makes the recorder call ``gettid`` per hit (the
-  recorder's path before per-thread rings: the baseline for them);
+  recorder's path before per-thread rings: the baseline for them); and
+  both again with the loop split over 2 threads made for it, side by side
+  (+ns a hit costs its thread: (loop ns - plain loop ns) / calls per
+  thread);
 * **bpftrace**: ``uprobe:EXE:probed { printf("%lx\\n", arg0) }`` on the same
   program (a per-hit line with one argument, as ours), and the same with
   ``@n = count()`` (the bare uprobe), N = 10,000 calls (--quick: 2,000);
@@ -58,11 +62,19 @@ TARGET_C = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
+#include <pthread.h>
 volatile long sink;
 __attribute__((noinline)) long probed(long a, long b, long c)
 {
 	sink += a ^ b;
 	return a + b + c;
+}
+static void *loop(void *arg)
+{
+	long n = (long)arg;
+	for (long i = 0; i < n; i++)
+		probed(i, 0x1234, 0xabcdef);
+	return 0;
 }
 int main(void)
 {
@@ -70,11 +82,20 @@ int main(void)
 	printf("ready\n");
 	fflush(stdout);
 	while (fgets(line, sizeof line, stdin)) {
-		long n = atol(line);
+		long n = 0, nt = 1;
+		sscanf(line, "%ld %ld", &n, &nt);
 		struct timespec t0, t1;
+		pthread_t t[16];
 		clock_gettime(CLOCK_MONOTONIC, &t0);
-		for (long i = 0; i < n; i++)
-			probed(i, 0x1234, 0xabcdef);
+		if (nt <= 1)
+			loop((void *)n);
+		else {
+			/* nt threads made for the loop, n / nt calls each, side by side */
+			for (long k = 0; k < nt && k < 16; k++)
+				pthread_create(&t[k], 0, loop, (void *)(n / nt));
+			for (long k = 0; k < nt && k < 16; k++)
+				pthread_join(t[k], 0);
+		}
 		clock_gettime(CLOCK_MONOTONIC, &t1);
 		printf("%ld\n", (t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec));
 		fflush(stdout);
@@ -84,11 +105,13 @@ int main(void)
 """
 
 PLAIN_N = 1_000_000
+#: threads of the multithreaded rows (the box has two CPUs)
+MT = 2
 
 
 def build(d: Path) -> Path:
     (d / "t.c").write_text(TARGET_C)
-    subprocess.run(["gcc", "-O1", "-o", str(d / "t"), str(d / "t.c")], check=True)
+    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(d / "t"), str(d / "t.c")], check=True)
     return d / "t"
 
 
@@ -99,8 +122,8 @@ class Target:
         assert self.p.stdout.readline().strip() == "ready"
         self.pid = self.p.pid
 
-    def start(self, n: int) -> None:
-        self.p.stdin.write(f"{n}\n")
+    def start(self, n: int, threads: int = 1) -> None:
+        self.p.stdin.write(f"{n} {threads}\n")
         self.p.stdin.flush()
 
     def ready(self) -> bool:
@@ -109,8 +132,8 @@ class Target:
     def result(self) -> int:
         return int(self.p.stdout.readline())
 
-    def loop(self, n: int) -> int:
-        self.start(n)
+    def loop(self, n: int, threads: int = 1) -> int:
+        self.start(n, threads)
         return self.result()
 
     def close(self) -> None:
@@ -120,7 +143,7 @@ class Target:
 
 
 def ours(t: Target, n: int, optimize: bool = False,
-         ring_slots: int | None = None) -> tuple[float, float, int]:
+         ring_slots: int | None = None, threads: int = 1) -> tuple[float, float, int]:
     """(loop ns, attach-to-detach s, hits) with our kprobe (*optimize*: the
     JMP to the client's buffer and the recorder, ``--optimize``;
     *ring_slots* 0: every thread on the one shared ring, a ``gettid`` per
@@ -132,7 +155,7 @@ def ours(t: Target, n: int, optimize: bool = False,
         lp.arm(optimize=optimize, ring_slots=ring_slots)
         arm = time.perf_counter() - t0
         assert lp.optimized == optimize, lp.how()
-        t.start(n)
+        t.start(n, threads)
         while not t.ready():
             lp.pump(lambda: len(lp.hits) >= 256 or t.ready())
             lp.take()
@@ -146,7 +169,7 @@ def ours(t: Target, n: int, optimize: bool = False,
     # optimised: hits the ring's writers lapped before a read are counted,
     # not formatted (the host reads every 5 ms; the loop outruns it)
     lost = lp.ring.overruns + lp.ring.dropped if optimize else 0
-    assert lp.nhit + lost == n, (lp.nhit, lost, n)
+    assert lp.nhit + lost == n // threads * threads, (lp.nhit, lost, n)
     return ns, arm + close, lp.nhit
 
 
@@ -202,6 +225,8 @@ def run(args: argparse.Namespace) -> dict:
         s = {k: _stats.Series(k, u) for k, u in (("plain", "ns/call"), ("textpoke", "ns/hit"),
                                                  ("textpoke_opt", "ns/hit"),
                                                  ("textpoke_opt_shared", "ns/hit"),
+                                                 ("textpoke_opt_mt", "ns/hit"),
+                                                 ("textpoke_opt_mt_shared", "ns/hit"),
                                                  ("bpftrace", "ns/hit"),
                                                  ("bpftrace_count", "ns/hit"),
                                                  ("attach", "s"), ("attach_opt", "s"),
@@ -213,9 +238,17 @@ def run(args: argparse.Namespace) -> dict:
                 ns, att, _ = ours(t, n_ours)
                 ns_o, att_o, _ = ours(t, n_opt, optimize=True)
                 ns_s, _att, _ = ours(t, n_opt, optimize=True, ring_slots=0)
+                # MT threads made for the loop, side by side (on two CPUs,
+                # while the host reads): the added time a hit costs its thread
+                plain_mt = t.loop(PLAIN_N, MT) / (PLAIN_N // MT)
+                ns_m, _att, _ = ours(t, n_opt, optimize=True, threads=MT)
+                ns_ms, _att, _ = ours(t, n_opt, optimize=True, ring_slots=0, threads=MT)
                 vals = {"plain": plain, "textpoke": ns / n_ours - plain,
                         "textpoke_opt": ns_o / n_opt - plain,
-                        "textpoke_opt_shared": ns_s / n_opt - plain, "attach": att,
+                        "textpoke_opt_shared": ns_s / n_opt - plain,
+                        "textpoke_opt_mt": ns_m / (n_opt // MT) - plain_mt,
+                        "textpoke_opt_mt_shared": ns_ms / (n_opt // MT) - plain_mt,
+                        "attach": att,
                         "attach_opt": att_o, "cli": cli(t, "--no-optimize"), "cli_opt": cli(t)}
                 if use_bt:
                     vals["bpftrace"] = bpftrace(t, exe, n_bt, 'printf("%lx\\n", arg0);') \
@@ -244,7 +277,12 @@ def report(res: dict) -> str:
              _stats.fmt_range(s["textpoke_opt"], 0)],
             [f"  the same, one shared ring + gettid per hit (the recorder before per-thread "
              f"rings), +ns (N={res['n']['textpoke_opt']:,})",
-             _stats.fmt_range(s["textpoke_opt_shared"], 0)]]
+             _stats.fmt_range(s["textpoke_opt_shared"], 0)],
+            [f"textpoke --optimize, {MT} threads side by side, per-thread rings: +ns a hit "
+             f"costs its thread (N={res['n']['textpoke_opt']:,} in all)",
+             _stats.fmt_range(s["textpoke_opt_mt"], 0)],
+            [f"  the same, {MT} threads on one shared ring + gettid per hit",
+             _stats.fmt_range(s["textpoke_opt_mt_shared"], 0)]]
     if "bpftrace" in s:
         rows.append([f"bpftrace uprobe hit (printf arg0), +ns (N={res['n']['bpftrace']:,})",
                      _stats.fmt_range(s["bpftrace"], 0)])
