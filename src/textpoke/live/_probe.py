@@ -50,6 +50,7 @@ from ..images._tables import KernelTables
 from ._fetchargs import FetchArg, FetchArgError, format_value, parse_fetchargs
 from ._probe_point import Hit, ProbePoint, split_probe_def
 from ._process import alive
+from ._trace_view import thread_comm
 
 __all__ = ["FetchArg", "FetchArgError", "parse_fetchargs", "ProcessImage", "LiveProbe", "Hit",
            "ProbePoint", "split_probe_def", "RING_SIZE"]
@@ -446,15 +447,7 @@ class LiveProbe:
 
     # ------------------------------------------------------------ hits
     def _thread_comm(self, tid: int) -> str:
-        c = self._comm.get(tid)
-        if c is None:
-            try:
-                with open(f"/proc/{self.pid}/task/{tid}/comm") as f:
-                    c = f.read().strip()
-            except OSError:
-                c = "<...>"
-            self._comm[tid] = c
-        return c
+        return thread_comm(self.pid, tid, self._comm)
 
     def _cpu(self, tid: int) -> int:
         """The CPU the thread last ran on (``/proc/.../stat`` field 39),
