@@ -13,9 +13,26 @@ from .._core._emulate import PtRegs
 from .._core._machine import TrapPriority, drive
 from . import _ptrace as P
 from ._process import ProcMem
-from ._tracer import _HELD, _PARK, _Thread
+from ._tracer import _HELD, _PARK, _RUN, _Thread
 
 _INT3 = 0xCC
+
+
+class _LeftStop(Exception):
+    """A ptrace request on the thread whose stop is being handled failed
+    with ESRCH: the thread left that stop under us.  Only a SIGKILL does
+    that -- its process killed (say by the SIGTRAP another thread was just
+    given), or an exec in another thread."""
+
+
+def _op(fn, tid: int, *args):
+    """``fn(tid, *args)``, a ptrace request on the thread being handled;
+    its ESRCH becomes :class:`_LeftStop` (any other error, and any error of
+    a handler, is raised as it is)."""
+    try:
+        return fn(tid, *args)
+    except ProcessLookupError:
+        raise _LeftStop(tid) from None
 
 
 class _ShadowMem:
@@ -54,7 +71,7 @@ class _Traps:
         """Put *t* back at *site* (the trap is not delivered) and let it run
         on -- or keep it stopped, its SIGTRAP consumed, if it is being held."""
         regs.rip = site
-        P.setregs(t.tid, regs)
+        _op(P.setregs, t.tid, regs)
         self.stats.traps_rewound += 1
         if t.want_hold:
             t.hold_sig = 0
@@ -62,11 +79,30 @@ class _Traps:
         self._resume(t)
 
     def _on_sigtrap(self, t: _Thread) -> None:
+        try:
+            self._sigtrap_stop(t)
+        except _LeftStop:
+            self._lost(t)
+
+    def _lost(self, t: _Thread) -> None:
+        """*t* left its ptrace-stop without us (ESRCH): only a SIGKILL does
+        that, and the thread runs no user code again -- but it is not gone
+        yet: it still stops at its exit event and, traced, stays a zombie
+        until its tracer waits for it.  So it stays in the table, as
+        running, and the waits see it through its exit stop and its death.
+        (Dropped from the table here, it would sit in its exit stop or stay
+        a zombie with nobody waiting for it, and its process could not be
+        reaped: its parent's wait hung.)"""
+        if self._threads.get(t.tid) is t:
+            t.state = _RUN
+            t.park_regs = None
+
+    def _sigtrap_stop(self, t: _Thread) -> None:
         tid = t.tid
-        regs = P.getregs(tid, self._regs)
+        regs = _op(P.getregs, tid, self._regs)
         site = regs.rip - 1
         if site in self._int3_sites:
-            si = P.getsiginfo(tid)
+            si = _op(P.getsiginfo, tid)
             if si.si_code == P.SI_KERNEL:
                 self.stats.traps += 1
                 if self.text_read(site, 1)[0] != _INT3:
@@ -80,10 +116,10 @@ class _Traps:
                 # among them); at the site, the guard takes the INT3 again
                 at_site = P.UserRegs.from_buffer_copy(regs)
                 at_site.rip = site
-                P.setregs(tid, at_site)
+                _op(P.setregs, tid, at_site)
                 if self._run_chain(t, regs, site):
                     return
-                P.setregs(tid, regs)                # unclaimed: as it trapped
+                _op(P.setregs, tid, regs)          # unclaimed: as it trapped
                 if site in self._adopted:
                     # a dead patcher's INT3, not repaired yet: back to the
                     # site, to trap again until it is (never to the target)
@@ -142,7 +178,7 @@ class _Traps:
             # handler takes any INT3 still there), never at site+1
             t.park_regs = P.UserRegs.from_buffer_copy(regs)
             regs.rip = site
-            P.setregs(t.tid, regs)
+            _op(P.setregs, t.tid, regs)
             t.state = _PARK
             t.park_site = site
             self.stats.traps_parked += 1
@@ -151,7 +187,7 @@ class _Traps:
         for k, v in pt.gprs.items():
             if gprs.get(k) != v and hasattr(regs, k):
                 setattr(regs, k, v)
-        P.setregs(t.tid, regs)
+        _op(P.setregs, t.tid, regs)
         self.stats.traps_emulated += 1
         if t.want_hold:
             t.hold_sig = 0
@@ -172,8 +208,8 @@ class _Traps:
             regs.rip = t.park_site
             try:
                 P.setregs(tid, regs)
-            except OSError:
-                self._vanished(tid)
+            except ProcessLookupError:
+                self._lost(t)               # killed while parked: its exit is still to come
                 continue
             t.park_regs = None
             if t.want_hold:
