@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from _stats import fmt, fmt_range, interleaved_rates, now, script_main, table  # noqa: E402
 
-from textpoke.sim._clients_demo import ClientMachine  # noqa: E402
+from textpoke.sim import ClientMachine  # noqa: E402
 
 MODULE_FUNCTIONS = 1000
 

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _stats  # noqa: E402
 
-from textpoke.images._vmlinux import ensure_debian_kernel  # noqa: E402
+from textpoke.images import ensure_debian_kernel  # noqa: E402
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 #: children cache their bytecode (as an installed package has it), in a

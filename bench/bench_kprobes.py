@@ -30,7 +30,7 @@ from _stats import fmt, fmt_range, interleaved, now, script_main, table  # noqa:
 from unicorn import UC_HOOK_CODE  # noqa: E402
 
 from textpoke._kprobes._guest import HELPER_ADD, OPT_K, build_guest_functions  # noqa: E402
-from textpoke.sim._clients_demo import ClientMachine  # noqa: E402
+from textpoke.sim import ClientMachine  # noqa: E402
 
 CONFIGS = ("none", "int3 (boosted)", "int3 + post (single-step)", "optimised", "kretprobe")
 

@@ -109,8 +109,7 @@ def _check_clean(pid: int, addrs: list[int]) -> None:
 
 
 def bench_switch(t: Target, sizes: list[int], repeat: int, gdb: bool, tmp: Path) -> dict:
-    from textpoke.live._fentry import fentry_sites
-    from textpoke.live._symbols import Symbols
+    from textpoke.live import Symbols, fentry_sites
     with Symbols(t.pid) as s:
         sites = fentry_sites(s, "f0*")
         target = s.resolve("fentry_ret")
@@ -135,7 +134,7 @@ def bench_switch(t: Target, sizes: list[int], repeat: int, gdb: bool, tmp: Path)
 
 
 def bench_count(t: Target, repeat: int) -> dict:
-    from textpoke.live._count import live_count
+    from textpoke.live import live_count
     samples, windows = [], []
     for _ in range(1 + repeat):
         r = live_count(t.pid, "f0*", 0.2)

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
     why = ptrace_skip_reason()
     if why or not os.path.exists(PY):
         raise SystemExit(f"bench_live_entries: {why or 'no ' + PY}")
-    from textpoke.live._count import live_count
+    from textpoke.live import live_count
     w = Workload()
     res: dict = {"functions": args.functions, "cpus": os.cpu_count()}
     try:
@@ -126,8 +126,7 @@ def run(args: argparse.Namespace) -> dict:
         res["library"], res["cli"] = s["library"], s["cli"]
         # the baseline: as many fentry sites of a 4-busy-thread program, both
         # targets running (the same load for both figures)
-        from textpoke.live._entry import entry_sites
-        from textpoke.live._symbols import Symbols
+        from textpoke.live import Symbols, entry_sites
         with Symbols(w.p.pid) as syms:
             n = len(entry_sites(syms, args.functions)[0])
         with tempfile.TemporaryDirectory(prefix="bench-entries-") as d:

@@ -144,8 +144,7 @@ def run(args: argparse.Namespace) -> dict:
         tmp = Path(d)
         exe = gen.build(10_000, Path(args.build_dir or tmp))
         with Target(exe, tmp / "busy.out", mode="busy", threads=4) as t:
-            from textpoke.live._fentry import fentry_sites
-            from textpoke.live._symbols import Symbols
+            from textpoke.live import Symbols, fentry_sites
             for n in sizes:
                 with Symbols(t.pid) as s:
                     sites = fentry_sites(s, _glob(n))

@@ -89,7 +89,7 @@ def one_run(exe: Path, tmp: Path, rng: random.Random, i: int) -> dict:
     with Target(exe, tmp / f"s{i}", mode="busy", threads=4) as t:
         addrs = site_addrs(t.pid)
         maps0 = Path(f"/proc/{t.pid}/maps").read_text()
-        from textpoke.live._symbols import Symbols
+        from textpoke.live import Symbols
         with Symbols(t.pid) as syms:
             fentry_ret = syms.resolve("fentry_ret")
         if cmd == "toggle" and rng.random() < 0.5:
@@ -153,7 +153,7 @@ def one_run(exe: Path, tmp: Path, rng: random.Random, i: int) -> dict:
         res["leaked_maps"] = len(extra)
         if extra:
             res["why"].append("mappings left: " + " | ".join(extra[:3]))
-        from textpoke.live._journal import journal_path
+        from textpoke.live import journal_path
         res["journal_left"] = journal_path(t.pid).exists()
         if res["journal_left"]:
             res["why"].append("journal left")

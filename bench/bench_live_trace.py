@@ -136,7 +136,7 @@ def traced(t: Target, n: int, clock: str | None = None,
     """(loop ns, callbacks run) with the function tracer on ``probed``
     (*clock*: the rings' trace clock, None: live trace's own choice;
     *pattern*: :data:`BRIDGED` for the bridge)."""
-    from textpoke.live._trace import LiveTrace
+    from textpoke.live import LiveTrace
     lt = LiveTrace(t.pid, pattern, ring=4096, clock=clock)
     if pattern == BRIDGED:
         assert [s.bridge for s in lt.sites if s.function == "probed"] == [0], \

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from textpoke._alternative._kboot import kernel_text_of                # noqa: E402
 from textpoke.kernel import BootOptions, CpuCaps, boot_kernel, load_kernel  # noqa: E402
-from textpoke.images._vmlinux import ensure_debian_kernel  # noqa: E402
+from textpoke.images import ensure_debian_kernel  # noqa: E402
 
 SETUPS = {
     "no mitigations, 1 CPU": (["always"], "__x86_return_thunk", 1),

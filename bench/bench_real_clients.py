@@ -190,7 +190,7 @@ def kernel_under_qemu(args) -> tuple[dict[str, Series], dict]:
     """The kernel's own time for the same step, under QEMU/TCG (one boot)."""
     from textpoke.images._qemu import resolve_kernel
     from textpoke.images._qemu_runtime_timing import ftrace_timing
-    from textpoke.images._vmlinux import ensure_debian_kernel
+    from textpoke.images import ensure_debian_kernel
     kernel = ensure_debian_kernel(resolve_kernel("6.12-cloud"))
     t = ftrace_timing(kernel, reps=args.qemu_rounds,
                       progress=lambda m: print(f"  qemu: {m}", file=sys.stderr, flush=True))

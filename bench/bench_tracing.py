@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from _stats import Series, fmt, fmt_range, interleaved, now, script_main, table  # noqa: E402
 
-from textpoke.sim._ftrace_work import FtraceMachine  # noqa: E402
+from textpoke.sim import FtraceMachine  # noqa: E402
 
 SIZES = (2000, 20000)
 

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.schedules is None:
         args.schedules = 10 if args.quick else 30
     import psutil
-    from textpoke.sim._verify import verify
+    from textpoke.sim import verify
     from textpoke.verify._cluster import Campaign, Cell, connect
 
     scn = args.scenarios.split(",")
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         if n == ns[0]:
             # one result's size on the wire, as Dask would pickle it
             from textpoke.verify._cluster import run_chunk
-            from textpoke.sim._verify import schedule_seeds
+            from textpoke.sim import schedule_seeds
             r1 = run_chunk({"scenario": scn[0], "strategy": "naive", "mutation": None,
                             "cpus": 3, "line_size": 64},
                            list(schedule_seeds(0, args.chunk)), 0)

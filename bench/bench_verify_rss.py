@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from textpoke.sim._verify import SCENARIOS, verify                    # noqa: E402
+from textpoke.sim import SCENARIOS, verify  # noqa: E402
 
 import _stats                                                          # noqa: E402
 

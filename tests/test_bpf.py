@@ -13,7 +13,7 @@ from textpoke import (BadAddressError, BpfJit, BpfTextPokeBusy, ExecMem, ExecMem
                       x86_nops)
 from textpoke._bpf import jit_add_const
 from textpoke import BPF_MOD_CALL, BPF_MOD_JUMP, bpf_arch_text_poke
-from textpoke.sim._clients_demo import ClientMachine
+from textpoke.sim import ClientMachine
 
 
 @pytest.fixture

@@ -74,7 +74,7 @@ def test_the_line_size_shapes_the_schedule():
     # Why the replay must carry --line-size: a seed that breaks the
     # byte-granular protocol need not break it at the default line size, so
     # a replay that dropped it would run another schedule and find nothing.
-    from textpoke.sim._verify import run_schedule, schedule_seeds
+    from textpoke.sim import run_schedule, schedule_seeds
     seed = next(sd for sd in schedule_seeds(3, 200)
                 if run_schedule("xline", sd, mutation="no-sync-1", line_size=1).violations
                 and not run_schedule("xline", sd, mutation="no-sync-1", line_size=64).violations)

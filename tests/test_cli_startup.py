@@ -115,8 +115,7 @@ def test_a_one_site_toggle_loads_no_decoder_and_no_relocator(count_target):
 def test_one_name_is_found_without_reading_every_symbol(count_target):
     """A toggle of one function (and its call target) looks the names up in
     the string tables: no module's whole symbol table is read."""
-    from textpoke.live._fentry import fentry_sites
-    from textpoke.live._symbols import Symbols
+    from textpoke.live import Symbols, fentry_sites
     with Symbols(count_target.pid) as s:
         sites = fentry_sites(s, "f00007")
         target = s.resolve("fentry_ret")

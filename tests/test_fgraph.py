@@ -19,7 +19,7 @@ import pytest
 
 from textpoke._ftrace._graph import format_graph
 from textpoke import FunctionGraph, GraphError
-from textpoke.sim._ftrace_work import FtraceMachine
+from textpoke.sim import FtraceMachine
 from textpoke.selftests import DEMO_FUNCTIONS
 
 FT = ("ft_open", "ft_lookup", "ft_hash", "ft_permission", "ft_read")
@@ -421,7 +421,7 @@ def test_then_stop_is_refused_without_image():
 
 # ------------------------------------------------------------ the self-test
 def test_the_graph_selftest_passes_on_running_cpus():
-    from textpoke.selftests._fgraph import graph_selftest
+    from textpoke.selftests import graph_selftest
     with FtraceMachine(cpus=3, seed=5) as fm:
         r = graph_selftest(fm)
         assert r.passed, [c for c in r.cases if not c["passed"]]
@@ -433,7 +433,7 @@ def test_the_graph_selftest_catches_calls_that_were_not_hooked(monkeypatch):
     """Teeth: a host half that lets every ft_hash call through unhooked
     (no entry, no return) fails the counting case, and only what it broke."""
     from textpoke._ftrace import _graph
-    from textpoke.selftests._fgraph import graph_selftest
+    from textpoke.selftests import graph_selftest
     real = _graph.FunctionGraph._enter
 
     def lossy(self, regs):

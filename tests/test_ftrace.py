@@ -15,7 +15,7 @@ from textpoke import (CALL_INSN_OPCODE, FtraceBugError, FtraceDisabledError, Ftr
                       TraceEntry, text_gen_insn, x86_nops)
 from textpoke._ftrace import format_trace_line
 from textpoke.selftests import DEMO_FUNCTIONS, expected_hits, ftrace_selftest
-from textpoke.sim._ftrace_work import FtraceMachine
+from textpoke.sim import FtraceMachine
 
 have_gcc = all(shutil.which(t) for t in ("gcc", "as", "ld"))
 NOP5 = x86_nops[5]

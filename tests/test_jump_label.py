@@ -11,7 +11,7 @@ import dataclasses
 from textpoke import JumpLabelError, StaticKeyWarning, StaticKeys, UnknownKeyError, x86_nops
 from textpoke.images._tables import jump_table
 from textpoke.selftests import many_key_flip, static_keys_selftest
-from textpoke.sim._clients_demo import ClientMachine
+from textpoke.sim import ClientMachine
 
 
 @pytest.fixture

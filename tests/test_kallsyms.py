@@ -247,7 +247,7 @@ def test_map_against_image_symbols():
 # ---------------------------------------------------- Debian's 6.12 cloud kernel
 @pytest.fixture(scope="module")
 def debian():
-    from textpoke.images._vmlinux import KernelUnavailable, ensure_debian_kernel
+    from textpoke.images import KernelUnavailable, ensure_debian_kernel
     try:
         return ensure_debian_kernel()
     except KernelUnavailable as e:

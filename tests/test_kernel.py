@@ -187,8 +187,7 @@ def test_the_sim_rigs_give_what_the_selftests_use():
     """The self-tests in textpoke.selftests act only through a rig; the
     sim's ClientMachine and FtraceMachine must offer every member."""
     from textpoke.selftests import ClientRig, FtraceRig
-    from textpoke.sim._clients_demo import ClientMachine
-    from textpoke.sim._ftrace_work import FtraceMachine
+    from textpoke.sim import ClientMachine, FtraceMachine
     for rig_cls, proto in ((ClientMachine, ClientRig), (FtraceMachine, FtraceRig)):
         with rig_cls(cpus=1, seed=0) as rig:
             missing = sorted(n for n in _protocol_members(proto) if not hasattr(rig, n))
@@ -211,7 +210,7 @@ def test_the_readmes_client_tour_runs(capsys):
 def test_kernel_config_reaches_the_clients():
     from textpoke.kernel import Kernel
     from textpoke.kernel._kernel import BUNDLED_CONFIG
-    from textpoke.sim._clients_demo import ClientMachine
+    from textpoke.sim import ClientMachine
     assert BUNDLED_CONFIG == {"X86_KERNEL_IBT": True, "PREEMPTION": False,
                               "KPROBES_ON_FTRACE": False}
     with ClientMachine(cpus=1, seed=1) as m:

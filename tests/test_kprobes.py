@@ -11,7 +11,7 @@ import pytest
 from textpoke import Capability, KprobeError, SmpAlternatives, TrapPriority, x86_nops
 from textpoke._alternative._smp_locks import SmpAltModule
 from textpoke._kprobes._guest import DIV_FACTOR, HELPER_ADD, OPT_K, build_guest_functions
-from textpoke.sim._clients_demo import ClientMachine
+from textpoke.sim import ClientMachine
 
 RAND1 = 0x2F5A_1C37          # lib/test_kprobes.c draws rand1 at random; any u32 > 0 will do
 

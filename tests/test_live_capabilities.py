@@ -101,10 +101,9 @@ def test_quiesce_sees_a_return_address_on_a_stack_and_gives_up_with_the_reason(m
     """The main thread sleeps in read() called from main(): no rip in main,
     but its stack holds a return address into it -- so main is never
     quiet; an idle function is quiet at once."""
-    from textpoke.live import LiveMachine
-    from textpoke.live import _regions
+    from textpoke.live import LiveMachine, _regions
     from textpoke.live._regions import QuiesceTimeout
-    from textpoke.live._symbols import Symbols
+    from textpoke.live import Symbols
     t = Target(2)
     try:
         syms = Symbols(t.pid)
@@ -169,7 +168,7 @@ def test_recover_frees_a_dead_patchers_regions_unless_code_is_in_them(tmp_path, 
     import signal
     import subprocess
     import sys
-    from textpoke.live._journal import journal_path
+    from textpoke.live import journal_path
     t = Target(2)
     try:
         drv = tmp_path / "driver.py"

@@ -44,7 +44,7 @@ def target(exe, tmp_path):
 
 
 def _addr(pid: int, name: str) -> int:
-    from textpoke.live._symbols import Symbols
+    from textpoke.live import Symbols
     with Symbols(pid) as s:
         return s.resolve(name)
 

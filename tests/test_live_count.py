@@ -107,8 +107,7 @@ def test_injected_mmap_restores_every_register(builddir):
     from textpoke import live  # noqa: F401  (the package imports)
     from textpoke.live import _ptrace as pt
     from textpoke.live._inject import StoppedThread
-    from textpoke.live._symbols import Symbols
-    from textpoke.live import read_maps
+    from textpoke.live import Symbols, read_maps
     n, threads, rounds = 30, 4, 5
     exe = gen.build(n, builddir)
     with Target(exe, builddir / "inj.out", threads=threads, rounds=rounds) as t, Symbols(t.pid) as s:
@@ -156,9 +155,9 @@ def test_live_count_10000_functions_is_exact(big_exe, builddir, strategy):
     every function a known number of times inside the window (the window
     callback opens it with SIGUSR1 and waits for the program's report), so
     every count must equal both the program's own count and the formula."""
-    from textpoke.live._count import live_count
+    from textpoke.live import live_count
     from textpoke.live._fentry import NOP5, fentry_sites
-    from textpoke.live._symbols import Symbols
+    from textpoke.live import Symbols
     want = expected_window(NBIG, THREADS, ROUNDS)
     with Target(big_exe, builddir / f"big_{strategy}.out", threads=THREADS, rounds=ROUNDS) as t:
         with Symbols(t.pid) as s:
@@ -202,7 +201,7 @@ def test_live_count_while_threads_call_everything(big_exe, builddir):
     are switched.  Calls made between two snapshots taken inside the window
     are all counted (at most one call per thread in flight at either
     snapshot), and nothing is counted that the program did not do."""
-    from textpoke.live._count import live_count
+    from textpoke.live import live_count
     with Target(big_exe, builddir / "busy.out", mode="busy", threads=THREADS) as t:
         snaps: list[list[int]] = []
 

@@ -216,14 +216,14 @@ def _read(pid: int, addr: int, n: int) -> bytes:
 
 
 def _functions(pid: int) -> dict:
-    from textpoke.live._symbols import Symbols
+    from textpoke.live import Symbols
     with Symbols(pid) as s:
         return {f.name: (f.addr, f.size) for f in s.functions("e_*")}
 
 
 @live
 def test_count_is_exact_and_every_refusal_has_its_reason(entries_exe):
-    from textpoke.live._count import live_count
+    from textpoke.live import live_count
     t = Entries(entries_exe)
     try:
         funcs = _functions(t.pid)
@@ -261,7 +261,7 @@ def test_threads_running_through_the_moved_bytes(entries_exe):
     """4 threads call the functions in a loop while their entries are
     switched both ways: any thread between two moved instructions is
     stepped out first; the target keeps running right."""
-    from textpoke.live._count import live_count
+    from textpoke.live import live_count
     t = Entries(entries_exe)
     try:
         funcs = _functions(t.pid)
@@ -270,7 +270,7 @@ def test_threads_running_through_the_moved_bytes(entries_exe):
 
         def window():
             # until every counted function has been called since the switch
-            from textpoke.live._symbols import Symbols
+            from textpoke.live import Symbols
             with Symbols(t.pid) as s:
                 h = s.lookup("hits").addr
             first = _read(t.pid, h, 40)
@@ -395,8 +395,7 @@ PY = "/usr/bin/python3"
 def test_an_ifunc_is_refused_with_the_reason():
     """libc's memcpy is an IFUNC: its symbol is the resolver, not what the
     calls reach; counting it would print 0, so it is refused, saying why."""
-    from textpoke.live._entry import entry_sites
-    from textpoke.live._symbols import Symbols
+    from textpoke.live import Symbols, entry_sites
     p = subprocess.Popen([PY, "-c", "import sys; print('up', flush=True); sys.stdin.read()"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -414,8 +413,7 @@ def test_an_ifunc_is_refused_with_the_reason():
 def test_python3_cold_part_into_an_entry_is_refused():
     """PyOS_strtol's cold part (unnamed: .dynsym only) jumps back to
     PyOS_strtol+1 after skipping a space: moving its entry would break it."""
-    from textpoke.live._entry import entry_sites
-    from textpoke.live._symbols import Symbols
+    from textpoke.live import Symbols, entry_sites
     p = subprocess.Popen([PY, "-c", "import sys; print('up', flush=True); sys.stdin.read()"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -452,7 +450,7 @@ def test_count_on_debian_python3(pattern, must):
 
         base = [rnd(1), rnd(2)]
         during: list[str] = []
-        from textpoke.live._count import live_count
+        from textpoke.live import live_count
         res = live_count(p.pid, pattern, window=lambda: during.extend([rnd(1), rnd(2)]))
         got = dict(res.counts)
         assert during == base and [rnd(1), rnd(2)] == base      # output unchanged

@@ -35,9 +35,7 @@ def _bytes(pid: int, sites) -> list[bytes]:
 
 @pytest.mark.parametrize("form", ["patchable", "pie-fentry"])
 def test_count_is_exact_on_each_entry_form(tmp_path_factory, form):
-    from textpoke.live._count import live_count
-    from textpoke.live._fentry import fentry_sites
-    from textpoke.live._symbols import Symbols
+    from textpoke.live import Symbols, fentry_sites, live_count
     exe = gen.build(N, tmp_path_factory.mktemp(f"forms_{form}"), form=form)
     with Target(exe, tmp_path_factory.mktemp("o") / "out", threads=THREADS, rounds=ROUNDS) as t:
         with Symbols(t.pid) as s:
@@ -69,7 +67,7 @@ def test_count_is_exact_on_each_entry_form(tmp_path_factory, form):
 def test_patchable_entries_while_threads_run_through_them(tmp_path_factory):
     """Busy threads run through the five NOPs all the time: the switch waits
     until none stands between two of them (stepping it out), both ways."""
-    from textpoke.live._count import live_count
+    from textpoke.live import live_count
     exe = gen.build(N, tmp_path_factory.mktemp("forms_busy"), form="patchable")
     with Target(exe, tmp_path_factory.mktemp("o") / "busy", mode="busy", threads=THREADS) as t:
         snaps: list[list[int]] = []
@@ -110,8 +108,7 @@ def test_toggle_on_each_entry_form(tmp_path_factory, form):
             assert r.returncode == 0, r.stderr
             j = json.loads(r.stdout)
             assert j["switched"] == N and j["now_as_asked"] == N and j["int3_left"] == 0
-            from textpoke.live._fentry import fentry_sites
-            from textpoke.live._symbols import Symbols
+            from textpoke.live import Symbols, fentry_sites
             with Symbols(t.pid) as s:
                 assert {x.found[:1] for x in fentry_sites(s, "f0*")} == {first}
         line, _ = t.signal_and_read(signal.SIGUSR1)

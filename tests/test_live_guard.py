@@ -146,7 +146,7 @@ class _Target:
 
 
 def _hits_addr(pid: int) -> int:
-    from textpoke.live._symbols import Symbols
+    from textpoke.live import Symbols
     with Symbols(pid) as s:
         return s.lookup("hits").addr
 
@@ -160,7 +160,7 @@ def _sites(pid: int) -> list[int]:
 
 
 def test_target_resetting_sigtrap_in_a_loop_is_patched_cleanly(exe):
-    from textpoke.live._journal import journal_path
+    from textpoke.live import journal_path
     with _Target(exe, "loop") as t:
         addrs = _sites(t.pid)
         maps0 = Path(f"/proc/{t.pid}/maps").read_text()
@@ -205,7 +205,7 @@ DRIVER = textwrap.dedent("""
 
 
 def test_guard_put_back_after_the_target_reset_it_then_sigkill(exe, tmp_path):
-    from textpoke.live._journal import journal_path
+    from textpoke.live import journal_path
     trigger = tmp_path / "reset-now"
     with _Target(exe, "ask", trigger) as t:
         addrs = _sites(t.pid)
@@ -265,7 +265,7 @@ def test_an_int3_written_on_purpose_keeps_no_guard(exe):
     once the batch is done -- no guard keeps the threads waiting at it and
     no journal reads as a dead patcher's; the target dies of SIGTRAP as it
     would without textpoke."""
-    from textpoke.live._journal import journal_path
+    from textpoke.live import journal_path
     with _Target(exe, "ask") as t:
         r = tp("poke", "--pid", str(t.pid), "g005", "cc", "--force")
         assert r.returncode == 0, r.stdout + r.stderr

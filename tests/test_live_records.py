@@ -14,7 +14,7 @@ import pytest
 
 
 def test_symbol_compares_without_module_and_ifunc_and_is_immutable():
-    from textpoke.live._symbols import Symbol
+    from textpoke.live import Symbol
     a = Symbol("f", 0x1000, 16, None, True, False)
     b = Symbol("f", 0x1000, 16, "another module", True, True)
     assert a == b and hash(a) == hash(b) and len({a, b}) == 1
@@ -28,7 +28,7 @@ def test_symbol_compares_without_module_and_ifunc_and_is_immutable():
 
 
 def test_mapping_is_an_immutable_hashable_record():
-    from textpoke.live._process import Mapping
+    from textpoke.live import Mapping
     m = Mapping(0x1000, 0x2000, "r-xp", 0, "08:01", 7, "/bin/x")
     n = Mapping(0x1000, 0x2000, "r-xp", 0, "08:01", 7, "/bin/x")
     assert m == n and hash(m) == hash(n) and m != Mapping(0x1000, 0x2000, "r--p", 0, "08:01", 7,
@@ -42,8 +42,7 @@ def test_mapping_is_an_immutable_hashable_record():
 
 
 def test_fentry_site_and_live_stats():
-    from textpoke.live._fentry import FentrySite
-    from textpoke.live._tracer import LiveStats
+    from textpoke.live import FentrySite, LiveStats
     s = FentrySite(0x401000, "f", 0x401000, "exe", "mcount", b"", "")
     t = FentrySite(0x401000, "f", 0x401000, "exe", "mcount", b"", "")
     assert s == t

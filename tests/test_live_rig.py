@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(live_skip_reason() is not None, reason=live_skip
 
 @pytest.fixture
 def rig():
-    from textpoke.live._rig import LiveClientRig
+    from textpoke.live import LiveClientRig
     with LiveClientRig(cpus=3) as r:
         yield r
     assert r.proc.returncode == 0        # the loader ended by itself, nothing killed it

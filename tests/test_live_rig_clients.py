@@ -9,6 +9,8 @@ chain on live as on the sim."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import struct
 
@@ -133,17 +135,97 @@ def test_an_int3_in_the_images_text_reaches_the_chain_and_unclaimed_kills_as_bef
         rig.close()
 
 
-def test_a_loader_killed_under_an_armed_kprobe_is_reported_and_reaped_by_close():
-    """The process dies while a probe is armed: close() says so (the probe's
-    text cannot be restored in a process that is gone) and still detaches
-    and reaps it -- no hang on a loader whose threads stay traced."""
-    from textpoke.live import NoSuchProcess
+def _killed_loader_with_an_armed_kprobe():
     from textpoke.live._rig import LiveClientRig
     rig = LiveClientRig(cpus=2)
     rig.kernel.kprobes.register_kprobe("sc_func_a", lambda p, regs: None)
     rig.add_probe("sc_func_b", arg=1, allow=[3])
     rig.start()
     rig.proc.kill()
+    return rig
+
+
+def test_a_loader_killed_under_an_armed_kprobe_is_reaped_with_its_status_and_reported_by_close():
+    """The process dies while a probe is armed.  Killed is not gone yet:
+    its threads stop at their exit event, memory still mapped, until their
+    tracer lets them on -- so the rig serves them and says the process
+    died once its parent (the test) has reaped it, with its real status;
+    then close() says the probe's text cannot be restored in a process
+    that is gone, and still detaches."""
+    from textpoke.live import NoSuchProcess
+    rig = _killed_loader_with_an_armed_kprobe()
+    assert not rig.wait_passes(1)
+    assert rig.proc.returncode == -signal.SIGKILL
     with pytest.raises(NoSuchProcess):
         rig.close()
+    assert rig.machine.threads == []
+
+
+def test_a_loader_killed_just_before_close_is_let_through_and_reaped_by_close():
+    """Closed at once after the kill: the threads are on their way out
+    (some in their exit stop, the memory still there), so whether the
+    probe's byte goes back before the memory goes is a race -- close()
+    restores it or says the process is gone.  Either way it lets every
+    thread through, never hangs on a loader whose threads stay traced, and
+    the loader is reaped with its own status (not stolen by the tracer's
+    waits, which would leave the parent a 0)."""
+    from textpoke.live import NoSuchProcess
+    rig = _killed_loader_with_an_armed_kprobe()
+    with contextlib.suppress(NoSuchProcess):
+        rig.close()
     assert rig.proc.returncode == -signal.SIGKILL
+
+
+def test_a_thread_killed_while_its_trap_is_handled_is_kept_until_its_death_is_reaped():
+    """The process is killed while the machine handles a thread's trap, and
+    the thread leaves its stop before the handling is over (a hook in the
+    handler kills the loader and lets the thread through its exit stop:
+    what a SIGKILL landing between the stop's report and the next ptrace
+    request does).  The requests on that thread then fail with ESRCH: the
+    machine keeps the thread as running until its death is reaped -- no
+    error out of the handling (before: ProcessLookupError out of
+    run_task), the rig reports the process dead, its parent gets the real
+    status, and no thread is left behind."""
+    from textpoke.live import NoSuchProcess, _ptrace as P
+    from textpoke.live._rig import LiveClientRig
+    rig = LiveClientRig(cpus=2)
+    try:
+        fn = rig.sym("sc_func_b")                    # x + 2
+        i = rig.add_probe("sc_func_b", arg=5, allow=[7])
+        rig.start()
+        assert rig.expect({i: 7}) == {}
+        armed, killed = [], []
+
+        def handler(regs):
+            if False:
+                yield
+            if regs.ip - 1 != fn:
+                return False
+            if armed and not killed:
+                tid = regs.cpu
+                killed.append(tid)
+                os.kill(rig.pid, signal.SIGKILL)
+                exit_stop = signal.SIGTRAP | P.PTRACE_EVENT_EXIT << 8
+                while True:                          # until it has left its trap stop
+                    try:
+                        si = P.getsiginfo(tid)
+                    except ProcessLookupError:
+                        break                        # running to its exit
+                    if si.si_code == exit_stop:
+                        P.cont(tid, 0)               # through its exit stop, unseen
+                        break
+            _return_plus(regs, 100)
+            return True
+
+        rig.machine.register_trap_handler(handler, priority=TrapPriority.NOTIFIER,
+                                          name="test-kill-mid-handling")
+        rig.allow(i, [7, 105])
+        with rig.core.text_mutex:
+            rig.core.text_poke(fn, b"\xcc")
+        armed.append(1)
+        assert not rig.wait_passes(2)
+        assert killed and rig.proc.returncode == -signal.SIGKILL
+        assert rig.machine.threads == []
+    finally:
+        with contextlib.suppress(NoSuchProcess):
+            rig.close()

@@ -64,7 +64,7 @@ def exe(tmp_path_factory):
 
 @pytest.mark.parametrize("phase, policy", [("int3", "park"), ("tail", "emulate")])
 def test_sigkill_mid_batch_then_recover(exe, tmp_path, phase, policy):
-    from textpoke.live._journal import journal_path
+    from textpoke.live import journal_path
     with Target(exe, tmp_path / "busy", mode="busy", threads=4) as t:
         r = tp("sites", "--pid", str(t.pid), "--functions", "f0*", "--json")
         addrs = [int(s["addr"], 16) for s in json.loads(r.stdout)["sites"]]
@@ -113,7 +113,7 @@ def test_sigkill_mid_batch_then_recover(exe, tmp_path, phase, policy):
 def test_clean_runs_leave_no_guard_or_journal(exe, tmp_path):
     """A normal toggle and count remove the guard and the journal: the
     target's mappings are as before."""
-    from textpoke.live._journal import journal_path
+    from textpoke.live import journal_path
     with Target(exe, tmp_path / "busy", mode="busy", threads=4) as t:
         maps0 = Path(f"/proc/{t.pid}/maps").read_text()
         for to in ("call:fentry_ret", "nop"):

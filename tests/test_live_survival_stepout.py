@@ -139,5 +139,5 @@ def test_sigkill_right_after_a_thread_got_out_of_a_range(exe, tmp_path):
             d.wait()
         t.kill()
         t.wait()
-        from textpoke.live._journal import journal_path
+        from textpoke.live import journal_path
         journal_path(t.pid).unlink(missing_ok=True)

@@ -71,7 +71,7 @@ def _mem(pid: int, addr: int, n: int) -> bytes:
 
 
 def test_nonpie_symbols_are_link_addresses(nonpie):
-    from textpoke.live._symbols import Symbols
+    from textpoke.live import Symbols
     exe = os.readlink(f"/proc/{nonpie.pid}/exe")
     nm = _nm(exe)
     with Symbols(nonpie.pid) as s:
@@ -81,7 +81,7 @@ def test_nonpie_symbols_are_link_addresses(nonpie):
 
 
 def test_pie_symbols_carry_the_load_bias(pie):
-    from textpoke.live._symbols import Symbols
+    from textpoke.live import Symbols
     exe = os.readlink(f"/proc/{pie.pid}/exe")
     nm = _nm(exe)
     base = _first_mapping(pie.pid, exe)
@@ -96,7 +96,7 @@ def test_pie_symbols_carry_the_load_bias(pie):
 
 
 def test_library_symbol(pie):
-    from textpoke.live._symbols import Symbols
+    from textpoke.live import Symbols
     with Symbols(pie.pid) as s:
         libc = s.module("libc")
         assert os.path.basename(libc.path).startswith("libc.so")
@@ -112,7 +112,7 @@ def test_library_symbol(pie):
 
 
 def test_offset_must_be_an_instruction_boundary(nonpie):
-    from textpoke.live._symbols import SymbolError, Symbols
+    from textpoke.live import SymbolError, Symbols
     with Symbols(nonpie.pid) as s:
         f = s.resolve("f00003")
         # the NOP5 fentry site is 5 bytes: +5 is the next instruction
@@ -127,7 +127,7 @@ def test_offset_must_be_an_instruction_boundary(nonpie):
 
 
 def test_unknown_names_are_refused(nonpie):
-    from textpoke.live._symbols import SymbolError, Symbols
+    from textpoke.live import SymbolError, Symbols
     with Symbols(nonpie.pid) as s:
         with pytest.raises(SymbolError, match="no symbol 'no_such_function'"):
             s.resolve("no_such_function")
@@ -140,7 +140,7 @@ def test_unknown_names_are_refused(nonpie):
 
 
 def test_glob(nonpie):
-    from textpoke.live._symbols import Symbols
+    from textpoke.live import Symbols
     with Symbols(nonpie.pid) as s:
         got = [f.name for f in s.functions("f0001?")]
         assert got == [f"f{i:05d}" for i in range(10, 20)]
@@ -160,7 +160,7 @@ def test_module_part_may_be_a_glob(nonpie):
     """``libc*:mall*``, ``*:f0001?``: the module part is a glob over the
     modules' file names (and paths); a glob naming no module, or a symbol
     found at two addresses in the modules a glob names, is refused."""
-    from textpoke.live._symbols import SymbolError, Symbols
+    from textpoke.live import SymbolError, Symbols
     with Symbols(nonpie.pid) as s:
         libc = s.module("libc")
         nm = _nm(libc.path, dynamic=True)
@@ -204,7 +204,7 @@ def test_symbol_refusals_are_one_plain_line(nonpie):
 
 def test_mcount_sites(nonpie):
     from textpoke.live._fentry import NOP5, fentry_sites
-    from textpoke.live._symbols import Symbols
+    from textpoke.live import Symbols
     exe = os.readlink(f"/proc/{nonpie.pid}/exe")
     nm = _nm(exe)
     with Symbols(nonpie.pid) as s:
@@ -219,8 +219,7 @@ def test_mcount_sites(nonpie):
 
 
 def test_patchable_entries_are_flagged(pie):
-    from textpoke.live._fentry import fentry_sites
-    from textpoke.live._symbols import Symbols
+    from textpoke.live import Symbols, fentry_sites
     with Symbols(pie.pid) as s:
         sites = fentry_sites(s, "f0*")
         assert len(sites) == N
@@ -233,8 +232,7 @@ def test_patchable_entries_are_flagged(pie):
 def test_stray_int3_is_found(nonpie):
     """The target is idle (window mode, no window open), so writing a byte of
     a site through /proc/PID/mem and restoring it is safe."""
-    from textpoke.live._fentry import fentry_sites
-    from textpoke.live._symbols import Symbols
+    from textpoke.live import Symbols, fentry_sites
     with Symbols(nonpie.pid) as s:
         site = fentry_sites(s, "f00009")[0]
         with open(f"/proc/{nonpie.pid}/mem", "r+b", buffering=0) as f:

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/p
 
 
 def _rows_of_every_module(pid: int):
-    from textpoke.live._symbols import Symbols
+    from textpoke.live import Symbols
     with Symbols(pid) as s:
         return {m.path: (m._rows(), [(x.name, x.addr, x.size, x.func, x.ifunc) for x in m.symbols])
                 for m in s.modules()}

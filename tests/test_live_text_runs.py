@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import types
 
-from textpoke.live._process import Mapping
+from textpoke.live import Mapping
 from textpoke.live._text import _Text
 
 PAGE = 4096

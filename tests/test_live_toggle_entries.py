@@ -85,7 +85,7 @@ def _toggle(pid: int, glob: str, to: str, *more: str, check: int | None = 0):
 
 
 def _text(pid: int) -> dict[str, bytes]:
-    from textpoke.live._symbols import Symbols
+    from textpoke.live import Symbols
     with Symbols(pid) as s, open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
         out = {}
         for fn in s.functions("e_*"):
@@ -235,7 +235,7 @@ def test_targets_that_are_not_code_and_jmps_not_ours_are_refused(target):
         assert "not executable code" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert _text(t.pid) == text
     # a JMP someone else wrote (to no function and no trampoline of ours)
-    from textpoke.live._symbols import Symbols
+    from textpoke.live import Symbols
     with Symbols(t.pid) as s:
         a = s.lookup("e_spare").addr
     stack = next(int(ln.split("-")[0], 16) for ln in Path(f"/proc/{t.pid}/maps").read_text()
@@ -262,7 +262,7 @@ def test_a_killed_toggle_is_recovered(target, tmp_path):
     'live recover' puts every entry back whole and frees the region; the
     text ends as it began.  Then a finished toggle is not undone by
     recover (nothing was in flight), and back to nop frees its region."""
-    from textpoke.live._journal import journal_path
+    from textpoke.live import journal_path
     t = target
     text = _text(t.pid)
     maps0 = _anon_exec(t.pid)
@@ -319,7 +319,7 @@ def test_debian_python3_and_its_libc():
     answers the parent's pid), then called first through a trampoline
     (answers its own again), then back; python3's own PyObject_Hash
     likewise.  The text ends as the file has it, the journal empty."""
-    from textpoke.live._journal import journal_path
+    from textpoke.live import journal_path
     p = subprocess.Popen([PY, "-c", PY_WORK], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          text=True)
     try:
@@ -358,7 +358,7 @@ def test_debian_python3_and_its_libc():
 
 
 def _read_fn(pid: int, glob: str) -> bytes:
-    from textpoke.live._symbols import Symbols
+    from textpoke.live import Symbols
     with Symbols(pid) as s, open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
         fn = s.functions(glob)[0]
         f.seek(fn.addr)

@@ -123,7 +123,7 @@ def test_fentry_sites_through_a_bridge(exes):  # noqa: F811
     its own: the runtime goes near libc, and the program's NOP5s -- out of
     its reach -- become pads through a bridge near the program (the site a
     JMP to the bridge, the record the pad's NOP5): exact counts, parents."""
-    from textpoke.live._trace import LiveTrace
+    from textpoke.live import LiveTrace
     pattern = f"fentry:{LM},libc.so.6:malloc,libc.so.6:free,libc.so.6:calloc"
     t = _Target([str(exes / "fentry"), str(K)])
     try:

@@ -20,7 +20,7 @@ from textpoke.cli import main
 from textpoke.images.build import have_gcc
 from textpoke.selftests import module_selftest
 from textpoke.images.modules import MODULES, REFUSALS, module_path
-from textpoke.sim._clients_demo import ClientMachine
+from textpoke.sim import ClientMachine
 
 needs_gcc = pytest.mark.skipif(not have_gcc(), reason="gcc and binutils are needed")
 

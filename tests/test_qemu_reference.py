@@ -19,7 +19,7 @@ import pytest
 
 from textpoke.images._qemu import (DEFAULT_KERNELS, ReferenceError, find_alternatives_call,
                                    reference, reference_dir, resolve_kernel)
-from textpoke.images._vmlinux import KernelUnavailable, ensure_debian_kernel
+from textpoke.images import KernelUnavailable, ensure_debian_kernel
 
 KERNELS = [k for k in os.environ.get("TEXTPOKE_KERNELS", ",".join(DEFAULT_KERNELS)).split(",")
            if k]

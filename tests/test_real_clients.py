@@ -545,8 +545,8 @@ def test_a_61_kernel_with_return_thunks_does_not_optimise_a_returning_function()
     from textpoke._alternative._kearly import read_config
     from textpoke._alternative._kpasses import BootOptions
     from textpoke._alternative._ktext import CpuCaps
-    from textpoke.images._vmlinux import load_kernel
-    from textpoke.kernel._offline import ExecRegion, offline_kernel
+    from textpoke.images import load_kernel
+    from textpoke.kernel import ExecRegion, offline_kernel
     root = Path.home() / ".cache/textpoke"
     kdirs = sorted((root / "kernel").glob("6.1.*-cloud-amd64"))
     metas = sorted((root / "reference").glob("6.1.*-cloud-amd64/EPYC-smp1-default-*/meta.json"))

@@ -27,7 +27,7 @@ from textpoke.images._kmodules import module_exec_sections
 from textpoke.images._qemu_runtime import runtime_reference
 from textpoke.images._qemu_runtime_steps import DEFAULT_MODULES, RUNTIME_SETUPS, STEPS
 from textpoke.images._tables import jump_table, mcount_table
-from textpoke.images._vmlinux import KernelUnavailable, ensure_debian_kernel
+from textpoke.images import KernelUnavailable, ensure_debian_kernel
 
 pytestmark = [
     pytest.mark.kernel,

@@ -10,7 +10,7 @@ from textpoke import StaticCallError, UnknownCallError, x86_nops
 from textpoke._static_call._calls import RETINSN, TRAMP_UD, XOR5RAX
 from textpoke.images._tables import static_call_table
 from textpoke.selftests import static_call_selftest
-from textpoke.sim._clients_demo import ClientMachine
+from textpoke.sim import ClientMachine
 
 
 @pytest.fixture

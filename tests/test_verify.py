@@ -7,7 +7,7 @@ from its seed."""
 import pytest
 
 from textpoke.lowlevel import MUTATIONS
-from textpoke.sim._verify import SCENARIOS, run_schedule, verify
+from textpoke.sim import SCENARIOS, run_schedule, verify
 
 
 def test_int3_protocol_has_no_violations():
@@ -73,7 +73,7 @@ def test_parallel_and_serial_reports_agree():
 def test_verify_streams_and_stops_cleanly_when_interrupted():
     # 10**9 schedules per scenario: only a lazy, bounded pipeline gets to the
     # first progress callback; the interrupt keeps what completed.
-    from textpoke.sim._verify import VerifyReport
+    from textpoke.sim import VerifyReport
 
     for jobs in (1, 2):
         rep = VerifyReport()

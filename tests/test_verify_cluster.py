@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from textpoke.sim._verify import verify
+from textpoke.sim import verify
 from textpoke.verify._cluster import (Campaign, Cell, LocalBackend, ResumeMismatch, connect,
                                       dask_available)
 

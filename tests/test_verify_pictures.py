@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from textpoke.sim._verify import run_schedule
+from textpoke.sim import run_schedule
 from textpoke.verify._timeline import chrome_trace, classify, lanes, record_schedule, svg
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -103,7 +103,7 @@ def test_int3_timeline_has_no_violation_and_shows_what_each_cpu_ran():
 
 def test_naive_timeline_shows_the_torn_instruction():
     # the first naive failure of a short run, whatever it is
-    from textpoke.sim._verify import verify
+    from textpoke.sim import verify
     rep = verify(["nop5-jmp32"], 30, strategy="naive")
     assert rep.first is not None
     f = rep.first

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from textpoke.sim._verify import run_schedule, schedule_seeds
+from textpoke.sim import run_schedule, schedule_seeds
 
 DATA = Path(__file__).parent / "data" / "verify_replays.json"
 

@@ -4,9 +4,18 @@
 import functools
 from pathlib import Path
 
+from .._core._lazy import lazy_names
 from ._elf import ElfImage, ElfSection, ImageError, load_elf
 
-__all__ = ["ElfImage", "ElfSection", "ImageError", "load_elf", "image_path", "load_bundled"]
+#: public name -> the module that defines it, imported when first used
+#: (PEP 562): a real kernel image (Debian's, fetched and cached, or a vmlinux)
+_LAZY = {n: "._vmlinux" for n in ("load_kernel", "ensure_debian_kernel", "DebianKernel",
+                                  "KernelUnavailable", "RealKernelImage")}
+
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
+
+__all__ = ["ElfImage", "ElfSection", "ImageError", "load_elf", "image_path", "load_bundled",
+           *_LAZY]
 
 
 def image_path(name: str) -> Path:

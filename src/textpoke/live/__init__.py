@@ -15,13 +15,41 @@ policies (``park`` / ``emulate``), the strategies (``int3`` /
 :mod:`textpoke.live._rig` for the clients' self-tests run on a process.
 """
 
+from .._core._lazy import lazy_names as _lazy_names
 from ._errors import AccessDenied, LiveError, NoSuchProcess, ProcessChanged
 from ._machine import STRATEGIES, TRAP_POLICIES, LiveMachine, LiveStats
 from ._process import Mapping, ProcMem, read_maps
 
+#: public name -> the module that defines it, imported when the name is
+#: first used (PEP 562)
+_LAZY: dict[str, str] = {}
+
+
+def _lazy(module: str, *names: str) -> None:
+    for n in names:
+        _LAZY[n] = module
+
+
+# a process's symbols: its modules (the executable, its libraries) and their ELF symbols
+_lazy("._symbols", "Symbols", "Symbol", "SymbolError")
+# the sites a process offers: fentry sites and function entries
+_lazy("._fentry", "FentrySite", "fentry_sites")
+_lazy("._entry", "EntrySite", "Refusal", "entry_sites")
+# the tools: count calls, trace them (ftrace on a process), probe a function
+_lazy("._count", "CountResult", "live_count")
+_lazy("._trace", "LiveTrace", "TraceError")
+_lazy("._probe", "LiveProbe")
+# where a patcher's journal (what it mapped and wrote in a process) is kept
+_lazy("._journal", "journal_path")
+# the clients' self-tests and the ftrace self-test on a process
+_lazy("._rig", "LiveClientRig")
+_lazy("._trace_rig", "LiveFtraceRig")
+
+__getattr__, __dir__ = _lazy_names(__name__, _LAZY)
+
 __all__ = ["LiveMachine", "LiveStats", "TRAP_POLICIES", "STRATEGIES", "LiveError",
            "NoSuchProcess", "AccessDenied", "ProcessChanged", "Mapping", "ProcMem", "read_maps",
-           "ptrace_permitted"]
+           "ptrace_permitted", *_LAZY]
 
 
 def ptrace_permitted() -> tuple[bool, str]:

@@ -7,6 +7,7 @@ written against a :class:`~textpoke.kernel.Kernel` and a
 need only the machine's protocol and capabilities, never a backend."""
 
 from ._ftrace import DEMO_FUNCTIONS, FtraceRig, FtraceSelfTest, expected_hits, ftrace_selftest
+from ._fgraph import GraphSelfTest, graph_selftest
 from ._kprobes import RAND1, kprobes_selftest
 from ._module import module_selftest
 from ._result import SelfTestResult
@@ -15,4 +16,5 @@ from ._static import many_key_flip, static_call_selftest, static_keys_selftest
 
 __all__ = ["ClientRig", "Probe", "SelfTestResult", "kprobes_selftest", "module_selftest", "RAND1",
            "static_keys_selftest", "static_call_selftest", "many_key_flip",
-           "FtraceRig", "FtraceSelfTest", "ftrace_selftest", "expected_hits", "DEMO_FUNCTIONS"]
+           "FtraceRig", "FtraceSelfTest", "ftrace_selftest", "expected_hits", "DEMO_FUNCTIONS",
+           "GraphSelfTest", "graph_selftest"]
