@@ -18,6 +18,7 @@ return -ERESTARTSYS or EINTR).  The old way (single step over libc's
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -26,6 +27,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -116,9 +118,21 @@ def wait_line(d, want: str) -> list[str]:
             return seen
 
 
-def kill_driver_at(t: Target, tid: int, mode: str, point: str) -> None:
+@contextlib.contextmanager
+def driven(t: Target, tid: int, mode: str, point: str) -> Iterator[subprocess.Popen]:
+    """The driver run on thread *tid*; whatever happens, not left running."""
     d = drive(t, tid, mode, point)
     try:
+        yield d
+    finally:
+        if d.poll() is None:
+            d.kill()
+            d.wait()
+        d.stdout.close()
+
+
+def kill_driver_at(t: Target, tid: int, mode: str, point: str) -> None:
+    with driven(t, tid, mode, point) as d:
         if point == "none":             # nobody kills it: the registers put back by us
             assert wait_line(d, "result 0")[-1] == "result 0" and d.wait() == 0
             return
@@ -131,15 +145,20 @@ def kill_driver_at(t: Target, tid: int, mode: str, point: str) -> None:
             wait_line(d, point)
         d.kill()
         d.wait()
-    finally:
-        if d.poll() is None:
-            d.kill()
-            d.wait()
-        d.stdout.close()
     if point == "syscall":          # let the injected read finish, untraced now
         t.write_pipe(t.pi_w)
-    if point == "none":
-        return
+
+
+def mmap_killed_at(t: Target, mode: str, point: str) -> list[str]:
+    """The driver's first mmap (nr 9) on the spinner, run to its end
+    (*point* ``none``) or the driver killed at *point* of it; what the
+    driver said."""
+    with driven(t, t.spinner, mode, point) as d:
+        seen = wait_line(d, "result 0" if point == "none" else f"{point} nr 9")
+        if point != "none":
+            d.kill()
+        d.wait()
+    return seen
 
 
 def spinner_goes_on(t: Target) -> None:
@@ -205,20 +224,10 @@ def test_first_mmap_runs_from_the_bootstrap(exe, point):
     reads as the file again once the call is done."""
     t = Target(exe)
     try:
-        d = drive(t, t.spinner, "boot", point)
-        try:
-            seen = wait_line(d, "result 0" if point == "none" else f"{point} nr 9")
-            boot = next(x for x in seen if x.startswith("boot "))
-            assert boot != "boot none", "no slack found in the target's executable segments"
-            at = int(boot.split()[1], 16)
-            if point != "none":
-                d.kill()
-            d.wait()
-        finally:
-            if d.poll() is None:
-                d.kill()
-                d.wait()
-            d.stdout.close()
+        seen = mmap_killed_at(t, "boot", point)
+        boot = next(x for x in seen if x.startswith("boot "))
+        assert boot != "boot none", "no slack found in the target's executable segments"
+        at = int(boot.split()[1], 16)
         spinner_goes_on(t)
         reader_goes_on(t)
         assert t.alive()
@@ -244,18 +253,7 @@ def test_a_thread_in_a_signal_delivery_stop_runs_from_the_rescue(exe, point):
     bootstrap or a rescue, and the signal is queued again after."""
     t = Target(exe)
     try:
-        d = drive(t, t.spinner, "sigstop", point)
-        try:
-            seen = wait_line(d, "result 0" if point == "none" else f"{point} nr 9")
-            assert "sigstop" in seen
-            if point != "none":
-                d.kill()
-            d.wait()
-        finally:
-            if d.poll() is None:
-                d.kill()
-                d.wait()
-            d.stdout.close()
+        assert "sigstop" in mmap_killed_at(t, "sigstop", point)
         spinner_goes_on(t)
         reader_goes_on(t)
         assert t.alive()

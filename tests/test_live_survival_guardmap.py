@@ -16,13 +16,13 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
 from helpers import Target, gen, ptrace_skip_reason  # noqa: E402
+from livetest import live_cli, toggle_driver  # noqa: E402
 
 _skip = ptrace_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
 N = 50
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
 
-DRIVER = textwrap.dedent("""
+DRIVER = toggle_driver("""
     import os, signal, sys
     from textpoke.live import _inject
     orig = _inject.inject_syscall
@@ -42,9 +42,6 @@ DRIVER = textwrap.dedent("""
         return orig(pid, tid, nr, *args, **kw)
 
     _inject.inject_syscall = inject
-    from textpoke.cli import main
-    sys.exit(main(["live", "toggle", "--pid", sys.argv[1], "--functions", "f0*",
-                   "--to", "call:fentry_ret"]))
 """)
 
 
@@ -61,11 +58,10 @@ def test_recover_frees_a_guard_killed_before_its_data_was_writable(exe, tmp_path
         assert d.stdout.split() == ["mapped"] and d.returncode == -signal.SIGKILL, d.stderr
         extra = set(Path(f"/proc/{t.pid}/maps").read_text().splitlines()) - maps0
         assert [x for x in extra if "r-xp" in x], "the guard region is not left mapped r-x"
-        rec = subprocess.run([sys.executable, "-m", "textpoke", "live", "recover", "--pid",
-                              str(t.pid)], capture_output=True, text=True, timeout=300, env=ENV)
+        rec = live_cli("recover", "--pid", str(t.pid), timeout=300)
         assert rec.returncode == 0, rec.stdout + rec.stderr
         assert set(Path(f"/proc/{t.pid}/maps").read_text().splitlines()) == maps0
-        from textpoke.live._journal import journal_path
+        from textpoke.live import journal_path
         assert not journal_path(t.pid).exists()
         answer, _ = t.signal_and_read(signal.SIGUSR1)
         assert answer.startswith("snapshot") and t.alive()

@@ -20,13 +20,13 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
 from helpers import Target, gen, ptrace_skip_reason  # noqa: E402
+from livetest import live_cli, toggle_driver  # noqa: E402
 
 _skip = ptrace_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
 N = 200
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
 
-DRIVER = textwrap.dedent("""
+DRIVER = toggle_driver("""
     import sys
     from textpoke.live import _traps
     orig = _traps._Traps._run_chain
@@ -45,9 +45,6 @@ DRIVER = textwrap.dedent("""
         return orig(self, t, regs, site)
 
     _traps._Traps._run_chain = run_chain
-    from textpoke.cli import main
-    sys.exit(main(["live", "toggle", "--pid", sys.argv[1], "--functions", "f0*",
-                   "--to", "call:fentry_ret"]))
 """)
 
 
@@ -69,8 +66,7 @@ def test_sigkill_while_the_patcher_handles_a_trap(exe, tmp_path):
             if d.poll() is None:
                 d.kill()
                 d.wait()
-        rec = subprocess.run([sys.executable, "-m", "textpoke", "live", "recover", "--pid",
-                              str(t.pid)], capture_output=True, text=True, timeout=300, env=ENV)
+        rec = live_cli("recover", "--pid", str(t.pid), timeout=300)
         assert t.alive(), f"target died ({t.proc.poll()})"
         assert rec.returncode == 0, rec.stdout + rec.stderr
         answer, _ = t.signal_and_read(signal.SIGUSR1)

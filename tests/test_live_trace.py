@@ -22,6 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
 from helpers import ptrace_skip_reason  # noqa: E402
+from livetest import build_c  # noqa: E402
 
 _skip = ptrace_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
@@ -103,15 +104,7 @@ for line in sys.stdin:
 
 @pytest.fixture(scope="module")
 def exes(tmp_path_factory):
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to build the targets")
-    d = tmp_path_factory.mktemp("live_trace")
-    (d / "t.c").write_text(TARGET_C)
-    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(d / "plain"), str(d / "t.c")], check=True)
-    subprocess.run(["gcc", "-O1", "-pthread", "-fno-pie", "-no-pie", "-pg", "-mfentry",
-                    "-mnop-mcount", "-mrecord-mcount", "-o", str(d / "fentry"), str(d / "t.c")],
-                   check=True)
-    return d
+    return build_c(tmp_path_factory.mktemp("live_trace"), TARGET_C, name="t.c")
 
 
 class _Target:
@@ -412,7 +405,7 @@ def test_timestamps_are_the_process_clock(tmp_path):
 def test_counter_clock_kept_on_request(exes):
     """clock="counter" (what a box without an invariant TSC gets): the
     bundled runtime's own clock, one tick per event across every thread."""
-    from textpoke.live._trace import LiveTrace
+    from textpoke.live import LiveTrace
     t = _Target([str(exes / "plain"), str(K)])
     try:
         lt = LiveTrace(t.pid, "plain:leaf", clock="counter")
@@ -496,7 +489,7 @@ def test_ftrace_selftest_on_a_live_process():
     ftrace_work_loop, each with a ring of its own (thread ids for CPUs)."""
     if shutil.which("gcc") is None:
         pytest.skip("the rig's loader is built with gcc")
-    from textpoke.live._trace_rig import LiveFtraceRig
+    from textpoke.live import LiveFtraceRig
     from textpoke.selftests import ftrace_selftest
     with LiveFtraceRig(cpus=3) as rig:
         r = ftrace_selftest(rig)

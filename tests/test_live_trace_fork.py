@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
 from helpers import ptrace_skip_reason  # noqa: E402
+from livetest import build_c  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_live_trace import _armed, _tracer, tp  # noqa: E402
@@ -108,15 +108,7 @@ int main(void)
 
 @pytest.fixture(scope="module")
 def exes(tmp_path_factory):
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to build the target")
-    d = tmp_path_factory.mktemp("live_trace_fork")
-    (d / "f.c").write_text(TARGET_C)
-    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(d / "plain"), str(d / "f.c")], check=True)
-    subprocess.run(["gcc", "-O1", "-pthread", "-fno-pie", "-no-pie", "-pg", "-mfentry",
-                    "-mnop-mcount", "-mrecord-mcount", "-o", str(d / "fentry"), str(d / "f.c")],
-                   check=True)
-    return d
+    return build_c(tmp_path_factory.mktemp("live_trace_fork"), TARGET_C, name="f.c")
 
 
 @pytest.mark.parametrize("form", ["plain", "fentry"])

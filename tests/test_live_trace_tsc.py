@@ -10,7 +10,6 @@ the counter clock and says so, ``--profile`` is refused in one line (exit
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
 from helpers import ptrace_skip_reason  # noqa: E402
+from notsc import NoTscTarget, build_notsc  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_live_trace import _armed, _tracer, tp  # noqa: E402
@@ -27,83 +27,15 @@ from test_live_trace import _armed, _tracer, tp  # noqa: E402
 _skip = ptrace_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
 
-#: "one": only the second worker turns RDTSC off (the check must ask every
-#: thread); "all": main does, before its threads are made (they inherit it)
-TARGET_C = r"""
-#include <pthread.h>
-#include <stdio.h>
-#include <string.h>
-#include <unistd.h>
-#include <sys/prctl.h>
-volatile long sink;
-__attribute__((noinline)) long leaf(long a) { sink += a; return a * 3; }
-static int one;
-static pthread_barrier_t bar;
-static void *w(void *a)
-{
-	if (one && a)
-		prctl(PR_SET_TSC, PR_TSC_SIGSEGV);
-	pthread_barrier_wait(&bar);
-	for (;;) { leaf(1); usleep(100); }
-}
-int main(int argc, char **argv)
-{
-	pthread_t t;
-	char buf[16];
-	one = argc > 1 && !strcmp(argv[1], "one");
-	if (!one)
-		prctl(PR_SET_TSC, PR_TSC_SIGSEGV);
-	pthread_barrier_init(&bar, NULL, 3);
-	pthread_create(&t, 0, w, (void *)0);
-	pthread_create(&t, 0, w, (void *)1);
-	pthread_barrier_wait(&bar);
-	printf("ready\n");
-	fflush(stdout);
-	while (fgets(buf, sizeof buf, stdin)) {
-		leaf(2);
-		printf("ok\n");
-		fflush(stdout);
-	}
-	return 0;
-}
-"""
-
 
 @pytest.fixture(scope="module")
 def exe(tmp_path_factory):
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to build the target")
-    d = tmp_path_factory.mktemp("live_trace_tsc")
-    (d / "notsc.c").write_text(TARGET_C)
-    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(d / "notsc"), str(d / "notsc.c")],
-                   check=True)
-    return d / "notsc"
-
-
-class _T:
-    def __init__(self, exe: Path, mode: str) -> None:
-        self.p = subprocess.Popen([str(exe), mode], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
-        assert self.p.stdout.readline().strip() == "ready"
-        self.pid = self.p.pid
-
-    def ping(self) -> str:
-        self.p.stdin.write("x\n")
-        self.p.stdin.flush()
-        return self.p.stdout.readline().strip()
-
-    def maps(self) -> list[str]:
-        with open(f"/proc/{self.pid}/maps") as f:
-            return f.read().splitlines()
-
-    def close(self) -> None:
-        self.p.kill()
-        self.p.wait()
+    return build_notsc(tmp_path_factory.mktemp("live_trace_tsc"))
 
 
 @pytest.mark.parametrize("mode", ["one", "all"])
 def test_counter_clock_when_rdtsc_is_off(exe, mode):
-    t = _T(exe, mode)
+    t = NoTscTarget(exe, mode)
     try:
         tr = _tracer(t.pid, "--functions", "notsc:leaf", "--json", "--duration", "0.3")
         first = _armed(tr)
@@ -122,7 +54,7 @@ def test_counter_clock_when_rdtsc_is_off(exe, mode):
 
 
 def test_profile_refused_when_rdtsc_is_off(exe):
-    t = _T(exe, "one")
+    t = NoTscTarget(exe, "one")
     try:
         before = t.maps()
         r = tp("trace", "--pid", str(t.pid), "--functions", "notsc:leaf", "--profile",
@@ -164,7 +96,7 @@ def test_without_the_check_the_target_dies(exe):
     from textpoke.live._trace import tsc_variant_reason
     if tsc_variant_reason():
         pytest.skip("the TSC is not the trace clock here")
-    t = _T(exe, "all")
+    t = NoTscTarget(exe, "all")
     try:
         drv = subprocess.Popen([sys.executable, "-c", _UNCHECKED, str(t.pid)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

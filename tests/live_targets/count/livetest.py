@@ -6,12 +6,20 @@ user runs it (a new process)."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
-__all__ = ["site_bytes", "peek_u64", "proc_state", "sigtrap_caught", "live_cli"]
+__all__ = ["site_bytes", "peek_u64", "proc_state", "sigtrap_caught", "live_cli", "FENTRY_FLAGS",
+           "build_c", "toggle_driver"]
+
+#: a program whose functions start with a NOP5 fentry site (and __mcount_loc)
+FENTRY_FLAGS = ("-fno-pie", "-no-pie", "-pg", "-mfentry", "-mnop-mcount", "-mrecord-mcount")
+#: the forms build_c makes: a plain (PIE) build and an fentry one
+FORMS = {"plain": (), "fentry": FENTRY_FLAGS}
 
 
 def site_bytes(pid: int, addrs: list[int], n: int = 5) -> list[bytes]:
@@ -51,3 +59,31 @@ def live_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """``textpoke live ARGS...`` in a new process, its output captured."""
     return subprocess.run([sys.executable, "-m", "textpoke", "live", *args],
                           capture_output=True, text=True, timeout=timeout)
+
+
+def build_c(d: Path, source: str, forms: dict[str, tuple[str, ...]] | None = None,
+            name: str = "t.c") -> Path:
+    """*source* written to *d*/*name* and built with ``gcc -O1 -pthread``
+    once per form (``d/<form>``, default :data:`FORMS`); the test is skipped
+    where gcc is missing.  Returns *d*."""
+    import pytest
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the targets")
+    (d / name).write_text(source)
+    for form, flags in (FORMS if forms is None else forms).items():
+        subprocess.run(["gcc", "-O1", "-pthread", *flags, "-o", str(d / form), str(d / name)],
+                       check=True)
+    return d
+
+
+def toggle_driver(patch: str) -> str:
+    """A driver script for ``python -c SCRIPT PID``: *patch* (dedented; it
+    wraps a function of textpoke's to stop or kill the driver where a test
+    wants), then ``textpoke live toggle`` of the target's ``f0*`` functions
+    to ``call:fentry_ret``, the driver's exit status the command's."""
+    return textwrap.dedent(patch) + textwrap.dedent("""
+        import sys
+        from textpoke.cli import main
+        sys.exit(main(["live", "toggle", "--pid", sys.argv[1], "--functions", "f0*",
+                       "--to", "call:fentry_ret"]))
+    """)
