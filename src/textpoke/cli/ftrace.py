@@ -23,7 +23,7 @@ import argparse
 
 from ._args import SEED, Bounds, UsageError, int_in, power_of_two
 from ._real_clients import add_image_arguments, refuse_image_only, run_on_image
-from .keys import on_clients
+from .keys import on_clients, report_selftest
 
 __all__ = ["add_arguments", "run", "NAME", "HELP", "DESCRIPTION"]
 
@@ -333,10 +333,8 @@ def _start_work(args: argparse.Namespace, fm, d: dict, lines: list[str], selftes
     if not args.selftest:
         return False
     r = selftest(fm)
-    d["selftest"] = {"passed": r.passed, "cases": r.cases, "bad": r.bad}
-    lines.append(f"# {tracer} startup self-test on {args.cpus} running vCPUs: "
-                 f"{sum(c['passed'] for c in r.cases)}/{len(r.cases)} checks passed")
-    lines += [f"#   FAILED {c['name']}" for c in r.cases if not c["passed"]]
+    report_selftest(d, lines, f"{tracer} startup self-test on {args.cpus} running vCPUs",
+                    r.cases, r.passed, r.bad, prefix="# ")
     ft.set_ftrace_filter(filt or None)
     ft.set_ftrace_notrace(notrace or None)
     return not r.passed

@@ -19,6 +19,7 @@ from ._real_clients import add_image_arguments, refuse_image_only, run_on_image
 from ._signals import Terminated
 
 __all__ = ["add_arguments", "run", "NAME", "HELP", "DESCRIPTION", "on_clients", "settle",
+           "report_selftest", "checks_passed",
            "start_workload"]
 
 NAME = "keys"
@@ -126,6 +127,21 @@ def _figures(cm, d: dict, lines: list[str], s0: int, b0: int, prefix: str) -> No
     lines.append(f"{prefix}{d['syncs']} syncs, {d['batches']} batches, {d['oopses']} oopses")
 
 
+def checks_passed(cases: list[dict]) -> str:
+    return f"{sum(c['passed'] for c in cases)}/{len(cases)} checks passed"
+
+
+def report_selftest(d: dict, lines: list[str], what: str, cases: list[dict], passed: bool,
+                    bad: list, prefix: str = "") -> bool:
+    """A self-test's result as every client command reports it: the JSON
+    record, the line ``WHAT: n/m checks passed`` and one line per failed
+    case (each after *prefix*); whether it passed."""
+    d["selftest"] = {"passed": passed, "cases": cases, "bad": bad}
+    lines.append(f"{prefix}{what}: {checks_passed(cases)}")
+    lines += [f"{prefix}  FAILED {c['name']}" for c in cases if not c["passed"]]
+    return passed
+
+
 def run_image(args: argparse.Namespace) -> int:
     """``keys --image``: the keys of the real image switched offline."""
     if args.selftest:
@@ -179,13 +195,9 @@ def run(args: argparse.Namespace) -> int:
         if args.selftest:
             r = static_keys_selftest(cm)
             m = many_key_flip(cm, 1000, flips=2)
-            cases = r.cases + m.cases
-            passed = r.passed and m.passed
-            d["selftest"] = {"passed": passed, "cases": cases, "bad": r.bad + m.bad}
-            lines.append(f"static-keys self-test on {args.cpus} running vCPUs: "
-                         f"{sum(c['passed'] for c in cases)}/{len(cases)} checks passed")
-            lines += [f"  FAILED {c['name']}" for c in cases if not c["passed"]]
-            failed |= not passed
+            failed |= not report_selftest(d, lines, f"static-keys self-test on {args.cpus} "
+                                          "running vCPUs", r.cases + m.cases,
+                                          r.passed and m.passed, r.bad + m.bad)
         if args.enable or args.disable:
             if not cm.started:
                 start_workload(cm)

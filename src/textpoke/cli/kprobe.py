@@ -12,7 +12,7 @@ import argparse
 
 from ._args import U64, Bounds, UsageError, checked, int_in, number
 from ._real_clients import add_image_arguments, refuse_image_only, run_on_image
-from .keys import add_common, on_clients, start_workload
+from .keys import add_common, on_clients, report_selftest, start_workload
 
 __all__ = ["add_arguments", "run", "NAME", "HELP", "DESCRIPTION"]
 
@@ -154,11 +154,8 @@ def run(args: argparse.Namespace) -> int:
                 raise UsageError(str(e)) from None
         if args.selftest:
             r = kprobes_selftest(cm, kp, g)
-            d["selftest"] = {"passed": r.passed, "cases": r.cases, "bad": r.bad}
-            lines.append(f"kprobes self-test on {args.cpus} running vCPUs: "
-                         f"{sum(c['passed'] for c in r.cases)}/{len(r.cases)} checks passed")
-            lines += [f"  FAILED {c['name']}" for c in r.cases if not c["passed"]]
-            failed |= not r.passed
+            failed |= not report_selftest(d, lines, f"kprobes self-test on {args.cpus} running vCPUs",
+                                          r.cases, r.passed, r.bad)
         if args.symbol:
             slot = _probe_call(cm, kp, kp.functions[name][0], name)
             if not cm.started:

@@ -17,7 +17,7 @@ import argparse
 from ._args import UsageError
 from ._inputs import input_file
 from ._real_clients import add_image_arguments, refuse_image_only, run_on_image
-from .keys import add_common, on_clients
+from .keys import add_common, checks_passed, on_clients
 
 __all__ = ["add_arguments", "run", "NAME", "HELP", "DESCRIPTION"]
 
@@ -103,8 +103,7 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"module self-test on {args.cpus} running vCPUs: (interrupted)")
         r = module_selftest(cm)
         d["selftest"] = {"passed": r.passed, "cases": r.cases, "bad": r.bad}
-        lines[-1] = (f"module self-test on {args.cpus} running vCPUs: "
-                     f"{sum(c['passed'] for c in r.cases)}/{len(r.cases)} checks passed")
+        lines[-1] = f"module self-test on {args.cpus} running vCPUs: {checks_passed(r.cases)}"
         lines += [f"  {'ok    ' if c['passed'] else 'FAILED'} {c['name']}" for c in r.cases]
         return not r.passed
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from ._args import UsageError
-from .keys import add_common, on_clients, start_workload
+from .keys import add_common, on_clients, report_selftest, start_workload
 
 __all__ = ["add_arguments", "run", "NAME", "HELP", "DESCRIPTION"]
 
@@ -58,11 +58,8 @@ def run(args: argparse.Namespace) -> int:
         failed = False
         if args.selftest:
             r = static_call_selftest(cm)
-            d["selftest"] = {"passed": r.passed, "cases": r.cases, "bad": r.bad}
-            lines.append(f"static_call_selftest on {args.cpus} running vCPUs: "
-                         f"{sum(c['passed'] for c in r.cases)}/{len(r.cases)} checks passed")
-            lines += [f"  FAILED {c['name']}" for c in r.cases if not c["passed"]]
-            failed |= not r.passed
+            failed |= not report_selftest(d, lines, f"static_call_selftest on {args.cpus} running vCPUs",
+                                          r.cases, r.passed, r.bad)
         if args.update:
             if not cm.started:
                 start_workload(cm)
