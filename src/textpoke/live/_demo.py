@@ -147,23 +147,15 @@ class LiveDemo:
     def check_final(self, timeout: float = 30.0) -> bool:
         """After the last batch every thread must run the final variant:
         wait for two more iterations of each and compare the counters."""
-        if not self._alive():
+        deadline = time.monotonic() + timeout       # a guard against hanging, not a measure
+        # one iteration to leave whatever text a thread was in, then two read
+        if not (self._alive() and self._iterate(1, deadline)):
             self.final_ok = False
             return False
-        it0 = self.iterations()
-        deadline = time.monotonic() + timeout       # a guard against hanging, not a measure
-        while min(a - b for a, b in zip(self.iterations(), it0)) < 1:
-            if time.monotonic() > deadline or not self._alive():
-                self.final_ok = False
-                return False
-            time.sleep(0.001)
         mid = self.counts()
-        it1 = self.iterations()
-        while min(a - b for a, b in zip(self.iterations(), it1)) < 2:
-            if time.monotonic() > deadline or not self._alive():
-                self.final_ok = False
-                return False
-            time.sleep(0.001)
+        if not self._iterate(2, deadline):
+            self.final_ok = False
+            return False
         end = self.counts()
         ok = True
         for t in range(self.threads):
@@ -174,6 +166,17 @@ class LiveDemo:
                     ok = False
         self.final_ok = ok
         return ok
+
+    def _iterate(self, n: int, deadline: float) -> bool:
+        """Until every thread has run *n* more iterations of its loop (its
+        own counter says so); False once *deadline* passes or the process
+        is gone."""
+        it0 = self.iterations()
+        while min(a - b for a, b in zip(self.iterations(), it0)) < n:
+            if time.monotonic() > deadline or not self._alive():
+                return False
+            time.sleep(0.001)
+        return True
 
     # --- reading the process --------------------------------------------------
     def _read(self, addr: int, size: int) -> bytes:
