@@ -12,7 +12,6 @@ such a guard was never the process's action: recover unmaps it."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -22,13 +21,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
 from helpers import Target, gen, ptrace_skip_reason  # noqa: E402
-from livetest import live_cli, toggle_driver  # noqa: E402
+from livetest import SRC_ENV, live_cli, toggle_driver  # noqa: E402
 
 _skip = ptrace_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
 
 N = 50
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
 
 DRIVER = toggle_driver("""
     import os, signal, sys
@@ -54,7 +52,7 @@ def test_recover_frees_a_guard_killed_before_its_data_was_writable(exe, tmp_path
     with Target(exe, tmp_path / "snap", mode="busy", threads=4) as t:
         maps0 = set(Path(f"/proc/{t.pid}/maps").read_text().splitlines())
         d = subprocess.run([sys.executable, "-c", DRIVER, str(t.pid)], capture_output=True,
-                           text=True, env=ENV, timeout=300)
+                           text=True, env=SRC_ENV, timeout=300)
         assert d.stdout.split() == ["mapped"] and d.returncode == -signal.SIGKILL, d.stderr
         extra = set(Path(f"/proc/{t.pid}/maps").read_text().splitlines()) - maps0
         assert [x for x in extra if "r-xp" in x], "the guard region is not left mapped r-x"

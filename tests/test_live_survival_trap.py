@@ -16,7 +16,6 @@ in the handler chain of the first trap; the test kills it there, runs
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -26,13 +25,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
 from helpers import Target, gen, ptrace_skip_reason  # noqa: E402
-from livetest import live_cli, toggle_driver  # noqa: E402
+from livetest import SRC_ENV, live_cli, toggle_driver  # noqa: E402
 
 _skip = ptrace_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
 
 N = 200
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
 
 DRIVER = toggle_driver("""
     import sys
@@ -56,7 +54,7 @@ def exe(tmp_path_factory):
 def test_sigkill_while_the_patcher_handles_a_trap(exe, tmp_path):
     with Target(exe, tmp_path / "snap", mode="busy", threads=4) as t:
         d = subprocess.Popen([sys.executable, "-c", DRIVER, str(t.pid)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True, env=ENV)
+                             stdout=subprocess.PIPE, text=True, env=SRC_ENV)
         try:
             line = d.stdout.readline().split()
             assert line[:1] == ["trap"], f"driver said {line!r} (exit {d.wait()})"

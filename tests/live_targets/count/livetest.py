@@ -6,6 +6,7 @@ user runs it (a new process)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -14,8 +15,10 @@ import textwrap
 from pathlib import Path
 
 __all__ = ["site_bytes", "peek_u64", "proc_state", "sigtrap_caught", "live_cli", "FENTRY_FLAGS",
-           "build_c", "toggle_driver"]
+           "build_c", "toggle_driver", "SRC_ENV"]
 
+#: the environment of a driver script run with ``python -c``: this tree's textpoke
+SRC_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3] / "src")}
 #: a program whose functions start with a NOP5 fentry site (and __mcount_loc)
 FENTRY_FLAGS = ("-fno-pie", "-no-pie", "-pg", "-mfentry", "-mnop-mcount", "-mrecord-mcount")
 #: the forms build_c makes: a plain (PIE) build and an fentry one
