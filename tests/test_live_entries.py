@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
 from helpers import ptrace_skip_reason  # noqa: E402
 
 HERE = Path(__file__).parent / "live_targets" / "entries"
+sys.path.insert(0, str(HERE))
+from entries_target import Entries, build_entries  # noqa: E402
 MOVABLE = ["e_rip", "e_endbr", "e_jcc", "e_jmp", "e_inner"]
 REFUSED = {"e_outer": "entry-point", "e_short": "short", "e_into": "jump-into",
            "e_ind": "indirect-jump", "e_call": "call", "e_ret": "ret", "e_sys": "syscall",
@@ -181,32 +183,9 @@ _skip = ptrace_skip_reason()
 live = pytest.mark.skipif(_skip is not None, reason=_skip or "")
 
 
-class Entries:
-    """The assembly target (tests/live_targets/entries/entries.c)."""
-
-    def __init__(self, exe: Path, threads: int = 4) -> None:
-        self.proc = subprocess.Popen([str(exe), str(threads)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout.readline().strip() == "ready"
-        self.pid = self.proc.pid
-
-    def ask(self, line: str) -> list[str]:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().split()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def entries_exe(tmp_path_factory):
-    exe = tmp_path_factory.mktemp("entries") / "entries"
-    subprocess.run(["gcc", "-O1", "-pthread", "-fpie", "-pie", "-o", str(exe),
-                    str(HERE / "entries.c")], check=True)
-    return exe
+    return build_entries(tmp_path_factory.mktemp("entries"))
 
 
 def _read(pid: int, addr: int, n: int) -> bytes:

@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
 from helpers import ptrace_skip_reason  # noqa: E402
 
 HERE = Path(__file__).parent / "live_targets" / "entries"
+sys.path.insert(0, str(HERE))
+from entries_target import Entries, build_entries  # noqa: E402
 MOVABLE = ["e_rip", "e_endbr", "e_jcc", "e_jmp", "e_inner"]
 HIT = {n: i for i, n in enumerate(MOVABLE)}          # the hits[] slot of each
 
@@ -33,36 +35,9 @@ _skip = ptrace_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
 
 
-class Entries:
-    def __init__(self, exe: Path, threads: int = 4) -> None:
-        self.proc = subprocess.Popen([str(exe), str(threads)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout.readline().strip() == "ready"
-        self.pid = self.proc.pid
-
-    def ask(self, line: str) -> list[str]:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().split()
-
-    def go(self, k: int) -> tuple[int, list[int]]:
-        """4 threads call every movable function k times: (checksum, hits)."""
-        r = self.ask(f"go {k}")
-        assert r[0] == "done", r
-        return int(r[1]), [int(x) for x in r[2:]]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def exe(tmp_path_factory):
-    out = tmp_path_factory.mktemp("entries") / "entries"
-    subprocess.run(["gcc", "-O1", "-pthread", "-fpie", "-pie", "-o", str(out),
-                    str(HERE / "entries.c")], check=True)
-    return out
+    return build_entries(tmp_path_factory.mktemp("entries"))
 
 
 @pytest.fixture
