@@ -212,13 +212,17 @@ def test_stack_words_copied_are_only_those_read():
     """The recorder copies only the stack words the fetch-args read (a word
     past the stack's mapping would fault in the target)."""
     from textpoke.live._probe import parse_fetchargs
-    from textpoke.live._probe_opt import fetch_refusal, recorder_code, stack_words
+    from textpoke.live._probe_opt import (_REC_BODY, _REC_WORDS, fetch_refusal, recorder_code,
+                                          stack_words)
     cases = {("%di",): 0, ("+8(%sp)",): 2, ("$stack0",): 1, ("$arg7", "%si"): 2,
              ("$stack13",): 14, ("+4(%sp):u32",): 2}
     for args, n in cases.items():
         fa = parse_fetchargs(list(args))
         assert fetch_refusal(fa) is None and stack_words(fa) == n, args
-        assert recorder_code(n)[0x6A:0x6F] == bytes([0xB9, n, 0, 0, 0])
+        for rings in ((0x10000, 0x20040), None):
+            code = recorder_code(n, spare=0x20000, rings=rings)
+            at = len(code) - len(_REC_BODY) + _REC_WORDS
+            assert code[at - 1:at + 4] == bytes([0xB9, n, 0, 0, 0])
     for bad in ("-8(%sp)", "$stack14", "+108(%sp)", "+0(%di)", "@0x1000"):
         assert fetch_refusal(parse_fetchargs([bad])) is not None, bad
 

@@ -230,12 +230,14 @@ class LiveProbe:
         """The threads' rings (every thread's GS base on its own) and the
         recorder at *at* (the start of the probes' execmem); returns where
         the client's execmem starts.  A thread that uses its GS base itself
-        leaves every point an INT3 probe, said."""
-        from ._probe_opt import RECORDER_SIZE, recorder_code, stack_words
+        shares the spare ring (the recorder checks every base it reads)."""
+        from ._probe_opt import RECORDER_SIZE, fsgsbase, recorder_code, stack_words
         from ._probe_rings import RING_SLOTS_SPARE, ThreadRings
         if slots is None:
             slots = len(m.cpus) + RING_SLOTS_SPARE
-        self.ring = ThreadRings(m, ring_size, slots)
+        # without RDGSBASE the recorder could not check a GS base before
+        # following it: no thread's base is used, all share the spare ring
+        self.ring = ThreadRings(m, ring_size, slots, use_gs=fsgsbase(self.pid))
         try:
             self.ring.start()
         except NotSupportedError as e:
@@ -246,7 +248,9 @@ class LiveProbe:
                     p.opt_reason = f"the recorder finds its thread's ring through %gs: {e}"
             return at
         words = max(stack_words(p.args) for p in self.points if p.opt_reason is None)
-        self.core.text_poke_copy(at, recorder_code(words))
+        r = self.ring
+        self.core.text_poke_copy(at, recorder_code(
+            words, spare=r.spare.addr, rings=r.headers() if r.use_gs else None))
         self.recorder = at
         return at + RECORDER_SIZE
 
@@ -389,7 +393,9 @@ class LiveProbe:
             return "gone"
         if self.point_optimized(p):
             return (f"optimised: a JMP to an out-of-line buffer, hits recorded in the process "
-                    f"({site.insn.text})")
+                    f"({site.insn.text})" + ("" if self.ring.use_gs else
+                                             "; one ring for every thread, gettid per hit: "
+                                             "no FSGSBASE in user mode to find a ring per thread"))
         if site.emulate is not None:
             how = f"emulated ({site.insn.text})"
         else:

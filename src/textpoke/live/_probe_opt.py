@@ -41,8 +41,12 @@ Why not the thread id from the thread's own memory: glibc keeps it in
 and a thread made by a raw ``clone`` (or another libc, or Go) has no such
 structure; a value cached in a TLS slot needs a slot we do not own.  The
 GS record is written by the host for every thread it sees, whatever made
-it; the cost is that a program that sets its own GS base is not optimised
-(said, the INT3 probe stays).
+it.  A thread whose GS base is the program's own -- set before the probe
+(that thread is then left without a ring of its own) or after (see the
+recorder's listing below: the base is read with RDGSBASE and range-checked
+before it is followed) -- has its hits recorded in the spare ring, with
+``gettid``; without FSGSBASE in user mode no thread gets a ring of its
+own and every hit goes there.
 
 What is not optimised, and stays an INT3 probe (said with the reason):
 
@@ -65,16 +69,22 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["RECORDER", "RECORDER_SIZE", "ENTRY_SIZE", "STACK_WORDS", "RING_HDR", "ENTRY",
+__all__ = ["RECORDER", "RECORDER_UNCHECKED", "RECORDER_SIZE", "fsgsbase", "ENTRY_SIZE", "STACK_WORDS", "RING_HDR", "ENTRY",
            "fetch_refusal", "cpu_refusal", "Recorded", "recorder_code", "stack_words"]
 
 #: ``optimized_callback(op, regs)`` for a process, position-independent,
-#: hand-written (GNU as, then the bytes; no code of the kernel's):
+#: hand-written (GNU as, then the bytes; no code of the kernel's).  The
+#: head finds the thread's ring; LO, SPAN and SPARE are immediates written
+#: in when the recorder is made (:func:`recorder_code`):
 #:
 #:   rec:  cld                                  # rep movsq forwards
 #:         mov %rdi,%r8; mov %rsi,%r9           # op, &pt_regs
-#:         mov %gs:0,%r10                       # this thread's ring: self, tid, head, mask
-#:         mov 8(%r10),%rdx                     # the thread id the host wrote
+#:         rdgsbase %r10                        # the GS base, read, not followed
+#:         movabs $LO,%rax; mov %r10,%rcx; sub %rax,%rcx
+#:         cmp $SPAN,%rcx; jae 2f               # not among our ring headers:
+#:         cmp %r10,(%r10); je 3f               # (and a header is its own address)
+#:   2:    movabs $SPARE,%r10                   #   the spare ring (tid 0: gettid)
+#:   3:    mov 8(%r10),%rdx                     # the thread id the host wrote
 #:         test %rdx,%rdx; jnz 1f               # 0: the spare ring, shared --
 #:         mov $186,%eax; syscall; mov %rax,%rdx   # then gettid
 #:   1:    mov $1,%eax; lock xadd %rax,16(%r10) # this hit's index
@@ -92,6 +102,27 @@ __all__ = ["RECORDER", "RECORDER_SIZE", "ENTRY_SIZE", "STACK_WORDS", "RING_HDR",
 #:                                              # the return address (into the
 #:                                              # buffer) below %rsp
 #:
+#: Why the GS base is checked before it is followed: a program may set a
+#: thread's GS base itself after the probe was armed (``arch_prctl
+#: (ARCH_SET_GS)``, or a thread it makes then), and the recorder would
+#: take whatever the program keeps at ``%gs:0`` for a ring header and write
+#: its entry there -- into the program's memory, or a SIGSEGV.  RDGSBASE
+#: reads the base without touching memory; only a base among the rings'
+#: headers (a range check of two instructions, then the header's
+#: self-pointer) is followed, any other sends the hit to the spare ring,
+#: whose thread id 0 makes the recorder ask ``gettid``: the hit is kept,
+#: with its thread, and the program's memory is not touched.  Nothing of
+#: the program's ``arch_prctl`` needs intercepting.
+#:
+#: RDGSBASE runs in user mode only when the kernel enabled it (Linux 5.9+
+#: on a CPU with FSGSBASE; it says so in AT_HWCAP2, bit 1).  Without it
+#: the base cannot be read without following it (a dereference through a
+#: base the program may own) or a system call (``arch_prctl(ARCH_GET_GS)``,
+#: as dear as the ``gettid`` it would save), so there the recorder's head
+#: is only ``movabs $SPARE,%r10``: every thread writes the one spare ring
+#: and asks ``gettid``, and no thread's GS base is touched (slower per hit,
+#: see the bench, but still no stop; the INT3 probe is not needed).
+#:
 #: Every register it uses is caller-saved (the template saved them all in
 #: the pt_regs and pops them after the call, flags included).  The return
 #: is not a RET: a RET would leave the return address into the client's
@@ -101,11 +132,26 @@ __all__ = ["RECORDER", "RECORDER_SIZE", "ENTRY_SIZE", "STACK_WORDS", "RING_HDR",
 #: (So a process running with a CET shadow stack must not be optimised:
 #: the CALL's shadow entry is never popped.  Linux enables user shadow
 #: stacks only on request, which Debian's glibc does not make.)
-RECORDER = bytes.fromhex(
-    "fc4989f84989f1654c8b142500000000498b52084885d2750ab8ba0000000f054889c2b801000000f0"
+_REC_HEAD = bytes.fromhex("fc4989f84989f1")                 # cld; the two movs
+_REC_CHECK = bytes.fromhex(
+    "f3490faeca"                # rdgsbase %r10
+    "48b8" "0000000000000000"   # movabs $LO,%rax
+    "4c89d1" "4829c1"           # mov %r10,%rcx; sub %rax,%rcx
+    "4881f9" "00000000"         # cmp $SPAN,%rcx
+    "7305" "4d3912" "740a")     # jae 2f; cmp %r10,(%r10); je 3f
+_REC_SPARE = bytes.fromhex("49ba" "0000000000000000")      # 2: movabs $SPARE,%r10
+_REC_BODY = bytes.fromhex(
+    "498b52084885d2750ab8ba0000000f054889c2b801000000f0"
     "490fc142104989c3492342184869c0400100004d8d54024049c70200000000498952184d894220498d"
     "7a284c89ceb915000000f348a5498bb1980000004883c608b90e000000f348a50f01f948c1e220480"
     "9d04989420849894a10498d43014989025948c74424f800000000ffe1")
+#: offsets in the checked head of its immediates
+_LO, _SPAN = len(_REC_HEAD) + 7, len(_REC_HEAD) + 24
+#: the recorder as H3 first wrote it: ``mov %gs:0,%r10`` follows whatever
+#: the GS base is (kept for the bench's same-run baseline and the test that
+#: shows what the check closes; never injected by live probe)
+RECORDER_UNCHECKED = _REC_HEAD + bytes.fromhex("654c8b142500000000") + _REC_BODY
+RECORDER = _REC_HEAD + _REC_CHECK + _REC_SPARE + _REC_BODY
 #: bytes of execmem the recorder takes (the client's allocator gets the rest)
 RECORDER_SIZE = 256
 ENTRY_SIZE = 320
@@ -117,23 +163,55 @@ _PT_REGS = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", 
 ENTRY = struct.Struct(f"<QQQQQ{len(_PT_REGS)}Q{STACK_WORDS}Q")
 assert ENTRY.size == ENTRY_SIZE
 assert len(RECORDER) <= RECORDER_SIZE
+assert RECORDER[_LO - 2:_LO] == b"\x48\xb8" and RECORDER[_SPAN - 3:_SPAN] == b"\x48\x81\xf9"
 _M64 = (1 << 64) - 1
 
 
-#: where the recorder's ``mov $14,%ecx`` keeps its count of stack words
-_REC_WORDS = 0x6B
+#: where, in the body, ``mov $14,%ecx`` keeps its count of stack words
+_REC_WORDS = 0x6B - 16
 
 
-def recorder_code(words: int = STACK_WORDS) -> bytes:
-    """The recorder copying *words* stack words (only what the fetch-args read: a word above the stack's
-    mapping would fault in the target, where the kernel's fetch would only
-    fail)."""
+def recorder_code(words: int = STACK_WORDS, *, spare: int, rings: tuple[int, int] | None
+                  ) -> bytes:
+    """The recorder copying *words* stack words (only what the fetch-args
+    read: a word above the stack's mapping would fault in the target, where
+    the kernel's fetch would only fail).  *spare*: the spare ring's header;
+    *rings*: ``(lo, hi)``, the span of every ring header a thread's GS base
+    may point at (the checked head, RDGSBASE), or None: no GS base is
+    used, every hit goes to the spare ring (a CPU or kernel without
+    FSGSBASE in user mode)."""
     if not 0 <= words <= STACK_WORDS:
         raise ValueError(f"{words} stack words: 0..{STACK_WORDS}")
-    code = bytearray(RECORDER)
-    assert code[_REC_WORDS - 1] == 0xB9 and code[_REC_WORDS] == STACK_WORDS
-    struct.pack_into("<I", code, _REC_WORDS, words)
-    return bytes(code)
+    body = bytearray(_REC_BODY)
+    assert body[_REC_WORDS - 1] == 0xB9 and body[_REC_WORDS] == STACK_WORDS
+    struct.pack_into("<I", body, _REC_WORDS, words)
+    head = bytearray(_REC_HEAD + (_REC_CHECK if rings is not None else b"") + _REC_SPARE)
+    struct.pack_into("<Q", head, len(head) - 8, spare & _M64)
+    if rings is not None:
+        lo, hi = rings
+        if not 0 < hi - lo < 1 << 31 or not lo <= spare < hi:
+            raise ValueError(f"rings {lo:#x}-{hi:#x} (spare {spare:#x}): a span under 2 GiB "
+                             "holding the spare")
+        struct.pack_into("<Q", head, _LO, lo)
+        struct.pack_into("<I", head, _SPAN, hi - lo)
+    return bytes(head + body)
+
+
+def fsgsbase(pid: int) -> bool:
+    """Whether RDGSBASE runs in *pid*'s user mode: AT_HWCAP2 (26) of its
+    auxiliary vector has HWCAP2_FSGSBASE (bit 1), which Linux sets only
+    when it enabled the instructions (CR4.FSGSBASE, 5.9 and later)."""
+    try:
+        with open(f"/proc/{pid}/auxv", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return False
+    for k, v in struct.iter_unpack("<QQ", raw[:len(raw) // 16 * 16]):
+        if k == 26:
+            return bool(v & 2)
+        if k == 0:
+            break
+    return False
 
 
 class _StackWindow:

@@ -17,10 +17,19 @@ When every ring is taken, new threads share the spare ring, whose thread
 id reads 0 (the recorder then asks ``gettid``; its head's ``lock xadd``
 keeps it correct with several writers).
 
-A program that sets a thread's GS base itself (``arch_prctl(ARCH_SET_GS)``)
-is refused at the start (NotSupportedError, said by the caller); one that
-sets it later, while probed, would make its hits write where its GS base
-points: not supported (``live trace`` has the same rule).
+A thread whose GS base is the program's own when the probe starts (the
+machine refuses to set it: NotSupportedError) is left alone and shares
+the spare ring; one whose base the program sets later, while probed, is
+seen by the recorder itself (RDGSBASE and a range check against
+:meth:`ThreadRings.headers` before following it: :mod:`._probe_opt`), and
+its hits go to the spare ring too.  With *use_gs* False (no FSGSBASE in
+user mode: the recorder cannot check a base without following it) no GS
+base is touched and every thread shares the spare ring.
+
+At the end the live machine puts back every GS base that still points at
+a ring (and only those: a base the program set since is its own) to what
+it was, 0, before or as the rings are unmapped; ``live recover`` does the
+same for a killed prober's threads (:mod:`._recover`).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from __future__ import annotations
 import struct
 
 from .._core._machine import Capability
+from .._errors import NotSupportedError
 from ._probe_opt import ENTRY, ENTRY_SIZE, RING_HDR
 
 __all__ = ["ProbeRing", "ThreadRings", "RING_SLOTS_MAX"]
@@ -109,15 +119,18 @@ class ProbeRing:
 
 class ThreadRings:
     """A ring per thread of *machine*'s process (see the module doc):
-    :meth:`start` gives the threads there their rings (raises
-    NotSupportedError when one uses its GS base itself), :meth:`drain`
+    :meth:`start` gives the threads there their rings (one that uses its
+    GS base itself shares the spare: :attr:`own_gs`), :meth:`drain`
     reads every ring, :meth:`stop` stops following new threads."""
 
-    def __init__(self, machine, size: int, slots: int) -> None:
+    def __init__(self, machine, size: int, slots: int, *, use_gs: bool = True) -> None:
         machine.require(Capability.DATA, "live probe's rings")
-        machine.require(Capability.PERCPU, "live probe's per-thread rings")
-        self.machine, self.size = machine, size
-        self.slots = max(0, min(slots, RING_SLOTS_MAX))
+        if use_gs:
+            machine.require(Capability.PERCPU, "live probe's per-thread rings")
+        self.machine, self.size, self.use_gs = machine, size, use_gs
+        self.slots = max(0, min(slots, RING_SLOTS_MAX)) if use_gs else 0
+        #: threads left on the spare ring because their GS base is the program's
+        self.own_gs: set[int] = set()
         stride = -(-ProbeRing.data_bytes(size) // 64) * 64
         self.base = machine.map_data(stride * (self.slots + 1), "probe-rings")
         self.rings = [ProbeRing(machine.mem, self.base + i * stride, size)
@@ -135,6 +148,8 @@ class ThreadRings:
     def start(self) -> None:
         """Every thread there its ring, then every new thread as it comes."""
         m = self.machine
+        if not self.use_gs:
+            return
         m.subscribe_cpus(self._cpu)
         self._listening = True
         for tid in list(m.cpus):
@@ -155,8 +170,16 @@ class ThreadRings:
             self.machine.mem.write(r.addr, r.header(tid))
         else:
             i = len(self.rings) - 1                 # the spare: tid 0, gettid
+        try:
+            self.machine.set_percpu_base(tid, self.rings[i].addr)
+        except NotSupportedError:
+            # the program's own base: left as it is, the recorder's check
+            # sends this thread's hits to the spare ring
+            if i != len(self.rings) - 1:
+                self.free.insert(0, i)
+            i = len(self.rings) - 1
+            self.own_gs.add(tid)
         self.of[tid] = i
-        self.machine.set_percpu_base(tid, self.rings[i].addr)
 
     def _cpu(self, event: str, tid: int) -> None:
         if event == "add":
@@ -199,6 +222,11 @@ class ThreadRings:
     @property
     def dropped(self) -> int:
         return self._sum(2, "dropped")
+
+    def headers(self) -> tuple[int, int]:
+        """``[lo, hi)`` holding every ring's header (and no byte of a header
+        past the mapping): what the recorder's range check accepts."""
+        return self.base, self.spare.addr + RING_HDR
 
     def span(self) -> tuple[int, int]:
         return self.base, self.base + (self.rings[-1].addr - self.base) + \

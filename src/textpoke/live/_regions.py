@@ -165,17 +165,35 @@ class _Regions:
                 while self._threads.get(cpu) is t and not t.stops:
                     self._wait(cpu, True)
                 if self._threads.get(cpu) is t:
-                    self._set_gs(t, addr)
-                    t.want_hold = self._holding
-                    if not self._holding and t.state == _HELD:
-                        sig, t.hold_sig = t.hold_sig, 0
-                        self._resume(t, max(sig, 0))
+                    try:
+                        self._set_gs(t, addr)
+                    finally:
+                        # let go also when refused (the program's own base)
+                        t.want_hold = self._holding
+                        if not self._holding and t.state == _HELD:
+                            sig, t.hold_sig = t.hold_sig, 0
+                            self._resume(t, max(sig, 0))
             return
         with self.stopped():
             t = self._threads.get(cpu)
             if t is None:
                 raise MachineError(f"thread {cpu} exited")
             self._set_gs(t, addr)
+
+    def reset_percpu_bases(self, lo: int, hi: int) -> int:
+        """Every thread whose GS base lies in ``[lo, hi)`` (a region of ours
+        being freed: a killed patcher's, for 'live recover') back to 0, the
+        only base the machine ever replaces (see :meth:`_set_gs`); returns
+        how many.  A base elsewhere is left: the program's own."""
+        n = 0
+        with self.stopped():
+            for tid, t in list(self._threads.items()):
+                if t.state in (_HELD, _PARK) and \
+                        lo <= P.getregs(tid, P.UserRegs()).gs_base < hi:
+                    self._gs_orig.setdefault(tid, 0)
+                    self._set_gs(t, 0)
+                    n += 1
+        return n
 
     def _set_gs(self, t, addr: int) -> None:
         regs = P.getregs(t.tid, P.UserRegs())
@@ -261,10 +279,12 @@ class _Regions:
             with self._signals_deferred():
                 self._hold_all()
                 try:
-                    for tid, gs in self._gs_orig.items():
-                        t = self._threads.get(tid)
-                        if t is not None and t.state in (_HELD, _PARK):
-                            self._set_gs(t, gs)
+                    for tid, t in list(self._threads.items()):
+                        # only a base we gave (or a thread inherited from one
+                        # we gave it): one the program set since is its own
+                        if t.state in (_HELD, _PARK) and \
+                                P.getregs(tid, P.UserRegs()).gs_base in self._gs_given:
+                            self._set_gs(t, self._gs_orig.get(tid, 0))
                 finally:
                     self._release_held()
         # what stays is in use, not a leftover for 'live recover'
