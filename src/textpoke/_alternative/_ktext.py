@@ -16,12 +16,14 @@ run time before ``alternative_instructions()``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, TypeVar
 
 from ..images._symbols import Symbols
 from ..images._lines import LINE_612, LINE_BUNDLED, LINES, KernelLine
 from ._code import FastInsn, decode_site
 from ._records import KernelBootError
+
+T = TypeVar("T")
 
 __all__ = ["TextBuffer", "SymbolicText", "KernelText", "CpuCaps", "KernelBootError", "Change", "caps_of"]
 
@@ -257,6 +259,17 @@ class KernelText:
 
     def in_ranges(self, addr: int, ranges: Sequence[tuple[int, int]]) -> bool:
         return any(lo <= addr < hi for lo, hi in ranges)
+
+    def synced(self, sites: Iterable[T], addr_of: Callable[[T], int],
+               ranges: Sequence[tuple[int, int]]) -> Iterator[T]:
+        """The *sites* whose bytes the snapshot's run-time state decides (a
+        key's count, a static call's function): none without a snapshot
+        (``data``), else those whose address (*addr_of*) is in *ranges*."""
+        if self.data is None:
+            return
+        for s in sites:
+            if self.in_ranges(addr_of(s), ranges):
+                yield s
 
     # ------------------------------------------------------------ symbols
     def describe(self, addr: int) -> str:

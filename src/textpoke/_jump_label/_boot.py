@@ -19,6 +19,8 @@ our own.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 from .._alternative._kpasses import JMP8, JMP32, TableStats
 from .._alternative._ktext import KernelBootError, KernelText
 from .._core._insn import x86_nops
@@ -72,11 +74,7 @@ def jump_label_init(kt: KernelText, entries: list[JumpEntry]) -> TableStats:
 def jump_label_sync(kt: KernelText, entries: list[JumpEntry],
                     text_ranges: list[tuple[int, int]]) -> TableStats:
     st = TableStats(entries=len(entries))
-    if kt.data is None:
-        return st
-    for e in entries:
-        if not any(lo <= e.code < hi for lo, hi in text_ranges):
-            continue
+    for e in kt.synced(entries, attrgetter("code"), text_ranges):
         want = jump_label_code(kt, e, _enabled(kt, e.key) != e.branch)
         st.applied += 1
         st.changed += kt.write("__jump_table", e.code, want)

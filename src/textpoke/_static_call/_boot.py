@@ -17,6 +17,8 @@ chosen, so RET-type sites become ``ret; int3 x4`` whatever the CPU.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 from .._alternative._code import rel32
 from .._alternative._kpasses import CALL, INT3, JMP32, RET, TableStats
 from .._alternative._ktext import KernelBootError, KernelText
@@ -86,15 +88,13 @@ def static_call_sync(kt: KernelText, sites: list[StaticCallSite],
     ``.exit.text`` is never updated) follow their key's current function,
     and so do the trampolines (``__SCT__x`` for key ``__SCK__x``)."""
     st = TableStats(entries=len(sites))
-    if kt.data is None:
-        return st
-    for s in sites:
-        if not any(lo <= s.addr < hi for lo, hi in text_ranges):
-            continue
+    for s in kt.synced(sites, attrgetter("addr"), text_ranges):
         func = kt.data_u64(s.key)
         new = sc_transform(kt, s.addr, func, s.tail)
         st.applied += 1
         st.changed += kt.write(".static_call_sites", s.addr, new)
+    if kt.data is None:
+        return st
     for name, tramp in with_prefix(kt.symbols, "__SCT__"):
         key = kt.symbols.get("__SCK__" + name[7:])
         if key is None:
