@@ -48,6 +48,7 @@ import struct
 from typing import Callable, Iterable
 
 from .._core._insn import x86_nops
+from ._record import Record
 from ._symbols import Module, SymbolError, Symbols, matching
 
 __all__ = ["FentrySite", "NOP5", "QUIESCENT", "PATCHABLE", "classify", "fentry_sites", "module_report", "read_process"]
@@ -63,9 +64,9 @@ PATCHABLE = frozenset({"nop5"}) | QUIESCENT
 SECTIONS = {"__mcount_loc": "mcount", "__patchable_function_entries": "patchable"}
 
 
-class FentrySite:
-    """One site (a slotted dataclass, written out: the dataclass machinery
-    cost a millisecond of every command's start)."""
+class FentrySite(Record):
+    """One site (a slotted record, compared by every field: see
+    :mod:`._record`)."""
 
     __slots__ = ("addr", "function", "func_addr", "module", "source", "found", "kind")
     __match_args__ = __slots__
@@ -87,21 +88,6 @@ class FentrySite:
         self.source = source
         self.found = found
         self.kind = kind
-
-    def _key(self) -> tuple:
-        return (self.addr, self.function, self.func_addr, self.module, self.source, self.found,
-                self.kind)
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self._key() == other._key()         # type: ignore[attr-defined]
-
-    __hash__ = None                                # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return ("FentrySite(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
-                + ")")
 
     @property
     def patchable(self) -> bool:

@@ -28,6 +28,7 @@ from .._errors import BadAddressError, TextPokeError
 from ..images._elf import _SYM, ET_DYN, ET_EXEC, SHT_NOBITS, ElfFile
 from ..images._symbols import Symbols as KernelSymbols
 from ._process import Mapping
+from ._record import FrozenRecord
 
 __all__ = ["SymbolError", "Symbol", "Module", "matching"]
 
@@ -41,11 +42,9 @@ class SymbolError(TextPokeError, ValueError):
     plain = True
 
 
-class Symbol:
+class Symbol(FrozenRecord):
     """A symbol of a module, at its runtime address.  Immutable, compared
-    and hashed by (name, addr, size, func) -- a frozen dataclass written
-    out: the dataclass machinery cost a millisecond of every command's
-    start."""
+    and hashed by (name, addr, size, func) (see :mod:`._record`)."""
 
     __slots__ = ("name", "addr", "size", "module", "func", "ifunc")
     __match_args__ = __slots__
@@ -67,23 +66,8 @@ class Symbol:
         st(self, "func", func)
         st(self, "ifunc", ifunc)
 
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"cannot assign to field {name!r}: a Symbol is immutable")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r}: a Symbol is immutable")
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return (self.name, self.addr, self.size, self.func) == (
-            other.name, other.addr, other.size, other.func)   # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash((self.name, self.addr, self.size, self.func))
-
-    def __reduce__(self):                      # copy and pickle: rebuilt, not assigned
-        return (Symbol, (self.name, self.addr, self.size, self.module, self.func, self.ifunc))
+    def _key(self) -> tuple:
+        return (self.name, self.addr, self.size, self.func)
 
     def __repr__(self) -> str:
         return (f"Symbol(name={self.name!r}, addr={self.addr!r}, size={self.size!r}, "
