@@ -6,7 +6,10 @@ it goes in, so wherever the patcher dies -- once the JMP is journaled and
 nothing written, with the JMP's tail written under the INT3, or with the
 JMP in -- ``live recover`` puts the function's original bytes back and
 unmaps the probes' execmem and ring: the target alive, its executable
-mappings and its whole map as before the probe.
+mappings and its whole map as before the probe, and every thread's GS
+base -- which the prober had pointed at its ring's header, and which
+``sites --check`` reports -- back to what it was (0), as the kernel has it
+(PTRACE_GETREGS of each thread, :func:`textpoke.live._recover.gs_bases`).
 
 The kill points are the probe's own steps, wrapped in a driver process:
 the journal hook, then the live machine's syncs of the INT3 protocol
@@ -106,6 +109,9 @@ def test_kill_inside_the_clients_optimise_is_recovered_clean(exe, where, first):
         assert line[:1] == ["ready"], line
         addr = int(line[1], 16)
         before, maps = _read(t.pid, addr, 8), _maps(t.pid)
+        from textpoke.live._recover import check, gs_bases
+        gs0 = gs_bases(t.pid)
+        assert len(gs0) == 4 and set(gs0.values()) == {0}, gs0
         d = subprocess.run([sys.executable, "-c", DRIVER, str(t.pid), where],
                            capture_output=True, text=True, timeout=120,
                            env={**__import__("os").environ, "PYTHONPATH": ENV_SRC})
@@ -129,6 +135,19 @@ def test_kill_inside_the_clients_optimise_is_recovered_clean(exe, where, first):
         a, old, new = sites[0]
         assert a == addr and old == before[:5].hex() and new[:2] == "e9", sites
         assert new[2:] == text[1:].hex() or where == "journaled"
+        # every thread's GS base at its ring's header, inside a region the
+        # dead prober left: what sites --check reports
+        rings = [r for r in j.data["regions"] if r["kind"] == "data"]
+        assert len(rings) == 1, j.data["regions"]
+        lo = rings[0]["base"]
+        hi = lo + rings[0]["code_size"] + rings[0]["data_size"]
+        gs = gs_bases(t.pid)
+        assert gs.keys() == gs0.keys() and all(lo <= v < hi for v in gs.values()), gs
+        assert check(t.pid)["gs_into_regions"] == 4
+        c = subprocess.run([sys.executable, "-m", "textpoke", "live", "sites", "--pid",
+                            str(t.pid), "--check"], capture_output=True, text=True, timeout=120,
+                           env={**__import__("os").environ, "PYTHONPATH": ENV_SRC})
+        assert c.returncode == 1 and "4 thread(s) with a GS base into them" in c.stdout, c.stdout
         r = subprocess.run([sys.executable, "-m", "textpoke", "live", "recover", "--pid",
                             str(t.pid), "--json"], capture_output=True, text=True, timeout=120,
                            env={**__import__("os").environ, "PYTHONPATH": ENV_SRC})
@@ -140,9 +159,11 @@ def test_kill_inside_the_clients_optimise_is_recovered_clean(exe, where, first):
         else:
             assert rep["int3_restored"] == 1 and rep["calls_restored"] == 0, rep
         assert rep["regions_freed"] >= 2, rep           # the execmem and the ring
+        assert rep["gs_restored"] == 4, rep
         assert t.poll() is None
         assert _read(t.pid, addr, 8) == before
         assert _maps(t.pid) == maps
+        assert gs_bases(t.pid) == gs0
     finally:
         t.kill()
         t.wait()

@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         out.print_plain(f"process {args.pid}: found {rep['found']}; INT3 sites put back: "
                         f"{rep['int3_restored']}, CALLs switched back: {rep['calls_restored']}, "
-                        f"stub regions freed: {rep['regions_freed']}, SIGTRAP guard removed: "
+                        f"stub regions freed: {rep['regions_freed']}, threads' GS bases put "
+                        f"back: {rep['gs_restored']}, SIGTRAP guard removed: "
                         + ("yes" if rep["guard_removed"] else "no"))
         for k in rep["kept"]:
             out.print_plain(f"kept: {k}")

@@ -93,7 +93,10 @@ def run(args: argparse.Namespace) -> int:
             out.print_plain(f"journal of {who}: {left['summary']}; now: "
                             f"{len(left['int3_sites'])} INT3 site(s), {left['calls_into_stubs']} "
                             f"CALL(s) into stubs, {len(left['stub_regions_mapped'])} stub "
-                            f"region(s) mapped, SIGTRAP guard "
+                            f"region(s) mapped, "
+                            + (f"{left['gs_into_regions']} thread(s) with a GS base into them, "
+                               if left["gs_into_regions"] else "")
+                            + "SIGTRAP guard "
                             + ("mapped" if left["guard_mapped"] else "gone")
                             + (f" -- run 'textpoke live recover --pid {args.pid}'" if dead else ""))
     return 1 if (args.check and (stray or dead)) else 0

@@ -17,7 +17,13 @@ undoes them, in this order:
 2. every stub region: the sites still calling into it are switched back to
    their original bytes in one batch of the INT3 protocol, then the region
    is unmapped once no thread is in it or has a return address into it
-   (as ``live count`` frees it);
+   (as ``live count`` frees it); a thread whose GS base points into a
+   region so freed (``live probe``'s rings, ``live trace``'s per-thread
+   records) gets it back as it was before the patcher set it, 0 (the live
+   machine sets only a base that was 0, or pointed at nothing mapped; a
+   thread made since inherited its creator's), after the unmap: no code
+   that reads %gs is reachable by then, and a base the program set itself
+   is elsewhere and left alone (``gs_restored`` counts them);
 3. the guard: the target's own SIGTRAP action is put back and the handler
    unmapped once no thread is in it; the journal is removed;
 4. a bootstrap routine left in a segment's slack (a patcher killed inside
@@ -39,11 +45,56 @@ def _read(pid: int):
     return fd
 
 
+def gs_bases(pid: int) -> dict[int, int] | None:
+    """The GS base of every thread of *pid* as the kernel has it, read with
+    PTRACE_GETREGS: each thread seized, interrupted, read and let go at
+    once (a signal that arrived in between is given back to it).  None
+    when a thread cannot be seized (another tracer: a live patcher)."""
+    from . import _ptrace as P
+    out: dict[int, int] = {}
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            P.seize(tid, 0)
+        except OSError as e:
+            if e.errno == 3:                    # ESRCH: gone meanwhile
+                continue
+            return None
+        sig = 0
+        try:
+            P.interrupt(tid)
+            info = P.SigInfo()
+            while True:
+                if P.waitid(tid, info, True) == -4:      # EINTR
+                    continue
+                break
+            if info.si_pid == 0 or info.si_code not in (P.CLD_TRAPPED, P.CLD_STOPPED):
+                continue                        # it exited
+            st = info.si_status
+            if st >> 8 == 0 and st & 0x7F:
+                sig = st & 0x7F                 # a signal-delivery-stop: give it back
+            out[tid] = P.getregs(tid, P.UserRegs()).gs_base
+        except OSError:
+            pass
+        finally:
+            try:
+                P.detach(tid, sig)
+            except OSError:
+                pass
+    return out
+
+
 def check(pid: int) -> dict:
-    """What a patcher left in *pid* (nothing stops or changes the process)."""
+    """What a patcher left in *pid* (nothing changes the process; when a
+    dead patcher left regions, each thread is stopped for a moment to read
+    its GS base: :func:`gs_bases`)."""
     j = Journal.load(pid)
     out = {"journal": None, "patcher": None, "patcher_alive": False, "int3_sites": [],
-           "calls_into_stubs": 0, "stub_regions_mapped": [], "guard_mapped": False}
+           "calls_into_stubs": 0, "stub_regions_mapped": [], "guard_mapped": False,
+           "gs_into_regions": 0}
     if j is None:
         return out
     d = j.data
@@ -73,6 +124,14 @@ def check(pid: int) -> dict:
         out["guard_mapped"] = bool(g and g["base"] in mapped)
     finally:
         os.close(fd)
+    if d["regions"] and not out["patcher_alive"]:
+        # threads whose GS base a dead patcher left pointing into its
+        # regions (live probe's rings, live trace's records): recover puts
+        # them back once the region is freed.  None: could not be read
+        spans = [(r["base"], r["base"] + r["code_size"] + r["data_size"]) for r in d["regions"]]
+        bases = gs_bases(pid)
+        out["gs_into_regions"] = None if bases is None else sum(
+            1 for gs in bases.values() if any(lo <= gs < hi for lo, hi in spans))
     return out
 
 
@@ -89,7 +148,7 @@ def recover(pid: int, *, strategy: str = "int3") -> dict:
     from ._region import Region
     from ._machine import LiveMachine
     rep = {"pid": pid, "journal": False, "int3_restored": 0, "calls_restored": 0,
-           "regions_freed": 0, "guard_removed": False, "kept": []}
+           "regions_freed": 0, "gs_restored": 0, "guard_removed": False, "kept": []}
     check_not_exited(pid)
     j = Journal.load(pid)
     if j is None:
@@ -153,6 +212,7 @@ def recover(pid: int, *, strategy: str = "int3") -> dict:
                 rep["kept"].append(f"stub region {r['base']:#x}: " + "; ".join(why))
             else:
                 rep["regions_freed"] += 1
+                rep["gs_restored"] += m.reset_percpu_bases(region.base, region.end)
                 jj.drop_region(r["base"])
         had_guard = m._guard is not None
     jr = m.journal
@@ -176,6 +236,7 @@ def recover(pid: int, *, strategy: str = "int3") -> dict:
                     rep["kept"].append(f"stub region {r['base']:#x}: " + "; ".join(why))
                 else:
                     rep["regions_freed"] += 1
+                    rep["gs_restored"] += m2.reset_percpu_bases(region.base, region.end)
                     m2.journal.drop_region(r["base"])
             jr = m2.journal
     rep["guard_removed"] = had_guard and not m.guard_kept
