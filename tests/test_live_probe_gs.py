@@ -134,6 +134,7 @@ def _run(exe, monkeypatch=None):
         try:
             lp.arm(optimize=True)
             assert lp.optimized, lp.how()
+            out.how = lp.how()
             t.stdin.write(b"go\n")
             t.stdin.flush()
             # a guard only: the test waits for the worker's own report
@@ -148,7 +149,9 @@ def _run(exe, monkeypatch=None):
         finally:
             left = lp.close()
         hits += lp.take()
-        lines = out.poll()
+        out.poll()
+        from textpoke.live._recover import gs_bases
+        out.gs_after = gs_bases(t.pid) if t.poll() is None else None
         if t.poll() is None:
             t.stdin.write(b"gs\n")
             t.stdin.flush()
@@ -190,6 +193,8 @@ def test_a_thread_that_sets_its_own_gs_base_while_probed(exe):
     assert by.get(main_tid), by.keys()           # the main thread kept its own ring
     # the child, born with the program's base, was left on the spare ring
     assert ctid in lp.ring.own_gs
+    # the close put back the bases it gave (main: 0) and left the program's
+    assert out.gs_after[main_tid] == 0 and out.gs_after[wtid] != 0, out.gs_after
     print(f"hits: main {len(by[main_tid])}, worker {len(by[wtid])}, child {len(by[ctid])}")
 
 
@@ -207,3 +212,26 @@ def test_the_unchecked_recorder_is_what_this_closes(exe, monkeypatch):
     assert not alive or done is None or done[2] != "1", out.lines
     if done is not None:
         assert sum(1 for h in hits if h.tid == int(done[1])) < N
+
+
+def test_without_fsgsbase_no_gs_base_is_used(exe, monkeypatch):
+    """Where RDGSBASE does not run in user mode (made up here) the recorder
+    uses no GS base: every thread records in the spare ring with
+    ``gettid``, and the same run keeps every hit with its thread."""
+    _optimisable()
+    from textpoke.live import _probe_opt
+    monkeypatch.setattr(_probe_opt, "fsgsbase", lambda pid: False)
+    out, main_tid, hits, left, alive, lp = _run(exe)
+    assert alive and not lp.ring.use_gs and len(lp.ring.rings) == 1, out.lines
+    assert "no FSGSBASE" in out.how, out.how
+    done, child = out.get("done"), out.get("child")
+    assert done[2:] == ["1", "1"] and child[2] == "1", out.lines
+    for h in hits:
+        assert _val(h, "tid") == h.tid, h
+    by = {}
+    for h in hits:
+        by.setdefault(h.tid, []).append(_val(h, "i"))
+    assert sorted(by.get(int(done[1]), [])) == list(range(N))
+    assert sorted(by.get(int(child[1]), [])) == list(range(N))
+    assert by.get(main_tid)
+    assert out.gs_after[main_tid] == 0
