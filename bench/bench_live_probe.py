@@ -20,7 +20,10 @@ Per run, in this order:
   to the client's buffer, hits recorded in the thread's ring in the target,
   drained every 5 ms), N = 200,000 calls (--quick: 20,000); hits the loop's
   writers lapped before a read count as hits (overruns), not formatted;
-  then the same with ``ring_slots=0``: every thread on the one shared
+  then the same with the recorder as first written (``mov %gs:0,%r10``:
+  it follows the GS base unchecked, no RDGSBASE and range check; the
+  baseline for the check's cost, injected by the bench only); then the
+  same with ``ring_slots=0``: every thread on the one shared
   ring, whose thread id 0 makes the recorder call ``gettid`` per hit (the
   recorder's path before per-thread rings: the baseline for them); and
   both again with the loop split over 2 threads made for it, side by side
@@ -142,17 +145,35 @@ class Target:
         self.p.stdout.close()
 
 
+def _unchecked(words: int = 14, **_kw) -> bytes:
+    """The recorder as first written: ``mov %gs:0,%r10`` (the base followed
+    unchecked) in place of RDGSBASE, the range check and the spare; the
+    same body, copying the same *words* stack words."""
+    import struct
+    from textpoke.live import _probe_opt as O
+    body = bytearray(O._REC_BODY)
+    struct.pack_into("<I", body, O._REC_WORDS, words)
+    return O._REC_HEAD + bytes.fromhex("654c8b142500000000") + bytes(body)
+
+
 def ours(t: Target, n: int, optimize: bool = False,
-         ring_slots: int | None = None, threads: int = 1) -> tuple[float, float, int]:
+         ring_slots: int | None = None, threads: int = 1,
+         unchecked: bool = False) -> tuple[float, float, int]:
     """(loop ns, attach-to-detach s, hits) with our kprobe (*optimize*: the
     JMP to the client's buffer and the recorder, ``--optimize``;
     *ring_slots* 0: every thread on the one shared ring, a ``gettid`` per
-    hit -- the recorder's path before per-thread rings)."""
+    hit -- the recorder's path before per-thread rings; *unchecked*: the
+    recorder without its GS base check, :func:`_unchecked`)."""
     from textpoke.live import LiveProbe
+    from textpoke.live import _probe_opt
     t0 = time.perf_counter()
     lp = LiveProbe(t.pid, "probed", ["%di"])
+    made = _probe_opt.recorder_code
+    if unchecked:
+        _probe_opt.recorder_code = _unchecked
     try:
         lp.arm(optimize=optimize, ring_slots=ring_slots)
+        _probe_opt.recorder_code = made
         arm = time.perf_counter() - t0
         assert lp.optimized == optimize, lp.how()
         t.start(n, threads)
@@ -160,6 +181,7 @@ def ours(t: Target, n: int, optimize: bool = False,
             lp.pump(lambda: len(lp.hits) >= 256 or t.ready())
             lp.take()
     finally:
+        _probe_opt.recorder_code = made
         t1 = time.perf_counter()
         left = lp.close()
         close = time.perf_counter() - t1
@@ -224,6 +246,8 @@ def run(args: argparse.Namespace) -> dict:
         exe = build(Path(d))
         s = {k: _stats.Series(k, u) for k, u in (("plain", "ns/call"), ("textpoke", "ns/hit"),
                                                  ("textpoke_opt", "ns/hit"),
+                                                 ("textpoke_opt_unchecked", "ns/hit"),
+                                                 ("textpoke_opt_mt_unchecked", "ns/hit"),
                                                  ("textpoke_opt_shared", "ns/hit"),
                                                  ("textpoke_opt_mt", "ns/hit"),
                                                  ("textpoke_opt_mt_shared", "ns/hit"),
@@ -237,14 +261,18 @@ def run(args: argparse.Namespace) -> dict:
                 plain = t.loop(PLAIN_N) / PLAIN_N
                 ns, att, _ = ours(t, n_ours)
                 ns_o, att_o, _ = ours(t, n_opt, optimize=True)
+                ns_u, _att, _ = ours(t, n_opt, optimize=True, unchecked=True)
                 ns_s, _att, _ = ours(t, n_opt, optimize=True, ring_slots=0)
                 # MT threads made for the loop, side by side (on two CPUs,
                 # while the host reads): the added time a hit costs its thread
                 plain_mt = t.loop(PLAIN_N, MT) / (PLAIN_N // MT)
                 ns_m, _att, _ = ours(t, n_opt, optimize=True, threads=MT)
+                ns_mu, _att, _ = ours(t, n_opt, optimize=True, threads=MT, unchecked=True)
                 ns_ms, _att, _ = ours(t, n_opt, optimize=True, ring_slots=0, threads=MT)
                 vals = {"plain": plain, "textpoke": ns / n_ours - plain,
                         "textpoke_opt": ns_o / n_opt - plain,
+                        "textpoke_opt_unchecked": ns_u / n_opt - plain,
+                        "textpoke_opt_mt_unchecked": ns_mu / (n_opt // MT) - plain_mt,
                         "textpoke_opt_shared": ns_s / n_opt - plain,
                         "textpoke_opt_mt": ns_m / (n_opt // MT) - plain_mt,
                         "textpoke_opt_mt_shared": ns_ms / (n_opt // MT) - plain_mt,
@@ -275,12 +303,21 @@ def report(res: dict) -> str:
              _stats.fmt_range(s["textpoke"], 0)],
             [f"textpoke live probe --optimize hit, +ns (N={res['n']['textpoke_opt']:,})",
              _stats.fmt_range(s["textpoke_opt"], 0)],
+            [f"  the same, the recorder without its GS base check (mov %gs:0 followed "
+             f"unchecked), +ns (N={res['n']['textpoke_opt']:,})",
+             _stats.fmt_range(s["textpoke_opt_unchecked"], 0)],
+            ["  the GS base check (RDGSBASE, range, self-pointer), +ns a hit: median of "
+             "the per-run differences", _diff(s["textpoke_opt"], s["textpoke_opt_unchecked"])],
             [f"  the same, one shared ring + gettid per hit (the recorder before per-thread "
              f"rings), +ns (N={res['n']['textpoke_opt']:,})",
              _stats.fmt_range(s["textpoke_opt_shared"], 0)],
             [f"textpoke --optimize, {MT} threads side by side, per-thread rings: +ns a hit "
              f"costs its thread (N={res['n']['textpoke_opt']:,} in all)",
              _stats.fmt_range(s["textpoke_opt_mt"], 0)],
+            [f"  the same, {MT} threads, the recorder without its GS base check",
+             _stats.fmt_range(s["textpoke_opt_mt_unchecked"], 0)],
+            [f"  the GS base check, {MT} threads: median of the per-run differences",
+             _diff(s["textpoke_opt_mt"], s["textpoke_opt_mt_unchecked"])],
             [f"  the same, {MT} threads on one shared ring + gettid per hit",
              _stats.fmt_range(s["textpoke_opt_mt_shared"], 0)]]
     if "bpftrace" in s:
@@ -303,6 +340,15 @@ def report(res: dict) -> str:
     rows.append(["textpoke live probe --duration 0 (optimised), process start to exit (s)",
                  _stats.fmt_range(s["cli_opt"], 3)])
     return _stats.table(["figure", "median (min-max, n)"], rows)
+
+
+def _diff(a, b) -> str:
+    """Median (min-max) of a run's *a* minus the same run's *b*."""
+    d = sorted(x - y for x, y in zip(a.samples, b.samples))
+    if not d:
+        return "-"
+    m = d[len(d) // 2] if len(d) % 2 else (d[len(d) // 2 - 1] + d[len(d) // 2]) / 2
+    return f"{m:+,.0f} ({d[0]:+,.0f} to {d[-1]:+,.0f}, n={len(d)})"
 
 
 def to_json(res: dict) -> dict:
