@@ -6,8 +6,9 @@
 //          CLONE_VFORK), which resets every signal handler to SIG_DFL and
 //          calls execve
 //   vfork  clone(CLONE_VM | CLONE_VFORK) by hand: the child sets SIGTRAP to
-//          SIG_DFL as posix_spawn's does, calls top() 2,000 times (some
-//          0.1 ms: a batch's INT3 written meanwhile is met), _exit(0)
+//          SIG_DFL as posix_spawn's does, calls leaf() 2,000 times and
+//          top() every 100th (some 0.1 ms: a batch's INT3 written
+//          meanwhile is met; 20 events), _exit(0)
 //   vm     clone(CLONE_VM) with SIGCHLD, no CLONE_VFORK: the child runs
 //          beside its parent (which waits for it), the same
 // "ready TID" on stdout (the spawner's thread id), then a line on stdin stops it; it prints how many
@@ -44,7 +45,10 @@ static int child(void *arg)
 	struct sigaction sa = { .sa_handler = SIG_DFL };
 	sigaction(SIGTRAP, &sa, NULL);
 	for (int i = 0; i < 2000; i++)
-		top(i);
+		if (i % 100)
+			leaf(i);
+		else
+			top(i);
 	_exit(0);
 }
 

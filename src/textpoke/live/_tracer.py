@@ -95,7 +95,7 @@ class LiveStats:
 
 class _Thread:
     __slots__ = ("tid", "state", "stops", "park_site", "park_regs", "hold_sig", "want_hold",
-                 "pending_int", "child_of", "vchild")
+                 "pending_int", "child_of", "vchild", "asleep")
 
     def __init__(self, tid: int) -> None:
         self.tid = tid
@@ -120,6 +120,19 @@ class _Thread:
         # exit stop, where it is detached.
         self.child_of = 0
         self.vchild = 0             # _VFORK: the child it waits for
+        # _VFORK, not in a ptrace-stop but asleep in the kernel's vfork wait
+        # (it vforked before we came): it wakes by itself when its child is
+        # done, and stops for any interrupt due before it runs user code
+        self.asleep = False
+
+
+def _in_vfork_wait(pid: int, tid: int) -> bool:
+    """Thread *tid* sleeps in the kernel's wait for its vfork child."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/wchan", "rb") as f:
+            return f.read() in (b"kernel_clone", b"wait_for_vfork_done")
+    except OSError:
+        return False
 
 
 class _Tracer:
@@ -154,6 +167,34 @@ class _Tracer:
                 self._threads[tid] = _Thread(tid)
                 self.stats.attached += 1
         self._ident.check()
+        self._attach_children()
+
+    def _attach_children(self) -> None:
+        """Seize the children already running on the process's memory (a
+        thread that vforked before we came sleeps in the kernel until its
+        child execs or exits, and a sync waits for it: the child, running
+        our text meanwhile, is followed like one made later)."""
+        for tid in list(self._threads):
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/children", "rb") as f:
+                    kids = [int(c) for c in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            for c in kids:
+                if c in self._threads or not shares_memory(self.pid, c):
+                    continue
+                try:
+                    P.seize(c, _OPTIONS)
+                except OSError:
+                    continue              # gone, or not ours to trace
+                t = self._add_child(c, tid)
+                t.state = _RUN              # seized, not stopped
+                t.want_hold = False
+                p = self._threads[tid]
+                if _in_vfork_wait(self.pid, tid):
+                    # no stop can reach it before its child is done: a thread
+                    # in the kernel, as a sync asks, until then
+                    p.state, p.vchild, p.asleep = _VFORK, c, True
 
 
     # ------------------------------------------------------------- threads
@@ -245,6 +286,10 @@ class _Tracer:
         if p is None or p.state != _VFORK or p.vchild != t.tid:
             return
         p.vchild = 0
+        if p.asleep:
+            p.asleep = False
+            p.state = _RUN          # wakes by itself; a due interrupt stops it
+            return
         p.state = _HELD
         if p.want_hold:
             p.hold_sig = 0          # let go with the others (its event stop: no signal)
@@ -363,6 +408,14 @@ class _Tracer:
                     if st in ("", "Z", "X"):
                         r = -errno.ECHILD
                         break
+                    if st == "D" and t is not None and not t.child_of \
+                            and _in_vfork_wait(self.pid, tid):
+                        # asleep until a child we do not trace execs or
+                        # exits: in the kernel, returning only through it
+                        # (and stopping for the interrupt due first) --
+                        # never waited for, which could be for ever
+                        t.state, t.asleep = _VFORK, True
+                        return True
                     if st == "t" and waited >= 0.2:
                         # stopped for us, yet nothing to report: a stop we
                         # lost track of -- let it go on
@@ -424,6 +477,7 @@ class _Tracer:
             t = self._add_thread(tid)       # a new thread's first stop, before its parent's event
         t.stops += 1
         t.state = _HELD
+        t.asleep = False
         sig, event = status & 0xFF, status >> 8
         if event == P.PTRACE_EVENT_STOP:
             t.pending_int = 0
@@ -455,7 +509,18 @@ class _Tracer:
                 new = P.geteventmsg(tid)
             except OSError:
                 new = 0
-            if new:
+            if new and not t.child_of and not os.path.exists(f"/proc/{self.pid}/task/{new}"):
+                # clone() without CLONE_THREAD (and an exit signal other
+                # than SIGCHLD): another process -- followed as a vfork
+                # child if it shares the memory (its exec is not ours),
+                # else a copy, put back as a fork's
+                if shares_memory(self.pid, new):
+                    nt = self._add_child(new, tid)
+                    if nt.stops == 0:
+                        self._wait(new, True)
+                else:
+                    _fork.release_child(self, new)
+            elif new:
                 nt = self._add_thread(new)
                 if nt.stops == 0:
                     self._wait(new, True)         # its first stop comes at once
