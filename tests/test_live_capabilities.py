@@ -7,11 +7,16 @@ GCC-built processes."""
 from __future__ import annotations
 
 import struct
+import sys
+from pathlib import Path
 
 import pytest
 
 from textpoke import Capability, ExecMem, TextPoke
 from test_live_machine import Target, live_skip_reason, rel32
+
+sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
+from livetest import killed_at_end  # noqa: E402
 
 pytestmark = pytest.mark.skipif(live_skip_reason() is not None, reason=live_skip_reason() or "")
 
@@ -165,9 +170,7 @@ sys.stdin.readline()                      # the test kills us here
 @pytest.mark.parametrize("code", [False, True])
 def test_recover_frees_a_dead_patchers_regions_unless_code_is_in_them(tmp_path, code):
     import json
-    import signal
     import subprocess
-    import sys
     from textpoke.live import journal_path
     t = Target(2)
     try:
@@ -175,16 +178,10 @@ def test_recover_frees_a_dead_patchers_regions_unless_code_is_in_them(tmp_path, 
         drv.write_text(DRIVER)
         d = subprocess.Popen([sys.executable, str(drv), str(t.pid), "code" if code else "empty"],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
+        with killed_at_end(d):
             word, ex, data = d.stdout.readline().split()
             assert word == "mapped"
             ex, data = int(ex), int(data)
-            d.send_signal(signal.SIGKILL)
-            d.wait(timeout=30)
-        finally:
-            if d.poll() is None:
-                d.kill()
-                d.wait()
         assert journal_path(t.pid).exists() and {ex, data} <= _maps(t.pid)
         r = subprocess.run([sys.executable, "-m", "textpoke", "live", "recover", "--pid",
                             str(t.pid), "--json"], capture_output=True, text=True, timeout=120)

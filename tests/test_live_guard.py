@@ -35,8 +35,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
 from helpers import ptrace_skip_reason  # noqa: E402
-from livetest import (live_cli as tp, peek_u64, proc_state, sigtrap_caught,  # noqa: E402
-                      site_bytes)
+from livetest import (killed_at_end, live_cli as tp, peek_u64, proc_state,  # noqa: E402
+                      sigtrap_caught, site_bytes)
 
 _skip = ptrace_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
@@ -215,7 +215,7 @@ def test_guard_put_back_after_the_target_reset_it_then_sigkill(exe, tmp_path):
         driver.write_text(DRIVER)
         d = subprocess.Popen([sys.executable, str(driver), str(t.pid), json.dumps(addrs)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
+        with killed_at_end(d):
             assert d.stdout.readline().split()[:2] == ["phase", "int3"]
             assert all(b[:1] == b"\xcc" for b in site_bytes(t.pid, addrs))
             assert sigtrap_caught(t.pid)                       # the guard
@@ -228,12 +228,6 @@ def test_guard_put_back_after_the_target_reset_it_then_sigkill(exe, tmp_path):
             said = d.stdout.readline().split()
             assert said[:2] == ["phase", "tail"]
             caught = sigtrap_caught(t.pid)
-            d.send_signal(signal.SIGKILL)
-            d.wait(timeout=30)
-        finally:
-            if d.poll() is None:
-                d.kill()
-                d.wait()
         # detached: the workers run into the INT3s and wait there in the
         # guard -- the calls counted stop -- and the process lives on
         last, still = peek_u64(t.pid, hits), 0

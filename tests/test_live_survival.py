@@ -24,7 +24,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
 from helpers import Target, gen, ptrace_skip_reason  # noqa: E402
-from livetest import live_cli as tp, proc_state, site_bytes  # noqa: E402
+from livetest import killed_at_end, live_cli as tp, proc_state, site_bytes  # noqa: E402
 
 _skip = ptrace_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
@@ -75,16 +75,10 @@ def test_sigkill_mid_batch_then_recover(exe, tmp_path, phase, policy):
         d = subprocess.Popen([sys.executable, str(driver), str(t.pid), phase, policy,
                               json.dumps(addrs)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
+        with killed_at_end(d):
             assert d.stdout.readline().strip() == f"phase {phase}"
             now = site_bytes(t.pid, addrs)
             assert all(b[:1] == b"\xcc" for b in now)          # every site in flight
-            d.send_signal(signal.SIGKILL)
-            d.wait(timeout=30)
-        finally:
-            if d.poll() is None:
-                d.kill()
-                d.wait()
         # the kernel detached every thread; they run on into the INT3s and wait there
         assert journal_path(t.pid).exists()
         time.sleep(0.2)

@@ -6,16 +6,18 @@ user runs it (a new process)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["site_bytes", "peek_u64", "proc_state", "sigtrap_caught", "live_cli", "FENTRY_FLAGS",
-           "build_c", "toggle_driver", "SRC_ENV"]
+           "build_c", "toggle_driver", "SRC_ENV", "killed_at_end"]
 
 #: the environment of a driver script run with ``python -c``: this tree's textpoke
 SRC_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3] / "src")}
@@ -90,3 +92,17 @@ def toggle_driver(patch: str) -> str:
         sys.exit(main(["live", "toggle", "--pid", sys.argv[1], "--functions", "f0*",
                        "--to", "call:fentry_ret"]))
     """)
+
+
+@contextlib.contextmanager
+def killed_at_end(d: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """A patcher's driver *d*, SIGKILLed where the block ends (the point the
+    test stopped it at) and reaped, whatever the block raised."""
+    try:
+        yield d
+        d.send_signal(signal.SIGKILL)
+        d.wait(timeout=30)
+    finally:
+        if d.poll() is None:
+            d.kill()
+            d.wait()
