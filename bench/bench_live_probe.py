@@ -232,7 +232,13 @@ def bpftrace(t: Target, exe: Path, n: int, action: str) -> float:
         ns = t.loop(n)
     finally:
         bt.send_signal(2)
-        bt.wait(timeout=60)
+        try:
+            bt.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            # its exit (the map printed, the uprobes detached) stalled under
+            # load: the figure is taken, bpftrace is not left behind
+            bt.kill()
+            bt.wait(timeout=60)
     th.join(timeout=30)
     return ns
 
