@@ -26,10 +26,10 @@ its hits go to the spare ring too.  With *use_gs* False (no FSGSBASE in
 user mode: the recorder cannot check a base without following it) no GS
 base is touched and every thread shares the spare ring.
 
-At the end the live machine puts back every GS base that still points at
-a ring (and only those: a base the program set since is its own) to what
-it was, 0, before or as the rings are unmapped; ``live recover`` does the
-same for a killed prober's threads (:mod:`._recover`).
+At the end, once the rings are unmapped, the live machine puts back every
+GS base that still points at a ring (and only those: a base the program
+set since is its own) to what it was, 0; ``live recover`` does the same
+for a killed prober's threads (:mod:`._recover`).
 """
 
 from __future__ import annotations
