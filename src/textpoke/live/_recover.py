@@ -144,8 +144,6 @@ def recover(pid: int, *, strategy: str = "int3") -> dict:
     """Undo what a dead patcher left in *pid* (see the module doc); returns
     what was done.  Nothing to do without a journal."""
     from ._count import switch_sites
-    from ._inject import find_syscall_insn
-    from ._region import Region
     from ._machine import LiveMachine
     rep = {"pid": pid, "journal": False, "int3_restored": 0, "calls_restored": 0,
            "regions_freed": 0, "gs_restored": 0, "guard_removed": False, "kept": []}
@@ -201,19 +199,7 @@ def recover(pid: int, *, strategy: str = "int3") -> dict:
                 if quiet:
                     m.write_stopped(quiet)
             rep["calls_restored"] += len(back)
-            region = Region(pid, r["base"], r["code_size"], r["data_size"],
-                             syscall_at=find_syscall_insn(pid))
-            if r["base"] in {mm.start for mm in read_maps(pid)}:
-                why = _free(m, region, r)
-            else:
-                why = []
-            region.close()
-            if why:
-                rep["kept"].append(f"stub region {r['base']:#x}: " + "; ".join(why))
-            else:
-                rep["regions_freed"] += 1
-                rep["gs_restored"] += m.reset_percpu_bases(region.base, region.end)
-                jj.drop_region(r["base"])
+            _free_stub_region(m, r, rep, mapped=r["base"] in {mm.start for mm in read_maps(pid)})
         had_guard = m._guard is not None
     jr = m.journal
     for _session in range(3):
@@ -228,16 +214,7 @@ def recover(pid: int, *, strategy: str = "int3") -> dict:
         rep["kept"] = [k for k in rep["kept"] if not k.startswith("stub region")]
         with LiveMachine(pid, strategy=strategy, recover=True) as m2:
             for r in list(m2.journal.data["regions"]):
-                region = Region(pid, r["base"], r["code_size"], r["data_size"],
-                                 syscall_at=find_syscall_insn(pid))
-                why = _free(m2, region, r)
-                region.close()
-                if why:
-                    rep["kept"].append(f"stub region {r['base']:#x}: " + "; ".join(why))
-                else:
-                    rep["regions_freed"] += 1
-                    rep["gs_restored"] += m2.reset_percpu_bases(region.base, region.end)
-                    m2.journal.drop_region(r["base"])
+                _free_stub_region(m2, r, rep)
             jr = m2.journal
     rep["guard_removed"] = had_guard and not m.guard_kept
     if m.guard_kept:
@@ -247,6 +224,25 @@ def recover(pid: int, *, strategy: str = "int3") -> dict:
     from ._inject import clean_bootstrap
     rep["bootstrap_cleaned"] = clean_bootstrap(pid)
     return rep
+
+
+def _free_stub_region(m, r: dict, rep: dict, *, mapped: bool = True) -> None:
+    """Stub region *r* (its journal entry) unmapped, unless a thread may
+    still run in it (then kept, the reason in ``rep["kept"]``); once freed
+    (or found unmapped already: *mapped* False) the GS bases pointing into
+    it are put back and its journal entry dropped."""
+    from ._inject import find_syscall_insn
+    from ._region import Region
+    region = Region(m.pid, r["base"], r["code_size"], r["data_size"],
+                    syscall_at=find_syscall_insn(m.pid))
+    why = _free(m, region, r) if mapped else []
+    region.close()
+    if why:
+        rep["kept"].append(f"stub region {r['base']:#x}: " + "; ".join(why))
+    else:
+        rep["regions_freed"] += 1
+        rep["gs_restored"] += m.reset_percpu_bases(region.base, region.end)
+        m.journal.drop_region(r["base"])
 
 
 def _free(m, region, r: dict) -> list[str]:
