@@ -11,7 +11,13 @@ Attach and follow
     The process is identified by (pid, start time); the identity is
     re-checked before every write (:class:`ProcessChanged`,
     :class:`NoSuchProcess`), and an ``exec`` seen meanwhile refuses every
-    write after it.
+    write after it.  A child that runs on the process's memory -- vfork,
+    posix_spawn, ``clone(CLONE_VM)`` without ``CLONE_THREAD`` -- is followed
+    (``PTRACE_O_TRACEVFORK``; one running at attach is seized) and is a CPU
+    like a thread until its exec or exit stop, where it is detached; a
+    thread that vforked is kept in its vfork event stop (or counts as in the
+    kernel, asleep in the vfork wait) until then.  A forked copy gets the
+    sites in flight put back and is let go (:mod:`._fork`).
 
 Text
     ``text_ranges`` are the executable mappings of /proc/PID/maps, the main
@@ -95,8 +101,9 @@ Never kill the patient
     handler and the journal itself.
 
 Limits: one tracer thread -- use a LiveMachine from the thread that made
-it (ptrace's rule); a ``fork`` while a batch is in flight copies any INT3
-of ours into the child, which is not traced; the core's batch addresses
+it (ptrace's rule); a vfork child that meets an INT3 left by a patcher
+killed mid-batch, before ``live recover``, dies if it has reset its
+SIGTRAP handler (posix_spawn's does); the core's batch addresses
 sites relative to the first text range within ±2 GiB, so shared libraries
 of a PIE are out of its reach in one batch.
 
@@ -116,6 +123,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from typing import Any, Sequence
 
 from .._core._machine import Capability, Machine, Task, TextRange, WaitUntil
@@ -129,7 +137,7 @@ from ._sigdefer import _SignalDeferral
 from ._stopmachine import _StopMachine
 from ._survival import _Survival
 from ._text import _Text
-from ._tracer import _RUN, LiveStats, _Thread, _Tracer
+from ._tracer import _RUN, _VFORK, LiveStats, _Thread, _Tracer
 from ._traps import _Traps
 
 __all__ = ["LiveMachine", "LiveStats", "TRAP_POLICIES", "STRATEGIES"]
@@ -225,9 +233,21 @@ class LiveMachine(_Tracer, _Traps, _StopMachine, _SignalDeferral, _Text, _Surviv
     def set_percpu_base(self, cpu: int, addr: int) -> None:
         """``Capability.PERCPU`` (see :mod:`._regions`); a vfork child that
         has exec'd or exited since the caller listed the CPUs is skipped:
-        it runs none of this process's code any more."""
+        it runs none of this process's code any more.  A thread asleep in
+        the kernel's vfork wait (not in a ptrace-stop: its registers cannot
+        be reached) is waited for until its child is done, 5 s at most."""
         if cpu not in self._threads and cpu in self._children_gone:
             return
+        t = self._threads.get(cpu)
+        if t is not None and t.state == _VFORK and t.asleep:
+            self._check_tracer()
+            end = time.monotonic() + 5.0
+            with self._signals_deferred():
+                while self._threads.get(cpu) is t and t.state == _VFORK and t.asleep:
+                    if time.monotonic() > end:
+                        raise MachineError(f"thread {cpu} of process {self.pid} sleeps in vfork "
+                                           "for more than 5 s (its child runs on)")
+                    self._service()
         super().set_percpu_base(cpu, addr)
 
     @property
