@@ -69,6 +69,8 @@ from __future__ import annotations
 
 import struct
 
+from ._gscheck import gs_range_check, rdgsbase
+
 __all__ = ["RECORDER", "RECORDER_UNCHECKED", "RECORDER_SIZE", "fsgsbase", "ENTRY_SIZE", "STACK_WORDS", "RING_HDR", "ENTRY",
            "fetch_refusal", "cpu_refusal", "Recorded", "recorder_code", "stack_words"]
 
@@ -80,9 +82,10 @@ __all__ = ["RECORDER", "RECORDER_UNCHECKED", "RECORDER_SIZE", "fsgsbase", "ENTRY
 #:   rec:  cld                                  # rep movsq forwards
 #:         mov %rdi,%r8; mov %rsi,%r9           # op, &pt_regs
 #:         rdgsbase %r10                        # the GS base, read, not followed
-#:         movabs $LO,%rax; mov %r10,%rcx; sub %rax,%rcx
-#:         cmp $SPAN,%rcx; jae 2f               # not among our ring headers:
-#:         cmp %r10,(%r10); je 3f               # (and a header is its own address)
+#:         movabs $-LO,%rcx; add %r10,%rcx      # (the check is ._gscheck's,
+#:         cmp $SPAN,%rcx; jae 2f               #  shared with live trace) not
+#:         cmp %r10,(%r10); je 3f               # among our ring headers, or a
+#:                                              # header not its own address:
 #:   2:    movabs $SPARE,%r10                   #   the spare ring (tid 0: gettid)
 #:   3:    mov 8(%r10),%rdx                     # the thread id the host wrote
 #:         test %rdx,%rdx; jnz 1f               # 0: the spare ring, shared --
@@ -133,25 +136,26 @@ __all__ = ["RECORDER", "RECORDER_UNCHECKED", "RECORDER_SIZE", "fsgsbase", "ENTRY
 #: the CALL's shadow entry is never popped.  Linux enables user shadow
 #: stacks only on request, which Debian's glibc does not make.)
 _REC_HEAD = bytes.fromhex("fc4989f84989f1")                 # cld; the two movs
-_REC_CHECK = bytes.fromhex(
-    "f3490faeca"                # rdgsbase %r10
-    "48b8" "0000000000000000"   # movabs $LO,%rax
-    "4c89d1" "4829c1"           # mov %r10,%rcx; sub %rax,%rcx
-    "4881f9" "00000000"         # cmp $SPAN,%rcx
-    "7305" "4d3912" "740a")     # jae 2f; cmp %r10,(%r10); je 3f
+_REC_SPARE_LEN = 10                                        # movabs $SPARE,%r10
+
+
+def _rec_check(lo: int, hi: int) -> bytes:
+    """rdgsbase %r10, then the shared check (scratch %rcx): a base not
+    ours falls through to the spare ring's movabs, ours jumps past it."""
+    return rdgsbase(10) + gs_range_check(10, 1, lo, hi, miss=0, hit=_REC_SPARE_LEN)
+
+
 _REC_SPARE = bytes.fromhex("49ba" "0000000000000000")      # 2: movabs $SPARE,%r10
 _REC_BODY = bytes.fromhex(
     "498b52084885d2750ab8ba0000000f054889c2b801000000f0"
     "490fc142104989c3492342184869c0400100004d8d54024049c70200000000498952184d894220498d"
     "7a284c89ceb915000000f348a5498bb1980000004883c608b90e000000f348a50f01f948c1e220480"
     "9d04989420849894a10498d43014989025948c74424f800000000ffe1")
-#: offsets in the checked head of its immediates
-_LO, _SPAN = len(_REC_HEAD) + 7, len(_REC_HEAD) + 24
 #: the recorder as H3 first wrote it: ``mov %gs:0,%r10`` follows whatever
 #: the GS base is (kept for the bench's same-run baseline and the test that
 #: shows what the check closes; never injected by live probe)
 RECORDER_UNCHECKED = _REC_HEAD + bytes.fromhex("654c8b142500000000") + _REC_BODY
-RECORDER = _REC_HEAD + _REC_CHECK + _REC_SPARE + _REC_BODY
+RECORDER = _REC_HEAD + _rec_check(0, 0) + _REC_SPARE + _REC_BODY
 #: bytes of execmem the recorder takes (the client's allocator gets the rest)
 RECORDER_SIZE = 256
 ENTRY_SIZE = 320
@@ -163,7 +167,7 @@ _PT_REGS = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", 
 ENTRY = struct.Struct(f"<QQQQQ{len(_PT_REGS)}Q{STACK_WORDS}Q")
 assert ENTRY.size == ENTRY_SIZE
 assert len(RECORDER) <= RECORDER_SIZE
-assert RECORDER[_LO - 2:_LO] == b"\x48\xb8" and RECORDER[_SPAN - 3:_SPAN] == b"\x48\x81\xf9"
+assert len(_REC_SPARE) == _REC_SPARE_LEN
 _M64 = (1 << 64) - 1
 
 
@@ -185,15 +189,15 @@ def recorder_code(words: int = STACK_WORDS, *, spare: int, rings: tuple[int, int
     body = bytearray(_REC_BODY)
     assert body[_REC_WORDS - 1] == 0xB9 and body[_REC_WORDS] == STACK_WORDS
     struct.pack_into("<I", body, _REC_WORDS, words)
-    head = bytearray(_REC_HEAD + (_REC_CHECK if rings is not None else b"") + _REC_SPARE)
-    struct.pack_into("<Q", head, len(head) - 8, spare & _M64)
+    check = b""
     if rings is not None:
         lo, hi = rings
         if not 0 < hi - lo < 1 << 31 or not lo <= spare < hi:
             raise ValueError(f"rings {lo:#x}-{hi:#x} (spare {spare:#x}): a span under 2 GiB "
                              "holding the spare")
-        struct.pack_into("<Q", head, _LO, lo)
-        struct.pack_into("<I", head, _SPAN, hi - lo)
+        check = _rec_check(lo, hi)
+    head = bytearray(_REC_HEAD + check + _REC_SPARE)
+    struct.pack_into("<Q", head, len(head) - 8, spare & _M64)
     return bytes(head + body)
 
 
