@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
            "kinds": dict(Counter(s.kind for s in lt.sites)),
            "skipped": len(lt.skipped),
            "events_read": nev, "overruns": counts["overruns"], "dropped": counts["dropped"],
-           "hits": counts["hits"], "buffer_size": args.buffer_size,
+           "hits": counts["hits"], "missed": counts.get("missed", 0),
+           "buffer_size": args.buffer_size,
            "trace_clock": lt.clock,
            "tsc_hz": round(lt.time.hz()) if lt.time is not None else None,
            "threads": lt.stats.threads_seen,
@@ -121,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
                                 f"{avg:>9.3f} us")
         print(f"textpoke live trace: {nev if not args.profile else counts['hits']} "
               f"{'event(s) read' if not args.profile else 'hit(s)'}, {counts['overruns']} "
-              f"overrun(s), {counts['dropped']} dropped; sites restored: "
+              f"overrun(s), {counts['dropped']} dropped"
+              + (f", {doc['missed']} call(s) missed (made with a GS base the program set itself)"
+                 if doc["missed"] else "") + "; sites restored: "
               + ("yes" if doc["restored"] and doc["int3_left"] == 0 else
                  ("the process exited" if gone else "NO"))
               + (f"; {err}" if err else "")

@@ -22,7 +22,20 @@ process's threads for CPUs:
   ring read and freed for the next.  The host only reads the rings (and
   moves ``tail``): :class:`~textpoke._ftrace.RingBuffer`, with the kernel's
   default ``overwrite`` (a full ring overwrites its oldest event and counts
-  it in ``overruns``).
+  it in ``overruns``).  The runtime's per-CPU loads (``mov %gs:0``) are
+  checked (:func:`._trace_runtime.gs_stub`, with ``live probe``'s emitter
+  :mod:`._gscheck`): the base is read without being followed (RDGSBASE,
+  or ``arch_prctl(ARCH_GET_GS)`` where the process has no FSGSBASE in
+  user mode -- a system call per call) and followed only when it is one
+  of the records.  A thread whose GS base is the program's own (set with
+  ``arch_prctl(ARCH_SET_GS)`` after the tracer gave it a ring, or
+  inherited by a thread made then) gets a sink record instead: its calls
+  are not recorded but counted, exactly, as *missed* (``counts()``, the
+  CLI's summary and JSON).  Not a spare ring with ``gettid`` as the
+  probe's recorder has: the records are the kernel's single-writer rings
+  (``head`` read, the entry written, ``head`` stored), which two threads
+  sharing one would tear; the kernel's answer to an event it cannot
+  record, too, is a count.
 * **The records** are what the client knows, fentry sites: a function's
   NOP5 (``-pg -mfentry -mnop-mcount``) is its record, switched NOP5 <-> CALL
   by the client's own update.  A function without one -- any function of
@@ -95,7 +108,8 @@ from .._errors import TextPokeError
 from ._symbols import Symbols
 from ._trace_clock import TscTime, host_tsc, tsc_disabled, tsc_variant_reason
 from ._trace_free import alive, free_region, threads_in_region
-from ._trace_profile import _P_FPC, _P_HANDLER, PROFILE_CODE, SHADOW_N
+from ._probe_opt import fsgsbase
+from ._trace_profile import _P_FPC, _P_GS, _P_HANDLER, NOP4, PROFILE_CODE, SHADOW_N
 from ._trace_view import TraceView, thread_comm
 from ._trace_sites import (BRIDGE_SLOT, NOP5, PAD_SIZE, TraceError, TraceSite, fill_pads,
                            group_sites, plan_sites, reach_of, switch_pads)
@@ -118,6 +132,7 @@ class TraceStats:
     overruns: int = 0         # overwritten before read (kernel: overrun)
     dropped: int = 0          # refused by a full ring (overwrite off)
     hits: int = 0             # callbacks run
+    missed: int = 0           # calls made with a GS base not ours (not recorded)
     threads_seen: int = 0
     threads_without_ring: int = 0
     prof: dict = field(default_factory=dict)
@@ -149,6 +164,11 @@ class LiveTrace(TraceView):
         self.machine = self.core = self.kernel = self.ft = self.ring = None
         self.region = None
         self.stats = TraceStats()
+        #: how the runtime reads a thread's GS base before following it
+        #: (_trace_runtime.GS_READS); None: RDGSBASE where the process has
+        #: FSGSBASE in user mode, else arch_prctl
+        self.gs_read: str | None = None
+        self._sink: int | None = None
         self.skipped: list[dict] = []
         self.kept: list[str] = []
         self._pending: list = []
@@ -191,7 +211,8 @@ class LiveTrace(TraceView):
         from .._ftrace._ring import RingBuffer
         from ..kernel import Kernel
         from ._machine import LiveMachine
-        from ._trace_runtime import ProcessFtraceImage, build_runtime, runtime_layout
+        from ._trace_runtime import (GS_STUB, REC_SIZE, ProcessFtraceImage, build_runtime,
+                                     gs_stub, runtime_layout)
         self.machine = m = LiveMachine(self.pid, strategy=self.strategy)
         try:
             # every thread's GS base claimed first (refused, before anything
@@ -213,11 +234,14 @@ class LiveTrace(TraceView):
             if self.clock == "tsc":
                 # the first pair, before any event can be stamped
                 self.time = TscTime(self.pid)
-            rt_code, rt_data = runtime_layout(nrec, self.clock)
-            pads = [s for s in self.sites if s.padded]
-            prof_code = -(-len(PROFILE_CODE) // 64) * 64 if self.profile else 0
-            code_size = rt_code + prof_code + PAD_SIZE * len(pads) + _TRAMP_SHARE
             nprof = len(self.sites) if self.profile else 0
+            if self.gs_read is None:
+                self.gs_read = "rdgsbase" if fsgsbase(self.pid) else "syscall"
+            rt_code, rt_data = runtime_layout(nrec, self.clock, nprof=nprof, gs=self.gs_read)
+            pads = [s for s in self.sites if s.padded]
+            # the profiler's return hook, then its own checked load
+            prof_code = -(-(len(PROFILE_CODE) + GS_STUB) // 64) * 64 if self.profile else 0
+            code_size = rt_code + prof_code + PAD_SIZE * len(pads) + _TRAMP_SHARE
             ring_bytes = RingBuffer.region_bytes(self.ring_size, nprof, nrec)
             # the profiler's return stacks and cycle tables, one per ring
             pstride = (SHADOW_N * 32 + -(-8 * nprof // 64) * 64) if self.profile else 0
@@ -229,7 +253,9 @@ class LiveTrace(TraceView):
                 b = self._map(m, BRIDGE_SLOT * n, 0, near=span, group=r.base)
                 self._bridges.append(b)
                 bridges.append((b.base, bytearray(b"\xcc" * (BRIDGE_SLOT * n))))
-            rt = build_runtime(r.base, r.data, nrec, clock=self.clock)
+            rt = build_runtime(r.base, r.data, nrec, clock=self.clock, nprof=nprof,
+                               gs=self.gs_read)
+            self._sink = rt.symbols.get("trace_gs_sink")
             code = bytearray(rt.code.ljust(rt_code, b"\xcc"))
             if self.profile:
                 # the image's profile callback: function_profile_call (the
@@ -238,6 +264,17 @@ class LiveTrace(TraceView):
                 struct.pack_into("<QQQ", blob, _P_FPC, rt.symbols["function_profile_call"],
                                  rt.symbols["ftrace_prof_ips"], rt.symbols["ftrace_prof_n"])
                 at = r.base + len(code)
+                if self.gs_read != "unchecked":
+                    # its entry's per-CPU load checked as the runtime's are
+                    # (a missed call gets the sink, whose empty return stack
+                    # hooks nothing), by a stub that does not count the call
+                    # missed again (function_profile_call's load did)
+                    percpu = rt.symbols["ftrace_percpu"]
+                    stub = at + len(blob)
+                    blob += gs_stub(8, self.gs_read, percpu, percpu + nrec * REC_SIZE,
+                                    rt.symbols["trace_gs_sink"], count=False)
+                    blob[_P_GS:_P_GS + 9] = (b"\xe8" + struct.pack("<i", stub - (at + _P_GS + 5))
+                                             + NOP4)
                 rt.symbols["function_profile_call"] = at
                 code += bytes(blob).ljust(prof_code, b"\xcc")
                 self._unhook = {"handler": at + _P_HANDLER, "percpu": rt.symbols["ftrace_percpu"],
@@ -371,7 +408,9 @@ class LiveTrace(TraceView):
             except (TextPokeError, OSError):
                 ok = False
             if not ok:
-                # it keeps its parent's ring: events still land, two writers
+                # it keeps its parent's GS base: the program's own (its
+                # calls are counted as missed), or its parent's ring (events
+                # still land, two writers)
                 self.stats.threads_without_ring += 1
         elif event == "remove":
             if self._unhook and tid in ring.slot:

@@ -9,7 +9,7 @@ import struct
 
 from .._errors import TextPokeError
 
-__all__ = ["PROFILE_CODE", "SHADOW_N", "unhook_returns"]
+__all__ = ["PROFILE_CODE", "SHADOW_N", "unhook_returns", "NOP4"]
 
 
 # --- the profiler's time: a return hook (the kernel's profiler uses fgraph) ----
@@ -55,6 +55,11 @@ PROFILE_CODE = bytes.fromhex(
     "18488b51104d8b4878490104d1488b01488944242841594158595a58c30f0b0f1f800000000000"
     "0000000000000000000000000000000000000000000000")
 _P_HANDLER, _P_FPC, _P_IPS, _P_N = 0xB0, 0x110, 0x118, 0x120
+#: live_profile_call's ``mov %gs:0,%r8`` (9 bytes: the CALL of the checked
+#: load and a NOP4 replace it, see LiveTrace.arm)
+_P_GS = 0x20
+NOP4 = b"\x0f\x1f\x40\x00"
+assert PROFILE_CODE[_P_GS:_P_GS + 9] == bytes.fromhex("654c8b042500000000")
 #: return-stack entries per thread (32 bytes each): deeper calls are counted, not timed
 SHADOW_N = 512
 _F_SP, _F_LIMIT, _F_BASE, _F_TIMES = 96, 104, 112, 120

@@ -54,7 +54,7 @@ from ..images._tables import KernelTables, McountLoc
 from .._core._insn import x86_nops
 
 __all__ = ["Runtime", "ProcessFtraceImage", "runtime_layout", "RuntimeError_", "REC_SIZE",
-           "CLOCKS", "clock_stub"]
+           "CLOCKS", "clock_stub", "GS_READS", "gs_stub", "SINK_MISSED", "GS_STUB"]
 
 REC_SIZE = 128                    # struct ftrace_cpu
 _R_PC32, _R_PLT32 = 2, 4
@@ -92,13 +92,22 @@ class Runtime:
     sizes: dict[str, int]
 
 
-def runtime_layout(nrec: int, clock: str = "counter") -> tuple[int, int]:
-    """(code size, data size) of the runtime with *nrec* per-CPU records."""
+def runtime_layout(nrec: int, clock: str = "counter", *, nprof: int = 0,
+                   gs: str = "rdgsbase") -> tuple[int, int]:
+    """(code size, data size) of the runtime with *nrec* per-CPU records
+    (*nprof* profiled functions, *gs* as :func:`build_runtime`)."""
     img = load_bundled(KERNEL_IMAGE)
     code = sum(hi - lo for lo, hi in _piece_ranges(img))
     if clock == "tsc":
         code += _STUB * len({reg for _ip, _n, reg in _clock_sites(img)})
-    return _align(code, 64), _data_size(nrec)
+    if gs != "unchecked":
+        code += _GS_STUB * len(_gs_regs(img))
+    return _align(code, 64), _data_size(nrec) + _sink_size(nprof)
+
+
+def _gs_regs(img) -> list[int]:
+    """The registers of the per-CPU loads (a stub each)."""
+    return sorted({reg for _ip, _n, reg in _gs_sites(img)})
 
 
 def _clock_sites(img) -> list[tuple[int, int, int]]:
@@ -108,8 +117,6 @@ def _clock_sites(img) -> list[tuple[int, int, int]]:
     import iced_x86 as I
     text = img.section(".text")
     want = img.sym(_CLOCK_SYM)
-    arith = (I.RflagsBits.OF | I.RflagsBits.SF | I.RflagsBits.ZF | I.RflagsBits.AF
-             | I.RflagsBits.CF | I.RflagsBits.PF)
     out = []
     for lo, hi in _piece_ranges(img):
         insns = list(I.Decoder(64, text.data[lo - text.addr:hi - text.addr], ip=lo))
@@ -121,16 +128,92 @@ def _clock_sites(img) -> list[tuple[int, int, int]]:
                     and 0 <= reg < 16 and reg != 4 and ins.len >= 5):
                 raise RuntimeError_(f"the trace clock at {ins.ip:#x} is {ins}, not a locked "
                                     "xadd of a 64-bit register: the image changed")
-            live = arith
-            for nxt in insns[k + 1:]:
-                if nxt.rflags_read & live or nxt.flow_control != I.FlowControl.NEXT:
-                    raise RuntimeError_(f"the trace clock's flags at {ins.ip:#x} are read "
-                                        f"({nxt}): the image changed")
-                live &= ~nxt.rflags_modified
-                if not live:
-                    break
+            _flags_dead(insns, k, "trace clock")
             out.append((ins.ip, ins.len, reg))
     return out
+
+
+def _flags_dead(insns, k: int, what: str) -> None:
+    """The arithmetic flags after *insns[k]* are written before anything
+    reads them or leaves the straight line (a CALL to a stub of ours put
+    there clobbers them); else :class:`RuntimeError_`."""
+    import iced_x86 as I
+    live = (I.RflagsBits.OF | I.RflagsBits.SF | I.RflagsBits.ZF | I.RflagsBits.AF
+            | I.RflagsBits.CF | I.RflagsBits.PF)
+    for nxt in insns[k + 1:]:
+        if nxt.rflags_read & live or nxt.flow_control != I.FlowControl.NEXT:
+            raise RuntimeError_(f"the {what}'s flags at {insns[k].ip:#x} are read "
+                                f"({nxt}): the image changed")
+        live &= ~nxt.rflags_modified
+        if not live:
+            return
+    raise RuntimeError_(f"the {what}'s flags at {insns[k].ip:#x} live to the piece's end")
+
+
+def _gs_sites(img) -> list[tuple[int, int, int]]:
+    """The per-CPU loads in the pieces: (address, length, register number)
+    of each ``mov %gs:0,%reg`` (``this_ftrace_cpu()``); refused
+    (:class:`RuntimeError_`) if a GS access is anything else or its flags
+    are read after."""
+    import iced_x86 as I
+    text = img.section(".text")
+    out = []
+    for lo, hi in _piece_ranges(img):
+        insns = list(I.Decoder(64, text.data[lo - text.addr:hi - text.addr], ip=lo))
+        for k, ins in enumerate(insns):
+            if ins.memory_segment != I.Register.GS and ins.segment_prefix != I.Register.GS:
+                continue
+            reg = ins.op0_register - I.Register.RAX if ins.op_count == 2 else -1
+            if not (ins.code == I.Code.MOV_R64_RM64 and ins.op1_kind == I.OpKind.MEMORY
+                    and ins.memory_base == I.Register.NONE and ins.memory_index == I.Register.NONE
+                    and ins.memory_displacement == 0 and 0 <= reg < 16 and reg != 4
+                    and ins.len >= 5):
+                raise RuntimeError_(f"a GS access at {ins.ip:#x} is {ins}, not mov %gs:0 to a "
+                                    "64-bit register: the image changed")
+            _flags_dead(insns, k, "per-CPU load")
+            out.append((ins.ip, ins.len, reg))
+    return out
+
+
+#: where a thread's GS base is read (None: the runtime as first written,
+#: ``mov %gs:0`` followed unchecked -- the bench's baseline and the test
+#: that shows what the check closes, never what ``live trace`` injects)
+GS_READS = ("rdgsbase", "syscall", "unchecked")
+#: room for one per-CPU load's check (the longest, syscall, is 78 bytes)
+GS_STUB = _GS_STUB = 96
+#: the sink: a record (REC_SIZE) whose ``self`` is not in the checked span,
+#: then the count of missed calls, one ring entry, the profiler's counts
+_SINK_MISSED, _SINK_ENTRY, _SINK_PROF = REC_SIZE, REC_SIZE + 32, REC_SIZE + 64
+SINK_MISSED = _SINK_MISSED
+
+
+def _sink_size(nprof: int) -> int:
+    return _align(_SINK_PROF + 8 * nprof, 64)
+
+
+def gs_stub(reg: int, read: str, lo: int, hi: int, sink: int, *, count: bool = True) -> bytes:
+    """The per-CPU load ``mov %gs:0,%reg`` made safe: the GS base read
+    (RDGSBASE, or ``arch_prctl`` without it) and checked by
+    :mod:`._gscheck` (among the records ``[lo, hi)``, a record its own
+    address); a base not ours gives *sink* instead, after a ``lock inc``
+    of its missed-calls count (not with *count* False: a second load in
+    the same call, the profiler's return hook's).  Every register but *reg* kept (flags not:
+    each site's are dead, :func:`_gs_sites`)::
+
+        push %S; READ %reg; CHECK (jne 1f)
+        pop %S; ret
+     1: movabs $SINK,%reg; lock incq MISSED(%reg); pop %S; ret
+    """
+    from ._gscheck import gs_range_check, movabs, pop, push, rdgsbase, read_gs_syscall
+    s = 1 if reg != 1 else 0                         # %rcx, or %rax
+    back = pop(s) + b"\xc3"
+    code = push(s) + (rdgsbase(reg) if read == "rdgsbase" else read_gs_syscall(reg))
+    code += gs_range_check(reg, s, lo, hi, miss=len(back)) + back
+    inc = b"\xf0" + bytes((0x48 | reg >> 3, 0xFF, 0x80 | reg & 7))
+    inc += (b"\x24" if reg & 7 == 4 else b"") + struct.pack("<i", _SINK_MISSED)
+    code += movabs(sink, reg) + (inc if count else b"") + back
+    assert len(code) <= _GS_STUB
+    return code
 
 
 def clock_stub(reg: int) -> bytes:
@@ -165,12 +248,20 @@ def _piece_ranges(img) -> list[tuple[int, int]]:
     return out
 
 
-def build_runtime(code_at: int, data_at: int, nrec: int, clock: str = "counter") -> Runtime:
+def build_runtime(code_at: int, data_at: int, nrec: int, clock: str = "counter", *,
+                  nprof: int = 0, gs: str = "rdgsbase") -> Runtime:
     """The runtime relocated to run at *code_at* with its data at *data_at*
     (*nrec* per-CPU records); *clock* ``"tsc"``: the rings stamped with the
-    TSC instead of the counter."""
+    TSC instead of the counter.  *gs*: how each per-CPU load reads the
+    thread's GS base before following it -- ``"rdgsbase"`` (FSGSBASE in
+    user mode), ``"syscall"`` (``arch_prctl``, without it), both checked
+    (:func:`gs_stub`: a base not among the records is a missed call,
+    counted in ``trace_gs_sink``), or ``"unchecked"`` (as first written; a
+    baseline only); *nprof*: the profiled functions (the sink's counts)."""
     if clock not in CLOCKS:
         raise ValueError(f"trace clock {clock!r}: one of {', '.join(CLOCKS)}")
+    if gs not in GS_READS:
+        raise ValueError(f"GS read {gs!r}: one of {', '.join(GS_READS)}")
     img = load_bundled(KERNEL_IMAGE)
     text = img.section(".text")
     pieces = _piece_ranges(img)
@@ -251,6 +342,20 @@ def build_runtime(code_at: int, data_at: int, nrec: int, clock: str = "counter")
         symbols_extra = {f"trace_clock_tsc_{r}": a for r, a in stubs.items()}
     else:
         symbols_extra = {}
+    percpu = data_new["ftrace_percpu"]
+    sink = data_at + _data_size(nrec)
+    if gs != "unchecked":
+        # each per-CPU load: CALL its register's checked read, NOPs
+        gstubs: dict[int, int] = {}
+        for reg in _gs_regs(img):
+            gstubs[reg] = code_at + len(code)
+            code += gs_stub(reg, gs, percpu, percpu + nrec * REC_SIZE, sink).ljust(_GS_STUB, b"\xcc")
+        for ip, n, reg in _gs_sites(img):
+            at = new_text(ip)
+            o = at - code_at
+            code[o:o + n] = b"\xe8" + struct.pack("<i", gstubs[reg] - (at + 5)) + x86_nops[n - 5]
+            done.add(ip + 1)             # the CALL leaves its piece: on purpose
+        symbols_extra.update({f"trace_gs_check_{r}": a for r, a in gstubs.items()})
     _check_pieces(bytes(code), code_at, moved, done)
     symbols: dict[str, int] = {}
     sizes: dict[str, int] = {}
@@ -265,9 +370,16 @@ def build_runtime(code_at: int, data_at: int, nrec: int, clock: str = "counter")
     symbols.update(data_new)
     symbols.update(symbols_extra)
     sizes.update(_DATA)
-    sizes.update(dict.fromkeys(symbols_extra, _STUB))
+    sizes.update({k: _GS_STUB if k.startswith("trace_gs_check_") else _STUB for k in symbols_extra})
     sizes["ftrace_percpu"] = nrec * REC_SIZE
-    data = bytearray(_data_size(nrec))
+    symbols["trace_gs_sink"], sizes["trace_gs_sink"] = sink, _sink_size(nprof)
+    data = bytearray(_data_size(nrec) + _sink_size(nprof))
+    # the sink: its own address (outside the checked span), a one-entry
+    # ring that overwrites, the profiler's counts, an empty return stack
+    # (limit 0: no return of a missed call is hooked)
+    for f, v in ((0, sink), (24, sink + _SINK_ENTRY), (32, 0), (80, 1),
+                 (72, sink + _SINK_PROF), (120, sink + _SINK_PROF)):
+        struct.pack_into("<Q", data, sink - data_at + f, v)
     struct.pack_into("<Q", data, data_new["ftrace_list_ops"] - data_at, _LIST_TRACE_PROFILE)
     struct.pack_into("<Q", data, data_new["function_trace_op"] - data_at,
                      data_new["ftrace_list_end"])

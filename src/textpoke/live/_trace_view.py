@@ -5,6 +5,7 @@ times, and each event as trace_pipe prints it (names, timestamps)."""
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import time
 
@@ -69,7 +70,20 @@ class TraceView:
         st = self.stats
         return {"overruns": st.overruns + live.get("overruns", 0),
                 "dropped": st.dropped + live.get("dropped", 0),
-                "hits": st.hits + live.get("hits", 0)}
+                "hits": st.hits + live.get("hits", 0),
+                "missed": self._missed()}
+
+    def _missed(self) -> int:
+        """Calls made while the thread's GS base was not one of ours (the
+        program's own, set after the tracer gave it one): the runtime's
+        check sent them to the sink and counted them there."""
+        sink = getattr(self, "_sink", None)
+        if sink is not None and self.region is not None and self.machine is not None:
+            with contextlib.suppress(Exception):
+                from ._trace_runtime import SINK_MISSED
+                raw = self.machine.mem.read(sink + SINK_MISSED, 8)
+                self.stats.missed = struct.unpack("<Q", raw)[0]
+        return self.stats.missed
 
     def profile_counts(self) -> list[tuple[str, int, int]]:
         """(function, hits, time in ns), most hits first: the profiler's
