@@ -3,7 +3,9 @@
 ``live count``) next to a bpftrace uprobe hit on the same function, in the
 same run; and ``live trace`` on Debian's python3 from process start to exit.
 
-    python bench/bench_live_trace.py [--repeat R] [--quick] [--json] [--no-bpftrace]
+    python bench/bench_live_trace.py [--repeat R] [--quick] [--json] [--no-bpftrace] [--gs-only]
+
+(--gs-only: plain, trace, trace_unchecked, trace_syscall and gs_check only.)
 
 The target (gcc -O1, no -pg: ``probed`` is an ordinary entry, reached
 through a moved-instruction pad as on /usr/bin/python3) waits for a number
@@ -20,6 +22,13 @@ time (CLOCK_MONOTONIC, ns).  Per run, on one target:
   than 2 GiB away) is entered through a bridge, N = 10,000,000;
 * **trace_counter**: the same with the bundled runtime's counter clock
   (a ``lock xadd`` on one shared word), N = 10,000,000;
+* **trace_unchecked**: ``trace`` with the runtime's per-CPU loads as first
+  written (``mov %gs:0`` followed unchecked), N = 10,000,000; and
+  **gs_check** = trace - trace_unchecked per run: the cost of the GS base
+  check (RDGSBASE, range, self-pointer; ``live/_gscheck.py``);
+* **trace_syscall**: the check reading the base with
+  ``arch_prctl(ARCH_GET_GS)``, what a process without FSGSBASE in user
+  mode pays, N = 1,000,000;
 * **count**: ``live count``'s stubs armed (``Arming``), N = 10,000,000;
 * **bpftrace**: ``uprobe:EXE:probed { @n = count(); }``, N = 20,000
   (--quick: 5,000): a trap into the kernel per hit.
@@ -132,12 +141,14 @@ BRIDGED = "t:probed,libc.so.6:malloc,libc.so.6:free"
 
 
 def traced(t: Target, n: int, clock: str | None = None,
-           pattern: str = "t:probed") -> tuple[float, int]:
+           pattern: str = "t:probed", gs: str | None = None) -> tuple[float, int]:
     """(loop ns, callbacks run) with the function tracer on ``probed``
     (*clock*: the rings' trace clock, None: live trace's own choice;
-    *pattern*: :data:`BRIDGED` for the bridge)."""
+    *pattern*: :data:`BRIDGED` for the bridge; *gs*: how the runtime reads
+    the GS base, None: live trace's own choice)."""
     from textpoke.live import LiveTrace
     lt = LiveTrace(t.pid, pattern, ring=4096, clock=clock)
+    lt.gs_read = gs
     if pattern == BRIDGED:
         assert [s.bridge for s in lt.sites if s.function == "probed"] == [0], \
             "probed is not behind a bridge here"
@@ -202,7 +213,8 @@ def run(args: argparse.Namespace) -> dict:
     use_bt = not args.no_bpftrace and shutil.which("bpftrace") is not None and os.geteuid() == 0
     have_py = os.path.exists("/usr/bin/python3")
     keys = [("plain", "ns/call"), ("trace", "ns/call"), ("trace_bridge", "ns/call"),
-            ("trace_counter", "ns/call"),
+            ("trace_counter", "ns/call"), ("trace_unchecked", "ns/call"),
+            ("gs_check", "ns/call"), ("trace_syscall", "ns/call"),
             ("count", "ns/call"),
             ("bpftrace", "ns/hit"), ("cli_python3", "s")]
     s = {k: _stats.Series(k, u) for k, u in keys}
@@ -219,7 +231,18 @@ def run(args: argparse.Namespace) -> dict:
                     # (paired: the box's load drifts between them)
                     plain = t.loop(N) / N
                     vals = {"plain": plain}
-                    vals["trace"] = traced(t, N)[0] / N - plain
+                    # checked and unchecked take turns going first (the load drifts)
+                    for gs in (None, "unchecked")[::1 if r % 2 else -1]:
+                        p0 = t.loop(N) / N          # each against a plain loop just before
+                        key = "trace_unchecked" if gs else "trace"
+                        vals[key] = traced(t, N, gs=gs)[0] / N - p0
+                    vals["gs_check"] = vals["trace"] - vals["trace_unchecked"]
+                    plain_s = t.loop(N // 10) / (N // 10)
+                    vals["trace_syscall"] = (traced(t, N // 10, gs="syscall")[0] / (N // 10)
+                                             - plain_s)
+                    if args.gs_only:
+                        assert t.p.poll() is None
+                        raise _GsOnly
                     plain0 = t.loop(N) / N
                     vals["trace_bridge"] = traced(t, N, pattern=BRIDGED)[0] / N - plain0
                     plain1 = t.loop(N) / N
@@ -230,9 +253,11 @@ def run(args: argparse.Namespace) -> dict:
                         plain3 = t.loop(N) / N
                         vals["bpftrace"] = bpftrace(t, exe, n_bt) / n_bt - plain3
                     assert t.p.poll() is None
+                except _GsOnly:
+                    pass
                 finally:
                     t.close()
-                if py is not None:
+                if py is not None and not args.gs_only:
                     vals["cli_python3"] = cli_python3(py)
                 for k, v in vals.items():
                     (s[k].warmup if r == 0 else s[k].samples).append(v)
@@ -246,11 +271,24 @@ def run(args: argparse.Namespace) -> dict:
     return {"series": s, "n": {"loop": N, "bpftrace": n_bt}, "bpftrace": use_bt}
 
 
+class _GsOnly(Exception):
+    """--gs-only: the other variants skipped."""
+
+
 def report(res: dict) -> str:
     s = res["series"]
     rows = [["a call, untouched (ns)", _stats.fmt_range(s["plain"], 2)],
             [f"live trace: a traced call, +ns (N={res['n']['loop']:,})",
              _stats.fmt_range(s["trace"], 1)],
+            [f"live trace, the runtime's GS loads unchecked (as first written), +ns "
+             f"(N={res['n']['loop']:,})", _stats.fmt_range(s["trace_unchecked"], 1)],
+            ["the GS base check (trace - unchecked, per run), +ns",
+             _stats.fmt_range(s["gs_check"], 2)],
+            [f"live trace, GS base read with arch_prctl (no FSGSBASE), +ns "
+             f"(N={res['n']['loop'] // 10:,})", _stats.fmt_range(s["trace_syscall"], 1)]]
+    if "trace_bridge" not in s:
+        return _stats.table(["figure", "median (min-max, n)"], rows)
+    rows += [
             [f"live trace, through a bridge (probed 2 GiB+ from the runtime): +ns "
              f"(N={res['n']['loop']:,})", _stats.fmt_range(s["trace_bridge"], 1)],
             [f"live trace, the counter clock: a traced call, +ns (N={res['n']['loop']:,})",
@@ -277,6 +315,8 @@ def to_json(res: dict) -> dict:
 
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-bpftrace", action="store_true", help="skip the bpftrace baseline")
+    ap.add_argument("--gs-only", action="store_true",
+                    help="only the GS base check's variants (plain, trace, unchecked, syscall)")
 
 
 if __name__ == "__main__":
