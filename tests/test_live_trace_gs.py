@@ -148,3 +148,53 @@ def test_the_unchecked_runtime_is_what_this_closes(exe):
     # for the ring's address -- SIGSEGV at the worker's first call)
     assert not alive or done is None or done[2] != "1", out.lines
     assert counts.get("missed", 0) == 0
+
+
+def test_a_thread_on_its_own_gs_base_before_the_trace(exe):
+    """A thread whose GS base is the program's own when the tracer starts
+    keeps it and gets no ring (refused before: 'uses its GS base itself');
+    the others are traced.  The worker here set its base and made its
+    child before the trace: the main thread's calls are read, the worker's
+    buffer and base are its own after the close."""
+    from textpoke.live import LiveTrace
+    t = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    out = _Lines(t)
+    try:
+        while out.get("ready") is None:
+            select.select([t.stdout.fileno()], [], [], 5)
+            assert t.poll() is None
+        main_tid = int(out.get("ready")[1])
+        t.stdin.write(b"go\n")
+        t.stdin.flush()
+        while out.get("done") is None:
+            select.select([t.stdout.fileno()], [], [], 5)
+            assert t.poll() is None, out.lines
+        wtid = int(out.get("done")[1])
+        lt = LiveTrace(t.pid, "probed", clock="counter")
+        try:
+            lt.arm()
+            assert lt._own_gs == {wtid}, (lt._own_gs, wtid)
+            assert lt.stats.threads_without_ring == 1
+            events = []
+            # a guard only: the test waits for the main thread's events
+            deadline = time.monotonic() + 30
+            while len(events) < 10 and time.monotonic() < deadline:
+                lt.pump(lambda: True)
+                events += lt.take()
+        finally:
+            left = lt.close()
+        events += lt.final_events
+        assert left["int3_left"] == 0 and left["regions_kept"] == [], left
+        assert len(events) >= 10 and {e.pid for e in events} == {main_tid}
+        assert lt.final_counts["missed"] == 0
+        t.stdin.write(b"gs\n")
+        t.stdin.flush()
+        while out.get("gs") is None:
+            select.select([t.stdout.fileno()], [], [], 5)
+            assert t.poll() is None, out.lines
+        assert out.get("gs") == ["gs", "1", "1"], out.lines
+    finally:
+        t.kill()
+        t.wait()
+        t.stdin.close()
+        t.stdout.close()

@@ -87,12 +87,15 @@ class RingBuffer:
     def __init__(self, machine, image, *, size: int = 4096, nprof: int = 0,
                  tasks: dict[int, tuple[str, int]] | None = None,
                  base: int | None = FTRACE_DATA_BASE, overwrite: bool = True,
-                 slots: int | None = None, mapped_at: int | None = None) -> None:
+                 slots: int | None = None, mapped_at: int | None = None,
+                 cpus: Iterable[int] | None = None) -> None:
         if size < 1 or size & (size - 1):
             raise ValueError(f"ring size must be a power of two, not {size}")
         machine.require(Capability.DATA, "ftrace ring buffers")
         machine.require(Capability.PERCPU, "ftrace per-CPU records")
-        cpus = list(machine.cpus)
+        # (cpus: the CPUs given a ring at the start, default every CPU of
+        # the machine; live trace leaves out a thread on its own GS base)
+        cpus = list(machine.cpus) if cpus is None else list(cpus)
         #: the image's ``struct ftrace_cpu`` records (the bundled kernel has 8)
         nrec = getattr(image, "sizes", {}).get("ftrace_percpu", FTRACE_CPUS * _CPU_REC) // _CPU_REC
         if slots is None:

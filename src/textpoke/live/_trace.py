@@ -104,7 +104,7 @@ from typing import Callable
 
 from .._core._insn import CALL_INSN_OPCODE, text_gen_insn
 from .._core._machine import WaitUntil
-from .._errors import TextPokeError
+from .._errors import NotSupportedError, TextPokeError
 from ._symbols import Symbols
 from ._trace_clock import TscTime, host_tsc, tsc_disabled, tsc_variant_reason
 from ._trace_free import alive, free_region, threads_in_region
@@ -169,6 +169,9 @@ class LiveTrace(TraceView):
         #: FSGSBASE in user mode, else arch_prctl
         self.gs_read: str | None = None
         self._sink: int | None = None
+        #: threads whose GS base was the program's own at the start (no ring)
+        self._own_gs: set[int] = set()
+        self.own_gs_note: str | None = None
         self.skipped: list[dict] = []
         self.kept: list[str] = []
         self._pending: list = []
@@ -215,12 +218,22 @@ class LiveTrace(TraceView):
                                      gs_stub, runtime_layout)
         self.machine = m = LiveMachine(self.pid, strategy=self.strategy)
         try:
-            # every thread's GS base claimed first (refused, before anything
-            # is mapped, for a program that uses it; a base a killed tracer
-            # left pointing at memory recover freed is taken back to 0)
+            # every thread's GS base claimed first (a base a killed tracer
+            # left pointing at memory recover freed is taken back to 0); a
+            # thread whose base is the program's own keeps it and gets no
+            # ring: the runtime's checked loads count its calls missed
+            # (the unchecked runtime, a baseline only, would follow it:
+            # refused, before anything is mapped)
+            self._own_gs = set()
             with m.stopped() as tids:
                 for tid in tids:
-                    m.set_percpu_base(tid, 0)
+                    try:
+                        m.set_percpu_base(tid, 0)
+                    except NotSupportedError as e:
+                        if self.gs_read == "unchecked":
+                            raise
+                        self._own_gs.add(tid)
+                        self.own_gs_note = str(e)
                 # an RDTSC (the TSC clock's, the profiler's return hook)
                 # in a thread that turned it off is a SIGSEGV: asked first
                 notsc = tsc_disabled(m, tids) if self.profile or self.clock == "tsc" else None
@@ -300,11 +313,13 @@ class LiveTrace(TraceView):
                                  config={"PREEMPTION": True},
                                  execmem={"ftrace": (tramp_lo, tramp_lo + _TRAMP_SHARE)})
             self.ft = ft = self.kernel.ftrace
-            tasks = {tid: (self._thread_comm(tid), tid) for tid in m.threads}
+            tasks = {tid: (self._thread_comm(tid), tid) for tid in m.threads
+                     if tid not in self._own_gs}
             self.ring = RingBuffer(m, image, size=self.ring_size, nprof=nprof, tasks=tasks,
-                                   slots=nrec, mapped_at=r.data + rt_data)
+                                   slots=nrec, mapped_at=r.data + rt_data, cpus=list(tasks))
             self.ring.concurrent = True
-            self.stats.threads_seen = len(tasks)
+            self.stats.threads_seen = len(tasks) + len(self._own_gs)
+            self.stats.threads_without_ring = len(self._own_gs)
             m.subscribe_cpus(self._on_cpu)
             if self.profile:
                 self.ring.set_profile_ips(s.record for s in self.sites)
