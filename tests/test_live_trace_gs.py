@@ -198,3 +198,42 @@ def test_a_thread_on_its_own_gs_base_before_the_trace(exe):
         t.wait()
         t.stdin.close()
         t.stdout.close()
+
+
+def test_the_checked_load_for_every_register():
+    """The checked load (gs_stub, the shared emitter's check) run in
+    Unicorn for every destination register: a base at a record gives the
+    record; one inside a record, elsewhere (a header-like buffer of the
+    program's: its own address first) or 0 gives the sink and counts one
+    missed call; every other register and %rsp as they were."""
+    from unicorn import Uc, UC_ARCH_X86, UC_MODE_64
+    from unicorn import x86_const as X
+    from textpoke.live._trace_runtime import SINK_MISSED, gs_stub
+    code_at, data, stack = 0x100000, 0x200000, 0x300000
+    lo, sink = data + 0x1000, data + 0x3000
+    hi = lo + 4 * 128
+    names = ["RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI"] + [f"R{i}" for i in range(8, 16)]
+    regs = [getattr(X, f"UC_X86_REG_{n}") for n in names]
+    for reg in (r for r in range(16) if r != 4):
+        for base, want in ((lo + 128, lo + 128), (lo + 64, sink), (data + 0x2000, sink), (0, sink)):
+            uc = Uc(UC_ARCH_X86, UC_MODE_64)
+            uc.mem_map(code_at, 0x1000)
+            uc.mem_map(data, 0x4000)
+            uc.mem_map(stack, 0x1000)
+            for i in range(4):
+                uc.mem_write(lo + 128 * i, (lo + 128 * i).to_bytes(8, "little"))
+            uc.mem_write(data + 0x2000, (data + 0x2000).to_bytes(8, "little"))
+            code = b"\xe8\x01\x00\x00\x00\xf4" + gs_stub(reg, "rdgsbase", lo, hi, sink)
+            uc.mem_write(code_at, code)
+            for i, r in enumerate(regs):
+                if i != 4:
+                    uc.reg_write(r, 0x1111 * (i + 1))
+            uc.reg_write(X.UC_X86_REG_RSP, stack + 0x800)
+            uc.reg_write(X.UC_X86_REG_GS_BASE, base)
+            uc.emu_start(code_at, code_at + 5)          # the CALL, the stub, its RET
+            assert uc.reg_read(regs[reg]) == want, (names[reg], hex(base))
+            assert all(uc.reg_read(r) == 0x1111 * (i + 1)
+                       for i, r in enumerate(regs) if i not in (4, reg)), names[reg]
+            assert uc.reg_read(X.UC_X86_REG_RSP) == stack + 0x800
+            missed = int.from_bytes(uc.mem_read(sink + SINK_MISSED, 8), "little")
+            assert missed == (want == sink), (names[reg], hex(base), missed)
