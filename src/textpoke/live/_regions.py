@@ -48,7 +48,7 @@ from ._inject import (_MASK, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PR
                       inject_syscall)
 from ._region import Region, threads_inside
 from ._process import read_maps
-from ._tracer import _HELD, _PARK
+from ._tracer import _HELD, _PARK, _VFORK
 
 __all__ = ["QUIESCE_ATTEMPTS", "QuiesceTimeout"]
 
@@ -243,8 +243,10 @@ class _Regions:
         with self._signals_deferred():
             self._hold_all()
             try:
+                # (a thread kept in its vfork stop too: its stack counts)
                 regs = [(tid, P.getregs(tid, P.UserRegs()))
-                        for tid, t in list(self._threads.items()) if t.state in (_HELD, _PARK)]
+                        for tid, t in list(self._threads.items())
+                        if t.state in (_HELD, _PARK) or (t.state == _VFORK and not t.asleep)]
                 return threads_inside(self.pid, regs, ranges, ranges, read_maps(self.pid),
                                       self._mem.read)
             finally:
@@ -313,7 +315,8 @@ class _Regions:
                 self._hold_all()
                 try:
                     held = [(tid, P.getregs(tid, P.UserRegs()))
-                            for tid, t in list(self._threads.items()) if t.state in (_HELD, _PARK)]
+                            for tid, t in list(self._threads.items())
+                            if t.state in (_HELD, _PARK) or (t.state == _VFORK and not t.asleep)]
                     if not held:
                         return ["no thread could be stopped"]
                     tids = [t for t, _ in held if self._threads[t].state == _HELD]
