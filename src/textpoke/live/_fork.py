@@ -14,10 +14,11 @@ for a dead patcher's target), then the child is let go (detached).  What
 the batch had finished stays as the parent has it (an entry's ``jmp pad``,
 a record's CALL: the child's copy of the runtime, harmless).
 
-``vfork`` (and ``clone`` with ``CLONE_VM``) is not caught: that child shares
-the parent's memory, so it sees the batch finish like any thread (the guard
-holds it at the site meanwhile).  Cost: one stop of the forking thread and
-one of the child per fork, while a patcher is attached."""
+A ``vfork`` child (and one of ``clone`` with ``CLONE_VM``) is not handled
+here: it shares the parent's memory, so there is no copy to repair; the
+tracer follows it instead (``PTRACE_O_TRACEVFORK``, see :mod:`._tracer`), as
+a CPU of the machine until its exec or exit.  Cost of a fork: one stop of the
+forking thread and one of the child, while a patcher is attached."""
 
 from __future__ import annotations
 
