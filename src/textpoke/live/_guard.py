@@ -34,7 +34,14 @@ INT3) whose address (``rip - 1``) is in the table, it sets the interrupted
 the site, and waits there, trapping, until the site has been put back whole
 -- by ``textpoke live recover`` (or a later patcher).  A thread parked at a
 site when the patcher died does the same: its RIP is set back to the site
-when it is parked (not when it is released).  Any other SIGTRAP goes to the
+when it is parked (not when it is released).  A thread in a trap's stop
+when the patcher died gets its SIGTRAP now if the stop was not reaped yet:
+the patcher rewinds it *before* reaping the stop (a reaped stop has lost its
+signal, and the thread would resume with none at site+1), and first writes
+the site into the stop's siginfo (``si_addr``, 0 in an INT3's own): the
+handler takes the site from there when it is set, so a thread whose rip is
+already the site is left there, and one not rewound yet is rewound (see
+``_Tracer._reap``).  Any other SIGTRAP goes to the
 target's own handler (jumped to with the same arguments), or, if it had
 none, the default action is restored and the signal raised again, so a
 stray breakpoint kills the process exactly as it would have.
@@ -78,9 +85,11 @@ __all__ = ["CODE", "CODE_SIZE", "RESTORER", "ACT_OFF", "TABLE_OFF", "MAX_SITES",
 #       lea   data(%rip), %r11        ; data = handler + 4096
 #       cmpl  $0x80, 8(%rsi)          ; si_code == SI_KERNEL: an INT3
 #       jne   chain
+#       mov   16(%rsi), %rax          ; si_addr: 0 for an INT3's SIGTRAP; the site when
+#       test  %rax, %rax ; jnz 2f     ;   the patcher rewound the thread before reaping its stop
 #       mov   168(%rdx), %rax         ; uc_mcontext.gregs[REG_RIP]
 #       dec   %rax                    ; the INT3's address
-#       mov   32(%r11), %rcx          ; number of sites
+#   2:  mov   32(%r11), %rcx          ; number of sites
 #       lea   40(%r11), %r8           ; the sites
 #   1:  test  %rcx, %rcx ; jz chain
 #       cmp   (%r8), %rax ; je found
@@ -97,13 +106,13 @@ __all__ = ["CODE", "CODE_SIZE", "RESTORER", "ACT_OFF", "TABLE_OFF", "MAX_SITES",
 #       sub $40,%rsp; zero 32 bytes at (%rsp)
 #       rt_sigaction(SIGTRAP, %rsp, NULL, 8); tgkill(getpid(), gettid(), SIGTRAP)
 #       add $40,%rsp; ret
-#   restorer (offset 0xb0):  mov $15, %eax ; syscall        ; rt_sigreturn
+#   restorer (offset 0xc0):  mov $15, %eax ; syscall        ; rt_sigreturn
 CODE = bytes.fromhex(
-    "4c8d1df90f0000817e08800000007534488b82a800000048ffc8498b4b204d8d43284885c9741d49"
-    "3b0074094983c00848ffc9ebed488982a8000000b8180000000f05c3498b034883f8017602ffe048"
-    "83ec2831c048890424488944240848894424104889442418b80d000000bf050000004889e631d241"
-    "ba080000000f05b8ba0000000f054889442420b8270000000f054889c7488b742420ba05000000b8"
-    "ea0000000f054883c428c30f1f440000b80f0000000f05f4")
+    "4c8d1df90f0000817e0880000000753d488b46104885c0750a488b82a800000048ffc8498b4b204d"
+    "8d43284885c9741d493b0074094983c00848ffc9ebed488982a8000000b8180000000f05c3498b03"
+    "4883f8017602ffe04883ec2831c048890424488944240848894424104889442418b80d000000bf05"
+    "0000004889e631d241ba080000000f05b8ba0000000f054889442420b8270000000f054889c7488b"
+    "742420ba05000000b8ea0000000f054883c428c366662e0f1f84000000000090b80f0000000f05f4")
 #: the exact source of :data:`CODE` (GNU as; ``tests/test_live_survival.py``
 #: assembles it when binutils are there and compares).  ``start+4096`` is
 #: the data page; the assembler leaves that displacement to the linker, so
@@ -115,9 +124,12 @@ handler:
 	lea	start+4096(%rip), %r11
 	cmpl	$0x80, 8(%rsi)
 	jne	chain
+	mov	16(%rsi), %rax
+	test	%rax, %rax
+	jnz	2f
 	mov	168(%rdx), %rax
 	dec	%rax
-	mov	32(%r11), %rcx
+2:	mov	32(%r11), %rcx
 	lea	40(%r11), %r8
 1:	test	%rcx, %rcx
 	jz	chain
@@ -167,7 +179,7 @@ restorer:
 	syscall
 	hlt
 """
-RESTORER = 0xB0
+RESTORER = 0xC0
 NEW_ACT_OFF = 0x100            # our struct sigaction, in the code page (read by the kernel)
 CODE_SIZE = 4096
 # the data page(s), right after the code

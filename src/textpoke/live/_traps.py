@@ -7,13 +7,14 @@ then parks the thread or writes the emulated registers back, by
 
 from __future__ import annotations
 
+import ctypes
 import signal
 
 from .._core._emulate import PtRegs
 from .._core._machine import TrapPriority, drive
 from . import _ptrace as P
 from ._process import ProcMem
-from ._tracer import _HELD, _PARK, _RUN, _Thread
+from ._tracer import _HELD, _PARK, _PTRACE_SETSIGINFO, _RUN, _Thread
 
 _INT3 = 0xCC
 
@@ -99,27 +100,36 @@ class _Traps:
 
     def _sigtrap_stop(self, t: _Thread) -> None:
         tid = t.tid
-        regs = _op(P.getregs, tid, self._regs)
+        # rewound to the site before its stop was reaped (_Tracer._reap):
+        # the registers and siginfo as they were at the trap
+        pre = self.__dict__.get("_prerewound")
+        pre = pre.pop(tid, None) if pre else None
+        regs = pre[0] if pre is not None else _op(P.getregs, tid, self._regs)
         site = regs.rip - 1
         if site in self._int3_sites:
-            si = _op(P.getsiginfo, tid)
+            si = pre[1] if pre is not None else _op(P.getsiginfo, tid)
             if si.si_code == P.SI_KERNEL:
                 self.stats.traps += 1
                 if self.text_read(site, 1)[0] != _INT3:
                     self._rewind(t, regs, site)     # our INT3 is gone: run what is there now
                     return
-                # at the site at once, before the handler chain runs: the stop
-                # is reaped (its SIGTRAP consumed), so a patcher killed from
-                # here on has the kernel resume the thread where its rip
-                # points -- at site+1 that is the middle of an instruction
-                # (the tail's bytes: SIGILL, SIGSEGV, or SIGTRAP from a 0xcc
-                # among them); at the site, the guard takes the INT3 again
-                at_site = P.UserRegs.from_buffer_copy(regs)
-                at_site.rip = site
-                _op(P.setregs, tid, at_site)
+                if pre is None:
+                    # at the site at once, before the handler chain runs: the
+                    # stop is reaped (its SIGTRAP consumed), so a patcher killed
+                    # from here on has the kernel resume the thread where its
+                    # rip points -- at site+1 that is the middle of an
+                    # instruction; at the site, the guard takes the INT3 again.
+                    # (With the guard in the target this was done before the
+                    # reap, which closes the window between the two.)
+                    at_site = P.UserRegs.from_buffer_copy(regs)
+                    at_site.rip = site
+                    _op(P.setregs, tid, at_site)
                 if self._run_chain(t, regs, site):
                     return
                 _op(P.setregs, tid, regs)          # unclaimed: as it trapped
+                if pre is not None:
+                    # and its siginfo as the kernel made it (not the guard's mark)
+                    _op(lambda x: P.ptrace(_PTRACE_SETSIGINFO, x, 0, ctypes.addressof(si)), tid)
                 if site in self._adopted:
                     # a dead patcher's INT3, not repaired yet: back to the
                     # site, to trap again until it is (never to the target)
