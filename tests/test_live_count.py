@@ -12,6 +12,7 @@ import ctypes
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import importlib.util
@@ -206,10 +207,19 @@ def test_live_count_while_threads_call_everything(big_exe, builddir):
         snaps: list[list[int]] = []
 
         def window():
-            for k in (1, 2):
+            # the second snapshot is the first one after the threads made a
+            # call since the first: on a loaded box they may not have run
+            # between two signals (a guard against a hang, not a measure)
+            line, first = t.signal_and_read(signal.SIGUSR1)
+            assert line == "snapshot 1"
+            guard = time.monotonic() + 120
+            k, counts = 1, first
+            while counts == first:
+                assert time.monotonic() < guard, "the threads made no call in 120 s"
+                k += 1
                 line, counts = t.signal_and_read(signal.SIGUSR1)
                 assert line == f"snapshot {k}"
-                snaps.append(counts)
+            snaps.extend((first, counts))
 
         res = live_count(t.pid, "f0*", window=window)
         after = t.signal_and_read(signal.SIGUSR1)[1]
