@@ -284,10 +284,12 @@ def test_group_stop_is_kept_while_attached():
         with LiveMachine(t.pid) as m, TextPoke(m) as core:
             os.kill(t.pid, signal.SIGSTOP)
             toggle(core, t, t.hot(), True)
-            deadline = time.monotonic() + 5
-            while _state(t.pid) != "T" and time.monotonic() < deadline:
+            # until the machine has seen the group stop (a traced process in
+            # it reads "t", never "T": waiting for "T" spent the whole guard)
+            deadline = time.monotonic() + 60          # a guard against a hang
+            while not (m.stats.group_stops >= 1 and _state(t.pid) in ("T", "t")):
+                assert time.monotonic() < deadline, (_state(t.pid), m.stats.group_stops)
                 m.run_task(m.sync_each_cpu())
-            assert _state(t.pid) in ("T", "t")
             toggle(core, t, t.hot(), False)       # patching a stopped process works
             assert m.stats.group_stops >= 1
             os.kill(t.pid, signal.SIGCONT)
