@@ -127,9 +127,6 @@ class _Traps:
                 if self._run_chain(t, regs, site):
                     return
                 _op(P.setregs, tid, regs)          # unclaimed: as it trapped
-                if pre is not None:
-                    # and its siginfo as the kernel made it (not the guard's mark)
-                    _op(lambda x: P.ptrace(_PTRACE_SETSIGINFO, x, 0, ctypes.addressof(si)), tid)
                 if site in self._adopted:
                     # a dead patcher's INT3, not repaired yet: back to the
                     # site, to trap again until it is (never to the target)
@@ -141,8 +138,15 @@ class _Traps:
             # second INT3) or one the text holds by design (a rethook
             # trampoline's call into the host): offered to the chain, as
             # every machine does; unclaimed, it is the process's own
+            # (a kprobe's INT3 the guard knows was rewound before the reap as
+            # ours are: the chain gets the registers of the trap)
             if self._run_chain(t, regs, site):
                 return
+        if pre is not None:
+            # rewound before the reap, and not ours after all: as it
+            # trapped, with the siginfo the kernel made (not the guard's mark)
+            _op(P.setregs, tid, pre[0])
+            _op(lambda x: P.ptrace(_PTRACE_SETSIGINFO, x, 0, ctypes.addressof(pre[1])), tid)
         if t.want_hold:
             t.hold_sig = signal.SIGTRAP
             return
