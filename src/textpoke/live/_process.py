@@ -18,17 +18,17 @@ import os
 
 from .._errors import BadAddressError, MachineError
 from ._errors import ACCESS_HINT, AccessDenied, NoSuchProcess, ProcessChanged
+from ._record import FrozenRecord
 
 __all__ = ["Mapping", "ProcessIdentity", "read_maps", "list_tids", "ProcMem", "check_not_exited",
            "state_of", "start_time", "ppid_of", "tracer_of", "shares_memory"]
 
 
-class Mapping:
+class Mapping(FrozenRecord):
     """One line of /proc/PID/maps (the one parser of it: the machine,
     symbols, injection and the checks all read maps through
-    :func:`read_maps`).  Immutable, compared and hashed by its fields (a
-    frozen dataclass, written out: the dataclass machinery cost a
-    millisecond of every command's start)."""
+    :func:`read_maps`).  Immutable, compared and hashed by its fields
+    (see :mod:`._record`)."""
 
     __slots__ = ("start", "end", "perms", "offset", "dev", "inode", "path")
     __match_args__ = __slots__
@@ -51,30 +51,6 @@ class Mapping:
         st(self, "dev", dev)
         st(self, "inode", inode)
         st(self, "path", path)
-
-    def _key(self) -> tuple:
-        return (self.start, self.end, self.perms, self.offset, self.dev, self.inode, self.path)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"cannot assign to field {name!r}: a Mapping is immutable")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r}: a Mapping is immutable")
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self._key() == other._key()         # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __reduce__(self):                      # copy and pickle: rebuilt, not assigned
-        return (Mapping, self._key())
-
-    def __repr__(self) -> str:
-        return ("Mapping(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
-                + ")")
 
     @property
     def executable(self) -> bool:
