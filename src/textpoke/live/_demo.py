@@ -21,7 +21,6 @@ lines) left at 0.  A crash of the target shows as an oops.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import struct
 import subprocess
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from .._errors import TextPokeError
+from ._cc import build_c
 
 __all__ = ["LiveDemo", "DRIVER_C", "build_workload"]
 
@@ -74,21 +74,11 @@ class LiveDemoError(TextPokeError):
 
 def build_workload(outdir: str | Path) -> Path:
     """Assemble workload.S + the driver into a non-PIE executable."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise LiveDemoError("the live demo builds its workload with gcc at run time, and gcc is "
-                            "not installed (apt install gcc)")
     from ..images import __file__ as images_init
-    src = Path(images_init).with_name("workload.S")
-    out = Path(outdir)
-    (out / "driver.c").write_text(DRIVER_C)
-    exe = out / "workload_live"
-    r = subprocess.run([gcc, "-O1", "-no-pie", "-fno-pie", "-pthread", "-Wl,-z,noexecstack",
-                        "-o", str(exe), str(out / "driver.c"), str(src)],
-                       capture_output=True, text=True)
-    if r.returncode:
-        raise LiveDemoError(f"building the live workload failed:\n{r.stderr.strip()}")
-    return exe
+    return build_c(outdir, "driver.c", DRIVER_C, "workload_live",
+                   ["-O1", "-no-pie", "-fno-pie", "-pthread", "-Wl,-z,noexecstack"],
+                   more=(Path(images_init).with_name("workload.S"),), error=LiveDemoError,
+                   user="live demo", thing="workload", product="live workload")
 
 
 class LiveDemo:

@@ -23,7 +23,6 @@ threads, numbered 0..N-1.  Needs gcc and ptrace (the live tests' rule)."""
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import subprocess
 import tempfile
@@ -37,6 +36,7 @@ from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import read_tables
 from ..kernel import KPROBES_EXECMEM, Kernel
 from ..selftests._rig import CLIENT_CPUS, CLIENT_REC, ProbeLoopRig
+from ._cc import build_c
 from ._errors import NoSuchProcess
 
 __all__ = ["LiveClientRig", "LiveRigError", "LOADER_C", "start_loader", "boot_in_process"]
@@ -121,18 +121,9 @@ class LiveRigError(TextPokeError):
 
 
 def build_loader(outdir: str | Path) -> Path:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise LiveRigError("the live client rig builds its loader with gcc at run time, and gcc "
-                           "is not installed (apt install gcc)")
-    out = Path(outdir)
-    (out / "loader.c").write_text(LOADER_C)
-    exe = out / "client_loader"
-    r = subprocess.run([gcc, "-O1", "-pthread", "-o", str(exe), str(out / "loader.c")],
-                       capture_output=True, text=True)
-    if r.returncode:
-        raise LiveRigError(f"building the live client loader failed:\n{r.stderr.strip()}")
-    return exe
+    return build_c(outdir, "loader.c", LOADER_C, "client_loader", ["-O1", "-pthread"],
+                   error=LiveRigError, user="live client rig", thing="loader",
+                   product="live client loader")
 
 
 def start_loader(outdir: str | Path, image, cpus: int, loop: str, recs: int,
