@@ -35,11 +35,11 @@ from ..images import load_bundled
 from ..images._kernel import KERNEL_IMAGE
 from ..images._tables import read_tables
 from ..kernel import KPROBES_EXECMEM, Kernel
-from ..selftests._rig import CLIENT_CPUS, CLIENT_REC, ProbeLoopRig
+from ..selftests._rig import CLIENT_CPUS, CLIENT_REC, KernelRig, ProbeLoopRig
 from ._cc import build_c
 from ._errors import NoSuchProcess
 
-__all__ = ["LiveClientRig", "LiveRigError", "LOADER_C", "start_loader", "boot_in_process"]
+__all__ = ["LiveClientRig", "LiveKernelRig", "LiveRigError", "LOADER_C", "start_loader", "boot_in_process"]
 
 LOADER_C = r"""
 /* SPDX-License-Identifier: GPL-2.0-only */
@@ -165,55 +165,87 @@ def _serve_for(secs: float):
     yield WaitUntil(lambda: time.monotonic() >= end, "the loop threads to run a while")
 
 
-class LiveClientRig(ProbeLoopRig):
+class LiveKernelRig(KernelRig):
+    """The bundled image mapped into a loader process whose *cpus* threads
+    wait to run its function *loop* on records of their own, booted on a
+    :class:`~textpoke.live.LiveMachine` attached to it: what the live rigs
+    (:class:`LiveClientRig`, :class:`~textpoke.live._trace_rig.LiveFtraceRig`)
+    share.  :meth:`close` (:class:`KernelRig`'s) closes the kernel, then
+    detaches and ends the loader (:meth:`_end_loader`)."""
+
+    proc: subprocess.Popen | None = None
+    machine = None
+
+    def _start(self, *, cpus: int, loop: str, recs: str, rec_size: int, strategy: str,
+               prefix: str, features: tuple[str, ...] | None = None) -> None:
+        """Start the loader on the records at the image's symbol *recs*
+        (*rec_size* bytes each), attach and boot; on failure everything
+        made is freed again and the error raised."""
+        from ._machine import LiveMachine
+        self.image = load_bundled(KERNEL_IMAGE)
+        self.tables = read_tables(self.image)
+        self.recs = self.image.sym(recs)
+        self.ncpus = cpus
+        self._tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        self.proc = None
+        self.machine = None
+        self.kernel = None
+        self.started = False
+        with self._closing_on_error():
+            self.proc, self._go = start_loader(self._tmp.name, self.image, cpus, loop,
+                                               self.recs, rec_size)
+            self.pid = self.proc.pid
+            self._loader_started()
+            self.machine = LiveMachine(self.pid, strategy=strategy)
+            self.kernel = boot_in_process(self.machine, self.image, self.tables,
+                                          features=features)
+
+    def _loader_started(self) -> None:
+        """The loader runs (its threads made), not yet attached."""
+
+    def start(self) -> None:
+        """Let the threads run the loop."""
+        self.machine.mem.write(self._go, struct.pack("<i", 1))
+        self.started = True
+
+    def _free(self) -> None:
+        """After the kernel: the machine, then the loader process and its
+        directory, whatever the first raised."""
+        try:
+            if self.machine is not None:
+                # always: a machine left attached keeps the threads of a
+                # dead loader unreaped, and the loader's wait would never end
+                self.machine.close()
+        finally:
+            try:
+                if self.proc is not None:
+                    self._end_loader()
+            finally:
+                self._tmp.cleanup()
+
+    def _end_loader(self) -> None:
+        """End the loader process (detached by then) and reap it."""
+        raise NotImplementedError
+
+
+class LiveClientRig(LiveKernelRig, ProbeLoopRig):
     """The bundled image booted in a live process whose *cpus* threads run
     its ``client_loop`` (see the module doc).  A context manager; ``close()``
     closes the kernel (its clients), detaches, and ends the loader."""
 
     def __init__(self, *, cpus: int = 4, strategy: str = "int3",
                  features: tuple[str, ...] | None = None) -> None:
-        from ._machine import LiveMachine
         if not 1 <= cpus <= CLIENT_CPUS:
             raise ValueError(f"cpus must be 1..{CLIENT_CPUS}")
-        self.image = load_bundled(KERNEL_IMAGE)
-        self.tables = read_tables(self.image)
-        self.recs = self.image.sym("client_recs")
-        self.ncpus = cpus
-        self._tmp = tempfile.TemporaryDirectory(prefix="textpoke-live-rig-")
-        self.proc: subprocess.Popen | None = None
-        self.machine = None
-        self.kernel: Kernel | None = None
         self.probes: list = []
-        self.started = False
-        try:
-            self.proc, self._go = start_loader(self._tmp.name, self.image, cpus, "client_loop",
-                                               self.recs, CLIENT_REC)
-            self.pid = self.proc.pid
-            self.machine = LiveMachine(self.pid, strategy=strategy)
-            self.kernel = boot_in_process(self.machine, self.image, self.tables,
-                                          features=features)
+        self._start(cpus=cpus, loop="client_loop", recs="client_recs", rec_size=CLIENT_REC,
+                    strategy=strategy, features=features, prefix="textpoke-live-rig-")
+        with self._closing_on_error():
             self.kernel.keys, self.kernel.calls      # read the tables before the CPUs run
-        except BaseException:
-            self.close()
-            raise
 
-    # the ClientRig protocol ----------------------------------------------------
-    @property
-    def core(self):
-        return self.kernel.core
-
-    @property
-    def keys(self):
-        return self.kernel.keys
-
-    @property
-    def calls(self):
-        return self.kernel.calls
-
-    def sym(self, name: str) -> int:
-        return self.image.sym(name)
-
-    # the records, probes and the oracle are ProbeLoopRig's, shared with the sim
+    # the ClientRig protocol: core, keys and calls are ProbeLoopRig's, sym
+    # KernelRig's, start LiveKernelRig's; the records, probes and the
+    # oracle are ProbeLoopRig's, shared with the sim
     @property
     def mem(self):
         return self.machine.mem
@@ -271,51 +303,31 @@ class LiveClientRig(ProbeLoopRig):
             nap = min(nap * 1.5, 5e-3)
         return False
 
-    def start(self) -> None:
-        self.machine.mem.write(self._go, struct.pack("<i", 1))
-        self.started = True
-
     @property
     def oopses(self) -> int:
         """1 once the process died (a crash of a loop thread kills it)."""
         return 0 if self.proc is None or not self.exited() else 1
 
     # lifetime -----------------------------------------------------------------
-    def close(self) -> None:
-        try:
+    def _end_loader(self) -> None:
+        """Closing its stdin makes the loader return from main; killed if
+        it does not end, and an error if even then it cannot be reaped."""
+        stuck = False
+        if not self.exited():
+            self.proc.stdin.close()          # the loader returns from main
             try:
-                if self.kernel is not None:
-                    self.kernel.close()
-            finally:
-                # always: a machine left attached keeps the threads of a
-                # dead loader unreaped, and the wait below would never end
-                if self.machine is not None:
-                    self.machine.close()
-        finally:
-            stuck = False
-            if self.proc is not None:
-                if not self.exited():
-                    self.proc.stdin.close()          # the loader returns from main
-                    try:
-                        self.proc.wait(timeout=30)
-                    except subprocess.TimeoutExpired:
-                        self.proc.kill()
-                        try:
-                            self.proc.wait(timeout=30)
-                        except subprocess.TimeoutExpired:
-                            stuck = True
-                if self.proc.stdout:
-                    self.proc.stdout.close()
-            self._tmp.cleanup()
-            if stuck:
-                # a thread still traced by us as a zombie (one the machine
-                # lost) holds it: say so, never hang
-                raise LiveRigError(f"the live client loader (pid {self.pid}) was not reaped "
-                                   "after SIGKILL")
-
-    def __enter__(self) -> "LiveClientRig":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                try:
+                    self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    stuck = True
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        if stuck:
+            # a thread still traced by us as a zombie (one the machine
+            # lost) holds it: say so, never hang
+            raise LiveRigError(f"the live client loader (pid {self.pid}) was not reaped "
+                               "after SIGKILL")
 

@@ -18,20 +18,13 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
-import tempfile
 import time
 from collections import Counter
 
 from .._ftrace._ops import MCOUNT_INSN_SIZE, Ftrace
 from .._ftrace._ring import FTRACE_CPUS, RingBuffer, TraceEntry
-from ..images import load_bundled
-from ..images._kernel import KERNEL_IMAGE
-from ..images._tables import read_tables
-from ..kernel import Kernel
 from ..selftests._ftrace import FtraceRigViews
-from ..selftests._rig import KernelRig
-from ._rig import LiveRigError, boot_in_process, start_loader
+from ._rig import LiveKernelRig, LiveRigError
 from ._trace_view import thread_comm
 
 __all__ = ["LiveFtraceRig"]
@@ -45,40 +38,22 @@ def _page_up(n: int) -> int:
     return (n + 0xFFF) & ~0xFFF
 
 
-class LiveFtraceRig(KernelRig, FtraceRigViews):
+class LiveFtraceRig(LiveKernelRig, FtraceRigViews):
     """The bundled kernel booted in a live process with *cpus* threads
     running ``ftrace_work_loop``; :attr:`ftrace` (the kernel's client),
     :attr:`ring` (one ring of *ring_size* entries per thread).  A context
     manager."""
 
     def __init__(self, *, cpus: int = 3, ring_size: int = 4096, strategy: str = "int3") -> None:
-        from ._machine import LiveMachine
         # the main thread has a record too (it never runs traced code)
         if not 1 <= cpus < FTRACE_CPUS:
             raise ValueError(f"cpus must be 1..{FTRACE_CPUS - 1}")
-        self.image = load_bundled(KERNEL_IMAGE)
-        self.tables = read_tables(self.image)
-        self.recs = self.image.sym("ft_work_recs")
-        self.ncpus = cpus
-        self._tmp = tempfile.TemporaryDirectory(prefix="textpoke-live-ftrace-")
-        self.proc: subprocess.Popen | None = None
-        self.machine = None
-        self.kernel: Kernel | None = None
-        self.started = False
         self.trace: list[TraceEntry] = []
         self.work: list[int] = []
+        self._start(cpus=cpus, loop="ftrace_work_loop", recs="ft_work_recs", rec_size=_WREC,
+                    strategy=strategy, prefix="textpoke-live-ftrace-")
         with self._closing_on_error():
-            self.proc, self._go = start_loader(self._tmp.name, self.image, cpus,
-                                               "ftrace_work_loop", self.recs, _WREC)
-            self.pid = self.proc.pid
-            # the loop threads, in the order the loader made them (worker i
-            # runs on record i): thread ids rise as threads are created
-            tids = sorted(int(t) for t in os.listdir(f"/proc/{self.pid}/task"))
-            self.cpus = [t for t in tids if t != self.pid]
-            if len(self.cpus) != cpus:
-                raise LiveRigError(f"the loader has {len(self.cpus)} threads, not {cpus}")
-            self.machine = m = LiveMachine(self.pid, strategy=strategy)
-            self.kernel = boot_in_process(m, self.image, self.tables)
+            m = self.machine
             self.core = self.kernel.core
             self.ftrace: Ftrace = self.kernel.ftrace
             tasks = {t: (thread_comm(self.pid, t), t) for t in m.cpus}
@@ -93,18 +68,19 @@ class LiveFtraceRig(KernelRig, FtraceRigViews):
             self.sites_at_boot = {r.ip: m.text_read(r.ip, MCOUNT_INSN_SIZE)
                                   for r in self.ftrace.records}
 
-    def _free(self) -> None:
-        """After the kernel (:class:`KernelRig`'s close): the machine, then
-        the loader process and its directory, whatever the first raised."""
-        try:
-            if self.machine is not None:
-                self.machine.close()
-        finally:
-            if self.proc is not None:
-                if self.proc.poll() is None:
-                    self.proc.kill()
-                self.proc.wait(timeout=30)
-            self._tmp.cleanup()
+    def _loader_started(self) -> None:
+        # the loop threads, in the order the loader made them (worker i
+        # runs on record i): thread ids rise as threads are created
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{self.pid}/task"))
+        self.cpus = [t for t in tids if t != self.pid]
+        if len(self.cpus) != self.ncpus:
+            raise LiveRigError(f"the loader has {len(self.cpus)} threads, not {self.ncpus}")
+
+    def _end_loader(self) -> None:
+        """Killed (it only loops) and reaped."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
 
     # ------------------------------------------------------------ guest records
     def _rec(self, i: int) -> int:
@@ -119,9 +95,6 @@ class LiveFtraceRig(KernelRig, FtraceRigViews):
     def _setf(self, cpu: int, f: int, v: int) -> None:
         self.machine.mem.write(self._rec(self._idx(cpu)) + 8 * f,
                                struct.pack("<Q", v & ((1 << 64) - 1)))
-
-    def sym(self, name: str) -> int:
-        return self.image.sym(name)
 
     # ------------------------------------------------------------ FtraceRig
     @property
@@ -142,10 +115,6 @@ class LiveFtraceRig(KernelRig, FtraceRigViews):
             self._setf(cpu, _COUNTS, self._counts0 + i * self._cstride)
             self._setf(cpu, _NFUNCS, len(addrs))
         return addrs
-
-    def start(self) -> None:
-        self.machine.mem.write(self._go, struct.pack("<i", 1))
-        self.started = True
 
     def live_cpus(self) -> list[int]:
         return list(self.cpus) if self.proc.poll() is None else []

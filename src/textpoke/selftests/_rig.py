@@ -100,6 +100,11 @@ class KernelRig:
     so that whatever fails while it is built frees what was made."""
 
     kernel: Any = None
+    #: the kernel's image (its symbols)
+    image: Any = None
+
+    def sym(self, name: str) -> int:
+        return self.image.sym(name)
 
     def _free(self) -> None:
         """Free what the rig holds besides the kernel."""
@@ -138,6 +143,20 @@ class ProbeLoopRig:
     recs: int
     probes: list
     started: bool
+    kernel: Any
+
+    # --- the booted kernel's parts (the ClientRig protocol) -------------------
+    @property
+    def core(self):
+        return self.kernel.core
+
+    @property
+    def keys(self):
+        return self.kernel.keys
+
+    @property
+    def calls(self):
+        return self.kernel.calls
 
     # --- what a backend gives -------------------------------------------------
     @property
@@ -156,6 +175,7 @@ class ProbeLoopRig:
         raise NotImplementedError
 
     def sym(self, name: str) -> int:
+        """(:class:`KernelRig`'s, over the rig's image.)"""
         raise NotImplementedError
 
     # --- the records ------------------------------------------------------------

@@ -22,8 +22,6 @@ at its end.
 
 from __future__ import annotations
 
-from .._jump_label._keys import StaticKeys
-from .._static_call._calls import StaticCalls
 from ..selftests import (Probe, SelfTestResult, many_key_flip, static_call_selftest,
                          static_keys_selftest)
 from ..selftests._rig import CLIENT_CPUS, CLIENT_REC, CLIENT_SLOTS, ProbeLoopRig
@@ -56,27 +54,13 @@ class ClientMachine(SimKernelRig, ProbeLoopRig):
         self.started = False
 
     # the kernel's parts under the names the harness always used
-    @property
-    def core(self):
-        return self.kernel.core
-
+    # (core, keys and calls are ProbeLoopRig's, sym is KernelRig's: shared with live)
     @property
     def boot(self):
         return self.kernel.boot
 
-    @property
-    def keys(self) -> StaticKeys:
-        return self.kernel.keys
-
-    @property
-    def calls(self) -> StaticCalls:
-        return self.kernel.calls
-
     # ------------------------------------------------------------ the rig
     # (the records, probes and the oracle are ProbeLoopRig's, shared with live)
-    def sym(self, name: str) -> int:
-        return self.image.sym(name)
-
     @property
     def mem(self):
         return self.sim.mem
