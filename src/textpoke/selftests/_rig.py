@@ -132,6 +132,11 @@ class KernelRig:
             self._free()
 
 
+def _kernel_part(name: str, doc: str) -> property:
+    """A read-only attribute of the rig that is the rig's kernel's *name*."""
+    return property(lambda self: getattr(self.kernel, name), doc=doc)
+
+
 class ProbeLoopRig:
     """The host's half of the image's ``client_loop`` records, the same on
     every machine: probes, what each may return, the oracle
@@ -146,17 +151,10 @@ class ProbeLoopRig:
     kernel: Any
 
     # --- the booted kernel's parts (the ClientRig protocol) -------------------
-    @property
-    def core(self):
-        return self.kernel.core
-
-    @property
-    def keys(self):
-        return self.kernel.keys
-
-    @property
-    def calls(self):
-        return self.kernel.calls
+    core = _kernel_part("core", "the kernel's text-patching core")
+    boot = _kernel_part("boot", "what the kernel's boot-time passes did")
+    keys = _kernel_part("keys", "the kernel's static keys")
+    calls = _kernel_part("calls", "the kernel's static calls")
 
     # --- what a backend gives -------------------------------------------------
     @property

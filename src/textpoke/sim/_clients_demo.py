@@ -53,14 +53,9 @@ class ClientMachine(SimKernelRig, ProbeLoopRig):
         self.probes: list[Probe] = []
         self.started = False
 
-    # the kernel's parts under the names the harness always used
-    # (core, keys and calls are ProbeLoopRig's, sym is KernelRig's: shared with live)
-    @property
-    def boot(self):
-        return self.kernel.boot
-
     # ------------------------------------------------------------ the rig
-    # (the records, probes and the oracle are ProbeLoopRig's, shared with live)
+    # (the kernel's parts -- core, boot, keys, calls -- the records, probes
+    # and the oracle are ProbeLoopRig's, sym is KernelRig's: shared with live)
     @property
     def mem(self):
         return self.sim.mem
