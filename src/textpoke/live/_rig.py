@@ -208,6 +208,31 @@ class LiveKernelRig(KernelRig):
         self.machine.mem.write(self._go, struct.pack("<i", 1))
         self.started = True
 
+    def exited(self) -> bool:
+        """Whether the loader has exited (its status is then in
+        ``proc.returncode``), asked without taking anything the machine
+        must see: the loader is this process's child *and* traced by it,
+        so a plain wait (``Popen.poll``) also collects its main thread's
+        ptrace-stops -- an interrupt stop of a sync, its exit stop -- and
+        reads one as an exit status (-SIGTRAP, the stop's signal), while
+        the machine waits on for that stop.  ``waitid(WNOWAIT)`` only
+        looks; once what it reports is the death, ``Popen`` reaps it."""
+        if self.proc.returncode is not None:
+            return True
+        try:
+            r = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return self.proc.poll() is not None
+        if r is None or r.si_code not in (os.CLD_EXITED, os.CLD_KILLED, os.CLD_DUMPED):
+            return False
+        self.proc.poll()
+        return True
+
+    @property
+    def oopses(self) -> int:
+        """1 once the process died (a crash of a loop thread kills it)."""
+        return 0 if self.proc is None or not self.exited() else 1
+
     def _free(self) -> None:
         """After the kernel: the machine, then the loader process and its
         directory, whatever the first raised."""
@@ -256,26 +281,6 @@ class LiveClientRig(LiveKernelRig, ProbeLoopRig):
     def live_cpus(self) -> list[int]:
         return self.loop_cpus() if not self.exited() else []
 
-    def exited(self) -> bool:
-        """Whether the loader has exited (its status is then in
-        ``proc.returncode``), asked without taking anything the machine
-        must see: the loader is this process's child *and* traced by it,
-        so a plain wait (``Popen.poll``) also collects its main thread's
-        ptrace-stops -- an interrupt stop of a sync, its exit stop -- and
-        reads one as an exit status (-SIGTRAP, the stop's signal), while
-        the machine waits on for that stop.  ``waitid(WNOWAIT)`` only
-        looks; once what it reports is the death, ``Popen`` reaps it."""
-        if self.proc.returncode is not None:
-            return True
-        try:
-            r = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return self.proc.poll() is not None
-        if r is None or r.si_code not in (os.CLD_EXITED, os.CLD_KILLED, os.CLD_DUMPED):
-            return False
-        self.proc.poll()
-        return True
-
     def _run_until(self, pred, max_steps: int) -> bool:
         """Look at the records until *pred* holds (False if the process
         died, or after ``min(max_steps, 200_000)`` looks).  Between two
@@ -302,11 +307,6 @@ class LiveClientRig(LiveKernelRig, ProbeLoopRig):
             self.machine.run_task(_serve_for(nap))
             nap = min(nap * 1.5, 5e-3)
         return False
-
-    @property
-    def oopses(self) -> int:
-        """1 once the process died (a crash of a loop thread kills it)."""
-        return 0 if self.proc is None or not self.exited() else 1
 
     # lifetime -----------------------------------------------------------------
     def _end_loader(self) -> None:

@@ -78,7 +78,7 @@ class LiveFtraceRig(LiveKernelRig, FtraceRigViews):
 
     def _end_loader(self) -> None:
         """Killed (it only loops) and reaped."""
-        if self.proc.poll() is None:
+        if not self.exited():
             self.proc.kill()
         self.proc.wait(timeout=30)
 
@@ -97,11 +97,6 @@ class LiveFtraceRig(LiveKernelRig, FtraceRigViews):
                                struct.pack("<Q", v & ((1 << 64) - 1)))
 
     # ------------------------------------------------------------ FtraceRig
-    @property
-    def oopses(self) -> int:
-        """1 once the process died (a crash of a loop thread kills it)."""
-        return 0 if self.proc is None or self.proc.poll() is None else 1
-
     def set_work(self, functions) -> list[int]:
         addrs = [self.sym(f) if isinstance(f, str) else int(f) for f in functions]
         if len(addrs) > self._cstride // 8:
@@ -117,7 +112,7 @@ class LiveFtraceRig(LiveKernelRig, FtraceRigViews):
         return addrs
 
     def live_cpus(self) -> list[int]:
-        return list(self.cpus) if self.proc.poll() is None else []
+        return list(self.cpus) if not self.exited() else []
 
     def passes(self, cpu: int) -> int:
         return self._f(cpu, _PASSES)
@@ -153,7 +148,7 @@ class LiveFtraceRig(LiveKernelRig, FtraceRigViews):
         m = self.machine
         nap = 0.0
         for _ in range(min(max_steps, 200_000)):
-            if self.proc.poll() is not None:
+            if self.exited():
                 return False
             if pred():
                 return True
