@@ -14,7 +14,7 @@ to the site, from rip-1 or from the mark) or a thread at the site.
 
 The driver toggles 200 fentry sites of a busy 4-thread target and SIGKILLs
 itself at one step of the first trap it handles (a test-only hook of
-live/_tracer.py, or its trap handler's entry, right after the reap).  Then:
+live/_rewind.py, or its trap handler's entry, right after the reap).  Then:
 the target lives, ``live recover`` leaves no INT3, the target answers, and
 its SIGTERM returns only when every worker thread has left its loop (the
 one that trapped included: not spinning at a site, not dead)."""
@@ -50,16 +50,16 @@ _KILL = """
 
 #: the point -> the driver's patch that kills it there
 DRIVERS = {
-    # the tracer's steps (live/_tracer.py, _Tracer._reap): stop peeked,
+    # the tracer's steps (live/_rewind.py, _Rewind._reap): stop peeked,
     # siginfo marked with the site (rip still site+1), rip at the site, reaped
     **{p: toggle_driver(_KILL + f"""
-    from textpoke.live import _tracer
+    from textpoke.live import _rewind
 
     def hook(point, tid):
         if point == {p!r}:
             die(point, tid)
 
-    _tracer._test_hook = hook
+    _rewind._test_hook = hook
 """) for p in ("peek", "marked", "rewound", "reaped")},
     # the trap handler's entry, the stop reaped: the window of the old code
     # (it rewound only here); the same patch runs against the old tree
@@ -158,13 +158,13 @@ _PROBE_RUN = """
 
 PROBE_DRIVERS = {
     **{p: textwrap.dedent(_KILL + f"""
-    from textpoke.live import _tracer
+    from textpoke.live import _rewind
 
     def hook(point, tid):
         if point == {p!r}:
             die(point, tid)
 
-    _tracer._test_hook = hook
+    _rewind._test_hook = hook
 """) + textwrap.dedent(_PROBE_RUN) for p in ("peek", "marked", "rewound", "reaped")},
     "handler": textwrap.dedent(_KILL + """
     from textpoke.live import _traps

@@ -16,7 +16,7 @@ from .._errors import MachineError
 from . import _ptrace as P
 from ._errors import NoSuchProcess
 from ._process import list_tids, ppid_of, state_of, tracer_of
-from ._tracer import _HELD
+from ._thread import _HELD
 
 
 class _Detach:
@@ -36,6 +36,8 @@ class _Detach:
                     if self.journal is not None:
                         if self._exec_seen:
                             self.journal.remove()     # that text is gone with the old program
+                        elif not self.journal.empty() and self._target_gone():
+                            self.journal.remove()     # died meanwhile: nothing to recover
                         else:
                             self.journal.close()
                 finally:

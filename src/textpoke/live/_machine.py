@@ -137,7 +137,8 @@ from ._sigdefer import _SignalDeferral
 from ._stopmachine import _StopMachine
 from ._survival import _Survival
 from ._text import _Text
-from ._tracer import _RUN, _VFORK, LiveStats, _Thread, _Tracer
+from ._thread import _RUN, _VFORK, _Thread
+from ._tracer import LiveStats, _Tracer
 from ._traps import _Traps
 
 __all__ = ["LiveMachine", "LiveStats", "TRAP_POLICIES", "STRATEGIES"]

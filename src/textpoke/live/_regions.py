@@ -48,7 +48,7 @@ from ._inject import (_MASK, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PR
                       inject_syscall)
 from ._region import Region, threads_inside
 from ._process import read_maps
-from ._tracer import _HELD, _PARK, _VFORK
+from ._thread import _HELD, _PARK, _VFORK
 
 __all__ = ["QUIESCE_ATTEMPTS", "QuiesceTimeout"]
 

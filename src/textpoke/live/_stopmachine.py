@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 
 from .._errors import MachineError
 from . import _ptrace as P
-from ._tracer import _HELD, _LISTEN, _RUN
+from ._thread import _HELD, _LISTEN, _RUN
 
 
 class _StopMachine:

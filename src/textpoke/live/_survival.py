@@ -11,11 +11,12 @@ import os
 import time
 from typing import Sequence
 
+from .._errors import MachineError
 from . import _guard as G
 from ._inject import InjectError, find_syscall_insn, inject_syscall
 from ._region import Region
-from ._process import read_maps
-from ._tracer import _HELD
+from ._process import read_maps, start_time, state_of
+from ._thread import _HELD
 
 _INT3 = 0xCC
 #: seconds between two reads of the SIGTRAP action before a batch (see
@@ -308,6 +309,69 @@ class _Survival:
                 j.data["sites"] = {}
                 j.set_guard(None)
         return why
+
+
+    def _target_gone(self, settle: float = 0.5) -> bool:
+        """No thread of the target will run its text again: the process is
+        gone (or its pid names another), or every one of its threads has
+        passed its exit event, is a zombie, or has SIGKILL pending (a group
+        exit: a fatal signal, e.g. the user's own INT3 with the default
+        action given back).  Then its journal has nothing left to recover --
+        kept, it would only read as a dead patcher's.  While a group exit is
+        seen under way (a thread with SIGKILL pending, or one that has left
+        its signal wait for do_exit), its threads' exit events are collected
+        for at most *settle* seconds; with no sign of one, the answer is
+        given at once (a living target costs one read of /proc)."""
+        j = self.journal
+        started = j.data["start"] if j is not None else -1
+        deadline = time.monotonic() + settle
+        while True:
+            state = _group_state(self.pid, started, self._exiting)
+            if state != "dying" or time.monotonic() >= deadline:
+                return state == "gone"
+            for tid in list(self._threads):
+                try:
+                    self._wait(tid, False)
+                except (OSError, MachineError):
+                    pass
+            time.sleep(0.001)
+
+
+def _group_state(pid: int, started: int, exiting) -> str:
+    """'gone': no thread of process *pid* (started at *started*) can run
+    again; 'dying': a group exit is under way and some thread has not
+    reached its exit yet; 'alive' otherwise."""
+    if started < 0 or start_time(pid) != started:
+        return "gone"
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return "gone"
+    killed = unsettled = False
+    for tid in tids:
+        st = state_of(pid, tid)
+        if st in ("", "Z", "X") or tid in exiting:
+            continue
+        if _sigkill_pending(pid, tid):
+            killed = True
+        else:
+            unsettled = True
+    if not unsettled:
+        return "gone"
+    return "dying" if killed else "alive"
+
+
+def _sigkill_pending(pid: int, tid: int) -> bool:
+    """Thread *tid* has SIGKILL pending: it will exit (the mark a group
+    exit leaves in every other thread of the process)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"SigPnd:"):
+                    return bool(int(line.split()[1], 16) & (1 << 8))
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def _sigtrap_caught(pid: int) -> bool | None:
