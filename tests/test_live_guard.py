@@ -265,3 +265,60 @@ def test_an_int3_written_on_purpose_keeps_no_guard(exe):
         assert r.returncode == 0, r.stdout + r.stderr
         assert t.proc.wait(timeout=60) == -signal.SIGTRAP
         assert not journal_path(t.pid).exists()
+
+
+DIE_DRIVER = textwrap.dedent("""
+    import json, sys
+    from textpoke import TextPoke
+    from textpoke.live import LiveMachine
+
+    pid, sites = int(sys.argv[1]), json.loads(sys.argv[2])
+    said = set()
+    try:
+        with LiveMachine(pid) as m:
+            core = TextPoke(m)
+
+            def listener(ev):
+                if ev.phase == "int3" and ev.phase not in said:
+                    said.add(ev.phase)
+                    print("phase int3", flush=True)
+                    sys.stdin.readline()          # the test kills the target here
+
+            core.events.subscribe(listener)
+            with core.batch():
+                for addr in sites:
+                    core.smp_text_poke_batch_add(addr, bytes.fromhex("e900000000"))
+    except Exception as e:                        # the target is gone: the batch fails
+        print("failed", type(e).__name__, flush=True)
+    else:
+        print("finished", flush=True)
+""")
+
+
+def test_a_target_that_dies_mid_batch_leaves_no_journal(exe, tmp_path):
+    """The target dies (here SIGKILL; in ``poke ... cc`` its own INT3,
+    its default action given back) while a patcher holds INT3s and the
+    guard in it: nothing is left to recover in a dead process, so the
+    patcher's clean end leaves no journal -- before, it wrote the guard and
+    the sites down as a dead patcher's would be (and a later process with
+    that pid read a stale one)."""
+    from textpoke.live import journal_path
+    with _Target(exe, "ask") as t:
+        addrs = _sites(t.pid)
+        driver = tmp_path / "driver.py"
+        driver.write_text(DIE_DRIVER)
+        d = subprocess.Popen([sys.executable, str(driver), str(t.pid), json.dumps(addrs)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        with killed_at_end(d):
+            assert d.stdout.readline().split() == ["phase", "int3"]
+            assert journal_path(t.pid).exists()       # the sites in flight, the guard
+            t.proc.kill()
+            # (kill() returns with the group exit under way: every thread
+            # has SIGKILL pending or is in its exit)
+            d.stdin.write("\n")
+            d.stdin.flush()
+            said = d.stdout.readline().split()
+            assert said[:1] in (["failed"], ["finished"]), said
+            assert d.wait(timeout=60) == 0
+        assert t.proc.wait(timeout=60) == -signal.SIGKILL
+        assert not journal_path(t.pid).exists(), journal_path(t.pid).read_text()
