@@ -300,8 +300,8 @@ def test_a_target_that_dies_mid_batch_leaves_no_journal(exe, tmp_path):
     its default action given back) while a patcher holds INT3s and the
     guard in it: nothing is left to recover in a dead process, so the
     patcher's clean end leaves no journal -- before, it wrote the guard and
-    the sites down as a dead patcher's would be (and a later process with
-    that pid read a stale one)."""
+    the sites down as a dead patcher's would be: a file left behind for a
+    process that no longer exists."""
     from textpoke.live import journal_path
     with _Target(exe, "ask") as t:
         addrs = _sites(t.pid)
