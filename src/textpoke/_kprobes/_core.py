@@ -269,6 +269,27 @@ class Kprobes(_Lookup, _Kretprobes, _Optprobes, _FtraceProbes):
             raise
         return done
 
+    def _boosts(self, insn, post_handler) -> bool:
+        """Whether a copied instruction gets a JMP back after its copy in the
+        slot (boosted) rather than a second INT3 (single-stepped out of
+        line): never with preemption or a post-handler, and only where the
+        instruction allows it and the slot has room for the JMP."""
+        return not self.preemption and post_handler is None and can_boost(insn) and \
+            MAX_INSN_SIZE - insn.length >= JMP32_INSN_SIZE
+
+    def steps_out_of_line(self, symbol: str, addr: int, post_handler=None) -> str | None:
+        """The instruction at *addr* of *symbol* (as text) when a probe
+        there would run it out of line and then take the slot's second INT3
+        -- neither emulated nor boosted; else None.  Nothing is written; a
+        point register would refuse is left for it to refuse."""
+        fstart, fsize = self.functions[symbol]
+        if self.ftrace is not None and addr in self.fentry:
+            return None
+        insn = next((i for i in self._decode_function(fstart, fsize) if i.addr == addr), None)
+        if insn is None or is_exception_insn(insn) or prepare_emulation(insn) is not None:
+            return None
+        return None if self._boosts(insn, post_handler) else insn.text
+
     def _prepare(self, p: Kprobe) -> None:
         addr = p.addr
         fstart, fsize = self.functions[p.symbol]
@@ -313,8 +334,7 @@ class Kprobes(_Lookup, _Kretprobes, _Optprobes, _FtraceProbes):
         slot = self.insn_slots.alloc()
         try:
             code = relocate(insn, slot)
-            boost = not self.preemption and p.post_handler is None and can_boost(insn) and \
-                MAX_INSN_SIZE - insn.length >= JMP32_INSN_SIZE
+            boost = self._boosts(insn, p.post_handler)
             tail = text_gen_insn(JMP32_INSN_OPCODE, slot + insn.length, addr + insn.length) \
                 if boost else b"\xcc"
             # only the copy and its tail, as arch_copy_kprobe writes them:

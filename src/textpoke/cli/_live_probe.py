@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
     def arm() -> None:
         nonlocal how, end
-        lp.arm(strategy=args.strategy, optimize=getattr(args, "optimize", True))
+        lp.arm(strategy=args.strategy, optimize=getattr(args, "optimize", True),
+               allow_single_step=getattr(args, "allow_single_step", False))
         how = lp.how()
         hows.update({p.event: lp.how(p) for p in lp.points})
         # said once the probes are in and every thread synced: tools (and

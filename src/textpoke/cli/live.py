@@ -271,6 +271,11 @@ def add_arguments(p: argparse.ArgumentParser, only: str | None = None) -> None:
                          "the kernel's optprobe rules), as the kernel does by default; where "
                          "refused, the INT3 probe stays and the start line says why "
                          "(default: on; --no-optimize keeps the INT3 probe)")
+    pr.add_argument("--allow-single-step", action="store_true",
+                    help="probe an instruction the kprobes rules neither emulate nor boost: "
+                         "each hit runs its copy out of line and traps again after it; a "
+                         "SIGKILL of this command while a thread is between the two kills the "
+                         "target (refused without this flag)")
     pr.set_defaults(live_run=_probe)
 
     tr = sub.add_parser("trace", help="the ftrace function tracer on a process: trace_pipe lines",

@@ -150,7 +150,8 @@ class LiveProbe:
 
     # ------------------------------------------------------------ lifetime
     def arm(self, *, strategy: str = "int3", optimize: bool = False,
-            ring_size: int = RING_SIZE, ring_slots: int | None = None) -> None:
+            ring_size: int = RING_SIZE, ring_slots: int | None = None,
+            allow_single_step: bool = False) -> None:
         """Attach, map execmem near the modules, register a kprobe per point
         through the kernel's client; with *optimize*, then ask the client
         to optimise each (:mod:`._probe_opt`: a JMP to a buffer whose
@@ -159,8 +160,10 @@ class LiveProbe:
         ``opt_reason``, where that is refused.  *ring_slots*: rings for
         threads (default: the threads there and :data:`RING_SLOTS_SPARE`
         more; 0: every thread on the shared spare ring, which asks
-        ``gettid`` per hit -- a bench's baseline).  On any error everything
-        is undone."""
+        ``gettid`` per hit -- a bench's baseline).  A point whose
+        instruction the client would single-step out of line is refused
+        unless *allow_single_step* (see :meth:`_refuse_single_steps`).  On
+        any error everything is undone."""
         from .._core import TextPoke
         from .._kprobes._core import KPROBES_EXECMEM
         from ..kernel import Kernel
@@ -194,6 +197,8 @@ class LiveProbe:
                                  config={"PREEMPTION": False, "KPROBES_ON_FTRACE": False},
                                  execmem={"kprobes": (start, rng.end)})
             kp = self.kernel.kprobes
+            if not allow_single_step:
+                self._refuse_single_steps(kp)
             # the INT3s stand in the text while the threads run: guarded and
             # journaled first, so a SIGKILL of this patcher leaves a thread on
             # one waiting at the site for 'live recover' instead of dying
@@ -207,6 +212,24 @@ class LiveProbe:
         except BaseException:
             self.close()
             raise
+
+    def _refuse_single_steps(self, kp) -> None:
+        """Refuse (KprobeError, nothing written) a point whose instruction
+        the client neither emulates nor boosts: a hit runs its copy in the
+        slot and then traps on the slot's second INT3, which only this
+        patcher handles -- a SIGKILL of it while a thread is between the two
+        would leave that thread to die of the INT3 (the target's SIGTRAP
+        guard knows the probe points, not the slots).  The user may accept
+        that risk (``--allow-single-step``)."""
+        from .._kprobes._types import KprobeError
+        for p in self.points:
+            what = kp.steps_out_of_line(p.symbol, p.addr)
+            if what is not None:
+                raise KprobeError(
+                    f"{p.spec}: {what!r} would be single-stepped out of line (not emulated, "
+                    "not boostable): a SIGKILL of the prober while a thread steps it would "
+                    "kill the target; --allow-single-step probes it anyway",
+                    reason="unsupported", addr=p.addr)
 
     # ------------------------------------------------------------ optimised
     def _opt_refusal(self) -> str | None:
