@@ -16,7 +16,7 @@ a record's CALL: the child's copy of the runtime, harmless).
 
 A ``vfork`` child (and one of ``clone`` with ``CLONE_VM``) is not handled
 here: it shares the parent's memory, so there is no copy to repair; the
-tracer follows it instead (``PTRACE_O_TRACEVFORK``, see :mod:`._tracer`), as
+tracer follows it instead (``PTRACE_O_TRACEVFORK``, see :mod:`._children`), as
 a CPU of the machine until its exec or exit.  Cost of a fork: one stop of the
 forking thread and one of the child, while a patcher is attached."""
 

@@ -41,7 +41,7 @@ signal, and the thread would resume with none at site+1), and first writes
 the site into the stop's siginfo (``si_addr``, 0 in an INT3's own): the
 handler takes the site from there when it is set, so a thread whose rip is
 already the site is left there, and one not rewound yet is rewound (see
-``_Tracer._reap``).  Any other SIGTRAP goes to the
+``_Rewind._reap``).  Any other SIGTRAP goes to the
 target's own handler (jumped to with the same arguments), or, if it had
 none, the default action is restored and the signal raised again, so a
 stray breakpoint kills the process exactly as it would have.

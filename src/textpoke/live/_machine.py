@@ -108,7 +108,10 @@ sites relative to the first text range within ±2 GiB, so shared libraries
 of a PIE are out of its reach in one batch.
 
 Where each concern lives (LiveMachine is assembled from one mixin each):
-:mod:`._tracer` (attach, the thread table, waits and ptrace-stops),
+:mod:`._tracer` (attach, the thread table, waits and ptrace-stops; with
+:mod:`._thread`: a traced thread's record and states, :mod:`._children`:
+vfork/posix_spawn/CLONE_VM children followed while they share the text,
+:mod:`._rewind`: a trap rewound before its stop is reaped),
 :mod:`._traps` (our INT3s: the trap chain, park or emulate),
 :mod:`._stopmachine` (holding every thread, stepping out of a range),
 :mod:`._sigdefer` (signal deferral, the tracer thread),
@@ -180,7 +183,7 @@ class LiveMachine(_Tracer, _Traps, _StopMachine, _SignalDeferral, _Text, _Surviv
         self.pid = pid
         self._threads: dict[int, _Thread] = {}
         self._exiting: set[int] = set()
-        self._children: set[int] = set()     # vfork children traced (see _tracer)
+        self._children: set[int] = set()     # vfork children traced (see _children)
         self._children_gone: set[int] = set()    # ... and those let go since
         self._si = P.SigInfo()
         self._regs = P.UserRegs()
@@ -228,7 +231,7 @@ class LiveMachine(_Tracer, _Traps, _StopMachine, _SignalDeferral, _Text, _Surviv
     @property
     def threads(self) -> list[int]:
         """The thread ids attached now (the machine's CPUs), vfork children
-        included while they share the process's memory (see _tracer)."""
+        included while they share the process's memory (see _children)."""
         return list(self._threads)
 
     def set_percpu_base(self, cpu: int, addr: int) -> None:

@@ -100,7 +100,7 @@ class _Traps:
 
     def _sigtrap_stop(self, t: _Thread) -> None:
         tid = t.tid
-        # rewound to the site before its stop was reaped (_Tracer._reap):
+        # rewound to the site before its stop was reaped (_Rewind._reap):
         # the registers and siginfo as they were at the trap
         pre = self.__dict__.get("_prerewound")
         pre = pre.pop(tid, None) if pre else None
