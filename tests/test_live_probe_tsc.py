@@ -11,7 +11,6 @@ is optimised, and without the check it dies of SIGSEGV (the teeth)."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,89 +20,20 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
 from helpers import ptrace_skip_reason  # noqa: E402
+from livetest import live_cli as tp  # noqa: E402
+from notsc import NoTscTarget, build_notsc  # noqa: E402
 
 _skip = ptrace_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
 
-#: "one": only the second worker turns RDTSC off (the check must ask every
-#: thread); "all": main does, before its threads are made (they inherit
-#: it); "none": nobody does (the optimised probe runs)
-TARGET_C = r"""
-#include <pthread.h>
-#include <stdio.h>
-#include <string.h>
-#include <unistd.h>
-#include <sys/prctl.h>
-volatile long sink;
-__attribute__((noinline)) long leaf(long a) { sink += a; return a * 3; }
-static int one, none;
-static pthread_barrier_t bar;
-static void *w(void *a)
-{
-	if (one && a)
-		prctl(PR_SET_TSC, PR_TSC_SIGSEGV);
-	pthread_barrier_wait(&bar);
-	for (;;) { leaf(1); usleep(100); }
-}
-int main(int argc, char **argv)
-{
-	pthread_t t;
-	char buf[16];
-	one = argc > 1 && !strcmp(argv[1], "one");
-	none = argc > 1 && !strcmp(argv[1], "none");
-	if (!one && !none)
-		prctl(PR_SET_TSC, PR_TSC_SIGSEGV);
-	pthread_barrier_init(&bar, NULL, 3);
-	pthread_create(&t, 0, w, (void *)0);
-	pthread_create(&t, 0, w, (void *)1);
-	pthread_barrier_wait(&bar);
-	printf("ready\n");
-	fflush(stdout);
-	while (fgets(buf, sizeof buf, stdin)) {
-		leaf(2);
-		printf("ok\n");
-		fflush(stdout);
-	}
-	return 0;
-}
-"""
-
-
-def tp(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "textpoke", "live", *args], capture_output=True,
-                          text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def exe(tmp_path_factory):
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to build the target")
-    d = tmp_path_factory.mktemp("live_probe_tsc")
-    (d / "notsc.c").write_text(TARGET_C)
-    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(d / "notsc"), str(d / "notsc.c")],
-                   check=True)
-    return d / "notsc"
+    # the RDTSC-off target live trace's check is tested on (notsc.py: modes
+    # "one", "all", "none")
+    return build_notsc(tmp_path_factory.mktemp("live_probe_tsc"))
 
 
-class _T:
-    def __init__(self, exe: Path, mode: str) -> None:
-        self.p = subprocess.Popen([str(exe), mode], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
-        assert self.p.stdout.readline().strip() == "ready"
-        self.pid = self.p.pid
-
-    def ping(self) -> str:
-        self.p.stdin.write("x\n")
-        self.p.stdin.flush()
-        return self.p.stdout.readline().strip()
-
-    def maps(self) -> list[str]:
-        with open(f"/proc/{self.pid}/maps") as f:
-            return f.read().splitlines()
-
-    def close(self) -> None:
-        self.p.kill()
-        self.p.wait()
+_T = NoTscTarget
 
 
 def _tids(pid: int) -> set[int]:
