@@ -22,6 +22,7 @@ old recorder injected and asserts what it did (the buffer written)."""
 
 from __future__ import annotations
 
+import os
 import select
 import subprocess
 import sys
@@ -32,6 +33,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
 from helpers import ptrace_skip_reason  # noqa: E402
+from livetest import build_c  # noqa: E402
 
 _skip = ptrace_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
@@ -75,12 +77,14 @@ int main(void) { pthread_t t; long tid = syscall(SYS_gettid);
 """ % N
 
 
+def build_target(d: Path) -> Path:
+    """The target built in *d* (``d/t``; skips without gcc)."""
+    return build_c(d, TARGET_C, {"t": ()}) / "t"
+
+
 @pytest.fixture(scope="module")
 def exe(tmp_path_factory):
-    d = tmp_path_factory.mktemp("live_probe_gs")
-    (d / "t.c").write_text(TARGET_C)
-    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(d / "t"), str(d / "t.c")], check=True)
-    return d / "t"
+    return build_target(tmp_path_factory.mktemp("live_probe_gs"))
 
 
 def _optimisable() -> None:
@@ -103,7 +107,7 @@ class _Lines:
             return self.lines
         fd = self.p.stdout.fileno()
         while select.select([fd], [], [], 0)[0]:
-            b = __import__("os").read(fd, 4096)
+            b = os.read(fd, 4096)
             if not b:
                 break
             self.buf += b
@@ -117,18 +121,35 @@ class _Lines:
                 return ln.split()
         return None
 
+    def wait(self, word: str, *, exited_ok: bool = False) -> list[str] | None:
+        """The first line starting with *word*, once the target printed it
+        (None if it exited first and *exited_ok*; else that fails)."""
+        while self.get(word) is None:
+            if self.p.poll() is not None:
+                assert exited_ok, self.lines
+                return None
+            select.select([self.p.stdout.fileno()], [], [], 5)
+        return self.get(word)
+
+
+def start_target(exe: Path) -> tuple[subprocess.Popen, _Lines, int]:
+    """The target started and ready: (process, its lines, main's tid)."""
+    t = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    out = _Lines(t)
+    try:
+        return t, out, int(out.wait("ready")[1])
+    except BaseException:
+        t.kill()
+        t.wait()
+        raise
+
 
 def _run(exe, monkeypatch=None):
     """Probe ``probed`` optimised; let the worker set its GS base, call,
     make its child; returns (lines, hits, close report, alive, probe)."""
     from textpoke.live._probe import LiveProbe
-    t = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    out = _Lines(t)
+    t, out, main_tid = start_target(exe)
     try:
-        while out.get("ready") is None:
-            select.select([t.stdout.fileno()], [], [], 5)
-            assert t.poll() is None
-        main_tid = int(out.get("ready")[1])
         lp = LiveProbe(t.pid, "probed", ["i=%di", "tid=%si"])
         hits = []
         try:
@@ -155,8 +176,7 @@ def _run(exe, monkeypatch=None):
         if t.poll() is None:
             t.stdin.write(b"gs\n")
             t.stdin.flush()
-            while out.get("gs") is None and t.poll() is None:
-                select.select([t.stdout.fileno()], [], [], 5)
+            out.wait("gs", exited_ok=True)
         return out, main_tid, hits, left, t.poll() is None, lp
     finally:
         t.kill()

@@ -24,8 +24,6 @@ tid."""
 
 from __future__ import annotations
 
-import select
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +33,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "live_targets" / "count"))
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import ptrace_skip_reason  # noqa: E402
-from test_live_probe_gs import N, TARGET_C, _Lines  # noqa: E402  (the shared target)
+from test_live_probe_gs import N, build_target, start_target  # noqa: E402  (the shared target)
 
 _skip = ptrace_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
@@ -43,23 +41,15 @@ pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
 
 @pytest.fixture(scope="module")
 def exe(tmp_path_factory):
-    d = tmp_path_factory.mktemp("live_trace_gs")
-    (d / "t.c").write_text(TARGET_C)
-    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(d / "t"), str(d / "t.c")], check=True)
-    return d / "t"
+    return build_target(tmp_path_factory.mktemp("live_trace_gs"))
 
 
 def _run(exe, gs_read=None, profile=False):
     """Trace ``probed``; let the worker set its GS base, call, make its
     child; returns (lines, main tid, events, counts, close report, alive)."""
     from textpoke.live import LiveTrace
-    t = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    out = _Lines(t)
+    t, out, main_tid = start_target(exe)
     try:
-        while out.get("ready") is None:
-            select.select([t.stdout.fileno()], [], [], 5)
-            assert t.poll() is None
-        main_tid = int(out.get("ready")[1])
         lt = LiveTrace(t.pid, "probed", profile=profile, clock="counter")
         lt.gs_read = gs_read
         events = []
@@ -157,19 +147,11 @@ def test_a_thread_on_its_own_gs_base_before_the_trace(exe):
     child before the trace: the main thread's calls are read, the worker's
     buffer and base are its own after the close."""
     from textpoke.live import LiveTrace
-    t = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    out = _Lines(t)
+    t, out, main_tid = start_target(exe)
     try:
-        while out.get("ready") is None:
-            select.select([t.stdout.fileno()], [], [], 5)
-            assert t.poll() is None
-        main_tid = int(out.get("ready")[1])
         t.stdin.write(b"go\n")
         t.stdin.flush()
-        while out.get("done") is None:
-            select.select([t.stdout.fileno()], [], [], 5)
-            assert t.poll() is None, out.lines
-        wtid = int(out.get("done")[1])
+        wtid = int(out.wait("done")[1])
         lt = LiveTrace(t.pid, "probed", clock="counter")
         try:
             lt.arm()
@@ -189,10 +171,7 @@ def test_a_thread_on_its_own_gs_base_before_the_trace(exe):
         assert lt.final_counts["missed"] == 0
         t.stdin.write(b"gs\n")
         t.stdin.flush()
-        while out.get("gs") is None:
-            select.select([t.stdout.fileno()], [], [], 5)
-            assert t.poll() is None, out.lines
-        assert out.get("gs") == ["gs", "1", "1"], out.lines
+        assert out.wait("gs") == ["gs", "1", "1"], out.lines
     finally:
         t.kill()
         t.wait()
