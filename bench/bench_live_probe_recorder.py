@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import _stats                                                          # noqa: E402
+from _harness import C_PRELUDE                                          # noqa: E402
 
 #: where the harness maps its rings (MAP_FIXED_NOREPLACE)
 RINGS = 0x200000000
@@ -48,24 +49,7 @@ N = 2_000_000
 #: blocks the calls of a run are timed in (the variants take turns)
 BLOCKS = 200
 
-HARNESS_C = r"""
-#define _GNU_SOURCE
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#include <unistd.h>
-#include <sys/mman.h>
-#include <sys/syscall.h>
-#include <asm/prctl.h>
-#ifndef MAP_FIXED_NOREPLACE
-#define MAP_FIXED_NOREPLACE 0x100000
-#endif
-static int cmp(const void *a, const void *b)
-{
-	long x = *(const long *)a, y = *(const long *)b;
-	return (x > y) - (x < y);
-}
+HARNESS_C = C_PRELUDE + r"""
 int main(int argc, char **argv)
 {
 	/* argv: rings address, stride, entries, blocks, calls a block, then
@@ -110,10 +94,7 @@ int main(int argc, char **argv)
 						     (t1.tv_nsec - t0.tv_nsec);
 		}
 	if (mine[0] | mine[1] | mine[2]) { puts("own GS memory written"); return 3; }
-	for (int v = 0; v < nv; v++) {
-		qsort(ns + v * blocks, blocks, sizeof *ns, cmp);
-		printf("%.3f\n", (double)ns[v * blocks + blocks / 2] / per);
-	}
+	report_medians(ns, nv, blocks, per);
 	return 0;
 }
 """

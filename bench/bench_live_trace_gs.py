@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import _stats                                                          # noqa: E402
+from _harness import C_PRELUDE                                          # noqa: E402
 
 #: each variant's code at BASE + v * STEP, its data 1 MiB above
 BASE, STEP, DATA_OFF = 0x300000000, 0x400000, 0x100000
@@ -51,24 +52,7 @@ ENTRIES = 1024
 N = 2_000_000
 BLOCKS = 200
 
-HARNESS_C = r"""
-#define _GNU_SOURCE
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#include <unistd.h>
-#include <sys/mman.h>
-#include <sys/syscall.h>
-#include <asm/prctl.h>
-#ifndef MAP_FIXED_NOREPLACE
-#define MAP_FIXED_NOREPLACE 0x100000
-#endif
-static int cmp(const void *a, const void *b)
-{
-	long x = *(const long *)a, y = *(const long *)b;
-	return (x > y) - (x < y);
-}
+HARNESS_C = C_PRELUDE + r"""
 static void *load(const char *path, unsigned long at, int prot)
 {
 	FILE *f = fopen(path, "rb");
@@ -123,10 +107,7 @@ int main(int argc, char **argv)
 			printf("missed %lu of %ld\n", *missed[v], (blocks + 2) * per);
 			return 4;
 		}
-	for (int v = 0; v < nv; v++) {
-		qsort(ns + v * blocks, blocks, sizeof *ns, cmp);
-		printf("%.3f\n", (double)ns[v * blocks + blocks / 2] / per);
-	}
+	report_medians(ns, nv, blocks, per);
 	return 0;
 }
 """
